@@ -1,0 +1,53 @@
+# zerodown: the two commands that matter are `make demo` and `make test`.
+# Both install whatever is missing (idempotently) before doing their job.
+
+VENV        := .venv
+BIN         := $(VENV)/bin
+PYTHON      ?= python3
+APT_PACKAGES := haproxy mariadb-server libodbc2
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-packages demo test lint lab-up lab-down bench clean
+
+install: system-packages $(VENV)/.installed
+
+# Debian packages: apt-get update only when something is actually missing.
+system-packages:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: install
+	$(BIN)/zerodown demo
+
+test: install lint
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+lab-up: install
+	$(BIN)/zerodown lab up
+
+lab-down:
+	$(BIN)/zerodown lab down
+
+bench: install
+	$(BIN)/python -m bench.rolling_deploy
+
+clean: lab-down
+	rm -rf .lab

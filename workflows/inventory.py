@@ -1,0 +1,632 @@
+"""The site inventory: one YAML file per site, loaded into frozen dataclasses.
+
+The same format describes a customer's site and the embedded lab (`.lab/site.yaml`).
+Secrets are never values here: a `SecretRef` names an environment variable or a file,
+and only activities resolve it (see `activities/secrets.py`), so no secret ever enters a
+workflow input or history.
+
+`load_inventory(path)` validates everything before anything runs and raises
+`InventoryError` listing *every* problem with its path, e.g.
+``nodes[2].ssh.port: expected an integer 1-65535, got "22a"``.
+
+This module is imported by workflows, so it must stay deterministic and free of I/O at
+import time; only `load_inventory` / `parse_inventory` (called outside workflows) read files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SERVICE_KINDS = ("command", "systemd", "iis")
+LB_KINDS = ("haproxy", "f5")
+DB_KINDS = ("mysql", "mssql")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A reference to a secret: exactly one of `env` (variable name) or `file` (path)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def describe(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}"
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str = "root"
+    key: SecretRef | None = None
+    password: SecretRef | None = None
+    # Path of a known_hosts file; None means the user's default (~/.ssh/known_hosts).
+    known_hosts: str | None = None
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceControl:
+    """How a node's application service is stopped, started and inspected.
+
+    kind=command: shell commands run in the node's login directory (`stop`, `start`,
+    `status`; `status` exits 0 when running). kind=systemd: `unit`. kind=iis: `site` and
+    `app_pool`, driven through PowerShell.
+    """
+
+    kind: str
+    stop: str | None = None
+    start: str | None = None
+    status: str | None = None
+    unit: str | None = None
+    site: str | None = None
+    app_pool: str | None = None
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    ssh: SshTarget
+    app_dir: str
+    service: ServiceControl
+    # Base URL reaching this node directly (bypassing the load balancer), for checks.
+    url: str
+    zone: str = "default"
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """A load balancer in front of the nodes.
+
+    kind=haproxy: `runtime_api` is `unix:/path/to.sock` or `tcp:host:port`; `backend` is
+    the backend holding the nodes; `members` maps node name -> server name.
+    kind=f5: `url` (iControl REST base), `pool`, `members` maps node name -> pool member
+    (`address:port`), `user` and `credential`.
+    """
+
+    name: str
+    kind: str
+    members: dict[str, str]
+    runtime_api: str | None = None
+    backend: str | None = None
+    url: str | None = None
+    pool: str | None = None
+    user: str | None = None
+    credential: SecretRef | None = None
+    # How long a drain may take before the step fails (sessions still open).
+    drain_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class DatabaseEndpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+    kind: str
+    host: str
+    port: int
+    database: str
+    user: str
+    password: SecretRef
+    replica: DatabaseEndpoint | None = None
+    # Where logical backups are written (on the worker's machine).
+    backup_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    path: str
+    expect_status: int = 200
+    # For a login check: the user name and a reference to the password.
+    user: str | None = None
+    password: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class Application:
+    name: str
+    # Files that are never overwritten nor copied between nodes (e.g. encryption.config).
+    protected_files: tuple[str, ...] = ()
+    # key=value config files whose per-node customisations are carried onto new defaults.
+    merge_files: tuple[str, ...] = ()
+    health: HttpCheck = field(default_factory=lambda: HttpCheck(path="/health"))
+    version: HttpCheck = field(default_factory=lambda: HttpCheck(path="/version"))
+    login: HttpCheck | None = None
+    # The public URL through the load balancer.
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    batch_size: int = 1
+    # Explicit batches of node names; overrides batch_size when given.
+    batches: tuple[tuple[str, ...], ...] = ()
+    # How long a node may take to become healthy after start.
+    health_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Inventory:
+    site: str
+    nodes: tuple[Node, ...]
+    load_balancers: tuple[LoadBalancer, ...] = ()
+    databases: tuple[Database, ...] = ()
+    application: Application = field(default_factory=lambda: Application(name="app"))
+    approvers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rollout: Rollout = field(default_factory=Rollout)
+    # Where the inventory was loaded from (informational).
+    source: str | None = None
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        known = ", ".join(n.name for n in self.nodes)
+        raise UnknownNodeError(f"unknown node {name!r} in site {self.site!r} (known: {known})")
+
+    def batches(self, only: Iterable[str] = ()) -> list[list[Node]]:
+        """Nodes in deployment order, grouped in batches (unknown names raise)."""
+        wanted = list(only)
+        for name in wanted:
+            self.node(name)
+        if self.rollout.batches:
+            groups = [[self.node(n) for n in b] for b in self.rollout.batches]
+        else:
+            size = max(1, self.rollout.batch_size)
+            ns = list(self.nodes)
+            groups = [ns[i : i + size] for i in range(0, len(ns), size)]
+        if wanted:
+            groups = [[n for n in g if n.name in wanted] for g in groups]
+        return [g for g in groups if g]
+
+
+class InventoryError(ValueError):
+    """Raised with every problem found; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{len(problems)} problem(s) in inventory:\n  " + "\n  ".join(problems))
+
+
+class UnknownNodeError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Collects problems while walking the raw YAML tree, so all are reported at once."""
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self.problems: list[str] = []
+        self.base_dir = base_dir
+
+    def problem(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    # -- primitive getters; they return a fallback after recording a problem
+    def mapping(self, raw: Any, path: str, allowed: Iterable[str]) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            self.problem(path, f"expected a mapping, got {_show(raw)}")
+            return {}
+        allowed_set = set(allowed)
+        for key in raw:
+            if key not in allowed_set:
+                self.problem(
+                    _join(path, str(key)),
+                    f"unknown key (allowed: {', '.join(sorted(allowed_set))})",
+                )
+        return raw
+
+    def string(self, m: dict[str, Any], key: str, path: str, default: str | None = None,
+               required: bool = True) -> str | None:
+        p = _join(path, key)
+        if key not in m or m[key] is None:
+            if required and default is None:
+                self.problem(p, "required field is missing")
+            return default
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            self.problem(p, f"expected a string, got {_show(v)}")
+            return default
+        s = str(v)
+        if not s.strip():
+            self.problem(p, "must not be empty")
+        return s
+
+    def name(self, m: dict[str, Any], key: str, path: str) -> str:
+        s = self.string(m, key, path) or ""
+        if s and not _NAME_RE.match(s):
+            self.problem(_join(path, key),
+                         f"expected a name of letters, digits, '-', '_' or '.', got {_show(s)}")
+        return s
+
+    def integer(self, m: dict[str, Any], key: str, path: str, default: int | None,
+                lo: int, hi: int) -> int:
+        p = _join(path, key)
+        if key not in m or m[key] is None:
+            if default is None:
+                self.problem(p, "required field is missing")
+                return lo
+            return default
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            self.problem(p, f"expected an integer {lo}-{hi}, got {_show(v)}")
+            return default if default is not None else lo
+        return v
+
+    def number(self, m: dict[str, Any], key: str, path: str, default: float) -> float:
+        if key not in m or m[key] is None:
+            return default
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            self.problem(_join(path, key), f"expected a positive number, got {_show(v)}")
+            return default
+        return float(v)
+
+    def choice(self, m: dict[str, Any], key: str, path: str, choices: tuple[str, ...]) -> str:
+        s = self.string(m, key, path) or ""
+        if s and s not in choices:
+            self.problem(_join(path, key), f"expected one of {', '.join(choices)}, got {_show(s)}")
+        return s
+
+    def str_list(self, m: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+        v = m.get(key)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            self.problem(_join(path, key), f"expected a list of strings, got {_show(v)}")
+            return ()
+        return tuple(v)
+
+    def items(self, m: dict[str, Any], key: str, path: str, required: bool = False) -> list[Any]:
+        v = m.get(key)
+        if v is None:
+            if required:
+                self.problem(_join(path, key), "required field is missing")
+            return []
+        if not isinstance(v, list):
+            self.problem(_join(path, key), f"expected a list, got {_show(v)}")
+            return []
+        return v
+
+    def path_value(self, raw: str) -> str:
+        """Relative paths are taken from the inventory file's folder."""
+        p = Path(os.path.expanduser(raw))
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return str(p)
+
+    def secret(self, m: dict[str, Any], key: str, path: str, required: bool = True) -> SecretRef | None:
+        p = _join(path, key)
+        if key not in m or m[key] is None:
+            if required:
+                self.problem(p, "required field is missing")
+            return None
+        v = m[key]
+        if isinstance(v, str):
+            self.problem(p, "secrets must be references ({env: NAME} or {file: PATH}), "
+                            "never values in the inventory")
+            return None
+        r = self.mapping(v, p, ("env", "file"))
+        if not r:
+            if isinstance(v, dict):
+                self.problem(p, "expected {env: NAME} or {file: PATH}")
+            return None
+        if len(r) != 1:
+            self.problem(p, "expected exactly one of env or file")
+            return None
+        if "env" in r:
+            name = r["env"]
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                self.problem(_join(p, "env"), f"expected an environment variable name, got {_show(name)}")
+                return None
+            return SecretRef(env=name)
+        f = r["file"]
+        if not isinstance(f, str) or not f:
+            self.problem(_join(p, "file"), f"expected a file path, got {_show(f)}")
+            return None
+        return SecretRef(file=self.path_value(f))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if v is None:
+        return "nothing"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return repr(v)
+
+
+def _unique(r: _Reader, items: list[tuple[str, str]], what: str) -> None:
+    seen: dict[str, str] = {}
+    for path, name in items:
+        if name and name in seen:
+            r.problem(path, f"duplicate {what} {name!r} (first at {seen[name]})")
+        seen.setdefault(name, path)
+
+
+def _each(r: _Reader, raws: list[Any], path: str, parse: Callable[[_Reader, Any, str], T]) -> list[T]:
+    return [parse(r, raw, f"{path}[{i}]") for i, raw in enumerate(raws)]
+
+
+def _parse_ssh(r: _Reader, raw: Any, path: str) -> SshTarget:
+    m = r.mapping(raw, path, ("host", "port", "user", "key", "password", "known_hosts",
+                              "connect_timeout_s"))
+    key = r.secret(m, "key", path, required=False)
+    password = r.secret(m, "password", path, required=False)
+    if m and key is None and password is None and "key" not in m and "password" not in m:
+        r.problem(path, "needs a key or a password (as a secret reference)")
+    kh = r.string(m, "known_hosts", path, required=False)
+    return SshTarget(
+        host=r.string(m, "host", path) or "",
+        port=r.integer(m, "port", path, 22, 1, 65535),
+        user=r.string(m, "user", path, default="root") or "root",
+        key=key,
+        password=password,
+        known_hosts=r.path_value(kh) if kh else None,
+        connect_timeout_s=r.number(m, "connect_timeout_s", path, 10.0),
+    )
+
+
+def _parse_service(r: _Reader, raw: Any, path: str) -> ServiceControl:
+    m = r.mapping(raw, path, ("kind", "stop", "start", "status", "unit", "site", "app_pool",
+                              "timeout_s"))
+    kind = r.choice(m, "kind", path, SERVICE_KINDS)
+    needs = {"command": ("stop", "start", "status"), "systemd": ("unit",),
+             "iis": ("site", "app_pool")}.get(kind, ())
+    for k in needs:
+        r.string(m, k, path)
+    return ServiceControl(
+        kind=kind,
+        stop=r.string(m, "stop", path, required=False),
+        start=r.string(m, "start", path, required=False),
+        status=r.string(m, "status", path, required=False),
+        unit=r.string(m, "unit", path, required=False),
+        site=r.string(m, "site", path, required=False),
+        app_pool=r.string(m, "app_pool", path, required=False),
+        timeout_s=r.number(m, "timeout_s", path, 60.0),
+    )
+
+
+def _parse_url(r: _Reader, m: dict[str, Any], key: str, path: str, required: bool) -> str | None:
+    s = r.string(m, key, path, required=required)
+    if s and not re.match(r"^https?://[^/\s]+", s):
+        r.problem(_join(path, key), f"expected an http(s):// URL, got {_show(s)}")
+    return s.rstrip("/") if s else s
+
+
+def _parse_node(r: _Reader, raw: Any, path: str) -> Node:
+    m = r.mapping(raw, path, ("name", "ssh", "app_dir", "service", "url", "zone", "group"))
+    return Node(
+        name=r.name(m, "name", path),
+        ssh=_parse_ssh(r, m.get("ssh"), _join(path, "ssh")) if m.get("ssh") is not None
+        else _missing(r, path, "ssh", SshTarget(host="")),
+        app_dir=r.string(m, "app_dir", path) or "",
+        service=_parse_service(r, m.get("service"), _join(path, "service"))
+        if m.get("service") is not None else _missing(r, path, "service", ServiceControl(kind="")),
+        url=_parse_url(r, m, "url", path, required=True) or "",
+        zone=r.string(m, "zone", path, default="default") or "default",
+        group=r.string(m, "group", path, required=False),
+    )
+
+
+def _missing(r: _Reader, path: str, key: str, fallback: T) -> T:
+    r.problem(_join(path, key), "required field is missing")
+    return fallback
+
+
+def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
+    m = r.mapping(raw, path, ("name", "kind", "members", "runtime_api", "backend", "url",
+                              "pool", "user", "credential", "drain_timeout_s"))
+    kind = r.choice(m, "kind", path, LB_KINDS)
+    members_raw = m.get("members")
+    members: dict[str, str] = {}
+    if members_raw is None:
+        r.problem(_join(path, "members"), "required field is missing (node name: server name)")
+    elif not isinstance(members_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in members_raw.items()
+    ):
+        r.problem(_join(path, "members"), "expected a mapping of node name to server name")
+    else:
+        members = dict(members_raw)
+    haproxy, f5 = kind == "haproxy", kind == "f5"
+    runtime_api = r.string(m, "runtime_api", path, required=haproxy)
+    if runtime_api and not re.match(r"^(unix:.+|tcp:[^:]+:\d+)$", runtime_api):
+        r.problem(_join(path, "runtime_api"),
+                  f"expected unix:/path/to.sock or tcp:host:port, got {_show(runtime_api)}")
+    elif runtime_api and runtime_api.startswith("unix:"):
+        runtime_api = "unix:" + r.path_value(runtime_api[5:])
+    return LoadBalancer(
+        name=r.name(m, "name", path),
+        kind=kind,
+        members=members,
+        runtime_api=runtime_api,
+        backend=r.string(m, "backend", path, required=haproxy),
+        url=_parse_url(r, m, "url", path, required=f5),
+        pool=r.string(m, "pool", path, required=f5),
+        user=r.string(m, "user", path, required=f5),
+        credential=r.secret(m, "credential", path, required=f5),
+        drain_timeout_s=r.number(m, "drain_timeout_s", path, 120.0),
+    )
+
+
+def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
+    m = r.mapping(raw, path, ("name", "kind", "host", "port", "database", "user", "password",
+                              "replica", "backup_dir"))
+    kind = r.choice(m, "kind", path, DB_KINDS)
+    default_port = 1433 if kind == "mssql" else 3306
+    replica = None
+    if m.get("replica") is not None:
+        rp = _join(path, "replica")
+        rm = r.mapping(m["replica"], rp, ("host", "port"))
+        replica = DatabaseEndpoint(host=r.string(rm, "host", rp) or "",
+                                   port=r.integer(rm, "port", rp, default_port, 1, 65535))
+    bd = r.string(m, "backup_dir", path, required=False)
+    return Database(
+        name=r.name(m, "name", path),
+        kind=kind,
+        host=r.string(m, "host", path) or "",
+        port=r.integer(m, "port", path, default_port, 1, 65535),
+        database=r.string(m, "database", path) or "",
+        user=r.string(m, "user", path) or "",
+        password=r.secret(m, "password", path) or SecretRef(env="UNSET"),
+        replica=replica,
+        backup_dir=r.path_value(bd) if bd else None,
+    )
+
+
+def _parse_check(r: _Reader, raw: Any, path: str, login: bool = False) -> HttpCheck:
+    keys = ("path", "expect_status", "user", "password") if login else ("path", "expect_status")
+    m = r.mapping(raw, path, keys)
+    p = r.string(m, "path", path) or "/"
+    if not p.startswith("/"):
+        r.problem(_join(path, "path"), f"expected a path starting with '/', got {_show(p)}")
+    return HttpCheck(
+        path=p,
+        expect_status=r.integer(m, "expect_status", path, 200, 100, 599),
+        user=r.string(m, "user", path) if login else None,
+        password=r.secret(m, "password", path) if login else None,
+    )
+
+
+def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
+    m = r.mapping(raw, path, ("name", "protected_files", "merge_files", "health", "version",
+                              "login", "url"))
+    protected = r.str_list(m, "protected_files", path)
+    merge = r.str_list(m, "merge_files", path)
+    for f in (*protected, *merge):
+        if f.startswith("/") or ".." in Path(f).parts:
+            r.problem(path, f"file {f!r} must be relative to the application folder")
+    for f in set(protected) & set(merge):
+        r.problem(_join(path, "merge_files"), f"{f!r} is protected and cannot also be merged")
+    return Application(
+        name=r.string(m, "name", path) or "app",
+        protected_files=protected,
+        merge_files=merge,
+        health=_parse_check(r, m["health"], _join(path, "health")) if m.get("health") is not None
+        else HttpCheck(path="/health"),
+        version=_parse_check(r, m["version"], _join(path, "version"))
+        if m.get("version") is not None else HttpCheck(path="/version"),
+        login=_parse_check(r, m["login"], _join(path, "login"), login=True)
+        if m.get("login") is not None else None,
+        url=_parse_url(r, m, "url", path, required=False),
+    )
+
+
+def _parse_rollout(r: _Reader, raw: Any, path: str) -> Rollout:
+    m = r.mapping(raw, path, ("batch_size", "batches", "health_timeout_s"))
+    batches: list[tuple[str, ...]] = []
+    for i, b in enumerate(r.items(m, "batches", path)):
+        if not isinstance(b, list) or not b or not all(isinstance(x, str) for x in b):
+            r.problem(f"{path}.batches[{i}]", f"expected a list of node names, got {_show(b)}")
+        else:
+            batches.append(tuple(b))
+    return Rollout(batch_size=r.integer(m, "batch_size", path, 1, 1, 1000),
+                   batches=tuple(batches),
+                   health_timeout_s=r.number(m, "health_timeout_s", path, 60.0))
+
+
+def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None = None) -> Inventory:
+    """Validate a raw (already YAML-decoded) inventory; raise InventoryError with all problems."""
+    r = _Reader(base_dir)
+    top = r.mapping(raw, "", ("site", "nodes", "load_balancers", "databases", "application",
+                              "approvers", "rollout"))
+    if not isinstance(raw, dict):
+        raise InventoryError(r.problems or ["(top): expected a mapping"], source)
+    site = r.name(top, "site", "")
+    nodes = _each(r, r.items(top, "nodes", "", required=True), "nodes", _parse_node)
+    if "nodes" in top and isinstance(top["nodes"], list) and not top["nodes"]:
+        r.problem("nodes", "needs at least one node")
+    lbs = _each(r, r.items(top, "load_balancers", ""), "load_balancers", _parse_lb)
+    dbs = _each(r, r.items(top, "databases", ""), "databases", _parse_db)
+    app = _parse_app(r, top["application"], "application") if top.get("application") is not None \
+        else Application(name="app")
+    rollout = _parse_rollout(r, top["rollout"], "rollout") if top.get("rollout") is not None \
+        else Rollout()
+
+    approvers: dict[str, tuple[str, ...]] = {}
+    raw_appr = top.get("approvers")
+    if raw_appr is not None:
+        gates = [str(k) for k in raw_appr] if isinstance(raw_appr, dict) else []
+        am = r.mapping(raw_appr, "approvers", gates)
+        for gate, names in am.items():
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                r.problem(f"approvers.{gate}", f"expected a non-empty list of names, got {_show(names)}")
+            else:
+                approvers[str(gate)] = tuple(names)
+
+    # Cross-references: names are unique and every reference points at something real.
+    _unique(r, [(f"nodes[{i}].name", n.name) for i, n in enumerate(nodes)], "node name")
+    _unique(r, [(f"load_balancers[{i}].name", lb.name) for i, lb in enumerate(lbs)], "load balancer")
+    _unique(r, [(f"databases[{i}].name", d.name) for i, d in enumerate(dbs)], "database")
+    _unique(r, [(f"nodes[{i}].ssh", f"{n.ssh.host}:{n.ssh.port}") for i, n in enumerate(nodes)
+                if n.ssh.host], "SSH endpoint")
+    node_names = {n.name for n in nodes}
+    for i, lb in enumerate(lbs):
+        for node_name in lb.members:
+            if node_name not in node_names:
+                r.problem(f"load_balancers[{i}].members.{node_name}", "unknown node")
+        servers = list(lb.members.values())
+        if len(set(servers)) != len(servers):
+            r.problem(f"load_balancers[{i}].members", "two nodes map to the same server")
+    for i, b in enumerate(rollout.batches):
+        for n in b:
+            if n not in node_names:
+                r.problem(f"rollout.batches[{i}]", f"unknown node {n!r}")
+    if rollout.batches:
+        listed = [n for b in rollout.batches for n in b]
+        if len(listed) != len(set(listed)):
+            r.problem("rollout.batches", "a node appears in more than one batch")
+        for n in sorted(node_names - set(listed)):
+            r.problem("rollout.batches", f"node {n!r} is in no batch")
+
+    if r.problems:
+        raise InventoryError(r.problems, source)
+    return Inventory(site=site, nodes=tuple(nodes), load_balancers=tuple(lbs),
+                     databases=tuple(dbs), application=app, approvers=approvers,
+                     rollout=rollout, source=source)
+
+
+def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+    """Read and validate an inventory file. Raises InventoryError (never a raw YAML error)."""
+    import yaml  # local import: workflows import this module inside the sandbox
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InventoryError([f"(file): cannot read inventory: {e.strerror or e}"], str(p)) from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        raise InventoryError([f"{where}: invalid YAML: {problem}"], str(p)) from e
+    if raw is None:
+        raise InventoryError(["(file): the inventory is empty"], str(p))
+    return parse_inventory(raw, source=str(p.resolve()), base_dir=p.resolve().parent)
