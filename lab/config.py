@@ -1,0 +1,143 @@
+"""Where everything of the lab lives: ports and paths, all derived from one config."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DB_NAME = "labapp"
+DB_USER = "zerodown"
+BACKEND = "app"
+SECONDARY_BACKEND = "app_secondary"
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    root: Path = Path(".lab")
+    nodes: int = 3
+    port_base: int = 18000
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+
+    # ---------------------------------------------------------------- ports
+    @property
+    def main_port(self) -> int:
+        return self.port_base
+
+    @property
+    def secondary_port(self) -> int:
+        return self.port_base + 1
+
+    @property
+    def primary_db_port(self) -> int:
+        return self.port_base + 2
+
+    @property
+    def replica_db_port(self) -> int:
+        return self.port_base + 3
+
+    def app_port(self, i: int) -> int:
+        """HTTP port of node i (1-based)."""
+        return self.port_base + 10 + i
+
+    def ssh_port(self, i: int) -> int:
+        """SSH port of node i (1-based)."""
+        return self.port_base + 30 + i
+
+    def all_ports(self) -> list[int]:
+        return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
+                *(self.app_port(i) for i in self.node_indexes),
+                *(self.ssh_port(i) for i in self.node_indexes)]
+
+    # ---------------------------------------------------------------- names and paths
+    @property
+    def node_indexes(self) -> range:
+        return range(1, self.nodes + 1)
+
+    @staticmethod
+    def node_name(i: int) -> str:
+        return f"node{i}"
+
+    @property
+    def abs_root(self) -> Path:
+        return self.root.resolve()
+
+    @property
+    def site_yaml(self) -> Path:
+        return self.abs_root / "site.yaml"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.abs_root / "secrets"
+
+    @property
+    def client_key(self) -> Path:
+        return self.secrets_dir / "id_ed25519"
+
+    @property
+    def host_key(self) -> Path:
+        return self.secrets_dir / "ssh_host_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.secrets_dir / "known_hosts"
+
+    @property
+    def db_password_file(self) -> Path:
+        return self.secrets_dir / "db_password"
+
+    @property
+    def admin_password_file(self) -> Path:
+        return self.secrets_dir / "admin_password"
+
+    @property
+    def mysql_dir(self) -> Path:
+        return self.abs_root / "mysql"
+
+    @property
+    def haproxy_dir(self) -> Path:
+        return self.abs_root / "haproxy"
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return self.haproxy_dir / "admin.sock"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.abs_root / "nodes"
+
+    def node_dir(self, i: int) -> Path:
+        return self.nodes_dir / self.node_name(i)
+
+    @property
+    def packages_dir(self) -> Path:
+        return self.abs_root / "packages"
+
+    def package(self, major: int) -> Path:
+        return self.packages_dir / f"app-{major}.zip"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.abs_root / "backups"
+
+    @property
+    def probe_log(self) -> Path:
+        return self.abs_root / "probe.jsonl"
+
+    @property
+    def probe_summary(self) -> Path:
+        return self.abs_root / "probe-summary.json"
+
+    @property
+    def python(self) -> str:
+        """The interpreter that runs lab processes (the project's venv)."""
+        return sys.executable
+
+    @property
+    def main_url(self) -> str:
+        return f"http://127.0.0.1:{self.main_port}"
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.temporal_port}"
