@@ -218,7 +218,7 @@ class _Reader:
         self.base_dir = base_dir
 
     def problem(self, path: str, msg: str) -> None:
-        self.problems.append(f"{path}: {msg}")
+        self.problems.append(f"{path or '(top)'}: {msg}")
 
     # -- primitive getters; they return a fallback after recording a problem
     def mapping(self, raw: Any, path: str, allowed: Iterable[str]) -> dict[str, Any]:
@@ -556,7 +556,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     top = r.mapping(raw, "", ("site", "nodes", "load_balancers", "databases", "application",
                               "approvers", "rollout"))
     if not isinstance(raw, dict):
-        raise InventoryError(r.problems or ["(top): expected a mapping"], source)
+        raise InventoryError(r.problems, source)
     site = r.name(top, "site", "")
     nodes = _each(r, r.items(top, "nodes", "", required=True), "nodes", _parse_node)
     if "nodes" in top and isinstance(top["nodes"], list) and not top["nodes"]:

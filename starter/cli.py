@@ -1,0 +1,314 @@
+"""`zerodown`: the command line.
+
+    zerodown validate site.yaml
+    zerodown plan rolling-deploy --inventory site.yaml --package app-2.zip
+    zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
+    zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
+    zerodown server [--stop|--status]       zerodown worker
+    zerodown lab up|down|status|reset|probe  zerodown demo
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from starter import client as zc
+from starter.report import kv_table, progress_view, steps_table
+from workflows.inventory import Inventory, InventoryError, load_inventory
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(help="zerodown: upgrade runbooks as durable Temporal workflows.",
+                  no_args_is_help=True, add_completion=False)
+lab_app = typer.Typer(help="The embedded lab site (local HAProxy, MariaDB, app nodes over SSH).",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+Address = Annotated[str, typer.Option("--address", envvar="ZERODOWN_TEMPORAL_ADDRESS",
+                                      help="Temporal frontend host:port")]
+Namespace = Annotated[str, typer.Option("--namespace", envvar="ZERODOWN_NAMESPACE")]
+TaskQueue = Annotated[str, typer.Option("--task-queue", envvar="ZERODOWN_TASK_QUEUE")]
+InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="site inventory (YAML)")]
+PackageOpt = Annotated[Path, typer.Option("--package", "-p", help="release package (zip)")]
+NodesOpt = Annotated[str, typer.Option("--nodes", help="only these nodes, comma-separated")]
+LabRoot = Annotated[Path, typer.Option("--root", help="where the lab lives")]
+DEFAULT_ADDRESS = "127.0.0.1:7233"
+
+
+def _load(path: Path) -> Inventory:
+    try:
+        return load_inventory(path)
+    except InventoryError as e:
+        err.print(f"[bold red]invalid inventory[/] {path}:")
+        for p in e.problems:
+            err.print(f"  {p}")
+        raise typer.Exit(2) from None
+
+
+def _only_nodes(inv: Inventory, nodes: str) -> tuple[str, ...]:
+    wanted = tuple(n.strip() for n in nodes.split(",") if n.strip())
+    known = {n.name for n in inv.nodes}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        err.print(f"[bold red]unknown node(s)[/] {', '.join(unknown)} in site {inv.site} "
+                  f"(known: {', '.join(sorted(known))})")
+        raise typer.Exit(2)
+    return wanted
+
+
+def _package(path: Path) -> str:
+    if not path.is_file():
+        err.print(f"[bold red]package not found:[/] {path}")
+        raise typer.Exit(2)
+    return str(path.resolve())
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except RuntimeError as e:
+        if "Failed client connect" in str(e) or "connect" in str(e).lower():
+            err.print(f"[bold red]cannot reach Temporal:[/] {e}\n"
+                      "start it with `zerodown server` (or `zerodown lab up`).")
+            raise typer.Exit(3) from None
+        raise
+
+
+# ---------------------------------------------------------------- inventory and procedures
+@app.command()
+def validate(inventory: Annotated[Path, typer.Argument(help="site inventory (YAML)")]) -> None:
+    """Validate an inventory; print every problem with its path."""
+    inv = _load(inventory)
+    console.print(f"[green]ok[/] {inventory}: site {inv.site}, {len(inv.nodes)} node(s), "
+                  f"{len(inv.load_balancers)} load balancer(s), {len(inv.databases)} database(s)")
+
+
+async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespace: str,
+                 task_queue: str, wait: bool, workflow_id: str | None) -> int:
+    from worker.main import connect
+
+    client = await connect(address, namespace, tracing=False)
+    handle = await zc.start_procedure(client, procedure, inv, arg, task_queue, workflow_id)
+    console.print(f"started [bold]{procedure}[/] as workflow [cyan]{handle.id}[/]")
+    console.print(f"  web UI: http://127.0.0.1:8233/namespaces/{namespace}/workflows/{handle.id}")
+    if not wait:
+        console.print(f"  follow it: zerodown watch {handle.id}")
+        return 0
+    result_type = _result_type(procedure)
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        outcome = await zc.wait_with_progress(handle, result_type,
+                                              lambda p: live.update(progress_view(p)))
+    return _print_outcome(outcome)
+
+
+def _result_type(procedure: str) -> type:
+    from workflows.rolling_deploy import RollingDeployResult
+
+    return {"rolling-deploy": RollingDeployResult}[procedure]
+
+
+def _print_outcome(outcome: zc.Outcome) -> int:
+    if not outcome.ok:
+        err.print(f"[bold red]failed:[/] {outcome.error}")
+        return 1
+    res = outcome.result
+    if getattr(res, "dry_run", False):
+        console.print("[bold]plan[/] (dry run, nothing was changed):")
+        for line in res.plan:
+            console.print(f"  - {line}")
+        return 0
+    console.print(steps_table(res.steps))
+    if getattr(res, "merge_report", ()):
+        console.print("[bold]config merge[/]:")
+        for line in res.merge_report:
+            console.print(f"  {line}")
+    console.print(f"[green]done[/]: {', '.join(res.nodes)} now at {res.version}")
+    return 0
+
+
+@app.command()
+def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+         address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
+         task_queue: TaskQueue = "zerodown") -> None:
+    """Validate, run the read-only preflight on every target and print the plan. Changes nothing."""
+    inv = _load(inventory)
+    arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
+                             only_nodes=_only_nodes(inv, nodes), dry_run=True)
+    raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
+
+
+@app.command()
+def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+          wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+          workflow_id: Annotated[str | None, typer.Option("--id")] = None,
+          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
+          task_queue: TaskQueue = "zerodown") -> None:
+    """Start a procedure (after validating its inputs) and follow it."""
+    inv = _load(inventory)
+    try:
+        arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
+                                 only_nodes=_only_nodes(inv, nodes))
+    except zc.UnknownProcedureError as e:
+        err.print(f"[bold red]{e}[/]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
+                                 workflow_id)))
+
+
+async def _status(workflow_id: str, address: str, namespace: str, follow: bool) -> int:
+    from worker.main import connect
+
+    client = await connect(address, namespace, tracing=False)
+    handle = client.get_workflow_handle(workflow_id)
+    status, wf_type = await zc.describe(handle)
+    if not follow:
+        p = await zc.progress(handle)
+        console.print(kv_table(workflow_id, {"procedure": wf_type, "status": status.name if status
+                                             else "?", "phase": p.phase,
+                                             "nodes done": f"{len(p.nodes_done)}/{p.nodes_total}"}))
+        console.print(steps_table(p.steps))
+        return 0
+    with Live(console=console, refresh_per_second=4) as live:
+        outcome = await zc.wait_with_progress(handle, _result_type(wf_type),
+                                              lambda p: live.update(progress_view(p, last=30)))
+    return _print_outcome(outcome)
+
+
+@app.command()
+def status(workflow_id: str, address: Address = DEFAULT_ADDRESS,
+           namespace: Namespace = "default") -> None:
+    """Print a procedure's phase and every step so far."""
+    raise typer.Exit(_run(_status(workflow_id, address, namespace, follow=False)))
+
+
+@app.command()
+def watch(workflow_id: str, address: Address = DEFAULT_ADDRESS,
+          namespace: Namespace = "default") -> None:
+    """Follow a running procedure live until it ends."""
+    raise typer.Exit(_run(_status(workflow_id, address, namespace, follow=True)))
+
+
+@app.command()
+def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
+           namespace: Namespace = "default") -> None:
+    """Replay a workflow's history through the current code (determinism check)."""
+    from worker.main import connect
+
+    async def go() -> str:
+        return await zc.replay(await connect(address, namespace, tracing=False), workflow_id)
+
+    try:
+        console.print(f"[green]ok[/] {_run(go())}")
+    except Exception as e:
+        err.print(f"[bold red]replay failed (the current code no longer matches this history):[/] {e}")
+        raise typer.Exit(1) from None
+
+
+# ---------------------------------------------------------------- servers
+@app.command()
+def server(root: LabRoot = Path(".lab"), port: int = 7233, ui_port: int = 8233,
+           stop: Annotated[bool, typer.Option("--stop")] = False,
+           show: Annotated[bool, typer.Option("--status")] = False) -> None:
+    """Start (or --stop) the Temporal dev server in the background, persistent in ROOT/temporal.db."""
+    from starter import devserver
+
+    if stop:
+        devserver.stop_dev_server(root)
+        console.print("temporal dev server stopped")
+        return
+    if show:
+        console.print(kv_table("temporal dev server", devserver.server_status(root)))
+        return
+    devserver.start_dev_server(root, port=port, ui_port=ui_port)
+    console.print(f"temporal dev server on 127.0.0.1:{port}, web UI http://127.0.0.1:{ui_port}")
+
+
+@app.command()
+def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
+           task_queue: TaskQueue = "zerodown") -> None:
+    """Run a worker (every workflow and activity) in the foreground."""
+    import logging
+
+    from worker.main import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(address, namespace, task_queue))
+
+
+# ---------------------------------------------------------------- the lab
+def _lab_cfg(root: Path, nodes: int = 3) -> Any:
+    from lab.config import LabConfig
+
+    return LabConfig(root=root, nodes=nodes)
+
+
+@lab_app.command("up")
+def lab_up(nodes: int = 3, root: LabRoot = Path(".lab"),
+           temporal: Annotated[bool, typer.Option("--temporal/--no-temporal")] = True) -> None:
+    """Build and start the lab; writes ROOT/site.yaml."""
+    from lab import manager
+
+    site = asyncio.run(manager.lab_up(_lab_cfg(root, nodes), with_temporal=temporal))
+    console.print(f"[green]lab up[/]: inventory {site}")
+
+
+@lab_app.command("down")
+def lab_down(root: LabRoot = Path(".lab")) -> None:
+    """Stop every lab process (by PID)."""
+    from lab import manager
+
+    manager.lab_down(_lab_cfg(root))
+    console.print("lab down: nothing left running")
+
+
+@lab_app.command("status")
+def lab_status(root: LabRoot = Path(".lab")) -> None:
+    """Show each part of the lab, up or down."""
+    from lab import manager
+
+    rows = manager.lab_status(_lab_cfg(root))
+    for part, up, detail in rows:
+        console.print(f"{'[green]up  [/]' if up else '[red]down[/]'} {part:<22} {detail}")
+    raise typer.Exit(0 if all(up for _, up, _ in rows) else 1)
+
+
+@lab_app.command("reset")
+def lab_reset(root: LabRoot = Path(".lab")) -> None:
+    """Put the lab back at v1 (nodes, schema, load balancer)."""
+    from lab import manager
+
+    asyncio.run(manager.lab_reset(_lab_cfg(root)))
+    console.print("lab reset to v1")
+
+
+@lab_app.command("probe")
+def lab_probe(rate: float = 100.0, duration: float = 0.0, root: LabRoot = Path(".lab")) -> None:
+    """Send traffic through the main frontend, recording every failure (Ctrl-C to stop)."""
+    import subprocess
+
+    cfg = _lab_cfg(root)
+    cmd = [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
+           "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)]
+    if duration:
+        cmd += ["--duration", str(duration)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def demo(root: LabRoot = Path(".lab"), nodes: int = 3, rate: float = 100.0) -> None:
+    """Lab + worker + probe, then rolling-deploy v1 -> v2, then a report."""
+    from starter.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(_lab_cfg(root, nodes), rate, console)))
+
+
+def main() -> None:
+    app()

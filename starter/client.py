@@ -1,0 +1,106 @@
+"""Starting, watching and replaying procedures: what the CLI does, as plain async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError
+from temporalio.worker import Replayer
+
+from workflows.inventory import Inventory
+from workflows.registry import ALL_WORKFLOWS, INPUTS, PROCEDURES
+from workflows.timeline import Progress
+
+PROCEDURE_KEY = SearchAttributeKey.for_keyword("ZerodownProcedure")
+SITE_KEY = SearchAttributeKey.for_keyword("ZerodownSite")
+
+
+class UnknownProcedureError(ValueError):
+    pass
+
+
+def procedure_input(procedure: str, **fields: Any) -> Any:
+    if procedure not in PROCEDURES:
+        raise UnknownProcedureError(
+            f"unknown procedure {procedure!r} (known: {', '.join(sorted(PROCEDURES))})")
+    return INPUTS[procedure](**fields)
+
+
+def new_workflow_id(procedure: str, site: str, now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{procedure}-{re.sub(r'[^A-Za-z0-9_.-]', '-', site)}-{stamp}"
+
+
+async def start_procedure(client: Client, procedure: str, inventory: Inventory, arg: Any,
+                          task_queue: str, workflow_id: str | None = None) -> WorkflowHandle[Any, Any]:
+    """Start a procedure, tagged with search attributes (skipped if the server lacks them)."""
+    wf_id = workflow_id or new_workflow_id(procedure, inventory.site)
+    attrs = TypedSearchAttributes([SearchAttributePair(PROCEDURE_KEY, procedure),
+                                   SearchAttributePair(SITE_KEY, inventory.site)])
+    try:
+        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue,
+                                           search_attributes=attrs)
+    except RPCError as e:
+        if "search attribute" not in str(e).lower():
+            raise
+        # A server that was not started by `zerodown server` may lack our attributes.
+        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue)
+
+
+async def progress(handle: WorkflowHandle[Any, Any]) -> Progress:
+    result: Progress = await handle.query("progress", result_type=Progress)
+    return result
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    result: Any
+    error: str | None
+
+
+async def wait_with_progress(handle: WorkflowHandle[Any, Any], result_type: type,
+                             on_progress: Callable[[Progress], None] | None = None,
+                             interval_s: float = 0.5) -> Outcome:
+    """Wait for the result, calling on_progress with the live timeline meanwhile."""
+    task = asyncio.ensure_future(handle.result(result_type=result_type))
+    while not task.done():
+        if on_progress is not None:
+            try:
+                on_progress(await progress(handle))
+            except RPCError:
+                pass  # no worker answered the query yet
+        await asyncio.wait([task], timeout=interval_s)
+    try:
+        return Outcome(ok=True, result=task.result(), error=None)
+    except WorkflowFailureError as e:
+        return Outcome(ok=False, result=None, error=failure_message(e))
+
+
+def failure_message(e: BaseException) -> str:
+    msg = str(e)
+    cause = e.__cause__
+    while cause is not None:
+        msg = str(cause) or msg
+        cause = cause.__cause__
+    return msg
+
+
+async def describe(handle: WorkflowHandle[Any, Any]) -> tuple[WorkflowExecutionStatus | None, str]:
+    d = await handle.describe()
+    return d.status, d.workflow_type
+
+
+async def replay(client: Client, workflow_id: str, run_id: str | None = None) -> str:
+    """Replay a workflow's history through the current code; raises on non-determinism."""
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    history = await handle.fetch_history()
+    await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
+    return f"{workflow_id}: {len(history.events)} events replayed on the current code, deterministic"

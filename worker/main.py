@@ -1,0 +1,86 @@
+"""The zerodown worker: one process that runs every workflow and activity on a task queue.
+
+Run one per network zone (its task queue named after the zone) when nodes are only
+reachable from inside that zone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.worker import Worker
+
+DEFAULT_ADDRESS = os.environ.get("ZERODOWN_TEMPORAL_ADDRESS", "127.0.0.1:7233")
+DEFAULT_NAMESPACE = os.environ.get("ZERODOWN_NAMESPACE", "default")
+DEFAULT_TASK_QUEUE = os.environ.get("ZERODOWN_TASK_QUEUE", "zerodown")
+
+log = logging.getLogger("zerodown.worker")
+
+
+def _setup_tracing() -> None:
+    """OpenTelemetry: spans for every workflow/activity; printed when ZERODOWN_OTEL_CONSOLE=1."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "zerodown-worker"}))
+    if os.environ.get("ZERODOWN_OTEL_CONSOLE") == "1":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+async def connect(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
+                  tracing: bool = True) -> Client:
+    interceptors = [TracingInterceptor()] if tracing else []
+    return await Client.connect(address, namespace=namespace, interceptors=interceptors)
+
+
+def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
+                 activities: Sequence[object] | None = None) -> Worker:
+    from activities import ALL_ACTIVITIES
+    from workflows.registry import ALL_WORKFLOWS
+
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=ALL_WORKFLOWS,
+        activities=list(activities if activities is not None else ALL_ACTIVITIES),
+        # Activities are async; the pool only serves any sync helpers.
+        activity_executor=ThreadPoolExecutor(max_workers=4),
+        max_concurrent_activities=32,
+    )
+
+
+async def run_worker(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
+                     task_queue: str = DEFAULT_TASK_QUEUE) -> None:
+    _setup_tracing()
+    client = await connect(address, namespace)
+    worker = build_worker(client, task_queue)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("zerodown worker on %s (namespace %s), task queue %s", address, namespace, task_queue)
+    async with worker:
+        await stop.wait()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--address", default=DEFAULT_ADDRESS)
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    parser.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(args.address, args.namespace, args.task_queue))

@@ -1,0 +1,386 @@
+"""`rolling-deploy`: deploy a release to every node, one batch at a time, with no failed request.
+
+The runbook (each numbered step is a timeline entry):
+
+  Preflight (read-only; any problem stops the run before anything is touched)
+    P1 the package is a valid release; P2 every node answers over SSH, its service runs,
+    it is healthy and runs an older version the package may upgrade from; P3 every load
+    balancer knows the node as a member; P4 the database answers.
+  Database (only when the release carries migrations the database lacks)
+    D1 logical backup of the database; D2 apply the expand migrations (old code survives
+    them, which is what makes rolling possible).
+  For each node (batches from the inventory, one node at a time by default)
+    N1 drain it on every load balancer; N2 wait until it holds zero sessions;
+    N3 stop the service; N4 back up the app folder; N5 deploy the package (protected files
+    untouched, per-node config customisations merged); N6 start the service; N7 wait until
+    healthy and check it reports the new version; N8 set it ready; N9 wait until UP.
+  On failure or cancellation the saga runs the compensations in reverse: nodes are
+  restored from their backups and put back in the pool, migrations are reverted with their
+  `down` scripts, and the workflow fails with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities import deploy, haproxy, http_checks, mysql, node, ssh
+    from workflows.inventory import Database, Inventory, LoadBalancer, Node, UnknownNodeError
+
+from workflows.saga import Saga, reason
+from workflows.timeline import Progress, StepRecord, Timeline
+
+PROCEDURE = "rolling-deploy"
+
+# Errors that no retry can fix: fail the step at once (guided by the error's type).
+NON_RETRYABLE = [
+    "SecretUnavailable", "SshAuthFailed", "SshHostKeyMismatch", "SshCommandFailed",
+    "LbMemberNotFound", "PackageMissing", "PackageCorrupt", "VersionNotNewer",
+    "VersionMismatch", "LoginFailed", "DrainTimeout", "NotUpTimeout", "HealthCheckFailed",
+]
+PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1),
+                              non_retryable_error_types=NON_RETRYABLE)
+ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
+                           backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
+                           non_retryable_error_types=NON_RETRYABLE)
+# A wait activity heartbeats every ~1 s: a dead worker is noticed after this long.
+HEARTBEAT = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class RollingDeployInput:
+    inventory: Inventory
+    package_path: str
+    # Deploy only these nodes (default: all, in inventory order / batches).
+    only_nodes: tuple[str, ...] = ()
+    # Check everything and return the plan; change nothing.
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class RollingDeployResult:
+    site: str
+    version: str
+    previous_versions: dict[str, str]
+    nodes: tuple[str, ...]
+    dry_run: bool
+    plan: tuple[str, ...]
+    steps: tuple[StepRecord, ...]
+    merge_report: tuple[str, ...] = ()
+    db_backup: str | None = None
+    app_backups: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _NodeProgress:
+    """What has been attempted on a node, so its compensation undoes exactly that."""
+
+    drain_attempted: bool = False
+    stop_attempted: bool = False
+    deploy_attempted: bool = False
+    backup: deploy.AppBackup | None = None
+
+
+@workflow.defn(name="rolling-deploy")
+class RollingDeployWorkflow:
+    def __init__(self) -> None:
+        self.timeline = Timeline(PROCEDURE)
+        self.saga = Saga()
+
+    @workflow.query
+    def progress(self) -> Progress:
+        return self.timeline.snapshot()
+
+    @workflow.run
+    async def run(self, inp: RollingDeployInput) -> RollingDeployResult:
+        inv = inp.inventory
+        try:
+            batches = inv.batches(inp.only_nodes)
+        except UnknownNodeError as e:
+            raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+        nodes = [n for b in batches for n in b]
+        self.timeline.nodes_total = len(nodes)
+
+        # ---- Preflight: read-only, every problem reported together --------------------
+        self.timeline.set_phase("preflight")
+        package = await self.timeline.step("P1 inspect package", self._act(
+            deploy.inspect_package, deploy.PackageRequest(path=inp.package_path),
+            retry=PREFLIGHT_RETRY), seed_step="P1")
+        previous = await self._preflight(inv, nodes, package)
+        database = inv.databases[0] if inv.databases else None
+        schema = None
+        if database is not None:
+            schema = await self.timeline.step("P4 database reachable", self._act(
+                mysql.db_schema_version, mysql.DbRequest(db=database), retry=PREFLIGHT_RETRY),
+                seed_step="P4")
+        pending = [m for m in package.migrations if schema is not None and m.version > schema]
+        plan = self._plan(inv, batches, package, pending)
+        if inp.dry_run:
+            self.timeline.set_phase("planned (dry run): nothing was changed")
+            return self._result(inv, package, previous, nodes, plan, True)
+
+        # ---- The change itself, undone by the saga on failure or cancellation ----------
+        merge_report: list[str] = []
+        db_backup: str | None = None
+        app_backups: dict[str, str] = {}
+        try:
+            if pending and database is not None:
+                db_backup = await self._migrate(database, pending)
+            for index, batch in enumerate(batches, start=1):
+                self.timeline.set_phase(f"batch {index}/{len(batches)}",
+                                        ", ".join(n.name for n in batch))
+                outcomes = await asyncio.gather(
+                    *(self._upgrade_node(inv, n, package, merge_report, app_backups) for n in batch),
+                    return_exceptions=True)
+                failures = [o for o in outcomes if isinstance(o, BaseException)]
+                if failures:
+                    raise failures[0]
+        except asyncio.CancelledError:
+            self.timeline.set_phase("cancelled: rolling back")
+            await self.saga.compensate()
+            raise
+        except Exception as e:
+            self.timeline.set_phase("failed: rolling back")
+            records = await self.saga.compensate()
+            undone = ", ".join(r.name + ("" if r.ok else f" (FAILED: {r.error})") for r in records)
+            failed_step = next((s for s in reversed(self.timeline.steps) if s.result == "failed"), None)
+            where = f" at '{failed_step.name}'" + (f" on {failed_step.node}" if failed_step.node else "") \
+                if failed_step else ""
+            self.timeline.set_phase("failed, rolled back")
+            raise ApplicationError(
+                f"{PROCEDURE} of {package.version} failed{where}: {reason(e)}. "
+                f"Rolled back: {undone or 'nothing to undo'}.",
+                type="ProcedureFailed", non_retryable=True) from e
+
+        self.timeline.set_phase("done")
+        return self._result(inv, package, previous, nodes, plan, False, merge_report,
+                            db_backup, app_backups)
+
+    # ------------------------------------------------------------------ preflight
+    async def _preflight(self, inv: Inventory, nodes: list[Node],
+                         package: deploy.PackageInfo) -> dict[str, str]:
+        async def check_node(n: Node) -> str:
+            await self._act(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh), retry=PREFLIGHT_RETRY)
+            await self._act(node.service_status, node.ServiceRequest(node=n), retry=PREFLIGHT_RETRY)
+            for lb in self._lbs_of(inv, n):
+                await self._act(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name),
+                                retry=PREFLIGHT_RETRY)
+            await self._act(http_checks.check_health, http_checks.HttpCheckRequest(
+                base_url=n.url, check=inv.application.health, timeout_s=10.0), retry=PREFLIGHT_RETRY)
+            running: str = await self._act(http_checks.get_version, http_checks.VersionRequest(
+                base_url=n.url, check=inv.application.version), retry=PREFLIGHT_RETRY)
+            if deploy.compare_versions(package.version, running) <= 0:
+                raise ApplicationError(
+                    f"{n.name} runs {running}; package {package.version} is not newer",
+                    type="VersionNotNewer", non_retryable=True)
+            if deploy.compare_versions(running, package.min_upgrade_from) < 0:
+                raise ApplicationError(
+                    f"{n.name} runs {running}; {package.name} {package.version} upgrades only "
+                    f"from {package.min_upgrade_from} or later: install {package.min_upgrade_from} first",
+                    type="UpgradePathImpossible", non_retryable=True)
+            return running
+
+        async def checks() -> dict[str, str]:
+            results = await asyncio.gather(*(check_node(n) for n in nodes), return_exceptions=True)
+            problems = [f"{n.name}: {reason(r)}" for n, r in zip(nodes, results, strict=True)
+                        if isinstance(r, BaseException)]
+            if problems:
+                kinds = {_error_type(r) for r in results if isinstance(r, BaseException)}
+                raise ApplicationError(
+                    "preflight failed, nothing was changed:\n  " + "\n  ".join(problems),
+                    *sorted(k for k in kinds if k), type="PreflightFailed", non_retryable=True)
+            return {n.name: str(r) for n, r in zip(nodes, results, strict=True)}
+
+        return await self.timeline.step("P2-P3 nodes reachable, healthy, in the pool, upgradable",
+                                        checks(), seed_step="P2")
+
+    def _plan(self, inv: Inventory, batches: list[list[Node]], package: deploy.PackageInfo,
+              pending: list[deploy.MigrationSpec]) -> tuple[str, ...]:
+        plan = [f"deploy {package.name} {package.version} ({package.sha256[:12]}) to site {inv.site}"]
+        if pending:
+            plan.append(f"D1 back up database {inv.databases[0].database}")
+            plan += [f"D2 apply migration {m.version} (expand; down script "
+                     f"{'present' if m.down_sql else 'absent'})" for m in pending]
+        for i, batch in enumerate(batches, start=1):
+            names = ", ".join(n.name for n in batch)
+            lbs = sorted({lb.name for n in batch for lb in self._lbs_of(inv, n)})
+            plan.append(f"batch {i}: {names}: drain on {', '.join(lbs) or 'no load balancer'}, "
+                        "wait for zero sessions, stop, back up app folder, deploy (protected: "
+                        f"{', '.join(inv.application.protected_files) or 'none'}), start, "
+                        "check health and version, set ready, wait UP")
+        return tuple(plan)
+
+    # ------------------------------------------------------------------ database
+    async def _migrate(self, db: Database, pending: list[deploy.MigrationSpec]) -> str:
+        self.timeline.set_phase("database")
+        backup: mysql.DbBackup = await self.timeline.step("D1 back up database", self._act(
+            mysql.db_backup, mysql.BackupRequest(db=db, backup_id=f"{workflow.info().workflow_id}-db",
+                                                 directory=db.backup_dir or ""),
+            timeout=timedelta(minutes=30)), seed_step="D1")
+        applied: list[deploy.MigrationSpec] = []
+
+        async def revert() -> None:
+            for m in reversed(applied):
+                if m.down_sql:
+                    await self.timeline.step(f"revert migration {m.version}", self._act(
+                        mysql.db_apply_migration, mysql.MigrationRequest(
+                            db=db, version=m.version, sql=m.down_sql, direction="down")))
+                else:
+                    self.timeline.record(f"keep migration {m.version}", "skipped",
+                                         detail=f"no down script; backup kept at {backup.path}")
+
+        self.saga.register("database migrations", revert)
+        for m in pending:
+            applied.append(m)
+            await self.timeline.step(f"D2 apply migration {m.version}", self._act(
+                mysql.db_apply_migration, mysql.MigrationRequest(
+                    db=db, version=m.version, sql=m.up_sql, direction="up"),
+                timeout=timedelta(minutes=30)), seed_step="D2")
+        return backup.path
+
+    # ------------------------------------------------------------------ one node
+    async def _upgrade_node(self, inv: Inventory, n: Node, package: deploy.PackageInfo,
+                            merge_report: list[str], app_backups: dict[str, str]) -> None:
+        app = inv.application
+        lbs = self._lbs_of(inv, n)
+        done = _NodeProgress()
+        wf_id = workflow.info().workflow_id
+        self.saga.register(f"node {n.name}", lambda: self._rollback_node(inv, n, done))
+
+        done.drain_attempted = True
+        for lb in lbs:
+            await self.timeline.step(f"N1 drain on {lb.name}", self._act(
+                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="drain")),
+                node=n.name, seed_step="N1")
+        for lb in lbs:
+            await self.timeline.step(f"N2 wait for zero sessions on {lb.name}", self._wait(
+                haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
+                                                             timeout_s=lb.drain_timeout_s),
+                lb.drain_timeout_s), node=n.name, seed_step="N2")
+        done.stop_attempted = True
+        await self.timeline.step("N3 stop service", self._act(
+            node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
+            node=n.name, seed_step="N3")
+        done.backup = await self.timeline.step("N4 back up app folder", self._act(
+            deploy.backup_app_folder, deploy.AppBackupRequest(
+                node=n, backup_id=f"{wf_id}-{n.name}", protected_files=app.protected_files),
+            timeout=timedelta(minutes=30)), node=n.name, seed_step="N4")
+        app_backups[n.name] = done.backup.path
+        done.deploy_attempted = True
+        result: deploy.DeployResult = await self.timeline.step(f"N5 deploy {package.version}", self._act(
+            deploy.deploy_package, deploy.DeployRequest(
+                node=n, package=package, protected_files=app.protected_files,
+                merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
+            timeout=timedelta(minutes=30)), node=n.name, seed_step="N5")
+        for m in result.merged:
+            merge_report.extend(f"{n.name}: {line}" for line in m.report)
+        await self.timeline.step("N6 start service", self._act(
+            node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
+            node=n.name, seed_step="N6")
+        await self.timeline.step("N7 wait healthy, check version", self._check_new_version(
+            inv, n, package.version), node=n.name, seed_step="N7")
+        for lb in lbs:
+            await self.timeline.step(f"N8 set ready on {lb.name}", self._act(
+                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="ready")),
+                node=n.name, seed_step="N8")
+        for lb in lbs:
+            await self.timeline.step(f"N9 wait UP on {lb.name}", self._wait(
+                haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
+                node=n.name, seed_step="N9")
+        self.timeline.node_done(n.name)
+
+    async def _check_new_version(self, inv: Inventory, n: Node, expected: str) -> None:
+        await self._wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
+            base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s),
+            inv.rollout.health_timeout_s)
+        running: str = await self._act(http_checks.get_version, http_checks.VersionRequest(
+            base_url=n.url, check=inv.application.version))
+        if running != expected:
+            raise ApplicationError(f"{n.name} reports version {running}, expected {expected}",
+                                   type="VersionMismatch", non_retryable=True)
+        if inv.application.login is not None:
+            await self._act(http_checks.check_login, http_checks.LoginRequest(
+                base_url=n.url, check=inv.application.login))
+
+    async def _rollback_node(self, inv: Inventory, n: Node, done: _NodeProgress) -> None:
+        """Put a node back as it was: old files, old version running, in the pool."""
+        if not done.drain_attempted:
+            return
+        lbs = self._lbs_of(inv, n)
+        if done.stop_attempted:
+            # The node may be serving (it finished, then a later node failed): drain it first.
+            for lb in lbs:
+                await self.timeline.step(f"rollback: drain on {lb.name}", self._act(
+                    haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="drain")),
+                    node=n.name)
+                await self.timeline.step(f"rollback: wait for zero sessions on {lb.name}", self._wait(
+                    haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
+                                                                 timeout_s=lb.drain_timeout_s),
+                    lb.drain_timeout_s), node=n.name)
+            await self.timeline.step("rollback: stop service", self._act(
+                node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
+            if done.deploy_attempted and done.backup is not None:
+                await self.timeline.step("rollback: restore app folder", self._act(
+                    deploy.restore_app_folder, done.backup, timeout=timedelta(minutes=30)),
+                    node=n.name)
+            await self.timeline.step("rollback: start service", self._act(
+                node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
+            await self.timeline.step("rollback: wait healthy", self._wait(
+                http_checks.wait_healthy, http_checks.WaitHealthyRequest(
+                    base_url=n.url, check=inv.application.health,
+                    timeout_s=inv.rollout.health_timeout_s), inv.rollout.health_timeout_s),
+                node=n.name)
+        for lb in lbs:
+            await self.timeline.step(f"rollback: set ready on {lb.name}", self._act(
+                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="ready")),
+                node=n.name)
+            await self.timeline.step(f"rollback: wait UP on {lb.name}", self._wait(
+                haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
+                node=n.name)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _lbs_of(inv: Inventory, n: Node) -> list[LoadBalancer]:
+        return [lb for lb in inv.load_balancers if n.name in lb.members]
+
+    @staticmethod
+    async def _act(fn: Any, arg: Any, retry: RetryPolicy = ACTION_RETRY,
+                   timeout: timedelta = timedelta(minutes=2)) -> Any:
+        return await workflow.execute_activity(fn, arg, start_to_close_timeout=timeout,
+                                               retry_policy=retry)
+
+    @staticmethod
+    async def _wait(fn: Any, arg: Any, timeout_s: float) -> Any:
+        """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
+        return await workflow.execute_activity(
+            fn, arg, start_to_close_timeout=timedelta(seconds=timeout_s + 60),
+            heartbeat_timeout=HEARTBEAT, retry_policy=ACTION_RETRY)
+
+    def _result(self, inv: Inventory, package: deploy.PackageInfo, previous: dict[str, str],
+                nodes: list[Node], plan: tuple[str, ...], dry_run: bool,
+                merge_report: list[str] | None = None, db_backup: str | None = None,
+                app_backups: dict[str, str] | None = None) -> RollingDeployResult:
+        return RollingDeployResult(
+            site=inv.site, version=package.version, previous_versions=previous,
+            nodes=tuple(n.name for n in nodes), dry_run=dry_run, plan=plan,
+            steps=tuple(self.timeline.steps), merge_report=tuple(merge_report or ()),
+            db_backup=db_backup, app_backups=dict(app_backups or {}))
+
+
+def _svc_timeout(n: Node) -> timedelta:
+    return timedelta(seconds=n.service.timeout_s + 30)
+
+
+def _error_type(e: BaseException) -> str | None:
+    while e is not None:
+        if isinstance(e, ApplicationError) and e.type:
+            return e.type
+        e = e.__cause__  # type: ignore[assignment]
+    return None

@@ -1,0 +1,68 @@
+"""The saga: a stack of compensations, run in reverse when a procedure must be undone.
+
+A procedure registers a compensation *before* (or right as) it makes a change it may need
+to undo, always after the backup that the compensation relies on has been taken. On
+failure or cancellation, `compensate()` runs them newest first. Each compensation is
+workflow code (usually one or a few retried activities); a compensation that still fails
+after its retries is recorded and the others still run, so one stuck node does not leave
+the rest half-done. Deterministic: only workflow APIs inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from temporalio import workflow
+
+Compensation = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CompensationRecord:
+    name: str
+    ok: bool
+    error: str | None = None
+
+
+class Saga:
+    def __init__(self) -> None:
+        self._stack: list[tuple[str, Compensation]] = []
+        self.records: list[CompensationRecord] = []
+
+    def register(self, name: str, compensation: Compensation) -> None:
+        self._stack.append((name, compensation))
+
+    def discard(self, name: str) -> None:
+        """Forget a compensation whose change no longer needs undoing."""
+        self._stack = [(n, c) for n, c in self._stack if n != name]
+
+    @property
+    def pending(self) -> list[str]:
+        return [n for n, _ in reversed(self._stack)]
+
+    async def compensate(self) -> list[CompensationRecord]:
+        """Run every registered compensation, newest first; returns what happened."""
+        while self._stack:
+            name, compensation = self._stack.pop()
+            try:
+                await compensation()
+            except Exception as e:  # recorded, and the remaining compensations still run
+                workflow.logger.error("compensation %s failed: %s", name, e)
+                self.records.append(CompensationRecord(name=name, ok=False, error=_reason(e)))
+            else:
+                self.records.append(CompensationRecord(name=name, ok=True))
+        return list(self.records)
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost message of a Temporal error chain (ActivityError -> ApplicationError)."""
+    msg = str(e)
+    cause = e.__cause__
+    while cause is not None:
+        msg = str(cause) or msg
+        cause = cause.__cause__
+    return msg
+
+
+reason = _reason
