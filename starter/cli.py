@@ -163,6 +163,19 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
                                  workflow_id)))
 
 
+@app.command("input")
+def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+               dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+    """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
+    import dataclasses
+    import json
+
+    inv = _load(inventory)
+    arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
+                             only_nodes=_only_nodes(inv, nodes), dry_run=dry_run)
+    print(json.dumps(dataclasses.asdict(arg)))
+
+
 async def _status(workflow_id: str, address: str, namespace: str, follow: bool) -> int:
     from worker.main import connect
 

@@ -1,0 +1,88 @@
+"""The lab's two release packages, built from lab/app/.
+
+`build_packages(cfg)` writes cfg.package(1) and cfg.package(2): zips with `release.json`
+at the root (ARCHITECTURE.md "Release packages"), the shared `app.py` and `static/`, and
+each release's overlay from `lab/app/releases/v<major>/` (default web.config, index.html,
+v2's migrations). Per-site / per-node files (encryption.config, database.config) are
+never in a package: lab/nodes.py writes them at install time.
+
+The zips are deterministic (sorted entries, fixed timestamps and permissions), so
+rebuilding gives identical bytes and a package's sha256 identifies its content.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lab.config import LabConfig
+
+APP_SRC = Path(__file__).resolve().parent / "app"
+# 1980-01-01 is the earliest date a zip entry can carry.
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+RELEASES: dict[int, dict[str, Any]] = {
+    1: {"name": "labapp", "version": "1.0.0", "min_upgrade_from": "0.0.0", "schema_version": 1,
+        "migrations": []},
+    2: {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "schema_version": 2,
+        "migrations": [{"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql",
+                        "destructive": False}]},
+}
+
+
+def _skip(p: Path) -> bool:
+    return "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo") or p.name.startswith(".")
+
+
+def package_files(major: int) -> dict[str, bytes]:
+    """Archive name -> content of release `major` (1 or 2)."""
+    if major not in RELEASES:
+        raise ValueError(f"no lab release {major} (known: {sorted(RELEASES)})")
+    files: dict[str, bytes] = {}
+    overlay = APP_SRC / "releases" / f"v{major}"
+    for base in (APP_SRC, overlay):  # the overlay wins where both have a file
+        for p in sorted(base.rglob("*")):
+            rel = p.relative_to(base)
+            if p.is_file() and not _skip(rel) and (base != APP_SRC or rel.parts[0] != "releases"):
+                files[rel.as_posix()] = p.read_bytes()
+    files["release.json"] = (json.dumps(RELEASES[major], indent=2) + "\n").encode()
+    return files
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """Deterministic zip of `files` (sorted, fixed dates, 0644)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.external_attr = 0o100644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3  # unix, so the permission bits are honoured
+            z.writestr(info, files[name], compresslevel=9)
+    return buf.getvalue()
+
+
+def build_packages(cfg: LabConfig) -> dict[int, Path]:
+    """Write cfg.package(1) and cfg.package(2); files already holding the same bytes are left
+    untouched (their mtime too). Returns {major: path}."""
+    cfg.packages_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[int, Path] = {}
+    for major in sorted(RELEASES):
+        path = cfg.package(major)
+        data = zip_bytes(package_files(major))
+        if not path.exists() or path.read_bytes() != data:
+            tmp = path.with_suffix(".zip.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # atomic: a reader never sees half a zip
+        out[major] = path
+    return out
+
+
+def release_of(package: Path) -> dict[str, Any]:
+    """The parsed release.json of a package zip."""
+    with zipfile.ZipFile(package) as z:
+        data: dict[str, Any] = json.loads(z.read("release.json"))
+    return data

@@ -1,0 +1,202 @@
+"""The traffic probe: steady synthetic load through the load balancer during a procedure.
+
+It answers the one question a zero-downtime upgrade is judged by: did any request fail?
+
+* requests are sent at a fixed rate, scheduled by absolute times (no drift), each in its
+  own task so a slow answer never holds back the next request;
+* one aiohttp ClientSession with keep-alive (at most ~20 connections), like a browser pool;
+* mix: ~70% GET /items, ~30% POST /items, and every `slow_every`-th request a
+  GET /slow?ms=`slow_ms`: a long-lived request that a drain has to wait for;
+* a failure is a connection error, a timeout (5 s beyond the slow request's own time), a
+  status >= 500 or any other unexpected status; each is appended to `out` as one JSON line
+  {t, method, path, status, error, node} when it happens, so a crash loses nothing.
+
+API: ``await run_probe(url, rate, stop, out)`` -> ProbeSummary.
+CLI: ``python -m lab.probe --url URL --rate 100 [--duration S] --out F --summary F``; runs until
+the duration passes or SIGTERM/SIGINT, writes the summary JSON and prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+
+TIMEOUT_S = 5.0
+EXPECTED = {"GET": {200}, "POST": {201}}
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    total: int
+    failed: int
+    by_status: dict[str, int] = field(default_factory=dict)  # "200", "503", "error"
+    by_node: dict[str, int] = field(default_factory=dict)  # served-by node -> answered requests
+    started: str = ""
+    ended: str = ""
+    latency_p50_ms: float = 0.0
+    latency_max_ms: float = 0.0
+    rate: float = 0.0
+    url: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def line(self) -> str:
+        nodes = ",".join(f"{k}:{v}" for k, v in sorted(self.by_node.items()))
+        return (f"requests={self.total} failed={self.failed} p50_ms={self.latency_p50_ms:.1f} "
+                f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class _Recorder:
+    def __init__(self, out: Path | None) -> None:
+        self.total = 0
+        self.failed = 0
+        self.by_status: Counter[str] = Counter()
+        self.by_node: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self._fh: IO[str] | None = None
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(out, "a", encoding="utf-8")
+
+    def ok(self, status: int, node: str | None, latency_ms: float) -> None:
+        self.total += 1
+        self.by_status[str(status)] += 1
+        if node:
+            self.by_node[node] += 1
+        self.latencies.append(latency_ms)
+
+    def fail(self, method: str, path: str, status: int | None, error: str | None, node: str | None,
+             latency_ms: float | None) -> None:
+        self.total += 1
+        self.failed += 1
+        self.by_status[str(status) if status is not None else "error"] += 1
+        if node:
+            self.by_node[node] += 1
+        if latency_ms is not None:
+            self.latencies.append(latency_ms)
+        if self._fh is not None:
+            self._fh.write(json.dumps({"t": _now_iso(), "method": method, "path": path, "status": status,
+                                       "error": error, "node": node}) + "\n")
+            self._fh.flush()  # written as it happens: the file is the evidence
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str, rec: _Recorder,
+               n: int, timeout_s: float) -> None:
+    t0 = time.perf_counter()
+    node: str | None = None
+    try:
+        kwargs: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        if method == "POST":
+            kwargs["json"] = {"body": f"probe {n}"}
+        async with session.request(method, base + path, **kwargs) as resp:
+            await resp.read()
+            node = resp.headers.get("X-Node") or resp.headers.get("X-Served-By")
+            ms = (time.perf_counter() - t0) * 1000
+            if resp.status in EXPECTED[method]:
+                rec.ok(resp.status, node, ms)
+            else:
+                rec.fail(method, path, resp.status, None, node, ms)
+    except TimeoutError:
+        rec.fail(method, path, None, f"timeout after {timeout_s:.1f}s", node, None)
+    except (aiohttp.ClientError, OSError) as e:
+        rec.fail(method, path, None, f"{type(e).__name__}: {e}", node, None)
+
+
+async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None, slow_every: int = 50,
+                    slow_ms: int = 1500) -> ProbeSummary:
+    """Send requests to `url` at `rate` per second until `stop` is set, then wait for the
+    requests in flight and return the summary. Failures go to `out` (JSONL) as they happen."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    base = url.rstrip("/")
+    rec = _Recorder(out)
+    started = _now_iso()
+    interval = 1.0 / rate
+    tasks: set[asyncio.Task[None]] = set()
+    connector = aiohttp.TCPConnector(limit=20, limit_per_host=20, keepalive_timeout=30)
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            t_start = loop.time()
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if slow_every > 0 and n % slow_every == 0:
+                    method, path, timeout_s = "GET", f"/slow?ms={slow_ms}", TIMEOUT_S + slow_ms / 1000
+                elif n % 10 in (3, 6, 9):  # 30% writes, spread evenly
+                    method, path, timeout_s = "POST", "/items", TIMEOUT_S
+                else:
+                    method, path, timeout_s = "GET", "/items", TIMEOUT_S
+                task = asyncio.create_task(_one(session, base, method, path, rec, n, timeout_s))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                # Absolute schedule: request n+1 is due at t_start + n*interval however long
+                # this iteration took, so the rate never drifts.
+                delay = t_start + n * interval - loop.time()
+                if delay > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        rec.close()
+    lat = sorted(rec.latencies)
+    return ProbeSummary(
+        total=rec.total, failed=rec.failed, by_status=dict(sorted(rec.by_status.items())),
+        by_node=dict(sorted(rec.by_node.items())), started=started, ended=_now_iso(),
+        latency_p50_ms=round(lat[len(lat) // 2], 1) if lat else 0.0,
+        latency_max_ms=round(lat[-1], 1) if lat else 0.0, rate=rate, url=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lab.probe", description="steady traffic probe")
+    p.add_argument("--url", required=True)
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: until SIGTERM)")
+    p.add_argument("--out", type=Path, default=None, help="JSONL file of failures (appended)")
+    p.add_argument("--summary", type=Path, default=None, help="summary JSON written at the end")
+    p.add_argument("--slow-every", type=int, default=50)
+    p.add_argument("--slow-ms", type=int, default=1500)
+    a = p.parse_args(argv)
+
+    async def run() -> ProbeSummary:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if a.duration is not None:
+            loop.call_later(a.duration, stop.set)
+        return await run_probe(a.url, a.rate, stop, a.out, a.slow_every, a.slow_ms)
+
+    summary = asyncio.run(run())
+    if a.summary is not None:
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        a.summary.write_text(summary.to_json() + "\n", encoding="utf-8")
+    print(summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
