@@ -1,0 +1,73 @@
+"""Activities: every touch of the world, one small typed verb each (see ARCHITECTURE.md).
+
+`ALL_ACTIVITIES` is what the worker registers. Workflows should import the request /
+result dataclasses and the activity functions from the submodules inside
+`workflow.unsafe.imports_passed_through()` (they pull in asyncssh, aiomysql, aiohttp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from activities.deploy import (
+    app_folder_manifest,
+    backup_app_folder,
+    check_upgrade,
+    deploy_package,
+    inspect_package,
+    restore_app_folder,
+)
+from activities.haproxy import lb_check_member, lb_member_state, lb_set_state, lb_wait_drained, lb_wait_up
+from activities.http_checks import check_health, check_login, get_version, wait_healthy
+from activities.mysql import (
+    db_apply_migration,
+    db_backup,
+    db_promote_replica,
+    db_replica_status,
+    db_restore,
+    db_schema_version,
+    db_server_version,
+    db_table_checksums,
+    db_wait_replica_caught_up,
+)
+from activities.node import service_status, start_service, stop_service
+from activities.ssh import ssh_probe
+
+ALL_ACTIVITIES: list[Callable[..., Any]] = [
+    # ssh / node service
+    ssh_probe,
+    stop_service,
+    start_service,
+    service_status,
+    # load balancer
+    lb_member_state,
+    lb_check_member,
+    lb_set_state,
+    lb_wait_drained,
+    lb_wait_up,
+    # database
+    db_server_version,
+    db_schema_version,
+    db_apply_migration,
+    db_backup,
+    db_restore,
+    db_table_checksums,
+    db_replica_status,
+    db_wait_replica_caught_up,
+    db_promote_replica,
+    # packages and app folders
+    inspect_package,
+    check_upgrade,
+    backup_app_folder,
+    deploy_package,
+    restore_app_folder,
+    app_folder_manifest,
+    # HTTP checks
+    check_health,
+    wait_healthy,
+    get_version,
+    check_login,
+]
+
+__all__ = ["ALL_ACTIVITIES"]

@@ -104,7 +104,7 @@ async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespa
         return 0
     result_type = _result_type(procedure)
     with Live(console=console, refresh_per_second=4, transient=True) as live:
-        outcome = await zc.wait_with_progress(handle, result_type,
+        outcome = await zc.wait_with_progress(client, handle, result_type,
                                               lambda p: live.update(progress_view(p)))
     return _print_outcome(outcome)
 
@@ -190,7 +190,7 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
         console.print(steps_table(p.steps))
         return 0
     with Live(console=console, refresh_per_second=4) as live:
-        outcome = await zc.wait_with_progress(handle, _result_type(wf_type),
+        outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type),
                                               lambda p: live.update(progress_view(p, last=30)))
     return _print_outcome(outcome)
 
@@ -257,10 +257,20 @@ def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
 
 
 # ---------------------------------------------------------------- the lab
-def _lab_cfg(root: Path, nodes: int = 3) -> Any:
+def _lab_cfg(root: Path, nodes: int | None = None) -> Any:
+    """The lab's config; for an existing lab, the node count and ports it was built with."""
+    import json
+
     from lab.config import LabConfig
 
-    return LabConfig(root=root, nodes=nodes)
+    try:
+        state = json.loads((root / "lab.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    return LabConfig(root=root, nodes=nodes or int(state.get("nodes", 3)),
+                     port_base=int(state.get("port_base", 18000)),
+                     temporal_port=int(state.get("temporal_port", 7233)),
+                     temporal_ui_port=int(state.get("temporal_ui_port", 8233)))
 
 
 @lab_app.command("up")

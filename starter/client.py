@@ -66,11 +66,12 @@ class Outcome:
     error: str | None
 
 
-async def wait_with_progress(handle: WorkflowHandle[Any, Any], result_type: type,
+async def wait_with_progress(client: Client, handle: WorkflowHandle[Any, Any], result_type: type,
                              on_progress: Callable[[Progress], None] | None = None,
                              interval_s: float = 0.5) -> Outcome:
     """Wait for the result, calling on_progress with the live timeline meanwhile."""
-    task = asyncio.ensure_future(handle.result(result_type=result_type))
+    typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
+    task = asyncio.ensure_future(typed.result())
     while not task.done():
         if on_progress is not None:
             try:

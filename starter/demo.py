@@ -63,7 +63,7 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
     # The probe runs for the whole procedure, in its own process like a real client.
     for f in (cfg.probe_log, cfg.probe_summary):
         f.unlink(missing_ok=True)
-    probe = subprocess.Popen(
+    probe = subprocess.Popen(  # noqa: ASYNC220 - started once, runs beside the event loop
         [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
          "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)],
         stdout=subprocess.DEVNULL)
@@ -76,7 +76,7 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
         console.print(f"rolling-deploy started: workflow [cyan]{handle.id}[/] "
                       f"(probe at {rate:g} req/s through {cfg.main_url})")
         with Live(console=console, refresh_per_second=4, transient=True) as live:
-            outcome = await zc.wait_with_progress(handle, RollingDeployResult,
+            outcome = await zc.wait_with_progress(client, handle, RollingDeployResult,
                                                   lambda p: live.update(progress_view(p)))
     finally:
         probe.send_signal(signal.SIGTERM)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -51,7 +52,7 @@ def task_queue() -> str:
 
 @asynccontextmanager
 async def running_worker(client: Client, task_queue: str, workflows: Sequence[type],
-                         activities: Sequence[object]) -> AsyncIterator[Worker]:
+                         activities: Sequence[Callable[..., Any]]) -> AsyncIterator[Worker]:
     worker = Worker(client, task_queue=task_queue, workflows=list(workflows),
                     activities=list(activities))
     async with worker:

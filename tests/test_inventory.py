@@ -55,7 +55,7 @@ def test_batches_by_size_and_subset() -> None:
     inv = parse_inventory(raw)
     assert [[n.name for n in b] for b in inv.batches()] == [["web-a", "web-b"], ["web-c"]]
     assert [[n.name for n in b] for b in inv.batches(["web-c"])] == [["web-c"]]
-    with pytest.raises(UnknownNodeError, match="unknown node 'web-z'.*known: web-a, web-b, web-c"):
+    with pytest.raises(UnknownNodeError, match=r"unknown node 'web-z'.*known: web-a, web-b, web-c"):
         inv.batches(["web-z"])
 
 

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
@@ -44,7 +45,7 @@ async def connect(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMES
 
 
 def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
-                 activities: Sequence[object] | None = None) -> Worker:
+                 activities: Sequence[Callable[..., Any]] | None = None) -> Worker:
     from activities import ALL_ACTIVITIES
     from workflows.registry import ALL_WORKFLOWS
 

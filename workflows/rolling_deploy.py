@@ -31,7 +31,14 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities import deploy, haproxy, http_checks, mysql, node, ssh
+    # Full module imports (not `from activities import x`): the sandbox must see each module
+    # in its sys.modules to resolve the dataclasses' type hints when decoding results.
+    import activities.deploy as deploy
+    import activities.haproxy as haproxy
+    import activities.http_checks as http_checks
+    import activities.mysql as mysql
+    import activities.node as node
+    import activities.ssh as ssh
     from workflows.inventory import Database, Inventory, LoadBalancer, Node, UnknownNodeError
 
 from workflows.saga import Saga, reason
@@ -268,11 +275,12 @@ class RollingDeployWorkflow:
         await self.timeline.step("N3 stop service", self._act(
             node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N3")
-        done.backup = await self.timeline.step("N4 back up app folder", self._act(
+        backup: deploy.AppBackup = await self.timeline.step("N4 back up app folder", self._act(
             deploy.backup_app_folder, deploy.AppBackupRequest(
                 node=n, backup_id=f"{wf_id}-{n.name}", protected_files=app.protected_files),
             timeout=timedelta(minutes=30)), node=n.name, seed_step="N4")
-        app_backups[n.name] = done.backup.path
+        done.backup = backup
+        app_backups[n.name] = backup.path
         done.deploy_attempted = True
         result: deploy.DeployResult = await self.timeline.step(f"N5 deploy {package.version}", self._act(
             deploy.deploy_package, deploy.DeployRequest(
@@ -280,7 +288,9 @@ class RollingDeployWorkflow:
                 merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
             timeout=timedelta(minutes=30)), node=n.name, seed_step="N5")
         for m in result.merged:
-            merge_report.extend(f"{n.name}: {line}" for line in m.report)
+            if m.carried:
+                merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
+            merge_report.extend(f"{n.name}:   {line}" for line in m.diff)
         await self.timeline.step("N6 start service", self._act(
             node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N6")

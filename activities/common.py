@@ -1,0 +1,103 @@
+"""Shared plumbing for the activity modules: typed errors and heartbeating.
+
+The helpers work both inside a Temporal activity and in plain async code (tests, the CLI's
+preflight), so the real logic of every adapter can be exercised without a worker:
+`heartbeat()` is a no-op outside an activity context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+T = TypeVar("T")
+
+# Error types (ApplicationError.type) - the contract in ARCHITECTURE.md plus a few
+# adapter-specific ones the workflow can match on.
+SECRET_UNAVAILABLE = "SecretUnavailable"
+SSH_UNREACHABLE = "SshUnreachable"
+SSH_AUTH_FAILED = "SshAuthFailed"
+SSH_HOST_KEY_MISMATCH = "SshHostKeyMismatch"
+SSH_COMMAND_FAILED = "SshCommandFailed"
+SSH_COMMAND_TIMEOUT = "SshCommandTimeout"
+SERVICE_TIMEOUT = "ServiceTimeout"
+LB_MEMBER_NOT_FOUND = "LbMemberNotFound"
+LB_RUNTIME_API_ERROR = "LbRuntimeApiError"
+LB_UNSUPPORTED = "LbUnsupported"
+DRAIN_TIMEOUT = "DrainTimeout"
+NOT_UP_TIMEOUT = "NotUpTimeout"
+PACKAGE_MISSING = "PackageMissing"
+PACKAGE_CORRUPT = "PackageCorrupt"
+VERSION_NOT_NEWER = "VersionNotNewer"
+HEALTH_CHECK_FAILED = "HealthCheckFailed"
+VERSION_MISMATCH = "VersionMismatch"
+LOGIN_FAILED = "LoginFailed"
+DATABASE_ERROR = "DatabaseError"
+REPLICA_TIMEOUT = "ReplicaTimeout"
+BACKUP_CORRUPT = "BackupCorrupt"
+PROTECTED_FILE_MISSING = "ProtectedFileMissing"
+PROTECTED_FILE_CHANGED = "ProtectedFileChanged"
+DEPLOY_VERIFICATION_FAILED = "DeployVerificationFailed"
+RESTORE_VERIFICATION_FAILED = "RestoreVerificationFailed"
+INVALID_REQUEST = "InvalidRequest"
+
+
+def fail(error_type: str, message: str, *, retryable: bool = False,
+         cause: BaseException | None = None) -> NoReturn:
+    """Raise an ApplicationError of `error_type` (non-retryable unless `retryable`)."""
+    err = ApplicationError(message, type=error_type, non_retryable=not retryable)
+    if cause is not None:
+        raise err from cause
+    raise err
+
+
+def heartbeat(*details: Any) -> None:
+    """Heartbeat when running inside an activity; do nothing elsewhere."""
+    if activity.in_activity():
+        activity.heartbeat(*details)
+
+
+def previous_heartbeat() -> Any:
+    """The first detail of the last heartbeat of a previous attempt, or None.
+
+    Waiting activities store their progress there so that a retry on another worker keeps
+    the original deadline instead of starting a fresh one.
+    """
+    if not activity.in_activity():
+        return None
+    details = activity.info().heartbeat_details
+    return details[0] if details else None
+
+
+async def with_heartbeat(aw: Awaitable[T], details: Callable[[], Any] | None = None,
+                         every_s: float = 1.0) -> T:
+    """Await `aw`, heartbeating every `every_s` seconds meanwhile.
+
+    Cancellation of the caller (activity cancel) cancels `aw` as well, so a remote
+    command's channel is closed instead of being left running.
+    """
+    task = asyncio.ensure_future(aw)
+    started = time.monotonic()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if task in done:
+                return task.result()
+            heartbeat(details() if details else {"waited_s": round(time.monotonic() - started, 1)})
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def tail(text: str, limit: int = 1500) -> str:
+    """The end of a (stderr) text, where the error usually is."""
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]

@@ -1,0 +1,794 @@
+"""Release packages and the node's application folder: inspect, back up, deploy, restore.
+
+Everything on a node happens over SSH in its login directory; zerodown's own state lives
+next to the application folder, never inside it:
+
+    .zerodown/backups/<backup_id>.tar            app folder as it was (tar of `app_dir/.`)
+    .zerodown/backups/<backup_id>.manifest       sha256sum of every file of it
+    .zerodown/backups/<backup_id>.defaults.tar   the recorded config defaults at that time
+    .zerodown/releases/<release_id>.zip          the uploaded package
+    .zerodown/releases/<release_id>/             the staged release (merged configs, no
+                                                 protected files)
+    .zerodown/defaults/<merge file>              the pristine defaults the node runs on
+
+Node-side commands are POSIX sh + tar + find + xargs + sha256sum (+ unzip or python3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shlex
+import stat
+import zipfile
+from dataclasses import dataclass, field
+
+from temporalio import activity
+
+from activities import ssh
+from activities.common import (
+    BACKUP_CORRUPT,
+    DEPLOY_VERIFICATION_FAILED,
+    INVALID_REQUEST,
+    PACKAGE_CORRUPT,
+    PACKAGE_MISSING,
+    PROTECTED_FILE_CHANGED,
+    PROTECTED_FILE_MISSING,
+    RESTORE_VERIFICATION_FAILED,
+    SSH_COMMAND_FAILED,
+    VERSION_NOT_NEWER,
+    fail,
+    heartbeat,
+)
+from workflows.inventory import Node
+
+ZD = ".zerodown"
+BACKUPS = f"{ZD}/backups"
+RELEASES = f"{ZD}/releases"
+DEFAULTS = f"{ZD}/defaults"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+# Long node-side operations (tar of a big folder); run() heartbeats meanwhile.
+CMD_TIMEOUT_S = 900.0
+_q = shlex.quote
+
+
+# =========================================================================== versions
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    """'2.0.1' -> (2, 0, 1); a leading 'v' is accepted. ValueError otherwise."""
+    s = v.strip()
+    if s[:1] in ("v", "V"):
+        s = s[1:]
+    if not re.fullmatch(r"\d+(\.\d+)*", s):
+        raise ValueError(f"not a dotted numeric version: {v!r}")
+    return tuple(int(p) for p in s.split("."))
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as a <, ==, > b; missing trailing parts count as 0 ('2.0' == '2.0.0')."""
+    pa, pb = parse_version(a), parse_version(b)
+    n = max(len(pa), len(pb))
+    pa, pb = pa + (0,) * (n - len(pa)), pb + (0,) * (n - len(pb))
+    return (pa > pb) - (pa < pb)
+
+
+# =========================================================================== packages
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    version: int
+    up_sql: str
+    down_sql: str
+    destructive: bool = False
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    path: str
+    sha256: str
+    name: str
+    version: str
+    min_upgrade_from: str
+    schema_version: int
+    migrations: tuple[MigrationSpec, ...]
+    files: int
+    size: int = 0
+
+
+def _corrupt(path: str, why: str) -> None:
+    fail(PACKAGE_CORRUPT, f"package {path}: {why}")
+
+
+def _safe_member(name: str) -> bool:
+    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        return False
+    return ".." not in name.split("/")
+
+
+def inspect_package_file(path: str) -> PackageInfo:
+    """Validate a release zip (ARCHITECTURE.md "Release packages") and describe it."""
+    if not os.path.isfile(path):
+        fail(PACKAGE_MISSING, f"package {path} does not exist")
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        fail(PACKAGE_MISSING, f"package {path} is not readable: {e.strerror or e}")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        _corrupt(path, f"not a zip file ({e})")
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            if not _safe_member(info.filename):
+                _corrupt(path, f"unsafe member name {info.filename!r} (absolute or '..')")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                _corrupt(path, f"member {info.filename!r} is a symbolic link")
+        try:
+            bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            _corrupt(path, f"unreadable ({e})")
+        if bad is not None:
+            _corrupt(path, f"CRC check failed for member {bad!r}")
+        names = {i.filename for i in infos}
+        if "release.json" not in names:
+            _corrupt(path, "no release.json at the root")
+        try:
+            release = json.loads(zf.read("release.json").decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            _corrupt(path, f"release.json is not valid JSON ({e})")
+        if not isinstance(release, dict):
+            _corrupt(path, "release.json must be a JSON object")
+
+        def text(member: str, what: str) -> str:
+            if member not in names:
+                _corrupt(path, f"{what} names {member!r}, which is not in the package")
+            try:
+                return zf.read(member).decode("utf-8")
+            except UnicodeDecodeError:
+                _corrupt(path, f"{member} is not UTF-8 text")
+            raise AssertionError("unreachable")
+
+        name, version = release.get("name"), release.get("version")
+        if not isinstance(name, str) or not name:
+            _corrupt(path, "release.json: 'name' must be a non-empty string")
+        if not isinstance(version, str):
+            _corrupt(path, "release.json: 'version' must be a string like \"2.0.0\"")
+        min_from = release.get("min_upgrade_from") or ""
+        for key, v in (("version", version), ("min_upgrade_from", min_from)):
+            if v:
+                try:
+                    parse_version(v)
+                except (ValueError, AttributeError):
+                    _corrupt(path, f"release.json: {key} {v!r} is not a dotted numeric version")
+        schema = release.get("schema_version", 0)
+        if isinstance(schema, bool) or not isinstance(schema, int) or schema < 0:
+            _corrupt(path, f"release.json: schema_version must be an integer >= 0, got {schema!r}")
+        raw_migrations = release.get("migrations", [])
+        if not isinstance(raw_migrations, list):
+            _corrupt(path, "release.json: migrations must be a list")
+        migrations: list[MigrationSpec] = []
+        for i, m in enumerate(raw_migrations):
+            where = f"release.json: migrations[{i}]"
+            if not isinstance(m, dict):
+                _corrupt(path, f"{where} must be an object")
+            mv = m.get("version")
+            if isinstance(mv, bool) or not isinstance(mv, int):
+                _corrupt(path, f"{where}.version must be an integer")
+            if not isinstance(m.get("up"), str):
+                _corrupt(path, f"{where}.up must name the up script")
+            down = m.get("down")
+            if down is not None and not isinstance(down, str):
+                _corrupt(path, f"{where}.down must name the down script")
+            migrations.append(MigrationSpec(
+                version=mv, up_sql=text(m["up"], f"{where}.up"),
+                down_sql=text(down, f"{where}.down") if down else "",
+                destructive=bool(m.get("destructive", False))))
+        versions = [m.version for m in migrations]
+        if len(set(versions)) != len(versions):
+            _corrupt(path, f"release.json: duplicate migration versions {versions}")
+        files = sum(1 for i in infos if not i.is_dir())
+    return PackageInfo(path=os.path.abspath(path), sha256=h.hexdigest(), name=name, version=version,
+                       min_upgrade_from=min_from, schema_version=schema,
+                       migrations=tuple(sorted(migrations, key=lambda m: m.version)), files=files,
+                       size=os.path.getsize(path))
+
+
+# =========================================================================== config merge
+
+_SECTION_RE = re.compile(r"^\s*\[([^\]]*)\]\s*$")
+_KV_RE = re.compile(r"^\s*([^#;=\s\[][^=]*?)\s*=\s*(.*?)\s*$")
+
+
+@dataclass
+class _Parsed:
+    lines: list[str]
+    # (section, key) -> (value, raw line); the last occurrence wins, as in most readers
+    values: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    # (section, key) -> comment lines directly above the key
+    comments: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    order: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _parse_kv(text: str) -> _Parsed:
+    p = _Parsed(lines=text.splitlines())
+    section = ""
+    pending: list[str] = []
+    for line in p.lines:
+        s = line.strip()
+        m = _SECTION_RE.match(line)
+        if m:
+            section, pending = m.group(1).strip(), []
+            continue
+        kv = _KV_RE.match(line)
+        if kv:
+            k = (section, kv.group(1))
+            if k not in p.values:
+                p.order.append(k)
+            p.values[k] = (kv.group(2), line)
+            p.comments[k] = pending
+            pending = []
+        elif s.startswith(("#", ";")):
+            pending = [*pending, line]
+        else:
+            pending = []
+    return p
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    text: str
+    diff: tuple[str, ...]  # unified diff new defaults -> merged (the carried-over lines)
+    carried: tuple[str, ...]  # keys carried from the node ("section.key" inside sections)
+    notes: tuple[str, ...]
+
+
+def _key_name(k: tuple[str, str]) -> str:
+    return f"{k[0]}.{k[1]}" if k[0] else k[1]
+
+
+def merge_config_detailed(node_text: str, old_defaults_text: str | None,
+                          new_defaults_text: str) -> MergeOutcome:
+    """Carry a node's customisations of a `key = value` file onto new defaults.
+
+    Customised = keys whose value differs from the recorded old defaults, or that the node
+    added. Without recorded defaults every key of the node that also exists in the new
+    defaults keeps the node's value (we cannot tell defaults from customisations), keys
+    only the node has are dropped and reported. Layout and comments of the new defaults
+    are kept; a customised line keeps the node's spelling; keys the node added are
+    appended to their section (with the comment lines above them on the node).
+    """
+    node = _parse_kv(node_text)
+    new = _parse_kv(new_defaults_text)
+    notes: list[str] = []
+    if old_defaults_text is None:
+        carried = [k for k in node.order if k in new.values]
+        for k in node.order:
+            if k not in new.values:
+                notes.append(f"{_key_name(k)}: only on the node and no recorded defaults to tell "
+                             "whether it is a customisation; not carried")
+    else:
+        old = _parse_kv(old_defaults_text)
+        carried = [k for k in node.order
+                   if k not in old.values or old.values[k][0] != node.values[k][0]]
+        for k in old.order:
+            if k not in node.values and k in new.values:
+                notes.append(f"{_key_name(k)}: removed on the node but present in the new defaults; "
+                             "the new default is used")
+    carried_set = set(carried)
+
+    out: list[str] = []
+    section = ""
+    first_section_at: int | None = None
+    section_end: dict[str, int] = {"": 0}  # index in `out` after the section's last line
+    for line in new.lines:
+        m = _SECTION_RE.match(line)
+        if m:
+            section = m.group(1).strip()
+            if first_section_at is None:
+                first_section_at = len(out)
+            out.append(line)
+            section_end[section] = len(out)
+            continue
+        kv = _KV_RE.match(line)
+        key = (section, kv.group(1)) if kv else None
+        out.append(node.values[key][1] if key is not None and key in carried_set else line)
+        if line.strip():
+            section_end[section] = len(out)
+    if first_section_at is not None and section_end[""] > first_section_at:
+        section_end[""] = first_section_at
+
+    added = [k for k in carried if k not in new.values]
+    # Insert per section, last insertion point first so earlier indexes stay valid.
+    by_section: dict[str, list[tuple[str, str]]] = {}
+    for k in added:
+        by_section.setdefault(k[0], []).append(k)
+    inserts: list[tuple[int, list[str]]] = []
+    tail: list[str] = []
+    for sec, keys in by_section.items():
+        block: list[str] = []
+        for k in keys:
+            block.extend(c for c in node.comments.get(k, []) if c not in block)
+            block.append(node.values[k][1])
+        if sec in section_end:
+            inserts.append((section_end[sec], block))
+        else:
+            tail.extend(["", f"[{sec}]", *block])
+    for at, block in sorted(inserts, key=lambda x: x[0], reverse=True):
+        out[at:at] = block
+    out.extend(tail)
+
+    newline = "\r\n" if "\r\n" in new_defaults_text else "\n"
+    text = newline.join(out)
+    if new_defaults_text.endswith(("\n", "\r")) or (not new_defaults_text and out):
+        text += newline
+    diff = tuple(difflib.unified_diff(new.lines, out, "new defaults", "merged", n=0, lineterm=""))
+    changed = [k for k in carried if k not in new.values or new.values[k][0] != node.values[k][0]]
+    return MergeOutcome(text=text, diff=diff, carried=tuple(_key_name(k) for k in changed),
+                        notes=tuple(notes))
+
+
+def merge_config(node_text: str, old_defaults_text: str | None,
+                 new_defaults_text: str) -> tuple[str, list[str]]:
+    """(merged text, report lines): the report is the line diff new defaults -> merged."""
+    m = merge_config_detailed(node_text, old_defaults_text, new_defaults_text)
+    return m.text, list(m.diff)
+
+
+# =========================================================================== node helpers
+
+
+def parse_sha256sum(text: str) -> dict[str, str]:
+    """`sha256sum` output (run on `./...` paths) -> {relative path: hex digest}.
+
+    GNU sha256sum escapes names holding a backslash or newline: the line then starts with
+    a backslash and the name uses \\\\ and \\n.
+    """
+    out: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        escaped = line.startswith("\\")
+        if escaped:
+            line = line[1:]
+        digest, name = line[:64], line[66:]
+        if escaped:
+            name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}.get(m.group(1),
+                                                                                   m.group(1)), name)
+        if name.startswith("./"):
+            name = name[2:]
+        out[name] = digest.lower()
+    return out
+
+
+def _manifest_cmd(folder: str) -> str:
+    return f"cd {_q(folder)} && find . -type f -print0 | xargs -0 -r sha256sum"
+
+
+def _check_id(kind: str, value: str) -> None:
+    if not _ID_RE.match(value):
+        fail(INVALID_REQUEST, f"{kind} {value!r}: use letters, digits, '.', '_' or '-'")
+
+
+def _check_relpath(kind: str, rel: str) -> None:
+    if not rel or rel.startswith("/") or ".." in rel.split("/"):
+        fail(INVALID_REQUEST, f"{kind} {rel!r} must be a path relative to the application folder")
+
+
+async def folder_manifest(node: Node, folder: str) -> dict[str, str]:
+    res = await ssh.run(node.ssh, _manifest_cmd(folder), timeout_s=CMD_TIMEOUT_S)
+    return parse_sha256sum(res.stdout)
+
+
+async def _sh(node: Node, script: str, what: str) -> ssh.CommandResult:
+    """Run a multi-line sh script; a failure names the node and the step."""
+    from temporalio.exceptions import ApplicationError
+
+    try:
+        return await ssh.run(node.ssh, script, timeout_s=CMD_TIMEOUT_S)
+    except ApplicationError as e:
+        if e.type == SSH_COMMAND_FAILED:
+            fail(SSH_COMMAND_FAILED, f"node {node.name}: {what} failed: {e.message}", cause=e)
+        raise
+
+
+# =========================================================================== backup
+
+
+@dataclass(frozen=True)
+class AppBackup:
+    node: Node
+    node_name: str
+    backup_id: str
+    path: str  # the tar on the node, relative to the login directory
+    files: int
+    manifest: dict[str, str]  # relative path -> sha256 of every file
+    protected: dict[str, str]  # protected file -> sha256
+    # tar of .zerodown/defaults (+ installed.json) as they were: restored with the folder so
+    # the next merge compares against the defaults the restored configs came from.
+    defaults_path: str = ""
+    reused: bool = False
+
+
+_TARLIST = "--zerodown-tar-list--"
+
+
+async def backup_app(node: Node, backup_id: str, protected_files: tuple[str, ...]) -> AppBackup:
+    _check_id("backup id", backup_id)
+    for p in protected_files:
+        _check_relpath("protected file", p)
+    b = f"{BACKUPS}/{backup_id}"
+    app = node.app_dir
+    # The manifest is taken before and after the tar: if they differ something wrote into
+    # the folder meanwhile and the backup would not match its manifest (exit 75: retry).
+    script = f"""set -e
+B={_q(b)}; APP={_q(app)}
+mkdir -p {_q(BACKUPS)}
+if [ -f "$B.manifest" ] && [ -f "$B.tar" ]; then
+  echo reused
+else
+  echo created
+  ( cd "$APP" && find . -type f -print0 | xargs -0 -r sha256sum ) > "$B.manifest.1"
+  tar -cf "$B.tar.tmp" -C "$APP" .
+  ( cd "$APP" && find . -type f -print0 | xargs -0 -r sha256sum ) > "$B.manifest.2"
+  if ! cmp -s "$B.manifest.1" "$B.manifest.2"; then
+    rm -f "$B.manifest.1" "$B.manifest.2" "$B.tar.tmp"
+    echo "the application folder $APP changed while it was backed up" >&2; exit 75
+  fi
+  set --
+  if [ -d {_q(DEFAULTS)} ]; then set -- "$@" defaults; fi
+  if [ -f {_q(ZD)}/installed.json ]; then set -- "$@" installed.json; fi
+  if [ $# -gt 0 ]; then tar -cf "$B.defaults.tar.tmp" -C {_q(ZD)} "$@"
+  else tar -cf "$B.defaults.tar.tmp" -T /dev/null; fi
+  mv "$B.tar.tmp" "$B.tar"; mv "$B.defaults.tar.tmp" "$B.defaults.tar"; rm -f "$B.manifest.2"
+  mv "$B.manifest.1" "$B.manifest"
+fi
+cat "$B.manifest"
+echo {_TARLIST}
+tar -tf "$B.tar"
+"""
+    res = await ssh.run(node.ssh, script, timeout_s=CMD_TIMEOUT_S, check=False)
+    if res.exit_status == 75:
+        fail(SSH_COMMAND_FAILED, f"node {node.name}: {res.stderr.strip()}; retrying the backup",
+             retryable=True)
+    if res.exit_status != 0:
+        fail(SSH_COMMAND_FAILED, f"node {node.name}: backup of {app} as {b}.tar exited with status "
+                                 f"{res.exit_status}; stderr: {res.stderr.strip()[-1500:] or '(empty)'}")
+    head, _, rest = res.stdout.partition("\n")
+    manifest_text, _, tar_list = rest.partition(_TARLIST + "\n")
+    manifest = parse_sha256sum(manifest_text)
+    members = {m[2:] if m.startswith("./") else m for m in tar_list.split("\n") if m}
+    protected: dict[str, str] = {}
+    for p in protected_files:
+        if p not in manifest:
+            fail(PROTECTED_FILE_MISSING,
+                 f"node {node.name}: protected file {p} is not in the application folder {app}; "
+                 "refusing to continue without it")
+        if p not in members:
+            fail(PROTECTED_FILE_MISSING, f"node {node.name}: protected file {p} is missing from {b}.tar")
+        protected[p] = manifest[p]
+    return AppBackup(node=node, node_name=node.name, backup_id=backup_id, path=f"{b}.tar",
+                     files=len(manifest), manifest=manifest, protected=protected,
+                     defaults_path=f"{b}.defaults.tar", reused=head.strip() == "reused")
+
+
+# =========================================================================== deploy
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    file: str
+    carried: tuple[str, ...]  # keys whose node value was carried over
+    diff: tuple[str, ...]  # unified diff: new defaults -> what was installed
+    had_recorded_defaults: bool
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    node_name: str
+    version: str
+    files_written: int
+    merged: tuple[MergeReport, ...]
+    already_deployed: bool = False
+    release_id: str = ""
+
+
+def _decode(data: bytes) -> str:
+    # surrogateescape: whatever the bytes are, encoding back gives the same bytes
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+async def _remote_sha256(node: Node, path: str) -> str:
+    res = await ssh.run(node.ssh, f"sha256sum {_q(path)} 2>/dev/null || true", timeout_s=CMD_TIMEOUT_S)
+    return res.stdout.split()[0].lower() if res.stdout.strip() else ""
+
+
+async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, ...],
+                 merge_files: tuple[str, ...], release_id: str) -> DeployResult:
+    _check_id("release id", release_id)
+    for p in (*protected_files, *merge_files):
+        _check_relpath("file", p)
+    app = node.app_dir
+    rel = f"{RELEASES}/{release_id}"
+    zip_remote = f"{rel}.zip"
+
+    # 1. The package must still be the one inspected (its sha256 travels in PackageInfo).
+    local_sha = await asyncio.to_thread(_sha256_local, package.path)
+    if local_sha is None:
+        fail(PACKAGE_MISSING, f"package {package.path} does not exist (or is unreadable)")
+    if local_sha != package.sha256:
+        fail(PACKAGE_CORRUPT, f"package {package.path} changed since it was inspected "
+                              f"(sha256 {local_sha}, inspected {package.sha256})")
+
+    # 2. Upload (skipped when the node already holds the same bytes), then verify there.
+    heartbeat({"node": node.name, "step": "upload"})
+    if await _remote_sha256(node, zip_remote) != package.sha256:
+        await ssh.put_file(node.ssh, package.path, zip_remote)
+        remote = await _remote_sha256(node, zip_remote)
+        if remote != package.sha256:
+            fail(DEPLOY_VERIFICATION_FAILED,
+                 f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
+                 f"{package.sha256}", retryable=True)
+
+    # 3. Stage: a fresh extraction every attempt (cheap, and the merge below edits it).
+    heartbeat({"node": node.name, "step": "extract"})
+    await _sh(node, f"""set -e
+R={_q(rel)}
+rm -rf "$R.tmp"; mkdir -p "$R.tmp"
+if command -v unzip >/dev/null 2>&1; then unzip -q -o "$R.zip" -d "$R.tmp"
+else python3 -m zipfile -e "$R.zip" "$R.tmp"; fi
+rm -rf "$R"; mv "$R.tmp" "$R"
+""", f"extracting {zip_remote}")
+
+    # 4. Merge configs into the staged tree; remember the pristine defaults to record later.
+    reports: list[MergeReport] = []
+    pristine: dict[str, bytes] = {}
+    for f in merge_files:
+        new_bytes = await ssh.get_file(node.ssh, f"{rel}/{f}")
+        if new_bytes is None:
+            reports.append(MergeReport(file=f, carried=(), diff=(), had_recorded_defaults=False,
+                                       notes=("not in the package: the node's file is left as it is",)))
+            continue
+        pristine[f] = new_bytes
+        current = await ssh.get_file(node.ssh, posixpath.join(app, f))
+        if current is None:
+            reports.append(MergeReport(file=f, carried=(), diff=(), had_recorded_defaults=False,
+                                       notes=("not on the node: the new defaults are installed",)))
+            continue
+        old = await ssh.get_file(node.ssh, f"{DEFAULTS}/{f}")
+        outcome = merge_config_detailed(_decode(current), _decode(old) if old is not None else None,
+                                        _decode(new_bytes))
+        await ssh.put_bytes(node.ssh, _encode(outcome.text), f"{rel}/{f}")
+        reports.append(MergeReport(file=f, carried=outcome.carried, diff=outcome.diff,
+                                   had_recorded_defaults=old is not None, notes=outcome.notes))
+
+    # 5. Protected files never leave the stage: removed from it and excluded from the copy.
+    if protected_files:
+        await _sh(node, "rm -f -- " + " ".join(_q(f"{rel}/{p}") for p in protected_files),
+                  "removing protected files from the staged release")
+    staged = await folder_manifest(node, rel)
+    before = await folder_manifest(node, app)
+    protected_before = {p: before.get(p) for p in protected_files}
+
+    # 6. Idempotence: the app folder already holds exactly the staged release.
+    already = all(before.get(path) == digest for path, digest in staged.items())
+    if not already:
+        heartbeat({"node": node.name, "step": "copy", "files": len(staged)})
+        excludes = " ".join(f"--exclude={_q('./' + p)}" for p in protected_files)
+        await _sh(node, f"""set -e
+R={_q(rel)}; APP={_q(app)}
+mkdir -p "$APP"
+tar -C "$R" --anchored --no-wildcards {excludes} -cf "$R.copy.tar" .
+tar -C "$APP" --no-same-owner -xf "$R.copy.tar"
+rm -f "$R.copy.tar"
+""", f"copying the staged release into {app}")
+
+    # 7. Verify: every staged file landed, no protected file changed.
+    after = await folder_manifest(node, app)
+    wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
+    if wrong:
+        fail(DEPLOY_VERIFICATION_FAILED,
+             f"node {node.name}: after copying, {len(wrong)} file(s) in {app} differ from release "
+             f"{release_id}: {', '.join(wrong[:10])}")
+    changed = sorted(p for p, d in protected_before.items() if after.get(p) != d)
+    if changed:
+        fail(PROTECTED_FILE_CHANGED,
+             f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}")
+
+    # 8. Record the new pristine defaults (after success only: the next merge compares
+    #    against what this node now runs on).
+    for f, data in pristine.items():
+        await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
+    await ssh.put_bytes(node.ssh, _encode(json.dumps(
+        {"release_id": release_id, "name": package.name, "version": package.version,
+         "sha256": package.sha256}, indent=2) + "\n"), f"{ZD}/installed.json")
+    return DeployResult(node_name=node.name, version=package.version,
+                        files_written=0 if already else len(staged), merged=tuple(reports),
+                        already_deployed=already, release_id=release_id)
+
+
+def _sha256_local(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+# =========================================================================== restore
+
+
+@dataclass(frozen=True)
+class AppRestoreResult:
+    node_name: str
+    backup_id: str
+    files: int  # files in the restored folder
+    rewritten: int  # files extracted from the backup (missing or different)
+    removed: tuple[str, ...]  # files that were not in the backup
+
+
+async def _put_list(node: Node, names: list[str], remote: str) -> None:
+    await ssh.put_bytes(node.ssh, b"".join(_encode(n) + b"\0" for n in names), remote)
+
+
+async def restore_app(bk: AppBackup) -> AppRestoreResult:
+    """Make the application folder equal to the backup again (and the recorded defaults)."""
+    node, app = bk.node, bk.node.app_dir
+    base = bk.path[:-4] if bk.path.endswith(".tar") else bk.path
+    res = await ssh.run(node.ssh, f"test -f {_q(bk.path)} && echo ok || echo missing",
+                        timeout_s=CMD_TIMEOUT_S)
+    if res.stdout.strip() != "ok":
+        fail(BACKUP_CORRUPT, f"node {node.name}: backup {bk.path} is gone; cannot restore {app}")
+    current = await folder_manifest(node, app)
+    protected = set(bk.protected)
+    remove = sorted(p for p in current if p not in bk.manifest and p not in protected)
+    extract = sorted(p for p, d in bk.manifest.items() if current.get(p) != d)
+    if remove:
+        await _put_list(node, remove, f"{base}.remove")
+        await _sh(node, f"( cd {_q(app)} && xargs -0 -r rm -f -- ) < {_q(base + '.remove')}",
+                  f"removing {len(remove)} file(s) that are not in backup {bk.backup_id}")
+    if extract:
+        await _put_list(node, [f"./{p}" for p in extract], f"{base}.extract")
+        await _sh(node, f"tar -C {_q(app)} --no-same-owner -xf {_q(bk.path)} --null -T "
+                        f"{_q(base + '.extract')}",
+                  f"extracting {len(extract)} file(s) from {bk.path}")
+    # Folders created after the backup (now empty) go too; tar lists the backup's folders.
+    listing = await ssh.run(node.ssh, f"tar -tf {_q(bk.path)}; echo {_TARLIST}; cd {_q(app)} && "
+                                      "find . -mindepth 1 -type d", timeout_s=CMD_TIMEOUT_S)
+    in_tar, _, dirs_now = listing.stdout.partition(_TARLIST + "\n")
+    tar_dirs = {m.rstrip("/") for m in in_tar.split("\n") if m.endswith("/")}
+    extra_dirs = sorted((d for d in dirs_now.split("\n") if d and d not in tar_dirs),
+                        key=lambda d: d.count("/"), reverse=True)
+    if extra_dirs:
+        await _put_list(node, extra_dirs, f"{base}.rmdir")
+        await ssh.run(node.ssh, f"( cd {_q(app)} && xargs -0 -r rmdir -- ) < {_q(base + '.rmdir')} "
+                                "2>/dev/null || true", timeout_s=CMD_TIMEOUT_S)
+    if bk.defaults_path:
+        await _sh(node, f"""set -e
+if [ -f {_q(bk.defaults_path)} ]; then
+  rm -rf {_q(DEFAULTS)} {_q(ZD)}/installed.json; mkdir -p {_q(ZD)}
+  tar -C {_q(ZD)} --no-same-owner -xf {_q(bk.defaults_path)}
+fi
+rm -f {_q(base + '.remove')} {_q(base + '.extract')} {_q(base + '.rmdir')}
+""", "restoring the recorded config defaults")
+    after = await folder_manifest(node, app)
+    if after != bk.manifest:
+        diff = sorted(set(after) ^ set(bk.manifest) | {p for p in after if bk.manifest.get(p) != after[p]})
+        fail(RESTORE_VERIFICATION_FAILED,
+             f"node {node.name}: {app} differs from backup {bk.backup_id} after restore in "
+             f"{len(diff)} file(s): {', '.join(diff[:10])}")
+    return AppRestoreResult(node_name=node.name, backup_id=bk.backup_id, files=len(after),
+                            rewritten=len(extract), removed=tuple(remove))
+
+
+# =========================================================================== activities
+
+
+@dataclass(frozen=True)
+class PackageRequest:
+    path: str
+
+
+@dataclass(frozen=True)
+class UpgradeCheckRequest:
+    package: PackageInfo
+    running_version: str
+    # Allow installing the same version again (re-deploy); never an older one.
+    allow_same: bool = False
+
+
+@dataclass(frozen=True)
+class UpgradeCheck:
+    running_version: str
+    package_version: str
+    comparison: int  # compare_versions(package, running)
+
+
+@dataclass(frozen=True)
+class AppBackupRequest:
+    node: Node
+    backup_id: str
+    protected_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    node: Node
+    package: PackageInfo
+    protected_files: tuple[str, ...]
+    merge_files: tuple[str, ...]
+    release_id: str
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    node: Node
+
+
+def check_upgrade_versions(package: PackageInfo, running_version: str, allow_same: bool = False) -> int:
+    try:
+        cmp = compare_versions(package.version, running_version)
+    except ValueError as e:
+        fail(INVALID_REQUEST, f"cannot compare versions: {e}")
+    if cmp < 0 or (cmp == 0 and not allow_same):
+        fail(VERSION_NOT_NEWER, f"package {package.name} {package.version} is not newer than the "
+                                f"running version {running_version}")
+    if package.min_upgrade_from and compare_versions(running_version, package.min_upgrade_from) < 0:
+        fail(VERSION_NOT_NEWER, f"package {package.name} {package.version} upgrades from "
+                                f"{package.min_upgrade_from} or later; the site runs {running_version}")
+    return cmp
+
+
+@activity.defn
+async def inspect_package(req: PackageRequest) -> PackageInfo:
+    return await asyncio.to_thread(inspect_package_file, req.path)
+
+
+@activity.defn
+async def check_upgrade(req: UpgradeCheckRequest) -> UpgradeCheck:
+    """VersionNotNewer unless the package is newer than the running version and the running
+    version is at least the package's min_upgrade_from."""
+    cmp = check_upgrade_versions(req.package, req.running_version, req.allow_same)
+    return UpgradeCheck(running_version=req.running_version, package_version=req.package.version,
+                        comparison=cmp)
+
+
+@activity.defn
+async def backup_app_folder(req: AppBackupRequest) -> AppBackup:
+    """tar of the app folder into .zerodown/backups/<backup_id>.tar + manifest; idempotent
+    on backup_id; ProtectedFileMissing when a protected file is absent."""
+    return await backup_app(req.node, req.backup_id, tuple(req.protected_files))
+
+
+@activity.defn
+async def deploy_package(req: DeployRequest) -> DeployResult:
+    return await deploy(req.node, req.package, tuple(req.protected_files), tuple(req.merge_files),
+                        req.release_id)
+
+
+@activity.defn
+async def restore_app_folder(req: AppBackup) -> AppRestoreResult:
+    return await restore_app(req)
+
+
+@activity.defn
+async def app_folder_manifest(req: NodeRequest) -> dict[str, str]:
+    return await folder_manifest(req.node, req.node.app_dir)

@@ -1,0 +1,331 @@
+"""HAProxy through its runtime API (stats socket): member state, drain, maint, ready.
+
+The runtime API takes one command per connection (non-interactive mode): send the
+command and a newline, read the answer until HAProxy closes the connection. `set server`
+answers nothing on success, an error text otherwise.
+
+A member is (LoadBalancer, node name); the server name comes from `lb.members`. The
+admin state (ready / drain / maint) is read from `show servers state` (srv_admin_state
+bits), the operational status and current sessions from `show stat`: the stat `status`
+column alone hides a drain while the server is DOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from dataclasses import dataclass
+
+from temporalio import activity
+
+from activities.common import (
+    DRAIN_TIMEOUT,
+    INVALID_REQUEST,
+    LB_MEMBER_NOT_FOUND,
+    LB_RUNTIME_API_ERROR,
+    LB_UNSUPPORTED,
+    NOT_UP_TIMEOUT,
+    fail,
+    heartbeat,
+    previous_heartbeat,
+)
+from workflows.inventory import LoadBalancer
+
+POLL_S = 0.25
+STATES = ("ready", "drain", "maint")
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def runtime_command(api: str, command: str, timeout_s: float = 10.0) -> str:
+    """Send one command to `unix:/path` or `tcp:host:port`; return the full answer."""
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    try:
+        async with asyncio.timeout(timeout_s):
+            if api.startswith("unix:"):
+                reader, writer = await asyncio.open_unix_connection(api[5:])
+            elif api.startswith("tcp:"):
+                host, _, port = api[4:].rpartition(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+            else:
+                fail(INVALID_REQUEST, f"runtime API address {api!r}: expected unix:/path or tcp:host:port")
+            try:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                data = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        fail(LB_RUNTIME_API_ERROR, f"HAProxy runtime API {api}: {command!r} failed: {reason}",
+             retryable=True, cause=e)
+    return data.decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+@dataclass(frozen=True)
+class ServerStat:
+    pxname: str
+    svname: str
+    # UP, DOWN, MAINT, DRAIN, "UP 1/2", "DOWN 1/2", NOLB, "no check", "MAINT (via x/y)"...
+    status: str
+    scur: int
+    weight: int
+    check_status: str
+    # Derived from status: "maint" | "drain" | "ready" (see ServerState for the exact one).
+    admin: str
+
+
+def _admin_from_status(status: str) -> str:
+    if status.startswith("MAINT"):
+        return "maint"
+    if status.startswith("DRAIN"):
+        return "drain"
+    return "ready"
+
+
+def _int(v: str | None) -> int:
+    try:
+        return int(v) if v else 0
+    except ValueError:
+        return 0
+
+
+def parse_show_stat(csv_text: str) -> list[ServerStat]:
+    """Rows of `show stat` (CSV with a `# pxname,svname,...` header). Includes FRONTEND and
+    BACKEND pseudo rows; filter on svname for servers."""
+    lines = csv_text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise ValueError(f"not a show stat answer: {csv_text[:200]!r}")
+    lines[0] = lines[0][2:]
+    rows = csv.DictReader(io.StringIO("\n".join(ln for ln in lines if ln.strip())))
+    out = []
+    for r in rows:
+        status = (r.get("status") or "").strip()
+        out.append(ServerStat(pxname=r.get("pxname") or "", svname=r.get("svname") or "",
+                              status=status, scur=_int(r.get("scur")), weight=_int(r.get("weight")),
+                              check_status=(r.get("check_status") or "").strip(),
+                              admin=_admin_from_status(status)))
+    return out
+
+
+# srv_admin_state bits (haproxy include/haproxy/server-t.h)
+_ADMF_FMAINT, _ADMF_IMAINT, _ADMF_CMAINT = 0x01, 0x02, 0x04
+_ADMF_FDRAIN, _ADMF_IDRAIN = 0x08, 0x10
+_ADMF_RMAINT, _ADMF_HMAINT = 0x20, 0x40
+_MAINT_BITS = _ADMF_FMAINT | _ADMF_IMAINT | _ADMF_CMAINT | _ADMF_RMAINT | _ADMF_HMAINT
+_DRAIN_BITS = _ADMF_FDRAIN | _ADMF_IDRAIN
+_OP_STATES = {0: "stopped", 1: "starting", 2: "running", 3: "stopping"}
+
+
+@dataclass(frozen=True)
+class ServerState:
+    be_name: str
+    srv_name: str
+    srv_addr: str
+    op_state: str  # stopped | starting | running | stopping
+    admin_bits: int
+    admin: str  # maint | drain | ready
+    weight: int
+
+
+def parse_servers_state(text: str) -> list[ServerState]:
+    """`show servers state [backend]`: a version line, a `# field ...` header, one row per
+    server (space separated)."""
+    header: list[str] | None = None
+    out = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            header = line[2:].split()
+            continue
+        if header is None or not line.strip():
+            continue
+        row = dict(zip(header, line.split(), strict=False))
+        bits = _int(row.get("srv_admin_state"))
+        admin = "maint" if bits & _MAINT_BITS else "drain" if bits & _DRAIN_BITS else "ready"
+        out.append(ServerState(be_name=row.get("be_name", ""), srv_name=row.get("srv_name", ""),
+                               srv_addr=row.get("srv_addr", ""),
+                               op_state=_OP_STATES.get(_int(row.get("srv_op_state")), "unknown"),
+                               admin_bits=bits, admin=admin, weight=_int(row.get("srv_uweight"))))
+    return out
+
+
+# --------------------------------------------------------------------------- member logic
+
+
+@dataclass(frozen=True)
+class MemberState:
+    lb_name: str
+    node_name: str
+    backend: str
+    server: str
+    status: str  # show stat status: UP, DOWN, MAINT, DRAIN, "UP 1/2", "no check", ...
+    scur: int  # current sessions on the server
+    admin: str  # ready | drain | maint (from srv_admin_state)
+    weight: int
+    check_status: str
+
+    @property
+    def is_up(self) -> bool:
+        """Taking traffic: operationally UP (or unchecked) and administratively ready."""
+        return self.admin == "ready" and (self.status.startswith("UP") or self.status == "no check")
+
+
+def _member(lb: LoadBalancer, node_name: str) -> tuple[str, str, str]:
+    """(runtime_api, backend, server) for a haproxy member; typed errors otherwise."""
+    if lb.kind == "f5":
+        fail(LB_UNSUPPORTED, f"load balancer {lb.name}: kind f5 is not supported yet "
+                             "(only haproxy); drain the member by hand or use an haproxy site")
+    if lb.kind != "haproxy":
+        fail(LB_UNSUPPORTED, f"load balancer {lb.name}: unknown kind {lb.kind!r}")
+    if not lb.runtime_api or not lb.backend:
+        fail(INVALID_REQUEST, f"load balancer {lb.name}: runtime_api and backend are required")
+    server = lb.members.get(node_name)
+    if server is None:
+        fail(LB_MEMBER_NOT_FOUND, f"load balancer {lb.name}: node {node_name!r} is not a member "
+                                  f"(members: {', '.join(sorted(lb.members)) or 'none'})")
+    return lb.runtime_api, lb.backend, server
+
+
+async def member_state(lb: LoadBalancer, node_name: str) -> MemberState:
+    api, backend, server = _member(lb, node_name)
+    stat_text = await runtime_command(api, "show stat")
+    try:
+        stats = parse_show_stat(stat_text)
+    except ValueError:
+        fail(LB_RUNTIME_API_ERROR, f"HAProxy {api}: unexpected answer to 'show stat': "
+                                   f"{stat_text.strip()[:300]!r}")
+    if not any(s.pxname == backend for s in stats):
+        fail(LB_MEMBER_NOT_FOUND, f"load balancer {lb.name} ({api}): no such backend {backend!r}")
+    stat = next((s for s in stats if s.pxname == backend and s.svname == server), None)
+    if stat is None:
+        fail(LB_MEMBER_NOT_FOUND,
+             f"load balancer {lb.name} ({api}): no such server {backend}/{server} (node {node_name})")
+    admin = stat.admin
+    states_text = await runtime_command(api, f"show servers state {backend}")
+    for st in parse_servers_state(states_text):
+        if st.be_name == backend and st.srv_name == server:
+            admin = st.admin
+    return MemberState(lb_name=lb.name, node_name=node_name, backend=backend, server=server,
+                       status=stat.status, scur=stat.scur, admin=admin, weight=stat.weight,
+                       check_status=stat.check_status)
+
+
+async def set_member_state(lb: LoadBalancer, node_name: str, state: str) -> MemberState:
+    """`set server <backend>/<server> state <state>` - a set, so re-running it is harmless."""
+    if state not in STATES:
+        fail(INVALID_REQUEST, f"member state {state!r}: expected one of {', '.join(STATES)}")
+    api, backend, server = _member(lb, node_name)
+    answer = (await runtime_command(api, f"set server {backend}/{server} state {state}")).strip()
+    if answer:
+        if "no such" in answer.lower():
+            fail(LB_MEMBER_NOT_FOUND,
+                 f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}")
+        fail(LB_RUNTIME_API_ERROR,
+             f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}")
+    return await member_state(lb, node_name)
+
+
+def _carried_waited() -> float:
+    """Seconds already waited by previous attempts (from their last heartbeat)."""
+    prev = previous_heartbeat()
+    if isinstance(prev, dict):
+        try:
+            return float(prev.get("waited_s", 0.0))
+        except (TypeError, ValueError):
+            return 0.0
+    return 0.0
+
+
+async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> int:
+    """Poll until the member has no sessions; returns the seconds waited (all attempts)."""
+    limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
+    carried = _carried_waited()
+    started = time.monotonic()
+    while True:
+        st = await member_state(lb, node_name)
+        waited = carried + time.monotonic() - started
+        if st.scur == 0:
+            return int(waited)
+        if waited >= limit:
+            fail(DRAIN_TIMEOUT,
+                 f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) still has "
+                 f"{st.scur} open session(s) after {limit:g}s of draining (admin {st.admin})")
+        heartbeat({"waited_s": round(waited, 2), "scur": st.scur, "admin": st.admin})
+        await asyncio.sleep(POLL_S)
+
+
+async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> MemberState:
+    limit = timeout_s if timeout_s is not None else 60.0
+    carried = _carried_waited()
+    started = time.monotonic()
+    while True:
+        st = await member_state(lb, node_name)
+        waited = carried + time.monotonic() - started
+        if st.is_up:
+            return st
+        if waited >= limit:
+            fail(NOT_UP_TIMEOUT,
+                 f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) not UP after "
+                 f"{limit:g}s: status {st.status!r}, admin {st.admin}, check {st.check_status!r}")
+        heartbeat({"waited_s": round(waited, 2), "status": st.status, "admin": st.admin})
+        await asyncio.sleep(POLL_S)
+
+
+# --------------------------------------------------------------------------- activities
+
+
+@dataclass(frozen=True)
+class MemberRequest:
+    lb: LoadBalancer
+    node: str  # node name (key of lb.members)
+
+
+@dataclass(frozen=True)
+class SetStateRequest:
+    lb: LoadBalancer
+    node: str
+    state: str  # ready | drain | maint
+
+
+@dataclass(frozen=True)
+class WaitRequest:
+    lb: LoadBalancer
+    node: str
+    # None: lb.drain_timeout_s for lb_wait_drained, 60 s for lb_wait_up.
+    timeout_s: float | None = None
+
+
+@activity.defn
+async def lb_member_state(req: MemberRequest) -> MemberState:
+    return await member_state(req.lb, req.node)
+
+
+@activity.defn
+async def lb_check_member(req: MemberRequest) -> MemberState:
+    """Preflight: the runtime API answers, the backend and the server exist."""
+    return await member_state(req.lb, req.node)
+
+
+@activity.defn
+async def lb_set_state(req: SetStateRequest) -> MemberState:
+    return await set_member_state(req.lb, req.node, req.state)
+
+
+@activity.defn
+async def lb_wait_drained(req: WaitRequest) -> int:
+    """Wait until the member's current sessions reach 0 (DrainTimeout otherwise);
+    returns the seconds waited. Heartbeats every poll with the current scur."""
+    return await wait_drained(req.lb, req.node, req.timeout_s)
+
+
+@activity.defn
+async def lb_wait_up(req: WaitRequest) -> MemberState:
+    """Wait until the member is UP and administratively ready (NotUpTimeout otherwise)."""
+    return await wait_up(req.lb, req.node, req.timeout_s)

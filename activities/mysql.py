@@ -1,0 +1,653 @@
+"""MariaDB / MySQL: versions, migrations, logical backup and restore, replication.
+
+Queries go through aiomysql. Logical backups use the `mariadb-dump` / `mariadb` client
+binaries on the worker; the password reaches them through a temporary
+--defaults-extra-file (mode 600, deleted afterwards), never through the command line
+where `ps` would show it.
+
+Error policy: connection-level failures (server down, connection lost, too many
+connections, deadlocks) are retryable DatabaseErrors; access denied, SQL errors and
+anything else a retry cannot fix are non-retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomysql
+import pymysql
+from temporalio import activity
+
+from activities.common import (
+    BACKUP_CORRUPT,
+    DATABASE_ERROR,
+    INVALID_REQUEST,
+    REPLICA_TIMEOUT,
+    fail,
+    heartbeat,
+    tail,
+    with_heartbeat,
+)
+from activities.secrets import resolve_secret
+from workflows.inventory import Database
+
+# MySQL error codes after which a retry can succeed (server restarting, network, load).
+_RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+POLL_S = 0.5
+
+
+def _endpoint(db: Database, replica: bool) -> tuple[str, int]:
+    if not replica:
+        return db.host, db.port
+    if db.replica is None:
+        fail(INVALID_REQUEST, f"database {db.name}: no replica in the inventory")
+    return db.replica.host, db.replica.port
+
+
+def _raise_db(db: Database, host: str, port: int, what: str, e: BaseException) -> None:
+    code = e.args[0] if isinstance(e, pymysql.MySQLError) and e.args and isinstance(e.args[0], int) else None
+    msg = e.args[1] if isinstance(e, pymysql.MySQLError) and len(e.args) > 1 else str(e) or type(e).__name__
+    retryable = code in _RETRYABLE_CODES or isinstance(e, (OSError, asyncio.TimeoutError))
+    fail(DATABASE_ERROR,
+         f"database {db.name} ({db.user}@{host}:{port}/{db.database}): {what}: "
+         f"{f'error {code}: ' if code else ''}{msg}", retryable=retryable, cause=e)
+
+
+@contextlib.asynccontextmanager
+async def connection(db: Database, replica: bool = False,
+                     use_database: bool = True) -> AsyncIterator[aiomysql.Connection]:
+    host, port = _endpoint(db, replica)
+    password = resolve_secret(db.password, needed_by=f"database {db.name}")
+    try:
+        conn = await aiomysql.connect(host=host, port=port, user=db.user, password=password,
+                                      db=db.database if use_database else None, autocommit=True,
+                                      connect_timeout=10)
+    except (TimeoutError, pymysql.MySQLError, OSError) as e:
+        _raise_db(db, host, port, "connect", e)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+async def query(db: Database, sql: str, args: Any = None, replica: bool = False,
+                use_database: bool = True) -> list[tuple[Any, ...]]:
+    host, port = _endpoint(db, replica)
+    async with connection(db, replica, use_database) as conn:
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, args)
+                return list(await cur.fetchall())
+        except (pymysql.MySQLError, OSError) as e:
+            _raise_db(db, host, port, f"query {sql[:120]!r}", e)
+    raise AssertionError("unreachable")
+
+
+async def query_dicts(db: Database, sql: str, replica: bool = False) -> list[dict[str, Any]]:
+    host, port = _endpoint(db, replica)
+    async with connection(db, replica, use_database=False) as conn:
+        try:
+            async with conn.cursor(aiomysql.DictCursor) as cur:
+                await cur.execute(sql)
+                return list(await cur.fetchall())
+        except (pymysql.MySQLError, OSError) as e:
+            _raise_db(db, host, port, f"query {sql[:120]!r}", e)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- versions
+
+
+async def server_version(db: Database) -> str:
+    return str((await query(db, "SELECT VERSION()"))[0][0])
+
+
+async def schema_version(db: Database) -> int:
+    """MAX(version) of table schema_version; 0 when the table does not exist yet."""
+    rows = await query(db, "SELECT COUNT(*) FROM information_schema.TABLES "
+                           "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'schema_version'")
+    if not rows[0][0]:
+        return 0
+    return int((await query(db, "SELECT COALESCE(MAX(version), 0) FROM schema_version"))[0][0])
+
+
+def split_sql(sql: str) -> list[str]:
+    """Statements of a migration script: a statement ends with a line ending in ';'.
+
+    Whole-line comments (`--`, `#`) between statements are dropped; the trailing ';' is
+    removed. Deliberately simple (no DELIMITER support): migrations are plain DDL/DML.
+    """
+    stmts: list[str] = []
+    buf: list[str] = []
+    for line in sql.splitlines():
+        s = line.strip()
+        if not buf and (not s or s.startswith("--") or s.startswith("#")):
+            continue
+        buf.append(line)
+        if s.endswith(";"):
+            stmt = "\n".join(buf).strip()[:-1].rstrip()
+            if stmt:
+                stmts.append(stmt)
+            buf = []
+    rest = "\n".join(ln for ln in buf if not ln.strip().startswith(("--", "#"))).strip()
+    if rest:
+        stmts.append(rest)
+    return stmts
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    version: int
+    direction: str
+    applied: bool  # False: skipped because schema_version already said so
+    statements: int
+    schema_version_before: int
+    schema_version_after: int
+
+
+async def apply_migration(db: Database, version: int, sql: str, direction: str) -> MigrationResult:
+    """Run one migration up or down and record it in schema_version (one row per version).
+
+    Idempotent via schema_version: `up` is skipped when MAX(version) >= version, `down` when
+    MAX(version) < version. DDL is not transactional in MariaDB, so a crash between the
+    statements and the record re-runs the statements: migrations are expected to be
+    re-runnable (IF [NOT] EXISTS), as the lab's are.
+    """
+    if direction not in ("up", "down"):
+        fail(INVALID_REQUEST, f"migration direction {direction!r}: expected up or down")
+    before = await schema_version(db)
+    if (direction == "up" and before >= version) or (direction == "down" and before < version):
+        return MigrationResult(version=version, direction=direction, applied=False, statements=0,
+                               schema_version_before=before, schema_version_after=before)
+    if direction == "down" and before > version:
+        fail(DATABASE_ERROR, f"database {db.name}: cannot roll back migration {version} while schema "
+                             f"version is {before}: roll back the newer migrations first")
+    stmts = split_sql(sql)
+    host, port = _endpoint(db, False)
+    async with connection(db) as conn:
+        async with conn.cursor() as cur:
+            for i, stmt in enumerate(stmts, 1):
+                heartbeat({"migration": version, "direction": direction, "statement": i})
+                try:
+                    await cur.execute(stmt)
+                except (pymysql.MySQLError, OSError) as e:
+                    _raise_db(db, host, port,
+                              f"migration {version} {direction}, statement {i}/{len(stmts)} "
+                              f"{stmt[:200]!r}", e)
+            try:
+                await cur.execute("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+                                  "DATABASE() AND TABLE_NAME = 'schema_version'")
+                exists = await cur.fetchone()
+                if not (exists and exists[0]):
+                    await cur.execute("CREATE TABLE schema_version (version INT NOT NULL)")
+                if direction == "up":
+                    await cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                else:
+                    await cur.execute("DELETE FROM schema_version WHERE version >= %s", (version,))
+                    await cur.execute("SELECT COUNT(*) FROM schema_version")
+                    row = await cur.fetchone()
+                    if row and row[0] == 0 and version > 1:
+                        # single-row style tables: keep recording the version below
+                        await cur.execute("INSERT INTO schema_version (version) VALUES (%s)",
+                                          (version - 1,))
+            except (pymysql.MySQLError, OSError) as e:
+                _raise_db(db, host, port, f"recording migration {version} {direction}", e)
+    after = await schema_version(db)
+    return MigrationResult(version=version, direction=direction, applied=True, statements=len(stmts),
+                           schema_version_before=before, schema_version_after=after)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+async def base_tables(db: Database) -> list[str]:
+    rows = await query(db, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+                           "DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME")
+    return [str(r[0]) for r in rows]
+
+
+def _qi(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+async def _checksums_on(cur: aiomysql.Cursor, tables: list[str]) -> dict[str, str]:
+    if not tables:
+        return {}
+    await cur.execute("CHECKSUM TABLE " + ", ".join(_qi(t) for t in tables))
+    out: dict[str, str] = {}
+    for name, checksum in await cur.fetchall():
+        out[str(name).split(".", 1)[-1]] = "" if checksum is None else str(checksum)
+    return out
+
+
+async def table_checksums(db: Database) -> dict[str, str]:
+    """CHECKSUM TABLE of every base table: table name -> checksum (as text)."""
+    tables = await base_tables(db)
+    host, port = _endpoint(db, False)
+    async with connection(db) as conn, conn.cursor() as cur:
+        try:
+            return await _checksums_on(cur, tables)
+        except (pymysql.MySQLError, OSError) as e:
+            _raise_db(db, host, port, "CHECKSUM TABLE", e)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- dump / load
+
+
+def _option_file(db: Database) -> str:
+    """A private option file with the password (removed by the caller)."""
+    password = resolve_secret(db.password, needed_by=f"database {db.name}")
+    escaped = password.replace("\\", "\\\\").replace('"', '\\"')
+    fd, path = tempfile.mkstemp(prefix="zerodown-my-", suffix=".cnf")
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f'[client]\npassword="{escaped}"\n')
+    return path
+
+
+async def _run_client(db: Database, argv_tail: list[str], stdin_path: str | None,
+                      stdout_path: str | None, what: str, binary: str) -> None:
+    """Run mariadb / mariadb-dump against the primary, heartbeating; fail with its stderr."""
+    opt = _option_file(db)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        argv = [binary, f"--defaults-extra-file={opt}", "--protocol=TCP", f"--host={db.host}",
+                f"--port={db.port}", f"--user={db.user}", *argv_tail]
+        with contextlib.ExitStack() as stack:
+            devnull = asyncio.subprocess.DEVNULL
+            stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else devnull
+            stdout = stack.enter_context(open(stdout_path, "wb")) if stdout_path else devnull
+            try:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout,
+                                                            stderr=asyncio.subprocess.PIPE)
+            except OSError as e:
+                fail(DATABASE_ERROR, f"database {db.name}: cannot run {binary}: {e.strerror or e}")
+            _, err = await with_heartbeat(proc.communicate(), lambda: {"database": db.name, "step": what})
+        if proc.returncode != 0:
+            text = err.decode("utf-8", errors="replace")
+            retryable = bool(re.search(r"Can't connect|Lost connection|gone away|Too many connections", text))
+            fail(DATABASE_ERROR, f"database {db.name} ({db.user}@{db.host}:{db.port}/{db.database}): "
+                                 f"{what} ({binary}) exited with status {proc.returncode}: {tail(text)}",
+                 retryable=retryable)
+    finally:
+        if proc is not None and proc.returncode is None:
+            # cancelled / timed out: do not leave a half-done dump or load running
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(opt)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DbBackup:
+    db: Database
+    backup_id: str
+    path: str
+    sha256: str
+    size: int
+    table_checksums: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    reused: bool = False
+
+
+def _backup_paths(directory: str, backup_id: str) -> tuple[str, str, str]:
+    base = os.path.join(directory, f"{backup_id}.sql")
+    return base, base + ".sha256", os.path.join(directory, f"{backup_id}.json")
+
+
+def _load_existing(db: Database, directory: str, backup_id: str) -> DbBackup | None:
+    path, sidecar, meta_path = _backup_paths(directory, backup_id)
+    try:
+        recorded = open(sidecar, encoding="utf-8").read().split()[0]
+        meta = json.loads(open(meta_path, encoding="utf-8").read())
+    except (OSError, IndexError, ValueError):
+        return None
+    if not os.path.exists(path) or sha256_file(path) != recorded:
+        return None
+    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=recorded, size=os.path.getsize(path),
+                    table_checksums=dict(meta.get("table_checksums", {})),
+                    created_at=float(meta.get("created_at", 0.0)), reused=True)
+
+
+async def backup(db: Database, backup_id: str, directory: str | None) -> DbBackup:
+    """Logical backup of the database into <directory>/<backup_id>.sql (+ .sha256, .json).
+
+    The recorded table checksums must describe exactly what the dump holds, or a restore
+    could never be proven. So writes are held (LOCK TABLES ... READ from a separate
+    session; readers are never blocked) while the checksums are taken and until the dump
+    (--single-transaction) has opened its snapshot - seen as its first data SELECT in the
+    process list - not for the whole dump: on a big database that would stall writes for
+    minutes. Idempotent: a complete backup with this id (sha256 matching its sidecar) is
+    reused.
+    """
+    if not _ID_RE.match(backup_id):
+        fail(INVALID_REQUEST, f"backup id {backup_id!r}: use letters, digits, '.', '_' or '-'")
+    directory = directory or db.backup_dir
+    if not directory:
+        fail(INVALID_REQUEST, f"database {db.name}: no backup directory (request or inventory backup_dir)")
+    await asyncio.to_thread(os.makedirs, directory, exist_ok=True)
+    existing = await asyncio.to_thread(_load_existing, db, directory, backup_id)
+    if existing is not None:
+        return existing
+    path = _backup_paths(directory, backup_id)[0]
+    tmp = path + ".tmp"
+    tables = await base_tables(db)
+    host, port = _endpoint(db, False)
+    dump_args = ["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob",
+                 "--no-tablespaces", "--skip-dump-date", db.database]
+    async with connection(db) as conn, conn.cursor() as cur:
+        try:
+            await cur.execute("SELECT ID FROM information_schema.PROCESSLIST")
+            existing_ids = {int(r[0]) for r in await cur.fetchall()}
+            # Do not queue behind a long transaction forever (app writes queue behind us).
+            await cur.execute("SET SESSION lock_wait_timeout = 10")
+            if tables:
+                await cur.execute("LOCK TABLES " + ", ".join(f"{_qi(t)} READ" for t in tables))
+            checksums = await _checksums_on(cur, tables)
+        except (pymysql.MySQLError, OSError) as e:
+            _raise_db(db, host, port, "locking tables for a consistent backup", e)
+        dump = asyncio.ensure_future(_run_client(db, dump_args, None, tmp, "backup", "mariadb-dump"))
+        try:
+            await _wait_dump_snapshot(cur, dump, existing_ids)
+        finally:
+            with contextlib.suppress(pymysql.MySQLError, OSError):
+                await cur.execute("UNLOCK TABLES")
+            if not dump.done() and asyncio.current_task() is not None and \
+                    asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                dump.cancel()
+    await dump
+    digest, size, created = await asyncio.to_thread(_finish_backup, tmp, backup_id, db, checksums)
+    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=digest, size=size,
+                    table_checksums=checksums, created_at=created)
+
+
+async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
+                              existing_ids: set[int]) -> None:
+    """Return once mariadb-dump reads table data (its consistent snapshot exists) or ended.
+
+    A new connection running `SELECT /*!40001 SQL_NO_CACHE */` is the dump: it opens its
+    snapshot (START TRANSACTION WITH CONSISTENT SNAPSHOT) before its first data SELECT.
+    Small tables are read too fast to be seen; then the lock simply lasts until the dump
+    ends, which for such a database is short anyway.
+    """
+    while not dump.done():
+        try:
+            await cur.execute("SELECT ID FROM information_schema.PROCESSLIST "
+                              "WHERE ID <> CONNECTION_ID() AND INFO LIKE '%40001 SQL_NO_CACHE%'")
+            if any(int(r[0]) not in existing_ids for r in await cur.fetchall()):
+                return
+        except (pymysql.MySQLError, OSError):
+            pass  # keep the lock until the dump ends: slower, still consistent
+        heartbeat({"step": "backup", "waiting_for": "dump snapshot"})
+        await asyncio.wait({dump}, timeout=0.02)
+
+
+def _finish_backup(tmp: str, backup_id: str, db: Database,
+                   checksums: dict[str, str]) -> tuple[str, int, float]:
+    """Move the dump in place, write the metadata, then the sidecar that marks completion."""
+    path, sidecar, meta_path = _backup_paths(os.path.dirname(tmp), backup_id)
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    size, created = os.path.getsize(path), time.time()
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"backup_id": backup_id, "database": db.database, "host": db.host, "port": db.port,
+                   "sha256": digest, "size": size, "table_checksums": checksums,
+                   "created_at": created}, f, indent=2, sort_keys=True)
+    os.replace(meta_path + ".tmp", meta_path)
+    # The sidecar is written last: its presence marks the backup complete.
+    with open(sidecar + ".tmp", "w", encoding="utf-8") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+    os.replace(sidecar + ".tmp", sidecar)
+    return digest, size, created
+
+
+@dataclass(frozen=True)
+class DbRestoreResult:
+    path: str
+    tables: int
+    dropped: tuple[str, ...]  # tables/views that did not exist at backup time
+    checksums: dict[str, str]
+    # Tables whose checksum differs from the backup's (empty: data proven restored).
+    mismatched: tuple[str, ...]
+
+
+async def restore(bk: DbBackup) -> DbRestoreResult:
+    """Load a backup into the primary (replicas follow through the binlog).
+
+    The file's sha256 is verified first (BackupCorrupt otherwise). Tables and views created
+    after the backup (e.g. by a migration) are dropped, then the dump recreates every table
+    it holds. Re-running it is harmless. The result compares the checksums afterwards with
+    the ones recorded at backup time.
+    """
+    db = bk.db
+    try:
+        actual = await asyncio.to_thread(sha256_file, bk.path)
+    except OSError as e:
+        fail(BACKUP_CORRUPT, f"database {db.name}: backup file {bk.path} is unreadable: {e.strerror or e}")
+    if actual != bk.sha256:
+        fail(BACKUP_CORRUPT, f"database {db.name}: backup {bk.path} has sha256 {actual}, "
+                             f"expected {bk.sha256}: refusing to restore")
+    rows = await query(db, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES "
+                           "WHERE TABLE_SCHEMA = DATABASE()")
+    extra = sorted((str(n), str(t)) for n, t in rows if str(n) not in bk.table_checksums)
+    host, port = _endpoint(db, False)
+    if extra:
+        async with connection(db) as conn, conn.cursor() as cur:
+            try:
+                await cur.execute("SET FOREIGN_KEY_CHECKS = 0")
+                for name, kind in extra:
+                    verb = "VIEW" if kind == "VIEW" else "TABLE"
+                    await cur.execute(f"DROP {verb} IF EXISTS {_qi(name)}")
+            except (pymysql.MySQLError, OSError) as e:
+                _raise_db(db, host, port, "dropping tables created after the backup", e)
+    await _run_client(db, [db.database], bk.path, None, "restore", "mariadb")
+    checksums = await table_checksums(db)
+    mismatched = tuple(sorted(t for t, c in bk.table_checksums.items() if checksums.get(t) != c))
+    return DbRestoreResult(path=bk.path, tables=len(checksums), dropped=tuple(n for n, _ in extra),
+                           checksums=checksums, mismatched=mismatched)
+
+
+# --------------------------------------------------------------------------- replication
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    host: str
+    port: int
+    configured: bool  # False: SHOW SLAVE STATUS is empty (not a replica / promoted)
+    io_running: str = ""  # Yes | No | Connecting
+    sql_running: str = ""
+    seconds_behind: int | None = None
+    gtid_io_pos: str = ""
+    gtid_slave_pos: str = ""
+    last_io_error: str = ""
+    last_sql_error: str = ""
+    read_only: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.io_running == "Yes" and self.sql_running == "Yes"
+
+
+async def replica_status(db: Database) -> ReplicaStatus:
+    host, port = _endpoint(db, True)
+    rows = await query_dicts(db, "SHOW SLAVE STATUS", replica=True)
+    pos, ro = (await query(db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=True,
+                           use_database=False))[0]
+    if not rows:
+        return ReplicaStatus(host=host, port=port, configured=False, gtid_slave_pos=str(pos or ""),
+                             read_only=bool(ro))
+    r = rows[0]
+    sbm = r.get("Seconds_Behind_Master")
+    return ReplicaStatus(host=host, port=port, configured=True,
+                         io_running=str(r.get("Slave_IO_Running") or ""),
+                         sql_running=str(r.get("Slave_SQL_Running") or ""),
+                         seconds_behind=int(sbm) if sbm is not None else None,
+                         gtid_io_pos=str(r.get("Gtid_IO_Pos") or ""), gtid_slave_pos=str(pos or ""),
+                         last_io_error=str(r.get("Last_IO_Error") or ""),
+                         last_sql_error=str(r.get("Last_SQL_Error") or ""), read_only=bool(ro))
+
+
+@dataclass(frozen=True)
+class ReplicaCaughtUp:
+    gtid: str  # the primary's position the replica reached ("" when nothing was binlogged)
+    waited_s: float
+
+
+async def wait_replica_caught_up(db: Database, timeout_s: float) -> ReplicaCaughtUp:
+    """Wait until the replica applied everything the primary binlogged when we started.
+
+    MASTER_GTID_WAIT blocks server-side; we call it in 1 s slices so the activity can
+    heartbeat, notice cancellation and fail fast when the SQL thread stopped.
+    """
+    started = time.monotonic()
+    pos = str((await query(db, "SELECT @@GLOBAL.gtid_binlog_pos", use_database=False))[0][0] or "")
+    if not pos:
+        return ReplicaCaughtUp(gtid="", waited_s=0.0)
+    while True:
+        got = (await query(db, "SELECT MASTER_GTID_WAIT(%s, 1)", (pos,), replica=True,
+                           use_database=False))[0][0]
+        waited = time.monotonic() - started
+        if got == 0:
+            return ReplicaCaughtUp(gtid=pos, waited_s=round(waited, 3))
+        st = await replica_status(db)
+        if not st.configured:
+            fail(DATABASE_ERROR, f"database {db.name}: {st.host}:{st.port} is not replicating "
+                                 "(SHOW SLAVE STATUS is empty)")
+        if st.sql_running != "Yes":
+            fail(DATABASE_ERROR, f"database {db.name}: replica {st.host}:{st.port} SQL thread stopped: "
+                                 f"{st.last_sql_error or '(no error text)'}")
+        if waited >= timeout_s:
+            fail(REPLICA_TIMEOUT,
+                 f"database {db.name}: replica {st.host}:{st.port} did not reach GTID {pos} within "
+                 f"{timeout_s:g}s (at {st.gtid_slave_pos!r}, IO {st.io_running}, "
+                 f"{st.seconds_behind} s behind, io error {st.last_io_error!r})")
+        heartbeat({"target": pos, "at": st.gtid_slave_pos, "behind_s": st.seconds_behind})
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    host: str
+    port: int
+    was_replicating: bool
+    gtid_slave_pos: str
+
+
+async def promote_replica(db: Database) -> PromoteResult:
+    """Make the replica a writable primary: STOP SLAVE; RESET SLAVE ALL; read_only=OFF.
+    Idempotent (a replica already promoted only gets read_only=OFF again). Wait for it to
+    catch up first (db_wait_replica_caught_up) if no transaction may be lost."""
+    host, port = _endpoint(db, True)
+    st = await replica_status(db)
+    async with connection(db, replica=True, use_database=False) as conn, conn.cursor() as cur:
+        try:
+            if st.configured:
+                await cur.execute("STOP SLAVE")
+                await cur.execute("RESET SLAVE ALL")
+            await cur.execute("SET GLOBAL read_only = OFF")
+        except (pymysql.MySQLError, OSError) as e:
+            _raise_db(db, host, port, "promote", e)
+    return PromoteResult(host=host, port=port, was_replicating=st.configured,
+                         gtid_slave_pos=st.gtid_slave_pos)
+
+
+# --------------------------------------------------------------------------- activities
+
+
+@dataclass(frozen=True)
+class DbRequest:
+    db: Database
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    db: Database
+    version: int
+    sql: str
+    direction: str  # up | down
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    db: Database
+    backup_id: str
+    # None: the inventory's db.backup_dir.
+    directory: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaRequest:
+    db: Database
+
+
+@dataclass(frozen=True)
+class ReplicaWaitRequest:
+    db: Database
+    timeout_s: float = 60.0
+
+
+@activity.defn
+async def db_server_version(req: DbRequest) -> str:
+    return await server_version(req.db)
+
+
+@activity.defn
+async def db_schema_version(req: DbRequest) -> int:
+    return await schema_version(req.db)
+
+
+@activity.defn
+async def db_apply_migration(req: MigrationRequest) -> MigrationResult:
+    return await apply_migration(req.db, req.version, req.sql, req.direction)
+
+
+@activity.defn
+async def db_backup(req: BackupRequest) -> DbBackup:
+    return await backup(req.db, req.backup_id, req.directory)
+
+
+@activity.defn
+async def db_restore(req: DbBackup) -> DbRestoreResult:
+    return await restore(req)
+
+
+@activity.defn
+async def db_table_checksums(req: DbRequest) -> dict[str, str]:
+    return await table_checksums(req.db)
+
+
+@activity.defn
+async def db_replica_status(req: ReplicaRequest) -> ReplicaStatus:
+    return await replica_status(req.db)
+
+
+@activity.defn
+async def db_wait_replica_caught_up(req: ReplicaWaitRequest) -> ReplicaCaughtUp:
+    return await wait_replica_caught_up(req.db, req.timeout_s)
+
+
+@activity.defn
+async def db_promote_replica(req: ReplicaRequest) -> PromoteResult:
+    return await promote_replica(req.db)

@@ -1,0 +1,396 @@
+"""Bring the whole lab up, down, back to v1, and report on it.
+
+`lab_up` starts, in dependency order and in parallel where possible: the Temporal dev
+server, MariaDB primary + replica, the nodes (packages, install, SSH endpoints, apps), then
+HAProxy, and writes `site.yaml` - the same inventory format a customer writes. Every step
+is idempotent, so `lab_up` on a running lab only fills in what is missing (it never
+reinstalls a node, which could undo a deployment being tested).
+
+`lab_down` stops every process by pid file (never by name: the machine's own MariaDB and
+other labs stay untouched). `lab_reset` puts the site back to the state just after
+`lab_up` between tests, far faster than down + up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lab import haproxy, mariadb
+from lab.config import BACKEND, DB_NAME, DB_USER, LabConfig
+from lab.procs import pid_alive, stop_pidfile
+
+log = logging.getLogger("lab.manager")
+
+SSH_USER = "zerodown"
+APP_DIR = "app"
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message lists each part that failed."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _state_file(cfg: LabConfig) -> Path:
+    return cfg.abs_root / "lab.json"
+
+
+def _read_state(cfg: LabConfig) -> dict[str, Any]:
+    try:
+        data = json.loads(_state_file(cfg).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(cfg: LabConfig, with_temporal: bool) -> None:
+    # Remembered so `lab status` knows whether a missing dev server is a problem, and so
+    # someone looking at the folder sees which ports it uses.
+    state = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    state.update(root=str(cfg.abs_root), with_temporal=with_temporal,
+                 started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _state_file(cfg).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+async def _gather_all(steps: dict[str, Any]) -> None:
+    """Run awaitables concurrently; wait for *all* of them (so nothing is still starting
+    in a thread when the caller cleans up), then raise one error naming every failure."""
+    names = list(steps)
+    results = await asyncio.gather(*steps.values(), return_exceptions=True)
+    failures = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, BaseException)]
+    if failures:
+        if len(failures) == 1 and not isinstance(failures[0][1], Exception):
+            raise failures[0][1]  # e.g. CancelledError / KeyboardInterrupt: do not wrap
+        raise LabError("lab: " + "; ".join(f"{n} failed: {e}" for n, e in failures)) from failures[0][1]
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return asyncio.to_thread(fn, *args)
+
+
+def _installed(cfg: LabConfig, i: int) -> bool:
+    node = cfg.node_dir(i)
+    return (node / "ctl").exists() and (node / APP_DIR / "release.json").exists()
+
+
+# --------------------------------------------------------------------------- node side
+
+
+def _nodes_up(cfg: LabConfig) -> None:
+    """Packages, node folders (first time only), SSH endpoints, then every app."""
+    from lab import nodes, packages, sshd
+
+    pkgs = packages.build_packages(cfg)
+    for i in cfg.node_indexes:
+        if not _installed(cfg, i):
+            nodes.install_node(cfg, i, pkgs[1])
+    sshd.start_sshd(cfg)
+
+
+async def _start_apps(cfg: LabConfig) -> None:
+    from lab import nodes
+
+    await _gather_all({cfg.node_name(i): _in_thread(nodes.start_node, cfg, i) for i in cfg.node_indexes})
+
+
+# --------------------------------------------------------------------------- site.yaml
+
+
+def site_inventory(cfg: LabConfig) -> dict[str, Any]:
+    """The lab's inventory as plain data (paths relative to the site.yaml folder)."""
+    node_entries = [{
+        "name": cfg.node_name(i),
+        "ssh": {"host": "127.0.0.1", "port": cfg.ssh_port(i), "user": SSH_USER,
+                "key": {"file": "secrets/id_ed25519"}, "known_hosts": "secrets/known_hosts"},
+        "app_dir": APP_DIR,
+        "service": {"kind": "command", "stop": "./ctl stop", "start": "./ctl start",
+                    "status": "./ctl status"},
+        "url": f"http://127.0.0.1:{cfg.app_port(i)}",
+        "group": "A" if i == 1 else "B",
+    } for i in cfg.node_indexes]
+    return {
+        "site": "lab",
+        "nodes": node_entries,
+        "load_balancers": [{
+            "name": "main", "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
+            "backend": BACKEND,
+            "members": {cfg.node_name(i): cfg.node_name(i) for i in cfg.node_indexes},
+            "drain_timeout_s": 60,
+        }],
+        "databases": [{
+            "name": "main", "kind": "mysql", "host": "127.0.0.1", "port": cfg.primary_db_port,
+            "database": DB_NAME, "user": DB_USER, "password": {"file": "secrets/db_password"},
+            "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
+            "backup_dir": "backups",
+        }],
+        "application": {
+            "name": "labapp",
+            "protected_files": ["encryption.config", "database.config"],
+            "merge_files": ["web.config"],
+            "health": {"path": "/health"},
+            "version": {"path": "/version"},
+            "login": {"path": "/login", "user": mariadb.PROBE_USER,
+                      "password": {"file": "secrets/admin_password"}},
+            "url": cfg.main_url,
+        },
+        "approvers": {"go-live": ["alice", "bob"]},
+        "rollout": {"batch_size": 1, "health_timeout_s": 30},
+    }
+
+
+def write_site_yaml(cfg: LabConfig) -> Path:
+    """Write site.yaml and check that `load_inventory` accepts it (a format drift between
+    the lab and the inventory model must fail here, not in the middle of a procedure)."""
+    from workflows.inventory import load_inventory
+
+    header = (
+        "# zerodown inventory of the local lab site (generated by `zerodown lab up`;\n"
+        "# lab/manager.py rewrites it on every lab up / reset, so edit a copy instead).\n"
+        "# Relative paths are relative to this file's folder. Secrets are references to\n"
+        "# files under secrets/, never values.\n"
+        f"# Ports: main {cfg.main_port}, secondary {cfg.secondary_port}, MariaDB primary "
+        f"{cfg.primary_db_port} / replica {cfg.replica_db_port}, apps {cfg.app_port(1)}+, SSH "
+        f"{cfg.ssh_port(1)}+.\n"
+    )
+    body = yaml.safe_dump(site_inventory(cfg), sort_keys=False, default_flow_style=False)
+    path = cfg.site_yaml
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(header + body, encoding="utf-8")
+    tmp.replace(path)
+    load_inventory(path)
+    return path
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+async def lab_up(cfg: LabConfig, with_temporal: bool = True) -> Path:
+    """Start the whole lab (idempotent) and return the path of its site.yaml."""
+    t0 = time.monotonic()
+    root = cfg.abs_root
+    for d in (root, cfg.backups_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    # Secrets first: node installs write database.config from db_password.
+    mariadb.ensure_db_secrets(cfg)
+
+    steps: dict[str, Any] = {
+        "MariaDB": _in_thread(mariadb.start_mariadb, cfg),
+        "nodes": _in_thread(_nodes_up, cfg),
+    }
+    if with_temporal:
+        from starter.devserver import start_dev_server
+
+        steps["Temporal dev server"] = _in_thread(start_dev_server, root, cfg.temporal_port,
+                                                  cfg.temporal_ui_port)
+    await _gather_all(steps)
+    # Apps after the database: their /health needs it, and HAProxy must see them healthy.
+    await _start_apps(cfg)
+    await asyncio.to_thread(haproxy.start, cfg)
+    await asyncio.to_thread(haproxy.wait_all_up, cfg)
+    _write_state(cfg, with_temporal)
+    site = write_site_yaml(cfg)
+    log.info("lab up in %.1fs: %s", time.monotonic() - t0, site)
+    return site
+
+
+def _node_dirs(cfg: LabConfig) -> list[Path]:
+    """Every node folder present (not just cfg.nodes of them: the lab may have been started
+    with more nodes than the caller's config says)."""
+    if not cfg.nodes_dir.is_dir():
+        return []
+    return sorted(p for p in cfg.nodes_dir.iterdir() if p.is_dir())
+
+
+def _stop_node_dir(cfg: LabConfig, node: Path) -> None:
+    from lab import nodes
+
+    name = node.name
+    i = int(name[4:]) if name.startswith("node") and name[4:].isdigit() else None
+    if i is not None and (node / "ctl").exists():
+        try:
+            nodes.stop_node(cfg, i)
+        except Exception as e:  # fall back to the pid file below
+            log.warning("%s: ctl stop failed (%s); stopping by pid file", name, e)
+    stop_pidfile(node / "run" / "app.pid", timeout=10, expect="app.py")
+
+
+def lab_down(cfg: LabConfig) -> None:
+    """Stop every lab process (HAProxy, apps, SSH endpoints, MariaDB, dev server) by pid file.
+
+    Safe on a lab that is partly or not at all running. Raises LabError when something
+    could not be stopped (after trying everything else)."""
+    from lab import sshd
+    from starter.devserver import stop_dev_server
+
+    errors: list[str] = []
+
+    def attempt(what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as e:
+            errors.append(f"{what}: {e}")
+
+    # Front to back: the load balancer first so no request reaches an app being stopped.
+    attempt("HAProxy", lambda: haproxy.stop(cfg))
+    node_dirs = _node_dirs(cfg)
+    if node_dirs:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(node_dirs)) as ex:
+            for node, fut in [(n, ex.submit(_stop_node_dir, cfg, n)) for n in node_dirs]:
+                attempt(node.name, fut.result)
+    attempt("sshd", lambda: sshd.stop_sshd(cfg))
+    attempt("MariaDB", lambda: mariadb.stop_mariadb(cfg))
+    attempt("Temporal dev server", lambda: stop_dev_server(cfg.abs_root))
+    left = [part for part, up, _ in lab_status(cfg, with_temporal=True, shallow=True) if up]
+    if left:
+        errors.append(f"still running: {', '.join(left)}")
+    if errors:
+        raise LabError("lab down incomplete: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------- status
+
+
+def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
+               shallow: bool = False) -> list[tuple[str, bool, str]]:
+    """(part, up, detail) for each part of the lab.
+
+    with_temporal=None includes the dev server when the lab was started with it (recorded
+    in lab.json by lab_up). shallow=True only checks the processes (no SQL, no runtime API).
+    """
+    from lab import nodes, sshd
+    from starter.devserver import server_status
+
+    if with_temporal is None:
+        with_temporal = bool(_read_state(cfg).get("with_temporal", True))
+    rows: list[tuple[str, bool, str]] = []
+    if with_temporal:
+        ts = server_status(cfg.abs_root) if not shallow else {
+            "running": pid_alive(cfg.abs_root / "temporal.pid", expect="start-dev"), "serving": None}
+        up = bool(ts["running"] and (shallow or ts["serving"]))
+        rows.append(("temporal", up, f"{ts.get('address') or cfg.temporal_address} pid {ts.get('pid')}"
+                     if ts["running"] else f"not running (log {cfg.abs_root / 'temporal.log'})"))
+    for role in mariadb.ROLES:
+        if shallow:
+            running = mariadb.instance_running(cfg, role)
+            rows.append((f"mariadb {role}", running, f"port {mariadb.port_of(cfg, role)}"))
+            continue
+        st = mariadb.instance_status(cfg, role)
+        detail = f"127.0.0.1:{st['port']}"
+        up = bool(st.get("answering"))
+        if not st["running"]:
+            detail += f" not running (log {st['log']})"
+        elif not up:
+            detail += f" not answering: {st.get('error', '')}"
+        elif role == "replica":
+            replicating = st.get("io_running") == "Yes" and st.get("sql_running") == "Yes"
+            up = up and replicating and bool(st.get("read_only"))
+            detail += (f" gtid {st.get('gtid')} io={st.get('io_running')} sql={st.get('sql_running')}"
+                       f" behind={st.get('seconds_behind')}s read_only={st.get('read_only')}")
+            if st.get("last_error"):
+                detail += f" error: {st['last_error']}"
+        else:
+            detail += f" gtid {st.get('gtid')}"
+        rows.append((f"mariadb {role}", up, detail))
+    rows.append(("sshd", sshd.sshd_running(cfg),
+                 f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}"))
+    for node in _node_dirs(cfg) if shallow else []:
+        rows.append((node.name, pid_alive(node / "run" / "app.pid", expect="app.py"), str(node)))
+    if not shallow:
+        for i in cfg.node_indexes:
+            rows.append((cfg.node_name(i), nodes.node_running(cfg, i),
+                         f"http://127.0.0.1:{cfg.app_port(i)}"))
+    hs = haproxy.status(cfg)
+    rows.append(("haproxy", bool(hs["running"]),
+                 f"main :{cfg.main_port} secondary :{cfg.secondary_port} runtime API {cfg.haproxy_socket}"))
+    if not shallow and hs["running"]:
+        servers = hs.get("servers")
+        states: dict[str, str] = servers if isinstance(servers, dict) else {}
+        for i in cfg.node_indexes:
+            key = f"{BACKEND}/{cfg.node_name(i)}"
+            state = states.get(key, "missing")
+            rows.append((f"haproxy {key}", state == "UP", state))
+    return rows
+
+
+# --------------------------------------------------------------------------- reset
+
+
+def _wipe_node_state(cfg: LabConfig, i: int) -> None:
+    """What zerodown or a test left on the node besides the app folder: deploy bookkeeping
+    (.zerodown, staging folders) and injected faults. Logs (run/, ssh.log) are kept."""
+    node = cfg.node_dir(i)
+    for d in (node / APP_DIR, node / ".zerodown", node / ".app.new"):
+        shutil.rmtree(d, ignore_errors=True)
+    inject = node / "inject"
+    if inject.is_dir():
+        for p in inject.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _reset_database(cfg: LabConfig) -> list[str]:
+    done: list[str] = []
+    for role in mariadb.ROLES:
+        if not mariadb.instance_running(cfg, role):
+            done.append(f"started MariaDB {role}")
+        mariadb.start_instance(cfg, role)
+    done += mariadb.ensure_primary_role(cfg)
+    done += mariadb.reset_schema(cfg)
+    if not mariadb.replica_in_sync(cfg):
+        # Broken, promoted or diverged (written to directly): re-seed it from the primary.
+        mariadb.rebuild_replica(cfg)
+        done.append("rebuilt the replica from the primary")
+    mariadb.wait_replica_caught_up(cfg)
+    return done
+
+
+async def lab_reset(cfg: LabConfig) -> list[str]:
+    """Put the lab back to the state just after lab_up; returns what was done.
+
+    Database: schema version 1 (v2's down migration if needed), replica replicating.
+    Nodes: stopped, app folder wiped, v1 installed with the node installer, started.
+    HAProxy: every server ready (and at its initial weight) in `app`, in maintenance in
+    `app_secondary`, all UP. Processes that are not running are started."""
+    from lab import nodes, packages, sshd
+
+    t0 = time.monotonic()
+    mariadb.ensure_db_secrets(cfg)
+    pkgs = await asyncio.to_thread(packages.build_packages, cfg)
+
+    async def reinstall(i: int) -> None:
+        await asyncio.to_thread(nodes.stop_node, cfg, i)
+        await asyncio.to_thread(_wipe_node_state, cfg, i)
+        await asyncio.to_thread(nodes.install_node, cfg, i, pkgs[1])
+
+    db_done: list[str] = []
+
+    async def database() -> None:
+        db_done.extend(await asyncio.to_thread(_reset_database, cfg))
+
+    # Nodes are stopped while the schema goes back, so no v2 code runs against schema 1.
+    await _gather_all({"database": database(),
+                       **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes}})
+    await asyncio.to_thread(sshd.start_sshd, cfg)
+    await _start_apps(cfg)
+    await asyncio.to_thread(haproxy.start, cfg)
+    await asyncio.to_thread(haproxy.reset_servers, cfg)
+    await asyncio.to_thread(haproxy.wait_all_up, cfg)
+    write_site_yaml(cfg)
+    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "HAProxy servers ready"]
+    log.info("lab reset in %.1fs: %s", time.monotonic() - t0, "; ".join(done))
+    return done

@@ -1,0 +1,96 @@
+"""Shared fixtures.
+
+* Temporal: one real dev server per session and a worker helper (tests/temporal_env.py).
+* The lab: `lab_cfg` (free ports, a temporary root) and `lab` (the whole lab, started
+  once per session with `lab_up` and always stopped with `lab_down`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.config import LabConfig
+
+# --------------------------------------------------------------------------- Temporal
+from tests.temporal_env import client, task_queue, temporal_env  # noqa: F401
+
+# --------------------------------------------------------------------------- the lab
+
+PORT_BASE_START = 21000
+PORT_BASE_STEP = 100
+PORT_BASE_TRIES = 200
+# Ports a developer's own dev server / lab use: never hand them to a test lab.
+RESERVED_PORTS = {7233, 8233, *range(18000, 18100)}
+# Per-port-base lock files: two pytest sessions on one machine (parallel engineers, CI
+# next to a developer) never pick the same ports, even if both probe them at once.
+LOCK_DIR = Path(tempfile.gettempdir()) / "zerodown-test-ports"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR like the servers themselves: a port in TIME_WAIT is usable, one with
+        # a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _test_lab_config(root: Path, port_base: int) -> LabConfig:
+    # The dev server ports sit in the same block (+50/+51, unused by the lab itself), so a
+    # test dev server never collides with the developer's on 7233/8233.
+    return LabConfig(root=root, nodes=3, port_base=port_base,
+                     temporal_port=port_base + 50, temporal_ui_port=port_base + 51)
+
+
+def _claim_port_base(root: Path) -> tuple[LabConfig, int]:
+    """A LabConfig whose ports are all free, and the fd of the lock that reserves them."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for n in range(PORT_BASE_TRIES):
+        base = PORT_BASE_START + n * PORT_BASE_STEP
+        cfg = _test_lab_config(root, base)
+        ports = [*cfg.all_ports(), cfg.temporal_port, cfg.temporal_ui_port]
+        if RESERVED_PORTS.intersection(ports) or max(ports) > 65535:
+            continue
+        fd = os.open(LOCK_DIR / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        if all(_port_free(p) for p in ports):
+            return cfg, fd
+        os.close(fd)  # releases the lock
+    raise RuntimeError(f"no free block of lab ports from {PORT_BASE_START} in steps of {PORT_BASE_STEP}")
+
+
+@pytest.fixture(scope="session")
+def lab_cfg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
+    """A 3-node lab config on free ports, rooted in a session temp dir (not started)."""
+    cfg, lock_fd = _claim_port_base(tmp_path_factory.mktemp("lab"))
+    try:
+        yield cfg
+    finally:
+        os.close(lock_fd)
+
+
+@pytest.fixture(scope="session")
+async def lab(lab_cfg: LabConfig) -> AsyncIterator[LabConfig]:
+    """The running lab (without its own Temporal server), once per session; always torn
+    down, also when lab_up fails half-way."""
+    from lab.manager import lab_down, lab_up
+
+    try:
+        await lab_up(lab_cfg, with_temporal=False)
+        yield lab_cfg
+    finally:
+        lab_down(lab_cfg)

@@ -1,0 +1,859 @@
+"""Unit tests of the activity adapters' pure logic (no lab needed).
+
+Command strings, parsers, config merge, versions, secrets and package inspection are
+tested directly; waiting activities run in temporalio's ActivityEnvironment against small
+stand-ins (a fake HAProxy runtime API on a unix socket, an aiohttp app) so heartbeats,
+deadlines and cancellation are exercised for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import inspect
+import json
+import socket
+import typing
+import zipfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities import ALL_ACTIVITIES, deploy, haproxy, http_checks, mysql, node, ssh
+from activities.deploy import (
+    PackageRequest,
+    UpgradeCheckRequest,
+    compare_versions,
+    inspect_package,
+    inspect_package_file,
+    merge_config,
+    merge_config_detailed,
+    parse_sha256sum,
+)
+from activities.haproxy import (
+    MemberRequest,
+    SetStateRequest,
+    WaitRequest,
+    parse_servers_state,
+    parse_show_stat,
+)
+from activities.http_checks import HttpCheckRequest, LoginRequest, VersionRequest, WaitHealthyRequest
+from activities.node import iis_scripts, service_commands
+from activities.secrets import resolve_secret
+from workflows.inventory import HttpCheck, LoadBalancer, Node, SecretRef, ServiceControl, SshTarget
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _error(exc_info: pytest.ExceptionInfo[ApplicationError]) -> ApplicationError:
+    return exc_info.value
+
+
+# =========================================================================== registry
+
+
+def test_all_activities_are_registered_once_and_take_one_frozen_dataclass() -> None:
+    names = [activity._Definition.must_from_callable(fn).name for fn in ALL_ACTIVITIES]
+    assert len(names) == len(set(names)), names
+    assert {"lb_wait_drained", "deploy_package", "db_backup", "wait_healthy", "ssh_probe"} <= set(names)
+    for fn in ALL_ACTIVITIES:
+        assert inspect.iscoroutinefunction(fn), fn
+        params = list(inspect.signature(fn).parameters.values())
+        assert len(params) == 1, fn
+        hints = typing.get_type_hints(fn)
+        arg = hints[params[0].name]
+        assert dataclasses.is_dataclass(arg) and _frozen(arg), (fn, arg)
+        ret = hints["return"]
+        if dataclasses.is_dataclass(ret):
+            assert _frozen(ret), (fn, ret)
+
+
+def _frozen(cls: Any) -> bool:
+    return bool(cls.__dataclass_params__.frozen)
+
+
+def test_complex_inputs_and_results_survive_the_payload_converter() -> None:
+    """Workflows receive these through Temporal's JSON converter: nested dataclasses, tuples
+    and dicts must come back equal."""
+    from temporalio.converter import DataConverter
+
+    target = SshTarget(host="h", port=2222, user="u", key=SecretRef(file="/k"), known_hosts="/kh")
+    n = Node(name="n1", ssh=target, app_dir="app", url="http://h:1",
+             service=ServiceControl(kind="iis", site="s", app_pool="p", timeout_s=30))
+    pkg = deploy.PackageInfo(path="/p.zip", sha256="ab", name="x", version="2.0.0", min_upgrade_from="1.0",
+                             schema_version=2, migrations=(deploy.MigrationSpec(2, "up;", "down;", True),),
+                             files=3, size=10)
+    samples: list[Any] = [
+        pkg,
+        deploy.DeployRequest(n, pkg, ("a.config",), ("web.config",), "r1"),
+        deploy.AppBackup(node=n, node_name="n1", backup_id="b", path=".zerodown/backups/b.tar", files=1,
+                         manifest={"a b/c": "00"}, protected={"a.config": "11"}),
+        deploy.DeployResult("n1", "2.0.0", 3, (deploy.MergeReport("web.config", ("k",), ("-a", "+b"), True,
+                                                                  ("note",)),)),
+        haproxy.MemberState("lb", "n1", "app", "s1", "UP 1/2", 0, "ready", 1, "L7OK"),
+        mysql.ReplicaStatus("h", 1, True, "Yes", "Yes", None, "0-1-2", "0-1-2", "", "", True),
+        http_checks.WaitHealthyResult("u", 1.5, 3, http_checks.HttpCheckResult("u", 200, "ok", 3)),
+    ]
+    conv = DataConverter.default.payload_converter
+    for obj in samples:
+        back = conv.from_payloads(conv.to_payloads([obj]), [type(obj)])[0]
+        assert back == obj, type(obj)
+
+
+# =========================================================================== service commands
+
+
+def test_command_kind_is_passed_through() -> None:
+    svc = ServiceControl(kind="command", stop="./ctl stop", start="./ctl start", status="./ctl status")
+    assert service_commands(svc) == node.ServiceCommands("./ctl stop", "./ctl start", "./ctl status")
+
+
+def test_systemd_commands() -> None:
+    c = service_commands(ServiceControl(kind="systemd", unit="labapp.service"))
+    assert (c.stop, c.start, c.status) == ("systemctl stop labapp.service", "systemctl start labapp.service",
+                                           "systemctl is-active labapp.service")
+    odd = service_commands(ServiceControl(kind="systemd", unit="app; rm -rf /"))
+    assert odd.stop == "systemctl stop 'app; rm -rf /'"
+
+
+def _decode_ps(command: str) -> str:
+    prefix = "powershell -NoProfile -NonInteractive -EncodedCommand "
+    assert command.startswith(prefix)
+    return base64.b64decode(command[len(prefix):]).decode("utf-16-le")
+
+
+def test_iis_scripts_exact() -> None:
+    c = service_commands(ServiceControl(kind="iis", site="Default Web Site", app_pool="LabPool",
+                                        timeout_s=90))
+    poll_stop = ("$deadline = (Get-Date).AddSeconds(90); "
+                 "while ((Get-WebAppPoolState -Name 'LabPool').Value -ne 'Stopped') { "
+                 "if ((Get-Date) -gt $deadline) { "
+                 "Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + "
+                 "(Get-WebAppPoolState -Name 'LabPool').Value); exit 1 }; "
+                 "Start-Sleep -Milliseconds 500 }; exit 0")
+    assert _decode_ps(c.stop) == ("Import-Module WebAdministration; Stop-Website -Name 'Default Web Site'; "
+                                  "Stop-WebAppPool -Name 'LabPool'; " + poll_stop)
+    assert _decode_ps(c.start) == (
+        "Import-Module WebAdministration; Start-WebAppPool -Name 'LabPool'; "
+        "Start-Website -Name 'Default Web Site'; "
+        + poll_stop.replace("'Stopped'", "'Started'").replace("reach Stopped", "reach Started"))
+    assert _decode_ps(c.status) == ("Import-Module WebAdministration; "
+                                    "$s = (Get-WebAppPoolState -Name 'LabPool').Value; Write-Output $s; "
+                                    "if ($s -eq 'Started') { exit 0 } else { exit 3 }")
+
+
+def test_iis_names_are_quoted_safely() -> None:
+    s = iis_scripts("Bob's site", "pool'; Remove-Item C:\\ -Recurse; '", 60)
+    assert "Stop-Website -Name 'Bob''s site';" in s.stop
+    assert "Stop-WebAppPool -Name 'pool''; Remove-Item C:\\ -Recurse; ''';" in s.stop
+    c = service_commands(ServiceControl(kind="iis", site="Bob's site", app_pool="p", timeout_s=60))
+    assert _decode_ps(c.stop) == iis_scripts("Bob's site", "p", 60).stop
+    # -EncodedCommand carries only base64: nothing for an outer shell to interpret
+    assert c.stop.split()[-1].isascii() and "'" not in c.stop
+
+
+@pytest.mark.parametrize("svc", [ServiceControl(kind="iis", site="x"), ServiceControl(kind="systemd"),
+                                 ServiceControl(kind="command", stop="x"), ServiceControl(kind="nope")])
+def test_incomplete_service_control_is_rejected(svc: ServiceControl) -> None:
+    with pytest.raises(ApplicationError) as e:
+        service_commands(svc)
+    assert e.value.type == "InvalidRequest" and e.value.non_retryable
+
+
+# =========================================================================== haproxy parsing
+
+
+def test_parse_show_stat_recorded_fixture() -> None:
+    rows = parse_show_stat((FIXTURES / "haproxy_show_stat.csv").read_text())
+    by = {(r.pxname, r.svname): r for r in rows}
+    assert by[("app", "node1")].status == "UP" and by[("app", "node1")].admin == "ready"
+    assert by[("app", "node1")].check_status == "L7OK" and by[("app", "node1")].weight == 1
+    assert by[("app", "node2")].status == "DRAIN" and by[("app", "node2")].admin == "drain"
+    assert by[("app", "node3")].status == "MAINT" and by[("app", "node3")].admin == "maint"
+    assert by[("app_secondary", "BACKEND")].status == "DOWN"
+    assert by[("main", "FRONTEND")].status == "OPEN"
+    assert all(r.scur == 0 for r in rows)
+    assert len(rows) == 10
+
+
+def test_parse_show_stat_statuses_and_counts() -> None:
+    text = ("# pxname,svname,qcur,scur,status,weight,check_status\n"
+            "be,s1,0,7,UP 1/2,10,L7OK\n"
+            "be,s2,0,,no check,1,\n"
+            "be,s3,0,3,MAINT (via be/s1),1,\n"
+            "be,s4,0,0,DOWN,1,L4CON\n")
+    rows = {r.svname: r for r in parse_show_stat(text)}
+    assert (rows["s1"].status, rows["s1"].scur, rows["s1"].weight) == ("UP 1/2", 7, 10)
+    assert rows["s2"].status == "no check" and rows["s2"].scur == 0
+    assert rows["s3"].admin == "maint" and rows["s4"].check_status == "L4CON"
+    with pytest.raises(ValueError):
+        parse_show_stat("Unknown command\n")
+
+
+def test_parse_servers_state_recorded_fixture() -> None:
+    states = {(s.be_name, s.srv_name): s for s in
+              parse_servers_state((FIXTURES / "haproxy_servers_state.txt").read_text())}
+    assert states[("app", "node1")].admin == "ready" and states[("app", "node1")].op_state == "running"
+    assert states[("app", "node2")].admin == "drain" and states[("app", "node2")].admin_bits == 8
+    assert states[("app", "node3")].admin == "maint" and states[("app", "node3")].op_state == "stopped"
+    assert states[("app_secondary", "node1")].admin == "maint"
+
+
+# =========================================================================== fake runtime API
+
+
+class FakeHaproxy:
+    """A unix-socket stand-in for HAProxy's runtime API: `show stat`, `show servers state`
+    and `set server` on one backend `app` with servers node1..2."""
+
+    def __init__(self) -> None:
+        self.scur = {"node1": 0, "node2": 0}
+        self.admin = {"node1": 0, "node2": 0}
+        self.status = {"node1": "UP", "node2": "UP"}
+        self.commands: list[str] = []
+        # called before answering `show stat`, to script changes over time
+        self.on_show_stat: Callable[[FakeHaproxy], None] = lambda f: None
+
+    def _status(self, s: str) -> str:
+        if self.admin[s] & 0x01:
+            return "MAINT"
+        if self.admin[s] & 0x08 and self.status[s].startswith("UP"):
+            return "DRAIN"
+        return self.status[s]
+
+    def answer(self, cmd: str) -> str:
+        self.commands.append(cmd)
+        if cmd == "show stat":
+            self.on_show_stat(self)
+            lines = ["# pxname,svname,scur,status,weight,check_status"]
+            lines += [f"app,{s},{self.scur[s]},{self._status(s)},1,L7OK" for s in self.scur]
+            lines.append(f"app,BACKEND,{sum(self.scur.values())},UP,2,")
+            return "\n".join(lines) + "\n\n"
+        if cmd.startswith("show servers state"):
+            rows = [f"3 app {i} {s} 127.0.0.1 2 {self.admin[s]} 1 1" for i, s in enumerate(self.scur, 1)]
+            return ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
+                    "srv_uweight srv_iweight\n" + "\n".join(rows) + "\n\n")
+        if cmd.startswith("set server "):
+            target, _, state = cmd[len("set server "):].partition(" state ")
+            be, _, srv = target.partition("/")
+            if be != "app":
+                return "No such backend.\n\n"
+            if srv not in self.scur:
+                return "No such server.\n\n"
+            self.admin[srv] = {"ready": 0, "drain": 0x08, "maint": 0x01}[state]
+            return "\n"
+        return "Unknown command.\n\n"
+
+
+@pytest.fixture
+async def fake_haproxy(tmp_path: Path) -> AsyncIterator[tuple[FakeHaproxy, str]]:
+    fake = FakeHaproxy()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode().strip()
+        writer.write(fake.answer(line).encode())
+        await writer.drain()
+        writer.close()
+
+    sock = str(tmp_path / "admin.sock")
+    server = await asyncio.start_unix_server(handle, path=sock)
+    try:
+        yield fake, f"unix:{sock}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _lb(api: str, **kw: Any) -> LoadBalancer:
+    return LoadBalancer(name="main", kind="haproxy", runtime_api=api, backend="app",
+                        members={"n1": "node1", "n2": "node2", "ghost": "node9"}, **kw)
+
+
+async def test_set_state_and_member_state(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    env = ActivityEnvironment()
+    st = await env.run(haproxy.lb_set_state, SetStateRequest(_lb(api), "n1", "drain"))
+    assert (st.server, st.status, st.admin) == ("node1", "DRAIN", "drain")
+    assert "set server app/node1 state drain" in fake.commands
+    st = await env.run(haproxy.lb_member_state, MemberRequest(_lb(api), "n1"))
+    assert st.admin == "drain"
+    st = await env.run(haproxy.lb_set_state, SetStateRequest(_lb(api), "n1", "ready"))
+    assert st.is_up
+
+
+async def test_unknown_member_backend_and_state(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    _, api = fake_haproxy
+    env = ActivityEnvironment()
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_set_state, SetStateRequest(_lb(api), "ghost", "drain"))
+    assert e.value.type == "LbMemberNotFound" and e.value.non_retryable
+    assert "No such server" in e.value.message and "app/node9" in e.value.message
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_check_member, MemberRequest(_lb(api), "ghost"))
+    assert e.value.type == "LbMemberNotFound"
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_check_member, MemberRequest(
+            dataclasses.replace(_lb(api), backend="nope"), "n1"))
+    assert e.value.type == "LbMemberNotFound" and "no such backend 'nope'" in e.value.message
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_set_state, SetStateRequest(_lb(api), "n1", "off"))
+    assert e.value.type == "InvalidRequest"
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_member_state, MemberRequest(_lb(api), "not-a-member"))
+    assert e.value.type == "LbMemberNotFound"
+
+
+async def test_f5_is_not_supported_yet() -> None:
+    f5 = LoadBalancer(name="big", kind="f5", members={"n1": "10.0.0.1:80"}, url="https://f5",
+                      pool="p", user="u", credential=SecretRef(env="F5"))
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(haproxy.lb_set_state, SetStateRequest(f5, "n1", "drain"))
+    assert e.value.type == "LbUnsupported" and e.value.non_retryable and "f5" in e.value.message
+
+
+async def test_runtime_api_unreachable(tmp_path: Path) -> None:
+    with pytest.raises(ApplicationError) as e:
+        await haproxy.runtime_command(f"unix:{tmp_path}/missing.sock", "show stat")
+    assert e.value.type == "LbRuntimeApiError" and not e.value.non_retryable
+    port = _free_port()
+    with pytest.raises(ApplicationError) as e:
+        await haproxy.runtime_command(f"tcp:127.0.0.1:{port}", "show stat")
+    assert e.value.type == "LbRuntimeApiError"
+
+
+async def test_wait_drained_heartbeats_until_sessions_reach_zero(
+        fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    fake.scur["node1"] = 3
+
+    def drain(f: FakeHaproxy) -> None:
+        f.scur["node1"] = max(0, f.scur["node1"] - 1) if f.admin["node1"] else f.scur["node1"]
+
+    fake.on_show_stat = drain
+    env = ActivityEnvironment()
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *d: beats.append(d[0])
+    await env.run(haproxy.lb_set_state, SetStateRequest(_lb(api), "n1", "drain"))
+    waited = await env.run(haproxy.lb_wait_drained, WaitRequest(_lb(api), "n1", timeout_s=10))
+    assert waited >= 0 and fake.scur["node1"] == 0
+    assert beats and all("scur" in b for b in beats)
+    assert [b["scur"] for b in beats] == sorted((b["scur"] for b in beats), reverse=True)
+
+
+async def test_wait_drained_times_out_with_open_sessions(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    fake.scur["node2"] = 4
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(haproxy.lb_wait_drained, WaitRequest(_lb(api), "n2", timeout_s=0.6))
+    assert e.value.type == "DrainTimeout" and e.value.non_retryable
+    assert "4 open session(s)" in e.value.message and "app/node2" in e.value.message
+
+
+async def test_wait_drained_keeps_the_deadline_across_retries(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    fake.scur["node2"] = 1
+    env = ActivityEnvironment()
+    # A previous attempt already waited 9.9 of the 10 s.
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[{"waited_s": 9.9, "scur": 1}])
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ApplicationError) as e:
+        await env.run(haproxy.lb_wait_drained, WaitRequest(_lb(api), "n2", timeout_s=10))
+    assert e.value.type == "DrainTimeout" and loop.time() - t0 < 2
+
+
+async def test_wait_drained_honours_cancellation(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    fake.scur["node1"] = 5
+    env = ActivityEnvironment()
+    task = asyncio.ensure_future(env.run(haproxy.lb_wait_drained, WaitRequest(_lb(api), "n1", timeout_s=60)))
+    await asyncio.sleep(0.6)
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_wait_up(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake, api = fake_haproxy
+    fake.status["node2"] = "DOWN"
+    polls = {"n": 0}
+
+    def come_up(f: FakeHaproxy) -> None:
+        polls["n"] += 1
+        if polls["n"] >= 3:
+            f.status["node2"] = "UP 1/2"
+
+    fake.on_show_stat = come_up
+    st = await ActivityEnvironment().run(haproxy.lb_wait_up, WaitRequest(_lb(api), "n2", timeout_s=10))
+    assert st.status == "UP 1/2" and st.is_up
+    fake.admin["node1"] = 0x08  # drain: UP but not taking new traffic
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(haproxy.lb_wait_up, WaitRequest(_lb(api), "n1", timeout_s=0.5))
+    assert e.value.type == "NotUpTimeout" and "admin drain" in e.value.message
+
+
+# =========================================================================== config merge
+
+V1 = """# defaults 1.0
+http.port = 8080
+node.name = unnamed
+greeting = Hello
+log.access = on
+"""
+V2 = """# defaults 2.0
+http.port = 8080
+node.name = unnamed
+greeting = Welcome 2
+log.access = on
+# new in 2
+feature.notes = on
+"""
+
+
+def test_merge_carries_changed_and_added_keys_onto_new_defaults() -> None:
+    node_text = V1.replace("http.port = 8080", "http.port = 18011").replace(
+        "node.name = unnamed", "node.name = node1") + "# customised on this node\ncustom.banner = Hi\n"
+    merged, report = merge_config(node_text, V1, V2)
+    assert merged == ("# defaults 2.0\nhttp.port = 18011\nnode.name = node1\ngreeting = Welcome 2\n"
+                      "log.access = on\n# new in 2\nfeature.notes = on\n"
+                      "# customised on this node\ncustom.banner = Hi\n")
+    assert report == ["--- new defaults", "+++ merged", "@@ -2,2 +2,2 @@", "-http.port = 8080",
+                      "-node.name = unnamed", "+http.port = 18011", "+node.name = node1",
+                      "@@ -7,0 +8,2 @@", "+# customised on this node", "+custom.banner = Hi"]
+    detail = merge_config_detailed(node_text, V1, V2)
+    assert detail.carried == ("http.port", "node.name", "custom.banner")
+
+
+def test_merge_takes_new_default_values_for_keys_the_node_did_not_change() -> None:
+    merged, report = merge_config(V1, V1, V2)
+    assert merged == V2 and report == []
+
+
+def test_merge_is_idempotent_once_new_defaults_are_recorded() -> None:
+    node_text = V1.replace("greeting = Hello", "greeting = Howdy")
+    first, _ = merge_config(node_text, V1, V2)
+    again, _ = merge_config(first, V2, V2)
+    assert again == first and "greeting = Howdy" in first
+
+
+def test_merge_without_recorded_defaults_keeps_node_values_of_known_keys() -> None:
+    node_text = V1.replace("http.port = 8080", "http.port = 9000") + "only.on.node = 1\n"
+    outcome = merge_config_detailed(node_text, None, V2)
+    # every key the node has that also exists in the new defaults keeps the node's value
+    assert "greeting = Hello" in outcome.text and "http.port = 9000" in outcome.text
+    assert "feature.notes = on" in outcome.text and "only.on.node" not in outcome.text
+    assert any("only.on.node" in n for n in outcome.notes)
+    assert outcome.carried == ("http.port", "greeting")
+
+
+def test_merge_reports_a_key_removed_on_the_node() -> None:
+    node_text = V1.replace("log.access = on\n", "")
+    outcome = merge_config_detailed(node_text, V1, V2)
+    assert "log.access = on" in outcome.text
+    assert any(n.startswith("log.access: removed on the node") for n in outcome.notes)
+
+
+def test_merge_keeps_customisation_of_a_key_dropped_from_the_new_defaults() -> None:
+    node_text = V1.replace("log.access = on", "log.access = off")
+    new = V2.replace("log.access = on\n", "")
+    merged, _ = merge_config(node_text, V1, new)
+    assert merged.endswith("feature.notes = on\nlog.access = off\n")
+
+
+def test_merge_with_sections_and_crlf() -> None:
+    old = "top = 1\r\n[db]\r\npool = 4\r\n[web]\r\nport = 80\r\n"
+    new = "top = 1\r\n[db]\r\npool = 4\r\ntimeout = 5\r\n[web]\r\nport = 80\r\n"
+    node_text = "top = 2\nextra = x\n[db]\npool = 16\n[web]\nport = 80\nssl = on\n[cache]\nsize = 9\n"
+    merged, _ = merge_config(node_text, old, new)
+    assert merged == ("top = 2\r\nextra = x\r\n[db]\r\npool = 16\r\ntimeout = 5\r\n[web]\r\nport = 80\r\n"
+                      "ssl = on\r\n\r\n[cache]\r\nsize = 9\r\n")
+    assert merge_config_detailed(node_text, old, new).carried == ("top", "extra", "db.pool", "web.ssl",
+                                                                  "cache.size")
+
+
+def test_merge_spacing_variants_are_the_same_key() -> None:
+    merged, _ = merge_config("a=2\n", "a = 1\n", "a = 1\nb = 2\n")
+    assert merged == "a=2\nb = 2\n"
+
+
+# =========================================================================== versions
+
+
+@pytest.mark.parametrize(("a", "b", "want"), [
+    ("1.0.0", "1.0.0", 0), ("2.0", "2.0.0", 0), ("2.0.1", "2.0.0", 1), ("1.10.0", "1.9.9", 1),
+    ("v3", "2.99", 1), ("0.9", "1", -1), ("1.0.0.1", "1.0", 1)])
+def test_compare_versions(a: str, b: str, want: int) -> None:
+    assert compare_versions(a, b) == want
+    assert compare_versions(b, a) == -want
+
+
+@pytest.mark.parametrize("bad", ["", "1.x", "1..2", "latest", "1.0-rc1"])
+def test_compare_versions_rejects_non_numeric(bad: str) -> None:
+    with pytest.raises(ValueError):
+        compare_versions(bad, "1.0")
+
+
+# =========================================================================== secrets
+
+
+def test_secret_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZD_TEST_SECRET", "s3cret")
+    assert resolve_secret(SecretRef(env="ZD_TEST_SECRET")) == "s3cret"
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_secret_env_unset_or_empty(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    if value is None:
+        monkeypatch.delenv("ZD_TEST_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("ZD_TEST_SECRET", value)
+    with pytest.raises(ApplicationError) as e:
+        resolve_secret(SecretRef(env="ZD_TEST_SECRET"), needed_by="database main")
+    assert e.value.type == "SecretUnavailable" and e.value.non_retryable
+    assert e.value.message == "environment variable ZD_TEST_SECRET is not set (needed by database main)"
+
+
+def test_secret_from_file_strips_one_newline(tmp_path: Path) -> None:
+    p = tmp_path / "pw"
+    p.write_text("pa ss\n\n")
+    assert resolve_secret(SecretRef(file=str(p))) == "pa ss\n"
+    p.write_text("key-text\n")
+    assert resolve_secret(SecretRef(file=str(p))) == "key-text"
+
+
+def test_secret_file_missing_or_unreadable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ApplicationError) as e:
+        resolve_secret(SecretRef(file=str(missing)), needed_by="ssh node1")
+    assert e.value.type == "SecretUnavailable" and str(missing) in e.value.message
+    assert "ssh node1" in e.value.message
+    with pytest.raises(ApplicationError) as e:
+        resolve_secret(SecretRef(file=str(tmp_path)))  # a directory: unreadable as a file
+    assert e.value.type == "SecretUnavailable" and str(tmp_path) in e.value.message
+
+
+def test_secret_value_never_in_messages(tmp_path: Path) -> None:
+    p = tmp_path / "pw"
+    p.write_text("\n")
+    with pytest.raises(ApplicationError) as e:
+        resolve_secret(SecretRef(file=str(p)))
+    assert "empty" in e.value.message
+
+
+# =========================================================================== packages
+
+
+RELEASE = {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "schema_version": 2,
+           "migrations": [{"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql",
+                           "destructive": False}]}
+
+
+def _zip(path: Path, files: dict[str, bytes | str]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+def _good_files() -> dict[str, bytes | str]:
+    return {"release.json": json.dumps(RELEASE), "app.py": "print('hi')\n", "web.config": "a = 1\n",
+            "migrations/002_up.sql": "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
+            "migrations/002_down.sql": "ALTER TABLE t DROP COLUMN IF EXISTS c;\n"}
+
+
+async def test_inspect_good_package(tmp_path: Path) -> None:
+    p = _zip(tmp_path / "app-2.zip", _good_files())
+    info = await ActivityEnvironment().run(inspect_package, PackageRequest(str(p)))
+    assert (info.name, info.version, info.min_upgrade_from, info.schema_version, info.files) == (
+        "labapp", "2.0.0", "1.0.0", 2, 5)
+    assert info.migrations == (deploy.MigrationSpec(2, "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
+                                                    "ALTER TABLE t DROP COLUMN IF EXISTS c;\n", False),)
+    import hashlib
+    assert info.sha256 == hashlib.sha256(p.read_bytes()).hexdigest() and info.size == p.stat().st_size
+
+
+def test_inspect_the_lab_packages(tmp_path: Path) -> None:
+    from lab.packages import package_files, zip_bytes
+
+    for major in (1, 2):
+        p = tmp_path / f"app-{major}.zip"
+        p.write_bytes(zip_bytes(package_files(major)))
+        info = inspect_package_file(str(p))
+        assert info.version == f"{major}.0.0" and info.schema_version == major
+        assert len(info.migrations) == major - 1
+
+
+def test_inspect_missing_package(tmp_path: Path) -> None:
+    with pytest.raises(ApplicationError) as e:
+        inspect_package_file(str(tmp_path / "nope.zip"))
+    assert e.value.type == "PackageMissing" and e.value.non_retryable and "nope.zip" in e.value.message
+
+
+def _corrupt_reason(path: Path) -> str:
+    with pytest.raises(ApplicationError) as e:
+        inspect_package_file(str(path))
+    assert e.value.type == "PackageCorrupt" and e.value.non_retryable
+    assert str(path) in e.value.message
+    return e.value.message
+
+
+def test_inspect_not_a_zip(tmp_path: Path) -> None:
+    p = tmp_path / "x.zip"
+    p.write_bytes(b"this is not a zip file at all")
+    assert "not a zip" in _corrupt_reason(p)
+
+
+def test_inspect_bad_crc(tmp_path: Path) -> None:
+    p = _zip(tmp_path / "x.zip", {**_good_files(), "big.txt": "A" * 4000})
+    data = bytearray(p.read_bytes())
+    at = data.find(b"A" * 100)
+    data[at + 50] = ord("B")  # stored (uncompressed), so this flips content, not structure
+    p.write_bytes(bytes(data))
+    assert "CRC" in _corrupt_reason(p) and "big.txt" in _corrupt_reason(p)
+
+
+def test_inspect_no_release_json(tmp_path: Path) -> None:
+    files = _good_files()
+    del files["release.json"]
+    assert "no release.json" in _corrupt_reason(_zip(tmp_path / "x.zip", files))
+
+
+@pytest.mark.parametrize(("release", "why"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({**RELEASE, "version": "two"}), "not a dotted numeric version"),
+    (json.dumps({**RELEASE, "name": ""}), "'name'"),
+    (json.dumps({**RELEASE, "schema_version": "2"}), "schema_version"),
+    (json.dumps({**RELEASE, "migrations": [{"version": 2, "up": "migrations/missing.sql"}]}),
+     "not in the package"),
+])
+def test_inspect_invalid_release_json(tmp_path: Path, release: str, why: str) -> None:
+    assert why in _corrupt_reason(_zip(tmp_path / "x.zip", {**_good_files(), "release.json": release}))
+
+
+@pytest.mark.parametrize("name", ["../evil.sh", "/etc/passwd", "a/../../b", "C:/win.ini"])
+def test_inspect_unsafe_member_names(tmp_path: Path, name: str) -> None:
+    p = tmp_path / "x.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        for n, data in _good_files().items():
+            z.writestr(n, data)
+        z.writestr(zipfile.ZipInfo(name), b"x")
+    assert "unsafe member name" in _corrupt_reason(p)
+
+
+async def test_check_upgrade(tmp_path: Path) -> None:
+    info = inspect_package_file(str(_zip(tmp_path / "app-2.zip", _good_files())))
+    env = ActivityEnvironment()
+    ok = await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "1.0.0"))
+    assert ok.comparison == 1
+    for running in ("2.0.0", "2.1"):
+        with pytest.raises(ApplicationError) as e:
+            await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, running))
+        assert e.value.type == "VersionNotNewer" and e.value.non_retryable
+    assert (await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "2.0.0", allow_same=True))
+            ).comparison == 0
+    with pytest.raises(ApplicationError) as e:
+        await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "0.9.0"))
+    assert e.value.type == "VersionNotNewer" and "1.0.0 or later" in e.value.message
+
+
+# =========================================================================== node-side parsing
+
+
+def test_parse_sha256sum_handles_escaped_names() -> None:
+    d = "a" * 64
+    text = (f"{d}  ./web.config\n{d}  ./static/index.html\n"
+            f"\\{d}  ./odd\\nname\n\\{d}  ./back\\\\slash\n{d}  ./with space\n")
+    assert parse_sha256sum(text) == {"web.config": d, "static/index.html": d, "odd\nname": d,
+                                     "back\\slash": d, "with space": d}
+    assert parse_sha256sum("") == {}
+
+
+def test_split_sql() -> None:
+    sql = """-- a comment
+ALTER TABLE items ADD COLUMN IF NOT EXISTS notes VARCHAR(200) NULL;
+
+# other comment
+CREATE TABLE t (
+  id INT, -- inline
+  v VARCHAR(10) DEFAULT 'a;b'
+);
+UPDATE t SET v = 'x'"""
+    assert mysql.split_sql(sql) == [
+        "ALTER TABLE items ADD COLUMN IF NOT EXISTS notes VARCHAR(200) NULL",
+        "CREATE TABLE t (\n  id INT, -- inline\n  v VARCHAR(10) DEFAULT 'a;b'\n)",
+        "UPDATE t SET v = 'x'"]
+    assert mysql.split_sql("-- only a comment\n\n") == []
+
+
+# =========================================================================== ssh (no lab)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_ssh_connection_refused_is_retryable_unreachable(tmp_path: Path) -> None:
+    target = SshTarget(host="127.0.0.1", port=_free_port(), user="x", password=SecretRef(env="HOME"),
+                       connect_timeout_s=2)
+    with pytest.raises(ApplicationError) as e:
+        await ssh.run(target, "true", timeout_s=5)
+    assert e.value.type == "SshUnreachable" and not e.value.non_retryable
+    assert f"127.0.0.1:{target.port}" in e.value.message
+    probe = await ActivityEnvironment().run(ssh.ssh_probe, ssh.SshProbeRequest(target))
+    assert not probe.ok and probe.error_type == "SshUnreachable"
+
+
+async def test_ssh_key_secret_missing(tmp_path: Path) -> None:
+    target = SshTarget(host="127.0.0.1", port=_free_port(), key=SecretRef(file=str(tmp_path / "nokey")))
+    with pytest.raises(ApplicationError) as e:
+        await ssh.run(target, "true")
+    assert e.value.type == "SecretUnavailable"
+
+
+# =========================================================================== http checks
+
+
+@pytest.fixture
+async def http_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    state: dict[str, Any] = {"health": [500, 200, 200, 200], "hits": 0, "version": "2.0.0"}
+
+    async def health(request: web.Request) -> web.Response:
+        seq = state["health"]
+        status = seq[min(state["hits"], len(seq) - 1)]
+        state["hits"] += 1
+        return web.Response(status=status, text="ok" if status == 200 else "database down")
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": state["version"], "node": "n1", "greeting": "x" * 500})
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(text="1.2.3\n")
+
+    async def login(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body == {"user": "probe", "password": "right"}:
+            return web.json_response({"ok": True})
+        return web.Response(status=401, text=f"bad password {body.get('password')}")
+
+    app = web.Application()
+    app.add_routes([web.get("/health", health), web.get("/version", version), web.get("/plain", plain),
+                    web.post("/login", login)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        await runner.cleanup()
+
+
+async def test_check_health(http_app: tuple[str, dict[str, Any]]) -> None:
+    url, _ = http_app
+    env = ActivityEnvironment()
+    with pytest.raises(ApplicationError) as e:
+        await env.run(http_checks.check_health, HttpCheckRequest(url, HttpCheck(path="/health")))
+    assert e.value.type == "HealthCheckFailed" and "status 500" in e.value.message
+    assert "database down" in e.value.message
+    r = await env.run(http_checks.check_health, HttpCheckRequest(url, HttpCheck(path="/health")))
+    assert r.status == 200 and r.body_snippet == "ok"
+
+
+async def test_check_health_connection_refused() -> None:
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(http_checks.check_health, HttpCheckRequest(
+            f"http://127.0.0.1:{_free_port()}", HttpCheck(path="/health"), timeout_s=2))
+    assert e.value.type == "HealthCheckFailed" and "no HTTP answer" in e.value.message
+
+
+async def test_wait_healthy_needs_consecutive_successes(http_app: tuple[str, dict[str, Any]]) -> None:
+    url, state = http_app
+    state["health"] = [200, 500, 200, 200, 200]
+    env = ActivityEnvironment()
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *d: beats.append(d[0])
+    r = await env.run(http_checks.wait_healthy, WaitHealthyRequest(
+        url, HttpCheck(path="/health"), timeout_s=10, consecutive=2, interval_s=0.05))
+    assert r.attempts == 4 and r.last.status == 200 and len(beats) == 3
+
+
+async def test_wait_healthy_deadline(http_app: tuple[str, dict[str, Any]]) -> None:
+    url, state = http_app
+    state["health"] = [503]
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(http_checks.wait_healthy, WaitHealthyRequest(
+            url, HttpCheck(path="/health"), timeout_s=0.5, interval_s=0.1))
+    assert e.value.type == "HealthCheckFailed" and "last: status 503" in e.value.message
+
+
+async def test_get_version(http_app: tuple[str, dict[str, Any]]) -> None:
+    url, _ = http_app
+    env = ActivityEnvironment()
+    assert await env.run(http_checks.get_version, VersionRequest(url, HttpCheck(path="/version"))) == "2.0.0"
+    assert await env.run(http_checks.get_version, VersionRequest(url, HttpCheck(path="/plain"))) == "1.2.3"
+    with pytest.raises(ApplicationError) as e:
+        await env.run(http_checks.get_version,
+                      VersionRequest(url, HttpCheck(path="/version"), expect="1.0.0"))
+    assert e.value.type == "VersionMismatch" and "'2.0.0'" in e.value.message
+
+
+async def test_check_login(http_app: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = http_app
+    env = ActivityEnvironment()
+    monkeypatch.setenv("ZD_LOGIN_PW", "right")
+    chk = HttpCheck(path="/login", user="probe", password=SecretRef(env="ZD_LOGIN_PW"))
+    r = await env.run(http_checks.check_login, LoginRequest(url, chk))
+    assert r.status == 200
+    monkeypatch.setenv("ZD_LOGIN_PW", "wrong-pw")
+    with pytest.raises(ApplicationError) as e:
+        await env.run(http_checks.check_login, LoginRequest(url, chk))
+    assert e.value.type == "LoginFailed" and "401" in e.value.message
+    assert "wrong-pw" not in e.value.message  # even when the application echoes it
+    monkeypatch.delenv("ZD_LOGIN_PW")
+    with pytest.raises(ApplicationError) as e:
+        await env.run(http_checks.check_login, LoginRequest(url, chk))
+    assert e.value.type == "SecretUnavailable"
+
+
+# =========================================================================== common
+
+
+async def test_with_heartbeat_cancels_the_inner_work() -> None:
+    from activities.common import with_heartbeat
+
+    finished = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+            finished.set()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    env = ActivityEnvironment()
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *d: beats.append(d)
+
+    async def act() -> None:
+        await with_heartbeat(slow(), every_s=0.1)
+
+    task = asyncio.ensure_future(env.run(act))
+    await asyncio.sleep(0.35)
+    env.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set() and not finished.is_set() and len(beats) >= 2
