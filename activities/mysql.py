@@ -335,11 +335,11 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     """Logical backup of the database into <directory>/<backup_id>.sql (+ .sha256, .json).
 
     The recorded table checksums must describe exactly what the dump holds, or a restore
-    could never be proven. So writes are held (LOCK TABLES ... READ from a separate
-    session; readers are never blocked) while the checksums are taken and until the dump
-    (--single-transaction) has opened its snapshot - seen as its first data SELECT in the
-    process list - not for the whole dump: on a big database that would stall writes for
-    minutes. Idempotent: a complete backup with this id (sha256 matching its sidecar) is
+    could never be proven. So writes are held (LOCK TABLES ... READ; readers are never
+    blocked) only while a checksum snapshot is opened and until the dump
+    (--single-transaction) has opened its own - seen as its first data SELECT in the
+    process list - never for the whole dump: on a big database that would stall writes
+    for minutes. Idempotent: a complete backup with this id (sha256 matching its sidecar) is
     reused.
     """
     if not _ID_RE.match(backup_id):
@@ -357,27 +357,42 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     host, port = _endpoint(db, False)
     dump_args = ["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob",
                  "--no-tablespaces", "--skip-dump-date", db.database]
-    async with connection(db) as conn, conn.cursor() as cur:
+    # Session `lk` holds the write lock, session `snap` opens a snapshot under it and takes
+    # the checksums after the lock is gone (CHECKSUM TABLE reads InnoDB through the
+    # snapshot), so writes only wait for the dump to open its own snapshot.
+    async with connection(db) as lk_conn, connection(db) as snap_conn, \
+            lk_conn.cursor() as lk, snap_conn.cursor() as snap:
         try:
-            await cur.execute("SELECT ID FROM information_schema.PROCESSLIST")
-            existing_ids = {int(r[0]) for r in await cur.fetchall()}
+            await lk.execute("SELECT ID FROM information_schema.PROCESSLIST")
+            existing_ids = {int(r[0]) for r in await lk.fetchall()}
             # Do not queue behind a long transaction forever (app writes queue behind us).
-            await cur.execute("SET SESSION lock_wait_timeout = 10")
+            await lk.execute("SET SESSION lock_wait_timeout = 10")
             if tables:
-                await cur.execute("LOCK TABLES " + ", ".join(f"{_qi(t)} READ" for t in tables))
-            checksums = await _checksums_on(cur, tables)
+                await lk.execute("LOCK TABLES " + ", ".join(f"{_qi(t)} READ" for t in tables))
+            await snap.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await snap.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         except (pymysql.MySQLError, OSError) as e:
             _raise_db(db, host, port, "locking tables for a consistent backup", e)
         dump = asyncio.ensure_future(_run_client(db, dump_args, None, tmp, "backup", "mariadb-dump"))
         try:
-            await _wait_dump_snapshot(cur, dump, existing_ids)
+            await _wait_dump_snapshot(lk, dump, existing_ids)
+        except BaseException:
+            dump.cancel()  # cancelled activity: the dump process is killed, not orphaned
+            raise
         finally:
             with contextlib.suppress(pymysql.MySQLError, OSError):
-                await cur.execute("UNLOCK TABLES")
-            if not dump.done() and asyncio.current_task() is not None and \
-                    asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                dump.cancel()
-    await dump
+                await lk.execute("UNLOCK TABLES")
+        try:
+            checksums = await with_heartbeat(_checksums_on(snap, tables),
+                                             lambda: {"step": "backup", "doing": "checksums"})
+            await snap.execute("COMMIT")
+        except (pymysql.MySQLError, OSError) as e:
+            dump.cancel()
+            _raise_db(db, host, port, "CHECKSUM TABLE in the backup snapshot", e)
+        except BaseException:
+            dump.cancel()
+            raise
+        await dump  # (cancelling the activity here cancels the dump task too)
     digest, size, created = await asyncio.to_thread(_finish_backup, tmp, backup_id, db, checksums)
     return DbBackup(db=db, backup_id=backup_id, path=path, sha256=digest, size=size,
                     table_checksums=checksums, created_at=created)

@@ -90,9 +90,10 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
         console.print(steps_table(res.steps, title="rolling-deploy steps"))
         total_s = sum(s.duration_s or 0 for s in res.steps if s.name.startswith(("P", "D", "N")))
         console.print(f"procedure: {len(res.steps)} steps, {total_s:.1f}s of step time")
-        if res.merge_report:
-            console.print("config customisations carried over:")
-            for line in res.merge_report:
+        kept = [line for line in res.merge_report if ": kept " in line]
+        if kept:
+            console.print("per-node config customisations carried onto the new defaults:")
+            for line in kept:
                 console.print(f"  {line}")
     else:
         console.print(f"[bold red]rolling-deploy failed:[/] {outcome.error}")
@@ -102,6 +103,6 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
         "by node": summary.get("by_node", {}), "failures log": cfg.probe_log}))
     console.print(f"failed={summary.get('failed', '?')}")
     console.print(f"Temporal web UI: http://127.0.0.1:{cfg.temporal_ui_port}/namespaces/default/"
-                  f"workflows/{handle.id}")
+                  f"workflows/{handle.id}", soft_wrap=True)
     console.print("The lab keeps running: try `zerodown lab status`; stop it with `make lab-down`.")
     return 0 if outcome.ok and summary.get("failed") == 0 else 1

@@ -28,7 +28,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     # Full module imports (not `from activities import x`): the sandbox must see each module
@@ -117,16 +117,22 @@ class RollingDeployWorkflow:
 
         # ---- Preflight: read-only, every problem reported together --------------------
         self.timeline.set_phase("preflight")
-        package = await self.timeline.step("P1 inspect package", self._act(
-            deploy.inspect_package, deploy.PackageRequest(path=inp.package_path),
-            retry=PREFLIGHT_RETRY), seed_step="P1")
+        try:
+            package = await self.timeline.step("P1 inspect package", self._act(
+                deploy.inspect_package, deploy.PackageRequest(path=inp.package_path),
+                retry=PREFLIGHT_RETRY), seed_step="P1")
+        except ActivityError as e:
+            raise _preflight_failed([f"package {inp.package_path}: {reason(e)}"], [e]) from None
         previous = await self._preflight(inv, nodes, package)
         database = inv.databases[0] if inv.databases else None
         schema = None
         if database is not None:
-            schema = await self.timeline.step("P4 database reachable", self._act(
-                mysql.db_schema_version, mysql.DbRequest(db=database), retry=PREFLIGHT_RETRY),
-                seed_step="P4")
+            try:
+                schema = await self.timeline.step("P4 database reachable", self._act(
+                    mysql.db_schema_version, mysql.DbRequest(db=database), retry=PREFLIGHT_RETRY),
+                    seed_step="P4")
+            except ActivityError as e:
+                raise _preflight_failed([f"database {database.name}: {reason(e)}"], [e]) from None
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
         plan = self._plan(inv, batches, package, pending)
         if inp.dry_run:
@@ -199,10 +205,7 @@ class RollingDeployWorkflow:
             problems = [f"{n.name}: {reason(r)}" for n, r in zip(nodes, results, strict=True)
                         if isinstance(r, BaseException)]
             if problems:
-                kinds = {_error_type(r) for r in results if isinstance(r, BaseException)}
-                raise ApplicationError(
-                    "preflight failed, nothing was changed:\n  " + "\n  ".join(problems),
-                    *sorted(k for k in kinds if k), type="PreflightFailed", non_retryable=True)
+                raise _preflight_failed(problems, [r for r in results if isinstance(r, BaseException)])
             return {n.name: str(r) for n, r in zip(nodes, results, strict=True)}
 
         return await self.timeline.step("P2-P3 nodes reachable, healthy, in the pool, upgradable",
@@ -386,6 +389,13 @@ class RollingDeployWorkflow:
 
 def _svc_timeout(n: Node) -> timedelta:
     return timedelta(seconds=n.service.timeout_s + 30)
+
+
+def _preflight_failed(problems: list[str], errors: list[BaseException]) -> ApplicationError:
+    """One error listing every problem; its details name the error types (for tests, tools)."""
+    kinds = sorted({k for k in (_error_type(e) for e in errors) if k})
+    return ApplicationError("preflight failed, nothing was changed:\n  " + "\n  ".join(problems),
+                            *kinds, type="PreflightFailed", non_retryable=True)
 
 
 def _error_type(e: BaseException) -> str | None:
