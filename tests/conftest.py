@@ -19,7 +19,7 @@ import pytest
 from lab.config import LabConfig
 
 # --------------------------------------------------------------------------- Temporal
-from tests.temporal_env import client, task_queue, temporal_env  # noqa: F401
+from tests.temporal_env import client, lab_worker, task_queue, temporal_env  # noqa: F401
 
 # --------------------------------------------------------------------------- the lab
 
@@ -94,3 +94,15 @@ async def lab(lab_cfg: LabConfig) -> AsyncIterator[LabConfig]:
         yield lab_cfg
     finally:
         lab_down(lab_cfg)
+
+
+# --------------------------------------------------------------------------- procedures on the lab
+
+
+@pytest.fixture
+async def fresh_lab(lab: LabConfig) -> LabConfig:
+    """The session lab put back at v1 (nodes, schema, load balancer) before the test."""
+    from lab.manager import lab_reset
+
+    await lab_reset(lab)
+    return lab

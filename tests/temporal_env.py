@@ -57,3 +57,12 @@ async def running_worker(client: Client, task_queue: str, workflows: Sequence[ty
                     activities=list(activities))
     async with worker:
         yield worker
+
+
+@pytest.fixture
+async def lab_worker(client: Client, task_queue: str) -> AsyncIterator[str]:
+    """A real worker (every workflow, every real activity) on this test's task queue."""
+    from worker.main import build_worker
+
+    async with build_worker(client, task_queue):
+        yield task_queue
