@@ -135,7 +135,10 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
     started = _now_iso()
     interval = 1.0 / rate
     tasks: set[asyncio.Task[None]] = set()
-    connector = aiohttp.TCPConnector(limit=20, limit_per_host=20, keepalive_timeout=30)
+    # Enough connections for every request in flight (long-lived ones included): a request
+    # waiting for a free connection inside the probe would be a client-side artefact, not
+    # the site failing.
+    connector = aiohttp.TCPConnector(limit=200, limit_per_host=200, keepalive_timeout=30)
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession(connector=connector) as session:

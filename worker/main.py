@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from temporalio.client import Client
@@ -54,8 +53,6 @@ def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
         task_queue=task_queue,
         workflows=ALL_WORKFLOWS,
         activities=list(activities if activities is not None else ALL_ACTIVITIES),
-        # Activities are async; the pool only serves any sync helpers.
-        activity_executor=ThreadPoolExecutor(max_workers=4),
         max_concurrent_activities=32,
     )
 

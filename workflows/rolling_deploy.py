@@ -180,7 +180,11 @@ class RollingDeployWorkflow:
     async def _preflight(self, inv: Inventory, nodes: list[Node],
                          package: deploy.PackageInfo) -> dict[str, str]:
         async def check_node(n: Node) -> str:
-            await self._act(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh), retry=PREFLIGHT_RETRY)
+            probe: ssh.SshProbeResult = await self._act(
+                ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh), retry=PREFLIGHT_RETRY)
+            if not probe.ok:
+                raise ApplicationError(f"SSH {n.ssh.user}@{n.ssh.host}:{n.ssh.port}: {probe.error}",
+                                       type=probe.error_type or "SshUnreachable", non_retryable=True)
             await self._act(node.service_status, node.ServiceRequest(node=n), retry=PREFLIGHT_RETRY)
             for lb in self._lbs_of(inv, n):
                 await self._act(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name),

@@ -1,0 +1,183 @@
+"""rolling-deploy end to end on the real lab (HAProxy, MariaDB, SSH nodes) and the real
+Temporal dev server, with the traffic probe running as a separate client process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from lab import haproxy as lab_haproxy
+from lab import mariadb as lab_mariadb
+from lab.config import LabConfig
+from tests.e2e_support import app_manifests, probe, served_versions, ssh_commands
+from tests.temporal_env import temporal_address
+from workflows.inventory import load_inventory
+from workflows.registry import ALL_WORKFLOWS
+from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
+
+PROTECTED = ("encryption.config", "database.config")
+
+
+def wf_id(name: str) -> str:
+    return f"e2e-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def protected_bytes(lab: LabConfig) -> dict[tuple[int, str], bytes]:
+    return {(i, f): (lab.node_dir(i) / "app" / f).read_bytes() for i in lab.node_indexes for f in PROTECTED}
+
+
+async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
+        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
+    lab = fresh_lab
+    inv = load_inventory(lab.site_yaml)
+    protected_before = protected_bytes(lab)
+
+    with probe(lab, tmp_path) as run:
+        handle = await client.start_workflow(
+            RollingDeployWorkflow.run, RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
+            id=wf_id("happy"), task_queue=lab_worker, execution_timeout=timedelta(minutes=5))
+        result: RollingDeployResult = await handle.result()
+
+    # Zero downtime, measured: every request of the probe succeeded, over the whole run.
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    assert run.summary["total"] >= 300
+    assert set(run.summary["by_node"]) == {"node1", "node2", "node3"}
+    # Every node serves v2; the schema was migrated before the first node.
+    assert await served_versions(lab) == {"node1": "2.0.0", "node2": "2.0.0", "node3": "2.0.0"}
+    assert lab_mariadb.schema_version(lab) == 2
+    assert result.previous_versions == {"node1": "1.0.0", "node2": "1.0.0", "node3": "1.0.0"}
+    # Protected files are byte-identical; per-node customisations survived on top of the
+    # new defaults (a new key, a changed default).
+    assert protected_bytes(lab) == protected_before
+    for i in lab.node_indexes:
+        web = (lab.node_dir(i) / "app" / "web.config").read_text()
+        assert f"http.port = {lab.app_port(i)}" in web
+        assert f"node.name = node{i}" in web
+        assert f"custom.banner = Welcome to node{i}" in web
+        assert "feature.notes = on" in web and "greeting = Welcome to labapp 2" in web
+    # Back in the pool, all of them.
+    states = lab_haproxy.server_states(lab)
+    assert [states[("app", f"node{i}")] for i in lab.node_indexes] == ["UP", "UP", "UP"]
+    # Every node went through the runbook in order, once.
+    for node in ("node1", "node2", "node3"):
+        assert [s.seed_step for s in result.steps if s.node == node] == \
+            ["N1", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+    # The history replays on the current code (determinism).
+    await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(await handle.fetch_history())
+
+
+async def test_failed_health_check_on_node2_rolls_back_to_v1(
+        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
+    lab = fresh_lab
+    inv = load_inventory(lab.site_yaml)
+    inv = dataclasses.replace(inv, rollout=dataclasses.replace(inv.rollout, health_timeout_s=6.0))
+    folders_before = app_manifests(lab)
+    inject = lab.node_dir(2) / "inject" / "fail_health_version"
+    inject.write_text("2.0.0\n")
+    try:
+        with probe(lab, tmp_path) as run:
+            with pytest.raises(WorkflowFailureError) as info:
+                await client.execute_workflow(
+                    RollingDeployWorkflow.run,
+                    RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
+                    id=wf_id("fail"), task_queue=lab_worker, execution_timeout=timedelta(minutes=5))
+    finally:
+        inject.unlink()
+
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ProcedureFailed"
+    message = str(cause)
+    assert "failed at 'N7 wait healthy, check version' on node2" in message
+    assert "injected failure" in message
+    assert "Rolled back: node node2, node node1, database migrations" in message
+    # Node 2 (and node 1, already upgraded) are back on v1, in the pool, file for file.
+    assert await served_versions(lab) == {"node1": "1.0.0", "node2": "1.0.0", "node3": "1.0.0"}
+    assert app_manifests(lab) == folders_before
+    states = lab_haproxy.server_states(lab)
+    assert [states[("app", f"node{i}")] for i in lab.node_indexes] == ["UP", "UP", "UP"]
+    assert lab_mariadb.schema_version(lab) == 1
+    # Node 3 was never touched; and nobody noticed any of it.
+    assert not any("ctl stop" in c for c in ssh_commands(lab, 3))
+    assert run.summary["failed"] == 0, run.failures()[:5]
+
+
+def _start_worker_process(env: WorkflowEnvironment, task_queue: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--address", temporal_address(env), "--task-queue", task_queue],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
+        fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path) -> None:
+    lab = fresh_lab
+    client = temporal_env.client
+    inv = load_inventory(lab.site_yaml)
+    commands_before = {i: len(ssh_commands(lab, i)) for i in lab.node_indexes}
+    worker_log = tmp_path / "worker.log"
+    first = _start_worker_process(temporal_env, task_queue, worker_log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        # Long-lived requests (4 s, one in twenty) keep sessions open so each drain must wait.
+        with probe(lab, tmp_path, slow_every=20, slow_ms=4000) as run:
+            handle = await client.start_workflow(
+                RollingDeployWorkflow.run,
+                RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
+                id=wf_id("kill"), task_queue=task_queue, execution_timeout=timedelta(minutes=5))
+            killed_during: str | None = None
+            for _ in range(300):
+                try:
+                    progress = await handle.query(RollingDeployWorkflow.progress)
+                except Exception:  # the worker may not have answered yet
+                    await asyncio.sleep(0.1)
+                    continue
+                current = progress.steps[-1] if progress.steps else None
+                if current and current.result == "running" and current.name.startswith("N2 wait") \
+                        and current.node == "node2":
+                    killed_during = f"{current.name} on {current.node}"
+                    break
+                await asyncio.sleep(0.1)
+            assert killed_during, "never saw node2's drain wait running"
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            second = _start_worker_process(temporal_env, task_queue, worker_log)
+            result: RollingDeployResult = await handle.result()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    assert await served_versions(lab) == {"node1": "2.0.0", "node2": "2.0.0", "node3": "2.0.0"}
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    # No step done twice: each node was stopped, deployed and started exactly once ...
+    for i in lab.node_indexes:
+        new_commands = ssh_commands(lab, i)[commands_before[i]:]
+        assert sum("ctl stop" in c for c in new_commands) == 1, new_commands
+        assert sum("ctl start" in c for c in new_commands) == 1, new_commands
+    assert [s.seed_step for s in result.steps if s.node == "node2"] == \
+        ["N1", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+    # ... and the history shows the interrupted drain wait was retried on the new worker,
+    # while every other activity ran exactly once.
+    history = await handle.fetch_history()
+    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                 if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    assert scheduled.count("deploy_package") == 3 and scheduled.count("stop_service") == 3
+    assert max(attempts) >= 2, "the killed activity should have been retried"
+    assert sum(a > 1 for a in attempts) == 1
+    await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
