@@ -31,6 +31,7 @@ from temporalio import activity
 from activities.common import (
     BACKUP_CORRUPT,
     DATABASE_ERROR,
+    DB_UNSUPPORTED,
     INVALID_REQUEST,
     REPLICA_TIMEOUT,
     fail,
@@ -67,6 +68,10 @@ def _raise_db(db: Database, host: str, port: int, what: str, e: BaseException) -
 @contextlib.asynccontextmanager
 async def connection(db: Database, replica: bool = False,
                      use_database: bool = True) -> AsyncIterator[aiomysql.Connection]:
+    if db.kind != "mysql":
+        # SQL Server (kind: mssql, aioodbc) comes with the Secret Server procedures.
+        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind} is not supported yet "
+                             "(supported: mysql)")
     host, port = _endpoint(db, replica)
     password = resolve_secret(db.password, needed_by=f"database {db.name}")
     try:
