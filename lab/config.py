@@ -130,6 +130,15 @@ class LabConfig:
         return self.abs_root / "probe-summary.json"
 
     @property
+    def worker_pidfile(self) -> Path:
+        """The background worker of `make demo` / the bench."""
+        return self.abs_root / "worker.pid"
+
+    @property
+    def worker_log(self) -> Path:
+        return self.abs_root / "worker.log"
+
+    @property
     def python(self) -> str:
         """The interpreter that runs lab processes (the project's venv)."""
         return sys.executable

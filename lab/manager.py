@@ -241,6 +241,7 @@ def lab_down(cfg: LabConfig) -> None:
         except Exception as e:
             errors.append(f"{what}: {e}")
 
+    attempt("worker", lambda: stop_pidfile(cfg.worker_pidfile, expect="worker"))
     # Front to back: the load balancer first so no request reaches an app being stopped.
     attempt("HAProxy", lambda: haproxy.stop(cfg))
     node_dirs = _node_dirs(cfg)

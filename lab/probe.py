@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -171,6 +172,34 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
         by_node=dict(sorted(rec.by_node.items())), started=started, ended=_now_iso(),
         latency_p50_ms=round(lat[len(lat) // 2], 1) if lat else 0.0,
         latency_max_ms=round(lat[-1], 1) if lat else 0.0, rate=rate, url=base)
+
+
+def start_probe_process(url: str, rate: float, out: Path, summary: Path, slow_every: int = 50,
+                        slow_ms: int = 1500) -> subprocess.Popen[bytes]:
+    """The probe in its own process, like a real client population (fresh output files)."""
+    for f in (out, summary):
+        f.unlink(missing_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lab.probe", "--url", url, "--rate", str(rate), "--out", str(out),
+         "--summary", str(summary), "--slow-every", str(slow_every), "--slow-ms", str(slow_ms)],
+        stdout=subprocess.DEVNULL)
+
+
+def stop_probe_process(proc: subprocess.Popen[bytes], summary: Path) -> dict[str, Any]:
+    """SIGTERM (the probe finishes its requests in flight and writes its summary); the summary,
+    or {} if it wrote none."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        data: dict[str, Any] = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,14 @@ def _package(path: Path) -> str:
     return str(path.resolve())
 
 
+def _procedure_input(procedure: str, **fields: Any) -> Any:
+    try:
+        return zc.procedure_input(procedure, **fields)
+    except zc.UnknownProcedureError as e:
+        err.print(f"[bold red]{e}[/]")
+        raise typer.Exit(2) from None
+
+
 def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
@@ -140,8 +148,8 @@ def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: No
          task_queue: TaskQueue = "zerodown") -> None:
     """Validate, run the read-only preflight on every target and print the plan. Changes nothing."""
     inv = _load(inventory)
-    arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
-                             only_nodes=_only_nodes(inv, nodes), dry_run=True)
+    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
+                           only_nodes=_only_nodes(inv, nodes), dry_run=True)
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
 
@@ -153,12 +161,8 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
           task_queue: TaskQueue = "zerodown") -> None:
     """Start a procedure (after validating its inputs) and follow it."""
     inv = _load(inventory)
-    try:
-        arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
-                                 only_nodes=_only_nodes(inv, nodes))
-    except zc.UnknownProcedureError as e:
-        err.print(f"[bold red]{e}[/]")
-        raise typer.Exit(2) from None
+    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
+                           only_nodes=_only_nodes(inv, nodes))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
                                  workflow_id)))
 
@@ -171,8 +175,8 @@ def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nod
     import json
 
     inv = _load(inventory)
-    arg = zc.procedure_input(procedure, inventory=inv, package_path=_package(package),
-                             only_nodes=_only_nodes(inv, nodes), dry_run=dry_run)
+    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
+                           only_nodes=_only_nodes(inv, nodes), dry_run=dry_run)
     print(json.dumps(dataclasses.asdict(arg)))
 
 

@@ -72,26 +72,25 @@ async def wait_with_progress(client: Client, handle: WorkflowHandle[Any, Any], r
     """Wait for the result, calling on_progress with the live timeline meanwhile."""
     typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
     task = asyncio.ensure_future(typed.result())
-    while not task.done():
-        if on_progress is not None:
-            try:
-                on_progress(await progress(handle))
-            except RPCError:
-                pass  # no worker answered the query yet
-        await asyncio.wait([task], timeout=interval_s)
     try:
+        while not task.done():
+            if on_progress is not None:
+                try:
+                    on_progress(await progress(handle))
+                except RPCError:
+                    pass  # no worker answered the query yet
+            await asyncio.wait([task], timeout=interval_s)
         return Outcome(ok=True, result=task.result(), error=None)
     except WorkflowFailureError as e:
         return Outcome(ok=False, result=None, error=failure_message(e))
+    finally:
+        task.cancel()  # a no-op when done; when we are cancelled, nothing is left behind
 
 
 def failure_message(e: BaseException) -> str:
-    msg = str(e)
-    cause = e.__cause__
-    while cause is not None:
-        msg = str(cause) or msg
-        cause = cause.__cause__
-    return msg
+    from workflows.saga import reason
+
+    return reason(e)
 
 
 async def describe(handle: WorkflowHandle[Any, Any]) -> tuple[WorkflowExecutionStatus | None, str]:

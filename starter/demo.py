@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
+import asyncio
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 from rich.console import Console
@@ -15,6 +12,7 @@ from rich.live import Live
 
 from lab import manager, procs
 from lab.config import LabConfig
+from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
 from starter.report import kv_table, progress_view, steps_table
 from worker.main import connect
@@ -24,17 +22,12 @@ from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 TASK_QUEUE = "zerodown"
 
 
-def worker_pidfile(cfg: LabConfig) -> Path:
-    return cfg.abs_root / "worker.pid"
-
-
 def start_worker(cfg: LabConfig) -> None:
     """A background worker for the lab (idempotent), log in ROOT/worker.log."""
-    if procs.pid_alive(worker_pidfile(cfg)):
+    if procs.pid_alive(cfg.worker_pidfile):
         return
     procs.start_background([sys.executable, "-m", "worker", "--address", cfg.temporal_address,
-                            "--task-queue", TASK_QUEUE],
-                           worker_pidfile(cfg), cfg.abs_root / "worker.log")
+                            "--task-queue", TASK_QUEUE], cfg.worker_pidfile, cfg.worker_log)
 
 
 async def node_versions(cfg: LabConfig) -> dict[str, str]:
@@ -61,12 +54,7 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
     console.print(f"lab ready in {time.monotonic() - t0:.1f}s: {site}")
 
     # The probe runs for the whole procedure, in its own process like a real client.
-    for f in (cfg.probe_log, cfg.probe_summary):
-        f.unlink(missing_ok=True)
-    probe = subprocess.Popen(  # noqa: ASYNC220 - started once, runs beside the event loop
-        [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
-         "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)],
-        stdout=subprocess.DEVNULL)
+    probe = start_probe_process(cfg.main_url, rate, cfg.probe_log, cfg.probe_summary)
     try:
         inv = load_inventory(site)
         client = await connect(cfg.temporal_address, tracing=False)
@@ -79,10 +67,8 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
             outcome = await zc.wait_with_progress(client, handle, RollingDeployResult,
                                                   lambda p: live.update(progress_view(p)))
     finally:
-        probe.send_signal(signal.SIGTERM)
-        probe.wait(timeout=30)
+        summary = await asyncio.to_thread(stop_probe_process, probe, cfg.probe_summary)
 
-    summary = json.loads(cfg.probe_summary.read_text()) if cfg.probe_summary.exists() else {}
     versions = await node_versions(cfg)
     console.rule("[bold]report")
     if outcome.ok:

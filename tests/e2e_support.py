@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from lab.config import LabConfig
+from lab.probe import start_probe_process, stop_probe_process
 
 
 @dataclass
@@ -37,18 +35,13 @@ def probe(lab: LabConfig, out_dir: Path, rate: float = 100.0, slow_every: int = 
           slow_ms: int = 1500) -> Iterator[ProbeRun]:
     """The traffic probe in its own process for the duration of the block."""
     run = ProbeRun(summary_file=out_dir / "probe-summary.json", failures_file=out_dir / "probe.jsonl")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.probe", "--url", lab.main_url, "--rate", str(rate),
-         "--out", str(run.failures_file), "--summary", str(run.summary_file),
-         "--slow-every", str(slow_every), "--slow-ms", str(slow_ms)],
-        stdout=subprocess.DEVNULL)
+    proc = start_probe_process(lab.main_url, rate, run.failures_file, run.summary_file,
+                               slow_every=slow_every, slow_ms=slow_ms)
     time.sleep(0.5)  # let it warm up so the procedure starts under load
     try:
         yield run
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        run.summary = json.loads(run.summary_file.read_text())
+        run.summary = stop_probe_process(proc, run.summary_file)
 
 
 def manifest(folder: Path) -> dict[str, str]:

@@ -122,7 +122,7 @@ class RollingDeployWorkflow:
                 deploy.inspect_package, deploy.PackageRequest(path=inp.package_path),
                 retry=PREFLIGHT_RETRY), seed_step="P1")
         except ActivityError as e:
-            raise _preflight_failed([f"package {inp.package_path}: {reason(e)}"], [e]) from None
+            raise _preflight_failed([f"package: {reason(e)}"], [e]) from None
         previous = await self._preflight(inv, nodes, package)
         database = inv.databases[0] if inv.databases else None
         schema = None
@@ -132,7 +132,7 @@ class RollingDeployWorkflow:
                     mysql.db_schema_version, mysql.DbRequest(db=database), retry=PREFLIGHT_RETRY),
                     seed_step="P4")
             except ActivityError as e:
-                raise _preflight_failed([f"database {database.name}: {reason(e)}"], [e]) from None
+                raise _preflight_failed([f"database: {reason(e)}"], [e]) from None
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
         plan = self._plan(inv, batches, package, pending)
         if inp.dry_run:
@@ -183,7 +183,7 @@ class RollingDeployWorkflow:
             probe: ssh.SshProbeResult = await self._act(
                 ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh), retry=PREFLIGHT_RETRY)
             if not probe.ok:
-                raise ApplicationError(f"SSH {n.ssh.user}@{n.ssh.host}:{n.ssh.port}: {probe.error}",
+                raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
                                        type=probe.error_type or "SshUnreachable", non_retryable=True)
             await self._act(node.service_status, node.ServiceRequest(node=n), retry=PREFLIGHT_RETRY)
             for lb in self._lbs_of(inv, n):

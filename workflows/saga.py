@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 Compensation = Callable[[], Awaitable[None]]
 
@@ -56,13 +57,15 @@ class Saga:
 
 
 def _reason(e: BaseException) -> str:
-    """The innermost message of a Temporal error chain (ActivityError -> ApplicationError)."""
-    msg = str(e)
-    cause = e.__cause__
+    """The most telling message of a Temporal error chain: the first ApplicationError's
+    (the activity's own words, e.g. "database main (u@h:3306/db): connect: ..."), not the
+    generic ActivityError wrapper nor the low-level Python exception beneath it."""
+    cause: BaseException | None = e
     while cause is not None:
-        msg = str(cause) or msg
+        if isinstance(cause, ApplicationError):
+            return str(cause)
         cause = cause.__cause__
-    return msg
+    return str(e)
 
 
 reason = _reason
