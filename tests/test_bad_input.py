@@ -308,7 +308,8 @@ async def test_secret_unset_environment_variable(client: Client, lab_worker: str
     monkeypatch.delenv(var, raising=False)
     db = dataclasses.replace(inv.databases[0], password=SecretRef(env=var))
     await rejected(client, lab_worker, lab, dataclasses.replace(inv, databases=(db,)), lab.package(2),
-                   "SecretUnavailable", {"database": ("database main", f"environment variable {var} is not set")})
+                   "SecretUnavailable",
+                   {"database": ("database main", f"environment variable {var} is not set")})
 
 
 async def test_secret_missing_file(client: Client, lab_worker: str, lab: LabConfig, inv: Inventory,
