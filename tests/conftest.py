@@ -100,9 +100,11 @@ async def lab(lab_cfg: LabConfig) -> AsyncIterator[LabConfig]:
 
 
 @pytest.fixture
-async def fresh_lab(lab: LabConfig) -> LabConfig:
-    """The session lab put back at v1 (nodes, schema, load balancer) before the test."""
-    from lab.manager import lab_reset
+async def fresh_lab(lab: LabConfig) -> AsyncIterator[LabConfig]:
+    """The session lab at v1 (nodes, schema, load balancer, no fault injected) for the test,
+    and left that way after it: the lab is shared by the whole session."""
+    from tests.e2e_support import ensure_v1
 
-    await lab_reset(lab)
-    return lab
+    await ensure_v1(lab)
+    yield lab
+    await ensure_v1(lab)

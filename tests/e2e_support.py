@@ -3,8 +3,13 @@ manifests, SSH command counts, versions as served."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import json
+import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from temporalio.client import Client
 
-from lab.config import LabConfig
+from activities.haproxy import parse_servers_state
+from lab import haproxy as lab_haproxy
+from lab import mariadb as lab_mariadb
+from lab.config import BACKEND, LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 
 
@@ -68,3 +77,121 @@ async def served_versions(lab: LabConfig) -> dict[str, str]:
             async with s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
                 out[lab.node_name(i)] = (await r.json())["version"]
     return out
+
+
+# ---------------------------------------------------------------- the lab's state, before and after
+
+
+@dataclass(frozen=True)
+class World:
+    """What a run could have changed on the lab."""
+
+    # "backend/server" -> "<show stat status> admin=<ready|drain|maint>"
+    servers: dict[str, str]
+    # node name -> number of lines in its ssh.log
+    ssh_log_lines: dict[str, int]
+    # node name -> {relative path -> sha256} of app/ and .zerodown/
+    files: dict[str, dict[str, str]]
+    schema_version: int
+
+
+def _tree_hashes(node_dir: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for top in ("app", ".zerodown"):
+        root = node_dir / top
+        if not root.exists():
+            continue
+        for p in sorted(root.rglob("*")):
+            rel = str(p.relative_to(node_dir))
+            if p.is_symlink():
+                out[rel] = "symlink:" + os.readlink(p)
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                out[rel] = "dir"
+    return out
+
+
+def _ssh_log(lab: LabConfig, i: int) -> list[str]:
+    log = lab.node_dir(i) / "ssh.log"
+    return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+
+def _snapshot_sync(lab: LabConfig) -> World:
+    stats = lab_haproxy.server_states(lab)
+    admin: dict[str, str] = {}
+    for backend in sorted({b for b, _ in stats}):
+        text = lab_haproxy.runtime_command(lab, f"show servers state {backend}")
+        admin.update({f"{s.be_name}/{s.srv_name}": s.admin for s in parse_servers_state(text)})
+    return World(
+        servers={f"{b}/{s}": f"{st} admin={admin.get(f'{b}/{s}', '?')}" for (b, s), st in stats.items()},
+        ssh_log_lines={lab.node_name(i): len(_ssh_log(lab, i)) for i in lab.node_indexes},
+        files={lab.node_name(i): _tree_hashes(lab.node_dir(i)) for i in lab.node_indexes},
+        schema_version=lab_mariadb.schema_version(lab),
+    )
+
+
+async def snapshot(lab: LabConfig) -> World:
+    return await asyncio.to_thread(_snapshot_sync, lab)
+
+
+async def assert_untouched(lab: LabConfig, before: World) -> None:
+    """Nothing a deploy changes has changed since `before`; every app server ready and UP."""
+    after = await snapshot(lab)
+    assert after.servers == before.servers
+    for i in lab.node_indexes:
+        assert after.servers[f"{BACKEND}/{lab.node_name(i)}"] == "UP admin=ready"
+    for i in lab.node_indexes:
+        new = _ssh_log(lab, i)[before.ssh_log_lines[lab.node_name(i)]:]
+        commands = [json.loads(line)["command"] for line in new]
+        assert not [c for c in commands if re.search(r"ctl (stop|start)", c)], commands
+    assert after.files == before.files
+    assert after.schema_version == before.schema_version
+
+
+def secret_values(lab: LabConfig) -> list[str]:
+    """Every secret of the lab (DB, admin and SSH private key), as text that must never leak."""
+    values = [lab.db_password_file.read_text().strip(), lab.admin_password_file.read_text().strip()]
+    key_lines = lab.client_key.read_text().strip().splitlines()
+    values += [ln for ln in key_lines if ln and not ln.startswith("-----")]
+    assert all(len(v) >= 8 for v in values)
+    return values
+
+
+async def history_text(client: Client, workflow_id: str) -> str:
+    """The workflow's whole history as text, with every payload's data decoded."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    raw = history.to_json()
+    decoded = [base64.b64decode(m).decode("utf-8", "replace")
+               for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]*)"', raw)]
+    return "\n".join([raw, *decoded])
+
+
+async def ensure_v1(lab: LabConfig) -> None:
+    """Reset the lab unless it already is as just after `lab up`: v1 on every node, schema 1,
+    every app server ready and UP, no fault injected."""
+    async def version(i: int) -> str:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+                s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
+            return str((await r.json())["version"]) if r.status == 200 else f"status {r.status}"
+
+    try:
+        world = await snapshot(lab)
+        versions = await asyncio.gather(*(version(i) for i in lab.node_indexes))
+        fresh = (world.schema_version == 1 and set(versions) == {"1.0.0"}
+                 and all(world.servers.get(f"{BACKEND}/{lab.node_name(i)}") == "UP admin=ready"
+                         for i in lab.node_indexes)
+                 and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes))
+    except (OSError, aiohttp.ClientError, ValueError, KeyError):
+        fresh = False
+    if not fresh:
+        from lab.manager import lab_reset
+
+        await lab_reset(lab)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port

@@ -22,8 +22,8 @@ import starter.cli as cli
 import worker.main
 from activities import ssh
 from lab.config import LabConfig
+from tests.e2e_support import assert_untouched, closed_port, ensure_v1, secret_values, snapshot
 from tests.temporal_env import TEMPORAL_BIN, temporal_address
-from tests.test_bad_input import assert_untouched, closed_port, ensure_v1, secret_values, snapshot
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
 runner = CliRunner()
