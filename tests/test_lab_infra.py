@@ -196,6 +196,16 @@ async def test_lab_reset_restores_v1(lab: LabConfig) -> None:
     states = haproxy.server_states(lab)
     assert all(states[(BACKEND, lab.node_name(i))] == "UP" for i in lab.node_indexes), states
     await asyncio.to_thread(haproxy.wait_all_up, lab)
-    answers = await _get_versions(lab, lab.nodes * 2)
+    # Every node answers through the load balancer again (a bounded number of tries: a
+    # server just back from maintenance takes its turn in the next round-robin round).
+    wanted = {lab.node_name(i) for i in lab.node_indexes}
+    answers = []
+    for _ in range(10):
+        answers += await _get_versions(lab, lab.nodes)
+        if {b["node"] for _, _, b in answers} == wanted:
+            break
     assert {b["version"] for _, _, b in answers} == {"1.0.0"}
-    assert {b["node"] for _, _, b in answers} == {lab.node_name(i) for i in lab.node_indexes}
+    counters = {r["svname"]: {k: r.get(k) for k in ("status", "weight", "check_status", "stot", "wretr",
+                                                      "wredis", "econ", "eresp")}
+                for r in haproxy.stat_rows(lab) if r.get("pxname") == BACKEND}
+    assert {b["node"] for _, _, b in answers} == wanted, counters

@@ -31,8 +31,8 @@ MUTATING = {"lb_set_state", "stop_service", "start_service", "deploy_package", "
             "db_apply_migration", "backup_app_folder", "db_backup"}
 
 
-def site(n: int = 3) -> Inventory:
-    return parse_inventory({
+def site(n: int = 3, with_database: bool = True) -> Inventory:
+    raw: dict[str, Any] = {
         "site": "fake",
         "nodes": [{"name": f"n{i}", "ssh": {"host": "127.0.0.1", "port": 2200 + i,
                                             "key": {"env": "FAKE_KEY"}},
@@ -45,7 +45,10 @@ def site(n: int = 3) -> Inventory:
                        "user": "u", "password": {"env": "FAKE_DB"}}],
         "application": {"name": "app", "protected_files": ["encryption.config"],
                         "merge_files": ["web.config"]},
-    })
+    }
+    if not with_database:
+        del raw["databases"]
+    return parse_inventory(raw)
 
 
 def _node(arg: dict[str, Any]) -> str:
@@ -331,3 +334,14 @@ async def test_cancel_during_drain_runs_compensations(client: Client, task_queue
             await handle.result()
     assert fake.lb == {"n1": "ready", "n2": "ready"} and fake.schema == 1
     assert "stop_service" not in node_calls(fake, "n1")
+
+
+async def test_migrations_without_a_database_are_refused(client: Client, task_queue: str) -> None:
+    fake = FakeSite(["n1", "n2"])
+    with pytest.raises(WorkflowFailureError) as info:
+        await run(client, task_queue, fake, RollingDeployInput(
+            inventory=site(2, with_database=False), package_path="/p.zip"))
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "PreflightFailed"
+    assert "carries migrations but the inventory declares no database" in str(cause)
+    assert fake.mutations() == []

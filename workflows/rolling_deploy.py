@@ -126,6 +126,9 @@ class RollingDeployWorkflow:
         previous = await self._preflight(inv, nodes, package)
         database = inv.databases[0] if inv.databases else None
         schema = None
+        if database is None and package.migrations:
+            raise _preflight_failed([f"package: {package.name} {package.version} carries migrations "
+                                     "but the inventory declares no database"], [])
         if database is not None:
             try:
                 schema = await self.timeline.step("P4 database reachable", self._act(
@@ -160,12 +163,13 @@ class RollingDeployWorkflow:
             await self.saga.compensate()
             raise
         except Exception as e:
-            self.timeline.set_phase("failed: rolling back")
-            records = await self.saga.compensate()
-            undone = ", ".join(r.name + ("" if r.ok else f" (FAILED: {r.error})") for r in records)
+            # Name the step that failed before the compensations add steps of their own.
             failed_step = next((s for s in reversed(self.timeline.steps) if s.result == "failed"), None)
             where = f" at '{failed_step.name}'" + (f" on {failed_step.node}" if failed_step.node else "") \
                 if failed_step else ""
+            self.timeline.set_phase("failed: rolling back")
+            records = await self.saga.compensate()
+            undone = ", ".join(r.name + ("" if r.ok else f" (FAILED: {r.error})") for r in records)
             self.timeline.set_phase("failed, rolled back")
             raise ApplicationError(
                 f"{PROCEDURE} of {package.version} failed{where}: {reason(e)}. "
