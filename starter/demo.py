@@ -22,9 +22,12 @@ from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 TASK_QUEUE = "zerodown"
 
 
-def start_worker(cfg: LabConfig) -> None:
-    """A background worker for the lab (idempotent), log in ROOT/worker.log."""
-    if procs.pid_alive(cfg.worker_pidfile):
+def start_worker(cfg: LabConfig, restart: bool = False) -> None:
+    """A background worker for the lab (idempotent), log in ROOT/worker.log. `restart`
+    replaces a running one, so the worker runs this checkout's code."""
+    if restart:
+        procs.stop_pidfile(cfg.worker_pidfile, expect="worker")
+    elif procs.pid_alive(cfg.worker_pidfile):
         return
     procs.start_background([sys.executable, "-m", "worker", "--address", cfg.temporal_address,
                             "--task-queue", TASK_QUEUE], cfg.worker_pidfile, cfg.worker_log)
@@ -50,7 +53,7 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
     if set((await node_versions(cfg)).values()) != {"1.0.0"}:
         console.print("lab nodes are not all at 1.0.0 (an earlier demo?): resetting the lab to v1")
         await manager.lab_reset(cfg)
-    start_worker(cfg)
+    start_worker(cfg, restart=True)
     console.print(f"lab ready in {time.monotonic() - t0:.1f}s: {site}")
 
     # The probe runs for the whole procedure, in its own process like a real client.
