@@ -1,0 +1,50 @@
+"""`zerodown plan` and `zerodown start` as a user types them, against the real dev server, the
+lab and a worker: the CLI runs in a subprocess, the worker in this test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from temporalio.testing import WorkflowEnvironment
+
+from lab.config import LabConfig
+from tests.e2e_support import served_versions, ssh_commands
+from tests.temporal_env import temporal_address
+
+
+async def zerodown(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "starter", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_plan_prints_the_steps_and_changes_nothing(
+        fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str) -> None:
+    lab = fresh_lab
+    before = {i: len(ssh_commands(lab, i)) for i in lab.node_indexes}
+    code, out = await zerodown("plan", "rolling-deploy", "-i", str(lab.site_yaml), "-p", str(lab.package(2)),
+                               "--address", temporal_address(temporal_env), "--task-queue", lab_worker)
+    assert code == 0, out
+    assert "plan (dry run, nothing was changed)" in out
+    assert "D2 apply migration 2 (expand; down script present)" in out
+    assert [line.split(":")[0].strip(" -") for line in out.splitlines() if "batch " in line] == \
+        ["batch 1", "batch 2", "batch 3"]
+    for i in lab.node_indexes:
+        assert not [c for c in ssh_commands(lab, i)[before[i]:] if "ctl stop" in c or "ctl start" in c]
+    assert await served_versions(lab) == {"node1": "1.0.0", "node2": "1.0.0", "node3": "1.0.0"}
+
+
+async def test_start_deploys_the_chosen_node_and_reports(
+        fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str) -> None:
+    lab = fresh_lab
+    code, out = await zerodown("start", "rolling-deploy", "--inventory", str(lab.site_yaml),
+                               "--package", str(lab.package(2)), "--nodes", "node2",
+                               "--address", temporal_address(temporal_env), "--task-queue", lab_worker)
+    assert code == 0, out
+    assert "started rolling-deploy as workflow rolling-deploy-lab-" in out
+    assert "N9 wait UP on main" in out and "done: node2 now at 2.0.0" in out
+    assert await served_versions(lab) == {"node1": "1.0.0", "node2": "2.0.0", "node3": "1.0.0"}
