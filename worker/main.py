@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opentelemetry.trace import Tracer
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
@@ -38,8 +39,9 @@ def _setup_tracing() -> None:
 
 
 async def connect(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
-                  tracing: bool = True) -> Client:
-    interceptors = [TracingInterceptor()] if tracing else []
+                  tracing: bool = True, tracer: Tracer | None = None) -> Client:
+    """A client whose workflows and activities emit OpenTelemetry spans (when `tracing`)."""
+    interceptors = [TracingInterceptor(tracer)] if tracing else []
     return await Client.connect(address, namespace=namespace, interceptors=interceptors)
 
 
