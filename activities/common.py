@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -47,6 +49,16 @@ PROTECTED_FILE_CHANGED = "ProtectedFileChanged"
 DEPLOY_VERIFICATION_FAILED = "DeployVerificationFailed"
 RESTORE_VERIFICATION_FAILED = "RestoreVerificationFailed"
 INVALID_REQUEST = "InvalidRequest"
+# A merge_files entry that is not a plain `key = value` file (XML, duplicate keys, ...).
+MERGE_UNSUPPORTED = "MergeUnsupported"
+# The app folder changed while it was backed up (retryable: the next attempt re-takes it).
+BACKUP_INCONSISTENT = "BackupInconsistent"
+# A backup with this id exists but does not match the app folder it would stand for.
+BACKUP_CONFLICT = "BackupConflict"
+
+# Ids the workflows hand to activities (backup ids, release ids): they become file names
+# on nodes and on the worker, so only a safe alphabet and no path separators.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
 
 def fail(error_type: str, message: str, *, retryable: bool = False,
@@ -56,6 +68,22 @@ def fail(error_type: str, message: str, *, retryable: bool = False,
     if cause is not None:
         raise err from cause
     raise err
+
+
+def check_id(kind: str, value: str) -> None:
+    """InvalidRequest unless `value` is a safe id (letters, digits, '.', '_', '-'; <= 121)."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        fail(INVALID_REQUEST, f"{kind} {value!r}: use letters, digits, '.', '_' or '-' "
+                              "(starting with a letter or digit, at most 121 characters)")
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks; OSError when it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def heartbeat(*details: Any) -> None:

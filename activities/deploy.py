@@ -9,7 +9,14 @@ next to the application folder, never inside it:
     .zerodown/releases/<release_id>.zip          the uploaded package
     .zerodown/releases/<release_id>/             the staged release (merged configs, no
                                                  protected files)
+    .zerodown/releases/<release_id>.<file>.merge.diff   what the merge carried over (mode 600)
     .zerodown/defaults/<merge file>              the pristine defaults the node runs on
+
+`.zerodown` and `.zerodown/backups` are mode 700 and backups are written under umask 077:
+they hold protected files (encryption keys) and configs with passwords. The app folder
+itself keeps the modes the package and the application expect (no umask change there).
+Config values never leave the node: merge reports name keys only, the line diff stays in
+the `.merge.diff` file (activity results are stored in Temporal's history).
 
 Node-side commands are POSIX sh + tar + find + xargs + sha256sum (+ unzip or python3).
 """
@@ -18,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
 import json
 import os
 import posixpath
@@ -29,12 +35,16 @@ import zipfile
 from dataclasses import dataclass, field
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities import ssh
 from activities.common import (
+    BACKUP_CONFLICT,
     BACKUP_CORRUPT,
+    BACKUP_INCONSISTENT,
     DEPLOY_VERIFICATION_FAILED,
     INVALID_REQUEST,
+    MERGE_UNSUPPORTED,
     PACKAGE_CORRUPT,
     PACKAGE_MISSING,
     PROTECTED_FILE_CHANGED,
@@ -42,8 +52,10 @@ from activities.common import (
     RESTORE_VERIFICATION_FAILED,
     SSH_COMMAND_FAILED,
     VERSION_NOT_NEWER,
+    check_id,
     fail,
     heartbeat,
+    sha256_file,
 )
 from workflows.inventory import Node
 
@@ -51,7 +63,6 @@ ZD = ".zerodown"
 BACKUPS = f"{ZD}/backups"
 RELEASES = f"{ZD}/releases"
 DEFAULTS = f"{ZD}/defaults"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 # Long node-side operations (tar of a big folder); run() heartbeats meanwhile.
 CMD_TIMEOUT_S = 900.0
 _q = shlex.quote
@@ -116,11 +127,8 @@ def inspect_package_file(path: str) -> PackageInfo:
     """Validate a release zip (ARCHITECTURE.md "Release packages") and describe it."""
     if not os.path.isfile(path):
         fail(PACKAGE_MISSING, f"package {path} does not exist")
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        digest = sha256_file(path)
     except OSError as e:
         fail(PACKAGE_MISSING, f"package {path} is not readable: {e.strerror or e}")
     try:
@@ -198,7 +206,7 @@ def inspect_package_file(path: str) -> PackageInfo:
         if len(set(versions)) != len(versions):
             _corrupt(path, f"release.json: duplicate migration versions {versions}")
         files = sum(1 for i in infos if not i.is_dir())
-    return PackageInfo(path=os.path.abspath(path), sha256=h.hexdigest(), name=name, version=version,
+    return PackageInfo(path=os.path.abspath(path), sha256=digest, name=name, version=version,
                        min_upgrade_from=min_from, schema_version=schema,
                        migrations=tuple(sorted(migrations, key=lambda m: m.version)), files=files,
                        size=os.path.getsize(path))
@@ -207,13 +215,24 @@ def inspect_package_file(path: str) -> PackageInfo:
 # =========================================================================== config merge
 
 _SECTION_RE = re.compile(r"^\s*\[([^\]]*)\]\s*$")
-_KV_RE = re.compile(r"^\s*([^#;=\s\[][^=]*?)\s*=\s*(.*?)\s*$")
+# A plain key (letters, digits, `_ . - :`), `=`, the value (may itself hold `=`).
+_KV_RE = re.compile(r"^\s*([A-Za-z0-9_.:-]+)\s*=\s*(.*?)\s*$")
+_BOM = "\ufeff"
+
+
+class NotKeyValueError(ValueError):
+    """A merge input is not a plain `key = value` file (the reason names a line, no value)."""
+
+
+def _body(index: int, line: str) -> str:
+    """The line without a UTF-8 byte order mark (only the first line can carry one)."""
+    return line[1:] if index == 0 and line.startswith(_BOM) else line
 
 
 @dataclass
 class _Parsed:
     lines: list[str]
-    # (section, key) -> (value, raw line); the last occurrence wins, as in most readers
+    # (section, key) -> (value, raw line)
     values: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     # (section, key) -> comment lines directly above the key
     comments: dict[tuple[str, str], list[str]] = field(default_factory=dict)
@@ -221,36 +240,57 @@ class _Parsed:
 
 
 def _parse_kv(text: str) -> _Parsed:
+    """Parse a `key = value` file (optional `[section]` lines, `#` / `;` comments).
+
+    NotKeyValueError for any other line (XML such as `<add key="A" value="1" />`, a key
+    with spaces or quotes, text without `=`) and for a key given twice in one section:
+    merging such a file line by line would silently corrupt it.
+    """
     p = _Parsed(lines=text.splitlines())
     section = ""
     pending: list[str] = []
-    for line in p.lines:
+    seen_at: dict[tuple[str, str], int] = {}
+    for i, raw in enumerate(p.lines):
+        line = _body(i, raw)
         s = line.strip()
         m = _SECTION_RE.match(line)
         if m:
             section, pending = m.group(1).strip(), []
             continue
-        kv = _KV_RE.match(line)
-        if kv:
-            k = (section, kv.group(1))
-            if k not in p.values:
-                p.order.append(k)
-            p.values[k] = (kv.group(2), line)
-            p.comments[k] = pending
+        if not s:
             pending = []
-        elif s.startswith(("#", ";")):
+            continue
+        if s.startswith(("#", ";")):
             pending = [*pending, line]
-        else:
-            pending = []
+            continue
+        kv = _KV_RE.match(line)
+        if not kv:
+            hint = " (it looks like XML)" if s.startswith("<") else ""
+            raise NotKeyValueError(f"line {i + 1} is not `key = value` with a plain key (letters, "
+                                   f"digits, _ . - :){hint}")
+        k = (section, kv.group(1))
+        if k in seen_at:
+            where = f"section [{section}]" if section else "the top of the file"
+            raise NotKeyValueError(f"key {kv.group(1)!r} appears twice in {where} (lines "
+                                   f"{seen_at[k]} and {i + 1})")
+        seen_at[k] = i + 1
+        p.order.append(k)
+        p.values[k] = (kv.group(2), line)
+        p.comments[k] = pending
+        pending = []
     return p
 
 
 @dataclass(frozen=True)
 class MergeOutcome:
     text: str
-    diff: tuple[str, ...]  # unified diff new defaults -> merged (the carried-over lines)
+    # unified diff new defaults -> merged (the carried-over lines, values included: it
+    # stays on the node and never goes into an activity result)
+    diff: tuple[str, ...]
     carried: tuple[str, ...]  # keys carried from the node ("section.key" inside sections)
     notes: tuple[str, ...]
+    # keys whose default value differs between the recorded and the new defaults
+    changed_defaults: tuple[str, ...] = ()
 
 
 def _key_name(k: tuple[str, str]) -> str:
@@ -258,7 +298,7 @@ def _key_name(k: tuple[str, str]) -> str:
 
 
 def merge_config_detailed(node_text: str, old_defaults_text: str | None,
-                          new_defaults_text: str) -> MergeOutcome:
+                          new_defaults_text: str, name: str = "the merge file") -> MergeOutcome:
     """Carry a node's customisations of a `key = value` file onto new defaults.
 
     Customised = keys whose value differs from the recorded old defaults, or that the node
@@ -267,10 +307,26 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
     only the node has are dropped and reported. Layout and comments of the new defaults
     are kept; a customised line keeps the node's spelling; keys the node added are
     appended to their section (with the comment lines above them on the node).
+
+    MergeUnsupported (non-retryable) when any of the three texts is not a plain
+    `key = value` file (see `_parse_kv`); the message names `name`, which text and the
+    line, never a value.
     """
-    node = _parse_kv(node_text)
-    new = _parse_kv(new_defaults_text)
+    parsed: list[_Parsed] = []
+    for what, text in (("the node's copy", node_text), ("the recorded defaults", old_defaults_text),
+                       ("the new package's defaults", new_defaults_text)):
+        if text is None:
+            continue
+        try:
+            parsed.append(_parse_kv(text))
+        except NotKeyValueError as e:
+            fail(MERGE_UNSUPPORTED,
+                 f"{name} cannot be merged: merge_files must be `key = value` files, and in {what} "
+                 f"{e}. Make it a `key = value` file, or list it under protected_files (kept as "
+                 "it is on the node) instead of merge_files")
+    node, new = parsed[0], parsed[-1]
     notes: list[str] = []
+    changed_defaults: list[tuple[str, str]] = []
     if old_defaults_text is None:
         carried = [k for k in node.order if k in new.values]
         for k in node.order:
@@ -278,31 +334,39 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
                 notes.append(f"{_key_name(k)}: only on the node and no recorded defaults to tell "
                              "whether it is a customisation; not carried")
     else:
-        old = _parse_kv(old_defaults_text)
+        old = parsed[1]
         carried = [k for k in node.order
                    if k not in old.values or old.values[k][0] != node.values[k][0]]
         for k in old.order:
             if k not in node.values and k in new.values:
                 notes.append(f"{_key_name(k)}: removed on the node but present in the new defaults; "
                              "the new default is used")
+        changed_defaults = [k for k in new.order if k in old.values and old.values[k][0] != new.values[k][0]]
+        carried_here = set(carried)
+        for k in changed_defaults:
+            if k in carried_here:
+                notes.append(f"{_key_name(k)}: customised on the node and its default changed in the "
+                             "new release; the node's value is kept")
     carried_set = set(carried)
 
     out: list[str] = []
     section = ""
     first_section_at: int | None = None
     section_end: dict[str, int] = {"": 0}  # index in `out` after the section's last line
-    for line in new.lines:
+    for i, raw in enumerate(new.lines):
+        line = _body(i, raw)
+        bom = raw[: len(raw) - len(line)]
         m = _SECTION_RE.match(line)
         if m:
             section = m.group(1).strip()
             if first_section_at is None:
                 first_section_at = len(out)
-            out.append(line)
+            out.append(raw)
             section_end[section] = len(out)
             continue
         kv = _KV_RE.match(line)
         key = (section, kv.group(1)) if kv else None
-        out.append(node.values[key][1] if key is not None and key in carried_set else line)
+        out.append(bom + node.values[key][1] if key is not None and key in carried_set else raw)
         if line.strip():
             section_end[section] = len(out)
     if first_section_at is not None and section_end[""] > first_section_at:
@@ -335,7 +399,8 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
     diff = tuple(difflib.unified_diff(new.lines, out, "new defaults", "merged", n=0, lineterm=""))
     changed = [k for k in carried if k not in new.values or new.values[k][0] != node.values[k][0]]
     return MergeOutcome(text=text, diff=diff, carried=tuple(_key_name(k) for k in changed),
-                        notes=tuple(notes))
+                        notes=tuple(notes),
+                        changed_defaults=tuple(_key_name(k) for k in changed_defaults))
 
 
 def merge_config(node_text: str, old_defaults_text: str | None,
@@ -375,11 +440,6 @@ def _manifest_cmd(folder: str) -> str:
     return f"cd {_q(folder)} && find . -type f -print0 | xargs -0 -r sha256sum"
 
 
-def _check_id(kind: str, value: str) -> None:
-    if not _ID_RE.match(value):
-        fail(INVALID_REQUEST, f"{kind} {value!r}: use letters, digits, '.', '_' or '-'")
-
-
 def _check_relpath(kind: str, rel: str) -> None:
     if not rel or rel.startswith("/") or ".." in rel.split("/"):
         fail(INVALID_REQUEST, f"{kind} {rel!r} must be a path relative to the application folder")
@@ -392,8 +452,6 @@ async def folder_manifest(node: Node, folder: str) -> dict[str, str]:
 
 async def _sh(node: Node, script: str, what: str) -> ssh.CommandResult:
     """Run a multi-line sh script; a failure names the node and the step."""
-    from temporalio.exceptions import ApplicationError
-
     try:
         return await ssh.run(node.ssh, script, timeout_s=CMD_TIMEOUT_S)
     except ApplicationError as e:
@@ -421,26 +479,45 @@ class AppBackup:
 
 
 _TARLIST = "--zerodown-tar-list--"
+_CURRENT = "--zerodown-current-manifest--"
+
+
+def _manifest_difference(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    return sorted(set(a) ^ set(b) | {p for p in a if p in b and a[p] != b[p]})
 
 
 async def backup_app(node: Node, backup_id: str, protected_files: tuple[str, ...]) -> AppBackup:
-    _check_id("backup id", backup_id)
+    """tar of the app folder into .zerodown/backups/<backup_id>.tar (+ manifest, defaults).
+
+    Written under umask 077 into mode-700 folders: the tar holds the protected files.
+    An existing complete backup with this id is reused only when its manifest equals the
+    folder as it is now (BackupConflict otherwise: the id stands for another state).
+    """
+    check_id("backup id", backup_id)
     for p in protected_files:
         _check_relpath("protected file", p)
     b = f"{BACKUPS}/{backup_id}"
     app = node.app_dir
+    manifest_of_app = '( cd "$APP" && find . -type f -print0 | xargs -0 -r sha256sum )'
     # The manifest is taken before and after the tar: if they differ something wrote into
     # the folder meanwhile and the backup would not match its manifest (exit 75: retry).
+    # umask 077 only affects this script (the backup files), never the app folder.
     script = f"""set -e
+umask 077
 B={_q(b)}; APP={_q(app)}
 mkdir -p {_q(BACKUPS)}
+chmod 700 {_q(ZD)} {_q(BACKUPS)}
 if [ -f "$B.manifest" ] && [ -f "$B.tar" ]; then
   echo reused
+  for f in "$B.tar" "$B.manifest" "$B.defaults.tar"; do if [ -f "$f" ]; then chmod 600 "$f"; fi; done
+  cat "$B.manifest"
+  echo {_CURRENT}
+  {manifest_of_app}
 else
   echo created
-  ( cd "$APP" && find . -type f -print0 | xargs -0 -r sha256sum ) > "$B.manifest.1"
+  {manifest_of_app} > "$B.manifest.1"
   tar -cf "$B.tar.tmp" -C "$APP" .
-  ( cd "$APP" && find . -type f -print0 | xargs -0 -r sha256sum ) > "$B.manifest.2"
+  {manifest_of_app} > "$B.manifest.2"
   if ! cmp -s "$B.manifest.1" "$B.manifest.2"; then
     rm -f "$B.manifest.1" "$B.manifest.2" "$B.tar.tmp"
     echo "the application folder $APP changed while it was backed up" >&2; exit 75
@@ -452,21 +529,33 @@ else
   else tar -cf "$B.defaults.tar.tmp" -T /dev/null; fi
   mv "$B.tar.tmp" "$B.tar"; mv "$B.defaults.tar.tmp" "$B.defaults.tar"; rm -f "$B.manifest.2"
   mv "$B.manifest.1" "$B.manifest"
+  cat "$B.manifest"
+  echo {_CURRENT}
 fi
-cat "$B.manifest"
 echo {_TARLIST}
 tar -tf "$B.tar"
 """
     res = await ssh.run(node.ssh, script, timeout_s=CMD_TIMEOUT_S, check=False)
     if res.exit_status == 75:
-        fail(SSH_COMMAND_FAILED, f"node {node.name}: {res.stderr.strip()}; retrying the backup",
+        fail(BACKUP_INCONSISTENT, f"node {node.name}: {res.stderr.strip()}; retrying the backup",
              retryable=True)
     if res.exit_status != 0:
         fail(SSH_COMMAND_FAILED, f"node {node.name}: backup of {app} as {b}.tar exited with status "
                                  f"{res.exit_status}; stderr: {res.stderr.strip()[-1500:] or '(empty)'}")
     head, _, rest = res.stdout.partition("\n")
-    manifest_text, _, tar_list = rest.partition(_TARLIST + "\n")
+    manifest_text, _, rest = rest.partition(_CURRENT + "\n")
+    current_text, _, tar_list = rest.partition(_TARLIST + "\n")
     manifest = parse_sha256sum(manifest_text)
+    reused = head.strip() == "reused"
+    if reused:
+        differ = _manifest_difference(manifest, parse_sha256sum(current_text))
+        if differ:
+            fail(BACKUP_CONFLICT,
+                 f"node {node.name}: backup {backup_id} already exists ({b}.tar) but differs from the "
+                 f"application folder {app} as it is now ({len(differ)} file(s): "
+                 f"{', '.join(differ[:10])}{', ...' if len(differ) > 10 else ''}); refusing to reuse "
+                 "it as this folder's backup. Back up under a new id, or remove the old backup if it "
+                 "is no longer needed")
     members = {m[2:] if m.startswith("./") else m for m in tar_list.split("\n") if m}
     protected: dict[str, str] = {}
     for p in protected_files:
@@ -479,7 +568,7 @@ tar -tf "$B.tar"
         protected[p] = manifest[p]
     return AppBackup(node=node, node_name=node.name, backup_id=backup_id, path=f"{b}.tar",
                      files=len(manifest), manifest=manifest, protected=protected,
-                     defaults_path=f"{b}.defaults.tar", reused=head.strip() == "reused")
+                     defaults_path=f"{b}.defaults.tar", reused=reused)
 
 
 # =========================================================================== deploy
@@ -488,10 +577,17 @@ tar -tf "$B.tar"
 @dataclass(frozen=True)
 class MergeReport:
     file: str
-    carried: tuple[str, ...]  # keys whose node value was carried over
-    diff: tuple[str, ...]  # unified diff: new defaults -> what was installed
+    carried: tuple[str, ...]  # keys whose node value was carried over (names only)
+    # Always empty: the diff holds config values (passwords...) and this report goes into
+    # Temporal's history. Kept for compatibility; the diff is in `diff_path` on the node.
+    diff: tuple[str, ...]
     had_recorded_defaults: bool
     notes: tuple[str, ...] = ()
+    # The unified diff new defaults -> installed, on the node (relative to the login
+    # directory, mode 600); "" when the merge changed nothing or did not run.
+    diff_path: str = ""
+    # Keys whose default value changed between the recorded and the new defaults (names).
+    changed_defaults: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -518,9 +614,78 @@ async def _remote_sha256(node: Node, path: str) -> str:
     return res.stdout.split()[0].lower() if res.stdout.strip() else ""
 
 
+def _zip_member(path: str, member: str) -> bytes | None:
+    """A file of the (already inspected) package, or None when it has no such file."""
+    want = posixpath.normpath(member)
+    found: zipfile.ZipInfo | None = None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():  # the last entry of a name wins, as when extracting
+                if not info.is_dir() and posixpath.normpath(info.filename) == want:
+                    found = info
+            return zf.read(found) if found is not None else None
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+        fail(PACKAGE_CORRUPT, f"package {path}: cannot read {member}: {e}")
+
+
+def diff_path_for(release_id: str, merge_file: str) -> str:
+    """Where the merge diff of `merge_file` for a release lives on the node."""
+    return f"{RELEASES}/{release_id}.{merge_file.replace('/', '__')}.merge.diff"
+
+
+@dataclass(frozen=True)
+class _MergePlan:
+    file: str
+    new_defaults: bytes | None  # None: not in the package
+    outcome: MergeOutcome | None  # None: nothing to merge
+    report: MergeReport
+
+
+async def _plan_merges(node: Node, package: PackageInfo, merge_files: tuple[str, ...],
+                       release_id: str) -> list[_MergePlan]:
+    """Read (only read) what each merge needs and merge in memory.
+
+    Runs before anything is written to the node, so a file that cannot be merged
+    (MergeUnsupported: not `key = value`, duplicate keys) stops the deploy with the node
+    untouched.
+    """
+    plans: list[_MergePlan] = []
+    for f in merge_files:
+        new_bytes = await asyncio.to_thread(_zip_member, package.path, f)
+        if new_bytes is None:
+            plans.append(_MergePlan(f, None, None, MergeReport(
+                file=f, carried=(), diff=(), had_recorded_defaults=False,
+                notes=("not in the package: the node's file is left as it is",))))
+            continue
+        current = await ssh.get_file(node.ssh, posixpath.join(node.app_dir, f))
+        old = await ssh.get_file(node.ssh, f"{DEFAULTS}/{f}") if current is not None else None
+        label = f"node {node.name}: {f}"
+        try:
+            if current is None:
+                # Nothing to carry, but a file that could never be merged is refused now
+                # rather than on the next release.
+                merge_config_detailed("", None, _decode(new_bytes), name=label)
+                plans.append(_MergePlan(f, new_bytes, None, MergeReport(
+                    file=f, carried=(), diff=(), had_recorded_defaults=False,
+                    notes=("not on the node: the new defaults are installed",))))
+                continue
+            outcome = merge_config_detailed(_decode(current), _decode(old) if old is not None else None,
+                                            _decode(new_bytes), name=label)
+        except ApplicationError as e:
+            if e.type == MERGE_UNSUPPORTED:
+                fail(MERGE_UNSUPPORTED, f"{e.message}. Nothing was changed on the node "
+                                        f"(release {release_id} not deployed)", cause=e)
+            raise
+        plans.append(_MergePlan(f, new_bytes, outcome, MergeReport(
+            file=f, carried=outcome.carried, diff=(), had_recorded_defaults=old is not None,
+            notes=outcome.notes, diff_path=diff_path_for(release_id, f) if outcome.diff else "",
+            changed_defaults=outcome.changed_defaults)))
+    return plans
+
+
 async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, ...],
                  merge_files: tuple[str, ...], release_id: str) -> DeployResult:
-    _check_id("release id", release_id)
+    check_id("release id", release_id)
     for p in (*protected_files, *merge_files):
         _check_relpath("file", p)
     app = node.app_dir
@@ -528,15 +693,24 @@ async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, .
     zip_remote = f"{rel}.zip"
 
     # 1. The package must still be the one inspected (its sha256 travels in PackageInfo).
-    local_sha = await asyncio.to_thread(_sha256_local, package.path)
-    if local_sha is None:
+    try:
+        local_sha = await asyncio.to_thread(sha256_file, package.path)
+    except OSError:
         fail(PACKAGE_MISSING, f"package {package.path} does not exist (or is unreadable)")
     if local_sha != package.sha256:
         fail(PACKAGE_CORRUPT, f"package {package.path} changed since it was inspected "
                               f"(sha256 {local_sha}, inspected {package.sha256})")
 
-    # 2. Upload (skipped when the node already holds the same bytes), then verify there.
+    # 2. Merge the configs in memory first (reads only): MergeUnsupported leaves the node as
+    #    it was, before any upload or write.
+    heartbeat({"node": node.name, "step": "plan merges"})
+    plans = await _plan_merges(node, package, merge_files, release_id)
+
+    # 3. Upload (skipped when the node already holds the same bytes), then verify there.
+    #    zerodown's folder is private (configs with passwords, protected files in backups).
     heartbeat({"node": node.name, "step": "upload"})
+    await _sh(node, f"umask 077 && mkdir -p {_q(RELEASES)} {_q(DEFAULTS)} && chmod 700 {_q(ZD)}",
+              f"creating {ZD}")
     if await _remote_sha256(node, zip_remote) != package.sha256:
         await ssh.put_file(node.ssh, package.path, zip_remote)
         remote = await _remote_sha256(node, zip_remote)
@@ -545,7 +719,8 @@ async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, .
                  f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
                  f"{package.sha256}", retryable=True)
 
-    # 3. Stage: a fresh extraction every attempt (cheap, and the merge below edits it).
+    # 4. Stage: a fresh extraction every attempt (cheap, and the merge below edits it).
+    #    The node's default umask on purpose: the modes land in the app folder.
     heartbeat({"node": node.name, "step": "extract"})
     await _sh(node, f"""set -e
 R={_q(rel)}
@@ -555,29 +730,24 @@ else python3 -m zipfile -e "$R.zip" "$R.tmp"; fi
 rm -rf "$R"; mv "$R.tmp" "$R"
 """, f"extracting {zip_remote}")
 
-    # 4. Merge configs into the staged tree; remember the pristine defaults to record later.
-    reports: list[MergeReport] = []
+    # 5. Merged configs into the staged tree; the diff (values!) into a private file next
+    #    to it. The pristine defaults are recorded after success (step 9).
     pristine: dict[str, bytes] = {}
-    for f in merge_files:
-        new_bytes = await ssh.get_file(node.ssh, f"{rel}/{f}")
-        if new_bytes is None:
-            reports.append(MergeReport(file=f, carried=(), diff=(), had_recorded_defaults=False,
-                                       notes=("not in the package: the node's file is left as it is",)))
+    for plan in plans:
+        if plan.new_defaults is not None:
+            pristine[plan.file] = plan.new_defaults
+        if plan.outcome is None:
             continue
-        pristine[f] = new_bytes
-        current = await ssh.get_file(node.ssh, posixpath.join(app, f))
-        if current is None:
-            reports.append(MergeReport(file=f, carried=(), diff=(), had_recorded_defaults=False,
-                                       notes=("not on the node: the new defaults are installed",)))
-            continue
-        old = await ssh.get_file(node.ssh, f"{DEFAULTS}/{f}")
-        outcome = merge_config_detailed(_decode(current), _decode(old) if old is not None else None,
-                                        _decode(new_bytes))
-        await ssh.put_bytes(node.ssh, _encode(outcome.text), f"{rel}/{f}")
-        reports.append(MergeReport(file=f, carried=outcome.carried, diff=outcome.diff,
-                                   had_recorded_defaults=old is not None, notes=outcome.notes))
+        await ssh.put_bytes(node.ssh, _encode(plan.outcome.text), f"{rel}/{plan.file}")
+        diff_remote = diff_path_for(release_id, plan.file)
+        if plan.outcome.diff:
+            await ssh.put_bytes(node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote,
+                                mode=0o600)
+        else:
+            await _sh(node, f"rm -f {_q(diff_remote)}", f"removing a stale {diff_remote}")
+    reports = [plan.report for plan in plans]
 
-    # 5. Protected files never leave the stage: removed from it and excluded from the copy.
+    # 6. Protected files never leave the stage: removed from it and excluded from the copy.
     if protected_files:
         await _sh(node, "rm -f -- " + " ".join(_q(f"{rel}/{p}") for p in protected_files),
                   "removing protected files from the staged release")
@@ -585,7 +755,7 @@ rm -rf "$R"; mv "$R.tmp" "$R"
     before = await folder_manifest(node, app)
     protected_before = {p: before.get(p) for p in protected_files}
 
-    # 6. Idempotence: the app folder already holds exactly the staged release.
+    # 7. Idempotence: the app folder already holds exactly the staged release.
     already = all(before.get(path) == digest for path, digest in staged.items())
     if not already:
         heartbeat({"node": node.name, "step": "copy", "files": len(staged)})
@@ -598,7 +768,7 @@ tar -C "$APP" --no-same-owner -xf "$R.copy.tar"
 rm -f "$R.copy.tar"
 """, f"copying the staged release into {app}")
 
-    # 7. Verify: every staged file landed, no protected file changed.
+    # 8. Verify: every staged file landed, no protected file changed.
     after = await folder_manifest(node, app)
     wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
     if wrong:
@@ -610,7 +780,7 @@ rm -f "$R.copy.tar"
         fail(PROTECTED_FILE_CHANGED,
              f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}")
 
-    # 8. Record the new pristine defaults (after success only: the next merge compares
+    # 9. Record the new pristine defaults (after success only: the next merge compares
     #    against what this node now runs on).
     for f, data in pristine.items():
         await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
@@ -620,17 +790,6 @@ rm -f "$R.copy.tar"
     return DeployResult(node_name=node.name, version=package.version,
                         files_written=0 if already else len(staged), merged=tuple(reports),
                         already_deployed=already, release_id=release_id)
-
-
-def _sha256_local(path: str) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 # =========================================================================== restore
@@ -780,6 +939,10 @@ async def backup_app_folder(req: AppBackupRequest) -> AppBackup:
 
 @activity.defn
 async def deploy_package(req: DeployRequest) -> DeployResult:
+    """Install the package into the node's app folder (protected files untouched, merge
+    files merged); idempotent. MergeUnsupported, before anything is written to the node,
+    when a merge file is not a plain `key = value` file. The merge reports name keys only;
+    each diff is left on the node at `MergeReport.diff_path` (mode 600)."""
     return await deploy(req.node, req.package, tuple(req.protected_files), tuple(req.merge_files),
                         req.release_id)
 

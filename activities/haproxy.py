@@ -16,6 +16,7 @@ import asyncio
 import csv
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from temporalio import activity
@@ -35,12 +36,17 @@ from workflows.inventory import LoadBalancer
 
 POLL_S = 0.25
 STATES = ("ready", "drain", "maint")
+# Per-command timeout of the runtime API client outside waits.
+CMD_TIMEOUT_S = 10.0
+# Inside the wait loops: each poll makes two calls and heartbeats after each, so one hung
+# call must end well within the workflows' 10 s heartbeat timeout.
+WAIT_CMD_TIMEOUT_S = 4.0
 
 
 # --------------------------------------------------------------------------- client
 
 
-async def runtime_command(api: str, command: str, timeout_s: float = 10.0) -> str:
+async def runtime_command(api: str, command: str, timeout_s: float = CMD_TIMEOUT_S) -> str:
     """Send one command to `unix:/path` or `tcp:host:port`; return the full answer."""
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
@@ -193,9 +199,15 @@ def _member(lb: LoadBalancer, node_name: str) -> tuple[str, str, str]:
     return lb.runtime_api, lb.backend, server
 
 
-async def member_state(lb: LoadBalancer, node_name: str) -> MemberState:
+async def member_state(lb: LoadBalancer, node_name: str, timeout_s: float = CMD_TIMEOUT_S,
+                       between: Callable[[ServerStat], None] | None = None) -> MemberState:
+    """The member's status and sessions (`show stat`) and admin state (`show servers state`).
+
+    `timeout_s` bounds each of the two runtime API calls; `between` is called with the
+    `show stat` row between them (the wait loops heartbeat there).
+    """
     api, backend, server = _member(lb, node_name)
-    stat_text = await runtime_command(api, "show stat")
+    stat_text = await runtime_command(api, "show stat", timeout_s)
     try:
         stats = parse_show_stat(stat_text)
     except ValueError:
@@ -208,7 +220,9 @@ async def member_state(lb: LoadBalancer, node_name: str) -> MemberState:
         fail(LB_MEMBER_NOT_FOUND,
              f"load balancer {lb.name} ({api}): no such server {backend}/{server} (node {node_name})")
     admin = stat.admin
-    states_text = await runtime_command(api, f"show servers state {backend}")
+    if between is not None:
+        between(stat)
+    states_text = await runtime_command(api, f"show servers state {backend}", timeout_s)
     for st in parse_servers_state(states_text):
         if st.be_name == backend and st.srv_name == server:
             admin = st.admin
@@ -248,8 +262,13 @@ async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None
     limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
     carried = _carried_waited()
     started = time.monotonic()
+
+    def beat(stat: ServerStat) -> None:
+        heartbeat({"waited_s": round(carried + time.monotonic() - started, 2), "scur": stat.scur,
+                   "admin": stat.admin})
+
     while True:
-        st = await member_state(lb, node_name)
+        st = await member_state(lb, node_name, WAIT_CMD_TIMEOUT_S, beat)
         waited = carried + time.monotonic() - started
         if st.scur == 0:
             return int(waited)
@@ -265,8 +284,13 @@ async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> 
     limit = timeout_s if timeout_s is not None else 60.0
     carried = _carried_waited()
     started = time.monotonic()
+
+    def beat(stat: ServerStat) -> None:
+        heartbeat({"waited_s": round(carried + time.monotonic() - started, 2), "status": stat.status,
+                   "admin": stat.admin})
+
     while True:
-        st = await member_state(lb, node_name)
+        st = await member_state(lb, node_name, WAIT_CMD_TIMEOUT_S, beat)
         waited = carried + time.monotonic() - started
         if st.is_up:
             return st

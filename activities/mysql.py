@@ -2,8 +2,10 @@
 
 Queries go through aiomysql. Logical backups use the `mariadb-dump` / `mariadb` client
 binaries on the worker; the password reaches them through a temporary
---defaults-extra-file (mode 600, deleted afterwards), never through the command line
-where `ps` would show it.
+--defaults-extra-file (mode 600, in a private mode-700 temporary folder, both deleted
+afterwards), never through the command line where `ps` would show it. Dumps hold every
+row of the database (password hashes, secrets): the backup folder is made mode 700 and
+each dump file is created mode 600.
 
 Error policy: connection-level failures (server down, connection lost, too many
 connections, deadlocks) are retryable DatabaseErrors; access denied, SQL errors and
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +37,10 @@ from activities.common import (
     DB_UNSUPPORTED,
     INVALID_REQUEST,
     REPLICA_TIMEOUT,
+    check_id,
     fail,
     heartbeat,
+    sha256_file,
     tail,
     with_heartbeat,
 )
@@ -44,8 +49,9 @@ from workflows.inventory import Database
 
 # MySQL error codes after which a retry can succeed (server restarting, network, load).
 _RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 POLL_S = 0.5
+_SCHEMA_TABLE_EXISTS = ("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+                        "DATABASE() AND TABLE_NAME = 'schema_version'")
 
 
 def _endpoint(db: Database, replica: bool) -> tuple[str, int]:
@@ -120,8 +126,7 @@ async def server_version(db: Database) -> str:
 
 async def schema_version(db: Database) -> int:
     """MAX(version) of table schema_version; 0 when the table does not exist yet."""
-    rows = await query(db, "SELECT COUNT(*) FROM information_schema.TABLES "
-                           "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'schema_version'")
+    rows = await query(db, _SCHEMA_TABLE_EXISTS)
     if not rows[0][0]:
         return 0
     return int((await query(db, "SELECT COALESCE(MAX(version), 0) FROM schema_version"))[0][0])
@@ -159,20 +164,33 @@ class MigrationResult:
     statements: int
     schema_version_before: int
     schema_version_after: int
+    # True: a forced `down` ran although schema_version did not list the migration.
+    forced: bool = False
 
 
-async def apply_migration(db: Database, version: int, sql: str, direction: str) -> MigrationResult:
+async def apply_migration(db: Database, version: int, sql: str, direction: str,
+                          force: bool = False) -> MigrationResult:
     """Run one migration up or down and record it in schema_version (one row per version).
 
     Idempotent via schema_version: `up` is skipped when MAX(version) >= version, `down` when
     MAX(version) < version. DDL is not transactional in MariaDB, so a crash between the
     statements and the record re-runs the statements: migrations are expected to be
     re-runnable (IF [NOT] EXISTS), as the lab's are.
+
+    `force` (down only): run the down statements even when schema_version says the
+    migration is not applied - an `up` that failed half-way leaves its first changes but
+    no record - and make sure schema_version no longer lists `version` afterwards. Down
+    scripts must therefore be re-runnable (DROP ... IF EXISTS). A newer migration still
+    recorded is refused as without force.
     """
     if direction not in ("up", "down"):
         fail(INVALID_REQUEST, f"migration direction {direction!r}: expected up or down")
+    if force and direction != "down":
+        fail(INVALID_REQUEST, f"migration {version}: force applies to direction down only")
     before = await schema_version(db)
-    if (direction == "up" and before >= version) or (direction == "down" and before < version):
+    forced = direction == "down" and before < version and force
+    if (direction == "up" and before >= version) or (direction == "down" and before < version
+                                                      and not force):
         return MigrationResult(version=version, direction=direction, applied=False, statements=0,
                                schema_version_before=before, schema_version_after=before)
     if direction == "down" and before > version:
@@ -188,29 +206,33 @@ async def apply_migration(db: Database, version: int, sql: str, direction: str) 
                     await cur.execute(stmt)
                 except (pymysql.MySQLError, OSError) as e:
                     _raise_db(db, host, port,
-                              f"migration {version} {direction}, statement {i}/{len(stmts)} "
-                              f"{stmt[:200]!r}", e)
+                              f"migration {version} {direction}{' (forced)' if forced else ''}, "
+                              f"statement {i}/{len(stmts)} {stmt[:200]!r}", e)
             try:
-                await cur.execute("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
-                                  "DATABASE() AND TABLE_NAME = 'schema_version'")
+                await cur.execute(_SCHEMA_TABLE_EXISTS)
                 exists = await cur.fetchone()
-                if not (exists and exists[0]):
-                    await cur.execute("CREATE TABLE schema_version (version INT NOT NULL)")
+                table_exists = bool(exists and exists[0])
                 if direction == "up":
+                    if not table_exists:
+                        await cur.execute("CREATE TABLE schema_version (version INT NOT NULL)")
                     await cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-                else:
+                elif table_exists:
                     await cur.execute("DELETE FROM schema_version WHERE version >= %s", (version,))
+                    removed = cur.rowcount
                     await cur.execute("SELECT COUNT(*) FROM schema_version")
                     row = await cur.fetchone()
-                    if row and row[0] == 0 and version > 1:
+                    if removed and row and row[0] == 0 and version > 1:
                         # single-row style tables: keep recording the version below
                         await cur.execute("INSERT INTO schema_version (version) VALUES (%s)",
                                           (version - 1,))
             except (pymysql.MySQLError, OSError) as e:
                 _raise_db(db, host, port, f"recording migration {version} {direction}", e)
     after = await schema_version(db)
+    if direction == "down" and after >= version:
+        fail(DATABASE_ERROR, f"database {db.name}: schema_version still lists version {after} after "
+                             f"rolling back migration {version}")
     return MigrationResult(version=version, direction=direction, applied=True, statements=len(stmts),
-                           schema_version_before=before, schema_version_after=after)
+                           schema_version_before=before, schema_version_after=after, forced=forced)
 
 
 # --------------------------------------------------------------------------- checksums
@@ -251,58 +273,87 @@ async def table_checksums(db: Database) -> dict[str, str]:
 # --------------------------------------------------------------------------- dump / load
 
 
-def _option_file(db: Database) -> str:
-    """A private option file with the password (removed by the caller)."""
+@contextlib.contextmanager
+def _option_file(db: Database) -> Iterator[str]:
+    """A client option file with the password, for the duration of the block.
+
+    It lives in a fresh mode-700 temporary folder (mkdtemp) and is created mode 600, so no
+    other user can open it or even see its name; folder and file are removed afterwards,
+    whatever happens in the block.
+    """
     password = resolve_secret(db.password, needed_by=f"database {db.name}")
     escaped = password.replace("\\", "\\\\").replace('"', '\\"')
-    fd, path = tempfile.mkstemp(prefix="zerodown-my-", suffix=".cnf")
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(f'[client]\npassword="{escaped}"\n')
-    return path
+    folder = tempfile.mkdtemp(prefix="zerodown-my-")  # mode 0700
+    try:
+        path = os.path.join(folder, "client.cnf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f'[client]\npassword="{escaped}"\n')
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _open_private(path: str) -> int:
+    """Open `path` for writing (created or truncated) with mode 600, also when it existed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _private_dir(db: Database, directory: str) -> None:
+    """Create the backup folder mode 700, or tighten an existing one that is more open."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        if mode & 0o077:
+            os.chmod(directory, 0o700)
+    except OSError as e:
+        fail(INVALID_REQUEST, f"database {db.name}: backup directory {directory} cannot be created "
+                              f"or made private (mode 700): {e.strerror or e}")
 
 
 async def _run_client(db: Database, argv_tail: list[str], stdin_path: str | None,
                       stdout_path: str | None, what: str, binary: str) -> None:
-    """Run mariadb / mariadb-dump against the primary, heartbeating; fail with its stderr."""
-    opt = _option_file(db)
+    """Run mariadb / mariadb-dump against the primary, heartbeating; fail with its stderr.
+
+    `stdout_path` (a dump) is created mode 600 before anything is written into it.
+    """
     proc: asyncio.subprocess.Process | None = None
-    try:
-        argv = [binary, f"--defaults-extra-file={opt}", "--protocol=TCP", f"--host={db.host}",
-                f"--port={db.port}", f"--user={db.user}", *argv_tail]
-        with contextlib.ExitStack() as stack:
-            devnull = asyncio.subprocess.DEVNULL
-            stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else devnull
-            stdout = stack.enter_context(open(stdout_path, "wb")) if stdout_path else devnull
-            try:
-                proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout,
-                                                            stderr=asyncio.subprocess.PIPE)
-            except OSError as e:
-                fail(DATABASE_ERROR, f"database {db.name}: cannot run {binary}: {e.strerror or e}")
-            _, err = await with_heartbeat(proc.communicate(), lambda: {"database": db.name, "step": what})
-        if proc.returncode != 0:
-            text = err.decode("utf-8", errors="replace")
-            retryable = bool(re.search(r"Can't connect|Lost connection|gone away|Too many connections", text))
-            fail(DATABASE_ERROR, f"database {db.name} ({db.user}@{db.host}:{db.port}/{db.database}): "
-                                 f"{what} ({binary}) exited with status {proc.returncode}: {tail(text)}",
-                 retryable=retryable)
-    finally:
-        if proc is not None and proc.returncode is None:
-            # cancelled / timed out: do not leave a half-done dump or load running
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(Exception):
-                await proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(opt)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with _option_file(db) as opt:
+        try:
+            argv = [binary, f"--defaults-extra-file={opt}", "--protocol=TCP", f"--host={db.host}",
+                    f"--port={db.port}", f"--user={db.user}", *argv_tail]
+            with contextlib.ExitStack() as stack:
+                devnull = asyncio.subprocess.DEVNULL
+                stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else devnull
+                stdout = (stack.enter_context(os.fdopen(_open_private(stdout_path), "wb"))
+                          if stdout_path else devnull)
+                try:
+                    proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout,
+                                                                stderr=asyncio.subprocess.PIPE)
+                except OSError as e:
+                    fail(DATABASE_ERROR, f"database {db.name}: cannot run {binary}: {e.strerror or e}")
+                _, err = await with_heartbeat(proc.communicate(),
+                                              lambda: {"database": db.name, "step": what})
+            if proc.returncode != 0:
+                text = err.decode("utf-8", errors="replace")
+                retryable = bool(re.search(r"Can't connect|Lost connection|gone away|Too many connections",
+                                           text))
+                fail(DATABASE_ERROR, f"database {db.name} ({db.user}@{db.host}:{db.port}/{db.database}): "
+                                     f"{what} ({binary}) exited with status {proc.returncode}: {tail(text)}",
+                     retryable=retryable)
+        finally:
+            if proc is not None and proc.returncode is None:
+                # cancelled / timed out: do not leave a half-done dump or load running
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
 
 
 @dataclass(frozen=True)
@@ -331,6 +382,10 @@ def _load_existing(db: Database, directory: str, backup_id: str) -> DbBackup | N
         return None
     if not os.path.exists(path) or sha256_file(path) != recorded:
         return None
+    # A dump written before dumps were created private: tighten it now.
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
     return DbBackup(db=db, backup_id=backup_id, path=path, sha256=recorded, size=os.path.getsize(path),
                     table_checksums=dict(meta.get("table_checksums", {})),
                     created_at=float(meta.get("created_at", 0.0)), reused=True)
@@ -347,12 +402,11 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     for minutes. Idempotent: a complete backup with this id (sha256 matching its sidecar) is
     reused.
     """
-    if not _ID_RE.match(backup_id):
-        fail(INVALID_REQUEST, f"backup id {backup_id!r}: use letters, digits, '.', '_' or '-'")
+    check_id("backup id", backup_id)
     directory = directory or db.backup_dir
     if not directory:
         fail(INVALID_REQUEST, f"database {db.name}: no backup directory (request or inventory backup_dir)")
-    await asyncio.to_thread(os.makedirs, directory, exist_ok=True)
+    await asyncio.to_thread(_private_dir, db, directory)
     existing = await asyncio.to_thread(_load_existing, db, directory, backup_id)
     if existing is not None:
         return existing
@@ -431,13 +485,13 @@ def _finish_backup(tmp: str, backup_id: str, db: Database,
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     size, created = os.path.getsize(path), time.time()
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+    with os.fdopen(_open_private(meta_path + ".tmp"), "w", encoding="utf-8") as f:
         json.dump({"backup_id": backup_id, "database": db.database, "host": db.host, "port": db.port,
                    "sha256": digest, "size": size, "table_checksums": checksums,
                    "created_at": created}, f, indent=2, sort_keys=True)
     os.replace(meta_path + ".tmp", meta_path)
     # The sidecar is written last: its presence marks the backup complete.
-    with open(sidecar + ".tmp", "w", encoding="utf-8") as f:
+    with os.fdopen(_open_private(sidecar + ".tmp"), "w", encoding="utf-8") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
     os.replace(sidecar + ".tmp", sidecar)
     return digest, size, created
@@ -607,6 +661,9 @@ class MigrationRequest:
     version: int
     sql: str
     direction: str  # up | down
+    # down only: run the down script even when schema_version does not list `version` (an
+    # `up` that failed half-way); the down script must be re-runnable (IF EXISTS).
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -640,7 +697,7 @@ async def db_schema_version(req: DbRequest) -> int:
 
 @activity.defn
 async def db_apply_migration(req: MigrationRequest) -> MigrationResult:
-    return await apply_migration(req.db, req.version, req.sql, req.direction)
+    return await apply_migration(req.db, req.version, req.sql, req.direction, req.force)
 
 
 @activity.defn

@@ -241,12 +241,19 @@ async def put_file(target: SshTarget, local_path: str, remote_path: str) -> None
         sftp.exit()
 
 
-async def put_bytes(target: SshTarget, data: bytes, remote_path: str) -> None:
-    """Write `data` into a remote file (created or truncated, parents created)."""
+async def put_bytes(target: SshTarget, data: bytes, remote_path: str, mode: int | None = None) -> None:
+    """Write `data` into a remote file (created or truncated, parents created).
+
+    `mode` (e.g. 0o600): the file is created with it, and an existing file gets it before
+    the new content is written.
+    """
     sftp = await _sftp(target)
     try:
         await _ensure_parent(sftp, remote_path)
-        async with sftp.open(remote_path, "wb") as f:
+        attrs = asyncssh.SFTPAttrs(permissions=mode) if mode is not None else asyncssh.SFTPAttrs()
+        async with sftp.open(remote_path, "wb", attrs) as f:
+            if mode is not None:
+                await f.chmod(mode)
             await f.write(data)
     except (asyncssh.SFTPError, *_STALE) as e:
         _sftp_fail(target, f"write {remote_path}", e)

@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from starter import client as zc
 from starter.report import kv_table, progress_view, steps_table
@@ -104,23 +106,28 @@ async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespa
     from worker.main import connect
 
     client = await connect(address, namespace, tracing=False)
-    handle = await zc.start_procedure(client, procedure, inv, arg, task_queue, workflow_id)
+    try:
+        handle = await zc.start_procedure(client, procedure, inv, arg, task_queue, workflow_id)
+    except WorkflowAlreadyStartedError:
+        err.print(f"[bold red]a workflow with id {workflow_id} is already running[/]: "
+                  f"follow it with `zerodown watch {workflow_id}` or choose another --id")
+        return 2
     console.print(f"started [bold]{procedure}[/] as workflow [cyan]{handle.id}[/]")
     console.print(f"  web UI: http://127.0.0.1:8233/namespaces/{namespace}/workflows/{handle.id}")
     if not wait:
         console.print(f"  follow it: zerodown watch {handle.id}")
         return 0
-    result_type = _result_type(procedure)
+    result_type = _result_type(procedure) or object
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         outcome = await zc.wait_with_progress(client, handle, result_type,
                                               lambda p: live.update(progress_view(p)))
     return _print_outcome(outcome)
 
 
-def _result_type(procedure: str) -> type:
-    from workflows.rolling_deploy import RollingDeployResult
+def _result_type(procedure: str) -> type | None:
+    from workflows.registry import RESULTS
 
-    return {"rolling-deploy": RollingDeployResult}[procedure]
+    return RESULTS.get(procedure)
 
 
 def _print_outcome(outcome: zc.Outcome) -> int:
@@ -185,7 +192,16 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
 
     client = await connect(address, namespace, tracing=False)
     handle = client.get_workflow_handle(workflow_id)
-    status, wf_type = await zc.describe(handle)
+    try:
+        status, wf_type = await zc.describe(handle)
+    except RPCError as e:
+        if e.status != RPCStatusCode.NOT_FOUND:
+            raise
+        err.print(f"[bold red]no workflow {workflow_id!r}[/] in namespace {namespace}")
+        return 2
+    if _result_type(wf_type) is None:
+        err.print(f"[bold red]{workflow_id} is a {wf_type!r} workflow, not a zerodown procedure[/]")
+        return 2
     if not follow:
         p = await zc.progress(handle)
         console.print(kv_table(workflow_id, {"procedure": wf_type, "status": status.name if status
@@ -194,7 +210,7 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
         console.print(steps_table(p.steps))
         return 0
     with Live(console=console, refresh_per_second=4) as live:
-        outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type),
+        outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type) or object,
                                               lambda p: live.update(progress_view(p, last=30)))
     return _print_outcome(outcome)
 
@@ -224,8 +240,11 @@ def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
 
     try:
         console.print(f"[green]ok[/] {_run(go())}")
-    except Exception as e:
-        err.print(f"[bold red]replay failed (the current code no longer matches this history):[/] {e}")
+    except RPCError as e:
+        err.print(f"[bold red]cannot fetch the history of {workflow_id}:[/] {e.message}")
+        raise typer.Exit(2) from None
+    except zc.ReplayFailed as e:
+        err.print(f"[bold red]replay failed: the current code no longer matches this history:[/] {e}")
         raise typer.Exit(1) from None
 
 

@@ -98,9 +98,15 @@ async def describe(handle: WorkflowHandle[Any, Any]) -> tuple[WorkflowExecutionS
     return d.status, d.workflow_type
 
 
+class ReplayFailed(RuntimeError):
+    """The current code does not reproduce the history (non-determinism or a code error)."""
+
+
 async def replay(client: Client, workflow_id: str, run_id: str | None = None) -> str:
-    """Replay a workflow's history through the current code; raises on non-determinism."""
+    """Replay a workflow's history through the current code; ReplayFailed if it differs."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     history = await handle.fetch_history()
-    await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
+    result = await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history, raise_on_replay_failure=False)
+    if result.replay_failure is not None:
+        raise ReplayFailed(f"{workflow_id}: {result.replay_failure}")
     return f"{workflow_id}: {len(history.events)} events replayed on the current code, deterministic"

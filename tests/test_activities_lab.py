@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import stat
 import uuid
+import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -333,6 +335,8 @@ async def test_db_backup_restore_round_trip(inv: Inventory, lab: LabConfig) -> N
         await task
     try:
         assert bk.size == _size(bk.path) > 0 and not bk.reused and written > 10
+        # a dump holds every row (password hashes): private folder, private file
+        assert _mode(Path(bk.path)) == 0o600 and _mode(Path(bk.path).parent) == 0o700
         assert set(bk.table_checksums) >= {"items", "schema_version", "users"}
         again = await env.run(mysql.db_backup, BackupRequest(db, backup_id))
         assert again.reused and again.sha256 == bk.sha256 and again.table_checksums == bk.table_checksums
@@ -421,6 +425,47 @@ async def test_db_migration_up_down_idempotent(inv: Inventory, lab: LabConfig) -
     assert rows == [(1,)]
 
 
+@pytest.mark.filterwarnings("ignore:Can't DROP COLUMN")  # the down script re-run: IF EXISTS notes it
+async def test_db_migration_forced_down_undoes_a_half_applied_up(inv: Inventory) -> None:
+    """An up whose 2nd statement failed left its 1st change but no schema_version record:
+    only a forced down (re-runnable, IF EXISTS) removes it."""
+    db, env = inv.databases[0], _env()
+
+    async def columns() -> list[str]:
+        rows = await mysql.query(db, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
+                                     "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'items' "
+                                     "ORDER BY ORDINAL_POSITION")
+        return [str(r[0]) for r in rows]
+
+    original = await columns()
+    up = ("ALTER TABLE items ADD COLUMN IF NOT EXISTS zd_half INT NULL;\n"
+          "ALTER TABLE no_such_table ADD COLUMN x INT;\n")
+    down = "ALTER TABLE items DROP COLUMN IF EXISTS zd_half;\n"
+    try:
+        with pytest.raises(ApplicationError) as e:
+            await env.run(mysql.db_apply_migration, MigrationRequest(db, 2, up, "up"))
+        assert "statement 2/2" in e.value.message
+        assert await columns() == [*original, "zd_half"] and await mysql.schema_version(db) == 1
+        # without force: schema_version says 2 is not applied, nothing runs
+        skipped = await env.run(mysql.db_apply_migration, MigrationRequest(db, 2, down, "down"))
+        assert not skipped.applied and not skipped.forced and "zd_half" in await columns()
+        forced = await env.run(mysql.db_apply_migration, MigrationRequest(db, 2, down, "down", force=True))
+        assert forced.applied and forced.forced and forced.statements == 1
+        assert (forced.schema_version_before, forced.schema_version_after) == (1, 1)
+        assert await columns() == original
+        # re-runnable, and schema_version never lists 2
+        again = await env.run(mysql.db_apply_migration, MigrationRequest(db, 2, down, "down", force=True))
+        assert again.applied and await columns() == original
+        assert await mysql.query(db, "SELECT version FROM schema_version") == [(1,)]
+        with pytest.raises(ApplicationError) as e:
+            await env.run(mysql.db_apply_migration, MigrationRequest(db, 2, up, "up", force=True))
+        assert e.value.type == "InvalidRequest"
+    finally:
+        await mysql.query(db, "ALTER TABLE items DROP COLUMN IF EXISTS zd_half")
+        await mysql.wait_replica_caught_up(db, 30)
+    assert await mysql.schema_version(db) == 1
+
+
 async def test_db_migration_sql_error_is_non_retryable(inv: Inventory) -> None:
     db = inv.databases[0]
     with pytest.raises(ApplicationError) as e:
@@ -475,18 +520,35 @@ async def _put_back(inv: Inventory, name: str) -> None:
     await _ensure_member_up(inv, name)
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _app_modes(lab: LabConfig, i: int) -> dict[str, int]:
+    root = lab.node_dir(i) / "app"
+    return {str(p.relative_to(root)): _mode(p) for p in root.rglob("*") if p.is_file()}
+
+
 async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) -> None:
     app, env = inv.application, _env()
     name, i = "node2", 2
     rid = uuid.uuid4().hex[:8]
     protected = tuple(app.protected_files)
     before = _files(lab, i, protected)
+    modes_before = _app_modes(lab, i)
     n = await _take_out(inv, name)
     bk = None
     try:
+        # zerodown's folders may have been created more open by an older version
+        await ssh.run(n.ssh, "mkdir -p .zerodown/backups && chmod 755 .zerodown .zerodown/backups")
         bk = await env.run(deploy.backup_app_folder, AppBackupRequest(n, f"bk-{rid}", protected))
         assert bk.files == len(bk.manifest) and set(bk.protected) == set(protected)
         assert (lab.node_dir(i) / bk.path).is_file() and not (lab.node_dir(i) / "app" / ".zerodown").exists()
+        # the backup holds the protected files (encryption keys): private to the deploy user
+        zd = lab.node_dir(i) / ".zerodown"
+        assert _mode(zd) == 0o700 and _mode(zd / "backups") == 0o700
+        for suffix in (".tar", ".manifest", ".defaults.tar"):
+            assert _mode(zd / "backups" / f"bk-{rid}{suffix}") & 0o077 == 0, suffix
         assert await env.run(deploy.app_folder_manifest, NodeRequest(n)) == bk.manifest
         again = await env.run(deploy.backup_app_folder, AppBackupRequest(n, f"bk-{rid}", protected))
         assert again.reused and again.manifest == bk.manifest
@@ -498,7 +560,22 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
         (report,) = res.merged
         assert report.file == "web.config" and report.had_recorded_defaults
         assert set(report.carried) == {"http.port", "node.name", "custom.banner"}
-        assert f"+node.name = {name}" in report.diff and "+custom.banner = Welcome to node2" in report.diff
+        assert "greeting" in report.changed_defaults
+        # no config value travels in the result (it goes into Temporal's history) ...
+        assert report.diff == () and "Welcome to node2" not in repr(res)
+        assert str(lab.app_port(i)) not in repr(res)
+        # ... the diff stays on the node, readable by the deploy user only
+        assert report.diff_path == f".zerodown/releases/rel-{rid}.web.config.merge.diff"
+        diff_file = lab.node_dir(i) / report.diff_path
+        diff = diff_file.read_text().splitlines()
+        assert f"+node.name = {name}" in diff and "+custom.banner = Welcome to node2" in diff
+        assert _mode(diff_file) == 0o600
+        # the app folder keeps the modes the package / app expect (no umask 077 there)
+        modes_after = _app_modes(lab, i)
+        kept = set(modes_before) & set(modes_after)
+        assert {k: modes_after[k] for k in kept} == {k: modes_before[k] for k in kept}
+        assert _mode(lab.node_dir(i) / "app" / "migrations" / "002_up.sql") == \
+            _mode(lab.node_dir(i) / "app" / "web.config")
         # protected files byte-identical, customisation kept on top of the v2 defaults
         assert _files(lab, i, protected) == before
         web = (lab.node_dir(i) / "app" / "web.config").read_text()
@@ -510,6 +587,9 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
         # idempotent
         again_res = await env.run(deploy.deploy_package, req)
         assert again_res.already_deployed and again_res.files_written == 0
+        (again_report,) = again_res.merged
+        assert (again_report.carried, again_report.diff_path) == (report.carried, report.diff_path)
+        assert diff_file.read_text().splitlines() == diff
         assert (lab.node_dir(i) / "app" / "web.config").read_text() == web
 
         await node.set_running(n, True)
@@ -549,6 +629,57 @@ async def test_backup_refuses_a_missing_protected_file(inv: Inventory, lab: LabC
         assert "missing.key" in e.value.message and "node3" in e.value.message
     finally:
         await ssh.run(n.ssh, f"rm -f .zerodown/backups/{bid}.*")
+
+
+async def test_backup_id_reused_only_for_the_same_folder(inv: Inventory, lab: LabConfig) -> None:
+    n = inv.node("node3")
+    bid = f"bk-{uuid.uuid4().hex[:8]}"
+    extra = lab.node_dir(3) / "app" / "zd-test-extra.txt"
+    try:
+        first = await _env().run(deploy.backup_app_folder, AppBackupRequest(n, bid, ("encryption.config",)))
+        assert not first.reused
+        again = await _env().run(deploy.backup_app_folder, AppBackupRequest(n, bid, ("encryption.config",)))
+        assert again.reused and again.manifest == first.manifest
+        extra.write_text("written after the backup\n")
+        with pytest.raises(ApplicationError) as e:
+            await _env().run(deploy.backup_app_folder, AppBackupRequest(n, bid, ("encryption.config",)))
+        err = e.value
+        assert err.type == "BackupConflict" and err.non_retryable
+        assert bid in err.message and "differs from the application folder" in err.message
+        assert "zd-test-extra.txt" in err.message
+        extra.unlink()
+        assert (await _env().run(deploy.backup_app_folder, AppBackupRequest(n, bid, ()))).reused
+    finally:
+        extra.unlink(missing_ok=True)
+        await ssh.run(n.ssh, f"rm -f .zerodown/backups/{bid}.*")
+
+
+def _with_member(src: Path, dst: Path, name: str, data: str) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+        zout.writestr(name, data)
+    return dst
+
+
+async def test_deploy_refuses_an_xml_merge_file_and_leaves_the_node_untouched(
+        inv: Inventory, lab: LabConfig, tmp_path: Path) -> None:
+    n = inv.node("node3")
+    xml = ('<?xml version="1.0"?>\n<configuration><appSettings>\n'
+           '  <add key="A" value="1" />\n  <add key="B" value="2" />\n</appSettings></configuration>\n')
+    pkg = deploy.inspect_package_file(str(_with_member(lab.package(2), tmp_path / "app-2x.zip",
+                                                       "settings.xml", xml)))
+    rid = f"rel-{uuid.uuid4().hex[:8]}"
+    releases = lab.node_dir(3) / ".zerodown" / "releases"
+    before = await deploy.folder_manifest(n, n.app_dir)
+    with pytest.raises(ApplicationError) as e:
+        await _env().run(deploy.deploy_package, DeployRequest(
+            n, pkg, tuple(inv.application.protected_files), ("web.config", "settings.xml"), rid))
+    err = e.value
+    assert err.type == "MergeUnsupported" and err.non_retryable
+    assert "node node3: settings.xml" in err.message and "XML" in err.message
+    assert await deploy.folder_manifest(n, n.app_dir) == before
+    assert not releases.exists() or not list(releases.glob(f"{rid}*"))  # not even uploaded
 
 
 async def test_deploy_refuses_a_package_changed_since_inspection(inv: Inventory, lab: LabConfig,

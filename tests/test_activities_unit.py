@@ -400,6 +400,38 @@ async def test_wait_up(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
     assert e.value.type == "NotUpTimeout" and "admin drain" in e.value.message
 
 
+async def test_wait_loops_use_short_calls_and_heartbeat_between_them(
+        fake_haproxy: tuple[FakeHaproxy, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll makes two runtime API calls; with the workflows' 10 s heartbeat timeout a
+    call may take at most 4 s and a heartbeat must come between the two."""
+    fake, api = fake_haproxy
+    events: list[Any] = []
+    real = haproxy.runtime_command
+
+    async def recording(api_: str, command: str, timeout_s: float = haproxy.CMD_TIMEOUT_S) -> str:
+        events.append(("call", command, timeout_s))
+        return await real(api_, command, timeout_s)
+
+    monkeypatch.setattr(haproxy, "runtime_command", recording)
+    fake.scur["node1"] = 2
+    fake.admin["node1"] = 0x08
+    fake.on_show_stat = lambda f: f.scur.update(node1=max(0, f.scur["node1"] - 1))
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *d: events.append(("beat", d[0]))
+    await env.run(haproxy.lb_wait_drained, WaitRequest(_lb(api), "n1", timeout_s=10))
+    fake.admin["node1"] = 0
+    await env.run(haproxy.lb_wait_up, WaitRequest(_lb(api), "n1", timeout_s=10))
+    calls = [e for e in events if e[0] == "call"]
+    assert calls and all(timeout == haproxy.WAIT_CMD_TIMEOUT_S == 4.0 for _, _, timeout in calls)
+    for i, e in enumerate(events):
+        if e[0] == "call" and e[1].startswith("show servers state"):
+            assert events[i - 1][0] == "beat" and "waited_s" in events[i - 1][1], events[: i + 1]
+    # outside the waits the default timeout stays
+    events.clear()
+    await env.run(haproxy.lb_member_state, MemberRequest(_lb(api), "n1"))
+    assert [e[2] for e in events if e[0] == "call"] == [10.0, 10.0]
+
+
 # =========================================================================== config merge
 
 V1 = """# defaults 1.0
@@ -482,6 +514,315 @@ def test_merge_with_sections_and_crlf() -> None:
 def test_merge_spacing_variants_are_the_same_key() -> None:
     merged, _ = merge_config("a=2\n", "a = 1\n", "a = 1\nb = 2\n")
     assert merged == "a=2\nb = 2\n"
+
+
+WEB_CONFIG_XML = """<?xml version="1.0" encoding="utf-8"?>
+<configuration>
+  <appSettings>
+    <add key="DbServer" value="sql01" />
+    <add key="DbPassword" value="s3cret-value" />
+    <add key="Theme" value="dark" />
+  </appSettings>
+</configuration>
+"""
+
+
+@pytest.mark.parametrize("which", ["node", "old", "new"])
+def test_merge_refuses_an_xml_web_config(which: str) -> None:
+    """Every `<add key` line parsed as the same key `<add key` once corrupted the file."""
+    texts = {"node": "a = 1\n", "old": "a = 1\n", "new": "a = 1\n", which: WEB_CONFIG_XML}
+    with pytest.raises(ApplicationError) as e:
+        merge_config_detailed(texts["node"], texts["old"], texts["new"], name="node n1: web.config")
+    err = e.value
+    assert err.type == "MergeUnsupported" and err.non_retryable
+    assert "node n1: web.config" in err.message and "key = value" in err.message
+    assert "line 1" in err.message and "XML" in err.message
+    assert {"node": "node's copy", "old": "recorded defaults", "new": "new package's defaults"}[which] \
+        in err.message
+    # the message goes into Temporal's history: never a value from the file
+    assert "s3cret" not in err.message and "sql01" not in err.message
+
+
+def test_merge_refuses_an_xml_fragment_without_declaration() -> None:
+    node_text = "a = 1\n" + WEB_CONFIG_XML.split("\n", 1)[1]
+    with pytest.raises(ApplicationError) as e:
+        merge_config(node_text, None, "a = 1\n")
+    assert e.value.type == "MergeUnsupported" and "line 2" in e.value.message
+
+
+@pytest.mark.parametrize("line", ['"quoted key" = 1', "two words = 1", "just text", "= value", "[open"])
+def test_merge_refuses_lines_that_are_not_plain_key_value(line: str) -> None:
+    with pytest.raises(ApplicationError) as e:
+        merge_config("a = 1\n", "a = 1\n", f"# ok\na = 1\n{line}\n")
+    assert e.value.type == "MergeUnsupported" and "line 3" in e.value.message
+
+
+def test_merge_refuses_a_key_given_twice_in_one_section() -> None:
+    with pytest.raises(ApplicationError) as e:
+        merge_config("a = 1\n[db]\npool = 4\n[web]\nx = 1\n[db]\npool = 8\n", None, "a = 1\n")
+    err = e.value
+    assert err.type == "MergeUnsupported" and err.non_retryable
+    assert "'pool' appears twice in section [db] (lines 3 and 7)" in err.message
+    with pytest.raises(ApplicationError) as e:
+        merge_config("a = 1\n", None, "a = 1\nb = 2\na=3\n")
+    assert "'a' appears twice in the top of the file (lines 1 and 3)" in e.value.message
+    # the same key in two sections is two keys
+    merged, _ = merge_config("[x]\nk = 2\n[y]\nk = 1\n", "[x]\nk = 1\n[y]\nk = 1\n",
+                             "[x]\nk = 1\n[y]\nk = 1\n")
+    assert merged == "[x]\nk = 2\n[y]\nk = 1\n"
+
+
+def test_merge_accepts_plain_keys_comments_and_a_bom() -> None:
+    new = "\ufeff# settings\nlog-level = info\nurl:base = http://a/?x=1\n; comment\n[s]\nk.v_2 = \n"
+    node_text = "\ufeff# settings\nlog-level = debug\nurl:base = http://a/?x=1\n[s]\nk.v_2 = x\n"
+    outcome = merge_config_detailed(node_text, new, new)
+    assert outcome.text == new.replace("info", "debug").replace("k.v_2 = ", "k.v_2 = x")
+    assert outcome.carried == ("log-level", "s.k.v_2")
+    # a BOM on a carried first line stays in front of it
+    merged, _ = merge_config("\ufeffa = 2\n", "\ufeffa = 1\n", "\ufeffa = 1\nb = 1\n")
+    assert merged == "\ufeffa = 2\nb = 1\n"
+
+
+def test_merge_names_the_defaults_the_new_release_changed() -> None:
+    node_text = V1.replace("greeting = Hello", "greeting = Howdy")
+    outcome = merge_config_detailed(node_text, V1, V2)
+    assert outcome.changed_defaults == ("greeting",)
+    assert any(n.startswith("greeting: customised on the node and its default changed")
+               for n in outcome.notes)
+    assert merge_config_detailed(node_text, None, V2).changed_defaults == ()
+
+
+def _node(tmp_path: Path) -> Node:
+    target = SshTarget(host="127.0.0.1", port=1, user="u", password=SecretRef(env="HOME"))
+    return Node(name="n1", ssh=target, app_dir="app", url="http://127.0.0.1:1",
+                service=ServiceControl(kind="command", stop="./ctl stop", start="./ctl start",
+                                       status="./ctl status"))
+
+
+class _RecordingNode:
+    """Stand-in for activities.ssh: reads come from `files`, every write is recorded."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.reads: list[str] = []
+        self.writes: list[str] = []
+        self.run_results: list[ssh.CommandResult] = []
+        # answers `sha256sum <file>` (the upload check) with this digest
+        self.sha256 = ""
+
+    async def get_file(self, target: SshTarget, remote_path: str) -> bytes | None:
+        self.reads.append(remote_path)
+        return self.files.get(remote_path)
+
+    async def run(self, target: SshTarget, command: str, **kw: Any) -> ssh.CommandResult:
+        self.writes.append(f"run {command}")
+        if self.run_results:
+            return self.run_results.pop(0)
+        if command.startswith("sha256sum ") and self.sha256:
+            return ssh.CommandResult(0, f"{self.sha256}  {command.split()[1]}\n", "")
+        return ssh.CommandResult(0, "", "")
+
+    async def put_file(self, target: SshTarget, local: str, remote: str) -> None:
+        self.writes.append(f"put_file {remote}")
+
+    async def put_bytes(self, target: SshTarget, data: bytes, remote: str, mode: int | None = None) -> None:
+        self.writes.append(f"put_bytes {remote}")
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ("get_file", "run", "put_file", "put_bytes"):
+            monkeypatch.setattr(deploy.ssh, name, getattr(self, name))
+
+
+async def test_deploy_refuses_an_xml_merge_file_before_touching_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", _good_files())))
+    fake = _RecordingNode({"app/web.config": WEB_CONFIG_XML.encode()})
+    fake.install(monkeypatch)
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(deploy.deploy_package, deploy.DeployRequest(
+            _node(tmp_path), pkg, ("encryption.config",), ("web.config",), "labapp-2.0.0"))
+    err = e.value
+    assert err.type == "MergeUnsupported" and err.non_retryable
+    assert "node n1: web.config" in err.message and "Nothing was changed on the node" in err.message
+    assert "s3cret" not in err.message
+    assert fake.writes == [] and "app/web.config" in fake.reads  # read, then refused: no upload, no write
+
+
+async def test_deploy_refuses_an_xml_file_in_the_package(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {**_good_files(), "web.config": WEB_CONFIG_XML}
+    pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", files)))
+    fake = _RecordingNode({})  # not on the node yet: the new defaults alone are refused
+    fake.install(monkeypatch)
+    with pytest.raises(ApplicationError) as e:
+        await deploy.deploy(_node(tmp_path), pkg, (), ("web.config",), "labapp-2.0.0")
+    assert e.value.type == "MergeUnsupported" and "new package's defaults" in e.value.message
+    assert fake.writes == []
+
+
+def test_merge_report_carries_no_values_and_names_the_diff_file() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(deploy.MergeReport)}
+    assert fields["diff_path"] == "" and fields["changed_defaults"] == ()
+    assert deploy.diff_path_for("labapp-2.0.0", "conf/settings.ini") == \
+        ".zerodown/releases/labapp-2.0.0.conf__settings.ini.merge.diff"
+
+
+# =========================================================================== backup (no lab)
+
+
+def _backup_output(stored: dict[str, str], current: dict[str, str] | None) -> str:
+    def lines(m: dict[str, str]) -> str:
+        return "".join(f"{d}  ./{p}\n" for p, d in m.items())
+
+    head = "reused" if current is not None else "created"
+    return (f"{head}\n{lines(stored)}{deploy._CURRENT}\n{lines(current or {})}{deploy._TARLIST}\n"
+            + "".join(f"./{p}\n" for p in stored))
+
+
+async def test_backup_of_a_folder_changing_meanwhile_is_retryable_backup_inconsistent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _RecordingNode({})
+    fake.run_results = [ssh.CommandResult(75, "created\n", "the application folder app changed while it "
+                                                             "was backed up\n")]
+    fake.install(monkeypatch)
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(deploy.backup_app_folder,
+                                        deploy.AppBackupRequest(_node(tmp_path), "wf-n1"))
+    # not SshCommandFailed: the workflows list that one as non-retryable
+    assert e.value.type == "BackupInconsistent" and not e.value.non_retryable
+    assert "changed while it was backed up" in e.value.message
+
+
+async def test_backup_is_reused_only_when_it_matches_the_folder(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = "a" * 64, "b" * 64
+    stored = {"web.config": a, "encryption.config": b}
+    fake = _RecordingNode({})
+    fake.install(monkeypatch)
+    n = _node(tmp_path)
+    fake.run_results = [ssh.CommandResult(0, _backup_output(stored, dict(reversed(stored.items()))), "")]
+    ok = await deploy.backup_app(n, "wf-n1", ("encryption.config",))
+    assert ok.reused and ok.manifest == stored and ok.protected == {"encryption.config": b}
+    fake.run_results = [ssh.CommandResult(0, _backup_output(stored, {**stored, "web.config": b,
+                                                                     "new.txt": a}), "")]
+    with pytest.raises(ApplicationError) as e:
+        await deploy.backup_app(n, "wf-n1", ("encryption.config",))
+    err = e.value
+    assert err.type == "BackupConflict" and err.non_retryable
+    assert "backup wf-n1 already exists" in err.message
+    assert "differs from the application folder" in err.message
+    assert "2 file(s): new.txt, web.config" in err.message
+    fake.run_results = [ssh.CommandResult(0, _backup_output(stored, None), "")]
+    assert not (await deploy.backup_app(n, "wf-n1", ())).reused
+
+
+async def test_backup_script_is_private_but_deploy_keeps_the_umask(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _RecordingNode({})
+    fake.run_results = [ssh.CommandResult(0, _backup_output({}, None), "")]
+    fake.install(monkeypatch)
+    await deploy.backup_app(_node(tmp_path), "wf-n1", ())
+    script = fake.writes[0]
+    assert "umask 077" in script and "chmod 700 .zerodown .zerodown/backups" in script
+    pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", _good_files())))
+    fake.writes.clear()
+    fake.sha256 = pkg.sha256
+    await deploy.deploy(_node(tmp_path), pkg, (), (), "labapp-2.0.0")
+    extract = [w for w in fake.writes if "unzip" in w or "--no-same-owner" in w]
+    assert extract and not any("umask" in w for w in extract)
+
+
+# =========================================================================== mysql files (no server)
+
+
+def _db(tmp_path: Path, **kw: Any) -> Any:
+    from workflows.inventory import Database
+
+    return Database(name="main", kind="mysql", host="127.0.0.1", port=_free_port(), database="app",
+                    user="zd", password=SecretRef(env="ZD_TEST_DB_PASSWORD"), **kw)
+
+
+def test_mysql_option_file_is_private_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    monkeypatch.setenv("ZD_TEST_DB_PASSWORD", 'pa"ss')
+    with mysql._option_file(_db(tmp_path)) as path:
+        folder = Path(path).parent
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+        assert Path(path).read_text() == '[client]\npassword="pa\\"ss"\n'
+    assert not folder.exists()
+    with pytest.raises(RuntimeError), mysql._option_file(_db(tmp_path)) as path:
+        folder = Path(path).parent
+        raise RuntimeError("boom")
+    assert not folder.exists()
+
+
+async def test_mysql_client_failure_removes_the_option_file_and_dump_is_private(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+    import tempfile
+
+    monkeypatch.setenv("ZD_TEST_DB_PASSWORD", "pw")
+    made: list[str] = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*a: Any, **kw: Any) -> str:
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(mysql.tempfile, "mkdtemp", mkdtemp)
+    out = tmp_path / "dump.sql"
+    out.write_text("old")
+    out.chmod(0o644)
+    with pytest.raises(ApplicationError) as e:
+        await mysql._run_client(_db(tmp_path), [], None, str(out), "backup", "sh")  # sh: bad option
+    assert e.value.type == "DatabaseError"
+    assert made and not Path(made[0]).exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and out.read_text() == ""
+
+
+def test_mysql_backup_dir_is_created_or_tightened_to_0700(tmp_path: Path) -> None:
+    import stat
+
+    new = tmp_path / "a" / "backups"
+    mysql._private_dir(_db(tmp_path), str(new))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    mysql._private_dir(_db(tmp_path), str(old))
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+
+
+def test_migration_request_has_force() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(mysql.MigrationRequest)}
+    assert fields["force"] is False
+    assert "force" in inspect.signature(mysql.apply_migration).parameters
+
+
+# =========================================================================== shared helpers
+
+
+def test_one_sha256_file_and_one_check_id(tmp_path: Path) -> None:
+    import hashlib
+
+    from activities import common
+
+    assert deploy.sha256_file is common.sha256_file and mysql.sha256_file is common.sha256_file
+    assert deploy.check_id is common.check_id and mysql.check_id is common.check_id
+    assert not hasattr(deploy, "_ID_RE") and not hasattr(mysql, "_ID_RE")
+    assert not hasattr(deploy, "_sha256_local")
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * (3 << 20))
+    assert common.sha256_file(str(f)) == hashlib.sha256(f.read_bytes()).hexdigest()
+    with pytest.raises(OSError):
+        common.sha256_file(str(tmp_path / "missing"))
+    common.check_id("backup id", "wf-1_node.a")
+    for bad in ("", "-x", "a/b", "../a", "a b", "a\n", "x" * 122):
+        with pytest.raises(ApplicationError) as e:
+            common.check_id("backup id", bad)
+        assert e.value.type == "InvalidRequest" and e.value.non_retryable
 
 
 # =========================================================================== versions

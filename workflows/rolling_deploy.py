@@ -5,18 +5,21 @@ The runbook (each numbered step is a timeline entry):
   Preflight (read-only; any problem stops the run before anything is touched)
     P1 the package is a valid release; P2 every node answers over SSH, its service runs,
     it is healthy and runs an older version the package may upgrade from; P3 every load
-    balancer knows the node as a member; P4 the database answers.
+    balancer knows the node as a member, and every batch leaves at least one other member
+    UP in each pool; P4 the database answers.
   Database (only when the release carries migrations the database lacks)
     D1 logical backup of the database; D2 apply the expand migrations (old code survives
     them, which is what makes rolling possible).
   For each node (batches from the inventory, one node at a time by default)
-    N1 drain it on every load balancer; N2 wait until it holds zero sessions;
+    N1 drain it on every load balancer; N2 wait until it holds zero sessions, then hold it
+    in maintenance (a sticky client cannot open a new session on a drained server);
     N3 stop the service; N4 back up the app folder; N5 deploy the package (protected files
     untouched, per-node config customisations merged); N6 start the service; N7 wait until
     healthy and check it reports the new version; N8 set it ready; N9 wait until UP.
   On failure or cancellation the saga runs the compensations in reverse: nodes are
-  restored from their backups and put back in the pool, migrations are reverted with their
-  `down` scripts, and the workflow fails with the reason.
+  restored from their backups, checked back on their previous version and put back in the
+  pool; then, only if every node is back, migrations are reverted with their `down`
+  scripts; the workflow fails with the reason.
 """
 
 from __future__ import annotations
@@ -57,8 +60,11 @@ PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(sec
 ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
                            backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
                            non_retryable_error_types=NON_RETRYABLE)
-# A wait activity heartbeats every ~1 s: a dead worker is noticed after this long.
+# Wait activities heartbeat every ~1 s: a dead worker is noticed after this long.
 HEARTBEAT = timedelta(seconds=10)
+# Long changes (copies, dumps, migrations) heartbeat too, but their steps may be slower.
+LONG_HEARTBEAT = timedelta(seconds=60)
+LONG = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class RollingDeployWorkflow:
     def __init__(self) -> None:
         self.timeline = Timeline(PROCEDURE)
         self.saga = Saga()
+        self.previous: dict[str, str] = {}
+        # Changes under way: on cancellation they finish before anything is compensated.
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     @workflow.query
     def progress(self) -> Progress:
@@ -118,12 +127,12 @@ class RollingDeployWorkflow:
         # ---- Preflight: read-only, every problem reported together --------------------
         self.timeline.set_phase("preflight")
         try:
-            package = await self.timeline.step("P1 inspect package", self._act(
-                deploy.inspect_package, deploy.PackageRequest(path=inp.package_path),
-                retry=PREFLIGHT_RETRY), seed_step="P1")
+            package = await self.timeline.step("P1 inspect package", self._read(
+                deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)), seed_step="P1")
         except ActivityError as e:
             raise _preflight_failed([f"package: {reason(e)}"], [e]) from None
-        previous = await self._preflight(inv, nodes, package)
+        self.previous = await self._preflight(inv, nodes, package)
+        await self._check_capacity(inv, batches)
         database = inv.databases[0] if inv.databases else None
         schema = None
         if database is None and package.migrations:
@@ -131,16 +140,15 @@ class RollingDeployWorkflow:
                                      "but the inventory declares no database"], [])
         if database is not None:
             try:
-                schema = await self.timeline.step("P4 database reachable", self._act(
-                    mysql.db_schema_version, mysql.DbRequest(db=database), retry=PREFLIGHT_RETRY),
-                    seed_step="P4")
+                schema = await self.timeline.step("P4 database reachable", self._read(
+                    mysql.db_schema_version, mysql.DbRequest(db=database)), seed_step="P4")
             except ActivityError as e:
                 raise _preflight_failed([f"database: {reason(e)}"], [e]) from None
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
         plan = self._plan(inv, batches, package, pending)
         if inp.dry_run:
             self.timeline.set_phase("planned (dry run): nothing was changed")
-            return self._result(inv, package, previous, nodes, plan, True)
+            return self._result(inv, package, nodes, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------
         merge_report: list[str] = []
@@ -159,8 +167,10 @@ class RollingDeployWorkflow:
                 if failures:
                     raise failures[0]
         except asyncio.CancelledError:
-            self.timeline.set_phase("cancelled: rolling back")
+            self.timeline.set_phase("cancelled: finishing the step under way, then rolling back")
+            await self._settle()
             await self.saga.compensate()
+            self.timeline.set_phase("cancelled, rolled back")
             raise
         except Exception as e:
             # Name the step that failed before the compensations add steps of their own.
@@ -177,35 +187,28 @@ class RollingDeployWorkflow:
                 type="ProcedureFailed", non_retryable=True) from e
 
         self.timeline.set_phase("done")
-        return self._result(inv, package, previous, nodes, plan, False, merge_report,
-                            db_backup, app_backups)
+        return self._result(inv, package, nodes, plan, False, merge_report, db_backup, app_backups)
 
     # ------------------------------------------------------------------ preflight
     async def _preflight(self, inv: Inventory, nodes: list[Node],
                          package: deploy.PackageInfo) -> dict[str, str]:
         async def check_node(n: Node) -> str:
-            probe: ssh.SshProbeResult = await self._act(
-                ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh), retry=PREFLIGHT_RETRY)
+            probe: ssh.SshProbeResult = await self._read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
             if not probe.ok:
                 raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
                                        type=probe.error_type or "SshUnreachable", non_retryable=True)
-            await self._act(node.service_status, node.ServiceRequest(node=n), retry=PREFLIGHT_RETRY)
+            service: node.ServiceState = await self._read(node.service_status, node.ServiceRequest(node=n))
+            if not service.running:
+                raise ApplicationError(f"{n.name}: its service is not running ({service.detail}); "
+                                       "start it (or fix it) before upgrading",
+                                       type="ServiceNotRunning", non_retryable=True)
             for lb in self._lbs_of(inv, n):
-                await self._act(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name),
-                                retry=PREFLIGHT_RETRY)
-            await self._act(http_checks.check_health, http_checks.HttpCheckRequest(
-                base_url=n.url, check=inv.application.health, timeout_s=10.0), retry=PREFLIGHT_RETRY)
-            running: str = await self._act(http_checks.get_version, http_checks.VersionRequest(
-                base_url=n.url, check=inv.application.version), retry=PREFLIGHT_RETRY)
-            if deploy.compare_versions(package.version, running) <= 0:
-                raise ApplicationError(
-                    f"{n.name} runs {running}; package {package.version} is not newer",
-                    type="VersionNotNewer", non_retryable=True)
-            if deploy.compare_versions(running, package.min_upgrade_from) < 0:
-                raise ApplicationError(
-                    f"{n.name} runs {running}; {package.name} {package.version} upgrades only "
-                    f"from {package.min_upgrade_from} or later: install {package.min_upgrade_from} first",
-                    type="UpgradePathImpossible", non_retryable=True)
+                await self._read(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name))
+            await self._read(http_checks.check_health, http_checks.HttpCheckRequest(
+                base_url=n.url, check=inv.application.health, timeout_s=10.0))
+            running: str = await self._read(http_checks.get_version, http_checks.VersionRequest(
+                base_url=n.url, check=inv.application.version))
+            _check_upgrade_path(n.name, running, package)
             return running
 
         async def checks() -> dict[str, str]:
@@ -216,8 +219,30 @@ class RollingDeployWorkflow:
                 raise _preflight_failed(problems, [r for r in results if isinstance(r, BaseException)])
             return {n.name: str(r) for n, r in zip(nodes, results, strict=True)}
 
-        return await self.timeline.step("P2-P3 nodes reachable, healthy, in the pool, upgradable",
+        return await self.timeline.step("P2 nodes reachable, running, healthy, upgradable",
                                         checks(), seed_step="P2")
+
+    async def _check_capacity(self, inv: Inventory, batches: list[list[Node]]) -> None:
+        """P3: no batch may empty a pool. Every other member's state is read, not assumed."""
+        async def check() -> None:
+            problems: list[str] = []
+            for lb in inv.load_balancers:
+                members = sorted(lb.members)
+                states = await asyncio.gather(*(self._read(haproxy.lb_member_state, haproxy.MemberRequest(
+                    lb=lb, node=m)) for m in members), return_exceptions=True)
+                serving = {m for m, s in zip(members, states, strict=True)
+                           if isinstance(s, haproxy.MemberState) and s.admin == "ready"
+                           and s.status.startswith("UP")}
+                for i, batch in enumerate(batches, start=1):
+                    in_batch = {n.name for n in batch}
+                    if in_batch & set(members) and not serving - in_batch:
+                        problems.append(f"load balancer {lb.name}: batch {i} ({', '.join(sorted(in_batch))}) "
+                                        f"would leave no member serving (serving now: "
+                                        f"{', '.join(sorted(serving)) or 'none'})")
+            if problems:
+                raise _preflight_failed(problems, [])
+
+        await self.timeline.step("P3 every pool keeps a serving member", check(), seed_step="P3")
 
     def _plan(self, inv: Inventory, batches: list[list[Node]], package: deploy.PackageInfo,
               pending: list[deploy.MigrationSpec]) -> tuple[str, ...]:
@@ -238,29 +263,40 @@ class RollingDeployWorkflow:
     # ------------------------------------------------------------------ database
     async def _migrate(self, db: Database, pending: list[deploy.MigrationSpec]) -> str:
         self.timeline.set_phase("database")
-        backup: mysql.DbBackup = await self.timeline.step("D1 back up database", self._act(
-            mysql.db_backup, mysql.BackupRequest(db=db, backup_id=f"{workflow.info().workflow_id}-db",
-                                                 directory=db.backup_dir or ""),
-            timeout=timedelta(minutes=30)), seed_step="D1")
-        applied: list[deploy.MigrationSpec] = []
+        backup: mysql.DbBackup = await self.timeline.step("D1 back up database", self._change(
+            mysql.db_backup, mysql.BackupRequest(db=db, backup_id=f"{_run_key()}-db",
+                                                 directory=db.backup_dir or ""), timeout=LONG),
+            seed_step="D1")
+        attempted: list[deploy.MigrationSpec] = []
+        completed: set[int] = set()
 
         async def revert() -> None:
-            for m in reversed(applied):
-                if m.down_sql:
-                    await self.timeline.step(f"revert migration {m.version}", self._act(
+            # Old code must never run on a schema it does not know: revert only when every
+            # node compensation succeeded (nodes are compensated before this, newest first).
+            failed_nodes = [r.name for r in self.saga.records if not r.ok]
+            for m in reversed(attempted):
+                if failed_nodes:
+                    self.timeline.record(f"keep migration {m.version}", "skipped", detail=(
+                        f"not reverted: {', '.join(failed_nodes)} could not be rolled back and may "
+                        f"run the new code; backup kept at {backup.path}"))
+                elif m.down_sql:
+                    # A migration that failed half-way left changes but no record: force its down.
+                    await self.timeline.step(f"revert migration {m.version}", self._change(
                         mysql.db_apply_migration, mysql.MigrationRequest(
-                            db=db, version=m.version, sql=m.down_sql, direction="down")))
+                            db=db, version=m.version, sql=m.down_sql, direction="down",
+                            force=m.version not in completed), timeout=LONG))
                 else:
                     self.timeline.record(f"keep migration {m.version}", "skipped",
                                          detail=f"no down script; backup kept at {backup.path}")
 
         self.saga.register("database migrations", revert)
         for m in pending:
-            applied.append(m)
-            await self.timeline.step(f"D2 apply migration {m.version}", self._act(
+            attempted.append(m)
+            await self.timeline.step(f"D2 apply migration {m.version}", self._change(
                 mysql.db_apply_migration, mysql.MigrationRequest(
-                    db=db, version=m.version, sql=m.up_sql, direction="up"),
-                timeout=timedelta(minutes=30)), seed_step="D2")
+                    db=db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
+                seed_step="D2")
+            completed.add(m.version)
         return backup.path
 
     # ------------------------------------------------------------------ one node
@@ -269,113 +305,130 @@ class RollingDeployWorkflow:
         app = inv.application
         lbs = self._lbs_of(inv, n)
         done = _NodeProgress()
-        wf_id = workflow.info().workflow_id
         self.saga.register(f"node {n.name}", lambda: self._rollback_node(inv, n, done))
 
         done.drain_attempted = True
         for lb in lbs:
-            await self.timeline.step(f"N1 drain on {lb.name}", self._act(
-                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="drain")),
-                node=n.name, seed_step="N1")
+            await self.timeline.step(f"N1 drain on {lb.name}", self._set_state(lb, n, "drain"),
+                                     node=n.name, seed_step="N1")
         for lb in lbs:
             await self.timeline.step(f"N2 wait for zero sessions on {lb.name}", self._wait(
                 haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
                                                              timeout_s=lb.drain_timeout_s),
                 lb.drain_timeout_s), node=n.name, seed_step="N2")
+            # Drain still admits persistent (sticky) sessions: close the door before stopping.
+            await self.timeline.step(f"N2 hold in maintenance on {lb.name}", self._set_state(lb, n, "maint"),
+                                     node=n.name, seed_step="N2")
         done.stop_attempted = True
-        await self.timeline.step("N3 stop service", self._act(
+        await self.timeline.step("N3 stop service", self._change(
             node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N3")
-        backup: deploy.AppBackup = await self.timeline.step("N4 back up app folder", self._act(
+        backup: deploy.AppBackup = await self.timeline.step("N4 back up app folder", self._change(
             deploy.backup_app_folder, deploy.AppBackupRequest(
-                node=n, backup_id=f"{wf_id}-{n.name}", protected_files=app.protected_files),
-            timeout=timedelta(minutes=30)), node=n.name, seed_step="N4")
+                node=n, backup_id=f"{_run_key()}-{n.name}", protected_files=app.protected_files),
+            timeout=LONG), node=n.name, seed_step="N4")
         done.backup = backup
         app_backups[n.name] = backup.path
         done.deploy_attempted = True
-        result: deploy.DeployResult = await self.timeline.step(f"N5 deploy {package.version}", self._act(
+        result: deploy.DeployResult = await self.timeline.step(f"N5 deploy {package.version}", self._change(
             deploy.deploy_package, deploy.DeployRequest(
                 node=n, package=package, protected_files=app.protected_files,
                 merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
-            timeout=timedelta(minutes=30)), node=n.name, seed_step="N5")
+            timeout=LONG), node=n.name, seed_step="N5")
         for m in result.merged:
             if m.carried:
                 merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
-            merge_report.extend(f"{n.name}:   {line}" for line in m.diff)
-        await self.timeline.step("N6 start service", self._act(
+        await self.timeline.step("N6 start service", self._change(
             node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N6")
-        await self.timeline.step("N7 wait healthy, check version", self._check_new_version(
+        await self.timeline.step("N7 wait healthy, check version", self._check_running(
             inv, n, package.version), node=n.name, seed_step="N7")
         for lb in lbs:
-            await self.timeline.step(f"N8 set ready on {lb.name}", self._act(
-                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="ready")),
-                node=n.name, seed_step="N8")
+            await self.timeline.step(f"N8 set ready on {lb.name}", self._set_state(lb, n, "ready"),
+                                     node=n.name, seed_step="N8")
         for lb in lbs:
             await self.timeline.step(f"N9 wait UP on {lb.name}", self._wait(
                 haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
                 node=n.name, seed_step="N9")
         self.timeline.node_done(n.name)
 
-    async def _check_new_version(self, inv: Inventory, n: Node, expected: str) -> None:
+    async def _check_running(self, inv: Inventory, n: Node, expected: str) -> None:
+        """Healthy, on the expected version, and (when configured) a user can log on."""
         await self._wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
             base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s),
             inv.rollout.health_timeout_s)
-        running: str = await self._act(http_checks.get_version, http_checks.VersionRequest(
-            base_url=n.url, check=inv.application.version))
-        if running != expected:
-            raise ApplicationError(f"{n.name} reports version {running}, expected {expected}",
-                                   type="VersionMismatch", non_retryable=True)
+        await self._read(http_checks.get_version, http_checks.VersionRequest(
+            base_url=n.url, check=inv.application.version, expect=expected), retry=ACTION_RETRY)
         if inv.application.login is not None:
-            await self._act(http_checks.check_login, http_checks.LoginRequest(
-                base_url=n.url, check=inv.application.login))
+            await self._read(http_checks.check_login, http_checks.LoginRequest(
+                base_url=n.url, check=inv.application.login), retry=ACTION_RETRY)
 
     async def _rollback_node(self, inv: Inventory, n: Node, done: _NodeProgress) -> None:
-        """Put a node back as it was: old files, old version running, in the pool."""
+        """Put a node back as it was: old files, old version running and checked, in the pool."""
         if not done.drain_attempted:
             return
         lbs = self._lbs_of(inv, n)
         if done.stop_attempted:
             # The node may be serving (it finished, then a later node failed): drain it first.
             for lb in lbs:
-                await self.timeline.step(f"rollback: drain on {lb.name}", self._act(
-                    haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="drain")),
-                    node=n.name)
+                await self.timeline.step(f"rollback: drain on {lb.name}", self._set_state(lb, n, "drain"),
+                                         node=n.name)
                 await self.timeline.step(f"rollback: wait for zero sessions on {lb.name}", self._wait(
                     haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
                                                                  timeout_s=lb.drain_timeout_s),
                     lb.drain_timeout_s), node=n.name)
-            await self.timeline.step("rollback: stop service", self._act(
+            await self.timeline.step("rollback: stop service", self._change(
                 node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
             if done.deploy_attempted and done.backup is not None:
-                await self.timeline.step("rollback: restore app folder", self._act(
-                    deploy.restore_app_folder, done.backup, timeout=timedelta(minutes=30)),
-                    node=n.name)
-            await self.timeline.step("rollback: start service", self._act(
+                await self.timeline.step("rollback: restore app folder", self._change(
+                    deploy.restore_app_folder, done.backup, timeout=LONG), node=n.name)
+            await self.timeline.step("rollback: start service", self._change(
                 node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
-            await self.timeline.step("rollback: wait healthy", self._wait(
-                http_checks.wait_healthy, http_checks.WaitHealthyRequest(
-                    base_url=n.url, check=inv.application.health,
-                    timeout_s=inv.rollout.health_timeout_s), inv.rollout.health_timeout_s),
-                node=n.name)
+            await self.timeline.step("rollback: wait healthy, check previous version",
+                                     self._check_running(inv, n, self.previous[n.name]), node=n.name)
         for lb in lbs:
-            await self.timeline.step(f"rollback: set ready on {lb.name}", self._act(
-                haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="ready")),
-                node=n.name)
+            await self.timeline.step(f"rollback: set ready on {lb.name}", self._set_state(lb, n, "ready"),
+                                     node=n.name)
             await self.timeline.step(f"rollback: wait UP on {lb.name}", self._wait(
                 haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
                 node=n.name)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ activity helpers
     @staticmethod
     def _lbs_of(inv: Inventory, n: Node) -> list[LoadBalancer]:
         return [lb for lb in inv.load_balancers if n.name in lb.members]
 
     @staticmethod
-    async def _act(fn: Any, arg: Any, retry: RetryPolicy = ACTION_RETRY,
-                   timeout: timedelta = timedelta(minutes=2)) -> Any:
-        return await workflow.execute_activity(fn, arg, start_to_close_timeout=timeout,
+    async def _read(fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY) -> Any:
+        """A read-only check: safe to cancel at any moment."""
+        return await workflow.execute_activity(fn, arg, start_to_close_timeout=timedelta(minutes=2),
                                                retry_policy=retry)
+
+    async def _change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2)) -> Any:
+        """A change to the site: never abandoned half-way. On cancellation the workflow lets
+        it finish (see `_settle`) before compensating, so a half-copied folder is never
+        restored over and a half-applied migration never raced by its down script."""
+        handle = workflow.start_activity(
+            fn, arg, start_to_close_timeout=timeout, retry_policy=ACTION_RETRY,
+            heartbeat_timeout=LONG_HEARTBEAT if timeout >= LONG else None)
+        self._in_flight.add(handle)
+        try:
+            return await asyncio.shield(handle)
+        finally:
+            if handle.done():
+                self._in_flight.discard(handle)
+
+    async def _settle(self) -> None:
+        """Wait for every change under way to finish (its outcome is the saga's to undo)."""
+        for handle in list(self._in_flight):
+            try:
+                await handle
+            except BaseException as e:  # its failure is what the compensation is for
+                workflow.logger.info("change under way at cancellation ended with: %s", e)
+        self._in_flight.clear()
+
+    def _set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
+        return self._change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
 
     @staticmethod
     async def _wait(fn: Any, arg: Any, timeout_s: float) -> Any:
@@ -384,15 +437,41 @@ class RollingDeployWorkflow:
             fn, arg, start_to_close_timeout=timedelta(seconds=timeout_s + 60),
             heartbeat_timeout=HEARTBEAT, retry_policy=ACTION_RETRY)
 
-    def _result(self, inv: Inventory, package: deploy.PackageInfo, previous: dict[str, str],
-                nodes: list[Node], plan: tuple[str, ...], dry_run: bool,
-                merge_report: list[str] | None = None, db_backup: str | None = None,
+    def _result(self, inv: Inventory, package: deploy.PackageInfo, nodes: list[Node],
+                plan: tuple[str, ...], dry_run: bool, merge_report: list[str] | None = None,
+                db_backup: str | None = None,
                 app_backups: dict[str, str] | None = None) -> RollingDeployResult:
         return RollingDeployResult(
-            site=inv.site, version=package.version, previous_versions=previous,
+            site=inv.site, version=package.version, previous_versions=dict(self.previous),
             nodes=tuple(n.name for n in nodes), dry_run=dry_run, plan=plan,
             steps=tuple(self.timeline.steps), merge_report=tuple(merge_report or ()),
             db_backup=db_backup, app_backups=dict(app_backups or {}))
+
+
+def _run_key() -> str:
+    """Backup ids unique to this run: a workflow id may be reused by a later run, whose
+    backups must never be mistaken for this one's."""
+    info = workflow.info()
+    return f"{info.workflow_id}-{info.run_id}"
+
+
+def _check_upgrade_path(node_name: str, running: str, package: deploy.PackageInfo) -> None:
+    """Version Guard: newer than what runs, and upgradable from it."""
+    try:
+        newer = deploy.compare_versions(package.version, running) > 0
+        too_old = bool(package.min_upgrade_from) and \
+            deploy.compare_versions(running, package.min_upgrade_from) < 0
+    except ValueError as e:
+        raise ApplicationError(f"{node_name}: cannot compare versions: {e}", type="InvalidVersion",
+                               non_retryable=True) from None
+    if not newer:
+        raise ApplicationError(f"{node_name} runs {running}; package {package.version} is not newer",
+                               type="VersionNotNewer", non_retryable=True)
+    if too_old:
+        raise ApplicationError(
+            f"{node_name} runs {running}; {package.name} {package.version} upgrades only from "
+            f"{package.min_upgrade_from} or later: install {package.min_upgrade_from} first",
+            type="UpgradePathImpossible", non_retryable=True)
 
 
 def _svc_timeout(n: Node) -> timedelta:
@@ -407,8 +486,9 @@ def _preflight_failed(problems: list[str], errors: list[BaseException]) -> Appli
 
 
 def _error_type(e: BaseException) -> str | None:
-    while e is not None:
-        if isinstance(e, ApplicationError) and e.type:
-            return e.type
-        e = e.__cause__  # type: ignore[assignment]
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type:
+            return cause.type
+        cause = cause.__cause__
     return None

@@ -10,13 +10,15 @@ the rest half-done. Deterministic: only workflow APIs inside.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
-Compensation = Callable[[], Awaitable[None]]
+Compensation = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -34,23 +36,26 @@ class Saga:
     def register(self, name: str, compensation: Compensation) -> None:
         self._stack.append((name, compensation))
 
-    def discard(self, name: str) -> None:
-        """Forget a compensation whose change no longer needs undoing."""
-        self._stack = [(n, c) for n, c in self._stack if n != name]
-
-    @property
-    def pending(self) -> list[str]:
-        return [n for n, _ in reversed(self._stack)]
-
     async def compensate(self) -> list[CompensationRecord]:
-        """Run every registered compensation, newest first; returns what happened."""
+        """Run every registered compensation, newest first; returns what happened.
+
+        A rollback is never abandoned half-way: a cancellation that arrives meanwhile (an
+        operator pressing cancel while watching it) is noted and the compensations go on."""
         while self._stack:
             name, compensation = self._stack.pop()
-            try:
-                await compensation()
-            except Exception as e:  # recorded, and the remaining compensations still run
-                workflow.logger.error("compensation %s failed: %s", name, e)
-                self.records.append(CompensationRecord(name=name, ok=False, error=_reason(e)))
+            task = asyncio.ensure_future(compensation())
+            while not task.done():
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not task.done():
+                        workflow.logger.warning("cancel requested during rollback: %s goes on", name)
+                except Exception:
+                    pass  # read from the task below
+            error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if error is not None:  # recorded, and the remaining compensations still run
+                workflow.logger.error("compensation %s failed: %s", name, error)
+                self.records.append(CompensationRecord(name=name, ok=False, error=_reason(error)))
             else:
                 self.records.append(CompensationRecord(name=name, ok=True))
         return list(self.records)
