@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -139,6 +140,7 @@ def _print_outcome(outcome: zc.Outcome) -> int:
         console.print("[bold]plan[/] (dry run, nothing was changed):")
         for line in res.plan:
             console.print(f"  - {line}")
+        console.print(f"plan hash: {res.plan_hash}", soft_wrap=True)
         return 0
     console.print(steps_table(res.steps))
     if getattr(res, "merge_report", ()):
@@ -149,19 +151,35 @@ def _print_outcome(outcome: zc.Outcome) -> int:
     return 0
 
 
+ContinueGate = Annotated[bool, typer.Option("--continue-gate", help=(
+    "after the first batch, wait for an approver of gate `continue` (a canary check)"))]
+
+
+def _starter() -> str:
+    """Who starts a run: ZERODOWN_USER, else the login name (may not approve its own gates)."""
+    import getpass
+
+    return os.environ.get("ZERODOWN_USER") or getpass.getuser()
+
+
 @app.command()
 def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+         continue_gate: ContinueGate = False,
          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
          task_queue: TaskQueue = "zerodown") -> None:
-    """Validate, run the read-only preflight on every target and print the plan. Changes nothing."""
+    """Validate, run the read-only preflight on every target and print the plan and its hash.
+    Changes nothing."""
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes), dry_run=True)
+                           only_nodes=_only_nodes(inv, nodes), dry_run=True,
+                           continue_gate=continue_gate)
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
 
 @app.command()
 def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+          continue_gate: ContinueGate = False,
+          gate_timeout: Annotated[float, typer.Option("--gate-timeout", help="seconds")] = 3600.0,
           wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
           workflow_id: Annotated[str | None, typer.Option("--id")] = None,
           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
@@ -169,21 +187,24 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
     """Start a procedure (after validating its inputs) and follow it."""
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes))
+                           only_nodes=_only_nodes(inv, nodes), continue_gate=continue_gate,
+                           gate_timeout_s=gate_timeout, started_by=_starter())
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
                                  workflow_id)))
 
 
 @app.command("input")
 def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
-               dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+               dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+               continue_gate: ContinueGate = False) -> None:
     """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
     import dataclasses
     import json
 
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes), dry_run=dry_run)
+                           only_nodes=_only_nodes(inv, nodes), dry_run=dry_run,
+                           continue_gate=continue_gate, started_by=_starter())
     print(json.dumps(dataclasses.asdict(arg)))
 
 
@@ -208,6 +229,10 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
                                              else "?", "phase": p.phase,
                                              "nodes done": f"{len(p.nodes_done)}/{p.nodes_total}"}))
         console.print(steps_table(p.steps))
+        for g in await zc.pending_gates(handle):
+            console.print(f"[bold yellow]waiting at gate {g.gate}[/] since {g.since:%H:%M:%S}: "
+                          f"{g.guards}; may decide: {', '.join(g.approvers) or 'nobody'}; "
+                          f"plan hash {g.plan_hash}", soft_wrap=True)
         return 0
     with Live(console=console, refresh_per_second=4) as live:
         outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type) or object,
@@ -246,6 +271,43 @@ def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
     except zc.ReplayFailed as e:
         err.print(f"[bold red]replay failed: the current code no longer matches this history:[/] {e}")
         raise typer.Exit(1) from None
+
+
+async def _decide(workflow_id: str, approve: bool, gate: str, by: str, plan_hash: str,
+                  comment: str, address: str, namespace: str) -> int:
+    from worker.main import connect
+    from workflows.gates import Decision
+
+    client = await connect(address, namespace, tracing=False)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        record = await zc.decide(handle, approve, Decision(gate=gate, by=by, plan_hash=plan_hash,
+                                                           comment=comment))
+    except zc.DecisionRefused as e:
+        err.print(f"[bold red]refused:[/] {e}")
+        return 2
+    console.print(f"gate {record.gate}: {record.outcome} by {record.by} at {record.at:%H:%M:%S}")
+    return 0
+
+
+GateOpt = Annotated[str, typer.Option("--gate", help="the gate's name (see `zerodown status`)")]
+ByOpt = Annotated[str, typer.Option("--by", help="who decides (must be listed for the gate)")]
+PlanHashOpt = Annotated[str, typer.Option("--plan-hash", help="the plan you reviewed (`zerodown plan`)")]
+CommentOpt = Annotated[str, typer.Option("--comment")]
+
+
+@app.command()
+def approve(workflow_id: str, gate: GateOpt, by: ByOpt, plan_hash: PlanHashOpt, comment: CommentOpt = "",
+            address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
+    """Approve a gate a procedure waits at (refused at once if you may not)."""
+    raise typer.Exit(_run(_decide(workflow_id, True, gate, by, plan_hash, comment, address, namespace)))
+
+
+@app.command()
+def reject(workflow_id: str, gate: GateOpt, by: ByOpt, plan_hash: PlanHashOpt, comment: CommentOpt = "",
+           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
+    """Reject a gate (the procedure rolls back)."""
+    raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace)))
 
 
 # ---------------------------------------------------------------- servers

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 from temporalio.worker import Replayer
@@ -96,6 +102,27 @@ def failure_message(e: BaseException) -> str:
 async def describe(handle: WorkflowHandle[Any, Any]) -> tuple[WorkflowExecutionStatus | None, str]:
     d = await handle.describe()
     return d.status, d.workflow_type
+
+
+class DecisionRefused(RuntimeError):
+    """The workflow's validator refused a gate decision (the message says why)."""
+
+
+async def decide(handle: WorkflowHandle[Any, Any], approve: bool, decision: Any) -> Any:
+    from workflows.gates import GateRecord
+
+    try:
+        return await handle.execute_update("approve" if approve else "reject", decision,
+                                           result_type=GateRecord)
+    except WorkflowUpdateFailedError as e:
+        raise DecisionRefused(failure_message(e.cause or e)) from None
+
+
+async def pending_gates(handle: WorkflowHandle[Any, Any]) -> list[Any]:
+    from workflows.gates import PendingGate
+
+    gates: list[Any] = await handle.query("pending_gates", result_type=list[PendingGate])
+    return gates
 
 
 class ReplayFailed(RuntimeError):

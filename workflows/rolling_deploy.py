@@ -16,6 +16,9 @@ The runbook (each numbered step is a timeline entry):
     N3 stop the service; N4 back up the app folder; N5 deploy the package (protected files
     untouched, per-node config customisations merged); N6 start the service; N7 wait until
     healthy and check it reports the new version; N8 set it ready; N9 wait until UP.
+  Optionally (`continue_gate`), after the first batch the run waits at the gate `continue`
+  for an approver listed in the inventory to check the canary and approve the rest; a
+  rejection (or no decision before the gate's timeout) rolls everything back.
   On failure or cancellation the saga runs the compensations in reverse: nodes are
   restored from their backups, checked back on their previous version and put back in the
   pool; then, only if every node is back, migrations are reverted with their `down`
@@ -25,6 +28,7 @@ The runbook (each numbered step is a timeline entry):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -44,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Database, Inventory, LoadBalancer, Node, UnknownNodeError
 
+from workflows.gates import GatedWorkflow, Gates, GateSpec
 from workflows.saga import Saga, reason
 from workflows.timeline import Progress, StepRecord, Timeline
 
@@ -75,6 +80,11 @@ class RollingDeployInput:
     only_nodes: tuple[str, ...] = ()
     # Check everything and return the plan; change nothing.
     dry_run: bool = False
+    # Wait at the gate `continue` after the first batch (a canary check by a person).
+    continue_gate: bool = False
+    gate_timeout_s: float = 3600.0
+    # Who started the run (the CLI fills it in): may not approve its own gates.
+    started_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class RollingDeployResult:
     dry_run: bool
     plan: tuple[str, ...]
     steps: tuple[StepRecord, ...]
+    plan_hash: str = ""
     merge_report: tuple[str, ...] = ()
     db_backup: str | None = None
     app_backups: dict[str, str] = field(default_factory=dict)
@@ -102,11 +113,13 @@ class _NodeProgress:
 
 
 @workflow.defn(name="rolling-deploy")
-class RollingDeployWorkflow:
+class RollingDeployWorkflow(GatedWorkflow):
     def __init__(self) -> None:
         self.timeline = Timeline(PROCEDURE)
         self.saga = Saga()
+        self.gates = Gates(self.timeline)
         self.previous: dict[str, str] = {}
+        self.plan_hash = ""
         # Changes under way: on cancellation they finish before anything is compensated.
         self._in_flight: set[asyncio.Future[Any]] = set()
 
@@ -144,8 +157,14 @@ class RollingDeployWorkflow:
                     mysql.db_schema_version, mysql.DbRequest(db=database)), seed_step="P4")
             except ActivityError as e:
                 raise _preflight_failed([f"database: {reason(e)}"], [e]) from None
+        gate_after_first = inp.continue_gate and len(batches) > 1
+        if gate_after_first and not inv.approvers.get("continue"):
+            raise _preflight_failed(["gate continue: the inventory lists no approvers for it "
+                                     "(approvers: {continue: [name, ...]})"], [])
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
-        plan = self._plan(inv, batches, package, pending)
+        plan = self._plan(inv, batches, package, pending, gate_after_first)
+        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
+        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
         if inp.dry_run:
             self.timeline.set_phase("planned (dry run): nothing was changed")
             return self._result(inv, package, nodes, plan, True)
@@ -166,6 +185,8 @@ class RollingDeployWorkflow:
                 failures = [o for o in outcomes if isinstance(o, BaseException)]
                 if failures:
                     raise failures[0]
+                if index == 1 and gate_after_first:
+                    await self._continue_gate(inp, batches[1:])
         except asyncio.CancelledError:
             self.timeline.set_phase("cancelled: finishing the step under way, then rolling back")
             await self._settle()
@@ -188,6 +209,17 @@ class RollingDeployWorkflow:
 
         self.timeline.set_phase("done")
         return self._result(inv, package, nodes, plan, False, merge_report, db_backup, app_backups)
+
+    async def _continue_gate(self, inp: RollingDeployInput, rest: list[list[Node]]) -> None:
+        names = ", ".join(n.name for b in rest for n in b)
+        decision = await self.gates.wait(GateSpec(
+            name="continue", guards=f"upgrade the remaining node(s): {names}",
+            timeout_s=inp.gate_timeout_s, on_timeout="reject"))
+        if not decision.approved:
+            by = f" by {decision.by}" if decision.by else ""
+            raise ApplicationError(f"gate continue {decision.outcome}{by}"
+                                   + (f": {decision.comment}" if decision.comment else ""),
+                                   type="GateRejected", non_retryable=True)
 
     # ------------------------------------------------------------------ preflight
     async def _preflight(self, inv: Inventory, nodes: list[Node],
@@ -245,7 +277,7 @@ class RollingDeployWorkflow:
         await self.timeline.step("P3 every pool keeps a serving member", check(), seed_step="P3")
 
     def _plan(self, inv: Inventory, batches: list[list[Node]], package: deploy.PackageInfo,
-              pending: list[deploy.MigrationSpec]) -> tuple[str, ...]:
+              pending: list[deploy.MigrationSpec], gate_after_first: bool) -> tuple[str, ...]:
         plan = [f"deploy {package.name} {package.version} ({package.sha256[:12]}) to site {inv.site}"]
         if pending:
             plan.append(f"D1 back up database {inv.databases[0].database}")
@@ -258,6 +290,9 @@ class RollingDeployWorkflow:
                         "wait for zero sessions, stop, back up app folder, deploy (protected: "
                         f"{', '.join(inv.application.protected_files) or 'none'}), start, "
                         "check health and version, set ready, wait UP")
+            if i == 1 and gate_after_first:
+                plan.append(f"gate continue: wait for one of {', '.join(inv.approvers['continue'])} "
+                            "to approve the remaining batches (else roll back)")
         return tuple(plan)
 
     # ------------------------------------------------------------------ database
@@ -444,7 +479,8 @@ class RollingDeployWorkflow:
         return RollingDeployResult(
             site=inv.site, version=package.version, previous_versions=dict(self.previous),
             nodes=tuple(n.name for n in nodes), dry_run=dry_run, plan=plan,
-            steps=tuple(self.timeline.steps), merge_report=tuple(merge_report or ()),
+            steps=tuple(self.timeline.steps), plan_hash=self.plan_hash,
+            merge_report=tuple(merge_report or ()),
             db_backup=db_backup, app_backups=dict(app_backups or {}))
 
 

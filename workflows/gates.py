@@ -1,0 +1,198 @@
+"""Approval gates: a named wait for a human decision, shared by every procedure.
+
+A procedure declares a `GateSpec` and awaits `Gates.wait(spec)`. People decide through
+  * the `approve` / `reject` **updates**, whose validator refuses a wrong call to the
+    caller at once (no such gate pending, approver not listed for that gate in the
+    inventory, self-approval by the run's starter, a plan hash other than the plan this
+    run executes), or
+  * the `decide` **signal** (what the Web UI can send): the same checks, but a refused
+    signal cannot answer back, so it is recorded in the timeline and ignored.
+The `pending_gates` query says what waits, since when, who may decide and what it guards.
+Every gate has a timeout with a fail-safe default: `reject` (the procedure rolls back) or
+`hold` (keep waiting). Every decision is kept (who, when, how, comment, plan hash).
+Deterministic: only workflow APIs inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+from workflows.timeline import Timeline
+
+ON_TIMEOUT = ("reject", "hold")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    name: str
+    # What approving lets happen, in the operator's words.
+    guards: str
+    timeout_s: float
+    # Fail-safe default when nobody decides in time: reject (roll back) or hold (keep waiting).
+    on_timeout: str = "reject"
+
+
+@dataclass(frozen=True)
+class Decision:
+    gate: str
+    by: str
+    # The plan hash shown by `zerodown plan`: the decider approves *this* plan.
+    plan_hash: str
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class SignalDecision:
+    """The signal form of a decision (one signal carries approve or reject)."""
+
+    gate: str
+    by: str
+    plan_hash: str
+    approve: bool
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class GateRecord:
+    gate: str
+    outcome: str  # approved | rejected | timed out
+    by: str | None
+    at: datetime
+    via: str  # update | signal | timeout
+    comment: str = ""
+    plan_hash: str = ""
+
+    @property
+    def approved(self) -> bool:
+        return self.outcome == "approved"
+
+
+@dataclass(frozen=True)
+class PendingGate:
+    gate: str
+    since: datetime
+    approvers: tuple[str, ...]
+    guards: str
+    deadline: datetime | None
+    on_timeout: str
+    plan_hash: str
+
+
+def refused(message: str) -> ApplicationError:
+    return ApplicationError(message, type="GateRefused", non_retryable=True)
+
+
+class Gates:
+    def __init__(self, timeline: Timeline) -> None:
+        self.timeline = timeline
+        self.approvers: dict[str, tuple[str, ...]] = {}
+        self.started_by: str | None = None
+        self.plan_hash = ""
+        self.records: list[GateRecord] = []
+        self._pending: dict[str, PendingGate] = {}
+        self._decided: dict[str, GateRecord] = {}
+
+    def configure(self, approvers: dict[str, tuple[str, ...]], started_by: str | None,
+                  plan_hash: str) -> None:
+        self.approvers, self.started_by, self.plan_hash = dict(approvers), started_by, plan_hash
+
+    def pending(self) -> list[PendingGate]:
+        return list(self._pending.values())
+
+    def check(self, d: Decision) -> None:
+        """Raise GateRefused (to the caller of an update) unless `d` may decide its gate."""
+        if d.gate not in self._pending:
+            waiting = ", ".join(self._pending) or "none"
+            raise refused(f"no gate {d.gate!r} is waiting for a decision (waiting: {waiting})")
+        allowed = self.approvers.get(d.gate, ())
+        if d.by not in allowed:
+            raise refused(f"{d.by!r} may not decide gate {d.gate!r}: the inventory lists "
+                          f"{', '.join(allowed) or 'nobody'}")
+        if self.started_by is not None and d.by == self.started_by:
+            raise refused(f"{d.by!r} started this run and may not decide its gate {d.gate!r} "
+                          "(no self-approval)")
+        if d.plan_hash != self.plan_hash:
+            raise refused(f"the decision names plan {d.plan_hash[:12] or '(none)'}, but this run "
+                          f"executes plan {self.plan_hash[:12]}: review it with `zerodown plan` "
+                          "or `zerodown status`, then decide on that plan")
+
+    def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
+        record = GateRecord(gate=d.gate, outcome="approved" if approve else "rejected", by=d.by,
+                            at=workflow.now(), via=via, comment=d.comment, plan_hash=d.plan_hash)
+        self._pending.pop(d.gate, None)
+        self._decided[d.gate] = record
+        self.records.append(record)
+        self.timeline.record(f"gate {d.gate}: {record.outcome} by {d.by}", "ok",
+                             detail=f"via {via}" + (f": {d.comment}" if d.comment else ""))
+        return record
+
+    def refuse_signal(self, d: SignalDecision, error: ApplicationError) -> None:
+        self.timeline.record(f"gate {d.gate}: signal from {d.by} refused", "skipped",
+                             detail=str(error.message))
+
+    async def wait(self, spec: GateSpec) -> GateRecord:
+        """Wait for a decision on `spec`; on timeout apply its fail-safe default."""
+        now = workflow.now()
+        hold = spec.on_timeout == "hold"
+        self._pending[spec.name] = PendingGate(
+            gate=spec.name, since=now, approvers=self.approvers.get(spec.name, ()), guards=spec.guards,
+            deadline=None if hold else now + timedelta(seconds=spec.timeout_s),
+            on_timeout=spec.on_timeout, plan_hash=self.plan_hash)
+        self.timeline.set_phase(f"waiting for a decision on gate {spec.name}")
+        try:
+            await workflow.wait_condition(lambda: spec.name in self._decided,
+                                          timeout=None if hold else timedelta(seconds=spec.timeout_s))
+        except TimeoutError:
+            self._pending.pop(spec.name, None)
+            record = GateRecord(gate=spec.name, outcome="timed out", by=None, at=workflow.now(),
+                                via="timeout", comment=f"no decision within {spec.timeout_s:g}s: "
+                                                       f"{spec.on_timeout} (fail-safe default)")
+            self.records.append(record)
+            self.timeline.record(f"gate {spec.name}: timed out, rejected", "failed", detail=record.comment)
+            return record
+        return self._decided.pop(spec.name)
+
+
+class GatedWorkflow:
+    """Mix into a procedure's workflow class: the gate handlers, once for all procedures."""
+
+    gates: Gates
+
+    @workflow.update(name="approve")
+    def approve(self, decision: Decision) -> GateRecord:
+        return self.gates.decide(decision, True, "update")
+
+    @approve.validator
+    def _check_approve(self, decision: Decision) -> None:
+        self.gates.check(decision)
+
+    @workflow.update(name="reject")
+    def reject(self, decision: Decision) -> GateRecord:
+        return self.gates.decide(decision, False, "update")
+
+    @reject.validator
+    def _check_reject(self, decision: Decision) -> None:
+        self.gates.check(decision)
+
+    @workflow.signal(name="decide")
+    def decide(self, decision: SignalDecision) -> None:
+        d = Decision(gate=decision.gate, by=decision.by, plan_hash=decision.plan_hash,
+                     comment=decision.comment)
+        try:
+            self.gates.check(d)
+        except ApplicationError as e:
+            self.gates.refuse_signal(decision, e)
+            return
+        self.gates.decide(d, decision.approve, "signal")
+
+    @workflow.query(name="pending_gates")
+    def pending_gates(self) -> list[PendingGate]:
+        return self.gates.pending()
+
+    @workflow.query(name="decisions")
+    def decisions(self) -> list[GateRecord]:
+        return list(self.gates.records)
