@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,3 +196,18 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+async def run_command(*args: str, timeout_s: float = 120) -> tuple[int, str]:
+    """A command in a subprocess without blocking the loop (an in-process worker may have to
+    answer it); stdout and stderr together, wide enough that rich does not wrap lines."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"})
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    return proc.returncode or 0, out.decode()
+
+
+async def zerodown(*args: str) -> tuple[int, str]:
+    """The `zerodown` CLI as a user runs it."""
+    return await run_command(sys.executable, "-m", "starter", *args)

@@ -3,23 +3,11 @@ lab and a worker: the CLI runs in a subprocess, the worker in this test's event 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-
 from temporalio.testing import WorkflowEnvironment
 
 from lab.config import LabConfig
-from tests.e2e_support import served_versions, ssh_commands
+from tests.e2e_support import served_versions, ssh_commands, zerodown
 from tests.temporal_env import temporal_address
-
-
-async def zerodown(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "starter", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode or 0, out.decode()
 
 
 async def test_plan_prints_the_steps_and_changes_nothing(

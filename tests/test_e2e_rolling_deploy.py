@@ -24,7 +24,7 @@ from temporalio.worker import Replayer
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
-from tests.e2e_support import app_manifests, probe, served_versions, ssh_commands
+from tests.e2e_support import app_manifests, probe, served_versions, ssh_commands, zerodown
 from tests.temporal_env import temporal_address
 from workflows.inventory import load_inventory
 from workflows.registry import ALL_WORKFLOWS
@@ -39,15 +39,6 @@ def wf_id(name: str) -> str:
 
 def protected_bytes(lab: LabConfig) -> dict[tuple[int, str], bytes]:
     return {(i, f): (lab.node_dir(i) / "app" / f).read_bytes() for i in lab.node_indexes for f in PROTECTED}
-
-
-async def _zerodown(*args: str) -> tuple[int, str]:
-    """The CLI in a subprocess, without blocking the loop (the in-process worker answers queries)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "starter", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 def _history_bytes(history: WorkflowHistory) -> bytes:
@@ -101,13 +92,13 @@ async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
     assert str(lab.db_password_file).encode() in payloads  # the reference is there instead
     # The history replays on the current code (determinism), also through the CLI.
     await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
-    code, out = await _zerodown("replay", handle.id, "--address", temporal_address(temporal_env))
+    code, out = await zerodown("replay", handle.id, "--address", temporal_address(temporal_env))
     assert code == 0 and "deterministic" in out, out
     # What the Web UI shows (current details) and `zerodown status` say the same thing.
     meta = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert "**rolling-deploy**: done" in meta.current_details
     assert "nodes done: 3/3 (node1, node2, node3)" in meta.current_details
-    code, out = await _zerodown("status", handle.id, "--address", temporal_address(temporal_env))
+    code, out = await zerodown("status", handle.id, "--address", temporal_address(temporal_env))
     assert code == 0 and "COMPLETED" in out and "N9 wait UP on main" in out, out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, Work
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from tests.e2e_support import run_command, zerodown
 from tests.temporal_env import TEMPORAL_BIN, running_worker, temporal_address
 from tests.test_rolling_deploy_logic import FakeSite, site
 from workflows.gates import Decision, PendingGate
@@ -114,14 +114,6 @@ async def test_rejection_rolls_the_canary_back(client: Client, task_queue: str,
     assert fake.version == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"} and fake.schema == 1
 
 
-async def _run(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT,
-                                                env={**os.environ, "COLUMNS": "200"})
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
-
-
 async def test_signal_and_update_forms_with_the_real_temporal_cli(
         client: Client, task_queue: str, gated: tuple[FakeSite, str],
         temporal_env: WorkflowEnvironment) -> None:
@@ -134,7 +126,7 @@ async def test_signal_and_update_forms_with_the_real_temporal_cli(
     signal = [str(TEMPORAL_BIN), "workflow", "signal", "--workflow-id", wf_id, "--name", "decide"]
     # A signal cannot be refused to its sender: a wrong one is recorded and ignored.
     wrong = {"gate": "continue", "by": "mallory", "plan_hash": reviewed, "approve": True}
-    code, out = await _run(*signal, "--input", json.dumps(wrong), *address)
+    code, out = await run_command(*signal, "--input", json.dumps(wrong), *address)
     assert code == 0, out
     for _ in range(100):
         progress = await handle.query(RollingDeployWorkflow.progress)
@@ -143,13 +135,13 @@ async def test_signal_and_update_forms_with_the_real_temporal_cli(
         await asyncio.sleep(0.05)
     assert [g.gate for g in await handle.query(RollingDeployWorkflow.pending_gates)] == ["continue"]
     # The update form, refused then accepted, through the plain `temporal` CLI.
-    code, out = await _run(str(TEMPORAL_BIN), "workflow", "update", "execute", "--workflow-id", wf_id,
+    code, out = await run_command(str(TEMPORAL_BIN), "workflow", "update", "execute", "--workflow-id", wf_id,
                            "--name", "approve", "--input",
                            json.dumps({"gate": "continue", "by": "bob", "plan_hash": "stale"}), *address)
     assert code != 0 and "names plan stale" in out, out
     right = {"gate": "continue", "by": "bob", "plan_hash": reviewed, "approve": True,
              "comment": "from the UI"}
-    code, out = await _run(*signal, "--input", json.dumps(right), *address)
+    code, out = await run_command(*signal, "--input", json.dumps(right), *address)
     assert code == 0, out
     result: RollingDeployResult = await handle.result()
     assert any(s.name == "gate continue: approved by bob" and s.detail == "via signal: from the UI"
@@ -165,14 +157,13 @@ async def test_zerodown_approve_and_reject_commands(
     handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=wf_id,
                                          task_queue=task_queue)
     await waiting_gates(handle)
-    zd = [sys.executable, "-m", "starter"]
     address = ["--address", temporal_address(temporal_env)]
-    code, out = await _run(*zd, "status", wf_id, *address)
+    code, out = await zerodown("status", wf_id, *address)
     assert code == 0 and "waiting at gate continue" in out and reviewed in out, out
-    code, out = await _run(*zd, "reject", wf_id, "--gate", "continue", "--by", "mallory",
+    code, out = await zerodown("reject", wf_id, "--gate", "continue", "--by", "mallory",
                            "--plan-hash", reviewed, *address)
     assert code == 2 and "refused: GateRefused: 'mallory' may not decide gate 'continue'" in out, out
-    code, out = await _run(*zd, "approve", wf_id, "--gate", "continue", "--by", "bob",
+    code, out = await zerodown("approve", wf_id, "--gate", "continue", "--by", "bob",
                            "--plan-hash", reviewed, "--comment", "checked the canary", *address)
     assert code == 0 and "gate continue: approved by bob" in out, out
     await handle.result()
