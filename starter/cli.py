@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from starter import client as zc
 from starter.report import kv_table, progress_view, steps_table
+from worker.main import ADDRESS, TASK_QUEUE
 from workflows.inventory import Inventory, InventoryError, load_inventory
 
 console = Console()
@@ -43,7 +44,7 @@ InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="site inve
 PackageOpt = Annotated[Path, typer.Option("--package", "-p", help="release package (zip)")]
 NodesOpt = Annotated[str, typer.Option("--nodes", help="only these nodes, comma-separated")]
 LabRoot = Annotated[Path, typer.Option("--root", help="where the lab lives")]
-DEFAULT_ADDRESS = "127.0.0.1:7233"
+DEFAULT_ADDRESS = ADDRESS
 
 
 def _load(path: Path) -> Inventory:
@@ -166,7 +167,7 @@ def _starter() -> str:
 def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
          continue_gate: ContinueGate = False,
          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-         task_queue: TaskQueue = "zerodown") -> None:
+         task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Validate, run the read-only preflight on every target and print the plan and its hash.
     Changes nothing."""
     inv = _load(inventory)
@@ -183,7 +184,7 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
           wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
           workflow_id: Annotated[str | None, typer.Option("--id")] = None,
           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-          task_queue: TaskQueue = "zerodown") -> None:
+          task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Start a procedure (after validating its inputs) and follow it."""
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
@@ -331,7 +332,7 @@ def server(root: LabRoot = Path(".lab"), port: int = 7233, ui_port: int = 8233,
 
 @app.command()
 def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-           task_queue: TaskQueue = "zerodown") -> None:
+           task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Run a worker (every workflow and activity) in the foreground."""
     import logging
 

@@ -15,11 +15,9 @@ from lab.config import LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
 from starter.report import kv_table, progress_view, steps_table
-from worker.main import connect
+from worker.main import TASK_QUEUE, connect
 from workflows.inventory import load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
-
-TASK_QUEUE = "zerodown"
 
 
 def start_worker(cfg: LabConfig, restart: bool = False) -> None:

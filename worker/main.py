@@ -18,9 +18,12 @@ from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
 
-DEFAULT_ADDRESS = os.environ.get("ZERODOWN_TEMPORAL_ADDRESS", "127.0.0.1:7233")
+# The defaults everywhere (CLI, demo, worker); the environment variables override them.
+ADDRESS = "127.0.0.1:7233"
+TASK_QUEUE = "zerodown"
+DEFAULT_ADDRESS = os.environ.get("ZERODOWN_TEMPORAL_ADDRESS", ADDRESS)
 DEFAULT_NAMESPACE = os.environ.get("ZERODOWN_NAMESPACE", "default")
-DEFAULT_TASK_QUEUE = os.environ.get("ZERODOWN_TASK_QUEUE", "zerodown")
+DEFAULT_TASK_QUEUE = os.environ.get("ZERODOWN_TASK_QUEUE", TASK_QUEUE)
 
 log = logging.getLogger("zerodown.worker")
 
