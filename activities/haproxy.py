@@ -18,6 +18,7 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from temporalio import activity
 
@@ -257,49 +258,56 @@ def _carried_waited() -> float:
     return 0.0
 
 
-async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> int:
-    """Poll until the member has no sessions; returns the seconds waited (all attempts)."""
-    limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
+async def _poll_member(lb: LoadBalancer, node_name: str, limit: float,
+                       done: Callable[[MemberState], bool],
+                       details: Callable[[ServerStat | MemberState], dict[str, Any]],
+                       timed_out: Callable[[MemberState], NoReturn]) -> tuple[MemberState, float]:
+    """Poll a member until `done`, heartbeating (waited time carried across retries, so a
+    retry keeps the first attempt's deadline); `timed_out` raises once `limit` has passed."""
     carried = _carried_waited()
     started = time.monotonic()
 
-    def beat(stat: ServerStat) -> None:
-        heartbeat({"waited_s": round(carried + time.monotonic() - started, 2), "scur": stat.scur,
-                   "admin": stat.admin})
+    def waited() -> float:
+        return carried + time.monotonic() - started
+
+    def beat(stat: ServerStat | MemberState) -> None:
+        heartbeat({"waited_s": round(waited(), 2), **details(stat)})
 
     while True:
         st = await member_state(lb, node_name, WAIT_CMD_TIMEOUT_S, beat)
-        waited = carried + time.monotonic() - started
-        if st.scur == 0:
-            return int(waited)
-        if waited >= limit:
-            fail(DRAIN_TIMEOUT,
-                 f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) still has "
-                 f"{st.scur} open session(s) after {limit:g}s of draining (admin {st.admin})")
-        heartbeat({"waited_s": round(waited, 2), "scur": st.scur, "admin": st.admin})
+        if done(st):
+            return st, waited()
+        if waited() >= limit:
+            timed_out(st)
+        beat(st)
         await asyncio.sleep(POLL_S)
+
+
+async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> int:
+    """Poll until the member has no sessions; returns the seconds waited (all attempts)."""
+    limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
+
+    def timed_out(st: MemberState) -> NoReturn:
+        fail(DRAIN_TIMEOUT,
+             f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) still has "
+             f"{st.scur} open session(s) after {limit:g}s of draining (admin {st.admin})")
+
+    _, waited = await _poll_member(lb, node_name, limit, lambda st: st.scur == 0,
+                                   lambda st: {"scur": st.scur, "admin": st.admin}, timed_out)
+    return int(waited)
 
 
 async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> MemberState:
     limit = timeout_s if timeout_s is not None else 60.0
-    carried = _carried_waited()
-    started = time.monotonic()
 
-    def beat(stat: ServerStat) -> None:
-        heartbeat({"waited_s": round(carried + time.monotonic() - started, 2), "status": stat.status,
-                   "admin": stat.admin})
+    def timed_out(st: MemberState) -> NoReturn:
+        fail(NOT_UP_TIMEOUT,
+             f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) not UP after "
+             f"{limit:g}s: status {st.status!r}, admin {st.admin}, check {st.check_status!r}")
 
-    while True:
-        st = await member_state(lb, node_name, WAIT_CMD_TIMEOUT_S, beat)
-        waited = carried + time.monotonic() - started
-        if st.is_up:
-            return st
-        if waited >= limit:
-            fail(NOT_UP_TIMEOUT,
-                 f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) not UP after "
-                 f"{limit:g}s: status {st.status!r}, admin {st.admin}, check {st.check_status!r}")
-        heartbeat({"waited_s": round(waited, 2), "status": st.status, "admin": st.admin})
-        await asyncio.sleep(POLL_S)
+    st, _ = await _poll_member(lb, node_name, limit, lambda st: st.is_up,
+                               lambda st: {"status": st.status, "admin": st.admin}, timed_out)
+    return st
 
 
 # --------------------------------------------------------------------------- activities

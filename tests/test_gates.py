@@ -59,6 +59,12 @@ async def refusal(handle: WorkflowHandle[Any, Any], decision: Decision) -> str:
     return str(cause.message)
 
 
+async def start_gated(client: Client, task_queue: str) -> WorkflowHandle[Any, Any]:
+    """A gated run, started by alice (so she may not approve it)."""
+    return await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=f"wf-{task_queue}",
+                                       task_queue=task_queue)
+
+
 @pytest.fixture
 async def gated(client: Client, task_queue: str) -> AsyncIterator[tuple[FakeSite, str]]:
     fake = FakeSite(["n1", "n2", "n3"])
@@ -69,8 +75,7 @@ async def gated(client: Client, task_queue: str) -> AsyncIterator[tuple[FakeSite
 async def test_gate_waits_refuses_wrong_calls_and_proceeds_on_approval(
         client: Client, task_queue: str, gated: tuple[FakeSite, str]) -> None:
     fake, reviewed = gated
-    handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=f"wf-{task_queue}",
-                                         task_queue=task_queue)
+    handle = await start_gated(client, task_queue)
     [gate] = await waiting_gates(handle)
     assert (gate.gate, gate.approvers, gate.on_timeout) == ("continue", ("alice", "bob"), "reject")
     assert gate.guards == "upgrade the remaining node(s): n2, n3" and gate.deadline is not None
@@ -101,8 +106,7 @@ async def test_gate_waits_refuses_wrong_calls_and_proceeds_on_approval(
 async def test_rejection_rolls_the_canary_back(client: Client, task_queue: str,
                                                gated: tuple[FakeSite, str]) -> None:
     fake, reviewed = gated
-    handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=f"wf-{task_queue}",
-                                         task_queue=task_queue)
+    handle = await start_gated(client, task_queue)
     await waiting_gates(handle)
     await handle.execute_update(RollingDeployWorkflow.reject, Decision(
         gate="continue", by="bob", plan_hash=reviewed, comment="error rate up on n1"))
@@ -118,9 +122,8 @@ async def test_signal_and_update_forms_with_the_real_temporal_cli(
         client: Client, task_queue: str, gated: tuple[FakeSite, str],
         temporal_env: WorkflowEnvironment) -> None:
     fake, reviewed = gated
-    wf_id = f"wf-{task_queue}"
-    handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=wf_id,
-                                         task_queue=task_queue)
+    handle = await start_gated(client, task_queue)
+    wf_id = handle.id
     await waiting_gates(handle)
     address = ["--address", temporal_address(temporal_env)]
     signal = [str(TEMPORAL_BIN), "workflow", "signal", "--workflow-id", wf_id, "--name", "decide"]
@@ -153,9 +156,8 @@ async def test_zerodown_approve_and_reject_commands(
         client: Client, task_queue: str, gated: tuple[FakeSite, str],
         temporal_env: WorkflowEnvironment) -> None:
     fake, reviewed = gated
-    wf_id = f"wf-{task_queue}"
-    handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=wf_id,
-                                         task_queue=task_queue)
+    handle = await start_gated(client, task_queue)
+    wf_id = handle.id
     await waiting_gates(handle)
     address = ["--address", temporal_address(temporal_env)]
     code, out = await zerodown("status", wf_id, *address)
