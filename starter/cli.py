@@ -420,4 +420,15 @@ def demo(root: LabRoot = Path(".lab"), nodes: int = 3, rate: float = 100.0) -> N
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    # The Temporal SDK's core runtime threads can abort the interpreter's finalization
+    # (SIGABRT after a command that succeeded): flush, then leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
