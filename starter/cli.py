@@ -233,7 +233,8 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
         for g in await zc.pending_gates(handle):
             console.print(f"[bold yellow]waiting at gate {g.gate}[/] since {g.since:%H:%M:%S}: "
                           f"{g.guards}; may decide: {', '.join(g.approvers) or 'nobody'}; "
-                          f"plan hash {g.plan_hash}", soft_wrap=True)
+                          + (f"choices: {', '.join(g.choices)}; " if g.choices else "")
+                          + f"plan hash {g.plan_hash}", soft_wrap=True)
         return 0
     with Live(console=console, refresh_per_second=4) as live:
         outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type) or object,
@@ -275,7 +276,7 @@ def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
 
 
 async def _decide(workflow_id: str, approve: bool, gate: str, by: str, plan_hash: str,
-                  comment: str, address: str, namespace: str) -> int:
+                  comment: str, address: str, namespace: str, choice: str = "") -> int:
     from worker.main import connect
     from workflows.gates import Decision
 
@@ -283,11 +284,12 @@ async def _decide(workflow_id: str, approve: bool, gate: str, by: str, plan_hash
     handle = client.get_workflow_handle(workflow_id)
     try:
         record = await zc.decide(handle, approve, Decision(gate=gate, by=by, plan_hash=plan_hash,
-                                                           comment=comment))
+                                                           comment=comment, choice=choice))
     except zc.DecisionRefused as e:
         err.print(f"[bold red]refused:[/] {e}")
         return 2
-    console.print(f"gate {record.gate}: {record.outcome} by {record.by} at {record.at:%H:%M:%S}")
+    what = f"{record.choice} chosen" if record.choice else record.outcome
+    console.print(f"gate {record.gate}: {what} by {record.by} at {record.at:%H:%M:%S}")
     return 0
 
 
@@ -309,6 +311,19 @@ def reject(workflow_id: str, gate: GateOpt, by: ByOpt, plan_hash: PlanHashOpt, c
            address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
     """Reject a gate (the procedure rolls back)."""
     raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace)))
+
+
+ChoiceOpt = Annotated[str, typer.Option("--choice", help="one of the gate's choices, e.g. for a failure "
+                                        "gate: retry, skip (skippable steps), rollback, abort")]
+
+
+@app.command()
+def resolve(workflow_id: str, gate: GateOpt, choice: ChoiceOpt, by: ByOpt, plan_hash: PlanHashOpt,
+            comment: CommentOpt = "", address: Address = DEFAULT_ADDRESS,
+            namespace: Namespace = "default") -> None:
+    """Decide a choice gate, e.g. `failure:N5@node2` (retry / skip / rollback / abort)."""
+    raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace,
+                                  choice=choice)))
 
 
 # ---------------------------------------------------------------- servers

@@ -111,9 +111,9 @@ class DecisionRefused(RuntimeError):
 async def decide(handle: WorkflowHandle[Any, Any], approve: bool, decision: Any) -> Any:
     from workflows.gates import GateRecord
 
+    name = "choose" if getattr(decision, "choice", "") else "approve" if approve else "reject"
     try:
-        return await handle.execute_update("approve" if approve else "reject", decision,
-                                           result_type=GateRecord)
+        return await handle.execute_update(name, decision, result_type=GateRecord)
     except WorkflowUpdateFailedError as e:
         raise DecisionRefused(failure_message(e.cause or e)) from None
 

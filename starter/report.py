@@ -16,14 +16,14 @@ _RESULT_STYLE = {"ok": "green", "failed": "bold red", "running": "yellow", "skip
 
 def steps_table(steps: Iterable[StepRecord], title: str = "steps") -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("#", "step", "node", "seconds", "result"):
-        table.add_column(col, justify="right" if col in ("#", "seconds") else "left")
+    for col in ("#", "seed", "step", "node", "seconds", "retries", "result"):
+        table.add_column(col, justify="right" if col in ("#", "seconds", "retries") else "left")
     for i, s in enumerate(steps, start=1):
         secs = f"{s.duration_s:.2f}" if s.duration_s is not None else "…"
         result = Text(s.result, style=_RESULT_STYLE.get(s.result, ""))
-        if s.detail and s.result != "ok":
+        if s.detail and (s.result != "ok" or s.retries):
             result.append(f" {s.detail}", style="dim")
-        table.add_row(str(i), s.name, s.node or "", secs, result)
+        table.add_row(str(i), s.seed_step or "", s.name, s.node or "", secs, str(s.retries or ""), result)
     return table
 
 

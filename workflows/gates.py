@@ -7,9 +7,16 @@ A procedure declares a `GateSpec` and awaits `Gates.wait(spec)`. People decide t
     run executes), or
   * the `decide` **signal** (what the Web UI can send): the same checks, but a refused
     signal cannot answer back, so it is recorded in the timeline and ignored.
+A gate may offer *choices* instead of approve / reject (the guided-failure gates
+`failure:<step>` offer retry / skip / rollback / abort): those are decided with the
+`choose` update (or the `decide` signal carrying a `choice`), validated the same way plus
+"is this one of the gate's choices".
 The `pending_gates` query says what waits, since when, who may decide and what it guards.
-Every gate has a timeout with a fail-safe default: `reject` (the procedure rolls back) or
-`hold` (keep waiting). Every decision is kept (who, when, how, comment, plan hash).
+Every gate has a timeout with a fail-safe default: `reject` (the procedure rolls back),
+`hold` (keep waiting) or, for a choice gate, one of its choices. Every decision is kept
+(who, when, how, comment, plan hash).
+Approvers are looked up by the gate's full name, then by its family (`failure` for
+`failure:N5@node2`), so an inventory lists the people for every failure gate once.
 Deterministic: only workflow APIs inside.
 """
 
@@ -26,14 +33,22 @@ from workflows.timeline import Timeline
 ON_TIMEOUT = ("reject", "hold")
 
 
+def gate_family(gate: str) -> str:
+    """`failure:N5@node2` -> `failure`; a plain gate name is its own family."""
+    return gate.split(":", 1)[0]
+
+
 @dataclass(frozen=True)
 class GateSpec:
     name: str
     # What approving lets happen, in the operator's words.
     guards: str
     timeout_s: float
-    # Fail-safe default when nobody decides in time: reject (roll back) or hold (keep waiting).
+    # Fail-safe default when nobody decides in time: reject (roll back), hold (keep waiting)
+    # or, for a choice gate, one of `choices`.
     on_timeout: str = "reject"
+    # Empty: an approve / reject gate. Otherwise the options a decider picks from.
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,28 +58,33 @@ class Decision:
     # The plan hash shown by `zerodown plan`: the decider approves *this* plan.
     plan_hash: str
     comment: str = ""
+    # For a choice gate (`choose` update): one of the gate's choices.
+    choice: str = ""
 
 
 @dataclass(frozen=True)
 class SignalDecision:
-    """The signal form of a decision (one signal carries approve or reject)."""
+    """The signal form of a decision: approve or reject, or a `choice` for a choice gate."""
 
     gate: str
     by: str
     plan_hash: str
-    approve: bool
+    approve: bool = False
     comment: str = ""
+    choice: str = ""
 
 
 @dataclass(frozen=True)
 class GateRecord:
     gate: str
-    outcome: str  # approved | rejected | timed out
+    outcome: str  # approved | rejected | chosen | timed out
     by: str | None
     at: datetime
     via: str  # update | signal | timeout
     comment: str = ""
     plan_hash: str = ""
+    # A choice gate: what was chosen (on timeout: the fail-safe default applied).
+    choice: str = ""
 
     @property
     def approved(self) -> bool:
@@ -80,6 +100,7 @@ class PendingGate:
     deadline: datetime | None
     on_timeout: str
     plan_hash: str
+    choices: tuple[str, ...] = ()
 
 
 def refused(message: str) -> ApplicationError:
@@ -96,6 +117,9 @@ class Gates:
         self._pending: dict[str, PendingGate] = {}
         self._decided: dict[str, GateRecord] = {}
 
+    def approvers_of(self, gate: str) -> tuple[str, ...]:
+        return self.approvers.get(gate) or self.approvers.get(gate_family(gate), ())
+
     def configure(self, approvers: dict[str, tuple[str, ...]], started_by: str | None,
                   plan_hash: str) -> None:
         self.approvers, self.started_by, self.plan_hash = dict(approvers), started_by, plan_hash
@@ -103,12 +127,20 @@ class Gates:
     def pending(self) -> list[PendingGate]:
         return list(self._pending.values())
 
-    def check(self, d: Decision) -> None:
+    def check(self, d: Decision, choosing: bool = False) -> None:
         """Raise GateRefused (to the caller of an update) unless `d` may decide its gate."""
         if d.gate not in self._pending:
             waiting = ", ".join(self._pending) or "none"
             raise refused(f"no gate {d.gate!r} is waiting for a decision (waiting: {waiting})")
-        allowed = self.approvers.get(d.gate, ())
+        choices = self._pending[d.gate].choices
+        if choices and not choosing:
+            raise refused(f"gate {d.gate!r} takes a choice ({', '.join(choices)}), not approve / reject: "
+                          f"use `zerodown resolve {d.gate} --choice ...` (update `choose`)")
+        if choosing and not choices:
+            raise refused(f"gate {d.gate!r} is an approve / reject gate: use approve or reject")
+        if choosing and d.choice not in choices:
+            raise refused(f"{d.choice!r} is not a choice of gate {d.gate!r} (choices: {', '.join(choices)})")
+        allowed = self.approvers_of(d.gate)
         if d.by not in allowed:
             raise refused(f"{d.by!r} may not decide gate {d.gate!r}: the inventory lists "
                           f"{', '.join(allowed) or 'nobody'}")
@@ -121,12 +153,14 @@ class Gates:
                           "or `zerodown status`, then decide on that plan")
 
     def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
-        record = GateRecord(gate=d.gate, outcome="approved" if approve else "rejected", by=d.by,
-                            at=workflow.now(), via=via, comment=d.comment, plan_hash=d.plan_hash)
+        outcome = "chosen" if d.choice else "approved" if approve else "rejected"
+        record = GateRecord(gate=d.gate, outcome=outcome, by=d.by, at=workflow.now(), via=via,
+                            comment=d.comment, plan_hash=d.plan_hash, choice=d.choice)
         self._pending.pop(d.gate, None)
         self._decided[d.gate] = record
         self.records.append(record)
-        self.timeline.record(f"gate {d.gate}: {record.outcome} by {d.by}", "ok",
+        what = f"{d.choice} chosen" if d.choice else outcome
+        self.timeline.record(f"gate {d.gate}: {what} by {d.by}", "ok",
                              detail=f"via {via}" + (f": {d.comment}" if d.comment else ""))
         return record
 
@@ -139,9 +173,9 @@ class Gates:
         now = workflow.now()
         hold = spec.on_timeout == "hold"
         self._pending[spec.name] = PendingGate(
-            gate=spec.name, since=now, approvers=self.approvers.get(spec.name, ()), guards=spec.guards,
+            gate=spec.name, since=now, approvers=self.approvers_of(spec.name), guards=spec.guards,
             deadline=None if hold else now + timedelta(seconds=spec.timeout_s),
-            on_timeout=spec.on_timeout, plan_hash=self.plan_hash)
+            on_timeout=spec.on_timeout, plan_hash=self.plan_hash, choices=spec.choices)
         self.timeline.set_phase(f"waiting for a decision on gate {spec.name}")
         try:
             await workflow.wait_condition(lambda: spec.name in self._decided,
@@ -150,9 +184,11 @@ class Gates:
             self._pending.pop(spec.name, None)
             record = GateRecord(gate=spec.name, outcome="timed out", by=None, at=workflow.now(),
                                 via="timeout", comment=f"no decision within {spec.timeout_s:g}s: "
-                                                       f"{spec.on_timeout} (fail-safe default)")
+                                                       f"{spec.on_timeout} (fail-safe default)",
+                                choice=spec.on_timeout if spec.choices else "")
             self.records.append(record)
-            self.timeline.record(f"gate {spec.name}: timed out, rejected", "failed", detail=record.comment)
+            applied = spec.on_timeout if spec.choices else "rejected"
+            self.timeline.record(f"gate {spec.name}: timed out, {applied}", "failed", detail=record.comment)
             return record
         return self._decided.pop(spec.name)
 
@@ -178,12 +214,20 @@ class GatedWorkflow:
     def _check_reject(self, decision: Decision) -> None:
         self.gates.check(decision)
 
+    @workflow.update(name="choose")
+    def choose(self, decision: Decision) -> GateRecord:
+        return self.gates.decide(decision, False, "update")
+
+    @choose.validator
+    def _check_choose(self, decision: Decision) -> None:
+        self.gates.check(decision, choosing=True)
+
     @workflow.signal(name="decide")
     def decide(self, decision: SignalDecision) -> None:
         d = Decision(gate=decision.gate, by=decision.by, plan_hash=decision.plan_hash,
-                     comment=decision.comment)
+                     comment=decision.comment, choice=decision.choice)
         try:
-            self.gates.check(d)
+            self.gates.check(d, choosing=bool(decision.choice))
         except ApplicationError as e:
             self.gates.refuse_signal(decision, e)
             return

@@ -31,10 +31,10 @@ import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -48,28 +48,12 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Database, Inventory, LoadBalancer, Node, UnknownNodeError
 
-from workflows.gates import GatedWorkflow, Gates, GateSpec
-from workflows.saga import Saga, reason
-from workflows.timeline import Progress, StepRecord, Timeline
+from workflows.gates import GateSpec
+from workflows.procedure import ACTION_RETRY, LONG, Procedure, check_on_failure, require_approval
+from workflows.saga import reason
+from workflows.timeline import StepRecord
 
 PROCEDURE = "rolling-deploy"
-
-# Errors that no retry can fix: fail the step at once (guided by the error's type).
-NON_RETRYABLE = [
-    "SecretUnavailable", "SshAuthFailed", "SshHostKeyMismatch", "SshCommandFailed",
-    "LbMemberNotFound", "PackageMissing", "PackageCorrupt", "VersionNotNewer",
-    "VersionMismatch", "LoginFailed", "DrainTimeout", "NotUpTimeout", "HealthCheckFailed",
-]
-PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1),
-                              non_retryable_error_types=NON_RETRYABLE)
-ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
-                           backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
-                           non_retryable_error_types=NON_RETRYABLE)
-# Wait activities heartbeat every ~1 s: a dead worker is noticed after this long.
-HEARTBEAT = timedelta(seconds=10)
-# Long changes (copies, dumps, migrations) heartbeat too, but their steps may be slower.
-LONG_HEARTBEAT = timedelta(seconds=60)
-LONG = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -85,6 +69,10 @@ class RollingDeployInput:
     gate_timeout_s: float = 3600.0
     # Who started the run (the CLI fills it in): may not approve its own gates.
     started_by: str | None = None
+    # A failed step: roll back at once, or ask at a gate `failure:<step>` (retry / rollback
+    # / abort; rollback when nobody decides within failure_gate_timeout_s).
+    on_failure: str = "rollback"
+    failure_gate_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -113,23 +101,18 @@ class _NodeProgress:
 
 
 @workflow.defn(name="rolling-deploy")
-class RollingDeployWorkflow(GatedWorkflow):
-    def __init__(self) -> None:
-        self.timeline = Timeline(PROCEDURE)
-        self.saga = Saga()
-        self.gates = Gates(self.timeline)
-        self.previous: dict[str, str] = {}
-        self.plan_hash = ""
-        # Changes under way: on cancellation they finish before anything is compensated.
-        self._in_flight: set[asyncio.Future[Any]] = set()
+class RollingDeployWorkflow(Procedure):
+    procedure = PROCEDURE
 
-    @workflow.query
-    def progress(self) -> Progress:
-        return self.timeline.snapshot()
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: dict[str, str] = {}
 
     @workflow.run
     async def run(self, inp: RollingDeployInput) -> RollingDeployResult:
         inv = inp.inventory
+        check_on_failure(inp.on_failure)
+        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
         try:
             batches = inv.batches(inp.only_nodes)
         except UnknownNodeError as e:
@@ -140,7 +123,7 @@ class RollingDeployWorkflow(GatedWorkflow):
         # ---- Preflight: read-only, every problem reported together --------------------
         self.timeline.set_phase("preflight")
         try:
-            package = await self.timeline.step("P1 inspect package", self._read(
+            package = await self.timeline.step("P1 inspect package", self.read(
                 deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)), seed_step="P1")
         except ActivityError as e:
             raise _preflight_failed([f"package: {reason(e)}"], [e]) from None
@@ -153,7 +136,7 @@ class RollingDeployWorkflow(GatedWorkflow):
                                      "but the inventory declares no database"], [])
         if database is not None:
             try:
-                schema = await self.timeline.step("P4 database reachable", self._read(
+                schema = await self.timeline.step("P4 database reachable", self.read(
                     mysql.db_schema_version, mysql.DbRequest(db=database)), seed_step="P4")
             except ActivityError as e:
                 raise _preflight_failed([f"database: {reason(e)}"], [e]) from None
@@ -171,9 +154,10 @@ class RollingDeployWorkflow(GatedWorkflow):
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------
         merge_report: list[str] = []
-        db_backup: str | None = None
         app_backups: dict[str, str] = {}
-        try:
+
+        async def changes() -> str | None:
+            db_backup: str | None = None
             if pending and database is not None:
                 db_backup = await self._migrate(database, pending)
             for index, batch in enumerate(batches, start=1):
@@ -187,58 +171,37 @@ class RollingDeployWorkflow(GatedWorkflow):
                     raise failures[0]
                 if index == 1 and gate_after_first:
                     await self._continue_gate(inp, batches[1:])
-        except asyncio.CancelledError:
-            self.timeline.set_phase("cancelled: finishing the step under way, then rolling back")
-            await self._settle()
-            await self.saga.compensate()
-            self.timeline.set_phase("cancelled, rolled back")
-            raise
-        except Exception as e:
-            # Name the step that failed before the compensations add steps of their own.
-            failed_step = next((s for s in reversed(self.timeline.steps) if s.result == "failed"), None)
-            where = f" at '{failed_step.name}'" + (f" on {failed_step.node}" if failed_step.node else "") \
-                if failed_step else ""
-            self.timeline.set_phase("failed: rolling back")
-            records = await self.saga.compensate()
-            undone = ", ".join(r.name + ("" if r.ok else f" (FAILED: {r.error})") for r in records)
-            self.timeline.set_phase("failed, rolled back")
-            raise ApplicationError(
-                f"{PROCEDURE} of {package.version} failed{where}: {reason(e)}. "
-                f"Rolled back: {undone or 'nothing to undo'}.",
-                type="ProcedureFailed", non_retryable=True) from e
+            return db_backup
 
+        self.guided = inp.on_failure == "ask"
+        db_backup = await self.run_changes(changes, f"{PROCEDURE} of {package.version}")
         self.timeline.set_phase("done")
         return self._result(inv, package, nodes, plan, False, merge_report, db_backup, app_backups)
 
     async def _continue_gate(self, inp: RollingDeployInput, rest: list[list[Node]]) -> None:
         names = ", ".join(n.name for b in rest for n in b)
-        decision = await self.gates.wait(GateSpec(
+        await require_approval(self.gates, GateSpec(
             name="continue", guards=f"upgrade the remaining node(s): {names}",
             timeout_s=inp.gate_timeout_s, on_timeout="reject"))
-        if not decision.approved:
-            by = f" by {decision.by}" if decision.by else ""
-            raise ApplicationError(f"gate continue {decision.outcome}{by}"
-                                   + (f": {decision.comment}" if decision.comment else ""),
-                                   type="GateRejected", non_retryable=True)
 
     # ------------------------------------------------------------------ preflight
     async def _preflight(self, inv: Inventory, nodes: list[Node],
                          package: deploy.PackageInfo) -> dict[str, str]:
         async def check_node(n: Node) -> str:
-            probe: ssh.SshProbeResult = await self._read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
+            probe: ssh.SshProbeResult = await self.read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
             if not probe.ok:
                 raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
                                        type=probe.error_type or "SshUnreachable", non_retryable=True)
-            service: node.ServiceState = await self._read(node.service_status, node.ServiceRequest(node=n))
+            service: node.ServiceState = await self.read(node.service_status, node.ServiceRequest(node=n))
             if not service.running:
                 raise ApplicationError(f"{n.name}: its service is not running ({service.detail}); "
                                        "start it (or fix it) before upgrading",
                                        type="ServiceNotRunning", non_retryable=True)
             for lb in self._lbs_of(inv, n):
-                await self._read(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name))
-            await self._read(http_checks.check_health, http_checks.HttpCheckRequest(
+                await self.read(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name))
+            await self.read(http_checks.check_health, http_checks.HttpCheckRequest(
                 base_url=n.url, check=inv.application.health, timeout_s=10.0))
-            running: str = await self._read(http_checks.get_version, http_checks.VersionRequest(
+            running: str = await self.read(http_checks.get_version, http_checks.VersionRequest(
                 base_url=n.url, check=inv.application.version))
             _check_upgrade_path(n.name, running, package)
             return running
@@ -260,7 +223,7 @@ class RollingDeployWorkflow(GatedWorkflow):
             problems: list[str] = []
             for lb in inv.load_balancers:
                 members = sorted(lb.members)
-                states = await asyncio.gather(*(self._read(haproxy.lb_member_state, haproxy.MemberRequest(
+                states = await asyncio.gather(*(self.read(haproxy.lb_member_state, haproxy.MemberRequest(
                     lb=lb, node=m)) for m in members), return_exceptions=True)
                 serving = {m for m, s in zip(members, states, strict=True)
                            if isinstance(s, haproxy.MemberState) and s.admin == "ready"
@@ -298,7 +261,7 @@ class RollingDeployWorkflow(GatedWorkflow):
     # ------------------------------------------------------------------ database
     async def _migrate(self, db: Database, pending: list[deploy.MigrationSpec]) -> str:
         self.timeline.set_phase("database")
-        backup: mysql.DbBackup = await self.timeline.step("D1 back up database", self._change(
+        backup: mysql.DbBackup = await self.step("D1 back up database", lambda: self.change(
             mysql.db_backup, mysql.BackupRequest(db=db, backup_id=f"{_run_key()}-db",
                                                  directory=db.backup_dir or ""), timeout=LONG),
             seed_step="D1")
@@ -316,7 +279,7 @@ class RollingDeployWorkflow(GatedWorkflow):
                         f"run the new code; backup kept at {backup.path}"))
                 elif m.down_sql:
                     # A migration that failed half-way left changes but no record: force its down.
-                    await self.timeline.step(f"revert migration {m.version}", self._change(
+                    await self.timeline.step(f"revert migration {m.version}", self.change(
                         mysql.db_apply_migration, mysql.MigrationRequest(
                             db=db, version=m.version, sql=m.down_sql, direction="down",
                             force=m.version not in completed), timeout=LONG))
@@ -327,8 +290,8 @@ class RollingDeployWorkflow(GatedWorkflow):
         self.saga.register("database migrations", revert)
         for m in pending:
             attempted.append(m)
-            await self.timeline.step(f"D2 apply migration {m.version}", self._change(
-                mysql.db_apply_migration, mysql.MigrationRequest(
+            await self.step(f"D2 apply migration {m.version}", partial(
+                self.change, mysql.db_apply_migration, mysql.MigrationRequest(
                     db=db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
                 seed_step="D2")
             completed.add(m.version)
@@ -344,28 +307,28 @@ class RollingDeployWorkflow(GatedWorkflow):
 
         done.drain_attempted = True
         for lb in lbs:
-            await self.timeline.step(f"N1 drain on {lb.name}", self._set_state(lb, n, "drain"),
-                                     node=n.name, seed_step="N1")
+            await self.step(f"N1 drain on {lb.name}", partial(self._set_state, lb, n, "drain"),
+                            node=n.name, seed_step="N1")
         for lb in lbs:
-            await self.timeline.step(f"N2 wait for zero sessions on {lb.name}", self._wait(
-                haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
-                                                             timeout_s=lb.drain_timeout_s),
-                lb.drain_timeout_s), node=n.name, seed_step="N2")
+            await self.step(f"N2 wait for zero sessions on {lb.name}", partial(
+                self.wait, haproxy.lb_wait_drained, haproxy.WaitRequest(
+                    lb=lb, node=n.name, timeout_s=lb.drain_timeout_s), lb.drain_timeout_s),
+                node=n.name, seed_step="N2")
             # Drain still admits persistent (sticky) sessions: close the door before stopping.
-            await self.timeline.step(f"N2 hold in maintenance on {lb.name}", self._set_state(lb, n, "maint"),
-                                     node=n.name, seed_step="N2")
+            await self.step(f"N2 hold in maintenance on {lb.name}", partial(self._set_state, lb, n, "maint"),
+                            node=n.name, seed_step="N2")
         done.stop_attempted = True
-        await self.timeline.step("N3 stop service", self._change(
+        await self.step("N3 stop service", lambda: self.change(
             node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N3")
-        backup: deploy.AppBackup = await self.timeline.step("N4 back up app folder", self._change(
+        backup: deploy.AppBackup = await self.step("N4 back up app folder", lambda: self.change(
             deploy.backup_app_folder, deploy.AppBackupRequest(
                 node=n, backup_id=f"{_run_key()}-{n.name}", protected_files=app.protected_files),
             timeout=LONG), node=n.name, seed_step="N4")
         done.backup = backup
         app_backups[n.name] = backup.path
         done.deploy_attempted = True
-        result: deploy.DeployResult = await self.timeline.step(f"N5 deploy {package.version}", self._change(
+        result: deploy.DeployResult = await self.step(f"N5 deploy {package.version}", lambda: self.change(
             deploy.deploy_package, deploy.DeployRequest(
                 node=n, package=package, protected_files=app.protected_files,
                 merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
@@ -373,29 +336,29 @@ class RollingDeployWorkflow(GatedWorkflow):
         for m in result.merged:
             if m.carried:
                 merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
-        await self.timeline.step("N6 start service", self._change(
+        await self.step("N6 start service", lambda: self.change(
             node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)),
             node=n.name, seed_step="N6")
-        await self.timeline.step("N7 wait healthy, check version", self._check_running(
+        await self.step("N7 wait healthy, check version", lambda: self._check_running(
             inv, n, package.version), node=n.name, seed_step="N7")
         for lb in lbs:
-            await self.timeline.step(f"N8 set ready on {lb.name}", self._set_state(lb, n, "ready"),
-                                     node=n.name, seed_step="N8")
+            await self.step(f"N8 set ready on {lb.name}", partial(self._set_state, lb, n, "ready"),
+                            node=n.name, seed_step="N8")
         for lb in lbs:
-            await self.timeline.step(f"N9 wait UP on {lb.name}", self._wait(
-                haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
+            await self.step(f"N9 wait UP on {lb.name}", partial(
+                self.wait, haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
                 node=n.name, seed_step="N9")
         self.timeline.node_done(n.name)
 
     async def _check_running(self, inv: Inventory, n: Node, expected: str) -> None:
         """Healthy, on the expected version, and (when configured) a user can log on."""
-        await self._wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
+        await self.wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
             base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s),
             inv.rollout.health_timeout_s)
-        await self._read(http_checks.get_version, http_checks.VersionRequest(
+        await self.read(http_checks.get_version, http_checks.VersionRequest(
             base_url=n.url, check=inv.application.version, expect=expected), retry=ACTION_RETRY)
         if inv.application.login is not None:
-            await self._read(http_checks.check_login, http_checks.LoginRequest(
+            await self.read(http_checks.check_login, http_checks.LoginRequest(
                 base_url=n.url, check=inv.application.login), retry=ACTION_RETRY)
 
     async def _rollback_node(self, inv: Inventory, n: Node, done: _NodeProgress) -> None:
@@ -408,23 +371,23 @@ class RollingDeployWorkflow(GatedWorkflow):
             for lb in lbs:
                 await self.timeline.step(f"rollback: drain on {lb.name}", self._set_state(lb, n, "drain"),
                                          node=n.name)
-                await self.timeline.step(f"rollback: wait for zero sessions on {lb.name}", self._wait(
+                await self.timeline.step(f"rollback: wait for zero sessions on {lb.name}", self.wait(
                     haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
                                                                  timeout_s=lb.drain_timeout_s),
                     lb.drain_timeout_s), node=n.name)
-            await self.timeline.step("rollback: stop service", self._change(
+            await self.timeline.step("rollback: stop service", self.change(
                 node.stop_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
             if done.deploy_attempted and done.backup is not None:
-                await self.timeline.step("rollback: restore app folder", self._change(
+                await self.timeline.step("rollback: restore app folder", self.change(
                     deploy.restore_app_folder, done.backup, timeout=LONG), node=n.name)
-            await self.timeline.step("rollback: start service", self._change(
+            await self.timeline.step("rollback: start service", self.change(
                 node.start_service, node.ServiceRequest(node=n), timeout=_svc_timeout(n)), node=n.name)
             await self.timeline.step("rollback: wait healthy, check previous version",
                                      self._check_running(inv, n, self.previous[n.name]), node=n.name)
         for lb in lbs:
             await self.timeline.step(f"rollback: set ready on {lb.name}", self._set_state(lb, n, "ready"),
                                      node=n.name)
-            await self.timeline.step(f"rollback: wait UP on {lb.name}", self._wait(
+            await self.timeline.step(f"rollback: wait UP on {lb.name}", self.wait(
                 haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
                 node=n.name)
 
@@ -433,44 +396,8 @@ class RollingDeployWorkflow(GatedWorkflow):
     def _lbs_of(inv: Inventory, n: Node) -> list[LoadBalancer]:
         return [lb for lb in inv.load_balancers if n.name in lb.members]
 
-    @staticmethod
-    async def _read(fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY) -> Any:
-        """A read-only check: safe to cancel at any moment."""
-        return await workflow.execute_activity(fn, arg, start_to_close_timeout=timedelta(minutes=2),
-                                               retry_policy=retry)
-
-    async def _change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2)) -> Any:
-        """A change to the site: never abandoned half-way. On cancellation the workflow lets
-        it finish (see `_settle`) before compensating, so a half-copied folder is never
-        restored over and a half-applied migration never raced by its down script."""
-        handle = workflow.start_activity(
-            fn, arg, start_to_close_timeout=timeout, retry_policy=ACTION_RETRY,
-            heartbeat_timeout=LONG_HEARTBEAT if timeout >= LONG else None)
-        self._in_flight.add(handle)
-        try:
-            return await asyncio.shield(handle)
-        finally:
-            if handle.done():
-                self._in_flight.discard(handle)
-
-    async def _settle(self) -> None:
-        """Wait for every change under way to finish (its outcome is the saga's to undo)."""
-        for handle in list(self._in_flight):
-            try:
-                await handle
-            except BaseException as e:  # its failure is what the compensation is for
-                workflow.logger.info("change under way at cancellation ended with: %s", e)
-        self._in_flight.clear()
-
     def _set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
-        return self._change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
-
-    @staticmethod
-    async def _wait(fn: Any, arg: Any, timeout_s: float) -> Any:
-        """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
-        return await workflow.execute_activity(
-            fn, arg, start_to_close_timeout=timedelta(seconds=timeout_s + 60),
-            heartbeat_timeout=HEARTBEAT, retry_policy=ACTION_RETRY)
+        return self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
 
     def _result(self, inv: Inventory, package: deploy.PackageInfo, nodes: list[Node],
                 plan: tuple[str, ...], dry_run: bool, merge_report: list[str] | None = None,

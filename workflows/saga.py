@@ -36,6 +36,10 @@ class Saga:
     def register(self, name: str, compensation: Compensation) -> None:
         self._stack.append((name, compensation))
 
+    def pending(self) -> list[str]:
+        """What would be undone, newest first (what an abort leaves in place)."""
+        return [name for name, _ in reversed(self._stack)]
+
     async def compensate(self) -> list[CompensationRecord]:
         """Run every registered compensation, newest first; returns what happened.
 

@@ -6,6 +6,7 @@ through `workflow.set_current_details`, which `Timeline` keeps current.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -27,6 +28,9 @@ class StepRecord:
     ended: datetime | None = None
     result: str = "running"  # running | ok | failed | skipped | compensated
     detail: str | None = None
+    # Attempts beyond the first of the step's activities (transient errors, a lost worker)
+    # and re-runs an operator chose at a failure gate.
+    retries: int = 0
 
     @property
     def duration_s(self) -> float | None:
@@ -41,6 +45,11 @@ class Progress:
     nodes_done: tuple[str, ...]
     nodes_total: int
     steps: tuple[StepRecord, ...]
+
+
+# The step the running coroutine belongs to (each asyncio task has its own context, so
+# steps of nodes upgraded side by side count their retries apart).
+_CURRENT_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("zerodown_step", default=None)
 
 
 class Timeline:
@@ -69,20 +78,31 @@ class Timeline:
                                      ended=now, result=result, detail=detail))
 
     async def step(self, name: str, call: Awaitable[T], node: str | None = None,
-                   seed_step: str | None = None) -> T:
-        """Run one step, recording its start, end and outcome."""
+                   seed_step: str | None = None, retries: int = 0) -> T:
+        """Run one step, recording its start, end, outcome and retries."""
         index = len(self.steps)
         self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node,
-                                     started=workflow.now()))
+                                     started=workflow.now(), retries=retries))
         self._publish(current=f"{name}" + (f" on {node}" if node else ""))
+        token = _CURRENT_STEP.set(index)
         try:
             value = await call
         except BaseException as e:
             self.steps[index] = replace(self.steps[index], ended=workflow.now(), result="failed",
                                         detail=reason(e))
             raise
+        finally:
+            _CURRENT_STEP.reset(token)
         self.steps[index] = replace(self.steps[index], ended=workflow.now(), result="ok")
         return value
+
+    def retrying(self, why: str) -> None:
+        """The current step retries one of its activities: counted, and the reason shown."""
+        index = _CURRENT_STEP.get()
+        if index is None or index >= len(self.steps):
+            return
+        record = self.steps[index]
+        self.steps[index] = replace(record, retries=record.retries + 1, detail=f"retrying: {why}")
 
     def snapshot(self) -> Progress:
         return Progress(procedure=self.procedure, phase=self.phase, node=self.node,

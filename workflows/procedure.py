@@ -1,0 +1,275 @@
+"""What every procedure shares: how it touches the world, and what happens when a step fails.
+
+A procedure's workflow class derives from `Procedure` and gets, once for all:
+
+* **activity calls** with the right safety: `read` (a read-only check, safe to cancel),
+  `change` (a change to the site, never abandoned half-way: on cancellation it finishes
+  before anything is compensated, see `settle`) and `wait` (a long, heartbeating wait, so
+  a lost worker is noticed within `HEARTBEAT`). Retries are made here, in workflow code
+  (each attempt is one activity execution with its own history events), so the timeline
+  counts them per step and shows why a step is retrying;
+* **steps** (`step`): one timeline record per step, with **guided failure**: when a step
+  still fails after its retries and the run is guided (`on_failure="ask"`), the workflow
+  opens the gate `failure:<seed step>[@node]` offering `retry`, `skip` (only for steps
+  marked skippable), `rollback` and `abort`; the fail-safe default on timeout is
+  `rollback`. `abort` stops the run as is, leaving everything in place, and fails it with
+  a report of the state (what was changed and not undone, the backups kept);
+* **the rollback frame** (`run_changes`): runs the change phase and, on failure or
+  cancellation, the saga's compensations newest first (an abort skips them);
+* the approval gates (`GatedWorkflow`), the saga and the timeline.
+
+Deterministic: only workflow APIs inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import TimeoutError as ActivityTimeout
+
+from workflows.gates import GatedWorkflow, Gates, GateSpec
+from workflows.saga import Saga, reason
+from workflows.timeline import Progress, Timeline
+
+T = TypeVar("T")
+
+# Errors that no retry can fix: the step fails at once (the error type says so).
+NON_RETRYABLE = [
+    "SecretUnavailable", "SshAuthFailed", "SshHostKeyMismatch", "SshCommandFailed",
+    "LbMemberNotFound", "PackageMissing", "PackageCorrupt", "VersionNotNewer",
+    "VersionMismatch", "LoginFailed", "DrainTimeout", "NotUpTimeout", "HealthCheckFailed",
+    "AdminAuthFailed", "InvalidRequest", "MigrationFailed", "DatabaseError",
+]
+PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1),
+                              non_retryable_error_types=NON_RETRYABLE)
+ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
+                           backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
+                           non_retryable_error_types=NON_RETRYABLE)
+# Wait activities heartbeat every ~1 s: a dead worker is noticed after this long.
+HEARTBEAT = timedelta(seconds=10)
+# Long changes (copies, dumps, migrations) heartbeat too, but their steps may be slower.
+LONG_HEARTBEAT = timedelta(seconds=60)
+LONG = timedelta(minutes=30)
+# One attempt per activity execution: the retry loop below is the workflow's own.
+_ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+
+FAILURE_CHOICES = ("retry", "skip", "rollback", "abort")
+ON_FAILURE = ("ask", "rollback")
+
+
+class Aborted(Exception):
+    """An operator chose `abort` at a failure gate: stop as is, undo nothing."""
+
+    def __init__(self, step: str, by: str | None, cause: BaseException) -> None:
+        super().__init__(step)
+        self.step, self.by, self.cause = step, by, cause
+
+
+class Procedure(GatedWorkflow):
+    """Base of every procedure workflow (see the module docstring)."""
+
+    procedure = "procedure"
+
+    def __init__(self) -> None:
+        self.timeline = Timeline(self.procedure)
+        self.saga = Saga()
+        self.gates = Gates(self.timeline)
+        self.plan_hash = ""
+        # Guided failure: off during preflight (read-only, it just reports) and rollback.
+        self.guided = False
+        self.failure_gate_timeout_s = 3600.0
+        # What the abort report lists as kept (backups, artefacts): name -> where.
+        self.kept: dict[str, str] = {}
+        # Changes under way: on cancellation they finish before anything is compensated.
+        self._in_flight: set[asyncio.Future[Any]] = set()
+
+    @workflow.query
+    def progress(self) -> Progress:
+        return self.timeline.snapshot()
+
+    # ------------------------------------------------------------------ steps
+    async def step(self, name: str, make: Callable[[], Awaitable[T]], *, node: str | None = None,
+                   seed_step: str | None = None) -> T:
+        """Run one step (a timeline record); on failure, guided as the module docstring says.
+        `make` builds the step's awaitable afresh for each run (an operator's `retry`)."""
+        result = await self._guided_step(name, make, node, seed_step, skippable=False)
+        return result  # type: ignore[return-value]  # None only when skipped, not offered here
+
+    async def skippable_step(self, name: str, make: Callable[[], Awaitable[T]], *,
+                             node: str | None = None, seed_step: str | None = None) -> T | None:
+        """A step the run can do without (a check, a cleanup): `skip` is offered on failure,
+        and then None is returned."""
+        return await self._guided_step(name, make, node, seed_step, skippable=True)
+
+    async def _guided_step(self, name: str, make: Callable[[], Awaitable[T]], node: str | None,
+                           seed_step: str | None, skippable: bool) -> T | None:
+        reruns = 0
+        while True:
+            try:
+                return await self.timeline.step(name, make(), node=node, seed_step=seed_step,
+                                                retries=reruns)
+            except Exception as e:
+                if not self._guidable(e):
+                    raise
+                choice, by = await self._failure_gate(name, node, seed_step, e, skippable)
+                if choice == "retry":
+                    reruns += 1
+                    continue
+                if choice == "skip":
+                    self.timeline.record(f"{name}: skipped", "skipped", node=node, seed_step=seed_step,
+                                         detail=f"skipped by {by} after: {reason(e)}")
+                    return None
+                if choice == "abort":
+                    raise Aborted(name + (f" on {node}" if node else ""), by, e) from e
+                raise  # rollback
+
+    def _guidable(self, e: BaseException) -> bool:
+        if not self.guided or is_cancelled_exception(e) or isinstance(e, Aborted):
+            return False
+        if isinstance(e, ApplicationError) and e.type in ("GateRejected", "PreflightFailed"):
+            return False  # a decision or a refusal, not a failure to recover from
+        return True
+
+    async def _failure_gate(self, name: str, node: str | None, seed_step: str | None,
+                            e: BaseException, skippable: bool) -> tuple[str, str | None]:
+        gate = "failure:" + (seed_step or _slug(name)) + (f"@{node}" if node else "")
+        choices = tuple(c for c in FAILURE_CHOICES if c != "skip" or skippable)
+        if not self.gates.approvers_of(gate):
+            self.timeline.record(f"gate {gate}: nobody may decide it", "skipped",
+                                 detail="the inventory lists no approvers for failure gates: rolling back")
+            return "rollback", None
+        record = await self.gates.wait(GateSpec(
+            name=gate, guards=f"'{name}'" + (f" on {node}" if node else "") + f" failed: {reason(e)}",
+            timeout_s=self.failure_gate_timeout_s, on_timeout="rollback", choices=choices))
+        return record.choice or "rollback", record.by
+
+    # ------------------------------------------------------------------ the change phase
+    async def run_changes(self, body: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run the change phase; on failure or cancellation compensate (an abort does not)."""
+        try:
+            return await body()
+        except asyncio.CancelledError:
+            self.guided = False
+            self.timeline.set_phase("cancelled: finishing the step under way, then rolling back")
+            await self.settle()
+            await self.saga.compensate()
+            self.timeline.set_phase("cancelled, rolled back")
+            raise
+        except Aborted as a:
+            self.guided = False
+            self.timeline.set_phase("aborted by an operator: everything left in place")
+            raise ApplicationError(self._abort_report(what, a), type="ProcedureAborted",
+                                   non_retryable=True) from a.cause
+        except Exception as e:
+            self.guided = False
+            # Name the step that failed before the compensations add steps of their own.
+            failed = next((s for s in reversed(self.timeline.steps) if s.result == "failed"), None)
+            where = (f" at '{failed.name}'" + (f" on {failed.node}" if failed.node else "")) if failed else ""
+            self.timeline.set_phase("failed: rolling back")
+            records = await self.saga.compensate()
+            undone = ", ".join(r.name + ("" if r.ok else f" (FAILED: {r.error})") for r in records)
+            self.timeline.set_phase("failed, rolled back")
+            raise ApplicationError(
+                f"{what} failed{where}: {reason(e)}. Rolled back: {undone or 'nothing to undo'}.",
+                type="ProcedureFailed", non_retryable=True) from e
+
+    def _abort_report(self, what: str, a: Aborted) -> str:
+        done = [s for s in self.timeline.steps if s.result == "ok" and not s.name.startswith("gate ")]
+        last = (f" (last: {done[-1].name}" + (f" on {done[-1].node}" if done[-1].node else "") + ")"
+                if done else "")
+        lines = [f"{what} aborted by {a.by or 'an operator'} at '{a.step}' ({reason(a.cause)}); "
+                 "nothing was undone. State:",
+                 f"  steps completed: {len(done)}{last}",
+                 "  changes not undone (newest first): " + (", ".join(self.saga.pending()) or "none")]
+        lines += [f"  kept: {k}: {v}" for k, v in self.kept.items()]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ activity calls
+    async def read(self, fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY,
+                   timeout: timedelta = timedelta(minutes=2)) -> Any:
+        """A read-only check: safe to cancel at any moment."""
+        return await self._attempts(fn, arg, timeout, None, retry)
+
+    async def change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2)) -> Any:
+        """A change to the site: never abandoned half-way. On cancellation the workflow lets
+        it finish (see `settle`) before compensating, so a half-copied folder is never
+        restored over and a half-applied migration never raced by its down script."""
+        task = asyncio.ensure_future(self._attempts(
+            fn, arg, timeout, LONG_HEARTBEAT if timeout >= LONG else None, ACTION_RETRY))
+        self._in_flight.add(task)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._in_flight.discard(task)
+
+    async def wait(self, fn: Any, arg: Any, timeout_s: float) -> Any:
+        """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
+        return await self._attempts(fn, arg, timedelta(seconds=timeout_s + 60), HEARTBEAT, ACTION_RETRY)
+
+    async def settle(self) -> None:
+        """Wait for every change under way to finish (its outcome is the saga's to undo)."""
+        for task in list(self._in_flight):
+            try:
+                await task
+            except BaseException as e:  # its failure is what the compensation is for
+                workflow.logger.info("change under way at cancellation ended with: %s", e)
+        self._in_flight.clear()
+
+    async def _attempts(self, fn: Any, arg: Any, timeout: timedelta, heartbeat: timedelta | None,
+                        retry: RetryPolicy) -> Any:
+        """Run an activity with `retry`'s policy, one execution per attempt, counting retries."""
+        attempt = 1
+        while True:
+            try:
+                return await workflow.execute_activity(
+                    fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat,
+                    retry_policy=_ONE_ATTEMPT)
+            except ActivityError as e:
+                if attempt >= (retry.maximum_attempts or 1) or not _retryable(e, retry):
+                    raise
+                self.timeline.retrying(reason(e))
+                await workflow.sleep(_backoff(retry, attempt))
+                attempt += 1
+
+
+def _retryable(e: ActivityError, retry: RetryPolicy) -> bool:
+    cause = e.cause
+    if isinstance(cause, ApplicationError):
+        return not cause.non_retryable and cause.type not in (retry.non_retryable_error_types or ())
+    # Timeouts (a lost worker, a stuck call) are worth another attempt; a cancel is not.
+    return isinstance(cause, ActivityTimeout)
+
+
+def _backoff(retry: RetryPolicy, attempt: int) -> timedelta:
+    first = retry.initial_interval.total_seconds()
+    delay = first * (retry.backoff_coefficient ** (attempt - 1))
+    cap = retry.maximum_interval.total_seconds() if retry.maximum_interval else 100 * first
+    return timedelta(seconds=min(delay, cap))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "step"
+
+
+def check_on_failure(value: str) -> None:
+    if value not in ON_FAILURE:
+        raise ApplicationError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {value!r}",
+                               type="InvalidInput", non_retryable=True)
+
+
+async def require_approval(gates: Gates, spec: GateSpec) -> None:
+    """Wait at an approve / reject gate; anything but an approval stops the run (rolls back)."""
+    decision = await gates.wait(spec)
+    if not decision.approved:
+        by = f" by {decision.by}" if decision.by else ""
+        raise ApplicationError(f"gate {spec.name} {decision.outcome}{by}"
+                               + (f": {decision.comment}" if decision.comment else ""),
+                               type="GateRejected", non_retryable=True)
