@@ -24,13 +24,18 @@ Node-side commands are POSIX sh + tar + find + xargs + sha256sum (+ unzip or pyt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
+import functools
+import hashlib
 import json
 import os
 import posixpath
 import re
 import shlex
+import shutil
 import stat
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
@@ -56,6 +61,7 @@ from activities.common import (
     fail,
     heartbeat,
     sha256_file,
+    with_heartbeat,
 )
 from workflows.inventory import Node
 
@@ -89,6 +95,63 @@ def compare_versions(a: str, b: str) -> int:
     return (pa > pb) - (pa < pb)
 
 
+@dataclass(frozen=True)
+class VersionGuardVerdict:
+    ok: bool
+    reason: str
+    # The versions to install, in this order, before this package can be (ascending).
+    install_first: tuple[str, ...]
+
+
+def _ascending_unique(versions: list[str]) -> tuple[str, ...]:
+    """Sorted ascending; '2.0' and '2.0.0' are one version (the first spelling is kept)."""
+    out: list[str] = []
+    for v in sorted(versions, key=functools.cmp_to_key(compare_versions)):
+        if not out or compare_versions(out[-1], v) != 0:
+            out.append(v)
+    return tuple(out)
+
+
+def version_guard(running: str, package: PackageInfo) -> VersionGuardVerdict:
+    """The seed's "Version Guard": may `package` be installed over `running`?
+
+    Pure and deterministic (workflows call it directly). Refused when the package is not
+    newer than what runs, or when the upgrade path passes through versions that must be
+    installed first: the package's `min_upgrade_from` (when `running` is older) and every
+    `requires` version between `running` and the package. Never raises: invalid versions
+    give a refusal whose reason names them.
+    """
+    what = f"{package.name} {package.version}"
+    try:
+        for v in (running, package.version, *((package.min_upgrade_from,) if package.min_upgrade_from
+                                             else ()), *package.requires):
+            parse_version(v)
+    except (ValueError, AttributeError) as e:
+        return VersionGuardVerdict(ok=False, reason=f"Version Guard: cannot check {what} against "
+                                                    f"{running!r}: {e}", install_first=())
+    if compare_versions(package.version, running) <= 0:
+        return VersionGuardVerdict(ok=False, reason=f"Version Guard: {what} is not newer than the "
+                                                    f"running version {running}", install_first=())
+    first: list[str] = []
+    why: list[str] = []
+    if package.min_upgrade_from and compare_versions(running, package.min_upgrade_from) < 0:
+        first.append(package.min_upgrade_from)
+        why.append(f"it upgrades from {package.min_upgrade_from} or later")
+    needed = [v for v in package.requires
+              if compare_versions(running, v) < 0 and compare_versions(v, package.version) < 0]
+    if needed:
+        first.extend(needed)
+        why.append(f"it requires {', '.join(_ascending_unique(needed))} installed before it")
+    if not first:
+        return VersionGuardVerdict(ok=True, reason=f"Version Guard: {what} can upgrade {running}",
+                                   install_first=())
+    steps = _ascending_unique(first)
+    order = ", then ".join((f"{steps[0]} first", *steps[1:], package.version))
+    return VersionGuardVerdict(
+        ok=False, install_first=steps,
+        reason=f"Version Guard: {what} cannot upgrade {running}; install {order} ({'; '.join(why)})")
+
+
 # =========================================================================== packages
 
 
@@ -111,6 +174,8 @@ class PackageInfo:
     migrations: tuple[MigrationSpec, ...]
     files: int
     size: int = 0
+    # Versions that must be installed before this one (release.json `requires`), ascending.
+    requires: tuple[str, ...] = ()
 
 
 def _corrupt(path: str, why: str) -> None:
@@ -179,6 +244,18 @@ def inspect_package_file(path: str) -> PackageInfo:
                     parse_version(v)
                 except (ValueError, AttributeError):
                     _corrupt(path, f"release.json: {key} {v!r} is not a dotted numeric version")
+        if min_from and version and compare_versions(min_from, version) > 0:
+            _corrupt(path, f"release.json: min_upgrade_from {min_from} is newer than version {version}")
+        raw_requires = release.get("requires", [])
+        if not isinstance(raw_requires, list):
+            _corrupt(path, "release.json: requires must be a list of versions like [\"2.0.0\"]")
+        for i, r in enumerate(raw_requires):
+            try:
+                parse_version(r)
+            except (ValueError, AttributeError):
+                _corrupt(path, f"release.json: requires[{i}] {r!r} is not a dotted numeric version")
+            if version and compare_versions(r, version) >= 0:
+                _corrupt(path, f"release.json: requires[{i}] {r} is not older than version {version}")
         schema = release.get("schema_version", 0)
         if isinstance(schema, bool) or not isinstance(schema, int) or schema < 0:
             _corrupt(path, f"release.json: schema_version must be an integer >= 0, got {schema!r}")
@@ -209,7 +286,7 @@ def inspect_package_file(path: str) -> PackageInfo:
     return PackageInfo(path=os.path.abspath(path), sha256=digest, name=name, version=version,
                        min_upgrade_from=min_from, schema_version=schema,
                        migrations=tuple(sorted(migrations, key=lambda m: m.version)), files=files,
-                       size=os.path.getsize(path))
+                       size=os.path.getsize(path), requires=_ascending_unique(raw_requires))
 
 
 # =========================================================================== config merge
@@ -693,13 +770,7 @@ async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, .
     zip_remote = f"{rel}.zip"
 
     # 1. The package must still be the one inspected (its sha256 travels in PackageInfo).
-    try:
-        local_sha = await asyncio.to_thread(sha256_file, package.path)
-    except OSError:
-        fail(PACKAGE_MISSING, f"package {package.path} does not exist (or is unreadable)")
-    if local_sha != package.sha256:
-        fail(PACKAGE_CORRUPT, f"package {package.path} changed since it was inspected "
-                              f"(sha256 {local_sha}, inspected {package.sha256})")
+    await _verify_package(package)
 
     # 2. Merge the configs in memory first (reads only): MergeUnsupported leaves the node as
     #    it was, before any upload or write.
@@ -858,6 +929,227 @@ rm -f {_q(base + '.remove')} {_q(base + '.extract')} {_q(base + '.rmdir')}
                             rewritten=len(extract), removed=tuple(remove))
 
 
+# =========================================================================== upgrade zip, SQL script
+
+# 1980-01-01, the earliest date a zip entry can carry: fixed, so equal content gives equal bytes.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_SYSTEM_MEMBER = "release.json"
+
+
+@dataclass(frozen=True)
+class UpgradeZip:
+    path: str  # on the worker: <out_dir>/<zip_id>.zip (mode 600)
+    sha256: str
+    size: int
+    files: tuple[str, ...]  # the zip's members, sorted (release.json always among them)
+    unchanged: int  # package files left out: the node already holds them byte for byte
+    base_node: str  # the node whose application folder the difference was taken against
+    reused: bool = False  # an identical zip was already at `path` (left as it was)
+
+
+@dataclass(frozen=True)
+class SqlScript:
+    path: str  # on the worker: <out_dir>/<script_id>.sql (mode 600)
+    sha256: str
+    migrations: tuple[int, ...]  # the migration versions it runs, in order
+    reused: bool = False
+
+
+def _private_out_dir(directory: str) -> None:
+    """Create `directory` mode 700, or tighten an existing one: zips hold the application's
+    files and scripts its schema, neither is for other local users."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if stat.S_IMODE(os.stat(directory).st_mode) & 0o077:
+            os.chmod(directory, 0o700)
+    except OSError as e:
+        fail(INVALID_REQUEST, f"output directory {directory} cannot be created or made private "
+                              f"(mode 700): {e.strerror or e}")
+
+
+def _publish(tmp: str, path: str) -> tuple[str, int, bool]:
+    """Put the finished temporary file `tmp` at `path` atomically: (sha256, size, reused).
+
+    When `path` already holds the same bytes (a retry, or the same inputs again) it is kept,
+    mtime and all, and `tmp` is removed; other content is replaced, never appended to.
+    """
+    digest = sha256_file(tmp)
+    try:
+        same = os.path.isfile(path) and sha256_file(path) == digest
+    except OSError:
+        same = False
+    if same:
+        os.unlink(tmp)
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
+        return digest, os.path.getsize(path), True
+    os.replace(tmp, path)
+    return digest, os.path.getsize(path), False
+
+
+def _prepare_out(directory: str, name: str) -> tuple[str, str]:
+    """(final path, an empty private temporary file beside it) in the private `directory`.
+    mkstemp: mode 600 and a fresh name, so a concurrent or crashed attempt never shares it."""
+    _private_out_dir(directory)
+    path = os.path.join(os.path.abspath(directory), name)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return path, tmp
+
+
+async def _verify_package(package: PackageInfo) -> None:
+    """The package file must still be the one inspected (its sha256 travels in PackageInfo)."""
+    try:
+        local_sha = await asyncio.to_thread(sha256_file, package.path)
+    except OSError:
+        fail(PACKAGE_MISSING, f"package {package.path} does not exist (or is unreadable)")
+    if local_sha != package.sha256:
+        fail(PACKAGE_CORRUPT, f"package {package.path} changed since it was inspected "
+                              f"(sha256 {local_sha}, inspected {package.sha256})")
+
+
+def _member_sha256(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    h = hashlib.sha256()
+    with zf.open(info) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _member_mode(info: zipfile.ZipInfo) -> int:
+    """The permission bits the package gives a member (0644 when it gives none), so an
+    executable script stays executable when the upgrade zip is extracted."""
+    mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
+    return mode or 0o644
+
+
+def _write_upgrade_zip(package_path: str, node_manifest: dict[str, str], protected: set[str],
+                       merge: set[str], out: str) -> tuple[tuple[str, ...], int]:
+    """Write the upgrade zip into `out`: (members, unchanged count). Deterministic: sorted
+    entries, fixed dates, modes from the package, one compression setting."""
+    with zipfile.ZipFile(package_path) as src:
+        members: dict[str, zipfile.ZipInfo] = {}
+        for info in src.infolist():  # the last entry of a name wins, as when extracting
+            if not info.is_dir():
+                members[posixpath.normpath(info.filename)] = info
+        release = json.loads(src.read(members[_SYSTEM_MEMBER]).decode("utf-8"))
+        referenced = {posixpath.normpath(m[k]) for m in release.get("migrations", []) or []
+                      if isinstance(m, dict) for k in ("up", "down") if isinstance(m.get(k), str)}
+        # Merge files are merged per node at deploy (their node copy never equals the
+        # package's), migration scripts are read from the package by inspect_package.
+        always = {_SYSTEM_MEMBER, *merge, *referenced}
+        chosen: list[str] = []
+        unchanged = 0
+        for name in sorted(members):
+            if name in protected:
+                continue
+            if name not in always and node_manifest.get(name) == _member_sha256(src, members[name]):
+                unchanged += 1
+                continue
+            chosen.append(name)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+            for name in chosen:
+                info = members[name]
+                entry = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                entry.create_system = 3  # unix, so the permission bits are honoured
+                entry.external_attr = (stat.S_IFREG | _member_mode(info)) << 16
+                # Known up front, so zipfile decides on zip64 the same way every time.
+                entry.file_size = info.file_size
+                with src.open(info) as r, dst.open(entry, "w") as w:
+                    shutil.copyfileobj(r, w, 1 << 20)
+    return tuple(chosen), unchanged
+
+
+async def build_zip(node: Node, package: PackageInfo, out_dir: str, zip_id: str,
+                    protected_files: tuple[str, ...], merge_files: tuple[str, ...]) -> UpgradeZip:
+    check_id("zip id", zip_id)
+    for p in (*protected_files, *merge_files):
+        _check_relpath("file", p)
+    protected = {posixpath.normpath(p) for p in protected_files}
+    if _SYSTEM_MEMBER in protected:
+        fail(INVALID_REQUEST, f"{_SYSTEM_MEMBER} cannot be a protected file: every package needs it")
+    await _verify_package(package)
+    heartbeat({"node": node.name, "step": "manifest"})
+    manifest = await folder_manifest(node, node.app_dir)
+    path, tmp = await asyncio.to_thread(_prepare_out, out_dir, f"{zip_id}.zip")
+    try:
+        files, unchanged = await with_heartbeat(
+            asyncio.to_thread(_write_upgrade_zip, package.path, manifest, protected,
+                              {posixpath.normpath(m) for m in merge_files}, tmp),
+            lambda: {"node": node.name, "step": "zip", "zip_id": zip_id})
+        # The zip must itself be a valid package (deploy_package inspects nothing, the
+        # workflow does): e.g. a migration script that is also a protected file is not.
+        try:
+            await asyncio.to_thread(inspect_package_file, tmp)
+        except ApplicationError as e:
+            fail(PACKAGE_CORRUPT, f"the upgrade zip {zip_id} built from {package.path} against node "
+                                  f"{node.name} would not be a valid package: {e.message}", cause=e)
+        digest, size, reused = await asyncio.to_thread(_publish, tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return UpgradeZip(path=path, sha256=digest, size=size, files=files, unchanged=unchanged,
+                      base_node=node.name, reused=reused)
+
+
+def _terminated(sql: str) -> str:
+    """`sql` with its last statement ending in ';' and a final newline, so concatenated
+    scripts never run into each other (the `mariadb` client would join the statements)."""
+    lines = sql.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        s = lines[i].strip()
+        if s and not s.startswith(("--", "#")):
+            if not s.endswith(";"):
+                lines[i] = lines[i].rstrip() + ";"
+            break
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def sql_script_text(package: PackageInfo, from_schema: int) -> tuple[str, tuple[int, ...]]:
+    """The upgrade script from schema `from_schema`: (text, migration versions).
+
+    The `up` scripts of the package's migrations above `from_schema`, ascending, each under
+    a comment header. It does not record schema_version (db_apply_migration does that when
+    zerodown runs the migrations itself): it is the reviewable, runnable form of them.
+    """
+    todo = [m for m in sorted(package.migrations, key=lambda m: m.version) if m.version > from_schema]
+    versions = tuple(m.version for m in todo)
+    out = [f"-- zerodown upgrade script: {package.name} {package.version}, schema {from_schema} -> "
+           f"{versions[-1] if versions else from_schema}",
+           f"-- package {os.path.basename(package.path)} sha256 {package.sha256}",
+           f"-- migrations: {', '.join(map(str, versions)) if versions else 'none'}"]
+    if not versions:
+        out.append(f"-- Nothing to run: the package has no migration above schema {from_schema}.")
+    text = "\n".join(out) + "\n"
+    for m in todo:
+        text += (f"\n-- ---------------------------------------------------------------- migration "
+                 f"{m.version} (up){' DESTRUCTIVE' if m.destructive else ''}\n")
+        text += _terminated(m.up_sql) or "-- (empty)\n"
+    return text, versions
+
+
+def _write_text_private(directory: str, name: str, text: str) -> tuple[str, str, int, bool]:
+    path, tmp = _prepare_out(directory, name)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        return (path, *_publish(tmp, path))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+async def generate_script(package: PackageInfo, from_schema: int, out_dir: str, script_id: str) -> SqlScript:
+    check_id("script id", script_id)
+    if isinstance(from_schema, bool) or not isinstance(from_schema, int) or from_schema < 0:
+        fail(INVALID_REQUEST, f"from_schema must be an integer >= 0, got {from_schema!r}")
+    text, versions = sql_script_text(package, from_schema)
+    path, digest, _size, reused = await asyncio.to_thread(_write_text_private, out_dir,
+                                                          f"{script_id}.sql", text)
+    return SqlScript(path=path, sha256=digest, migrations=versions, reused=reused)
+
+
 # =========================================================================== activities
 
 
@@ -903,16 +1195,17 @@ class NodeRequest:
 
 
 def check_upgrade_versions(package: PackageInfo, running_version: str, allow_same: bool = False) -> int:
+    """compare_versions(package, running) once version_guard() allows the upgrade (or the
+    same version is re-installed with allow_same); VersionNotNewer with its reason else."""
     try:
         cmp = compare_versions(package.version, running_version)
     except ValueError as e:
         fail(INVALID_REQUEST, f"cannot compare versions: {e}")
-    if cmp < 0 or (cmp == 0 and not allow_same):
-        fail(VERSION_NOT_NEWER, f"package {package.name} {package.version} is not newer than the "
-                                f"running version {running_version}")
-    if package.min_upgrade_from and compare_versions(running_version, package.min_upgrade_from) < 0:
-        fail(VERSION_NOT_NEWER, f"package {package.name} {package.version} upgrades from "
-                                f"{package.min_upgrade_from} or later; the site runs {running_version}")
+    if cmp == 0 and allow_same:
+        return cmp
+    verdict = version_guard(running_version, package)
+    if not verdict.ok:
+        fail(VERSION_NOT_NEWER, verdict.reason)
     return cmp
 
 
@@ -955,3 +1248,39 @@ async def restore_app_folder(req: AppBackup) -> AppRestoreResult:
 @activity.defn
 async def app_folder_manifest(req: NodeRequest) -> dict[str, str]:
     return await folder_manifest(req.node, req.node.app_dir)
+
+
+@dataclass(frozen=True)
+class UpgradeZipRequest:
+    node: Node  # the node whose application folder the package is compared with
+    package: PackageInfo
+    out_dir: str  # on the worker; created mode 700
+    zip_id: str  # the zip is <out_dir>/<zip_id>.zip
+    protected_files: tuple[str, ...] = ()
+    merge_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SqlScriptRequest:
+    package: PackageInfo
+    from_schema: int
+    out_dir: str  # on the worker; created mode 700
+    script_id: str  # the script is <out_dir>/<script_id>.sql
+
+
+@activity.defn
+async def build_upgrade_zip(req: UpgradeZipRequest) -> UpgradeZip:
+    """The seed's "Download Application Zip File": a package holding only what differs from
+    the node's application folder (plus release.json, the merge files and the migration
+    scripts; never a protected file). A valid package for inspect_package / deploy_package.
+    Deterministic and idempotent: same package and folder -> same bytes (an identical zip
+    already there is reused)."""
+    return await build_zip(req.node, req.package, req.out_dir, req.zip_id, tuple(req.protected_files),
+                           tuple(req.merge_files))
+
+
+@activity.defn
+async def generate_sql_script(req: SqlScriptRequest) -> SqlScript:
+    """The seed's "Generate SQL Script": the package's `up` migrations above from_schema in
+    one file (mode 600), each under a comment header; idempotent."""
+    return await generate_script(req.package, req.from_schema, req.out_dir, req.script_id)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -413,9 +415,21 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     path = _backup_paths(directory, backup_id)[0]
     tmp = path + ".tmp"
     tables = await base_tables(db)
-    host, port = _endpoint(db, False)
+    # One database named without --databases: the dump holds no CREATE DATABASE / USE, so it
+    # loads into whichever database the restore names (a test or staging copy too).
     dump_args = ["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob",
                  "--no-tablespaces", "--skip-dump-date", db.database]
+    checksums = await _consistent_dump(db, tables, dump_args, tmp, "backup")
+    digest, size, created = await asyncio.to_thread(_finish_backup, tmp, backup_id, db, checksums)
+    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=digest, size=size,
+                    table_checksums=checksums, created_at=created)
+
+
+async def _consistent_dump(db: Database, tables: list[str], dump_args: list[str], tmp: str,
+                           what: str) -> dict[str, str]:
+    """Run mariadb-dump (`dump_args`, --single-transaction) into `tmp` and return the
+    CHECKSUM TABLE of `tables` exactly as the dump holds them (see backup())."""
+    host, port = _endpoint(db, False)
     # Session `lk` holds the write lock, session `snap` opens a snapshot under it and takes
     # the checksums after the lock is gone (CHECKSUM TABLE reads InnoDB through the
     # snapshot), so writes only wait for the dump to open its own snapshot.
@@ -432,9 +446,9 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
             await snap.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         except (pymysql.MySQLError, OSError) as e:
             _raise_db(db, host, port, "locking tables for a consistent backup", e)
-        dump = asyncio.ensure_future(_run_client(db, dump_args, None, tmp, "backup", "mariadb-dump"))
+        dump = asyncio.ensure_future(_run_client(db, dump_args, None, tmp, what, "mariadb-dump"))
         try:
-            await _wait_dump_snapshot(lk, dump, existing_ids)
+            await _wait_dump_snapshot(lk, dump, existing_ids, what)
         except BaseException:
             dump.cancel()  # cancelled activity: the dump process is killed, not orphaned
             raise
@@ -443,7 +457,7 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
                 await lk.execute("UNLOCK TABLES")
         try:
             checksums = await with_heartbeat(_checksums_on(snap, tables),
-                                             lambda: {"step": "backup", "doing": "checksums"})
+                                             lambda: {"step": what, "doing": "checksums"})
             await snap.execute("COMMIT")
         except (pymysql.MySQLError, OSError) as e:
             dump.cancel()
@@ -452,13 +466,11 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
             dump.cancel()
             raise
         await dump  # (cancelling the activity here cancels the dump task too)
-    digest, size, created = await asyncio.to_thread(_finish_backup, tmp, backup_id, db, checksums)
-    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=digest, size=size,
-                    table_checksums=checksums, created_at=created)
+    return checksums
 
 
 async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
-                              existing_ids: set[int]) -> None:
+                              existing_ids: set[int], what: str = "backup") -> None:
     """Return once mariadb-dump reads table data (its consistent snapshot exists) or ended.
 
     A new connection running `SELECT /*!40001 SQL_NO_CACHE */` is the dump: it opens its
@@ -474,7 +486,7 @@ async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
                 return
         except (pymysql.MySQLError, OSError):
             pass  # keep the lock until the dump ends: slower, still consistent
-        heartbeat({"step": "backup", "waiting_for": "dump snapshot"})
+        heartbeat({"step": what, "waiting_for": "dump snapshot"})
         await asyncio.wait({dump}, timeout=0.02)
 
 
@@ -503,26 +515,108 @@ class DbRestoreResult:
     tables: int
     dropped: tuple[str, ...]  # tables/views that did not exist at backup time
     checksums: dict[str, str]
-    # Tables whose checksum differs from the backup's (empty: data proven restored).
+    # Tables whose checksum differs from the backup's (empty: data proven restored); for a
+    # kept table, from its checksum when it was saved.
     mismatched: tuple[str, ...]
+    # db_restore_keeping: the tables whose current rows were kept (saved, then reloaded).
+    kept: tuple[str, ...] = ()
+    # The target database did not exist and was created (a restore into a copy).
+    created_database: bool = False
 
 
-async def restore(bk: DbBackup) -> DbRestoreResult:
-    """Load a backup into the primary (replicas follow through the binlog).
+# Schemas of the server itself: never a restore target, never dropped.
+_SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
+# Database and table names zerodown accepts for the copies it makes and the tables it keeps
+# (they reach SQL quoted, and mariadb-dump's argument list, where a leading '-' would be an
+# option).
+_NAME_RE = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$-]{0,63}")
+# A statement of a dump that selects or creates a database: mariadb-dump writes them only
+# with --databases / --all-databases, which zerodown never uses.
+_SWITCH_RE = re.compile(rb"^\s*(?:/\*!\d*\s*)?(USE|CREATE\s+(?:DATABASE|SCHEMA))\b(.*)$", re.IGNORECASE)
+_DUMP_COMMENT_RE = re.compile(rb"/\*.*?\*/")
+_DUMP_NAME_RE = re.compile(rb"\s*(?:IF\s+NOT\s+EXISTS\s+)?(`(?:[^`]|``)+`|[^\s;`]+)", re.IGNORECASE)
 
-    The file's sha256 is verified first (BackupCorrupt otherwise). Tables and views created
-    after the backup (e.g. by a migration) are dropped, then the dump recreates every table
-    it holds. Re-running it is harmless. The result compares the checksums afterwards with
-    the ones recorded at backup time.
+
+def _check_database_name(db: Database, what: str, name: str, strict: bool = True) -> None:
+    """InvalidRequest for a system schema, and (strict: names zerodown makes or drops) for a
+    name outside the plain alphabet."""
+    if not isinstance(name, str) or not name or (strict and not _NAME_RE.fullmatch(name)):
+        fail(INVALID_REQUEST, f"database {db.name}: {what} {name!r}: use letters, digits, '_', '$' or '-' "
+                              "(at most 64, not starting with '-')")
+    if name.casefold() in _SYSTEM_SCHEMAS:
+        fail(INVALID_REQUEST, f"database {db.name}: {what} {name!r} is a system schema of the server")
+
+
+def _scan_dump(path: str) -> tuple[str, list[str]]:
+    """(sha256 of the file, databases its USE / CREATE DATABASE statements name) in one pass.
+
+    A dump line never starts inside a string value (mariadb-dump escapes newlines), so a
+    statement at the start of a line is a statement.
     """
+    h = hashlib.sha256()
+    names: list[str] = []
+    with open(path, "rb") as f:
+        for line in f:
+            h.update(line)
+            m = _SWITCH_RE.match(line)
+            if m:
+                rest = _DUMP_COMMENT_RE.sub(b" ", m.group(2))
+                n = _DUMP_NAME_RE.match(rest)
+                raw = n.group(1) if n else b"?"
+                if raw.startswith(b"`"):
+                    raw = raw[1:-1].replace(b"``", b"`")
+                names.append(raw.decode("utf-8", errors="replace"))
+    return h.hexdigest(), names
+
+
+async def _verify_backup_file(bk: DbBackup) -> None:
+    """BackupCorrupt unless the file is the one backed up; InvalidRequest when it would
+    write into another database than the target (a dump with USE / CREATE DATABASE)."""
     db = bk.db
+    _check_database_name(db, "restore target", db.database, strict=False)
     try:
-        actual = await asyncio.to_thread(sha256_file, bk.path)
+        actual, switches = await asyncio.to_thread(_scan_dump, bk.path)
     except OSError as e:
         fail(BACKUP_CORRUPT, f"database {db.name}: backup file {bk.path} is unreadable: {e.strerror or e}")
     if actual != bk.sha256:
         fail(BACKUP_CORRUPT, f"database {db.name}: backup {bk.path} has sha256 {actual}, "
                              f"expected {bk.sha256}: refusing to restore")
+    others = sorted({n for n in switches if n != db.database})
+    if others:
+        fail(INVALID_REQUEST, f"database {db.name}: backup {bk.path} selects database(s) {', '.join(others)} "
+                              f"(USE / CREATE DATABASE): loading it into {db.database} would write there. "
+                              "Refusing; back it up with db_backup (one database, no --databases)")
+
+
+async def _ensure_database(bk: DbBackup) -> bool:
+    """Create the target database when missing (a restore into a test / staging copy);
+    True when created. Its default character set and collation are the backed-up
+    database's when that one is on this server (tables a migration creates on the copy
+    then get what they would get in production)."""
+    db = bk.db
+    exists = await query(db, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                         (db.database,), use_database=False)
+    if exists:
+        return False
+    spec = ""
+    meta_path = _backup_paths(os.path.dirname(bk.path), bk.backup_id)[2]
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            source = json.load(f).get("database")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if isinstance(source, str) and source:
+        rows = await query(db, "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
+                               "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (source,),
+                           use_database=False)
+        if rows and all(re.fullmatch(r"[A-Za-z0-9_]+", str(v)) for v in rows[0]):
+            spec = f" CHARACTER SET {rows[0][0]} COLLATE {rows[0][1]}"
+    await query(db, f"CREATE DATABASE IF NOT EXISTS {_qi(db.database)}{spec}", use_database=False)
+    return True
+
+
+async def _load_backup(bk: DbBackup) -> DbRestoreResult:
+    db = bk.db
     rows = await query(db, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES "
                            "WHERE TABLE_SCHEMA = DATABASE()")
     extra = sorted((str(n), str(t)) for n, t in rows if str(n) not in bk.table_checksums)
@@ -541,6 +635,231 @@ async def restore(bk: DbBackup) -> DbRestoreResult:
     mismatched = tuple(sorted(t for t, c in bk.table_checksums.items() if checksums.get(t) != c))
     return DbRestoreResult(path=bk.path, tables=len(checksums), dropped=tuple(n for n, _ in extra),
                            checksums=checksums, mismatched=mismatched)
+
+
+async def restore(bk: DbBackup) -> DbRestoreResult:
+    """Load a backup into `bk.db.database` on the primary (replicas follow through the binlog).
+
+    The file's sha256 is verified first (BackupCorrupt otherwise). The target may be another
+    database than the one backed up - pass the backup with `db.database` replaced, e.g. a
+    test copy - since the dump names no database; it is created when missing. Tables and
+    views created after the backup (e.g. by a migration) are dropped, then the dump
+    recreates every table it holds. Re-running it is harmless. The result compares the
+    checksums afterwards with the ones recorded at backup time.
+    """
+    await _verify_backup_file(bk)
+    created = await _ensure_database(bk)
+    result = await _load_backup(bk)
+    return dataclasses.replace(result, created_database=created)
+
+
+# --- restore keeping the current rows of some tables
+
+# Files of db_restore_keeping, next to the backup (private like it):
+#   <backup_id>.keep.<database>.sql       the kept tables as they were just before the restore
+#   <backup_id>.keep.<database>.json      tables, sha256 and checksums of that dump; written
+#                                         last, so its presence means "saved, complete"
+#   <backup_id>.keep.<database>.restoring written before the restore starts: from then on the
+#                                         live tables may hold the backup's rows, so the saved
+#                                         dump is the current copy of the kept tables
+
+
+def _keep_paths(bk: DbBackup) -> tuple[str, str, str]:
+    base = os.path.join(os.path.dirname(bk.path), f"{bk.backup_id}.keep.{bk.db.database}")
+    return base + ".sql", base + ".json", base + ".restoring"
+
+
+def _load_saved(sql: str, meta_path: str) -> dict[str, Any] | None:
+    """The saved kept tables' metadata when the save completed and its dump is intact."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            return None
+        if meta.get("present") and sha256_file(sql) != meta.get("sha256"):
+            return None
+    except (OSError, ValueError):
+        return None
+    return meta
+
+
+def _write_meta(path: str, meta: dict[str, Any]) -> None:
+    with os.fdopen(_open_private(path + ".tmp"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _touch_private(path: str) -> None:
+    os.close(_open_private(path))
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+async def _save_kept(db: Database, keep: list[str], sql: str, meta_path: str) -> dict[str, Any]:
+    """Dump the kept tables that exist now (consistently, with their checksums)."""
+    present = [t for t in keep if t in set(await base_tables(db))]
+    await asyncio.to_thread(_remove, meta_path)  # no longer "saved" while rewriting the dump
+    checksums: dict[str, str] = {}
+    digest = ""
+    if present:
+        tmp = sql + ".tmp"
+        args = ["--single-transaction", "--triggers", "--hex-blob", "--no-tablespaces",
+                "--skip-dump-date", db.database, *present]
+        checksums = await _consistent_dump(db, present, args, tmp, "saving kept tables")
+        digest = await asyncio.to_thread(sha256_file, tmp)
+        await asyncio.to_thread(os.replace, tmp, sql)
+    else:
+        await asyncio.to_thread(_remove, sql)
+    meta = {"database": db.database, "tables": keep, "present": present, "sha256": digest,
+            "checksums": checksums, "saved_at": time.time()}
+    await asyncio.to_thread(_write_meta, meta_path, meta)
+    return meta
+
+
+async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbRestoreResult:
+    """Restore `bk` but keep the current rows of `keep_tables` (e.g. an audit trail that
+    must survive a rollback): save them, restore, reload them (definition and rows).
+
+    Which copy of a kept table is current, on a retry:
+    * no complete save, or a save without the `.restoring` marker: the restore has not
+      begun, the live tables are current (and may have grown since): they are saved anew;
+    * the `.restoring` marker exists: the restore may have replaced the live tables with
+      the backup's rows, the saved dump is the current copy: it is reloaded, never re-taken;
+    * the marker without a complete save cannot happen unless someone removed the save:
+      BackupCorrupt, an operator must decide.
+    The marker goes after the reload, then the save; a crash between the reload and the
+    marker's removal reloads the save again on retry, losing rows written to a kept table
+    in that moment. Rows written to a kept table while the restore runs are lost as well:
+    run it with the application stopped or in maintenance mode.
+    """
+    db = bk.db
+    keep = list(dict.fromkeys(keep_tables))
+    for t in keep:
+        if not isinstance(t, str) or not _NAME_RE.fullmatch(t) or t.startswith("-"):
+            fail(INVALID_REQUEST, f"database {db.name}: table to keep {t!r}: use letters, digits, '_', "
+                                  "'$' or '-' (not first)")
+    await _verify_backup_file(bk)
+    if not keep:
+        return await restore(bk)
+    sql, meta_path, marker = _keep_paths(bk)
+    saved = await asyncio.to_thread(_load_saved, sql, meta_path)
+    restoring = await asyncio.to_thread(os.path.exists, marker)
+    if restoring:
+        if saved is None:
+            fail(BACKUP_CORRUPT, f"database {db.name}: a restore of {bk.backup_id} keeping {', '.join(keep)} "
+                                 f"began, but the saved rows ({sql}) are gone or damaged; the tables may "
+                                 "now hold the backup's rows. Refusing to continue: an operator must decide")
+        if list(saved.get("tables", [])) != keep:
+            fail(INVALID_REQUEST, f"database {db.name}: a restore of {bk.backup_id} keeping "
+                                  f"{', '.join(saved.get('tables', []))} is under way; asked to keep "
+                                  f"{', '.join(keep)}")
+    else:
+        saved = await _save_kept(db, keep, sql, meta_path)
+        await asyncio.to_thread(_touch_private, marker)
+    created = await _ensure_database(bk)
+    result = await _load_backup(bk)
+    present = [str(t) for t in saved.get("present", [])]
+    if present:
+        await _run_client(db, [db.database], sql, None, "reloading kept tables", "mariadb")
+    checksums = await table_checksums(db)
+    kept_sums: dict[str, str] = dict(saved.get("checksums", {}))
+    # Kept tables are compared with their saved state, every other one with the backup.
+    expected = {**bk.table_checksums, **kept_sums}
+    mismatched = sorted(t for t, c in expected.items() if checksums.get(t) != c)
+    await asyncio.to_thread(_remove, marker)
+    await asyncio.to_thread(_remove, sql, meta_path)
+    return DbRestoreResult(path=bk.path, tables=len(checksums),
+                           dropped=tuple(t for t in result.dropped if t not in kept_sums),
+                           checksums=checksums, mismatched=tuple(mismatched), kept=tuple(present),
+                           created_database=created)
+
+
+# --------------------------------------------------------------------------- copies, space
+
+
+async def db_size_bytes(db: Database, database: str | None = None) -> int:
+    """Data + index bytes of a database (information_schema; InnoDB's are estimates)."""
+    rows = await query(db, "SELECT COALESCE(SUM(DATA_LENGTH + INDEX_LENGTH), 0) FROM "
+                           "information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+                       (database or db.database,), use_database=False)
+    return int(rows[0][0] or 0)
+
+
+
+@dataclass(frozen=True)
+class DropDatabaseResult:
+    database: str
+    dropped: bool  # False: it did not exist (nothing was done)
+
+
+async def drop_database(db: Database, database: str) -> DropDatabaseResult:
+    """DROP DATABASE IF EXISTS `database` (a test / staging copy); idempotent. Refuses the
+    inventory's own database and the server's system schemas."""
+    _check_database_name(db, "database to drop", database)
+    if database.casefold() == db.database.casefold():
+        fail(INVALID_REQUEST, f"database {db.name}: refusing to drop {database}: it is the database the "
+                              "inventory names (production), not a copy")
+    existed = await query(db, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                          (database,), use_database=False)
+    if existed:
+        # IF EXISTS: a concurrent attempt may have dropped it since (no warning is raised
+        # for the usual case, where it is simply absent: nothing is sent then).
+        await query(db, f"DROP DATABASE IF EXISTS {_qi(database)}", use_database=False)
+    return DropDatabaseResult(database=database, dropped=bool(existed))
+
+
+@dataclass(frozen=True)
+class BackupSpace:
+    db_bytes: int
+    free_bytes: int
+    need_bytes: int
+    ok: bool
+    detail: str
+    # The folder whose filesystem was measured: `directory` or its nearest existing parent.
+    measured: str = ""
+
+
+# Room for the dump (text: about the data's size, hex blobs twice) and a second one - the
+# saved kept tables, a copy while the previous backup is still there - plus some slack.
+BACKUP_SPACE_SLACK = 10 << 20
+
+
+def _free_space(directory: str) -> tuple[str, int]:
+    p = os.path.abspath(directory)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p, shutil.disk_usage(p).free
+
+
+async def backup_space(db: Database, directory: str) -> BackupSpace:
+    """Worker-side preflight, read-only: room in `directory` (default db.backup_dir) for a
+    dump of the database? need = 2 x (data + index) + 10 MiB."""
+    directory = directory or db.backup_dir or ""
+    if not directory:
+        fail(INVALID_REQUEST, f"database {db.name}: no backup directory (request or inventory backup_dir)")
+    size = await db_size_bytes(db)
+    try:
+        measured, free = await asyncio.to_thread(_free_space, directory)
+    except OSError as e:
+        fail(INVALID_REQUEST, f"database {db.name}: cannot measure free space of {directory}: "
+                              f"{e.strerror or e}")
+    need = 2 * size + BACKUP_SPACE_SLACK
+    ok = free >= need
+
+    def mib(n: int) -> str:
+        return f"{n / (1 << 20):.1f} MiB"
+
+    detail = (f"database {db.name} ({db.database}): {mib(size)} of data and indexes, dumps need {mib(need)} "
+              f"(2 x + 10 MiB); {mib(free)} free in {measured}")
+    return BackupSpace(db_bytes=size, free_bytes=free, need_bytes=need, ok=ok,
+                       detail=detail if ok else f"not enough space: {detail}", measured=measured)
 
 
 # --------------------------------------------------------------------------- replication
@@ -728,3 +1047,43 @@ async def db_wait_replica_caught_up(req: ReplicaWaitRequest) -> ReplicaCaughtUp:
 @activity.defn
 async def db_promote_replica(req: ReplicaRequest) -> PromoteResult:
     return await promote_replica(req.db)
+
+
+@dataclass(frozen=True)
+class DropDatabaseRequest:
+    db: Database  # the production database (its `database` is never dropped)
+    database: str  # the copy to drop, on the same server
+
+
+@dataclass(frozen=True)
+class RestoreKeepingRequest:
+    backup: DbBackup
+    keep_tables: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BackupSpaceRequest:
+    db: Database
+    # Where dumps go on the worker; "" = the inventory's db.backup_dir.
+    directory: str = ""
+
+
+@activity.defn
+async def db_drop_database(req: DropDatabaseRequest) -> DropDatabaseResult:
+    """Drop a copy of the database (test / staging) on the same server; idempotent.
+    InvalidRequest (non-retryable) for the inventory's own database or a system schema."""
+    return await drop_database(req.db, req.database)
+
+
+@activity.defn
+async def db_restore_keeping(req: RestoreKeepingRequest) -> DbRestoreResult:
+    """db_restore, but the current rows of `keep_tables` survive (e.g. the audit trail of a
+    rollback); see restore_keeping() for what a retry does."""
+    return await restore_keeping(req.backup, tuple(req.keep_tables))
+
+
+@activity.defn
+async def check_backup_space(req: BackupSpaceRequest) -> BackupSpace:
+    """Preflight on the worker: room for the database dumps (BackupSpace.ok); reports,
+    never raises for a shortage."""
+    return await backup_space(req.db, req.directory)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import posixpath
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -150,6 +152,98 @@ async def set_running(node: Node, running: bool) -> ServiceState:
     return ServiceState(node_name=st.node_name, running=st.running, detail=st.detail, changed=True)
 
 
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True)
+class NodeStorageRequest:
+    node: Node
+    protected_files: tuple[str, ...] = ()
+    # Bytes of the package that will be deployed (PackageInfo.size).
+    package_size: int = 0
+
+
+@dataclass(frozen=True)
+class NodeStorage:
+    app_bytes: int  # size of the application folder (what its backup tar takes)
+    free_bytes: int  # available to the login user on the login directory's filesystem
+    need_bytes: int
+    missing_protected: tuple[str, ...]
+    ok: bool  # enough space and every protected file present
+    detail: str
+    node_name: str = ""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def storage_need(app_bytes: int, package_size: int) -> int:
+    """What a deploy writes next to the app folder (.zerodown/ is in the login directory):
+    the backup tar (~ the folder), then the package three times - uploaded zip, extracted
+    release, the copy tar - plus a 10% margin (rounded up)."""
+    return -(-(app_bytes + 3 * package_size) * 11 // 10)
+
+
+_STORAGE_LINE = re.compile(r"^(app|free|missing) (\S+)$")
+
+
+async def inspect_storage(node: Node, protected_files: tuple[str, ...], package_size: int) -> NodeStorage:
+    """Read-only preflight over SSH with POSIX tools: `du -sk` of the app folder, `df -Pk`
+    of the login directory, `test -f` of each protected file."""
+    if isinstance(package_size, bool) or not isinstance(package_size, int) or package_size < 0:
+        fail(INVALID_REQUEST, f"package_size must be an integer >= 0, got {package_size!r}")
+    for p in protected_files:
+        if not p or p.startswith("/") or ".." in p.split("/"):
+            fail(INVALID_REQUEST, f"protected file {p!r} must be a path relative to the application folder")
+    app = shlex.quote(node.app_dir)
+    checks = "\n".join(f"[ -f {shlex.quote(posixpath.join(node.app_dir, p))} ] || echo missing {i}"
+                        for i, p in enumerate(protected_files))
+    # df's -P keeps one line per filesystem; Available is the third field from the end, so
+    # a filesystem name with spaces does not shift it. du's errors (an unreadable
+    # subfolder) still leave its total, which is what counts.
+    script = f"""if [ -d {app} ]; then du -sk -- {app} 2>/dev/null | awk 'NR==1 {{print "app", $1}}'
+else echo "app -"; fi
+df -Pk . | awk 'NR>1 {{print "free", $(NF-2)}}'
+{checks}
+"""
+    res = await ssh.run(node.ssh, script, timeout_s=max(60.0, node.ssh.connect_timeout_s * 6), check=False)
+    values: dict[str, str] = {}
+    missing: list[str] = []
+    for line in res.stdout.splitlines():
+        m = _STORAGE_LINE.match(line.strip())
+        if not m:
+            continue
+        if m.group(1) == "missing":
+            missing.append(protected_files[int(m.group(2))])
+        else:
+            values.setdefault(m.group(1), m.group(2))
+    try:
+        app_present = values["app"] != "-"
+        app_bytes = int(values["app"]) * 1024 if app_present else 0
+        free_bytes = int(values["free"]) * 1024
+    except (KeyError, ValueError):
+        fail(SSH_COMMAND_FAILED,
+             f"node {node.name} ({ssh.where(node.ssh)}): cannot measure storage with du / df (exit "
+             f"{res.exit_status}); stdout: {res.stdout.strip()[-300:] or '(empty)'}; stderr: "
+             f"{res.stderr.strip()[-500:] or '(empty)'}")
+    need = storage_need(app_bytes, package_size)
+    problems = []
+    if free_bytes < need:
+        problems.append(f"only {_mib(free_bytes)} free in the login directory, {_mib(need)} needed")
+    if not app_present:
+        problems.append(f"application folder {node.app_dir} does not exist")
+    if missing:
+        problems.append(f"protected file(s) missing: {', '.join(missing)}")
+    basis = (f"app folder {_mib(app_bytes)} (backup) + 3 x package {_mib(package_size)} + 10% = "
+             f"{_mib(need)}; {_mib(free_bytes)} free")
+    # No folder: nothing to back up and restore to, so the deploy could not be undone.
+    ok = free_bytes >= need and app_present and not missing
+    detail = f"node {node.name}: " + ("; ".join(problems) + f" ({basis})" if problems else f"ok: {basis}")
+    return NodeStorage(app_bytes=app_bytes, free_bytes=free_bytes, need_bytes=need,
+                       missing_protected=tuple(missing), ok=ok, detail=detail, node_name=node.name)
+
+
 # --------------------------------------------------------------------------- activities
 
 
@@ -169,3 +263,11 @@ async def start_service(req: ServiceRequest) -> ServiceState:
 @activity.defn
 async def service_status(req: ServiceRequest) -> ServiceState:
     return await status_of(req.node)
+
+
+@activity.defn
+async def inspect_node_storage(req: NodeStorageRequest) -> NodeStorage:
+    """Preflight, read-only: is there room next to the app folder for the backup and the
+    package (NodeStorage.ok), and is every protected file there? Reports, never raises
+    for a shortage, so a preflight can list every node's problem at once."""
+    return await inspect_storage(req.node, tuple(req.protected_files), req.package_size)

@@ -10,6 +10,14 @@ DB_NAME = "labapp"
 DB_USER = "zerodown"
 BACKEND = "app"
 SECONDARY_BACKEND = "app_secondary"
+# The staging copy of the site (seed "Task Five"): its own node folder and database, and
+# the scratch database where a restored backup is tested, then dropped. The lab DB user
+# may do everything on these two and nothing more (lab/mariadb.py ensure_lab_extras).
+STAGING_NAME = "staging"
+STAGING_DB_NAME = "labapp_staging"
+SCRATCH_DB_NAME = "labapp_test"
+# The lab's fault-injection database (never part of the application's data).
+FAULTS_DB_NAME = "zdlab"
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,20 @@ class LabConfig:
         """SSH port of node i (1-based)."""
         return self.port_base + 30 + i
 
+    # The staging node sits in the gap below the node ports (+4..+9 are unused), so it never
+    # collides with the app (+11..+29) or SSH (+31..+49) ports of up to 19 nodes, with a
+    # spare test node at nodes + 1, nor with a test dev server at +50/+51.
+    @property
+    def staging_app_port(self) -> int:
+        return self.port_base + 8
+
+    @property
+    def staging_ssh_port(self) -> int:
+        return self.port_base + 9
+
     def all_ports(self) -> list[int]:
         return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
+                self.staging_app_port, self.staging_ssh_port,
                 *(self.app_port(i) for i in self.node_indexes),
                 *(self.ssh_port(i) for i in self.node_indexes)]
 
@@ -92,6 +112,11 @@ class LabConfig:
         return self.secrets_dir / "admin_password"
 
     @property
+    def admin_token_file(self) -> Path:
+        """The token of the application's admin interface (hashed into each admin.config)."""
+        return self.secrets_dir / "admin_token"
+
+    @property
     def mysql_dir(self) -> Path:
         return self.abs_root / "mysql"
 
@@ -109,6 +134,16 @@ class LabConfig:
 
     def node_dir(self, i: int) -> Path:
         return self.nodes_dir / self.node_name(i)
+
+    @property
+    def staging_dir(self) -> Path:
+        """Laid out like a node folder; its app folder stays empty until a procedure restores
+        a backup into it. Not behind any load balancer."""
+        return self.nodes_dir / STAGING_NAME
+
+    @property
+    def staging_url(self) -> str:
+        return f"http://127.0.0.1:{self.staging_app_port}"
 
     @property
     def packages_dir(self) -> Path:

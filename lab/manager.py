@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from lab import haproxy, mariadb
-from lab.config import BACKEND, DB_NAME, DB_USER, LabConfig
+from lab.config import BACKEND, DB_NAME, DB_USER, SCRATCH_DB_NAME, STAGING_DB_NAME, STAGING_NAME, LabConfig
 from lab.procs import pid_alive, stop_pidfile
 
 log = logging.getLogger("lab.manager")
@@ -95,6 +95,11 @@ def _nodes_up(cfg: LabConfig) -> None:
     for i in cfg.node_indexes:
         if not _installed(cfg, i):
             nodes.install_node(cfg, i, pkgs[1])
+        else:
+            # A node installed before the admin interface existed gets its admin.config
+            # (a protected file: deploys refuse a node without it).
+            nodes.ensure_admin_config(cfg, cfg.node_dir(i) / APP_DIR)
+    nodes.install_staging(cfg)
     sshd.start_sshd(cfg)
 
 
@@ -107,17 +112,24 @@ async def _start_apps(cfg: LabConfig) -> None:
 # --------------------------------------------------------------------------- site.yaml
 
 
+def _ssh_entry(port: int) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": port, "user": SSH_USER,
+            "key": {"file": "secrets/id_ed25519"}, "known_hosts": "secrets/known_hosts"}
+
+
+CTL_SERVICE = {"kind": "command", "stop": "./ctl stop", "start": "./ctl start", "status": "./ctl status"}
+
+
 def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     """The lab's inventory as plain data (paths relative to the site.yaml folder)."""
     node_entries = [{
         "name": cfg.node_name(i),
-        "ssh": {"host": "127.0.0.1", "port": cfg.ssh_port(i), "user": SSH_USER,
-                "key": {"file": "secrets/id_ed25519"}, "known_hosts": "secrets/known_hosts"},
+        "ssh": _ssh_entry(cfg.ssh_port(i)),
         "app_dir": APP_DIR,
-        "service": {"kind": "command", "stop": "./ctl stop", "start": "./ctl start",
-                    "status": "./ctl status"},
+        "service": dict(CTL_SERVICE),
         "url": f"http://127.0.0.1:{cfg.app_port(i)}",
-        "group": "A" if i == 1 else "B",
+        # Secret Server's groups A and B: two about even halves (ss-rolling upgrades B first).
+        "group": "A" if i <= (cfg.nodes + 1) // 2 else "B",
     } for i in cfg.node_indexes]
     return {
         "site": "lab",
@@ -133,19 +145,36 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "database": DB_NAME, "user": DB_USER, "password": {"file": "secrets/db_password"},
             "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
             "backup_dir": "backups",
+            "scratch_database": SCRATCH_DB_NAME,
         }],
         "application": {
             "name": "labapp",
-            "protected_files": ["encryption.config", "database.config"],
+            "protected_files": ["encryption.config", "database.config", "admin.config"],
             "merge_files": ["web.config"],
             "health": {"path": "/health"},
             "version": {"path": "/version"},
             "login": {"path": "/login", "user": mariadb.PROBE_USER,
                       "password": {"file": "secrets/admin_password"}},
             "url": cfg.main_url,
+            "admin": {"token": {"file": "secrets/admin_token"}, "path_prefix": "/admin"},
         },
         "approvers": {"go-live": ["alice", "bob"]},
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
+        # Laid out like a node, not behind the load balancer; a procedure restores a node's
+        # backup into its (empty) app folder, then these overrides point the copy at its
+        # own port and database.
+        "staging": {
+            "ssh": _ssh_entry(cfg.staging_ssh_port),
+            "app_dir": APP_DIR,
+            "service": dict(CTL_SERVICE),
+            "url": cfg.staging_url,
+            "database": STAGING_DB_NAME,
+            "config": {
+                "web.config": {"http.port": str(cfg.staging_app_port), "node.name": STAGING_NAME,
+                               "custom.banner": "Welcome to staging"},
+                "database.config": {"database": STAGING_DB_NAME},
+            },
+        },
     }
 
 
@@ -161,7 +190,7 @@ def write_site_yaml(cfg: LabConfig) -> Path:
         "# files under secrets/, never values.\n"
         f"# Ports: main {cfg.main_port}, secondary {cfg.secondary_port}, MariaDB primary "
         f"{cfg.primary_db_port} / replica {cfg.replica_db_port}, apps {cfg.app_port(1)}+, SSH "
-        f"{cfg.ssh_port(1)}+.\n"
+        f"{cfg.ssh_port(1)}+, staging app {cfg.staging_app_port} / SSH {cfg.staging_ssh_port}.\n"
     )
     body = yaml.safe_dump(site_inventory(cfg), sort_keys=False, default_flow_style=False)
     path = cfg.site_yaml
@@ -217,9 +246,12 @@ def _stop_node_dir(cfg: LabConfig, node: Path) -> None:
 
     name = node.name
     i = int(name[4:]) if name.startswith("node") and name[4:].isdigit() else None
-    if i is not None and (node / "ctl").exists():
+    if (node / "ctl").exists() and (i is not None or name == STAGING_NAME):
         try:
-            nodes.stop_node(cfg, i)
+            if i is not None:
+                nodes.stop_node(cfg, i)
+            else:
+                nodes.stop_staging(cfg)
         except Exception as e:  # fall back to the pid file below
             log.warning("%s: ctl stop failed (%s); stopping by pid file", name, e)
     stop_pidfile(node / "run" / "app.pid", timeout=10, expect="app.py")
@@ -306,7 +338,7 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
             detail += f" gtid {st.get('gtid')}"
         rows.append((f"mariadb {role}", up, detail))
     rows.append(("sshd", sshd.sshd_running(cfg),
-                 f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}"))
+                 f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}, staging {cfg.staging_ssh_port}"))
     for node in _node_dirs(cfg) if shallow else []:
         rows.append((node.name, pid_alive(node / "run" / "app.pid", expect="app.py"), str(node)))
     if not shallow:
@@ -352,6 +384,7 @@ def _reset_database(cfg: LabConfig) -> list[str]:
         mariadb.start_instance(cfg, role)
     done += mariadb.ensure_primary_role(cfg)
     done += mariadb.reset_schema(cfg)
+    done += mariadb.reset_site_state(cfg)
     if not mariadb.replica_in_sync(cfg):
         # Broken, promoted or diverged (written to directly): re-seed it from the primary.
         mariadb.rebuild_replica(cfg)
@@ -363,8 +396,10 @@ def _reset_database(cfg: LabConfig) -> list[str]:
 async def lab_reset(cfg: LabConfig) -> list[str]:
     """Put the lab back to the state just after lab_up; returns what was done.
 
-    Database: schema version 1 (v2's down migration if needed), replica replicating.
+    Database: schema version 1 (v2's down migration if needed), replica replicating; upgrade
+    settings at their defaults, no audit rows, no staging / scratch database, no fault.
     Nodes: stopped, app folder wiped, v1 installed with the node installer, started.
+    Staging: app stopped, folder emptied.
     HAProxy: every server ready (and at its initial weight) in `app`, in maintenance in
     `app_secondary`, all UP. Processes that are not running are started."""
     from lab import nodes, packages, sshd
@@ -384,7 +419,7 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
         db_done.extend(await asyncio.to_thread(_reset_database, cfg))
 
     # Nodes are stopped while the schema goes back, so no v2 code runs against schema 1.
-    await _gather_all({"database": database(),
+    await _gather_all({"database": database(), STAGING_NAME: _in_thread(nodes.wipe_staging, cfg),
                        **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes}})
     await asyncio.to_thread(sshd.start_sshd, cfg)
     await _start_apps(cfg)
@@ -392,6 +427,6 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     await asyncio.to_thread(haproxy.reset_servers, cfg)
     await asyncio.to_thread(haproxy.wait_all_up, cfg)
     write_site_yaml(cfg)
-    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "HAProxy servers ready"]
+    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", "HAProxy servers ready"]
     log.info("lab reset in %.1fs: %s", time.monotonic() - t0, "; ".join(done))
     return done

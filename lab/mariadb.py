@@ -7,7 +7,10 @@ option is always `--defaults-file`), bind 127.0.0.1 only and are sized small
 
 Bootstrap (once, on the primary): database `labapp` with the lab application's schema at
 version 1, the `zerodown` user (the account zerodown itself uses: app data plus replica
-status / promote / backups) and a replication user. The replica starts empty and replays
+status / promote / backups) and a replication user. `ensure_lab_extras` (every lab up and
+reset, idempotent) adds what came later: the Secret Server tables (tbAudit,
+tbUpgradeSettings with its site row), the grants on the staging and scratch databases and
+the fault-injection database `zdlab`. The replica starts empty and replays
 the primary's binary log from the beginning (MASTER_USE_GTID=slave_pos with an empty
 position), so users and schema arrive there through replication, exactly as on a real site.
 
@@ -31,7 +34,7 @@ from typing import Any, Literal
 import pymysql
 import pymysql.cursors
 
-from lab.config import DB_NAME, DB_USER, LabConfig
+from lab.config import DB_NAME, DB_USER, FAULTS_DB_NAME, SCRATCH_DB_NAME, STAGING_DB_NAME, LabConfig
 from lab.procs import log_tail, pid_alive, port_open, read_pid, start_background, stop_pidfile, wait_port
 
 Role = Literal["primary", "replica"]
@@ -50,14 +53,34 @@ SCHEMA_V1 = [
     "ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS secrets (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(64), "
     "ciphertext TEXT) ENGINE=InnoDB",
+    # Secret Server's audit table; the manual rolling upgrade records its steps there as
+    # AuditTypeName 'ManualUpgrade'. Reference makes a recorded step idempotent.
+    "CREATE TABLE IF NOT EXISTS tbAudit (AuditId BIGINT AUTO_INCREMENT PRIMARY KEY, "
+    "AuditTypeName VARCHAR(32) NOT NULL, Action VARCHAR(32) NOT NULL, Notes VARCHAR(1000) NULL, "
+    "UserName VARCHAR(64) NULL, Reference VARCHAR(190) NULL UNIQUE, DateRecorded DATETIME(3) NOT NULL) "
+    "ENGINE=InnoDB",
+    # Maintenance mode / ignore version mismatch / enforce version match: the site row
+    # (Scope '*') and per-node overrides (Scope = node.name; NULL = use the site value).
+    "CREATE TABLE IF NOT EXISTS tbUpgradeSettings (Scope VARCHAR(64) PRIMARY KEY, "
+    "MaintenanceMode TINYINT NULL, IgnoreVersionMismatch TINYINT NULL, EnforceVersionMatch TINYINT NULL) "
+    "ENGINE=InnoDB",
 ]
+SITE_SCOPE = "*"
+_SITE_ROW = ("INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
+             "EnforceVersionMatch) VALUES ('*', 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope")
 # Column names per table at schema version 1, to verify a reset really reached version 1.
 SCHEMA_V1_COLUMNS: dict[str, list[str]] = {
     "schema_version": ["version"],
     "items": ["id", "node", "body", "created_at"],
     "users": ["name", "password_sha256"],
     "secrets": ["id", "name", "ciphertext"],
+    "tbAudit": ["AuditId", "AuditTypeName", "Action", "Notes", "UserName", "Reference", "DateRecorded"],
+    "tbUpgradeSettings": ["Scope", "MaintenanceMode", "IgnoreVersionMismatch", "EnforceVersionMatch"],
 }
+# The fault-injection hook of the lab's migrations (002_up.sql fails when a row names the
+# database it runs in). Outside labapp, so injecting changes no table of the application.
+FAULTS_TABLE = f"`{FAULTS_DB_NAME}`.`faults`"
+MIGRATION_FAULT_POINT = "migration-2"
 # What zerodown needs beyond its own database: replica status (REPLICATION CLIENT / SLAVE
 # MONITOR), promote (SUPER, REPLICATION SLAVE ADMIN, READ_ONLY ADMIN - in 10.11 SUPER no
 # longer implies the last one), consistent backups (RELOAD, PROCESS).
@@ -311,12 +334,116 @@ def bootstrap_primary(cfg: LabConfig) -> bool:
 def _create_schema_v1(cur: pymysql.cursors.Cursor, admin_pw: str) -> None:
     for stmt in SCHEMA_V1:
         cur.execute(stmt)
+    cur.execute(_SITE_ROW)
     cur.execute("SELECT COUNT(*) FROM schema_version")
     if cur.fetchone()[0] == 0:
         cur.execute("INSERT INTO schema_version (version) VALUES (1)")
     digest = hashlib.sha256(admin_pw.encode("utf-8")).hexdigest()
     cur.execute("INSERT INTO users (name, password_sha256) VALUES (%s, %s) "
                 "ON DUPLICATE KEY UPDATE password_sha256 = VALUES(password_sha256)", (PROBE_USER, digest))
+
+
+def _exact_db(name: str) -> str:
+    """A database name for GRANT ... ON `db`.*: '_' and '%' are wildcards there, so escape
+    them to grant exactly this database (labapp_test must not also match labappXtest)."""
+    return name.replace("_", "\\_").replace("%", "\\%")
+
+
+def ensure_lab_extras(cfg: LabConfig) -> None:
+    """Idempotent, on every lab up and reset (labs bootstrapped before these existed get
+    them too): the Secret Server tables in labapp with the site row, the fault-injection
+    database, and the lab DB user's grants on the staging and scratch databases (all of it,
+    create and drop included, so a procedure can restore a backup there) and on the faults
+    table (SELECT: the migration's hook reads it as that user)."""
+    with connect(cfg, "primary") as conn, conn.cursor() as cur:
+        cur.execute(f"USE `{DB_NAME}`")
+        for stmt in SCHEMA_V1:
+            cur.execute(stmt)
+        cur.execute(_SITE_ROW)
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{FAULTS_DB_NAME}` CHARACTER SET utf8mb4")
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {FAULTS_TABLE} (target VARCHAR(64) NOT NULL, "
+                    "point VARCHAR(64) NOT NULL, PRIMARY KEY (target, point)) ENGINE=InnoDB")
+        for host in ("127.0.0.1", "localhost"):
+            for db in (STAGING_DB_NAME, SCRATCH_DB_NAME):
+                cur.execute(f"GRANT ALL PRIVILEGES ON `{_exact_db(db)}`.* TO '{DB_USER}'@'{host}'")
+            cur.execute(f"GRANT SELECT ON {FAULTS_TABLE} TO '{DB_USER}'@'{host}'")
+
+
+def inject_migration_failure(cfg: LabConfig, database: str, on: bool) -> bool:
+    """Make the lab's migration 2 (002_up.sql) fail when it runs in `database` (on), or
+    work again (off). Only zdlab.faults changes, never a table of the application's
+    databases. Returns True when something changed."""
+    if not database or len(database) > 64:
+        raise ValueError(f"database name {database!r}: expected 1-64 characters")
+    with connect(cfg, "primary") as conn, conn.cursor() as cur:
+        if on:
+            cur.execute(f"INSERT IGNORE INTO {FAULTS_TABLE} (target, point) VALUES (%s, %s)",
+                        (database, MIGRATION_FAULT_POINT))
+        else:
+            cur.execute(f"DELETE FROM {FAULTS_TABLE} WHERE target = %s AND point = %s",
+                        (database, MIGRATION_FAULT_POINT))
+        return bool(cur.rowcount)
+
+
+def injected_faults(cfg: LabConfig) -> list[tuple[str, str]]:
+    """(target, point) of every injected fault."""
+    try:
+        rows = query(cfg, "primary", f"SELECT target, point FROM {FAULTS_TABLE} ORDER BY target, point")
+    except pymysql.MySQLError as e:
+        if e.args and e.args[0] in (1049, 1146):  # unknown database / table: nothing injected
+            return []
+        raise
+    return [(str(t), str(p)) for t, p in rows]
+
+
+def site_state_problems(cfg: LabConfig) -> list[str]:
+    """How the Secret Server side of the lab differs from its defaults ([] when it does not):
+    settings, audit rows, staging / scratch databases, injected faults."""
+    out: list[str] = []
+    try:
+        rows = query(cfg, "primary", "SELECT Scope, MaintenanceMode, IgnoreVersionMismatch, "
+                     "EnforceVersionMatch FROM tbUpgradeSettings ORDER BY Scope", database=DB_NAME)
+        audits = query(cfg, "primary", "SELECT COUNT(*) FROM tbAudit", database=DB_NAME)[0][0]
+    except pymysql.MySQLError as e:
+        return [f"Secret Server tables unreadable: {e}"]
+    if [tuple(r) for r in rows] != [(SITE_SCOPE, 0, 0, 0)]:
+        out.append(f"tbUpgradeSettings is {[tuple(r) for r in rows]}")
+    if audits:
+        out.append(f"tbAudit holds {audits} rows")
+    dbs = {str(r[0]) for r in query(cfg, "primary", "SHOW DATABASES")}
+    out += [f"database {d} exists" for d in (STAGING_DB_NAME, SCRATCH_DB_NAME) if d in dbs]
+    if FAULTS_DB_NAME not in dbs:
+        out.append(f"database {FAULTS_DB_NAME} is missing")
+    out += [f"fault {p} injected on {t}" for t, p in injected_faults(cfg)]
+    return out
+
+
+def reset_site_state(cfg: LabConfig) -> list[str]:
+    """Secret Server side back to its defaults; returns what was done: site settings
+    (0, 0, 0), node overrides deleted, tbAudit emptied, staging and scratch databases
+    dropped, injected faults cleared (tables and grants ensured first)."""
+    ensure_lab_extras(cfg)
+    done: list[str] = []
+    with connect(cfg, "primary", database=DB_NAME) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE tbUpgradeSettings SET MaintenanceMode = 0, IgnoreVersionMismatch = 0, "
+                    "EnforceVersionMatch = 0 WHERE Scope = %s", (SITE_SCOPE,))
+        if cur.rowcount:
+            done.append("site settings back to maintenance 0, ignore mismatch 0, enforce 0")
+        cur.execute("DELETE FROM tbUpgradeSettings WHERE Scope <> %s", (SITE_SCOPE,))
+        if cur.rowcount:
+            done.append(f"deleted {cur.rowcount} node setting override(s)")
+        cur.execute("DELETE FROM tbAudit")
+        if cur.rowcount:
+            done.append(f"deleted {cur.rowcount} audit row(s)")
+        for db in (STAGING_DB_NAME, SCRATCH_DB_NAME):
+            cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (db,))
+            if cur.fetchone()[0]:
+                cur.execute(f"DROP DATABASE `{db}`")
+                done.append(f"dropped database {db}")
+        cur.execute(f"DELETE FROM {FAULTS_TABLE}")
+        if cur.rowcount:
+            done.append(f"cleared {cur.rowcount} injected fault(s)")
+    return done
 
 
 def replica_status(cfg: LabConfig) -> dict[str, Any] | None:
@@ -390,6 +517,7 @@ def start_mariadb(cfg: LabConfig) -> None:
     for role in ROLES:
         start_instance(cfg, role)
     bootstrap_primary(cfg)
+    ensure_lab_extras(cfg)
     setup_replication(cfg)
     wait_replica_caught_up(cfg)
 
@@ -475,6 +603,9 @@ def reset_schema(cfg: LabConfig, package_v2: Path | None = None) -> list[str]:
             cur.execute("DELETE FROM schema_version")
             cur.execute("INSERT INTO schema_version (version) VALUES (1)")
             done.append(f"schema_version {current} -> 1")
+    # Tables added after a lab was bootstrapped are created here rather than counted as a
+    # mismatch (which would recreate every table and lose the rows).
+    ensure_lab_extras(cfg)
     cols = _columns(cfg)
     wanted = SCHEMA_V1_COLUMNS
     if {t: cols.get(t) for t in wanted} != wanted or set(cols) - set(wanted):

@@ -6,6 +6,7 @@ nodes/nodeN/
         web.config             package defaults + this node's customisations
         database.config        how to reach the primary DB (per node, never in a package)
         encryption.config      the site-wide secrets key (protected: never shipped nor copied)
+        admin.config           sha256 of the admin interface's token (per site, protected)
     .zerodown/defaults/web.config   the pristine defaults the node was installed from
     ctl                        ./ctl start|stop|status (service control, kind: command)
     run/app.pid, run/app.log   outside the app folder so a deploy never touches them
@@ -14,10 +15,14 @@ nodes/nodeN/
 
 `install_node` builds such a folder; `start_node` / `stop_node` / `node_running` only run
 `ctl`, so the lab controls its nodes exactly the way zerodown does over SSH.
+
+`install_staging` builds `nodes/staging/` the same way but with an empty app folder: the
+staging system is what a procedure restores a production backup into (seed "Task Five").
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -27,7 +32,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from lab.config import DB_NAME, DB_USER, LabConfig
+from lab.config import DB_NAME, DB_USER, STAGING_NAME, LabConfig
 
 MERGED_CONFIG = "web.config"
 START_TIMEOUT_S = 10
@@ -106,6 +111,7 @@ start() {
     return 1
   fi
   cd "$HERE/app" || { echo "no app folder in $HERE" >&2; return 1; }
+  [ -f app.py ] || { echo "no application in $HERE/app (app.py missing)" >&2; return 1; }
   echo "--- $(date '+%Y-%m-%d %H:%M:%S') ctl start" >> "$LOG"
   # setsid: own session, so the app outlives the SSH session / caller that started it.
   # (This sh has no job control, so setsid execs in place and $! is the app's pid.)
@@ -161,13 +167,17 @@ esac
 """
 
 
-def ctl_script(cfg: LabConfig, i: int) -> str:
-    return (_CTL.replace("@NODE@", cfg.node_name(i))
+def _ctl_text(cfg: LabConfig, name: str, port: int) -> str:
+    return (_CTL.replace("@NODE@", name)
             .replace("@PYTHON@", shlex.quote(str(Path(cfg.python).absolute())))
-            .replace("@PORT@", str(cfg.app_port(i)))
+            .replace("@PORT@", str(port))
             .replace("@START@", str(START_TIMEOUT_S))
             .replace("@STOP_TENTHS@", str(STOP_TIMEOUT_S * 10))
             .replace("@STOP@", str(STOP_TIMEOUT_S)))
+
+
+def ctl_script(cfg: LabConfig, i: int) -> str:
+    return _ctl_text(cfg, cfg.node_name(i), cfg.app_port(i))
 
 
 def encryption_key(cfg: LabConfig) -> str:
@@ -177,6 +187,38 @@ def encryption_key(cfg: LabConfig) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_private(path, secrets.token_hex(32) + "\n")
     return path.read_text(encoding="utf-8").strip()
+
+
+def admin_token(cfg: LabConfig) -> str:
+    """The admin interface's token, generated once (0600). Nodes only get its sha256
+    (admin.config), so a copied app folder does not hand the token out."""
+    path = cfg.admin_token_file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(path, secrets.token_urlsafe(32) + "\n")
+    os.chmod(path, 0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def admin_config_text(cfg: LabConfig) -> str:
+    digest = hashlib.sha256(admin_token(cfg).encode("utf-8")).hexdigest()
+    return ("# admin interface (/admin/*): sha256 of the site's admin token; per site,\n"
+            "# written at install like encryption.config, never in a package\n"
+            f"token_sha256 = {digest}\n")
+
+
+def ensure_admin_config(cfg: LabConfig, app_dir: Path) -> bool:
+    """Write admin.config into an installed app folder where it is missing or stale (a lab
+    installed before the admin interface existed); True when it wrote."""
+    path = app_dir / "admin.config"
+    want = admin_config_text(cfg)
+    try:
+        if path.read_text(encoding="utf-8") == want:
+            return False
+    except OSError:
+        pass
+    _write_private(path, want)
+    return True
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -233,6 +275,7 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
     _write_private(staging / "encryption.config",
                    "# site-wide secrets key: identical on every node, never in a package\n"
                    f"key = {encryption_key(cfg)}\n")
+    _write_private(staging / "admin.config", admin_config_text(cfg))
     shutil.rmtree(app, ignore_errors=True)
     staging.rename(app)
     ctl = node / "ctl"
@@ -268,3 +311,60 @@ def node_running(cfg: LabConfig, i: int) -> bool:
     if not (cfg.node_dir(i) / "ctl").exists():
         return False
     return ctl(cfg, i, "status").returncode == 0
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def install_staging(cfg: LabConfig) -> Path:
+    """Create the staging folder (idempotent): ctl on the staging port, run/, inject/ and an
+    app folder that is left as it is (empty at first; a procedure restores files into it).
+    Returns the staging folder."""
+    d = cfg.staging_dir
+    for sub in (d, d / "app", d / "run", d / "inject"):
+        sub.mkdir(parents=True, exist_ok=True)
+    ctl_file = d / "ctl"
+    text = _ctl_text(cfg, STAGING_NAME, cfg.staging_app_port)
+    if not ctl_file.exists() or ctl_file.read_text(encoding="utf-8") != text:
+        ctl_file.write_text(text, encoding="utf-8")
+    ctl_file.chmod(0o755)
+    return d
+
+
+def staging_ctl(cfg: LabConfig, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `./ctl <action>` in the staging folder."""
+    return subprocess.run(["sh", "-c", f"./ctl {shlex.quote(action)}"], cwd=cfg.staging_dir,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          check=False)
+
+
+def stop_staging(cfg: LabConfig) -> None:
+    """Stop the staging app (no-op when stopped or the folder does not exist)."""
+    if not (cfg.staging_dir / "ctl").exists():
+        return
+    r = staging_ctl(cfg, "stop")
+    if r.returncode != 0:
+        raise RuntimeError(f"{STAGING_NAME}: ctl stop exited {r.returncode}: {r.stderr.strip()}")
+
+
+def staging_running(cfg: LabConfig) -> bool:
+    if not (cfg.staging_dir / "ctl").exists():
+        return False
+    return staging_ctl(cfg, "status").returncode == 0
+
+
+def wipe_staging(cfg: LabConfig) -> None:
+    """Stop the staging app and empty its folder: everything a procedure or a test put
+    there goes (app files, .zerodown/, uploads, injected faults); ctl and the logs (run/,
+    ssh.log) are kept. Leaves an installed, empty staging folder."""
+    stop_staging(cfg)
+    d = cfg.staging_dir
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name in ("ctl", "run", "ssh.log"):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    install_staging(cfg)

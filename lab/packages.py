@@ -1,10 +1,13 @@
-"""The lab's two release packages, built from lab/app/.
+"""The lab's release packages, built from lab/app/.
 
-`build_packages(cfg)` writes cfg.package(1) and cfg.package(2): zips with `release.json`
-at the root (ARCHITECTURE.md "Release packages"), the shared `app.py` and `static/`, and
-each release's overlay from `lab/app/releases/v<major>/` (default web.config, index.html,
-v2's migrations). Per-site / per-node files (encryption.config, database.config) are
-never in a package: lab/nodes.py writes them at install time.
+`build_packages(cfg)` writes cfg.package(1), (2) and (3): zips with `release.json` at the
+root (ARCHITECTURE.md "Release packages"), the shared `app.py` and `static/`, and each
+release's overlay from `lab/app/releases/v<major>/` (default web.config, index.html, v2's
+migrations). Per-site / per-node files (encryption.config, database.config, admin.config)
+are never in a package: lab/nodes.py writes them at install time.
+
+`requires` lists the versions that must have been installed before (Secret Server's
+Version Guard): 3.0.0 (same code and schema as 2.0.0) cannot be installed over 1.0.0.
 
 The zips are deterministic (sorted entries, fixed timestamps and permissions), so
 rebuilding gives identical bytes and a package's sha256 identifies its content.
@@ -25,11 +28,14 @@ APP_SRC = Path(__file__).resolve().parent / "app"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 RELEASES: dict[int, dict[str, Any]] = {
-    1: {"name": "labapp", "version": "1.0.0", "min_upgrade_from": "0.0.0", "schema_version": 1,
-        "migrations": []},
-    2: {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "schema_version": 2,
+    1: {"name": "labapp", "version": "1.0.0", "min_upgrade_from": "0.0.0", "requires": [],
+        "schema_version": 1, "migrations": []},
+    2: {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "requires": [],
+        "schema_version": 2,
         "migrations": [{"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql",
                         "destructive": False}]},
+    3: {"name": "labapp", "version": "3.0.0", "min_upgrade_from": "2.0.0", "requires": ["2.0.0"],
+        "schema_version": 2, "migrations": []},
 }
 
 
@@ -38,7 +44,7 @@ def _skip(p: Path) -> bool:
 
 
 def package_files(major: int) -> dict[str, bytes]:
-    """Archive name -> content of release `major` (1 or 2)."""
+    """Archive name -> content of release `major` (a key of RELEASES)."""
     if major not in RELEASES:
         raise ValueError(f"no lab release {major} (known: {sorted(RELEASES)})")
     files: dict[str, bytes] = {}
@@ -66,8 +72,8 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 
 def build_packages(cfg: LabConfig) -> dict[int, Path]:
-    """Write cfg.package(1) and cfg.package(2); files already holding the same bytes are left
-    untouched (their mtime too). Returns {major: path}."""
+    """Write cfg.package(major) for every release; files already holding the same bytes are
+    left untouched (their mtime too). Returns {major: path}."""
     cfg.packages_dir.mkdir(parents=True, exist_ok=True)
     out: dict[int, Path] = {}
     for major in sorted(RELEASES):

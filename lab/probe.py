@@ -9,7 +9,11 @@ It answers the one question a zero-downtime upgrade is judged by: did any reques
   GET /slow?ms=`slow_ms`: a long-lived request that a drain has to wait for;
 * a failure is a connection error, a timeout (5 s beyond the slow request's own time), a
   status >= 500 or any other unexpected status; each is appended to `out` as one JSON line
-  {t, method, path, status, error, node} when it happens, so a crash loses nothing.
+  {t, method, path, status, error, node} when it happens, so a crash loses nothing;
+* a change refused by maintenance mode (423 with `X-Refused: maintenance`) is counted as
+  `refused`, not failed: the site answered as designed (reads served, changes refused),
+  which is what the seed's optional maintenance mode promises. Any other refusal (the
+  version mismatch page, 409) is a failure.
 
 API: ``await run_probe(url, rate, stop, out)`` -> ProbeSummary.
 CLI: ``python -m lab.probe --url URL --rate 100 [--duration S] --out F --summary F``; runs until
@@ -36,6 +40,8 @@ import aiohttp
 
 TIMEOUT_S = 5.0
 EXPECTED = {"GET": {200}, "POST": {201}}
+REFUSED_STATUS = 423
+REFUSED_BY = "maintenance"
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,17 @@ class ProbeSummary:
     latency_max_ms: float = 0.0
     rate: float = 0.0
     url: str = ""
+    # Changes refused by maintenance mode (423, X-Refused: maintenance): counted in total,
+    # not in failed.
+    refused: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def line(self) -> str:
         nodes = ",".join(f"{k}:{v}" for k, v in sorted(self.by_node.items()))
-        return (f"requests={self.total} failed={self.failed} p50_ms={self.latency_p50_ms:.1f} "
-                f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
+        return (f"requests={self.total} failed={self.failed} refused={self.refused} "
+                f"p50_ms={self.latency_p50_ms:.1f} max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
 
 
 def _now_iso() -> str:
@@ -68,6 +77,7 @@ class _Recorder:
     def __init__(self, out: Path | None) -> None:
         self.total = 0
         self.failed = 0
+        self.refused = 0
         self.by_status: Counter[str] = Counter()
         self.by_node: Counter[str] = Counter()
         self.latencies: list[float] = []
@@ -82,6 +92,10 @@ class _Recorder:
         if node:
             self.by_node[node] += 1
         self.latencies.append(latency_ms)
+
+    def refuse(self, status: int, node: str | None, latency_ms: float) -> None:
+        self.ok(status, node, latency_ms)
+        self.refused += 1
 
     def fail(self, method: str, path: str, status: int | None, error: str | None, node: str | None,
              latency_ms: float | None) -> None:
@@ -117,6 +131,8 @@ async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str
             ms = (time.perf_counter() - t0) * 1000
             if resp.status in EXPECTED[method]:
                 rec.ok(resp.status, node, ms)
+            elif resp.status == REFUSED_STATUS and resp.headers.get("X-Refused") == REFUSED_BY:
+                rec.refuse(resp.status, node, ms)
             else:
                 rec.fail(method, path, resp.status, None, node, ms)
     except TimeoutError:
@@ -171,7 +187,7 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
         total=rec.total, failed=rec.failed, by_status=dict(sorted(rec.by_status.items())),
         by_node=dict(sorted(rec.by_node.items())), started=started, ended=_now_iso(),
         latency_p50_ms=round(lat[len(lat) // 2], 1) if lat else 0.0,
-        latency_max_ms=round(lat[-1], 1) if lat else 0.0, rate=rate, url=base)
+        latency_max_ms=round(lat[-1], 1) if lat else 0.0, rate=rate, url=base, refused=rec.refused)
 
 
 def start_probe_process(url: str, rate: float, out: Path, summary: Path, slow_every: int = 50,

@@ -1,6 +1,7 @@
 """The lab's SSH endpoints: one asyncssh server per node, all in ONE background process.
 
-Each node i listens on 127.0.0.1:cfg.ssh_port(i) and behaves like a locked-down customer
+Each node i listens on 127.0.0.1:cfg.ssh_port(i), the staging system on
+cfg.staging_ssh_port (rooted at cfg.staging_dir), and behaves like a locked-down customer
 server: user `zerodown`, public-key auth only (cfg.client_key.pub), host key cfg.host_key.
 
 * exec requests run ``sh -c <command>`` in the node's folder (cfg.node_dir(i)); stdin,
@@ -33,13 +34,22 @@ from pathlib import Path
 
 import asyncssh
 
-from lab.config import LabConfig
-from lab.procs import pid_alive, start_background, stop_pidfile, wait_port
+from lab.config import STAGING_NAME, LabConfig
+from lab.procs import pid_alive, port_open, start_background, stop_pidfile, wait_port
 
 SSH_USER = "zerodown"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("lab.sshd")
 _tasks: set[asyncio.Task[None]] = set()  # running commands (strong refs for the loop)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
+    """(name, SSH port, folder) of every endpoint: the nodes, then the staging system."""
+    return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes),
+            (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir)]
 
 
 # --------------------------------------------------------------------------- keys
@@ -67,8 +77,7 @@ def ensure_keys(cfg: LabConfig) -> None:
         _write_key(cfg.host_key, asyncssh.generate_private_key("ssh-ed25519", comment="zerodown-lab-host"))
     host_pub = asyncssh.read_private_key(str(cfg.host_key)).export_public_key("openssh").decode().split()
     host_entry = f"{host_pub[0]} {host_pub[1]}"
-    wanted = {f"[127.0.0.1]:{cfg.ssh_port(i)}": f"[127.0.0.1]:{cfg.ssh_port(i)} {host_entry}"
-              for i in cfg.node_indexes}
+    wanted = {f"[127.0.0.1]:{port}": f"[127.0.0.1]:{port} {host_entry}" for _, port, _ in endpoints(cfg)}
     try:
         old = cfg.known_hosts.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -198,8 +207,7 @@ async def serve(cfg: LabConfig, stop: asyncio.Event) -> None:
     pub = cfg.client_key.with_name(cfg.client_key.name + ".pub")
     authorized = {asyncssh.read_public_key(str(pub)).public_data}
     servers: list[asyncssh.SSHAcceptor] = []
-    for i in cfg.node_indexes:
-        node_dir, name = cfg.node_dir(i), cfg.node_name(i)
+    for name, port, node_dir in endpoints(cfg):
         node_dir.mkdir(parents=True, exist_ok=True)
 
         def make_server(name: str = name) -> _NodeServer:
@@ -219,10 +227,10 @@ async def serve(cfg: LabConfig, stop: asyncio.Event) -> None:
             return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_dir))
 
         servers.append(await asyncssh.listen(
-            "127.0.0.1", cfg.ssh_port(i), server_host_keys=[host_key], server_factory=make_server,
+            "127.0.0.1", port, server_host_keys=[host_key], server_factory=make_server,
             process_factory=handle, sftp_factory=make_sftp, allow_scp=True, encoding=None,
             login_timeout=30, keepalive_interval=15))
-        log.info("%s: listening on 127.0.0.1:%d, root %s", name, cfg.ssh_port(i), node_dir)
+        log.info("%s: listening on 127.0.0.1:%d, root %s", name, port, node_dir)
     await stop.wait()
     for s in servers:
         s.close()
@@ -247,7 +255,11 @@ def sshd_running(cfg: LabConfig) -> bool:
 
 
 def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
-    """Start the SSH endpoints (idempotent); returns once every node's port accepts."""
+    """Start the SSH endpoints (idempotent); returns once every endpoint's port accepts."""
+    if sshd_running(cfg) and not all(port_open("127.0.0.1", port) for _, port, _ in endpoints(cfg)):
+        # Started by an older lab without the staging endpoint (or another node count):
+        # restart it rather than wait for a port it will never open.
+        stop_sshd(cfg)
     if not sshd_running(cfg):
         ensure_keys(cfg)
         # `-m` from the project root finds the `lab` package without touching PYTHONPATH,
@@ -255,9 +267,9 @@ def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
         start_background([cfg.python, "-m", "lab.sshd", "--root", str(cfg.abs_root), "--nodes",
                           str(cfg.nodes), "--port-base", str(cfg.port_base)],
                          _pidfile(cfg), _logfile(cfg), cwd=PROJECT_ROOT)
-    for i in cfg.node_indexes:
-        wait_port("127.0.0.1", cfg.ssh_port(i), timeout, pidfile=_pidfile(cfg), logfile=_logfile(cfg),
-                  what=f"lab sshd ({cfg.node_name(i)})")
+    for name, port, _ in endpoints(cfg):
+        wait_port("127.0.0.1", port, timeout, pidfile=_pidfile(cfg), logfile=_logfile(cfg),
+                  what=f"lab sshd ({name})")
 
 
 def stop_sshd(cfg: LabConfig) -> bool:

@@ -151,8 +151,11 @@ async def assert_untouched(lab: LabConfig, before: World) -> None:
 
 
 def secret_values(lab: LabConfig) -> list[str]:
-    """Every secret of the lab (DB, admin and SSH private key), as text that must never leak."""
+    """Every secret of the lab (DB, admin, admin interface token and SSH private key), as
+    text that must never leak."""
     values = [lab.db_password_file.read_text().strip(), lab.admin_password_file.read_text().strip()]
+    if lab.admin_token_file.exists():
+        values.append(lab.admin_token_file.read_text().strip())
     key_lines = lab.client_key.read_text().strip().splitlines()
     values += [ln for ln in key_lines if ln and not ln.startswith("-----")]
     assert all(len(v) >= 8 for v in values)
@@ -168,9 +171,43 @@ async def history_text(client: Client, workflow_id: str) -> str:
     return "\n".join([raw, *decoded])
 
 
+def staging_problems(lab: LabConfig) -> list[str]:
+    """How the staging folder differs from just after `lab up` (app stopped, folder empty)."""
+    from lab import nodes as lab_nodes
+
+    d = lab.staging_dir
+    if not d.is_dir():
+        return ["no staging folder"]
+    kept = ("ctl", "run", "app", "inject", "ssh.log")
+    out = [f"staging holds {p.name}" for p in sorted(d.iterdir()) if p.name not in kept]
+    out += [f"staging app/{p.name}" for p in sorted((d / "app").glob("*"))]
+    out += [f"staging inject/{p.name}" for p in sorted((d / "inject").glob("*"))]
+    if lab_nodes.staging_running(lab):
+        out.append("staging app running")
+    return out
+
+
+async def ensure_site_defaults(lab: LabConfig) -> list[str]:
+    """Put the Secret Server side back to its defaults if a test left it otherwise (settings,
+    audit rows, staging / scratch databases, faults, the staging folder) without the full
+    reset; returns what was done."""
+    from lab import nodes as lab_nodes
+
+    done: list[str] = []
+    if await asyncio.to_thread(lab_mariadb.site_state_problems, lab):
+        done += await asyncio.to_thread(lab_mariadb.reset_site_state, lab)
+        # Nodes cache the settings for up to half a second.
+        await asyncio.sleep(0.6)
+    if await asyncio.to_thread(staging_problems, lab):
+        await asyncio.to_thread(lab_nodes.wipe_staging, lab)
+        done.append("staging emptied")
+    return done
+
+
 async def ensure_v1(lab: LabConfig) -> None:
     """Reset the lab unless it already is as just after `lab up`: v1 on every node, schema 1,
-    every app server ready and UP, no fault injected."""
+    every app server ready and UP, no fault injected, upgrade settings at their defaults,
+    no audit rows, staging stopped and empty, no staging / scratch database."""
     async def version(i: int) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
                 s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
@@ -189,6 +226,8 @@ async def ensure_v1(lab: LabConfig) -> None:
         from lab.manager import lab_reset
 
         await lab_reset(lab)
+    else:
+        await ensure_site_defaults(lab)
 
 
 def closed_port() -> int:

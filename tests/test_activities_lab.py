@@ -214,7 +214,8 @@ async def test_drain_wait_drained_ready_wait_up(inv: Inventory, lab: LabConfig) 
     lb = inv.load_balancers[0]
     env = _env()
     # Route one slow request to node2: the other members are drained while it starts.
-    for other in ("node1", "node3"):
+    others = [n.name for n in inv.nodes if n.name != "node2"]
+    for other in others:
         await env.run(haproxy.lb_set_state, SetStateRequest(lb, other, "drain"))
     try:
         async with aiohttp.ClientSession() as session:
@@ -225,7 +226,7 @@ async def test_drain_wait_drained_ready_wait_up(inv: Inventory, lab: LabConfig) 
                     break
                 await asyncio.sleep(0.05)
             assert st.scur == 1
-            for other in ("node1", "node3"):
+            for other in others:
                 await env.run(haproxy.lb_set_state, SetStateRequest(lb, other, "ready"))
             st = await env.run(haproxy.lb_set_state, SetStateRequest(lb, "node2", "drain"))
             assert st.admin == "drain" and st.status == "DRAIN"
@@ -236,7 +237,7 @@ async def test_drain_wait_drained_ready_wait_up(inv: Inventory, lab: LabConfig) 
             assert resp.status == 200 and resp.headers["X-Node"] == "node2"
             resp.release()
     finally:
-        for name in ("node1", "node2", "node3"):
+        for name in (n.name for n in inv.nodes):
             await haproxy.set_member_state(lb, name, "ready")
     st = await _env().run(haproxy.lb_wait_up, WaitRequest(lb, "node2", timeout_s=20))
     assert st.is_up and st.admin == "ready"
@@ -244,7 +245,7 @@ async def test_drain_wait_drained_ready_wait_up(inv: Inventory, lab: LabConfig) 
 
 async def test_drain_timeout_with_an_open_session(inv: Inventory, lab: LabConfig) -> None:
     lb = inv.load_balancers[0]
-    for other in ("node1", "node2"):
+    for other in (n.name for n in inv.nodes if n.name != "node3"):
         await haproxy.set_member_state(lb, other, "drain")
     try:
         async with aiohttp.ClientSession() as session:
@@ -259,9 +260,9 @@ async def test_drain_timeout_with_an_open_session(inv: Inventory, lab: LabConfig
             assert e.value.type == "DrainTimeout" and "1 open session(s)" in e.value.message
             (await slow).release()
     finally:
-        for name in ("node1", "node2", "node3"):
+        for name in (n.name for n in inv.nodes):
             await haproxy.set_member_state(lb, name, "ready")
-        for name in ("node1", "node2", "node3"):
+        for name in (n.name for n in inv.nodes):
             await haproxy.wait_up(lb, name, 20)
 
 
@@ -409,7 +410,7 @@ async def test_db_migration_up_down_idempotent(inv: Inventory, lab: LabConfig) -
         up_req = MigrationRequest(db, mig.version, mig.up_sql, "up")
         down_req = MigrationRequest(db, mig.version, mig.down_sql, "down")
         up = await env.run(mysql.db_apply_migration, up_req)
-        assert up.applied and up.statements == 1
+        assert up.applied and up.statements == 2  # the lab's fault-injection hook, then the ALTER
         assert (up.schema_version_before, up.schema_version_after) == (1, 2)
         assert await has_notes()
         again = await env.run(mysql.db_apply_migration, up_req)

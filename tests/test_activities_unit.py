@@ -1198,3 +1198,215 @@ async def test_with_heartbeat_cancels_the_inner_work() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert cancelled.is_set() and not finished.is_set() and len(beats) >= 2
+
+
+# =========================================================================== Version Guard
+
+
+def _pkg(version: str = "3.0.0", min_from: str = "", requires: tuple[str, ...] = ()) -> deploy.PackageInfo:
+    return deploy.PackageInfo(path="/p.zip", sha256="ab", name="labapp", version=version,
+                              min_upgrade_from=min_from, schema_version=3, migrations=(), files=1,
+                              requires=requires)
+
+
+@pytest.mark.parametrize(("running", "pkg", "ok", "first"), [
+    ("2.0.0", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
+    ("2.5", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
+    ("1.0.0", _pkg(requires=("2.0.0",)), False, ("2.0.0",)),
+    ("1.0.0", _pkg(min_from="2.0.0"), False, ("2.0.0",)),
+    # min_upgrade_from and requires naming one version: installed once
+    ("1.0.0", _pkg(min_from="2.0", requires=("2.0.0",)), False, ("2.0",)),
+    # ascending, whatever the order given; versions already passed are not asked for again
+    ("1.0.0", _pkg(min_from="1.5.0", requires=("2.5.0", "2.0.0", "0.9.0")), False,
+     ("1.5.0", "2.0.0", "2.5.0")),
+    ("2.0.0", _pkg(requires=("1.0.0", "2.0.0", "2.5.0")), False, ("2.5.0",)),
+])
+def test_version_guard_install_first(running: str, pkg: deploy.PackageInfo, ok: bool,
+                                     first: tuple[str, ...]) -> None:
+    v = deploy.version_guard(running, pkg)
+    assert (v.ok, v.install_first) == (ok, first)
+    assert v.reason.startswith("Version Guard: labapp 3.0.0 ")
+    assert v == deploy.version_guard(running, pkg)  # deterministic
+
+
+def test_version_guard_reason_reads_like_the_runbook() -> None:
+    v = deploy.version_guard("1.0.0", _pkg(requires=("2.0.0",)))
+    assert v.reason.startswith("Version Guard: labapp 3.0.0 cannot upgrade 1.0.0; install 2.0.0 first, "
+                               "then 3.0.0")
+    v = deploy.version_guard("1.0.0", _pkg(min_from="1.5.0", requires=("2.0.0",)))
+    assert "install 1.5.0 first, then 2.0.0, then 3.0.0" in v.reason
+    assert "upgrades from 1.5.0 or later" in v.reason and "requires 2.0.0" in v.reason
+
+
+@pytest.mark.parametrize(("running", "pkg", "why"), [
+    ("3.0.0", _pkg(), "is not newer than the running version 3.0.0"),
+    ("3.1", _pkg(), "is not newer"),
+    ("three", _pkg(), "cannot check"),
+    ("1.0.0", _pkg(version="3.x"), "cannot check"),
+    ("1.0.0", _pkg(requires=("2.0.0-beta",)), "cannot check"),
+])
+def test_version_guard_refusals(running: str, pkg: deploy.PackageInfo, why: str) -> None:
+    v = deploy.version_guard(running, pkg)
+    assert not v.ok and v.install_first == () and why in v.reason
+
+
+async def test_check_upgrade_uses_the_version_guard(tmp_path: Path) -> None:
+    release = {**RELEASE, "version": "3.0.0", "requires": ["2.0.0"]}
+    info = inspect_package_file(str(_zip(tmp_path / "app-3.zip", {**_good_files(),
+                                                                   "release.json": json.dumps(release)})))
+    assert info.requires == ("2.0.0",)
+    env = ActivityEnvironment()
+    with pytest.raises(ApplicationError) as e:
+        await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "1.0.0"))
+    assert e.value.type == "VersionNotNewer" and e.value.non_retryable
+    assert "install 2.0.0 first, then 3.0.0" in e.value.message
+    assert (await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "2.0.0"))).comparison == 1
+    with pytest.raises(ApplicationError) as e:
+        await env.run(deploy.check_upgrade, UpgradeCheckRequest(info, "x"))
+    assert e.value.type == "InvalidRequest"
+
+
+@pytest.mark.parametrize(("requires", "why"), [
+    ("2.0.0", "requires must be a list"),
+    (["two"], "requires[0] 'two' is not a dotted numeric version"),
+    ([2], "requires[0] 2 is not a dotted numeric version"),
+    (["1.0.0", "2.0.0"], "requires[1] 2.0.0 is not older than version 2.0.0"),
+])
+def test_inspect_invalid_requires(tmp_path: Path, requires: Any, why: str) -> None:
+    release = json.dumps({**RELEASE, "requires": requires})
+    assert why in _corrupt_reason(_zip(tmp_path / "x.zip", {**_good_files(), "release.json": release}))
+
+
+def test_inspect_requires_sorted_and_min_upgrade_from_not_newer(tmp_path: Path) -> None:
+    release = json.dumps({**RELEASE, "requires": ["1.5", "0.9.0", "1.5.0"]})
+    info = inspect_package_file(str(_zip(tmp_path / "x.zip", {**_good_files(), "release.json": release})))
+    assert info.requires == ("0.9.0", "1.5")
+    assert inspect_package_file(str(_zip(tmp_path / "y.zip", _good_files()))).requires == ()
+    release = json.dumps({**RELEASE, "min_upgrade_from": "2.1.0"})
+    assert "min_upgrade_from 2.1.0 is newer than version 2.0.0" in _corrupt_reason(
+        _zip(tmp_path / "z.zip", {**_good_files(), "release.json": release}))
+
+
+# =========================================================================== upgrade zip (no lab)
+
+
+def _sha(data: bytes | str) -> str:
+    import hashlib
+
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+async def test_upgrade_zip_is_deterministic_and_holds_only_what_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    files = {**_good_files(), "static/style.css": "body {}\n", "encryption.config": "key = k\n",
+             "bin/run.sh": "#!/bin/sh\n"}
+    src = tmp_path / "app-2.zip"
+    with zipfile.ZipFile(src, "w") as z:  # in another order, with today's dates
+        for name in reversed(list(files)):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100755 if name.endswith(".sh") else 0o100644) << 16
+            info.create_system = 3
+            z.writestr(info, files[name])
+    pkg = inspect_package_file(str(src))
+    node_files = {"app.py": _sha("print('hi')\n"), "static/style.css": _sha("body {}\n"),
+                  "web.config": _sha("a = 1\n"), "release.json": _sha("{}"), "bin/run.sh": _sha("old")}
+    calls: list[str] = []
+
+    async def manifest(node: Node, folder: str) -> dict[str, str]:
+        calls.append(folder)
+        return node_files
+
+    monkeypatch.setattr(deploy, "folder_manifest", manifest)
+    out = tmp_path / "out"
+    req = deploy.UpgradeZipRequest(_node(tmp_path), pkg, str(out), "up-n1", ("encryption.config",),
+                                   ("web.config",))
+    env = ActivityEnvironment()
+    first = await env.run(deploy.build_upgrade_zip, req)
+    assert calls == ["app"] and first.base_node == "n1" and not first.reused
+    # web.config is merged per node, the migrations are what release.json names: always in
+    assert first.files == ("bin/run.sh", "migrations/002_down.sql", "migrations/002_up.sql",
+                           "release.json", "web.config")
+    assert first.unchanged == 2  # app.py, static/style.css
+    path = Path(first.path)
+    assert path == out / "up-n1.zip" and first.sha256 == _sha(path.read_bytes())
+    assert first.size == path.stat().st_size
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        assert [i.filename for i in infos] == list(first.files)
+        assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
+        assert {i.filename: (i.external_attr >> 16) & 0o777 for i in infos}["bin/run.sh"] == 0o755
+        assert z.read("release.json") == json.dumps(RELEASE).encode()
+    part = inspect_package_file(str(path))
+    assert (part.version, part.files, len(part.migrations)) == ("2.0.0", 5, 1)
+    assert not list(out.glob(".*.tmp"))
+
+    mtime = path.stat().st_mtime_ns
+    again = await env.run(deploy.build_upgrade_zip, req)
+    assert again.reused and again.sha256 == first.sha256 and path.stat().st_mtime_ns == mtime
+    # another id, same inputs: the same bytes
+    other = await env.run(deploy.build_upgrade_zip, dataclasses.replace(req, zip_id="up-n2"))
+    assert Path(other.path).read_bytes() == path.read_bytes()
+    # the node changed: the same id now stands for another difference (replaced atomically)
+    node_files["app.py"] = _sha("older")
+    changed = await env.run(deploy.build_upgrade_zip, req)
+    assert not changed.reused and "app.py" in changed.files and changed.sha256 != first.sha256
+
+
+async def test_upgrade_zip_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", _good_files())))
+
+    async def manifest(node: Node, folder: str) -> dict[str, str]:
+        return {}
+
+    monkeypatch.setattr(deploy, "folder_manifest", manifest)
+    env = ActivityEnvironment()
+    base = deploy.UpgradeZipRequest(_node(tmp_path), pkg, str(tmp_path / "out"), "z1")
+    for req, kind, text in [
+        (dataclasses.replace(base, zip_id="../evil"), "InvalidRequest", "zip id"),
+        (dataclasses.replace(base, protected_files=("release.json",)), "InvalidRequest", "release.json"),
+        (dataclasses.replace(base, protected_files=("/etc/passwd",)), "InvalidRequest", "relative"),
+        # a migration script that is protected: the zip would not be a package
+        (dataclasses.replace(base, protected_files=("migrations/002_up.sql",)), "PackageCorrupt",
+         "would not be a valid package"),
+    ]:
+        with pytest.raises(ApplicationError) as e:
+            await env.run(deploy.build_upgrade_zip, req)
+        assert e.value.type == kind and e.value.non_retryable and text in e.value.message, req
+    Path(pkg.path).write_bytes(Path(pkg.path).read_bytes() + b"x")
+    with pytest.raises(ApplicationError) as e:
+        await env.run(deploy.build_upgrade_zip, base)
+    assert e.value.type == "PackageCorrupt" and "changed since it was inspected" in e.value.message
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+# =========================================================================== SQL script (no lab)
+
+
+def _pkg_with_migrations() -> deploy.PackageInfo:
+    return dataclasses.replace(_pkg(), migrations=(
+        deploy.MigrationSpec(3, "-- three\nALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT\n", "", True),
+        deploy.MigrationSpec(2, "ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT;\n", ""),
+    ))
+
+
+def test_sql_script_text() -> None:
+    text, versions = deploy.sql_script_text(_pkg_with_migrations(), 1)
+    assert versions == (2, 3)
+    assert text.startswith("-- zerodown upgrade script: labapp 3.0.0, schema 1 -> 3\n")
+    assert text.index("migration 2 (up)") < text.index("c2 INT;") < text.index("migration 3 (up) DESTRUCTIVE")
+    # the last statement of a script is terminated, so the next one never joins it
+    assert "ADD COLUMN IF NOT EXISTS c3 INT;\n" in text and text.endswith(";\n")
+    assert mysql.split_sql(text) == ["ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT",
+                                     "ALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT"]
+    assert deploy.sql_script_text(_pkg_with_migrations(), 2)[1] == (3,)
+    empty, none = deploy.sql_script_text(_pkg_with_migrations(), 3)
+    assert none == () and mysql.split_sql(empty) == [] and "migrations: none" in empty
+
+
+def test_storage_need() -> None:
+    assert node.storage_need(1000, 100) == 1430  # (1000 + 300) * 1.1
+    assert node.storage_need(1, 0) == 2  # rounded up
+    assert node.storage_need(0, 0) == 0

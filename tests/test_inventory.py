@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from workflows.inventory import (
+    AdminApi,
     InventoryError,
     SecretRef,
     UnknownNodeError,
@@ -123,3 +124,65 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     empty.write_text("# nothing\n")
     with pytest.raises(InventoryError, match="the inventory is empty"):
         load_inventory(empty)
+
+
+def test_admin_scratch_and_staging_load() -> None:
+    inv = load_inventory(EXAMPLE)
+    assert inv.application.admin == AdminApi(token=SecretRef(env="SS_ADMIN_TOKEN"), path_prefix="/admin")
+    assert inv.databases[0].scratch_database == "SecretServer_RestoreTest"
+    st = inv.staging
+    assert st is not None
+    assert (st.ssh.host, st.app_dir, st.service.kind, st.url, st.database) == (
+        "10.0.2.21", "C:/inetpub/wwwroot/SecretServer", "iis", "https://10.0.2.21", "SecretServer_Staging")
+    assert st.ssh.key == SecretRef(file=str(EXAMPLE.parent / "keys/deploy_ed25519"))
+    assert st.config == {"settings.ini": {"node.name": "staging"}}
+    # All optional: an inventory without them loads with the defaults.
+    raw = example()
+    del raw["staging"], raw["application"]["admin"], raw["databases"][0]["scratch_database"]
+    inv = parse_inventory(raw)
+    assert (inv.staging, inv.application.admin, inv.databases[0].scratch_database) == (None, None, None)
+    raw = example()
+    raw["application"]["admin"] = {"token": {"file": "keys/admin_token"}, "path_prefix": "/api/admin/"}
+    raw["staging"]["config"] = {"web.config": {"http.port": 8443, "node.name": "staging"}}
+    inv = parse_inventory(raw, base_dir=EXAMPLE.parent)
+    assert inv.application.admin == AdminApi(token=SecretRef(file=str(EXAMPLE.parent / "keys/admin_token")),
+                                             path_prefix="/api/admin")
+    assert inv.staging is not None and inv.staging.config == {"web.config": {"http.port": "8443",
+                                                                             "node.name": "staging"}}
+
+
+def test_admin_scratch_and_staging_problems_have_paths() -> None:
+    raw = example()
+    raw["application"]["admin"] = {"token": "plain-token", "path_prefix": "admin", "user": "x"}
+    raw["databases"][0]["scratch_database"] = raw["databases"][0]["database"]
+    raw["staging"]["database"] = raw["databases"][0]["database"]
+    del raw["staging"]["url"]
+    raw["staging"]["ssh"]["port"] = "22a"
+    raw["staging"]["config"] = {"/etc/passwd": {"a": "b"}, "web.config": {"feature.x": True, "k": ["l"]},
+                                "empty.ini": {}}
+    problems = problems_of(raw)
+    assert any(p.startswith("application.admin.token: secrets must be references") for p in problems)
+    assert 'application.admin.path_prefix: expected a path starting with \'/\', got "admin"' in problems
+    assert any(p.startswith("application.admin.user: unknown key") for p in problems)
+    assert any(p.startswith("databases[0].scratch_database: must differ from database 'SecretServer'")
+               for p in problems)
+    assert any(p.startswith("staging.database: must differ from the production database "
+                            "databases[0].database") for p in problems)
+    assert "staging.url: required field is missing" in problems
+    assert 'staging.ssh.port: expected an integer 1-65535, got "22a"' in problems
+    assert "staging.config./etc/passwd: expected a file name relative to the application folder" in problems
+    for key in ("feature.x", "k"):
+        assert any(p.startswith(f"staging.config.web.config.{key}: expected a string or number")
+                   for p in problems)
+    assert any(p.startswith("staging.config.empty.ini: expected a non-empty mapping") for p in problems)
+    assert not any("plain-token" in p for p in problems)
+    assert len(problems) == 11, problems
+    raw = example()
+    raw["staging"]["database"] = raw["databases"][0]["scratch_database"]
+    assert any(p.startswith("staging.database: must differ from databases[0].scratch_database")
+               for p in problems_of(raw))
+    raw = example()
+    raw["staging"] = {"app_dir": "x"}
+    assert {"staging.ssh: required field is missing", "staging.service: required field is missing",
+            "staging.url: required field is missing", "staging.database: required field is missing"} \
+        <= set(problems_of(raw))

@@ -125,6 +125,9 @@ class Database:
     replica: DatabaseEndpoint | None = None
     # Where logical backups are written (on the worker's machine).
     backup_dir: str | None = None
+    # A database on the same server where a restored copy of `database` is tested (a
+    # backup's restore check, a migration's dry run) and then dropped; never `database`.
+    scratch_database: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,15 @@ class HttpCheck:
     # For a login check: the user name and a reference to the password.
     user: str | None = None
     password: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class AdminApi:
+    """The application's admin interface (maintenance mode, upgrade settings, audit):
+    `Authorization: Bearer <token>` on every request under `path_prefix`."""
+
+    token: SecretRef
+    path_prefix: str = "/admin"
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class Application:
     login: HttpCheck | None = None
     # The public URL through the load balancer.
     url: str | None = None
+    admin: AdminApi | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,25 @@ class Rollout:
     batches: tuple[tuple[str, ...], ...] = ()
     # How long a node may take to become healthy after start.
     health_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A staging copy of the site (seed "Task Five"): one server, outside every load
+    balancer, whose app folder receives a production backup and whose database a restored
+    copy of the production database, to test an upgrade before production gets it.
+
+    `config`: file -> key -> value, written into the restored files (key = value files),
+    e.g. {"web.config": {"http.port": "18008", "node.name": "staging"},
+    "database.config": {"database": "app_staging"}}, so the copy talks to its own port
+    and database and never to production's."""
+
+    ssh: SshTarget
+    app_dir: str
+    service: ServiceControl
+    url: str
+    database: str
+    config: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,6 +202,7 @@ class Inventory:
     rollout: Rollout = field(default_factory=Rollout)
     # Where the inventory was loaded from (informational).
     source: str | None = None
+    staging: Staging | None = None
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -476,7 +509,7 @@ def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
 
 def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
     m = r.mapping(raw, path, ("name", "kind", "host", "port", "database", "user", "password",
-                              "replica", "backup_dir"))
+                              "replica", "backup_dir", "scratch_database"))
     kind = r.choice(m, "kind", path, DB_KINDS)
     default_port = 1433 if kind == "mssql" else 3306
     replica = None
@@ -486,16 +519,22 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
         replica = DatabaseEndpoint(host=r.string(rm, "host", rp) or "",
                                    port=r.integer(rm, "port", rp, default_port, 1, 65535))
     bd = r.string(m, "backup_dir", path, required=False)
+    database = r.string(m, "database", path) or ""
+    scratch = r.string(m, "scratch_database", path, required=False)
+    if scratch and scratch == database:
+        r.problem(_join(path, "scratch_database"),
+                  f"must differ from database {database!r} (the scratch copy is dropped after its test)")
     return Database(
         name=r.name(m, "name", path),
         kind=kind,
         host=r.string(m, "host", path) or "",
         port=r.integer(m, "port", path, default_port, 1, 65535),
-        database=r.string(m, "database", path) or "",
+        database=database,
         user=r.string(m, "user", path) or "",
         password=r.secret(m, "password", path) or SecretRef(env="UNSET"),
         replica=replica,
         backup_dir=r.path_value(bd) if bd else None,
+        scratch_database=scratch,
     )
 
 
@@ -513,9 +552,19 @@ def _parse_check(r: _Reader, raw: Any, path: str, login: bool = False) -> HttpCh
     )
 
 
+def _parse_admin(r: _Reader, raw: Any, path: str) -> AdminApi:
+    m = r.mapping(raw, path, ("token", "path_prefix"))
+    token = r.secret(m, "token", path)
+    prefix = r.string(m, "path_prefix", path, default="/admin") or "/admin"
+    if not prefix.startswith("/") or any(c.isspace() for c in prefix):
+        r.problem(_join(path, "path_prefix"), f"expected a path starting with '/', got {_show(prefix)}")
+    prefix = prefix.rstrip("/") or "/"
+    return AdminApi(token=token or SecretRef(env="UNSET"), path_prefix=prefix)
+
+
 def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
     m = r.mapping(raw, path, ("name", "protected_files", "merge_files", "health", "version",
-                              "login", "url"))
+                              "login", "url", "admin"))
     protected = r.str_list(m, "protected_files", path)
     merge = r.str_list(m, "merge_files", path)
     for f in (*protected, *merge):
@@ -534,6 +583,50 @@ def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
         login=_parse_check(r, m["login"], _join(path, "login"), login=True)
         if m.get("login") is not None else None,
         url=_parse_url(r, m, "url", path, required=False),
+        admin=_parse_admin(r, m["admin"], _join(path, "admin")) if m.get("admin") is not None else None,
+    )
+
+
+def _parse_staging_config(r: _Reader, raw: Any, path: str) -> dict[str, dict[str, str]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        r.problem(path, f"expected a mapping of file to {{key: value}}, got {_show(raw)}")
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for f, kv in raw.items():
+        fp = _join(path, str(f))
+        if not isinstance(f, str) or not f or f.startswith("/") or ".." in Path(f).parts:
+            r.problem(fp, "expected a file name relative to the application folder")
+            continue
+        if not isinstance(kv, dict) or not kv:
+            r.problem(fp, f"expected a non-empty mapping of key to value, got {_show(kv)}")
+            continue
+        values: dict[str, str] = {}
+        for k, v in kv.items():
+            kp = _join(fp, str(k))
+            if not isinstance(k, str) or not k.strip() or "=" in k or "\n" in k:
+                r.problem(kp, "expected a key name without '=' or line breaks")
+            elif isinstance(v, bool) or not isinstance(v, (str, int, float)) or "\n" in str(v):
+                # A YAML `on` / `yes` is a boolean: asking for quotes keeps the file's text exact.
+                r.problem(kp, f"expected a string or number on one line (quote it), got {_show(v)}")
+            else:
+                values[k] = str(v)
+        out[f] = values
+    return out
+
+
+def _parse_staging(r: _Reader, raw: Any, path: str) -> Staging:
+    m = r.mapping(raw, path, ("ssh", "app_dir", "service", "url", "database", "config"))
+    return Staging(
+        ssh=_parse_ssh(r, m.get("ssh"), _join(path, "ssh")) if m.get("ssh") is not None
+        else _missing(r, path, "ssh", SshTarget(host="")),
+        app_dir=r.string(m, "app_dir", path) or "",
+        service=_parse_service(r, m.get("service"), _join(path, "service"))
+        if m.get("service") is not None else _missing(r, path, "service", ServiceControl(kind="")),
+        url=_parse_url(r, m, "url", path, required=True) or "",
+        database=r.string(m, "database", path) or "",
+        config=_parse_staging_config(r, m.get("config"), _join(path, "config")),
     )
 
 
@@ -554,7 +647,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     """Validate a raw (already YAML-decoded) inventory; raise InventoryError with all problems."""
     r = _Reader(base_dir)
     top = r.mapping(raw, "", ("site", "nodes", "load_balancers", "databases", "application",
-                              "approvers", "rollout"))
+                              "approvers", "rollout", "staging"))
     if not isinstance(raw, dict):
         raise InventoryError(r.problems, source)
     site = r.name(top, "site", "")
@@ -567,6 +660,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         else Application(name="app")
     rollout = _parse_rollout(r, top["rollout"], "rollout") if top.get("rollout") is not None \
         else Rollout()
+    staging = _parse_staging(r, top["staging"], "staging") if top.get("staging") is not None else None
 
     approvers: dict[str, tuple[str, ...]] = {}
     raw_appr = top.get("approvers")
@@ -597,6 +691,15 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         for n in b:
             if n not in node_names:
                 r.problem(f"rollout.batches[{i}]", f"unknown node {n!r}")
+    if staging is not None and staging.database:
+        # The staging copy is restored over and dropped: never one of production's databases.
+        for i, d in enumerate(dbs):
+            if staging.database == d.database:
+                r.problem("staging.database", f"must differ from the production database "
+                                              f"databases[{i}].database ({d.database!r})")
+            elif staging.database == d.scratch_database:
+                r.problem("staging.database", f"must differ from databases[{i}].scratch_database "
+                                              f"({d.scratch_database!r}), which is dropped after each test")
     if rollout.batches:
         listed = [n for b in rollout.batches for n in b]
         if len(listed) != len(set(listed)):
@@ -608,7 +711,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         raise InventoryError(r.problems, source)
     return Inventory(site=site, nodes=tuple(nodes), load_balancers=tuple(lbs),
                      databases=tuple(dbs), application=app, approvers=approvers,
-                     rollout=rollout, source=source)
+                     rollout=rollout, source=source, staging=staging)
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:

@@ -8,13 +8,34 @@ files next to it, exactly like a customer's application:
 * ``web.config``        ``key = value``: http.port, node.name, db.pool_size, greeting, ...
 * ``database.config``   ``key = value``: host, port, database, user, password
 * ``encryption.config`` ``key = <hex>``: the site-wide key secrets are encrypted with. A node
-                        with another key (or none) cannot read the secrets and says so in
-                        /health: that is what losing a protected file looks like.
+                        with another key (or none) cannot read the secrets and says so
+                        ("encryption key mismatch") in /health: that is what losing a
+                        protected file looks like.
+* ``admin.config``      ``token_sha256 = <hex>``: the admin interface's token (hashed; per
+                        site, never in a package). Read on every admin request.
 
 Endpoints: GET /health, GET /version, POST /login, GET|POST /items, GET /slow?ms=N,
 GET|POST /secrets, GET /secrets/{name}, GET / (static/index.html), /static/*.
 Every response carries ``X-Node: <node.name>``. SIGTERM stops accepting connections and
 lets in-flight requests finish (up to ``shutdown.timeout_s``, default 30 s), then exits 0.
+
+Secret Server's upgrade behaviour, driven by table tbUpgradeSettings (the site row
+``Scope = '*'``, and a row per node, ``Scope = node.name``, whose non-NULL values override
+the site's; read with a cache of at most SETTINGS_TTL_S):
+
+* maintenance mode: reads are served, changes (POST /items, POST /secrets) are refused with
+  423 and ``X-Refused: maintenance``;
+* version mismatch: with the site's EnforceVersionMatch on and this code's schema differing
+  from the database's, every request but /health, /version and /admin/* gets the mismatch
+  page (409, ``X-Refused: version-mismatch``) - unless ignore-version-mismatch AND
+  maintenance mode are both in effect on this node ("Allow version mismatch while in
+  Maintenance Mode"). /health stays 200 (the site does load) and says so.
+
+Enforcement defaults to off: rolling-deploy runs v1 code on schema 2 by design.
+
+Admin interface (``Authorization: Bearer <token>``, 401 otherwise): GET /admin/state,
+POST /admin/settings, GET|POST /admin/audit (tbAudit, type ManualUpgrade, idempotent by
+reference).
 
 Fault injection: if ``../inject/fail_health_version`` (outside the app folder, so a deploy
 never ships or removes it) holds this release's version, /health answers 500.
@@ -26,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -44,6 +66,7 @@ from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
 INJECT_FILE = HERE.parent / "inject" / "fail_health_version"
+ADMIN_CONFIG = HERE / "admin.config"
 
 # Both releases run on schema 1 and 2: the v2 migration only adds a nullable column.
 MIN_SCHEMA = 1
@@ -51,6 +74,25 @@ MAX_SCHEMA = 2
 CANARY = "zerodown.canary"
 SCHEMA_TTL_S = 2.0
 MAX_SLOW_MS = 30000
+# Settings are re-read at most this old, so a change made on one node (or in the DB) is in
+# effect on every node within half a second; /admin/state always reads them fresh.
+SETTINGS_TTL_S = 0.5
+# After a failed settings read (DB down) requests use the last known values for this long
+# instead of each waiting for the database again.
+SETTINGS_RETRY_S = 1.0
+SITE_SCOPE = "*"
+ADMIN = "/admin"
+# What maintenance mode refuses: the changes this application offers (reads still work,
+# like Secret Server's read-only vaulting).
+CHANGES = {("POST", "/items"), ("POST", "/secrets")}
+MAINTENANCE_ERROR = "maintenance mode: changes are refused, reads are served"
+AUDIT_TYPE = "ManualUpgrade"
+AUDIT_ACTIONS = ("STARTED", "VERIFY DELTAS", "GENERATE UPGRADE ZIP", "GENERATE DB SCRIPT", "STAGING TEST",
+                 "COMPLETED", "CANCEL")
+AUDIT_LIMITS = {"notes": 1000, "user": 64, "reference": 190}
+# JSON key -> tbUpgradeSettings column (fixed names: never built from request data).
+SETTING_COLUMNS = {"maintenance_mode": "MaintenanceMode", "ignore_version_mismatch": "IgnoreVersionMismatch",
+                   "enforce_version_match": "EnforceVersionMatch"}
 
 log = logging.getLogger("labapp")
 
@@ -102,6 +144,9 @@ class KeyMismatch(Exception):
     pass
 
 
+KEY_MISMATCH = "encryption key mismatch"
+
+
 def decrypt(key: bytes, token: str | bytes) -> str:
     raw = base64.b64decode(token if isinstance(token, bytes) else token.encode("ascii"))
     nonce, tag, ct = raw[:16], raw[16:32], raw[32:]
@@ -109,6 +154,38 @@ def decrypt(key: bytes, token: str | bytes) -> str:
     if not hmac.compare_digest(tag, want):
         raise KeyMismatch("secret was encrypted with a different key (encryption.config differs)")
     return bytes(a ^ b for a, b in zip(ct, _keystream(key, nonce, len(ct)), strict=True)).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The site row and this node's override row of tbUpgradeSettings."""
+
+    site_maintenance: bool = False
+    site_ignore: bool = False
+    site_enforce: bool = False
+    node_maintenance: bool | None = None
+    node_ignore: bool | None = None
+    node_row: bool = False
+
+    @property
+    def maintenance(self) -> bool:
+        return self.site_maintenance if self.node_maintenance is None else self.node_maintenance
+
+    @property
+    def ignore(self) -> bool:
+        return self.site_ignore if self.node_ignore is None else self.node_ignore
+
+    def mismatch_page(self, mismatch: bool) -> bool:
+        # Seed: "Allow version mismatch while in Maintenance Mode" - ignoring the mismatch
+        # only applies in maintenance mode.
+        return mismatch and self.site_enforce and not (self.maintenance and self.ignore)
+
+
+def _flag(v: Any) -> bool | None:
+    return None if v is None else bool(v)
 
 
 # --------------------------------------------------------------------------- state
@@ -129,6 +206,10 @@ class State:
         self._schema: int | None = None
         self._schema_at = 0.0
         self.key_verified = False  # cached once the canary decrypted: the key cannot change
+        self._settings: Settings | None = None
+        self._settings_at = 0.0
+        self._settings_failed_at: float | None = None
+        self._settings_lock = asyncio.Lock()
 
     @property
     def notes_feature(self) -> bool:
@@ -179,6 +260,51 @@ class State:
             self._schema, self._schema_at = int(rows[0][0]), now
         return self._schema
 
+    async def settings(self, fresh: bool = False) -> Settings:
+        """tbUpgradeSettings as this node sees it, at most SETTINGS_TTL_S old (fresh: read now,
+        errors raised). When the database cannot be read, requests that are not fresh go on
+        with the last known settings (defaults before any): the DB being down must not add
+        a wait to requests that do not need it (/slow)."""
+        now = time.monotonic()
+        if not fresh:
+            if self._settings is not None and now - self._settings_at <= SETTINGS_TTL_S:
+                return self._settings
+            failed = self._settings_failed_at
+            if failed is not None and (now - failed <= SETTINGS_RETRY_S or self._settings_lock.locked()):
+                return self._settings or Settings()
+        async with self._settings_lock:
+            if not fresh and self._settings is not None and \
+                    time.monotonic() - self._settings_at <= SETTINGS_TTL_S:
+                return self._settings  # refreshed while this request waited for the lock
+            try:
+                rows = await self.query(
+                    "SELECT Scope, MaintenanceMode, IgnoreVersionMismatch, EnforceVersionMatch "
+                    "FROM tbUpgradeSettings WHERE Scope IN (%s, %s)", (SITE_SCOPE, self.node))
+            except aiomysql.ProgrammingError as e:
+                if e.args[0] != 1146:  # 1146: no such table (a database from before the settings)
+                    raise
+                rows = []
+            except Exception as e:
+                if fresh:
+                    raise
+                self._settings_failed_at = time.monotonic()
+                log.warning("cannot read tbUpgradeSettings (%s: %s): using the last known settings",
+                            type(e).__name__, e)
+                return self._settings or Settings()
+            site = next((r for r in rows if r[0] == SITE_SCOPE), None)
+            node = next((r for r in rows if r[0] != SITE_SCOPE), None)
+            value = Settings(
+                site_maintenance=bool(site and site[1]), site_ignore=bool(site and site[2]),
+                site_enforce=bool(site and site[3]),
+                node_maintenance=_flag(node[1]) if node else None,
+                node_ignore=_flag(node[2]) if node else None, node_row=node is not None)
+            self._settings, self._settings_at, self._settings_failed_at = value, time.monotonic(), None
+            return value
+
+    def mismatch_text(self, db_schema: int) -> str:
+        return (f"Version mismatch: this node runs {self.version} (schema {self.code_schema}); "
+                f"the database is at schema {db_schema}")
+
     async def check_key(self) -> str | None:
         """None when the key reads the site's canary secret (written by the first node)."""
         if self.key is None:
@@ -195,7 +321,7 @@ class State:
         try:
             decrypt(self.key, rows[0][0])
         except (KeyMismatch, ValueError) as e:
-            return f"encryption key mismatch: {e}"
+            return f"{KEY_MISMATCH}: {e}"
         self.key_verified = True
         return None
 
@@ -229,6 +355,10 @@ async def health(request: web.Request) -> web.Response:
         return web.Response(status=503, text=f"schema {schema} newer than supported ({MAX_SCHEMA})")
     if key_problem:
         return web.Response(status=503, text=key_problem)
+    settings = await s.settings()
+    if settings.site_enforce and schema != s.code_schema:
+        # Still 200: the site does load (seed step 14), it just shows the mismatch page.
+        return web.Response(text=f"ok ({s.mismatch_text(schema).replace('Version', 'version', 1)})")
     return web.Response(text="ok")
 
 
@@ -238,10 +368,19 @@ async def version(request: web.Request) -> web.Response:
         db_schema: int | None = await asyncio.wait_for(s.db_schema(), 3)
     except Exception:
         db_schema = None
+    try:
+        settings: Settings | None = await asyncio.wait_for(s.settings(), 3)
+    except Exception:
+        settings = None
     # "schema" is the schema this release targets (release.json); "db_schema" what the DB holds.
+    # "mismatch": the two differ; "mismatch_page": this node serves the mismatch page for it.
+    mismatch = db_schema is not None and db_schema != s.code_schema
     return web.json_response({"version": s.version, "node": s.node, "schema": s.code_schema,
                               "db_schema": db_schema, "greeting": s.web.get("greeting", ""),
-                              "config": s.web})
+                              "config": s.web, "mismatch": mismatch,
+                              "mismatch_page": settings.mismatch_page(mismatch) if settings else None,
+                              "maintenance_mode": settings.maintenance if settings else None,
+                              "ignore_version_mismatch": settings.ignore if settings else None})
 
 
 async def _fields(request: web.Request) -> dict[str, str]:
@@ -341,7 +480,7 @@ async def secrets_get(request: web.Request) -> web.Response:
     try:
         value = decrypt(s.key, rows[0][0])
     except (KeyMismatch, ValueError) as e:
-        return web.json_response({"error": f"cannot read secret {name!r}: {e}"}, status=409)
+        return web.json_response({"error": f"cannot read secret {name!r}: {KEY_MISMATCH}: {e}"}, status=409)
     return web.json_response({"name": name, "value": value})
 
 
@@ -352,6 +491,185 @@ async def secrets_list(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(HERE / "static" / "index.html")
+
+
+# --------------------------------------------------------------------------- admin interface
+
+
+def _admin_error(status: int, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _admin_refusal(request: web.Request) -> web.Response | None:
+    """None when the request carries the token admin.config holds the sha256 of."""
+    try:
+        conf = read_kv(ADMIN_CONFIG)
+    except OSError:
+        return _admin_error(401, "admin interface disabled: admin.config is missing")
+    want = conf.get("token_sha256", "").strip().lower()
+    if len(want) != 64:
+        return _admin_error(401, "admin interface disabled: admin.config has no token_sha256")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    got = hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
+    # Digests of equal length, compared in constant time: no timing hint about the token.
+    if scheme.lower() != "bearer" or not token.strip() or not hmac.compare_digest(got, want):
+        return _admin_error(401, "missing or wrong admin token")
+    return None
+
+
+def admin_only(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        refusal = _admin_refusal(request)
+        return refusal if refusal is not None else await handler(request)
+    return wrapped
+
+
+async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError as e:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "invalid JSON"}),
+                                 content_type="application/json") from e
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "expected a JSON object"}),
+                                 content_type="application/json")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"unknown keys {unknown} (allowed: "
+                                                  f"{sorted(allowed)})"}), content_type="application/json")
+    return data
+
+
+async def admin_state_data(s: State) -> dict[str, Any]:
+    settings = await s.settings(fresh=True)
+    db_schema = await s.db_schema(fresh=True)
+    mismatch = db_schema != s.code_schema
+    return {
+        "node": s.node, "version": s.version, "code_schema": s.code_schema, "db_schema": db_schema,
+        "maintenance_mode": settings.maintenance, "ignore_version_mismatch": settings.ignore,
+        "enforce_version_match": settings.site_enforce, "mismatch": mismatch,
+        "mismatch_page": settings.mismatch_page(mismatch),
+        "site": {"maintenance_mode": settings.site_maintenance,
+                 "ignore_version_mismatch": settings.site_ignore,
+                 "enforce_version_match": settings.site_enforce},
+        "node_override": {"maintenance_mode": settings.node_maintenance,
+                          "ignore_version_mismatch": settings.node_ignore} if settings.node_row else None,
+    }
+
+
+async def admin_state(request: web.Request) -> web.Response:
+    return web.json_response(await admin_state_data(st(request)))
+
+
+async def admin_settings(request: web.Request) -> web.Response:
+    """Set (not toggle) settings: absent keys are left as they are; for scope node, null
+    clears that override, and a node row left with nothing set is deleted."""
+    s = st(request)
+    data = await _json_object(request, {"scope", *SETTING_COLUMNS})
+    scope = data.get("scope")
+    if scope not in ("site", "node"):
+        return _admin_error(400, f"scope must be 'site' or 'node', got {scope!r}")
+    changes: dict[str, bool | None] = {}
+    for key in SETTING_COLUMNS:
+        if key not in data:
+            continue
+        v = data[key]
+        if scope == "node" and key == "enforce_version_match":
+            return _admin_error(400, "enforce_version_match is a site setting (scope 'site')")
+        if not isinstance(v, bool) and not (v is None and scope == "node"):
+            allowed = "true, false or null" if scope == "node" else "true or false"
+            return _admin_error(400, f"{key} must be {allowed}, got {v!r}")
+        changes[key] = v
+    if scope == "site":
+        await s.query("INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
+                      "EnforceVersionMatch) VALUES (%s, 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope",
+                      (SITE_SCOPE,), write=True)
+        for key, v in changes.items():
+            await s.query(f"UPDATE tbUpgradeSettings SET {SETTING_COLUMNS[key]} = %s WHERE Scope = %s",
+                          (int(bool(v)), SITE_SCOPE), write=True)
+    else:
+        for key, v in changes.items():
+            col = SETTING_COLUMNS[key]
+            await s.query(f"INSERT INTO tbUpgradeSettings (Scope, {col}) VALUES (%s, %s) "
+                          f"ON DUPLICATE KEY UPDATE {col} = VALUES({col})",
+                          (s.node, None if v is None else int(v)), write=True)
+        await s.query("DELETE FROM tbUpgradeSettings WHERE Scope = %s AND MaintenanceMode IS NULL "
+                      "AND IgnoreVersionMismatch IS NULL AND EnforceVersionMatch IS NULL", (s.node,),
+                      write=True)
+    if changes:
+        log.info("admin: %s settings %s", scope, changes)
+    return web.json_response(await admin_state_data(s))
+
+
+_AUDIT_COLS = "AuditId, AuditTypeName, Action, Notes, UserName, Reference, DateRecorded"
+
+
+def _audit_row(r: tuple[Any, ...], created: bool | None = None) -> dict[str, Any]:
+    when = r[6]
+    out: dict[str, Any] = {
+        "audit_id": int(r[0]), "audit_type": r[1], "action": r[2], "notes": r[3] or "",
+        "user": r[4] or "", "reference": r[5] or "",
+        # Stored as UTC (UTC_TIMESTAMP), so say so.
+        "date_recorded": when.isoformat(timespec="milliseconds") + "Z" if isinstance(when, dt.datetime)
+        else str(when)}
+    if created is not None:
+        out["created"] = created
+    return out
+
+
+async def _audit_by_reference(s: State, reference: str) -> tuple[Any, ...] | None:
+    rows = await s.query(f"SELECT {_AUDIT_COLS} FROM tbAudit WHERE Reference = %s", (reference,))
+    return rows[0] if rows else None
+
+
+def _existing_audit(row: tuple[Any, ...], action: str) -> web.Response:
+    if row[2] != action:
+        return _admin_error(409, f"reference {row[5]!r} is already used by audit {row[0]} with action "
+                                 f"{row[2]!r}, not {action!r}")
+    return web.json_response(_audit_row(row, created=False), status=200)
+
+
+async def admin_audit_post(request: web.Request) -> web.Response:
+    s = st(request)
+    data = await _json_object(request, {"action", "notes", "user", "reference"})
+    action = data.get("action")
+    if action not in AUDIT_ACTIONS:
+        return _admin_error(400, f"action must be one of {', '.join(AUDIT_ACTIONS)}, got {action!r}")
+    fields: dict[str, str] = {}
+    for key, limit in AUDIT_LIMITS.items():
+        v = data.get(key)
+        if v is None:
+            v = ""
+        if not isinstance(v, str) or len(v) > limit:
+            return _admin_error(400, f"{key} must be a string of at most {limit} characters")
+        fields[key] = v
+    ref = fields["reference"]
+    if ref:
+        row = await _audit_by_reference(s, ref)
+        if row is not None:
+            return _existing_audit(row, action)
+    try:
+        rows = await s.query("INSERT INTO tbAudit (AuditTypeName, Action, Notes, UserName, Reference, "
+                             "DateRecorded) VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(3))",
+                             (AUDIT_TYPE, action, fields["notes"] or None, fields["user"] or None,
+                              ref or None), write=True)
+    except aiomysql.IntegrityError as e:
+        # 1062: the same reference was recorded concurrently (another node, a retry).
+        if e.args[0] != 1062 or not ref:
+            raise
+        row = await _audit_by_reference(s, ref)
+        if row is None:
+            raise
+        return _existing_audit(row, action)
+    new = await s.query(f"SELECT {_AUDIT_COLS} FROM tbAudit WHERE AuditId = %s", (rows[0][0],))
+    log.info("admin: audit %s %s %s", AUDIT_TYPE, action, ref)
+    return web.json_response(_audit_row(new[0], created=True), status=201)
+
+
+async def admin_audit_get(request: web.Request) -> web.Response:
+    rows = await st(request).query(f"SELECT {_AUDIT_COLS} FROM tbAudit ORDER BY AuditId")
+    return web.json_response([_audit_row(r) for r in rows])
 
 
 # --------------------------------------------------------------------------- app wiring
@@ -371,6 +689,33 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=503, text=f"database unavailable: {type(e).__name__}: {e}")
 
 
+def _exempt(path: str) -> bool:
+    """Paths the upgrade settings never block: the probes of a load balancer / zerodown
+    and the admin interface that changes the settings."""
+    return path in ("/health", "/version") or path == ADMIN or path.startswith(ADMIN + "/")
+
+
+@web.middleware
+async def upgrade_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The version mismatch page and maintenance mode (see the module docstring)."""
+    if _exempt(request.path):
+        return await handler(request)
+    s = st(request)
+    settings = await s.settings()
+    if settings.site_enforce:
+        try:
+            db_schema: int | None = await s.db_schema()
+        except Exception:
+            db_schema = None  # unknown: the handler meets the DB error itself
+        if db_schema is not None and settings.mismatch_page(db_schema != s.code_schema):
+            return web.Response(status=409, text=s.mismatch_text(db_schema) + "\n",
+                                headers={"X-Refused": "version-mismatch"})
+    if (request.method, request.path) in CHANGES and settings.maintenance:
+        return web.json_response({"error": MAINTENANCE_ERROR}, status=423,
+                                 headers={"X-Refused": "maintenance"})
+    return await handler(request)
+
+
 async def _set_node_header(request: web.Request, response: web.StreamResponse) -> None:
     # on_response_prepare also sees aiohttp's own error pages (404, 405, 500).
     response.headers["X-Node"] = request.app[STATE].node
@@ -384,7 +729,7 @@ async def _close_pool(app: web.Application) -> None:
 
 
 def make_app(state: State | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors])
+    app = web.Application(middlewares=[errors, upgrade_gate])
     app[STATE] = state or State()
     app.on_response_prepare.append(_set_node_header)
     app.on_cleanup.append(_close_pool)
@@ -399,6 +744,10 @@ def make_app(state: State | None = None) -> web.Application:
         web.get("/secrets", secrets_list),
         web.post("/secrets", secrets_put),
         web.get("/secrets/{name}", secrets_get),
+        web.get(f"{ADMIN}/state", admin_only(admin_state)),
+        web.post(f"{ADMIN}/settings", admin_only(admin_settings)),
+        web.get(f"{ADMIN}/audit", admin_only(admin_audit_get)),
+        web.post(f"{ADMIN}/audit", admin_only(admin_audit_post)),
     ])
     if (HERE / "static").is_dir():
         app.router.add_static("/static/", HERE / "static")
