@@ -10,29 +10,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from activities.app_admin import (
+    app_admin_state,
+    app_list_audit,
+    app_record_audit,
+    app_set_settings,
+    app_wait_settings,
+)
 from activities.deploy import (
     app_folder_manifest,
     backup_app_folder,
+    build_upgrade_zip,
     check_upgrade,
     deploy_package,
+    generate_sql_script,
     inspect_package,
     restore_app_folder,
 )
 from activities.haproxy import lb_check_member, lb_member_state, lb_set_state, lb_wait_drained, lb_wait_up
 from activities.http_checks import check_health, check_login, get_version, wait_healthy
 from activities.mysql import (
+    check_backup_space,
     db_apply_migration,
     db_backup,
+    db_drop_database,
     db_promote_replica,
     db_replica_status,
     db_restore,
+    db_restore_keeping,
     db_schema_version,
     db_server_version,
     db_table_checksums,
     db_wait_replica_caught_up,
 )
-from activities.node import service_status, start_service, stop_service
+from activities.node import inspect_node_storage, service_status, start_service, stop_service
 from activities.ssh import ssh_probe
+from activities.staging import clear_staging, stage_app_backup
 
 ALL_ACTIVITIES: list[Callable[..., Any]] = [
     # ssh / node service
@@ -40,6 +53,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     stop_service,
     start_service,
     service_status,
+    inspect_node_storage,
     # load balancer
     lb_member_state,
     lb_check_member,
@@ -56,6 +70,9 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     db_replica_status,
     db_wait_replica_caught_up,
     db_promote_replica,
+    db_restore_keeping,
+    db_drop_database,
+    check_backup_space,
     # packages and app folders
     inspect_package,
     check_upgrade,
@@ -63,11 +80,22 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     deploy_package,
     restore_app_folder,
     app_folder_manifest,
+    build_upgrade_zip,
+    generate_sql_script,
+    # staging copy
+    stage_app_backup,
+    clear_staging,
     # HTTP checks
     check_health,
     wait_healthy,
     get_version,
     check_login,
+    # the application's admin interface
+    app_admin_state,
+    app_set_settings,
+    app_wait_settings,
+    app_record_audit,
+    app_list_audit,
 ]
 
 __all__ = ["ALL_ACTIVITIES"]

@@ -5,7 +5,7 @@
     zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
     zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
     zerodown server [--stop|--status]       zerodown worker
-    zerodown lab up|down|status|reset|probe  zerodown demo
+    zerodown lab up|down|status|reset|probe|inject  zerodown demo
 """
 
 from __future__ import annotations
@@ -156,6 +156,23 @@ ContinueGate = Annotated[bool, typer.Option("--continue-gate", help=(
     "after the first batch, wait for an approver of gate `continue` (a canary check)"))]
 
 
+OnFailure = Annotated[str, typer.Option("--on-failure", help=(
+    "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort) or `rollback` "
+    "at once; default: the procedure's (rolling-deploy: rollback, ss-*: ask)"))]
+FailureTimeout = Annotated[float, typer.Option("--failure-gate-timeout", help=(
+    "seconds a failure gate waits before its default, rollback"))]
+
+
+def _failure_options(on_failure: str, failure_timeout: float) -> dict[str, Any]:
+    if on_failure and on_failure not in ("ask", "rollback"):
+        err.print(f"[bold red]--on-failure must be ask or rollback[/], not {on_failure!r}")
+        raise typer.Exit(2)
+    out: dict[str, Any] = {"failure_gate_timeout_s": failure_timeout}
+    if on_failure:
+        out["on_failure"] = on_failure
+    return out
+
+
 def _starter() -> str:
     """Who starts a run: ZERODOWN_USER, else the login name (may not approve its own gates)."""
     import getpass
@@ -181,6 +198,7 @@ def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: No
 def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
           continue_gate: ContinueGate = False,
           gate_timeout: Annotated[float, typer.Option("--gate-timeout", help="seconds")] = 3600.0,
+          on_failure: OnFailure = "", failure_gate_timeout: FailureTimeout = 3600.0,
           wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
           workflow_id: Annotated[str | None, typer.Option("--id")] = None,
           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
@@ -189,7 +207,8 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
                            only_nodes=_only_nodes(inv, nodes), continue_gate=continue_gate,
-                           gate_timeout_s=gate_timeout, started_by=_starter())
+                           gate_timeout_s=gate_timeout, started_by=_starter(),
+                           **_failure_options(on_failure, failure_gate_timeout))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
                                  workflow_id)))
 
@@ -197,7 +216,7 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: N
 @app.command("input")
 def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
                dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
-               continue_gate: ContinueGate = False) -> None:
+               continue_gate: ContinueGate = False, on_failure: OnFailure = "") -> None:
     """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
     import dataclasses
     import json
@@ -205,7 +224,8 @@ def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nod
     inv = _load(inventory)
     arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
                            only_nodes=_only_nodes(inv, nodes), dry_run=dry_run,
-                           continue_gate=continue_gate, started_by=_starter())
+                           continue_gate=continue_gate, started_by=_starter(),
+                           **_failure_options(on_failure, 3600.0))
     print(json.dumps(dataclasses.asdict(arg)))
 
 
@@ -424,6 +444,24 @@ def lab_probe(rate: float = 100.0, duration: float = 0.0, root: LabRoot = Path("
     if duration:
         cmd += ["--duration", str(duration)]
     raise typer.Exit(subprocess.call(cmd))
+
+
+lab_inject_app = typer.Typer(help="Inject faults into the lab (undone by `zerodown lab reset`).",
+                             no_args_is_help=True)
+lab_app.add_typer(lab_inject_app, name="inject")
+
+
+@lab_inject_app.command("migration-fail")
+def lab_inject_migration_fail(
+        database: Annotated[str, typer.Option("--database", help="the database the migration must fail in")],
+        off: Annotated[bool, typer.Option("--off", help="remove the fault instead")] = False,
+        root: LabRoot = Path(".lab")) -> None:
+    """Make the lab's migration 2 (002_up.sql) fail in DATABASE (or work again with --off)."""
+    from lab import mariadb
+
+    changed = mariadb.inject_migration_failure(_lab_cfg(root), database, on=not off)
+    state = "off" if off else "on"
+    console.print(f"migration-fail on {database}: {state}" + ("" if changed else " (already)"))
 
 
 @app.command()

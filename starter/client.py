@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,18 @@ class UnknownProcedureError(ValueError):
 
 
 def procedure_input(procedure: str, **fields: Any) -> Any:
+    """The procedure's input from the CLI's options; an option the procedure does not take
+    is refused when it was given (not empty), silently left out otherwise."""
     if procedure not in PROCEDURES:
         raise UnknownProcedureError(
             f"unknown procedure {procedure!r} (known: {', '.join(sorted(PROCEDURES))})")
-    return INPUTS[procedure](**fields)
+    cls = INPUTS[procedure]
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    unusable = sorted(k for k, v in fields.items() if k not in accepted and v)
+    if unusable:
+        options = ", ".join("--" + k.replace("_", "-").removesuffix("-s") for k in unusable)
+        raise UnknownProcedureError(f"{procedure} does not take {options}")
+    return cls(**{k: v for k, v in fields.items() if k in accepted})
 
 
 def new_workflow_id(procedure: str, site: str, now: datetime | None = None) -> str:

@@ -85,7 +85,8 @@ def test_start_unknown_node(lab: LabConfig, no_temporal: list[Any]) -> None:
                         "--package", str(lab.package(2)), "--nodes", "node9",
                         "--address", f"127.0.0.1:{closed_port()}")
     assert code == 2, (out, err)
-    assert "unknown node(s) node9 in site lab (known: node1, node2, node3)" in err
+    known = ", ".join(lab.node_name(i) for i in lab.node_indexes)
+    assert f"unknown node(s) node9 in site lab (known: {known})" in err
     assert no_temporal == [] and "started" not in out
 
 
@@ -100,14 +101,14 @@ def test_start_missing_package(lab: LabConfig, no_temporal: list[Any], tmp_path:
 def test_start_unknown_procedure(lab: LabConfig, no_temporal: list[Any]) -> None:
     code, _, err = zd("start", "rolling-upgrade", "-i", str(lab.site_yaml), "-p", str(lab.package(2)),
                       "--address", f"127.0.0.1:{closed_port()}")
-    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy)" in err
+    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy, ss-rolling)" in err
     assert no_temporal == []
 
 
 @pytest.mark.parametrize("command", ["plan", "input"])
 def test_plan_and_input_unknown_procedure(lab: LabConfig, no_temporal: list[Any], command: str) -> None:
     code, _, err = zd(command, "rolling-upgrade", "-i", str(lab.site_yaml), "-p", str(lab.package(2)))
-    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy)" in err
+    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy, ss-rolling)" in err
 
 
 # ============================================================================ input -> temporal CLI
@@ -147,11 +148,11 @@ async def test_input_dry_run_runs_with_the_plain_temporal_cli(
     answer = json.loads(out)
     result = answer["result"]
     assert result["dry_run"] is True and result["version"] == "2.0.0"
-    assert result["nodes"] == ["node1", "node2", "node3"]
+    assert result["nodes"] == [lab.node_name(i) for i in lab.node_indexes]
     assert result["previous_versions"] == {f"node{i}": "1.0.0" for i in lab.node_indexes}
     plan = result["plan"]
     assert plan[0].startswith("deploy labapp 2.0.0 (") and plan[0].endswith(") to site lab")
     assert any(line.startswith("D2 apply migration 2") for line in plan)
     assert [line.split(":")[0] for line in plan if line.startswith("batch ")] == \
-        ["batch 1", "batch 2", "batch 3"]
+        [f"batch {b}" for b in lab.node_indexes]
     await assert_untouched(lab, before)

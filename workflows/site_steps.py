@@ -1,0 +1,235 @@
+"""Site operations every procedure composes: preflight checks, taking a node out of its
+pools and putting it back, checking that it runs a version, and Version Guard.
+
+`SiteProcedure` adds them to `Procedure` (activity calls, guided steps, the saga). They are
+workflow code: deterministic, only activities touch the site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    import activities.deploy as deploy
+    import activities.haproxy as haproxy
+    import activities.http_checks as http_checks
+    import activities.node as node
+    import activities.ssh as ssh
+    from workflows.inventory import Inventory, LoadBalancer, Node
+
+from workflows.procedure import ACTION_RETRY, LONG, Procedure
+from workflows.saga import reason
+
+UP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class NodeProgress:
+    """What has been attempted on a node, so its compensation undoes exactly that."""
+
+    drain_attempted: bool = False
+    stop_attempted: bool = False
+    deploy_attempted: bool = False
+    backup: deploy.AppBackup | None = None
+
+
+class SiteProcedure(Procedure):
+    # ------------------------------------------------------------------ preflight
+    async def preflight_nodes(self, inv: Inventory, nodes: list[Node], package: deploy.PackageInfo,
+                              extra: Callable[[Node], Awaitable[None]] | None = None,
+                              name: str = "P2 nodes reachable, running, healthy, upgradable",
+                              seed_step: str = "P2") -> dict[str, str]:
+        """Every node: SSH, service running, known to its load balancers, healthy, on a
+        version the package may upgrade (Version Guard), plus `extra`. Returns the running
+        versions; raises PreflightFailed listing every problem of every node."""
+        async def check_node(n: Node) -> str:
+            probe: ssh.SshProbeResult = await self.read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
+            if not probe.ok:
+                raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
+                                       type=probe.error_type or "SshUnreachable", non_retryable=True)
+            service: node.ServiceState = await self.read(node.service_status, node.ServiceRequest(node=n))
+            if not service.running:
+                raise ApplicationError(f"{n.name}: its service is not running ({service.detail}); "
+                                       "start it (or fix it) before upgrading",
+                                       type="ServiceNotRunning", non_retryable=True)
+            for lb in lbs_of(inv, n):
+                await self.read(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name))
+            await self.read(http_checks.check_health, http_checks.HttpCheckRequest(
+                base_url=n.url, check=inv.application.health, timeout_s=10.0))
+            running: str = await self.read(http_checks.get_version, http_checks.VersionRequest(
+                base_url=n.url, check=inv.application.version))
+            check_upgrade_path(n.name, running, package)
+            if extra is not None:
+                await extra(n)
+            return running
+
+        async def checks() -> dict[str, str]:
+            results = await asyncio.gather(*(check_node(n) for n in nodes), return_exceptions=True)
+            problems = [f"{n.name}: {reason(r)}" for n, r in zip(nodes, results, strict=True)
+                        if isinstance(r, BaseException)]
+            if problems:
+                raise preflight_failed(problems, [r for r in results if isinstance(r, BaseException)])
+            return {n.name: str(r) for n, r in zip(nodes, results, strict=True)}
+
+        return await self.timeline.step(name, checks(), seed_step=seed_step)
+
+    async def check_capacity(self, inv: Inventory, batches: list[list[Node]], label: str = "batch",
+                             seed_step: str = "P3") -> None:
+        """No batch (group) may empty a pool. Every other member's state is read, not assumed."""
+        async def check() -> None:
+            problems: list[str] = []
+            for lb in inv.load_balancers:
+                members = sorted(lb.members)
+                states = await asyncio.gather(*(self.read(haproxy.lb_member_state, haproxy.MemberRequest(
+                    lb=lb, node=m)) for m in members), return_exceptions=True)
+                serving = {m for m, s in zip(members, states, strict=True)
+                           if isinstance(s, haproxy.MemberState) and s.admin == "ready"
+                           and s.status.startswith("UP")}
+                for i, batch in enumerate(batches, start=1):
+                    in_batch = {n.name for n in batch}
+                    if in_batch & set(members) and not serving - in_batch:
+                        names = ", ".join(sorted(in_batch))
+                        now = ", ".join(sorted(serving)) or "none"
+                        problems.append(f"load balancer {lb.name}: {label} {i} ({names}) would leave no "
+                                        f"member serving (serving now: {now})")
+            if problems:
+                raise preflight_failed(problems, [])
+
+        await self.timeline.step(f"{seed_step} every pool keeps a serving member", check(),
+                                 seed_step=seed_step)
+
+    # ------------------------------------------------------------------ load balancers
+    def set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
+        return self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
+
+    async def take_out(self, inv: Inventory, n: Node, seed_step: str) -> None:
+        """Drain `n` on each of its load balancers, wait for zero sessions, then hold it in
+        maintenance (drain still admits sticky sessions: close the door before touching it)."""
+        for lb in lbs_of(inv, n):
+            await self.step(f"{seed_step} drain on {lb.name}", partial(self.set_state, lb, n, "drain"),
+                            node=n.name, seed_step=seed_step)
+            await self.step(f"{seed_step} wait for zero sessions on {lb.name}", partial(
+                self.wait, haproxy.lb_wait_drained, haproxy.WaitRequest(
+                    lb=lb, node=n.name, timeout_s=lb.drain_timeout_s), lb.drain_timeout_s),
+                node=n.name, seed_step=seed_step)
+            await self.step(f"{seed_step} hold in maintenance on {lb.name}",
+                            partial(self.set_state, lb, n, "maint"), node=n.name, seed_step=seed_step)
+
+    async def put_back(self, inv: Inventory, n: Node, seed_step: str) -> None:
+        """Ready on each of its load balancers, then wait until the LB sees it UP."""
+        for lb in lbs_of(inv, n):
+            await self.step(f"{seed_step} set ready on {lb.name}", partial(self.set_state, lb, n, "ready"),
+                            node=n.name, seed_step=seed_step)
+            await self.step(f"{seed_step} wait UP on {lb.name}", partial(
+                self.wait, haproxy.lb_wait_up,
+                haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S), UP_TIMEOUT_S),
+                node=n.name, seed_step=seed_step)
+
+    # ------------------------------------------------------------------ nodes
+    async def check_running(self, inv: Inventory, n: Node, expected: str) -> None:
+        """Healthy, on the expected version, and (when configured) a user can log on."""
+        await self.wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
+            base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s),
+            inv.rollout.health_timeout_s)
+        await self.read(http_checks.get_version, http_checks.VersionRequest(
+            base_url=n.url, check=inv.application.version, expect=expected), retry=ACTION_RETRY)
+        await self.log_on(inv, n)
+
+    async def log_on(self, inv: Inventory, n: Node) -> None:
+        if inv.application.login is not None:
+            await self.read(http_checks.check_login, http_checks.LoginRequest(
+                base_url=n.url, check=inv.application.login), retry=ACTION_RETRY)
+
+    async def roll_back_node(self, inv: Inventory, n: Node, done: NodeProgress, version: str) -> None:
+        """Put a node back as it was: old files, `version` running and checked, in its pools."""
+        if not done.drain_attempted:
+            return
+        lbs = lbs_of(inv, n)
+        if done.stop_attempted:
+            # The node may be serving (it finished, then a later node failed): drain it first.
+            for lb in lbs:
+                await self.timeline.step(f"rollback: drain on {lb.name}", self.set_state(lb, n, "drain"),
+                                         node=n.name)
+                await self.timeline.step(f"rollback: wait for zero sessions on {lb.name}", self.wait(
+                    haproxy.lb_wait_drained, haproxy.WaitRequest(lb=lb, node=n.name,
+                                                                 timeout_s=lb.drain_timeout_s),
+                    lb.drain_timeout_s), node=n.name)
+            await self.timeline.step("rollback: stop service", self.stop(n), node=n.name)
+            if done.deploy_attempted and done.backup is not None:
+                await self.timeline.step("rollback: restore app folder", self.change(
+                    deploy.restore_app_folder, done.backup, timeout=LONG), node=n.name)
+            await self.timeline.step("rollback: start service", self.start(n), node=n.name)
+            await self.timeline.step("rollback: wait healthy, check previous version",
+                                     self.check_running(inv, n, version), node=n.name)
+        for lb in lbs:
+            await self.timeline.step(f"rollback: set ready on {lb.name}", self.set_state(lb, n, "ready"),
+                                     node=n.name)
+            await self.timeline.step(f"rollback: wait UP on {lb.name}", self.wait(
+                haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
+                UP_TIMEOUT_S), node=n.name)
+
+    def stop(self, n: Node) -> Any:
+        return self.change(node.stop_service, node.ServiceRequest(node=n), timeout=svc_timeout(n))
+
+    def start(self, n: Node) -> Any:
+        return self.change(node.start_service, node.ServiceRequest(node=n), timeout=svc_timeout(n))
+
+
+def lbs_of(inv: Inventory, n: Node) -> list[LoadBalancer]:
+    return [lb for lb in inv.load_balancers if n.name in lb.members]
+
+
+def run_key() -> str:
+    """Backup ids unique to this run: a workflow id may be reused by a later run, whose
+    backups must never be mistaken for this one's."""
+    info = workflow.info()
+    return f"{info.workflow_id}-{info.run_id}"
+
+
+def check_upgrade_path(node_name: str, running: str, package: deploy.PackageInfo) -> None:
+    """Version Guard: newer than what runs, and reachable from it without skipping a version
+    that must be installed first (the error lists them, in order)."""
+    verdict = deploy.version_guard(running, package)
+    if verdict.ok:
+        return
+    if not verdict.install_first:
+        try:
+            newer = deploy.compare_versions(package.version, running) > 0
+        except ValueError:
+            raise ApplicationError(f"{node_name}: {verdict.reason}", type="InvalidVersion",
+                                   non_retryable=True) from None
+        if not newer:
+            raise ApplicationError(f"{node_name} runs {running}; package {package.version} is not newer",
+                                   type="VersionNotNewer", non_retryable=True)
+        raise ApplicationError(f"{node_name}: {verdict.reason}", type="InvalidVersion", non_retryable=True)
+    raise ApplicationError(f"{node_name} runs {running}; {verdict.reason}", "install first: "
+                           + ", ".join(verdict.install_first), type="UpgradePathImpossible",
+                           non_retryable=True)
+
+
+def svc_timeout(n: Node) -> timedelta:
+    return timedelta(seconds=n.service.timeout_s + 30)
+
+
+def preflight_failed(problems: list[str], errors: list[BaseException]) -> ApplicationError:
+    """One error listing every problem; its details name the error types (for tests, tools)."""
+    kinds = sorted({k for k in (error_type(e) for e in errors) if k})
+    return ApplicationError("preflight failed, nothing was changed:\n  " + "\n  ".join(problems),
+                            *kinds, type="PreflightFailed", non_retryable=True)
+
+
+def error_type(e: BaseException) -> str | None:
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type:
+            return cause.type
+        cause = cause.__cause__
+    return None
