@@ -28,6 +28,8 @@ from tests.temporal_env import TEMPORAL_BIN, temporal_address
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
 runner = CliRunner()
 
+KNOWN = "unknown procedure 'rolling-upgrade' (known: rolling-deploy, ss-load-balanced, ss-rolling)"
+
 
 @pytest.fixture(autouse=True)
 def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,14 +103,14 @@ def test_start_missing_package(lab: LabConfig, no_temporal: list[Any], tmp_path:
 def test_start_unknown_procedure(lab: LabConfig, no_temporal: list[Any]) -> None:
     code, _, err = zd("start", "rolling-upgrade", "-i", str(lab.site_yaml), "-p", str(lab.package(2)),
                       "--address", f"127.0.0.1:{closed_port()}")
-    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy, ss-rolling)" in err
+    assert code == 2 and KNOWN in err
     assert no_temporal == []
 
 
 @pytest.mark.parametrize("command", ["plan", "input"])
 def test_plan_and_input_unknown_procedure(lab: LabConfig, no_temporal: list[Any], command: str) -> None:
     code, _, err = zd(command, "rolling-upgrade", "-i", str(lab.site_yaml), "-p", str(lab.package(2)))
-    assert code == 2 and "unknown procedure 'rolling-upgrade' (known: rolling-deploy, ss-rolling)" in err
+    assert code == 2 and KNOWN in err
 
 
 # ============================================================================ input -> temporal CLI

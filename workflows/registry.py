@@ -1,9 +1,22 @@
 """Every procedure zerodown knows, by the name users type (`zerodown start <procedure>`)."""
 
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
+from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
 from workflows.ss_rolling import SsRollingInput, SsRollingResult, SsRollingWorkflow
 
-PROCEDURES: dict[str, type] = {"rolling-deploy": RollingDeployWorkflow, "ss-rolling": SsRollingWorkflow}
-INPUTS: dict[str, type] = {"rolling-deploy": RollingDeployInput, "ss-rolling": SsRollingInput}
-RESULTS: dict[str, type] = {"rolling-deploy": RollingDeployResult, "ss-rolling": SsRollingResult}
+PROCEDURES: dict[str, type] = {
+    "rolling-deploy": RollingDeployWorkflow,
+    "ss-rolling": SsRollingWorkflow,
+    "ss-load-balanced": SsLoadBalancedWorkflow,
+}
+INPUTS: dict[str, type] = {
+    "rolling-deploy": RollingDeployInput,
+    "ss-rolling": SsRollingInput,
+    "ss-load-balanced": SsLoadBalancedInput,
+}
+RESULTS: dict[str, type] = {
+    "rolling-deploy": RollingDeployResult,
+    "ss-rolling": SsRollingResult,
+    "ss-load-balanced": SsLoadBalancedResult,
+}
 ALL_WORKFLOWS: list[type] = list(PROCEDURES.values())
