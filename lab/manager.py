@@ -158,7 +158,9 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "url": cfg.main_url,
             "admin": {"token": {"file": "secrets/admin_token"}, "path_prefix": "/admin"},
         },
-        "approvers": {"go-live": ["alice", "bob"]},
+        # Who may decide each gate (the demo and the bench decide as alice; tests pick their own).
+        "approvers": {gate: ["alice", "bob"] for gate in (
+            "go-live", "continue", "staging-test", "upgrade-successful", "swap", "failure")},
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         # Laid out like a node, not behind the load balancer; a procedure restores a node's
         # backup into its (empty) app folder, then these overrides point the copy at its
