@@ -187,3 +187,29 @@ async def test_no_decision_before_the_timeout_rejects_and_rolls_back(task_queue:
     assert "gate continue timed out: no decision within 3600s: reject (fail-safe default)" in \
         str(info.value.cause)
     assert fake.version == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"} and fake.schema == 1
+
+
+async def test_a_decision_after_the_timeout_is_refused(client: Client, task_queue: str) -> None:
+    # The gate times out after 1 s; the rollback then waits in a drain we hold open, so the
+    # run is still alive when bob's late approval arrives: it must be refused, not applied.
+    fake = FakeSite(["n1", "n2", "n3"])
+    async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
+        plan = await plan_hash(client, task_queue)
+        handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(gate_timeout_s=1.0),
+                                             id=f"wf-{task_queue}", task_queue=task_queue)
+        await waiting_gates(handle)
+        fake.hold_drain = asyncio.Event()
+        for _ in range(200):
+            progress = await handle.query(RollingDeployWorkflow.progress)
+            if any(s.name.startswith("rollback: wait for zero sessions") and s.result == "running"
+                   for s in progress.steps):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the rollback never started")
+        message = await refusal(handle, Decision(gate="continue", by="bob", plan_hash=plan))
+        assert "no gate 'continue' is waiting for a decision" in message
+        fake.hold_drain.set()
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+    assert fake.version == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"}
