@@ -33,6 +33,10 @@ class UnknownProcedureError(ValueError):
     pass
 
 
+# Input fields whose CLI option is not simply the field's name.
+_CLI_OPTION = {"only_nodes": "--nodes"}
+
+
 def procedure_input(procedure: str, **fields: Any) -> Any:
     """The procedure's input from the CLI's options; an option the procedure does not take
     is refused when it was given (not empty), silently left out otherwise."""
@@ -43,7 +47,8 @@ def procedure_input(procedure: str, **fields: Any) -> Any:
     accepted = {f.name for f in dataclasses.fields(cls)}
     unusable = sorted(k for k, v in fields.items() if k not in accepted and v)
     if unusable:
-        options = ", ".join("--" + k.replace("_", "-").removesuffix("-s") for k in unusable)
+        options = ", ".join(_CLI_OPTION.get(k, "--" + k.replace("_", "-").removesuffix("-s"))
+                            for k in unusable)
         raise UnknownProcedureError(f"{procedure} does not take {options}")
     return cls(**{k: v for k, v in fields.items() if k in accepted})
 

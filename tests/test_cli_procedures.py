@@ -6,7 +6,7 @@ from __future__ import annotations
 from temporalio.testing import WorkflowEnvironment
 
 from lab.config import LabConfig
-from tests.e2e_support import served_versions, ssh_commands, zerodown
+from tests.e2e_support import assert_untouched, served_versions, snapshot, ssh_commands, zerodown
 from tests.temporal_env import temporal_address
 
 
@@ -37,3 +37,27 @@ async def test_start_deploys_the_chosen_node_and_reports(
     assert "N9 wait UP on main" in out and "done: node2 now at 2.0.0" in out
     assert await served_versions(lab) == {**{lab.node_name(i): "1.0.0" for i in lab.node_indexes},
                                           "node2": "2.0.0"}
+
+
+async def test_plan_ss_rolling_runs_its_preflight_and_prints_the_tasks(
+        fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str) -> None:
+    lab = fresh_lab
+    before = await snapshot(lab)
+    args = ("-i", str(lab.site_yaml), "-p", str(lab.package(2)), "--address", temporal_address(temporal_env),
+            "--task-queue", lab_worker)
+    code, out = await zerodown("plan", "ss-rolling", *args)
+    assert code == 0, out
+    assert "plan (dry run, nothing was changed)" in out and "plan hash: " in out
+    half = (lab.nodes + 1) // 2
+    group_b = ", ".join(lab.node_name(i) for i in lab.node_indexes if i > half)
+    assert f"task seven: group B ({group_b}) out, upgrade, back" in out
+    assert "task five: maintenance on, back up, maintenance off; staging at" in out
+    await assert_untouched(lab, before)
+    # An option the procedure does not take is refused before anything runs.
+    code, out = await zerodown("plan", "ss-rolling", *args, "--nodes", "node1")
+    assert code == 2 and "ss-rolling does not take --nodes" in out, out
+    # A package Version Guard refuses: the preflight lists the versions to install first.
+    code, out = await zerodown("plan", "ss-load-balanced", "-i", str(lab.site_yaml), "-p",
+                               str(lab.package(3)), *args[4:])
+    assert code == 1 and "install 2.0.0 first, then 3.0.0" in out, out
+    await assert_untouched(lab, before)
