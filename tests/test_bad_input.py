@@ -197,3 +197,17 @@ async def test_secret_missing_file(client: Client, lab_worker: str, lab: LabConf
     await rejected(client, lab_worker, lab, with_ssh(inv, "node2", key=SecretRef(file=str(missing))),
                    lab.package(2), "SecretUnavailable",
                    {"node2": (f"secret file {missing} does not exist", "needed by ssh")})
+
+
+async def test_protected_file_missing_on_a_node(client: Client, lab_worker: str, lab: LabConfig,
+                                                inv: Inventory) -> None:
+    # The backup must hold encryption.config (seed 000, task one's Important box): a node
+    # without it is refused before anything is backed up or changed.
+    key = lab.node_dir(2) / "app" / "encryption.config"
+    aside = key.with_name("encryption.config.aside")
+    key.rename(aside)
+    try:
+        await rejected(client, lab_worker, lab, inv, lab.package(2), "ProtectedFileMissing",
+                       {"node2": ("protected file(s) missing: encryption.config",)})
+    finally:
+        aside.rename(key)

@@ -241,6 +241,17 @@ class FakeSite:
                                                      url=arg["base_url"], status=200, body_snippet="ok",
                                                      elapsed_ms=1))
 
+        @activity.defn(name="inspect_node_storage")
+        async def inspect_node_storage(arg: dict[str, Any]) -> node.NodeStorage:
+            log("inspect_node_storage", arg)
+            return node.NodeStorage(app_bytes=1000, free_bytes=10**9, need_bytes=5000, missing_protected=(),
+                                    ok=True, detail="room for the backup", node_name=_node(arg))
+
+        @activity.defn(name="check_backup_space")
+        async def check_backup_space(arg: dict[str, Any]) -> mysql.BackupSpace:
+            log("check_backup_space", None)
+            return mysql.BackupSpace(db_bytes=1000, free_bytes=10**9, need_bytes=2000, ok=True, detail="room")
+
         @activity.defn(name="check_login")
         async def check_login(arg: dict[str, Any]) -> http_checks.LoginResult:
             log("check_login", None)
@@ -249,7 +260,8 @@ class FakeSite:
         return [lb_member_state, inspect_package, ssh_probe, service_status, lb_check_member, check_health,
                 get_version, db_schema_version, db_backup, db_apply_migration, lb_set_state,
                 lb_wait_drained, lb_wait_up, stop_service, start_service, backup_app_folder,
-                deploy_package, restore_app_folder, wait_healthy, check_login]
+                deploy_package, restore_app_folder, wait_healthy, check_login, inspect_node_storage,
+                check_backup_space]
 
 
 async def run(client: Client, task_queue: str, fake: FakeSite, inp: RollingDeployInput) -> Any:

@@ -113,7 +113,8 @@ class RollingDeployWorkflow(SiteProcedure):
                 deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)), seed_step="P1")
         except ActivityError as e:
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
-        self.previous = await self.preflight_nodes(inv, nodes, package)
+        self.previous = await self.preflight_nodes(inv, nodes, package, extra=partial(
+            self.check_node_storage, inv, package))
         await self.check_capacity(inv, batches)
         database = inv.databases[0] if inv.databases else None
         schema = None
@@ -131,6 +132,13 @@ class RollingDeployWorkflow(SiteProcedure):
             raise preflight_failed(["gate continue: the inventory lists no approvers for it "
                                      "(approvers: {continue: [name, ...]})"], [])
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
+        if pending and database is not None:
+            # D1 dumps the database before the migrations: there must be room for it.
+            room = mysql.BackupSpaceRequest(db=database, directory=database.backup_dir or "")
+            space: mysql.BackupSpace = await self.timeline.step(
+                "P4 room for the database backup", self.read(mysql.check_backup_space, room), seed_step="P4")
+            if not space.ok:
+                raise preflight_failed([f"database backups: {space.detail}"], [])
         plan = self._plan(inv, batches, package, pending, gate_after_first)
         self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
         self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)

@@ -106,6 +106,18 @@ class SiteProcedure(Procedure):
         await self.timeline.step(f"{seed_step} every pool keeps a serving member", check(),
                                  seed_step=seed_step)
 
+    async def check_node_storage(self, inv: Inventory, package: deploy.PackageInfo, n: Node) -> None:
+        """Free disk for the backup and the deploy, and every protected file present (the
+        backup must hold it). A preflight check: raises a typed error, changes nothing."""
+        storage: node.NodeStorage = await self.read(node.inspect_node_storage, node.NodeStorageRequest(
+            node=n, protected_files=inv.application.protected_files, package_size=package.size))
+        if storage.missing_protected:
+            raise ApplicationError(f"protected file(s) missing: {', '.join(storage.missing_protected)} "
+                                   "(the backup must hold them)", type="ProtectedFileMissing",
+                                   non_retryable=True)
+        if not storage.ok:
+            raise ApplicationError(storage.detail, type="InsufficientDiskSpace", non_retryable=True)
+
     # ------------------------------------------------------------------ load balancers
     def set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
         return self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))

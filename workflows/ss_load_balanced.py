@@ -47,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
     import activities.deploy as deploy
     import activities.http_checks as http_checks
     import activities.mysql as mysql
-    import activities.node as node
     from workflows.inventory import AdminApi, Database, Inventory, Node, UnknownNodeError
 
 from workflows.gates import GateSpec
@@ -469,20 +468,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
     async def _node_extras(
         self, inv: Inventory, admin: AdminApi, package: deploy.PackageInfo, n: Node
     ) -> None:
-        storage: node.NodeStorage = await self.read(
-            node.inspect_node_storage,
-            node.NodeStorageRequest(
-                node=n, protected_files=inv.application.protected_files, package_size=package.size
-            ),
-        )
-        if storage.missing_protected:
-            raise ApplicationError(
-                f"protected file(s) missing: {', '.join(storage.missing_protected)}",
-                type="ProtectedFileMissing",
-                non_retryable=True,
-            )
-        if not storage.ok:
-            raise ApplicationError(storage.detail, type="InsufficientDiskSpace", non_retryable=True)
+        await self.check_node_storage(inv, package, n)
         await self.read(app_admin.app_admin_state, app_admin.AdminRequest(base_url=n.url, admin=admin))
 
     async def _preflight_database(self, db: Database) -> int:
