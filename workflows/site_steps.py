@@ -21,9 +21,10 @@ with workflow.unsafe.imports_passed_through():
     import activities.deploy as deploy
     import activities.haproxy as haproxy
     import activities.http_checks as http_checks
+    import activities.mysql as mysql
     import activities.node as node
     import activities.ssh as ssh
-    from workflows.inventory import Inventory, LoadBalancer, Node
+    from workflows.inventory import Database, Inventory, LoadBalancer, Node
 
 from workflows.procedure import ACTION_RETRY, LONG, Procedure
 from workflows.saga import reason
@@ -117,6 +118,27 @@ class SiteProcedure(Procedure):
                                    non_retryable=True)
         if not storage.ok:
             raise ApplicationError(storage.detail, type="InsufficientDiskSpace", non_retryable=True)
+
+    # ------------------------------------------------------------------ database
+    async def back_up_database(self, db: Database, backup_id: str, name: str, seed_step: str,
+                               kept_as: str) -> mysql.DbBackup:
+        """A logical dump of `db` into its backup_dir, listed in the abort report as kept."""
+        backup: mysql.DbBackup = await self.step(name, partial(
+            self.change, mysql.db_backup, mysql.BackupRequest(
+                db=db, backup_id=backup_id, directory=db.backup_dir or ""), timeout=LONG),
+            seed_step=seed_step)
+        self.kept[kept_as] = backup.path
+        return backup
+
+    async def run_script(self, db: Database, pending: list[deploy.MigrationSpec], name: str,
+                         seed_step: str) -> None:
+        """The upgrade script (the package's pending migrations, in order) on `db`: one step
+        per migration, each recorded in the schema's version table."""
+        for m in pending:
+            await self.step(f"{name} (migration {m.version})", partial(
+                self.change, mysql.db_apply_migration, mysql.MigrationRequest(
+                    db=db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
+                seed_step=seed_step)
 
     # ------------------------------------------------------------------ load balancers
     def set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:

@@ -164,18 +164,10 @@ class SsLoadBalancedWorkflow(SiteProcedure):
 
         # 2-6: the script is tested on a restored copy before production is touched.
         self.timeline.set_phase("test the upgrade script on a restored copy")
-        first: mysql.DbBackup = await self.step(
-            "2 back up the database (copy-only: a logical dump)",
-            partial(
-                self.change,
-                mysql.db_backup,
-                mysql.BackupRequest(db=db, backup_id=f"{key}-db-2", directory=db.backup_dir or ""),
-                timeout=LONG,
-            ),
-            seed_step="2",
-        )
+        first = await self.back_up_database(
+            db, f"{key}-db-2", "2 back up the database (copy-only: a logical dump)", "2",
+            kept_as="database backup (step 2)")
         self.db_backups.append(first.path)
-        self.kept["database backup (step 2)"] = first.path
         test_db = dataclasses.replace(db, database=db.scratch_database or "")
         await self.step(
             "3 restore it into the test database",
@@ -189,17 +181,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
             seed_step="4",
         )
         try:
-            for m in pending:
-                await self.step(
-                    f"5 run the upgrade script on the test database (migration {m.version})",
-                    partial(
-                        self.change,
-                        mysql.db_apply_migration,
-                        mysql.MigrationRequest(db=test_db, version=m.version, sql=m.up_sql, direction="up"),
-                        timeout=LONG,
-                    ),
-                    seed_step="5",
-                )
+            await self.run_script(test_db, pending, "5 run the upgrade script on the test database", "5")
         finally:
             await self.step(
                 "6 drop the test database",
@@ -245,30 +227,11 @@ class SsLoadBalancedWorkflow(SiteProcedure):
 
         # 15: the production script, after a backup nothing can have outdated.
         self.timeline.set_phase("upgrade the production database")
-        last: mysql.DbBackup = await self.step(
-            "15 back up the database (nothing writes now)",
-            partial(
-                self.change,
-                mysql.db_backup,
-                mysql.BackupRequest(db=db, backup_id=f"{key}-db-15", directory=db.backup_dir or ""),
-                timeout=LONG,
-            ),
-            seed_step="15",
-        )
+        last = await self.back_up_database(db, f"{key}-db-15", "15 back up the database (nothing writes now)",
+                                           "15", kept_as="database backup (step 15)")
         self.db_backups.append(last.path)
-        self.kept["database backup (step 15)"] = last.path
         self.saga.register("database", partial(self._restore_database, last))
-        for m in pending:
-            await self.step(
-                f"15 run the upgrade script on production (migration {m.version})",
-                partial(
-                    self.change,
-                    mysql.db_apply_migration,
-                    mysql.MigrationRequest(db=db, version=m.version, sql=m.up_sql, direction="up"),
-                    timeout=LONG,
-                ),
-                seed_step="15",
-            )
+        await self.run_script(db, pending, "15 run the upgrade script on production", "15")
         await self.step(
             "14 check version and log on",
             partial(self.check_running, inv, a, package.version),

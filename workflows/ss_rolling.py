@@ -176,12 +176,9 @@ class SsRollingWorkflow(SiteProcedure):
                                  seed_step="1.4")
             r.app_backups[n.name] = bk
             self.kept[f"app backup {n.name}"] = bk.path
-        first: mysql.DbBackup = await self.step("1.5 back up the database", partial(
-            self.change, mysql.db_backup, mysql.BackupRequest(
-                db=db, backup_id=f"{r.key}-db-1", directory=db.backup_dir or ""), timeout=LONG),
-            seed_step="1.5")
+        first = await self.back_up_database(db, f"{r.key}-db-1", "1.5 back up the database", "1.5",
+                                            kept_as="database backup (task one)")
         r.db_backups.append(first.path)
-        self.kept["database backup (task one)"] = first.path
 
         # Task two: verify the SQL deltas against a restored copy.
         self.timeline.set_phase("task two: verify SQL deltas")
@@ -219,10 +216,8 @@ class SsRollingWorkflow(SiteProcedure):
         self.saga.register("upgrade settings", partial(self._restore_settings, r))
         await self.step("5.1 enable maintenance mode", partial(self._site_settings, r, True, None),
                         seed_step="5.1")
-        staged_db: mysql.DbBackup = await self.step("5.2 back up (in maintenance mode)", partial(
-            self.change, mysql.db_backup, mysql.BackupRequest(
-                db=db, backup_id=f"{r.key}-db-5", directory=db.backup_dir or ""), timeout=LONG),
-            seed_step="5.2")
+        staged_db = await self.back_up_database(db, f"{r.key}-db-5", "5.2 back up (in maintenance mode)",
+                                                "5.2", kept_as="database backup (task five)")
         r.db_backups.append(staged_db.path)
         await self.step("5.3 disable maintenance mode", partial(self._site_settings, r, False, None),
                         seed_step="5.3")
@@ -238,12 +233,9 @@ class SsRollingWorkflow(SiteProcedure):
                                         f"B: {_names(r.group_b)}")
         # Nothing can change the database from here (maintenance mode): restoring this backup
         # on rollback loses no one's work.
-        last: mysql.DbBackup = await self.step("6.6 back up the database (upgrade mode on)", partial(
-            self.change, mysql.db_backup, mysql.BackupRequest(
-                db=db, backup_id=f"{r.key}-db-6", directory=db.backup_dir or ""), timeout=LONG),
-            seed_step="6.6")
+        last = await self.back_up_database(db, f"{r.key}-db-6", "6.6 back up the database (upgrade mode on)",
+                                           "6.6", kept_as="database backup (upgrade mode)")
         r.db_backups.append(last.path)
-        self.kept["database backup (upgrade mode)"] = last.path
 
         # Task seven: upgrade the web nodes, group B first.
         self.timeline.set_phase("task seven: upgrade web nodes")
@@ -310,11 +302,7 @@ class SsRollingWorkflow(SiteProcedure):
                         seed_step="5.6")
         await self.step("5.7 apply the upgrade zip to staging", partial(self._stop_and_deploy, r, sn),
                         seed_step="5.7")
-        for m in r.pending:
-            await self.step(f"5.8 run the SQL script on staging (migration {m.version})", partial(
-                self.change, mysql.db_apply_migration, mysql.MigrationRequest(
-                    db=staging_db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
-                seed_step="5.8")
+        await self.run_script(staging_db, r.pending, "5.8 run the SQL script on staging", "5.8")
         await self.step("5.9 log on to staging", partial(self._start_and_check, r, sn), seed_step="5.9")
         if not r.inp.keep_staging:
             await self.skippable_step("5.10 delete the staging copy (backups kept)", partial(
@@ -387,11 +375,7 @@ class SsRollingWorkflow(SiteProcedure):
     async def _run_script(self, r: _Run, backup: mysql.DbBackup) -> None:
         # Registered before the first statement runs: a half-applied script is undone too.
         self.saga.register("database", partial(self._restore_database, r, backup))
-        for m in r.pending:
-            await self.step(f"7.7 run the SQL script on the production database (migration {m.version})",
-                            partial(self.change, mysql.db_apply_migration, mysql.MigrationRequest(
-                                db=r.db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
-                            seed_step="7.7")
+        await self.run_script(r.db, r.pending, "7.7 run the SQL script on the production database", "7.7")
 
     async def _restore_database(self, r: _Run, backup: mysql.DbBackup) -> None:
         await self.timeline.step("rollback: restore the database (audit trail kept)", self.change(
