@@ -48,6 +48,7 @@ lab-down:
 
 bench: install
 	$(BIN)/python -m bench.rolling_deploy
+	$(BIN)/python -m bench.secret_server
 
 clean: lab-down
 	rm -rf .lab

@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from lab import manager, procs
 from lab.config import LabConfig
@@ -42,7 +44,7 @@ from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
 from starter.demo import TASK_QUEUE, node_versions, start_worker
 from worker.main import connect
-from workflows.inventory import load_inventory
+from workflows.inventory import Inventory, load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 
 # The probe is a fresh interpreter (imports aiohttp): let it reach its rate before the
@@ -170,6 +172,8 @@ class RunResult:
     steps: int
     probe_p50_ms: float
     probe_max_ms: float
+    # Changes the app refused in maintenance mode (HTTP 423): answered as designed, not failed.
+    refused: int = 0
 
     @property
     def ok(self) -> bool:
@@ -206,7 +210,7 @@ def summary_line(runs: Sequence[RunResult]) -> str:
 # =========================================================================== the bench
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
@@ -240,35 +244,44 @@ async def wait_worker_polling(client: Client, task_queue: str, timeout_s: float)
         await asyncio.sleep(0.25)
 
 
-async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path,
-                  timeout_s: float = 600.0) -> RunResult:
-    inv = load_inventory(site)
+async def measure_run(cfg: LabConfig, client: Client, rate: float, procedure: str, inv: Inventory,
+                      arg: Any, result_type: type, timeout_s: float = 600.0,
+                      alongside: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]] | None = None,
+                      ) -> RunResult:
+    """One measured run of any procedure: the probe at `rate` through the main frontend,
+    the workflow started (and `alongside(handle)` run next to it, e.g. approving its gates,
+    cancelled once the workflow is over), the probe stopped, the figures from the history."""
     probe = start_probe_process(cfg.main_url, rate, cfg.probe_log, cfg.probe_summary)
+    side: asyncio.Future[Any] | None = None
     try:
         await asyncio.sleep(PROBE_WARMUP_S)
         if probe.poll() is not None:
             raise RuntimeError(f"the probe exited at once (status {probe.returncode})")
-        handle = await zc.start_procedure(
-            client, "rolling-deploy", inv,
-            RollingDeployInput(inventory=inv, package_path=str(cfg.package(2))), TASK_QUEUE)
-        _say(f"workflow {handle.id} started (probe at {rate:g} req/s on {cfg.main_url})")
-        typed = client.get_workflow_handle(handle.id, run_id=handle.run_id,
-                                           result_type=RollingDeployResult)
+        handle = await zc.start_procedure(client, procedure, inv, arg, TASK_QUEUE)
+        say(f"workflow {handle.id} started (probe at {rate:g} req/s on {cfg.main_url})")
+        if alongside is not None:
+            side = asyncio.ensure_future(alongside(handle))
+        typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
         try:
             outcome = zc.Outcome(ok=True, result=await asyncio.wait_for(typed.result(), timeout_s),
                                  error=None)
         except WorkflowFailureError as e:
             outcome = zc.Outcome(ok=False, result=None, error=zc.failure_message(e))
         except TimeoutError:
-            _say(f"workflow {handle.id} still running after {timeout_s:g}s: terminating it")
+            say(f"workflow {handle.id} still running after {timeout_s:g}s: terminating it")
             await handle.terminate(reason=f"bench timeout ({timeout_s:g}s)")
             outcome = zc.Outcome(ok=False, result=None, error=f"timed out after {timeout_s:g}s")
     finally:
+        if side is not None:
+            side.cancel()  # a no-op when it ended with the workflow
+            await asyncio.wait([side])
+            if not side.cancelled() and side.exception() is not None:
+                say(f"alongside the workflow: {side.exception()!r}")
         summary = await asyncio.to_thread(stop_probe_process, probe, cfg.probe_summary)
     if not outcome.ok:
-        _say(f"workflow {handle.id} failed: {outcome.error}")
+        say(f"workflow {handle.id} failed: {outcome.error}")
     if not summary:
-        _say(f"the probe wrote no summary ({cfg.probe_summary}): counting the run as failed")
+        say(f"the probe wrote no summary ({cfg.probe_summary}): counting the run as failed")
     history = await handle.fetch_history()
     if outcome.ok:
         steps = len(outcome.result.steps)
@@ -280,41 +293,63 @@ async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path,
     return RunResult(requests=int(summary.get("total", 0)), failed=int(summary.get("failed", -1)),
                      figures=figures(events_from_history(history.events)), steps=steps,
                      probe_p50_ms=float(summary.get("latency_p50_ms", 0.0)),
-                     probe_max_ms=float(summary.get("latency_max_ms", 0.0)))
+                     probe_max_ms=float(summary.get("latency_max_ms", 0.0)),
+                     refused=int(summary.get("refused", 0)))
 
 
-async def run_bench(cfg: LabConfig, rate: float, runs: int, keep: bool, timeout_s: float = 600.0) -> int:
-    results: list[RunResult] = []
+async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path,
+                  timeout_s: float = 600.0) -> RunResult:
+    inv = load_inventory(site)
+    return await measure_run(cfg, client, rate, "rolling-deploy", inv,
+                             RollingDeployInput(inventory=inv, package_path=str(cfg.package(2))),
+                             RollingDeployResult, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def bench_lab(cfg: LabConfig, keep: bool) -> AsyncIterator[tuple[Path, Client]]:
+    """The private lab at v1 with its Temporal dev server and a polling worker: yields the
+    site.yaml and a client; tears it all down on the way out (also on failure) unless keep."""
     check_ports_free(cfg)  # before the try: nothing of ours to tear down yet
     try:
         t0 = time.monotonic()
         site = await manager.lab_up(cfg, with_temporal=True)
         if set((await node_versions(cfg)).values()) != {"1.0.0"}:
-            _say("nodes are not all at 1.0.0 (left by an earlier run): resetting the lab to v1")
+            say("nodes are not all at 1.0.0 (left by an earlier run): resetting the lab to v1")
             await manager.lab_reset(cfg)
         start_worker(cfg)
         client = await connect(cfg.temporal_address, tracing=False)
         await wait_worker_polling(client, TASK_QUEUE, WORKER_READY_TIMEOUT_S)
-        _say(f"lab, Temporal ({cfg.temporal_address}) and worker ready in {time.monotonic() - t0:.1f}s")
+        say(f"lab, Temporal ({cfg.temporal_address}) and worker ready in {time.monotonic() - t0:.1f}s")
+        yield site, client
+    finally:
+        if keep:
+            say(f"--keep: lab left running under {cfg.abs_root} (Temporal UI "
+                 f"http://127.0.0.1:{cfg.temporal_ui_port}); stop it with "
+                 f"`zerodown lab down --root {cfg.root}` and the worker (pid file {cfg.worker_pidfile})")
+        else:
+            say("tearing the lab down")
+            procs.stop_pidfile(cfg.worker_pidfile, timeout=15, expect="worker")
+            await asyncio.to_thread(manager.lab_down, cfg)
+
+
+async def reset_lab(cfg: LabConfig) -> None:
+    """Back to v1 between runs."""
+    t1 = time.monotonic()
+    await manager.lab_reset(cfg)
+    say(f"lab reset to v1 in {time.monotonic() - t1:.1f}s")
+
+
+async def run_bench(cfg: LabConfig, rate: float, runs: int, keep: bool, timeout_s: float = 600.0) -> int:
+    results: list[RunResult] = []
+    async with bench_lab(cfg, keep) as (site, client):
         for n in range(runs):
             if n > 0:
-                t1 = time.monotonic()
-                await manager.lab_reset(cfg)
-                _say(f"lab reset to v1 in {time.monotonic() - t1:.1f}s")
+                await reset_lab(cfg)
             result = await one_run(cfg, client, rate, site, timeout_s)
             results.append(result)
             print(run_line(result), flush=True)
         if runs > 1:
             print(summary_line(results), flush=True)
-    finally:
-        if keep:
-            _say(f"--keep: lab left running under {cfg.abs_root} (Temporal UI "
-                 f"http://127.0.0.1:{cfg.temporal_ui_port}); stop it with "
-                 f"`zerodown lab down --root {cfg.root}` and the worker (pid file {cfg.worker_pidfile})")
-        else:
-            _say("tearing the lab down")
-            procs.stop_pidfile(cfg.worker_pidfile, timeout=15, expect="worker")
-            await asyncio.to_thread(manager.lab_down, cfg)
     return 0 if results and all(r.ok for r in results) else 1
 
 
@@ -339,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
     except KeyboardInterrupt:
-        _say("interrupted")
+        say("interrupted")
         return 130
     except Exception as e:
-        _say(f"failed: {e.__class__.__name__}: {e}")
+        say(f"failed: {e.__class__.__name__}: {e}")
         return 2
 
 

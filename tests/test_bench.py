@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
+from bench import secret_server as ss_bench
 from bench.rolling_deploy import (
     Event,
     Figures,
@@ -19,6 +23,13 @@ from bench.rolling_deploy import (
     run_line,
     summary_line,
 )
+from bench.secret_server import SsRun, narrow_site
+from bench.secret_server import run_line as ss_run_line
+from bench.secret_server import summary_lines as ss_summary_lines
+from lab.config import LabConfig
+from lab.manager import site_inventory
+from workflows import ss_rolling
+from workflows.inventory import parse_inventory
 
 
 def _activity(sched_id: int, start: float, end: float, close: str = "ActivityTaskCompleted") -> list[Event]:
@@ -132,3 +143,64 @@ def test_lines_and_median_summary() -> None:
     line = summary_line(runs)
     assert line.startswith("median of 3 runs: requests=1000 failed=0 procedure_s=32.00 activity_s=28.00 ")
     assert line.endswith(" failed_total=2")
+
+
+# --------------------------------------------------------------------------- bench.secret_server
+
+
+def _ss(procedure: str, nodes: int, failed: int, refused: int, procedure_s: float,
+        ok: bool = True) -> SsRun:
+    r = _run(failed, procedure_s, ok)
+    return SsRun(procedure=procedure, nodes=nodes, run=dataclasses.replace(r, refused=refused))
+
+
+def test_secret_server_lines_and_median_per_procedure() -> None:
+    r = _ss("ss-rolling", 4, 0, 37, 61.234)
+    assert r.ok
+    assert ss_run_line(r) == ("procedure=ss-rolling nodes=4 requests=1000 failed=0 refused=37 "
+                              "procedure_s=61.23 steps=30 activities=40 probe_p50_ms=2.0 "
+                              "probe_max_ms=1600.0")
+    # Refused changes (maintenance mode answered 423) do not make a run fail; a lost request does.
+    assert not _ss("ss-rolling", 4, 1, 0, 60.0).ok
+    assert not _ss("ss-load-balanced", 3, 0, 0, 60.0, ok=False).ok
+    runs = [_ss("ss-rolling", 4, 0, 10, 60.0), _ss("ss-load-balanced", 3, 0, 5, 40.0),
+            _ss("ss-rolling", 4, 3, 30, 70.0), _ss("ss-load-balanced", 3, 0, 7, 44.0),
+            _ss("ss-rolling", 4, 0, 20, 64.0), _ss("ss-load-balanced", 3, 0, 6, 42.0)]
+    lines = ss_summary_lines(runs)
+    assert lines == [
+        "median of 3 runs: procedure=ss-rolling nodes=4 requests=1000 failed=0 refused=20 procedure_s=64.00 "
+        "steps=30 activities=40 probe_p50_ms=2.0 probe_max_ms=1600.0 failed_total=3",
+        "median of 3 runs: procedure=ss-load-balanced nodes=3 requests=1000 failed=0 refused=6 "
+        "procedure_s=42.00 steps=30 activities=40 probe_p50_ms=2.0 probe_max_ms=1600.0 failed_total=0",
+    ]
+
+
+def test_secret_server_sites_inputs_and_approver(tmp_path: Path) -> None:
+    cfg = LabConfig(root=tmp_path, nodes=ss_bench.LAB_NODES)
+    inv = parse_inventory(site_inventory(cfg), base_dir=tmp_path)
+    assert dict(ss_bench.PROCEDURES) == {"ss-rolling": 4, "ss-load-balanced": 3}
+    assert len(inv.nodes) == 4 and narrow_site(inv, 4) is inv
+    three = narrow_site(inv, 3)
+    assert [n.name for n in three.nodes] == ["node1", "node2", "node3"]
+    assert [sorted(lb.members) for lb in three.load_balancers] == [["node1", "node2", "node3"]]
+    # ss-rolling's groups on 4 nodes: two and two (B upgraded first).
+    assert [n.group for n in inv.nodes] == ["A", "A", "B", "B"]
+    # The bench approves every gate as someone the lab lists, who is not the run's starter.
+    for gate in (*ss_rolling.GATES, "swap"):
+        assert ss_bench.APPROVER in inv.approvers[gate]
+    assert ss_bench.STARTED_BY != ss_bench.APPROVER
+    for procedure, nodes in ss_bench.PROCEDURES:
+        arg, result_type = ss_bench.procedure_input(procedure, narrow_site(inv, nodes), "/p/v2.zip")
+        assert arg.started_by == ss_bench.STARTED_BY and arg.package_path == "/p/v2.zip"
+        assert len(arg.inventory.nodes) == nodes and not arg.dry_run
+        assert result_type.__name__ == {"ss-rolling": "SsRollingResult",
+                                        "ss-load-balanced": "SsLoadBalancedResult"}[procedure]
+    with pytest.raises(ValueError):
+        ss_bench.procedure_input("rolling-deploy", inv, "/p/v2.zip")
+
+
+def test_secret_server_refuses_bad_options() -> None:
+    for argv in (["--runs", "0"], ["--rate", "0"], ["--timeout", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            ss_bench.main(argv)
+        assert e.value.code == 2
