@@ -27,7 +27,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
                     temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
+
+
+def launch(bench: Coroutine[Any, Any, int]) -> int:
+    """Run a bench to its exit status: 130 on Ctrl-C, 2 when the bench itself failed."""
     try:
-        return asyncio.run(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
+        return asyncio.run(bench)
     except KeyboardInterrupt:
         say("interrupted")
         return 130

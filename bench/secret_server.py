@@ -42,7 +42,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 import activities.app_admin as app_admin
-from bench.rolling_deploy import RunResult, bench_lab, measure_run, reset_lab, say
+from bench.rolling_deploy import RunResult, bench_lab, launch, measure_run, reset_lab, say
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import BACKEND, LabConfig
@@ -214,14 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = LabConfig(root=a.root, nodes=LAB_NODES, port_base=a.port_base,
                     temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
-    try:
-        return asyncio.run(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except Exception as e:
-        say(f"failed: {e.__class__.__name__}: {e}")
-        return 2
+    return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from activities.haproxy import parse_servers_state
 from lab import haproxy as lab_haproxy
@@ -250,3 +252,35 @@ async def run_command(*args: str, timeout_s: float = 120) -> tuple[int, str]:
 async def zerodown(*args: str) -> tuple[int, str]:
     """The `zerodown` CLI as a user runs it."""
     return await run_command(sys.executable, "-m", "starter", *args)
+
+
+def start_worker_process(address: str, task_queue: str, log: Path) -> subprocess.Popen[bytes]:
+    """A worker as its own process (`python -m worker`), so a test can SIGKILL it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--address", address, "--task-queue", task_queue],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def kill_worker_during(handle: WorkflowHandle[Any, Any], worker: subprocess.Popen[bytes],
+                             step_prefix: str, timeout_s: float = 120) -> str:
+    """SIGKILL `worker` as soon as the run's latest running step starts with `step_prefix`;
+    returns "<step> on <node>"."""
+    from workflows.timeline import Progress
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    seen: list[str] = []
+    while loop.time() < deadline:
+        try:
+            progress = await handle.query("progress", result_type=Progress)
+        except Exception:  # the worker may not have answered yet
+            await asyncio.sleep(0.05)
+            continue
+        running = [s for s in progress.steps if s.result == "running"]
+        seen = [f"{s.name}/{s.node}" for s in running]
+        if running and running[-1].name.startswith(step_prefix):
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            return f"{running[-1].name} on {running[-1].node}"
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never saw a step {step_prefix!r}… running (last running: {seen})")

@@ -3,12 +3,8 @@ Temporal dev server, with the traffic probe running as a separate client process
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
-import signal
 import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +20,15 @@ from temporalio.worker import Replayer
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
-from tests.e2e_support import app_manifests, probe, served_versions, ssh_commands, zerodown
+from tests.e2e_support import (
+    app_manifests,
+    kill_worker_during,
+    probe,
+    served_versions,
+    ssh_commands,
+    start_worker_process,
+    zerodown,
+)
 from tests.temporal_env import temporal_address
 from workflows.inventory import load_inventory
 from workflows.registry import ALL_WORKFLOWS
@@ -140,12 +144,6 @@ async def test_failed_health_check_on_node2_rolls_back_to_v1(
     assert run.summary["failed"] == 0, run.failures()[:5]
 
 
-def _start_worker_process(env: WorkflowEnvironment, task_queue: str, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--address", temporal_address(env), "--task-queue", task_queue],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
         fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path) -> None:
     lab = fresh_lab
@@ -153,7 +151,7 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
     inv = load_inventory(lab.site_yaml)
     commands_before = {i: len(ssh_commands(lab, i)) for i in lab.node_indexes}
     worker_log = tmp_path / "worker.log"
-    first = _start_worker_process(temporal_env, task_queue, worker_log)
+    first = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
     second: subprocess.Popen[bytes] | None = None
     try:
         # Long-lived requests (6 s, one in ten: ~20 open per node) so every drain must wait.
@@ -162,25 +160,8 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
                 RollingDeployWorkflow.run,
                 RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
                 id=wf_id("kill"), task_queue=task_queue, execution_timeout=timedelta(minutes=5))
-            killed_during: str | None = None
-            seen: list[str] = []
-            deadline = asyncio.get_running_loop().time() + 60
-            while killed_during is None and asyncio.get_running_loop().time() < deadline:
-                try:
-                    progress = await handle.query(RollingDeployWorkflow.progress)
-                except Exception:  # the worker may not have answered yet
-                    await asyncio.sleep(0.05)
-                    continue
-                running = [s for s in progress.steps if s.result == "running"]
-                seen = [f"{s.name}/{s.node}" for s in running]
-                if running and running[-1].name.startswith("N2 wait"):
-                    killed_during = f"{running[-1].name} on {running[-1].node}"
-                else:
-                    await asyncio.sleep(0.05)
-            assert killed_during, f"never saw a drain wait running (last running: {seen})"
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            second = _start_worker_process(temporal_env, task_queue, worker_log)
+            killed_during = await kill_worker_during(handle, first, "N2 wait", timeout_s=60)
+            second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
             result: RollingDeployResult = await handle.result()
     finally:
         for proc in (first, second):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 import subprocess
 import uuid
 import zipfile
@@ -31,15 +30,16 @@ from lab.config import LabConfig
 from tests.e2e_support import (
     app_manifests,
     assert_untouched,
+    kill_worker_during,
     probe,
     run_command,
     served_versions,
     snapshot,
     ssh_commands,
+    start_worker_process,
     zerodown,
 )
 from tests.temporal_env import temporal_address
-from tests.test_e2e_rolling_deploy import _start_worker_process
 from workflows.gates import Decision, GateRecord, PendingGate
 from workflows.inventory import Inventory, load_inventory
 from workflows.registry import ALL_WORKFLOWS
@@ -242,7 +242,7 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
     inv = ss_inventory(lab)
     commands_before = {i: len(ssh_commands(lab, i)) for i in lab.node_indexes}
     worker_log = tmp_path / "worker.log"
-    first = _start_worker_process(temporal_env, task_queue, worker_log)
+    first = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
     second: subprocess.Popen[bytes] | None = None
     try:
         # Long-lived requests (6 s, one in ten) so group A's drain has to wait for them.
@@ -254,24 +254,9 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
             gate = await wait_gate(handle, "staging-test")
             await handle.execute_update("approve", Decision(gate="staging-test", by="alice",
                                                             plan_hash=gate.plan_hash), result_type=GateRecord)
-            killed_during: str | None = None
-            deadline = asyncio.get_running_loop().time() + 180
-            while killed_during is None and asyncio.get_running_loop().time() < deadline:
-                try:
-                    progress = await handle.query("progress", result_type=Progress)
-                except Exception:  # the worker may not have answered yet
-                    await asyncio.sleep(0.05)
-                    continue
-                running = [s for s in progress.steps if s.result == "running"]
-                # Group A drains while group B (upgraded) serves: a heartbeating wait.
-                if running and running[-1].name.startswith("7.6 wait for zero sessions"):
-                    killed_during = f"{running[-1].name} on {running[-1].node}"
-                else:
-                    await asyncio.sleep(0.05)
-            assert killed_during, "never saw group A's drain wait"
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            second = _start_worker_process(temporal_env, task_queue, worker_log)
+            # Group A drains while group B (upgraded) serves: a heartbeating wait.
+            await kill_worker_during(handle, first, "7.6 wait for zero sessions", timeout_s=180)
+            second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
             gate = await wait_gate(handle, "upgrade-successful")
             # The signal form (what the Web UI sends), through the real temporal binary.
             code, out = await run_command(
