@@ -9,15 +9,17 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from temporalio.client import Client
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
-from tests.e2e_support import probe, run_command, served_versions
+from tests.e2e_support import app_manifests, probe, run_command, served_versions, snapshot
 from tests.temporal_env import temporal_address
-from tests.test_e2e_ss_rolling import TEMPORAL, enforce_version_match, wait_gate, wf_id
+from tests.test_e2e_ss_rolling import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from workflows.inventory import Inventory, load_inventory
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
 
@@ -87,3 +89,41 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
     assert all(states[("app", n)] == "UP" for n in THREE)
     decided = [(s.name, s.detail) for s in result.steps]
     assert ("gate swap: approved by alice", "via signal: A looks good") in decided
+
+
+async def test_failed_production_script_rolls_node_a_and_the_database_back(
+        fresh_lab: LabConfig, client: Client, lab_worker: str) -> None:
+    # The fault only hits `labapp`: the script passes on the test copy (steps 3-6), then
+    # fails on production (step 15); on_failure=rollback undoes everything at once.
+    lab = fresh_lab
+    inv = three_node_site(lab)
+    extra = [lab.node_name(i) for i in lab.node_indexes if lab.node_name(i) not in THREE]
+    for name in extra:
+        lab_haproxy.runtime_command(lab, f"set server app/{name} state maint")
+    await enforce_version_match(inv, True)
+    try:
+        lb_before = (await snapshot(lab)).servers
+        db_before = await checksums(inv)
+        folders_before = app_manifests(lab)
+        lab_mariadb.inject_migration_failure(lab, "labapp", True)
+        try:
+            with pytest.raises(WorkflowFailureError) as info:
+                await client.execute_workflow(
+                    SsLoadBalancedWorkflow.run,
+                    SsLoadBalancedInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol",
+                                        on_failure="rollback"),
+                    id=wf_id("lb-fail"), task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
+        finally:
+            lab_mariadb.inject_migration_failure(lab, "labapp", False)
+        cause = info.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "ProcedureFailed"
+        assert "15 run the upgrade script on production (migration 2)" in str(cause)
+        assert "Rolled back: database, maintenance mode on the other nodes, node node1" in str(cause)
+        # Everything as before: LB states, every table (the settings too), every app file.
+        assert (await snapshot(lab)).servers == lb_before
+        assert await checksums(inv) == db_before
+        assert app_manifests(lab) == folders_before
+        versions = await served_versions(lab)
+        assert {n: versions[n] for n in THREE} == dict.fromkeys(THREE, "1.0.0")
+    finally:
+        await enforce_version_match(inv, False)
