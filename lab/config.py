@@ -174,6 +174,12 @@ class LabConfig:
         return self.abs_root / "worker.log"
 
     @property
+    def ox_dir(self) -> Path:
+        """The Open-Xchange stand-in's files (lab/ox): bin/ holds its command line tools and
+        their env file."""
+        return self.abs_root / "ox"
+
+    @property
     def python(self) -> str:
         """The interpreter that runs lab processes (the project's venv)."""
         return sys.executable

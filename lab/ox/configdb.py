@@ -1,0 +1,577 @@
+"""The Open-Xchange stand-in's data on the lab MariaDB primary: OX's configuration database
+and the content of its database schemata, plus the operations OX's tools perform on them.
+
+Two databases (both created, reset and dropped here, as root over the primary's socket):
+
+`oxconfigdb` - OX's configuration database. The OX tables keep OX's own names and columns
+(a subset, from OX's `configdb.sql`), so SQL written against a real config DB reads the lab's:
+    configdb_sequence(id)                         one row: the last id handed out (pools, servers)
+    db_pool(db_pool_id, url, driver, login, password, hardlimit, max, initial, name)
+                                                  one pool: the lab primary, name "oxdatabase"
+    server(server_id, name UNIQUE)                registered OX servers (registerserver)
+    context(cid, name UNIQUE, enabled, reason_id) disableschema sets enabled=0 with the
+                                                  schema-move reason id; enableschema only
+                                                  re-enables contexts carrying that reason
+    context_server2db_pool(server_id, cid, read_db_pool_id, write_db_pool_id, db_schema)
+                                                  context -> server + schema (changeserver)
+    contexts_per_dbschema(db_pool_id, schemaname, count)
+                                                  the schema list (listdatabaseschema)
+  and three lab-only tables (a real config DB has none of them):
+    schema_state(schema_name, enabled, server_id, update_state, schema_version, updated_at,
+                 last_error)                      what the tools did to each schema; update_state
+                                                  is none | running | done | failed (runupdate)
+    update_faults(schema_name, task_name, remaining)
+                                                  fault injection: runupdate fails on that schema
+                                                  (remaining NULL: always; N: the next N runs)
+    lab_meta(k, v)                                the initial server and version, for reset()
+
+`oxschemata` - the schemata's content. On a real site every schema `oxdatabase_<n>` is its own
+database; here all of them are rows of two tables keyed by `schema_name`:
+    contexts(cid, schema_name, name)   users(cid, id, schema_name, name, mail)
+Decision: rows, not databases. 10,000 schemata as real databases would be 20,000 InnoDB tables
+(files, table cache, replication of every CREATE) and minutes to create and drop on the lab's
+small instance; as rows they take seconds (measured: see tests/test_lab_ox_tools.py's notes).
+
+The tools connect as `openexchange` (password in secrets/ox_db_password; DML rights on both
+databases only). The operations below take an open pymysql connection (autocommit on) so
+the tools and tests share one implementation; errors that OX reports as a server exception
+raise `OxError` with a `kind` the tools map to OX's exit codes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import os
+import re
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pymysql
+
+from lab import mariadb
+from lab.config import LabConfig
+
+CONFIGDB = "oxconfigdb"
+SCHEMATA_DB = "oxschemata"
+OX_DB_USER = "openexchange"
+POOL_NAME = "oxdatabase"  # db_pool.name; the schemata are oxdatabase_1 .. oxdatabase_K
+MASTER_ADMIN = "oxadminmaster"
+# hosting.properties `com.openexchange.admin.schemamove.contextdisablereasonid` marks contexts
+# disabled by disableschema, so enableschema leaves contexts disabled for other reasons alone
+# (OX 7.6.2 release notes). Its default value is a guess.
+SCHEMA_MOVE_REASON_ID = 1431655765
+DEFAULT_VERSION = "7.10.0"  # what every schema is at after create()
+DEFAULT_TARGET_VERSION = "7.10.1"  # what runupdate brings a schema to unless OX_VERSION says
+UPDATE_STATES = ("none", "running", "done", "failed")
+# The task name runupdate reports for an injected failure (lab-made; real names look alike).
+FAILING_TASK = "com.openexchange.groupware.update.tasks.LabInjectedFailureTask"
+
+_CONFIGDB_TABLES = [
+    "CREATE TABLE configdb_sequence (id INT UNSIGNED NOT NULL, PRIMARY KEY (id)) ENGINE=InnoDB",
+    "CREATE TABLE db_pool (db_pool_id INT UNSIGNED NOT NULL, url VARCHAR(255) NOT NULL, "
+    "driver VARCHAR(128) NOT NULL, login VARCHAR(128) NOT NULL, password VARCHAR(128) NOT NULL, "
+    "hardlimit INT, max INT, initial INT, name VARCHAR(128) NOT NULL, PRIMARY KEY (db_pool_id), "
+    "INDEX (name)) ENGINE=InnoDB",
+    "CREATE TABLE server (server_id INT UNSIGNED NOT NULL, name VARCHAR(255) NOT NULL, "
+    "PRIMARY KEY (server_id), CONSTRAINT server_name_unique UNIQUE (name)) ENGINE=InnoDB",
+    "CREATE TABLE context (cid INT UNSIGNED NOT NULL, name VARCHAR(128) NOT NULL, enabled BOOLEAN, "
+    "reason_id INT UNSIGNED, PRIMARY KEY (cid), UNIQUE KEY context_name_unique (name)) ENGINE=InnoDB",
+    "CREATE TABLE context_server2db_pool (server_id INT UNSIGNED NOT NULL, cid INT UNSIGNED NOT NULL, "
+    "read_db_pool_id INT UNSIGNED NOT NULL, write_db_pool_id INT UNSIGNED NOT NULL, "
+    "db_schema VARCHAR(32) NOT NULL, PRIMARY KEY (cid, server_id), INDEX (server_id), "
+    "INDEX (db_schema), FOREIGN KEY (cid) REFERENCES context (cid) ON DELETE CASCADE "
+    "ON UPDATE CASCADE) ENGINE=InnoDB",
+    "CREATE TABLE contexts_per_dbschema (db_pool_id INT UNSIGNED NOT NULL, "
+    "schemaname VARCHAR(32) NOT NULL, count INT UNSIGNED NOT NULL, "
+    "PRIMARY KEY (db_pool_id, schemaname)) ENGINE=InnoDB",
+    # ---- lab only
+    "CREATE TABLE schema_state (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
+    "enabled TINYINT NOT NULL, server_id INT UNSIGNED NOT NULL, "
+    "update_state ENUM('none', 'running', 'done', 'failed') NOT NULL DEFAULT 'none', "
+    "schema_version VARCHAR(32) NOT NULL, updated_at DATETIME(3) NULL, "
+    "last_error VARCHAR(255) NULL) ENGINE=InnoDB",
+    "CREATE TABLE update_faults (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
+    "task_name VARCHAR(190) NOT NULL, remaining INT NULL) ENGINE=InnoDB",
+    "CREATE TABLE lab_meta (k VARCHAR(64) NOT NULL PRIMARY KEY, v VARCHAR(255) NOT NULL) ENGINE=InnoDB",
+]
+_SCHEMATA_TABLES = [
+    "CREATE TABLE contexts (cid INT UNSIGNED NOT NULL PRIMARY KEY, schema_name VARCHAR(32) NOT NULL, "
+    "name VARCHAR(128) NOT NULL, INDEX (schema_name)) ENGINE=InnoDB",
+    "CREATE TABLE users (cid INT UNSIGNED NOT NULL, id INT UNSIGNED NOT NULL, "
+    "schema_name VARCHAR(32) NOT NULL, name VARCHAR(128) NOT NULL, mail VARCHAR(255) NOT NULL, "
+    "PRIMARY KEY (cid, id), INDEX (schema_name)) ENGINE=InnoDB",
+]
+_HOSTS = ("127.0.0.1", "localhost")
+_BATCH = 5000
+
+
+class OxError(Exception):
+    """What OX reports as a server-side exception. `kind`: invalid_data | storage |
+    no_such_object (the tools map it to OX's exit code and message prefix)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class OxSite:
+    """What create() made."""
+
+    server_id: int
+    server_name: str
+    pool_id: int
+    schemata: tuple[str, ...]
+    contexts_per_schema: int
+    users_per_context: int
+    version: str
+
+
+@dataclass(frozen=True)
+class SchemaRow:
+    """One line of listdatabaseschema (OX's columns, then the lab's state)."""
+
+    pool_id: int
+    pool_name: str
+    schema: str
+    url: str
+    contexts: int
+    enabled: bool
+    server_id: int
+    update_state: str
+    version: str
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """A schema as the tools left it (lab-only view for tests and checks)."""
+
+    name: str
+    enabled: bool
+    server_id: int
+    update_state: str
+    version: str
+    updated_at: dt.datetime | None
+    last_error: str | None
+    contexts: int
+    contexts_enabled: int
+    context_servers: tuple[int, ...]  # distinct server ids of its contexts
+
+
+# --------------------------------------------------------------------------- names and secrets
+
+
+def schema_name(i: int) -> str:
+    return f"{POOL_NAME}_{i}"
+
+
+def natural_key(name: str) -> tuple[str, int, str]:
+    """Sort key: oxdatabase_2 before oxdatabase_10 (OX sorts by the integer suffix)."""
+    m = re.match(r"^(.*?)(\d+)$", name)
+    return (m.group(1), int(m.group(2)), name) if m else (name, -1, name)
+
+
+def ox_db_password_file(cfg: LabConfig) -> Path:
+    return cfg.secrets_dir / "ox_db_password"
+
+
+def master_password_file(cfg: LabConfig) -> Path:
+    """The password of OX's master admin (`oxadminmaster`), which the tools check."""
+    return cfg.secrets_dir / "ox_master_password"
+
+
+def _ensure_secret(path: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secrets.token_urlsafe(18) + "\n")
+    os.chmod(path, 0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def tools_env(cfg: LabConfig, **overrides: str) -> dict[str, str]:
+    """The environment the tools read (the env file install_tools writes): how to reach the
+    config DB, the master admin's password file, runupdate's duration and target version.
+    Secret values are never in it, only the paths of their files."""
+    _ensure_secret(ox_db_password_file(cfg))
+    _ensure_secret(master_password_file(cfg))
+    env = {
+        "OX_CONFIGDB_HOST": "127.0.0.1",
+        "OX_CONFIGDB_PORT": str(cfg.primary_db_port),
+        "OX_CONFIGDB_USER": OX_DB_USER,
+        "OX_CONFIGDB_PASSWORD_FILE": str(ox_db_password_file(cfg)),
+        "OX_MASTER_ADMIN": MASTER_ADMIN,
+        "OX_MASTER_PASSWORD_FILE": str(master_password_file(cfg)),
+        "OX_RUNUPDATE_SECONDS": "0.2",
+        "OX_VERSION": DEFAULT_TARGET_VERSION,
+    }
+    env.update(overrides)
+    return env
+
+
+def connect(*, host: str = "127.0.0.1", port: int = 3306, user: str = OX_DB_USER, password: str = "",
+            unix_socket: str | None = None) -> pymysql.connections.Connection[Any]:
+    """A connection for the operations below (autocommit on, default database oxconfigdb)."""
+    if unix_socket:
+        return pymysql.connect(unix_socket=unix_socket, user=user, password=password, database=CONFIGDB,
+                               autocommit=True, connect_timeout=5)
+    return pymysql.connect(host=host, port=port, user=user, password=password, database=CONFIGDB,
+                           autocommit=True, connect_timeout=5)
+
+
+def _root(cfg: LabConfig) -> pymysql.connections.Connection[Any]:
+    return mariadb.connect(cfg, "primary")
+
+
+# --------------------------------------------------------------------------- create / reset / drop
+
+
+def _insert_many(cur: Any, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    for i in range(0, len(rows), _BATCH):
+        cur.executemany(sql, rows[i:i + _BATCH])
+
+
+def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, server_name: str = "oxserver",
+           users_per_context: int = 3, version: str = DEFAULT_VERSION) -> OxSite:
+    """(Re)create both databases from scratch: one pool, one server `server_name` that every
+    context points to, `schemata` schemata with `contexts_per_schema` contexts of
+    `users_per_context` users each, all enabled at `version`; and the `openexchange` user."""
+    if schemata < 1 or contexts_per_schema < 0 or users_per_context < 0:
+        raise ValueError("schemata >= 1, contexts_per_schema >= 0, users_per_context >= 0")
+    password = _ensure_secret(ox_db_password_file(cfg))
+    _ensure_secret(master_password_file(cfg))
+    names = tuple(schema_name(i) for i in range(1, schemata + 1))
+    with _root(cfg) as conn, conn.cursor() as cur:
+        for db, tables in ((CONFIGDB, _CONFIGDB_TABLES), (SCHEMATA_DB, _SCHEMATA_TABLES)):
+            cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
+            cur.execute(f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4")
+            cur.execute(f"USE `{db}`")
+            for stmt in tables:
+                cur.execute(stmt)
+        for host in _HOSTS:
+            cur.execute(f"CREATE USER IF NOT EXISTS '{OX_DB_USER}'@'{host}' IDENTIFIED BY %s", (password,))
+            cur.execute(f"ALTER USER '{OX_DB_USER}'@'{host}' IDENTIFIED BY %s", (password,))
+            for db in (CONFIGDB, SCHEMATA_DB):
+                cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.* TO '{OX_DB_USER}'@'{host}'")
+        cur.execute(f"USE `{CONFIGDB}`")
+        pool_id, server_id = 1, 2  # from OX's shared id sequence, in creation order
+        cur.execute("INSERT INTO configdb_sequence (id) VALUES (%s)", (server_id,))
+        cur.execute("INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
+                    "name) VALUES (%s, %s, 'com.mysql.jdbc.Driver', %s, '', 1, 100, 0, %s)",
+                    (pool_id, f"jdbc:mysql://127.0.0.1:{cfg.primary_db_port}", OX_DB_USER, POOL_NAME))
+        cur.execute("INSERT INTO server (server_id, name) VALUES (%s, %s)", (server_id, server_name))
+        contexts: list[tuple[int, str, str]] = []
+        for n, schema in enumerate(names):
+            for j in range(1, contexts_per_schema + 1):
+                cid = n * contexts_per_schema + j
+                contexts.append((cid, schema, f"context{cid}"))
+        # Every value a parameter: pymysql batches executemany into multi-row INSERTs only then.
+        _insert_many(cur, "INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, %s, %s)",
+                     [(cid, name, 1, None) for cid, _, name in contexts])
+        _insert_many(cur, "INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
+                     "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
+                     [(server_id, cid, pool_id, pool_id, schema) for cid, schema, _ in contexts])
+        _insert_many(cur, "INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) "
+                     "VALUES (%s, %s, %s)", [(pool_id, s, contexts_per_schema) for s in names])
+        _insert_many(cur, "INSERT INTO schema_state (schema_name, enabled, server_id, update_state, "
+                     "schema_version) VALUES (%s, %s, %s, %s, %s)",
+                     [(s, 1, server_id, "none", version) for s in names])
+        cur.executemany("INSERT INTO lab_meta (k, v) VALUES (%s, %s)",
+                        [("initial_server_id", str(server_id)), ("initial_version", version),
+                         ("pool_id", str(pool_id))])
+        _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) "
+                     "VALUES (%s, %s, %s)", contexts)
+        _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
+                     "VALUES (%s, %s, %s, %s, %s)",
+                     [(cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab")
+                      for cid, schema, _ in contexts for u in range(1, users_per_context + 1)])
+    return OxSite(server_id=server_id, server_name=server_name, pool_id=pool_id, schemata=names,
+                  contexts_per_schema=contexts_per_schema, users_per_context=users_per_context,
+                  version=version)
+
+
+def exists(cfg: LabConfig) -> bool:
+    rows = mariadb.query(cfg, "primary", "SELECT COUNT(*) FROM information_schema.SCHEMATA "
+                         "WHERE SCHEMA_NAME IN (%s, %s)", (CONFIGDB, SCHEMATA_DB))
+    return int(rows[0][0]) == 2
+
+
+def reset(cfg: LabConfig) -> list[str]:
+    """Back to the state just after create() (schemata and contexts as created): every
+    context enabled and on the initial server, every schema enabled, not updated, at the
+    initial version, servers registered since deleted, injected failures cleared. Returns
+    what was done ([] when nothing differed)."""
+    done: list[str] = []
+    with _root(cfg) as conn, conn.cursor() as cur:
+        cur.execute(f"USE `{CONFIGDB}`")
+        cur.execute("SELECT k, v FROM lab_meta")
+        meta = {str(k): str(v) for k, v in cur.fetchall()}
+        server_id, version = int(meta["initial_server_id"]), meta["initial_version"]
+        steps = [
+            ("DELETE FROM server WHERE server_id <> %s", (server_id,), "deleted {} registered server(s)"),
+            ("UPDATE context SET enabled = 1, reason_id = NULL "
+             "WHERE NOT (enabled <=> 1 AND reason_id IS NULL)", (), "re-enabled {} context(s)"),
+            ("UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s", (server_id, server_id),
+             "pointed {} context(s) back to the initial server"),
+            ("UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
+             "schema_version = %s, updated_at = NULL, last_error = NULL WHERE NOT (enabled = 1 AND "
+             "server_id = %s AND update_state = 'none' AND schema_version = %s AND updated_at IS NULL "
+             "AND last_error IS NULL)",
+             (server_id, version, server_id, version), "reset {} schema state(s)"),
+            ("DELETE FROM update_faults", (), "cleared {} injected update failure(s)"),
+        ]
+        for sql, args, what in steps:
+            cur.execute(sql, args)
+            if cur.rowcount:
+                done.append(what.format(cur.rowcount))
+        # New servers get the same ids again after a reset (quiet: not a state of the site).
+        cur.execute("UPDATE configdb_sequence SET id = %s WHERE id <> %s", (server_id, server_id))
+    return done
+
+
+def drop(cfg: LabConfig) -> list[str]:
+    """Remove both databases and the `openexchange` user; returns what was dropped."""
+    done: list[str] = []
+    with _root(cfg) as conn, conn.cursor() as cur:
+        for db in (CONFIGDB, SCHEMATA_DB):
+            cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (db,))
+            if cur.fetchone()[0]:
+                cur.execute(f"DROP DATABASE `{db}`")
+                done.append(f"dropped database {db}")
+        for host in _HOSTS:
+            cur.execute("SELECT COUNT(*) FROM mysql.user WHERE User = %s AND Host = %s", (OX_DB_USER, host))
+            if cur.fetchone()[0]:
+                cur.execute(f"DROP USER '{OX_DB_USER}'@'{host}'")
+                done.append(f"dropped user {OX_DB_USER}@{host}")
+    return done
+
+
+# --------------------------------------------------------------------------- readers (lab side)
+
+
+def schema_states(cfg: LabConfig) -> dict[str, SchemaState]:
+    """Every schema's state, in natural order."""
+    rows = mariadb.query(
+        cfg, "primary",
+        "SELECT s.schema_name, s.enabled, s.server_id, s.update_state, s.schema_version, s.updated_at, "
+        "s.last_error, COUNT(m.cid), COALESCE(SUM(c.enabled = 1), 0), "
+        "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), '') "
+        "FROM schema_state s LEFT JOIN context_server2db_pool m ON m.db_schema = s.schema_name "
+        "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name", database=CONFIGDB)
+    states = [SchemaState(name=str(r[0]), enabled=bool(r[1]), server_id=int(r[2]), update_state=str(r[3]),
+                          version=str(r[4]), updated_at=r[5], last_error=r[6], contexts=int(r[7]),
+                          contexts_enabled=int(r[8]),
+                          context_servers=tuple(int(x) for x in str(r[9]).split(",") if x))
+              for r in rows]
+    return {s.name: s for s in sorted(states, key=lambda s: natural_key(s.name))}
+
+
+def servers(cfg: LabConfig) -> list[tuple[int, str]]:
+    rows = mariadb.query(cfg, "primary", "SELECT server_id, name FROM server ORDER BY server_id",
+                         database=CONFIGDB)
+    return [(int(i), str(n)) for i, n in rows]
+
+
+def contexts(cfg: LabConfig, schema: str) -> list[tuple[int, bool, int | None, int]]:
+    """(cid, enabled, reason_id, server_id) of every context in `schema`."""
+    rows = mariadb.query(cfg, "primary", "SELECT c.cid, c.enabled, c.reason_id, m.server_id FROM context c "
+                         "JOIN context_server2db_pool m ON m.cid = c.cid WHERE m.db_schema = %s "
+                         "ORDER BY c.cid", (schema,), database=CONFIGDB)
+    return [(int(c), bool(e), None if r is None else int(r), int(s)) for c, e, r, s in rows]
+
+
+def inject_update_failure(cfg: LabConfig, schema: str, on: bool = True, times: int | None = None,
+                          task: str = FAILING_TASK) -> bool:
+    """Make runupdate fail on `schema` (always, or the next `times` runs), or stop that.
+    Returns True when something changed."""
+    with _root(cfg) as conn, conn.cursor() as cur:
+        if on:
+            cur.execute(f"INSERT INTO `{CONFIGDB}`.update_faults (schema_name, task_name, remaining) "
+                        "VALUES (%s, %s, %s) ON DUPLICATE KEY UPDATE task_name = VALUES(task_name), "
+                        "remaining = VALUES(remaining)", (schema, task, times))
+        else:
+            cur.execute(f"DELETE FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s", (schema,))
+        return bool(cur.rowcount)
+
+
+# --------------------------------------------------------------------------- operations (the tools)
+
+
+def find_server(conn: Any, name: str) -> int | None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT server_id FROM `{CONFIGDB}`.server WHERE name = %s", (name,))
+        row = cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+def list_servers(conn: Any, pattern: str = "*") -> list[tuple[int, str]]:
+    """(id, name) of the servers whose name matches the OX search pattern (`*` wildcards)."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT server_id, name FROM `{CONFIGDB}`.server ORDER BY server_id")
+        rows = [(int(i), str(n)) for i, n in cur.fetchall()]
+    return [r for r in rows if fnmatch.fnmatchcase(r[1], pattern)]
+
+
+def register_server(conn: Any, name: str) -> int:
+    """Register a server; its id comes from OX's shared id sequence. An existing name is
+    refused with OX's message."""
+    if not name.strip():
+        raise OxError("invalid_data", "Invalid server name")
+    conn.begin()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT id FROM `{CONFIGDB}`.configdb_sequence FOR UPDATE")
+            current = int(cur.fetchone()[0])
+            cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.server WHERE name = %s", (name,))
+            if cur.fetchone()[0]:
+                raise OxError("invalid_data", f"Server {name} already exists!")
+            cur.execute(f"UPDATE `{CONFIGDB}`.configdb_sequence SET id = %s", (current + 1,))
+            cur.execute(f"INSERT INTO `{CONFIGDB}`.server (server_id, name) VALUES (%s, %s)",
+                        (current + 1, name))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return current + 1
+
+
+def list_schemata(conn: Any, pattern: str = "*", only_empty: bool = False) -> list[SchemaRow]:
+    """The schemata whose name matches the pattern, in natural order."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT p.db_pool_id, p.name, d.schemaname, p.url, d.count, s.enabled, s.server_id, "
+                    f"s.update_state, s.schema_version FROM `{CONFIGDB}`.contexts_per_dbschema d "
+                    f"JOIN `{CONFIGDB}`.db_pool p ON p.db_pool_id = d.db_pool_id "
+                    f"JOIN `{CONFIGDB}`.schema_state s ON s.schema_name = d.schemaname")
+        rows = [SchemaRow(pool_id=int(r[0]), pool_name=str(r[1]), schema=str(r[2]), url=str(r[3]),
+                          contexts=int(r[4]), enabled=bool(r[5]), server_id=int(r[6]), update_state=str(r[7]),
+                          version=str(r[8])) for r in cur.fetchall()]
+    rows = [r for r in rows if fnmatch.fnmatchcase(r.schema, pattern) and (not only_empty or r.contexts == 0)]
+    return sorted(rows, key=lambda r: natural_key(r.schema))
+
+
+def _schema_contexts(cur: Any, schema: str) -> int:
+    cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.schema_state WHERE schema_name = %s", (schema,))
+    if not cur.fetchone()[0]:
+        # Guessed wording: OX answers with a NoSuchObjectException here.
+        raise OxError("no_such_object", f"Schema {schema} does not exist")
+    cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.context_server2db_pool WHERE db_schema = %s", (schema,))
+    return int(cur.fetchone()[0])
+
+
+def _in_transaction(conn: Any, fn: Any) -> Any:
+    conn.begin()
+    try:
+        with conn.cursor() as cur:
+            result = fn(cur)
+        conn.commit()
+        return result
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def disable_schema(conn: Any, schema: str) -> int:
+    """disableschema: every enabled context of the schema disabled with the schema-move
+    reason (idempotent); returns how many contexts it disabled."""
+    def body(cur: Any) -> int:
+        if _schema_contexts(cur, schema) == 0:
+            raise OxError("storage", "The schema is empty")
+        cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
+                    "ON m.cid = c.cid SET c.enabled = 0, c.reason_id = %s "
+                    "WHERE m.db_schema = %s AND c.enabled = 1", (SCHEMA_MOVE_REASON_ID, schema))
+        n = int(cur.rowcount)
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET enabled = 0 WHERE schema_name = %s", (schema,))
+        return n
+    return int(_in_transaction(conn, body))
+
+
+def enable_schema(conn: Any, schema: str) -> int:
+    """enableschema: the contexts disableschema disabled enabled again (others stay as they
+    are; idempotent); returns how many contexts it enabled."""
+    def body(cur: Any) -> int:
+        _schema_contexts(cur, schema)
+        cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
+                    "ON m.cid = c.cid SET c.enabled = 1, c.reason_id = NULL WHERE m.db_schema = %s "
+                    "AND c.enabled = 0 AND c.reason_id = %s", (schema, SCHEMA_MOVE_REASON_ID))
+        n = int(cur.rowcount)
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET enabled = 1 WHERE schema_name = %s", (schema,))
+        return n
+    return int(_in_transaction(conn, body))
+
+
+def change_server(conn: Any, server_id: int, schema: str) -> int:
+    """changeserver: every context of the schema points to `server_id` (idempotent);
+    returns how many contexts moved."""
+    def body(cur: Any) -> int:
+        cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.server WHERE server_id = %s", (server_id,))
+        if not cur.fetchone()[0]:
+            raise OxError("invalid_data", f"No such server {server_id}")  # wording guessed
+        _schema_contexts(cur, schema)
+        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET server_id = %s "
+                    "WHERE db_schema = %s AND server_id <> %s", (server_id, schema, server_id))
+        n = int(cur.rowcount)
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET server_id = %s WHERE schema_name = %s",
+                    (server_id, schema))
+        return n
+    return int(_in_transaction(conn, body))
+
+
+def schema_of_context(conn: Any, cid: int) -> str:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT db_schema FROM `{CONFIGDB}`.context_server2db_pool WHERE cid = %s", (cid,))
+        row = cur.fetchone()
+    if row is None:
+        raise OxError("no_such_object", f"Context {cid} does not exist")
+    return str(row[0])
+
+
+def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
+               fail_schemata: Collection[str] = ()) -> list[str]:
+    """runupdate: the schema's update tasks. A schema already updated to `target_version`
+    has none pending (returns at once). Otherwise: update_state `running`, `seconds` of work,
+    then `done` at target_version - or `failed` when a failure is injected for it
+    (update_faults, or `fail_schemata`). Returns the names of the failed tasks."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT update_state, schema_version FROM `{CONFIGDB}`.schema_state "
+                    "WHERE schema_name = %s", (schema,))
+        row = cur.fetchone()
+        if row is None:
+            raise OxError("no_such_object", f"Schema {schema} does not exist")
+        if (str(row[0]), str(row[1])) == ("done", target_version):
+            return []
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'running', updated_at = NOW(3), "
+                    "last_error = NULL WHERE schema_name = %s", (schema,))
+    if seconds > 0:
+        time.sleep(seconds)
+
+    def finish(cur: Any) -> list[str]:
+        cur.execute(f"SELECT task_name, remaining FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s "
+                    "FOR UPDATE", (schema,))
+        fault = cur.fetchone()
+        failed: list[str] = []
+        if fault is not None:
+            failed = [str(fault[0])]
+            if fault[1] is not None:
+                if int(fault[1]) <= 1:
+                    cur.execute(f"DELETE FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s", (schema,))
+                else:
+                    cur.execute(f"UPDATE `{CONFIGDB}`.update_faults SET remaining = remaining - 1 "
+                                "WHERE schema_name = %s", (schema,))
+        elif schema in fail_schemata:
+            failed = [FAILING_TASK]
+        if failed:
+            error = f"update task(s) failed: {', '.join(failed)}"
+            cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'failed', updated_at = NOW(3), "
+                        "last_error = %s WHERE schema_name = %s", (error[:255], schema))
+        else:
+            cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'done', schema_version = %s, "
+                        "updated_at = NOW(3) WHERE schema_name = %s", (target_version, schema))
+        return failed
+    return list(_in_transaction(conn, finish))
+

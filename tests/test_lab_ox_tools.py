@@ -1,0 +1,464 @@
+"""The Open-Xchange stand-in's config database and command line tools (lab/ox) against the
+session lab's MariaDB primary.
+
+The config DB is created once for this module (6 schemata of 2 contexts with 3 users each) and
+dropped after it; every test starts from `configdb.reset`. The tools run as the installed
+shell wrappers (a subprocess each, as a procedure runs them over SSH), with runupdate's work
+set to 0 s. Expected output is written out literally: the formats are what a procedure parses.
+
+Measured once on the lab's instance (not asserted): create() of 10,000 schemata (20,000
+contexts, 60,000 users) takes ~3.5 s, reset() ~0.1 s, upgradeschemata over all of them ~2 min
+with OX_RUNUPDATE_SECONDS=0.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lab import mariadb
+from lab.config import LabConfig
+from lab.ox import configdb, tools
+from lab.ox.configdb import FAILING_TASK, SCHEMA_MOVE_REASON_ID
+
+SCHEMATA = 6
+NEW = "oxserver-xyz"
+TARGET = configdb.DEFAULT_TARGET_VERSION
+OLD = configdb.DEFAULT_VERSION
+
+
+@dataclass(frozen=True)
+class Ox:
+    cfg: LabConfig
+    site: configdb.OxSite
+    bin: Path
+    password: str
+
+    @property
+    def auth(self) -> list[str]:
+        return ["-A", "oxadminmaster", "-P", self.password]
+
+
+@dataclass(frozen=True)
+class Run:
+    rc: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def ox_site(lab: LabConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ox]:
+    site = configdb.create(lab, schemata=SCHEMATA, contexts_per_schema=2, users_per_context=3)
+    bin_dir = tmp_path_factory.mktemp("oxbin")
+    tools.install_tools(bin_dir, str(Path(lab.python).absolute()),
+                        configdb.tools_env(lab, OX_RUNUPDATE_SECONDS="0"))
+    password = configdb.master_password_file(lab).read_text(encoding="utf-8").strip()
+    try:
+        yield Ox(lab, site, bin_dir, password)
+    finally:
+        configdb.drop(lab)
+
+
+@pytest.fixture
+def ox(ox_site: Ox) -> Ox:
+    configdb.reset(ox_site.cfg)
+    return ox_site
+
+
+def run(ox: Ox, tool: str, *args: str, stdin: str = "", env: dict[str, str] | None = None,
+        auth: bool = True) -> Run:
+    argv = [str(ox.bin / tool), *(ox.auth if auth and tool != "runupdate" else []), *args]
+    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **(env or {})}, check=False)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def summary(ox: Ox) -> dict[str, tuple[str, bool, int, str]]:
+    """schema -> (update_state, enabled, server_id, version); also checks that the contexts
+    agree with the schema's state (all enabled or all disabled, all on its server)."""
+    out = {}
+    for name, s in configdb.schema_states(ox.cfg).items():
+        assert s.contexts == 2, name
+        assert s.contexts_enabled == (2 if s.enabled else 0), (name, s)
+        assert s.context_servers == (s.server_id,), (name, s)
+        out[name] = (s.update_state, s.enabled, s.server_id, s.version)
+    return out
+
+
+def s(i: int) -> str:
+    return configdb.schema_name(i)
+
+
+def untouched(ox: Ox) -> tuple[str, bool, int, str]:
+    return ("none", True, ox.site.server_id, OLD)
+
+
+def upgraded(server_id: int) -> tuple[str, bool, int, str]:
+    return ("done", True, server_id, TARGET)
+
+
+def failed(server_id: int, enabled: bool) -> tuple[str, bool, int, str]:
+    return ("failed", enabled, server_id, OLD)
+
+
+def done_lines(i: int, server: str = NEW) -> list[str]:
+    return [f"Disabling schema '{s(i)}'...OK", f"Changing server for schema '{s(i)}' to '{server}'...OK",
+            "Running updates...OK", f"Enabling schema '{s(i)}'...OK"]
+
+
+def failed_forced_lines(i: int, server: str = NEW) -> list[str]:
+    # "Running updates..." stays unterminated on stdout; the error goes to stderr.
+    return [f"Disabling schema '{s(i)}'...OK", f"Changing server for schema '{s(i)}' to '{server}'...OK",
+            f"Running updates...Enabling schema '{s(i)}'...OK"]
+
+
+def update_error(i: int) -> str:
+    return (f"\nErrors while running updates for schema '{s(i)}': \n"
+            f"The following update task(s) failed: \n {FAILING_TASK} (schema={s(i)})\n")
+
+
+def warning(server_id: int) -> str:
+    # The seed's wording.
+    return (f"WARNING: The specified server is already registered with id '{server_id}'.\n"
+            "         If that shouldn't be the case, type 'abort' to abort the upgrade process, otherwise, "
+            "type 'continue' to proceed.\n"
+            "         If you continue the already existing server will be used to point the updated "
+            "schemata after the update tasks complete.\n")
+
+
+def register(ox: Ox, name: str = NEW) -> int:
+    r = run(ox, "registerserver", "-n", name)
+    assert r.rc == 0, r
+    return int(r.out.split()[1])
+
+
+# --------------------------------------------------------------------------- config DB
+
+
+def test_create_and_reset(ox: Ox) -> None:
+    assert ox.site.schemata == tuple(s(i) for i in range(1, SCHEMATA + 1))
+    assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver")]
+    assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
+    counts = mariadb.query(ox.cfg, "primary", "SELECT COUNT(*), COUNT(DISTINCT schema_name) FROM users",
+                           database=configdb.SCHEMATA_DB)[0]
+    assert tuple(counts) == (SCHEMATA * 2 * 3, SCHEMATA)
+    assert configdb.reset(ox.cfg) == []
+
+    assert run(ox, "disableschema", "-m", s(2)).rc == 0
+    new_id = register(ox)
+    assert run(ox, "changeserver", "-s", str(new_id), "-m", s(2)).rc == 0
+    assert run(ox, "runupdate", "-n", s(2)).rc == 0
+    configdb.inject_update_failure(ox.cfg, s(3))
+    assert configdb.reset(ox.cfg) == [
+        "deleted 1 registered server(s)", "re-enabled 2 context(s)",
+        "pointed 2 context(s) back to the initial server", "reset 1 schema state(s)",
+        "cleared 1 injected update failure(s)"]
+    assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
+    assert register(ox) == new_id  # the id sequence was reset too
+
+
+def test_install_tools_writes_wrappers_and_an_env_file_without_secrets(ox: Ox) -> None:
+    for tool in tools.TOOLS:
+        path = ox.bin / tool
+        assert path.stat().st_mode & stat.S_IXUSR, tool
+        assert f"-m lab.ox.tools {tool} " in path.read_text(encoding="utf-8")
+    env_file = ox.bin / tools.ENV_FILE_NAME
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    text = env_file.read_text(encoding="utf-8")
+    assert f"OX_CONFIGDB_PORT={ox.cfg.primary_db_port}\n" in text
+    assert ox.password not in text
+    assert configdb.ox_db_password_file(ox.cfg).read_text(encoding="utf-8").strip() not in text
+    p = subprocess.run([sys.executable, "-m", "lab.ox.tools"], capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and "tools: registerserver" in p.stderr
+
+
+# --------------------------------------------------------------------------- single tools
+
+
+def test_registerserver_and_listserver(ox: Ox) -> None:
+    first = ox.site.server_id
+    r = run(ox, "registerserver", "-n", NEW)
+    assert (r.rc, r.out, r.err) == (0, f"server {first + 1} registered\n", "")
+    r = run(ox, "registerserver", "-n", NEW)
+    assert (r.rc, r.out) == (103, "")
+    assert r.err == f"server could not be registered: \nServer response:\n Server {NEW} already exists!\n\n"
+    assert configdb.servers(ox.cfg) == [(first, "oxserver"), (first + 1, NEW)]
+
+    r = run(ox, "listserver")
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == f"Id Name        \n {first} oxserver    \n {first + 1} oxserver-xyz\n"
+    assert run(ox, "listserver", "--csv").out == (
+        f'id,name\n"{first}","oxserver"\n"{first + 1}","oxserver-xyz"\n')
+    assert run(ox, "listserver", "-s", "*-xyz", "--csv").out == f'id,name\n"{first + 1}","oxserver-xyz"\n'
+
+
+def test_argument_and_credential_errors(ox: Ox) -> None:
+    r = run(ox, "registerserver")
+    assert r.rc == 104
+    assert r.err == 'server could not be registered: \nError: Option(s) "name" missing\n'
+    assert r.out.startswith("Usage: registerserver \n") and " -n,--name <name>" in r.out
+    r = run(ox, "registerserver", "-n", "x", "--bogus")
+    assert r.rc == 111 and "Error: Unrecognized options on the command line: --bogus" in r.err
+    r = run(ox, "registerserver", "-n")
+    assert r.rc == 109 and "Failed parsing command line" in r.err
+    r = run(ox, "registerserver", "--help", auth=False)
+    assert (r.rc, r.err) == (0, "") and r.out.startswith("Usage: registerserver")
+    r = run(ox, "registerserver", "-n", "x", auth=False)
+    assert r.rc == 104 and 'Error: Options "adminuser, adminpass" missing' in r.err
+    r = run(ox, "registerserver", "-A", "oxadminmaster", "-P", "wrong", "-n", "x", auth=False)
+    assert (r.rc, r.err) == (
+        101, "server could not be registered: \nServer response:\n Authentication failed\n\n")
+    # OX takes the password from ADMIN_PASSWORD when -P is not given.
+    r = run(ox, "registerserver", "-A", "oxadminmaster", "-n", "from-env", auth=False,
+            env={"ADMIN_PASSWORD": ox.password})
+    assert r.rc == 0 and r.out.endswith(" registered\n")
+    assert [n for _, n in configdb.servers(ox.cfg)] == ["oxserver", "from-env"]
+    for tool in ("upgradeschemata", "changeserver", "disableschema", "enableschema", "listdatabaseschema"):
+        r = run(ox, tool, "--help", auth=False)
+        assert (r.rc, r.out.startswith(f"Usage: {tool} ")) == (0, True), tool
+
+
+def test_listdatabaseschema(ox: Ox) -> None:
+    r = run(ox, "listdatabaseschema")
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == "id name       schemaname   hostname  curctx\n" + "".join(
+        f" 1 oxdatabase {s(i)} 127.0.0.1      2\n" for i in range(1, SCHEMATA + 1))
+    url = f"jdbc:mysql://127.0.0.1:{ox.cfg.primary_db_port}"
+    assert run(ox, "listdatabaseschema", "--csv").out == (
+        "id,display_name,schema_name,url,currentunits\n"
+        + "".join(f'"1","oxdatabase","{s(i)}","{url}","2"\n' for i in range(1, SCHEMATA + 1)))
+    assert run(ox, "listdatabaseschema", "-s", "*_1").out == (
+        "id name       schemaname   hostname  curctx\n 1 oxdatabase oxdatabase_1 127.0.0.1      2\n")
+    assert run(ox, "listdatabaseschema", "-s", "nothing*").out == "No such database schemas found\n"
+    assert run(ox, "listdatabaseschema", "--only-empty-schemas").out == "No such database schemas found\n"
+    assert run(ox, "listdatabaseschema", "--only-empty-schemas", "--csv").out == (
+        "id,display_name,schema_name,url,currentunits\n")
+
+    assert run(ox, "disableschema", "-m", s(2)).rc == 0
+    r = run(ox, "listdatabaseschema", "--lab-state", "-s", "oxdatabase_[12]")
+    sid = ox.site.server_id
+    assert r.out == (
+        "id name       schemaname   hostname  curctx enabled server_id update_state version\n"
+        f" 1 oxdatabase oxdatabase_1 127.0.0.1      2 true            {sid} none         {OLD} \n"
+        f" 1 oxdatabase oxdatabase_2 127.0.0.1      2 false           {sid} none         {OLD} \n")
+
+
+def test_disableschema_and_enableschema(ox: Ox) -> None:
+    r = run(ox, "disableschema", "-m", s(1))
+    assert (r.rc, r.out, r.err) == (0, "", "")
+    assert [(e, reason) for _, e, reason, _ in configdb.contexts(ox.cfg, s(1))] == [
+        (False, SCHEMA_MOVE_REASON_ID)] * 2
+    assert run(ox, "disableschema", "-m", s(1)).rc == 0  # idempotent
+    assert summary(ox)[s(1)] == ("none", False, ox.site.server_id, OLD)
+    assert summary(ox)[s(2)] == untouched(ox)
+
+    r = run(ox, "enableschema", "-m", s(1))
+    assert (r.rc, r.out, r.err) == (0, "", "")
+    assert run(ox, "enableschema", "-m", s(1)).rc == 0
+    assert summary(ox)[s(1)] == untouched(ox)
+
+    # A context disabled for another reason stays disabled across disable + enable.
+    cid = configdb.contexts(ox.cfg, s(3))[0][0]
+    mariadb.query(ox.cfg, "primary", "UPDATE context SET enabled = 0, reason_id = 7 WHERE cid = %s", (cid,),
+                  database=configdb.CONFIGDB)
+    assert run(ox, "disableschema", "-m", s(3)).rc == 0
+    assert run(ox, "enableschema", "-m", s(3)).rc == 0
+    assert [(c, e, reason) for c, e, reason, _ in configdb.contexts(ox.cfg, s(3))] == [
+        (cid, False, 7), (cid + 1, True, None)]
+
+    r = run(ox, "disableschema", "-m", "oxdatabase_99")
+    assert (r.rc, r.err) == (1, "Server response:\n Schema oxdatabase_99 does not exist\n\n")
+    r = run(ox, "enableschema")
+    assert r.rc == 104 and 'Error: Option(s) "target-schema" missing' in r.err
+
+
+def test_changeserver(ox: Ox) -> None:
+    new_id = register(ox)
+    r = run(ox, "changeserver", "-s", str(new_id), "-m", s(4))
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == f"Successfully changed to server '{new_id}' for schema '{s(4)}'.\n"
+    assert run(ox, "changeserver", "-s", str(new_id), "-m", s(4)).rc == 0  # idempotent
+    states = summary(ox)
+    assert states[s(4)] == ("none", True, new_id, OLD)
+    assert all(states[s(i)] == untouched(ox) for i in (1, 2, 3, 5, 6))
+
+    r = run(ox, "changeserver", "-s", "abc", "-m", s(4))
+    assert (r.rc, r.err) == (1, "server could not be changed: \nError: Invalid server id: abc\n")
+    r = run(ox, "changeserver", "-s", "99", "-m", s(4))
+    assert (r.rc, r.err) == (103, "server could not be changed: \nServer response:\n No such server 99\n\n")
+    r = run(ox, "changeserver", "-m", s(4))
+    assert r.rc == 104 and 'Option(s) "server-id" missing' in r.err
+    assert summary(ox)[s(4)] == ("none", True, new_id, OLD)
+
+
+def test_runupdate(ox: Ox) -> None:
+    r = run(ox, "runupdate", "-n", s(1))
+    assert (r.rc, r.out, r.err) == (0, "", "")
+    first = configdb.schema_states(ox.cfg)[s(1)]
+    assert (first.update_state, first.version) == ("done", TARGET)
+    assert run(ox, "runupdate", "-n", s(1)).rc == 0  # nothing pending: no-op
+    assert configdb.schema_states(ox.cfg)[s(1)].updated_at == first.updated_at
+
+    configdb.inject_update_failure(ox.cfg, s(2))
+    table = ("taskName" + " " * (len(FAILING_TASK) - 8) + " className" + " " * (len(FAILING_TASK) - 9)
+             + " schema      \n" + f"{FAILING_TASK} {FAILING_TASK} {s(2)}\n")
+    for _ in range(2):  # an injected failure stays until cleared
+        r = run(ox, "runupdate", "-n", s(2))
+        # OX's runupdate reports failed tasks on stdout and still exits 0.
+        assert (r.rc, r.out, r.err) == (0, "The following update task(s) failed:\n" + table, "")
+    state = configdb.schema_states(ox.cfg)[s(2)]
+    assert (state.update_state, state.version, state.last_error) == (
+        "failed", OLD, f"update task(s) failed: {FAILING_TASK}")
+
+    configdb.inject_update_failure(ox.cfg, s(3), times=1)
+    assert "failed" in run(ox, "runupdate", "-n", s(3)).out
+    assert run(ox, "runupdate", "-n", s(3)).out == ""
+    assert run(ox, "runupdate", "-n", s(4), env={"OX_UPDATE_FAULTS": f"{s(4)},{s(6)}"}).out.startswith(
+        "The following update task(s) failed:\n")
+    cid = configdb.contexts(ox.cfg, s(5))[1][0]
+    assert run(ox, "runupdate", "-c", str(cid)).rc == 0
+    assert {n: st[0] for n, st in summary(ox).items()} == {
+        s(1): "done", s(2): "failed", s(3): "done", s(4): "failed", s(5): "done", s(6): "none"}
+
+    # A slow update is visibly running while it works.
+    p = subprocess.Popen([str(ox.bin / "runupdate"), "-n", s(6)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OX_RUNUPDATE_SECONDS": "3"})
+    seen = set()
+    while p.poll() is None:
+        seen.add(configdb.schema_states(ox.cfg)[s(6)].update_state)
+        time.sleep(0.05)
+    out, err = p.communicate()
+    assert (p.returncode, out, err) == (0, "", "") and "running" in seen
+    assert configdb.schema_states(ox.cfg)[s(6)].update_state == "done"
+
+    r = run(ox, "runupdate")
+    assert (r.rc, r.err) == (1, "Missing context/schema identifier.\n")
+    assert r.out.startswith("usage: runUpdate")
+    r = run(ox, "runupdate", "-c", "abc")
+    assert (r.rc, r.err) == (1, "Context parameter is not a number: abc\n")
+    r = run(ox, "runupdate", "-n", "oxdatabase_99")
+    assert (r.rc, r.err) == (1, "Server response:\n Schema oxdatabase_99 does not exist\n\n")
+    r = run(ox, "runupdate", "-n", s(6), "-A", "oxadminmaster", "-P", "wrong")
+    assert r.rc == 1 and "Authentication failed" in r.err
+
+
+# --------------------------------------------------------------------------- upgradeschemata
+
+
+def test_upgradeschemata_stops_at_the_first_failure_then_force_continues_after_it(ox: Ox) -> None:
+    configdb.inject_update_failure(ox.cfg, s(3))
+    r = run(ox, "upgradeschemata", "-n", NEW)
+    new_id = ox.site.server_id + 1
+    assert r.rc == 1
+    assert r.out == "\n".join([f"Registering the server with name '{NEW}'...OK", *done_lines(1),
+                               *done_lines(2), f"Disabling schema '{s(3)}'...OK",
+                               f"Changing server for schema '{s(3)}' to '{NEW}'...OK", "Running updates..."])
+    assert r.err == update_error(3) + (f"Schema upgrade for schema '{s(3)}' was aborted. Manual intervention "
+                                       "might be required.\n")
+    assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver"), (new_id, NEW)]
+    first_run = configdb.schema_states(ox.cfg)
+    assert summary(ox) == {s(1): upgraded(new_id), s(2): upgraded(new_id),
+                           s(3): failed(new_id, enabled=False),  # stays disabled
+                           s(4): untouched(ox), s(5): untouched(ox), s(6): untouched(ox)}
+
+    # -f -m oxdatabase_3: on from after the failed schema, past another failure.
+    configdb.inject_update_failure(ox.cfg, s(5))
+    r = run(ox, "upgradeschemata", "-n", NEW, "-f", "-m", s(3), stdin="continue\n")
+    assert r.rc == 0
+    assert r.out == warning(new_id) + "\n".join([
+        "OK, proceeding with the upgrade", f"Skipping to schema '{s(3)}'", "Filtering out skipped schemata: ",
+        *done_lines(4), *failed_forced_lines(5), *done_lines(6)]) + "\n"
+    assert r.err == update_error(5)
+    assert len(configdb.servers(ox.cfg)) == 2
+    states = configdb.schema_states(ox.cfg)
+    assert [states[s(i)].updated_at for i in (1, 2, 3)] == [first_run[s(i)].updated_at for i in (1, 2, 3)]
+    assert summary(ox) == {s(1): upgraded(new_id), s(2): upgraded(new_id),
+                           s(3): failed(new_id, enabled=False), s(4): upgraded(new_id),
+                           s(5): failed(new_id, enabled=True),  # with -f OX enables it again
+                           s(6): upgraded(new_id)}
+
+
+def test_upgradeschemata_force_goes_past_every_failure(ox: Ox) -> None:
+    configdb.inject_update_failure(ox.cfg, s(2))
+    configdb.inject_update_failure(ox.cfg, s(5))
+    r = run(ox, "upgradeschemata", "-n", NEW, "-f")
+    new_id = ox.site.server_id + 1
+    assert r.rc == 0
+    assert r.out == "\n".join([f"Registering the server with name '{NEW}'...OK", *done_lines(1),
+                               *failed_forced_lines(2), *done_lines(3), *done_lines(4),
+                               *failed_forced_lines(5), *done_lines(6)]) + "\n"
+    assert r.err == update_error(2) + update_error(5)
+    assert summary(ox) == {s(1): upgraded(new_id), s(2): failed(new_id, enabled=True), s(3): upgraded(new_id),
+                           s(4): upgraded(new_id), s(5): failed(new_id, enabled=True), s(6): upgraded(new_id)}
+
+
+def test_upgradeschemata_skips_the_listed_schemata(ox: Ox) -> None:
+    configdb.inject_update_failure(ox.cfg, s(4))  # never reached: skipped
+    r = run(ox, "upgradeschemata", "-n", NEW, "-k", f"{s(2)},{s(4)}")
+    new_id = ox.site.server_id + 1
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == "\n".join([f"Registering the server with name '{NEW}'...OK",
+                               f"Filtering out skipped schemata: '{s(2)}', '{s(4)}'", *done_lines(1),
+                               *done_lines(3), *done_lines(5), *done_lines(6)]) + "\n"
+    assert summary(ox) == {s(1): upgraded(new_id), s(2): untouched(ox), s(3): upgraded(new_id),
+                           s(4): untouched(ox), s(5): upgraded(new_id), s(6): upgraded(new_id)}
+
+
+def test_upgradeschemata_force_from_a_schema_skipping_others(ox: Ox) -> None:
+    configdb.inject_update_failure(ox.cfg, s(2))
+    assert run(ox, "upgradeschemata", "-n", NEW).rc == 1  # stops at oxdatabase_2
+    new_id = ox.site.server_id + 1
+    configdb.inject_update_failure(ox.cfg, s(3))
+    r = run(ox, "upgradeschemata", "-n", NEW, "-f", "-m", s(2), "-k", f"{s(4)},{s(5)}", stdin="continue\n")
+    assert r.rc == 0
+    assert r.out == warning(new_id) + "\n".join([
+        "OK, proceeding with the upgrade", f"Skipping to schema '{s(2)}'",
+        f"Filtering out skipped schemata: '{s(4)}', '{s(5)}'", *failed_forced_lines(3),
+        *done_lines(6)]) + "\n"
+    assert r.err == update_error(3)
+    assert summary(ox) == {s(1): upgraded(new_id), s(2): failed(new_id, enabled=False),
+                           s(3): failed(new_id, enabled=True), s(4): untouched(ox), s(5): untouched(ox),
+                           s(6): upgraded(new_id)}
+
+
+def test_upgradeschemata_with_a_registered_server_continue(ox: Ox) -> None:
+    new_id = register(ox)
+    r = run(ox, "upgradeschemata", "-n", NEW, stdin="maybe\ncontinue\n")
+    assert (r.rc, r.err) == (0, "Unrecognized command: 'maybe'\n")
+    assert r.out == warning(new_id) + "\n".join([
+        tools.PROMPT, "OK, proceeding with the upgrade",
+        *(line for i in range(1, SCHEMATA + 1) for line in done_lines(i))]) + "\n"
+    assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver"), (new_id, NEW)]
+    assert summary(ox) == {s(i): upgraded(new_id) for i in range(1, SCHEMATA + 1)}
+
+
+def test_upgradeschemata_with_a_registered_server_abort(ox: Ox) -> None:
+    new_id = register(ox)
+    r = run(ox, "upgradeschemata", "-n", NEW, "-f", stdin="abort\n")
+    assert (r.rc, r.out, r.err) == (0, warning(new_id) + "OK, aborting upgrade\n", "")
+    assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
+
+    r = run(ox, "upgradeschemata", "-n", NEW)  # no answer at all
+    assert r.rc == 1
+    assert r.err.startswith("An error occurred during schema upgrade. Manual intervention is advised.\n")
+    assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
+
+
+def test_upgradeschemata_argument_errors(ox: Ox) -> None:
+    r = run(ox, "upgradeschemata", "-n", NEW, "-m", "nounderscore")
+    assert (r.rc, r.err) == (1, "Invalid/Malformed schema name: 'nounderscore'\n")
+    r = run(ox, "upgradeschemata", "-f")
+    assert r.rc == 104 and r.err == 'Error: Option(s) "server-name" missing\n'
+    r = run(ox, "upgradeschemata", "-n", NEW, "-A", "oxadminmaster", "-P", "wrong", auth=False)
+    assert (r.rc, r.err) == (101, "An error occurred during schema upgrade. Manual intervention is advised.\n"
+                                  "Server response:\n Authentication failed\n\n")
+    assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver")]
+    assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
