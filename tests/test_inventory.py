@@ -186,3 +186,45 @@ def test_admin_scratch_and_staging_problems_have_paths() -> None:
     assert {"staging.ssh: required field is missing", "staging.service: required field is missing",
             "staging.url: required field is missing", "staging.database: required field is missing"} \
         <= set(problems_of(raw))
+
+
+OX_EXAMPLE = EXAMPLE.parent / "ox-site.example.yaml"
+
+
+def test_ox_section_loads() -> None:
+    inv = load_inventory(OX_EXAMPLE)
+    assert inv.ox is not None
+    assert inv.ox.server_name == "oxserver-7100"
+    assert (inv.ox.main_lb, inv.ox.secondary_lb) == ("www", "wwwxyz")
+    assert inv.ox.secondary_url == "https://wwwxyz.mysite.example"
+    assert inv.ox.admin_password == SecretRef(env="OX_MASTER_PASSWORD")
+    assert inv.ox.install_command == "sudo apt-get install -y open-xchange={version}*"
+    assert inv.ox.schema_shares == (1, 1000)
+    assert load_inventory(EXAMPLE).ox is None
+
+
+def test_ox_section_problems_have_paths() -> None:
+    raw: dict[str, Any] = yaml.safe_load(OX_EXAMPLE.read_text())
+    raw["ox"].update(main_lb="nope", secondary_url="wwwxyz", admin_password="secret",
+                     install_command="apt-get install open-xchange", schema_shares=[1, -2])
+    del raw["ox"]["version_command"]
+    raw["load_balancers"][1]["members"].pop("ox3")
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(raw, base_dir=OX_EXAMPLE.parent)
+    problems = info.value.problems
+    assert "ox.main_lb: unknown load balancer 'nope' (known: www, wwwxyz)" in problems
+    assert 'ox.secondary_url: expected an http(s):// URL, got "wwwxyz"' in problems
+    assert any(p.startswith("ox.admin_password: secrets must be references") for p in problems)
+    assert any(p.startswith("ox.install_command: must contain {version}") for p in problems)
+    assert any(p.startswith("ox.schema_shares: expected a list of schema counts") for p in problems)
+    assert "ox.version_command: required field is missing" in problems
+    assert "ox.secondary_lb: node 'ox3' is not a member of load balancer 'wwwxyz' " \
+           "(every OX node moves between both)" in problems
+    assert not any("secret" in p and "references" not in p for p in problems)
+    assert len(problems) == 7, problems
+    raw = yaml.safe_load(OX_EXAMPLE.read_text())
+    raw["ox"]["secondary_lb"] = "www"
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(raw, base_dir=OX_EXAMPLE.parent)
+    assert "ox.secondary_lb: must differ from ox.main_lb (the upgraded nodes wait there)" \
+        in info.value.problems

@@ -192,6 +192,38 @@ class Staging:
 
 
 @dataclass(frozen=True)
+class OxSettings:
+    """An Open-Xchange cluster (seed 002): how zerodown drives OX's command line tools over
+    SSH and which balancers take part in the node-by-node upgrade.
+
+    `server_name`: the old cluster's registered server (its nodes' SERVER_NAME).
+    `main_lb` / `secondary_lb`: names in `load_balancers`; the secondary is reached by
+    `secondary_url`, the value of `com.openexchange.server.migrationRedirectURL`.
+    `tools_dir`: where registerserver, changeserver, runupdate, ... live on a node.
+    `admin_password`: the master admin's password (a reference; handed to the tools on
+    standard input, never on a command line). Paths and commands run in the node's login
+    directory: `install_command` takes `{version}`; `version_command` prints the installed
+    release; `reload_command` makes the running service re-read its properties.
+    `schema_shares`: how many schemata each node's turn moves (in upgrade order); the node
+    after the listed shares takes the rest. Empty: the first node a pilot schema, the
+    second all the others."""
+
+    server_name: str
+    main_lb: str
+    secondary_lb: str
+    secondary_url: str
+    admin_password: SecretRef
+    install_command: str
+    version_command: str
+    admin_user: str = "oxadminmaster"
+    tools_dir: str = "/opt/open-xchange/sbin"
+    server_properties: str = "/opt/open-xchange/etc/server.properties"
+    system_properties: str = "/opt/open-xchange/etc/system.properties"
+    reload_command: str = "/opt/open-xchange/sbin/reloadconfiguration"
+    schema_shares: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Inventory:
     site: str
     nodes: tuple[Node, ...]
@@ -203,6 +235,7 @@ class Inventory:
     # Where the inventory was loaded from (informational).
     source: str | None = None
     staging: Staging | None = None
+    ox: OxSettings | None = None
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -630,6 +663,46 @@ def _parse_staging(r: _Reader, raw: Any, path: str) -> Staging:
     )
 
 
+_OX_DEFAULTS = OxSettings(server_name="", main_lb="", secondary_lb="", secondary_url="",
+                           admin_password=SecretRef(env="UNSET"), install_command="", version_command="")
+
+
+def _parse_ox(r: _Reader, raw: Any, path: str) -> OxSettings:
+    m = r.mapping(raw, path, ("server_name", "main_lb", "secondary_lb", "secondary_url", "admin_user",
+                              "admin_password", "tools_dir", "server_properties", "system_properties",
+                              "reload_command", "install_command", "version_command", "schema_shares"))
+    d = _OX_DEFAULTS
+    install = r.string(m, "install_command", path) or ""
+    if install and "{version}" not in install:
+        r.problem(_join(path, "install_command"), f"must contain {{version}}, got {_show(install)}")
+    shares: list[int] = []
+    raw_shares = m.get("schema_shares")
+    if raw_shares is not None:
+        if not isinstance(raw_shares, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in raw_shares):
+            r.problem(_join(path, "schema_shares"),
+                      f"expected a list of schema counts (integers >= 0), got {_show(raw_shares)}")
+        else:
+            shares = list(raw_shares)
+    return OxSettings(
+        server_name=r.name(m, "server_name", path),
+        main_lb=r.name(m, "main_lb", path),
+        secondary_lb=r.name(m, "secondary_lb", path),
+        secondary_url=_parse_url(r, m, "secondary_url", path, required=True) or "",
+        admin_user=r.string(m, "admin_user", path, default=d.admin_user) or d.admin_user,
+        admin_password=r.secret(m, "admin_password", path) or d.admin_password,
+        tools_dir=r.string(m, "tools_dir", path, default=d.tools_dir) or d.tools_dir,
+        server_properties=r.string(m, "server_properties", path, default=d.server_properties)
+        or d.server_properties,
+        system_properties=r.string(m, "system_properties", path, default=d.system_properties)
+        or d.system_properties,
+        reload_command=r.string(m, "reload_command", path, default=d.reload_command) or d.reload_command,
+        install_command=install,
+        version_command=r.string(m, "version_command", path) or "",
+        schema_shares=tuple(shares),
+    )
+
+
 def _parse_rollout(r: _Reader, raw: Any, path: str) -> Rollout:
     m = r.mapping(raw, path, ("batch_size", "batches", "health_timeout_s"))
     batches: list[tuple[str, ...]] = []
@@ -647,7 +720,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     """Validate a raw (already YAML-decoded) inventory; raise InventoryError with all problems."""
     r = _Reader(base_dir)
     top = r.mapping(raw, "", ("site", "nodes", "load_balancers", "databases", "application",
-                              "approvers", "rollout", "staging"))
+                              "approvers", "rollout", "staging", "ox"))
     if not isinstance(raw, dict):
         raise InventoryError(r.problems, source)
     site = r.name(top, "site", "")
@@ -661,6 +734,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     rollout = _parse_rollout(r, top["rollout"], "rollout") if top.get("rollout") is not None \
         else Rollout()
     staging = _parse_staging(r, top["staging"], "staging") if top.get("staging") is not None else None
+    ox = _parse_ox(r, top["ox"], "ox") if top.get("ox") is not None else None
 
     approvers: dict[str, tuple[str, ...]] = {}
     raw_appr = top.get("approvers")
@@ -700,6 +774,21 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
             elif staging.database == d.scratch_database:
                 r.problem("staging.database", f"must differ from databases[{i}].scratch_database "
                                               f"({d.scratch_database!r}), which is dropped after each test")
+    if ox is not None:
+        lb_by_name = {lb.name: lb for lb in lbs}
+        for key in ("main_lb", "secondary_lb"):
+            name = getattr(ox, key)
+            if name and name not in lb_by_name:
+                r.problem(f"ox.{key}", f"unknown load balancer {name!r} "
+                                       f"(known: {', '.join(lb_by_name) or 'none'})")
+        if ox.main_lb and ox.main_lb == ox.secondary_lb:
+            r.problem("ox.secondary_lb", "must differ from ox.main_lb (the upgraded nodes wait there)")
+        for key in ("main_lb", "secondary_lb"):
+            lb = lb_by_name.get(getattr(ox, key))
+            missing = sorted(node_names - set(lb.members)) if lb is not None else []
+            for n in missing:
+                r.problem(f"ox.{key}", f"node {n!r} is not a member of load balancer {getattr(ox, key)!r} "
+                                       "(every OX node moves between both)")
     if rollout.batches:
         listed = [n for b in rollout.batches for n in b]
         if len(listed) != len(set(listed)):
@@ -711,7 +800,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         raise InventoryError(r.problems, source)
     return Inventory(site=site, nodes=tuple(nodes), load_balancers=tuple(lbs),
                      databases=tuple(dbs), application=app, approvers=approvers,
-                     rollout=rollout, source=source, staging=staging)
+                     rollout=rollout, source=source, staging=staging, ox=ox)
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
