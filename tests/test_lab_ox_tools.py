@@ -332,12 +332,26 @@ def test_runupdate(ox: Ox) -> None:
     p = subprocess.Popen([str(ox.bin / "runupdate"), "-n", s(6)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OX_RUNUPDATE_SECONDS": "3"})
     seen = set()
+    conflict: Run | None = None
     while p.poll() is None:
-        seen.add(configdb.schema_states(ox.cfg)[s(6)].update_state)
+        state = configdb.schema_states(ox.cfg)[s(6)].update_state
+        seen.add(state)
+        if state == "running" and conflict is None:
+            # OX's schema lock: a second update of the schema is refused while one runs.
+            conflict = run(ox, "runupdate", "-n", s(6))
         time.sleep(0.05)
     out, err = p.communicate()
     assert (p.returncode, out, err) == (0, "", "") and "running" in seen
-    assert configdb.schema_states(ox.cfg)[s(6)].update_state == "done"
+    assert conflict is not None and conflict.rc == 1
+    assert conflict.err == ("Server response:\n Update conflict detected. Another process is currently "
+                            f"updating schema {s(6)}.\n\n")
+    states = configdb.schema_states(ox.cfg)
+    assert states[s(6)].update_state == "done"
+    # Every update run that started is counted (s(2): two failed runs; s(3): failed, then done).
+    assert {n: st.update_runs for n, st in states.items()} == {s(1): 1, s(2): 2, s(3): 2, s(4): 1,
+                                                               s(5): 1, s(6): 1}
+    assert run(ox, "runupdate", "-n", s(6)).rc == 0  # nothing pending: no new run
+    assert configdb.schema_states(ox.cfg)[s(6)].update_runs == 1
 
     r = run(ox, "runupdate")
     assert (r.rc, r.err) == (1, "Missing context/schema identifier.\n")

@@ -18,8 +18,9 @@ Two databases (both created, reset and dropped here, as root over the primary's 
                                                   the schema list (listdatabaseschema)
   and three lab-only tables (a real config DB has none of them):
     schema_state(schema_name, enabled, server_id, update_state, schema_version, updated_at,
-                 last_error)                      what the tools did to each schema; update_state
-                                                  is none | running | done | failed (runupdate)
+                 last_error, update_runs)         what the tools did to each schema; update_state
+                                                  is none | running | done | failed (runupdate);
+                                                  update_runs counts the update runs that started
     update_faults(schema_name, task_name, remaining)
                                                   fault injection: runupdate fails on that schema
                                                   (remaining NULL: always; N: the next N runs)
@@ -94,7 +95,7 @@ _CONFIGDB_TABLES = [
     "enabled TINYINT NOT NULL, server_id INT UNSIGNED NOT NULL, "
     "update_state ENUM('none', 'running', 'done', 'failed') NOT NULL DEFAULT 'none', "
     "schema_version VARCHAR(32) NOT NULL, updated_at DATETIME(3) NULL, "
-    "last_error VARCHAR(255) NULL) ENGINE=InnoDB",
+    "last_error VARCHAR(255) NULL, update_runs INT UNSIGNED NOT NULL DEFAULT 0) ENGINE=InnoDB",
     "CREATE TABLE update_faults (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
     "task_name VARCHAR(190) NOT NULL, remaining INT NULL) ENGINE=InnoDB",
     "CREATE TABLE lab_meta (k VARCHAR(64) NOT NULL PRIMARY KEY, v VARCHAR(255) NOT NULL) ENGINE=InnoDB",
@@ -161,6 +162,7 @@ class SchemaState:
     contexts: int
     contexts_enabled: int
     context_servers: tuple[int, ...]  # distinct server ids of its contexts
+    update_runs: int = 0  # update runs started on it (runupdate / upgradeschemata)
 
 
 # --------------------------------------------------------------------------- names and secrets
@@ -320,9 +322,9 @@ def reset(cfg: LabConfig) -> list[str]:
             ("UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s", (server_id, server_id),
              "pointed {} context(s) back to the initial server"),
             ("UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
-             "schema_version = %s, updated_at = NULL, last_error = NULL WHERE NOT (enabled = 1 AND "
-             "server_id = %s AND update_state = 'none' AND schema_version = %s AND updated_at IS NULL "
-             "AND last_error IS NULL)",
+             "schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0 WHERE NOT ("
+             "enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s AND "
+             "updated_at IS NULL AND last_error IS NULL AND update_runs = 0)",
              (server_id, version, server_id, version), "reset {} schema state(s)"),
             ("DELETE FROM update_faults", (), "cleared {} injected update failure(s)"),
         ]
@@ -361,13 +363,14 @@ def schema_states(cfg: LabConfig) -> dict[str, SchemaState]:
         cfg, "primary",
         "SELECT s.schema_name, s.enabled, s.server_id, s.update_state, s.schema_version, s.updated_at, "
         "s.last_error, COUNT(m.cid), COALESCE(SUM(c.enabled = 1), 0), "
-        "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), '') "
+        "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), ''), s.update_runs "
         "FROM schema_state s LEFT JOIN context_server2db_pool m ON m.db_schema = s.schema_name "
-        "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name", database=CONFIGDB)
+        "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name, s.update_runs", database=CONFIGDB)
     states = [SchemaState(name=str(r[0]), enabled=bool(r[1]), server_id=int(r[2]), update_state=str(r[3]),
                           version=str(r[4]), updated_at=r[5], last_error=r[6], contexts=int(r[7]),
                           contexts_enabled=int(r[8]),
-                          context_servers=tuple(int(x) for x in str(r[9]).split(",") if x))
+                          context_servers=tuple(int(x) for x in str(r[9]).split(",") if x),
+                          update_runs=int(r[10]))
               for r in rows]
     return {s.name: s for s in sorted(states, key=lambda s: natural_key(s.name))}
 
@@ -531,22 +534,35 @@ def schema_of_context(conn: Any, cid: int) -> str:
     return str(row[0])
 
 
+# OX refuses a second update of a schema while one runs (its schema lock); a lock older than
+# this is taken as left behind by a killed runupdate and taken over (lab choice).
+STALE_UPDATE_S = 120.0
+UPDATE_CONFLICT = "Update conflict detected. Another process is currently updating schema {}."
+
+
 def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
                fail_schemata: Collection[str] = ()) -> list[str]:
     """runupdate: the schema's update tasks. A schema already updated to `target_version`
-    has none pending (returns at once). Otherwise: update_state `running`, `seconds` of work,
-    then `done` at target_version - or `failed` when a failure is injected for it
+    has none pending (returns at once). One update at a time per schema: while another runs,
+    OxError("update_running"). Otherwise: update_state `running` (update_runs + 1), `seconds`
+    of work, then `done` at target_version - or `failed` when a failure is injected for it
     (update_faults, or `fail_schemata`). Returns the names of the failed tasks."""
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT update_state, schema_version FROM `{CONFIGDB}`.schema_state "
-                    "WHERE schema_name = %s", (schema,))
+    def claim(cur: Any) -> bool:
+        cur.execute(f"SELECT update_state, schema_version, "
+                    f"TIMESTAMPDIFF(MICROSECOND, updated_at, NOW(3)) / 1e6 FROM `{CONFIGDB}`.schema_state "
+                    "WHERE schema_name = %s FOR UPDATE", (schema,))
         row = cur.fetchone()
         if row is None:
             raise OxError("no_such_object", f"Schema {schema} does not exist")
         if (str(row[0]), str(row[1])) == ("done", target_version):
-            return []
+            return False
+        if str(row[0]) == "running" and row[2] is not None and float(row[2]) < STALE_UPDATE_S + seconds:
+            raise OxError("update_running", UPDATE_CONFLICT.format(schema))
         cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'running', updated_at = NOW(3), "
-                    "last_error = NULL WHERE schema_name = %s", (schema,))
+                    "last_error = NULL, update_runs = update_runs + 1 WHERE schema_name = %s", (schema,))
+        return True
+    if not _in_transaction(conn, claim):
+        return []
     if seconds > 0:
         time.sleep(seconds)
 
