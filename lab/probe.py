@@ -32,9 +32,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -69,8 +70,117 @@ class ProbeSummary:
                 f"p50_ms={self.latency_p50_ms:.1f} max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
 
 
-def _now_iso() -> str:
+# --------------------------------------------------------------------------- shared plumbing
+# (also used by lab/ox/probe.py, the probe's Open-Xchange mode)
+
+
+def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class JsonlLog:
+    """An append-only JSONL file, every line flushed as it is written (a crash loses
+    nothing: the file is the evidence). `out=None`: lines are dropped."""
+
+    def __init__(self, out: Path | None) -> None:
+        self._fh: IO[str] | None = None
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(out, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def latency_stats(latencies: list[float]) -> tuple[float, float]:
+    """(p50, max) in ms, rounded to 0.1; (0, 0) without samples."""
+    lat = sorted(latencies)
+    if not lat:
+        return 0.0, 0.0
+    return round(lat[len(lat) // 2], 1), round(lat[-1], 1)
+
+
+def client_connector() -> aiohttp.TCPConnector:
+    # Enough connections for every request in flight (long-lived ones included): a request
+    # waiting for a free connection inside the probe would be a client-side artefact, not
+    # the site failing.
+    return aiohttp.TCPConnector(limit=200, limit_per_host=200, keepalive_timeout=30)
+
+
+async def run_at_fixed_rate(rate: float, stop: asyncio.Event,
+                            fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """Start `fire(n)` (n = 1, 2, ...) as its own task `rate` times per second until `stop`
+    is set, then wait for the tasks still in flight. Absolute schedule: request n+1 is due
+    at t_start + n/rate however long an iteration took, so the rate never drifts and a slow
+    answer never holds back the next request."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    interval = 1.0 / rate
+    tasks: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    t_start = loop.time()
+    n = 0
+    while not stop.is_set():
+        n += 1
+        task = asyncio.create_task(fire(n))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        delay = t_start + n * interval - loop.time()
+        if delay > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Summary(Protocol):
+    def to_json(self) -> str: ...
+
+    def line(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Summary)
+
+
+def run_cli(make: Callable[[asyncio.Event], Coroutine[Any, Any, S]], duration: float | None,
+            summary_path: Path | None) -> S:
+    """The probes' process mode: run `make(stop)` until `duration` passes or SIGTERM/SIGINT
+    sets `stop`, write the summary JSON to `summary_path`, print its one line."""
+
+    async def run() -> S:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if duration is not None:
+            loop.call_later(duration, stop.set)
+        return await make(stop)
+
+    summary = asyncio.run(run())
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(summary.to_json() + "\n", encoding="utf-8")
+    print(summary.line(), flush=True)
+    return summary
+
+
+def spawn_probe(module: str, args: list[str], out: Path, summary: Path) -> subprocess.Popen[bytes]:
+    """`python -m <module> <args> --out OUT --summary SUMMARY` in its own process, like a
+    real client population (fresh output files)."""
+    for f in (out, summary):
+        f.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", module, *args, "--out", str(out), "--summary", str(summary)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- the generic probe
 
 
 class _Recorder:
@@ -81,10 +191,7 @@ class _Recorder:
         self.by_status: Counter[str] = Counter()
         self.by_node: Counter[str] = Counter()
         self.latencies: list[float] = []
-        self._fh: IO[str] | None = None
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(out, "a", encoding="utf-8")
+        self._log = JsonlLog(out)
 
     def ok(self, status: int, node: str | None, latency_ms: float) -> None:
         self.total += 1
@@ -106,15 +213,11 @@ class _Recorder:
             self.by_node[node] += 1
         if latency_ms is not None:
             self.latencies.append(latency_ms)
-        if self._fh is not None:
-            self._fh.write(json.dumps({"t": _now_iso(), "method": method, "path": path, "status": status,
-                                       "error": error, "node": node}) + "\n")
-            self._fh.flush()  # written as it happens: the file is the evidence
+        self._log.write({"t": now_iso(), "method": method, "path": path, "status": status, "error": error,
+                         "node": node})
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._log.close()
 
 
 async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str, rec: _Recorder,
@@ -149,61 +252,39 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
         raise ValueError("rate must be > 0")
     base = url.rstrip("/")
     rec = _Recorder(out)
-    started = _now_iso()
-    interval = 1.0 / rate
-    tasks: set[asyncio.Task[None]] = set()
-    # Enough connections for every request in flight (long-lived ones included): a request
-    # waiting for a free connection inside the probe would be a client-side artefact, not
-    # the site failing.
-    connector = aiohttp.TCPConnector(limit=200, limit_per_host=200, keepalive_timeout=30)
-    loop = asyncio.get_running_loop()
+    started = now_iso()
     try:
-        async with aiohttp.ClientSession(connector=connector) as session:
-            t_start = loop.time()
-            n = 0
-            while not stop.is_set():
-                n += 1
+        async with aiohttp.ClientSession(connector=client_connector()) as session:
+
+            def fire(n: int) -> Coroutine[Any, Any, None]:
                 if slow_every > 0 and n % slow_every == 0:
                     method, path, timeout_s = "GET", f"/slow?ms={slow_ms}", TIMEOUT_S + slow_ms / 1000
                 elif n % 10 in (3, 6, 9):  # 30% writes, spread evenly
                     method, path, timeout_s = "POST", "/items", TIMEOUT_S
                 else:
                     method, path, timeout_s = "GET", "/items", TIMEOUT_S
-                task = asyncio.create_task(_one(session, base, method, path, rec, n, timeout_s))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                # Absolute schedule: request n+1 is due at t_start + n*interval however long
-                # this iteration took, so the rate never drifts.
-                delay = t_start + n * interval - loop.time()
-                if delay > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                return _one(session, base, method, path, rec, n, timeout_s)
+
+            await run_at_fixed_rate(rate, stop, fire)
     finally:
         rec.close()
-    lat = sorted(rec.latencies)
+    p50, pmax = latency_stats(rec.latencies)
     return ProbeSummary(
         total=rec.total, failed=rec.failed, by_status=dict(sorted(rec.by_status.items())),
-        by_node=dict(sorted(rec.by_node.items())), started=started, ended=_now_iso(),
-        latency_p50_ms=round(lat[len(lat) // 2], 1) if lat else 0.0,
-        latency_max_ms=round(lat[-1], 1) if lat else 0.0, rate=rate, url=base, refused=rec.refused)
+        by_node=dict(sorted(rec.by_node.items())), started=started, ended=now_iso(),
+        latency_p50_ms=p50, latency_max_ms=pmax, rate=rate, url=base, refused=rec.refused)
 
 
 def start_probe_process(url: str, rate: float, out: Path, summary: Path, slow_every: int = 50,
                         slow_ms: int = 1500) -> subprocess.Popen[bytes]:
     """The probe in its own process, like a real client population (fresh output files)."""
-    for f in (out, summary):
-        f.unlink(missing_ok=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "lab.probe", "--url", url, "--rate", str(rate), "--out", str(out),
-         "--summary", str(summary), "--slow-every", str(slow_every), "--slow-ms", str(slow_ms)],
-        stdout=subprocess.DEVNULL)
+    return spawn_probe("lab.probe", ["--url", url, "--rate", str(rate), "--slow-every", str(slow_every),
+                                     "--slow-ms", str(slow_ms)], out, summary)
 
 
 def stop_probe_process(proc: subprocess.Popen[bytes], summary: Path) -> dict[str, Any]:
     """SIGTERM (the probe finishes its requests in flight and writes its summary); the summary,
-    or {} if it wrote none."""
+    or {} if it wrote none. Serves every probe mode (lab/ox/probe.py too)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -228,21 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-every", type=int, default=50)
     p.add_argument("--slow-ms", type=int, default=1500)
     a = p.parse_args(argv)
-
-    async def run() -> ProbeSummary:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if a.duration is not None:
-            loop.call_later(a.duration, stop.set)
-        return await run_probe(a.url, a.rate, stop, a.out, a.slow_every, a.slow_ms)
-
-    summary = asyncio.run(run())
-    if a.summary is not None:
-        a.summary.parent.mkdir(parents=True, exist_ok=True)
-        a.summary.write_text(summary.to_json() + "\n", encoding="utf-8")
-    print(summary.line(), flush=True)
+    run_cli(lambda stop: run_probe(a.url, a.rate, stop, a.out, a.slow_every, a.slow_ms),
+            a.duration, a.summary)
     return 0
 
 
