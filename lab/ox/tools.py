@@ -66,7 +66,10 @@ Environment (real environment variables win over the env file named by OX_TOOLS_
   OX_MASTER_ADMIN, OX_MASTER_PASSWORD_FILE        master admin check (-A/-P; unset: no check);
                                                   ADMIN_PASSWORD stands in for -P, as in OX
   OX_RUNUPDATE_SECONDS (default 0.2)              runupdate's work per schema
-  OX_VERSION                                      the version runupdate brings a schema to
+  OX_VERSION_FILE                                 the version runupdate brings a schema to:
+                                                  this file's content (an OX node's
+                                                  installed/version) when readable, else
+  OX_VERSION                                      this one
   OX_UPDATE_FAULTS (a,b,c)                        runupdate fails on these schemata (besides
                                                   the config DB's update_faults table)
 """
@@ -514,7 +517,16 @@ def _update_settings(ctx: Ctx) -> tuple[float, str, set[str]]:
         seconds = max(0.0, float(ctx.env.get("OX_RUNUPDATE_SECONDS", "0.2")))
     except ValueError:
         seconds = 0.2
-    target = ctx.env.get("OX_VERSION") or configdb.DEFAULT_TARGET_VERSION
+    # On an OX node runupdate brings a schema to the release installed *there* (the node's
+    # installed/version, which `oxpkg install` writes); OX_VERSION is the fallback.
+    target = ""
+    version_file = ctx.env.get("OX_VERSION_FILE")
+    if version_file:
+        try:
+            target = Path(version_file).read_text(encoding="utf-8").strip()
+        except OSError:
+            target = ""
+    target = target or ctx.env.get("OX_VERSION") or configdb.DEFAULT_TARGET_VERSION
     faults = {s.strip() for s in ctx.env.get("OX_UPDATE_FAULTS", "").split(",") if s.strip()}
     return seconds, target, faults
 
