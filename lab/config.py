@@ -18,6 +18,11 @@ STAGING_DB_NAME = "labapp_staging"
 SCRATCH_DB_NAME = "labapp_test"
 # The lab's fault-injection database (never part of the application's data).
 FAULTS_DB_NAME = "zdlab"
+# The Open-Xchange part (lab/ox): its two HAProxy backends and how many OX nodes fit the
+# port block (+60+i HTTP, +70+i SSH).
+OX_BACKEND = "ox"
+OX_SECONDARY_BACKEND = "ox_secondary"
+OX_MAX_NODES = 9
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,15 @@ class LabConfig:
     port_base: int = 18000
     temporal_port: int = 7233
     temporal_ui_port: int = 8233
+    # The Open-Xchange cluster next to the site (0: none) and its config DB's schema count.
+    ox_nodes: int = 0
+    ox_schemata: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ox_nodes <= OX_MAX_NODES:
+            raise ValueError(f"ox_nodes must be between 0 and {OX_MAX_NODES}, got {self.ox_nodes}")
+        if self.ox_schemata < 1:
+            raise ValueError(f"ox_schemata must be at least 1, got {self.ox_schemata}")
 
     # ---------------------------------------------------------------- ports
     @property
@@ -53,7 +67,7 @@ class LabConfig:
         """SSH port of node i (1-based)."""
         return self.port_base + 30 + i
 
-    # The staging node sits in the gap below the node ports (+4..+9 are unused), so it never
+    # The staging node sits in the gap below the node ports (+6..+9 are unused), so it never
     # collides with the app (+11..+29) or SSH (+31..+49) ports of up to 19 nodes, with a
     # spare test node at nodes + 1, nor with a test dev server at +50/+51.
     @property
@@ -64,11 +78,31 @@ class LabConfig:
     def staging_ssh_port(self) -> int:
         return self.port_base + 9
 
+    # The OX part: its frontends use +4/+5 of the gap below the node ports, its nodes
+    # +61..+69 (HTTP) and +71..+79 (SSH), above the test dev server's +50/+51.
+    @property
+    def ox_main_port(self) -> int:
+        return self.port_base + 4
+
+    @property
+    def ox_secondary_port(self) -> int:
+        return self.port_base + 5
+
+    def ox_app_port(self, i: int) -> int:
+        """HTTP port of OX node i (1-based)."""
+        return self.port_base + 60 + i
+
+    def ox_ssh_port(self, i: int) -> int:
+        """SSH port of OX node i (1-based)."""
+        return self.port_base + 70 + i
+
     def all_ports(self) -> list[int]:
+        ox = [self.ox_main_port, self.ox_secondary_port, *(self.ox_app_port(i) for i in self.ox_indexes),
+              *(self.ox_ssh_port(i) for i in self.ox_indexes)] if self.ox_nodes else []
         return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
                 self.staging_app_port, self.staging_ssh_port,
                 *(self.app_port(i) for i in self.node_indexes),
-                *(self.ssh_port(i) for i in self.node_indexes)]
+                *(self.ssh_port(i) for i in self.node_indexes), *ox]
 
     # ---------------------------------------------------------------- names and paths
     @property
@@ -78,6 +112,14 @@ class LabConfig:
     @staticmethod
     def node_name(i: int) -> str:
         return f"node{i}"
+
+    @property
+    def ox_indexes(self) -> range:
+        return range(1, self.ox_nodes + 1)
+
+    @staticmethod
+    def ox_node_name(i: int) -> str:
+        return f"ox{i}"
 
     @property
     def abs_root(self) -> Path:
@@ -134,6 +176,23 @@ class LabConfig:
 
     def node_dir(self, i: int) -> Path:
         return self.nodes_dir / self.node_name(i)
+
+    def ox_node_dir(self, i: int) -> Path:
+        """OX node i's folder (its SSH root; see lab/ox/nodes.py)."""
+        return self.nodes_dir / self.ox_node_name(i)
+
+    @property
+    def ox_site_yaml(self) -> Path:
+        """The OX cluster's inventory (site `lab-ox`), next to site.yaml."""
+        return self.abs_root / "ox-site.yaml"
+
+    @property
+    def ox_main_url(self) -> str:
+        return f"http://127.0.0.1:{self.ox_main_port}"
+
+    @property
+    def ox_secondary_url(self) -> str:
+        return f"http://127.0.0.1:{self.ox_secondary_port}"
 
     @property
     def staging_dir(self) -> Path:
