@@ -5,6 +5,11 @@
   all declared `disabled` (maintenance), so a procedure can move nodes between the two
   (blue/green style) with `set server ... state ready|maint` alone, without a reload.
 
+With an OX part (cfg.ox_nodes > 0) the same pair again over the OX nodes (ox1..oxN):
+* frontend `ox_main` (cfg.ox_main_port) -> backend `ox`, every OX node in rotation;
+* frontend `ox_secondary` (cfg.ox_secondary_port) -> backend `ox_secondary`, all `disabled`:
+  the seed's secondary load balancer, where upgraded nodes go.
+
 The runtime API socket (`haproxy/admin.sock`, level admin) is what zerodown's activities
 talk to, exactly as on a customer's HAProxy.
 """
@@ -18,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab.config import BACKEND, SECONDARY_BACKEND, LabConfig
+from lab.config import BACKEND, OX_BACKEND, OX_SECONDARY_BACKEND, SECONDARY_BACKEND, LabConfig
 from lab.procs import pid_alive, port_open, read_pid, stop_pidfile
 
 HAPROXY_BIN = "haproxy"
@@ -42,9 +47,23 @@ def start_log(cfg: LabConfig) -> Path:
     return cfg.haproxy_dir / "haproxy.log"
 
 
-def _servers(cfg: LabConfig, extra: str = "") -> list[str]:
-    return [f"    server {cfg.node_name(i)} 127.0.0.1:{cfg.app_port(i)} check{extra}"
-            for i in cfg.node_indexes]
+def backend_servers(cfg: LabConfig, backend: str) -> dict[str, int]:
+    """Server name -> port of every server of one of the lab's backends."""
+    if backend in (BACKEND, SECONDARY_BACKEND):
+        return {cfg.node_name(i): cfg.app_port(i) for i in cfg.node_indexes}
+    if backend in (OX_BACKEND, OX_SECONDARY_BACKEND):
+        return {cfg.ox_node_name(i): cfg.ox_app_port(i) for i in cfg.ox_indexes}
+    raise ValueError(f"no lab backend {backend!r}")
+
+
+def _servers(cfg: LabConfig, backend: str, extra: str = "") -> list[str]:
+    return [f"    server {name} 127.0.0.1:{port} check{extra}"
+            for name, port in backend_servers(cfg, backend).items()]
+
+
+def frontend_ports(cfg: LabConfig) -> list[int]:
+    ox = [cfg.ox_main_port, cfg.ox_secondary_port] if cfg.ox_nodes else []
+    return [cfg.main_port, cfg.secondary_port, *ox]
 
 
 def _backend(name: str, servers: list[str]) -> list[str]:
@@ -99,9 +118,23 @@ def render_config(cfg: LabConfig) -> str:
         f"    bind 127.0.0.1:{cfg.secondary_port}",
         f"    default_backend {SECONDARY_BACKEND}",
         "",
-        *_backend(BACKEND, _servers(cfg)),
-        *_backend(SECONDARY_BACKEND, _servers(cfg, " disabled")),
+        *_backend(BACKEND, _servers(cfg, BACKEND)),
+        *_backend(SECONDARY_BACKEND, _servers(cfg, SECONDARY_BACKEND, " disabled")),
     ]
+    if cfg.ox_nodes:
+        # The OX cluster's two load balancers, built like the site's (same options).
+        lines += [
+            "frontend ox_main",
+            f"    bind 127.0.0.1:{cfg.ox_main_port}",
+            f"    default_backend {OX_BACKEND}",
+            "",
+            "frontend ox_secondary",
+            f"    bind 127.0.0.1:{cfg.ox_secondary_port}",
+            f"    default_backend {OX_SECONDARY_BACKEND}",
+            "",
+            *_backend(OX_BACKEND, _servers(cfg, OX_BACKEND)),
+            *_backend(OX_SECONDARY_BACKEND, _servers(cfg, OX_SECONDARY_BACKEND, " disabled")),
+        ]
     return "\n".join(lines)
 
 
@@ -154,7 +187,7 @@ def start(cfg: LabConfig) -> None:
         if changed:
             reload(cfg)
         return
-    for port in (cfg.main_port, cfg.secondary_port):
+    for port in frontend_ports(cfg):
         if port_open("127.0.0.1", port):
             raise HAProxyError(f"cannot start HAProxy: 127.0.0.1:{port} is already in use by another process")
     cfg.haproxy_socket.unlink(missing_ok=True)  # stale socket of a killed instance
@@ -221,11 +254,12 @@ def server_states(cfg: LabConfig) -> dict[tuple[str, str], str]:
 
 
 def wait_all_up(cfg: LabConfig, backend: str = BACKEND, timeout: float = UP_TIMEOUT_S) -> None:
-    """Wait until every node's server in `backend` is UP *and* its last health check passed.
+    """Wait until every server in `backend` (`app`, or `ox` for the OX nodes) is UP *and*
+    its last health check passed.
 
     HAProxy starts servers in state UP before any check ran, so "UP" alone proves nothing
     right after a start or reload; the last check's result (L7OK) does."""
-    wanted = {cfg.node_name(i) for i in cfg.node_indexes}
+    wanted = set(backend_servers(cfg, backend))
     deadline = time.monotonic() + timeout
     while True:
         rows = {r["svname"]: r for r in stat_rows(cfg) if r.get("pxname") == backend}
@@ -257,11 +291,12 @@ def status(cfg: LabConfig) -> dict[str, object]:
 
 def reset_servers(cfg: LabConfig) -> None:
     """Runtime state as just after start: every node ready in `app` at its initial weight,
-    in maintenance in `app_secondary`."""
-    for i in cfg.node_indexes:
-        n = cfg.node_name(i)
-        for cmd in (f"set server {BACKEND}/{n} state ready", f"set weight {BACKEND}/{n} 100%",
-                    f"set server {SECONDARY_BACKEND}/{n} state maint"):
-            answer = runtime_command(cfg, cmd).strip()
-            if answer:  # these commands answer nothing on success
-                raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer!r}")
+    in maintenance in `app_secondary`; the same for the OX nodes in `ox` / `ox_secondary`."""
+    pairs = [(BACKEND, SECONDARY_BACKEND)] + ([(OX_BACKEND, OX_SECONDARY_BACKEND)] if cfg.ox_nodes else [])
+    for main, secondary in pairs:
+        for n in backend_servers(cfg, main):
+            for cmd in (f"set server {main}/{n} state ready", f"set weight {main}/{n} 100%",
+                        f"set server {secondary}/{n} state maint"):
+                answer = runtime_command(cfg, cmd).strip()
+                if answer:  # these commands answer nothing on success
+                    raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer!r}")

@@ -1,7 +1,8 @@
 """The lab's SSH endpoints: one asyncssh server per node, all in ONE background process.
 
 Each node i listens on 127.0.0.1:cfg.ssh_port(i), the staging system on
-cfg.staging_ssh_port (rooted at cfg.staging_dir), and behaves like a locked-down customer
+cfg.staging_ssh_port (rooted at cfg.staging_dir), each OX node i on cfg.ox_ssh_port(i)
+(rooted at cfg.ox_node_dir(i)), and behaves like a locked-down customer
 server: user `zerodown`, public-key auth only (cfg.client_key.pub), host key cfg.host_key.
 
 * exec requests run ``sh -c <command>`` in the node's folder (cfg.node_dir(i)); stdin,
@@ -15,7 +16,7 @@ PTY): it runs to completion, its output is discarded. Processes a command starts
 setsid live on after the session, e.g. the app started by ``./ctl start``.
 
 Control: `start_sshd(cfg)`, `stop_sshd(cfg)`, `sshd_running(cfg)`; keys: `ensure_keys(cfg)`.
-Process: ``python -m lab.sshd --root ROOT --nodes N --port-base P``.
+Process: ``python -m lab.sshd --root ROOT --nodes N --port-base P --ox-nodes K``.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ _tasks: set[asyncio.Task[None]] = set()  # running commands (strong refs for the
 
 
 def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
-    """(name, SSH port, folder) of every endpoint: the nodes, then the staging system."""
+    """(name, SSH port, folder) of every endpoint: the nodes, the staging system, then the
+    OX nodes."""
     return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes),
-            (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir)]
+            (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
+            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_indexes)]
 
 
 # --------------------------------------------------------------------------- keys
@@ -257,7 +260,7 @@ def sshd_running(cfg: LabConfig) -> bool:
 def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
     """Start the SSH endpoints (idempotent); returns once every endpoint's port accepts."""
     if sshd_running(cfg) and not all(port_open("127.0.0.1", port) for _, port, _ in endpoints(cfg)):
-        # Started by an older lab without the staging endpoint (or another node count):
+        # Started by an older lab without the staging endpoint (or another node / OX node count):
         # restart it rather than wait for a port it will never open.
         stop_sshd(cfg)
     if not sshd_running(cfg):
@@ -265,7 +268,7 @@ def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
         # `-m` from the project root finds the `lab` package without touching PYTHONPATH,
         # which the commands (and the apps they start) would otherwise inherit.
         start_background([cfg.python, "-m", "lab.sshd", "--root", str(cfg.abs_root), "--nodes",
-                          str(cfg.nodes), "--port-base", str(cfg.port_base)],
+                          str(cfg.nodes), "--port-base", str(cfg.port_base), "--ox-nodes", str(cfg.ox_nodes)],
                          _pidfile(cfg), _logfile(cfg), cwd=PROJECT_ROOT)
     for name, port, _ in endpoints(cfg):
         wait_port("127.0.0.1", port, timeout, pidfile=_pidfile(cfg), logfile=_logfile(cfg),
@@ -282,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--port-base", type=int, required=True)
+    p.add_argument("--ox-nodes", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base)
+    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base, ox_nodes=a.ox_nodes)
 
     async def run() -> None:
         stop = asyncio.Event()
