@@ -97,8 +97,8 @@ class LabConfig:
         return self.port_base + 70 + i
 
     def all_ports(self) -> list[int]:
-        ox = [self.ox_main_port, self.ox_secondary_port, *(self.ox_app_port(i) for i in self.ox_indexes),
-              *(self.ox_ssh_port(i) for i in self.ox_indexes)] if self.ox_nodes else []
+        ox = [self.ox_main_port, self.ox_secondary_port, *(self.ox_app_port(i) for i in self.ox_node_indexes),
+              *(self.ox_ssh_port(i) for i in self.ox_node_indexes)] if self.ox_nodes else []
         return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
                 self.staging_app_port, self.staging_ssh_port,
                 *(self.app_port(i) for i in self.node_indexes),
@@ -114,7 +114,7 @@ class LabConfig:
         return f"node{i}"
 
     @property
-    def ox_indexes(self) -> range:
+    def ox_node_indexes(self) -> range:
         return range(1, self.ox_nodes + 1)
 
     @staticmethod

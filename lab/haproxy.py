@@ -52,7 +52,7 @@ def backend_servers(cfg: LabConfig, backend: str) -> dict[str, int]:
     if backend in (BACKEND, SECONDARY_BACKEND):
         return {cfg.node_name(i): cfg.app_port(i) for i in cfg.node_indexes}
     if backend in (OX_BACKEND, OX_SECONDARY_BACKEND):
-        return {cfg.ox_node_name(i): cfg.ox_app_port(i) for i in cfg.ox_indexes}
+        return {cfg.ox_node_name(i): cfg.ox_app_port(i) for i in cfg.ox_node_indexes}
     raise ValueError(f"no lab backend {backend!r}")
 
 

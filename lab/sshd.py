@@ -52,7 +52,7 @@ def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
     OX nodes."""
     return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes),
             (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
-            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_indexes)]
+            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes)]
 
 
 # --------------------------------------------------------------------------- keys

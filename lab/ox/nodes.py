@@ -177,7 +177,7 @@ def install_tools(cfg: LabConfig, i: int, runupdate_seconds: float | None = None
 
 def set_runupdate_seconds(cfg: LabConfig, seconds: float) -> None:
     """runupdate's work per schema on every OX node (rewrites each node's tools env)."""
-    for i in cfg.ox_indexes:
+    for i in cfg.ox_node_indexes:
         install_tools(cfg, i, runupdate_seconds=seconds)
 
 
@@ -257,6 +257,16 @@ def ox_node_running(cfg: LabConfig, i: int) -> bool:
     if not (cfg.ox_node_dir(i) / "ctl").exists():
         return False
     return ctl(cfg, i, "status").returncode == 0
+
+
+def oxpkg(cfg: LabConfig, i: int, *args: str) -> str:
+    """Run `./oxpkg <args>` in OX node i's folder; its stdout, RuntimeError when it fails."""
+    r = subprocess.run(["./oxpkg", *args], cwd=cfg.ox_node_dir(i), capture_output=True, text=True,
+                       timeout=30, stdin=subprocess.DEVNULL, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cfg.ox_node_name(i)}: oxpkg {' '.join(args)} exited {r.returncode}: "
+                           f"{r.stderr.strip()}")
+    return r.stdout
 
 
 def running_version(cfg: LabConfig, i: int, timeout: float = 5.0) -> dict[str, object] | None:
