@@ -2,7 +2,10 @@
 
 `lab_up` starts, in dependency order and in parallel where possible: the Temporal dev
 server, MariaDB primary + replica, the nodes (packages, install, SSH endpoints, apps), then
-HAProxy, and writes `site.yaml` - the same inventory format a customer writes. Every step
+HAProxy, and writes `site.yaml` - the same inventory format a customer writes. With
+cfg.ox_nodes > 0 it adds the Open-Xchange cluster: its config DB (lab/ox/configdb.py), the
+OX node folders and services (lab/ox/nodes.py), HAProxy's `ox` / `ox_secondary` backends,
+and `ox-site.yaml`. Every step
 is idempotent, so `lab_up` on a running lab only fills in what is missing (it never
 reinstalls a node, which could undo a deployment being tested).
 
@@ -26,7 +29,17 @@ from typing import Any
 import yaml
 
 from lab import haproxy, mariadb
-from lab.config import BACKEND, DB_NAME, DB_USER, SCRATCH_DB_NAME, STAGING_DB_NAME, STAGING_NAME, LabConfig
+from lab.config import (
+    BACKEND,
+    DB_NAME,
+    DB_USER,
+    OX_BACKEND,
+    OX_SECONDARY_BACKEND,
+    SCRATCH_DB_NAME,
+    STAGING_DB_NAME,
+    STAGING_NAME,
+    LabConfig,
+)
 from lab.procs import pid_alive, stop_pidfile
 
 log = logging.getLogger("lab.manager")
@@ -100,6 +113,8 @@ def _nodes_up(cfg: LabConfig) -> None:
             # (a protected file: deploys refuse a node without it).
             nodes.ensure_admin_config(cfg, cfg.node_dir(i) / APP_DIR)
     nodes.install_staging(cfg)
+    if cfg.ox_nodes:
+        _ox_nodes_installed(cfg)  # before the SSH endpoints, which are rooted in them
     sshd.start_sshd(cfg)
 
 
@@ -107,6 +122,79 @@ async def _start_apps(cfg: LabConfig) -> None:
     from lab import nodes
 
     await _gather_all({cfg.node_name(i): _in_thread(nodes.start_node, cfg, i) for i in cfg.node_indexes})
+
+
+# --------------------------------------------------------------------------- the OX part
+
+# The config DB lab_up creates: cfg.ox_schemata schemata of this many contexts and users.
+OX_CONTEXTS_PER_SCHEMA = 2
+OX_USERS_PER_CONTEXT = 3
+OX_APP_DIR = "opt"
+
+
+def _ox_nodes_installed(cfg: LabConfig) -> None:
+    """The OX node folders, first time only (like the app nodes: lab_up never undoes an
+    upgrade being tested)."""
+    from lab.ox import nodes as ox_nodes
+
+    for i in cfg.ox_node_indexes:
+        if not ox_nodes.installed(cfg, i):
+            ox_nodes.install_ox_node(cfg, i)
+
+
+def _ensure_configdb(cfg: LabConfig, reset: bool) -> list[str]:
+    """The OX config DB: created when missing; with reset=True put back as created."""
+    from lab.ox import configdb
+
+    if not configdb.exists(cfg):
+        configdb.create(cfg, schemata=cfg.ox_schemata, contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
+                        users_per_context=OX_USERS_PER_CONTEXT)
+        return [f"created the OX config DB ({cfg.ox_schemata} schemata)"]
+    return configdb.reset(cfg) if reset else []
+
+
+async def _start_ox(cfg: LabConfig) -> None:
+    from lab.ox import nodes as ox_nodes
+
+    await _gather_all({cfg.ox_node_name(i): _in_thread(ox_nodes.start_ox_node, cfg, i)
+                       for i in cfg.ox_node_indexes})
+
+
+def _wait_all_up(cfg: LabConfig) -> None:
+    haproxy.wait_all_up(cfg)
+    if cfg.ox_nodes:
+        haproxy.wait_all_up(cfg, OX_BACKEND)
+
+
+async def _reset_ox_services(cfg: LabConfig) -> list[str]:
+    """Config DB reset (created if missing), then every OX node at 7.10.0 with its shipped
+    properties and tools settings, its service running them (restarted only where needed)."""
+    from lab.ox import nodes as ox_nodes
+
+    if not cfg.ox_nodes:
+        return []
+    done = await asyncio.to_thread(_ensure_configdb, cfg, True)
+    results: dict[str, str | None] = {}
+
+    async def node(i: int) -> None:
+        results[cfg.ox_node_name(i)] = await asyncio.to_thread(ox_nodes.reset_ox_node, cfg, i)
+
+    await _gather_all({cfg.ox_node_name(i): node(i) for i in cfg.ox_node_indexes})
+    return done + [d for _, d in sorted(results.items()) if d]
+
+
+async def reset_ox(cfg: LabConfig) -> list[str]:
+    """Only the OX part back to the state just after lab_up (what lab_reset does for it):
+    config DB, OX nodes, HAProxy's `ox` all ready and `ox_secondary` all in maintenance, all
+    UP; ox-site.yaml rewritten. Returns what was done; cheap when nothing changed."""
+    if not cfg.ox_nodes:
+        return []
+    done = await _reset_ox_services(cfg)
+    await asyncio.to_thread(haproxy.start, cfg)
+    await asyncio.to_thread(haproxy.reset_servers, cfg)
+    await asyncio.to_thread(haproxy.wait_all_up, cfg, OX_BACKEND)
+    write_ox_site_yaml(cfg)
+    return done
 
 
 # --------------------------------------------------------------------------- site.yaml
@@ -180,6 +268,76 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     }
 
 
+def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
+    """The OX cluster's inventory (site `lab-ox`) as plain data: the OX nodes behind the
+    `ox` (main) and `ox_secondary` load balancers, and the seed's OX settings."""
+    names = [cfg.ox_node_name(i) for i in cfg.ox_node_indexes]
+    members = {n: n for n in names}
+
+    def lb(name: str, backend: str) -> dict[str, Any]:
+        return {"name": name, "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
+                "backend": backend, "members": dict(members), "drain_timeout_s": 60}
+
+    return {
+        "site": "lab-ox",
+        "nodes": [{
+            "name": cfg.ox_node_name(i),
+            "ssh": _ssh_entry(cfg.ox_ssh_port(i)),
+            "app_dir": OX_APP_DIR,
+            "service": dict(CTL_SERVICE),
+            "url": f"http://127.0.0.1:{cfg.ox_app_port(i)}",
+        } for i in cfg.ox_node_indexes],
+        "load_balancers": [lb("main", OX_BACKEND), lb("secondary", OX_SECONDARY_BACKEND)],
+        "application": {
+            "name": "open-xchange",
+            "health": {"path": "/health"},
+            "version": {"path": "/version"},
+            "url": cfg.ox_main_url,
+        },
+        "approvers": {gate: ["alice", "bob"]
+                      for gate in ("failure", "server-already-registered", "continue")},
+        "rollout": {"batch_size": 1, "health_timeout_s": 30},
+        "ox": {
+            "server_name": "oxserver",
+            "main_lb": "main",
+            "secondary_lb": "secondary",
+            "secondary_url": cfg.ox_secondary_url,
+            "tools_dir": "bin",
+            "admin_user": "oxadminmaster",
+            "admin_password": {"file": "secrets/ox_master_password"},
+            "server_properties": "etc/server.properties",
+            "system_properties": "etc/system.properties",
+            "reload_command": "./ctl reload",
+            "install_command": "./oxpkg install {version}",
+            "version_command": "./oxpkg version",
+        },
+    }
+
+
+def _write_yaml(path: Path, header: str, data: dict[str, Any]) -> None:
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(header + body, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_ox_site_yaml(cfg: LabConfig) -> Path:
+    """Write ox-site.yaml and check that `load_inventory` accepts it."""
+    from workflows.inventory import load_inventory
+
+    header = (
+        "# zerodown inventory of the lab's Open-Xchange cluster (generated by `zerodown lab up --ox`;\n"
+        "# lab/manager.py rewrites it on every lab up / reset, so edit a copy instead).\n"
+        "# Relative paths: node paths are relative to the node's folder (its SSH root), the others\n"
+        "# to this file's folder.\n"
+        f"# Ports: ox_main {cfg.ox_main_port}, ox_secondary {cfg.ox_secondary_port}, OX nodes HTTP "
+        f"{cfg.ox_app_port(1)}+, SSH {cfg.ox_ssh_port(1)}+.\n"
+    )
+    _write_yaml(cfg.ox_site_yaml, header, ox_site_inventory(cfg))
+    load_inventory(cfg.ox_site_yaml)
+    return cfg.ox_site_yaml
+
+
 def write_site_yaml(cfg: LabConfig) -> Path:
     """Write site.yaml and check that `load_inventory` accepts it (a format drift between
     the lab and the inventory model must fail here, not in the middle of a procedure)."""
@@ -194,11 +352,8 @@ def write_site_yaml(cfg: LabConfig) -> Path:
         f"{cfg.primary_db_port} / replica {cfg.replica_db_port}, apps {cfg.app_port(1)}+, SSH "
         f"{cfg.ssh_port(1)}+, staging app {cfg.staging_app_port} / SSH {cfg.staging_ssh_port}.\n"
     )
-    body = yaml.safe_dump(site_inventory(cfg), sort_keys=False, default_flow_style=False)
     path = cfg.site_yaml
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_text(header + body, encoding="utf-8")
-    tmp.replace(path)
+    _write_yaml(path, header, site_inventory(cfg))
     load_inventory(path)
     return path
 
@@ -225,12 +380,17 @@ async def lab_up(cfg: LabConfig, with_temporal: bool = True) -> Path:
         steps["Temporal dev server"] = _in_thread(start_dev_server, root, cfg.temporal_port,
                                                   cfg.temporal_ui_port)
     await _gather_all(steps)
-    # Apps after the database: their /health needs it, and HAProxy must see them healthy.
-    await _start_apps(cfg)
+    if cfg.ox_nodes:
+        await asyncio.to_thread(_ensure_configdb, cfg, False)
+    # Apps (and OX nodes) after the database: their /health needs it, and HAProxy must see
+    # them healthy.
+    await _gather_all({"apps": _start_apps(cfg), **({"OX nodes": _start_ox(cfg)} if cfg.ox_nodes else {})})
     await asyncio.to_thread(haproxy.start, cfg)
-    await asyncio.to_thread(haproxy.wait_all_up, cfg)
+    await asyncio.to_thread(_wait_all_up, cfg)
     _write_state(cfg, with_temporal)
     site = write_site_yaml(cfg)
+    if cfg.ox_nodes:
+        write_ox_site_yaml(cfg)
     log.info("lab up in %.1fs: %s", time.monotonic() - t0, site)
     return site
 
@@ -243,10 +403,25 @@ def _node_dirs(cfg: LabConfig) -> list[Path]:
     return sorted(p for p in cfg.nodes_dir.iterdir() if p.is_dir())
 
 
+def _ox_index(name: str) -> int | None:
+    return int(name[2:]) if name.startswith("ox") and name[2:].isdigit() else None
+
+
 def _stop_node_dir(cfg: LabConfig, node: Path) -> None:
     from lab import nodes
 
     name = node.name
+    if (ox := _ox_index(name)) is not None:
+        from lab.ox import nodes as ox_nodes
+
+        if (node / "ctl").exists():
+            try:
+                # The folder's index, not cfg's: the lab may have more OX nodes than cfg says.
+                ox_nodes.stop_ox_node(cfg, ox)
+            except Exception as e:  # fall back to the pid file below
+                log.warning("%s: ctl stop failed (%s); stopping by pid file", name, e)
+        stop_pidfile(node / "run" / "ox.pid", timeout=20, expect="lab.ox.middleware")
+        return
     i = int(name[4:]) if name.startswith("node") and name[4:].isdigit() else None
     if (node / "ctl").exists() and (i is not None or name == STAGING_NAME):
         try:
@@ -339,22 +514,34 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
         else:
             detail += f" gtid {st.get('gtid')}"
         rows.append((f"mariadb {role}", up, detail))
-    rows.append(("sshd", sshd.sshd_running(cfg),
-                 f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}, staging {cfg.staging_ssh_port}"))
+    ssh_ports = f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}, staging {cfg.staging_ssh_port}"
+    if cfg.ox_nodes:
+        ssh_ports += f", OX {cfg.ox_ssh_port(1)}-{cfg.ox_ssh_port(cfg.ox_nodes)}"
+    rows.append(("sshd", sshd.sshd_running(cfg), ssh_ports))
     for node in _node_dirs(cfg) if shallow else []:
-        rows.append((node.name, pid_alive(node / "run" / "app.pid", expect="app.py"), str(node)))
+        pid_file, expect = (("ox.pid", "lab.ox.middleware") if _ox_index(node.name) is not None
+                            else ("app.pid", "app.py"))
+        rows.append((node.name, pid_alive(node / "run" / pid_file, expect=expect), str(node)))
     if not shallow:
+        from lab.ox import nodes as ox_nodes
+
         for i in cfg.node_indexes:
             rows.append((cfg.node_name(i), nodes.node_running(cfg, i),
                          f"http://127.0.0.1:{cfg.app_port(i)}"))
+        for i in cfg.ox_node_indexes:
+            rows.append((cfg.ox_node_name(i), ox_nodes.ox_node_running(cfg, i),
+                         f"http://127.0.0.1:{cfg.ox_app_port(i)}"))
     hs = haproxy.status(cfg)
-    rows.append(("haproxy", bool(hs["running"]),
-                 f"main :{cfg.main_port} secondary :{cfg.secondary_port} runtime API {cfg.haproxy_socket}"))
+    detail = f"main :{cfg.main_port} secondary :{cfg.secondary_port}"
+    if cfg.ox_nodes:
+        detail += f" ox_main :{cfg.ox_main_port} ox_secondary :{cfg.ox_secondary_port}"
+    rows.append(("haproxy", bool(hs["running"]), f"{detail} runtime API {cfg.haproxy_socket}"))
     if not shallow and hs["running"]:
         servers = hs.get("servers")
         states: dict[str, str] = servers if isinstance(servers, dict) else {}
-        for i in cfg.node_indexes:
-            key = f"{BACKEND}/{cfg.node_name(i)}"
+        keys = [f"{BACKEND}/{cfg.node_name(i)}" for i in cfg.node_indexes]
+        keys += [f"{OX_BACKEND}/{cfg.ox_node_name(i)}" for i in cfg.ox_node_indexes]
+        for key in keys:
             state = states.get(key, "missing")
             rows.append((f"haproxy {key}", state == "UP", state))
     return rows
@@ -402,8 +589,10 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     settings at their defaults, no audit rows, no staging / scratch database, no fault.
     Nodes: stopped, app folder wiped, v1 installed with the node installer, started.
     Staging: app stopped, folder emptied.
-    HAProxy: every server ready (and at its initial weight) in `app`, in maintenance in
-    `app_secondary`, all UP. Processes that are not running are started."""
+    OX part (cfg.ox_nodes > 0): see reset_ox.
+    HAProxy: every server ready (and at its initial weight) in `app` (and `ox`), in
+    maintenance in `app_secondary` (and `ox_secondary`), all UP. Processes that are not
+    running are started."""
     from lab import nodes, packages, sshd
 
     t0 = time.monotonic()
@@ -424,11 +613,20 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     await _gather_all({"database": database(), STAGING_NAME: _in_thread(nodes.wipe_staging, cfg),
                        **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes}})
     await asyncio.to_thread(sshd.start_sshd, cfg)
-    await _start_apps(cfg)
+    ox_done: list[str] = []
+
+    async def ox() -> None:
+        ox_done.extend(await _reset_ox_services(cfg))
+
+    # The OX part after the database step: its config DB lives on the primary.
+    await _gather_all({"apps": _start_apps(cfg), **({"OX": ox()} if cfg.ox_nodes else {})})
     await asyncio.to_thread(haproxy.start, cfg)
     await asyncio.to_thread(haproxy.reset_servers, cfg)
-    await asyncio.to_thread(haproxy.wait_all_up, cfg)
+    await asyncio.to_thread(_wait_all_up, cfg)
     write_site_yaml(cfg)
-    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", "HAProxy servers ready"]
+    if cfg.ox_nodes:
+        write_ox_site_yaml(cfg)
+    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", *ox_done,
+            "HAProxy servers ready"]
     log.info("lab reset in %.1fs: %s", time.monotonic() - t0, "; ".join(done))
     return done

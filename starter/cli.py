@@ -378,8 +378,9 @@ def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
 
 
 # ---------------------------------------------------------------- the lab
-def _lab_cfg(root: Path, nodes: int | None = None) -> Any:
-    """The lab's config; for an existing lab, the node count and ports it was built with."""
+def _lab_cfg(root: Path, nodes: int | None = None, ox_nodes: int | None = None,
+             ox_schemata: int | None = None) -> Any:
+    """The lab's config; for an existing lab, the node counts and ports it was built with."""
     import json
 
     from lab.config import LabConfig
@@ -391,17 +392,28 @@ def _lab_cfg(root: Path, nodes: int | None = None) -> Any:
     return LabConfig(root=root, nodes=nodes or int(state.get("nodes", 3)),
                      port_base=int(state.get("port_base", 18000)),
                      temporal_port=int(state.get("temporal_port", 7233)),
-                     temporal_ui_port=int(state.get("temporal_ui_port", 8233)))
+                     temporal_ui_port=int(state.get("temporal_ui_port", 8233)),
+                     ox_nodes=int(state.get("ox_nodes", 0)) if ox_nodes is None else ox_nodes,
+                     ox_schemata=ox_schemata or int(state.get("ox_schemata", 20)))
 
 
 @lab_app.command("up")
 def lab_up(nodes: int = 3, root: LabRoot = Path(".lab"),
-           temporal: Annotated[bool, typer.Option("--temporal/--no-temporal")] = True) -> None:
-    """Build and start the lab; writes ROOT/site.yaml."""
+           temporal: Annotated[bool, typer.Option("--temporal/--no-temporal")] = True,
+           ox: Annotated[bool | None, typer.Option(
+               "--ox/--no-ox", help="with the Open-Xchange cluster (default: as last started)")] = None,
+           ox_nodes: Annotated[int | None, typer.Option(
+               "--ox-nodes", min=1, max=9, help="OX middleware nodes (implies --ox; default 3)")] = None,
+           ox_schemata: Annotated[int | None, typer.Option(
+               "--ox-schemata", min=1, help="schemata of a new OX config DB (default 20)")] = None) -> None:
+    """Build and start the lab; writes ROOT/site.yaml (and ROOT/ox-site.yaml with --ox)."""
     from lab import manager
 
-    site = asyncio.run(manager.lab_up(_lab_cfg(root, nodes), with_temporal=temporal))
-    console.print(f"[green]lab up[/]: inventory {site}")
+    count = 0 if ox is False else ox_nodes or (3 if ox else None)
+    cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata)
+    site = asyncio.run(manager.lab_up(cfg, with_temporal=temporal))
+    console.print(f"[green]lab up[/]: inventory {site}"
+                  + (f", OX cluster inventory {cfg.ox_site_yaml}" if cfg.ox_nodes else ""))
 
 
 @lab_app.command("down")
@@ -426,7 +438,7 @@ def lab_status(root: LabRoot = Path(".lab")) -> None:
 
 @lab_app.command("reset")
 def lab_reset(root: LabRoot = Path(".lab")) -> None:
-    """Put the lab back at v1 (nodes, schema, load balancer)."""
+    """Put the lab back at v1 (nodes, schema, load balancer; the OX part as after lab up)."""
     from lab import manager
 
     asyncio.run(manager.lab_reset(_lab_cfg(root)))
