@@ -48,9 +48,10 @@ def _port_free(port: int) -> bool:
 def _test_lab_config(root: Path, port_base: int) -> LabConfig:
     # The dev server ports sit in the same block (+50/+51, unused by the lab itself), so a
     # test dev server never collides with the developer's on 7233/8233. Four nodes: the
-    # manual rolling upgrade splits them into two groups of two.
+    # manual rolling upgrade splits them into two groups of two. Three OX nodes: the OX
+    # cluster (seed 002) is always there; its processes are small.
     return LabConfig(root=root, nodes=4, port_base=port_base,
-                     temporal_port=port_base + 50, temporal_ui_port=port_base + 51)
+                     temporal_port=port_base + 50, temporal_ui_port=port_base + 51, ox_nodes=3)
 
 
 def _claim_port_base(root: Path) -> tuple[LabConfig, int]:
@@ -76,7 +77,7 @@ def _claim_port_base(root: Path) -> tuple[LabConfig, int]:
 
 @pytest.fixture(scope="session")
 def lab_cfg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
-    """A 4-node lab config on free ports, rooted in a session temp dir (not started)."""
+    """A 4-node lab config (3 OX nodes) on free ports, rooted in a session temp dir (not started)."""
     cfg, lock_fd = _claim_port_base(tmp_path_factory.mktemp("lab"))
     try:
         yield cfg
