@@ -153,6 +153,16 @@ def _ensure_configdb(cfg: LabConfig, reset: bool) -> list[str]:
     return configdb.reset(cfg) if reset else []
 
 
+def recreate_ox_configdb(cfg: LabConfig) -> None:
+    """The OX config DB created afresh as lab_up creates it (whatever was there is dropped),
+    then every OX node UP in `ox` again (their /health needs the config DB)."""
+    from lab.ox import configdb
+
+    configdb.create(cfg, schemata=cfg.ox_schemata, contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
+                    users_per_context=OX_USERS_PER_CONTEXT)
+    haproxy.wait_all_up(cfg, OX_BACKEND)
+
+
 async def _start_ox(cfg: LabConfig) -> None:
     from lab.ox import nodes as ox_nodes
 

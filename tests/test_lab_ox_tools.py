@@ -2,9 +2,10 @@
 session lab's MariaDB primary.
 
 The config DB is created once for this module (6 schemata of 2 contexts with 3 users each) and
-dropped after it; every test starts from `configdb.reset`. The tools run as the installed
-shell wrappers (a subprocess each, as a procedure runs them over SSH), with runupdate's work
-set to 0 s. Expected output is written out literally: the formats are what a procedure parses.
+dropped after it (re-created as lab up makes it when the lab has an OX cluster, which runs on
+it); every test starts from `configdb.reset`. The tools run as the installed shell wrappers
+(a subprocess each, as a procedure runs them over SSH), with runupdate's work set to 0 s.
+Expected output is written out literally: the formats are what a procedure parses.
 
 Measured once on the lab's instance (not asserted): create() of 10,000 schemata (20,000
 contexts, 60,000 users) takes ~3.5 s, reset() ~0.1 s, upgradeschemata over all of them ~2 min
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import mariadb
+from lab import manager, mariadb
 from lab.config import LabConfig
 from lab.ox import configdb, tools
 from lab.ox.configdb import FAILING_TASK, SCHEMA_MOVE_REASON_ID
@@ -64,7 +65,11 @@ def ox_site(lab: LabConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         yield Ox(lab, site, bin_dir, password)
     finally:
-        configdb.drop(lab)
+        if lab.ox_nodes:
+            # The session lab's OX cluster runs on this config DB: back as lab up made it.
+            manager.recreate_ox_configdb(lab)
+        else:
+            configdb.drop(lab)
 
 
 @pytest.fixture
