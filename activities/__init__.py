@@ -44,6 +44,7 @@ from activities.mysql import (
     db_wait_replica_caught_up,
 )
 from activities.node import inspect_node_storage, service_status, start_service, stop_service
+from activities.ox import OX_ACTIVITIES
 from activities.ssh import ssh_probe
 from activities.staging import clear_staging, stage_app_backup
 
@@ -96,6 +97,8 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     app_wait_settings,
     app_record_audit,
     app_list_audit,
+    # Open-Xchange tools and properties (over SSH)
+    *OX_ACTIVITIES,
 ]
 
 __all__ = ["ALL_ACTIVITIES"]

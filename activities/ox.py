@@ -1,0 +1,481 @@
+"""Open-Xchange: OX's command line tools and a node's properties, over SSH (seed 002).
+
+Every verb runs one of OX's tools on a node (`ox.tools_dir`) and parses its output in the
+formats OX prints (see lab/ox/tools.py, whose stand-in follows OX's sources):
+  registerserver      "server <id> registered"
+  listserver --csv    id,name
+  listdatabaseschema --csv   id,display_name,schema_name,url,currentunits
+  changeserver        "Successfully changed to server '<id>' for schema '<schema>'."
+  runupdate           nothing, or "The following update task(s) failed:" and a table -
+                      with exit 0 either way, so the output is what tells
+  upgradeschemata     per schema "Disabling schema '<s>'...OK" ... "Enabling schema '<s>'...OK"
+                      on stdout, "Errors while running updates for schema '<s>'" on stderr
+
+The master admin's password is resolved here and handed to the tool on standard input
+(`read` into ADMIN_PASSWORD, which OX's tools take in place of -P), so it appears neither
+on a command line (`ps`) nor in the workflow's history; it is masked in every message.
+
+Idempotent: disable/enable/changeserver set a state; runupdate has nothing left to do on an
+updated schema; registerserver returns the id of a server of that name that a previous
+attempt registered; a property change keeps the value it replaced in a node-side record
+keyed by the workflow's id, so a retry reports the original value, not its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import re
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio import activity
+
+import activities.ssh as ssh
+from activities.common import SSH_COMMAND_FAILED, check_id, fail, heartbeat, tail
+from activities.secrets import resolve_secret
+from workflows.inventory import Node, OxSettings
+
+OX_TOOL_FAILED = "OxToolFailed"
+OX_OUTPUT_UNEXPECTED = "OxOutputUnexpected"
+OX_SERVER_EXISTS = "OxServerExists"
+# Where a property change remembers the value it replaced (relative to the login folder).
+PROPERTY_RECORDS = ".zerodown/properties"
+# runupdate may run for a long time on a big schema: the SSH command's own limit.
+RUNUPDATE_TIMEOUT_S = 3600.0
+UPGRADESCHEMATA_TIMEOUT_S = 24 * 3600.0
+# What OX answers to a runupdate while another update of the schema runs (its schema lock).
+UPDATE_CONFLICT = "Update conflict detected"
+
+
+# --------------------------------------------------------------------------- requests / results
+
+
+@dataclass(frozen=True)
+class OxNodeRequest:
+    node: Node
+    ox: OxSettings
+
+
+@dataclass(frozen=True)
+class OxSchemaRequest:
+    node: Node
+    ox: OxSettings
+    schema: str
+
+
+@dataclass(frozen=True)
+class OxChangeServerRequest:
+    node: Node
+    ox: OxSettings
+    schema: str
+    server_id: int
+
+
+@dataclass(frozen=True)
+class OxServerRequest:
+    node: Node
+    ox: OxSettings
+    name: str
+
+
+@dataclass(frozen=True)
+class OxInstallRequest:
+    node: Node
+    ox: OxSettings
+    version: str
+
+
+@dataclass(frozen=True)
+class OxSetPropertyRequest:
+    node: Node
+    path: str
+    key: str
+    # None: remove the key.
+    value: str | None
+    # Remembers the replaced value under this id (workflow-made, unique per change), so a
+    # retried change still reports the original; empty: nothing remembered.
+    record_id: str = ""
+
+
+@dataclass(frozen=True)
+class OxPropertyChange:
+    path: str
+    key: str
+    previous: str | None
+    changed: bool
+
+
+@dataclass(frozen=True)
+class OxSchema:
+    name: str
+    pool_id: int
+    contexts: int
+
+
+@dataclass(frozen=True)
+class OxServer:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class OxUpdateResult:
+    schema: str
+    failed_tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OxUpgradeToolRequest:
+    node: Node
+    ox: OxSettings
+    server_name: str
+    force: bool = False
+    resume_from: str | None = None
+    skip: tuple[str, ...] = ()
+    # The answer to the "already registered" prompt (continue / abort), when it is asked.
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class OxToolSchema:
+    """One schema as upgradeschemata reported it."""
+
+    schema: str
+    disabled: bool
+    server_changed: bool
+    updated: bool
+    enabled: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class OxToolRun:
+    exit_status: int
+    # The id of the server the schemata now point to (registered or existing), if known.
+    registered_id: int | None
+    already_registered: bool
+    registered_now: bool
+    aborted: bool
+    schemata: tuple[OxToolSchema, ...]
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+
+# --------------------------------------------------------------------------- running a tool
+
+
+def tool_command(settings: OxSettings, tool: str, args: list[str], admin: bool = True) -> str:
+    """The shell command line: the password read from stdin into ADMIN_PASSWORD (never on the
+    command line), then the tool with -A <admin> and its arguments."""
+    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+    argv = " ".join(shlex.quote(a) for a in (["-A", settings.admin_user] if admin else []) + args)
+    if not admin:
+        return f"{path} {argv}".strip()
+    return f"IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && exec {path} {argv}"
+
+
+async def run_tool(node: Node, settings: OxSettings, tool: str, args: list[str], *, admin: bool = True,
+                   extra_input: str = "", timeout_s: float = 120.0, check: bool = True) -> ssh.CommandResult:
+    """Run an OX tool on `node`; a non-zero exit fails with OxToolFailed (stdout and stderr's
+    end in the message, the password masked)."""
+    password = resolve_secret(settings.admin_password, needed_by=f"OX tool {tool} on {node.name}") \
+        if admin else ""
+    stdin = (password + "\n" if admin else "") + extra_input
+    command = tool_command(settings, tool, args, admin)
+    result = await ssh.run(node.ssh, command, timeout_s=timeout_s, check=False, input=stdin or None)
+    if check and result.exit_status != 0:
+        text = f"{result.stdout.strip()} {result.stderr.strip()}".strip()
+        if password:
+            text = text.replace(password, "***")
+        fail(OX_TOOL_FAILED, f"{node.name}: {tool} {' '.join(args)} exited with status "
+                             f"{result.exit_status}: {tail(text, 600) or '(no output)'}")
+    return result
+
+
+def parse_csv(text: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """OX's --csv output: a header line, then one quoted row per object."""
+    rows = list(csv.reader(io.StringIO(text.strip())))
+    if not rows:
+        return []
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        fail(OX_OUTPUT_UNEXPECTED, f"CSV output without column(s) {', '.join(missing)}: {tail(text, 300)}")
+    return [dict(zip(header, r, strict=False)) for r in rows[1:] if r]
+
+
+def parse_schemata(text: str) -> tuple[OxSchema, ...]:
+    out = []
+    for row in parse_csv(text, ("id", "schema_name", "currentunits")):
+        try:
+            out.append(OxSchema(name=row["schema_name"], pool_id=int(row["id"]),
+                                contexts=int(row["currentunits"] or 0)))
+        except ValueError:
+            fail(OX_OUTPUT_UNEXPECTED, f"listdatabaseschema row not understood: {row}")
+    return tuple(out)
+
+
+def parse_servers(text: str) -> tuple[OxServer, ...]:
+    out = []
+    for row in parse_csv(text, ("id", "name")):
+        try:
+            out.append(OxServer(id=int(row["id"]), name=row["name"]))
+        except ValueError:
+            fail(OX_OUTPUT_UNEXPECTED, f"listserver row not understood: {row}")
+    return tuple(out)
+
+
+_REGISTERED = re.compile(r"^server (\d+) registered\s*$", re.M)
+_FAILED_HEAD = "The following update task(s) failed:"
+
+
+def parse_registered(text: str) -> int:
+    m = _REGISTERED.search(text)
+    if m is None:
+        fail(OX_OUTPUT_UNEXPECTED, f"registerserver printed no 'server <id> registered': {tail(text, 300)}")
+    return int(m.group(1))
+
+
+def parse_failed_tasks(text: str) -> tuple[str, ...]:
+    """runupdate's "The following update task(s) failed:" table: the task names (first column)."""
+    if _FAILED_HEAD not in text:
+        return ()
+    lines = text.split(_FAILED_HEAD, 1)[1].strip().splitlines()
+    tasks = [ln.split()[0] for ln in lines[1:] if ln.strip() and not set(ln.strip()) <= {"-", "+", "|", " "}]
+    return tuple(tasks) or ("(unnamed update task)",)
+
+
+_ERR_RE = re.compile(r"Errors while running updates for schema '([^']+)':\s*\n(?:.*\n)?((?: .*\n?)*)")
+_EXISTING_RE = re.compile(r"already registered with id '(\d+)'")
+_REGISTERING_RE = re.compile(r"Registering the server with name '[^']*'\.\.\.OK")
+
+
+def parse_upgradeschemata(stdout: str, stderr: str) -> tuple[list[OxToolSchema], int | None, bool, bool]:
+    """(schemata in the order the tool reached them, the existing server's id or None,
+    registered by this run, aborted at the prompt). stdout holds one block per schema, from
+    its "Disabling schema '<s>'..." on; a failed update leaves "Running updates..." without
+    its OK and puts the failed tasks on stderr."""
+    errors: dict[str, str] = {}
+    for m in _ERR_RE.finditer(stderr):
+        tasks = [t.strip().split(" (schema=")[0] for t in m.group(2).splitlines() if t.strip()]
+        errors[m.group(1)] = "update task(s) failed: " + (", ".join(tasks) or "(unnamed)")
+    schemata: list[OxToolSchema] = []
+    for block in re.split(r"(?=Disabling schema ')", stdout)[1:]:
+        head = re.match(r"Disabling schema '([^']+)'\.\.\.(OK)?", block)
+        if head is None:
+            continue
+        schema = head.group(1)
+        schemata.append(OxToolSchema(
+            schema=schema, disabled=head.group(2) is not None,
+            server_changed=re.search(r"Changing server for schema '[^']+' to '[^']*'\.\.\.OK", block)
+            is not None,
+            updated="Running updates...OK" in block,
+            enabled=f"Enabling schema '{schema}'...OK" in block,
+            error=errors.get(schema)))
+    existing = _EXISTING_RE.search(stdout)
+    return (schemata, int(existing.group(1)) if existing else None,
+            _REGISTERING_RE.search(stdout) is not None, "OK, aborting upgrade" in stdout)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+_KEY_LINE = r"^[ \t]*{key}[ \t]*[=:][ \t]*(.*?)[ \t]*$"
+
+
+def property_value(text: str, key: str) -> str | None:
+    m = re.search(_KEY_LINE.format(key=re.escape(key)), text, re.M)
+    return None if m is None else m.group(1)
+
+
+def set_property_text(text: str, key: str, value: str | None) -> str:
+    """`key=value` in place of the key's first line (later duplicates removed), appended when
+    absent; value None removes every line of the key. Other lines and comments untouched."""
+    pattern = re.compile(_KEY_LINE.format(key=re.escape(key)))
+    lines = text.splitlines()
+    out: list[str] = []
+    placed = False
+    for line in lines:
+        if pattern.match(line):
+            if value is not None and not placed:
+                out.append(f"{key}={value}")
+                placed = True
+            continue
+        out.append(line)
+    if value is not None and not placed:
+        out.append(f"{key}={value}")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+async def set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
+    bad_value = req.value is not None and "\n" in req.value
+    if "\n" in req.key or "=" in req.key or not req.key.strip() or bad_value:
+        fail("InvalidRequest", f"property {req.key!r}={req.value!r}: one line, a key without '='")
+    target = req.node.ssh
+    record_path = ""
+    if req.record_id:
+        check_id("property record id", req.record_id)
+        record_path = f"{PROPERTY_RECORDS}/{req.record_id}.json"
+    data = await ssh.get_file(target, req.path)
+    if data is None:
+        fail(SSH_COMMAND_FAILED, f"{req.node.name}: {req.path} does not exist")
+    text = data.decode("utf-8")
+    current = property_value(text, req.key)
+    previous = current
+    if record_path:
+        recorded = await ssh.get_file(target, record_path)
+        if recorded is not None:
+            previous = json.loads(recorded.decode("utf-8"))["previous"]
+        else:
+            await ssh.put_bytes(target, json.dumps({"path": req.path, "key": req.key, "previous": current})
+                                .encode(), record_path, mode=0o600)
+    new_text = set_property_text(text, req.key, req.value)
+    changed = new_text != text
+    if changed:
+        # Written next to the file, then renamed over it: a reader never sees half a file.
+        tmp = f"{req.path}.zerodown-new"
+        await ssh.put_bytes(target, new_text.encode("utf-8"), tmp)
+        await ssh.run(target, f"mv -f {shlex.quote(tmp)} {shlex.quote(req.path)}")
+    return OxPropertyChange(path=req.path, key=req.key, previous=previous, changed=changed)
+
+
+# --------------------------------------------------------------------------- activities
+
+
+@activity.defn
+async def ox_list_schemata(req: OxNodeRequest) -> tuple[OxSchema, ...]:
+    """listdatabaseschema: every schema of the installation, in OX's order."""
+    r = await run_tool(req.node, req.ox, "listdatabaseschema", ["--csv"])
+    return parse_schemata(r.stdout)
+
+
+@activity.defn
+async def ox_list_servers(req: OxNodeRequest) -> tuple[OxServer, ...]:
+    r = await run_tool(req.node, req.ox, "listserver", ["--csv"])
+    return parse_servers(r.stdout)
+
+
+@activity.defn
+async def ox_register_server(req: OxServerRequest) -> int:
+    """Step 3: registerserver -n <name>; the server's id. A server of that name registered by
+    an earlier attempt of this step is returned as it is (idempotent)."""
+    r = await run_tool(req.node, req.ox, "registerserver", ["-n", req.name], check=False)
+    if r.exit_status == 0:
+        return parse_registered(r.stdout)
+    servers = parse_servers((await run_tool(req.node, req.ox, "listserver", ["--csv"])).stdout)
+    for s in servers:
+        if s.name == req.name:
+            return s.id
+    fail(OX_TOOL_FAILED, f"{req.node.name}: registerserver -n {req.name} exited with status "
+                         f"{r.exit_status}: {tail(r.stdout + ' ' + r.stderr, 600)}")
+
+
+@activity.defn
+async def ox_disable_schema(req: OxSchemaRequest) -> None:
+    """Step 4: disableschema -m <schema> (its contexts are refused until step 7)."""
+    await run_tool(req.node, req.ox, "disableschema", ["-m", req.schema])
+
+
+@activity.defn
+async def ox_change_server(req: OxChangeServerRequest) -> None:
+    """Step 5: changeserver -s <id> -m <schema>: its contexts point to that server."""
+    r = await run_tool(req.node, req.ox, "changeserver", ["-s", str(req.server_id), "-m", req.schema])
+    if f"server '{req.server_id}' for schema '{req.schema}'" not in r.stdout:
+        fail(OX_OUTPUT_UNEXPECTED, f"{req.node.name}: changeserver did not confirm the change: "
+                                   f"{tail(r.stdout, 300)}")
+
+
+@activity.defn
+async def ox_run_update(req: OxSchemaRequest) -> OxUpdateResult:
+    """Step 6: runupdate -n <schema> on the upgraded node (heartbeats while it runs). Failed
+    update tasks are a result, not an error: the workflow decides (force, gate)."""
+    deadline = time.monotonic() + RUNUPDATE_TIMEOUT_S
+    while True:
+        r = await run_tool(req.node, req.ox, "runupdate", ["-n", req.schema], admin=False,
+                           timeout_s=RUNUPDATE_TIMEOUT_S, check=False)
+        text = r.stdout + "\n" + r.stderr
+        if r.exit_status == 0:
+            return OxUpdateResult(schema=req.schema, failed_tasks=parse_failed_tasks(text))
+        if UPDATE_CONFLICT not in text or time.monotonic() > deadline:
+            fail(OX_TOOL_FAILED, f"{req.node.name}: runupdate -n {req.schema} exited with status "
+                                 f"{r.exit_status}: {tail(text, 600)}")
+        # An update of this schema is under way - this activity's earlier attempt, whose
+        # command outlived a lost worker: wait for it rather than run the update twice.
+        heartbeat({"schema": req.schema, "waiting_for": "the update under way"})
+        await asyncio.sleep(1.0)
+
+
+@activity.defn
+async def ox_enable_schema(req: OxSchemaRequest) -> None:
+    """Step 7: enableschema -m <schema>."""
+    await run_tool(req.node, req.ox, "enableschema", ["-m", req.schema])
+
+
+@activity.defn
+async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
+    """Steps 3-7 by OX's own tool: upgradeschemata -n <name> [-f] [-m s] [-k a,b]; the
+    "already registered" prompt is answered with `answer` (none: the tool fails on it)."""
+    args = ["-n", req.server_name]
+    if req.force:
+        args.append("-f")
+    if req.resume_from:
+        args += ["-m", req.resume_from]
+    if req.skip:
+        args += ["-k", ",".join(req.skip)]
+    answer = req.answer + "\n" if req.answer else ""
+    r = await run_tool(req.node, req.ox, "upgradeschemata", args, extra_input=answer,
+                       timeout_s=UPGRADESCHEMATA_TIMEOUT_S, check=False)
+    schemata, existing, registered, aborted = parse_upgradeschemata(r.stdout, r.stderr)
+    server_id = existing
+    if server_id is None and not aborted:
+        servers = parse_servers((await run_tool(req.node, req.ox, "listserver", ["--csv"])).stdout)
+        server_id = next((s.id for s in servers if s.name == req.server_name), None)
+    return OxToolRun(exit_status=r.exit_status, registered_id=server_id,
+                     already_registered=existing is not None, registered_now=registered, aborted=aborted,
+                     schemata=tuple(schemata), stdout_tail=tail(r.stdout, 1500),
+                     stderr_tail=tail(r.stderr, 1500))
+
+
+@activity.defn
+async def ox_installed_version(req: OxNodeRequest) -> str:
+    """The OX release installed on the node (`ox.version_command`)."""
+    r = await ssh.run(req.node.ssh, req.ox.version_command)
+    version = r.stdout.strip()
+    if not re.fullmatch(r"\d+(\.\d+)+", version):
+        fail(OX_OUTPUT_UNEXPECTED, f"{req.node.name}: {req.ox.version_command!r} printed {version!r}, "
+                                   "not a release number")
+    return version
+
+
+@activity.defn
+async def ox_install_version(req: OxInstallRequest) -> None:
+    """Step 2: install the release (`ox.install_command`; installing what is installed is a
+    no-op for a package manager, so this is idempotent)."""
+    if not re.fullmatch(r"\d+(\.\d+)+", req.version):
+        fail("InvalidRequest", f"release {req.version!r}: expected numbers separated by dots")
+    await ssh.run(req.node.ssh, req.ox.install_command.format(version=req.version), timeout_s=900.0)
+
+
+@activity.defn
+async def ox_reload_configuration(req: OxNodeRequest) -> None:
+    """Step 0: the running service re-reads its properties (`ox.reload_command`)."""
+    await ssh.run(req.node.ssh, req.ox.reload_command, timeout_s=120.0)
+
+
+@activity.defn
+async def ox_set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
+    """Set (or remove) one key of a properties file on the node; reports the value it replaced."""
+    return await set_property(req)
+
+
+OX_ACTIVITIES: list[Callable[..., Any]] = [
+    ox_list_schemata, ox_list_servers, ox_register_server, ox_disable_schema, ox_change_server, ox_run_update,
+    ox_enable_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
+    ox_reload_configuration, ox_set_property,
+]

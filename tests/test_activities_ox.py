@@ -1,0 +1,96 @@
+"""activities/ox.py without a site: command lines and the parsing of OX's outputs (the formats
+OX's tools print, as the lab's stand-in reproduces them from OX's sources), and the
+properties editor. The same verbs run against the lab's OX nodes in test_ox_upgradeschemata."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from activities import ox
+from workflows.inventory import OxSettings, SecretRef
+
+SETTINGS = OxSettings(server_name="oxserver", main_lb="main", secondary_lb="secondary",
+                      secondary_url="http://lb2", admin_password=SecretRef(env="OX_PW"),
+                      install_command="./oxpkg install {version}", version_command="./oxpkg version",
+                      tools_dir="/opt/open-xchange/sbin")
+TASK = "com.openexchange.groupware.update.tasks.LabInjectedFailureTask"
+
+
+def test_the_password_goes_to_stdin_never_on_the_command_line() -> None:
+    cmd = ox.tool_command(SETTINGS, "changeserver", ["-s", "8", "-m", "oxdatabase_5"])
+    assert cmd == ("IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && exec "
+                   "/opt/open-xchange/sbin/changeserver -A oxadminmaster -s 8 -m oxdatabase_5")
+    assert ox.tool_command(SETTINGS, "runupdate", ["-n", "x; rm -rf /"], admin=False) == \
+        "/opt/open-xchange/sbin/runupdate -n 'x; rm -rf /'"
+
+
+def test_listdatabaseschema_and_listserver_csv() -> None:
+    text = ('id,display_name,schema_name,url,currentunits\n"1","oxdatabase","oxdatabase_1",'
+            '"jdbc:mysql://127.0.0.1:3306","2"\n"1","oxdatabase","oxdatabase_10","jdbc:mysql://x","0"\n')
+    assert ox.parse_schemata(text) == (ox.OxSchema("oxdatabase_1", 1, 2), ox.OxSchema("oxdatabase_10", 1, 0))
+    assert ox.parse_schemata("id,display_name,schema_name,url,currentunits\n") == ()
+    assert ox.parse_servers('id,name\n"2","oxserver"\n"3","oxserver-xyz"\n') == (
+        ox.OxServer(2, "oxserver"), ox.OxServer(3, "oxserver-xyz"))
+    with pytest.raises(ApplicationError, match="without column"):
+        ox.parse_servers("Id Name\n 2 oxserver\n")  # the table form, not --csv
+
+
+def test_registerserver_and_runupdate_outputs() -> None:
+    assert ox.parse_registered("server 8 registered\n") == 8
+    with pytest.raises(ApplicationError) as info:
+        ox.parse_registered("Server oxserver-xyz already exists!\n")
+    assert info.value.type == ox.OX_OUTPUT_UNEXPECTED
+    assert ox.parse_failed_tasks("") == ()
+    table = ("The following update task(s) failed:\n"
+             f"taskName{' ' * 50} className{' ' * 50} schema\n"
+             f"{TASK} {TASK} oxdatabase_5\n")
+    assert ox.parse_failed_tasks(table) == (TASK,)
+
+
+def test_upgradeschemata_output_per_schema() -> None:
+    def done(s: str) -> str:
+        return (f"Disabling schema '{s}'...OK\nChanging server for schema '{s}' to 'oxserver-xyz'...OK\n"
+                f"Running updates...OK\nEnabling schema '{s}'...OK\n")
+    stdout = ("Registering the server with name 'oxserver-xyz'...OK\n" + done("oxdatabase_1")
+              + "Disabling schema 'oxdatabase_2'...OK\nChanging server for schema 'oxdatabase_2' to "
+              "'oxserver-xyz'...OK\nRunning updates...Enabling schema 'oxdatabase_2'...OK\n"
+              + done("oxdatabase_3") + "Disabling schema 'oxdatabase_4'...OK\nChanging server for schema "
+              "'oxdatabase_4' to 'oxserver-xyz'...OK\nRunning updates...")
+    stderr = (f"\nErrors while running updates for schema 'oxdatabase_2': \nThe following update task(s) "
+              f"failed: \n {TASK} (schema=oxdatabase_2)\n"
+              f"\nErrors while running updates for schema 'oxdatabase_4': \nThe following update task(s) "
+              f"failed: \n {TASK} (schema=oxdatabase_4)\n"
+              "Schema upgrade for schema 'oxdatabase_4' was aborted. Manual intervention might be "
+              "required.\n")
+    schemata, existing, registered, aborted = ox.parse_upgradeschemata(stdout, stderr)
+    assert (existing, registered, aborted) == (None, True, False)
+    err = f"update task(s) failed: {TASK}"
+    assert schemata == [
+        ox.OxToolSchema("oxdatabase_1", True, True, True, True),
+        ox.OxToolSchema("oxdatabase_2", True, True, False, True, err),  # -f: enabled again by the tool
+        ox.OxToolSchema("oxdatabase_3", True, True, True, True),
+        ox.OxToolSchema("oxdatabase_4", True, True, False, False, err),  # no -f: stopped, left disabled
+    ]
+    warning = ("WARNING: The specified server is already registered with id '6'.\n         If that shouldn't "
+               "be the case, type 'abort' to abort the upgrade process, otherwise, type 'continue' to "
+               "proceed.\n")
+    assert ox.parse_upgradeschemata(warning + "OK, aborting upgrade\n", "") == ([], 6, False, True)
+    assert ox.parse_upgradeschemata(warning + "OK, proceeding with the upgrade\n" + done("oxdatabase_7"),
+                                    "")[1:] == (6, False, False)
+
+
+def test_properties_are_edited_line_by_line() -> None:
+    key = "com.openexchange.server.migrationRedirectURL"
+    text = "# server.properties\ncom.openexchange.foo=1\n"
+    assert ox.property_value(text, key) is None
+    added = ox.set_property_text(text, key, "http://lb2")
+    assert added == text + f"{key}=http://lb2\n"
+    assert ox.property_value(added, key) == "http://lb2"
+    # Java properties also allow "key : value" and spaces; duplicates collapse onto the first.
+    messy = f"a=1\n  {key} : http://old \nb=2\n{key}=http://older\n"
+    assert ox.property_value(messy, key) == "http://old"
+    assert ox.set_property_text(messy, key, "http://new") == f"a=1\n{key}=http://new\nb=2\n"
+    assert ox.set_property_text(messy, key, None) == "a=1\nb=2\n"
+    # A key that only starts like another is a different key.
+    assert ox.property_value("SERVER_NAME_X=a\n", "SERVER_NAME") is None
