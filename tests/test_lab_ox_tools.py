@@ -339,9 +339,9 @@ def test_runupdate(ox: Ox) -> None:
     seen = set()
     conflict: Run | None = None
     while p.poll() is None:
-        state = configdb.schema_states(ox.cfg)[s(6)].update_state
-        seen.add(state)
-        if state == "running" and conflict is None:
+        now = configdb.schema_states(ox.cfg)[s(6)].update_state
+        seen.add(now)
+        if now == "running" and conflict is None:
             # OX's schema lock: a second update of the schema is refused while one runs.
             conflict = run(ox, "runupdate", "-n", s(6))
         time.sleep(0.05)

@@ -784,8 +784,8 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         if ox.main_lb and ox.main_lb == ox.secondary_lb:
             r.problem("ox.secondary_lb", "must differ from ox.main_lb (the upgraded nodes wait there)")
         for key in ("main_lb", "secondary_lb"):
-            lb = lb_by_name.get(getattr(ox, key))
-            missing = sorted(node_names - set(lb.members)) if lb is not None else []
+            ox_lb = lb_by_name.get(getattr(ox, key))
+            missing = sorted(node_names - set(ox_lb.members)) if ox_lb is not None else []
             for n in missing:
                 r.problem(f"ox.{key}", f"node {n!r} is not a member of load balancer {getattr(ox, key)!r} "
                                        "(every OX node moves between both)")

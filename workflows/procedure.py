@@ -197,12 +197,16 @@ class Procedure(GatedWorkflow):
         """A read-only check: safe to cancel at any moment."""
         return await self._attempts(fn, arg, timeout, None, retry)
 
-    async def change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2)) -> Any:
+    async def change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2),
+                     heartbeat: timedelta | None = None) -> Any:
         """A change to the site: never abandoned half-way. On cancellation the workflow lets
         it finish (see `settle`) before compensating, so a half-copied folder is never
-        restored over and a half-applied migration never raced by its down script."""
-        task = asyncio.ensure_future(self._attempts(
-            fn, arg, timeout, LONG_HEARTBEAT if timeout >= LONG else None, ACTION_RETRY))
+        restored over and a half-applied migration never raced by its down script.
+        `heartbeat`: for a change that heartbeats while it works (default: LONG_HEARTBEAT
+        for long changes, none for short ones)."""
+        if heartbeat is None and timeout >= LONG:
+            heartbeat = LONG_HEARTBEAT
+        task = asyncio.ensure_future(self._attempts(fn, arg, timeout, heartbeat, ACTION_RETRY))
         self._in_flight.add(task)
         try:
             return await asyncio.shield(task)

@@ -1,5 +1,11 @@
 """Every procedure zerodown knows, by the name users type (`zerodown start <procedure>`)."""
 
+from workflows.ox_node_upgrade import OxNodeUpgradeInput, OxNodeUpgradeResult, OxNodeUpgradeWorkflow
+from workflows.ox_upgradeschemata import (
+    OxUpgradeSchemataInput,
+    OxUpgradeSchemataResult,
+    OxUpgradeSchemataWorkflow,
+)
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
 from workflows.ss_rolling import SsRollingInput, SsRollingResult, SsRollingWorkflow
@@ -8,15 +14,21 @@ PROCEDURES: dict[str, type] = {
     "rolling-deploy": RollingDeployWorkflow,
     "ss-rolling": SsRollingWorkflow,
     "ss-load-balanced": SsLoadBalancedWorkflow,
+    "ox-upgradeschemata": OxUpgradeSchemataWorkflow,
+    "ox-node-upgrade": OxNodeUpgradeWorkflow,
 }
 INPUTS: dict[str, type] = {
     "rolling-deploy": RollingDeployInput,
     "ss-rolling": SsRollingInput,
     "ss-load-balanced": SsLoadBalancedInput,
+    "ox-upgradeschemata": OxUpgradeSchemataInput,
+    "ox-node-upgrade": OxNodeUpgradeInput,
 }
 RESULTS: dict[str, type] = {
     "rolling-deploy": RollingDeployResult,
     "ss-rolling": SsRollingResult,
     "ss-load-balanced": SsLoadBalancedResult,
+    "ox-upgradeschemata": OxUpgradeSchemataResult,
+    "ox-node-upgrade": OxNodeUpgradeResult,
 }
 ALL_WORKFLOWS: list[type] = list(PROCEDURES.values())

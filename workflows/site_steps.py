@@ -144,10 +144,12 @@ class SiteProcedure(Procedure):
     def set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
         return self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
 
-    async def take_out(self, inv: Inventory, n: Node, seed_step: str) -> None:
-        """Drain `n` on each of its load balancers, wait for zero sessions, then hold it in
-        maintenance (drain still admits sticky sessions: close the door before touching it)."""
-        for lb in lbs_of(inv, n):
+    async def take_out(self, inv: Inventory, n: Node, seed_step: str,
+                       lbs: list[LoadBalancer] | None = None) -> None:
+        """Drain `n` on each of its load balancers (or `lbs`), wait for zero sessions, then
+        hold it in maintenance (drain still admits sticky sessions: close the door before
+        touching it)."""
+        for lb in lbs_of(inv, n) if lbs is None else lbs:
             await self.step(f"{seed_step} drain on {lb.name}", partial(self.set_state, lb, n, "drain"),
                             node=n.name, seed_step=seed_step)
             await self.step(f"{seed_step} wait for zero sessions on {lb.name}", partial(
@@ -157,9 +159,10 @@ class SiteProcedure(Procedure):
             await self.step(f"{seed_step} hold in maintenance on {lb.name}",
                             partial(self.set_state, lb, n, "maint"), node=n.name, seed_step=seed_step)
 
-    async def put_back(self, inv: Inventory, n: Node, seed_step: str) -> None:
-        """Ready on each of its load balancers, then wait until the LB sees it UP."""
-        for lb in lbs_of(inv, n):
+    async def put_back(self, inv: Inventory, n: Node, seed_step: str,
+                       lbs: list[LoadBalancer] | None = None) -> None:
+        """Ready on each of its load balancers (or `lbs`), then wait until the LB sees it UP."""
+        for lb in lbs_of(inv, n) if lbs is None else lbs:
             await self.step(f"{seed_step} set ready on {lb.name}", partial(self.set_state, lb, n, "ready"),
                             node=n.name, seed_step=seed_step)
             await self.step(f"{seed_step} wait UP on {lb.name}", partial(
