@@ -3,29 +3,45 @@
     zerodown validate site.yaml
     zerodown plan rolling-deploy --inventory site.yaml --package app-2.zip
     zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
+    zerodown start ox-upgradeschemata -i ox-site.yaml --server-name oxserver-xyz --update-node ox1
+    zerodown start ox-node-upgrade -i ox-site.yaml --version 7.10.1 --server-name oxserver-xyz
     zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
     zerodown server [--stop|--status]       zerodown worker
-    zerodown lab up|down|status|reset|probe|inject  zerodown demo
+    zerodown lab up|down|status|reset|probe [--ox]|inject  zerodown demo
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from starter import client as zc
-from starter.report import kv_table, progress_view, steps_table
+from starter.report import (
+    gate_line,
+    kv_table,
+    ox_nodes_summary,
+    ox_schemata_summary,
+    recent_steps_table,
+    schemata_line,
+    status_notes,
+    status_view,
+)
 from worker.main import ADDRESS, TASK_QUEUE
 from workflows.inventory import Inventory, InventoryError, load_inventory
+
+if TYPE_CHECKING:
+    from lab.config import LabConfig
 
 console = Console()
 err = Console(stderr=True)
@@ -41,8 +57,34 @@ Address = Annotated[str, typer.Option("--address", envvar="ZERODOWN_TEMPORAL_ADD
 Namespace = Annotated[str, typer.Option("--namespace", envvar="ZERODOWN_NAMESPACE")]
 TaskQueue = Annotated[str, typer.Option("--task-queue", envvar="ZERODOWN_TASK_QUEUE")]
 InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="site inventory (YAML)")]
-PackageOpt = Annotated[Path, typer.Option("--package", "-p", help="release package (zip)")]
-NodesOpt = Annotated[str, typer.Option("--nodes", help="only these nodes, comma-separated")]
+PackageOpt = Annotated[Path | None, typer.Option(
+    "--package", "-p", help="release package (zip): rolling-deploy and ss-* (required there)")]
+NodesOpt = Annotated[str, typer.Option("--nodes", help=(
+    "comma-separated; rolling-deploy: only these nodes; ox-node-upgrade: the upgrade order"))]
+# The Open-Xchange procedures' options (seed 002); each refused by a procedure without it.
+VersionOpt = Annotated[str | None, typer.Option(
+    "--version", help="ox-node-upgrade: the release to install (x.y.z)")]
+ServerNameOpt = Annotated[str | None, typer.Option("--server-name", help=(
+    "ox-*: the new server's name (upgradeschemata -n; the upgraded nodes' SERVER_NAME)"))]
+UpdateNodeOpt = Annotated[str | None, typer.Option("--update-node", help=(
+    "ox-upgradeschemata: the node running the new release (runupdate runs there)"))]
+AdminNodeOpt = Annotated[str | None, typer.Option("--admin-node", help=(
+    "ox-upgradeschemata: a working old node for the other tools (default: the first other node)"))]
+SchemataOpt = Annotated[str, typer.Option("--schemata", help=(
+    "ox-upgradeschemata: only these schemata, comma-separated (default: all)"))]
+ForceOpt = Annotated[bool, typer.Option("--force", help=(
+    "ox-*: a failed schema update does not stop the run: it is left disabled and reported "
+    "(upgradeschemata -f)"))]
+ResumeFromOpt = Annotated[str | None, typer.Option("--resume-from", help=(
+    "ox-upgradeschemata: continue after this schema, which is passed over (upgradeschemata -m)"))]
+SkipOpt = Annotated[str, typer.Option("--skip", help=(
+    "ox-upgradeschemata: schemata to leave alone, comma-separated (upgradeschemata -k)"))]
+ConcurrencyOpt = Annotated[int | None, typer.Option("--concurrency", help=(
+    "ox-*: schemata upgraded at once, 1-32 (default 1, as the tool)"))]
+DriveToolOpt = Annotated[bool, typer.Option("--drive-tool", help=(
+    "ox-upgradeschemata: run OX's own upgradeschemata on the update node for steps 3-7"))]
+SchemataPerRunOpt = Annotated[int | None, typer.Option("--schemata-per-run", help=(
+    "ox-*: schemata per workflow run before it continues as new (default 100)"))]
 LabRoot = Annotated[Path, typer.Option("--root", help="where the lab lives")]
 DEFAULT_ADDRESS = ADDRESS
 
@@ -57,15 +99,18 @@ def _load(path: Path) -> Inventory:
         raise typer.Exit(2) from None
 
 
-def _only_nodes(inv: Inventory, nodes: str) -> tuple[str, ...]:
-    wanted = tuple(n.strip() for n in nodes.split(",") if n.strip())
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated option as names (blanks dropped)."""
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _check_nodes(inv: Inventory, names: tuple[str, ...], option: str) -> None:
     known = {n.name for n in inv.nodes}
-    unknown = [n for n in wanted if n not in known]
+    unknown = [n for n in names if n not in known]
     if unknown:
         err.print(f"[bold red]unknown node(s)[/] {', '.join(unknown)} in site {inv.site} "
-                  f"(known: {', '.join(sorted(known))})")
+                  f"(known: {', '.join(sorted(known))}), given as {option}")
         raise typer.Exit(2)
-    return wanted
 
 
 def _package(path: Path) -> str:
@@ -75,11 +120,44 @@ def _package(path: Path) -> str:
     return str(path.resolve())
 
 
-def _procedure_input(procedure: str, **fields: Any) -> Any:
+def _procedure_input(procedure: str, inv: Inventory, package: Path | None, nodes: str,
+                     **fields: Any) -> Any:
+    """The workflow input from the options, refused (exit 2, nothing started) when an option
+    is one the procedure does not take, a required one is missing, the package is missing
+    or a node is not in the inventory. Schema names are the workflow's preflight's to check
+    (only OX's config database knows them)."""
     try:
-        return zc.procedure_input(procedure, **fields)
-    except zc.UnknownProcedureError as e:
-        err.print(f"[bold red]{e}[/]")
+        arg = zc.procedure_input(procedure, inventory=inv,
+                                 package_path=str(package) if package is not None else None,
+                                 nodes=_names(nodes), **fields)
+    except zc.ProcedureInputError as e:
+        err.print(f"[bold red]{escape(str(e))}[/]")
+        raise typer.Exit(2) from None
+    if getattr(arg, "package_path", ""):
+        arg = dataclasses.replace(arg, package_path=_package(Path(arg.package_path)))
+    for field, option in (("only_nodes", "--nodes"), ("nodes", "--nodes"),
+                          ("update_node", "--update-node"), ("admin_node", "--admin-node")):
+        value = getattr(arg, field, None)
+        if value:
+            _check_nodes(inv, tuple(value) if isinstance(value, tuple) else (value,), option)
+    return arg
+
+
+def _ox_fields(version: str | None, server_name: str | None, update_node: str | None,
+               admin_node: str | None, schemata: str, force: bool, resume_from: str | None, skip: str,
+               concurrency: int | None, drive_tool: bool, schemata_per_run: int | None) -> dict[str, Any]:
+    """The OX options as input fields; None / empty means not given (zc.procedure_input)."""
+    return {"version": version, "server_name": server_name, "update_node": update_node,
+            "admin_node": admin_node, "schemata": _names(schemata), "force": force,
+            "resume_from": resume_from, "skip": _names(skip), "concurrency": concurrency,
+            "drive_tool": drive_tool, "schemata_per_run": schemata_per_run}
+
+
+def _check_procedure(procedure: str) -> None:
+    try:
+        zc.input_fields(procedure)
+    except zc.ProcedureInputError as e:
+        err.print(f"[bold red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
 
 
@@ -121,8 +199,8 @@ async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespa
         return 0
     result_type = _result_type(procedure) or object
     with Live(console=console, refresh_per_second=4, transient=True) as live:
-        outcome = await zc.wait_with_progress(client, handle, result_type,
-                                              lambda p: live.update(progress_view(p)))
+        outcome = await zc.wait_with_status(client, handle, result_type, procedure,
+                                            lambda st: live.update(status_view(st)))
     return _print_outcome(outcome)
 
 
@@ -133,17 +211,32 @@ def _result_type(procedure: str) -> type | None:
 
 
 def _print_outcome(outcome: zc.Outcome) -> int:
+    """Print how a run ended; the exit code: 0 done, 1 failed (or, for the OX procedures,
+    done but with schemata not upgraded, or aborted at the registered-server gate)."""
+    from workflows.ox_node_upgrade import OxNodeUpgradeResult
+    from workflows.ox_upgradeschemata import OxUpgradeSchemataResult
+
     if not outcome.ok:
-        err.print(f"[bold red]failed:[/] {outcome.error}")
+        # The error is the workflow's own report (a preflight's problems, a stop's state):
+        # printed as is, never read as markup.
+        err.print(f"[bold red]failed:[/] {escape(outcome.error or '')}")
         return 1
     res = outcome.result
     if getattr(res, "dry_run", False):
         console.print("[bold]plan[/] (dry run, nothing was changed):")
         for line in res.plan:
-            console.print(f"  - {line}")
+            console.print(f"  - {escape(line)}")
         console.print(f"plan hash: {res.plan_hash}", soft_wrap=True)
         return 0
-    console.print(steps_table(res.steps))
+    console.print(recent_steps_table(res.steps))
+    if isinstance(res, OxUpgradeSchemataResult):
+        for line in ox_schemata_summary(res):
+            console.print(line, soft_wrap=True)
+        return 1 if res.failed or res.aborted_at_registration else 0
+    if isinstance(res, OxNodeUpgradeResult):
+        for line in ox_nodes_summary(res):
+            console.print(line, soft_wrap=True)
+        return 1 if res.failed_schemata else 0
     if getattr(res, "merge_report", ()):
         console.print("[bold]config merge[/]:")
         for line in res.merge_report:
@@ -157,8 +250,9 @@ ContinueGate = Annotated[bool, typer.Option("--continue-gate", help=(
 
 
 OnFailure = Annotated[str, typer.Option("--on-failure", help=(
-    "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort) or `rollback` "
-    "at once; default: the procedure's (rolling-deploy: rollback, ss-*: ask)"))]
+    "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort; ox-upgradeschemata: "
+    "failure:<step>@<schema>: retry / skip / revert / abort) or `rollback` at once (ox-upgradeschemata: "
+    "revert the schema and stop); default: the procedure's (rolling-deploy: rollback, ss-*, ox-*: ask)"))]
 FailureTimeout = Annotated[float, typer.Option("--failure-gate-timeout", help=(
     "seconds a failure gate waits before its default, rollback"))]
 
@@ -181,51 +275,67 @@ def _starter() -> str:
 
 
 @app.command()
-def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
          continue_gate: ContinueGate = False,
+         version: VersionOpt = None, server_name: ServerNameOpt = None, update_node: UpdateNodeOpt = None,
+         admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
+         resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
+         drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
          task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Validate, run the read-only preflight on every target and print the plan and its hash.
     Changes nothing."""
+    _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes), dry_run=True,
-                           continue_gate=continue_gate)
+    arg = _procedure_input(procedure, inv, package, nodes, dry_run=True, continue_gate=continue_gate,
+                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
 
 @app.command()
-def start(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+def start(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
           continue_gate: ContinueGate = False,
           gate_timeout: Annotated[float, typer.Option("--gate-timeout", help="seconds")] = 3600.0,
           on_failure: OnFailure = "", failure_gate_timeout: FailureTimeout = 3600.0,
+          version: VersionOpt = None, server_name: ServerNameOpt = None, update_node: UpdateNodeOpt = None,
+          admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
+          resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
+          drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
           wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
           workflow_id: Annotated[str | None, typer.Option("--id")] = None,
           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
           task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Start a procedure (after validating its inputs) and follow it."""
+    _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes), continue_gate=continue_gate,
+    arg = _procedure_input(procedure, inv, package, nodes, continue_gate=continue_gate,
                            gate_timeout_s=gate_timeout, started_by=_starter(),
-                           **_failure_options(on_failure, failure_gate_timeout))
+                           **_failure_options(on_failure, failure_gate_timeout),
+                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
                                  workflow_id)))
 
 
 @app.command("input")
-def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt, nodes: NodesOpt = "",
+def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
                dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
-               continue_gate: ContinueGate = False, on_failure: OnFailure = "") -> None:
+               continue_gate: ContinueGate = False, on_failure: OnFailure = "",
+               version: VersionOpt = None, server_name: ServerNameOpt = None,
+               update_node: UpdateNodeOpt = None, admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "",
+               force: ForceOpt = False, resume_from: ResumeFromOpt = None, skip: SkipOpt = "",
+               concurrency: ConcurrencyOpt = None, drive_tool: DriveToolOpt = False,
+               schemata_per_run: SchemataPerRunOpt = None) -> None:
     """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
-    import dataclasses
     import json
 
+    _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inventory=inv, package_path=_package(package),
-                           only_nodes=_only_nodes(inv, nodes), dry_run=dry_run,
-                           continue_gate=continue_gate, started_by=_starter(),
-                           **_failure_options(on_failure, 3600.0))
+    arg = _procedure_input(procedure, inv, package, nodes, dry_run=dry_run, continue_gate=continue_gate,
+                           started_by=_starter(), **_failure_options(on_failure, 3600.0),
+                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
     print(json.dumps(dataclasses.asdict(arg)))
 
 
@@ -245,20 +355,30 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
         err.print(f"[bold red]{workflow_id} is a {wf_type!r} workflow, not a zerodown procedure[/]")
         return 2
     if not follow:
-        p = await zc.progress(handle)
-        console.print(kv_table(workflow_id, {"procedure": wf_type, "status": status.name if status
-                                             else "?", "phase": p.phase,
-                                             "nodes done": f"{len(p.nodes_done)}/{p.nodes_total}"}))
-        console.print(steps_table(p.steps))
+        st = await zc.run_status(client, handle, wf_type)
+        p = st.progress
+        rows: dict[str, object] = {"procedure": wf_type, "status": status.name if status else "?",
+                                   "phase": p.phase}
+        if p.nodes_total:
+            rows["nodes done"] = f"{len(p.nodes_done)}/{p.nodes_total}"
+        if st.schemata is not None:
+            rows["schemata"] = schemata_line(st.schemata)
+        running = st.running_child
+        if running is not None:
+            rows["running child"] = running.workflow_id + (f" ({running.node})" if running.node else "")
+        console.print(kv_table(workflow_id, rows))
+        for note in status_notes(st):
+            if not note.startswith("schemata: "):  # already a row of the table
+                console.print(escape(note), soft_wrap=True)
+        console.print(recent_steps_table(p.steps))
         for g in await zc.pending_gates(handle):
-            console.print(f"[bold yellow]waiting at gate {g.gate}[/] since {g.since:%H:%M:%S}: "
-                          f"{g.guards}; may decide: {', '.join(g.approvers) or 'nobody'}; "
-                          + (f"choices: {', '.join(g.choices)}; " if g.choices else "")
-                          + f"plan hash {g.plan_hash}", soft_wrap=True)
+            console.print(gate_line(g), soft_wrap=True)
         return 0
-    with Live(console=console, refresh_per_second=4) as live:
-        outcome = await zc.wait_with_progress(client, handle, _result_type(wf_type) or object,
-                                              lambda p: live.update(progress_view(p, last=30)))
+    # Transient: the outcome below prints the steps again, and the last live frame may show a
+    # phase the run had already left when it ended.
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        outcome = await zc.wait_with_status(client, handle, _result_type(wf_type) or object, wf_type,
+                                            lambda st: live.update(status_view(st, last=30)))
     return _print_outcome(outcome)
 
 
@@ -445,17 +565,51 @@ def lab_reset(root: LabRoot = Path(".lab")) -> None:
     console.print("lab reset to v1")
 
 
+OxProbeOpt = Annotated[bool, typer.Option("--ox", help=(
+    "OX logins through the OX main frontend instead (the lab's OX part: lab up --ox)"))]
+PerSchemaOpt = Annotated[int, typer.Option("--contexts-per-schema", min=1, help=(
+    "--ox: contexts of each schema to log in to"))]
+
+
 @lab_app.command("probe")
-def lab_probe(rate: float = 100.0, duration: float = 0.0, root: LabRoot = Path(".lab")) -> None:
-    """Send traffic through the main frontend, recording every failure (Ctrl-C to stop)."""
+def lab_probe(rate: float = 100.0, duration: float = 0.0, root: LabRoot = Path(".lab"),
+              ox: OxProbeOpt = False, per_schema: PerSchemaOpt = 1) -> None:
+    """Send traffic through the main frontend (or, with --ox, OX logins through the OX main
+    frontend), recording every failure (Ctrl-C to stop)."""
     import subprocess
 
     cfg = _lab_cfg(root)
-    cmd = [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
-           "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)]
+    if not ox:
+        cmd = [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
+               "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)]
+    else:
+        cmd = _ox_probe_command(cfg, rate, per_schema)
     if duration:
         cmd += ["--duration", str(duration)]
     raise typer.Exit(subprocess.call(cmd))
+
+
+def _ox_probe_command(cfg: LabConfig, rate: float, per_schema: int) -> list[str]:
+    """`python -m lab.ox.probe` on contexts of every schema, read from the lab's OX config DB
+    now (so the probe follows the schemata as they are), with its files next to the lab's."""
+    from lab.ox.probe import lab_targets, write_targets
+
+    if not cfg.ox_nodes:
+        err.print(f"[bold red]the lab in {cfg.root} has no OX part[/]: start it with `zerodown lab up --ox`")
+        raise typer.Exit(2)
+    try:
+        targets = lab_targets(cfg, per_schema)
+    except Exception as e:  # the DB down, or not an OX config DB: say so, not a traceback
+        err.print(f"[bold red]cannot read the OX contexts from the lab's config DB:[/] {escape(str(e))}\n"
+                  "is the lab up (`zerodown lab status`)?")
+        raise typer.Exit(2) from None
+    root = cfg.abs_root
+    path = write_targets(root / "ox-probe.targets.json", targets)
+    out, summary = root / "ox-probe.jsonl", root / "ox-probe-summary.json"
+    console.print(f"OX probe: {len(targets)} contexts of {len({t.schema for t in targets})} schemata via "
+                  f"{cfg.ox_main_url}; events {out}, summary {summary}")
+    return [sys.executable, "-m", "lab.ox.probe", "--url", cfg.ox_main_url, "--rate", str(rate),
+            "--targets", str(path), "--out", str(out), "--summary", str(summary)]
 
 
 lab_inject_app = typer.Typer(help="Inject faults into the lab (undone by `zerodown lab reset`).",
