@@ -2,13 +2,17 @@
 
 * frontend `main` (cfg.main_port) -> backend `app`: every node, health-checked, in rotation.
 * frontend `secondary` (cfg.secondary_port) -> backend `app_secondary`: the same servers,
-  all declared `disabled` (maintenance), so a procedure can move nodes between the two
-  (blue/green style) with `set server ... state ready|maint` alone, without a reload.
+  all in maintenance, so a procedure can move nodes between the two (blue/green style) with
+  `set server ... state ready|maint` alone, without a reload. They are put in maintenance
+  through the runtime API right after HAProxy starts, not with the `disabled` keyword: that
+  one is a *configuration* maintenance (srv_admin_state CMAINT) which HAProxy 2.6's
+  `set server ... state ready` does not lift, so such a server could never be put back.
+  Runtime states survive a reload through the server-state file (`servers.state`).
 
 With an OX part (cfg.ox_nodes > 0) the same pair again over the OX nodes (ox1..oxN):
 * frontend `ox_main` (cfg.ox_main_port) -> backend `ox`, every OX node in rotation;
-* frontend `ox_secondary` (cfg.ox_secondary_port) -> backend `ox_secondary`, all `disabled`:
-  the seed's secondary load balancer, where upgraded nodes go.
+* frontend `ox_secondary` (cfg.ox_secondary_port) -> backend `ox_secondary`, all in
+  maintenance: the seed's secondary load balancer, where upgraded nodes go.
 
 The runtime API socket (`haproxy/admin.sock`, level admin) is what zerodown's activities
 talk to, exactly as on a customer's HAProxy.
@@ -40,6 +44,14 @@ def config_path(cfg: LabConfig) -> Path:
 
 def pid_file(cfg: LabConfig) -> Path:
     return cfg.haproxy_dir / "haproxy.pid"
+
+
+def state_file(cfg: LabConfig) -> Path:
+    return cfg.haproxy_dir / "servers.state"
+
+
+def secondary_backends(cfg: LabConfig) -> list[str]:
+    return [SECONDARY_BACKEND] + ([OX_SECONDARY_BACKEND] if cfg.ox_nodes else [])
 
 
 def start_log(cfg: LabConfig) -> Path:
@@ -93,11 +105,15 @@ def render_config(cfg: LabConfig) -> str:
         # expose-fd listeners: a reload (`-x admin.sock -sf <pid>`) takes the listening
         # sockets over, so no connection is refused while HAProxy itself restarts.
         f"    stats socket {sock} mode 600 level admin expose-fd listeners",
+        # Written just before a reload, read by the new process: runtime states (maint,
+        # drain, ready, weights) a procedure set are kept across it.
+        f"    server-state-file {state_file(cfg)}",
         "    stats timeout 30s",
         "    maxconn 2000",
         "",
         "defaults",
         "    mode http",
+        "    load-server-state-from-file global",
         # Fast detection (a stopped node leaves rotation within ~1 s, a started one returns
         # after two good checks) keeps rolling deploys short in the lab.
         "    default-server inter 500ms fall 2 rise 2",
@@ -119,7 +135,7 @@ def render_config(cfg: LabConfig) -> str:
         f"    default_backend {SECONDARY_BACKEND}",
         "",
         *_backend(BACKEND, _servers(cfg, BACKEND)),
-        *_backend(SECONDARY_BACKEND, _servers(cfg, SECONDARY_BACKEND, " disabled")),
+        *_backend(SECONDARY_BACKEND, _servers(cfg, SECONDARY_BACKEND)),
     ]
     if cfg.ox_nodes:
         # The OX cluster's two load balancers, built like the site's (same options).
@@ -133,7 +149,7 @@ def render_config(cfg: LabConfig) -> str:
             f"    default_backend {OX_SECONDARY_BACKEND}",
             "",
             *_backend(OX_BACKEND, _servers(cfg, OX_BACKEND)),
-            *_backend(OX_SECONDARY_BACKEND, _servers(cfg, OX_SECONDARY_BACKEND, " disabled")),
+            *_backend(OX_SECONDARY_BACKEND, _servers(cfg, OX_SECONDARY_BACKEND)),
         ]
     return "\n".join(lines)
 
@@ -191,14 +207,28 @@ def start(cfg: LabConfig) -> None:
         if port_open("127.0.0.1", port):
             raise HAProxyError(f"cannot start HAProxy: 127.0.0.1:{port} is already in use by another process")
     cfg.haproxy_socket.unlink(missing_ok=True)  # stale socket of a killed instance
+    state_file(cfg).unlink(missing_ok=True)  # a fresh start begins with the initial states
     _launch(cfg, [])
     _wait_socket(cfg)
+    _secondaries_to_maint(cfg)
+
+
+def _secondaries_to_maint(cfg: LabConfig) -> None:
+    for backend in secondary_backends(cfg):
+        for n in backend_servers(cfg, backend):
+            answer = runtime_command(cfg, f"set server {backend}/{n} state maint").strip()
+            if answer:
+                raise HAProxyError(f"HAProxy runtime API: maint {backend}/{n} answered {answer!r}")
 
 
 def reload(cfg: LabConfig) -> None:
     """Seamless reload: the new process takes the listeners over from the old one (-x) and
     the old one finishes its connections (-sf)."""
     old = read_pid(pid_file(cfg))
+    state = runtime_command(cfg, "show servers state")
+    tmp = state_file(cfg).with_suffix(".new")
+    tmp.write_text(state, encoding="utf-8")
+    tmp.replace(state_file(cfg))
     extra = ["-x", str(cfg.haproxy_socket)]
     if old is not None:
         extra += ["-sf", str(old)]

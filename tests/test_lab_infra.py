@@ -8,6 +8,7 @@ checks lab_reset undoes it, so it runs last in this file.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -74,6 +75,36 @@ def test_haproxy_runtime_api_lists_servers(lab: LabConfig) -> None:
         # moves them.
         assert states[(SECONDARY_BACKEND, lab.node_name(i))] == "MAINT"
     assert len([k for k in states if k[0] == BACKEND]) == lab.nodes
+
+
+async def test_secondary_members_can_be_put_in_service_and_states_survive_a_reload(lab: LabConfig) -> None:
+    node = lab.node_name(1)
+    try:
+        # A member of the secondary pool is in maintenance the runtime API can lift (not a
+        # configuration maintenance, which `state ready` would leave in place).
+        answer = haproxy.runtime_command(lab, f"set server {SECONDARY_BACKEND}/{node} state ready")
+        assert answer.strip() == ""
+        await asyncio.to_thread(_wait_status, lab, SECONDARY_BACKEND, node, "UP")
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{lab.secondary_port}/health") as r:
+            assert r.status == 200 and r.headers["X-Served-By"] == node
+        haproxy.runtime_command(lab, f"set server {BACKEND}/{node} state maint")
+        # A reload (new process) keeps what the runtime API set.
+        old_pid = read_pid(haproxy.pid_file(lab))
+        await asyncio.to_thread(haproxy.reload, lab)
+        assert read_pid(haproxy.pid_file(lab)) != old_pid
+        states = haproxy.server_states(lab)
+        assert states[(SECONDARY_BACKEND, node)].startswith("UP") and states[(BACKEND, node)] == "MAINT"
+    finally:
+        await asyncio.to_thread(haproxy.reset_servers, lab)
+        await asyncio.to_thread(haproxy.wait_all_up, lab)
+    assert haproxy.server_states(lab)[(SECONDARY_BACKEND, node)] == "MAINT"
+
+
+def _wait_status(lab: LabConfig, backend: str, server: str, prefix: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not haproxy.server_states(lab)[(backend, server)].startswith(prefix):
+        assert time.monotonic() < deadline, haproxy.server_states(lab)[(backend, server)]
+        time.sleep(0.1)
 
 
 async def test_main_frontend_serves_and_rotates(lab: LabConfig) -> None:
