@@ -25,6 +25,10 @@ def s(i: int) -> str:
     return configdb.schema_name(i)
 
 
+def names(*idx: int) -> set[str]:
+    return {s(i) for i in idx}
+
+
 def ox_inventory(cfg: LabConfig, **approvers: tuple[str, ...]) -> Inventory:
     """ox-site.yaml, with the given approvers (gate name with '-' as '_') or ops1 for every gate."""
     inv = load_inventory(cfg.ox_site_yaml)

@@ -26,6 +26,7 @@ from tests.ox_support import (
     APPROVER,
     NEW_SERVER,
     classify,
+    names,
     new_server_id,
     old_server_id,
     ox_fresh,
@@ -40,10 +41,6 @@ from tests.test_guided_failure import choose, pending
 from workflows.ox_upgradeschemata import OxSchemataProgress, OxUpgradeSchemataResult
 
 EIGHT = tuple(s(i) for i in range(1, 9))
-
-
-def names(*idx: int) -> set[str]:
-    return {s(i) for i in idx}
 
 
 @pytest.fixture

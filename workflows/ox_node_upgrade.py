@@ -52,11 +52,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Inventory, LoadBalancer, Node, OxSettings, UnknownNodeError
 
-from workflows.ox_upgradeschemata import (
-    OxUpgradeSchemataInput,
-    OxUpgradeSchemataResult,
-    OxUpgradeSchemataWorkflow,
-)
+from workflows.ox_upgradeschemata import OxUpgradeSchemataInput, SchemaFailure
 from workflows.procedure import check_on_failure
 from workflows.saga import reason
 from workflows.site_steps import SiteProcedure, preflight_failed
@@ -111,6 +107,15 @@ class OxNodeUpgradeResult:
     upgraded_schemata: tuple[str, ...] = ()
     failed_schemata: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SchemataOutcome:
+    """What this workflow reads of an ox-upgradeschemata child's result."""
+
+    upgraded: tuple[str, ...] = ()
+    failed: tuple[SchemaFailure, ...] = ()
+    server_id: int | None = None
 
 
 @dataclass
@@ -296,13 +301,15 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             started_by=inp.started_by, gate_timeout_s=inp.gate_timeout_s, on_failure=inp.on_failure,
             failure_gate_timeout_s=inp.failure_gate_timeout_s, schemata_per_run=inp.schemata_per_run)
 
-        async def child() -> OxUpgradeSchemataResult:
-            result: OxUpgradeSchemataResult = await workflow.execute_child_workflow(
-                OxUpgradeSchemataWorkflow.run, arg, id=child_id)
-            return result
+        async def child() -> SchemataOutcome:
+            # Decoded into the few fields this workflow uses: the child's full result holds
+            # its timeline, whose datetimes the sandbox cannot decode (and does not need).
+            outcome: SchemataOutcome = await workflow.execute_child_workflow(
+                "ox-upgradeschemata", arg, id=child_id, result_type=SchemataOutcome)
+            return outcome
 
         self.timeline.set_phase(f"3-7 {len(share)} schemata to {inp.server_name} (child {child_id})", n.name)
-        result: OxUpgradeSchemataResult = await self.step(
+        result: SchemataOutcome = await self.step(
             f"{'3-7' if first else '4-7'} upgrade {len(share)} schemata (child workflow {child_id})",
             child, node=n.name, seed_step="3" if first else "4")
         self.moved.extend(result.upgraded)
