@@ -176,7 +176,9 @@ class Gates:
             gate=spec.name, since=now, approvers=self.approvers_of(spec.name), guards=spec.guards,
             deadline=None if hold else now + timedelta(seconds=spec.timeout_s),
             on_timeout=spec.on_timeout, plan_hash=self.plan_hash, choices=spec.choices)
-        self.timeline.set_phase(f"waiting for a decision on gate {spec.name}")
+        before = (self.timeline.phase, self.timeline.node)
+        waiting = f"waiting for a decision on gate {spec.name}"
+        self.timeline.set_phase(waiting)
         try:
             await workflow.wait_condition(lambda: spec.name in self._decided,
                                           timeout=None if hold else timedelta(seconds=spec.timeout_s))
@@ -190,6 +192,11 @@ class Gates:
             applied = spec.on_timeout if spec.choices else "rejected"
             self.timeline.record(f"gate {spec.name}: timed out, {applied}", "failed", detail=record.comment)
             return record
+        finally:
+            # Decided: the run is back where it was (unless it has moved on meanwhile, e.g.
+            # other schemata going on beside this gate).
+            if self.timeline.phase == waiting:
+                self.timeline.set_phase(*before)
         return self._decided.pop(spec.name)
 
 
