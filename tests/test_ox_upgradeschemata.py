@@ -11,6 +11,7 @@ not do but which keeps the suite short; the semantics of -m and -k are the same.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from lab.config import LabConfig
 from lab.ox import configdb
+from lab.ox import nodes as ox_nodes
 from tests.e2e_support import kill_worker_during, start_worker_process
 from tests.ox_support import (
     APPROVER,
@@ -262,3 +264,30 @@ async def test_worker_killed_mid_schema_resumes_without_updating_a_schema_twice(
     update = [st for st in result.steps if st.name == f"6 run the update tasks of {s(2)}"]
     assert len(update) == 1 and update[0].retries >= 1
     await ox_fresh(lab)
+
+
+async def test_a_stopped_run_is_resumed_from_where_it_stopped(ox: LabConfig, client: Client,
+                                                              lab_worker: str) -> None:
+    await asyncio.to_thread(ox_nodes.set_runupdate_seconds, ox, 0.5)
+    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT), "oxs-stop")
+    for _ in range(300):  # let a few schemata go through
+        progress = await handle.query("schemata", result_type=OxSchemataProgress)
+        if progress is not None and progress.upgraded >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    text = str(info.value.cause)
+    # The schema under way finished (a change is never abandoned half-way); the message
+    # says where to resume.
+    done = classify(ox)["upgraded"]
+    assert 2 <= len(done) < 8 and classify(ox).get("other") is None
+    assert set(EIGHT[:len(done)]) == done
+    last = EIGHT[len(done) - 1]
+    assert f"resume_from={last} (-m {last})" in text, text
+    result = await run_ok(client, lab_worker, "oxs-resumed", ox, schemata=EIGHT, resume_from=last,
+                          expect_registered=True)
+    assert set(result.upgraded) == set(EIGHT) - done
+    assert classify(ox) == {"upgraded": set(EIGHT), "untouched": names(*range(9, 21))}
+    assert all(st.update_runs == 1 for n, st in states(ox).items() if n in EIGHT)
