@@ -114,6 +114,8 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
         result: OxNodeUpgradeResult = await handle.result()
         await asyncio.sleep(1.0)  # traffic after the last step: served by the new cluster alone
     summary = probe.summary
+    print("ox-node-upgrade probe:", {k: summary.get(k) for k in ("total", "ok", "failed", "disabled",
+                                                               "redirected")})  # shown with -s
     assert summary["total"] > 0 and summary["failed"] == 0, probe.events_of("failed")[:5]
     # Users of moved contexts who landed on an old node were redirected to the secondary
     # balancer and served there.
