@@ -18,9 +18,15 @@ Two databases (both created, reset and dropped here, as root over the primary's 
                                                   the schema list (listdatabaseschema)
   and three lab-only tables (a real config DB has none of them):
     schema_state(schema_name, enabled, server_id, update_state, schema_version, updated_at,
-                 last_error, update_runs)         what the tools did to each schema; update_state
+                 last_error, update_runs, disabled_at, enabled_at, update_started_at,
+                 update_ended_at)                 what the tools did to each schema; update_state
                                                   is none | running | done | failed (runupdate);
-                                                  update_runs counts the update runs that started
+                                                  update_runs counts the update runs that started;
+                                                  the *_at times (the DB's clock, microseconds):
+                                                  when the tools last took it from enabled to
+                                                  disabled and back, and its last update run's
+                                                  start and end - the site's own record of how
+                                                  long a schema was unavailable (bench/)
     update_faults(schema_name, task_name, remaining)
                                                   fault injection: runupdate fails on that schema
                                                   (remaining NULL: always; N: the next N runs)
@@ -72,6 +78,9 @@ UPDATE_STATES = ("none", "running", "done", "failed")
 # The task name runupdate reports for an injected failure (lab-made; real names look alike).
 FAILING_TASK = "com.openexchange.groupware.update.tasks.LabInjectedFailureTask"
 
+# schema_state's times (see the module doc); reset() clears them.
+_TIME_COLUMNS = ("disabled_at", "enabled_at", "update_started_at", "update_ended_at")
+
 _CONFIGDB_TABLES = [
     "CREATE TABLE configdb_sequence (id INT UNSIGNED NOT NULL, PRIMARY KEY (id)) ENGINE=InnoDB",
     "CREATE TABLE db_pool (db_pool_id INT UNSIGNED NOT NULL, url VARCHAR(255) NOT NULL, "
@@ -95,7 +104,8 @@ _CONFIGDB_TABLES = [
     "enabled TINYINT NOT NULL, server_id INT UNSIGNED NOT NULL, "
     "update_state ENUM('none', 'running', 'done', 'failed') NOT NULL DEFAULT 'none', "
     "schema_version VARCHAR(32) NOT NULL, updated_at DATETIME(3) NULL, "
-    "last_error VARCHAR(255) NULL, update_runs INT UNSIGNED NOT NULL DEFAULT 0) ENGINE=InnoDB",
+    "last_error VARCHAR(255) NULL, update_runs INT UNSIGNED NOT NULL DEFAULT 0, "
+    f"{', '.join(f'{c} DATETIME(6) NULL' for c in _TIME_COLUMNS)}) ENGINE=InnoDB",
     "CREATE TABLE update_faults (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
     "task_name VARCHAR(190) NOT NULL, remaining INT NULL) ENGINE=InnoDB",
     "CREATE TABLE lab_meta (k VARCHAR(64) NOT NULL PRIMARY KEY, v VARCHAR(255) NOT NULL) ENGINE=InnoDB",
@@ -163,6 +173,26 @@ class SchemaState:
     contexts_enabled: int
     context_servers: tuple[int, ...]  # distinct server ids of its contexts
     update_runs: int = 0  # update runs started on it (runupdate / upgradeschemata)
+    # When the tools last disabled it (enabled -> disabled) and enabled it again (disabled ->
+    # enabled), and when its last update run started and ended (None: not yet / running).
+    disabled_at: dt.datetime | None = None
+    enabled_at: dt.datetime | None = None
+    update_started_at: dt.datetime | None = None
+    update_ended_at: dt.datetime | None = None
+
+    @property
+    def unavailable_s(self) -> float | None:
+        """How long its contexts were refused as disabled (last disable -> enable), if both happened."""
+        if self.disabled_at is None or self.enabled_at is None or self.enabled_at < self.disabled_at:
+            return None
+        return (self.enabled_at - self.disabled_at).total_seconds()
+
+    @property
+    def update_s(self) -> float | None:
+        """How long its last update run took, if it ended."""
+        if self.update_started_at is None or self.update_ended_at is None:
+            return None
+        return (self.update_ended_at - self.update_started_at).total_seconds()
 
 
 # --------------------------------------------------------------------------- names and secrets
@@ -219,12 +249,16 @@ def tools_env(cfg: LabConfig, **overrides: str) -> dict[str, str]:
 
 def connect(*, host: str = "127.0.0.1", port: int = 3306, user: str = OX_DB_USER, password: str = "",
             unix_socket: str | None = None) -> pymysql.connections.Connection[Any]:
-    """A connection for the operations below (autocommit on, default database oxconfigdb)."""
+    """A connection for the operations below (autocommit on, default database oxconfigdb).
+
+    No TLS: the config DB is on the lab's own host, and pymysql otherwise builds a default
+    SSL context (loading the system's CA certificates) per connection - ~20 ms of CPU, more
+    than the tool's work; every tool call connects once."""
     if unix_socket:
         return pymysql.connect(unix_socket=unix_socket, user=user, password=password, database=CONFIGDB,
-                               autocommit=True, connect_timeout=5)
+                               autocommit=True, connect_timeout=5, ssl_disabled=True)
     return pymysql.connect(host=host, port=port, user=user, password=password, database=CONFIGDB,
-                           autocommit=True, connect_timeout=5)
+                           autocommit=True, connect_timeout=5, ssl_disabled=True)
 
 
 def _root(cfg: LabConfig) -> pymysql.connections.Connection[Any]:
@@ -315,6 +349,17 @@ def reset(cfg: LabConfig) -> list[str]:
         cur.execute("SELECT k, v FROM lab_meta")
         meta = {str(k): str(v) for k, v in cur.fetchall()}
         server_id, version = int(meta["initial_server_id"]), meta["initial_version"]
+        # A config DB created before schema_state had its times (a lab kept from earlier):
+        # add them, so the tools of this checkout work on it after a reset.
+        cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+                    "AND TABLE_NAME = 'schema_state'", (CONFIGDB,))
+        have = {str(r[0]) for r in cur.fetchall()}
+        for column in _TIME_COLUMNS:
+            if column not in have:
+                cur.execute(f"ALTER TABLE schema_state ADD COLUMN {column} DATETIME(6) NULL")
+                done.append(f"added schema_state.{column}")
+        times_null = " AND ".join(f"{c} IS NULL" for c in _TIME_COLUMNS)
+        times_cleared = ", ".join(f"{c} = NULL" for c in _TIME_COLUMNS)
         steps = [
             ("DELETE FROM server WHERE server_id <> %s", (server_id,), "deleted {} registered server(s)"),
             ("UPDATE context SET enabled = 1, reason_id = NULL "
@@ -322,9 +367,9 @@ def reset(cfg: LabConfig) -> list[str]:
             ("UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s", (server_id, server_id),
              "pointed {} context(s) back to the initial server"),
             ("UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
-             "schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0 WHERE NOT ("
-             "enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s AND "
-             "updated_at IS NULL AND last_error IS NULL AND update_runs = 0)",
+             f"schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0, {times_cleared} "
+             "WHERE NOT (enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s "
+             f"AND updated_at IS NULL AND last_error IS NULL AND update_runs = 0 AND {times_null})",
              (server_id, version, server_id, version), "reset {} schema state(s)"),
             ("DELETE FROM update_faults", (), "cleared {} injected update failure(s)"),
         ]
@@ -363,14 +408,16 @@ def schema_states(cfg: LabConfig) -> dict[str, SchemaState]:
         cfg, "primary",
         "SELECT s.schema_name, s.enabled, s.server_id, s.update_state, s.schema_version, s.updated_at, "
         "s.last_error, COUNT(m.cid), COALESCE(SUM(c.enabled = 1), 0), "
-        "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), ''), s.update_runs "
+        "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), ''), s.update_runs, "
+        f"{', '.join('s.' + c for c in _TIME_COLUMNS)} "
         "FROM schema_state s LEFT JOIN context_server2db_pool m ON m.db_schema = s.schema_name "
         "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name, s.update_runs", database=CONFIGDB)
     states = [SchemaState(name=str(r[0]), enabled=bool(r[1]), server_id=int(r[2]), update_state=str(r[3]),
                           version=str(r[4]), updated_at=r[5], last_error=r[6], contexts=int(r[7]),
                           contexts_enabled=int(r[8]),
                           context_servers=tuple(int(x) for x in str(r[9]).split(",") if x),
-                          update_runs=int(r[10]))
+                          update_runs=int(r[10]), disabled_at=r[11], enabled_at=r[12],
+                          update_started_at=r[13], update_ended_at=r[14])
               for r in rows]
     return {s.name: s for s in sorted(states, key=lambda s: natural_key(s.name))}
 
@@ -489,7 +536,11 @@ def disable_schema(conn: Any, schema: str) -> int:
                     "ON m.cid = c.cid SET c.enabled = 0, c.reason_id = %s "
                     "WHERE m.db_schema = %s AND c.enabled = 1", (SCHEMA_MOVE_REASON_ID, schema))
         n = int(cur.rowcount)
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET enabled = 0 WHERE schema_name = %s", (schema,))
+        # disabled_at first: MariaDB assigns left to right, so it still sees the old `enabled`
+        # (a repeated disable keeps the time the schema became unavailable).
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET "
+                    "disabled_at = IF(enabled = 1, NOW(6), disabled_at), enabled = 0 WHERE schema_name = %s",
+                    (schema,))
         return n
     return int(_in_transaction(conn, body))
 
@@ -503,7 +554,9 @@ def enable_schema(conn: Any, schema: str) -> int:
                     "ON m.cid = c.cid SET c.enabled = 1, c.reason_id = NULL WHERE m.db_schema = %s "
                     "AND c.enabled = 0 AND c.reason_id = %s", (schema, SCHEMA_MOVE_REASON_ID))
         n = int(cur.rowcount)
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET enabled = 1 WHERE schema_name = %s", (schema,))
+        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET "
+                    "enabled_at = IF(enabled = 0, NOW(6), enabled_at), enabled = 1 WHERE schema_name = %s",
+                    (schema,))
         return n
     return int(_in_transaction(conn, body))
 
@@ -559,7 +612,8 @@ def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
         if str(row[0]) == "running" and row[2] is not None and float(row[2]) < STALE_UPDATE_S + seconds:
             raise OxError("update_running", UPDATE_CONFLICT.format(schema))
         cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'running', updated_at = NOW(3), "
-                    "last_error = NULL, update_runs = update_runs + 1 WHERE schema_name = %s", (schema,))
+                    "last_error = NULL, update_runs = update_runs + 1, update_started_at = NOW(6), "
+                    "update_ended_at = NULL WHERE schema_name = %s", (schema,))
         return True
     if not _in_transaction(conn, claim):
         return []
@@ -584,10 +638,12 @@ def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
         if failed:
             error = f"update task(s) failed: {', '.join(failed)}"
             cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'failed', updated_at = NOW(3), "
-                        "last_error = %s WHERE schema_name = %s", (error[:255], schema))
+                        "update_ended_at = NOW(6), last_error = %s WHERE schema_name = %s",
+                        (error[:255], schema))
         else:
             cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'done', schema_version = %s, "
-                        "updated_at = NOW(3) WHERE schema_name = %s", (target_version, schema))
+                        "updated_at = NOW(3), update_ended_at = NOW(6) WHERE schema_name = %s",
+                        (target_version, schema))
         return failed
     return list(_in_transaction(conn, finish))
 
