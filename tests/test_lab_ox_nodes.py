@@ -506,3 +506,62 @@ async def test_reset_ox_recreates_a_dropped_config_db(ox: LabConfig) -> None:
     assert f"created the OX config DB ({ox.ox_schemata} schemata)" in done
     assert (await get(f"{node_url(ox, 1)}/health")).status == 200
     assert (await get(login(ox.ox_main_url, 1))).status == 200
+
+
+# --------------------------------------------------------------------------- tools in the middleware
+
+
+async def test_tools_run_in_the_middleware_and_fail_while_it_is_down(ox: LabConfig) -> None:
+    """bin/<tool> is a thin client of the node's middleware (lab/ox/admin.py), like OX's tools
+    of its RMI interface: same outputs and exit codes, standard input forwarded to
+    upgradeschemata, a long runupdate not blocking other tools, no middleware -> exit 105."""
+    d = ox.ox_node_dir(2)
+    assert (d / "run" / "admin.sock").is_socket()
+    assert (d / "run" / "admin.sock").stat().st_mode & 0o077 == 0
+    assert "-m lab.ox.tools" not in (d / "bin" / "listserver").read_text()
+    password = configdb.master_password_file(ox).read_text().strip()
+    admin = "IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && exec bin/{} -A oxadminmaster"
+    node = load_inventory(ox.ox_site_yaml).nodes[1]
+
+    async def tool(command: str, extra: str = "") -> CommandResult:
+        return await ssh.run(node.ssh, admin.format(command), input=password + "\n" + extra, check=False)
+
+    r = await tool("listserver --csv")
+    assert (r.exit_status, r.stdout, r.stderr) == (0, 'id,name\n"2","oxserver"\n', "")
+    r = await tool("registerserver")
+    assert (r.exit_status, r.stderr) == (
+        104, 'server could not be registered: \nError: Option(s) "name" missing\n')
+    assert r.stdout.startswith("Usage: registerserver ")
+    r = await run(ox, 2, "bin/listserver -A oxadminmaster -P wrong")
+    assert (r.exit_status, r.stderr) == (
+        101, "servers could not be listed: \nServer response:\n Authentication failed\n\n")
+    # The prompt's answer reaches upgradeschemata (the server exists: the WARNING, then abort).
+    r = await tool("upgradeschemata -n oxserver", extra="abort\n")
+    assert r.exit_status == 0 and r.stdout.endswith("OK, aborting upgrade\n") and r.stderr == ""
+    # The client's OX_* environment counts (over the node's env file), as in the direct mode.
+    r = await run(ox, 2, "OX_UPDATE_FAULTS=oxdatabase_5 bin/runupdate -n oxdatabase_5")
+    assert r.exit_status == 0 and r.stdout.startswith("The following update task(s) failed:\n"), r
+
+    # A runupdate at work does not hold up the node's other tools (each runs in its own thread).
+    slow = asyncio.ensure_future(run(ox, 2, "OX_RUNUPDATE_SECONDS=3 bin/runupdate -n oxdatabase_6"))
+    deadline = time.monotonic() + 15
+    while configdb.schema_states(ox)["oxdatabase_6"].update_state != "running":
+        assert time.monotonic() < deadline and not slow.done(), "runupdate did not start"
+        await asyncio.sleep(0.05)
+    assert (await tool("listserver --csv")).exit_status == 0
+    assert (await get(f"{node_url(ox, 2)}/health")).status == 200
+    assert configdb.schema_states(ox)["oxdatabase_6"].update_state == "running"  # still at work
+    assert (await slow).exit_status == 0
+    st = configdb.schema_states(ox)["oxdatabase_6"]
+    assert st.update_state == "done" and st.update_s is not None and st.update_s >= 3
+
+    # Middleware down: OX's "Connection refused to host" and SYSEXIT_COMMUNICATION_ERROR.
+    assert (await run(ox, 2, "./ctl stop")).exit_status == 0
+    assert not (d / "run" / "admin.sock").exists()
+    r = await tool("listserver")
+    assert r.exit_status == 105 and r.stdout == ""
+    assert r.stderr.startswith("Error: Connection refused to host: localhost") and "not answer" in r.stderr
+    assert (await run(ox, 2, "bin/runupdate -n oxdatabase_7")).exit_status == 105
+    assert configdb.schema_states(ox)["oxdatabase_7"].update_state == "none"
+    assert (await run(ox, 2, "./ctl start")).exit_status == 0
+    assert (await tool("listserver")).exit_status == 0

@@ -10,6 +10,8 @@ Read at start, from the node folder (lab/ox/nodes.py lays it out):
     etc/server.properties    migrationRedirectURL     } re-read on SIGHUP (`ctl reload`, OX's
     etc/system.properties    SERVER_NAME              } reloadconfiguration), no restart
     bin/ox-tools.env         how to reach the config DB (the tools' env file: user openexchange)
+Serves run/admin.sock, the admin endpoint where the node's command line tools run in-process
+(in threads; lab/ox/admin.py), as OX's tools call its middleware over RMI.
 Writes run/ox.reload, "<pid> <generation> ok|error <why>": generation 0 once it is ready for
 SIGHUP (before its port opens), +1 per reload, so `ctl reload` can wait for the confirmation.
 
@@ -48,6 +50,7 @@ import pymysql
 from aiohttp import web
 
 from lab.ox import configdb
+from lab.ox.admin import AdminServer
 from lab.ox.tools import ENV_FILE_NAME, load_env
 
 REDIRECT_KEY = "com.openexchange.server.migrationRedirectURL"
@@ -99,6 +102,8 @@ class Node:
         self.generation = 0
         self._env = load_env({"OX_TOOLS_ENV": str(node_dir / "bin" / ENV_FILE_NAME)})
         self._pool: aiomysql.Pool | None = None
+        # Where the node's command line tools run (OX's RMI interface; lab/ox/admin.py).
+        self.admin = AdminServer(node_dir)
 
     # ------------------------------------------------------------ reload (SIGHUP)
 
@@ -260,12 +265,14 @@ def make_app(node: Node) -> web.Application:
 
     async def on_startup(app: web.Application) -> None:
         await node.start()
+        await node.admin.start()
         # Before the port opens (run_app binds after startup): ctl start returning means a
         # SIGHUP is safe, and run/ox.reload says so to ctl reload.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload)
         node._confirm("ok")
 
     async def on_cleanup(app: web.Application) -> None:
+        await node.admin.close()
         await node.close()
 
     app.on_response_prepare.append(on_prepare)

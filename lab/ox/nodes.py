@@ -9,7 +9,9 @@ nodes/oxN/                   the node's SSH root (commands run here)
     etc/server.properties    OX's server.properties (migrationRedirectURL goes here; not set at first)
     etc/system.properties    SERVER_NAME=oxserver (the old cluster's server in the config DB)
     bin/                     OX's command line tools (lab/ox/tools.py) and their ox-tools.env;
-                             runupdate brings a schema to *this node's* installed/version
+                             runupdate brings a schema to *this node's* installed/version. Thin
+                             clients of the service (lab/ox/admin.py): they fail while it is down
+    run/admin.sock           the service's admin endpoint, where the tools run (mode 0600)
     opt/                     the inventory's app_dir (OX procedures do not deploy files)
     run/ox.pid, ox.log       the service (lab/ox/middleware.py); ox.reload: its reload confirmation
     inject/                  for fault files (none yet)
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from lab import nodes
 from lab.config import LabConfig
-from lab.ox import configdb, tools
+from lab.ox import admin, configdb, tools
 
 INITIAL_VERSION = configdb.DEFAULT_VERSION  # what every OX node runs after lab up / reset
 SERVER_NAME = "oxserver"  # configdb.create's default server_name
@@ -171,7 +173,10 @@ def install_tools(cfg: LabConfig, i: int, runupdate_seconds: float | None = None
     if runupdate_seconds is not None:
         overrides["OX_RUNUPDATE_SECONDS"] = f"{max(0.0, runupdate_seconds):g}"
     bin_dir = cfg.ox_node_dir(i) / "bin"
-    tools.install_tools(bin_dir, str(Path(cfg.python).absolute()), configdb.tools_env(cfg, **overrides))
+    # Thin clients of the node's middleware (lab/ox/admin.py), as OX's tools are of its RMI
+    # interface: they work while the node's service runs.
+    tools.install_tools(bin_dir, str(Path(cfg.python).absolute()), configdb.tools_env(cfg, **overrides),
+                        admin_socket=admin.socket_path(cfg.ox_node_dir(i)))
     return bin_dir
 
 
@@ -282,14 +287,18 @@ def running_version(cfg: LabConfig, i: int, timeout: float = 5.0) -> dict[str, o
 def reset_ox_node(cfg: LabConfig, i: int) -> str | None:
     """Node i as just after lab up: files reinstalled at INITIAL_VERSION and the service
     running them. Restarts only when needed (a file changed, or the service is down or runs
-    other settings); returns what was done, None when nothing was needed."""
+    other settings, or lacks the tools' endpoint); returns what was done, None when nothing
+    was needed."""
     changed = install_ox_node(cfg, i)
     if not ox_node_running(cfg, i):
         start_ox_node(cfg, i)
         return f"started {cfg.ox_node_name(i)}"
     want = {"version": INITIAL_VERSION, "server_name": SERVER_NAME, "migration_redirect_url": None}
     answer = running_version(cfg, i)
-    if not changed and answer is not None and all(answer.get(k) == v for k, v in want.items()):
+    # A service started by an older checkout has no admin endpoint: its tools cannot work.
+    serves_tools = admin.socket_path(cfg.ox_node_dir(i)).is_socket()
+    as_installed = answer is not None and all(answer.get(k) == v for k, v in want.items())
+    if not changed and serves_tools and as_installed:
         return None
     restart_ox_node(cfg, i)
     return f"restarted {cfg.ox_node_name(i)} as installed"
