@@ -49,6 +49,7 @@ lab-down:
 bench: install
 	$(BIN)/python -m bench.rolling_deploy
 	$(BIN)/python -m bench.secret_server
+	$(BIN)/python -m bench.ox_upgradeschemata
 
 clean: lab-down
 	rm -rf .lab
