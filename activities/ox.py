@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 import activities.ssh as ssh
 from activities.common import SSH_COMMAND_FAILED, check_id, fail, heartbeat, tail
@@ -128,6 +129,37 @@ class OxServer:
 class OxUpdateResult:
     schema: str
     failed_tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OxUpgradeSchemaRequest:
+    """Steps 4 to 7 for one schema: the tools on `admin` (a working old node), runupdate on
+    `update` (the node with the new release)."""
+
+    admin: Node
+    update: Node
+    ox: OxSettings
+    schema: str
+    server_id: int
+
+
+@dataclass(frozen=True)
+class OxStepTime:
+    """One step of a schema's upgrade as it ran (wall-clock seconds since the epoch: plain
+    floats travel into the workflow sandbox, datetimes do not decode there)."""
+
+    seed_step: str
+    started: float
+    ended: float
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class OxSchemaUpgrade:
+    schema: str
+    steps: tuple[OxStepTime, ...]  # the steps that ran, in order (the failed one last)
+    failed_step: str | None = None  # "4" .. "7"; None: upgraded
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -385,30 +417,86 @@ async def ox_disable_schema(req: OxSchemaRequest) -> None:
 @activity.defn
 async def ox_change_server(req: OxChangeServerRequest) -> None:
     """Step 5: changeserver -s <id> -m <schema>: its contexts point to that server."""
-    r = await run_tool(req.node, req.ox, "changeserver", ["-s", str(req.server_id), "-m", req.schema])
-    if f"server '{req.server_id}' for schema '{req.schema}'" not in r.stdout:
-        fail(OX_OUTPUT_UNEXPECTED, f"{req.node.name}: changeserver did not confirm the change: "
-                                   f"{tail(r.stdout, 300)}")
+    await change_server(req.node, req.ox, req.schema, req.server_id)
 
 
 @activity.defn
 async def ox_run_update(req: OxSchemaRequest) -> OxUpdateResult:
     """Step 6: runupdate -n <schema> on the upgraded node (heartbeats while it runs). Failed
     update tasks are a result, not an error: the workflow decides (force, gate)."""
+    return OxUpdateResult(schema=req.schema, failed_tasks=await run_update(req.node, req.ox, req.schema))
+
+
+async def run_update(node: Node, settings: OxSettings, schema: str) -> tuple[str, ...]:
+    """runupdate -n <schema> on `node`; the names of the failed update tasks (none: done).
+    While another update of the schema runs (the earlier attempt of a retried step, whose
+    command outlived a lost worker) OX refuses with its schema lock: wait for it rather
+    than run the update twice."""
     deadline = time.monotonic() + RUNUPDATE_TIMEOUT_S
     while True:
-        r = await run_tool(req.node, req.ox, "runupdate", ["-n", req.schema], admin=False,
+        r = await run_tool(node, settings, "runupdate", ["-n", schema], admin=False,
                            timeout_s=RUNUPDATE_TIMEOUT_S, check=False)
         text = r.stdout + "\n" + r.stderr
         if r.exit_status == 0:
-            return OxUpdateResult(schema=req.schema, failed_tasks=parse_failed_tasks(text))
+            return parse_failed_tasks(text)
         if UPDATE_CONFLICT not in text or time.monotonic() > deadline:
-            fail(OX_TOOL_FAILED, f"{req.node.name}: runupdate -n {req.schema} exited with status "
+            fail(OX_TOOL_FAILED, f"{node.name}: runupdate -n {schema} exited with status "
                                  f"{r.exit_status}: {tail(text, 600)}")
-        # An update of this schema is under way - this activity's earlier attempt, whose
-        # command outlived a lost worker: wait for it rather than run the update twice.
-        heartbeat({"schema": req.schema, "waiting_for": "the update under way"})
+        heartbeat({"schema": schema, "waiting_for": "the update under way"})
         await asyncio.sleep(1.0)
+
+
+async def change_server(node: Node, settings: OxSettings, schema: str, server_id: int) -> None:
+    r = await run_tool(node, settings, "changeserver", ["-s", str(server_id), "-m", schema])
+    if f"server '{server_id}' for schema '{schema}'" not in r.stdout:
+        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
+                                   f"{tail(r.stdout, 300)}")
+
+
+async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
+    """Steps 4 to 7 for one schema, back to back. Its users are refused from the disable to
+    the enable, so that window holds the tools' own work and nothing else (four activities
+    would add three workflow round trips to it, seconds on a loaded worker). Every step is
+    idempotent, so a retry of the whole runs through what is done already: disable and
+    changeserver set states, runupdate of an updated schema has nothing to do, enable sets.
+    A failed step is a result (the workflow decides: force, gate), its schema left as it is;
+    an error a retry may cure (unreachable node, lost connection) is raised."""
+    steps: list[OxStepTime] = []
+
+    async def update() -> None:
+        failed = await run_update(req.update, req.ox, req.schema)
+        if failed:
+            fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(failed)}")
+
+    plan = [
+        # 4 disable: the schema's contexts are refused ("disabled") from now on.
+        ("4", lambda: run_tool(req.admin, req.ox, "disableschema", ["-m", req.schema])),
+        # 5 point its contexts to the new server.
+        ("5", lambda: change_server(req.admin, req.ox, req.schema, req.server_id)),
+        # 6 its update tasks, on the node with the new release.
+        ("6", update),
+        # 7 enable: its users are served by the new server from now on.
+        ("7", lambda: run_tool(req.admin, req.ox, "enableschema", ["-m", req.schema])),
+    ]
+    for seed_step, work in plan:
+        heartbeat({"schema": req.schema, "step": seed_step})
+        started = time.time()
+        try:
+            await work()
+        except ApplicationError as e:
+            if not e.non_retryable:
+                raise
+            steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time(), ok=False))
+            return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps), failed_step=seed_step,
+                                   error=str(e))
+        steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time()))
+    return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps))
+
+
+@activity.defn
+async def ox_upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
+    """Steps 4-7 for one schema (disable, changeserver, runupdate on the new node, enable)."""
+    return await upgrade_schema(req)
 
 
 @activity.defn
@@ -476,6 +564,6 @@ async def ox_set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
 
 OX_ACTIVITIES: list[Callable[..., Any]] = [
     ox_list_schemata, ox_list_servers, ox_register_server, ox_disable_schema, ox_change_server, ox_run_update,
-    ox_enable_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
+    ox_enable_schema, ox_upgrade_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
     ox_reload_configuration, ox_set_property,
 ]

@@ -77,6 +77,12 @@ class Timeline:
         self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=now,
                                      ended=now, result=result, detail=detail))
 
+    def record_span(self, name: str, started: datetime, ended: datetime, result: str, node: str | None = None,
+                    seed_step: str | None = None, detail: str | None = None, retries: int = 0) -> None:
+        """A step that ran inside an activity with others (its times measured there)."""
+        self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=started,
+                                     ended=ended, result=result, detail=detail, retries=retries))
+
     async def step(self, name: str, call: Awaitable[T], node: str | None = None,
                    seed_step: str | None = None, retries: int = 0) -> T:
         """Run one step, recording its start, end, outcome and retries."""
