@@ -421,6 +421,10 @@ async def bench_ox_lab(cfg: LabConfig, schemata: int, keep: bool) -> AsyncIterat
             say(f"config DB created: {schemata} schemata of 1 context, 1 user "
                 f"({time.monotonic() - t0:.1f} s)")
         await manager.lab_up(cfg, with_temporal=True)
+        # The OX part as installed by this checkout (a kept lab's node folders may be older:
+        # lab_up never reinstalls them), restarting only the nodes that need it.
+        for line in await manager.reset_ox(cfg):
+            say(f"OX part: {line}")
         start_worker(cfg, restart=True)  # this checkout's code
         client = await connect(cfg.temporal_address, tracing=False)
         await wait_worker_polling(client, TASK_QUEUE, WORKER_READY_TIMEOUT_S)

@@ -19,7 +19,7 @@ SCRATCH_DB_NAME = "labapp_test"
 # The lab's fault-injection database (never part of the application's data).
 FAULTS_DB_NAME = "zdlab"
 # The Open-Xchange part (lab/ox): its two HAProxy backends and how many OX nodes fit the
-# port block (+60+i HTTP, +70+i SSH).
+# port block (+60+i HTTP, +70+i SSH, +80+i the admin endpoint its command line tools use).
 OX_BACKEND = "ox"
 OX_SECONDARY_BACKEND = "ox_secondary"
 OX_MAX_NODES = 9
@@ -96,9 +96,15 @@ class LabConfig:
         """SSH port of OX node i (1-based)."""
         return self.port_base + 70 + i
 
+    def ox_admin_port(self, i: int) -> int:
+        """OX node i's admin endpoint on 127.0.0.1, where its command line tools run
+        (lab/ox/admin.py; OX's tools talk to the middleware's RMI port on localhost)."""
+        return self.port_base + 80 + i
+
     def all_ports(self) -> list[int]:
         ox = [self.ox_main_port, self.ox_secondary_port, *(self.ox_app_port(i) for i in self.ox_node_indexes),
-              *(self.ox_ssh_port(i) for i in self.ox_node_indexes)] if self.ox_nodes else []
+              *(self.ox_ssh_port(i) for i in self.ox_node_indexes),
+              *(self.ox_admin_port(i) for i in self.ox_node_indexes)] if self.ox_nodes else []
         return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
                 self.staging_app_port, self.staging_ssh_port,
                 *(self.app_port(i) for i in self.node_indexes),

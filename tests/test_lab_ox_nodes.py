@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shlex
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -516,9 +517,10 @@ async def test_tools_run_in_the_middleware_and_fail_while_it_is_down(ox: LabConf
     of its RMI interface: same outputs and exit codes, standard input forwarded to
     upgradeschemata, a long runupdate not blocking other tools, no middleware -> exit 105."""
     d = ox.ox_node_dir(2)
-    assert (d / "run" / "admin.sock").is_socket()
-    assert (d / "run" / "admin.sock").stat().st_mode & 0o077 == 0
-    assert "-m lab.ox.tools" not in (d / "bin" / "listserver").read_text()
+    assert ox.ox_admin_port(2) == ox.port_base + 82 and ox.ox_admin_port(2) in ox.all_ports()
+    assert port_open("127.0.0.1", ox.ox_admin_port(2))
+    client = (d / "bin" / "listserver").read_text()
+    assert "-m lab.ox.tools" not in client and f"PORT={ox.ox_admin_port(2)}\n" in client
     password = configdb.master_password_file(ox).read_text().strip()
     admin = "IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && exec bin/{} -A oxadminmaster"
     node = load_inventory(ox.ox_site_yaml).nodes[1]
@@ -528,6 +530,12 @@ async def test_tools_run_in_the_middleware_and_fail_while_it_is_down(ox: LabConf
 
     r = await tool("listserver --csv")
     assert (r.exit_status, r.stdout, r.stderr) == (0, 'id,name\n"2","oxserver"\n', "")
+    # Arguments travel byte-exact (framed by their length in bytes): multibyte, newline.
+    r = await tool("listserver --csv -s " + shlex.quote("oxs\u00e9rv\ner*"))
+    assert (r.exit_status, r.stdout) == (0, "id,name\n")
+    r = await tool("registerserver -n " + shlex.quote("n\u00e9w\nserver"))
+    assert r.exit_status == 0 and r.stdout.endswith(" registered\n")
+    assert configdb.servers(ox)[-1][1] == "n\u00e9w\nserver"
     r = await tool("registerserver")
     assert (r.exit_status, r.stderr) == (
         104, 'server could not be registered: \nError: Option(s) "name" missing\n')
@@ -557,7 +565,7 @@ async def test_tools_run_in_the_middleware_and_fail_while_it_is_down(ox: LabConf
 
     # Middleware down: OX's "Connection refused to host" and SYSEXIT_COMMUNICATION_ERROR.
     assert (await run(ox, 2, "./ctl stop")).exit_status == 0
-    assert not (d / "run" / "admin.sock").exists()
+    assert not port_open("127.0.0.1", ox.ox_admin_port(2))
     r = await tool("listserver")
     assert r.exit_status == 105 and r.stdout == ""
     assert r.stderr.startswith("Error: Connection refused to host: localhost") and "not answer" in r.stderr

@@ -1,15 +1,17 @@
 """The admin endpoint of a lab OX node: its command line tools run inside the middleware.
 
 OX's command line tools are thin clients: registerserver, changeserver, runupdate, ... call
-the running middleware over RMI/JMX, which does the work; a node whose middleware is down
-has tools that fail ("Connection refused to host"). The lab does the same: each middleware
-process (lab/ox/middleware.py) listens on a unix socket in its node folder,
-`run/admin.sock` (mode 0600: only the node's own user, like RMI bound to localhost), and
-runs the tool asked for in-process (`lab.ox.tools.main`) in a thread of its own, so a
-runupdate working for seconds never blocks the node's HTTP service or the other tools.
-The installed `bin/<tool>` (lab.ox.tools.install_tools with `admin_socket`) is a tiny
-client (`python -SI`, builtin modules only: a few ms of CPU instead of the ~150 ms of a
-fresh interpreter importing pymysql) that forwards what the tool reads:
+the running middleware over RMI/JMX on localhost, which does the work; a node whose
+middleware is down has tools that fail ("Connection refused to host"). The lab does the
+same: each middleware process (lab/ox/middleware.py) listens on 127.0.0.1 only, on the
+node's admin port (LabConfig.ox_admin_port: +80+i), and runs the tool asked for
+in-process (`lab.ox.tools.main`) in a thread of its own, so a runupdate working for seconds
+never blocks the node's HTTP service or the other tools. Like OX's RMI port, anyone on the
+host may connect; the tools check the master admin's credentials themselves.
+The installed `bin/<tool>` (lab.ox.tools.install_tools with `admin_port`) is a tiny bash
+client (bash's /dev/tcp, builtins only: ~2 ms of CPU per call; a `python -SI` client
+costs 8-10 ms, the interpreter's start alone, and a fresh interpreter importing pymysql
+~150 ms) that forwards what the tool reads:
 
   * its arguments;
   * the environment keys the tools read: OX_* (but OX_TOOLS_ENV: the middleware uses its
@@ -37,6 +39,7 @@ import asyncio
 import io
 import logging
 import os
+import shutil
 import traceback
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +48,6 @@ from pathlib import Path
 
 from lab.ox import tools
 
-SOCKET_NAME = "admin.sock"
 # Threads for tools running at once. The workflow runs at most 32 schemata at a time (each
 # one tool at a time) plus its preflight; asyncio's default executor (cores + 4) would make
 # the 7th concurrent runupdate wait for a free thread.
@@ -55,10 +57,6 @@ MAX_FRAME = 16 * 1024 * 1024
 FORWARDED_PREFIX = "OX_"
 FORWARDED_KEYS = frozenset({"ADMIN_PASSWORD"})
 log = logging.getLogger("lab.ox.admin")
-
-
-def socket_path(node_dir: Path) -> Path:
-    return node_dir / "run" / SOCKET_NAME
 
 
 def forwarded(key: str) -> bool:
@@ -138,25 +136,21 @@ def run_tool(node_dir: Path, req: Request, stdout: io.StringIO, stderr: io.Strin
 class AdminServer:
     """The node's admin endpoint (start / close from the middleware's startup / cleanup)."""
 
-    def __init__(self, node_dir: Path) -> None:
+    def __init__(self, node_dir: Path, port: int) -> None:
         self.node_dir = node_dir
-        self.path = socket_path(node_dir)
+        self.port = port
         self._executor = ThreadPoolExecutor(max_workers=MAX_TOOLS, thread_name_prefix="ox-tool")
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)  # left by a killed middleware
-        old = os.umask(0o177)  # created 0600: no window in which another user could connect
-        try:
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
-        finally:
-            os.umask(old)
+        # 127.0.0.1 only, like OX's RMI registry on localhost (never behind a load balancer).
+        self._server = await asyncio.start_server(self._handle, host="127.0.0.1", port=self.port,
+                                                  reuse_address=True)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        self.path.unlink(missing_ok=True)
         # Tools under way finish (a runupdate is not cut half-way), as in a graceful shutdown.
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
@@ -196,80 +190,71 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> bool:
 # --------------------------------------------------------------------------- the client
 
 
-# bin/<tool> in client mode. `-S -I`: no site (the venv's packages are not needed), no
-# environment-driven imports; only builtin modules (_socket, os, sys), so the interpreter
-# starts in a few ms. Kept dependency-free on purpose: it is the whole cost of a tool call.
-CLIENT_TEMPLATE = '''#!{python} -SI
-# Open-Xchange command line tool `{tool}`: the lab's stand-in (lab/ox/tools.py) as a thin
-# client of this node's middleware (lab/ox/admin.py), like OX's own tools of its RMI
-# interface. Written by lab.ox.tools.install_tools; the settings are in {env_name}.
-import _socket
-import os
-import sys
+# bin/<tool> in client mode: bash, builtins only (no fork: the client's whole cost is bash's
+# start, ~2 ms of CPU). -p: no $BASH_ENV / $ENV and no functions from the environment.
+# LC_ALL=C: ${#x} counts bytes and read -N reads bytes (the frames' lengths are in bytes).
+CLIENT_TEMPLATE = r"""#!@BASH@ -p
+# Open-Xchange command line tool `@TOOL@`: the lab's stand-in (lab/ox/tools.py) as a thin
+# client of this node's middleware (lab/ox/admin.py, 127.0.0.1:@PORT@), like OX's own tools
+# of its RMI interface. Written by lab.ox.tools.install_tools; the settings are in @ENV_NAME@.
+export LC_ALL=C
+TOOL=@TOOL@
+PORT=@PORT@
 
-SOCK = {sock!r}
-TOOL = {tool!r}
+refused() {
+  printf 'Error: Connection refused to host: localhost; nested exception is: \n' >&2
+  printf '\tjava.net.ConnectException: Connection refused (the open-xchange service of this' >&2
+  printf ' node does not answer on 127.0.0.1:%s)\n' "$PORT" >&2
+  exit @EXIT@
+}
 
-
-def frame(kind, data):
-    return kind + str(len(data)).encode() + b"\\n" + data
-
-
-def write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def main():
-    req = [frame(b"a", TOOL.encode())]
-    req += [frame(b"a", os.fsencode(a)) for a in sys.argv[1:]]
-    for key, value in os.environ.items():
-        if (key.startswith("OX_") and key != "OX_TOOLS_ENV") or key == "ADMIN_PASSWORD":
-            req.append(frame(b"v", os.fsencode(key + "=" + value)))
-    data = b""
-    if TOOL == "upgradeschemata":  # the only tool that reads standard input (its prompt)
-        chunks = []
-        while True:
-            chunk = os.read(0, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        data = b"".join(chunks)
-    req += [frame(b"i", data), frame(b"g", b"")]
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        s.connect(SOCK)
-        s.sendall(b"".join(req))
-    except OSError as e:
-        write_all(2, ("Error: Connection refused to host: localhost; nested exception is: \\n"
-                      "\\tjava.net.ConnectException: Connection refused (the open-xchange service of "
-                      "this node does not answer on " + SOCK + ": " + str(e.strerror or e) + ")\\n").encode())
-        return {exit_unreachable}
-    buf = b""
-    while True:
-        nl = buf.find(b"\\n")
-        if nl > 0:
-            end = nl + 1 + int(buf[1:nl])
-            if len(buf) >= end:
-                kind, payload, buf = buf[:1], buf[nl + 1:end], buf[end:]
-                if kind == b"o":
-                    write_all(1, payload)
-                elif kind == b"e":
-                    write_all(2, payload)
-                elif kind == b"x":
-                    return int(payload)
-                continue
-        chunk = s.recv(65536)
-        if not chunk:
-            write_all(2, b"Error: the open-xchange service closed the connection before the tool ended\\n")
-            return {exit_unreachable}
-        buf += chunk
+{ exec 3<>"/dev/tcp/127.0.0.1/$PORT"; } 2>/dev/null || refused
+req="a${#TOOL}
+$TOOL"
+for a in "$@"; do
+  req+="a${#a}
+$a"
+done
+# What the tools read from the environment: OX_* (OX_TOOLS_ENV is the node's own) and
+# ADMIN_PASSWORD.
+for k in "${!OX_@}"; do
+  [ "$k" = OX_TOOLS_ENV ] && continue
+  kv="$k=${!k}"
+  req+="v${#kv}
+$kv"
+done
+if [ -n "${ADMIN_PASSWORD+set}" ]; then
+  kv="ADMIN_PASSWORD=$ADMIN_PASSWORD"
+  req+="v${#kv}
+$kv"
+fi
+data=
+# upgradeschemata is the only tool that reads standard input (its prompt): read to its end.
+[ "$TOOL" = upgradeschemata ] && IFS= read -r -d '' data
+req+="i${#data}
+${data}g0
+"
+{ printf '%s' "$req" >&3; } 2>/dev/null || refused
+while IFS= read -r head <&3; do
+  kind=${head:0:1} n=${head:1} p=
+  case $n in ''|*[!0-9]*) break ;; esac
+  [ "$n" -gt 0 ] && IFS= read -r -d '' -N "$n" p <&3
+  case $kind in
+    o) printf '%s' "$p" ;;
+    e) printf '%s' "$p" >&2 ;;
+    x) exit "$p" ;;
+  esac
+done
+printf 'Error: the open-xchange service closed the connection before the tool ended\n' >&2
+exit @EXIT@
+"""
 
 
-sys.exit(main())
-'''
+def bash_path() -> str:
+    return shutil.which("bash") or "/bin/bash"
 
 
-def client_script(python: str, tool: str, sock: Path, env_name: str = tools.ENV_FILE_NAME) -> str:
-    return CLIENT_TEMPLATE.format(python=python, tool=tool, sock=str(sock), env_name=env_name,
-                                  exit_unreachable=tools.EXIT_COMMUNICATION_ERROR)
+def client_script(tool: str, port: int, env_name: str = tools.ENV_FILE_NAME) -> str:
+    return (CLIENT_TEMPLATE.replace("@BASH@", bash_path()).replace("@TOOL@", tool)
+            .replace("@PORT@", str(port)).replace("@ENV_NAME@", env_name)
+            .replace("@EXIT@", str(tools.EXIT_COMMUNICATION_ERROR)))

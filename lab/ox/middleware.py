@@ -10,8 +10,8 @@ Read at start, from the node folder (lab/ox/nodes.py lays it out):
     etc/server.properties    migrationRedirectURL     } re-read on SIGHUP (`ctl reload`, OX's
     etc/system.properties    SERVER_NAME              } reloadconfiguration), no restart
     bin/ox-tools.env         how to reach the config DB (the tools' env file: user openexchange)
-Serves run/admin.sock, the admin endpoint where the node's command line tools run in-process
-(in threads; lab/ox/admin.py), as OX's tools call its middleware over RMI.
+Serves the admin endpoint (127.0.0.1:--admin-port) where the node's command line tools run
+in-process (in threads; lab/ox/admin.py), as OX's tools call its middleware over RMI.
 Writes run/ox.reload, "<pid> <generation> ok|error <why>": generation 0 once it is ready for
 SIGHUP (before its port opens), +1 per reload, so `ctl reload` can wait for the confirmation.
 
@@ -27,7 +27,8 @@ HTTP API (every response carries `X-Node: oxN`):
 The config DB is read on every request (no cache): a schema moved by changeserver, or
 disabled by disableschema, is seen by the next request.
 
-Process: ``python -m lab.ox.middleware --node-dir DIR --name oxN --port P`` (started by ctl).
+Process: ``python -m lab.ox.middleware --node-dir DIR --name oxN --port P --admin-port A``
+(started by ctl).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def load_settings(node_dir: Path) -> Settings:
 class Node:
     """One OX node's state: what it read at start / last reload, and its config DB pool."""
 
-    def __init__(self, node_dir: Path, name: str) -> None:
+    def __init__(self, node_dir: Path, name: str, admin_port: int | None = None) -> None:
         self.dir = node_dir
         self.name = name
         # The release is fixed for the process's life, like a JVM's loaded code.
@@ -103,7 +104,9 @@ class Node:
         self._env = load_env({"OX_TOOLS_ENV": str(node_dir / "bin" / ENV_FILE_NAME)})
         self._pool: aiomysql.Pool | None = None
         # Where the node's command line tools run (OX's RMI interface; lab/ox/admin.py).
-        self.admin = AdminServer(node_dir)
+        # None: started by a node folder's older ctl - no endpoint, the tools fail until
+        # `lab reset` rewrites ctl and restarts the node.
+        self.admin = AdminServer(node_dir, admin_port) if admin_port is not None else None
 
     # ------------------------------------------------------------ reload (SIGHUP)
 
@@ -265,14 +268,18 @@ def make_app(node: Node) -> web.Application:
 
     async def on_startup(app: web.Application) -> None:
         await node.start()
-        await node.admin.start()
+        if node.admin is not None:
+            await node.admin.start()
+        else:
+            log.warning("no --admin-port: this node's command line tools cannot run (lab reset fixes it)")
         # Before the port opens (run_app binds after startup): ctl start returning means a
         # SIGHUP is safe, and run/ox.reload says so to ctl reload.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload)
         node._confirm("ok")
 
     async def on_cleanup(app: web.Application) -> None:
-        await node.admin.close()
+        if node.admin is not None:
+            await node.admin.close()
         await node.close()
 
     app.on_response_prepare.append(on_prepare)
@@ -290,10 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--node-dir", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--admin-port", type=int, default=None, help="the tools' endpoint (127.0.0.1)")
     a = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node = Node(a.node_dir.resolve(), a.name)
+    node = Node(a.node_dir.resolve(), a.name, a.admin_port)
     log.info("open-xchange %s node=%s server_name=%s starting on port %d", node.version, node.name,
              node.settings.server_name, a.port)
     # No access log: a probe at 100 requests/s would fill run/ox.log. Requests are short, so

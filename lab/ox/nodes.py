@@ -10,8 +10,8 @@ nodes/oxN/                   the node's SSH root (commands run here)
     etc/system.properties    SERVER_NAME=oxserver (the old cluster's server in the config DB)
     bin/                     OX's command line tools (lab/ox/tools.py) and their ox-tools.env;
                              runupdate brings a schema to *this node's* installed/version. Thin
-                             clients of the service (lab/ox/admin.py): they fail while it is down
-    run/admin.sock           the service's admin endpoint, where the tools run (mode 0600)
+                             clients of the service's admin endpoint (127.0.0.1, cfg.ox_admin_port;
+                             lab/ox/admin.py), where they run: they fail while it is down
     opt/                     the inventory's app_dir (OX procedures do not deploy files)
     run/ox.pid, ox.log       the service (lab/ox/middleware.py); ox.reload: its reload confirmation
     inject/                  for fault files (none yet)
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from lab import nodes
 from lab.config import LabConfig
-from lab.ox import admin, configdb, tools
+from lab.ox import configdb, tools
+from lab.procs import port_open
 
 INITIAL_VERSION = configdb.DEFAULT_VERSION  # what every OX node runs after lab up / reset
 SERVER_NAME = "oxserver"  # configdb.create's default server_name
@@ -69,7 +70,7 @@ _LAUNCH = """\
   # setsid: own session, so the service outlives the SSH session that started it (no job
   # control here: setsid and nohup exec in place and $! is the service's pid).
   PYTHONPATH=@ROOT@ setsid nohup "$PY" -m lab.ox.middleware --node-dir "$HERE" --name @NODE@ \\
-    --port "$PORT" >> "$LOG" 2>&1 < /dev/null &"""
+    --port "$PORT" --admin-port @ADMIN_PORT@ >> "$LOG" 2>&1 < /dev/null &"""
 
 _RELOAD = """
 # reload: OX's reloadconfiguration. SIGHUP makes the service re-read etc/server.properties and
@@ -150,7 +151,9 @@ def ctl_script(cfg: LabConfig, i: int) -> str:
     reload_s = RELOAD_TIMEOUT_TENTHS // 10
     return nodes.render_ctl(
         cfg, cfg.ox_node_name(i), cfg.ox_app_port(i), generator="lab/ox/nodes.py", what="open-xchange",
-        proc="ox", match=PROCESS_MATCH, launch=_LAUNCH.replace("@ROOT@", shlex.quote(str(PROJECT_ROOT))),
+        proc="ox", match=PROCESS_MATCH,
+        launch=_LAUNCH.replace("@ROOT@", shlex.quote(str(PROJECT_ROOT)))
+        .replace("@ADMIN_PORT@", str(cfg.ox_admin_port(i))),
         stop_timeout_s=STOP_TIMEOUT_S,
         help_lines="#   ./ctl reload   re-read etc/*.properties without a restart; exit 0 once confirmed\n",
         funcs=_RELOAD.replace("@RELOAD_TENTHS@", str(RELOAD_TIMEOUT_TENTHS))
@@ -176,7 +179,7 @@ def install_tools(cfg: LabConfig, i: int, runupdate_seconds: float | None = None
     # Thin clients of the node's middleware (lab/ox/admin.py), as OX's tools are of its RMI
     # interface: they work while the node's service runs.
     tools.install_tools(bin_dir, str(Path(cfg.python).absolute()), configdb.tools_env(cfg, **overrides),
-                        admin_socket=admin.socket_path(cfg.ox_node_dir(i)))
+                        admin_port=cfg.ox_admin_port(i))
     return bin_dir
 
 
@@ -296,7 +299,7 @@ def reset_ox_node(cfg: LabConfig, i: int) -> str | None:
     want = {"version": INITIAL_VERSION, "server_name": SERVER_NAME, "migration_redirect_url": None}
     answer = running_version(cfg, i)
     # A service started by an older checkout has no admin endpoint: its tools cannot work.
-    serves_tools = admin.socket_path(cfg.ox_node_dir(i)).is_socket()
+    serves_tools = port_open("127.0.0.1", cfg.ox_admin_port(i))
     as_installed = answer is not None and all(answer.get(k) == v for k, v in want.items())
     if not changed and serves_tools and as_installed:
         return None

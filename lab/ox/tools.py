@@ -728,14 +728,14 @@ exec {python} -m lab.ox.tools {tool} "$@"
 
 
 def install_tools(bin_dir: Path, python: str, env: Mapping[str, str],
-                  admin_socket: Path | None = None) -> list[Path]:
+                  admin_port: int | None = None) -> list[Path]:
     """Write `bin_dir/ox-tools.env` (mode 0600; paths of secret files, never their values)
     and one executable wrapper per tool; returns the wrappers' paths.
 
-    Without `admin_socket` (direct mode: no middleware, e.g. tests/test_lab_ox_tools.py) each
+    Without `admin_port` (direct mode: no middleware, e.g. tests/test_lab_ox_tools.py) each
     wrapper runs the tool in a fresh interpreter. With it (an OX node, lab/ox/nodes.py) each
-    wrapper is a thin client of the node's middleware listening there (lab/ox/admin.py),
-    which runs the tool in-process - and the tools fail while the middleware is down."""
+    wrapper is a thin client (bash) of the node's middleware listening on 127.0.0.1:admin_port
+    (lab/ox/admin.py), which runs the tool in-process - and the tools fail while it is down."""
     bin_dir = bin_dir.resolve()
     bin_dir.mkdir(parents=True, exist_ok=True)
     env_file = bin_dir / ENV_FILE_NAME
@@ -751,10 +751,10 @@ def install_tools(bin_dir: Path, python: str, env: Mapping[str, str],
     paths = []
     for tool in TOOLS:
         path = bin_dir / tool
-        if admin_socket is not None:
+        if admin_port is not None:
             from lab.ox import admin  # the endpoint's module imports this one
 
-            text = admin.client_script(python, tool, admin_socket.resolve())
+            text = admin.client_script(tool, admin_port)
         else:
             text = _WRAPPER.format(tool=tool, env_name=ENV_FILE_NAME, env_file=shlex.quote(str(env_file)),
                                    root=shlex.quote(str(PROJECT_ROOT)), python=shlex.quote(python))
