@@ -126,12 +126,6 @@ class OxServer:
 
 
 @dataclass(frozen=True)
-class OxUpdateResult:
-    schema: str
-    failed_tasks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class OxUpgradeSchemaRequest:
     """Steps 4 to 7 for one schema: the tools on `admin` (a working old node), runupdate on
     `update` (the node with the new release)."""
@@ -408,23 +402,17 @@ async def ox_register_server(req: OxServerRequest) -> int:
                          f"{r.exit_status}: {tail(r.stdout + ' ' + r.stderr, 600)}")
 
 
-@activity.defn
-async def ox_disable_schema(req: OxSchemaRequest) -> None:
-    """Step 4: disableschema -m <schema> (its contexts are refused until step 7)."""
-    await run_tool(req.node, req.ox, "disableschema", ["-m", req.schema])
+async def change_server(node: Node, settings: OxSettings, schema: str, server_id: int) -> None:
+    r = await run_tool(node, settings, "changeserver", ["-s", str(server_id), "-m", schema])
+    if f"server '{server_id}' for schema '{schema}'" not in r.stdout:
+        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
+                                   f"{tail(r.stdout, 300)}")
 
 
 @activity.defn
 async def ox_change_server(req: OxChangeServerRequest) -> None:
     """Step 5: changeserver -s <id> -m <schema>: its contexts point to that server."""
     await change_server(req.node, req.ox, req.schema, req.server_id)
-
-
-@activity.defn
-async def ox_run_update(req: OxSchemaRequest) -> OxUpdateResult:
-    """Step 6: runupdate -n <schema> on the upgraded node (heartbeats while it runs). Failed
-    update tasks are a result, not an error: the workflow decides (force, gate)."""
-    return OxUpdateResult(schema=req.schema, failed_tasks=await run_update(req.node, req.ox, req.schema))
 
 
 async def run_update(node: Node, settings: OxSettings, schema: str) -> tuple[str, ...]:
@@ -444,13 +432,6 @@ async def run_update(node: Node, settings: OxSettings, schema: str) -> tuple[str
                                  f"{r.exit_status}: {tail(text, 600)}")
         heartbeat({"schema": schema, "waiting_for": "the update under way"})
         await asyncio.sleep(1.0)
-
-
-async def change_server(node: Node, settings: OxSettings, schema: str, server_id: int) -> None:
-    r = await run_tool(node, settings, "changeserver", ["-s", str(server_id), "-m", schema])
-    if f"server '{server_id}' for schema '{schema}'" not in r.stdout:
-        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
-                                   f"{tail(r.stdout, 300)}")
 
 
 async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
@@ -563,7 +544,7 @@ async def ox_set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
 
 
 OX_ACTIVITIES: list[Callable[..., Any]] = [
-    ox_list_schemata, ox_list_servers, ox_register_server, ox_disable_schema, ox_change_server, ox_run_update,
-    ox_enable_schema, ox_upgrade_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
+    ox_list_schemata, ox_list_servers, ox_register_server, ox_change_server, ox_enable_schema,
+    ox_upgrade_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
     ox_reload_configuration, ox_set_property,
 ]
