@@ -206,6 +206,62 @@ def tool_command(settings: OxSettings, tool: str, args: list[str], admin: bool =
     return f"IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && exec {path} {argv}"
 
 
+# Printed before each tool of one `run_admin_tools` command: the node's clock when the next
+# tool starts, so each tool's span is measured without a clock shared with the worker.
+TOOL_MARK = "@@zerodown-next-tool"
+
+
+def admin_tools_command(settings: OxSettings, calls: list[tuple[str, list[str]]]) -> str:
+    """One shell command line running admin tools one after another, stopping at the first
+    that fails; the password read once from stdin, a TOOL_MARK line (tool index, the node's
+    epoch time) printed before each tool."""
+    parts = ["IFS= read -r ADMIN_PASSWORD", "export ADMIN_PASSWORD"]
+    for i, (tool, args) in enumerate(calls):
+        parts.append(f'echo "{TOOL_MARK} {i} $(date +%s.%N)"')
+        path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+        parts.append(" ".join([path, *(shlex.quote(a) for a in ["-A", settings.admin_user, *args])]))
+    return " && ".join(parts)
+
+
+@dataclass(frozen=True)
+class ToolsRun:
+    """What `run_admin_tools` saw: each tool's stdout and, for the tools that started, when
+    (seconds after the first started, on the node's clock); the exit status of the last."""
+    outputs: tuple[str, ...]
+    offsets_s: tuple[float, ...]
+    exit_status: int
+    stderr: str
+
+
+def split_tools_output(stdout: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """stdout of an `admin_tools_command` cut at its TOOL_MARK lines: per started tool, its
+    output and its start (seconds after the first tool's)."""
+    outputs: list[list[str]] = []
+    starts: list[float] = []
+    for line in stdout.splitlines(keepends=True):
+        if line.startswith(TOOL_MARK):
+            fields = line.split()
+            starts.append(float(fields[2]) if len(fields) > 2 else starts[-1] if starts else 0.0)
+            outputs.append([])
+        elif outputs:
+            outputs[-1].append(line)
+    first = starts[0] if starts else 0.0
+    return tuple("".join(o) for o in outputs), tuple(t - first for t in starts)
+
+
+async def run_admin_tools(node: Node, settings: OxSettings, calls: list[tuple[str, list[str]]],
+                          timeout_s: float = 120.0) -> ToolsRun:
+    """Admin tools back to back in one SSH command (one channel, no round trip between
+    them): what a schema's users wait for between its disable and its enable."""
+    password = resolve_secret(settings.admin_password,
+                              needed_by=f"OX tools {', '.join(t for t, _ in calls)} on {node.name}")
+    r = await ssh.run(node.ssh, admin_tools_command(settings, calls), timeout_s=timeout_s,
+                      check=False, input=password + "\n")
+    outputs, offsets = split_tools_output(r.stdout)
+    stderr = r.stderr.replace(password, "***") if password else r.stderr
+    return ToolsRun(outputs=outputs, offsets_s=offsets, exit_status=r.exit_status, stderr=stderr)
+
+
 async def run_tool(node: Node, settings: OxSettings, tool: str, args: list[str], *, admin: bool = True,
                    extra_input: str = "", timeout_s: float = 120.0, check: bool = True) -> ssh.CommandResult:
     """Run an OX tool on `node`; a non-zero exit fails with OxToolFailed (stdout and stderr's
@@ -402,11 +458,15 @@ async def ox_register_server(req: OxServerRequest) -> int:
                          f"{r.exit_status}: {tail(r.stdout + ' ' + r.stderr, 600)}")
 
 
+def check_changed(node: Node, schema: str, server_id: int, stdout: str) -> None:
+    if f"server '{server_id}' for schema '{schema}'" not in stdout:
+        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
+                                   f"{tail(stdout, 300)}")
+
+
 async def change_server(node: Node, settings: OxSettings, schema: str, server_id: int) -> None:
     r = await run_tool(node, settings, "changeserver", ["-s", str(server_id), "-m", schema])
-    if f"server '{server_id}' for schema '{schema}'" not in r.stdout:
-        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
-                                   f"{tail(r.stdout, 300)}")
+    check_changed(node, schema, server_id, r.stdout)
 
 
 @activity.defn
@@ -445,15 +505,40 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     steps: list[OxStepTime] = []
 
     async def update() -> None:
-        failed = await run_update(req.update, req.ox, req.schema)
-        if failed:
-            fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(failed)}")
+        tasks = await run_update(req.update, req.ox, req.schema)
+        if tasks:
+            fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
+
+    def failed(seed_step: str, started: float, e: ApplicationError) -> OxSchemaUpgrade:
+        steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time(), ok=False))
+        return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps), failed_step=seed_step, error=str(e))
+
+    # 4 disable (the schema's contexts are refused from now on), then 5 point its contexts to
+    # the new server: one command, so no round trip between the two while its users wait.
+    heartbeat({"schema": req.schema, "step": "4"})
+    started = time.time()
+    r = await run_admin_tools(req.admin, req.ox, [
+        ("disableschema", ["-m", req.schema]),
+        ("changeserver", ["-s", str(req.server_id), "-m", req.schema])])
+    # Where 5 started, from the node's own clock (the SSH set-up before 4 counts in 4).
+    split = min(started + r.offsets_s[1], time.time()) if len(r.offsets_s) > 1 else time.time()
+    if r.exit_status != 0 or len(r.outputs) < 2:
+        tool, at = ("disableschema", started) if len(r.outputs) < 2 else ("changeserver", split)
+        text = f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}".strip()
+        error = ApplicationError(f"{req.admin.name}: {tool} -m {req.schema} exited with status "
+                                 f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
+                                 type=OX_TOOL_FAILED, non_retryable=True)
+        if tool == "changeserver":
+            steps.append(OxStepTime(seed_step="4", started=started, ended=split))
+        return failed("4" if tool == "disableschema" else "5", at, error)
+    steps.append(OxStepTime(seed_step="4", started=started, ended=split))
+    try:
+        check_changed(req.admin, req.schema, req.server_id, r.outputs[1])
+    except ApplicationError as e:
+        return failed("5", split, e)
+    steps.append(OxStepTime(seed_step="5", started=split, ended=time.time()))
 
     plan = [
-        # 4 disable: the schema's contexts are refused ("disabled") from now on.
-        ("4", lambda: run_tool(req.admin, req.ox, "disableschema", ["-m", req.schema])),
-        # 5 point its contexts to the new server.
-        ("5", lambda: change_server(req.admin, req.ox, req.schema, req.server_id)),
         # 6 its update tasks, on the node with the new release.
         ("6", update),
         # 7 enable: its users are served by the new server from now on.
@@ -467,9 +552,7 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
         except ApplicationError as e:
             if not e.non_retryable:
                 raise
-            steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time(), ok=False))
-            return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps), failed_step=seed_step,
-                                   error=str(e))
+            return failed(seed_step, started, e)
         steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time()))
     return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps))
 

@@ -4,6 +4,10 @@ properties editor. The same verbs run against the lab's OX nodes in test_ox_upgr
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+from pathlib import Path
+
 import pytest
 from temporalio.exceptions import ApplicationError
 
@@ -23,6 +27,34 @@ def test_the_password_goes_to_stdin_never_on_the_command_line() -> None:
                    "/opt/open-xchange/sbin/changeserver -A oxadminmaster -s 8 -m oxdatabase_5")
     assert ox.tool_command(SETTINGS, "runupdate", ["-n", "x; rm -rf /"], admin=False) == \
         "/opt/open-xchange/sbin/runupdate -n 'x; rm -rf /'"
+
+
+def _fake_tools(tmp_path: Path, fail: str = "") -> OxSettings:
+    """Two stand-in tools that print their name, arguments and password, and exit 1 if named."""
+    for tool in ("disableschema", "changeserver"):
+        script = tmp_path / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $* pw=$ADMIN_PASSWORD"\n'
+                          + ("echo boom >&2; exit 1\n" if tool == fail else ""))
+        script.chmod(0o755)
+    return dataclasses.replace(SETTINGS, tools_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("fail", ["", "disableschema", "changeserver"])
+def test_admin_tools_run_back_to_back_in_one_command(tmp_path: Path, fail: str) -> None:
+    settings = _fake_tools(tmp_path, fail)
+    cmd = ox.admin_tools_command(settings, [("disableschema", ["-m", "s 1"]),
+                                            ("changeserver", ["-s", "8", "-m", "s 1"])])
+    assert "secret" not in cmd and "'s 1'" in cmd
+    r = subprocess.run(["sh", "-c", cmd], input="secret\n", capture_output=True, text=True, check=False)
+    outputs, offsets = ox.split_tools_output(r.stdout)
+    assert outputs[0] == "disableschema -A oxadminmaster -m s 1 pw=secret\n"
+    if fail == "disableschema":
+        # The chain stops at the first failure: changeserver never ran.
+        assert r.returncode == 1 and len(outputs) == 1 and "boom" in r.stderr
+        return
+    assert outputs[1] == "changeserver -A oxadminmaster -s 8 -m s 1 pw=secret\n"
+    assert len(offsets) == 2 and offsets[0] == 0.0 and 0.0 <= offsets[1] < 5.0
+    assert r.returncode == (1 if fail else 0)
 
 
 def test_listdatabaseschema_and_listserver_csv() -> None:
