@@ -27,6 +27,7 @@ T = TypeVar("T")
 SERVICE_KINDS = ("command", "systemd", "iis")
 LB_KINDS = ("haproxy", "f5")
 DB_KINDS = ("mysql", "mssql")
+PROVISIONING_KINDS = ("command", "lab")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -105,6 +106,26 @@ class LoadBalancer:
     credential: SecretRef | None = None
     # How long a drain may take before the step fails (sessions still open).
     drain_timeout_s: float = 120.0
+    # This balancer's own public URL (its frontend), where a procedure tests the servers
+    # behind it (seed 004's temporary test balancer: `https://test1.mysite.com`).
+    frontend_url: str | None = None
+    # HAProxy: the options of a server attached at run time (`add server <backend>/<name>
+    # <address> <options>`): dynamic servers take no `default-server` line, so the checks
+    # are spelled out here.
+    add_server_options: str = "check"
+    # HAProxy: the maintenance page's switch (seed 004 step 18), a runtime map entry.
+    maintenance: MaintenanceSwitch | None = None
+
+
+@dataclass(frozen=True)
+class MaintenanceSwitch:
+    """A maintenance page served by HAProxy itself (503 with Retry-After) while the map
+    entry `key` in the map file `map` (its path as HAProxy names it) is `on`; `set map`
+    through the runtime API switches it, never a reload. The frontend's configuration holds
+    the rule, e.g. `http-request return status 503 ... if { str(main),map(<map>) -m str on }`."""
+
+    map: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,17 @@ class Database:
     # A database on the same server where a restored copy of `database` is tested (a
     # backup's restore check, a migration's dry run) and then dropped; never `database`.
     scratch_database: str | None = None
+    # An administrative account (replication control, promotion, initialising a replica):
+    # on the primary and on `warm_replica`.
+    admin_user: str | None = None
+    admin_password: SecretRef | None = None
+    # The account a replica replicates with (REPLICATION SLAVE on the primary).
+    replication_user: str | None = None
+    replication_password: SecretRef | None = None
+    # An empty server that a procedure initialises as a replica of the primary (seed 004
+    # steps 5 and 6, the "warm" backup), stops replicating before the migrations and
+    # promotes if the upgrade is reverted.
+    warm_replica: DatabaseEndpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +181,17 @@ class AdminApi:
 
 
 @dataclass(frozen=True)
+class DatabaseClientConfig:
+    """Where a node's application reads its database server from: a `key = value` file
+    relative to the app folder (a procedure that moves the nodes to another server, e.g.
+    the promoted warm replica, rewrites these two keys and restarts the service)."""
+
+    file: str
+    host_key: str = "host"
+    port_key: str = "port"
+
+
+@dataclass(frozen=True)
 class Application:
     name: str
     # Files that are never overwritten nor copied between nodes (e.g. encryption.config).
@@ -161,6 +204,11 @@ class Application:
     # The public URL through the load balancer.
     url: str | None = None
     admin: AdminApi | None = None
+    # The health-check file on a node (relative to its login folder): while it is absent
+    # the health check answers 404, which HAProxy's `http-check disable-on-404` turns into a
+    # drain (no new sessions, the open ones finish; seed 003 step 12).
+    health_file: str | None = None
+    database_config: DatabaseClientConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +272,37 @@ class OxSettings:
 
 
 @dataclass(frozen=True)
+class ServerArray:
+    """A server array (seeds 003/004): the commands that stop it from launching servers and
+    let it launch again, run on the worker's machine."""
+
+    name: str
+    disable: str
+    enable: str
+
+
+@dataclass(frozen=True)
+class Provisioning:
+    """How servers come and go (seeds 003 and 004: clone, launch, terminate).
+
+    kind=command: commands run on the worker's machine, in the inventory's folder, with
+    `{template}` (the node cloned), `{name}` (the new server's name) substituted (shell
+    quoted). `create` clones the template and prints the new server's node entry as JSON
+    (the fields of a `nodes` entry), `start` launches it, `destroy` terminates it; each must
+    be safe to run twice (a retried step runs it again).
+    kind=lab: the lab (`lab_root`, its folder) creates a node from an existing one (folder,
+    service, SSH endpoint, ports) and destroys it."""
+
+    kind: str
+    create: str | None = None
+    start: str | None = None
+    destroy: str | None = None
+    lab_root: str | None = None
+    timeout_s: float = 300.0
+    array: ServerArray | None = None
+
+
+@dataclass(frozen=True)
 class Inventory:
     site: str
     nodes: tuple[Node, ...]
@@ -236,6 +315,7 @@ class Inventory:
     source: str | None = None
     staging: Staging | None = None
     ox: OxSettings | None = None
+    provisioning: Provisioning | None = None
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -500,6 +580,17 @@ def _parse_node(r: _Reader, raw: Any, path: str) -> Node:
     )
 
 
+def parse_node_entry(raw: Any, base_dir: Path | None = None, source: str | None = None) -> Node:
+    """One `nodes` entry outside an inventory file (e.g. what a provisioning command printed
+    for the server it created), validated like an inventory's own entries: relative paths
+    are taken from `base_dir`; InventoryError lists every problem."""
+    r = _Reader(base_dir)
+    node = _parse_node(r, raw, "node")
+    if r.problems:
+        raise InventoryError(r.problems, source)
+    return node
+
+
 def _missing(r: _Reader, path: str, key: str, fallback: T) -> T:
     r.problem(_join(path, key), "required field is missing")
     return fallback
@@ -507,7 +598,8 @@ def _missing(r: _Reader, path: str, key: str, fallback: T) -> T:
 
 def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
     m = r.mapping(raw, path, ("name", "kind", "members", "runtime_api", "backend", "url",
-                              "pool", "user", "credential", "drain_timeout_s"))
+                              "pool", "user", "credential", "drain_timeout_s", "frontend_url",
+                              "add_server_options", "maintenance"))
     kind = r.choice(m, "kind", path, LB_KINDS)
     members_raw = m.get("members")
     members: dict[str, str] = {}
@@ -537,20 +629,46 @@ def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
         user=r.string(m, "user", path, required=f5),
         credential=r.secret(m, "credential", path, required=f5),
         drain_timeout_s=r.number(m, "drain_timeout_s", path, 120.0),
+        frontend_url=_parse_url(r, m, "frontend_url", path, required=False),
+        add_server_options=r.string(m, "add_server_options", path, default="check") or "check",
+        maintenance=_parse_maintenance(r, m["maintenance"], _join(path, "maintenance"))
+        if m.get("maintenance") is not None else None,
     )
+
+
+def _parse_maintenance(r: _Reader, raw: Any, path: str) -> MaintenanceSwitch:
+    m = r.mapping(raw, path, ("map", "key"))
+    mp = r.string(m, "map", path) or ""
+    key = r.string(m, "key", path) or ""
+    if key and any(c.isspace() for c in key):
+        r.problem(_join(path, "key"), f"expected a map key without spaces, got {_show(key)}")
+    return MaintenanceSwitch(map=r.path_value(mp) if mp else "", key=key)
+
+
+def _parse_endpoint(r: _Reader, raw: Any, path: str, default_port: int) -> DatabaseEndpoint:
+    m = r.mapping(raw, path, ("host", "port"))
+    return DatabaseEndpoint(host=r.string(m, "host", path) or "",
+                            port=r.integer(m, "port", path, default_port, 1, 65535))
 
 
 def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
     m = r.mapping(raw, path, ("name", "kind", "host", "port", "database", "user", "password",
-                              "replica", "backup_dir", "scratch_database"))
+                              "replica", "backup_dir", "scratch_database", "admin_user",
+                              "admin_password", "replication_user", "replication_password",
+                              "warm_replica"))
     kind = r.choice(m, "kind", path, DB_KINDS)
     default_port = 1433 if kind == "mssql" else 3306
-    replica = None
-    if m.get("replica") is not None:
-        rp = _join(path, "replica")
-        rm = r.mapping(m["replica"], rp, ("host", "port"))
-        replica = DatabaseEndpoint(host=r.string(rm, "host", rp) or "",
-                                   port=r.integer(rm, "port", rp, default_port, 1, 65535))
+    replica = _parse_endpoint(r, m["replica"], _join(path, "replica"), default_port) \
+        if m.get("replica") is not None else None
+    warm = _parse_endpoint(r, m["warm_replica"], _join(path, "warm_replica"), default_port) \
+        if m.get("warm_replica") is not None else None
+    admin_user = r.string(m, "admin_user", path, required=False)
+    repl_user = r.string(m, "replication_user", path, required=False)
+    if warm is not None:
+        for key in ("admin_user", "admin_password", "replication_user", "replication_password"):
+            if m.get(key) is None:
+                r.problem(_join(path, key), "required with warm_replica (it is initialised, "
+                                            "stopped and promoted with these accounts)")
     bd = r.string(m, "backup_dir", path, required=False)
     database = r.string(m, "database", path) or ""
     scratch = r.string(m, "scratch_database", path, required=False)
@@ -568,6 +686,11 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
         replica=replica,
         backup_dir=r.path_value(bd) if bd else None,
         scratch_database=scratch,
+        admin_user=admin_user,
+        admin_password=r.secret(m, "admin_password", path, required=False),
+        replication_user=repl_user,
+        replication_password=r.secret(m, "replication_password", path, required=False),
+        warm_replica=warm,
     )
 
 
@@ -597,7 +720,10 @@ def _parse_admin(r: _Reader, raw: Any, path: str) -> AdminApi:
 
 def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
     m = r.mapping(raw, path, ("name", "protected_files", "merge_files", "health", "version",
-                              "login", "url", "admin"))
+                              "login", "url", "admin", "health_file", "database_config"))
+    health_file = r.string(m, "health_file", path, required=False)
+    if health_file and (health_file.startswith("/") or ".." in Path(health_file).parts):
+        r.problem(_join(path, "health_file"), "must be relative to the node's login folder")
     protected = r.str_list(m, "protected_files", path)
     merge = r.str_list(m, "merge_files", path)
     for f in (*protected, *merge):
@@ -617,7 +743,41 @@ def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
         if m.get("login") is not None else None,
         url=_parse_url(r, m, "url", path, required=False),
         admin=_parse_admin(r, m["admin"], _join(path, "admin")) if m.get("admin") is not None else None,
+        health_file=health_file,
+        database_config=_parse_db_client(r, m["database_config"], _join(path, "database_config"))
+        if m.get("database_config") is not None else None,
     )
+
+
+def _parse_db_client(r: _Reader, raw: Any, path: str) -> DatabaseClientConfig:
+    m = r.mapping(raw, path, ("file", "host_key", "port_key"))
+    f = r.string(m, "file", path) or ""
+    if f and (f.startswith("/") or ".." in Path(f).parts):
+        r.problem(_join(path, "file"), "must be relative to the application folder")
+    return DatabaseClientConfig(file=f, host_key=r.string(m, "host_key", path, default="host") or "host",
+                                port_key=r.string(m, "port_key", path, default="port") or "port")
+
+
+def _parse_provisioning(r: _Reader, raw: Any, path: str) -> Provisioning:
+    m = r.mapping(raw, path, ("kind", "create", "start", "destroy", "lab_root", "timeout_s", "array"))
+    kind = r.choice(m, "kind", path, PROVISIONING_KINDS)
+    command = kind == "command"
+    create = r.string(m, "create", path, required=command)
+    destroy = r.string(m, "destroy", path, required=command)
+    if create and "{name}" not in create:
+        r.problem(_join(path, "create"), f"must contain {{name}} (the new server), got {_show(create)}")
+    if destroy and "{name}" not in destroy:
+        r.problem(_join(path, "destroy"), f"must contain {{name}}, got {_show(destroy)}")
+    root = r.string(m, "lab_root", path, required=kind == "lab")
+    array = None
+    if m.get("array") is not None:
+        ap = _join(path, "array")
+        am = r.mapping(m["array"], ap, ("name", "disable", "enable"))
+        array = ServerArray(name=r.name(am, "name", ap), disable=r.string(am, "disable", ap) or "",
+                            enable=r.string(am, "enable", ap) or "")
+    return Provisioning(kind=kind, create=create, start=r.string(m, "start", path, required=False),
+                        destroy=destroy, lab_root=r.path_value(root) if root else None,
+                        timeout_s=r.number(m, "timeout_s", path, 300.0), array=array)
 
 
 def _parse_staging_config(r: _Reader, raw: Any, path: str) -> dict[str, dict[str, str]]:
@@ -720,7 +880,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     """Validate a raw (already YAML-decoded) inventory; raise InventoryError with all problems."""
     r = _Reader(base_dir)
     top = r.mapping(raw, "", ("site", "nodes", "load_balancers", "databases", "application",
-                              "approvers", "rollout", "staging", "ox"))
+                              "approvers", "rollout", "staging", "ox", "provisioning"))
     if not isinstance(raw, dict):
         raise InventoryError(r.problems, source)
     site = r.name(top, "site", "")
@@ -735,6 +895,8 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         else Rollout()
     staging = _parse_staging(r, top["staging"], "staging") if top.get("staging") is not None else None
     ox = _parse_ox(r, top["ox"], "ox") if top.get("ox") is not None else None
+    provisioning = _parse_provisioning(r, top["provisioning"], "provisioning") \
+        if top.get("provisioning") is not None else None
 
     approvers: dict[str, tuple[str, ...]] = {}
     raw_appr = top.get("approvers")
@@ -800,7 +962,8 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         raise InventoryError(r.problems, source)
     return Inventory(site=site, nodes=tuple(nodes), load_balancers=tuple(lbs),
                      databases=tuple(dbs), application=app, approvers=approvers,
-                     rollout=rollout, source=source, staging=staging, ox=ox)
+                     rollout=rollout, source=source, staging=staging, ox=ox,
+                     provisioning=provisioning)
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
