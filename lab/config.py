@@ -10,6 +10,9 @@ DB_NAME = "labapp"
 DB_USER = "zerodown"
 BACKEND = "app"
 SECONDARY_BACKEND = "app_secondary"
+# The temporary test balancer's backend (seed 004 steps 7 to 11, frontend `test1`): no
+# servers in the configuration, they are attached at run time (`add server`).
+TEST_BACKEND = "app_test"
 # The staging copy of the site (seed "Task Five"): its own node folder and database, and
 # the scratch database where a restored backup is tested, then dropped. The lab DB user
 # may do everything on these two and nothing more (lab/mariadb.py ensure_lab_extras).
@@ -59,6 +62,12 @@ class LabConfig:
     def replica_db_port(self) -> int:
         return self.port_base + 3
 
+    @property
+    def warm_db_port(self) -> int:
+        """The empty MariaDB server a procedure initialises as a "warm" replica (seed 004
+        steps 5-6; lab/mariadb.py role `warm`)."""
+        return self.port_base + 7
+
     def app_port(self, i: int) -> int:
         """HTTP port of node i (1-based)."""
         return self.port_base + 10 + i
@@ -67,7 +76,17 @@ class LabConfig:
         """SSH port of node i (1-based)."""
         return self.port_base + 30 + i
 
-    # The staging node sits in the gap below the node ports (+6..+9 are unused), so it never
+    # The temporary test frontend `test1` (seed 004 step 7): its own port in the gap below
+    # the node ports (+7 belongs to the MariaDB "warm" replica).
+    @property
+    def test_port(self) -> int:
+        return self.port_base + 6
+
+    @property
+    def test_url(self) -> str:
+        return f"http://127.0.0.1:{self.test_port}"
+
+    # The staging node sits in the gap below the node ports (+8/+9), so it never
     # collides with the app (+11..+29) or SSH (+31..+49) ports of up to 19 nodes, with a
     # spare test node at nodes + 1, nor with a test dev server at +50/+51.
     @property
@@ -106,7 +125,7 @@ class LabConfig:
               *(self.ox_ssh_port(i) for i in self.ox_node_indexes),
               *(self.ox_admin_port(i) for i in self.ox_node_indexes)] if self.ox_nodes else []
         return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
-                self.staging_app_port, self.staging_ssh_port,
+                self.warm_db_port, self.test_port, self.staging_app_port, self.staging_ssh_port,
                 *(self.app_port(i) for i in self.node_indexes),
                 *(self.ssh_port(i) for i in self.node_indexes), *ox]
 

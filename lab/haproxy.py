@@ -8,6 +8,24 @@
   one is a *configuration* maintenance (srv_admin_state CMAINT) which HAProxy 2.6's
   `set server ... state ready` does not lift, so such a server could never be put back.
   Runtime states survive a reload through the server-state file (`servers.state`).
+* frontend `test1` (cfg.test_port) -> backend `app_test`: seed 004's temporary test load
+  balancer (steps 7 to 11). It has no servers in the configuration: a procedure attaches
+  them at run time (`add server`, `enable health`, `enable server`) and detaches them
+  (`del server`), never with a reload.
+* `app`, `app_secondary` and `app_test` check `GET /health` with `http-check
+  disable-on-404`: a node whose health file is gone answers 404 and goes NOLB (no new
+  sessions, its open ones finish; seed 003 step 12), a 200 puts it back in rotation.
+* a maintenance page on `main` (seed 004 step 18), served by HAProxy itself (503,
+  `Retry-After`, haproxy/maintenance.html) while the entry `main` of the map
+  haproxy/maintenance.map is `on`: `set map <map> main on|off` switches it, no reload.
+
+What survives a reload (a new process, `reload()`): the runtime states of the configured
+servers (maint / drain / ready, weights: `servers.state`, loaded with
+`load-server-state-from-file`) and the maintenance switch (`reload()` writes the map's
+runtime entries into the map file first). Servers added at run time do NOT survive: the
+new process only knows the servers of haproxy.cfg (HAProxy's own rule for dynamic servers,
+management.txt "add server"), so whoever attached them attaches them again. A fresh start
+(`start()` on a stopped HAProxy) begins with the initial states and `main off`.
 
 With an OX part (cfg.ox_nodes > 0) the same pair again over the OX nodes (ox1..oxN):
 * frontend `ox_main` (cfg.ox_main_port) -> backend `ox`, every OX node in rotation;
@@ -27,11 +45,33 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab.config import BACKEND, OX_BACKEND, OX_SECONDARY_BACKEND, SECONDARY_BACKEND, LabConfig
+from lab.config import (
+    BACKEND,
+    OX_BACKEND,
+    OX_SECONDARY_BACKEND,
+    SECONDARY_BACKEND,
+    TEST_BACKEND,
+    LabConfig,
+)
 from lab.procs import pid_alive, port_open, read_pid, stop_pidfile
 
 HAPROXY_BIN = "haproxy"
 UP_TIMEOUT_S = 30.0
+# The maintenance page's switch: this key of the maintenance map (`on` / `off`).
+MAINTENANCE_KEY = "main"
+MAINTENANCE_RETRY_AFTER_S = 30
+# The backends whose servers a procedure may attach at run time (reset_servers removes them).
+SITE_BACKENDS = (BACKEND, SECONDARY_BACKEND, TEST_BACKEND)
+# A fresh page per maintenance: small (HAProxy keeps it in a buffer), self-contained.
+MAINTENANCE_PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Down for maintenance</title></head>
+<body>
+<h1>Down for maintenance</h1>
+<p>The site is being upgraded and will be back shortly. Please try again in a few minutes.</p>
+</body>
+</html>
+"""
 
 
 class HAProxyError(RuntimeError):
@@ -50,6 +90,16 @@ def state_file(cfg: LabConfig) -> Path:
     return cfg.haproxy_dir / "servers.state"
 
 
+def maintenance_map(cfg: LabConfig) -> Path:
+    """The map file the maintenance rule reads (its absolute path is the map's name in the
+    runtime API: `set map <path> main on`)."""
+    return cfg.haproxy_dir / "maintenance.map"
+
+
+def maintenance_page(cfg: LabConfig) -> Path:
+    return cfg.haproxy_dir / "maintenance.html"
+
+
 def secondary_backends(cfg: LabConfig) -> list[str]:
     return [SECONDARY_BACKEND] + ([OX_SECONDARY_BACKEND] if cfg.ox_nodes else [])
 
@@ -63,6 +113,8 @@ def backend_servers(cfg: LabConfig, backend: str) -> dict[str, int]:
     """Server name -> port of every server of one of the lab's backends."""
     if backend in (BACKEND, SECONDARY_BACKEND):
         return {cfg.node_name(i): cfg.app_port(i) for i in cfg.node_indexes}
+    if backend == TEST_BACKEND:
+        return {}  # servers are only ever attached at run time
     if backend in (OX_BACKEND, OX_SECONDARY_BACKEND):
         return {cfg.ox_node_name(i): cfg.ox_app_port(i) for i in cfg.ox_node_indexes}
     raise ValueError(f"no lab backend {backend!r}")
@@ -75,14 +127,18 @@ def _servers(cfg: LabConfig, backend: str, extra: str = "") -> list[str]:
 
 def frontend_ports(cfg: LabConfig) -> list[int]:
     ox = [cfg.ox_main_port, cfg.ox_secondary_port] if cfg.ox_nodes else []
-    return [cfg.main_port, cfg.secondary_port, *ox]
+    return [cfg.main_port, cfg.secondary_port, cfg.test_port, *ox]
 
 
-def _backend(name: str, servers: list[str]) -> list[str]:
+def _backend(name: str, servers: list[str], disable_on_404: bool = False) -> list[str]:
+    # roundrobin is one of the "dynamic" algorithms `add server` requires.
     return [
         f"backend {name}",
         "    balance roundrobin",
         "    option httpchk GET /health",
+        # A 404 (health file gone) from a server that is UP makes it NOLB: no new sessions,
+        # the open ones finish. Checked before the expect rule below.
+        *(["    http-check disable-on-404"] if disable_on_404 else []),
         "    http-check expect status 200",
         # `retry-on` below also replays requests that already reached a server; allow that
         # only for methods that are safe to repeat. A POST is retried only when its
@@ -128,14 +184,25 @@ def render_config(cfg: LabConfig) -> str:
         "",
         "frontend main",
         f"    bind 127.0.0.1:{cfg.main_port}",
+        # The maintenance page: answered by HAProxy itself, before any backend, while the
+        # map entry is `on` (a missing entry counts as off).
+        f"    http-request return status 503 content-type \"text/html; charset=utf-8\" "
+        f"file {maintenance_page(cfg)} hdr Retry-After {MAINTENANCE_RETRY_AFTER_S} "
+        f"hdr Cache-Control no-store "
+        f"if {{ str({MAINTENANCE_KEY}),map({maintenance_map(cfg)},off) -m str on }}",
         f"    default_backend {BACKEND}",
         "",
         "frontend secondary",
         f"    bind 127.0.0.1:{cfg.secondary_port}",
         f"    default_backend {SECONDARY_BACKEND}",
         "",
-        *_backend(BACKEND, _servers(cfg, BACKEND)),
-        *_backend(SECONDARY_BACKEND, _servers(cfg, SECONDARY_BACKEND)),
+        "frontend test1",
+        f"    bind 127.0.0.1:{cfg.test_port}",
+        f"    default_backend {TEST_BACKEND}",
+        "",
+        *_backend(BACKEND, _servers(cfg, BACKEND), disable_on_404=True),
+        *_backend(SECONDARY_BACKEND, _servers(cfg, SECONDARY_BACKEND), disable_on_404=True),
+        *_backend(TEST_BACKEND, [], disable_on_404=True),
     ]
     if cfg.ox_nodes:
         # The OX cluster's two load balancers, built like the site's (same options).
@@ -162,9 +229,32 @@ def check_config(path: Path) -> None:
                            f"{(r.stdout + r.stderr).strip()}")
 
 
+def _map_text(on: bool) -> str:
+    return ("# The lab's maintenance switch (lab/haproxy.py): `set map` changes it at run time;\n"
+            "# written at a fresh start and before each reload.\n"
+            f"{MAINTENANCE_KEY} {'on' if on else 'off'}\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_maintenance_files(cfg: LabConfig, on: bool | None) -> None:
+    """The page (always as generated) and the map (`on` given: with that value; None:
+    only when missing, `off`). Both must exist before HAProxy parses the config."""
+    page = maintenance_page(cfg)
+    if not page.exists() or page.read_text(encoding="utf-8") != MAINTENANCE_PAGE:
+        _write_atomic(page, MAINTENANCE_PAGE)
+    if on is not None or not maintenance_map(cfg).exists():
+        _write_atomic(maintenance_map(cfg), _map_text(bool(on)))
+
+
 def write_config(cfg: LabConfig) -> bool:
     """Write and validate haproxy.cfg; returns True when its content changed."""
     cfg.haproxy_dir.mkdir(parents=True, exist_ok=True)
+    _write_maintenance_files(cfg, None)
     path = config_path(cfg)
     text = render_config(cfg)
     old = path.read_text(encoding="utf-8") if path.exists() else None
@@ -208,6 +298,7 @@ def start(cfg: LabConfig) -> None:
             raise HAProxyError(f"cannot start HAProxy: 127.0.0.1:{port} is already in use by another process")
     cfg.haproxy_socket.unlink(missing_ok=True)  # stale socket of a killed instance
     state_file(cfg).unlink(missing_ok=True)  # a fresh start begins with the initial states
+    _write_maintenance_files(cfg, False)  # ... and without the maintenance page
     _launch(cfg, [])
     _wait_socket(cfg)
     _secondaries_to_maint(cfg)
@@ -229,6 +320,13 @@ def reload(cfg: LabConfig) -> None:
     tmp = state_file(cfg).with_suffix(".new")
     tmp.write_text(state, encoding="utf-8")
     tmp.replace(state_file(cfg))
+    # The new process reads the map from its file: carry the switch's runtime value over
+    # (a process running an older config without the map has it off).
+    try:
+        on = maintenance_on(cfg)
+    except HAProxyError:
+        on = False
+    _write_maintenance_files(cfg, on)
     extra = ["-x", str(cfg.haproxy_socket)]
     if old is not None:
         extra += ["-sf", str(old)]
@@ -307,21 +405,94 @@ def wait_all_up(cfg: LabConfig, backend: str = BACKEND, timeout: float = UP_TIME
 
 
 def status(cfg: LabConfig) -> dict[str, object]:
-    """{running, pid, config, socket, servers: {"backend/server": status}}."""
+    """{running, pid, config, socket, servers: {"backend/server": status}, maintenance}."""
     up = running(cfg)
     out: dict[str, object] = {"running": up, "pid": read_pid(pid_file(cfg)) if up else None,
                               "config": str(config_path(cfg)), "socket": str(cfg.haproxy_socket)}
     if up:
         try:
             out["servers"] = {f"{b}/{s}": st for (b, s), st in server_states(cfg).items()}
-        except OSError as e:
+            out["maintenance"] = maintenance_on(cfg)
+        except (OSError, HAProxyError) as e:
             out["error"] = f"runtime API: {e}"
     return out
 
 
+def maintenance_on(cfg: LabConfig) -> bool:
+    """The maintenance switch's runtime value (`show map`); a missing entry is off."""
+    cmd = f"show map {maintenance_map(cfg)}"
+    answer = runtime_command(cfg, cmd)
+    for line in answer.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == MAINTENANCE_KEY:
+            return parts[2] == "on"
+    if answer.strip() and not answer.startswith("0x"):
+        raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer.strip()!r}")
+    return False
+
+
+def set_maintenance(cfg: LabConfig, on: bool) -> None:
+    """Switch the maintenance page of `main` at run time (no reload)."""
+    cmd = f"set map {maintenance_map(cfg)} {MAINTENANCE_KEY} {'on' if on else 'off'}"
+    answer = runtime_command(cfg, cmd).strip()
+    if answer:
+        raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer!r}")
+
+
+def runtime_servers(cfg: LabConfig) -> list[tuple[str, str]]:
+    """(backend, server) of every server of the site's backends that is not in haproxy.cfg:
+    attached at run time (`add server`)."""
+    configured = {b: set(backend_servers(cfg, b)) for b in SITE_BACKENDS}
+    return [(r["pxname"], r["svname"]) for r in stat_rows(cfg)
+            if r.get("pxname") in configured and r.get("svname") not in ("FRONTEND", "BACKEND", None)
+            and r["svname"] not in configured[r["pxname"]]]
+
+
+def _admin(cfg: LabConfig, cmd: str, ok: tuple[str, ...] = ("",)) -> None:
+    answer = runtime_command(cfg, cmd).strip()
+    if answer not in ok:
+        raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer!r}")
+
+
+def delete_runtime_servers(cfg: LabConfig, timeout: float = 10.0) -> list[str]:
+    """Remove the servers attached at run time (maint, sessions cut, deleted); returns
+    "backend/server" of each. `del server` refuses while connections remain (idle ones
+    too, which HAProxy closes on its own shortly after the sessions were cut), so it is
+    retried until `timeout`."""
+    done: list[str] = []
+    for backend, server in runtime_servers(cfg):
+        name = f"{backend}/{server}"
+        _admin(cfg, f"set server {name} state maint")
+        _admin(cfg, f"shutdown sessions server {name}")
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = runtime_command(cfg, f"del server {name}").strip()
+            if answer == "Server deleted.":
+                break
+            if time.monotonic() > deadline:
+                raise HAProxyError(f"HAProxy runtime API: 'del server {name}' answered {answer!r}")
+            time.sleep(0.1)
+        done.append(name)
+    return done
+
+
+def detached_servers(cfg: LabConfig) -> list[tuple[str, str]]:
+    """(backend, server) of every server of haproxy.cfg that is no longer in its backend: a
+    procedure detached it at run time (`del server`)."""
+    present = {(r["pxname"], r["svname"]) for r in stat_rows(cfg)}
+    return [(b, n) for b in SITE_BACKENDS for n in backend_servers(cfg, b) if (b, n) not in present]
+
+
 def reset_servers(cfg: LabConfig) -> None:
     """Runtime state as just after start: every node ready in `app` at its initial weight,
-    in maintenance in `app_secondary`; the same for the OX nodes in `ox` / `ox_secondary`."""
+    in maintenance in `app_secondary`; the same for the OX nodes in `ox` / `ox_secondary`.
+    Servers attached at run time are removed (`app_test` empty again), servers of the
+    configuration that were detached are back (a seamless reload re-reads them), and the
+    maintenance page is off."""
+    delete_runtime_servers(cfg)
+    if detached_servers(cfg):
+        reload(cfg)
+    set_maintenance(cfg, False)
     pairs = [(BACKEND, SECONDARY_BACKEND)] + ([(OX_BACKEND, OX_SECONDARY_BACKEND)] if cfg.ox_nodes else [])
     for main, secondary in pairs:
         for n in backend_servers(cfg, main):

@@ -11,6 +11,8 @@ nodes/nodeN/
     ctl                        ./ctl start|stop|status (service control, kind: command)
     run/app.pid, run/app.log   outside the app folder so a deploy never touches them
     inject/                    fault injection (fail_health_version)
+    health_check.html          the health-check file: without it GET /health answers 404 and
+                               HAProxy (disable-on-404) drains the node (seed 003 step 12)
 ```
 
 `install_node` builds such a folder; `start_node` / `stop_node` / `node_running` only run
@@ -35,6 +37,10 @@ from pathlib import Path
 from lab.config import DB_NAME, DB_USER, STAGING_NAME, LabConfig
 
 MERGED_CONFIG = "web.config"
+# In the node folder (the app's ../health_check.html), outside app/: a deploy never ships
+# or removes it. Application.health_file of the lab's inventory.
+HEALTH_FILE = "health_check.html"
+HEALTH_FILE_TEXT = "<!doctype html><title>ok</title><p>OK: this node takes new sessions.</p>\n"
 START_TIMEOUT_S = 10
 # aiohttp's graceful shutdown waits up to 30 s for in-flight requests; give it a little
 # more before the SIGKILL so a drain-length request is never cut.
@@ -254,6 +260,17 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def write_health_file(folder: Path, only_if_missing: bool = False) -> bool:
+    """Put the health-check file into a node folder; True when it wrote."""
+    path = folder / HEALTH_FILE
+    if only_if_missing and path.exists():
+        return False
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(HEALTH_FILE_TEXT, encoding="utf-8")
+    tmp.replace(path)
+    return True
+
+
 def customise(defaults: str, values: dict[str, str]) -> str:
     """`defaults` with each key of `values` set: in place where the key exists (comments and
     order kept), appended otherwise."""
@@ -277,7 +294,8 @@ def node_customisations(cfg: LabConfig, i: int) -> dict[str, str]:
 
 def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
     """(Re)install node i from `package`: the app folder is replaced entirely; run/, inject/
-    and ssh.log survive. Does not start or stop the app. Returns the node folder."""
+    and ssh.log survive, the health-check file is (re)written. Does not start or stop the
+    app. Returns the node folder."""
     node = cfg.node_dir(i)
     app = node / "app"
     for d in (node, node / "run", node / "inject", node / ".zerodown" / "defaults"):
@@ -305,6 +323,7 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
     _write_private(staging / "admin.config", admin_config_text(cfg))
     shutil.rmtree(app, ignore_errors=True)
     staging.rename(app)
+    write_health_file(node)
     ctl = node / "ctl"
     ctl.write_text(ctl_script(cfg, i), encoding="utf-8")
     ctl.chmod(0o755)
@@ -344,12 +363,14 @@ def node_running(cfg: LabConfig, i: int) -> bool:
 
 
 def install_staging(cfg: LabConfig) -> Path:
-    """Create the staging folder (idempotent): ctl on the staging port, run/, inject/ and an
-    app folder that is left as it is (empty at first; a procedure restores files into it).
-    Returns the staging folder."""
+    """Create the staging folder (idempotent): ctl on the staging port, run/, inject/, the
+    health-check file (when missing: the restored app's /health needs it) and an app folder
+    that is left as it is (empty at first; a procedure restores files into it). Returns the
+    staging folder."""
     d = cfg.staging_dir
     for sub in (d, d / "app", d / "run", d / "inject"):
         sub.mkdir(parents=True, exist_ok=True)
+    write_health_file(d, only_if_missing=True)
     ctl_file = d / "ctl"
     text = _ctl_text(cfg, STAGING_NAME, cfg.staging_app_port)
     if not ctl_file.exists() or ctl_file.read_text(encoding="utf-8") != text:

@@ -13,7 +13,11 @@ It answers the one question a zero-downtime upgrade is judged by: did any reques
 * a change refused by maintenance mode (423 with `X-Refused: maintenance`) is counted as
   `refused`, not failed: the site answered as designed (reads served, changes refused),
   which is what the seed's optional maintenance mode promises. Any other refusal (the
-  version mismatch page, 409) is a failure.
+  version mismatch page, 409) is a failure;
+* the load balancer's maintenance page (503 with `Retry-After`, seed 004 step 18: the
+  announced downtime) is counted as `maintenance`, with the times of the first and the last
+  one, not as failed. Any other 5xx (an application's, or HAProxy's "no server available",
+  which carries no Retry-After) and every connection error stays a failure.
 
 API: ``await run_probe(url, rate, stop, out)`` -> ProbeSummary.
 CLI: ``python -m lab.probe --url URL --rate 100 [--duration S] --out F --summary F``; runs until
@@ -43,6 +47,7 @@ TIMEOUT_S = 5.0
 EXPECTED = {"GET": {200}, "POST": {201}}
 REFUSED_STATUS = 423
 REFUSED_BY = "maintenance"
+MAINTENANCE_STATUS = 503
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ class ProbeSummary:
     # Changes refused by maintenance mode (423, X-Refused: maintenance): counted in total,
     # not in failed.
     refused: int = 0
+    # The maintenance page (503 with Retry-After): counted in total, not in failed; when the
+    # first and the last one came (ISO times, "" when none).
+    maintenance: int = 0
+    maintenance_first: str = ""
+    maintenance_last: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -67,7 +77,8 @@ class ProbeSummary:
     def line(self) -> str:
         nodes = ",".join(f"{k}:{v}" for k, v in sorted(self.by_node.items()))
         return (f"requests={self.total} failed={self.failed} refused={self.refused} "
-                f"p50_ms={self.latency_p50_ms:.1f} max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
+                f"maintenance={self.maintenance} p50_ms={self.latency_p50_ms:.1f} "
+                f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -188,6 +199,9 @@ class _Recorder:
         self.total = 0
         self.failed = 0
         self.refused = 0
+        self.maintenance = 0
+        self.maintenance_first = ""
+        self.maintenance_last = ""
         self.by_status: Counter[str] = Counter()
         self.by_node: Counter[str] = Counter()
         self.latencies: list[float] = []
@@ -203,6 +217,12 @@ class _Recorder:
     def refuse(self, status: int, node: str | None, latency_ms: float) -> None:
         self.ok(status, node, latency_ms)
         self.refused += 1
+
+    def maintenance_page(self, status: int, latency_ms: float) -> None:
+        self.ok(status, None, latency_ms)  # HAProxy answered: no node served it
+        self.maintenance += 1
+        self.maintenance_last = now_iso()
+        self.maintenance_first = self.maintenance_first or self.maintenance_last
 
     def fail(self, method: str, path: str, status: int | None, error: str | None, node: str | None,
              latency_ms: float | None) -> None:
@@ -236,6 +256,8 @@ async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str
                 rec.ok(resp.status, node, ms)
             elif resp.status == REFUSED_STATUS and resp.headers.get("X-Refused") == REFUSED_BY:
                 rec.refuse(resp.status, node, ms)
+            elif resp.status == MAINTENANCE_STATUS and "Retry-After" in resp.headers:
+                rec.maintenance_page(resp.status, ms)
             else:
                 rec.fail(method, path, resp.status, None, node, ms)
     except TimeoutError:
@@ -272,7 +294,9 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
     return ProbeSummary(
         total=rec.total, failed=rec.failed, by_status=dict(sorted(rec.by_status.items())),
         by_node=dict(sorted(rec.by_node.items())), started=started, ended=now_iso(),
-        latency_p50_ms=p50, latency_max_ms=pmax, rate=rate, url=base, refused=rec.refused)
+        latency_p50_ms=p50, latency_max_ms=pmax, rate=rate, url=base, refused=rec.refused,
+        maintenance=rec.maintenance, maintenance_first=rec.maintenance_first,
+        maintenance_last=rec.maintenance_last)
 
 
 def start_probe_process(url: str, rate: float, out: Path, summary: Path, slow_every: int = 50,

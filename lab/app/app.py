@@ -40,6 +40,11 @@ reference).
 Fault injection: if ``../inject/fail_health_version`` (outside the app folder, so a deploy
 never ships or removes it) holds this release's version, /health answers 500.
 
+Health-check file: while ``../health_check.html`` (in the node's folder, outside the app
+folder like ``inject/``) is absent, /health answers 404 "health check file missing": the
+load balancer's ``http-check disable-on-404`` then sends the node no new sessions while
+its open ones finish (RightScale's drain, seed 003 step 12). Checked on every request.
+
 Only the standard library, aiohttp and aiomysql are used.
 """
 
@@ -66,6 +71,7 @@ from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
 INJECT_FILE = HERE.parent / "inject" / "fail_health_version"
+HEALTH_FILE = HERE.parent / "health_check.html"
 ADMIN_CONFIG = HERE / "admin.config"
 
 # Both releases run on schema 1 and 2: the v2 migration only adds a nullable column.
@@ -344,6 +350,10 @@ async def health(request: web.Request) -> web.Response:
         injected = ""
     if injected and injected == s.version:
         return web.Response(status=500, text="injected failure")
+    if not HEALTH_FILE.is_file():
+        # Before the database checks: a node being drained stays drained (404) even while
+        # the database is away, instead of flapping to DOWN and back.
+        return web.Response(status=404, text="health check file missing")
     try:
         schema = await s.db_schema(fresh=True)
         key_problem = await s.check_key()
