@@ -15,7 +15,13 @@ A client that vanishes mid-command does not kill the command (as with OpenSSH wi
 PTY): it runs to completion, its output is discarded. Processes a command starts with
 setsid live on after the session, e.g. the app started by ``./ctl start``.
 
-Control: `start_sshd(cfg)`, `stop_sshd(cfg)`, `sshd_running(cfg)`; keys: `ensure_keys(cfg)`.
+Endpoints come and go at run time: nodes the lab provisioned (lab/provision.py, its
+registry `provisioned.json`) get one, original nodes it destroyed lose theirs. On SIGHUP the
+process re-reads the registry, listens on the new endpoints and closes the ones that went
+(their open sessions too); `reload_sshd(cfg, opened=, closed=)` sends it and waits.
+
+Control: `start_sshd(cfg)`, `stop_sshd(cfg)`, `sshd_running(cfg)`, `reload_sshd(cfg)`; keys:
+`ensure_keys(cfg)`.
 Process: ``python -m lab.sshd --root ROOT --nodes N --port-base P --ox-nodes K``.
 """
 
@@ -31,12 +37,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncssh
 
 from lab.config import STAGING_NAME, LabConfig
-from lab.procs import pid_alive, port_open, start_background, stop_pidfile, wait_port
+from lab.procs import (
+    ProcessStartError,
+    log_tail,
+    pid_alive,
+    port_open,
+    read_pid,
+    start_background,
+    stop_pidfile,
+    wait_port,
+)
 
 SSH_USER = "zerodown"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +64,16 @@ _tasks: set[asyncio.Task[None]] = set()  # running commands (strong refs for the
 
 
 def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
-    """(name, SSH port, folder) of every endpoint: the nodes, the staging system, then the
-    OX nodes."""
-    return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes),
+    """(name, SSH port, folder) of every endpoint: the nodes (but those the lab destroyed),
+    the staging system, the OX nodes, then the nodes the lab provisioned."""
+    from lab.provision import endpoint_changes  # lab.provision uses this module
+
+    extra, destroyed = endpoint_changes(cfg)
+    return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes
+              if cfg.node_name(i) not in destroyed),
             (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
-            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes)]
+            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes),
+            *extra]
 
 
 # --------------------------------------------------------------------------- keys
@@ -90,7 +111,10 @@ def ensure_keys(cfg: LabConfig) -> None:
     new = kept + [ln for ln in wanted.values() if ln not in present]
     if new != old:
         cfg.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        cfg.known_hosts.write_text("\n".join(new) + "\n", encoding="utf-8")
+        # Replaced atomically: SSH clients read it while nodes are provisioned at run time.
+        tmp = cfg.known_hosts.with_name(cfg.known_hosts.name + ".new")
+        tmp.write_text("\n".join(new) + "\n", encoding="utf-8")
+        tmp.replace(cfg.known_hosts)
 
 
 # --------------------------------------------------------------------------- server side
@@ -99,11 +123,15 @@ def ensure_keys(cfg: LabConfig) -> None:
 class _NodeServer(asyncssh.SSHServer):
     """Public-key auth for user `zerodown` with the lab's client key; nothing else."""
 
-    def __init__(self, name: str, authorized: set[bytes]) -> None:
+    def __init__(self, name: str, authorized: set[bytes],
+                 conns: set[asyncssh.SSHServerConnection] | None = None) -> None:
         self._name = name
         self._authorized = authorized
         self._peer = "?"
         self._authed = False
+        # The endpoint's open connections, closed when the endpoint goes (a terminated node).
+        self._conns = conns if conns is not None else set()
+        self._conn: asyncssh.SSHServerConnection | None = None
 
     def auth_completed(self) -> None:
         self._authed = True
@@ -111,8 +139,12 @@ class _NodeServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._conn = conn
+        self._conns.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._conns.discard(self._conn)
         # Port probes (connect, close) are not worth a line; a session that dies is.
         if exc is not None and self._authed:
             log.info("%s: connection from %s lost: %s", self._name, self._peer, exc)
@@ -204,20 +236,27 @@ async def _run_command(process: asyncssh.SSHServerProcess[bytes], node_dir: Path
         process.exit(status)
 
 
-async def serve(cfg: LabConfig, stop: asyncio.Event) -> None:
-    """Serve every node's endpoint until `stop` is set."""
-    host_key = asyncssh.read_private_key(str(cfg.host_key))
-    pub = cfg.client_key.with_name(cfg.client_key.name + ".pub")
-    authorized = {asyncssh.read_public_key(str(pub)).public_data}
-    servers: list[asyncssh.SSHAcceptor] = []
-    for name, port, node_dir in endpoints(cfg):
-        node_dir.mkdir(parents=True, exist_ok=True)
+class _Endpoints:
+    """The endpoints this process serves, kept equal to `endpoints(cfg)` by `sync`."""
 
-        def make_server(name: str = name) -> _NodeServer:
-            return _NodeServer(name, authorized)
+    def __init__(self, cfg: LabConfig) -> None:
+        self._cfg = cfg
+        self._host_key = asyncssh.read_private_key(str(cfg.host_key))
+        pub = cfg.client_key.with_name(cfg.client_key.name + ".pub")
+        self._authorized = {asyncssh.read_public_key(str(pub)).public_data}
+        # name -> (port, folder, acceptor, open connections)
+        self._active: dict[str, tuple[int, Path, asyncssh.SSHAcceptor,
+                                      set[asyncssh.SSHServerConnection]]] = {}
 
-        async def handle(process: asyncssh.SSHServerProcess[bytes], node_dir: Path = node_dir,
-                         name: str = name) -> None:
+    async def _listen(self, name: str, port: int, node_dir: Path) -> None:
+        os.makedirs(node_dir, exist_ok=True)
+        conns: set[asyncssh.SSHServerConnection] = set()
+        authorized = self._authorized
+
+        def make_server() -> _NodeServer:
+            return _NodeServer(name, authorized, conns)
+
+        async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
             # Shielded: if asyncssh cancels the handler when the client vanishes, the command
             # still runs to completion and gets reaped and logged.
             task = asyncio.create_task(_run_command(process, node_dir, name))
@@ -225,20 +264,65 @@ async def serve(cfg: LabConfig, stop: asyncio.Event) -> None:
             task.add_done_callback(_tasks.discard)
             await asyncio.shield(task)
 
-        def make_sftp(chan: asyncssh.SSHServerChannel[bytes],
-                      node_dir: Path = node_dir) -> asyncssh.SFTPServer:
+        def make_sftp(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
             return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_dir))
 
-        servers.append(await asyncssh.listen(
-            "127.0.0.1", port, server_host_keys=[host_key], server_factory=make_server,
+        acceptor = await asyncssh.listen(
+            "127.0.0.1", port, server_host_keys=[self._host_key], server_factory=make_server,
             process_factory=handle, sftp_factory=make_sftp, allow_scp=True, encoding=None,
-            login_timeout=30, keepalive_interval=15))
+            login_timeout=30, keepalive_interval=15)
+        self._active[name] = (port, node_dir, acceptor, conns)
         log.info("%s: listening on 127.0.0.1:%d, root %s", name, port, node_dir)
-    await stop.wait()
-    for s in servers:
-        s.close()
-    for s in servers:
-        await s.wait_closed()
+
+    async def _close(self, name: str) -> None:
+        port, _, acceptor, conns = self._active.pop(name)
+        acceptor.close()
+        for conn in list(conns):  # a terminated server's sessions end with it
+            conn.close()
+        await acceptor.wait_closed()
+        log.info("%s: endpoint on 127.0.0.1:%d closed", name, port)
+
+    async def sync(self, strict: bool) -> None:
+        """Serve exactly `endpoints(cfg)`. strict=False (a reload): an endpoint that cannot
+        listen is logged and skipped, the others are still served."""
+        wanted = {name: (port, d) for name, port, d in endpoints(self._cfg)}
+        for name, (port, d, _, _) in list(self._active.items()):
+            if wanted.get(name) != (port, d):
+                await self._close(name)
+        for name, (port, d) in wanted.items():
+            if name in self._active:
+                continue
+            try:
+                await self._listen(name, port, d)
+            except OSError as e:
+                if strict:
+                    raise
+                log.error("%s: cannot listen on 127.0.0.1:%d: %s", name, port, e)
+
+    async def close_all(self) -> None:
+        for name in list(self._active):
+            await self._close(name)
+
+
+async def serve(cfg: LabConfig, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
+    """Serve every endpoint until `stop` is set; each time `reload` is set, serve what
+    `endpoints(cfg)` says then (nodes provisioned or destroyed meanwhile)."""
+    eps = _Endpoints(cfg)
+    await eps.sync(strict=True)
+    reload = reload or asyncio.Event()
+    while not stop.is_set():
+        stopping = asyncio.ensure_future(stop.wait())
+        reloading = asyncio.ensure_future(reload.wait())
+        await asyncio.wait({stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        reloading.cancel()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()  # a SIGHUP during the sync below runs another one after it
+            try:
+                await eps.sync(strict=False)
+            except Exception:
+                log.exception("reload failed")
+    await eps.close_all()
     log.info("stopped")
 
 
@@ -275,12 +359,40 @@ def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
                   what=f"lab sshd ({name})")
 
 
+def reload_sshd(cfg: LabConfig, opened: Sequence[int] = (), closed: Sequence[int] = (),
+                timeout: float = 20.0) -> None:
+    """Make the running endpoint process serve `endpoints(cfg)` now (SIGHUP); returns once
+    every port of `opened` accepts connections and every port of `closed` refuses them."""
+    pidfile = _pidfile(cfg)
+    # The staging endpoint is always served: once it listens, the SIGHUP handler is in place
+    # (before it, SIGHUP is ignored and would be lost).
+    wait_port("127.0.0.1", cfg.staging_ssh_port, timeout, pidfile=pidfile, logfile=_logfile(cfg),
+              what="lab sshd (staging)")
+    pid = read_pid(pidfile)
+    if pid is None:
+        raise ProcessStartError(f"lab sshd: no pid in {pidfile}")
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [p for p in opened if not port_open("127.0.0.1", p)] + \
+                  [p for p in closed if port_open("127.0.0.1", p)]
+        if not waiting:
+            return
+        if time.monotonic() > deadline or not sshd_running(cfg):
+            raise ProcessStartError(f"lab sshd: after a reload, ports {waiting} are not as expected "
+                                    f"(opened {list(opened)}, closed {list(closed)}); log "
+                                    f"{_logfile(cfg)}:\n{log_tail(_logfile(cfg))}")
+        time.sleep(0.05)
+
+
 def stop_sshd(cfg: LabConfig) -> bool:
     """Stop the SSH endpoints; True when one was running. Apps started through it live on."""
     return stop_pidfile(_pidfile(cfg), timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Until the loop's handler is installed a SIGHUP (a reload) must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     p = argparse.ArgumentParser(prog="python -m lab.sshd", description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--nodes", type=int, required=True)
@@ -293,11 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base, ox_nodes=a.ox_nodes)
 
     async def run() -> None:
-        stop = asyncio.Event()
+        stop, reload = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        await serve(cfg, stop, reload)
 
     asyncio.run(run())
 
