@@ -47,7 +47,7 @@ from activities.common import (
     with_heartbeat,
 )
 from activities.secrets import resolve_secret
-from workflows.inventory import Database
+from workflows.inventory import Database, DatabaseEndpoint
 
 # MySQL error codes after which a retry can succeed (server restarting, network, load).
 _RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
@@ -878,16 +878,41 @@ class ReplicaStatus:
     last_io_error: str = ""
     last_sql_error: str = ""
     read_only: bool = False
+    # The server it replicates from (SHOW SLAVE STATUS Master_Host / Master_Port).
+    master_host: str = ""
+    master_port: int = 0
 
     @property
     def running(self) -> bool:
         return self.io_running == "Yes" and self.sql_running == "Yes"
 
+    @property
+    def last_error(self) -> str:
+        return self.last_io_error or self.last_sql_error
 
-async def replica_status(db: Database) -> ReplicaStatus:
-    host, port = _endpoint(db, True)
-    rows = await query_dicts(db, "SHOW SLAVE STATUS", replica=True)
-    pos, ro = (await query(db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=True,
+
+def admin_at(db: Database, endpoint: DatabaseEndpoint | None = None) -> Database:
+    """`db` as its admin account sees it on `endpoint` (default: the primary): a copy whose
+    host, port, user and password are those, no replica, and the same `database`. Without
+    an admin account in the inventory, the application's account."""
+    host, port = (endpoint.host, endpoint.port) if endpoint is not None else (db.host, db.port)
+    user, password = ((db.admin_user, db.admin_password) if db.admin_user and db.admin_password
+                      else (db.user, db.password))
+    return dataclasses.replace(db, host=host, port=port, user=user, password=password, replica=None)
+
+
+async def replica_status(db: Database, endpoint: DatabaseEndpoint | None = None) -> ReplicaStatus:
+    """SHOW SLAVE STATUS of db.replica (as the application's account), or of `endpoint` (as
+    the admin account: a warm server has no application account before it is initialised)."""
+    if endpoint is None:
+        return await _replica_status_on(db, replica=True)
+    return await _replica_status_on(admin_at(db, endpoint), replica=False)
+
+
+async def _replica_status_on(db: Database, replica: bool) -> ReplicaStatus:
+    host, port = _endpoint(db, replica)
+    rows = await query_dicts(db, "SHOW SLAVE STATUS", replica=replica)
+    pos, ro = (await query(db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=replica,
                            use_database=False))[0]
     if not rows:
         return ReplicaStatus(host=host, port=port, configured=False, gtid_slave_pos=str(pos or ""),
@@ -900,7 +925,9 @@ async def replica_status(db: Database) -> ReplicaStatus:
                          seconds_behind=int(sbm) if sbm is not None else None,
                          gtid_io_pos=str(r.get("Gtid_IO_Pos") or ""), gtid_slave_pos=str(pos or ""),
                          last_io_error=str(r.get("Last_IO_Error") or ""),
-                         last_sql_error=str(r.get("Last_SQL_Error") or ""), read_only=bool(ro))
+                         last_sql_error=str(r.get("Last_SQL_Error") or ""), read_only=bool(ro),
+                         master_host=str(r.get("Master_Host") or ""),
+                         master_port=int(r.get("Master_Port") or 0))
 
 
 @dataclass(frozen=True)
@@ -996,6 +1023,9 @@ class BackupRequest:
 @dataclass(frozen=True)
 class ReplicaRequest:
     db: Database
+    # None: db.replica (the application's account); else this server, e.g. db.warm_replica
+    # (the admin account).
+    endpoint: DatabaseEndpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -1036,7 +1066,7 @@ async def db_table_checksums(req: DbRequest) -> dict[str, str]:
 
 @activity.defn
 async def db_replica_status(req: ReplicaRequest) -> ReplicaStatus:
-    return await replica_status(req.db)
+    return await replica_status(req.db, req.endpoint)
 
 
 @activity.defn

@@ -1,4 +1,5 @@
-"""The lab's MariaDB pair: a primary and a GTID replica, as local processes.
+"""The lab's MariaDB servers: a primary, a GTID replica and an empty "warm" server, as
+local processes.
 
 Each instance lives in `<root>/mysql/<role>/`, which is both its datadir and the home of its
 my.cnf, socket, pid file and error log. The instances never read /etc/mysql (the first
@@ -16,6 +17,14 @@ position), so users and schema arrive there through replication, exactly as on a
 
 Administration uses root over the instance's unix socket (no password: the socket is only
 reachable by the local root user, and `mariadb-install-db` set root up that way).
+
+The third instance, `warm` (port_base + 7, server_id 3), is the empty server seed 004 steps
+5-6 clone into a "warm" backup: system tables and the admin account `zdadmin` only, not
+replicating, writable (as a freshly provisioned server is). zerodown itself initialises it
+from the primary (activities/replication.py) with `zdadmin`, which exists on the primary
+too (ALL PRIVILEGES WITH GRANT OPTION, over TCP from 127.0.0.1). Everything done to it by
+the lab runs with sql_log_bin=0: a GTID of its own in its binlog would clash (gtid_strict_mode)
+with the primary's when it replicates. `reset_warm` empties it again.
 """
 
 from __future__ import annotations
@@ -37,9 +46,14 @@ import pymysql.cursors
 from lab.config import DB_NAME, DB_USER, FAULTS_DB_NAME, SCRATCH_DB_NAME, STAGING_DB_NAME, LabConfig
 from lab.procs import log_tail, pid_alive, port_open, read_pid, start_background, stop_pidfile, wait_port
 
-Role = Literal["primary", "replica"]
-ROLES: tuple[Role, ...] = ("primary", "replica")
+Role = Literal["primary", "replica", "warm"]
+ROLES: tuple[Role, ...] = ("primary", "replica", "warm")
 REPL_USER = "repl"
+# The administrative account of the primary and the warm server (replication control,
+# promotion, initialising the warm replica); its password is secrets/db_admin_password.
+ADMIN_USER = "zdadmin"
+# Databases of the server itself: whatever else the warm server holds is "data".
+SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
 PROBE_USER = "probe"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -116,11 +130,16 @@ def cnf_path(cfg: LabConfig, role: Role) -> Path:
 
 
 def port_of(cfg: LabConfig, role: Role) -> int:
-    return cfg.primary_db_port if role == "primary" else cfg.replica_db_port
+    return {"primary": cfg.primary_db_port, "replica": cfg.replica_db_port, "warm": cfg.warm_db_port}[role]
 
 
 def repl_password_file(cfg: LabConfig) -> Path:
     return cfg.secrets_dir / "repl_password"
+
+
+def admin_password_file(cfg: LabConfig) -> Path:
+    """The password of ADMIN_USER (on the primary and the warm server)."""
+    return cfg.secrets_dir / "db_admin_password"
 
 
 def _with_log(cfg: LabConfig, role: Role, msg: str) -> str:
@@ -144,10 +163,12 @@ def _ensure_secret(path: Path) -> str:
 
 
 def ensure_db_secrets(cfg: LabConfig) -> None:
-    """db_password (zerodown user), admin_password (application user `probe`), repl_password."""
+    """db_password (zerodown user), admin_password (application user `probe`), repl_password,
+    db_admin_password (ADMIN_USER)."""
     cfg.secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.secrets_dir, 0o700)
-    for p in (cfg.db_password_file, cfg.admin_password_file, repl_password_file(cfg)):
+    for p in (cfg.db_password_file, cfg.admin_password_file, repl_password_file(cfg),
+              admin_password_file(cfg)):
         _ensure_secret(p)
 
 
@@ -192,7 +213,7 @@ def write_cnf(cfg: LabConfig, role: Role) -> Path:
         "innodb_flush_log_at_trx_commit = 2",
         # Replication: row-based binlog with GTIDs, so a replica can be promoted and the
         # old primary re-pointed without binlog file/position bookkeeping.
-        f"server_id = {1 if role == 'primary' else 2}",
+        f"server_id = {ROLES.index(role) + 1}",
         "log_bin = binlog",
         f"relay_log = {role}-relay-bin",
         "binlog_format = ROW",
@@ -280,7 +301,8 @@ def connect(cfg: LabConfig, role: Role, *, user: str = "root", database: str | N
     if user == "root":
         return pymysql.connect(unix_socket=str(socket_path(cfg, role)), user="root", database=database,
                                autocommit=True, connect_timeout=5, cursorclass=cursor)
-    password = _secret(cfg.db_password_file) if user == DB_USER else ""
+    password = (_secret(cfg.db_password_file) if user == DB_USER
+                else _secret(admin_password_file(cfg)) if user == ADMIN_USER else "")
     return pymysql.connect(host="127.0.0.1", port=port_of(cfg, role), user=user, password=password,
                            database=database, autocommit=True, connect_timeout=5, cursorclass=cursor)
 
@@ -373,6 +395,14 @@ def ensure_lab_extras(cfg: LabConfig) -> None:
             for db in (STAGING_DB_NAME, SCRATCH_DB_NAME):
                 cur.execute(f"GRANT ALL PRIVILEGES ON `{_exact_db(db)}`.* TO '{DB_USER}'@'{host}'")
             cur.execute(f"GRANT SELECT ON {FAULTS_TABLE} TO '{DB_USER}'@'{host}'")
+        # Binlogged: the replica gets the account too (it is a copy of the primary).
+        _ensure_admin_account(cur, _secret(admin_password_file(cfg)))
+
+
+def _ensure_admin_account(cur: pymysql.cursors.Cursor, password: str) -> None:
+    cur.execute(f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY %s", (password,))
+    cur.execute(f"ALTER USER '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY %s", (password,))
+    cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION")
 
 
 def inject_migration_failure(cfg: LabConfig, database: str, on: bool) -> bool:
@@ -515,8 +545,8 @@ def wait_replica_caught_up(cfg: LabConfig, timeout: float = 30.0) -> str:
 
 
 def start_mariadb(cfg: LabConfig) -> None:
-    """Everything, idempotently: secrets, init both, start both, bootstrap the primary,
-    replication, and wait until the replica has caught up."""
+    """Everything, idempotently: secrets, init all three, start them, bootstrap the primary,
+    replication, the warm server's accounts, and wait until the replica has caught up."""
     ensure_db_secrets(cfg)
     for role in ROLES:
         init_instance(cfg, role)
@@ -524,13 +554,14 @@ def start_mariadb(cfg: LabConfig) -> None:
         start_instance(cfg, role)
     bootstrap_primary(cfg)
     ensure_lab_extras(cfg)
+    ensure_warm_accounts(cfg)
     setup_replication(cfg)
     wait_replica_caught_up(cfg)
 
 
 def stop_mariadb(cfg: LabConfig) -> None:
-    """Stop the replica first (so it does not log reconnect errors), then the primary."""
-    for role in ("replica", "primary"):
+    """Stop the replicas first (so they do not log reconnect errors), then the primary."""
+    for role in ("warm", "replica", "primary"):
         stop_instance(cfg, role)
 
 
@@ -544,11 +575,14 @@ def instance_status(cfg: LabConfig, role: Role) -> dict[str, Any]:
     try:
         ro, gtid = query(cfg, role, "SELECT @@GLOBAL.read_only, @@GLOBAL.gtid_current_pos")[0]
         out.update(answering=True, read_only=bool(ro), gtid=gtid)
-        if role == "replica":
-            st = replica_status(cfg) or {}
+        if role in ("replica", "warm"):
+            st = replica_status_of(cfg, role) or {}
             out.update(io_running=st.get("Slave_IO_Running"), sql_running=st.get("Slave_SQL_Running"),
                        seconds_behind=st.get("Seconds_Behind_Master"),
-                       last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "")
+                       last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "",
+                       replicating_from=(f"{st.get('Master_Host')}:{st.get('Master_Port')}" if st else None))
+        if role == "warm":
+            out["databases"] = warm_databases(cfg)
     except pymysql.MySQLError as e:
         out["error"] = str(e)
     return out
@@ -693,3 +727,169 @@ def replica_healthy(cfg: LabConfig) -> bool:
     st = instance_status(cfg, "replica")
     return bool(st.get("answering") and st.get("read_only") and st.get("io_running") == "Yes"
                 and st.get("sql_running") == "Yes")
+
+
+# --------------------------------------------------------------------------- the warm server
+
+
+def _warm_baseline_file(cfg: LabConfig) -> Path:
+    return instance_dir(cfg, "warm") / "baseline-users.json"
+
+
+def _accounts(cur: pymysql.cursors.Cursor) -> set[tuple[str, str]]:
+    cur.execute("SELECT User, Host FROM mysql.user")
+    return {(str(u), str(h)) for u, h in cur.fetchall()}
+
+
+def warm_databases(cfg: LabConfig) -> list[str]:
+    """The warm server's databases other than the server's own (empty when it is empty)."""
+    return sorted(str(r[0]) for r in query(cfg, "warm", "SHOW DATABASES") if str(r[0]) not in SYSTEM_SCHEMAS)
+
+
+def ensure_warm_accounts(cfg: LabConfig) -> None:
+    """ADMIN_USER on the warm server (idempotent, not binlogged). The accounts present the
+    first time it is seen empty are recorded as its baseline: reset_warm drops the others
+    (those an initialisation copied from the primary)."""
+    password = _secret(admin_password_file(cfg))
+    with connect(cfg, "warm") as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION sql_log_bin = 0")
+        _ensure_admin_account(cur, password)
+        baseline = _warm_baseline_file(cfg)
+        if not baseline.exists() and not warm_databases(cfg) and not replica_status_of(cfg, "warm"):
+            users = sorted(_accounts(cur))
+            baseline.write_text(json.dumps(users) + "\n", encoding="utf-8")
+
+
+def _warm_baseline(cfg: LabConfig) -> set[tuple[str, str]] | None:
+    try:
+        return {(str(u), str(h)) for u, h in json.loads(_warm_baseline_file(cfg).read_text(encoding="utf-8"))}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def warm_problems(cfg: LabConfig) -> list[str]:
+    """How the warm server differs from an empty server ([] when it is empty): replication
+    configured, databases, read_only, GTIDs in its binlog or slave position."""
+    out: list[str] = []
+    st = replica_status_of(cfg, "warm")
+    if st:
+        out.append(f"replicates from {st.get('Master_Host')}:{st.get('Master_Port')} "
+                   f"(IO {st.get('Slave_IO_Running')}, SQL {st.get('Slave_SQL_Running')})")
+    dbs = warm_databases(cfg)
+    if dbs:
+        out.append(f"holds databases {', '.join(dbs)}")
+    ro, binlog_pos, slave_pos = query(cfg, "warm", "SELECT @@GLOBAL.read_only, @@GLOBAL.gtid_binlog_pos, "
+                                                   "@@GLOBAL.gtid_slave_pos")[0]
+    if ro:
+        out.append("read_only is ON")
+    if binlog_pos or slave_pos:
+        out.append(f"GTIDs recorded (binlog {binlog_pos!r}, slave position {slave_pos!r})")
+    return out
+
+
+def reset_warm(cfg: LabConfig) -> list[str]:
+    """The warm server back to empty, as lab_up leaves it; returns what was done. STOP SLAVE,
+    RESET SLAVE ALL, its databases dropped, the accounts copied from the primary dropped, its
+    binlog and slave position cleared, read_only OFF. Nothing is binlogged (sql_log_bin=0),
+    and a replica never follows the warm server, so nothing else changes."""
+    start_instance(cfg, "warm")
+    done: list[str] = []
+    baseline = _warm_baseline(cfg)
+    with connect(cfg, "warm") as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION sql_log_bin = 0")
+        if replica_status_of(cfg, "warm"):
+            cur.execute("STOP SLAVE")
+            cur.execute("RESET SLAVE ALL")
+            done.append("warm server no longer replicates")
+        dbs = warm_databases(cfg)
+        for db in dbs:
+            cur.execute(f"DROP DATABASE IF EXISTS `{db.replace('`', '``')}`")
+        if dbs:
+            done.append(f"dropped on the warm server: {', '.join(dbs)}")
+        if baseline is not None:
+            extra = sorted(_accounts(cur) - baseline - {(ADMIN_USER, "127.0.0.1")})
+            for user, host in extra:
+                cur.execute("DROP USER IF EXISTS %s@%s", (user, host))
+            if extra:
+                done.append(f"dropped {len(extra)} account(s) copied to the warm server")
+        cur.execute("SELECT @@GLOBAL.gtid_binlog_pos, @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only")
+        binlog_pos, slave_pos, ro = cur.fetchone()
+        if binlog_pos or slave_pos:
+            # Its binlog holds the primary's transactions (log_slave_updates) or, once
+            # promoted, its own: an empty server has neither.
+            cur.execute("RESET MASTER")
+            cur.execute("SET GLOBAL gtid_slave_pos = ''")
+            done.append("warm server's binlog and slave position cleared")
+        if ro:
+            cur.execute("SET GLOBAL read_only = OFF")
+            done.append("warm server writable again")
+    ensure_warm_accounts(cfg)
+    return done
+
+
+def _kv_lines(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _set_kv(text: str, values: dict[str, str]) -> str:
+    lines = text.splitlines()
+    for n, line in enumerate(lines):
+        key, sep, _ = line.partition("=")
+        if sep and not line.lstrip().startswith("#") and key.strip() in values:
+            lines[n] = f"{key.strip()} = {values[key.strip()]}"
+    return "\n".join(lines) + "\n"
+
+
+def nodes_on_warm(cfg: LabConfig) -> list[Path]:
+    """Node folders (any: app nodes, clones, staging) whose app/database.config names the
+    warm server (the revert path of seed 004 moves them there)."""
+    if not cfg.nodes_dir.is_dir():
+        return []
+    out: list[Path] = []
+    for node in sorted(p for p in cfg.nodes_dir.iterdir() if p.is_dir()):
+        conf = node / "app" / "database.config"
+        try:
+            kv = _kv_lines(conf.read_text(encoding="utf-8"))
+        except OSError:
+            continue
+        if kv.get("port") == str(cfg.warm_db_port):
+            out.append(node)
+    return out
+
+
+def point_nodes_at_primary(cfg: LabConfig, restart: bool = True,
+                           no_restart: frozenset[str] = frozenset()) -> list[str]:
+    """Every node whose database.config names the warm server is pointed back at the
+    primary (host and port rewritten, the rest of the file kept, mode 600 as installed); with `restart`,
+    those whose app runs are restarted (the app reads database.config at start), but not
+    the folders named in `no_restart`. Returns what was done. lab_reset calls it before it
+    reinstalls (and restarts) its nodes: clones outside cfg.nodes are not reinstalled."""
+    done: list[str] = []
+    for node in nodes_on_warm(cfg):
+        conf = node / "app" / "database.config"
+        text = _set_kv(conf.read_text(encoding="utf-8"),
+                       {"host": "127.0.0.1", "port": str(cfg.primary_db_port)})
+        tmp = conf.with_name(conf.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        tmp.replace(conf)
+        done.append(f"{node.name} pointed back at the primary")
+        if restart and node.name not in no_restart and (node / "ctl").exists() \
+                and _ctl(node, "status").returncode == 0:
+            for action in ("stop", "start"):
+                r = _ctl(node, action)
+                if r.returncode != 0:
+                    raise MariaDBError(f"{node.name}: ctl {action} exited {r.returncode}: {r.stderr.strip()}")
+            done.append(f"{node.name} restarted")
+    return done
+
+
+def _ctl(node: Path, action: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", f"./ctl {action}"], cwd=node, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, check=False)
