@@ -27,7 +27,18 @@ from activities.deploy import (
     inspect_package,
     restore_app_folder,
 )
-from activities.haproxy import lb_check_member, lb_member_state, lb_set_state, lb_wait_drained, lb_wait_up
+from activities.haproxy import (
+    lb_add_server,
+    lb_check_member,
+    lb_del_server,
+    lb_list_servers,
+    lb_maintenance_state,
+    lb_member_state,
+    lb_set_maintenance,
+    lb_set_state,
+    lb_wait_drained,
+    lb_wait_up,
+)
 from activities.http_checks import check_health, check_login, get_version, wait_healthy
 from activities.mysql import (
     check_backup_space,
@@ -43,8 +54,19 @@ from activities.mysql import (
     db_table_checksums,
     db_wait_replica_caught_up,
 )
-from activities.node import inspect_node_storage, service_status, start_service, stop_service
+from activities.node import (
+    count_open_sessions,
+    inspect_node_storage,
+    run_node_command,
+    service_status,
+    set_config_values,
+    set_health_file,
+    start_service,
+    stop_service,
+)
 from activities.ox import OX_ACTIVITIES
+from activities.provision import PROVISION_ACTIVITIES
+from activities.replication import REPLICATION_ACTIVITIES
 from activities.ssh import ssh_probe
 from activities.staging import clear_staging, stage_app_backup
 
@@ -55,12 +77,21 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     start_service,
     service_status,
     inspect_node_storage,
+    set_health_file,
+    set_config_values,
+    run_node_command,
+    count_open_sessions,
     # load balancer
     lb_member_state,
     lb_check_member,
     lb_set_state,
     lb_wait_drained,
     lb_wait_up,
+    lb_add_server,
+    lb_del_server,
+    lb_list_servers,
+    lb_set_maintenance,
+    lb_maintenance_state,
     # database
     db_server_version,
     db_schema_version,
@@ -74,6 +105,8 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     db_restore_keeping,
     db_drop_database,
     check_backup_space,
+    # the warm replica (seed 004): init, in sync, writes stopped, stop, promote, release
+    *REPLICATION_ACTIVITIES,
     # packages and app folders
     inspect_package,
     check_upgrade,
@@ -99,6 +132,8 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     app_list_audit,
     # Open-Xchange tools and properties (over SSH)
     *OX_ACTIVITIES,
+    # servers that come and go (create / start / destroy, server arrays) and saved settings
+    *PROVISION_ACTIVITIES,
 ]
 
 __all__ = ["ALL_ACTIVITIES"]

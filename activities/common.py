@@ -32,6 +32,9 @@ SERVICE_TIMEOUT = "ServiceTimeout"
 LB_MEMBER_NOT_FOUND = "LbMemberNotFound"
 LB_RUNTIME_API_ERROR = "LbRuntimeApiError"
 LB_UNSUPPORTED = "LbUnsupported"
+# A server to attach at run time exists with another address; one to detach still has sessions.
+LB_MEMBER_CONFLICT = "LbMemberConflict"
+LB_MEMBER_BUSY = "LbMemberBusy"
 DB_UNSUPPORTED = "DbUnsupported"
 DRAIN_TIMEOUT = "DrainTimeout"
 NOT_UP_TIMEOUT = "NotUpTimeout"
@@ -43,6 +46,13 @@ VERSION_MISMATCH = "VersionMismatch"
 LOGIN_FAILED = "LoginFailed"
 DATABASE_ERROR = "DatabaseError"
 REPLICA_TIMEOUT = "ReplicaTimeout"
+# The warm replica (activities/replication.py): not in sync by the deadline; replication
+# stopped on an error; writes to the primary still going on at the deadline; the warm
+# server holds what zerodown did not put there, was promoted, or replicates elsewhere.
+DB_REPLICA_TIMEOUT = "DbReplicaTimeout"
+DB_REPLICATION_BROKEN = "DbReplicationBroken"
+DB_WRITES_CONTINUE = "DbWritesContinue"
+WARM_REPLICA_CONFLICT = "WarmReplicaConflict"
 BACKUP_CORRUPT = "BackupCorrupt"
 PROTECTED_FILE_MISSING = "ProtectedFileMissing"
 PROTECTED_FILE_CHANGED = "ProtectedFileChanged"
@@ -55,6 +65,13 @@ MERGE_UNSUPPORTED = "MergeUnsupported"
 BACKUP_INCONSISTENT = "BackupInconsistent"
 # A backup with this id exists but does not match the app folder it would stand for.
 BACKUP_CONFLICT = "BackupConflict"
+# Provisioning (servers created / launched / terminated): the command (or the lab) failed,
+# printed no usable node entry, or did not finish in time (retryable: commands are idempotent).
+PROVISIONING_FAILED = "ProvisioningFailed"
+PROVISIONING_OUTPUT_INVALID = "ProvisioningOutputInvalid"
+PROVISIONING_TIMEOUT = "ProvisioningTimeout"
+# A settings file whose values are to be saved is not on the node.
+SETTINGS_FILE_MISSING = "SettingsFileMissing"
 
 # Ids the workflows hand to activities (backup ids, release ids): they become file names
 # on nodes and on the worker, so only a safe alphabet and no path separators.

@@ -271,3 +271,126 @@ async def inspect_node_storage(req: NodeStorageRequest) -> NodeStorage:
     package (NodeStorage.ok), and is every protected file there? Reports, never raises
     for a shortage, so a preflight can list every node's problem at once."""
     return await inspect_storage(req.node, tuple(req.protected_files), req.package_size)
+
+
+# --------------------------------------------------------------------------- health file, settings, sessions
+# What the blue/green procedures (seeds 003 and 004) do to a node besides its service.
+
+HELD_DIR = ".zerodown/held"
+
+
+def _check_rel(kind: str, rel: str) -> None:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or ".." in parts:
+        fail(INVALID_REQUEST, f"{kind} {rel!r} must be a path below the node's login folder")
+
+
+@dataclass(frozen=True)
+class HealthFileRequest:
+    node: Node
+    # Application.health_file: relative to the node's login folder.
+    path: str
+    present: bool
+
+
+@dataclass(frozen=True)
+class HealthFileState:
+    node_name: str
+    present: bool
+    changed: bool
+
+
+def health_file_script(path: str, present: bool) -> str:
+    """Removing the file moves it aside (.zerodown/held/), so putting it back restores the
+    very file the site had; both directions are no-ops when already done."""
+    held = f"{HELD_DIR}/{posixpath.basename(path)}"
+    f, h = shlex.quote(path), shlex.quote(held)
+    if present:
+        return (f"if [ -f {f} ]; then echo unchanged; elif [ -f {h} ]; then mv {h} {f} && echo changed; "
+                f"else mkdir -p \"$(dirname {f})\" && echo OK > {f} && echo changed; fi")
+    return (f"if [ -f {f} ]; then mkdir -p {shlex.quote(HELD_DIR)} && mv -f {f} {h} && echo changed; "
+            "else echo unchanged; fi")
+
+
+@activity.defn
+async def set_health_file(req: HealthFileRequest) -> HealthFileState:
+    """Seed 003 step 12: take the health-check file away (the balancer's check then fails
+    with 404 and, with `http-check disable-on-404`, the server takes no new sessions while
+    its open ones finish) or put it back."""
+    _check_rel("health file", req.path)
+    r = await ssh.run(req.node.ssh, health_file_script(req.path, req.present), timeout_s=30)
+    return HealthFileState(node_name=req.node.name, present=req.present,
+                           changed=r.stdout.strip().endswith("changed"))
+
+
+@dataclass(frozen=True)
+class ConfigValuesRequest:
+    node: Node
+    # A key = value file relative to the node's app folder.
+    file: str
+    values: dict[str, str]
+
+
+@activity.defn
+async def set_config_values(req: ConfigValuesRequest) -> tuple[str, ...]:
+    """Set keys of a key = value file in the node's app folder (a set: running it twice
+    writes the same file). Returns the keys set, never their values (they may be secrets)."""
+    from activities.staging import apply_overrides
+
+    _check_rel("config file", req.file)
+    path = f"{req.node.app_dir.rstrip('/')}/{req.file}"
+    current = await ssh.get_file(req.node.ssh, path)
+    text = current.decode("utf-8") if current is not None else ""
+    new = apply_overrides(text, req.values)
+    if new != text:
+        await ssh.put_bytes(req.node.ssh, new.encode("utf-8"), path)
+    return tuple(sorted(req.values))
+
+
+@dataclass(frozen=True)
+class NodeCommandRequest:
+    node: Node
+    command: str
+    timeout_s: float = 300.0
+
+
+@activity.defn
+async def run_node_command(req: NodeCommandRequest) -> str:
+    """One of the inventory's own commands on a node (seed 003 step 4: systems-level changes
+    to a new server); fails with the exit status and stderr. Returns the output's tail."""
+    r = await ssh.run(req.node.ssh, req.command, timeout_s=req.timeout_s, check=True)
+    return r.stdout.strip()[-1000:]
+
+
+def port_of_url(url: str) -> int:
+    """The TCP port a node's url names (its scheme's default when none)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def sessions_command(port: int) -> str:
+    # Established TCP connections whose local port is the application's: what is left of
+    # the sessions once the balancer no longer sends any (iproute2's ss, on every Linux).
+    return f"ss -Htn state established '( sport = :{port} )' | wc -l"
+
+
+@dataclass(frozen=True)
+class OpenSessions:
+    node_name: str
+    port: int
+    sessions: int
+
+
+@activity.defn
+async def count_open_sessions(req: ServiceRequest) -> OpenSessions:
+    """Seed 003 step 18: the sessions a server still holds, counted on the server itself
+    (after it left the balancer, the balancer no longer sees them)."""
+    port = port_of_url(req.node.url)
+    r = await ssh.run(req.node.ssh, sessions_command(port), timeout_s=30)
+    try:
+        n = int(r.stdout.strip() or "0")
+    except ValueError:
+        fail(SSH_COMMAND_FAILED, f"node {req.node.name}: unexpected session count {r.stdout.strip()[:100]!r}")
+    return OpenSessions(node_name=req.node.name, port=port, sessions=n)

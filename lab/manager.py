@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from lab import haproxy, mariadb
+from lab import haproxy, mariadb, provision
 from lab.config import (
     BACKEND,
     DB_NAME,
@@ -38,14 +38,19 @@ from lab.config import (
     SCRATCH_DB_NAME,
     STAGING_DB_NAME,
     STAGING_NAME,
+    TEST_BACKEND,
     LabConfig,
 )
+from lab.nodes import HEALTH_FILE
 from lab.procs import pid_alive, stop_pidfile
 
 log = logging.getLogger("lab.manager")
 
 SSH_USER = "zerodown"
 APP_DIR = "app"
+# Servers attached at run time take no `default-server` line (HAProxy 2.6): the lab's check
+# timing (lab/haproxy.py defaults) spelled out.
+LAB_ADD_SERVER_OPTIONS = "check inter 500ms fall 2 rise 2"
 
 
 class LabError(RuntimeError):
@@ -74,6 +79,20 @@ def _write_state(cfg: LabConfig, with_temporal: bool) -> None:
     state.update(root=str(cfg.abs_root), with_temporal=with_temporal,
                  started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _state_file(cfg).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def config_from_state(root: Path) -> LabConfig | None:
+    """The LabConfig of the lab at `root` as lab_up recorded it in lab.json (its ports and
+    node counts), for tools that only know the folder (lab/provision.py); None without one."""
+    state = _read_state(LabConfig(root=Path(root)))
+    fields = {k: state[k] for k in ("nodes", "port_base", "temporal_port", "temporal_ui_port",
+                                    "ox_nodes", "ox_schemata") if isinstance(state.get(k), int)}
+    if "nodes" not in fields or "port_base" not in fields:
+        return None
+    try:
+        return LabConfig(root=Path(root), **fields)
+    except (TypeError, ValueError):
+        return None
 
 
 async def _gather_all(steps: dict[str, Any]) -> None:
@@ -112,9 +131,14 @@ def _nodes_up(cfg: LabConfig) -> None:
             # A node installed before the admin interface existed gets its admin.config
             # (a protected file: deploys refuse a node without it).
             nodes.ensure_admin_config(cfg, cfg.node_dir(i) / APP_DIR)
+            # ... and one installed before the health-check file its file (/health: 404).
+            nodes.write_health_file(cfg.node_dir(i), only_if_missing=True)
     nodes.install_staging(cfg)
     if cfg.ox_nodes:
         _ox_nodes_installed(cfg)  # before the SSH endpoints, which are rooted in them
+    # Original nodes a procedure destroyed (lab/provision.py) are installed again above:
+    # their SSH endpoints come back with start_sshd.
+    provision.forget_destroyed(cfg, sync=False)
     sshd.start_sshd(cfg)
 
 
@@ -237,6 +261,18 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "backend": BACKEND,
             "members": {cfg.node_name(i): cfg.node_name(i) for i in cfg.node_indexes},
             "drain_timeout_s": 60,
+            "frontend_url": cfg.main_url,
+            "add_server_options": LAB_ADD_SERVER_OPTIONS,
+            # The maintenance page (lab/haproxy.py): `set map <map> main on|off`.
+            "maintenance": {"map": f"haproxy/{haproxy.maintenance_map(cfg).name}",
+                            "key": haproxy.MAINTENANCE_KEY},
+        }, {
+            # Seed 004's temporary test balancer (frontend `test1`): no members until a
+            # procedure attaches servers at run time.
+            "name": "test", "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
+            "backend": TEST_BACKEND, "members": {}, "drain_timeout_s": 60,
+            "frontend_url": cfg.test_url,
+            "add_server_options": LAB_ADD_SERVER_OPTIONS,
         }],
         "databases": [{
             "name": "main", "kind": "mysql", "host": "127.0.0.1", "port": cfg.primary_db_port,
@@ -244,9 +280,16 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
             "backup_dir": "backups",
             "scratch_database": SCRATCH_DB_NAME,
+            # Seed 004's "warm" backup: an empty server zerodown initialises as a replica.
+            "admin_user": mariadb.ADMIN_USER,
+            "admin_password": {"file": f"secrets/{mariadb.admin_password_file(cfg).name}"},
+            "replication_user": mariadb.REPL_USER,
+            "replication_password": {"file": f"secrets/{mariadb.repl_password_file(cfg).name}"},
+            "warm_replica": {"host": "127.0.0.1", "port": cfg.warm_db_port},
         }],
         "application": {
             "name": "labapp",
+            "health_file": HEALTH_FILE,
             "protected_files": ["encryption.config", "database.config", "admin.config"],
             "merge_files": ["web.config"],
             "health": {"path": "/health"},
@@ -255,10 +298,16 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
                       "password": {"file": "secrets/admin_password"}},
             "url": cfg.main_url,
             "admin": {"token": {"file": "secrets/admin_token"}, "path_prefix": "/admin"},
+            # Where a node's app finds its database server (lab/nodes.py install_node).
+            "database_config": {"file": "database.config", "host_key": "host", "port_key": "port"},
         },
+        # Servers come and go (seeds 003/004): the lab clones a node into a new one
+        # (lab/provision.py) and destroys nodes.
+        "provisioning": {"kind": "lab", "lab_root": "."},
         # Who may decide each gate (the demo and the bench decide as alice; tests pick their own).
         "approvers": {gate: ["alice", "bob"] for gate in (
-            "go-live", "continue", "staging-test", "upgrade-successful", "swap", "failure")},
+            "go-live", "continue", "staging-test", "upgrade-successful", "swap", "failure",
+            "terminate", "drain-deadline", "restore-snapshot", "revert")},
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         # Laid out like a node, not behind the load balancer; a procedure restores a node's
         # backup into its (empty) app folder, then these overrides point the copy at its
@@ -463,6 +512,10 @@ def lab_down(cfg: LabConfig) -> None:
     attempt("worker", lambda: stop_pidfile(cfg.worker_pidfile, expect="worker"))
     # Front to back: the load balancer first so no request reaches an app being stopped.
     attempt("HAProxy", lambda: haproxy.stop(cfg))
+    # Nodes a procedure provisioned go (archived, lab/provision.py); original nodes it
+    # destroyed are installed again by the next lab_up.
+    attempt("provisioned nodes", lambda: provision.destroy_provisioned(cfg))
+    attempt("destroyed nodes", lambda: provision.forget_destroyed(cfg, sync=False))
     node_dirs = _node_dirs(cfg)
     if node_dirs:
         from concurrent.futures import ThreadPoolExecutor
@@ -521,6 +574,13 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
                        f" behind={st.get('seconds_behind')}s read_only={st.get('read_only')}")
             if st.get("last_error"):
                 detail += f" error: {st['last_error']}"
+        elif role == "warm":
+            # Up when answering: empty (as lab_up leaves it) or initialised by a procedure.
+            source = st.get("replicating_from")
+            detail += (f" replica of {source} io={st.get('io_running')} sql={st.get('sql_running')}"
+                       if source else " not replicating")
+            dbs = ",".join(st.get("databases") or []) or "none"
+            detail += f" databases={dbs} read_only={st.get('read_only')}"
         else:
             detail += f" gtid {st.get('gtid')}"
         rows.append((f"mariadb {role}", up, detail))
@@ -541,6 +601,9 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
         for i in cfg.ox_node_indexes:
             rows.append((cfg.ox_node_name(i), ox_nodes.ox_node_running(cfg, i),
                          f"http://127.0.0.1:{cfg.ox_app_port(i)}"))
+        for name, slot in provision.provisioned(cfg).items():
+            rows.append((name, pid_alive(cfg.nodes_dir / name / "run" / "app.pid", expect="app.py"),
+                         f"http://127.0.0.1:{cfg.app_port(slot)} (provisioned)"))
     hs = haproxy.status(cfg)
     detail = f"main :{cfg.main_port} secondary :{cfg.secondary_port}"
     if cfg.ox_nodes:
@@ -582,6 +645,8 @@ def _reset_database(cfg: LabConfig) -> list[str]:
             done.append(f"started MariaDB {role}")
         mariadb.start_instance(cfg, role)
     done += mariadb.ensure_primary_role(cfg)
+    # After the primary's role: it may have been re-attached to a promoted warm server.
+    done += mariadb.reset_warm(cfg)
     done += mariadb.reset_schema(cfg)
     done += mariadb.reset_site_state(cfg)
     if not mariadb.replica_in_sync(cfg):
@@ -597,7 +662,8 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
 
     Database: schema version 1 (v2's down migration if needed), replica replicating; upgrade
     settings at their defaults, no audit rows, no staging / scratch database, no fault.
-    Nodes: stopped, app folder wiped, v1 installed with the node installer, started.
+    Nodes: stopped, app folder wiped, v1 installed with the node installer, started; nodes a
+    procedure provisioned destroyed, original nodes it destroyed re-created (lab/provision.py).
     Staging: app stopped, folder emptied.
     OX part (cfg.ox_nodes > 0): see reset_ox.
     HAProxy: every server ready (and at its initial weight) in `app` (and `ox`), in
@@ -607,6 +673,13 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
 
     t0 = time.monotonic()
     mariadb.ensure_db_secrets(cfg)
+    # Nodes a procedure provisioned go first (lab/provision.py: archived); original nodes it
+    # destroyed are installed again below.
+    gone = await asyncio.to_thread(provision.destroy_provisioned, cfg)
+    # Nodes a revert moved to the promoted warm server are pointed back at the primary
+    # before the warm server is emptied (no restart: every node left is reinstalled and
+    # restarted, or wiped, below).
+    moved = await asyncio.to_thread(mariadb.point_nodes_at_primary, cfg, False)
     pkgs = await asyncio.to_thread(packages.build_packages, cfg)
 
     async def reinstall(i: int) -> None:
@@ -622,6 +695,7 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     # Nodes are stopped while the schema goes back, so no v2 code runs against schema 1.
     await _gather_all({"database": database(), STAGING_NAME: _in_thread(nodes.wipe_staging, cfg),
                        **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes}})
+    back = await asyncio.to_thread(provision.forget_destroyed, cfg)  # their SSH endpoints again
     await asyncio.to_thread(sshd.start_sshd, cfg)
     ox_done: list[str] = []
 
@@ -636,7 +710,8 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     write_site_yaml(cfg)
     if cfg.ox_nodes:
         write_ox_site_yaml(cfg)
-    done = [*db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", *ox_done,
+    done = [*moved, *db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", *ox_done,
             "HAProxy servers ready"]
+    done += [f"destroyed provisioned node {n}" for n in gone] + [f"re-created {n}" for n in back]
     log.info("lab reset in %.1fs: %s", time.monotonic() - t0, "; ".join(done))
     return done

@@ -180,7 +180,7 @@ def staging_problems(lab: LabConfig) -> list[str]:
     d = lab.staging_dir
     if not d.is_dir():
         return ["no staging folder"]
-    kept = ("ctl", "run", "app", "inject", "ssh.log")
+    kept = ("ctl", "run", "app", "inject", "ssh.log", lab_nodes.HEALTH_FILE)
     out = [f"staging holds {p.name}" for p in sorted(d.iterdir()) if p.name not in kept]
     out += [f"staging app/{p.name}" for p in sorted((d / "app").glob("*"))]
     out += [f"staging inject/{p.name}" for p in sorted((d / "inject").glob("*"))]
@@ -208,7 +208,8 @@ async def ensure_site_defaults(lab: LabConfig) -> list[str]:
 
 async def ensure_v1(lab: LabConfig) -> None:
     """Reset the lab unless it already is as just after `lab up`: v1 on every node, schema 1,
-    every app server ready and UP, no fault injected, upgrade settings at their defaults,
+    every app server ready and UP (none attached at run time, no maintenance page, every
+    health-check file present), no fault injected, upgrade settings at their defaults,
     no audit rows, staging stopped and empty, no staging / scratch database."""
     async def version(i: int) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
@@ -221,8 +222,11 @@ async def ensure_v1(lab: LabConfig) -> None:
         fresh = (world.schema_version == 1 and set(versions) == {"1.0.0"}
                  and all(world.servers.get(f"{BACKEND}/{lab.node_name(i)}") == "UP admin=ready"
                          for i in lab.node_indexes)
-                 and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes))
-    except (OSError, aiohttp.ClientError, ValueError, KeyError):
+                 and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes)
+                 # No server attached at run time, no maintenance page, every health file there.
+                 and not lab_haproxy.runtime_servers(lab) and not lab_haproxy.maintenance_on(lab)
+                 and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes))
+    except (OSError, aiohttp.ClientError, ValueError, KeyError, lab_haproxy.HAProxyError):
         fresh = False
     if not fresh:
         from lab.manager import lab_reset
