@@ -1,5 +1,6 @@
 """Every procedure zerodown knows, by the name users type (`zerodown start <procedure>`)."""
 
+from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
 from workflows.ox_node_upgrade import OxNodeUpgradeInput, OxNodeUpgradeResult, OxNodeUpgradeWorkflow
 from workflows.ox_upgradeschemata import (
     OxUpgradeSchemataInput,
@@ -16,6 +17,7 @@ PROCEDURES: dict[str, type] = {
     "ss-load-balanced": SsLoadBalancedWorkflow,
     "ox-upgradeschemata": OxUpgradeSchemataWorkflow,
     "ox-node-upgrade": OxNodeUpgradeWorkflow,
+    "minor-blue-green": MinorBlueGreenWorkflow,
 }
 INPUTS: dict[str, type] = {
     "rolling-deploy": RollingDeployInput,
@@ -23,6 +25,7 @@ INPUTS: dict[str, type] = {
     "ss-load-balanced": SsLoadBalancedInput,
     "ox-upgradeschemata": OxUpgradeSchemataInput,
     "ox-node-upgrade": OxNodeUpgradeInput,
+    "minor-blue-green": MinorBlueGreenInput,
 }
 RESULTS: dict[str, type] = {
     "rolling-deploy": RollingDeployResult,
@@ -30,5 +33,6 @@ RESULTS: dict[str, type] = {
     "ss-load-balanced": SsLoadBalancedResult,
     "ox-upgradeschemata": OxUpgradeSchemataResult,
     "ox-node-upgrade": OxNodeUpgradeResult,
+    "minor-blue-green": MinorBlueGreenResult,
 }
 ALL_WORKFLOWS: list[type] = list(PROCEDURES.values())
