@@ -5,6 +5,7 @@
     zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
     zerodown start ox-upgradeschemata -i ox-site.yaml --server-name oxserver-xyz --update-node ox1
     zerodown start ox-node-upgrade -i ox-site.yaml --version 7.10.1 --server-name oxserver-xyz
+    zerodown start minor-blue-green -i site.yaml -p app-2.zip [--setting web.config:key=value]
     zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
     zerodown server [--stop|--status]       zerodown worker
     zerodown lab up|down|status|reset|probe [--ox]|inject  zerodown demo
@@ -28,6 +29,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from starter import client as zc
 from starter.report import (
+    blue_green_summary,
     gate_line,
     kv_table,
     ox_nodes_summary,
@@ -58,7 +60,7 @@ Namespace = Annotated[str, typer.Option("--namespace", envvar="ZERODOWN_NAMESPAC
 TaskQueue = Annotated[str, typer.Option("--task-queue", envvar="ZERODOWN_TASK_QUEUE")]
 InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="site inventory (YAML)")]
 PackageOpt = Annotated[Path | None, typer.Option(
-    "--package", "-p", help="release package (zip): rolling-deploy and ss-* (required there)")]
+    "--package", "-p", help="release package (zip): rolling-deploy, ss-*, minor-blue-green (required there)")]
 NodesOpt = Annotated[str, typer.Option("--nodes", help=(
     "comma-separated; rolling-deploy: only these nodes; ox-node-upgrade: the upgrade order"))]
 # The Open-Xchange procedures' options (seed 002); each refused by a procedure without it.
@@ -85,6 +87,24 @@ DriveToolOpt = Annotated[bool, typer.Option("--drive-tool", help=(
     "ox-upgradeschemata: run OX's own upgradeschemata on the update node for steps 3-7"))]
 SchemataPerRunOpt = Annotated[int | None, typer.Option("--schemata-per-run", help=(
     "ox-*: schemata per workflow run before it continues as new (default 100)"))]
+# The minor upgrade's options (seed 003, minor-blue-green); each refused by a procedure without it.
+LbOpt = Annotated[str | None, typer.Option("--lb", help=(
+    "minor-blue-green: the load balancer whose members are the old servers (default: the first)"))]
+TemplateOpt = Annotated[str | None, typer.Option("--template", help=(
+    "minor-blue-green: the old server cloned first (default: the balancer's first member)"))]
+NewNamesOpt = Annotated[str, typer.Option("--new-names", help=(
+    "minor-blue-green: the new servers' names, comma-separated, one per old server "
+    "(default: <old>-v<version>)"))]
+SettingOpt = Annotated[list[str] | None, typer.Option("--setting", metavar="FILE:KEY=VALUE", help=(
+    "minor-blue-green: a setting of the new servers (repeatable); FILE is a key = value file in the "
+    "app folder; the template's current values are saved first. Values enter the workflow input: "
+    "no secrets"))]
+SystemCommandOpt = Annotated[list[str] | None, typer.Option("--system-command", metavar="CMD", help=(
+    "minor-blue-green: a systems-level change, run on the first new server before it is launched "
+    "(repeatable, in order; the other new servers are cloned from it)"))]
+DrainDeadlineOpt = Annotated[float | None, typer.Option("--drain-deadline", metavar="SECONDS", min=1.0, help=(
+    "minor-blue-green: how long the old servers' sessions may take before gate drain-deadline asks "
+    "(default 300)"))]
 LabRoot = Annotated[Path, typer.Option("--root", help="where the lab lives")]
 DEFAULT_ADDRESS = ADDRESS
 
@@ -136,10 +156,16 @@ def _procedure_input(procedure: str, inv: Inventory, package: Path | None, nodes
     if getattr(arg, "package_path", ""):
         arg = dataclasses.replace(arg, package_path=_package(Path(arg.package_path)))
     for field, option in (("only_nodes", "--nodes"), ("nodes", "--nodes"),
-                          ("update_node", "--update-node"), ("admin_node", "--admin-node")):
+                          ("update_node", "--update-node"), ("admin_node", "--admin-node"),
+                          ("template", "--template")):
         value = getattr(arg, field, None)
         if value:
             _check_nodes(inv, tuple(value) if isinstance(value, tuple) else (value,), option)
+    lb = getattr(arg, "lb", "")
+    if lb and lb not in {b.name for b in inv.load_balancers}:
+        err.print(f"[bold red]unknown load balancer[/] {escape(lb)} in site {inv.site} "
+                  f"(known: {', '.join(b.name for b in inv.load_balancers) or 'none'}), given as --lb")
+        raise typer.Exit(2)
     return arg
 
 
@@ -151,6 +177,35 @@ def _ox_fields(version: str | None, server_name: str | None, update_node: str | 
             "admin_node": admin_node, "schemata": _names(schemata), "force": force,
             "resume_from": resume_from, "skip": _names(skip), "concurrency": concurrency,
             "drive_tool": drive_tool, "schemata_per_run": schemata_per_run}
+
+
+def _settings(options: list[str] | None) -> dict[str, dict[str, str]]:
+    """`--setting FILE:KEY=VALUE` options as file -> {key: value}; a bad one stops the CLI
+    (exit 2). The first `:` ends the file, the first `=` the key: a value may hold both."""
+    out: dict[str, dict[str, str]] = {}
+    for raw in options or ():
+        file, colon, rest = raw.partition(":")
+        key, equals, value = rest.partition("=")
+        file, key = file.strip(), key.strip()
+        if not (colon and equals and file and key):
+            problem = "expected FILE:KEY=VALUE, e.g. web.config:custom.banner=Hello"
+        elif file.startswith("/") or ".." in file.split("/"):
+            problem = "FILE must be a path relative to the application folder"
+        elif key in out.get(file, {}):
+            problem = f"{file}:{key} is given twice"
+        else:
+            out.setdefault(file, {})[key] = value.strip()
+            continue
+        err.print(f"[bold red]bad --setting {escape(repr(raw))}[/]: {escape(problem)}")
+        raise typer.Exit(2)
+    return out
+
+
+def _blue_green_fields(lb: str | None, template: str | None, new_names: str, setting: list[str] | None,
+                       system_command: list[str] | None, drain_deadline: float | None) -> dict[str, Any]:
+    """The minor upgrade's options as input fields; None / empty means not given."""
+    return {"lb": lb, "template": template, "new_names": _names(new_names), "settings": _settings(setting),
+            "system_commands": tuple(system_command or ()), "drain_deadline_s": drain_deadline}
 
 
 def _check_procedure(procedure: str) -> None:
@@ -213,6 +268,7 @@ def _result_type(procedure: str) -> type | None:
 def _print_outcome(outcome: zc.Outcome) -> int:
     """Print how a run ended; the exit code: 0 done, 1 failed (or, for the OX procedures,
     done but with schemata not upgraded, or aborted at the registered-server gate)."""
+    from workflows.minor_blue_green import MinorBlueGreenResult
     from workflows.ox_node_upgrade import OxNodeUpgradeResult
     from workflows.ox_upgradeschemata import OxUpgradeSchemataResult
 
@@ -237,6 +293,10 @@ def _print_outcome(outcome: zc.Outcome) -> int:
         for line in ox_nodes_summary(res):
             console.print(line, soft_wrap=True)
         return 1 if res.failed_schemata else 0
+    if isinstance(res, MinorBlueGreenResult):
+        for line in blue_green_summary(res):
+            console.print(line, soft_wrap=True)
+        return 0
     if getattr(res, "merge_report", ()):
         console.print("[bold]config merge[/]:")
         for line in res.merge_report:
@@ -252,7 +312,8 @@ ContinueGate = Annotated[bool, typer.Option("--continue-gate", help=(
 OnFailure = Annotated[str, typer.Option("--on-failure", help=(
     "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort; ox-upgradeschemata: "
     "failure:<step>@<schema>: retry / skip / revert / abort) or `rollback` at once (ox-upgradeschemata: "
-    "revert the schema and stop); default: the procedure's (rolling-deploy: rollback, ss-*, ox-*: ask)"))]
+    "revert the schema and stop); default: the procedure's (rolling-deploy, minor-blue-green: rollback; "
+    "ss-*, ox-*: ask)"))]
 FailureTimeout = Annotated[float, typer.Option("--failure-gate-timeout", help=(
     "seconds a failure gate waits before its default, rollback"))]
 
@@ -281,6 +342,9 @@ def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, no
          admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
          resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
          drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
+         lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
+         setting: SettingOpt = None, system_command: SystemCommandOpt = None,
+         drain_deadline: DrainDeadlineOpt = None,
          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
          task_queue: TaskQueue = TASK_QUEUE) -> None:
     """Validate, run the read-only preflight on every target and print the plan and its hash.
@@ -289,7 +353,9 @@ def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, no
     inv = _load(inventory)
     arg = _procedure_input(procedure, inv, package, nodes, dry_run=True, continue_gate=continue_gate,
                            **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
+                           **_blue_green_fields(lb, template, new_names, setting, system_command,
+                                                drain_deadline))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
 
@@ -302,6 +368,9 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, n
           admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
           resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
           drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
+          lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
+          setting: SettingOpt = None, system_command: SystemCommandOpt = None,
+          drain_deadline: DrainDeadlineOpt = None,
           wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
           workflow_id: Annotated[str | None, typer.Option("--id")] = None,
           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
@@ -313,7 +382,9 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, n
                            gate_timeout_s=gate_timeout, started_by=_starter(),
                            **_failure_options(on_failure, failure_gate_timeout),
                            **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
+                           **_blue_green_fields(lb, template, new_names, setting, system_command,
+                                                drain_deadline))
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
                                  workflow_id)))
 
@@ -321,21 +392,30 @@ def start(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, n
 @app.command("input")
 def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
                dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
-               continue_gate: ContinueGate = False, on_failure: OnFailure = "",
+               continue_gate: ContinueGate = False,
+               gate_timeout: Annotated[float | None, typer.Option(
+                   "--gate-timeout", help="seconds (default: the procedure's)")] = None,
+               on_failure: OnFailure = "", failure_gate_timeout: FailureTimeout = 3600.0,
                version: VersionOpt = None, server_name: ServerNameOpt = None,
                update_node: UpdateNodeOpt = None, admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "",
                force: ForceOpt = False, resume_from: ResumeFromOpt = None, skip: SkipOpt = "",
                concurrency: ConcurrencyOpt = None, drive_tool: DriveToolOpt = False,
-               schemata_per_run: SchemataPerRunOpt = None) -> None:
+               schemata_per_run: SchemataPerRunOpt = None,
+               lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
+               setting: SettingOpt = None, system_command: SystemCommandOpt = None,
+               drain_deadline: DrainDeadlineOpt = None) -> None:
     """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
     import json
 
     _check_procedure(procedure)
     inv = _load(inventory)
     arg = _procedure_input(procedure, inv, package, nodes, dry_run=dry_run, continue_gate=continue_gate,
-                           started_by=_starter(), **_failure_options(on_failure, 3600.0),
+                           gate_timeout_s=gate_timeout, started_by=_starter(),
+                           **_failure_options(on_failure, failure_gate_timeout),
                            **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run))
+                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
+                           **_blue_green_fields(lb, template, new_names, setting, system_command,
+                                                drain_deadline))
     print(json.dumps(dataclasses.asdict(arg)))
 
 

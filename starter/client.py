@@ -43,7 +43,8 @@ class UnknownProcedureError(ProcedureInputError):
 
 # Input fields whose CLI option is not simply the field's name.
 _CLI_OPTION = {"only_nodes": "--nodes", "package_path": "--package", "gate_timeout_s": "--gate-timeout",
-               "failure_gate_timeout_s": "--failure-gate-timeout"}
+               "failure_gate_timeout_s": "--failure-gate-timeout", "settings": "--setting",
+               "system_commands": "--system-command", "drain_deadline_s": "--drain-deadline"}
 # CLI options that fill a differently named field depending on the procedure: `--nodes` is
 # rolling-deploy's `only_nodes` (deploy only these) but ox-node-upgrade's `nodes` (the
 # upgrade order); the first field the procedure's input has is used.
@@ -59,8 +60,8 @@ def option_name(field_name: str) -> str:
 
 
 def _given(value: Any) -> bool:
-    """An option the user gave: not None and not an empty default (False, "", ()); 0 counts."""
-    return value is not None and value is not False and value != "" and value != ()
+    """An option the user gave: not None and not an empty default (False, "", (), {}); 0 counts."""
+    return value is not None and value is not False and value != "" and value != () and value != {}
 
 
 def input_fields(procedure: str) -> set[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import yaml
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
@@ -11,6 +14,8 @@ from rich.text import Text
 
 from starter.client import RunStatus
 from workflows.gates import PendingGate
+from workflows.inventory import Node
+from workflows.minor_blue_green import MinorBlueGreenResult
 from workflows.ox_node_upgrade import OxNodeUpgradeResult
 from workflows.ox_upgradeschemata import OxSchemataProgress, OxUpgradeSchemataResult
 from workflows.timeline import Progress, StepRecord
@@ -167,4 +172,50 @@ def ox_nodes_summary(res: OxNodeUpgradeResult) -> list[str]:
                      f"{len(res.failed_schemata)} schemata failed (see the child workflows)")
     else:
         lines.append(f"[green]done[/]: {', '.join(res.nodes)} now at {res.version}")
+    return lines
+
+
+# ---------------------------------------------------------------- RightScale minor upgrade
+def _without_none(value: Any) -> Any:
+    """A dataclasses.asdict tree without its None fields: what an inventory file would say
+    (a SecretRef becomes `{file: PATH}` or `{env: NAME}`, a reference, never its value)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def node_entries_yaml(nodes: Sequence[Node]) -> str:
+    """`nodes:` entries for a site's inventory, in its YAML format (parse_node_entry reads
+    each back). A Node holds secret references only, so nothing secret is printed."""
+    entries = [_without_none(dataclasses.asdict(n)) for n in nodes]
+    return yaml.safe_dump({"nodes": entries}, sort_keys=False, default_flow_style=False)
+
+
+def blue_green_summary(res: MinorBlueGreenResult) -> list[str]:
+    """The outcome of a minor-blue-green run (rich markup, names escaped), ending with the
+    new servers' inventory entries: the site's inventory should list them from now on."""
+    new = [n.name for n in res.new_servers]
+    kept = [o for o in res.old_servers if o not in res.terminated]
+    lines = [f"[bold]minor-blue-green[/] on {escape(res.site)}: {escape(', '.join(res.old_servers))} "
+             f"replaced by {escape(', '.join(new) or 'none')} at {escape(res.version)}",
+             "new servers: " + escape(", ".join(f"{n.name} ({n.url})" for n in res.new_servers) or "none")]
+    if res.terminated:
+        lines.append(f"old servers terminated: {escape(', '.join(res.terminated))}")
+    if kept:
+        lines.append(f"old servers kept (detached from the load balancer, still running; terminate "
+                     f"them by hand when done): {escape(', '.join(kept))}")
+    lines += [f"settings copy: {escape(', '.join(res.settings_copy) or 'none (no --setting)')}",
+              f"database snapshot: {escape(res.db_snapshot or 'none (no database)')}",
+              f"drain: {res.drain_s:.1f}s, "
+              + ("detach forced at gate drain-deadline (open sessions were closed)" if res.forced_detach
+                 else "detach not forced (no session was cut)")]
+    if res.new_servers:
+        lines.append("[bold]update the site's inventory[/]: list the new servers below under `nodes` and "
+                     "as the load balancer's members, in place of "
+                     + escape(", ".join(res.old_servers)) + (" (and remove the terminated ones)"
+                                                            if res.terminated else ""))
+        lines.append(escape(node_entries_yaml(res.new_servers).rstrip("\n")))
+    lines.append(f"[green]done[/]: {escape(', '.join(new))} now at {escape(res.version)}")
     return lines
