@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python -m bench.rolling_deploy
 	$(BIN)/python -m bench.secret_server
 	$(BIN)/python -m bench.ox_upgradeschemata
+	$(BIN)/python -m bench.minor_blue_green
 
 clean: lab-down
 	rm -rf .lab
