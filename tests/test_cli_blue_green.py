@@ -4,6 +4,7 @@ outcome summary with the new servers' inventory entries, and (on the session lab
 the real dev server and a worker) `zerodown plan`, `status` and `watch` of a run.
 """
 
+# ruff: noqa: F811  (the fixtures imported from tests.test_cli are named as test parameters)
 from __future__ import annotations
 
 import asyncio
@@ -15,17 +16,16 @@ from typing import Any
 
 import pytest
 import yaml
-from rich.console import Console
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
 import starter.cli as cli
-import worker.main
 from lab import provision as lab_provision
 from lab.config import LabConfig
 from starter import client as zc
 from tests.e2e_support import assert_untouched, closed_port, snapshot, zerodown
 from tests.temporal_env import TEMPORAL_BIN, temporal_address
+from tests.test_cli import no_temporal, wide_consoles  # noqa: F401  (the same fixtures: no Temporal, wide consoles)
 from workflows.inventory import Node, SecretRef, ServiceControl, SshTarget, parse_node_entry
 from workflows.minor_blue_green import MinorBlueGreenResult
 
@@ -33,24 +33,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.ya
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rich wraps at 80 columns without a terminal; messages are checked on one line."""
-    monkeypatch.setattr(cli, "console", Console(width=1000))
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=1000))
-
-
-@pytest.fixture
-def no_temporal(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Any attempt of the CLI to connect to Temporal is recorded (and fails)."""
-    calls: list[Any] = []
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        raise AssertionError("the CLI contacted Temporal")
-
-    monkeypatch.setattr(worker.main, "connect", connect)
-    return calls
 
 
 @pytest.fixture
