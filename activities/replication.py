@@ -106,6 +106,32 @@ def _is_from(st: ReplicaStatus, db: Database) -> bool:
     return st.configured and st.master_host == db.host and st.master_port == db.port
 
 
+@dataclass(frozen=True)
+class _WarmSeen:
+    """The warm server as a verb finds it: where it is, the admin connection to it, its
+    replication status and zerodown's record on it."""
+
+    endpoint: DatabaseEndpoint
+    conn: Database
+    where: str
+    status: ReplicaStatus
+    record: WarmRecord | None
+
+
+async def _look_at_warm(db: Database, refusal: str) -> _WarmSeen:
+    """Read the warm server's state; a server replicating from another server than this
+    primary is refused (WarmReplicaConflict, ending with `refusal`): zerodown never touches it."""
+    endpoint = _warm_endpoint(db)
+    warm = _warm(db)
+    where = f"database {db.name}: warm replica {endpoint.host}:{endpoint.port}"
+    st = await replica_status(db, endpoint)
+    record = await _read_record(warm)
+    if st.configured and not _is_from(st, db):
+        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}, not from "
+                                    f"the primary {db.host}:{db.port}: {refusal}")
+    return _WarmSeen(endpoint=endpoint, conn=warm, where=where, status=st, record=record)
+
+
 @contextlib.asynccontextmanager
 async def _session(target: Database, no_binlog: bool = False) -> AsyncIterator[aiomysql.Cursor]:
     """One connection's cursor (no default database); with `no_binlog` nothing it runs is
@@ -193,17 +219,11 @@ async def init_warm_replica(db: Database) -> ReplicaStatus:
     ... MASTER_USE_GTID=slave_pos, START SLAVE, both threads confirmed running. A retry
     after a crash resumes from the record (a half-loaded copy is dropped and loaded again).
     """
-    endpoint = _warm_endpoint(db)
-    warm = _warm(db)
     if not db.replication_user or db.replication_password is None:
         fail(INVALID_REQUEST, f"database {db.name}: the warm replica needs replication_user and "
                               "replication_password")
-    where = f"database {db.name}: warm replica {endpoint.host}:{endpoint.port}"
-    st = await replica_status(db, endpoint)
-    record = await _read_record(warm)
-    if st.configured and not _is_from(st, db):
-        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}, not from "
-                                    f"the primary {db.host}:{db.port}: refusing to re-initialise it")
+    seen = await _look_at_warm(db, "refusing to re-initialise it")
+    warm, where, st, record = seen.conn, seen.where, seen.status, seen.record
     if record is not None and record.state in (STOPPED, PROMOTED):
         fail(WARM_REPLICA_CONFLICT,
              f"{where} was {record.state} at GTID {record.gtid!r} (the warm backup of a run): refusing to "
@@ -468,14 +488,8 @@ async def stop_replication(db: Database) -> ReplicaStatus:
     """STOP SLAVE on the warm replica (seed 004 step 22): the server keeps running and keeps
     its replication settings, as the warm backup of the data at that moment; idempotent.
     The result's gtid_slave_pos is where it stopped."""
-    endpoint = _warm_endpoint(db)
-    warm = _warm(db)
-    where = f"database {db.name}: warm replica {endpoint.host}:{endpoint.port}"
-    st = await replica_status(db, endpoint)
-    record = await _read_record(warm)
-    if st.configured and not _is_from(st, db):
-        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}, not from "
-                                    f"the primary {db.host}:{db.port}")
+    seen = await _look_at_warm(db, "not stopping it")
+    endpoint, warm, where, st, record = seen.endpoint, seen.conn, seen.where, seen.status, seen.record
     if not st.configured:
         if record is not None and record.state == PROMOTED:
             return st  # promoted since: it no longer replicates, which is what was asked
@@ -494,14 +508,8 @@ async def promote_warm_replica(db: Database) -> DatabaseEndpoint:
     ALL, read_only OFF; idempotent. Only a server zerodown initialised (or that replicates
     from this primary): promoting an empty one would point the application at no data.
     Whether it is in sync is the caller's to check first (it was stopped at step 22)."""
-    endpoint = _warm_endpoint(db)
-    warm = _warm(db)
-    where = f"database {db.name}: warm replica {endpoint.host}:{endpoint.port}"
-    st = await replica_status(db, endpoint)
-    record = await _read_record(warm)
-    if st.configured and not _is_from(st, db):
-        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}, not from "
-                                    f"the primary {db.host}:{db.port}: refusing to promote it")
+    seen = await _look_at_warm(db, "refusing to promote it")
+    endpoint, warm, where, st, record = seen.endpoint, seen.conn, seen.where, seen.status, seen.record
     if record is None and not st.configured:
         fail(WARM_REPLICA_CONFLICT, f"{where} was never initialised from the primary: refusing to promote it")
     if record is not None and record.state in (LOADING, LOADED):
@@ -540,14 +548,8 @@ async def release_warm_replica(db: Database) -> WarmReleased:
     the server is empty again. Only after the caller's gate; idempotent. Refused for a
     promoted server (it holds the writes made since) and while connections of the
     application's account are open on it. The accounts copied from the primary stay."""
-    endpoint = _warm_endpoint(db)
-    warm = _warm(db)
-    where = f"database {db.name}: warm replica {endpoint.host}:{endpoint.port}"
-    st = await replica_status(db, endpoint)
-    record = await _read_record(warm)
-    if st.configured and not _is_from(st, db):
-        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}: not "
-                                    "releasing a server zerodown did not initialise")
+    seen = await _look_at_warm(db, "not releasing a server zerodown did not initialise")
+    endpoint, warm, where, st, record = seen.endpoint, seen.conn, seen.where, seen.status, seen.record
     databases = await _user_databases(warm)
     if record is None and not st.configured:
         if databases:
