@@ -100,8 +100,8 @@ SettingOpt = Annotated[list[str] | None, typer.Option("--setting", metavar="FILE
     "app folder; the template's current values are saved first. Values enter the workflow input: "
     "no secrets"))]
 SystemCommandOpt = Annotated[list[str] | None, typer.Option("--system-command", metavar="CMD", help=(
-    "minor-blue-green: a systems-level change, run on the first new server before it is launched "
-    "(repeatable, in order; the other new servers are cloned from it)"))]
+    "minor-blue-green: a systems-level change, run on every new server before it is launched "
+    "(repeatable, in order)"))]
 DrainDeadlineOpt = Annotated[float | None, typer.Option("--drain-deadline", metavar="SECONDS", min=1.0, help=(
     "minor-blue-green: how long the old servers' sessions may take before gate drain-deadline asks "
     "(default 300)"))]
