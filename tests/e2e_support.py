@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pymysql
 from temporalio.client import Client, WorkflowHandle
 
 from activities.haproxy import parse_servers_state
@@ -209,8 +210,8 @@ async def ensure_site_defaults(lab: LabConfig) -> list[str]:
 async def ensure_v1(lab: LabConfig) -> None:
     """Reset the lab unless it already is as just after `lab up`: v1 on every node, schema 1,
     every app server ready and UP (none attached at run time, no maintenance page, every
-    health-check file present), no fault injected, upgrade settings at their defaults,
-    no audit rows, staging stopped and empty, no staging / scratch database."""
+    health-check file present), the warm MariaDB server empty, no fault injected, upgrade
+    settings at their defaults, no audit rows, staging stopped and empty, no staging / scratch database."""
     async def version(i: int) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
                 s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
@@ -225,8 +226,10 @@ async def ensure_v1(lab: LabConfig) -> None:
                  and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes)
                  # No server attached at run time, no maintenance page, every health file there.
                  and not lab_haproxy.runtime_servers(lab) and not lab_haproxy.maintenance_on(lab)
-                 and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes))
-    except (OSError, aiohttp.ClientError, ValueError, KeyError, lab_haproxy.HAProxyError):
+                 and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes)
+                 # The warm server empty, no node pointed at it (seed 004's revert).
+                 and not lab_mariadb.warm_problems(lab) and not lab_mariadb.nodes_on_warm(lab))
+    except (OSError, aiohttp.ClientError, ValueError, KeyError, lab_haproxy.HAProxyError, pymysql.MySQLError):
         fresh = False
     if not fresh:
         from lab.manager import lab_reset

@@ -173,7 +173,7 @@ async def test_drain_deadline_gate(fresh_lab: LabConfig, client: Client, lab_wor
     inp = MinorBlueGreenInput(inventory=inv, package_path=str(lab.package(2)), drain_deadline_s=2,
                               gate_timeout_s=120)
     # Sessions opened before the run, long enough to outlive the drain's start: with node3
-    # and node4 in maintenance they are all on node1 and node2, two each.
+    # and node4 in maintenance they are all on node1 and node2.
     sessions = asyncio.create_task(long_requests(lab, 4, 25_000))
     await asyncio.sleep(0.5)
     handle = await start(client, lab_worker, inp, f"drain-{choice}")
@@ -190,7 +190,7 @@ async def test_drain_deadline_gate(fresh_lab: LabConfig, client: Client, lab_wor
         assert set(servers) == {lab.node_name(i) for i in lab.node_indexes}, servers
         assert servers["node1"].startswith("UP") and servers["node2"].startswith("UP"), servers
         assert all((lab.node_dir(i) / "health_check.html").is_file() for i in (1, 2))
-        assert sorted(long) == [(200, "node1"), (200, "node1"), (200, "node2"), (200, "node2")], long
+        assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
         return
     # Waiting longer: each deadline passed opens the gate again, until the sessions ended.
     while choice == "wait":
@@ -204,7 +204,7 @@ async def test_drain_deadline_gate(fresh_lab: LabConfig, client: Client, lab_wor
     assert result.terminated == ()  # kept at the gate
     if choice == "wait":
         # Waiting longer let every session finish untouched, on its old server.
-        assert sorted(long) == [(200, "node1"), (200, "node1"), (200, "node2"), (200, "node2")], long
+        assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
     else:
         # Forcing cut the sessions the old servers still held (none finished there) without
         # waiting for them; HAProxy's l7 retry (`retry-on empty-response`, GET only) may
@@ -237,7 +237,7 @@ async def test_worker_killed_during_the_drain_wait_completes(
         worker.kill()
         worker.wait()
     assert killed.startswith("13 wait for zero sessions"), killed
-    assert sorted(long) == [(200, "node1"), (200, "node1"), (200, "node2"), (200, "node2")], long
+    assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
     assert result.terminated == ("node1", "node2")
     assert not (lab.nodes_dir / "node1").exists()
 
