@@ -28,8 +28,8 @@ from tests.temporal_env import TEMPORAL_BIN, temporal_address
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
 runner = CliRunner()
 
-KNOWN = ("unknown procedure 'rolling-upgrade' (known: minor-blue-green, ox-node-upgrade, ox-upgradeschemata, "
-         "rolling-deploy, "
+KNOWN = ("unknown procedure 'rolling-upgrade' (known: major-maintenance-window, minor-blue-green, "
+         "ox-node-upgrade, ox-upgradeschemata, rolling-deploy, "
          "ss-load-balanced, ss-rolling)")
 
 

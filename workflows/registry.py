@@ -1,5 +1,10 @@
 """Every procedure zerodown knows, by the name users type (`zerodown start <procedure>`)."""
 
+from workflows.major_maintenance_window import (
+    MajorMaintenanceInput,
+    MajorMaintenanceResult,
+    MajorMaintenanceWindowWorkflow,
+)
 from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
 from workflows.ox_node_upgrade import OxNodeUpgradeInput, OxNodeUpgradeResult, OxNodeUpgradeWorkflow
 from workflows.ox_upgradeschemata import (
@@ -18,6 +23,7 @@ PROCEDURES: dict[str, type] = {
     "ox-upgradeschemata": OxUpgradeSchemataWorkflow,
     "ox-node-upgrade": OxNodeUpgradeWorkflow,
     "minor-blue-green": MinorBlueGreenWorkflow,
+    "major-maintenance-window": MajorMaintenanceWindowWorkflow,
 }
 INPUTS: dict[str, type] = {
     "rolling-deploy": RollingDeployInput,
@@ -26,6 +32,7 @@ INPUTS: dict[str, type] = {
     "ox-upgradeschemata": OxUpgradeSchemataInput,
     "ox-node-upgrade": OxNodeUpgradeInput,
     "minor-blue-green": MinorBlueGreenInput,
+    "major-maintenance-window": MajorMaintenanceInput,
 }
 RESULTS: dict[str, type] = {
     "rolling-deploy": RollingDeployResult,
@@ -34,5 +41,6 @@ RESULTS: dict[str, type] = {
     "ox-upgradeschemata": OxUpgradeSchemataResult,
     "ox-node-upgrade": OxNodeUpgradeResult,
     "minor-blue-green": MinorBlueGreenResult,
+    "major-maintenance-window": MajorMaintenanceResult,
 }
 ALL_WORKFLOWS: list[type] = list(PROCEDURES.values())
