@@ -32,6 +32,7 @@ from starter.report import (
     blue_green_summary,
     gate_line,
     kv_table,
+    maintenance_window_summary,
     ox_nodes_summary,
     ox_schemata_summary,
     recent_steps_table,
@@ -268,6 +269,7 @@ def _result_type(procedure: str) -> type | None:
 def _print_outcome(outcome: zc.Outcome) -> int:
     """Print how a run ended; the exit code: 0 done, 1 failed (or, for the OX procedures,
     done but with schemata not upgraded, or aborted at the registered-server gate)."""
+    from workflows.major_maintenance_window import MajorMaintenanceResult
     from workflows.minor_blue_green import MinorBlueGreenResult
     from workflows.ox_node_upgrade import OxNodeUpgradeResult
     from workflows.ox_upgradeschemata import OxUpgradeSchemataResult
@@ -293,6 +295,10 @@ def _print_outcome(outcome: zc.Outcome) -> int:
         for line in ox_nodes_summary(res):
             console.print(line, soft_wrap=True)
         return 1 if res.failed_schemata else 0
+    if isinstance(res, MajorMaintenanceResult):
+        for line in maintenance_window_summary(res):
+            console.print(line, soft_wrap=True)
+        return 0
     if isinstance(res, MinorBlueGreenResult):
         for line in blue_green_summary(res):
             console.print(line, soft_wrap=True)

@@ -15,6 +15,7 @@ from rich.text import Text
 from starter.client import RunStatus
 from workflows.gates import PendingGate
 from workflows.inventory import Node
+from workflows.major_maintenance_window import MajorMaintenanceResult
 from workflows.minor_blue_green import MinorBlueGreenResult
 from workflows.ox_node_upgrade import OxNodeUpgradeResult
 from workflows.ox_upgradeschemata import OxSchemataProgress, OxUpgradeSchemataResult
@@ -216,6 +217,28 @@ def blue_green_summary(res: MinorBlueGreenResult) -> list[str]:
                      "as the load balancer's members, in place of "
                      + escape(", ".join(res.old_servers)) + (" (and remove the terminated ones)"
                                                             if res.terminated else ""))
+        lines.append(escape(node_entries_yaml(res.new_servers).rstrip("\n")))
+    lines.append(f"[green]done[/]: {escape(', '.join(new))} now at {escape(res.version)}")
+    return lines
+
+
+def maintenance_window_summary(res: MajorMaintenanceResult) -> list[str]:
+    """The outcome of a major-maintenance-window run (rich markup, names escaped), ending
+    with the new servers' inventory entries."""
+    new = [n.name for n in res.new_servers]
+    kept = [o for o in res.old_servers if o not in res.terminated]
+    lines = [f"[bold]major-maintenance-window[/] on {escape(res.site)}: {escape(', '.join(res.old_servers))} "
+             f"replaced by {escape(', '.join(new) or 'none')} at {escape(res.version)}",
+             f"downtime (steps 17-33): {res.downtime_s:.1f}s, of which the migrations (step 23) "
+             f"{res.migration_s:.1f}s",
+             "database snapshots: " + escape(", ".join(res.snapshots) or "none")]
+    if res.terminated:
+        lines.append(f"terminated: {escape(', '.join(res.terminated))} and the warm replica released")
+    if kept:
+        lines.append(f"kept (detached, stopped): {escape(', '.join(kept))}; the warm replica too")
+    if res.new_servers:
+        lines.append("[bold]update the site's inventory[/]: list the new servers below under `nodes` and "
+                     "as the load balancer's members, in place of " + escape(", ".join(res.old_servers)))
         lines.append(escape(node_entries_yaml(res.new_servers).rstrip("\n")))
     lines.append(f"[green]done[/]: {escape(', '.join(new))} now at {escape(res.version)}")
     return lines

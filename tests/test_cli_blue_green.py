@@ -27,6 +27,7 @@ from tests.e2e_support import assert_untouched, closed_port, snapshot, zerodown
 from tests.temporal_env import TEMPORAL_BIN, temporal_address
 from tests.test_cli import no_temporal, wide_consoles  # noqa: F401  (the same fixtures: no Temporal, wide consoles)
 from workflows.inventory import Node, SecretRef, ServiceControl, SshTarget, parse_node_entry
+from workflows.major_maintenance_window import MajorMaintenanceResult
 from workflows.minor_blue_green import MinorBlueGreenResult
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
@@ -285,3 +286,21 @@ async def test_plan_status_watch_and_the_plain_temporal_cli(
 
     await assert_untouched(lab, before)
     assert lab_provision.provisioned(lab) == {}
+
+
+def test_the_maintenance_window_summary_gives_the_downtime_and_the_entries(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    new = (new_server("web-a-v2-0-0", 2201, 8081),)
+    res = MajorMaintenanceResult(
+        site="acme-prod", version="2.0.0", old_servers=("web-a",), new_servers=new, terminated=("web-a",),
+        dry_run=False, plan=(), steps=(), snapshots=("/b/run-db-20.sql", "/b/run-db-32.sql"),
+        migration_s=1.25, downtime_s=9.5)
+    assert cli._print_outcome(zc.Outcome(ok=True, result=res, error=None)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "major-maintenance-window on acme-prod: web-a replaced by web-a-v2-0-0 at 2.0.0" in lines
+    assert "downtime (steps 17-33): 9.5s, of which the migrations (step 23) 1.2s" in lines
+    assert "database snapshots: /b/run-db-20.sql, /b/run-db-32.sql" in lines
+    assert "terminated: web-a and the warm replica released" in lines
+    hint = next(i for i, line in enumerate(lines) if line.startswith("update the site's inventory: "))
+    entries = yaml.safe_load("\n".join(lines[hint + 1:-1]))["nodes"]
+    assert tuple(parse_node_entry(e) for e in entries) == new
