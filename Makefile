@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python -m bench.secret_server
 	$(BIN)/python -m bench.ox_upgradeschemata
 	$(BIN)/python -m bench.minor_blue_green
+	$(BIN)/python -m bench.major_maintenance_window
 
 clean: lab-down
 	rm -rf .lab

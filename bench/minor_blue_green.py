@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -52,6 +52,7 @@ APPROVER = "alice"    # listed for every gate in the lab inventory
 MIGRATION_STEP = "2"  # seed 003 step 2: the pre-upgrade (additive) migrations
 POLL_S = 0.1
 GATE_TIMEOUT_S = 600.0
+R = TypeVar("R")  # a procedure's result type
 
 
 # =========================================================================== figures (pure)
@@ -86,8 +87,10 @@ def migration_s(steps: Iterable[StepLike]) -> float:
     return sum(s.duration_s or 0.0 for s in steps if s.seed_step == MIGRATION_STEP)
 
 
-def result_line(requests: int, failed: int, maintenance: float, migration: float) -> str:
-    return (f"procedure={PROCEDURE} requests={requests} failed={failed} "
+def result_line(requests: int, failed: int, maintenance: float, migration: float,
+                procedure: str = PROCEDURE) -> str:
+    """The stdout line (also bench/major_maintenance_window.py's, with its procedure)."""
+    return (f"procedure={procedure} requests={requests} failed={failed} "
             f"maintenance_s={maintenance:.2f} migration_s={migration:.2f}")
 
 
@@ -189,20 +192,34 @@ async def open_long_requests(url: str, n: int, ms: int) -> list[LongRequest]:
         return list(await asyncio.gather(*(one(s) for _ in range(n))))
 
 
-async def choose_terminate(handle: WorkflowHandle[Any, Any]) -> None:
-    """Decide the `terminate` gate "terminate" as APPROVER as soon as it opens."""
+def gate_wait_s(since: dt.datetime, at: dt.datetime) -> float:
+    """How long a gate waited for its decision: opened (PendingGate.since) -> decided
+    (GateRecord.at), both on the workflow's clock."""
+    return max((at - since).total_seconds(), 0.0)
+
+
+async def decide_gate(handle: WorkflowHandle[Any, Any], gate: str, choice: str,
+                      poll_s: float = 0.3) -> float:
+    """Decide `gate` `choice` as APPROVER as soon as it opens; the seconds it waited."""
     while True:
         try:
             waiting = await zc.pending_gates(handle)
         except Exception:  # no worker answered the query yet
             waiting = []
         for g in waiting:
-            if g.gate == "terminate":
-                await zc.decide(handle, True, Decision(gate=g.gate, by=APPROVER, plan_hash=g.plan_hash,
-                                                       choice="terminate", comment="bench"))
-                say(f"gate terminate: terminate ({APPROVER})")
-                return
-        await asyncio.sleep(0.3)
+            if g.gate == gate:
+                decision = Decision(gate=g.gate, by=APPROVER, plan_hash=g.plan_hash, choice=choice,
+                                    comment="bench")
+                record = await zc.decide(handle, True, decision)
+                waited = gate_wait_s(g.since, record.at)
+                say(f"gate {gate}: {choice} ({APPROVER}) after {waited:.2f}s")
+                return waited
+        await asyncio.sleep(poll_s)
+
+
+async def choose_terminate(handle: WorkflowHandle[Any, Any]) -> None:
+    """Decide the `terminate` gate "terminate" as APPROVER as soon as it opens."""
+    await decide_gate(handle, "terminate", "terminate")
 
 
 @dataclass
@@ -232,13 +249,14 @@ class Alongside:
         await choose_terminate(handle)
 
 
-async def fetch_result(client: Client,
-                       handle: WorkflowHandle[Any, Any] | None) -> MinorBlueGreenResult | None:
+async def fetch_result(client: Client, handle: WorkflowHandle[Any, Any] | None,
+                       result_type: type[R]) -> R | None:
+    """The run's result (None: no run, or it failed)."""
     if handle is None:
         return None
-    typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=MinorBlueGreenResult)
+    typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
     try:
-        result: MinorBlueGreenResult = await typed.result()
+        result: R = await typed.result()
     except WorkflowFailureError:
         return None
     return result
@@ -271,7 +289,7 @@ async def run_bench(cfg: LabConfig, rate: float, keep: bool, long_count: int, lo
         run = await measure_run(cfg, client, rate, PROCEDURE, inv, bench_input(inv, str(cfg.package(2))),
                                 MinorBlueGreenResult, timeout_s, alongside=side)
         wall = time.monotonic() - t0
-        result = await fetch_result(client, side.handle)
+        result = await fetch_result(client, side.handle, MinorBlueGreenResult)
         # measure_run read the probe's summary file; the maintenance times are in it too.
         summary = read_summary(cfg.probe_summary)
         steps = result.steps if result is not None else await steps_so_far(side.handle)
