@@ -6,7 +6,6 @@ probe counting every request."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import uuid
 from datetime import timedelta
@@ -19,27 +18,16 @@ from temporalio.testing import WorkflowEnvironment
 
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
-from lab.config import BACKEND, LabConfig
+from lab.config import LabConfig
 from tests.e2e_support import kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
-from tests.test_e2e_minor_blue_green import choose, main_servers, pending, provisioned, wait_step
-from workflows.inventory import Inventory, load_inventory
+from tests.test_e2e_minor_blue_green import choose, main_servers, pending, provisioned, two_old, wait_step
+from workflows.inventory import load_inventory
 from workflows.major_maintenance_window import (
     MajorMaintenanceInput,
     MajorMaintenanceResult,
     MajorMaintenanceWindowWorkflow,
 )
-
-
-def two_old(lab: LabConfig, inv: Inventory) -> Inventory:
-    """node1 and node2 are the site (the balancer's members); node3 and node4 are put in
-    maintenance, so every request of the probe reaches the servers the procedure moves."""
-    for n in ("node3", "node4"):
-        assert not lab_haproxy.runtime_command(lab, f"set server {BACKEND}/{n} state maint").strip()
-    lb = inv.load_balancers[0]
-    members = {n: s for n, s in lb.members.items() if n in ("node1", "node2")}
-    return dataclasses.replace(inv, load_balancers=(dataclasses.replace(lb, members=members),
-                                                    *inv.load_balancers[1:]))
 
 
 async def start(client: Client, task_queue: str, inp: MajorMaintenanceInput,
