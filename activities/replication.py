@@ -82,6 +82,11 @@ _COPY_CHUNK = 1 << 16
 # Connections of an account other than the asking one.
 _USER_CONNECTIONS = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s "
                      "AND ID <> CONNECTION_ID()")
+# Open transactions (of other sessions) that changed or locked rows: writes not committed
+# yet, so not in the GTID position, that a commit would still add.
+_PENDING_WRITES = ("SELECT COUNT(*) FROM information_schema.INNODB_TRX "
+                   "WHERE trx_mysql_thread_id <> CONNECTION_ID() "
+                   "AND (trx_rows_modified > 0 OR trx_rows_locked > 0)")
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -445,40 +450,55 @@ class WritesStopped:
     # Connections of the application's account (db.user) still open on the primary: no
     # writes came through them for quiet_s, but an idle client can still write.
     user_connections: int
+    # Open transactions that had changed rows when the wait ended (0: nothing uncommitted).
+    pending_writes: int = 0
+    # Since when (the primary's clock, Unix seconds) the position has been `gtid`: what a
+    # later wait is given as `seen_since` to go on from this one.
+    since: float = 0.0
 
 
-async def wait_writes_stopped(db: Database, quiet_s: float, timeout_s: float) -> WritesStopped:
-    """Wait until the primary's @@gtid_binlog_pos has not changed for `quiet_s` (seed 004
-    step 19: no more writes, to any database of the server); DbWritesContinue at the
-    deadline. Polls every 0.5 s on one connection, heartbeating; a retry keeps the time
-    waited and, when the position is still the one last seen, the time it was unchanged."""
+async def wait_writes_stopped(db: Database, quiet_s: float, timeout_s: float,
+                              seen_gtid: str | None = None, seen_since: float | None = None
+                              ) -> WritesStopped:
+    """Wait until the primary's @@gtid_binlog_pos has not changed for `quiet_s` with no
+    open transaction holding changed rows (seed 004 step 19: no more writes, to any database
+    of the server; an uncommitted write is not in the position yet, its commit would be);
+    DbWritesContinue at the deadline. Polls every 0.5 s on one connection, heartbeating.
+    Time is the primary's clock (one clock, whichever worker asks). The position last seen
+    is carried into a retry (from the heartbeat) or given by the caller (`seen_gtid` at
+    `seen_since`, e.g. a watch that ran while the writers were being stopped): while the
+    position is still that one, the quiet time counts from then."""
     primary = admin_at(db)
     prev = _carried()
     carried, started = _carried_waited(), time.monotonic()
-    last_gtid: str | None = prev.get("gtid") if isinstance(prev.get("gtid"), str) else None
-    since = float(prev.get("since", time.time())) if last_gtid is not None else time.time()
+    if isinstance(prev.get("gtid"), str):
+        seen_gtid, seen_since = str(prev["gtid"]), float(prev.get("since", 0.0))
+    last_gtid: str | None = seen_gtid
+    since = seen_since or 0.0
     changes = 0
     async with _session(primary) as cur:
         while True:
-            gtid = str((await _run(primary, cur, "SELECT @@GLOBAL.gtid_binlog_pos"))[0][0] or "")
+            row = (await _run(primary, cur, "SELECT @@GLOBAL.gtid_binlog_pos, UNIX_TIMESTAMP(NOW(6))"))[0]
+            gtid, now = str(row[0] or ""), float(row[1])
             conns = int((await _run(primary, cur, _USER_CONNECTIONS, (db.user,)))[0][0])
-            now = time.time()
-            if gtid != last_gtid:
-                if last_gtid is not None:
+            pending = int((await _run(primary, cur, _PENDING_WRITES))[0][0])
+            if gtid != last_gtid or pending or not since:
+                if last_gtid is not None and gtid != last_gtid:
                     changes += 1
                 last_gtid, since = gtid, now
             quiet, waited = now - since, carried + time.monotonic() - started
             if quiet >= quiet_s:
                 return WritesStopped(gtid=gtid, waited_s=round(waited, 2), quiet_s=round(quiet, 2),
-                                     user_connections=conns)
+                                     user_connections=conns, pending_writes=pending, since=since)
             if waited >= timeout_s:
                 fail(DB_WRITES_CONTINUE,
                      f"database {db.name}: the primary {db.host}:{db.port} is still being written to after "
                      f"{waited:.0f}s (its GTID position moved {changes} time(s), now {gtid!r}; needed "
-                     f"{quiet_s:g}s without a write); {conns} connection(s) of {db.user} are open")
+                     f"{quiet_s:g}s without a write; {pending} open transaction(s) hold changed rows); "
+                     f"{conns} connection(s) of {db.user} are open")
             heartbeat({"waited_s": round(waited, 2), "gtid": gtid, "since": since, "quiet_s": round(quiet, 2),
-                       "user_connections": conns})
-            await asyncio.sleep(min(POLL_S, max(0.05, quiet_s - quiet)))
+                       "user_connections": conns, "pending_writes": pending})
+            await asyncio.sleep(min(POLL_S, max(0.02, quiet_s - quiet)))
 
 
 # --------------------------------------------------------------------------- stop, promote, release
@@ -654,6 +674,10 @@ class WritesStoppedRequest:
     db: Database
     quiet_s: float = 10.0
     timeout_s: float = 300.0
+    # A position an earlier wait saw unchanged since `seen_since` (the primary's clock): the
+    # quiet time counts from then while the position is still that one.
+    seen_gtid: str | None = None
+    seen_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -692,7 +716,7 @@ async def db_promote_warm_replica(req: DbRequest) -> DatabaseEndpoint:
 @activity.defn
 async def db_wait_writes_stopped(req: WritesStoppedRequest) -> WritesStopped:
     """Seed 004 step 19: the primary's GTID position unchanged for quiet_s."""
-    return await wait_writes_stopped(req.db, req.quiet_s, req.timeout_s)
+    return await wait_writes_stopped(req.db, req.quiet_s, req.timeout_s, req.seen_gtid, req.seen_since)
 
 
 @activity.defn

@@ -294,6 +294,37 @@ async def test_writes_stopped_times_out_while_a_client_keeps_writing(db: Databas
     assert res.quiet_s >= 1.0
 
 
+async def test_writes_stopped_waits_for_an_uncommitted_write(db: Database) -> None:
+    # A write not committed yet leaves the GTID position as it is: only its commit moves it.
+    async with mysql.connection(db) as conn, conn.cursor() as cur:
+        await conn.begin()
+        await cur.execute("INSERT INTO items (node, body) VALUES ('replication-test', 'uncommitted')")
+        msg = await _expect(DB_WRITES_CONTINUE, replication.db_wait_writes_stopped,
+                            WritesStoppedRequest(db, quiet_s=0.5, timeout_s=2))
+        assert "1 open transaction(s) hold changed rows" in msg
+        await conn.rollback()
+    res = await _env().run(replication.db_wait_writes_stopped, WritesStoppedRequest(db, 0.5, 30))
+    assert res.pending_writes == 0 and res.quiet_s >= 0.5
+
+
+async def test_writes_stopped_goes_on_from_an_earlier_watch(db: Database) -> None:
+    # A watch saw the position unchanged for 2 s (while the writers were being stopped):
+    # a wait given that sighting needs no more quiet time while the position is the same ...
+    first = await _env().run(replication.db_wait_writes_stopped, WritesStoppedRequest(db, 0.3, 30))
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    res = await _env().run(replication.db_wait_writes_stopped, WritesStoppedRequest(
+        db, 0.7, 30, seen_gtid=first.gtid, seen_since=first.since))
+    assert loop.time() - t0 < 0.3 and res.quiet_s >= 0.7 and res.since == first.since
+    # ... and the whole of it once a write moved the position.
+    await _insert(db, "after-the-watch")
+    t0 = loop.time()
+    res = await _env().run(replication.db_wait_writes_stopped, WritesStoppedRequest(
+        db, 0.7, 30, seen_gtid=first.gtid, seen_since=first.since))
+    assert loop.time() - t0 >= 0.7 and res.gtid != first.gtid and res.since > first.since
+
+
 async def test_writes_stopped_retry_keeps_the_quiet_time_already_seen(db: Database) -> None:
     pos = await _primary_pos(db)
     loop = asyncio.get_running_loop()
