@@ -34,12 +34,13 @@ from activities.haproxy import (
     lb_list_servers,
     lb_maintenance_state,
     lb_member_state,
+    lb_preview_check,
     lb_set_maintenance,
     lb_set_state,
     lb_wait_drained,
     lb_wait_up,
 )
-from activities.http_checks import check_health, check_login, get_version, wait_healthy
+from activities.http_checks import check_health, check_login, check_serving, get_version, wait_healthy
 from activities.mysql import (
     check_backup_space,
     db_apply_migration,
@@ -92,6 +93,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     lb_list_servers,
     lb_set_maintenance,
     lb_maintenance_state,
+    lb_preview_check,
     # database
     db_server_version,
     db_schema_version,
@@ -124,6 +126,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     wait_healthy,
     get_version,
     check_login,
+    check_serving,
     # the application's admin interface
     app_admin_state,
     app_set_settings,

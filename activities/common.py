@@ -35,6 +35,9 @@ LB_UNSUPPORTED = "LbUnsupported"
 # A server to attach at run time exists with another address; one to detach still has sessions.
 LB_MEMBER_CONFLICT = "LbMemberConflict"
 LB_MEMBER_BUSY = "LbMemberBusy"
+# A test through the balancer past its maintenance page (lb_preview_check): a wrong
+# answer, a node that should not be behind it, or one that never answered.
+LB_PREVIEW_CHECK_FAILED = "LbPreviewCheckFailed"
 DB_UNSUPPORTED = "DbUnsupported"
 DRAIN_TIMEOUT = "DrainTimeout"
 NOT_UP_TIMEOUT = "NotUpTimeout"

@@ -11,7 +11,9 @@ column alone hides a drain while the server is DOWN.
 
 Servers attached and detached at run time (`add server` / `del server`: lb_add_server,
 lb_del_server) and the maintenance page switched through a map entry (`set map`:
-lb_set_maintenance) need no reload either; see the section "run-time servers".
+lb_set_maintenance) need no reload either; see the section "run-time servers". The
+servers behind the page are tested through it with a one-time preview key (`add map`,
+`del map`: lb_preview_check, section "preview past the page").
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import csv
 import dataclasses
 import io
 import ipaddress
+import json
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.common import (
     DRAIN_TIMEOUT,
@@ -36,6 +41,7 @@ from activities.common import (
     LB_MEMBER_BUSY,
     LB_MEMBER_CONFLICT,
     LB_MEMBER_NOT_FOUND,
+    LB_PREVIEW_CHECK_FAILED,
     LB_RUNTIME_API_ERROR,
     LB_UNSUPPORTED,
     NOT_UP_TIMEOUT,
@@ -43,9 +49,12 @@ from activities.common import (
     heartbeat,
     previous_heartbeat,
 )
-from workflows.inventory import LoadBalancer, MaintenanceSwitch
+from activities.http_checks import fetch_full
+from workflows.inventory import HttpCheck, LoadBalancer, MaintenanceSwitch
 
-POLL_S = 0.25
+# Between two looks at a member waiting for UP or zero sessions: a `show stat` is cheap, and
+# inside a maintenance window every poll interval is downtime.
+POLL_S = 0.05
 STATES = ("ready", "drain", "maint")
 # Per-command timeout of the runtime API client outside waits.
 CMD_TIMEOUT_S = 10.0
@@ -653,3 +662,208 @@ async def lb_maintenance_state(req: LbRequest) -> bool:
 async def lb_list_servers(req: LbRequest) -> tuple[ServerStat, ...]:
     """The backend's servers, e.g. to see whether anything is still attached."""
     return await list_servers(req.lb)
+
+
+# --------------------------------------------------------------------------- preview past the page
+# Seed 004 step 30: the new servers tested *through* the balancer while its maintenance page
+# is still up for everyone else. The frontend's page rule lets a request pass whose
+# `preview_header` holds a key of the maintenance map with the value `preview`
+# (`!{ req.hdr(<header>),map(<map>,none) -m str preview }`); lb_preview_check adds a
+# one-time random key, sends its requests with it and deletes the key again. The key is a
+# credential for the bypass: it never leaves the activity (not in its result, errors or
+# heartbeats) and lives only in the running HAProxy (`add map` writes no file). One preview
+# check at a time per map: a check deletes the preview keys it finds as leftovers.
+
+PREVIEW_KEY_PREFIX = "zdpreview-"
+PREVIEW_VALUE = "preview"
+PREVIEW_REQUESTS_PER_NODE = 4
+PREVIEW_MIN_REQUESTS = 4
+PREVIEW_MAX_REQUESTS = 1000
+# Beyond `requests`, while an expected node has not answered yet: round robin is uneven for a
+# while after servers come UP (HAProxy's weighted round robin places a server that just came
+# up apart from the others), so 4 answers per node can miss one of them. Per expected node.
+PREVIEW_EXTRA_PER_NODE = 20
+_HIDDEN_KEY = PREVIEW_KEY_PREFIX + "***"
+
+
+@dataclass(frozen=True)
+class PreviewCheckRequest:
+    lb: LoadBalancer  # with maintenance.preview_header and frontend_url
+    # The application's version check (application.version): its path and expected status.
+    check: HttpCheck
+    expect_version: str
+    # Exactly these must answer, by the name the application reports (the JSON's "node",
+    # else its X-Node header; the lab app reports its inventory node name, clones included).
+    expect_nodes: tuple[str, ...]
+    # When set: an answer that has "db_schema" must report this one.
+    expect_db_schema: int | None = None
+    # None: PREVIEW_REQUESTS_PER_NODE per expected node, at least PREVIEW_MIN_REQUESTS; then
+    # more (up to PREVIEW_EXTRA_PER_NODE per node) while an expected node has not answered.
+    requests: int | None = None
+    timeout_s: float = 5.0  # per request
+
+
+@dataclass(frozen=True)
+class PreviewCheckResult:
+    url: str  # what was requested: the balancer's frontend_url and the check's path
+    requests: int
+    nodes: tuple[tuple[str, int], ...]  # (node, answers), sorted by node
+    page_on: bool  # the maintenance page was on when the check began
+
+
+@dataclass(frozen=True)
+class VersionAnswer:
+    node: str  # "" when the answer names none
+    version: str  # "" when there is none
+    problem: str  # "" when the answer is the expected one
+
+
+def judge_version_answer(status: int, body: str, header_node: str, expect_status: int,
+                         expect_version: str, expect_db_schema: int | None) -> VersionAnswer:
+    """One answer of the version check through the balancer, judged: the expected status,
+    a JSON object whose "version" is `expect_version` and, when `expect_db_schema` is set and
+    the object has "db_schema", that too; the node is its "node", else `header_node`. Pure."""
+    if status != expect_status:
+        hint = (" (503 with the page on: the frontend's page rule may not honour the preview "
+                "header, or no server is UP)" if status == 503 else "")
+        return VersionAnswer(header_node, "", f"status {status}, expected {expect_status}{hint}")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return VersionAnswer(header_node, "", f"not a JSON object: {body.strip()[:120]!r}")
+    raw_node = data.get("node")
+    node = str(raw_node) if raw_node not in (None, "") else header_node
+    if data.get("version") is None:
+        return VersionAnswer(node, "", "no \"version\" in the answer")
+    version = str(data["version"])
+    if version != expect_version:
+        return VersionAnswer(node, version, f"version {version!r}, expected {expect_version!r}")
+    if expect_db_schema is not None and "db_schema" in data:
+        db = data["db_schema"]
+        if isinstance(db, bool) or db != expect_db_schema:
+            return VersionAnswer(node, version, f"db_schema {db!r}, expected {expect_db_schema}")
+    if not node:
+        return VersionAnswer("", version, "names no node (no \"node\" in the JSON, no X-Node header)")
+    return VersionAnswer(node, version, "")
+
+
+def _preview_target(lb: LoadBalancer) -> tuple[str, MaintenanceSwitch, str]:
+    """(runtime_api, switch, preview header) of a balancer whose page has a preview bypass."""
+    api, sw = _switch(lb)
+    if not sw.preview_header:
+        fail(INVALID_REQUEST, f"load balancer {lb.name}: its maintenance switch declares no "
+                              "preview_header (the header whose one-time key passes the page)")
+    if not lb.frontend_url:
+        fail(INVALID_REQUEST, f"load balancer {lb.name}: no frontend_url (where the servers behind "
+                              "it are tested)")
+    return api, sw, sw.preview_header
+
+
+async def _keyed_command(lb: LoadBalancer, api: str, command: str, key: str,
+                         gone_ok: bool = False) -> None:
+    """A map command naming a preview key: it must answer nothing (`gone_ok`: or that the
+    key is not there); errors never show the key, and are retryable."""
+    try:
+        problem = (await runtime_command(api, command)).strip()
+    except ApplicationError as e:
+        # Its message quotes the command (the key); raised below, outside this handler,
+        # so neither the message nor the exception chain carries it.
+        problem = e.message
+    if gone_ok and "not found" in problem.lower():
+        return
+    if problem:
+        # A retry starts by deleting the preview keys it finds, then tries again.
+        shown = command.replace(key, _HIDDEN_KEY)
+        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): {shown!r}: "
+                                   f"{problem.replace(key, _HIDDEN_KEY)}", retryable=True)
+
+
+async def _delete_preview_keys(lb: LoadBalancer, api: str, sw: MaintenanceSwitch) -> int:
+    """Delete the preview keys an interrupted earlier check left; returns how many."""
+    text = await runtime_command(api, f"show map {sw.map}")
+    keys = {parts[1] for line in text.splitlines()
+            if len(parts := line.split()) == 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)}
+    for key in sorted(keys):
+        await _keyed_command(lb, api, f"del map {sw.map} {key}", key, gone_ok=True)
+    return len(keys)
+
+
+async def preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
+    lb = req.lb
+    api, sw, header = _preview_target(lb)
+    expected = set(req.expect_nodes)
+    if not expected:
+        fail(INVALID_REQUEST, f"load balancer {lb.name}: preview check without expected nodes")
+    count = req.requests if req.requests is not None else max(
+        PREVIEW_MIN_REQUESTS, PREVIEW_REQUESTS_PER_NODE * len(expected))
+    if not len(expected) <= count <= PREVIEW_MAX_REQUESTS:
+        fail(INVALID_REQUEST, f"preview check: {count} requests for {len(expected)} node(s): expected "
+                              f"{len(expected)}-{PREVIEW_MAX_REQUESTS} (every node must be able to answer)")
+    path = req.check.path if req.check.path.startswith("/") else "/" + req.check.path
+    url = (lb.frontend_url or "").rstrip("/") + path
+    page_on = await maintenance_state(lb)
+    left = await _delete_preview_keys(lb, api, sw)
+    key = PREVIEW_KEY_PREFIX + secrets.token_hex(16)
+    counts: dict[str, int] = {}
+    problem: tuple[str, bool] | None = None  # (message, retryable)
+    try:
+        await _keyed_command(lb, api, f"add map {sw.map} {key} {PREVIEW_VALUE}", key)
+        limit = count + PREVIEW_EXTRA_PER_NODE * len(expected)
+        n = 0
+        while n < count or (n < limit and not expected <= set(counts)):
+            n += 1
+            r, body = await fetch_full("GET", url, req.timeout_s, headers={header: key})
+            where = f"GET {url} with a preview key (answer {n})"
+            if r.status == 0:
+                # No HTTP answer from the balancer itself: a retry may get one.
+                problem = (f"{where}: no HTTP answer ({r.error})", True)
+                break
+            ans = judge_version_answer(r.status, body, r.node, req.check.expect_status,
+                                       req.expect_version, req.expect_db_schema)
+            if ans.problem:
+                problem = (f"{where}" + (f" from node {ans.node!r}" if ans.node else "")
+                           + f": {ans.problem}", False)
+                break
+            if ans.node not in expected:
+                problem = (f"{where}: node {ans.node!r} answered, which is not one of the expected "
+                           f"{', '.join(sorted(expected))} (is another server still in "
+                           f"{lb.backend or 'the backend'}?)", False)
+                break
+            counts[ans.node] = counts.get(ans.node, 0) + 1
+            heartbeat({"sent": n, "of": count, "nodes": dict(sorted(counts.items())),
+                       "left_over_keys_deleted": left})
+    finally:
+        # Always, also when the check failed or was cancelled: the key must not outlive it.
+        # (Gone already: a reload dropped it.)
+        await _keyed_command(lb, api, f"del map {sw.map} {key}", key, gone_ok=True)
+    if problem is None:
+        missing = sorted(expected - set(counts))
+        if missing:
+            problem = (f"GET {url} with a preview key: {', '.join(missing)} never answered in "
+                       f"{n} requests (answered: "
+                       f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'none'}); "
+                       f"{await _backend_line(lb)}", False)
+    if problem is not None:
+        fail(LB_PREVIEW_CHECK_FAILED, f"load balancer {lb.name}: {problem[0].replace(key, _HIDDEN_KEY)}",
+             retryable=problem[1])
+    return PreviewCheckResult(url=url, requests=n, nodes=tuple(sorted(counts.items())), page_on=page_on)
+
+
+async def _backend_line(lb: LoadBalancer) -> str:
+    """What the balancer thinks of its servers, for an operator reading a failure."""
+    try:
+        stats = await list_servers(lb)
+    except ApplicationError as e:
+        return f"the backend could not be read ({e})"
+    rows = ", ".join(f"{s.svname} {s.status}" + (f" ({s.check_status})" if s.check_status else "")
+                     for s in stats)
+    return f"backend {lb.backend or '?'}: {rows or 'no server'}"
+
+
+@activity.defn
+async def lb_preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
+    """Seed 004 step 30: the servers behind the balancer tested through its frontend while
+    the maintenance page is up, with a one-time preview key (added, used, deleted)."""
+    return await preview_check(req)

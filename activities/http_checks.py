@@ -3,7 +3,8 @@
 check_health: one request, status must match. wait_healthy: poll until N consecutive
 successes (a node that answers once right after start may still be warming up).
 get_version: JSON {"version": ...} or plain text. check_login: POST {user, password} with
-the password resolved from its SecretRef here, never echoed in messages.
+the password resolved from its SecretRef here, never echoed in messages. check_serving:
+health, version and login of one server in one activity (a maintenance window's test).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,14 +51,15 @@ async def fetch(method: str, url: str, timeout_s: float, json_body: object | Non
     return (await fetch_full(method, url, timeout_s, json_body))[0]
 
 
-async def fetch_full(method: str, url: str, timeout_s: float,
-                     json_body: object | None = None) -> tuple[HttpCheckResult, str]:
-    """Like fetch, plus the whole body."""
+async def fetch_full(method: str, url: str, timeout_s: float, json_body: object | None = None,
+                     headers: Mapping[str, str] | None = None) -> tuple[HttpCheckResult, str]:
+    """Like fetch, plus the whole body; `headers` are sent with the request."""
     started = time.monotonic()
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.request(method, url, json=json_body, allow_redirects=False) as resp:
+                session.request(method, url, json=json_body, headers=headers,
+                                allow_redirects=False) as resp:
             body = await resp.text(errors="replace")
             return HttpCheckResult(url=url, status=resp.status, body_snippet=body[:SNIPPET],
                                    elapsed_ms=int((time.monotonic() - started) * 1000),
@@ -208,3 +211,41 @@ async def get_version(req: VersionRequest) -> str:
 @activity.defn
 async def check_login(req: LoginRequest) -> LoginResult:
     return await login(req.base_url, req.check, req.timeout_s)
+
+
+@dataclass(frozen=True)
+class ServingRequest:
+    """One server, asked directly: healthy (`consecutive` good answers in a row, `interval_s`
+    apart, within `timeout_s`), on `expect` version, and, with a login check, a user can log
+    on. What SiteProcedure.check_running asks in three activities, in one: inside a
+    maintenance window every round trip is downtime."""
+
+    base_url: str
+    health: HttpCheck
+    version: HttpCheck
+    expect: str
+    login: HttpCheck | None = None
+    timeout_s: float = 60.0
+    consecutive: int = 2
+    interval_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class ServingResult:
+    health: WaitHealthyResult
+    version: str
+    login: LoginResult | None
+
+
+@activity.defn
+async def check_serving(req: ServingRequest) -> ServingResult:
+    """Healthy, the expected version, a user can log on (HealthCheckFailed, VersionMismatch,
+    LoginFailed otherwise); heartbeats while it waits for health."""
+    healthy = await poll_healthy(req.base_url, req.health, req.timeout_s, req.consecutive, req.interval_s)
+    v = await version_of(req.base_url, req.version, 5.0)
+    if v != req.expect:
+        fail(VERSION_MISMATCH, f"GET {_url(req.base_url, req.version.path)}: version {v!r}, "
+                               f"expected {req.expect!r}")
+    logged_on = await login(req.base_url, req.login, 5.0) if req.login is not None else None
+    return ServingResult(health=healthy, version=v, login=logged_on)
+

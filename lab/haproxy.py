@@ -18,6 +18,10 @@
 * a maintenance page on `main` (seed 004 step 18), served by HAProxy itself (503,
   `Retry-After`, haproxy/maintenance.html) while the entry `main` of the map
   haproxy/maintenance.map is `on`: `set map <map> main on|off` switches it, no reload.
+  A request whose `X-Zerodown-Preview` header holds a key the same map has with the
+  value `preview` passes the page (seed 004 step 30 tests the new servers through `main`
+  while the page is up): zerodown adds a one-time `zdpreview-<random>` key (`add map`)
+  and deletes it after its test. The header is removed before a request reaches a node.
 
 What survives a reload (a new process, `reload()`): the runtime states of the configured
 servers (maint / drain / ready, weights: `servers.state`, loaded with
@@ -25,7 +29,9 @@ servers (maint / drain / ready, weights: `servers.state`, loaded with
 runtime entries into the map file first). Servers added at run time do NOT survive: the
 new process only knows the servers of haproxy.cfg (HAProxy's own rule for dynamic servers,
 management.txt "add server"), so whoever attached them attaches them again. A fresh start
-(`start()` on a stopped HAProxy) begins with the initial states and `main off`.
+(`start()` on a stopped HAProxy) begins with the initial states and `main off`. Preview
+keys are runtime-only: neither a reload nor a start keeps them (the map file holds `main`
+alone), and reset_servers deletes them.
 
 With an OX part (cfg.ox_nodes > 0) the same pair again over the OX nodes (ox1..oxN):
 * frontend `ox_main` (cfg.ox_main_port) -> backend `ox`, every OX node in rotation;
@@ -60,6 +66,12 @@ UP_TIMEOUT_S = 30.0
 # The maintenance page's switch: this key of the maintenance map (`on` / `off`).
 MAINTENANCE_KEY = "main"
 MAINTENANCE_RETRY_AFTER_S = 30
+# The maintenance page's bypass (lab inventory `preview_header`): a request whose header
+# value is a key of the maintenance map with the value PREVIEW_VALUE passes the page.
+PREVIEW_HEADER = "X-Zerodown-Preview"
+PREVIEW_VALUE = "preview"
+# What zerodown's one-time keys start with (activities/haproxy.py PREVIEW_KEY_PREFIX).
+PREVIEW_KEY_PREFIX = "zdpreview-"
 # The backends whose servers a procedure may attach at run time (reset_servers removes them).
 SITE_BACKENDS = (BACKEND, SECONDARY_BACKEND, TEST_BACKEND)
 # A fresh page per maintenance: small (HAProxy keeps it in a buffer), self-contained.
@@ -185,11 +197,15 @@ def render_config(cfg: LabConfig) -> str:
         "frontend main",
         f"    bind 127.0.0.1:{cfg.main_port}",
         # The maintenance page: answered by HAProxy itself, before any backend, while the
-        # map entry is `on` (a missing entry counts as off).
+        # map entry is `on` (a missing entry counts as off), except to a request whose
+        # preview header names a `preview` key of the same map (added at run time).
         f"    http-request return status 503 content-type \"text/html; charset=utf-8\" "
         f"file {maintenance_page(cfg)} hdr Retry-After {MAINTENANCE_RETRY_AFTER_S} "
         f"hdr Cache-Control no-store "
-        f"if {{ str({MAINTENANCE_KEY}),map({maintenance_map(cfg)},off) -m str on }}",
+        f"if {{ str({MAINTENANCE_KEY}),map({maintenance_map(cfg)},off) -m str on }} "
+        f"!{{ req.hdr({PREVIEW_HEADER.lower()}),map({maintenance_map(cfg)},none) -m str {PREVIEW_VALUE} }}",
+        # The preview key is a credential for the page's bypass: no node sees (or logs) it.
+        f"    http-request del-header {PREVIEW_HEADER.lower()}",
         f"    default_backend {BACKEND}",
         "",
         "frontend secondary",
@@ -431,6 +447,21 @@ def maintenance_on(cfg: LabConfig) -> bool:
     return False
 
 
+def preview_keys(cfg: LabConfig) -> list[str]:
+    """The preview keys (PREVIEW_KEY_PREFIX...) of the maintenance map at run time: left by
+    an interrupted preview check; a clean lab has none."""
+    return [parts[1] for line in runtime_command(cfg, f"show map {maintenance_map(cfg)}").splitlines()
+            if len(parts := line.split()) >= 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)]
+
+
+def delete_preview_keys(cfg: LabConfig) -> int:
+    """Delete every preview key of the maintenance map (`del map`); returns how many."""
+    keys = preview_keys(cfg)
+    for key in keys:
+        _admin(cfg, f"del map {maintenance_map(cfg)} {key}")
+    return len(keys)
+
+
 def set_maintenance(cfg: LabConfig, on: bool) -> None:
     """Switch the maintenance page of `main` at run time (no reload)."""
     cmd = f"set map {maintenance_map(cfg)} {MAINTENANCE_KEY} {'on' if on else 'off'}"
@@ -488,11 +519,12 @@ def reset_servers(cfg: LabConfig) -> None:
     in maintenance in `app_secondary`; the same for the OX nodes in `ox` / `ox_secondary`.
     Servers attached at run time are removed (`app_test` empty again), servers of the
     configuration that were detached are back (a seamless reload re-reads them), and the
-    maintenance page is off."""
+    maintenance page is off, without preview keys."""
     delete_runtime_servers(cfg)
     if detached_servers(cfg):
         reload(cfg)
     set_maintenance(cfg, False)
+    delete_preview_keys(cfg)
     pairs = [(BACKEND, SECONDARY_BACKEND)] + ([(OX_BACKEND, OX_SECONDARY_BACKEND)] if cfg.ox_nodes else [])
     for main, secondary in pairs:
         for n in backend_servers(cfg, main):

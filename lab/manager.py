@@ -49,8 +49,10 @@ log = logging.getLogger("lab.manager")
 SSH_USER = "zerodown"
 APP_DIR = "app"
 # Servers attached at run time take no `default-server` line (HAProxy 2.6): the lab's check
-# timing (lab/haproxy.py defaults) spelled out.
-LAB_ADD_SERVER_OPTIONS = "check inter 500ms fall 2 rise 2"
+# timing (lab/haproxy.py defaults) spelled out, but checked every 50 ms while DOWN or
+# changing state (a server comes out of `add server` DOWN): it is UP ~0.15 s after it is
+# attached instead of ~0.8 s, which counts inside a maintenance window (seed 004 step 25).
+LAB_ADD_SERVER_OPTIONS = "check inter 500ms fastinter 50ms downinter 50ms fall 2 rise 2"
 
 
 class LabError(RuntimeError):
@@ -263,9 +265,11 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "drain_timeout_s": 60,
             "frontend_url": cfg.main_url,
             "add_server_options": LAB_ADD_SERVER_OPTIONS,
-            # The maintenance page (lab/haproxy.py): `set map <map> main on|off`.
+            # The maintenance page (lab/haproxy.py): `set map <map> main on|off`; requests
+            # with a one-time preview key in this header pass it (seed 004 step 30).
             "maintenance": {"map": f"haproxy/{haproxy.maintenance_map(cfg).name}",
-                            "key": haproxy.MAINTENANCE_KEY},
+                            "key": haproxy.MAINTENANCE_KEY,
+                            "preview_header": haproxy.PREVIEW_HEADER},
         }, {
             # Seed 004's temporary test balancer (frontend `test1`): no members until a
             # procedure attaches servers at run time.
@@ -300,6 +304,9 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "admin": {"token": {"file": "secrets/admin_token"}, "path_prefix": "/admin"},
             # Where a node's app finds its database server (lab/nodes.py install_node).
             "database_config": {"file": "database.config", "host_key": "host", "port_key": "port"},
+            # The lab app reads the schema as it goes (/health always afresh): a server
+            # started on the new code before a migration needs no restart after it.
+            "restart_after_migration": False,
         },
         # Servers come and go (seeds 003/004): the lab clones a node into a new one
         # (lab/provision.py) and destroys nodes.

@@ -209,8 +209,8 @@ async def ensure_site_defaults(lab: LabConfig) -> list[str]:
 
 async def ensure_v1(lab: LabConfig) -> None:
     """Reset the lab unless it already is as just after `lab up`: v1 on every node, schema 1,
-    every app server ready and UP (none attached at run time, no maintenance page, every
-    health-check file present), the warm MariaDB server empty, no fault injected, upgrade
+    every app server ready and UP (none attached at run time, no maintenance page nor preview
+    key, every health-check file present), the warm MariaDB server empty, no fault injected, upgrade
     settings at their defaults, no audit rows, staging stopped and empty, no staging / scratch database."""
     async def version(i: int) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
@@ -224,8 +224,10 @@ async def ensure_v1(lab: LabConfig) -> None:
                  and all(world.servers.get(f"{BACKEND}/{lab.node_name(i)}") == "UP admin=ready"
                          for i in lab.node_indexes)
                  and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes)
-                 # No server attached at run time, no maintenance page, every health file there.
+                 # No server attached at run time, no maintenance page (nor preview key left
+                 # by an interrupted step 30), every health file there.
                  and not lab_haproxy.runtime_servers(lab) and not lab_haproxy.maintenance_on(lab)
+                 and not lab_haproxy.preview_keys(lab)
                  and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes)
                  # The warm server empty, no node pointed at it (seed 004's revert).
                  and not lab_mariadb.warm_problems(lab) and not lab_mariadb.nodes_on_warm(lab))

@@ -207,6 +207,36 @@ def test_parse_servers_state_recorded_fixture() -> None:
     assert states[("app_secondary", "node1")].admin == "maint"
 
 
+
+def test_judge_version_answer_through_the_page() -> None:
+    """lb_preview_check's verdict on one answer of the version check (pure)."""
+    def judge(status: int, body: object, header_node: str = "", db: int | None = 2) -> haproxy.VersionAnswer:
+        text = body if isinstance(body, str) else json.dumps(body)
+        return haproxy.judge_version_answer(status, text, header_node, 200, "2.0.0", db)
+
+    ok = judge(200, {"version": "2.0.0", "node": "web-a", "db_schema": 2, "schema": 2})
+    assert ok == haproxy.VersionAnswer("web-a", "2.0.0", "")
+    # The node from X-Node when the JSON names none; no db_schema in the answer: not checked.
+    assert judge(200, {"version": "2.0.0"}, "web-b") == haproxy.VersionAnswer("web-b", "2.0.0", "")
+    assert judge(200, {"version": "2.0.0", "node": "web-a", "db_schema": 1}, db=None).problem == ""
+    assert judge(200, {"version": "1.0.0", "node": "web-a"}).problem == "version '1.0.0', expected '2.0.0'"
+    assert judge(200, {"version": "1.0.0", "node": "web-a"}).node == "web-a"
+    assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": 1}).problem == "db_schema 1, expected 2"
+    # null: the node could not read its database.
+    assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": None}).problem == \
+        "db_schema None, expected 2"
+    assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": True}, db=1).problem == \
+        "db_schema True, expected 1"
+    page = judge(503, "<h1>Down for maintenance</h1>")
+    assert page.problem.startswith("status 503, expected 200 (503 with the page on: ") and page.node == ""
+    assert judge(404, "nope", "web-c") == haproxy.VersionAnswer("web-c", "", "status 404, expected 200")
+    assert judge(200, "2.0.0").problem == "not a JSON object: '2.0.0'"
+    assert judge(200, ["2.0.0"]).problem.startswith("not a JSON object")
+    assert judge(200, {"node": "a"}).problem == 'no "version" in the answer'
+    assert judge(200, {"version": "2.0.0"}).problem.startswith("names no node")
+    assert judge(200, {"version": 2, "node": "a"}, db=None).problem == "version '2', expected '2.0.0'"
+
+
 # =========================================================================== fake runtime API
 
 

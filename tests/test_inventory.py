@@ -11,6 +11,7 @@ import yaml
 from workflows.inventory import (
     AdminApi,
     InventoryError,
+    MaintenanceSwitch,
     SecretRef,
     UnknownNodeError,
     load_inventory,
@@ -228,3 +229,25 @@ def test_ox_section_problems_have_paths() -> None:
         parse_inventory(raw, base_dir=OX_EXAMPLE.parent)
     assert "ox.secondary_lb: must differ from ox.main_lb (the upgraded nodes wait there)" \
         in info.value.problems
+
+
+def test_maintenance_switch_and_its_preview_header() -> None:
+    raw = example()
+    edge = raw["load_balancers"][1]
+    edge["maintenance"] = {"map": "haproxy/maintenance.map", "key": "main",
+                           "preview_header": "X-Zerodown-Preview"}
+    sw = parse_inventory(raw, base_dir=EXAMPLE.parent).load_balancers[1].maintenance
+    assert sw == MaintenanceSwitch(map=str(EXAMPLE.parent / "haproxy/maintenance.map"), key="main",
+                                   preview_header="X-Zerodown-Preview")
+    # Optional: without it the page has no bypass.
+    del edge["maintenance"]["preview_header"]
+    sw = parse_inventory(raw, base_dir=EXAMPLE.parent).load_balancers[1].maintenance
+    assert sw is not None and sw.preview_header == ""
+    for bad in ("X Preview", "X-Preview:", "", "Ünicode", "a/b"):
+        edge["maintenance"]["preview_header"] = bad
+        problems = problems_of(raw)
+        path = "load_balancers[1].maintenance.preview_header"
+        expected = f"{path}: must not be empty" if not bad else f"{path}: expected an HTTP header name"
+        assert len(problems) == 1 and problems[0].startswith(expected), (bad, problems)
+    edge["maintenance"] = {"map": "m.map", "key": "main", "preview": "X-P"}
+    assert any(p.startswith("load_balancers[1].maintenance.preview: unknown key") for p in problems_of(raw))

@@ -1,18 +1,22 @@
 """HAProxy without reloads, against the session lab's real HAProxy and app nodes: servers
 attached and detached at run time (seed 003 steps 11/14, seed 004 steps 10/16/24/25), the
 health-check file drain (seed 003 step 12, `http-check disable-on-404`), the temporary
-test frontend `test1` (seed 004 steps 7 to 11) and the maintenance page (seed 004 step 18).
+test frontend `test1` (seed 004 steps 7 to 11), the maintenance page (seed 004 step 18) and
+the test through it with a one-time preview key (step 30).
 
 Every test leaves the lab as it found it (the autouse fixture puts node1's health file
 back and the runtime state of HAProxy as after start: no server attached at run time,
-maintenance page off, every node ready and UP). Servers are attached pointing at a *spare*
-node (index cfg.nodes + 1: its own folder and port, in no backend of haproxy.cfg).
+maintenance page off, no preview key, every node ready and UP). Servers are attached
+pointing at a *spare* node (index cfg.nodes + 1: its own folder and port, in no backend of
+haproxy.cfg).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import secrets
 import shutil
 import socket
 import time
@@ -26,7 +30,13 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities import haproxy as lb_api
-from activities.haproxy import AddServerRequest, DelServerRequest, LbRequest, MaintenanceRequest
+from activities.haproxy import (
+    AddServerRequest,
+    DelServerRequest,
+    LbRequest,
+    MaintenanceRequest,
+    PreviewCheckRequest,
+)
 from lab import haproxy, nodes
 from lab.config import BACKEND, TEST_BACKEND, LabConfig
 from lab.probe import run_probe
@@ -80,11 +90,11 @@ def _pid(lab: LabConfig) -> int | None:
     return read_pid(haproxy.pid_file(lab))
 
 
-async def _get(url: str) -> tuple[int, CIMultiDict[str], str]:
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], str]:
     # A fresh connection per request: keep-alive would pin it to one server. Headers stay
     # case-insensitive (HAProxy sends the ones it sets lower-cased).
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
-            s.get(url, headers={"Connection": "close"}) as r:
+            s.get(url, headers={"Connection": "close", **(headers or {})}) as r:
         return r.status, r.headers.copy(), await r.text()
 
 
@@ -108,7 +118,8 @@ async def _wait_status(lab: LabConfig, backend: str, server: str, want: str, tim
 async def test_lab_declares_the_runtime_balancers(lab: LabConfig, inv: Inventory) -> None:
     main, test = _lb(inv, "main"), _lb(inv, "test")
     assert main.frontend_url == lab.main_url and test.frontend_url == lab.test_url
-    assert main.add_server_options == test.add_server_options == "check inter 500ms fall 2 rise 2"
+    assert main.add_server_options == test.add_server_options == \
+        "check inter 500ms fastinter 50ms downinter 50ms fall 2 rise 2"
     assert main.maintenance is not None and main.maintenance.key == "main"
     assert main.maintenance.map == str(haproxy.maintenance_map(lab))  # the map's name in HAProxy
     assert test.backend == TEST_BACKEND and test.members == {} and test.maintenance is None
@@ -280,6 +291,122 @@ async def test_maintenance_page_switched_without_reload(lab: LabConfig, inv: Inv
     with pytest.raises(ApplicationError) as e:
         await env.run(lb_api.lb_set_maintenance, MaintenanceRequest(_lb(inv, "test"), True))
     assert e.value.type == "InvalidRequest" and "no maintenance page" in e.value.message
+
+
+
+def _is_page(status: int, headers: CIMultiDict[str]) -> bool:
+    return status == 503 and headers.get("Retry-After") == str(haproxy.MAINTENANCE_RETRY_AFTER_S)
+
+
+async def _node_version(lab: LabConfig, i: int) -> dict[str, object]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
+            s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
+        assert r.status == 200
+        data: dict[str, object] = await r.json()
+        return data
+
+
+def _preview(inv: Inventory, version: str, nodes: tuple[str, ...], db_schema: int | None = None,
+             lb: LoadBalancer | None = None) -> PreviewCheckRequest:
+    return PreviewCheckRequest(lb=lb or _lb(inv, "main"), check=inv.application.version,
+                               expect_version=version, expect_nodes=nodes, expect_db_schema=db_schema)
+
+
+async def test_preview_check_passes_the_page_with_a_one_time_key(lab: LabConfig, inv: Inventory) -> None:
+    """Seed 004 step 30: with the page on for everyone, lb_preview_check reaches every node
+    through `main` with a key it adds and deletes; a leftover key of an interrupted check is
+    deleted first; a made-up key, or the switch's own key, gets the page."""
+    main, names = _lb(inv, "main"), tuple(n.name for n in inv.nodes)
+    assert main.maintenance is not None and main.maintenance.preview_header == haproxy.PREVIEW_HEADER
+    v1 = await _node_version(lab, 1)
+    # The lab app reports its inventory name as "node" (provisioned clones too:
+    # tests/test_lab_provision.py), so expect_nodes are inventory names.
+    assert v1["node"] == lab.node_name(1)
+    pid = _pid(lab)
+    await lb_api.set_maintenance(main, True)
+    assert _is_page(*(await _get(f"{lab.main_url}/version"))[:2])
+    # A key left by an interrupted attempt lets its holder past the page until deleted.
+    left = f"{haproxy.PREVIEW_KEY_PREFIX}{secrets.token_hex(16)}"
+    answer = haproxy.runtime_command(lab, f"add map {haproxy.maintenance_map(lab)} {left} preview")
+    assert answer.strip() == ""
+    status, headers, _ = await _get(f"{lab.main_url}/version", {haproxy.PREVIEW_HEADER: left})
+    assert status == 200 and headers["X-Node"] in names
+
+    beats: list[object] = []
+    env = _env()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    req = _preview(inv, str(v1["version"]), names, int(str(v1["db_schema"])))
+    res = await env.run(lb_api.lb_preview_check, req)
+    assert res.page_on is True and res.url == f"{lab.main_url}/version"
+    # Sequential requests on fresh connections, round robin: 4 each.
+    assert res.requests == 4 * len(names) and res.nodes == tuple((n, 4) for n in sorted(names))
+    assert beats and not any(haproxy.PREVIEW_KEY_PREFIX in repr(b) for b in beats)
+    assert haproxy.preview_keys(lab) == []  # its own key and the leftover
+    assert "preview" not in haproxy.runtime_command(lab, f"show map {haproxy.maintenance_map(lab)}")
+    for value in (left, f"{haproxy.PREVIEW_KEY_PREFIX}{secrets.token_hex(16)}", haproxy.MAINTENANCE_KEY, ""):
+        assert _is_page(*(await _get(f"{lab.main_url}/version", {haproxy.PREVIEW_HEADER: value}))[:2]), value
+    assert await lb_api.maintenance_state(main) is True
+    # With the page off the same check passes (and says the page was off).
+    await lb_api.set_maintenance(main, False)
+    res = await env.run(lb_api.lb_preview_check, dataclasses.replace(
+        _preview(inv, str(v1["version"]), names), requests=len(names)))
+    assert res.page_on is False and res.requests == len(names) and sum(c for _, c in res.nodes) == len(names)
+    assert haproxy.preview_keys(lab) == [] and _pid(lab) == pid  # no reload
+
+
+async def test_preview_check_fails_on_a_wrong_answer_or_node_set(lab: LabConfig, inv: Inventory) -> None:
+    main, names = _lb(inv, "main"), tuple(n.name for n in inv.nodes)
+    v1 = await _node_version(lab, 1)
+    version, env, pid = str(v1["version"]), _env(), _pid(lab)
+    await lb_api.set_maintenance(main, True)
+
+    async def failure(req: PreviewCheckRequest) -> ApplicationError:
+        with pytest.raises(ApplicationError) as e:
+            await env.run(lb_api.lb_preview_check, req)
+        # The key is gone after a failure too, and never shown.
+        assert haproxy.preview_keys(lab) == []
+        assert not re.search(rf"{haproxy.PREVIEW_KEY_PREFIX}[0-9a-f]", e.value.message)
+        return e.value
+
+    err = await failure(_preview(inv, "9.9.9", names))
+    assert err.type == "LbPreviewCheckFailed" and err.non_retryable
+    assert f"version {version!r}, expected '9.9.9'" in err.message
+    assert "(answer 1)" in err.message
+    assert any(f"from node {n!r}" in err.message for n in names)
+    err = await failure(_preview(inv, version, names, db_schema=int(str(v1["db_schema"])) + 1))
+    assert err.type == "LbPreviewCheckFailed" and "db_schema" in err.message
+    # An expected node that is not in the backend never answers.
+    err = await failure(_preview(inv, version, (*names, "ghost")))
+    assert err.type == "LbPreviewCheckFailed" and err.non_retryable
+    # It is given 4 answers per expected node, then 20 more per node while one is missing.
+    assert f"ghost never answered in {24 * (len(names) + 1)} requests" in err.message
+    assert all(f"{n} x" in err.message for n in names)
+    # A node answering that should not be behind the balancer (an old server still attached).
+    err = await failure(_preview(inv, version, names[1:]))
+    assert err.type == "LbPreviewCheckFailed" and f"node {names[0]!r} answered" in err.message
+    assert await lb_api.maintenance_state(main) is True and _pid(lab) == pid
+
+    # What the balancer lacks is said before anything is sent.
+    sw = main.maintenance
+    assert sw is not None
+    for lb, words in ((_lb(inv, "test"), "no maintenance page"),
+                      (dataclasses.replace(main, maintenance=dataclasses.replace(sw, preview_header="")),
+                       "preview_header"),
+                      (dataclasses.replace(main, frontend_url=None), "no frontend_url")):
+        with pytest.raises(ApplicationError) as e:
+            await env.run(lb_api.lb_preview_check, _preview(inv, version, names, lb=lb))
+        assert e.value.type == "InvalidRequest" and e.value.non_retryable and words in e.value.message
+
+
+async def test_reset_servers_deletes_preview_keys(lab: LabConfig, inv: Inventory) -> None:
+    """The lab reset (and so ensure_v1's clean state) has no key left that passes the page."""
+    main = _lb(inv, "main")
+    key = f"{haproxy.PREVIEW_KEY_PREFIX}{secrets.token_hex(16)}"
+    await lb_api.set_maintenance(main, True)
+    haproxy.runtime_command(lab, f"add map {haproxy.maintenance_map(lab)} {key} preview")
+    assert haproxy.preview_keys(lab) == [key] and haproxy.maintenance_on(lab)
+    await asyncio.to_thread(haproxy.reset_servers, lab)
+    assert haproxy.preview_keys(lab) == [] and not haproxy.maintenance_on(lab)
 
 
 async def test_probe_counts_the_maintenance_page_apart(lab: LabConfig, inv: Inventory) -> None:

@@ -29,6 +29,8 @@ LB_KINDS = ("haproxy", "f5")
 DB_KINDS = ("mysql", "mssql")
 PROVISIONING_KINDS = ("command", "lab")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# An HTTP header name: a token of RFC 9110 (section 5.6.2).
+_HEADER_TOKEN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,17 @@ class MaintenanceSwitch:
     """A maintenance page served by HAProxy itself (503 with Retry-After) while the map
     entry `key` in the map file `map` (its path as HAProxy names it) is `on`; `set map`
     through the runtime API switches it, never a reload. The frontend's configuration holds
-    the rule, e.g. `http-request return status 503 ... if { str(main),map(<map>) -m str on }`."""
+    the rule, e.g. `http-request return status 503 ... if { str(main),map(<map>) -m str on }`.
+
+    `preview_header` (optional): a request carrying this header, whose value is a key the
+    same map holds with the value `preview`, passes the page (the rule also has `!{
+    req.hdr(<header>),map(<map>,none) -m str preview }`): a procedure tests the new servers
+    through the balancer while the page is up for everyone else (seed 004 step 30), with a
+    one-time key it adds (`add map`) and deletes again (lb_preview_check)."""
 
     map: str
     key: str
+    preview_header: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,11 @@ class Application:
     # drain (no new sessions, the open ones finish; seed 003 step 12).
     health_file: str | None = None
     database_config: DatabaseClientConfig | None = None
+    # Whether a server of this application must be restarted to see a migrated schema
+    # (seed 004 steps 26, 29). false: it reads the schema as it goes, so a server started
+    # with the new code before the migration serves it afterwards without a restart (and
+    # major-maintenance-window checks that it does).
+    restart_after_migration: bool = True
 
 
 @dataclass(frozen=True)
@@ -415,6 +429,15 @@ class _Reader:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             self.problem(p, f"expected an integer {lo}-{hi}, got {_show(v)}")
             return default if default is not None else lo
+        return v
+
+    def boolean(self, m: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        if key not in m or m[key] is None:
+            return default
+        v = m[key]
+        if not isinstance(v, bool):
+            self.problem(_join(path, key), f"expected true or false, got {_show(v)}")
+            return default
         return v
 
     def number(self, m: dict[str, Any], key: str, path: str, default: float) -> float:
@@ -637,12 +660,16 @@ def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
 
 
 def _parse_maintenance(r: _Reader, raw: Any, path: str) -> MaintenanceSwitch:
-    m = r.mapping(raw, path, ("map", "key"))
+    m = r.mapping(raw, path, ("map", "key", "preview_header"))
     mp = r.string(m, "map", path) or ""
     key = r.string(m, "key", path) or ""
     if key and any(c.isspace() for c in key):
         r.problem(_join(path, "key"), f"expected a map key without spaces, got {_show(key)}")
-    return MaintenanceSwitch(map=r.path_value(mp) if mp else "", key=key)
+    header = r.string(m, "preview_header", path, required=False) or ""
+    if header and not _HEADER_TOKEN_RE.fullmatch(header):
+        r.problem(_join(path, "preview_header"),
+                  f"expected an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got {_show(header)}")
+    return MaintenanceSwitch(map=r.path_value(mp) if mp else "", key=key, preview_header=header)
 
 
 def _parse_endpoint(r: _Reader, raw: Any, path: str, default_port: int) -> DatabaseEndpoint:
@@ -720,7 +747,8 @@ def _parse_admin(r: _Reader, raw: Any, path: str) -> AdminApi:
 
 def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
     m = r.mapping(raw, path, ("name", "protected_files", "merge_files", "health", "version",
-                              "login", "url", "admin", "health_file", "database_config"))
+                              "login", "url", "admin", "health_file", "database_config",
+                              "restart_after_migration"))
     health_file = r.string(m, "health_file", path, required=False)
     if health_file and (health_file.startswith("/") or ".." in Path(health_file).parts):
         r.problem(_join(path, "health_file"), "must be relative to the node's login folder")
@@ -746,6 +774,7 @@ def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
         health_file=health_file,
         database_config=_parse_db_client(r, m["database_config"], _join(path, "database_config"))
         if m.get("database_config") is not None else None,
+        restart_after_migration=r.boolean(m, "restart_after_migration", path, default=True),
     )
 
 
