@@ -102,6 +102,16 @@ class Procedure(GatedWorkflow):
         result = await self._guided_step(name, make, node, seed_step, skippable=False)
         return result  # type: ignore[return-value]  # None only when skipped, not offered here
 
+    async def all_of(self, *steps: Awaitable[T]) -> list[T]:
+        """Steps side by side (one per server, or reads of a site that no longer changes):
+        every one is let finish before the first failure, in the order given, is raised, so
+        a rollback never starts while a sibling is still changing the site."""
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]  # no exception left: all T
+
     async def skippable_step(self, name: str, make: Callable[[], Awaitable[T]], *,
                              node: str | None = None, seed_step: str | None = None) -> T | None:
         """A step the run can do without (a check, a cleanup): `skip` is offered on failure,
@@ -193,20 +203,24 @@ class Procedure(GatedWorkflow):
 
     # ------------------------------------------------------------------ activity calls
     async def read(self, fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY,
-                   timeout: timedelta = timedelta(minutes=2)) -> Any:
-        """A read-only check: safe to cancel at any moment."""
-        return await self._attempts(fn, arg, timeout, None, retry)
+                   timeout: timedelta = timedelta(minutes=2), local: bool = False) -> Any:
+        """A read-only check: safe to cancel at any moment. `local`: see `change`."""
+        return await self._attempts(fn, arg, timeout, None, retry, local)
 
     async def change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2),
-                     heartbeat: timedelta | None = None) -> Any:
+                     heartbeat: timedelta | None = None, local: bool = False) -> Any:
         """A change to the site: never abandoned half-way. On cancellation the workflow lets
         it finish (see `settle`) before compensating, so a half-copied folder is never
         restored over and a half-applied migration never raced by its down script.
         `heartbeat`: for a change that heartbeats while it works (default: LONG_HEARTBEAT
-        for long changes, none for short ones)."""
+        for long changes, none for short ones). `local`: a quick one (a runtime API command,
+        well under a second, no heartbeat) run as a local activity, in the worker that runs
+        the workflow, without the server's round trips: for steps where every millisecond is
+        downtime (a maintenance window). A worker lost during it runs it again (it must be
+        idempotent, as every activity is)."""
         if heartbeat is None and timeout >= LONG:
             heartbeat = LONG_HEARTBEAT
-        task = asyncio.ensure_future(self._attempts(fn, arg, timeout, heartbeat, ACTION_RETRY))
+        task = asyncio.ensure_future(self._attempts(fn, arg, timeout, heartbeat, ACTION_RETRY, local))
         self._in_flight.add(task)
         try:
             return await asyncio.shield(task)
@@ -228,11 +242,14 @@ class Procedure(GatedWorkflow):
         self._in_flight.clear()
 
     async def _attempts(self, fn: Any, arg: Any, timeout: timedelta, heartbeat: timedelta | None,
-                        retry: RetryPolicy) -> Any:
+                        retry: RetryPolicy, local: bool = False) -> Any:
         """Run an activity with `retry`'s policy, one execution per attempt, counting retries."""
         attempt = 1
         while True:
             try:
+                if local:
+                    return await workflow.execute_local_activity(
+                        fn, arg, start_to_close_timeout=timeout, retry_policy=_ONE_ATTEMPT)
                 return await workflow.execute_activity(
                     fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat,
                     retry_policy=_ONE_ATTEMPT)
