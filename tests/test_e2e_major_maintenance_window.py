@@ -6,6 +6,7 @@ probe counting every request."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from datetime import timedelta
@@ -28,6 +29,7 @@ from workflows.major_maintenance_window import (
     MajorMaintenanceResult,
     MajorMaintenanceWindowWorkflow,
 )
+from workflows.timeline import Progress
 
 
 async def start(client: Client, task_queue: str, inp: MajorMaintenanceInput,
@@ -107,19 +109,34 @@ async def test_major_upgrade_shows_only_the_maintenance_page_and_survives_a_kill
     assert not lab_haproxy.maintenance_on(lab)
     assert result.migration_s > 0 and result.downtime_s > result.migration_s
     seeds = [s.seed_step for s in result.steps]
-    for seed in ("1", "5", "11", "12", "16", "17", "18", "19", "20", "21", "22", "23", "24", "25", "30",
-                 "31", "32", "33", "37"):
+    for seed in ("1", "5", "11", "12", "13", "16", "17", "18", "19", "20", "21", "22", "23", "24", "25",
+                 "30", "31", "32", "33", "37"):
         assert seed in seeds, seed
+    # The lab app reads the schema as it goes: the new servers ran before the window and were
+    # not restarted in it; step 30 saw each of them through main, behind the page.
+    started = [s.node or "" for s in result.steps if s.seed_step in ("12", "13") and s.result == "ok"
+               and (" start it on " in s.name or "launch and test" in s.name)]
+    assert sorted(started) == sorted(new)
+    restart = [s for s in result.steps if s.seed_step == "26"]
+    assert [(s.name, s.result) for s in restart] == [("26-29 restart the new servers", "skipped")]
+    assert [s.result for s in result.steps if s.name == "30 test through main behind the page"] == ["ok"]
 
 
 async def test_revert_after_the_point_of_no_return_promotes_the_warm_replica(
         fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
     lab = fresh_lab
     inv = two_old(lab, load_inventory(lab.site_yaml))
+    # An application that must be restarted after a migration: the new servers stay stopped
+    # from step 12 and are started inside the window (26-29).
+    inv = dataclasses.replace(inv, application=dataclasses.replace(inv.application,
+                                                                   restart_after_migration=True))
     inp = MajorMaintenanceInput(inventory=inv, package_path=str(lab.package(2)), writes_quiet_s=1.0)
     with probe(lab, tmp_path, rate=100.0) as run:
         handle = await start(client, lab_worker, inp, "revert")
         await pending(handle, "go-live")
+        progress = await handle.query("progress", result_type=Progress)
+        started_in_window = sorted(s.node or "" for s in progress.steps
+                                   if s.seed_step == "26" and s.name == "26-29 start the new server")
         before = rows_before(lab)
         await choose(handle, "go-live", "revert")
         with pytest.raises(WorkflowFailureError):
@@ -128,6 +145,7 @@ async def test_revert_after_the_point_of_no_return_promotes_the_warm_replica(
         after = rows_before(lab, "warm")
     assert run.summary["failed"] == 0, run.failures()[:5]
     assert run.summary["maintenance"] > 0
+    assert len(started_in_window) == 2 and "node1" not in started_in_window
     # The old servers are back, on v1, pointed at the promoted warm server, which is writable.
     servers = main_servers(lab)
     assert servers.get("node1", "").startswith("UP") and servers.get("node2", "").startswith("UP"), servers

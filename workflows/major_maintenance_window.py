@@ -11,20 +11,27 @@ The runbook, with the seed's step numbers:
   7-9  the temporary test balancer (the inventory's `test_lb`, empty)
   10, 11  a new server cloned from a current one, with the old code, attached to the test
      balancer and tested through it
-  12 the new code on it (stopped: it would not run on the old schema)
-  13 cloned until there are as many new servers as old (tested at 30, after the migration)
+  12 the new code on it: stopped until 26-29 (it may not run on the old schema), or, when
+     the application reads the schema as it goes (application.restart_after_migration
+     false), started and tested now
+  13 cloned until there are as many new servers as old (launched and tested now in the
+     second case)
   16 detached from the test balancer
-  17 BEGIN SITE DOWNTIME
+  17 BEGIN SITE DOWNTIME: from here every step is downtime, so servers are handled side by
+     side and reads of a primary that no longer changes run together
   18 the maintenance page on (HAProxy answers 503 with Retry-After)
-  19 the old servers stopped; the primary shows no more writes
-  20 snapshot of the database
-  21 the warm replica in sync (Seconds_Behind_Master 0, the primary's GTID applied)
+  19 the old servers stopped; the primary shows no more writes (none committed for
+     writes_quiet_s, none uncommitted)
+  20, 21 snapshot of the database; the warm replica in sync (Seconds_Behind_Master 0, the
+     primary's GTID applied)
   22 replication stopped, the warm replica kept
   23 the migrations: the POINT OF NO RETURN (from here a rollback reverts by promotion)
-  24, 25 the old servers detached, the new ones attached
-  26-29 the new servers started (arrays: not applicable unless declared)
-  30 tested, healthy and on the new version, while the page is up; gate `go-live`
-     (go-live / revert)
+  24 the old servers detached; 26-29 the new servers started (when they were not), no
+     restart when they read the schema as they go (arrays: not applicable unless declared)
+  25 the new ones attached
+  30 tested while the page is up: each one healthy and on the new version, then through
+     the balancer with a one-time preview entry (every new server answers, on the migrated
+     schema); gate `go-live` (go-live / revert)
   31 the maintenance page lifted
   32 snapshot of the database
   33 END SITE DOWNTIME
@@ -69,6 +76,8 @@ PROCEDURE = "major-maintenance-window"
 GO_LIVE_CHOICES = ("go-live", "revert")
 TERMINATE_CHOICES = ("terminate", "keep")
 UP_TIMEOUT_S = 60.0
+# Inside the window every poll is downtime: the new servers' health is asked this often.
+WINDOW_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,9 @@ class MajorMaintenanceInput:
     test_lb: str = "test"
     template: str = ""
     new_names: tuple[str, ...] = ()
-    # Step 19: how long the primary must show no write before the snapshot.
-    writes_quiet_s: float = 2.0
+    # Step 19: how long the primary must show no committed write (and none uncommitted)
+    # once the old servers are stopped.
+    writes_quiet_s: float = 0.5
     replica_timeout_s: float = 300.0
     gate_timeout_s: float = 3600.0
     dry_run: bool = False
@@ -170,18 +180,25 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             self.timeline.set_phase("new servers", names[0])
             template = inv.node(inp.template) if inp.template else old[0]
             first = await self._clone(inp, template, names[0], "10")
-            await self.step("11 launch", partial(self._launch, inp, first), node=first.name, seed_step="11")
+            await self.step(
+                "11 launch",
+                partial(self._launch, inp, first, old_version(self.previous)),
+                node=first.name,
+                seed_step="11",
+            )
             await self._attach(test_lb, first, "11")
             await self.step(
                 f"11 test through {test_lb.name} (old code)",
                 partial(self._test_through, inv, test_lb, old_version(self.previous), 2),
                 seed_step="11",
             )
-            # 12 the new code on it, stopped until the schema is migrated.
+            # 12 the new code on it: stopped for the deploy; started again at once when the
+            # application runs across a migration, else only after it (26-29).
+            app = inv.application
+            prestart = not app.restart_after_migration
             await self.step(
                 "12 stop it for the new code", partial(self.stop, first), node=first.name, seed_step="12"
             )
-            app = inv.application
             await self.step(
                 f"12 deploy {package.version}",
                 partial(
@@ -199,10 +216,24 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                 node=first.name,
                 seed_step="12",
             )
-            # 13 clones of it up to the old count.
+            if prestart:
+                await self.step(
+                    f"12 start it on {package.version} (ready for the migrated schema)",
+                    partial(self._start_checked, inv, first, package.version),
+                    node=first.name,
+                    seed_step="12",
+                )
+            # 13 clones of it up to the old count, launched and tested when they may run now.
             for name in names[1:]:
                 self.timeline.set_phase("new servers", name)
-                await self._clone(inp, first, name, "13")
+                clone = await self._clone(inp, first, name, "13")
+                if prestart:
+                    await self.step(
+                        f"13 launch and test ({package.version})",
+                        partial(self._launch, inp, clone, package.version),
+                        node=name,
+                        seed_step="13",
+                    )
             # 16 off the test balancer.
             await self._detach(test_lb, first.name, "16")
             # 17 BEGIN SITE DOWNTIME; 18 the maintenance page.
@@ -211,44 +242,47 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             self.timeline.set_phase("SITE DOWNTIME: maintenance page up")
             self.saga.register("maintenance page lifted", partial(self._page, lb, False))
             await self.step("18 maintenance page on", partial(self._page, lb, True), seed_step="18")
-            # 19 old processes stopped, no more writes.
+            # 19 old processes stopped (all at once: the page holds every new request, each
+            # stop lets its requests in flight finish), the primary watched for writes
+            # meanwhile (its quiet time counts from the last write, as a monitoring graph
+            # shows it); then, the old servers all stopped, still no write (one since the
+            # watch starts the quiet time again).
             self.saga.register("old servers started again", partial(self._start_old, inv, old))
             self.state.old_stopped = True
-            for n in old:
-                await self.step("19 stop the old server", partial(self.stop, n), node=n.name, seed_step="19")
+            writes = replication.WritesStoppedRequest(
+                db=db, quiet_s=inp.writes_quiet_s, timeout_s=inp.replica_timeout_s
+            )
+            watched, *_ = await self.all_of(
+                self.step(
+                    "19 no more writes on the primary (watched while the old servers stop)",
+                    partial(self.wait, replication.db_wait_writes_stopped, writes, inp.replica_timeout_s),
+                    seed_step="19",
+                ),
+                *(
+                    self.step("19 stop the old server", partial(self.stop, n), node=n.name, seed_step="19")
+                    for n in old
+                ),
+            )
             await self.step(
-                "19 no more writes on the primary",
+                "19 still no write, the old servers stopped",
                 partial(
                     self.wait,
                     replication.db_wait_writes_stopped,
-                    replication.WritesStoppedRequest(
-                        db=db, quiet_s=inp.writes_quiet_s, timeout_s=inp.replica_timeout_s
-                    ),
+                    dataclasses.replace(writes, seen_gtid=watched.gtid, seen_since=watched.since),
                     inp.replica_timeout_s,
                 ),
                 seed_step="19",
             )
-            # 20 snapshot.
-            snap = await self.back_up_database(
-                db, f"{key}-db-20", "20 snapshot the database", "20", "database snapshot (step 20)"
-            )
-            snapshots.append(snap.path)
-            # 21 replica in sync; 22 replication stopped, replica kept.
-            await self.step(
-                "21 warm replica in sync",
-                partial(
-                    self.wait,
-                    replication.db_wait_replica_in_sync,
-                    replication.WaitSyncRequest(db=db, timeout_s=inp.replica_timeout_s),
-                    inp.replica_timeout_s,
+            # 20 snapshot, and 21 replica in sync then 22 replication stopped (the replica
+            # kept), side by side: the primary no longer changes.
+            snapshot, _ = await self.all_of(
+                self.back_up_database(
+                    db, f"{key}-db-20", "20 snapshot the database", "20", "database snapshot (step 20)"
                 ),
-                seed_step="21",
+                self._replica_in_sync_then_stopped(inp, db),
             )
-            await self.step(
-                "22 stop replication, keep the replica",
-                partial(self.change, replication.db_stop_replication, mysql.DbRequest(db=db)),
-                seed_step="22",
-            )
+            assert isinstance(snapshot, mysql.DbBackup)
+            snapshots.append(snapshot.path)
             # 23 the migrations: the point of no return.
             self.saga.register(
                 "revert by promoting the warm replica", partial(self._revert, inp, lb, test_lb, db, old)
@@ -264,51 +298,48 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             self.migration_s = (workflow.now() - started).total_seconds()
             if not pending:
                 self.timeline.record("23 migrations", "skipped", seed_step="23", detail="none pending")
-            # 24 old servers detached; 25 new ones attached; 26-29 started.
-            for n in old:
-                await self.step(
-                    f"24 detach from {lb.name}",
-                    partial(self.change, haproxy.lb_del_server, haproxy.DelServerRequest(lb=lb, node=n.name)),
-                    node=n.name,
-                    seed_step="24",
+            # 24 the old servers detached, side by side with 26-29: the new ones started
+            # (when they were not already); then 25 the new ones attached.
+            new = [self.state.new_nodes[name] for name in names]
+            await self.all_of(
+                *(self._detach(lb, n.name, "24", old_server=True) for n in old),
+                *(self._start_new(inp, n, first.name) for n in new if not prestart),
+            )
+            if prestart:
+                self.timeline.record(
+                    "26-29 restart the new servers",
+                    "skipped",
+                    seed_step="26",
+                    detail="not needed: the application reads the migrated schema as it goes "
+                    "(application.restart_after_migration: false); step 30 checks it does",
                 )
-                self.state.old_detached.append(n.name)
-            prov = inv.provisioning
-            assert prov is not None
-            for name in names:
-                n = self.state.new_nodes[name]
-                if name != names[0]:  # the clones were never launched
-                    await self.step(
-                        "26-29 launch the new server",
-                        partial(
-                            self.change,
-                            provision.provision_start,
-                            provision.ServerRequest(
-                                provisioning=prov, name=name, inventory_dir=inventory_dir(inv)
-                            ),
-                            timeout=LONG,
-                        ),
-                        node=name,
-                        seed_step="26",
-                    )
-                await self.step(
-                    "26-29 start the new server", partial(self.start, n), node=name, seed_step="26"
-                )
-                await self._attach(lb, n, "25")
             self.timeline.record(
                 "27-28 server arrays",
                 "skipped",
                 seed_step="27",
                 detail="not applicable: the inventory declares no server array",
             )
-            # 30 test while the page is up, then go-live or revert.
-            for name in names:
-                await self.step(
-                    f"30 test: healthy, version {package.version}",
-                    partial(self.check_running, inv, self.state.new_nodes[name], package.version),
-                    node=name,
-                    seed_step="30",
+            # 25 attached, and 30 each one tested directly while its balancer's checks come
+            # up (both only read the server); then 30 through the balancer, behind the page.
+            await self.all_of(
+                *(
+                    self.all_of(
+                        self._attach(lb, n, "25"),
+                        self.step(
+                            f"30 test: healthy, version {package.version}",
+                            partial(self._serving, inv, n, package.version),
+                            node=n.name,
+                            seed_step="30",
+                        ),
+                    )
+                    for n in new
                 )
+            )
+            await self.step(
+                f"30 test through {lb.name} behind the page",
+                partial(self._preview, lb, inv, names, package),
+                seed_step="30",
+            )
             decision = await self.gates.wait(
                 GateSpec(
                     name="go-live",
@@ -482,15 +513,23 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             f"1 back up {db.database}, restore into {db.scratch_database}, compare checksums",
             f"5-6 warm replica {warm.host}:{warm.port} from the primary" if warm else "5-6 (no warm replica)",
             f"7-11 clone {names[0]} (old code), test through {test_lb.name} {test_lb.frontend_url}",
-            f"12-13 {package.version} on {names[0]}, clones {', '.join(names[1:]) or 'none'}",
+            f"12-13 {package.version} on {names[0]}, clones {', '.join(names[1:]) or 'none'}"
+            + (
+                " (stopped until the migration)"
+                if inp.inventory.application.restart_after_migration
+                else " (started and tested now: no restart after the migration)"
+            ),
             "17-18 BEGIN DOWNTIME: maintenance page on",
             f"19 stop {olds}; writes quiet {inp.writes_quiet_s:g}s; 20 snapshot; 21 replica in sync; "
             "22 replication stopped",
             "23 migrations "
             + (", ".join(str(m.version) for m in pending) or "(none)")
             + ": POINT OF NO RETURN",
-            f"24-29 detach {olds}, attach and start {', '.join(names)}",
-            "30 test, gate go-live (or revert by promotion); 31 page off; 32 snapshot; 33 END DOWNTIME",
+            f"24-29 detach {olds}, "
+            + ("start and " if inp.inventory.application.restart_after_migration else "")
+            + f"attach {', '.join(names)}",
+            f"30 test each new server and through {lb.name} behind the page, gate go-live (or revert "
+            "by promotion); 31 page off; 32 snapshot; 33 END DOWNTIME",
             "37-38 gate terminate: old servers, warm replica, test balancer",
         )
 
@@ -544,7 +583,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         self.state.new_nodes[name] = n
         return n
 
-    async def _launch(self, inp: MajorMaintenanceInput, n: Node) -> None:
+    async def _launch(self, inp: MajorMaintenanceInput, n: Node, version: str) -> None:
         inv = inp.inventory
         prov = inv.provisioning
         assert prov is not None
@@ -553,8 +592,82 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             provision.ServerRequest(provisioning=prov, name=n.name, inventory_dir=inventory_dir(inv)),
             timeout=LONG,
         )
+        await self._start_checked(inv, n, version)
+
+    async def _start_checked(self, inv: Inventory, n: Node, version: str) -> None:
         await self.start(n)
-        await self.check_running(inv, n, old_version(self.previous))
+        await self.check_running(inv, n, version)
+
+    async def _serving(self, inv: Inventory, n: Node, version: str) -> None:
+        """check_running in one activity (health, version, login): inside the window."""
+        app = inv.application
+        timeout_s = inv.rollout.health_timeout_s
+        await self.wait(
+            http_checks.check_serving,
+            http_checks.ServingRequest(
+                base_url=n.url,
+                health=app.health,
+                version=app.version,
+                expect=version,
+                login=app.login,
+                timeout_s=timeout_s,
+                interval_s=WINDOW_POLL_S,
+            ),
+            timeout_s,
+        )
+
+    async def _replica_in_sync_then_stopped(self, inp: MajorMaintenanceInput, db: Database) -> None:
+        await self.step(
+            "21 warm replica in sync",
+            partial(
+                self.wait,
+                replication.db_wait_replica_in_sync,
+                replication.WaitSyncRequest(db=db, timeout_s=inp.replica_timeout_s),
+                inp.replica_timeout_s,
+            ),
+            seed_step="21",
+        )
+        await self.step(
+            "22 stop replication, keep the replica",
+            partial(self.change, replication.db_stop_replication, mysql.DbRequest(db=db), local=True),
+            seed_step="22",
+        )
+
+    async def _start_new(self, inp: MajorMaintenanceInput, n: Node, first: str) -> None:
+        """26-29 for a new server that could not run before the migration."""
+        inv = inp.inventory
+        prov = inv.provisioning
+        assert prov is not None
+        if n.name != first:  # the clones were never launched
+            await self.step(
+                "26-29 launch the new server",
+                partial(
+                    self.change,
+                    provision.provision_start,
+                    provision.ServerRequest(provisioning=prov, name=n.name, inventory_dir=inventory_dir(inv)),
+                    timeout=LONG,
+                ),
+                node=n.name,
+                seed_step="26",
+            )
+        await self.step("26-29 start the new server", partial(self.start, n), node=n.name, seed_step="26")
+
+    async def _preview(
+        self, lb: LoadBalancer, inv: Inventory, names: tuple[str, ...], package: deploy.PackageInfo
+    ) -> None:
+        """Every new server answers through the balancer on the new version and the migrated
+        schema, while everyone else still gets the page (a one-time preview entry)."""
+        await self.read(
+            haproxy.lb_preview_check,
+            haproxy.PreviewCheckRequest(
+                lb=lb,
+                check=inv.application.version,
+                expect_version=package.version,
+                expect_nodes=names,
+                expect_db_schema=package.schema_version,
+            ),
+            local=True,
+        )
 
     async def _attach(self, lb: LoadBalancer, n: Node, seed: str) -> None:
         member = with_member(lb, n.name)
@@ -565,6 +678,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                 self.change,
                 haproxy.lb_add_server,
                 haproxy.AddServerRequest(lb=member, node=n.name, address=server_address(n)),
+                local=True,
             ),
             node=n.name,
             seed_step=seed,
@@ -581,13 +695,14 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             seed_step=seed,
         )
 
-    async def _detach(self, lb: LoadBalancer, name: str, seed: str) -> None:
+    async def _detach(self, lb: LoadBalancer, name: str, seed: str, old_server: bool = False) -> None:
         await self.step(
             f"{seed} detach from {lb.name}",
             partial(
                 self.change,
                 haproxy.lb_del_server,
                 haproxy.DelServerRequest(lb=with_member(lb, name), node=name),
+                local=True,
             ),
             node=name,
             seed_step=seed,
@@ -595,6 +710,8 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         for attached in (self.state.on_test, self.state.on_main):
             if name in attached:
                 attached.remove(name)
+        if old_server:
+            self.state.old_detached.append(name)
 
     async def _test_through(self, inv: Inventory, lb: LoadBalancer, version: str, times: int) -> None:
         for _ in range(times):
@@ -606,7 +723,8 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             )
 
     async def _page(self, lb: LoadBalancer, on: bool) -> None:
-        await self.change(haproxy.lb_set_maintenance, haproxy.MaintenanceRequest(lb=lb, on=on))
+        # Local (no server round trip): it opens and closes the downtime.
+        await self.change(haproxy.lb_set_maintenance, haproxy.MaintenanceRequest(lb=lb, on=on), local=True)
 
     async def _start_old(self, inv: Inventory, old: list[Node]) -> None:
         for n in old:
