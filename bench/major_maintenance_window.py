@@ -1,13 +1,16 @@
 """Benchmark: major-maintenance-window v1 -> v2 on a private lab, under probe traffic.
 
     python -m bench.major_maintenance_window [--nodes 3] [--rate 100] [--root .lab-bench-mw]
-                                             [--port-base 19400] [--writes-quiet 2]
-                                             [--keep] [--timeout 600]
+                                             [--port-base 19400] [--writes-quiet 0.5]
+                                             [--slow-every 0] [--keep] [--timeout 600]
 
 The arrangement of bench/minor_blue_green.py (bench/rolling_deploy.py's `bench_lab` and
 `measure_run`): its own lab under --root with its own Temporal dev server (port_base+50, UI
 +51) and a worker (`python -m worker`); the probe at --rate through the main frontend for
-the whole run. `major-maintenance-window` (seed 004) prepares the warm replica and the new
+the whole run, without long requests unless --slow-every N (every N-th a 1.5 s one): the
+old servers' stop at step 19 lets every request in flight finish, so a site's longest
+request adds to its downtime, and that is the site's, not the procedure's.
+`major-maintenance-window` (seed 004) prepares the warm replica and the new
 servers beside the site, then takes the site down behind HAProxy's maintenance page (18),
 stops the old servers, migrates (23), swaps old for new and tests them; the `go-live` gate
 is decided "go-live" and the `terminate` gate "terminate", both as alice, as soon as they
@@ -57,7 +60,7 @@ from workflows.inventory import Inventory, load_inventory
 from workflows.major_maintenance_window import PROCEDURE, MajorMaintenanceInput, MajorMaintenanceResult
 
 # The go-live gate's wait is part of the downtime: poll for it often.
-GATE_POLL_S = 0.1
+GATE_POLL_S = 0.02
 PAGE_ON_STEP = "18"
 # Step 31, or a rollback's / revert's own lifting of the page.
 PAGE_OFF_NAMES = ("maintenance page off", "maintenance page lifted")
@@ -143,7 +146,7 @@ def exit_status(run: RunResult, result: MajorMaintenanceResult | None) -> int:
     return 0 if run.ok and result is not None else 1
 
 
-def bench_input(inv: Inventory, package_path: str, writes_quiet_s: float = 2.0) -> MajorMaintenanceInput:
+def bench_input(inv: Inventory, package_path: str, writes_quiet_s: float = 0.5) -> MajorMaintenanceInput:
     return MajorMaintenanceInput(inventory=inv, package_path=package_path, started_by=STARTED_BY,
                                  writes_quiet_s=writes_quiet_s, gate_timeout_s=GATE_TIMEOUT_S)
 
@@ -164,14 +167,15 @@ class Gatekeeper:
         await decide_gate(handle, "terminate", "terminate", GATE_POLL_S)
 
 
-async def run_bench(cfg: LabConfig, rate: float, keep: bool, writes_quiet_s: float, timeout_s: float) -> int:
+async def run_bench(cfg: LabConfig, rate: float, keep: bool, writes_quiet_s: float, timeout_s: float,
+                    slow_every: int = 0) -> int:
     async with bench_lab(cfg, keep) as (site, client):
         inv = load_inventory(site)
         side = Gatekeeper()
         t0 = time.monotonic()
         run = await measure_run(cfg, client, rate, PROCEDURE, inv,
                                 bench_input(inv, str(cfg.package(2)), writes_quiet_s),
-                                MajorMaintenanceResult, timeout_s, alongside=side)
+                                MajorMaintenanceResult, timeout_s, alongside=side, slow_every=slow_every)
         wall = time.monotonic() - t0
         result = await fetch_result(client, side.handle, MajorMaintenanceResult)
         summary = read_summary(cfg.probe_summary)
@@ -206,18 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path(".lab-bench-mw"))
     p.add_argument("--port-base", type=int, default=19400,
                    help="lab ports from here; Temporal on +50, its UI on +51")
-    p.add_argument("--writes-quiet", type=float, default=2.0,
+    p.add_argument("--writes-quiet", type=float, default=0.5,
                    help="step 19: seconds the primary must show no write (the input's default)")
+    p.add_argument("--slow-every", type=int, default=0,
+                   help="every N-th probe request a long one (GET /slow?ms=1500); 0: none")
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds the workflow may run before it is terminated (run failed)")
     a = p.parse_args(argv)
-    if a.nodes < 1 or a.rate <= 0 or a.writes_quiet < 0 or a.timeout <= 0:
-        p.error("--nodes must be >= 1, --rate and --timeout > 0, --writes-quiet >= 0")
+    if a.nodes < 1 or a.rate <= 0 or a.writes_quiet < 0 or a.timeout <= 0 or a.slow_every < 0:
+        p.error("--nodes must be >= 1, --rate and --timeout > 0, --writes-quiet and --slow-every >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
                     temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
-    return launch(run_bench(cfg, a.rate, a.keep, a.writes_quiet, a.timeout))
+    return launch(run_bench(cfg, a.rate, a.keep, a.writes_quiet, a.timeout, a.slow_every))
 
 
 if __name__ == "__main__":

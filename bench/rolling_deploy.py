@@ -38,7 +38,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from lab import manager, procs
+from lab import manager, mariadb, procs, provision
 from lab.config import LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
@@ -247,11 +247,12 @@ async def wait_worker_polling(client: Client, task_queue: str, timeout_s: float)
 async def measure_run(cfg: LabConfig, client: Client, rate: float, procedure: str, inv: Inventory,
                       arg: Any, result_type: type, timeout_s: float = 600.0,
                       alongside: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]] | None = None,
-                      ) -> RunResult:
-    """One measured run of any procedure: the probe at `rate` through the main frontend,
-    the workflow started (and `alongside(handle)` run next to it, e.g. approving its gates,
-    cancelled once the workflow is over), the probe stopped, the figures from the history."""
-    probe = start_probe_process(cfg.main_url, rate, cfg.probe_log, cfg.probe_summary)
+                      slow_every: int = 50) -> RunResult:
+    """One measured run of any procedure: the probe at `rate` through the main frontend
+    (every `slow_every`-th request a long one, 0: none), the workflow started (and
+    `alongside(handle)` run next to it, e.g. approving its gates, cancelled once the
+    workflow is over), the probe stopped, the figures from the history."""
+    probe = start_probe_process(cfg.main_url, rate, cfg.probe_log, cfg.probe_summary, slow_every=slow_every)
     side: asyncio.Future[Any] | None = None
     try:
         await asyncio.sleep(PROBE_WARMUP_S)
@@ -305,6 +306,20 @@ async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path,
                              RollingDeployResult, timeout_s)
 
 
+async def left_by_earlier_run(cfg: LabConfig) -> str:
+    """Why the lab is not as lab_up makes it ("" when it is): a bench's figures are only
+    comparable from v1 with schema 1 and the original nodes alone."""
+    versions = set((await node_versions(cfg)).values())
+    if versions != {"1.0.0"}:
+        return f"nodes at {', '.join(sorted(versions)) or 'no version'}, not all at 1.0.0"
+    schema = await asyncio.to_thread(mariadb.schema_version, cfg)
+    if schema != 1:
+        return f"database at schema {schema}, not 1"
+    if provision.provisioned(cfg) or provision.destroyed_originals(cfg):
+        return "servers provisioned or destroyed by a procedure"
+    return ""
+
+
 @contextlib.asynccontextmanager
 async def bench_lab(cfg: LabConfig, keep: bool) -> AsyncIterator[tuple[Path, Client]]:
     """The private lab at v1 with its Temporal dev server and a polling worker: yields the
@@ -313,8 +328,9 @@ async def bench_lab(cfg: LabConfig, keep: bool) -> AsyncIterator[tuple[Path, Cli
     try:
         t0 = time.monotonic()
         site = await manager.lab_up(cfg, with_temporal=True)
-        if set((await node_versions(cfg)).values()) != {"1.0.0"}:
-            say("nodes are not all at 1.0.0 (left by an earlier run): resetting the lab to v1")
+        left = await left_by_earlier_run(cfg)
+        if left:
+            say(f"{left} (left by an earlier run): resetting the lab to v1")
             await manager.lab_reset(cfg)
         start_worker(cfg)
         client = await connect(cfg.temporal_address, tracing=False)

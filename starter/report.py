@@ -229,8 +229,8 @@ def maintenance_window_summary(res: MajorMaintenanceResult) -> list[str]:
     kept = [o for o in res.old_servers if o not in res.terminated]
     lines = [f"[bold]major-maintenance-window[/] on {escape(res.site)}: {escape(', '.join(res.old_servers))} "
              f"replaced by {escape(', '.join(new) or 'none')} at {escape(res.version)}",
-             f"downtime (steps 17-33): {res.downtime_s:.1f}s, of which the migrations (step 23) "
-             f"{res.migration_s:.1f}s",
+             f"downtime (steps 17-33): {res.downtime_s:.2f}s, of which the migrations (step 23) "
+             f"{res.migration_s:.2f}s",
              "database snapshots: " + escape(", ".join(res.snapshots) or "none")]
     if res.terminated:
         lines.append(f"terminated: {escape(', '.join(res.terminated))} and the warm replica released")

@@ -16,7 +16,7 @@ from bench.rolling_deploy import Figures, RunResult
 from lab.config import LabConfig
 from lab.manager import site_inventory
 from workflows.inventory import parse_inventory
-from workflows.major_maintenance_window import MajorMaintenanceResult
+from workflows.major_maintenance_window import MajorMaintenanceInput, MajorMaintenanceResult
 from workflows.timeline import StepRecord
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -123,6 +123,8 @@ def test_input_on_the_lab_inventory(tmp_path: Path) -> None:
     for gate in ("go-live", "terminate"):
         assert bg.APPROVER in inv.approvers[gate]
     assert bg.STARTED_BY != bg.APPROVER
+    # The bench runs the input's own quiet time unless told otherwise.
+    assert mw.bench_input(inv, "/p/v2.zip").writes_quiet_s == MajorMaintenanceInput(inv, "/p").writes_quiet_s
     # What preflight needs of the site: a maintenance switch, the test balancer, a warm replica.
     lbs = {lb.name: lb for lb in inv.load_balancers}
     assert lbs[inv.load_balancers[0].name].maintenance is not None and lbs[inp.test_lb].frontend_url
@@ -130,7 +132,8 @@ def test_input_on_the_lab_inventory(tmp_path: Path) -> None:
 
 
 def test_refuses_bad_options() -> None:
-    for argv in (["--nodes", "0"], ["--rate", "0"], ["--writes-quiet", "-1"], ["--timeout", "-1"]):
+    for argv in (["--nodes", "0"], ["--rate", "0"], ["--writes-quiet", "-1"], ["--timeout", "-1"],
+                 ["--slow-every", "-1"]):
         with pytest.raises(SystemExit) as e:
             mw.main(argv)
         assert e.value.code == 2

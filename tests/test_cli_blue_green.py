@@ -298,7 +298,7 @@ def test_the_maintenance_window_summary_gives_the_downtime_and_the_entries(
     assert cli._print_outcome(zc.Outcome(ok=True, result=res, error=None)) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "major-maintenance-window on acme-prod: web-a replaced by web-a-v2-0-0 at 2.0.0" in lines
-    assert "downtime (steps 17-33): 9.5s, of which the migrations (step 23) 1.2s" in lines
+    assert "downtime (steps 17-33): 9.50s, of which the migrations (step 23) 1.25s" in lines
     assert "database snapshots: /b/run-db-20.sql, /b/run-db-32.sql" in lines
     assert "terminated: web-a and the warm replica released" in lines
     hint = next(i for i, line in enumerate(lines) if line.startswith("update the site's inventory: "))
