@@ -171,12 +171,11 @@ class SiteProcedure(Procedure):
                 node=n.name, seed_step=seed_step)
 
     # ------------------------------------------------------------------ nodes
-    async def check_running(self, inv: Inventory, n: Node, expected: str, poll_s: float = 0.5) -> None:
-        """Healthy, on the expected version, and (when configured) a user can log on.
-        `poll_s`: between the health answers (two in a row must be good)."""
+    async def check_running(self, inv: Inventory, n: Node, expected: str) -> None:
+        """Healthy, on the expected version, and (when configured) a user can log on."""
         await self.wait(http_checks.wait_healthy, http_checks.WaitHealthyRequest(
-            base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s,
-            interval_s=poll_s), inv.rollout.health_timeout_s)
+            base_url=n.url, check=inv.application.health, timeout_s=inv.rollout.health_timeout_s),
+            inv.rollout.health_timeout_s)
         await self.read(http_checks.get_version, http_checks.VersionRequest(
             base_url=n.url, check=inv.application.version, expect=expected), retry=ACTION_RETRY)
         await self.log_on(inv, n)
