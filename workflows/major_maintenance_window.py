@@ -201,18 +201,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             )
             await self.step(
                 f"12 deploy {package.version}",
-                partial(
-                    self.change,
-                    deploy.deploy_package,
-                    deploy.DeployRequest(
-                        node=first,
-                        package=package,
-                        protected_files=app.protected_files,
-                        merge_files=app.merge_files,
-                        release_id=f"{package.name}-{package.version}",
-                    ),
-                    timeout=LONG,
-                ),
+                partial(self.deploy, app, first, package),
                 node=first.name,
                 seed_step="12",
             )

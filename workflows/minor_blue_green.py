@@ -388,11 +388,8 @@ class MinorBlueGreenWorkflow(SiteProcedure):
             # 6 the new code (the later servers are clones of this one: they carry it, and
             # their test checks the version they run).
             app = inv.application
-            await self.step(f"6 deploy {package.version}", partial(
-                self.change, deploy.deploy_package, deploy.DeployRequest(
-                    node=n, package=package, protected_files=app.protected_files,
-                    merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
-                timeout=LONG), node=name, seed_step="6")
+            await self.step(f"6 deploy {package.version}", partial(self.deploy, app, n, package),
+                            node=name, seed_step="6")
         # 6 the new settings, on every new server (a clone's own keys are rewritten by its
         # provisioning: setting them again is what keeps them).
         for file, values in sorted(inp.settings.items()):

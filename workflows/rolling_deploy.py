@@ -265,11 +265,8 @@ class RollingDeployWorkflow(SiteProcedure):
         done.backup = backup
         app_backups[n.name] = backup.path
         done.deploy_attempted = True
-        result: deploy.DeployResult = await self.step(f"N5 deploy {package.version}", lambda: self.change(
-            deploy.deploy_package, deploy.DeployRequest(
-                node=n, package=package, protected_files=app.protected_files,
-                merge_files=app.merge_files, release_id=f"{package.name}-{package.version}"),
-            timeout=LONG), node=n.name, seed_step="N5")
+        result: deploy.DeployResult = await self.step(
+            f"N5 deploy {package.version}", lambda: self.deploy(app, n, package), node=n.name, seed_step="N5")
         for m in result.merged:
             if m.carried:
                 merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")

@@ -24,7 +24,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.mysql as mysql
     import activities.node as node
     import activities.ssh as ssh
-    from workflows.inventory import Database, Inventory, LoadBalancer, Node
+    from workflows.inventory import Application, Database, Inventory, LoadBalancer, Node
 
 from workflows.procedure import ACTION_RETRY, LONG, Procedure
 from workflows.saga import reason
@@ -212,6 +212,12 @@ class SiteProcedure(Procedure):
             await self.timeline.step(f"rollback: wait UP on {lb.name}", self.wait(
                 haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
                 UP_TIMEOUT_S), node=n.name)
+
+    def deploy(self, app: Application, n: Node, package: deploy.PackageInfo) -> Any:
+        """The package onto the node: its protected files kept, its customisations merged."""
+        return self.change(deploy.deploy_package, deploy.DeployRequest(
+            node=n, package=package, protected_files=app.protected_files, merge_files=app.merge_files,
+            release_id=f"{package.name}-{package.version}"), timeout=LONG)
 
     def stop(self, n: Node) -> Any:
         return self.change(node.stop_service, node.ServiceRequest(node=n), timeout=svc_timeout(n))

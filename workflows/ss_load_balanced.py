@@ -327,18 +327,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
         done.deploy_attempted = True
         result: deploy.DeployResult = await self.step(
             f"{seed_step} copy the package (protected files kept, customisations merged)",
-            partial(
-                self.change,
-                deploy.deploy_package,
-                deploy.DeployRequest(
-                    node=n,
-                    package=package,
-                    protected_files=app.protected_files,
-                    merge_files=app.merge_files,
-                    release_id=f"{package.name}-{package.version}",
-                ),
-                timeout=LONG,
-            ),
+            partial(self.deploy, app, n, package),
             node=n.name,
             seed_step=seed_step,
         )
