@@ -1,0 +1,164 @@
+"""A command on a node that outlives the activity attempt that started it.
+
+Why: a long tool run (OX's runupdate on a big schema, the whole upgradeschemata tool) must
+never be started twice while an earlier start may still be running - a worker lost
+mid-run, or an attempt timed out, leaves the command running on the node. So the command
+runs detached (its own session, output to files) in a job folder on the node named by a
+key the workflow makes (same key on every retry of the same step), and any later attempt
+with that key attaches to it instead of starting it again:
+
+  * the key's job has an exit status      -> its outcome is read, nothing is started;
+  * the key's job is running              -> waited for (the activity heartbeats), then read;
+  * another job of the same `family` runs (e.g. runupdate of the same schema, started by an
+    earlier step attempt with another key)  -> that one is followed instead;
+  * the key's job was started but is gone without an exit status (the node rebooted) ->
+    `lost`: the caller decides (run it again, or report);
+  * nothing yet                           -> started, and waited for in the same command
+    (one SSH round trip for the common case).
+
+The secret (if any) is read from standard input into ZD_SECRET, which the command refers to
+as "$ZD_SECRET" - never written to the job folder, the command text or the history. The
+job folders stay (a retry must find its outcome); folders older than a week are pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass
+
+import activities.ssh as ssh
+from activities.common import fail
+from workflows.inventory import SshTarget
+
+JOBS_DIR = ".zerodown/jobs"
+MARK = "@@zerodown-job"
+# Over its budget: the job is left running (killing a tool half-way is worse); the step fails.
+DETACHED_TIMEOUT = "DetachedCommandTimeout"
+# A poll of a job this command did not start (how soon its end is noticed).
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    key: str  # the job folder's name (another key when a running job of the family was followed)
+    state: str  # started | running | done | lost
+    exit_status: int | None  # None: lost (no exit status)
+    stdout: str
+    stderr: str
+    followed: bool = False
+
+
+def job_key(family: str, *parts: str) -> str:
+    """A folder path under JOBS_DIR: the family's folder (readable, e.g.
+    "runupdate-oxdatabase_5": every run of one operation, looked through for a live one) and
+    a hash of the parts that make the step unique (workflow, run, the operator's retry)."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+    return f"{_safe(family)}/{digest}"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "-" for c in text)[:80] or "job"
+
+
+def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_text: str = "",
+               budget_s: float = 3600.0) -> str:
+    """The shell command (POSIX sh) that starts or attaches to the job `key`. `command` is a
+    shell command line; it may use "$ZD_SECRET". `stdin_text` (not secret) is the command's
+    standard input."""
+    d = f"{JOBS_DIR}/{key}"
+    fam = f"{JOBS_DIR}/{_safe(family)}/"
+    run = f"{command}\n"
+    budget = max(1, int(budget_s))
+    return "\n".join([
+        "umask 077",
+        f"d={shlex.quote(d)}",
+        'mkdir -p "$d" || exit 97',
+        "IFS= read -r ZD_SECRET || ZD_SECRET=",
+        "export ZD_SECRET",
+        # Jobs older than a week pruned, now and then (one call in 64: 10,000 folders cost a scan).
+        # In the background: never in the time a caller waits for (a schema's disabled window).
+        f'[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 '
+        "-exec rm -rf {} + </dev/null >/dev/null 2>&1 &)",
+        "followed=",
+        # A live job of the same family started under another key: follow it, start nothing.
+        'if [ ! -e "$d/rc" ]; then',
+        f"  for p in {shlex.quote(fam)}*/pid; do",
+        '    [ -e "$p" ] || continue',
+        '    o="${p%/pid}"',
+        '    [ "$o" = "$d" ] && continue',
+        '    if [ ! -e "$o/rc" ] && kill -0 "$(cat "$p")" 2>/dev/null; then d="$o"; followed=1; break; fi',
+        "  done",
+        "fi",
+        'if [ -e "$d/rc" ]; then state=done',
+        'elif [ -s "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then state=running',
+        f'elif [ -e "$d/pid" ] && [ {"0" if rerun_lost else "1"} = 1 ]; then state=lost',
+        "else",
+        "  state=started",
+        '  rm -f "$d/pid" "$d/out" "$d/err"',
+        f"  printf %s {shlex.quote(stdin_text)} > \"$d/in\"",
+        "  cat > \"$d/run\" <<'ZEROWN_JOB_EOF'",
+        'd="$1"',
+        f'( {run.strip()} ) >"$d/out" 2>"$d/err" <"$d/in"',
+        'echo $? >"$d/rc.tmp" && mv "$d/rc.tmp" "$d/rc"',
+        "ZEROWN_JOB_EOF",
+        # Own session: the job survives this SSH channel (a lost worker closes it).
+        '  setsid sh "$d/run" "$d" </dev/null >/dev/null 2>&1 &',
+        '  echo $! > "$d/pid"',
+        "  wait $! 2>/dev/null",
+        "fi",
+        f'echo "{MARK} state $state ${{d#{JOBS_DIR}/}} $followed"',
+        'if [ "$state" = running ]; then',
+        '  started=$(stat -c %Y "$d/pid" 2>/dev/null || date +%s)',
+        '  while [ ! -e "$d/rc" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; do',
+        f'    if [ $(( $(date +%s) - started )) -ge {budget} ]; then echo "{MARK} over-budget"; break; fi',
+        f"    sleep {POLL_S}",
+        "  done",
+        "fi",
+        f'if [ -e "$d/rc" ]; then echo "{MARK} rc $(cat "$d/rc")"; else echo "{MARK} rc none"; fi',
+        f'echo "{MARK} out"; cat "$d/out" 2>/dev/null; printf "\\n{MARK} err\\n"; cat "$d/err" 2>/dev/null',
+        "exit 0",
+    ])
+
+
+def parse_job_output(text: str) -> tuple[str, str, bool, int | None, bool, str, str]:
+    """(state, key, followed, exit status or None, over budget, stdout, stderr) of a job_script run."""
+    head, sep, rest = text.partition(f"{MARK} out\n")
+    if not sep:
+        fail("DetachedOutputUnexpected", f"job output without its markers: {text[-300:]!r}")
+    state, key, followed, rc, over = "", "", False, None, False
+    for line in head.splitlines():
+        if not line.startswith(MARK):
+            continue
+        fields = line.split()
+        if fields[1] == "state":
+            state, key, followed = fields[2], fields[3], len(fields) > 4 and fields[4] == "1"
+        elif fields[1] == "over-budget":
+            over = True
+        elif fields[1] == "rc" and fields[2] != "none":
+            rc = int(fields[2])
+    out, _, err = rest.rpartition(f"\n{MARK} err\n")
+    return state, key, followed, rc, over, out, err
+
+
+async def run_detached(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
+                       stdin_text: str = "", budget_s: float, rerun_lost: bool, what: str) -> JobOutcome:
+    """Start or attach to the job `key` on `target` and wait for its end (heartbeating), at most
+    `budget_s` after it started; a job over its budget is left running and the step fails
+    with DetachedCommandTimeout (non-retryable: a retry would only wait again)."""
+    script = job_script(key, family, command, rerun_lost=rerun_lost, stdin_text=stdin_text,
+                        budget_s=budget_s)
+    try:
+        r = await ssh.run(target, script, timeout_s=budget_s + 2.0, check=False, input=secret + "\n")
+    except Exception as e:
+        if getattr(e, "type", "") == "SshCommandTimeout":
+            fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running "
+                                   f"on {target.host} (job {key})", cause=e)
+        raise
+    state, found_key, followed, rc, over, out, err = parse_job_output(r.stdout)
+    if secret:
+        out, err = out.replace(secret, "***"), err.replace(secret, "***")
+    if over:
+        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running on "
+                               f"{target.host} (job {found_key})")
+    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed)
