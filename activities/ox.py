@@ -11,9 +11,24 @@ formats OX prints (see lab/ox/tools.py, whose stand-in follows OX's sources):
   upgradeschemata     per schema "Disabling schema '<s>'...OK" ... "Enabling schema '<s>'...OK"
                       on stdout, "Errors while running updates for schema '<s>'" on stderr
 
-The master admin's password is resolved here and handed to the tool on standard input
-(`read` into ADMIN_PASSWORD, which OX's tools take in place of -P), so it appears neither
-on a command line (`ps`) nor in the workflow's history; it is masked in every message.
+The master admin's password is resolved here, never in the workflow (so never in a
+history), and handed over on standard input. The admin tools take it from ADMIN_PASSWORD
+(read from stdin into the variable; OX's BasicCommandlineOptions.credentialsparsing uses it
+when -P is absent), so it is on no command line. runupdate (7.10.1+, AbstractUpdateTasksCLT)
+takes it ONLY from -P: the command line refers to "$ZD_SECRET", so the value is in neither
+the command text we send nor an error, but the running runupdate process shows it in the
+node's process list for as long as it runs (README, "Open-Xchange procedures"). It is
+masked in every message.
+
+Exit codes (OX's BasicCommandlineOptions SYSEXIT_*): 105 (an RMI ConnectException: the
+middleware did not answer) and 107 (another RemoteException) are usually transient and
+raised as retryable OxToolUnavailable; 101 credentials, 104 missing option, 109 illegal
+option value, 111 unknown option and the rest are permanent (OxToolFailed).
+
+Long tool runs (runupdate, upgradeschemata) run detached on the node (activities/detached.py)
+under a key the workflow makes: a retried attempt attaches to the run under way or reads
+its outcome, and never starts a second one beside it. Their time budgets are settings
+(`ox.runupdate_timeout_s`, `ox.upgradeschemata_timeout_s`).
 
 Idempotent: disable/enable/changeserver set a state; runupdate has nothing left to do on an
 updated schema; registerserver returns the id of a server of that name that a previous
@@ -23,7 +38,6 @@ keyed by the workflow's id, so a retry reports the original value, not its own.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -32,26 +46,30 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+import activities.detached as detached
 import activities.ssh as ssh
-from activities.common import SSH_COMMAND_FAILED, check_id, fail, heartbeat, tail
+from activities.common import INVALID_REQUEST, SSH_COMMAND_FAILED, check_id, fail, heartbeat, tail
 from activities.secrets import resolve_secret
 from workflows.inventory import Node, OxSettings
 
 OX_TOOL_FAILED = "OxToolFailed"
+# A tool that exited 105 / 107: the middleware or its RMI call failed; worth another attempt.
+OX_TOOL_UNAVAILABLE = "OxToolUnavailable"
 OX_OUTPUT_UNEXPECTED = "OxOutputUnexpected"
 OX_SERVER_EXISTS = "OxServerExists"
+# OX's SYSEXIT_COMMUNICATION_ERROR (java.rmi.ConnectException) and SYSEXIT_REMOTE_ERROR
+# (another RemoteException): ObjectNamingAbstraction.printErrors.
+TRANSIENT_EXITS = frozenset({105, 107})
+# runupdate (AbstractRmiCLI.getAuthFailedExitCode: System.exit(-1)) when -A/-P are missing or
+# empty while the site authenticates its master admin.
+RUNUPDATE_NO_CREDENTIALS = 255
 # Where a property change remembers the value it replaced (relative to the login folder).
 PROPERTY_RECORDS = ".zerodown/properties"
-# runupdate may run for a long time on a big schema: the SSH command's own limit.
-RUNUPDATE_TIMEOUT_S = 3600.0
-UPGRADESCHEMATA_TIMEOUT_S = 24 * 3600.0
-# What OX answers to a runupdate while another update of the schema runs (its schema lock).
-UPDATE_CONFLICT = "Update conflict detected"
 
 
 # --------------------------------------------------------------------------- requests / results
@@ -126,6 +144,16 @@ class OxServer:
 
 
 @dataclass(frozen=True)
+class OxDatabase:
+    """One database pool as `listdatabase --csv` shows it (ListDatabase.java, 7.10)."""
+
+    id: int
+    name: str
+    max_units: int  # maxUnits: 0 closes the pool - and listdatabaseschema then leaves it out
+    current_units: int  # currentunits: the contexts in it
+
+
+@dataclass(frozen=True)
 class OxUpgradeSchemaRequest:
     """Steps 4 to 7 for one schema: the tools on `admin` (a working old node), runupdate on
     `update` (the node with the new release)."""
@@ -135,6 +163,9 @@ class OxUpgradeSchemaRequest:
     ox: OxSettings
     schema: str
     server_id: int
+    # The operator's retry count of this schema (the failure gate's `retry`): a new runupdate
+    # per retry; the same one for every attempt of one try.
+    attempt_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,6 +209,8 @@ class OxToolSchema:
     updated: bool
     enabled: bool
     error: str | None = None
+    # "Schema <s> not found. Skipping": a schema without contexts (disableschema finds none).
+    skipped_empty: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,9 +308,17 @@ async def run_tool(node: Node, settings: OxSettings, tool: str, args: list[str],
         text = f"{result.stdout.strip()} {result.stderr.strip()}".strip()
         if password:
             text = text.replace(password, "***")
-        fail(OX_TOOL_FAILED, f"{node.name}: {tool} {' '.join(args)} exited with status "
-                             f"{result.exit_status}: {tail(text, 600) or '(no output)'}")
+        tool_failed(node, tool, args, result.exit_status, text)
     return result
+
+
+def tool_failed(node: Node, tool: str, args: list[str], exit_status: int, text: str) -> NoReturn:
+    """OxToolUnavailable (retryable) for OX's transient exit codes, else OxToolFailed."""
+    transient = exit_status in TRANSIENT_EXITS
+    fail(OX_TOOL_UNAVAILABLE if transient else OX_TOOL_FAILED,
+         f"{node.name}: {tool} {' '.join(args)} exited with status {exit_status}"
+         f"{' (transient: the middleware did not answer or its call failed)' if transient else ''}: "
+         f"{tail(text, 600) or '(no output)'}", retryable=transient)
 
 
 def parse_csv(text: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -313,6 +354,18 @@ def parse_servers(text: str) -> tuple[OxServer, ...]:
     return tuple(out)
 
 
+def parse_databases(text: str) -> tuple[OxDatabase, ...]:
+    out = []
+    for row in parse_csv(text, ("id", "display_name", "maxUnits", "currentunits")):
+        try:
+            out.append(OxDatabase(id=int(row["id"]), name=row["display_name"],
+                                  max_units=int(row["maxUnits"] or 0),
+                                  current_units=int(row["currentunits"] or 0)))
+        except ValueError:
+            fail(OX_OUTPUT_UNEXPECTED, f"listdatabase row not understood: {row}")
+    return tuple(out)
+
+
 _REGISTERED = re.compile(r"^server (\d+) registered\s*$", re.M)
 _FAILED_HEAD = "The following update task(s) failed:"
 
@@ -334,7 +387,10 @@ def parse_failed_tasks(text: str) -> tuple[str, ...]:
 
 
 _ERR_RE = re.compile(r"Errors while running updates for schema '([^']+)':\s*\n(?:.*\n)?((?: .*\n?)*)")
-_EXISTING_RE = re.compile(r"already registered with id '(\d+)'")
+# The registered-server texts: without -m the WARNING, with -m "The server '<n>' with id '<id>'
+# will be used ..." (UpgradeSchemata.registerServer).
+_EXISTING_RE = re.compile(r"already registered with id '(\d+)'"
+                          r"|The server '[^']*' with id '(\d+)' will be used")
 _REGISTERING_RE = re.compile(r"Registering the server with name '[^']*'\.\.\.OK")
 
 
@@ -353,6 +409,10 @@ def parse_upgradeschemata(stdout: str, stderr: str) -> tuple[list[OxToolSchema],
         if head is None:
             continue
         schema = head.group(1)
+        if re.match(r"Disabling schema '[^']+'\.\.\.Schema \S+ not found\. Skipping", block):
+            schemata.append(OxToolSchema(schema=schema, disabled=False, server_changed=False, updated=False,
+                                         enabled=False, skipped_empty=True))
+            continue
         schemata.append(OxToolSchema(
             schema=schema, disabled=head.group(2) is not None,
             server_changed=re.search(r"Changing server for schema '[^']+' to '[^']*'\.\.\.OK", block)
@@ -361,7 +421,7 @@ def parse_upgradeschemata(stdout: str, stderr: str) -> tuple[list[OxToolSchema],
             enabled=f"Enabling schema '{schema}'...OK" in block,
             error=errors.get(schema)))
     existing = _EXISTING_RE.search(stdout)
-    return (schemata, int(existing.group(1)) if existing else None,
+    return (schemata, int(existing.group(1) or existing.group(2)) if existing else None,
             _REGISTERING_RE.search(stdout) is not None, "OK, aborting upgrade" in stdout)
 
 
@@ -438,6 +498,13 @@ async def ox_list_schemata(req: OxNodeRequest) -> tuple[OxSchema, ...]:
 
 
 @activity.defn
+async def ox_list_databases(req: OxNodeRequest) -> tuple[OxDatabase, ...]:
+    """listdatabase: every database pool with its maxUnits and contexts (closed pools too)."""
+    r = await run_tool(req.node, req.ox, "listdatabase", ["--csv"])
+    return parse_databases(r.stdout)
+
+
+@activity.defn
 async def ox_list_servers(req: OxNodeRequest) -> tuple[OxServer, ...]:
     r = await run_tool(req.node, req.ox, "listserver", ["--csv"])
     return parse_servers(r.stdout)
@@ -475,23 +542,40 @@ async def ox_change_server(req: OxChangeServerRequest) -> None:
     await change_server(req.node, req.ox, req.schema, req.server_id)
 
 
-async def run_update(node: Node, settings: OxSettings, schema: str) -> tuple[str, ...]:
-    """runupdate -n <schema> on `node`; the names of the failed update tasks (none: done).
-    While another update of the schema runs (the earlier attempt of a retried step, whose
-    command outlived a lost worker) OX refuses with its schema lock: wait for it rather
-    than run the update twice."""
-    deadline = time.monotonic() + RUNUPDATE_TIMEOUT_S
-    while True:
-        r = await run_tool(node, settings, "runupdate", ["-n", schema], admin=False,
-                           timeout_s=RUNUPDATE_TIMEOUT_S, check=False)
-        text = r.stdout + "\n" + r.stderr
-        if r.exit_status == 0:
-            return parse_failed_tasks(text)
-        if UPDATE_CONFLICT not in text or time.monotonic() > deadline:
-            fail(OX_TOOL_FAILED, f"{node.name}: runupdate -n {schema} exited with status "
-                                 f"{r.exit_status}: {tail(text, 600)}")
-        heartbeat({"schema": schema, "waiting_for": "the update under way"})
-        await asyncio.sleep(1.0)
+def runupdate_command(settings: OxSettings, schema: str) -> str:
+    """runupdate with the master admin's credentials, which 7.10.1+ requires (-A and -P; its
+    only source for the password is -P): "$ZD_SECRET" stands for the password."""
+    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/runupdate")
+    return f'exec {path} -A {shlex.quote(settings.admin_user)} -P "$ZD_SECRET" -n {shlex.quote(schema)}'
+
+
+def _step_key(*parts: str) -> tuple[str, ...]:
+    """What makes a tool run unique: the workflow run, plus the caller's parts."""
+    if activity.in_activity():
+        info = activity.info()
+        return (info.workflow_id or "", info.workflow_run_id or "", *parts)
+    return ("", "", *parts)
+
+
+async def run_update(node: Node, settings: OxSettings, schema: str, attempt_key: str = "") -> tuple[str, ...]:
+    """runupdate -A <admin> -P <password> -n <schema> on `node`; the names of the failed update
+    tasks (none: done). Detached under a key of this workflow run, schema and operator's
+    attempt: a retried activity attaches to the runupdate under way (or reads how it ended),
+    and one still running for this schema under another key is followed rather than doubled.
+    A run lost with its node (no exit status) is run again: nothing runs on the schema then."""
+    password = resolve_secret(settings.admin_password, needed_by=f"runupdate on {node.name}")
+    key = detached.job_key(f"runupdate-{schema}", *_step_key(schema, attempt_key))
+    job = await detached.run_detached(
+        node.ssh, key, f"runupdate-{schema}", runupdate_command(settings, schema), secret=password,
+        budget_s=settings.runupdate_timeout_s, rerun_lost=True, what=f"{node.name}: runupdate -n {schema}")
+    text = f"{job.stdout}\n{job.stderr}".strip()
+    status = job.exit_status if job.exit_status is not None else 255
+    if status == 0:
+        return parse_failed_tasks(job.stdout)
+    if status == RUNUPDATE_NO_CREDENTIALS:
+        fail(OX_TOOL_FAILED, f"{node.name}: runupdate -n {schema} refused the master admin's credentials "
+                             f"(exit 255; -A {settings.admin_user} -P ***): {tail(text, 400)}")
+    tool_failed(node, "runupdate", ["-n", schema], status, text)
 
 
 async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
@@ -505,7 +589,7 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     steps: list[OxStepTime] = []
 
     async def update() -> None:
-        tasks = await run_update(req.update, req.ox, req.schema)
+        tasks = await run_update(req.update, req.ox, req.schema, req.attempt_key)
         if tasks:
             fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
 
@@ -525,6 +609,9 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     if r.exit_status != 0 or len(r.outputs) < 2:
         tool, at = ("disableschema", started) if len(r.outputs) < 2 else ("changeserver", split)
         text = f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}".strip()
+        if r.exit_status in TRANSIENT_EXITS:
+            # Retried as a whole: disable and changeserver set states.
+            tool_failed(req.admin, tool, ["-m", req.schema], r.exit_status, text)
         error = ApplicationError(f"{req.admin.name}: {tool} -m {req.schema} exited with status "
                                  f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
                                  type=OX_TOOL_FAILED, non_retryable=True)
@@ -569,29 +656,95 @@ async def ox_enable_schema(req: OxSchemaRequest) -> None:
     await run_tool(req.node, req.ox, "enableschema", ["-m", req.schema])
 
 
+# OX's UpgradeSchemata splits the literal "," instead of -k's value (UpgradeSchemata.java,
+# filterSchemata's caller, 7.10.x), so the tool upgrades the schemata -k names.
+SKIP_IGNORED = ("OX's upgradeschemata ignores -k (its source splits a literal ',' instead of the "
+                "option's value), so it would upgrade the schemata you want skipped")
+
+
 @activity.defn
 async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
-    """Steps 3-7 by OX's own tool: upgradeschemata -n <name> [-f] [-m s] [-k a,b]; the
-    "already registered" prompt is answered with `answer` (none: the tool fails on it)."""
+    """Steps 3-7 by OX's own tool: upgradeschemata -n <name> [-f] [-m s]; the "already
+    registered" prompt is answered with `answer` (none: the tool fails on it). Detached under
+    this workflow run's key: a retried attempt attaches to the tool's run (or reads its
+    outcome) and never starts it again - a second run would disable and enable every schema
+    again. A run lost with its node is reported, not repeated. -k is refused (SKIP_IGNORED)."""
+    if req.skip:
+        fail(INVALID_REQUEST, f"skip {', '.join(req.skip)}: {SKIP_IGNORED}")
     args = ["-n", req.server_name]
     if req.force:
         args.append("-f")
     if req.resume_from:
         args += ["-m", req.resume_from]
-    if req.skip:
-        args += ["-k", ",".join(req.skip)]
-    answer = req.answer + "\n" if req.answer else ""
-    r = await run_tool(req.node, req.ox, "upgradeschemata", args, extra_input=answer,
-                       timeout_s=UPGRADESCHEMATA_TIMEOUT_S, check=False)
-    schemata, existing, registered, aborted = parse_upgradeschemata(r.stdout, r.stderr)
+    password = resolve_secret(req.ox.admin_password, needed_by=f"upgradeschemata on {req.node.name}")
+    path = shlex.quote(f"{req.ox.tools_dir.rstrip('/')}/upgradeschemata")
+    argv = " ".join(shlex.quote(a) for a in ["-A", req.ox.admin_user, *args])
+    command = f'ADMIN_PASSWORD="$ZD_SECRET" exec {path} {argv}'
+    key = detached.job_key("upgradeschemata", *_step_key(req.server_name))
+    job = await detached.run_detached(
+        req.node.ssh, key, "upgradeschemata", command, secret=password,
+        stdin_text=req.answer + "\n" if req.answer else "", budget_s=req.ox.upgradeschemata_timeout_s,
+        rerun_lost=False, what=f"{req.node.name}: upgradeschemata -n {req.server_name}")
+    if job.exit_status is None:
+        fail(OX_TOOL_FAILED, f"{req.node.name}: the run of upgradeschemata (job {job.key}) ended without an "
+                             "exit status (node restarted?); it is not started again - check the schemata "
+                             f"and resume with resume_from. Its output so far: {tail(job.stdout, 600)}")
+    if job.exit_status in TRANSIENT_EXITS and "Disabling schema" not in job.stdout:
+        # Nothing was touched (the middleware did not answer): a new job may start.
+        tool_failed(req.node, "upgradeschemata", args, job.exit_status, job.stderr)
+    schemata, existing, registered, aborted = parse_upgradeschemata(job.stdout, job.stderr)
     server_id = existing
     if server_id is None and not aborted:
         servers = parse_servers((await run_tool(req.node, req.ox, "listserver", ["--csv"])).stdout)
         server_id = next((s.id for s in servers if s.name == req.server_name), None)
-    return OxToolRun(exit_status=r.exit_status, registered_id=server_id,
+    return OxToolRun(exit_status=job.exit_status, registered_id=server_id,
                      already_registered=existing is not None, registered_now=registered, aborted=aborted,
-                     schemata=tuple(schemata), stdout_tail=tail(r.stdout, 1500),
-                     stderr_tail=tail(r.stderr, 1500))
+                     schemata=tuple(schemata), stdout_tail=tail(job.stdout, 1500),
+                     stderr_tail=tail(job.stderr, 1500))
+
+
+@dataclass(frozen=True)
+class OxRevertSchemaRequest:
+    node: Node
+    ox: OxSettings
+    schema: str
+    old_server_id: int
+    # The step its upgrade failed at ("4" .. "7", or "4-7": unknown).
+    failed_step: str
+
+
+@activity.defn
+async def ox_revert_schema(req: OxRevertSchemaRequest) -> None:
+    """A schema back on the old server and enabled, by the real tools' rules: changeserver
+    refuses a schema with an enabled context (OXUtilMySQLStorage.changeServer: "The schema
+    '<s>' is not disabled", exit 106), so disable first. A failed disable (step 4) moved
+    nothing: only enable what it may have disabled. Idempotent: every tool sets a state."""
+    if req.failed_step == "4":
+        await run_tool(req.node, req.ox, "enableschema", ["-m", req.schema])
+        return
+    calls = [("disableschema", ["-m", req.schema]),
+             ("changeserver", ["-s", str(req.old_server_id), "-m", req.schema]),
+             ("enableschema", ["-m", req.schema])]
+    r = await run_admin_tools(req.node, req.ox, calls)
+    if r.exit_status != 0 or len(r.outputs) < len(calls):
+        tool, args = calls[max(0, len(r.outputs) - 1)]
+        tool_failed(req.node, tool, args, r.exit_status,
+                    f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}")
+    check_changed(req.node, req.schema, req.old_server_id, r.outputs[1])
+
+
+@dataclass(frozen=True)
+class OxGetPropertyRequest:
+    node: Node
+    path: str
+    key: str
+
+
+@activity.defn
+async def ox_get_property(req: OxGetPropertyRequest) -> str | None:
+    """The value of one key of a properties file on the node (None: no such key or file)."""
+    data = await ssh.get_file(req.node.ssh, req.path)
+    return None if data is None else property_value(data.decode("utf-8"), req.key)
 
 
 @activity.defn
@@ -629,5 +782,5 @@ async def ox_set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
 OX_ACTIVITIES: list[Callable[..., Any]] = [
     ox_list_schemata, ox_list_servers, ox_register_server, ox_change_server, ox_enable_schema,
     ox_upgrade_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
-    ox_reload_configuration, ox_set_property,
+    ox_reload_configuration, ox_set_property, ox_revert_schema, ox_get_property, ox_list_databases,
 ]

@@ -373,6 +373,7 @@ def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "admin_password": {"file": "secrets/ox_master_password"},
             "server_properties": "etc/server.properties",
             "system_properties": "etc/system.properties",
+            "hazelcast_properties": "etc/hazelcast.properties",
             "reload_command": "./ctl reload",
             "install_command": "./oxpkg install {version}",
             "version_command": "./oxpkg version",

@@ -293,3 +293,22 @@ async def kill_worker_during(handle: WorkflowHandle[Any, Any], worker: subproces
             return f"{running[-1].name} on {running[-1].node}"
         await asyncio.sleep(0.05)
     raise AssertionError(f"never saw a step {step_prefix!r}… running (last running: {seen})")
+
+
+HISTORIES_DIR = Path(__file__).parent / "histories"
+RECORD_ENV = "ZERODOWN_RECORD_HISTORIES"
+
+
+async def keep_history(handle: WorkflowHandle[Any, Any]) -> Path | None:
+    """With ZERODOWN_RECORD_HISTORIES=1, store this run's history as
+    tests/histories/<workflow id>.json for test_replay (which replays it under that id: child
+    workflow ids derive from it) - never over an existing file (the directory is append-only: a
+    history re-recorded after a change hides the very failure it is there to catch)."""
+    if os.environ.get(RECORD_ENV) != "1":
+        return None
+    path = HISTORIES_DIR / f"{handle.id}.json"
+    if path.exists():
+        return None
+    history = await handle.fetch_history()
+    path.write_text(history.to_json(), encoding="utf-8")
+    return path

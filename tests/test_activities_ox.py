@@ -12,7 +12,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities import ox
-from workflows.inventory import OxSettings, SecretRef
+from workflows.inventory import Node, OxSettings, SecretRef, ServiceControl, SshTarget
 
 SETTINGS = OxSettings(server_name="oxserver", main_lb="main", secondary_lb="secondary",
                       secondary_url="http://lb2", admin_password=SecretRef(env="OX_PW"),
@@ -126,3 +126,61 @@ def test_properties_are_edited_line_by_line() -> None:
     assert ox.set_property_text(messy, key, None) == "a=1\nb=2\n"
     # A key that only starts like another is a different key.
     assert ox.property_value("SERVER_NAME_X=a\n", "SERVER_NAME") is None
+
+
+# ------------------------------------------------------------------ against the real tools' outputs
+# tests/fixtures/ox/ holds what OX's tools print, derived from OX's source (its README names
+# the file and lines of each); the same files check the lab's stand-in (test_lab_ox_tools).
+FIXTURES = Path(__file__).parent / "fixtures" / "ox"
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text(encoding="utf-8")
+
+
+def test_parsers_read_the_real_listings() -> None:
+    schemata = ox.parse_schemata(fixture("listdatabaseschema.csv"))
+    assert ox.OxSchema("oxdatabase_10", 1, 0) in schemata  # no contexts: currentunits 0
+    assert [s.name for s in schemata][:3] == ["oxdatabase_1", "oxdatabase_10", "oxdatabase_2"]  # no order
+    dbs = ox.parse_databases(fixture("listdatabase.csv"))
+    assert dbs == (ox.OxDatabase(1, "oxdatabase", 1000, 12), ox.OxDatabase(1000, "oxclosed", 0, 4))
+    assert ox.parse_failed_tasks(fixture("runupdate-failed.out")) == (TASK,)
+
+
+def test_parsers_read_the_real_upgradeschemata_runs() -> None:
+    schemata, existing, registered, aborted = ox.parse_upgradeschemata(
+        fixture("upgradeschemata-force.out"), fixture("upgradeschemata-force.err"))
+    assert (existing, registered, aborted) == (None, True, False)
+    failed = {s.schema for s in schemata if s.error}
+    assert failed == {"oxdatabase_2", "oxdatabase_5"}
+    assert all(s.enabled for s in schemata)  # -f: the tool enables a failed schema again
+    empty, _, _, _ = ox.parse_upgradeschemata(fixture("upgradeschemata-empty-schema.out"), "")
+    skipped = [s for s in empty if s.skipped_empty]
+    assert [s.schema for s in skipped] == ["oxdatabase_10"] and not skipped[0].disabled
+    for name in ("upgradeschemata-registered-server.out", "upgradeschemata-registered-server-m.out"):
+        _, existing, registered, aborted = ox.parse_upgradeschemata(fixture(name), "")
+        assert (existing, registered, aborted) == (3, False, True), name
+
+
+@pytest.mark.parametrize(("exit_status", "err", "transient"), [
+    (105, "tool-fault-connect.err", True), (107, "tool-fault-remote.err", True),
+    (106, "changeserver-not-disabled.err", False), (101, "admin-wrong-credentials.err", False),
+    (104, "admin-missing-credentials.err", False), (1, "disableschema-empty-schema.err", False)])
+def test_transient_exit_codes_are_retryable_the_others_are_not(exit_status: int, err: str,
+                                                                transient: bool) -> None:
+    node = _node()
+    with pytest.raises(ApplicationError) as info:
+        ox.tool_failed(node, "changeserver", ["-m", "oxdatabase_5"], exit_status, fixture(err))
+    assert info.value.non_retryable is not transient
+    assert info.value.type == (ox.OX_TOOL_UNAVAILABLE if transient else ox.OX_TOOL_FAILED)
+
+
+def test_runupdate_gets_the_credentials_by_reference_only() -> None:
+    cmd = ox.runupdate_command(SETTINGS, "x; rm -rf /")
+    assert cmd == ("exec /opt/open-xchange/sbin/runupdate -A oxadminmaster -P \"$ZD_SECRET\" "
+                   "-n 'x; rm -rf /'")
+
+
+def _node() -> Node:
+    return Node(name="ox1", ssh=SshTarget(host="127.0.0.1"), app_dir="/opt",
+                service=ServiceControl(kind="systemd"), url="http://127.0.0.1")

@@ -29,6 +29,7 @@ from lab.config import LabConfig
 from lab.ox import configdb
 from lab.ox import nodes as ox_nodes
 from lab.ox.probe import lab_targets, read_events, start_ox_probe_process, stop_ox_probe_process
+from tests.e2e_support import keep_history
 from tests.ox_support import NEW_SERVER, NEW_VERSION, classify, names, ox_fresh, ox_inventory, s
 from workflows.ox_node_upgrade import (
     REDIRECT_KEY,
@@ -109,10 +110,11 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
     with ox_probe(ox, tmp_path) as probe:
         await wait_probe_started(probe, ox)
         handle = await client.start_workflow(
-            OxNodeUpgradeWorkflow.run, node_upgrade_input(ox), id="e2e-ox-nodes", task_queue=lab_worker,
-            execution_timeout=timedelta(minutes=6))
+            OxNodeUpgradeWorkflow.run, node_upgrade_input(ox), id="ox-node-upgrade-register-first-hazelcast",
+            task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
         result: OxNodeUpgradeResult = await handle.result()
         await asyncio.sleep(1.0)  # traffic after the last step: served by the new cluster alone
+    await keep_history(handle)
     summary = probe.summary
     print("ox-node-upgrade probe:", {k: summary.get(k) for k in ("total", "ok", "failed", "disabled",
                                                                "redirected")})  # shown with -s
@@ -127,7 +129,9 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
     assert len(result.children) == 2 and set(result.upgraded_schemata) == names(*range(1, 21))
     children = [await client.get_workflow_handle(c, result_type=OxUpgradeSchemataResult).result()
                 for c in result.children]
-    assert children[0].server_registered and not children[1].server_registered
+    # The parent registered the server (before ox1 started under its name): both children use it.
+    assert not children[0].server_registered and not children[1].server_registered
+    assert {c.server_id for c in children} == {configdb.servers(ox)[-1][0]}
 
     # Each context was refused as disabled only while its own schema was disabled (the
     # request may have started up to its latency before the disable step began).
@@ -162,7 +166,17 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
         return next(i for i, st in enumerate(result.steps) if st.name.startswith(prefix) and st.node == node)
     for n in ("ox1", "ox2"):
         assert first("1 drain", n) < first("2 stop", n) < first("8 remove", n) < first("2 start", n) \
-            < first("9 set ready", n) < first("3-7" if n == "ox1" else "4-7", n)
+            < first("9 set ready", n) < first("4-7", n)
+    # 3 before the first new node starts under its new SERVER_NAME: real OX cannot resolve an
+    # unregistered server (the seed registers first, then activates the node).
+    register = next(i for i, st in enumerate(result.steps) if st.name == f"3 register server {NEW_SERVER}")
+    assert register < first("2 start", "ox1")
+    # 2: the new release forms its own Hazelcast cluster, apart from the old one's.
+    for i in ox.ox_node_indexes:
+        assert f"com.openexchange.hazelcast.group.name=oxcluster-{NEW_VERSION}\n" in \
+            properties(ox, i, "hazelcast.properties")
+    assert [st.node for st in result.steps if st.name == f"2 Hazelcast group oxcluster-{NEW_VERSION}: set"] \
+        == ["ox1", "ox2", "ox3"]
     assert first("post set ready on main", "ox1") < first("1 drain", "ox3")
     assert first("post set ready on main", "ox2") < first("1 drain", "ox3")
 
@@ -195,3 +209,47 @@ async def test_a_failed_pilot_schema_rolls_the_node_back(ox: LabConfig, client: 
     assert {k: v for k, v in states.items() if k.startswith("ox/")} == {f"ox/ox{i}": "UP" for i in (1, 2, 3)}
     assert all(v.startswith("MAINT") for k, v in states.items() if k.startswith("ox_secondary/"))
     assert classify(ox) == {"failed_enabled_old": names(1), "untouched": names(*range(2, 21))}
+
+
+async def test_an_already_registered_server_aborted_at_its_gate_stops_the_run(ox: LabConfig, client: Client,
+                                                                             lab_worker: str) -> None:
+    """The gate is asked before anything changes; abort stops the whole run (a child's abort
+    used to let the parent go on to the next node)."""
+    from tests.test_guided_failure import choose, pending
+
+    with configdb.connect(port=ox.primary_db_port, password=configdb.ox_db_password_file(ox)
+                          .read_text().strip()) as conn:
+        existing = configdb.register_server(conn, NEW_SERVER)
+    handle = await client.start_workflow(
+        OxNodeUpgradeWorkflow.run, node_upgrade_input(ox, gate_timeout_s=120.0), id="e2e-ox-registered-abort",
+        task_queue=lab_worker, execution_timeout=timedelta(minutes=3))
+    gate = await pending(handle, "server-already-registered")
+    assert f"with id '{existing}'" in gate.guards
+    await choose(handle, gate, "abort")
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ProcedureAborted"
+    assert "nothing was changed" in str(cause)
+    for i in ox.ox_node_indexes:
+        version = ox_nodes.running_version(ox, i)
+        assert version is not None and (version["version"], version["server_name"]) == ("7.10.0", "oxserver")
+        assert REDIRECT_KEY not in properties(ox, i, "server.properties")
+    assert classify(ox) == {"untouched": names(*range(1, 21))}
+
+
+async def test_a_closed_pool_holding_contexts_is_refused_before_anything_is_touched(
+        ox: LabConfig, client: Client, lab_worker: str) -> None:
+    """listdatabaseschema leaves out pools whose maxUnits is 0: their schemata would never move
+    and the "every schema moved" check would pass over them."""
+    closed = configdb.add_closed_pool(ox, schemata=1)
+    handle = await client.start_workflow(
+        OxNodeUpgradeWorkflow.run, node_upgrade_input(ox), id="e2e-ox-closed-pool", task_queue=lab_worker,
+        execution_timeout=timedelta(minutes=3))
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    text = str(info.value.cause)
+    assert "PreflightFailed" in text or "preflight failed" in text
+    assert "database pool oxclosed (id 1000) has maxUnits 0 and holds 2 contexts" in text
+    assert configdb.schema_states(ox)[closed[0]].server_id == configdb.servers(ox)[0][0]
+    assert {n for n in classify(ox)["untouched"] if n.startswith("oxdatabase_")} == names(*range(1, 21))

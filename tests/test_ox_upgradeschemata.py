@@ -12,6 +12,7 @@ not do but which keeps the suite short; the semantics of -m and -k are the same.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from lab.config import LabConfig
 from lab.ox import configdb
 from lab.ox import nodes as ox_nodes
-from tests.e2e_support import start_worker_process
+from tests.e2e_support import keep_history, start_worker_process
 from tests.ox_support import (
     APPROVER,
     NEW_SERVER,
@@ -211,11 +212,11 @@ async def test_concurrency_bounds_the_schemata_disabled_at_once(ox: LabConfig, c
 
 async def test_drive_the_tool_itself(ox: LabConfig, client: Client, lab_worker: str) -> None:
     configdb.inject_update_failure(ox, s(3))
-    result = await run_ok(client, lab_worker, "oxs-tool", ox, drive_tool=True, force=True,
-                          resume_from=s(14), skip=(s(16),))
+    # -m: OX's tool sorts the schemata by their number and starts after the named one.
+    result = await run_ok(client, lab_worker, "oxs-tool", ox, drive_tool=True, force=True, resume_from=s(14))
     assert result.drove_tool and result.server_registered
-    assert set(result.upgraded) == names(15, 17, 18, 19, 20) and result.failed == ()
-    assert classify(ox) == {"upgraded": names(15, 17, 18, 19, 20), "untouched": names(*range(1, 15), 16)}
+    assert set(result.upgraded) == names(*range(15, 21)) and result.failed == ()
+    assert classify(ox) == {"upgraded": names(*range(15, 21)), "untouched": names(*range(1, 15))}
 
 
 async def test_bad_input_is_refused_before_anything_is_touched(ox: LabConfig, client: Client,
@@ -223,7 +224,10 @@ async def test_bad_input_is_refused_before_anything_is_touched(ox: LabConfig, cl
     inv = ox_inventory(ox)
     cases: list[tuple[dict[str, Any], str]] = [
         (dict(skip=("oxdatabase_99",)), "skip (-k): no such schema oxdatabase_99"),
-        (dict(resume_from="nope_1"), "resume_from (-m): no such schema nope_1"),
+        (dict(resume_from="nope_1"), "resume_from (-m): no such schema nope_1 (OX's upgradeschemata would "
+                                     "silently start from the first schema; zerodown refuses instead)"),
+        # OX's upgradeschemata ignores -k (it splits a literal ','): never report a skip it did not do.
+        (dict(drive_tool=True, skip=(s(2),)), "skip (-k) with drive_tool: OX's upgradeschemata ignores -k"),
         (dict(concurrency=0), "concurrency must be 1 to 32, got 0"),
         (dict(update_node="ox2"), "the update node and the admin node are both ox2"),
         (dict(update_node="ox3"), "ox3 runs 7.10.0 like ox2: upgrade it first"),
@@ -298,3 +302,92 @@ async def test_a_stopped_run_is_resumed_from_where_it_stopped(ox: LabConfig, cli
     assert set(result.upgraded) == set(EIGHT) - done
     assert classify(ox) == {"upgraded": set(EIGHT), "untouched": names(*range(9, 21))}
     assert all(st.update_runs == 1 for n, st in states(ox).items() if n in EIGHT)
+
+
+# ------------------------------------------------------------------ against the real tools' rules
+# (issue 14: each of these failed against the tools re-derived from OX's source before the fix)
+
+
+async def test_resume_from_follows_oxs_number_order_not_the_listings(ox: LabConfig, client: Client,
+                                                                     lab_worker: str) -> None:
+    # listdatabaseschema promises no order (the lab lists oxdatabase_10.._12 before _2); OX's
+    # tool sorts by the number after the last '_' and starts after the -m schema.
+    twelve = tuple(s(i) for i in range(1, 13))
+    result = await run_ok(client, lab_worker, "oxs-order", ox, schemata=twelve, resume_from=s(9))
+    assert result.passed_over == tuple(s(i) for i in range(1, 10))
+    assert set(result.upgraded) == names(10, 11, 12)
+    assert classify(ox) == {"upgraded": names(10, 11, 12), "untouched": names(*range(1, 10), *range(13, 21))}
+
+
+async def test_schemata_without_contexts_are_skipped_and_recorded(ox: LabConfig, client: Client,
+                                                                  lab_worker: str) -> None:
+    empty = s(21)
+    configdb.add_empty_schema(ox, empty)
+    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=(s(1), s(2), s(3), empty)),
+                                  "ox-upgradeschemata-empty-schema-skipped")
+    result: OxUpgradeSchemataResult = await handle.result()
+    await keep_history(handle)
+    assert result.skipped_empty == (empty,) and set(result.upgraded) == names(1, 2, 3) and result.failed == ()
+    record = next(st for st in result.steps if "without contexts: skipped" in st.name)
+    assert record.result == "skipped" and empty in (record.detail or "")
+    assert states(ox)[empty].update_runs == 0
+    # The master admin's password went to the tools (runupdate takes it only from -P) but is
+    # nowhere in the history.
+    password = configdb.master_password_file(ox).read_text().strip()
+    assert password and password not in (await handle.fetch_history()).to_json()
+
+
+async def test_a_transient_tool_failure_is_retried(ox: LabConfig, client: Client, lab_worker: str) -> None:
+    # 107: a RemoteException (ObjectNamingAbstraction.printErrors): worth another attempt.
+    configdb.inject_tool_fault(ox, "changeserver", "remote", 1)
+    result = await run_ok(client, lab_worker, "oxs-transient", ox, schemata=EIGHT[:2], on_failure="rollback")
+    assert set(result.upgraded) == names(1, 2)
+    steps = [st for st in result.steps if st.name == f"4-7 upgrade schema {s(1)}"]
+    assert len(steps) == 1 and steps[0].retries == 1
+
+
+async def test_a_failed_disable_is_reverted_by_the_tools_rules(ox: LabConfig, client: Client,
+                                                               lab_worker: str) -> None:
+    # disableschema refuses a schema whose contexts use two write pools (SchemaMoveImpl); the
+    # revert must not call changeserver on the still enabled schema (it refuses: 106).
+    configdb.split_write_pools(ox, s(2))
+    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT[:3]),
+                                  "ox-upgradeschemata-revert-after-failed-disable")
+    gate = await pending(handle, f"failure:4@{s(2)}")
+    await choose(handle, gate, "revert")
+    result: OxUpgradeSchemataResult = await handle.result()
+    await keep_history(handle)
+    assert result.reverted == (s(2),) and set(result.upgraded) == names(1, 3)
+    st = states(ox)[s(2)]
+    assert st.enabled and st.server_id == old_server_id(ox) and st.update_runs == 0
+
+
+async def test_nobody_to_decide_leaves_the_failed_schema_disabled(ox: LabConfig, client: Client,
+                                                                  lab_worker: str) -> None:
+    # The safe default: OX's tool stops and leaves it disabled; a revert would serve a
+    # half-updated schema from old nodes (OX supports no mixed versions).
+    configdb.inject_update_failure(ox, s(2))
+    inv = ox_inventory(ox, server_already_registered=(APPROVER,))
+    handle = await start_schemata(client, lab_worker, schemata_input(ox, inv, schemata=EIGHT[:4]), "oxs-safe")
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ProcedureAborted"
+    assert classify(ox) == {"upgraded": names(1), "failed_disabled": names(2),
+                            "untouched": names(*range(3, 21))}
+
+
+async def test_a_runupdate_over_its_budget_is_left_running_not_doubled(ox: LabConfig, client: Client,
+                                                                       lab_worker: str) -> None:
+    await asyncio.to_thread(ox_nodes.set_runupdate_seconds, ox, 3.0)
+    inv = ox_inventory(ox)
+    assert inv.ox is not None
+    inv = dataclasses.replace(inv, ox=dataclasses.replace(inv.ox, runupdate_timeout_s=1.0))
+    result = await run_ok(client, lab_worker, "oxs-budget", ox, inventory=inv, schemata=EIGHT[:1], force=True)
+    assert result.left_disabled == (s(1),)
+    assert "still running after its budget of 1s" in result.failed[0].error
+    for _ in range(100):  # the runupdate goes on on the node, once
+        if states(ox)[s(1)].update_state == "done":
+            break
+        await asyncio.sleep(0.1)
+    assert (states(ox)[s(1)].update_state, states(ox)[s(1)].update_runs) == ("done", 1)

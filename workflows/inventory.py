@@ -268,7 +268,12 @@ class OxSettings:
     release; `reload_command` makes the running service re-read its properties.
     `schema_shares`: how many schemata each node's turn moves (in upgrade order); the node
     after the listed shares takes the rest. Empty: the first node a pilot schema, the
-    second all the others."""
+    second all the others.
+    `runupdate_timeout_s` / `upgradeschemata_timeout_s`: the time budget of one runupdate of
+    a schema and of one whole run of OX's upgradeschemata tool; a run over it is left
+    running and the step fails (a second run is never started beside it).
+    `hazelcast_properties`: where a node's Hazelcast cluster settings are (seed 002 step 2:
+    the old and the new release must form different clusters)."""
 
     server_name: str
     main_lb: str
@@ -283,6 +288,9 @@ class OxSettings:
     system_properties: str = "/opt/open-xchange/etc/system.properties"
     reload_command: str = "/opt/open-xchange/sbin/reloadconfiguration"
     schema_shares: tuple[int, ...] = ()
+    runupdate_timeout_s: float = 3600.0
+    upgradeschemata_timeout_s: float = 86400.0
+    hazelcast_properties: str = "/opt/open-xchange/etc/hazelcast.properties"
 
 
 @dataclass(frozen=True)
@@ -859,7 +867,8 @@ _OX_DEFAULTS = OxSettings(server_name="", main_lb="", secondary_lb="", secondary
 def _parse_ox(r: _Reader, raw: Any, path: str) -> OxSettings:
     m = r.mapping(raw, path, ("server_name", "main_lb", "secondary_lb", "secondary_url", "admin_user",
                               "admin_password", "tools_dir", "server_properties", "system_properties",
-                              "reload_command", "install_command", "version_command", "schema_shares"))
+                              "reload_command", "install_command", "version_command", "schema_shares",
+                              "runupdate_timeout_s", "upgradeschemata_timeout_s", "hazelcast_properties"))
     d = _OX_DEFAULTS
     install = r.string(m, "install_command", path) or ""
     if install and "{version}" not in install:
@@ -889,6 +898,10 @@ def _parse_ox(r: _Reader, raw: Any, path: str) -> OxSettings:
         install_command=install,
         version_command=r.string(m, "version_command", path) or "",
         schema_shares=tuple(shares),
+        runupdate_timeout_s=r.number(m, "runupdate_timeout_s", path, d.runupdate_timeout_s),
+        upgradeschemata_timeout_s=r.number(m, "upgradeschemata_timeout_s", path, d.upgradeschemata_timeout_s),
+        hazelcast_properties=r.string(m, "hazelcast_properties", path, default=d.hazelcast_properties)
+        or d.hazelcast_properties,
     )
 
 

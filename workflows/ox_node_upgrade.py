@@ -9,18 +9,24 @@ downtime (seed 002: steps 0 to 9, the post process and the Q & A).
     per node; no schema may be left on the old server when the last old node would leave
     the main balancer (the last node gets no share).
   0  every old node: `migrationRedirectURL` = the secondary balancer, configuration reloaded.
+  3? before any change: is the new server registered already? Then the gate
+     `server-already-registered` (continue: use it; abort: stop, nothing changed).
   For each node, one at a time:
     1  drain it from the main balancer (zero sessions, then held in maintenance);
-    2  upgrade it: stop, install the release, `SERVER_NAME` = the new server's name;
+    2  upgrade it: stop, install the release; its Hazelcast group name checked (the new
+       release's differs from the old one's) or set (`<old group>-<version>`): "configure
+       both versions to form different Hazelcast clusters"; `SERVER_NAME` = the new name;
     8  remove `migrationRedirectURL` (before the node is active again: the seed's step 8);
+    3  register the new server (first node only): before the node starts under its new
+       SERVER_NAME - real OX cannot resolve an unregistered server (the seed's order);
     2  start it, check it is healthy on the new release;
     9  add it to the secondary balancer (UP). Done before its schemata move, not after
        (the seed's order): a context enabled on the new server in step 7 is redirected to
        the secondary balancer at once, which must then hold a node to serve it - the seed's
        own condition (only after the node is upgraded and up) holds either way;
-    3  register the new server (first node only; the post process skips it later);
-    4-7  `ox-upgradeschemata` as a child workflow for the node's share of the schemata,
-       runupdate on this node, the other tools on a working old node.
+    4-7  `ox-upgradeschemata` as a child workflow for the node's share of the schemata
+       (those with contexts, in OX's order), runupdate on this node, the other tools on a
+       working old node. A child that stops at its registered-server gate stops this run.
   Post process: all upgraded nodes into the main balancer - before the last old node
   leaves it (by then every schema is on the new server, so no user of an old context can
   land on a new node, and the main balancer is never empty) - then the last node, and the
@@ -52,7 +58,13 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Inventory, LoadBalancer, Node, OxSettings, UnknownNodeError
 
-from workflows.ox_upgradeschemata import OxUpgradeSchemataInput, SchemaFailure
+from workflows.ox_upgradeschemata import (
+    PATCH_ORDER_AND_EMPTY,
+    OxUpgradeSchemataInput,
+    SchemaFailure,
+    registered_gate,
+    schema_order,
+)
 from workflows.procedure import check_on_failure
 from workflows.saga import reason
 from workflows.site_steps import SiteProcedure, preflight_failed
@@ -63,6 +75,20 @@ REDIRECT_KEY = "com.openexchange.server.migrationRedirectURL"
 SERVER_NAME_KEY = "SERVER_NAME"
 # The seed: "it is only possible to upgrade from 7.10.0 to any successor version".
 MIN_FROM = "7.10.0"
+# Versioned changes (workflow.patched): runs started before them replay as they ran.
+# Step 3 before the first new node starts with its new SERVER_NAME (real OX cannot resolve
+# an unregistered server); an existing server's gate asked before anything changes.
+PATCH_REGISTER_FIRST = "ox-register-before-start-v1"
+# A child that stopped at its server-already-registered gate (abort) stops this run.
+PATCH_CHILD_ABORT = "ox-child-abort-stops-parent-v1"
+# Pools with maxUnits 0 hold schemata listdatabaseschema never lists (its SQL: max_units <> 0):
+# refused in preflight, and checked again before the last old node leaves.
+PATCH_CLOSED_POOLS = "ox-closed-pools-v1"
+# Seed step 2: the new release must not join the old release's Hazelcast cluster.
+PATCH_HAZELCAST = "ox-hazelcast-group-v1"
+# OX's hazelcast.properties: only nodes with the same group name form one cluster
+# (documentation/administration/running_a_cluster.md).
+HAZELCAST_GROUP_KEY = "com.openexchange.hazelcast.group.name"
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,7 @@ class SchemataOutcome:
     upgraded: tuple[str, ...] = ()
     failed: tuple[SchemaFailure, ...] = ()
     server_id: int | None = None
+    aborted_at_registration: bool = False
 
 
 @dataclass
@@ -138,6 +165,9 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         self.moved: list[str] = []
         self.failed: list[str] = []
         self.children: list[str] = []
+        # Step 3 done by this workflow (PATCH_REGISTER_FIRST): the server's id once known.
+        self.register_first = False
+        self.server_id: int | None = None
 
     @workflow.run
     async def run(self, inp: OxNodeUpgradeInput) -> OxNodeUpgradeResult:
@@ -152,7 +182,22 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         schemata: tuple[ox.OxSchema, ...] = await self.timeline.step(
             "P3 list the schemata (listdatabaseschema)",
             self.read(ox.ox_list_schemata, ox.OxNodeRequest(node=nodes[-1], ox=settings)), seed_step="4")
-        shares = _shares(settings, nodes, [s.name for s in schemata])
+        if workflow.patched(PATCH_CLOSED_POOLS):
+            closed = await self.timeline.step("P4 every pool's schemata are listed (listdatabase)",
+                                              self._closed_pools(settings, nodes[-1]), seed_step="4")
+            if closed:
+                raise preflight_failed(closed, [])
+        listed = list(schemata)
+        if workflow.patched(PATCH_ORDER_AND_EMPTY):
+            # A schema without contexts has nothing to move (disableschema refuses it); the rest
+            # in OX's order.
+            empty = [s.name for s in listed if s.contexts == 0]
+            if empty:
+                self.timeline.record(f"P3 {len(empty)} schemata without contexts: not moved", "skipped",
+                                     seed_step="4", detail="listdatabaseschema shows currentunits 0: "
+                                                           + ", ".join(empty[:10]))
+            listed = sorted((s for s in listed if s.contexts > 0), key=lambda s: schema_order(s.name))
+        shares = _shares(settings, nodes, [s.name for s in listed])
         plan = _plan(inp, previous, nodes, shares)
         self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
         self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
@@ -160,6 +205,8 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             self.timeline.set_phase("planned (dry run): nothing was changed")
             return self._result(inp, previous, nodes, shares, plan, True)
 
+        if workflow.patched(PATCH_REGISTER_FIRST):
+            await self._registration(inp, settings, nodes[-1])
         self.guided = inp.on_failure == "ask"
         await self.run_changes(
             partial(self._upgrade, inp, settings, main, secondary, nodes, shares, previous),
@@ -243,7 +290,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
                 # Post process, pulled forward: every schema is on the new server now, so the
                 # new nodes may take the main balancer's traffic before the last old one leaves.
                 await self.step("post every schema is on the new server",
-                                partial(self._check_all_moved, shares), seed_step="post")
+                                partial(self._check_all_moved, shares, settings, admin), seed_step="post")
                 self.timeline.set_phase("post process: upgraded nodes into the main balancer")
                 for m in upgraded:
                     await self.put_back(inv, m, "post", lbs=[main])
@@ -255,12 +302,21 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             await self.take_out(inv, n, "1", lbs=[main])
             # 2, 8
             st.stopped = True
+            hazelcast = workflow.patched(PATCH_HAZELCAST)
+            old_group: str | None = None
+            if hazelcast:
+                old_group = await self.step("2 Hazelcast group of the old release", partial(
+                    self.read, ox.ox_get_property, ox.OxGetPropertyRequest(
+                        node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY)),
+                    node=n.name, seed_step="2")
             await self.step("2 stop the service", partial(self.stop, n), node=n.name, seed_step="2")
             st.installed = True
             await self.step(f"2 install {inp.version}", partial(
                 self.change, ox.ox_install_version,
                 ox.OxInstallRequest(node=n, ox=settings, version=inp.version)),
                 node=n.name, seed_step="2")
+            if hazelcast:
+                await self._separate_cluster(inp, settings, n, st, old_group)
             await self._remember(st, settings.system_properties, SERVER_NAME_KEY, await self.step(
                 f"2 {SERVER_NAME_KEY}={inp.server_name}", partial(
                     self._set_property, settings, n, settings.system_properties, SERVER_NAME_KEY,
@@ -270,6 +326,8 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
                 f"8 remove {REDIRECT_KEY}", partial(
                     self._set_property, settings, n, settings.server_properties, REDIRECT_KEY, None, "8"),
                 node=n.name, seed_step="8"))
+            if self.register_first and i == 0:
+                await self._register(inp, settings, admin, n)
             await self.step("2 start the service", partial(self.start, n), node=n.name, seed_step="2")
             await self.step(f"2 healthy on {inp.version}", partial(self.check_running, inv, n, inp.version),
                             node=n.name, seed_step="2")
@@ -297,7 +355,8 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         self.children.append(child_id)
         arg = OxUpgradeSchemataInput(
             inventory=inp.inventory, server_name=inp.server_name, update_node=n.name, admin_node=admin.name,
-            schemata=share, force=inp.force, concurrency=inp.concurrency, expect_registered=not first,
+            schemata=share, force=inp.force, concurrency=inp.concurrency,
+            expect_registered=not first or self.register_first,
             started_by=inp.started_by, gate_timeout_s=inp.gate_timeout_s, on_failure=inp.on_failure,
             failure_gate_timeout_s=inp.failure_gate_timeout_s, schemata_per_run=inp.schemata_per_run)
 
@@ -310,12 +369,83 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
 
         self.timeline.set_phase(f"3-7 {len(share)} schemata to {inp.server_name} (child {child_id})", n.name)
         result: SchemataOutcome = await self.step(
-            f"{'3-7' if first else '4-7'} upgrade {len(share)} schemata (child workflow {child_id})",
-            child, node=n.name, seed_step="3" if first else "4")
+            f"{'3-7' if first and not self.register_first else '4-7'} upgrade {len(share)} schemata "
+            f"(child workflow {child_id})",
+            child, node=n.name, seed_step="3" if first and not self.register_first else "4")
         self.moved.extend(result.upgraded)
         self.failed.extend(f.schema for f in result.failed)
+        if result.aborted_at_registration and workflow.patched(PATCH_CHILD_ABORT):
+            raise ApplicationError(
+                f"child {child_id} stopped at its gate server-already-registered (abort): the new server "
+                f"{inp.server_name} is not to be used, so no node goes on", type="RegistrationAborted",
+                non_retryable=True)
 
-    async def _check_all_moved(self, shares: list[NodeShare]) -> None:
+    async def _separate_cluster(self, inp: OxNodeUpgradeInput, settings: OxSettings, n: Node, st: _NodeState,
+                                old_group: str | None) -> None:
+        """2: "make sure that you have configured both versions ... to form different Hazelcast
+        clusters". Checked: the installed release's group name already differs from the old
+        one; else set: `<old group>-<version>` (every new node gets the same, so the new nodes
+        form one cluster of their own). The node's rollback puts the old name back."""
+        group: str | None = await self.read(ox.ox_get_property, ox.OxGetPropertyRequest(
+            node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY))
+        if group is not None and group != old_group:
+            self.timeline.record(f"2 Hazelcast group {group}: checked", "ok", node=n.name, seed_step="2",
+                                 detail=f"differs from the old release's {old_group!r}: a cluster of its own")
+            return
+        new_group = f"{old_group or 'open-xchange'}-{inp.version}"
+        await self._remember(st, settings.hazelcast_properties, HAZELCAST_GROUP_KEY, await self.step(
+            f"2 Hazelcast group {new_group}: set", partial(
+                self._set_property, settings, n, settings.hazelcast_properties, HAZELCAST_GROUP_KEY,
+                new_group, "2"),
+            node=n.name, seed_step="2"))
+
+    async def _registration(self, inp: OxNodeUpgradeInput, settings: OxSettings, admin: Node) -> None:
+        """Before anything changes: is the new server registered already? Then the gate
+        server-already-registered asks what OX's tool asks (continue: use it; abort: stop)."""
+        self.register_first = True
+        servers: tuple[ox.OxServer, ...] = await self.timeline.step(
+            "P4 is the new server registered (listserver)",
+            self.read(ox.ox_list_servers, ox.OxNodeRequest(node=admin, ox=settings)), node=admin.name,
+            seed_step="3")
+        existing = next((s.id for s in servers if s.name == inp.server_name), None)
+        if existing is None:
+            return
+        choice = await registered_gate(self, inp.server_name, existing, inp.gate_timeout_s)
+        if choice != "continue":
+            self.timeline.set_phase("aborted at the registered-server gate: nothing was changed")
+            raise ApplicationError(f"{PROCEDURE}: server {inp.server_name} is already registered "
+                                   f"(id {existing}) and abort was chosen: nothing was changed",
+                                   type="ProcedureAborted", non_retryable=True)
+        self.server_id = existing
+
+    async def _register(self, inp: OxNodeUpgradeInput, settings: OxSettings, admin: Node, n: Node) -> None:
+        """3, before the first new node starts under its new SERVER_NAME: real OX resolves a
+        node's server by that name, so it must be registered first (the seed's order)."""
+        if self.server_id is not None:
+            self.timeline.record(f"3 server {inp.server_name} already registered (id {self.server_id}): used",
+                                 "ok", node=admin.name, seed_step="3", detail="continue chosen at the gate")
+            return
+        self.server_id = await self.step(
+            f"3 register server {inp.server_name}", partial(
+                self.change, ox.ox_register_server,
+                ox.OxServerRequest(node=admin, ox=settings, name=inp.server_name)),
+            node=admin.name, seed_step="3")
+
+    async def _closed_pools(self, settings: OxSettings, admin: Node) -> list[str]:
+        """What listdatabaseschema cannot show: contexts in pools whose maxUnits is 0."""
+        pools: tuple[ox.OxDatabase, ...] = await self.read(ox.ox_list_databases,
+                                                           ox.OxNodeRequest(node=admin, ox=settings))
+        return [f"database pool {p.name} (id {p.id}) has maxUnits 0 and holds {p.current_units} contexts: "
+                "listdatabaseschema leaves closed pools out (OXUtilMySQLStorage: max_units <> 0), so its "
+                "schemata would never move and the last old node could not leave; open it for the upgrade "
+                "(changedatabase --maxunit) or move its contexts first"
+                for p in pools if p.max_units == 0 and p.current_units > 0]
+
+    async def _check_all_moved(self, shares: list[NodeShare], settings: OxSettings, admin: Node) -> None:
+        if workflow.patched(PATCH_CLOSED_POOLS):
+            closed = await self._closed_pools(settings, admin)
+            if closed:
+                raise ApplicationError("; ".join(closed), type="SchemataNotMoved", non_retryable=True)
         moved = set(self.moved)
         left = [s for share in shares for s in share.schemata if s not in moved]
         if left:

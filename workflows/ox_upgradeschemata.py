@@ -9,11 +9,15 @@
   3  register the new server (`registerserver`); when a server with that name exists, the
      gate `server-already-registered` asks what the tool asks on its prompt: `continue`
      (use it) or `abort` (stop, nothing changed; also the default when nobody decides).
-  For every schema, in OX's order, after `resume_from` (the tool's `-m`: skipping it) and
-  leaving out `skip` (`-k`), at most `concurrency` at a time (1: the tool's behaviour):
+  For every schema, in OX's order (the number after the last '_', as the tool sorts for -m;
+  listdatabaseschema promises no order), after `resume_from` (the tool's `-m`: skipping it;
+  a name not listed is refused - the tool would silently start from the first) and leaving
+  out `skip` (`-k`) and the schemata without contexts (currentunits 0: disableschema refuses
+  them; recorded as skipped), at most `concurrency` at a time (1: the tool's behaviour):
     4  disable the schema (its contexts are refused as "disabled" from now on);
     5  point its contexts to the new server (`changeserver -s <id> -m <schema>`);
-    6  run its update tasks on the update node (`runupdate -n <schema>`);
+    6  run its update tasks on the update node (`runupdate -A -P -n <schema>`: 7.10.1+ requires
+       the credentials; detached, so a retry attaches to the run under way, never doubles it);
     7  enable the schema: its users are served by the new server from now on.
   Steps 4 to 7 of a schema are one activity (`ox_upgrade_schema`), recorded as four steps
   with the times they took: a schema is disabled only while its own tools run, not for
@@ -22,10 +26,11 @@
       tasks did not all run; the tool re-enables it, which serves half-updated data) and is
       reported with the error;
     * otherwise no new schema starts and the gate `failure:6@<schema>` offers `retry`
-      (run its update again), `skip` (leave it disabled, go on), `revert` (point it back to
-      the old server and enable it, go on) and `abort` (stop here, leave it disabled, as the
-      tool does); nobody deciding in time means `revert`. With no approver listed for
-      `failure` (or `on_failure="rollback"`) the schema is reverted and the run stops.
+      (run its update again), `skip` (leave it disabled, go on), `revert` (disable, point it
+      back to the old server and enable it, go on: changeserver refuses an enabled schema)
+      and `abort` (stop here, leave it disabled, as the tool does); nobody deciding in time,
+      or nobody listed for `failure`, means `abort` - the safe default: a revert would have
+      old nodes serve a half-updated schema. `on_failure="rollback"` reverts and stops.
   Progress: the `schemata` query (done / failed / skipped / remaining / current). History:
   after `schemata_per_run` schemata the run continues as new, carrying its progress, so
   10,000 schemata never make one history of more than a few thousand events. A stopped
@@ -41,7 +46,7 @@ import asyncio
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from temporalio import workflow
@@ -58,10 +63,24 @@ from workflows.site_steps import preflight_failed
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ox-upgradeschemata"
+# Versioned changes (workflow.patched): runs started before them replay as they ran.
+# Schemata in OX's order (the number after the last '_', as upgradeschemata sorts for -m),
+# schemata without contexts skipped (disableschema refuses them), -k refused with drive_tool.
+PATCH_ORDER_AND_EMPTY = "ox-schemata-order-and-empty-v1"
+# A revert by the real tools' rules (disable, changeserver, enable: changeserver refuses an
+# enabled schema) in one activity.
+PATCH_REVERT = "ox-revert-by-tool-rules-v1"
+# The failure gate's default (timeout, nobody listed to decide): stop and leave the schema
+# disabled, as OX's tool does; reverting would serve a half-updated schema from old nodes.
+PATCH_SAFE_DEFAULT = "ox-failure-default-leave-disabled-v1"
+# runupdate detached under a per-try key, its activity timed by ox.runupdate_timeout_s.
+PATCH_DETACHED_RUNUPDATE = "ox-detached-runupdate-v1"
 SCHEMA_FAILURE_CHOICES = ("retry", "skip", "revert", "abort")
 REGISTERED_GATE = "server-already-registered"
 REGISTERED_CHOICES = ("continue", "abort")
 MAX_CONCURRENCY = 32
+# A tool step's activity may run this much longer than the tool's own budget (the other tools).
+TOOLS_MARGIN_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,8 @@ class OxCarried:
     interrupted: tuple[str, ...] = ()
     run: int = 1
     max_events_per_run: int = 0
+    # Listed with no contexts (currentunits 0): nothing to upgrade, and disableschema refuses them.
+    empty: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,8 @@ class OxUpgradeSchemataResult:
     plan_hash: str
     steps: tuple[StepRecord, ...] = ()
     drove_tool: bool = False
+    # Schemata without contexts: skipped (recorded in the timeline).
+    skipped_empty: tuple[str, ...] = ()
 
 
 class _Stop(Exception):
@@ -220,14 +243,22 @@ class OxUpgradeSchemataWorkflow(Procedure):
 
         # ---- Preflight --------------------------------------------------------------
         self.timeline.set_phase("preflight")
-        schemata, existing, old_id = await self._preflight(inp, settings, update, admin)
+        schemata, existing, old_id, empty = await self._preflight(inp, settings, update, admin)
         passed_over, skipped, todo = _select(inp, schemata)
+        skipped_empty = [n for n in todo if n in empty]
+        if skipped_empty:
+            todo = [n for n in todo if n not in empty]
+            self.timeline.record(
+                f"4 {len(skipped_empty)} schemata without contexts: skipped", "skipped", node=admin.name,
+                seed_step="4", detail="listdatabaseschema shows currentunits 0 (disableschema refuses them, "
+                                      "OX's upgradeschemata skips them): " + _sample(skipped_empty))
         plan = _plan(inp, update, admin, existing, todo, skipped, passed_over)
         self.plan_hash = hashlib.sha256("\n".join([*plan, *todo]).encode()).hexdigest()
         self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
         carried = OxCarried(server_id=existing or 0, old_server_id=old_id, registered=False,
                             total=len(todo), order=tuple(todo), remaining=tuple(todo), plan=tuple(plan),
-                            plan_hash=self.plan_hash, skipped=tuple(skipped), passed_over=tuple(passed_over))
+                            plan_hash=self.plan_hash, skipped=tuple(skipped), passed_over=tuple(passed_over),
+                            empty=tuple(skipped_empty))
         if inp.dry_run:
             self.timeline.set_phase("planned (dry run): nothing was changed")
             return self._result(inp, carried, dry_run=True)
@@ -260,7 +291,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
 
     # ================================================================== preflight
     async def _preflight(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
-                         admin: Node) -> tuple[list[str], int | None, int]:
+                         admin: Node) -> tuple[list[str], int | None, int, set[str]]:
         problems: list[str] = []
         errors: list[BaseException] = []
         if not 1 <= inp.concurrency <= MAX_CONCURRENCY:
@@ -295,12 +326,24 @@ class OxUpgradeSchemataWorkflow(Procedure):
             problems.append(f"{update.name} runs {new_v} like {admin.name}: upgrade it first (runupdate must "
                             "run on the node with the new release)")
         names = [s.name for s in schemata]
+        empty: set[str] = set()
+        if workflow.patched(PATCH_ORDER_AND_EMPTY):
+            # listdatabaseschema promises no order (its SQL has no ORDER BY): walk in the order
+            # OX's upgradeschemata uses for -m, so resume_from means what it means to the tool.
+            names.sort(key=schema_order)
+            empty = {s.name for s in schemata if s.contexts == 0}
+            if inp.drive_tool and inp.skip:
+                problems.append(f"skip (-k) with drive_tool: {ox.SKIP_IGNORED}; leave drive_tool off "
+                                "(zerodown then walks the schemata itself and skips them)")
         known = set(names)
         for what, given in (("resume_from (-m)", [inp.resume_from] if inp.resume_from else []),
                             ("skip (-k)", list(inp.skip)), ("schemata", list(inp.schemata))):
             unknown = [g for g in given if g not in known]
             if unknown:
-                problems.append(f"{what}: no such schema {', '.join(unknown)} (known: {_sample(names)})")
+                differs = (" (OX's upgradeschemata would silently start from the first schema; zerodown "
+                           "refuses instead)" if what.startswith("resume") else "")
+                problems.append(f"{what}: no such schema {', '.join(unknown)}{differs} "
+                                f"(known: {_sample(names)})")
         old = [s.id for s in servers if s.name == settings.server_name]
         if not old:
             problems.append(f"the old cluster's server {settings.server_name!r} (ox.server_name) is not "
@@ -310,21 +353,10 @@ class OxUpgradeSchemataWorkflow(Procedure):
             problems.append(f"-n {inp.server_name} is the old cluster's own server name")
         if problems:
             raise preflight_failed(problems, errors)
-        return names, existing, old[0]
+        return names, existing, old[0], empty
 
     async def _registered_gate(self, inp: OxUpgradeSchemataInput, existing: int) -> str:
-        spec = GateSpec(
-            name=REGISTERED_GATE,
-            guards=f"The specified server is already registered with id '{existing}'. continue: the "
-                   f"existing server {inp.server_name} is used to point the updated schemata to; abort: "
-                   "stop, nothing is changed",
-            timeout_s=inp.gate_timeout_s, on_timeout="abort", choices=REGISTERED_CHOICES)
-        if not self.gates.approvers_of(REGISTERED_GATE):
-            self.timeline.record(f"gate {REGISTERED_GATE}: nobody may decide it", "skipped",
-                                 detail="the inventory lists no approvers for it: abort (nothing changed)")
-            return "abort"
-        record = await self.gates.wait(spec)
-        return record.choice or "abort"
+        return await registered_gate(self, inp.server_name, existing, inp.gate_timeout_s)
 
     # ================================================================== 4 to 7
     async def _walk_schemata(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
@@ -407,7 +439,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
                                      seed_step=failure.seed_step,
                                      detail=f"skip chosen by {by}: {failure.error}")
             elif choice in ("revert", "rollback"):
-                await self._revert(settings, admin, c.old_server_id, schema)
+                await self._revert(settings, admin, c.old_server_id, schema, failure.seed_step)
                 w.reverted.append(schema)
             w.current.pop(schema, None)
             if choice == "abort":
@@ -423,9 +455,14 @@ class OxUpgradeSchemataWorkflow(Procedure):
         recorded as the four steps it ran, with their times."""
         req = ox.OxUpgradeSchemaRequest(admin=admin, update=update, ox=settings, schema=schema,
                                         server_id=server_id)
+        timeout = LONG
+        if workflow.patched(PATCH_DETACHED_RUNUPDATE):
+            # Each operator's retry is a new runupdate; every attempt of one try attaches to it.
+            req = dataclasses.replace(req, attempt_key=str(reruns))
+            timeout = timedelta(seconds=settings.runupdate_timeout_s + TOOLS_MARGIN_S)
         try:
             result: ox.OxSchemaUpgrade = await self.timeline.step(
-                f"4-7 upgrade schema {schema}", self.change(ox.ox_upgrade_schema, req, timeout=LONG,
+                f"4-7 upgrade schema {schema}", self.change(ox.ox_upgrade_schema, req, timeout=timeout,
                                                             heartbeat=HEARTBEAT),
                 node=update.name, seed_step="4-7", retries=reruns)
         except (ActivityError, ApplicationError) as e:
@@ -446,28 +483,51 @@ class OxUpgradeSchemataWorkflow(Procedure):
     async def _schema_gate(self, inp: OxUpgradeSchemataInput, w: _Walk, schema: str,
                            failure: SchemaFailure) -> tuple[str, str | None]:
         gate = f"failure:{failure.seed_step}@{schema}"
-        if not self.guided or not self.gates.approvers_of(gate):
-            why = ("on_failure is rollback" if not self.guided
-                   else "the inventory lists no approvers for failure gates")
-            self.timeline.record(f"gate {gate}: not asked", "skipped", detail=f"{why}: revert it and stop")
+        safe = workflow.patched(PATCH_SAFE_DEFAULT)
+        if not self.guided:
+            self.timeline.record(f"gate {gate}: not asked", "skipped",
+                                 detail="on_failure is rollback: revert it and stop")
             return "rollback", None
+        if not self.gates.approvers_of(gate):
+            if safe:
+                self.timeline.record(f"gate {gate}: not asked", "skipped",
+                                     detail="the inventory lists no approvers for failure gates: stop here "
+                                            "and leave it disabled (its update tasks did not all run)")
+                return "abort", None
+            self.timeline.record(f"gate {gate}: not asked", "skipped",
+                                 detail="the inventory lists no approvers for failure gates: revert it "
+                                        "and stop")
+            return "rollback", None
+        default = "abort" if safe else "revert"
         w.holds += 1
         w.current[schema] = "at gate"
         try:
             record = await self.gates.wait(GateSpec(
                 name=gate, guards=f"schema {schema} failed at step {failure.seed_step}: {failure.error}. "
                                   "retry: run it again; skip: leave it disabled and go on; revert: point it "
-                                  "back to the old server, enable it and go on; abort: stop here, leave it "
-                                  "disabled",
-                timeout_s=self.failure_gate_timeout_s, on_timeout="revert", choices=SCHEMA_FAILURE_CHOICES))
+                                  "back to the old server, enable it and go on (old nodes then serve a "
+                                  "schema whose update may have half run; OX does not support mixed "
+                                  "versions); abort: stop here, leave it disabled (what OX's tool does). "
+                                  f"Nobody deciding in time: {default}",
+                timeout_s=self.failure_gate_timeout_s, on_timeout=default, choices=SCHEMA_FAILURE_CHOICES))
         finally:
             w.holds -= 1
             w.current[schema] = "upgrading"
-        return record.choice or "revert", record.by
+        return record.choice or default, record.by
 
-    async def _revert(self, settings: OxSettings, admin: Node, old_server_id: int, schema: str) -> None:
+    async def _revert(self, settings: OxSettings, admin: Node, old_server_id: int, schema: str,
+                      failed_step: str = "4-7") -> None:
         """Back to the old server and enabled: its users are served again as before."""
         w_name = f"revert {schema}"
+        if workflow.patched(PATCH_REVERT):
+            await self.timeline.step(
+                f"{w_name}: 4 disable, 5 point it back to server {old_server_id}, 7 enable it"
+                if failed_step != "4" else f"{w_name}: 7 enable what the failed disable left", self.change(
+                    ox.ox_revert_schema, ox.OxRevertSchemaRequest(
+                        node=admin, ox=settings, schema=schema, old_server_id=old_server_id,
+                        failed_step=failed_step)),
+                node=admin.name, seed_step="5")
+            return
         await self.timeline.step(
             f"{w_name}: 5 point it back to server {old_server_id}",
             self.change(ox.ox_change_server, ox.OxChangeServerRequest(
@@ -482,16 +542,26 @@ class OxUpgradeSchemataWorkflow(Procedure):
     async def _drive_tool(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
                           carried: OxCarried, answer: str) -> OxUpgradeSchemataResult:
         self.timeline.set_phase("3-7 upgradeschemata (OX's tool) on " + update.name)
+        timeout = LONG
+        if workflow.patched(PATCH_DETACHED_RUNUPDATE):
+            timeout = timedelta(seconds=settings.upgradeschemata_timeout_s + TOOLS_MARGIN_S)
         run: ox.OxToolRun = await self.step(
             "3-7 run upgradeschemata", partial(
                 self.change, ox.ox_run_upgradeschemata, ox.OxUpgradeToolRequest(
                     node=update, ox=settings, server_name=inp.server_name, force=inp.force,
                     resume_from=inp.resume_from or None, skip=tuple(inp.skip), answer=answer or None),
-                timeout=LONG, heartbeat=HEARTBEAT),
+                timeout=timeout, heartbeat=HEARTBEAT),
             node=update.name, seed_step="3")
         w = _Walk(carried)
         self.walk = w
+        empty = [s.schema for s in run.schemata if s.skipped_empty]
+        if empty:
+            self.timeline.record(f"4 {len(empty)} schemata without contexts: skipped by the tool", "skipped",
+                                 node=update.name, seed_step="4",
+                                 detail="upgradeschemata: Schema <s> not found. Skipping: " + _sample(empty))
         for s in run.schemata:
+            if s.skipped_empty:
+                continue
             if s.error is None and s.enabled:
                 w.upgraded.append(s.schema)
             elif s.error is not None:
@@ -535,7 +605,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
             failed=c.failed, left_disabled=c.left_disabled, reverted=c.reverted, skipped=c.skipped,
             passed_over=c.passed_over, runs=c.run, max_events_per_run=c.max_events_per_run,
             dry_run=dry_run, plan=c.plan, plan_hash=c.plan_hash, steps=tuple(self.timeline.steps),
-            drove_tool=tool)
+            drove_tool=tool, skipped_empty=c.empty)
 
     def _stopped(self, w: _Walk, stop: _Stop | None, resume_base: str) -> ApplicationError:
         c = self._merge(w)
@@ -564,6 +634,23 @@ class OxUpgradeSchemataWorkflow(Procedure):
 
 
 # ====================================================================== helpers
+async def registered_gate(proc: Procedure, server_name: str, existing: int, timeout_s: float) -> str:
+    """Step 3 when a server of that name is registered: what OX's tool asks on its prompt,
+    `continue` (use it) or `abort` (also when nobody may decide, or nobody does in time)."""
+    spec = GateSpec(
+        name=REGISTERED_GATE,
+        guards=f"The specified server is already registered with id '{existing}'. continue: the "
+               f"existing server {server_name} is used to point the updated schemata to; abort: "
+               "stop, nothing is changed",
+        timeout_s=timeout_s, on_timeout="abort", choices=REGISTERED_CHOICES)
+    if not proc.gates.approvers_of(REGISTERED_GATE):
+        proc.timeline.record(f"gate {REGISTERED_GATE}: nobody may decide it", "skipped",
+                             detail="the inventory lists no approvers for it: abort (nothing changed)")
+        return "abort"
+    record = await proc.gates.wait(spec)
+    return record.choice or "abort"
+
+
 def _targets(inp: OxUpgradeSchemataInput) -> tuple[OxSettings, Node, Node]:
     inv = inp.inventory
     if inv.ox is None:
@@ -617,6 +704,13 @@ def _plan(inp: OxUpgradeSchemataInput, update: Node, admin: Node, existing: int 
         # The tool runs the update tasks itself: on the node with the new release.
         lines.append(f"driven by OX's upgradeschemata on {update.name}")
     return lines
+
+
+def schema_order(name: str) -> tuple[int, int, str]:
+    """OX's order of schemata: by the number after the last '_' (UpgradeSchemata.listSchemata
+    sorts so for -m); names without one last, by name."""
+    tail = name.rpartition("_")[2]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
 
 
 def _upgraded(c: OxCarried) -> tuple[str, ...]:

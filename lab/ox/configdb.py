@@ -16,7 +16,12 @@ Two databases (both created, reset and dropped here, as root over the primary's 
                                                   context -> server + schema (changeserver)
     contexts_per_dbschema(db_pool_id, schemaname, count)
                                                   the schema list (listdatabaseschema)
-  and three lab-only tables (a real config DB has none of them):
+    db_cluster(cluster_id, read_db_pool_id, write_db_pool_id, weight, max_units)
+                                                  one row per write pool (configdb.sql); a pool
+                                                  whose max_units is 0 takes no new contexts and
+                                                  listdatabaseschema leaves its schemata out
+    contexts_per_dbpool(db_pool_id, count)        contexts per pool (listdatabase's curctx)
+  and four lab-only tables (a real config DB has none of them):
     schema_state(schema_name, enabled, server_id, update_state, schema_version, updated_at,
                  last_error, update_runs, disabled_at, enabled_at, update_started_at,
                  update_ended_at)                 what the tools did to each schema; update_state
@@ -30,7 +35,12 @@ Two databases (both created, reset and dropped here, as root over the primary's 
     update_faults(schema_name, task_name, remaining)
                                                   fault injection: runupdate fails on that schema
                                                   (remaining NULL: always; N: the next N runs)
-    lab_meta(k, v)                                the initial server and version, for reset()
+    tool_faults(tool, kind, remaining)            fault injection: the next `remaining` calls of
+                                                  a tool fail as OX's tools do when the RMI
+                                                  server is unreachable (kind `connect`) or the
+                                                  call breaks (kind `remote`); lab only
+    lab_meta(k, v)                                the initial server, version, pool and number
+                                                  of schemata, for reset()
 
 `oxschemata` - the schemata's content. On a real site every schema `oxdatabase_<n>` is its own
 database; here all of them are rows of two tables keyed by `schema_name`:
@@ -48,7 +58,6 @@ raise `OxError` with a `kind` the tools map to OX's exit codes.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import os
 import re
 import secrets
@@ -81,6 +90,28 @@ FAILING_TASK = "com.openexchange.groupware.update.tasks.LabInjectedFailureTask"
 # schema_state's times (see the module doc); reset() clears them.
 _TIME_COLUMNS = ("disabled_at", "enabled_at", "update_started_at", "update_ended_at")
 
+_OX_COUNT_TABLES = [
+    "CREATE TABLE IF NOT EXISTS db_cluster (cluster_id INT UNSIGNED NOT NULL, "
+    "read_db_pool_id INT UNSIGNED NOT NULL, write_db_pool_id INT UNSIGNED NOT NULL, weight INT UNSIGNED, "
+    "max_units INT, PRIMARY KEY (cluster_id), "
+    "FOREIGN KEY (write_db_pool_id) REFERENCES db_pool (db_pool_id)) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS contexts_per_dbpool (db_pool_id INT UNSIGNED NOT NULL, "
+    "count INT UNSIGNED NOT NULL, PRIMARY KEY (db_pool_id)) ENGINE=InnoDB",
+]
+# Lab only: see the module doc and inject_tool_fault.
+_TOOL_FAULTS_TABLE = ("CREATE TABLE IF NOT EXISTS tool_faults (tool VARCHAR(64) NOT NULL PRIMARY KEY, "
+                      "kind VARCHAR(16) NOT NULL, remaining INT UNSIGNED NOT NULL) ENGINE=InnoDB")
+TOOL_FAULT_KINDS = ("connect", "remote")
+# registerdatabase's default max units (documentation/command_line_tools/database/registerdatabase.md:
+# "-x ... If this option is omitted then the default of 1000 is applied").
+DEFAULT_MAX_UNITS = 1000
+_INSERT_CLUSTER = ("INSERT INTO db_cluster (cluster_id, read_db_pool_id, write_db_pool_id, weight, "
+                   "max_units) VALUES (%s, 0, %s, 100, %s)")
+_INSERT_STATE = ("INSERT INTO schema_state (schema_name, enabled, server_id, update_state, schema_version) "
+                 "VALUES (%s, 1, %s, 'none', %s)")
+CLOSED_POOL_NAME = "oxclosed"  # add_closed_pool's pool (lab only)
+_LAB_POOL_ID_BASE = 1000  # pools the lab helpers add get ids from here (not from the id sequence)
+
 _CONFIGDB_TABLES = [
     "CREATE TABLE configdb_sequence (id INT UNSIGNED NOT NULL, PRIMARY KEY (id)) ENGINE=InnoDB",
     "CREATE TABLE db_pool (db_pool_id INT UNSIGNED NOT NULL, url VARCHAR(255) NOT NULL, "
@@ -99,6 +130,10 @@ _CONFIGDB_TABLES = [
     "CREATE TABLE contexts_per_dbschema (db_pool_id INT UNSIGNED NOT NULL, "
     "schemaname VARCHAR(32) NOT NULL, count INT UNSIGNED NOT NULL, "
     "PRIMARY KEY (db_pool_id, schemaname)) ENGINE=InnoDB",
+    # OX's configdb.sql (com.openexchange.admin, "Tables for the Configuration Database":
+    # CREATE TABLE db_cluster) and the contexts_per_dbpool table OX's update task creates
+    # (createDBPoolCountTable: db_pool_id INT4 UNSIGNED, count INT4 UNSIGNED, PRIMARY KEY).
+    *_OX_COUNT_TABLES,
     # ---- lab only
     "CREATE TABLE schema_state (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
     "enabled TINYINT NOT NULL, server_id INT UNSIGNED NOT NULL, "
@@ -109,6 +144,7 @@ _CONFIGDB_TABLES = [
     "CREATE TABLE update_faults (schema_name VARCHAR(32) NOT NULL PRIMARY KEY, "
     "task_name VARCHAR(190) NOT NULL, remaining INT NULL) ENGINE=InnoDB",
     "CREATE TABLE lab_meta (k VARCHAR(64) NOT NULL PRIMARY KEY, v VARCHAR(255) NOT NULL) ENGINE=InnoDB",
+    _TOOL_FAULTS_TABLE,
 ]
 _SCHEMATA_TABLES = [
     "CREATE TABLE contexts (cid INT UNSIGNED NOT NULL PRIMARY KEY, schema_name VARCHAR(32) NOT NULL, "
@@ -122,8 +158,10 @@ _BATCH = 5000
 
 
 class OxError(Exception):
-    """What OX reports as a server-side exception. `kind`: invalid_data | storage |
-    no_such_object (the tools map it to OX's exit code and message prefix)."""
+    """What OX reports as a server-side exception. `kind`: invalid_data (OX's
+    InvalidDataException) | storage (StorageException) | no_such_object (NoSuchObjectException)
+    | target_database (TargetDatabaseException) | update_running (SchemaExceptionCodes
+    .ALREADY_LOCKED); the tools map it to OX's output and exit code."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -301,6 +339,11 @@ def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, ser
         cur.execute("INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
                     "name) VALUES (%s, %s, 'com.mysql.jdbc.Driver', %s, '', 1, 100, 0, %s)",
                     (pool_id, f"jdbc:mysql://127.0.0.1:{cfg.primary_db_port}", OX_DB_USER, POOL_NAME))
+        # One cluster for the pool (no read pool: read_db_pool_id 0, as registerdatabase leaves a
+        # master without slave), open for new contexts (max_units > 0).
+        cur.execute(_INSERT_CLUSTER, (1, pool_id, DEFAULT_MAX_UNITS))
+        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
+                    (pool_id, schemata * contexts_per_schema))
         cur.execute("INSERT INTO server (server_id, name) VALUES (%s, %s)", (server_id, server_name))
         contexts: list[tuple[int, str, str]] = []
         for n, schema in enumerate(names):
@@ -320,7 +363,7 @@ def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, ser
                      [(s, 1, server_id, "none", version) for s in names])
         cur.executemany("INSERT INTO lab_meta (k, v) VALUES (%s, %s)",
                         [("initial_server_id", str(server_id)), ("initial_version", version),
-                         ("pool_id", str(pool_id))])
+                         ("pool_id", str(pool_id)), ("schemata", str(schemata))])
         _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) "
                      "VALUES (%s, %s, %s)", contexts)
         _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
@@ -341,14 +384,56 @@ def exists(cfg: LabConfig) -> bool:
 def reset(cfg: LabConfig) -> list[str]:
     """Back to the state just after create() (schemata and contexts as created): every
     context enabled and on the initial server, every schema enabled, not updated, at the
-    initial version, servers registered since deleted, injected failures cleared. Returns
-    what was done ([] when nothing differed)."""
+    initial version, servers registered since deleted, injected failures and tool faults
+    cleared, what add_empty_schema / add_closed_pool added removed, the pool open again
+    (max_units). Returns what was done ([] when nothing differed)."""
     done: list[str] = []
     with _root(cfg) as conn, conn.cursor() as cur:
         cur.execute(f"USE `{CONFIGDB}`")
         cur.execute("SELECT k, v FROM lab_meta")
         meta = {str(k): str(v) for k, v in cur.fetchall()}
         server_id, version = int(meta["initial_server_id"]), meta["initial_version"]
+        pool_id = int(meta.get("pool_id", "1"))
+        # A config DB created before db_cluster, contexts_per_dbpool and tool_faults (a lab kept
+        # from earlier): add them, so the tools of this checkout work on it after a reset.
+        cur.execute("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (CONFIGDB,))
+        tables = {str(r[0]) for r in cur.fetchall()}
+        for stmt in (*_OX_COUNT_TABLES, _TOOL_FAULTS_TABLE):
+            cur.execute(stmt)
+        if "db_cluster" not in tables:
+            cur.execute(_INSERT_CLUSTER, (1, pool_id, DEFAULT_MAX_UNITS))
+            done.append("added db_cluster")
+        if "schemata" not in meta:  # the initial schemata: every one there before the lab helpers
+            cur.execute("SELECT COUNT(*) FROM schema_state")
+            meta["schemata"] = str(int(cur.fetchone()[0]))
+            cur.execute("INSERT INTO lab_meta (k, v) VALUES ('schemata', %s)", (meta["schemata"],))
+        initial = int(meta["schemata"])
+        # What add_empty_schema / add_closed_pool added: schemata other than oxdatabase_1..K
+        # (with their contexts and users) and pools other than the initial one.
+        lab_added = ("({col} NOT REGEXP '^" + POOL_NAME + "_[0-9]+$' OR CAST(SUBSTRING({col}, "
+                     + str(len(POOL_NAME) + 2) + ") AS UNSIGNED) NOT BETWEEN 1 AND %s)")
+        cur.execute(f"DELETE c FROM context c JOIN context_server2db_pool m ON m.cid = c.cid "
+                    f"WHERE {lab_added.format(col='m.db_schema')}", (initial,))
+        removed_contexts = int(cur.rowcount)
+        for table in ("users", "contexts"):
+            cur.execute(f"DELETE FROM `{SCHEMATA_DB}`.{table} WHERE {lab_added.format(col='schema_name')}",
+                        (initial,))
+        cur.execute(f"DELETE FROM contexts_per_dbschema WHERE db_pool_id <> %s OR "
+                    f"{lab_added.format(col='schemaname')}", (pool_id, initial))
+        cur.execute(f"DELETE FROM schema_state WHERE {lab_added.format(col='schema_name')}", (initial,))
+        if cur.rowcount:
+            done.append(f"removed {cur.rowcount} lab-added schema(s) ({removed_contexts} context(s))")
+        cur.execute("DELETE FROM db_cluster WHERE write_db_pool_id <> %s", (pool_id,))
+        cur.execute("DELETE FROM contexts_per_dbpool WHERE db_pool_id <> %s", (pool_id,))
+        cur.execute("DELETE FROM db_pool WHERE db_pool_id <> %s", (pool_id,))
+        if cur.rowcount:
+            done.append(f"removed {cur.rowcount} lab-added database pool(s)")
+        cur.execute("UPDATE db_cluster SET max_units = %s WHERE write_db_pool_id = %s "
+                    "AND NOT max_units <=> %s", (DEFAULT_MAX_UNITS, pool_id, DEFAULT_MAX_UNITS))
+        # Quiet: the initial pool's context count, as create() set it.
+        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) SELECT %s, COUNT(*) FROM "
+                    "context_server2db_pool WHERE write_db_pool_id = %s ON DUPLICATE KEY UPDATE "
+                    "count = VALUES(count)", (pool_id, pool_id))
         # A config DB created before schema_state had its times (a lab kept from earlier):
         # add them, so the tools of this checkout work on it after a reset.
         cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
@@ -366,12 +451,15 @@ def reset(cfg: LabConfig) -> list[str]:
              "WHERE NOT (enabled <=> 1 AND reason_id IS NULL)", (), "re-enabled {} context(s)"),
             ("UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s", (server_id, server_id),
              "pointed {} context(s) back to the initial server"),
+            ("UPDATE context_server2db_pool SET write_db_pool_id = read_db_pool_id "
+             "WHERE write_db_pool_id <> read_db_pool_id", (), "joined {} split write pool(s) again"),
             ("UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
              f"schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0, {times_cleared} "
              "WHERE NOT (enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s "
              f"AND updated_at IS NULL AND last_error IS NULL AND update_runs = 0 AND {times_null})",
              (server_id, version, server_id, version), "reset {} schema state(s)"),
             ("DELETE FROM update_faults", (), "cleared {} injected update failure(s)"),
+            ("DELETE FROM tool_faults", (), "cleared {} injected tool fault(s)"),
         ]
         for sql, args, what in steps:
             cur.execute(sql, args)
@@ -450,22 +538,142 @@ def inject_update_failure(cfg: LabConfig, schema: str, on: bool = True, times: i
         return bool(cur.rowcount)
 
 
+def split_write_pools(cfg: LabConfig, schema: str) -> None:
+    """Lab only: one context of `schema` written through another pool (id 999, read pool as
+    before), the state OX's disableschema refuses with "Multiple write pool IDs are in use"
+    (a permanent failure, exit 1). reset() joins them again."""
+    with _root(cfg) as conn, conn.cursor() as cur:
+        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET write_db_pool_id = 999 "
+                    "WHERE db_schema = %s ORDER BY cid LIMIT 1", (schema,))
+        if cur.rowcount != 1:
+            raise ValueError(f"schema {schema} has no context")
+
+
+def add_empty_schema(cfg: LabConfig, name: str) -> None:
+    """Lab only: a schema without contexts in the initial pool (as `createschema` leaves one, or
+    one whose contexts were all deleted): listed by listdatabaseschema with currentunits 0.
+    reset() removes it (unless `name` is one of create()'s oxdatabase_1..K, which is refused)."""
+    with _root(cfg) as conn, conn.cursor() as cur:
+        cur.execute(f"USE `{CONFIGDB}`")
+        cur.execute("SELECT k, v FROM lab_meta")
+        meta = {str(k): str(v) for k, v in cur.fetchall()}
+        cur.execute("SELECT COUNT(*) FROM contexts_per_dbschema WHERE schemaname = %s", (name,))
+        if cur.fetchone()[0]:
+            raise ValueError(f"schema {name} exists")
+        cur.execute("INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) VALUES (%s, %s, 0)",
+                    (int(meta.get("pool_id", "1")), name))
+        cur.execute(_INSERT_STATE, (name, int(meta["initial_server_id"]), meta["initial_version"]))
+
+
+def add_closed_pool(cfg: LabConfig, schemata: int = 1, contexts_per_schema: int = 2,
+                    users_per_context: int = 1) -> tuple[str, ...]:
+    """Lab only: a second database pool (`oxclosed`, id 1000+) whose db_cluster max_units is 0 -
+    OX's way of closing a pool for new contexts - holding `schemata` schemata
+    (oxclosed_1..N) of `contexts_per_schema` enabled contexts each on the initial server.
+    listdatabaseschema (and so upgradeschemata) leaves them out, listdatabase lists the pool.
+    Returns the schema names; reset() removes all of it."""
+    if schemata < 1 or contexts_per_schema < 1:
+        raise ValueError("schemata >= 1, contexts_per_schema >= 1")
+    with _root(cfg) as conn, conn.cursor() as cur:
+        cur.execute(f"USE `{CONFIGDB}`")
+        cur.execute("SELECT k, v FROM lab_meta")
+        meta = {str(k): str(v) for k, v in cur.fetchall()}
+        server_id, version = int(meta["initial_server_id"]), meta["initial_version"]
+        cur.execute("SELECT COALESCE(MAX(db_pool_id), 0) FROM db_pool WHERE db_pool_id >= %s",
+                    (_LAB_POOL_ID_BASE,))
+        pool_id = max(_LAB_POOL_ID_BASE, int(cur.fetchone()[0]) + 1)
+        cur.execute("SELECT url, driver, login, password FROM db_pool WHERE db_pool_id = %s",
+                    (int(meta.get("pool_id", "1")),))
+        url, driver, login, password = cur.fetchone()
+        pool_name = f"{CLOSED_POOL_NAME}{pool_id - _LAB_POOL_ID_BASE or ''}"
+        cur.execute("INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
+                    "name) VALUES (%s, %s, %s, %s, %s, 1, 100, 0, %s)",
+                    (pool_id, url, driver, login, password, pool_name))
+        cur.execute(_INSERT_CLUSTER, (pool_id, pool_id, 0))
+        cur.execute("SELECT COALESCE(MAX(cid), 0) FROM context")
+        cid = int(cur.fetchone()[0])
+        cur.execute("SELECT COUNT(*) FROM contexts_per_dbschema WHERE schemaname LIKE %s",
+                    (CLOSED_POOL_NAME + "\\_%",))
+        first = int(cur.fetchone()[0]) + 1
+        names = tuple(f"{CLOSED_POOL_NAME}_{n}" for n in range(first, first + schemata))
+        for schema in names:
+            for _ in range(contexts_per_schema):
+                cid += 1
+                cur.execute("INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, 1, NULL)",
+                            (cid, f"context{cid}"))
+                cur.execute("INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
+                            "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
+                            (server_id, cid, pool_id, pool_id, schema))
+                cur.execute(f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) "
+                            "VALUES (%s, %s, %s)", (cid, schema, f"context{cid}"))
+                for u in range(1, users_per_context + 1):
+                    cur.execute(f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
+                                "VALUES (%s, %s, %s, %s, %s)",
+                                (cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab"))
+            cur.execute("INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) "
+                        "VALUES (%s, %s, %s)", (pool_id, schema, contexts_per_schema))
+            cur.execute(_INSERT_STATE, (schema, server_id, version))
+        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
+                    (pool_id, schemata * contexts_per_schema))
+    return names
+
+
+def inject_tool_fault(cfg: LabConfig, tool: str, kind: str, times: int = 1) -> None:
+    """Lab only: the next `times` calls of `tool` fail transiently, as OX's tools do when the
+    middleware's RMI registry does not answer (kind "connect": java.rmi.ConnectException ->
+    exit 105) or a remote call breaks (kind "remote": java.rmi.RemoteException -> exit 107;
+    runupdate, a commons-cli tool, exits 1 for both). times 0 clears it; reset() clears all."""
+    if kind not in TOOL_FAULT_KINDS:
+        raise ValueError(f"kind must be one of {TOOL_FAULT_KINDS}")
+    with _root(cfg) as conn, conn.cursor() as cur:
+        if times <= 0:
+            cur.execute(f"DELETE FROM `{CONFIGDB}`.tool_faults WHERE tool = %s", (tool,))
+        else:
+            cur.execute(f"INSERT INTO `{CONFIGDB}`.tool_faults (tool, kind, remaining) VALUES (%s, %s, %s) "
+                        "ON DUPLICATE KEY UPDATE kind = VALUES(kind), remaining = VALUES(remaining)",
+                        (tool, kind, times))
+
+
+def take_tool_fault(conn: Any, tool: str) -> str | None:
+    """The tools' side of inject_tool_fault: the kind of fault this call of `tool` suffers (one
+    of the remaining calls used up), or None."""
+    def body(cur: Any) -> str | None:
+        cur.execute(f"SELECT kind, remaining FROM `{CONFIGDB}`.tool_faults WHERE tool = %s FOR UPDATE",
+                    (tool,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        if int(row[1]) <= 1:
+            cur.execute(f"DELETE FROM `{CONFIGDB}`.tool_faults WHERE tool = %s", (tool,))
+        else:
+            cur.execute(f"UPDATE `{CONFIGDB}`.tool_faults SET remaining = remaining - 1 WHERE tool = %s",
+                        (tool,))
+        return str(row[0])
+    try:
+        result: str | None = _in_transaction(conn, body)
+    except pymysql.err.ProgrammingError:  # no tool_faults table (a config DB older than it)
+        return None
+    return result
+
+
 # --------------------------------------------------------------------------- operations (the tools)
 
 
-def find_server(conn: Any, name: str) -> int | None:
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT server_id FROM `{CONFIGDB}`.server WHERE name = %s", (name,))
-        row = cur.fetchone()
-    return None if row is None else int(row[0])
+def _like(pattern: str) -> str:
+    """OX's search pattern as SQL LIKE pattern: `*` -> `%` (OXUtilMySQLStorage.searchForServer /
+    searchForDatabaseSchema: searchPattern.replace('*', '%')); `_` and `%` keep LIKE's meaning."""
+    return pattern.replace("*", "%")
 
 
 def list_servers(conn: Any, pattern: str = "*") -> list[tuple[int, str]]:
-    """(id, name) of the servers whose name matches the OX search pattern (`*` wildcards)."""
+    """(id, name) of the servers OX's listServer finds: "SELECT name,server_id FROM server WHERE
+    name LIKE ? OR server_id = ?" with the pattern in both (OXUtilMySQLStorage.searchForServer;
+    MariaDB compares the id with the pattern cast to a number, as MySQL does for OX). OX's SQL
+    has no ORDER BY; the lab orders by id."""
     with conn.cursor() as cur:
-        cur.execute(f"SELECT server_id, name FROM `{CONFIGDB}`.server ORDER BY server_id")
-        rows = [(int(i), str(n)) for i, n in cur.fetchall()]
-    return [r for r in rows if fnmatch.fnmatchcase(r[1], pattern)]
+        cur.execute(f"SELECT server_id, name FROM `{CONFIGDB}`.server WHERE name LIKE %s OR server_id = %s "
+                    "ORDER BY server_id", (_like(pattern), pattern))
+        return [(int(i), str(n)) for i, n in cur.fetchall()]
 
 
 def register_server(conn: Any, name: str) -> int:
@@ -492,26 +700,80 @@ def register_server(conn: Any, name: str) -> int:
 
 
 def list_schemata(conn: Any, pattern: str = "*", only_empty: bool = False) -> list[SchemaRow]:
-    """The schemata whose name matches the pattern, in natural order."""
+    """listdatabaseschema's rows, with OX's query (OXUtilMySQLStorage.searchForDatabaseSchema):
+    the schemata of pools whose db_cluster.max_units is not 0 ("WHERE (c.max_units <> 0)"),
+    matched by pool name, schema name, pool id or URL ("d.name LIKE ? OR s.schemaname LIKE ? OR
+    d.db_pool_id LIKE ? OR d.url LIKE ?"; not for "*"), with --only-empty-schemas
+    "AND s.count=0"; a pool without schema rows gives none (rs.wasNull()).
+
+    Order: OX's SQL has no ORDER BY, so OX promises none (what MySQL returns follows its plan).
+    The lab lists in the database's string order of the schema name (oxdatabase_10 before
+    oxdatabase_2), deliberately not numerically, so that nothing downstream can come to rely on
+    an order OX does not give (upgradeschemata without -m processes them in this order)."""
+    like = _like(pattern)
+    where = "" if like == "%" else (" AND (p.name LIKE %s OR d.schemaname LIKE %s OR p.db_pool_id LIKE %s "
+                                    "OR p.url LIKE %s)")
     with conn.cursor() as cur:
         cur.execute(f"SELECT p.db_pool_id, p.name, d.schemaname, p.url, d.count, s.enabled, s.server_id, "
-                    f"s.update_state, s.schema_version FROM `{CONFIGDB}`.contexts_per_dbschema d "
-                    f"JOIN `{CONFIGDB}`.db_pool p ON p.db_pool_id = d.db_pool_id "
-                    f"JOIN `{CONFIGDB}`.schema_state s ON s.schema_name = d.schemaname")
-        rows = [SchemaRow(pool_id=int(r[0]), pool_name=str(r[1]), schema=str(r[2]), url=str(r[3]),
-                          contexts=int(r[4]), enabled=bool(r[5]), server_id=int(r[6]), update_state=str(r[7]),
-                          version=str(r[8])) for r in cur.fetchall()]
-    rows = [r for r in rows if fnmatch.fnmatchcase(r.schema, pattern) and (not only_empty or r.contexts == 0)]
-    return sorted(rows, key=lambda r: natural_key(r.schema))
+                    f"s.update_state, s.schema_version FROM `{CONFIGDB}`.db_pool p "
+                    f"JOIN `{CONFIGDB}`.db_cluster c ON c.write_db_pool_id = p.db_pool_id "
+                    f"JOIN `{CONFIGDB}`.contexts_per_dbschema d ON d.db_pool_id = p.db_pool_id "
+                    f"LEFT JOIN `{CONFIGDB}`.schema_state s ON s.schema_name = d.schemaname "
+                    f"WHERE (c.max_units <> 0){where}{' AND d.count = 0' if only_empty else ''} "
+                    "ORDER BY d.schemaname", () if like == "%" else (like,) * 4)
+        return [SchemaRow(pool_id=int(r[0]), pool_name=str(r[1]), schema=str(r[2]), url=str(r[3]),
+                          contexts=int(r[4]), enabled=bool(r[5]) if r[5] is not None else True,
+                          server_id=int(r[6] or 0), update_state=str(r[7] or "none"), version=str(r[8] or ""))
+                for r in cur.fetchall()]
 
 
-def _schema_contexts(cur: Any, schema: str) -> int:
-    cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.schema_state WHERE schema_name = %s", (schema,))
-    if not cur.fetchone()[0]:
-        # Guessed wording: OX answers with a NoSuchObjectException here.
-        raise OxError("no_such_object", f"Schema {schema} does not exist")
-    cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.context_server2db_pool WHERE db_schema = %s", (schema,))
-    return int(cur.fetchone()[0])
+@dataclass(frozen=True)
+class DatabaseRow:
+    """One line of listdatabase (OXUtilMySQLStorage.searchForDatabase: a write pool is a master
+    with masterid 0 and its context count; a read pool is a slave of its write pool)."""
+
+    pool_id: int
+    name: str
+    url: str
+    master: bool
+    master_id: int
+    max_units: int
+    current_units: int
+    hardlimit: int
+    pool_max: int
+    pool_initial: int
+    login: str
+    password: str
+    driver: str
+
+
+def list_databases(conn: Any, pattern: str = "*") -> list[DatabaseRow]:
+    """listdatabase's rows: OX's query (searchForDatabase) - every pool of a cluster, whatever
+    its max_units, matched by name, id or URL ("d.name LIKE ? OR d.db_pool_id LIKE ? OR d.url
+    LIKE ?"; not for "*"). No ORDER BY in OX; the lab orders by pool id."""
+    like = _like(pattern)
+    where = "" if like == "%" else " WHERE (p.name LIKE %s OR p.db_pool_id LIKE %s OR p.url LIKE %s)"
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT p.db_pool_id, p.url, p.driver, p.login, p.password, p.hardlimit, p.max, "
+                    f"p.initial, p.name, c.max_units, c.read_db_pool_id, c.write_db_pool_id, n.count "
+                    f"FROM `{CONFIGDB}`.db_pool p JOIN `{CONFIGDB}`.db_cluster c "
+                    f"ON (c.write_db_pool_id = p.db_pool_id OR c.read_db_pool_id = p.db_pool_id) "
+                    f"LEFT JOIN `{CONFIGDB}`.contexts_per_dbpool n ON n.db_pool_id = p.db_pool_id{where} "
+                    "ORDER BY p.db_pool_id", () if like == "%" else (like,) * 3)
+        rows = cur.fetchall()
+    out = []
+    for r in rows:
+        pool_id, read_id, write_id, max_units = int(r[0]), int(r[10]), int(r[11]), int(r[9] or 0)
+        master = read_id != pool_id
+        if master and max_units != 0 and r[12] is None:
+            raise OxError("storage", "Unable to count contexts. Consider running 'checkcountsconsistency' "
+                          "command-line tool to correct it.")
+        out.append(DatabaseRow(pool_id=pool_id, name=str(r[8]), url=str(r[1]), master=master,
+                               master_id=0 if master else write_id, max_units=max_units,
+                               current_units=int(r[12] or 0) if master else 0, hardlimit=int(r[5] or 0),
+                               pool_max=int(r[6] or 0), pool_initial=int(r[7] or 0), login=str(r[3]),
+                               password=str(r[4]), driver=str(r[2])))
+    return out
 
 
 def _in_transaction(conn: Any, fn: Any) -> Any:
@@ -527,11 +789,21 @@ def _in_transaction(conn: Any, fn: Any) -> Any:
 
 
 def disable_schema(conn: Any, schema: str) -> int:
-    """disableschema: every enabled context of the schema disabled with the schema-move
-    reason (idempotent); returns how many contexts it disabled."""
+    """disableschema: every enabled context of the schema disabled with the schema-move reason
+    (idempotent); returns how many contexts it disabled. As OX (SchemaMoveImpl.disableSchema ->
+    OXToolMySQLStorage.isDistinctWritePoolIDForSchema: "SELECT DISTINCT write_db_pool_id FROM
+    context_server2db_pool WHERE db_schema = ?"): no row (an empty or unknown schema) ->
+    NoSuchObjectException "No such schema <s>"; more than one write pool ->
+    TargetDatabaseException."""
     def body(cur: Any) -> int:
-        if _schema_contexts(cur, schema) == 0:
-            raise OxError("storage", "The schema is empty")
+        cur.execute(f"SELECT DISTINCT write_db_pool_id FROM `{CONFIGDB}`.context_server2db_pool "
+                    "WHERE db_schema = %s", (schema,))
+        pools = cur.fetchall()
+        if not pools:
+            raise OxError("no_such_object", f"No such schema {schema}")
+        if len(pools) > 1:
+            raise OxError("target_database", "Cannot proceed with schema move: Multiple write pool IDs are "
+                          f"in use for schema {schema}")
         cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
                     "ON m.cid = c.cid SET c.enabled = 0, c.reason_id = %s "
                     "WHERE m.db_schema = %s AND c.enabled = 1", (SCHEMA_MOVE_REASON_ID, schema))
@@ -547,9 +819,10 @@ def disable_schema(conn: Any, schema: str) -> int:
 
 def enable_schema(conn: Any, schema: str) -> int:
     """enableschema: the contexts disableschema disabled enabled again (others stay as they
-    are; idempotent); returns how many contexts it enabled."""
+    are; idempotent); returns how many contexts it enabled. OX checks nothing here
+    (SchemaMoveImpl.enableSchema: contextStorage.enable(schema, reason)), so an empty or unknown
+    schema is no error: nothing changes."""
     def body(cur: Any) -> int:
-        _schema_contexts(cur, schema)
         cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
                     "ON m.cid = c.cid SET c.enabled = 1, c.reason_id = NULL WHERE m.db_schema = %s "
                     "AND c.enabled = 0 AND c.reason_id = %s", (schema, SCHEMA_MOVE_REASON_ID))
@@ -561,20 +834,46 @@ def enable_schema(conn: Any, schema: str) -> int:
     return int(_in_transaction(conn, body))
 
 
-def change_server(conn: Any, server_id: int, schema: str) -> int:
-    """changeserver: every context of the schema points to `server_id` (idempotent);
-    returns how many contexts moved."""
+def server_object_text(server_id: int) -> str:
+    """How OX prints the Server object changeserver sends (only its id set): Server.toString()
+    lists the non-null fields in declaration order (id, idset, name, nameset; name is null)
+    (com.openexchange.admin.rmi/.../dataobjects/Server.java, toString)."""
+    return f"[ \n  id: {server_id}\n  idset: true\n  nameset: false\n]"
+
+
+def change_server(conn: Any, server_id: int, schema: str, *, refuse_enabled: bool = False) -> int:
+    """changeserver: every context of the schema points to `server_id`; returns how many
+    contexts it found. As OX (OXUtil.changeServer, OXUtilMySQLStorage.changeServer):
+      * an unknown server id: InvalidDataException "No such server <Server.toString()>";
+      * `refuse_enabled` (the tools; isSchemaDisabled): any enabled context -> StorageException
+        "The schema '<s>' is not disabled. The following contexts are still enabled: [<cids>]";
+        lab-side callers (tests, shortcuts) may leave it off to re-point a live schema;
+      * "UPDATE context_server2db_pool SET server_id=? WHERE db_schema=?" touching no row (an
+        empty or unknown schema): StorageException "Unable to change to server '<id>' for the
+        specified schema '<s>'. The schema is empty.". OX reads the row count from MySQL
+        Connector/J, which reports found (matched) rows, not changed ones (useAffectedRows is
+        off by default), so re-pointing a schema already on that server succeeds; the lab counts
+        the matched rows to the same effect."""
     def body(cur: Any) -> int:
         cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.server WHERE server_id = %s", (server_id,))
         if not cur.fetchone()[0]:
-            raise OxError("invalid_data", f"No such server {server_id}")  # wording guessed
-        _schema_contexts(cur, schema)
-        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET server_id = %s "
-                    "WHERE db_schema = %s AND server_id <> %s", (server_id, schema, server_id))
-        n = int(cur.rowcount)
+            raise OxError("invalid_data", f"No such server {server_object_text(server_id)}")
+        cur.execute(f"SELECT m.cid, c.enabled FROM `{CONFIGDB}`.context_server2db_pool m "
+                    f"JOIN `{CONFIGDB}`.context c ON c.cid = m.cid WHERE m.db_schema = %s ORDER BY m.cid "
+                    "FOR UPDATE", (schema,))
+        rows = cur.fetchall()
+        enabled = [int(cid) for cid, on in rows if on]
+        if refuse_enabled and enabled:
+            raise OxError("storage", f"The schema '{schema}' is not disabled. The following contexts are "
+                          f"still enabled: [{', '.join(str(c) for c in enabled)}]")
+        if not rows:
+            raise OxError("storage", f"Unable to change to server '{server_id}' for the specified schema "
+                          f"'{schema}'. The schema is empty.")
+        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET server_id = %s WHERE db_schema = %s",
+                    (server_id, schema))
         cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET server_id = %s WHERE schema_name = %s",
                     (server_id, schema))
-        return n
+        return len(rows)
     return int(_in_transaction(conn, body))
 
 
@@ -583,14 +882,19 @@ def schema_of_context(conn: Any, cid: int) -> str:
         cur.execute(f"SELECT db_schema FROM `{CONFIGDB}`.context_server2db_pool WHERE cid = %s", (cid,))
         row = cur.fetchone()
     if row is None:
-        raise OxError("no_such_object", f"Context {cid} does not exist")
+        raise OxError("no_such_object", f"Cannot find context {cid}")
     return str(row[0])
 
 
-# OX refuses a second update of a schema while one runs (its schema lock); a lock older than
-# this is taken as left behind by a killed runupdate and taken over (lab choice).
+# OX refuses a second update of a schema while one runs: its schema lock (SchemaStoreImpl
+# insertLock) throws SchemaExceptionCodes.ALREADY_LOCKED (UPD-0003) with this text
+# (com.openexchange.server/src/com/openexchange/groupware/update/internal/SchemaExceptionCodes.java).
+# A lock older than this is taken as left behind by a killed runupdate and taken over (OX:
+# isNotTimedOut(task, idiom); the threshold here is a lab choice).
 STALE_UPDATE_S = 120.0
 UPDATE_CONFLICT = "Update conflict detected. Another process is currently updating schema {}."
+# UpdateExceptionCodes.UNKNOWN_SCHEMA (UPD-0016), thrown by UpdateTaskToolkit.getInfoBySchemaName.
+UNKNOWN_SCHEMA = "Unknown schema name: {}."
 
 
 def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
@@ -606,7 +910,7 @@ def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
                     "WHERE schema_name = %s FOR UPDATE", (schema,))
         row = cur.fetchone()
         if row is None:
-            raise OxError("no_such_object", f"Schema {schema} does not exist")
+            raise OxError("no_such_object", UNKNOWN_SCHEMA.format(schema))
         if (str(row[0]), str(row[1])) == ("done", target_version):
             return False
         if str(row[0]) == "running" and row[2] is not None and float(row[2]) < STALE_UPDATE_S + seconds:

@@ -8,6 +8,9 @@ nodes/oxN/                   the node's SSH root (commands run here)
     installed/version        the installed release; the service runs what it read at start
     etc/server.properties    OX's server.properties (migrationRedirectURL goes here; not set at first)
     etc/system.properties    SERVER_NAME=oxserver (the old cluster's server in the config DB)
+    etc/hazelcast.properties the Hazelcast cluster's group name (nodes with one name form one
+                             cluster; seed 002 step 2 wants old and new releases apart). A
+                             package install keeps it, as a package keeps a changed config file
     bin/                     OX's command line tools (lab/ox/tools.py) and their ox-tools.env;
                              runupdate brings a schema to *this node's* installed/version. Thin
                              clients of the service's admin endpoint (127.0.0.1, cfg.ox_admin_port;
@@ -57,6 +60,17 @@ def system_properties_text(cfg: LabConfig, i: int, server_name: str = SERVER_NAM
             "# The name this node's server is registered under in the config DB (table server):\n"
             "# it serves the contexts pointed at that server.\n"
             f"SERVER_NAME={server_name}\n")
+
+
+HAZELCAST_GROUP = "oxcluster"
+
+
+def hazelcast_properties_text(cfg: LabConfig, i: int) -> str:
+    # Key names from OX's documentation/administration/running_a_cluster.md.
+    return (f"# hazelcast.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in).\n"
+            "# Only nodes using the same group name join each other and form the cluster.\n"
+            f"com.openexchange.hazelcast.group.name={HAZELCAST_GROUP}\n"
+            "com.openexchange.hazelcast.network.join=static\n")
 
 
 # Launch snippet for nodes.render_ctl: the service runs from the node folder; PYTHONPATH
@@ -218,6 +232,7 @@ def install_ox_node(cfg: LabConfig, i: int, version: str = INITIAL_VERSION) -> b
     _write(node / "oxpkg", oxpkg_script(cfg, i), 0o755)
     changed = [_write(node / "etc" / "server.properties", server_properties_text(cfg, i)),
                _write(node / "etc" / "system.properties", system_properties_text(cfg, i)),
+               _write(node / "etc" / "hazelcast.properties", hazelcast_properties_text(cfg, i)),
                _write(version_file(cfg, i), version + "\n")]
     install_tools(cfg, i)
     for p in (node / "inject").iterdir():
