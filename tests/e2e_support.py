@@ -270,6 +270,18 @@ def start_worker_process(address: str, task_queue: str, log: Path) -> subprocess
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`; nothing when it is gone already."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def kill_worker_during(handle: WorkflowHandle[Any, Any], worker: subprocess.Popen[bytes],
                              step_prefix: str, timeout_s: float = 120) -> str:
     """SIGKILL `worker` as soon as the run's latest running step starts with `step_prefix`;

@@ -1,8 +1,11 @@
 """Stored histories of real runs must replay on the current workflow code.
 
 A change to a workflow that would break runs already in flight (non-determinism) fails
-here. Refresh a history only for an intended, versioned change: run the procedure on the
-lab and `temporal workflow show --workflow-id ID --output json > tests/histories/NAME.json`.
+here: guard it with `workflow.patched()` (ARCHITECTURE.md, "Versioning"). Never re-record a
+history to make this pass - the directory is append-only (test_histories_append_only). A new
+behaviour gets a new history: run its e2e test with ZERODOWN_RECORD_HISTORIES=1
+(tests/e2e_support.keep_history), or `temporal workflow show --workflow-id ID --output json >
+tests/histories/ID.json` (the file's name is the workflow id the replay uses).
 """
 
 from __future__ import annotations
