@@ -23,8 +23,10 @@ job folders stay (a retry must find its outcome); folders older than a week are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shlex
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import activities.ssh as ssh
@@ -62,61 +64,64 @@ def _safe(text: str) -> str:
 
 
 def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_text: str = "",
-               budget_s: float = 3600.0) -> str:
+               budget_s: float = 3600.0, gated: bool = False) -> str:
     """The shell command (POSIX sh) that starts or attaches to the job `key`. `command` is a
-    shell command line; it may use "$ZD_SECRET". `stdin_text` (not secret) is the command's
-    standard input."""
+    shell command line; it may use
+    "$ZD_SECRET". `stdin_text` (not secret) is the command's standard input. `gated`: after
+    the secret it waits for a line "go" on stdin and does nothing without it (`staged_job`).
+
+    Lean on purpose: it runs inside a schema's disabled window (runupdate), so builtins where
+    they do (read, test, printf) and only mkdir, setsid and two cats forked on the common path."""
     d = f"{JOBS_DIR}/{key}"
     fam = f"{JOBS_DIR}/{_safe(family)}/"
-    run = f"{command}\n"
     budget = max(1, int(budget_s))
+    # A subshell: whatever the command does (exit, exec), the exit status is written after it.
+    inner = f'd=$1; ( {command.strip()} ) >"$d/out" 2>"$d/err" <"$d/in"; echo $? >"$d/rc"'
     return "\n".join([
         "umask 077",
         f"d={shlex.quote(d)}",
-        'mkdir -p "$d" || exit 97',
         "IFS= read -r ZD_SECRET || ZD_SECRET=",
         "export ZD_SECRET",
-        # Jobs older than a week pruned, now and then (one call in 64: 10,000 folders cost a scan).
-        # In the background: never in the time a caller waits for (a schema's disabled window).
-        f'[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 '
-        "-exec rm -rf {} + </dev/null >/dev/null 2>&1 &)",
+        *(['IFS= read -r go || go=', '[ "$go" = go ] || exit 0'] if gated else []),
         "followed=",
         # A live job of the same family started under another key: follow it, start nothing.
-        'if [ ! -e "$d/rc" ]; then',
+        'if [ ! -s "$d/rc" ]; then',
         f"  for p in {shlex.quote(fam)}*/pid; do",
         '    [ -e "$p" ] || continue',
         '    o="${p%/pid}"',
         '    [ "$o" = "$d" ] && continue',
-        '    if [ ! -e "$o/rc" ] && kill -0 "$(cat "$p")" 2>/dev/null; then d="$o"; followed=1; break; fi',
+        '    [ -s "$o/rc" ] && continue',
+        '    read q < "$p" && kill -0 "$q" 2>/dev/null && { d="$o"; followed=1; break; }',
         "  done",
         "fi",
-        'if [ -e "$d/rc" ]; then state=done',
-        'elif [ -s "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then state=running',
+        'if [ -s "$d/rc" ]; then state=done',
+        'elif [ -s "$d/pid" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; then state=running',
         f'elif [ -e "$d/pid" ] && [ {"0" if rerun_lost else "1"} = 1 ]; then state=lost',
         "else",
         "  state=started",
-        '  rm -f "$d/pid" "$d/out" "$d/err"',
+        '  if [ -d "$d" ]; then rm -f "$d/pid" "$d/out" "$d/err"; else mkdir -p "$d" || exit 97; fi',
         f"  printf %s {shlex.quote(stdin_text)} > \"$d/in\"",
-        "  cat > \"$d/run\" <<'ZEROWN_JOB_EOF'",
-        'd="$1"',
-        f'( {run.strip()} ) >"$d/out" 2>"$d/err" <"$d/in"',
-        'echo $? >"$d/rc.tmp" && mv "$d/rc.tmp" "$d/rc"',
-        "ZEROWN_JOB_EOF",
         # Own session: the job survives this SSH channel (a lost worker closes it).
-        '  setsid sh "$d/run" "$d" </dev/null >/dev/null 2>&1 &',
+        f'  setsid sh -c {shlex.quote(inner)} zd "$d" </dev/null >/dev/null 2>&1 &',
         '  echo $! > "$d/pid"',
         "  wait $! 2>/dev/null",
         "fi",
         f'echo "{MARK} state $state ${{d#{JOBS_DIR}/}} $followed"',
         'if [ "$state" = running ]; then',
         '  started=$(stat -c %Y "$d/pid" 2>/dev/null || date +%s)',
-        '  while [ ! -e "$d/rc" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; do',
+        '  while [ ! -s "$d/rc" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; do',
         f'    if [ $(( $(date +%s) - started )) -ge {budget} ]; then echo "{MARK} over-budget"; break; fi',
         f"    sleep {POLL_S}",
         "  done",
         "fi",
-        f'if [ -e "$d/rc" ]; then echo "{MARK} rc $(cat "$d/rc")"; else echo "{MARK} rc none"; fi',
-        f'echo "{MARK} out"; cat "$d/out" 2>/dev/null; printf "\\n{MARK} err\\n"; cat "$d/err" 2>/dev/null',
+        f'if [ -s "$d/rc" ] && read rc < "$d/rc"; then echo "{MARK} rc $rc"; else echo "{MARK} rc none"; fi',
+        # Read with builtins (no cat forked): a tool's output is a few lines.
+        "show() { [ -s \"$1\" ] || return 0; while IFS= read -r l || [ -n \"$l\" ]; do "
+        "printf '%s\\n' \"$l\"; done < \"$1\"; }",
+        f'echo "{MARK} out"; show "$d/out"; printf "\\n{MARK} err\\n"; show "$d/err"',
+        # Jobs older than a week pruned now and then (one call in 64), in the background.
+        f'[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 '
+        "-exec rm -rf {} + </dev/null >/dev/null 2>&1 &)",
         "exit 0",
     ])
 
@@ -141,6 +146,22 @@ def parse_job_output(text: str) -> tuple[str, str, bool, int | None, bool, str, 
     return state, key, followed, rc, over, out, err
 
 
+def _outcome(stdout: str, secret: str, budget_s: float, target: SshTarget, what: str) -> JobOutcome:
+    state, found_key, followed, rc, over, out, err = parse_job_output(stdout)
+    if secret:
+        out, err = out.replace(secret, "***"), err.replace(secret, "***")
+    if over:
+        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running on "
+                               f"{target.host} (job {found_key})")
+    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed)
+
+
+def _over_budget(e: Exception, budget_s: float, target: SshTarget, key: str, what: str) -> None:
+    if getattr(e, "type", "") == "SshCommandTimeout":
+        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running "
+                               f"on {target.host} (job {key})", cause=e)
+
+
 async def run_detached(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
                        stdin_text: str = "", budget_s: float, rerun_lost: bool, what: str) -> JobOutcome:
     """Start or attach to the job `key` on `target` and wait for its end (heartbeating), at most
@@ -151,14 +172,37 @@ async def run_detached(target: SshTarget, key: str, family: str, command: str, *
     try:
         r = await ssh.run(target, script, timeout_s=budget_s + 2.0, check=False, input=secret + "\n")
     except Exception as e:
-        if getattr(e, "type", "") == "SshCommandTimeout":
-            fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running "
-                                   f"on {target.host} (job {key})", cause=e)
+        _over_budget(e, budget_s, target, key, what)
         raise
-    state, found_key, followed, rc, over, out, err = parse_job_output(r.stdout)
-    if secret:
-        out, err = out.replace(secret, "***"), err.replace(secret, "***")
-    if over:
-        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running on "
-                               f"{target.host} (job {found_key})")
-    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed)
+    return _outcome(r.stdout, secret, budget_s, target, what)
+
+
+class StagedJob:
+    """A job whose channel and script are started ahead of time (see `staged_job`)."""
+
+    def __init__(self, handle: ssh.Staged, key: str, secret: str, budget_s: float, target: SshTarget,
+                 what: str) -> None:
+        self._handle, self.key, self._secret = handle, key, secret
+        self._budget_s, self._target, self._what = budget_s, target, what
+
+    def go(self) -> None:
+        self._handle.go("go\n")
+
+    async def outcome(self) -> JobOutcome:
+        try:
+            r = await self._handle.result(self._budget_s + 2.0)
+        except Exception as e:
+            _over_budget(e, self._budget_s, self._target, self.key, self._what)
+            raise
+        return _outcome(r.stdout, self._secret, self._budget_s, self._target, self._what)
+
+
+@contextlib.asynccontextmanager
+async def staged_job(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
+                     budget_s: float, rerun_lost: bool, what: str) -> AsyncIterator[StagedJob]:
+    """`run_detached`, but its SSH channel opened and its script started now, waiting for
+    `go()`: the job then starts without the channel's set-up (a schema's disabled window
+    holds the tool's own work, not SSH's). Left without `go()`, it does nothing."""
+    script = job_script(key, family, command, rerun_lost=rerun_lost, budget_s=budget_s, gated=True)
+    async with ssh.staged(target, script, first_input=secret + "\n") as handle:
+        yield StagedJob(handle, key, secret, budget_s, target, what)

@@ -546,7 +546,7 @@ def runupdate_command(settings: OxSettings, schema: str) -> str:
     """runupdate with the master admin's credentials, which 7.10.1+ requires (-A and -P; its
     only source for the password is -P): "$ZD_SECRET" stands for the password."""
     path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/runupdate")
-    return f'exec {path} -A {shlex.quote(settings.admin_user)} -P "$ZD_SECRET" -n {shlex.quote(schema)}'
+    return f'{path} -A {shlex.quote(settings.admin_user)} -P "$ZD_SECRET" -n {shlex.quote(schema)}'
 
 
 def _step_key(*parts: str) -> tuple[str, ...]:
@@ -557,17 +557,20 @@ def _step_key(*parts: str) -> tuple[str, ...]:
     return ("", "", *parts)
 
 
-async def run_update(node: Node, settings: OxSettings, schema: str, attempt_key: str = "") -> tuple[str, ...]:
-    """runupdate -A <admin> -P <password> -n <schema> on `node`; the names of the failed update
-    tasks (none: done). Detached under a key of this workflow run, schema and operator's
-    attempt: a retried activity attaches to the runupdate under way (or reads how it ended),
-    and one still running for this schema under another key is followed rather than doubled.
-    A run lost with its node (no exit status) is run again: nothing runs on the schema then."""
-    password = resolve_secret(settings.admin_password, needed_by=f"runupdate on {node.name}")
-    key = detached.job_key(f"runupdate-{schema}", *_step_key(schema, attempt_key))
-    job = await detached.run_detached(
-        node.ssh, key, f"runupdate-{schema}", runupdate_command(settings, schema), secret=password,
-        budget_s=settings.runupdate_timeout_s, rerun_lost=True, what=f"{node.name}: runupdate -n {schema}")
+def runupdate_job(node: Node, settings: OxSettings, schema: str, attempt_key: str) -> tuple[str, str, str]:
+    """(job key, family, command) of a schema's runupdate: detached under a key of this workflow
+    run, schema and operator's attempt, so a retried activity attaches to the runupdate under
+    way (or reads how it ended), and one still running for this schema under another key is
+    followed rather than doubled. A run lost with its node (no exit status) is run again:
+    nothing runs on the schema then."""
+    family = f"runupdate-{schema}"
+    key = detached.job_key(family, *_step_key(schema, attempt_key))
+    return key, family, runupdate_command(settings, schema)
+
+
+def runupdate_outcome(node: Node, settings: OxSettings, schema: str,
+                      job: detached.JobOutcome) -> tuple[str, ...]:
+    """The names of the failed update tasks (none: done); a refusal or error raised."""
     text = f"{job.stdout}\n{job.stderr}".strip()
     status = job.exit_status if job.exit_status is not None else 255
     if status == 0:
@@ -578,69 +581,103 @@ async def run_update(node: Node, settings: OxSettings, schema: str, attempt_key:
     tool_failed(node, "runupdate", ["-n", schema], status, text)
 
 
+async def run_update(node: Node, settings: OxSettings, schema: str, attempt_key: str = "") -> tuple[str, ...]:
+    """runupdate -A <admin> -P <password> -n <schema> on `node` (see runupdate_job)."""
+    password = resolve_secret(settings.admin_password, needed_by=f"runupdate on {node.name}")
+    key, family, command = runupdate_job(node, settings, schema, attempt_key)
+    job = await detached.run_detached(node.ssh, key, family, command, secret=password,
+                                      budget_s=settings.runupdate_timeout_s, rerun_lost=True,
+                                      what=f"{node.name}: runupdate -n {schema}")
+    return runupdate_outcome(node, settings, schema, job)
+
+
+def gated_tool_command(settings: OxSettings, tool: str, args: list[str]) -> str:
+    """tool_command that, after the password, waits for a line "go" (ssh.staged)."""
+    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+    argv = " ".join(shlex.quote(a) for a in ["-A", settings.admin_user, *args])
+    return (f'IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && IFS= read -r go && [ "$go" = go ] '
+            f"&& exec {path} {argv}")
+
+
 async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     """Steps 4 to 7 for one schema, back to back. Its users are refused from the disable to
-    the enable, so that window holds the tools' own work and nothing else (four activities
-    would add three workflow round trips to it, seconds on a loaded worker). Every step is
-    idempotent, so a retry of the whole runs through what is done already: disable and
-    changeserver set states, runupdate of an updated schema has nothing to do, enable sets.
-    A failed step is a result (the workflow decides: force, gate), its schema left as it is;
-    an error a retry may cure (unreachable node, lost connection) is raised."""
+    the enable, so that window holds the tools' own work and nothing else: four activities
+    would add three workflow round trips to it (seconds on a loaded worker), and the SSH
+    channels of steps 6 and 7 are opened, and their commands started waiting, before step 4
+    (`ssh.staged`). Every step is idempotent, so a retry of the whole runs through what is
+    done already: disable and changeserver set states, runupdate attaches to its run (or has
+    nothing to do on an updated schema), enable sets. A failed step is a result (the
+    workflow decides: force, gate), its schema left as it is; an error a retry may cure
+    (unreachable node, lost connection, OX's 105/107) is raised."""
     steps: list[OxStepTime] = []
-
-    async def update() -> None:
-        tasks = await run_update(req.update, req.ox, req.schema, req.attempt_key)
-        if tasks:
-            fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
+    password = resolve_secret(req.ox.admin_password, needed_by=f"OX tools for {req.schema}")
+    key, family, command = runupdate_job(req.update, req.ox, req.schema, req.attempt_key)
 
     def failed(seed_step: str, started: float, e: ApplicationError) -> OxSchemaUpgrade:
         steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time(), ok=False))
         return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps), failed_step=seed_step, error=str(e))
 
-    # 4 disable (the schema's contexts are refused from now on), then 5 point its contexts to
-    # the new server: one command, so no round trip between the two while its users wait.
-    heartbeat({"schema": req.schema, "step": "4"})
-    started = time.time()
-    r = await run_admin_tools(req.admin, req.ox, [
-        ("disableschema", ["-m", req.schema]),
-        ("changeserver", ["-s", str(req.server_id), "-m", req.schema])])
-    # Where 5 started, from the node's own clock (the SSH set-up before 4 counts in 4).
-    split = min(started + r.offsets_s[1], time.time()) if len(r.offsets_s) > 1 else time.time()
-    if r.exit_status != 0 or len(r.outputs) < 2:
-        tool, at = ("disableschema", started) if len(r.outputs) < 2 else ("changeserver", split)
-        text = f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}".strip()
-        if r.exit_status in TRANSIENT_EXITS:
-            # Retried as a whole: disable and changeserver set states.
-            tool_failed(req.admin, tool, ["-m", req.schema], r.exit_status, text)
-        error = ApplicationError(f"{req.admin.name}: {tool} -m {req.schema} exited with status "
-                                 f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
-                                 type=OX_TOOL_FAILED, non_retryable=True)
-        if tool == "changeserver":
-            steps.append(OxStepTime(seed_step="4", started=started, ended=split))
-        return failed("4" if tool == "disableschema" else "5", at, error)
-    steps.append(OxStepTime(seed_step="4", started=started, ended=split))
-    try:
-        check_changed(req.admin, req.schema, req.server_id, r.outputs[1])
-    except ApplicationError as e:
-        return failed("5", split, e)
-    steps.append(OxStepTime(seed_step="5", started=split, ended=time.time()))
-
-    plan = [
-        # 6 its update tasks, on the node with the new release.
-        ("6", update),
-        # 7 enable: its users are served by the new server from now on.
-        ("7", lambda: run_tool(req.admin, req.ox, "enableschema", ["-m", req.schema])),
-    ]
-    for seed_step, work in plan:
-        heartbeat({"schema": req.schema, "step": seed_step})
+    async with detached.staged_job(req.update.ssh, key, family, command, secret=password,
+                                   budget_s=req.ox.runupdate_timeout_s, rerun_lost=True,
+                                   what=f"{req.update.name}: runupdate -n {req.schema}") as update, \
+            ssh.staged(req.admin.ssh, gated_tool_command(req.ox, "enableschema", ["-m", req.schema]),
+                       first_input=password + "\n") as enable:
+        # 4 disable (the schema's contexts are refused from now on), then 5 point its contexts
+        # to the new server: one command, so no round trip between the two while its users wait.
+        heartbeat({"schema": req.schema, "step": "4"})
         started = time.time()
+        r = await run_admin_tools(req.admin, req.ox, [
+            ("disableschema", ["-m", req.schema]),
+            ("changeserver", ["-s", str(req.server_id), "-m", req.schema])])
+        # Where 5 started, from the node's own clock (the SSH set-up before 4 counts in 4).
+        split = min(started + r.offsets_s[1], time.time()) if len(r.offsets_s) > 1 else time.time()
+        if r.exit_status != 0 or len(r.outputs) < 2:
+            tool, at = ("disableschema", started) if len(r.outputs) < 2 else ("changeserver", split)
+            text = f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}".strip()
+            if r.exit_status in TRANSIENT_EXITS:
+                # Retried as a whole: disable and changeserver set states.
+                tool_failed(req.admin, tool, ["-m", req.schema], r.exit_status, text)
+            error = ApplicationError(f"{req.admin.name}: {tool} -m {req.schema} exited with status "
+                                     f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
+                                     type=OX_TOOL_FAILED, non_retryable=True)
+            if tool == "changeserver":
+                steps.append(OxStepTime(seed_step="4", started=started, ended=split))
+            return failed("4" if tool == "disableschema" else "5", at, error)
+        steps.append(OxStepTime(seed_step="4", started=started, ended=split))
         try:
-            await work()
+            check_changed(req.admin, req.schema, req.server_id, r.outputs[1])
+        except ApplicationError as e:
+            return failed("5", split, e)
+        steps.append(OxStepTime(seed_step="5", started=split, ended=time.time()))
+
+        # 6 its update tasks, on the node with the new release.
+        heartbeat({"schema": req.schema, "step": "6"})
+        started = time.time()
+        update.go()
+        try:
+            tasks = runupdate_outcome(req.update, req.ox, req.schema, await update.outcome())
+            if tasks:
+                fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
         except ApplicationError as e:
             if not e.non_retryable:
                 raise
-            return failed(seed_step, started, e)
-        steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time()))
+            return failed("6", started, e)
+        steps.append(OxStepTime(seed_step="6", started=started, ended=time.time()))
+
+        # 7 enable: its users are served by the new server from now on.
+        heartbeat({"schema": req.schema, "step": "7"})
+        started = time.time()
+        enable.go("go\n")
+        done = await enable.result(120.0)
+        if done.exit_status != 0:
+            text = f"{done.stdout.strip()} {done.stderr.strip()}".replace(password, "***").strip()
+            try:
+                tool_failed(req.admin, "enableschema", ["-m", req.schema], done.exit_status, text)
+            except ApplicationError as e:
+                if not e.non_retryable:
+                    raise
+                return failed("7", started, e)
+        steps.append(OxStepTime(seed_step="7", started=started, ended=time.time()))
     return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps))
 
 
@@ -679,7 +716,7 @@ async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
     password = resolve_secret(req.ox.admin_password, needed_by=f"upgradeschemata on {req.node.name}")
     path = shlex.quote(f"{req.ox.tools_dir.rstrip('/')}/upgradeschemata")
     argv = " ".join(shlex.quote(a) for a in ["-A", req.ox.admin_user, *args])
-    command = f'ADMIN_PASSWORD="$ZD_SECRET" exec {path} {argv}'
+    command = f'ADMIN_PASSWORD="$ZD_SECRET" {path} {argv}'
     key = detached.job_key("upgradeschemata", *_step_key(req.server_name))
     job = await detached.run_detached(
         req.node.ssh, key, "upgradeschemata", command, secret=password,

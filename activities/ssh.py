@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import posixpath
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncssh
@@ -172,6 +173,56 @@ async def run(target: SshTarget, command: str, timeout_s: float = 60.0, check: b
         except _STALE as e:
             _after_channel_error(target, conn, reused and attempt == 1, e)
     assert proc is not None
+    return await _finish(target, command, proc, conn, timeout_s, check)
+
+
+class Staged:
+    """A command started ahead of time, waiting on its standard input (see `staged`)."""
+
+    def __init__(self, target: SshTarget, command: str, proc: asyncssh.SSHClientProcess[str],
+                 conn: asyncssh.SSHClientConnection) -> None:
+        self.target, self.command, self._proc, self._conn = target, command, proc, conn
+        self._sent = False
+
+    def go(self, text: str) -> None:
+        """Hand the command the rest of its input and close it: it runs now."""
+        self._proc.stdin.write(text)
+        self._proc.stdin.write_eof()
+        self._sent = True
+
+    async def result(self, timeout_s: float, check: bool = False) -> CommandResult:
+        return await _finish(self.target, self.command, self._proc, self._conn, timeout_s, check)
+
+
+@contextlib.asynccontextmanager
+async def staged(target: SshTarget, command: str, first_input: str = "") -> AsyncIterator[Staged]:
+    """Open the channel and start `command` now, to run it later without the channel's set-up:
+    the command must wait for its input (e.g. `read -r go`). `first_input` is written at once
+    (a secret the command reads first). Left without `go`, it gets an empty input (EOF) and
+    must then do nothing."""
+    proc: asyncssh.SSHClientProcess[str] | None = None
+    for attempt in (1, 2):
+        conn, reused = await POOL.connection(target)
+        try:
+            proc = await conn.create_process(command, encoding="utf-8", errors="replace")
+            break
+        except _STALE as e:
+            _after_channel_error(target, conn, reused and attempt == 1, e)
+    assert proc is not None
+    if first_input:
+        proc.stdin.write(first_input)
+    handle = Staged(target, command, proc, conn)
+    try:
+        yield handle
+    finally:
+        if not handle._sent:
+            with contextlib.suppress(Exception):
+                proc.stdin.write_eof()
+        proc.close()
+
+
+async def _finish(target: SshTarget, command: str, proc: asyncssh.SSHClientProcess[str],
+                  conn: asyncssh.SSHClientConnection, timeout_s: float, check: bool) -> CommandResult:
     try:
         started = time.monotonic()
         done = await with_heartbeat(
@@ -187,11 +238,8 @@ async def run(target: SshTarget, command: str, timeout_s: float = 60.0, check: b
         fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}: {e}",
              retryable=True, cause=e)
     finally:
-        # Closes the channel on timeout / cancellation so nothing is left attached.
         proc.close()
     if done.exit_status is None and done.exit_signal is None and conn.is_closed():
-        # The channel ended without an exit status: the connection dropped mid-command, so
-        # its outcome is unknown. Retryable: activities' commands are idempotent.
         POOL.discard(target, conn)
         fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}",
              retryable=True)
