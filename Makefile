@@ -52,6 +52,8 @@ bench: install
 	$(BIN)/python -m bench.ox_upgradeschemata
 	$(BIN)/python -m bench.minor_blue_green
 	$(BIN)/python -m bench.major_maintenance_window
+	$(BIN)/python -m bench.many_runs
+	$(BIN)/python -m bench.chaos
 
 clean: lab-down
 	rm -rf .lab

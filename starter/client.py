@@ -22,6 +22,7 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.service import RPCError
 from temporalio.worker import Replayer
 
+from workflows import timeouts
 from workflows.gates import PendingGate
 from workflows.inventory import Inventory
 from workflows.ox_upgradeschemata import OxSchemataProgress
@@ -110,12 +111,13 @@ async def start_procedure(client: Client, procedure: str, inventory: Inventory, 
                                    SearchAttributePair(SITE_KEY, inventory.site)])
     try:
         return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue,
-                                           search_attributes=attrs)
+                                           search_attributes=attrs, task_timeout=timeouts.WORKFLOW_TASK)
     except RPCError as e:
         if "search attribute" not in str(e).lower():
             raise
         # A server that was not started by `zerodown server` may lack our attributes.
-        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue)
+        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue,
+                                           task_timeout=timeouts.WORKFLOW_TASK)
 
 
 async def progress(handle: WorkflowHandle[Any, Any]) -> Progress:

@@ -11,12 +11,15 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from opentelemetry.trace import Tracer
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
+
+from worker.heartbeat import HeartbeatInterceptor
 
 # The defaults everywhere (CLI, demo, worker); the environment variables override them.
 ADDRESS = "127.0.0.1:7233"
@@ -59,7 +62,20 @@ def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
         workflows=ALL_WORKFLOWS,
         activities=list(activities if activities is not None else ALL_ACTIVITIES),
         max_concurrent_activities=32,
+        **RESUME_OPTIONS,
     )
+
+
+# How soon work resumes after a worker is lost (workflows/timeouts.py): every activity
+# heartbeats (the interceptor), each beat reaches the server within a second (no throttling
+# to 80% of the heartbeat timeout), and a workflow task left on the lost worker's sticky
+# queue moves to the shared queue after 2 s instead of 10.
+RESUME_OPTIONS: dict[str, Any] = {
+    "interceptors": [HeartbeatInterceptor()],
+    "max_heartbeat_throttle_interval": timedelta(seconds=1),
+    "default_heartbeat_throttle_interval": timedelta(seconds=1),
+    "sticky_queue_schedule_to_start_timeout": timedelta(seconds=2),
+}
 
 
 async def run_worker(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,

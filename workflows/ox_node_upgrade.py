@@ -58,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Inventory, LoadBalancer, Node, OxSettings, UnknownNodeError
 
+from workflows import timeouts
 from workflows.ox_upgradeschemata import (
     PATCH_ORDER_AND_EMPTY,
     OxUpgradeSchemataInput,
@@ -364,7 +365,8 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             # Decoded into the few fields this workflow uses: the child's full result holds
             # its timeline, whose datetimes the sandbox cannot decode (and does not need).
             outcome: SchemataOutcome = await workflow.execute_child_workflow(
-                "ox-upgradeschemata", arg, id=child_id, result_type=SchemataOutcome)
+                "ox-upgradeschemata", arg, id=child_id, result_type=SchemataOutcome,
+                task_timeout=timeouts.WORKFLOW_TASK)
             return outcome
 
         self.timeline.set_phase(f"3-7 {len(share)} schemata to {inp.server_name} (child {child_id})", n.name)

@@ -46,7 +46,7 @@ import asyncio
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 
 from temporalio import workflow
@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.ox as ox
     from workflows.inventory import Inventory, Node, OxSettings, UnknownNodeError
 
+from workflows import timeouts
 from workflows.gates import GateSpec
 from workflows.procedure import HEARTBEAT, LONG, Procedure, check_on_failure
 from workflows.saga import reason
@@ -79,8 +80,6 @@ SCHEMA_FAILURE_CHOICES = ("retry", "skip", "revert", "abort")
 REGISTERED_GATE = "server-already-registered"
 REGISTERED_CHOICES = ("continue", "abort")
 MAX_CONCURRENCY = 32
-# A tool step's activity may run this much longer than the tool's own budget (the other tools).
-TOOLS_MARGIN_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -459,7 +458,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
         if workflow.patched(PATCH_DETACHED_RUNUPDATE):
             # Each operator's retry is a new runupdate; every attempt of one try attaches to it.
             req = dataclasses.replace(req, attempt_key=str(reruns))
-            timeout = timedelta(seconds=settings.runupdate_timeout_s + TOOLS_MARGIN_S)
+            timeout = timeouts.tool(settings.runupdate_timeout_s)
         try:
             result: ox.OxSchemaUpgrade = await self.timeline.step(
                 f"4-7 upgrade schema {schema}", self.change(ox.ox_upgrade_schema, req, timeout=timeout,
@@ -544,7 +543,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
         self.timeline.set_phase("3-7 upgradeschemata (OX's tool) on " + update.name)
         timeout = LONG
         if workflow.patched(PATCH_DETACHED_RUNUPDATE):
-            timeout = timedelta(seconds=settings.upgradeschemata_timeout_s + TOOLS_MARGIN_S)
+            timeout = timeouts.tool(settings.upgradeschemata_timeout_s)
         run: ox.OxToolRun = await self.step(
             "3-7 run upgradeschemata", partial(
                 self.change, ox.ox_run_upgradeschemata, ox.OxUpgradeToolRequest(

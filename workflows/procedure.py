@@ -4,9 +4,10 @@ A procedure's workflow class derives from `Procedure` and gets, once for all:
 
 * **activity calls** with the right safety: `read` (a read-only check, safe to cancel),
   `change` (a change to the site, never abandoned half-way: on cancellation it finishes
-  before anything is compensated, see `settle`) and `wait` (a long, heartbeating wait, so
-  a lost worker is noticed within `HEARTBEAT`). Retries are made here, in workflow code
-  (each attempt is one activity execution with its own history events), so the timeline
+  before anything is compensated, see `settle`) and `wait` (a long wait with its own
+  deadline). Timeouts follow one model (workflows/timeouts.py): every activity heartbeats,
+  so a lost worker is noticed within `HEARTBEAT` whatever the activity. Retries are made
+  here, in workflow code (each attempt is one activity execution with its own history events), so the timeline
   counts them per step and shows why a step is retrying;
 * **steps** (`step`): one timeline record per step, with **guided failure**: when a step
   still fails after its retries and the run is guided (`on_failure="ask"`), the workflow
@@ -34,6 +35,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
+from workflows import timeouts
 from workflows.gates import GatedWorkflow, Gates, GateSpec
 from workflows.saga import Saga, reason
 from workflows.timeline import Progress, Timeline
@@ -52,13 +54,17 @@ PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(sec
 ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
                            backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
                            non_retryable_error_types=NON_RETRYABLE)
-# Wait activities heartbeat every ~1 s: a dead worker is noticed after this long.
-HEARTBEAT = timedelta(seconds=10)
-# Long changes (copies, dumps, migrations) heartbeat too, but their steps may be slower.
-LONG_HEARTBEAT = timedelta(seconds=60)
-LONG = timedelta(minutes=30)
+# The timeout model (workflows/timeouts.py): every activity heartbeats, so every one gets
+# the same heartbeat timeout; these names stay for the procedures that import them.
+HEARTBEAT = timeouts.HEARTBEAT
+LONG_HEARTBEAT = timeouts.HEARTBEAT
+LONG = timeouts.LONG
 # One attempt per activity execution: the retry loop below is the workflow's own.
 _ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+
+# Versioned change (ARCHITECTURE.md, "Versioning"): no back-off before re-running an attempt
+# that timed out (its worker was lost).
+PATCH_RETRY_LOST_AT_ONCE = "procedure-retry-lost-attempt-at-once-v1"
 
 FAILURE_CHOICES = ("retry", "skip", "rollback", "abort")
 ON_FAILURE = ("ask", "rollback")
@@ -203,23 +209,21 @@ class Procedure(GatedWorkflow):
 
     # ------------------------------------------------------------------ activity calls
     async def read(self, fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY,
-                   timeout: timedelta = timedelta(minutes=2), local: bool = False) -> Any:
+                   timeout: timedelta = timeouts.READ, local: bool = False) -> Any:
         """A read-only check: safe to cancel at any moment. `local`: see `change`."""
         return await self._attempts(fn, arg, timeout, None, retry, local)
 
-    async def change(self, fn: Any, arg: Any, timeout: timedelta = timedelta(minutes=2),
+    async def change(self, fn: Any, arg: Any, timeout: timedelta = timeouts.CHANGE,
                      heartbeat: timedelta | None = None, local: bool = False) -> Any:
         """A change to the site: never abandoned half-way. On cancellation the workflow lets
         it finish (see `settle`) before compensating, so a half-copied folder is never
         restored over and a half-applied migration never raced by its down script.
-        `heartbeat`: for a change that heartbeats while it works (default: LONG_HEARTBEAT
-        for long changes, none for short ones). `local`: a quick one (a runtime API command,
+        `heartbeat`: its heartbeat timeout (default: the model's HEARTBEAT; every activity
+        heartbeats, see workflows/timeouts.py). `local`: a quick one (a runtime API command,
         well under a second, no heartbeat) run as a local activity, in the worker that runs
         the workflow, without the server's round trips: for steps where every millisecond is
         downtime (a maintenance window). A worker lost during it runs it again (it must be
         idempotent, as every activity is)."""
-        if heartbeat is None and timeout >= LONG:
-            heartbeat = LONG_HEARTBEAT
         task = asyncio.ensure_future(self._attempts(fn, arg, timeout, heartbeat, ACTION_RETRY, local))
         self._in_flight.add(task)
         try:
@@ -230,7 +234,7 @@ class Procedure(GatedWorkflow):
 
     async def wait(self, fn: Any, arg: Any, timeout_s: float) -> Any:
         """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
-        return await self._attempts(fn, arg, timedelta(seconds=timeout_s + 60), HEARTBEAT, ACTION_RETRY)
+        return await self._attempts(fn, arg, timeouts.wait(timeout_s), HEARTBEAT, ACTION_RETRY)
 
     async def settle(self) -> None:
         """Wait for every change under way to finish (its outcome is the saga's to undo)."""
@@ -251,13 +255,16 @@ class Procedure(GatedWorkflow):
                     return await workflow.execute_local_activity(
                         fn, arg, start_to_close_timeout=timeout, retry_policy=_ONE_ATTEMPT)
                 return await workflow.execute_activity(
-                    fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat,
+                    fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat or HEARTBEAT,
                     retry_policy=_ONE_ATTEMPT)
             except ActivityError as e:
                 if attempt >= (retry.maximum_attempts or 1) or not _retryable(e, retry):
                     raise
                 self.timeline.retrying(reason(e))
-                await workflow.sleep(_backoff(retry, attempt))
+                # An attempt lost with its worker (timed out) is run again at once: waiting
+                # adds nothing, the failure was not the site's.
+                if not (isinstance(e.cause, ActivityTimeout) and workflow.patched(PATCH_RETRY_LOST_AT_ONCE)):
+                    await workflow.sleep(_backoff(retry, attempt))
                 attempt += 1
 
 

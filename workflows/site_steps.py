@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.ssh as ssh
     from workflows.inventory import Application, Database, Inventory, LoadBalancer, Node
 
+from workflows import timeouts
 from workflows.procedure import ACTION_RETRY, LONG, Procedure
 from workflows.saga import reason
 
@@ -259,7 +260,7 @@ def check_upgrade_path(node_name: str, running: str, package: deploy.PackageInfo
 
 
 def svc_timeout(n: Node) -> timedelta:
-    return timedelta(seconds=n.service.timeout_s + 30)
+    return timeouts.service(n.service.timeout_s)
 
 
 def preflight_failed(problems: list[str], errors: list[BaseException]) -> ApplicationError:

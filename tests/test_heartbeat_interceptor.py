@@ -1,0 +1,67 @@
+"""worker/heartbeat.py on a real dev server: an activity that never heartbeats itself outlives
+a short heartbeat timeout, and the details an activity reported survive the interceptor's
+beats for the next attempt to read."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+from temporalio import activity, workflow
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import RetryPolicy
+from temporalio.worker import Worker
+
+from worker.main import RESUME_OPTIONS
+
+
+@activity.defn
+async def silent_for(seconds: float) -> str:
+    await asyncio.sleep(seconds)  # no heartbeat of its own
+    return "done"
+
+
+@activity.defn
+async def reports_then_fails() -> str:
+    info = activity.info()
+    if info.attempt == 1:
+        activity.heartbeat({"copied": 7})
+        await asyncio.sleep(2.5)  # the interceptor beats meanwhile, repeating {"copied": 7}
+        raise RuntimeError("lost half-way")
+    return f"resumed from {info.heartbeat_details[0]['copied']}"
+
+
+@workflow.defn(name="heartbeat-probe")
+class HeartbeatProbe:
+    @workflow.run
+    async def run(self, which: str) -> str:
+        if which == "silent":
+            return await workflow.execute_activity(
+                silent_for, 7.0, start_to_close_timeout=timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=3), retry_policy=RetryPolicy(maximum_attempts=1))
+        return await workflow.execute_activity(
+            reports_then_fails, start_to_close_timeout=timedelta(seconds=30),
+            heartbeat_timeout=timedelta(seconds=3),
+            retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=timedelta(milliseconds=100)))
+
+
+async def run_probe(client: Client, which: str, with_interceptor: bool) -> str:
+    queue = f"hb-{uuid.uuid4().hex[:8]}"
+    options = RESUME_OPTIONS if with_interceptor else {}
+    async with Worker(client, task_queue=queue, workflows=[HeartbeatProbe],
+                      activities=[silent_for, reports_then_fails], **options):
+        result: str = await client.execute_workflow(HeartbeatProbe.run, which, id=queue, task_queue=queue,
+                                                    execution_timeout=timedelta(seconds=60))
+    return result
+
+
+async def test_an_activity_that_never_beats_outlives_a_short_heartbeat_timeout(client: Client) -> None:
+    assert await run_probe(client, "silent", with_interceptor=True) == "done"
+    with pytest.raises(WorkflowFailureError):  # without the interceptor it times out
+        await run_probe(client, "silent", with_interceptor=False)
+
+
+async def test_the_activitys_own_details_survive_the_beats(client: Client) -> None:
+    assert await run_probe(client, "details", with_interceptor=True) == "resumed from 7"
