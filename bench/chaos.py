@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import signal
 import time
@@ -47,7 +46,7 @@ from typing import Any, Protocol
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
-from bench.rolling_deploy import bench_lab, launch, say
+from bench.rolling_deploy import bench_lab, lab_config, lab_options, launch, say
 from bench.secret_server import _approve, enforce_version_match, procedure_input
 from lab import haproxy as lab_haproxy
 from lab import manager
@@ -345,17 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procedure", choices=("ss-rolling", "rolling-deploy"), default="ss-rolling")
     p.add_argument("--sample", type=int, default=None, help="only this many boundaries, spread over the run")
     p.add_argument("--kills-per-run", type=int, default=1)
-    p.add_argument("--root", type=Path, default=Path(".lab-bench-chaos"))
-    p.add_argument("--port-base", type=int, default=19600)
-    p.add_argument("--keep", action="store_true")
-    p.add_argument("--timeout", type=float, default=600.0)
+    lab_options(p, ".lab-bench-chaos", 19600)
     a = p.parse_args(argv)
     if (a.sample is not None and a.sample < 1) or a.kills_per_run < 1:
         p.error("--sample and --kills-per-run must be >= 1")
-    logging.basicConfig(level=logging.WARNING)
-    nodes = 4 if a.procedure == "ss-rolling" else 3
-    cfg = LabConfig(root=a.root, nodes=nodes, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = lab_config(a, 4 if a.procedure == "ss-rolling" else 3)
     return launch(run_bench(cfg, a.procedure, a.sample, a.kills_per_run, a.keep, a.timeout))
 
 

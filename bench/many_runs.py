@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import time
 from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
 
-from bench.rolling_deploy import bench_lab, launch, say
+from bench.rolling_deploy import bench_lab, lab_config, lab_options, launch, say
 from lab.config import LabConfig
 from lab.procs import read_pid
 from starter.demo import TASK_QUEUE
@@ -90,16 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--root", type=Path, default=Path(".lab-bench-many"))
-    p.add_argument("--port-base", type=int, default=19400)
-    p.add_argument("--keep", action="store_true")
-    p.add_argument("--timeout", type=float, default=600.0)
+    lab_options(p, ".lab-bench-many", 19400)
     a = p.parse_args(argv)
     if a.runs < 1 or a.nodes < 1:
         p.error("--runs and --nodes must be >= 1")
-    logging.basicConfig(level=logging.WARNING)
-    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = lab_config(a, a.nodes)
     return launch(run_bench(cfg, a.runs, a.keep, a.timeout))
 
 

@@ -390,6 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 
+def lab_options(p: argparse.ArgumentParser, root: str, port_base: int) -> None:
+    """The options every bench on a private lab takes: --root, --port-base, --keep, --timeout."""
+    p.add_argument("--root", type=Path, default=Path(root))
+    p.add_argument("--port-base", type=int, default=port_base,
+                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds one workflow may run before it is terminated (run failed)")
+
+
+def lab_config(a: argparse.Namespace, nodes: int) -> LabConfig:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return LabConfig(root=a.root, nodes=nodes, port_base=a.port_base,
+                     temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+
+
 def launch(bench: Coroutine[Any, Any, int]) -> int:
     """Run a bench to its exit status: 130 on Ctrl-C, 2 when the bench itself failed."""
     try:
