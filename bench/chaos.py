@@ -1,12 +1,14 @@
 """Benchmark: chaos at every step - the worker SIGKILLed at each activity boundary of a run.
 
     python -m bench.chaos [--procedure ss-rolling|rolling-deploy] [--sample N] [--kills-per-run K]
-                          [--root .lab-bench-chaos] [--port-base 19600] [--keep] [--timeout 600]
+                          [--moments after|during|both] [--root .lab-bench-chaos]
+                          [--port-base 19600] [--keep] [--timeout 600]
 
 Its own lab, Temporal dev server and worker process (`bench_lab`, as the other benches). A
-reference run without a crash gives the boundaries: the start of every activity the run
-executes, and the middle of every one that takes 1 s or more (a kill inside a long
-activity). Then, for each boundary (or --sample N of them, spread over the whole run), a run
+reference run without a crash gives the boundaries, two per activity it executes: while it
+runs (`during`: as soon as it is seen running, or in its middle when it takes 1 s or more)
+and right after it ended (`after`: between two activities, where the workflow decides).
+Then, for each boundary (or --sample N of them, spread over the whole run), a run
 from a reset lab in which the worker is killed with SIGKILL at that boundary and a new one is
 started at once (--kills-per-run K: K boundaries in one run, one after the other). Each run
 must:
@@ -43,7 +45,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 
 from bench.rolling_deploy import bench_lab, lab_config, lab_options, launch, say
@@ -66,12 +68,13 @@ LOG_EFFECTS = {"stop": "ctl stop", "start": "ctl start", "deploy": '-cf "$R.copy
 
 @dataclass(frozen=True)
 class Boundary:
-    index: int  # the index-th activity start of the reference run (1-based)
+    index: int  # the index-th activity of the reference run (1-based)
     activity: str
-    after_s: float = 0.0  # 0: at its start; else this long into it
+    during: bool = False  # False: right after it ended (between activities); True: while it runs
+    after_s: float = 0.0  # during: this long after it is seen running (the middle of a long one)
 
     def __str__(self) -> str:
-        where = "start" if not self.after_s else f"+{self.after_s:.1f}s"
+        where = "after" if not self.during else "during" + (f" +{self.after_s:.1f}s" if self.after_s else "")
         return f"#{self.index} {self.activity} ({where})"
 
 
@@ -178,11 +181,32 @@ def boundaries_of(history: Any) -> list[Boundary]:
                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
     out: list[Boundary] = []
     for k, ((t, name), eid) in enumerate(zip(starts, started_ids, strict=True), start=1):
-        out.append(Boundary(k, name))
         took = ends.get(eid, t) - t
-        if took >= INSIDE_MIN_S:
-            out.append(Boundary(k, name, round(took / 2, 1)))
+        middle = round(took / 2, 1) if took >= INSIDE_MIN_S else 0.0
+        out.append(Boundary(k, name, during=True, after_s=middle))
+        out.append(Boundary(k, name))
     return out
+
+
+_CLOSED = {EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED}
+
+
+def ended_activities(history: Any) -> int:
+    """Activity executions that ended other than by a timeout (a timed-out attempt is the
+    one a killed worker lost; its retry is the same step of the reference run)."""
+    started = sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED)
+    lost = sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT)
+    return started - lost
+
+
+async def running_activity(handle: WorkflowHandle[Any, Any]) -> bool:
+    desc = await handle.describe()
+    return any(p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+               for p in desc.raw_description.pending_activities)
 
 
 class Workers(Protocol):
@@ -218,20 +242,23 @@ async def crash_at(workers: Workers, handle: WorkflowHandle[Any, Any], plan: lis
                    resumes: list[float]) -> None:
     """Kill the worker at each boundary of `plan` (in order), start a new one at once, and
     measure how soon the next activity starts."""
-    kills = 0
     for b in plan:
-        target = b.index + kills  # each kill adds (at most) one retried start before it
+        # An activity's start event is written when it ends (or times out): `index` ended,
+        # not counting attempts that timed out (lost with a killed worker), mean "after
+        # #index"; index - 1 ended and one running mean "during #index".
+        target = b.index - (1 if b.during else 0)
         while True:
-            starts = started_events(await handle.fetch_history())
-            if len(starts) >= target:
+            history = await handle.fetch_history()
+            if ended_activities(history) >= target and (not b.during or await running_activity(handle)):
                 break
+            if any(e.event_type in _CLOSED for e in history.events):
+                return  # the run ended before this boundary: nothing left to kill
             await asyncio.sleep(POLL_S)
         if b.after_s:
             await asyncio.sleep(b.after_s)
         await asyncio.to_thread(workers.kill)
         t0 = time.time()
         await asyncio.to_thread(workers.start)
-        kills += 1
         while True:
             # A start event is written when its activity ends, with the time it started: the
             # first one that started after the new worker did is the resumed work.
@@ -303,12 +330,13 @@ class Verdict:
 
 
 async def chaos(cfg: LabConfig, client: Client, workers: Workers, site: Path, procedure: str,
-                sample: int | None, per_run: int, timeout_s: float) -> Verdict:
-    """The reference run, then the crash runs; their verdict."""
+                sample: int | None, per_run: int, timeout_s: float, moments: str = "both") -> Verdict:
+    """The reference run, then the crash runs; their verdict. `moments`: after (between
+    activities), during (inside them) or both."""
     reference, history = await one_run(cfg, client, workers, site, procedure, [], timeout_s, "reference")
     if not reference.completed:
         raise RuntimeError(f"the reference run failed: {reference.error}")
-    every = boundaries_of(history)
+    every = [b for b in boundaries_of(history) if moments == "both" or b.during == (moments == "during")]
     chosen = spread(every, sample) if sample else every
     say(f"reference run: {len(every)} boundaries; crashing at {len(chosen)}")
     verdict = Verdict(boundaries=len(chosen), survived=0, duplicated_effects=0, max_resume_s=0.0)
@@ -331,9 +359,10 @@ async def chaos(cfg: LabConfig, client: Client, workers: Workers, site: Path, pr
 
 
 async def run_bench(cfg: LabConfig, procedure: str, sample: int | None, per_run: int, keep: bool,
-                    timeout_s: float) -> int:
+                    timeout_s: float, moments: str) -> int:
     async with bench_lab(cfg, keep) as (site, client):
-        verdict = await chaos(cfg, client, LabWorkers(cfg), site, procedure, sample, per_run, timeout_s)
+        verdict = await chaos(cfg, client, LabWorkers(cfg), site, procedure, sample, per_run, timeout_s,
+                              moments)
         print(verdict.line(), flush=True)
     return 0 if verdict.survived == verdict.boundaries and verdict.duplicated_effects == 0 else 1
 
@@ -344,12 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procedure", choices=("ss-rolling", "rolling-deploy"), default="ss-rolling")
     p.add_argument("--sample", type=int, default=None, help="only this many boundaries, spread over the run")
     p.add_argument("--kills-per-run", type=int, default=1)
+    p.add_argument("--moments", choices=("after", "during", "both"), default="both",
+                   help="kill between activities (after one ended), inside them (during), or both")
     lab_options(p, ".lab-bench-chaos", 19600)
     a = p.parse_args(argv)
     if (a.sample is not None and a.sample < 1) or a.kills_per_run < 1:
         p.error("--sample and --kills-per-run must be >= 1")
     cfg = lab_config(a, 4 if a.procedure == "ss-rolling" else 3)
-    return launch(run_bench(cfg, a.procedure, a.sample, a.kills_per_run, a.keep, a.timeout))
+    return launch(run_bench(cfg, a.procedure, a.sample, a.kills_per_run, a.keep, a.timeout, a.moments))
 
 
 if __name__ == "__main__":
