@@ -229,10 +229,15 @@ class OxToolRun:
 # --------------------------------------------------------------------------- running a tool
 
 
+def tool_path(settings: OxSettings, tool: str) -> str:
+    """The tool on the node, shell-quoted."""
+    return shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+
+
 def tool_command(settings: OxSettings, tool: str, args: list[str], admin: bool = True) -> str:
     """The shell command line: the password read from stdin into ADMIN_PASSWORD (never on the
     command line), then the tool with -A <admin> and its arguments."""
-    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+    path = tool_path(settings, tool)
     argv = " ".join(shlex.quote(a) for a in (["-A", settings.admin_user] if admin else []) + args)
     if not admin:
         return f"{path} {argv}".strip()
@@ -251,7 +256,7 @@ def admin_tools_command(settings: OxSettings, calls: list[tuple[str, list[str]]]
     parts = ["IFS= read -r ADMIN_PASSWORD", "export ADMIN_PASSWORD"]
     for i, (tool, args) in enumerate(calls):
         parts.append(f'echo "{TOOL_MARK} {i} $(date +%s.%N)"')
-        path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+        path = tool_path(settings, tool)
         parts.append(" ".join([path, *(shlex.quote(a) for a in ["-A", settings.admin_user, *args])]))
     return " && ".join(parts)
 
@@ -545,7 +550,7 @@ async def ox_change_server(req: OxChangeServerRequest) -> None:
 def runupdate_command(settings: OxSettings, schema: str) -> str:
     """runupdate with the master admin's credentials, which 7.10.1+ requires (-A and -P; its
     only source for the password is -P): "$ZD_SECRET" stands for the password."""
-    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/runupdate")
+    path = tool_path(settings, "runupdate")
     return f'{path} -A {shlex.quote(settings.admin_user)} -P "$ZD_SECRET" -n {shlex.quote(schema)}'
 
 
@@ -581,19 +586,9 @@ def runupdate_outcome(node: Node, settings: OxSettings, schema: str,
     tool_failed(node, "runupdate", ["-n", schema], status, text)
 
 
-async def run_update(node: Node, settings: OxSettings, schema: str, attempt_key: str = "") -> tuple[str, ...]:
-    """runupdate -A <admin> -P <password> -n <schema> on `node` (see runupdate_job)."""
-    password = resolve_secret(settings.admin_password, needed_by=f"runupdate on {node.name}")
-    key, family, command = runupdate_job(node, settings, schema, attempt_key)
-    job = await detached.run_detached(node.ssh, key, family, command, secret=password,
-                                      budget_s=settings.runupdate_timeout_s, rerun_lost=True,
-                                      what=f"{node.name}: runupdate -n {schema}")
-    return runupdate_outcome(node, settings, schema, job)
-
-
 def gated_tool_command(settings: OxSettings, tool: str, args: list[str]) -> str:
     """tool_command that, after the password, waits for a line "go" (ssh.staged)."""
-    path = shlex.quote(f"{settings.tools_dir.rstrip('/')}/{tool}")
+    path = tool_path(settings, tool)
     argv = " ".join(shlex.quote(a) for a in ["-A", settings.admin_user, *args])
     return (f'IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && IFS= read -r go && [ "$go" = go ] '
             f"&& exec {path} {argv}")
@@ -714,7 +709,7 @@ async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
     if req.resume_from:
         args += ["-m", req.resume_from]
     password = resolve_secret(req.ox.admin_password, needed_by=f"upgradeschemata on {req.node.name}")
-    path = shlex.quote(f"{req.ox.tools_dir.rstrip('/')}/upgradeschemata")
+    path = tool_path(req.ox, "upgradeschemata")
     argv = " ".join(shlex.quote(a) for a in ["-A", req.ox.admin_user, *args])
     command = f'ADMIN_PASSWORD="$ZD_SECRET" {path} {argv}'
     key = detached.job_key("upgradeschemata", *_step_key(req.server_name))

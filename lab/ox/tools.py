@@ -524,11 +524,15 @@ def registerserver(ctx: Ctx, args: Sequence[str]) -> int:
     return _run_admin(ctx, spec, args, body)
 
 
+# The listing tools' own options (UtilAbstraction / DatabaseAbstraction): a search pattern, CSV.
+_LISTING = [Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
+            Opt("csv", None, None, "Format output to csv")]
+
+
 def listserver(ctx: Ctx, args: Sequence[str]) -> int:
     """ListServer (…/console/util/server/ListServer.java): table Id Name; --csv id,name."""
     spec = Spec("listserver", [*_COMMON, *_CREDENTIALS,
-                               Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
-                               Opt("csv", None, None, "Format output to csv")],
+                               *_LISTING],
                 error_prefix="servers could not be listed: ", remote=_OXUTIL + ".listServer")
 
     def body(conn: Any, v: dict[str, Any]) -> int:
@@ -557,8 +561,7 @@ def _jdbc_host(url: str) -> str:
 def listdatabase(ctx: Ctx, args: Sequence[str]) -> int:
     """ListDatabase: every registered database pool (also those whose max_units is 0)."""
     spec = Spec("listdatabase", [*_COMMON, *_CREDENTIALS,
-                                 Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
-                                 Opt("csv", None, None, "Format output to csv")],
+                                 *_LISTING],
                 error_prefix="databases could not be listed: ", remote=_OXUTIL + ".listDatabase")
 
     def body(conn: Any, v: dict[str, Any]) -> int:
@@ -585,8 +588,7 @@ def listdatabaseschema(ctx: Ctx, args: Sequence[str]) -> int:
     """ListDatabaseSchema (…/console/util/database/ListDatabaseSchema.java @adf77ad7 L88-L125)."""
     spec = Spec("listdatabaseschema", [
         *_COMMON, *_CREDENTIALS,
-        Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
-        Opt("csv", None, None, "Format output to csv"),
+        *_LISTING,
         Opt("only-empty-schemas", None, None, "(Optionally) Specifies to list only empty schemas"),
         Opt("lab-state", None, None,
             "Lab only (not in OX): append enabled, server_id, update_state, version")],
