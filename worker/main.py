@@ -69,12 +69,12 @@ def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
 # How soon work resumes after a worker is lost (workflows/timeouts.py): every activity
 # heartbeats (the interceptor), each beat reaches the server within a second (no throttling
 # to 80% of the heartbeat timeout), and a workflow task left on the lost worker's sticky
-# queue moves to the shared queue after 2 s instead of 10.
+# queue moves to the shared queue after 1 s instead of 10.
 RESUME_OPTIONS: dict[str, Any] = {
     "interceptors": [HeartbeatInterceptor()],
     "max_heartbeat_throttle_interval": timedelta(seconds=1),
     "default_heartbeat_throttle_interval": timedelta(seconds=1),
-    "sticky_queue_schedule_to_start_timeout": timedelta(seconds=2),
+    "sticky_queue_schedule_to_start_timeout": timedelta(seconds=1),
 }
 
 
