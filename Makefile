@@ -7,7 +7,7 @@ PYTHON      ?= python3
 APT_PACKAGES := haproxy mariadb-server libodbc2
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages demo test lint lab-up lab-down bench clean
+.PHONY: install system-packages demo test test-fast lint lab-up lab-down bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -33,8 +33,17 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/zerodown demo
 
+# Two pytest workers, each with its own lab and dev server (tests/conftest.py claims free
+# ports per session); worksteal keeps the long end-to-end tests from piling up on one.
+PYTEST_PARALLEL := -n 2 --dist worksteal
+
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
+
+# The unit and workflow layers only (no lab; tests/conftest.py marks each test's layer from
+# its fixtures): a minute or less.
+test-fast: install
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "unit or workflow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -12,16 +12,13 @@ from typing import Any
 
 from activities.app_admin import (
     app_admin_state,
-    app_list_audit,
     app_record_audit,
     app_set_settings,
     app_wait_settings,
 )
 from activities.deploy import (
-    app_folder_manifest,
     backup_app_folder,
     build_upgrade_zip,
-    check_upgrade,
     deploy_package,
     generate_sql_script,
     inspect_package,
@@ -31,8 +28,6 @@ from activities.haproxy import (
     lb_add_server,
     lb_check_member,
     lb_del_server,
-    lb_list_servers,
-    lb_maintenance_state,
     lb_member_state,
     lb_preview_check,
     lb_set_maintenance,
@@ -46,14 +41,9 @@ from activities.mysql import (
     db_apply_migration,
     db_backup,
     db_drop_database,
-    db_promote_replica,
-    db_replica_status,
     db_restore,
     db_restore_keeping,
     db_schema_version,
-    db_server_version,
-    db_table_checksums,
-    db_wait_replica_caught_up,
 )
 from activities.node import (
     count_open_sessions,
@@ -90,20 +80,13 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     lb_wait_up,
     lb_add_server,
     lb_del_server,
-    lb_list_servers,
     lb_set_maintenance,
-    lb_maintenance_state,
     lb_preview_check,
     # database
-    db_server_version,
     db_schema_version,
     db_apply_migration,
     db_backup,
     db_restore,
-    db_table_checksums,
-    db_replica_status,
-    db_wait_replica_caught_up,
-    db_promote_replica,
     db_restore_keeping,
     db_drop_database,
     check_backup_space,
@@ -111,11 +94,9 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     *REPLICATION_ACTIVITIES,
     # packages and app folders
     inspect_package,
-    check_upgrade,
     backup_app_folder,
     deploy_package,
     restore_app_folder,
-    app_folder_manifest,
     build_upgrade_zip,
     generate_sql_script,
     # staging copy
@@ -132,7 +113,6 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     app_set_settings,
     app_wait_settings,
     app_record_audit,
-    app_list_audit,
     # Open-Xchange tools and properties (over SSH)
     *OX_ACTIVITIES,
     # servers that come and go (create / start / destroy, server arrays) and saved settings

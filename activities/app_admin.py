@@ -29,13 +29,10 @@ from typing import Any
 import aiohttp
 from temporalio import activity
 
-from activities.common import INVALID_REQUEST, fail, heartbeat, previous_heartbeat
+from activities.common import fail, heartbeat, previous_heartbeat
 from activities.secrets import resolve_secret
-from workflows.inventory import AdminApi
-
-ADMIN_AUTH_FAILED = "AdminAuthFailed"
-ADMIN_UNAVAILABLE = "AdminUnavailable"
-SETTINGS_TIMEOUT = "SettingsTimeout"
+from errors import ADMIN_AUTH_FAILED, ADMIN_UNAVAILABLE, INVALID_REQUEST, SETTINGS_TIMEOUT
+from inventory.model import AdminApi
 
 SCOPES = ("site", "node")
 # Secret Server's ManualUpgrade audit actions (seed "New Audit Type").
@@ -348,8 +345,3 @@ async def app_wait_settings(req: WaitSettingsRequest) -> AdminState:
 @activity.defn
 async def app_record_audit(req: AuditRequest) -> AuditEvent:
     return await record_audit(req)
-
-
-@activity.defn
-async def app_list_audit(req: AdminRequest) -> tuple[AuditEvent, ...]:
-    return await list_audit(req.base_url, req.admin, req.timeout_s)

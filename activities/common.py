@@ -18,63 +18,9 @@ from typing import Any, NoReturn, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-T = TypeVar("T")
+from errors import INVALID_REQUEST
 
-# Error types (ApplicationError.type) - the contract in ARCHITECTURE.md plus a few
-# adapter-specific ones the workflow can match on.
-SECRET_UNAVAILABLE = "SecretUnavailable"
-SSH_UNREACHABLE = "SshUnreachable"
-SSH_AUTH_FAILED = "SshAuthFailed"
-SSH_HOST_KEY_MISMATCH = "SshHostKeyMismatch"
-SSH_COMMAND_FAILED = "SshCommandFailed"
-SSH_COMMAND_TIMEOUT = "SshCommandTimeout"
-SERVICE_TIMEOUT = "ServiceTimeout"
-LB_MEMBER_NOT_FOUND = "LbMemberNotFound"
-LB_RUNTIME_API_ERROR = "LbRuntimeApiError"
-LB_UNSUPPORTED = "LbUnsupported"
-# A server to attach at run time exists with another address; one to detach still has sessions.
-LB_MEMBER_CONFLICT = "LbMemberConflict"
-LB_MEMBER_BUSY = "LbMemberBusy"
-# A test through the balancer past its maintenance page (lb_preview_check): a wrong
-# answer, a node that should not be behind it, or one that never answered.
-LB_PREVIEW_CHECK_FAILED = "LbPreviewCheckFailed"
-DB_UNSUPPORTED = "DbUnsupported"
-DRAIN_TIMEOUT = "DrainTimeout"
-NOT_UP_TIMEOUT = "NotUpTimeout"
-PACKAGE_MISSING = "PackageMissing"
-PACKAGE_CORRUPT = "PackageCorrupt"
-VERSION_NOT_NEWER = "VersionNotNewer"
-HEALTH_CHECK_FAILED = "HealthCheckFailed"
-VERSION_MISMATCH = "VersionMismatch"
-LOGIN_FAILED = "LoginFailed"
-DATABASE_ERROR = "DatabaseError"
-REPLICA_TIMEOUT = "ReplicaTimeout"
-# The warm replica (activities/replication.py): not in sync by the deadline; replication
-# stopped on an error; writes to the primary still going on at the deadline; the warm
-# server holds what zerodown did not put there, was promoted, or replicates elsewhere.
-DB_REPLICA_TIMEOUT = "DbReplicaTimeout"
-DB_REPLICATION_BROKEN = "DbReplicationBroken"
-DB_WRITES_CONTINUE = "DbWritesContinue"
-WARM_REPLICA_CONFLICT = "WarmReplicaConflict"
-BACKUP_CORRUPT = "BackupCorrupt"
-PROTECTED_FILE_MISSING = "ProtectedFileMissing"
-PROTECTED_FILE_CHANGED = "ProtectedFileChanged"
-DEPLOY_VERIFICATION_FAILED = "DeployVerificationFailed"
-RESTORE_VERIFICATION_FAILED = "RestoreVerificationFailed"
-INVALID_REQUEST = "InvalidRequest"
-# A merge_files entry that is not a plain `key = value` file (XML, duplicate keys, ...).
-MERGE_UNSUPPORTED = "MergeUnsupported"
-# The app folder changed while it was backed up (retryable: the next attempt re-takes it).
-BACKUP_INCONSISTENT = "BackupInconsistent"
-# A backup with this id exists but does not match the app folder it would stand for.
-BACKUP_CONFLICT = "BackupConflict"
-# Provisioning (servers created / launched / terminated): the command (or the lab) failed,
-# printed no usable node entry, or did not finish in time (retryable: commands are idempotent).
-PROVISIONING_FAILED = "ProvisioningFailed"
-PROVISIONING_OUTPUT_INVALID = "ProvisioningOutputInvalid"
-PROVISIONING_TIMEOUT = "ProvisioningTimeout"
-# A settings file whose values are to be saved is not on the node.
-SETTINGS_FILE_MISSING = "SettingsFileMissing"
+T = TypeVar("T")
 
 # Ids the workflows hand to activities (backup ids, release ids): they become file names
 # on nodes and on the worker, so only a safe alphabet and no path separators.
@@ -83,7 +29,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
 def fail(error_type: str, message: str, *, retryable: bool = False,
          cause: BaseException | None = None) -> NoReturn:
-    """Raise an ApplicationError of `error_type` (non-retryable unless `retryable`)."""
+    """Raise an ApplicationError of `error_type` (a name from `errors`), non-retryable unless
+    `retryable`: the flag, not the type, decides whether the workflow tries again."""
     err = ApplicationError(message, type=error_type, non_retryable=not retryable)
     if cause is not None:
         raise err from cause

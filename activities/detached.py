@@ -16,6 +16,13 @@ with that key attaches to it instead of starting it again:
   * nothing yet                           -> started, and waited for in the same command
     (one SSH round trip for the common case).
 
+A job may have a follow-up (`then`): a command the node runs right after the job's command
+when that exited 0 and printed nothing on stdout (OX's runupdate when every update task ran)
+within its budget (past it the step has failed, and nothing may happen behind the back of
+whoever decides what next), before the job counts as done - so a schema is enabled the
+moment its update ended, without a trip through the worker, and a worker lost in between
+changes nothing (a retry reads the follow-up's outcome with the job's).
+
 The secret (if any) is read from standard input into ZD_SECRET, which the command refers to
 as "$ZD_SECRET" - never written to the job folder, the command text or the history. The
 job folders stay (a retry must find its outcome); folders older than a week are pruned.
@@ -31,12 +38,12 @@ from dataclasses import dataclass
 
 import activities.ssh as ssh
 from activities.common import fail
-from workflows.inventory import SshTarget
+from errors import DETACHED_OUTPUT_UNEXPECTED, DETACHED_TIMEOUT
+from inventory.model import SshTarget
 
 JOBS_DIR = ".zerodown/jobs"
 MARK = "@@zerodown-job"
 # Over its budget: the job is left running (killing a tool half-way is worse); the step fails.
-DETACHED_TIMEOUT = "DetachedCommandTimeout"
 # A poll of a job this command did not start (how soon its end is noticed).
 POLL_S = 0.05
 
@@ -49,6 +56,17 @@ class JobOutcome:
     stdout: str
     stderr: str
     followed: bool = False
+    then: FollowUp | None = None  # the follow-up's outcome; None: it did not run (or none given)
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """How a job's follow-up (`then`) ended, timed by the node's clock."""
+
+    exit_status: int
+    output: str  # stdout and stderr, as they came
+    started: float  # seconds since the epoch, node clock
+    ended: float
 
 
 def job_key(family: str, *parts: str) -> str:
@@ -64,11 +82,14 @@ def _safe(text: str) -> str:
 
 
 def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_text: str = "",
-               budget_s: float = 3600.0, gated: bool = False) -> str:
+               budget_s: float = 3600.0, gated: bool = False, then: str = "") -> str:
     """The shell command (POSIX sh) that starts or attaches to the job `key`. `command` is a
     shell command line; it may use
     "$ZD_SECRET". `stdin_text` (not secret) is the command's standard input. `gated`: after
     the secret it waits for a line "go" on stdin and does nothing without it (`staged_job`).
+    `then`: a command line run after `command` when that exited 0 with nothing on stdout
+    within `budget_s`, its output and exit status kept beside the job's (no stdin;
+    "$ZD_SECRET" usable).
 
     Lean on purpose: it runs inside a schema's disabled window (runupdate), so builtins where
     they do (read, test, printf) and only mkdir, setsid and two cats forked on the common path."""
@@ -76,7 +97,19 @@ def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_t
     fam = f"{JOBS_DIR}/{_safe(family)}/"
     budget = max(1, int(budget_s))
     # A subshell: whatever the command does (exit, exec), the exit status is written after it.
-    inner = f'd=$1; ( {command.strip()} ) >"$d/out" 2>"$d/err" <"$d/in"; echo $? >"$d/rc"'
+    inner = f'd=$1; ( {command.strip()} ) >"$d/out" 2>"$d/err" <"$d/in"; r=$?'
+    if then.strip():
+        # Only within the budget: past it the caller has given up on the job (the step failed
+        # and someone decides), so nothing may follow behind their back. The clock is
+        # /proc/uptime (seconds with two decimals), read by a builtin (no fork in the window).
+        # A subshell, so whatever the follow-up does rc is written; then.rc before rc: a job
+        # is done once its follow-up is.
+        inner = ("read t0 _ </proc/uptime 2>/dev/null || t0=0.00; " + inner
+                 + "; read t1 _ </proc/uptime 2>/dev/null || t1=0.00"
+                 + '; if [ $r = 0 ] && [ ! -s "$d/out" ] && '
+                 + f'[ $(( ${{t1%.*}}${{t1#*.}} - ${{t0%.*}}${{t0#*.}} )) -lt {budget * 100} ]; '
+                 + f'then ( {then.strip()} ) >"$d/then.out" 2>&1 </dev/null; echo $? >"$d/then.rc"; fi')
+    inner += '; echo $r >"$d/rc"'
     return "\n".join([
         "umask 077",
         f"d={shlex.quote(d)}",
@@ -99,7 +132,8 @@ def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_t
         f'elif [ -e "$d/pid" ] && [ {"0" if rerun_lost else "1"} = 1 ]; then state=lost',
         "else",
         "  state=started",
-        '  if [ -d "$d" ]; then rm -f "$d/pid" "$d/out" "$d/err"; else mkdir -p "$d" || exit 97; fi',
+        '  if [ -d "$d" ]; then rm -f "$d/pid" "$d/out" "$d/err" "$d/then.out" "$d/then.rc"; '
+        'else mkdir -p "$d" || exit 97; fi',
         f"  printf %s {shlex.quote(stdin_text)} > \"$d/in\"",
         # Own session: the job survives this SSH channel (a lost worker closes it).
         f'  setsid sh -c {shlex.quote(inner)} zd "$d" </dev/null >/dev/null 2>&1 &',
@@ -118,6 +152,12 @@ def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_t
         # Read with builtins (no cat forked): a tool's output is a few lines.
         "show() { [ -s \"$1\" ] || return 0; while IFS= read -r l || [ -n \"$l\" ]; do "
         "printf '%s\\n' \"$l\"; done < \"$1\"; }",
+        # The follow-up's status and times (its output file made when it started, rc when it
+        # ended): past the window, so stat may fork.
+        'if [ -s "$d/then.rc" ] && read tr < "$d/then.rc"; then',
+        f'  echo "{MARK} then-rc $tr $(stat -c %.3Y "$d/then.out" "$d/then.rc" 2>/dev/null | tr "\\n" " ")"',
+        f'  echo "{MARK} then"; show "$d/then.out"',
+        "fi",
         f'echo "{MARK} out"; show "$d/out"; printf "\\n{MARK} err\\n"; show "$d/err"',
         # Jobs older than a week pruned now and then (one call in 64), in the background.
         f'[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 '
@@ -130,7 +170,7 @@ def parse_job_output(text: str) -> tuple[str, str, bool, int | None, bool, str, 
     """(state, key, followed, exit status or None, over budget, stdout, stderr) of a job_script run."""
     head, sep, rest = text.partition(f"{MARK} out\n")
     if not sep:
-        fail("DetachedOutputUnexpected", f"job output without its markers: {text[-300:]!r}")
+        fail(DETACHED_OUTPUT_UNEXPECTED, f"job output without its markers: {text[-300:]!r}")
     state, key, followed, rc, over = "", "", False, None, False
     for line in head.splitlines():
         if not line.startswith(MARK):
@@ -146,14 +186,35 @@ def parse_job_output(text: str) -> tuple[str, str, bool, int | None, bool, str, 
     return state, key, followed, rc, over, out, err
 
 
+def parse_follow_up(text: str) -> FollowUp | None:
+    """The follow-up's outcome in a job_script run's output (None: it did not run)."""
+    head = text.partition(f"{MARK} out\n")[0]
+    status: FollowUp | None = None
+    for line in head.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == MARK and fields[1] == "then-rc":
+            times = [float(f) for f in fields[3:5]] or [0.0, 0.0]
+            status = FollowUp(exit_status=int(fields[2]), output="", started=times[0], ended=times[-1])
+    if status is None:
+        return None
+    _, sep, output = head.partition(f"{MARK} then\n")
+    return FollowUp(exit_status=status.exit_status, output=output if sep else "", started=status.started,
+                    ended=status.ended)
+
+
 def _outcome(stdout: str, secret: str, budget_s: float, target: SshTarget, what: str) -> JobOutcome:
     state, found_key, followed, rc, over, out, err = parse_job_output(stdout)
+    then = parse_follow_up(stdout)
     if secret:
         out, err = out.replace(secret, "***"), err.replace(secret, "***")
+        if then is not None:
+            then = FollowUp(exit_status=then.exit_status, output=then.output.replace(secret, "***"),
+                            started=then.started, ended=then.ended)
     if over:
         fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running on "
                                f"{target.host} (job {found_key})")
-    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed)
+    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed,
+                      then=then)
 
 
 def _over_budget(e: Exception, budget_s: float, target: SshTarget, key: str, what: str) -> None:
@@ -199,10 +260,12 @@ class StagedJob:
 
 @contextlib.asynccontextmanager
 async def staged_job(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
-                     budget_s: float, rerun_lost: bool, what: str) -> AsyncIterator[StagedJob]:
+                     budget_s: float, rerun_lost: bool, what: str,
+                     then: str = "") -> AsyncIterator[StagedJob]:
     """`run_detached`, but its SSH channel opened and its script started now, waiting for
     `go()`: the job then starts without the channel's set-up (a schema's disabled window
-    holds the tool's own work, not SSH's). Left without `go()`, it does nothing."""
-    script = job_script(key, family, command, rerun_lost=rerun_lost, budget_s=budget_s, gated=True)
+    holds the tool's own work, not SSH's). Left without `go()`, it does nothing. `then`: the
+    job's follow-up (job_script)."""
+    script = job_script(key, family, command, rerun_lost=rerun_lost, budget_s=budget_s, gated=True, then=then)
     async with ssh.staged(target, script, first_input=secret + "\n") as handle:
         yield StagedJob(handle, key, secret, budget_s, target, what)

@@ -29,13 +29,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.common import (
+from activities.common import fail, heartbeat, previous_heartbeat
+from activities.http_checks import fetch_full
+from errors import (
     DRAIN_TIMEOUT,
     INVALID_REQUEST,
     LB_MEMBER_BUSY,
@@ -45,12 +47,8 @@ from activities.common import (
     LB_RUNTIME_API_ERROR,
     LB_UNSUPPORTED,
     NOT_UP_TIMEOUT,
-    fail,
-    heartbeat,
-    previous_heartbeat,
 )
-from activities.http_checks import fetch_full
-from workflows.inventory import HttpCheck, LoadBalancer, MaintenanceSwitch
+from inventory.model import HttpCheck, LoadBalancer, MaintenanceSwitch
 
 # Between two looks at a member waiting for UP or zero sessions: a `show stat` is cheap, and
 # inside a maintenance window every poll interval is downtime.
@@ -94,6 +92,9 @@ async def runtime_command(api: str, command: str, timeout_s: float = CMD_TIMEOUT
 
 # --------------------------------------------------------------------------- parsers
 
+
+# A member's administrative state, as HAProxy's runtime API names it.
+LbState = Literal["ready", "drain", "maint"]
 
 @dataclass(frozen=True)
 class ServerStat:
@@ -261,7 +262,7 @@ async def member_state(lb: LoadBalancer, node_name: str, timeout_s: float = CMD_
                        check_status=stat.check_status)
 
 
-async def set_member_state(lb: LoadBalancer, node_name: str, state: str) -> MemberState:
+async def set_member_state(lb: LoadBalancer, node_name: str, state: LbState) -> MemberState:
     """`set server <backend>/<server> state <state>` - a set, so re-running it is harmless."""
     if state not in STATES:
         fail(INVALID_REQUEST, f"member state {state!r}: expected one of {', '.join(STATES)}")
@@ -352,7 +353,7 @@ class MemberRequest:
 class SetStateRequest:
     lb: LoadBalancer
     node: str
-    state: str  # ready | drain | maint
+    state: LbState
 
 
 @dataclass(frozen=True)
@@ -470,8 +471,8 @@ async def _admin_command(lb: LoadBalancer, api: str, command: str, ok: tuple[str
     unless HAProxy answers one of `ok`."""
     answer = (await runtime_command(api, command)).strip()
     if answer not in ok:
-        kind = LB_MEMBER_NOT_FOUND if "no such" in answer.lower() else LB_RUNTIME_API_ERROR
-        fail(kind, f"load balancer {lb.name} ({api}): {command!r}: {answer}")
+        fail(LB_MEMBER_NOT_FOUND if "no such" in answer.lower() else LB_RUNTIME_API_ERROR,
+             f"load balancer {lb.name} ({api}): {command!r}: {answer}")
     return answer
 
 
@@ -629,11 +630,6 @@ class MaintenanceRequest:
     on: bool
 
 
-@dataclass(frozen=True)
-class LbRequest:
-    lb: LoadBalancer
-
-
 @activity.defn
 async def lb_add_server(req: AddServerRequest) -> MemberState:
     """Attach a server at run time (`add server`, `enable health`, `enable server`)."""
@@ -651,17 +647,6 @@ async def lb_del_server(req: DelServerRequest) -> None:
 async def lb_set_maintenance(req: MaintenanceRequest) -> bool:
     """The balancer's maintenance page on / off through its map entry; the state after."""
     return await set_maintenance(req.lb, req.on)
-
-
-@activity.defn
-async def lb_maintenance_state(req: LbRequest) -> bool:
-    return await maintenance_state(req.lb)
-
-
-@activity.defn
-async def lb_list_servers(req: LbRequest) -> tuple[ServerStat, ...]:
-    """The backend's servers, e.g. to see whether anything is still attached."""
-    return await list_servers(req.lb)
 
 
 # --------------------------------------------------------------------------- preview past the page

@@ -18,16 +18,10 @@ from dataclasses import dataclass
 import aiohttp
 from temporalio import activity
 
-from activities.common import (
-    HEALTH_CHECK_FAILED,
-    LOGIN_FAILED,
-    VERSION_MISMATCH,
-    fail,
-    heartbeat,
-    previous_heartbeat,
-)
+from activities.common import fail, heartbeat, previous_heartbeat
 from activities.secrets import resolve_secret
-from workflows.inventory import HttpCheck
+from errors import HEALTH_CHECK_FAILED, LOGIN_FAILED, VERSION_MISMATCH
+from inventory.model import HttpCheck
 
 SNIPPET = 300
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from temporalio import activity
 
 from activities import ssh
-from activities.common import INVALID_REQUEST, SERVICE_TIMEOUT, SSH_COMMAND_FAILED, fail, heartbeat
-from workflows.inventory import Node, ServiceControl
+from activities.common import fail, heartbeat
+from errors import INVALID_REQUEST, SERVICE_TIMEOUT, SSH_COMMAND_FAILED
+from inventory.model import Node, ServiceControl
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ keyed by the workflow's id, so a retry reports the original value, not its own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -53,15 +54,19 @@ from temporalio.exceptions import ApplicationError
 
 import activities.detached as detached
 import activities.ssh as ssh
-from activities.common import INVALID_REQUEST, SSH_COMMAND_FAILED, check_id, fail, heartbeat, tail
+from activities.common import check_id, fail, heartbeat, tail
 from activities.secrets import resolve_secret
-from workflows.inventory import Node, OxSettings
+from errors import (
+    INVALID_REQUEST,
+    OX_OUTPUT_UNEXPECTED,
+    OX_TOOL_FAILED,
+    OX_TOOL_UNAVAILABLE,
+    OX_UPDATE_TASKS_FAILED,
+    SSH_COMMAND_FAILED,
+)
+from inventory.model import Node, OxSettings
 
-OX_TOOL_FAILED = "OxToolFailed"
 # A tool that exited 105 / 107: the middleware or its RMI call failed; worth another attempt.
-OX_TOOL_UNAVAILABLE = "OxToolUnavailable"
-OX_OUTPUT_UNEXPECTED = "OxOutputUnexpected"
-OX_SERVER_EXISTS = "OxServerExists"
 # OX's SYSEXIT_COMMUNICATION_ERROR (java.rmi.ConnectException) and SYSEXIT_REMOTE_ERROR
 # (another RemoteException): ObjectNamingAbstraction.printErrors.
 TRANSIENT_EXITS = frozenset({105, 107})
@@ -166,6 +171,9 @@ class OxUpgradeSchemaRequest:
     # The operator's retry count of this schema (the failure gate's `retry`): a new runupdate
     # per retry; the same one for every attempt of one try.
     attempt_key: str = ""
+    # Step 7 on `update`, as runupdate's follow-up on the node (no trip through the worker
+    # between the update's end and the enable); False: on `admin`, as runs started before.
+    enable_on_update: bool = False
 
 
 @dataclass(frozen=True)
@@ -463,7 +471,7 @@ def set_property_text(text: str, key: str, value: str | None) -> str:
 async def set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
     bad_value = req.value is not None and "\n" in req.value
     if "\n" in req.key or "=" in req.key or not req.key.strip() or bad_value:
-        fail("InvalidRequest", f"property {req.key!r}={req.value!r}: one line, a key without '='")
+        fail(INVALID_REQUEST, f"property {req.key!r}={req.value!r}: one line, a key without '='")
     target = req.node.ssh
     record_path = ""
     if req.record_id:
@@ -594,16 +602,26 @@ def gated_tool_command(settings: OxSettings, tool: str, args: list[str]) -> str:
             f"&& exec {path} {argv}")
 
 
+def enable_command(settings: OxSettings, schema: str) -> str:
+    """enableschema as a job's follow-up: the password from the job's "$ZD_SECRET"."""
+    path = tool_path(settings, "enableschema")
+    argv = " ".join(shlex.quote(a) for a in ["-A", settings.admin_user, "-m", schema])
+    return f'ADMIN_PASSWORD="$ZD_SECRET" {path} {argv}'
+
+
 async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     """Steps 4 to 7 for one schema, back to back. Its users are refused from the disable to
     the enable, so that window holds the tools' own work and nothing else: four activities
     would add three workflow round trips to it (seconds on a loaded worker), and the SSH
     channels of steps 6 and 7 are opened, and their commands started waiting, before step 4
-    (`ssh.staged`). Every step is idempotent, so a retry of the whole runs through what is
-    done already: disable and changeserver set states, runupdate attaches to its run (or has
-    nothing to do on an updated schema), enable sets. A failed step is a result (the
-    workflow decides: force, gate), its schema left as it is; an error a retry may cure
-    (unreachable node, lost connection, OX's 105/107) is raised."""
+    (`ssh.staged`). With `enable_on_update`, step 7 is runupdate's follow-up on the update
+    node (`detached` `then`: enableschema runs the moment runupdate ended with nothing to
+    report), so the window holds one trip through the worker (after changeserver), not two.
+    Every step is idempotent, so a retry of the whole runs through what is done already:
+    disable and changeserver set states, runupdate attaches to its run (or has nothing to do
+    on an updated schema), enable sets. A failed step is a result (the workflow decides:
+    force, gate), its schema left as it is; an error a retry may cure (unreachable node, lost
+    connection, OX's 105/107) is raised."""
     steps: list[OxStepTime] = []
     password = resolve_secret(req.ox.admin_password, needed_by=f"OX tools for {req.schema}")
     key, family, command = runupdate_job(req.update, req.ox, req.schema, req.attempt_key)
@@ -612,11 +630,24 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
         steps.append(OxStepTime(seed_step=seed_step, started=started, ended=time.time(), ok=False))
         return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps), failed_step=seed_step, error=str(e))
 
-    async with detached.staged_job(req.update.ssh, key, family, command, secret=password,
-                                   budget_s=req.ox.runupdate_timeout_s, rerun_lost=True,
-                                   what=f"{req.update.name}: runupdate -n {req.schema}") as update, \
-            ssh.staged(req.admin.ssh, gated_tool_command(req.ox, "enableschema", ["-m", req.schema]),
-                       first_input=password + "\n") as enable:
+    def enable_failed(started: float, done: ssh.CommandResult) -> OxSchemaUpgrade:
+        text = f"{done.stdout.strip()} {done.stderr.strip()}".replace(password, "***").strip()
+        try:
+            tool_failed(req.update if req.enable_on_update else req.admin, "enableschema", ["-m", req.schema],
+                        done.exit_status, text)
+        except ApplicationError as e:
+            if not e.non_retryable:
+                raise
+            return failed("7", started, e)
+
+    async with contextlib.AsyncExitStack() as stack:
+        update = await stack.enter_async_context(detached.staged_job(
+            req.update.ssh, key, family, command, secret=password, budget_s=req.ox.runupdate_timeout_s,
+            rerun_lost=True, what=f"{req.update.name}: runupdate -n {req.schema}",
+            then=enable_command(req.ox, req.schema) if req.enable_on_update else ""))
+        enable = None if req.enable_on_update else await stack.enter_async_context(ssh.staged(
+            req.admin.ssh, gated_tool_command(req.ox, "enableschema", ["-m", req.schema]),
+            first_input=password + "\n"))
         # 4 disable (the schema's contexts are refused from now on), then 5 point its contexts
         # to the new server: one command, so no round trip between the two while its users wait.
         heartbeat({"schema": req.schema, "step": "4"})
@@ -645,33 +676,46 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
             return failed("5", split, e)
         steps.append(OxStepTime(seed_step="5", started=split, ended=time.time()))
 
-        # 6 its update tasks, on the node with the new release.
+        # 6 its update tasks, on the node with the new release (and, with enable_on_update,
+        # 7 right after them when they all ran).
         heartbeat({"schema": req.schema, "step": "6"})
         started = time.time()
         update.go()
+        job = await update.outcome()
+        arrived = time.time()
+        # The follow-up counts only when this attempt started the job: a job an earlier attempt
+        # started may have enabled the schema before this attempt's step 4 disabled it again.
+        then = job.then if job.state == "started" else None
+        # 7 ran on the node: it started its own duration before its outcome arrived.
+        then_started = arrived - max(0.0, then.ended - then.started) if then else arrived
         try:
-            tasks = runupdate_outcome(req.update, req.ox, req.schema, await update.outcome())
+            tasks = runupdate_outcome(req.update, req.ox, req.schema, job)
             if tasks:
-                fail("UpdateTasksFailed", f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
+                fail(OX_UPDATE_TASKS_FAILED, f"update task(s) failed on {req.schema}: {', '.join(tasks)}")
         except ApplicationError as e:
             if not e.non_retryable:
                 raise
             return failed("6", started, e)
-        steps.append(OxStepTime(seed_step="6", started=started, ended=time.time()))
+        steps.append(OxStepTime(seed_step="6", started=started, ended=then_started))
 
         # 7 enable: its users are served by the new server from now on.
         heartbeat({"schema": req.schema, "step": "7"})
-        started = time.time()
-        enable.go("go\n")
-        done = await enable.result(120.0)
-        if done.exit_status != 0:
-            text = f"{done.stdout.strip()} {done.stderr.strip()}".replace(password, "***").strip()
-            try:
-                tool_failed(req.admin, "enableschema", ["-m", req.schema], done.exit_status, text)
-            except ApplicationError as e:
-                if not e.non_retryable:
-                    raise
-                return failed("7", started, e)
+        if enable is not None:
+            started = time.time()
+            enable.go("go\n")
+            done = await enable.result(120.0)
+            if done.exit_status != 0:
+                return enable_failed(started, done)
+        elif then is None or then.exit_status != 0:
+            # Not run on the node for this attempt (runupdate printed something that lists no
+            # failed task; the job was an earlier attempt's, or an older worker's without a
+            # follow-up), or it failed there: run here, enable is idempotent.
+            started = time.time()
+            done = await run_tool(req.update, req.ox, "enableschema", ["-m", req.schema], check=False)
+            if done.exit_status != 0:
+                return enable_failed(started, done)
+        else:
+            started = then_started
         steps.append(OxStepTime(seed_step="7", started=started, ended=time.time()))
     return OxSchemaUpgrade(schema=req.schema, steps=tuple(steps))
 
@@ -795,7 +839,7 @@ async def ox_install_version(req: OxInstallRequest) -> None:
     """Step 2: install the release (`ox.install_command`; installing what is installed is a
     no-op for a package manager, so this is idempotent)."""
     if not re.fullmatch(r"\d+(\.\d+)+", req.version):
-        fail("InvalidRequest", f"release {req.version!r}: expected numbers separated by dots")
+        fail(INVALID_REQUEST, f"release {req.version!r}: expected numbers separated by dots")
     await ssh.run(req.node.ssh, req.ox.install_command.format(version=req.version), timeout_s=900.0)
 
 

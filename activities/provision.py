@@ -2,14 +2,14 @@
 terminate it; stop a server array from launching and let it launch again; save a copy of
 the settings a procedure is about to change.
 
-Two kinds of provisioning (Provisioning.kind, see workflows/inventory.py):
-  command  the inventory's own commands, run on the worker's machine in the inventory's
-           folder with `{template}` / `{name}` (shell quoted) substituted by str.format
-           (a literal brace is written `{{` / `}}`). `create` prints the new server's
-           `nodes` entry as JSON, validated like an inventory's (relative paths: the
-           inventory's folder).
-  lab      the embedded lab (lab/provision.py) clones a node folder, service and SSH
-           endpoint; its root is `lab_root`.
+Provisioning is the inventory's own commands (Provisioning, inventory/model.py), run on
+the worker's machine in the inventory's folder with `{template}` / `{name}` (shell quoted)
+substituted by str.format (a literal brace is written `{{` / `}}`). `create` prints the new
+server's `nodes` entry as JSON, validated like an inventory's (relative paths: the
+inventory's folder). The embedded lab plugs in the same way (its inventory names
+`python -m lab.provision` commands); nothing here knows the lab. A request of a run started
+before v0.3.0 may still say kind=lab with a `lab_root`: it gets the lab's commands
+(`legacy_lab_commands`), so such a run finishes on this worker.
 
 Every command must be safe to run twice (a retried step runs it again); the activities add
 nothing that is not. They heartbeat while a command runs and stop it (its whole process
@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
 import posixpath
 import shlex
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,19 +38,17 @@ from typing import Any
 from temporalio import activity
 
 from activities import ssh
-from activities.common import (
+from activities.common import check_id, fail, tail, with_heartbeat
+from errors import (
     INVALID_REQUEST,
     MERGE_UNSUPPORTED,
     PROVISIONING_FAILED,
     PROVISIONING_OUTPUT_INVALID,
     PROVISIONING_TIMEOUT,
     SETTINGS_FILE_MISSING,
-    check_id,
-    fail,
-    tail,
-    with_heartbeat,
 )
-from workflows.inventory import InventoryError, Node, Provisioning, parse_node_entry
+from inventory.load import parse_node_entry
+from inventory.model import InventoryError, Node, Provisioning
 
 # How long a stopped command gets between SIGTERM and SIGKILL.
 KILL_GRACE_S = 5.0
@@ -180,38 +180,27 @@ def node_from_output(stdout: str, name: str, base_dir: str, what: str) -> Node:
 # --------------------------------------------------------------------------- the lab kind
 
 
-def _lab_root(prov: Provisioning, inventory_dir: str) -> Path:
+def legacy_lab_commands(prov: Provisioning) -> Provisioning:
+    """kind=lab (runs started before v0.3.0) as the command provisioner the lab's inventory
+    names now: the lab's CLI (`python -m lab.provision`), by the worker's interpreter."""
+    if prov.kind != "lab":
+        return prov
     if not prov.lab_root:
         fail(INVALID_REQUEST, "provisioning kind lab needs lab_root")
-    root = Path(prov.lab_root)
-    return root if root.is_absolute() else Path(inventory_dir) / root
+    cli = f"{shlex.quote(sys.executable)} -m lab.provision"
+    root = shlex.quote(prov.lab_root).replace("{", "{{").replace("}", "}}")
+    return dataclasses.replace(
+        prov, kind="command", lab_root=None,
+        create=f"{cli} create --root {root} --template {{template}} --name {{name}}",
+        start=f"{cli} start --root {root} --name {{name}}",
+        destroy=f"{cli} destroy --root {root} --name {{name}}")
 
 
-async def _in_lab(prov: Provisioning, inventory_dir: str, what: str, op: str, *args: str) -> Any:
-    """lab.provision.<op>(cfg, *args) in a thread, with the lab's config read from its root."""
-    from lab import provision as lab
-
-    root = _lab_root(prov, inventory_dir)
-
-    def call() -> Any:
-        return getattr(lab, op)(lab.lab_config(root), *args)
-
-    try:
-        return await asyncio.wait_for(with_heartbeat(asyncio.to_thread(call),
-                                                     lambda: {"provisioning": what}), prov.timeout_s)
-    except TimeoutError:
-        # The thread cannot be stopped; the lab's operations are idempotent, a retry waits on
-        # its lock and finishes the job.
-        fail(PROVISIONING_TIMEOUT, f"{what}: the lab did not finish within {prov.timeout_s:g}s",
-             retryable=True)
-    except (lab.ProvisionError, OSError, RuntimeError) as e:
-        fail(PROVISIONING_FAILED, f"{what}: {e}", cause=e)
-
-
-def _kind(prov: Provisioning) -> str:
-    if prov.kind not in ("command", "lab"):
-        fail(INVALID_REQUEST, f"provisioning kind {prov.kind!r} is not supported (command, lab)")
-    return prov.kind
+def _commands(prov: Provisioning) -> Provisioning:
+    prov = legacy_lab_commands(prov)
+    if prov.kind != "command":
+        fail(INVALID_REQUEST, f"provisioning kind {prov.kind!r} is not supported (command)")
+    return prov
 
 
 # --------------------------------------------------------------------------- activities
@@ -222,46 +211,36 @@ async def provision_create(req: CreateServerRequest) -> Node:
     """Seed 003 step 3 / 004 step 10: clone `template` into a new server `name` (not
     launched, in no pool). Creating an existing server again returns the same node."""
     _check_name(req.name)
+    prov = _commands(req.provisioning)
     what = f"create {req.name} from {req.template.name}"
     cwd = _inventory_dir(req.inventory_dir)
-    if _kind(req.provisioning) == "lab":
-        entry = await _in_lab(req.provisioning, cwd, what, "create_node", req.template.name, req.name)
-        return node_from_output(json.dumps(entry), req.name, str(_lab_root(req.provisioning, cwd)), what)
-    if not req.provisioning.create:
+    if not prov.create:
         fail(INVALID_REQUEST, "provisioning kind command needs a create command")
-    command = render_command(req.provisioning.create, template=req.template.name, name=req.name)
-    out = await run_command(command, cwd, req.provisioning.timeout_s, what)
+    command = render_command(prov.create, template=req.template.name, name=req.name)
+    out = await run_command(command, cwd, prov.timeout_s, what)
     return node_from_output(out, req.name, cwd, what)
 
 
 @activity.defn
 async def provision_start(req: ServerRequest) -> None:
-    """Launch a created server (seed 003 step 7). kind command without a `start` command:
-    `create` launched it, nothing to do."""
+    """Launch a created server (seed 003 step 7). No `start` command: `create` launched it,
+    nothing to do."""
     _check_name(req.name)
-    what = f"start {req.name}"
-    cwd = _inventory_dir(req.inventory_dir)
-    if _kind(req.provisioning) == "lab":
-        await _in_lab(req.provisioning, cwd, what, "start_node", req.name)
-        return
-    if req.provisioning.start:
-        await run_command(render_command(req.provisioning.start, name=req.name), cwd,
-                          req.provisioning.timeout_s, what)
+    prov = _commands(req.provisioning)
+    if prov.start:
+        await run_command(render_command(prov.start, name=req.name), _inventory_dir(req.inventory_dir),
+                          prov.timeout_s, f"start {req.name}")
 
 
 @activity.defn
 async def provision_destroy(req: ServerRequest) -> None:
     """Terminate a server (seed 003 step 18, 004's old servers); an absent one is fine."""
     _check_name(req.name)
-    what = f"destroy {req.name}"
-    cwd = _inventory_dir(req.inventory_dir)
-    if _kind(req.provisioning) == "lab":
-        await _in_lab(req.provisioning, cwd, what, "destroy_node", req.name)
-        return
-    if not req.provisioning.destroy:
+    prov = _commands(req.provisioning)
+    if not prov.destroy:
         fail(INVALID_REQUEST, "provisioning kind command needs a destroy command")
-    await run_command(render_command(req.provisioning.destroy, name=req.name), cwd,
-                      req.provisioning.timeout_s, what)
+    await run_command(render_command(prov.destroy, name=req.name), _inventory_dir(req.inventory_dir),
+                      prov.timeout_s, f"destroy {req.name}")
 
 
 async def _array(req: ArrayRequest, action: str) -> None:
@@ -304,7 +283,8 @@ async def save_settings_copy(req: SaveSettingsRequest) -> SavedSettings:
     """Seed 003 step 5: before settings are changed, save their current values on the
     worker (`<backup_dir>/<backup_id>-inputs.csv`, mode 0600; the same content is rewritten
     on a retry). The values may be secrets: only keys, a count and the path come back."""
-    from activities.deploy import NotKeyValueError, _key_name, _parse_kv, _write_text_private
+    from activities.deploy.merge import NotKeyValueError, _key_name, _parse_kv
+    from activities.deploy.secretserver import _write_text_private
 
     check_id("backup id", req.backup_id)
     rel = req.file

@@ -40,33 +40,20 @@ import aiomysql
 import pymysql
 from temporalio import activity
 
-from activities.common import (
+from activities.common import fail, heartbeat, previous_heartbeat, tail, with_heartbeat
+from activities.mysql import DbRequest, ReplicaStatus, admin_at, connection, query, replica_status
+from activities.mysql.connect import _qi, _raise_db
+from activities.mysql.dump import _SYSTEM_SCHEMAS, _option_file
+from activities.secrets import resolve_secret
+from errors import (
     DATABASE_ERROR,
     DB_REPLICA_TIMEOUT,
     DB_REPLICATION_BROKEN,
     DB_WRITES_CONTINUE,
     INVALID_REQUEST,
     WARM_REPLICA_CONFLICT,
-    fail,
-    heartbeat,
-    previous_heartbeat,
-    tail,
-    with_heartbeat,
 )
-from activities.mysql import (
-    _SYSTEM_SCHEMAS,
-    DbRequest,
-    ReplicaStatus,
-    _option_file,
-    _qi,
-    _raise_db,
-    admin_at,
-    connection,
-    query,
-    replica_status,
-)
-from activities.secrets import resolve_secret
-from workflows.inventory import Database, DatabaseEndpoint
+from inventory.model import Database, DatabaseEndpoint
 
 WARM_STATE_DB = "zerodown_warm"
 _STATE_TABLE = f"{_qi(WARM_STATE_DB)}.`state`"
@@ -680,15 +667,6 @@ class WritesStoppedRequest:
     seen_since: float | None = None
 
 
-@dataclass(frozen=True)
-class TableStatsRequest:
-    db: Database
-    # None: the primary; e.g. db.warm_replica.
-    endpoint: DatabaseEndpoint | None = None
-    # None: db.database.
-    database: str | None = None
-
-
 @activity.defn
 async def db_init_warm_replica(req: DbRequest) -> ReplicaStatus:
     """Seed 004 steps 5-6: the warm server initialised from the primary and replicating."""
@@ -720,12 +698,6 @@ async def db_wait_writes_stopped(req: WritesStoppedRequest) -> WritesStopped:
 
 
 @activity.defn
-async def db_row_counts_and_checksums(req: TableStatsRequest) -> TableStats:
-    """Rows and CHECKSUM TABLE per table of the app database on the primary or a replica."""
-    return await table_stats(req.db, req.endpoint, req.database)
-
-
-@activity.defn
 async def db_release_warm_replica(req: DbRequest) -> WarmReleased:
     """Seed 004 step 37: the warm server emptied (after the caller's gate)."""
     return await release_warm_replica(req.db)
@@ -737,6 +709,5 @@ REPLICATION_ACTIVITIES: list[Callable[..., Any]] = [
     db_stop_replication,
     db_promote_warm_replica,
     db_wait_writes_stopped,
-    db_row_counts_and_checksums,
     db_release_warm_replica,
 ]

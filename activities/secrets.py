@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-from activities.common import SECRET_UNAVAILABLE, fail
-from workflows.inventory import SecretRef
+from activities.common import fail
+from errors import SECRET_UNAVAILABLE
+from inventory.model import SecretRef
 
 
 def resolve_secret(ref: SecretRef, needed_by: str = "") -> str:

@@ -20,19 +20,17 @@ from dataclasses import dataclass
 import asyncssh
 from temporalio import activity
 
-from activities.common import (
+from activities.common import fail, tail, with_heartbeat
+from activities.secrets import resolve_secret
+from errors import (
     SECRET_UNAVAILABLE,
     SSH_AUTH_FAILED,
     SSH_COMMAND_FAILED,
     SSH_COMMAND_TIMEOUT,
     SSH_HOST_KEY_MISMATCH,
     SSH_UNREACHABLE,
-    fail,
-    tail,
-    with_heartbeat,
 )
-from activities.secrets import resolve_secret
-from workflows.inventory import SshTarget
+from inventory.model import SshTarget
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from temporalio import activity
 
 import activities.ssh as ssh
-from activities.common import INVALID_REQUEST, SSH_COMMAND_FAILED, check_id, fail, heartbeat
+from activities.common import check_id, fail, heartbeat
 from activities.deploy import ZD, AppBackup, folder_manifest
-from workflows.inventory import Node, Staging
+from errors import INVALID_REQUEST, SSH_COMMAND_FAILED
+from inventory.model import Node, Staging
 
 STAGING = f"{ZD}/staging"
 _q = shlex.quote

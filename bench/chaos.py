@@ -50,6 +50,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from bench.rolling_deploy import bench_lab, lab_config, lab_options, launch, say
 from bench.secret_server import _approve, enforce_version_match, procedure_input
+from inventory.load import load_inventory
 from lab import haproxy as lab_haproxy
 from lab import manager
 from lab import mariadb as lab_mariadb
@@ -57,7 +58,6 @@ from lab.config import LabConfig
 from lab.procs import pid_alive, read_pid
 from starter.demo import TASK_QUEUE, node_versions, start_worker
 from workflows import timeouts
-from workflows.inventory import load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 
 INSIDE_MIN_S = 1.0  # an activity this long also gets a kill in its middle

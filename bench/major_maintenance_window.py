@@ -55,8 +55,9 @@ from bench.minor_blue_green import (
     steps_so_far,
 )
 from bench.rolling_deploy import RunResult, bench_lab, launch, measure_run, say
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab.config import LabConfig
-from workflows.inventory import Inventory, load_inventory
 from workflows.major_maintenance_window import PROCEDURE, MajorMaintenanceInput, MajorMaintenanceResult
 
 # The go-live gate's wait is part of the downtime: poll for it often.

@@ -28,10 +28,10 @@ from pathlib import Path
 from temporalio.client import Client
 
 from bench.rolling_deploy import bench_lab, lab_config, lab_options, launch, say
+from inventory.load import load_inventory
 from lab.config import LabConfig
 from lab.procs import read_pid
 from starter.demo import TASK_QUEUE
-from workflows.inventory import load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 
 PEAK_RSS_GOAL_MB = 200.0

@@ -40,10 +40,11 @@ import aiohttp
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from bench.rolling_deploy import RunResult, bench_lab, launch, measure_run, say
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab.config import LabConfig
 from starter import client as zc
 from workflows.gates import Decision
-from workflows.inventory import Inventory, load_inventory
 from workflows.minor_blue_green import PROCEDURE, MinorBlueGreenInput, MinorBlueGreenResult
 from workflows.timeline import StepRecord
 

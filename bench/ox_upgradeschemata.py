@@ -48,6 +48,8 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowFailureError
 
 from bench.rolling_deploy import check_ports_free, launch, say, wait_worker_polling
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import manager, mariadb, procs
 from lab.config import LabConfig
 from lab.ox import configdb
@@ -56,7 +58,6 @@ from lab.procs import read_pid
 from starter import client as zc
 from starter.demo import TASK_QUEUE, start_worker
 from worker.main import connect
-from workflows.inventory import Inventory, load_inventory
 from workflows.ox_upgradeschemata import (
     PROCEDURE,
     OxSchemataProgress,

@@ -38,13 +38,14 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import manager, mariadb, procs, provision
 from lab.config import LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
 from starter.demo import TASK_QUEUE, node_versions, start_worker
 from worker.main import connect
-from workflows.inventory import Inventory, load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 
 # The probe is a fresh interpreter (imports aiohttp): let it reach its rate before the

@@ -43,11 +43,12 @@ from temporalio.client import Client, WorkflowHandle
 
 import activities.app_admin as app_admin
 from bench.rolling_deploy import RunResult, bench_lab, launch, measure_run, reset_lab, say
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import BACKEND, LabConfig
 from starter import client as zc
-from workflows.inventory import Inventory, load_inventory
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult
 from workflows.ss_rolling import SsRollingInput, SsRollingResult
 

@@ -364,7 +364,8 @@ def _create_schema_v1(cur: pymysql.cursors.Cursor, admin_pw: str) -> None:
         cur.execute(stmt)
     cur.execute(_SITE_ROW)
     cur.execute("SELECT COUNT(*) FROM schema_version")
-    if cur.fetchone()[0] == 0:
+    row = cur.fetchone()
+    if row is None or row[0] == 0:
         cur.execute("INSERT INTO schema_version (version) VALUES (1)")
     digest = hashlib.sha256(admin_pw.encode("utf-8")).hexdigest()
     cur.execute("INSERT INTO users (name, password_sha256) VALUES (%s, %s) "

@@ -403,6 +403,16 @@ def _sync_endpoints(cfg: LabConfig, opened: Sequence[int] = (), closed: Sequence
         sshd.start_sshd(cfg)  # serves every endpoint, the registry's included
 
 
+def inventory_commands(cfg: LabConfig) -> dict[str, Any]:
+    """The lab's `provisioning` entry: a command provisioner running this module's CLI (in
+    the inventory's folder, the lab root), as a site's inventory names its own commands."""
+    cli = f"{shlex.quote(str(Path(cfg.python).absolute()))} -m lab.provision"
+    return {"kind": "command",
+            "create": f"{cli} create --root . --template {{template}} --name {{name}}",
+            "start": f"{cli} start --root . --name {{name}}",
+            "destroy": f"{cli} destroy --root . --name {{name}}"}
+
+
 # --------------------------------------------------------------------------- CLI
 
 

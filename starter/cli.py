@@ -27,6 +27,8 @@ from rich.markup import escape
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from inventory.load import load_inventory
+from inventory.model import Inventory, InventoryError
 from starter import client as zc
 from starter.report import (
     blue_green_summary,
@@ -41,7 +43,6 @@ from starter.report import (
     status_view,
 )
 from worker.main import ADDRESS, TASK_QUEUE
-from workflows.inventory import Inventory, InventoryError, load_inventory
 
 if TYPE_CHECKING:
     from lab.config import LabConfig
@@ -235,6 +236,18 @@ def validate(inventory: Annotated[Path, typer.Argument(help="site inventory (YAM
     inv = _load(inventory)
     console.print(f"[green]ok[/] {inventory}: site {inv.site}, {len(inv.nodes)} node(s), "
                   f"{len(inv.load_balancers)} load balancer(s), {len(inv.databases)} database(s)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the inventory's JSON Schema (generated from the model) for YAML editors:
+    `zerodown schema > inventory.schema.json`, then `# yaml-language-server:
+    $schema=inventory.schema.json` atop an inventory."""
+    import json
+
+    from inventory.schema import inventory_schema
+
+    print(json.dumps(inventory_schema(), indent=2))
 
 
 async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespace: str,
@@ -558,7 +571,7 @@ def server(root: LabRoot = Path(".lab"), port: int = 7233, ui_port: int = 8233,
            stop: Annotated[bool, typer.Option("--stop")] = False,
            show: Annotated[bool, typer.Option("--status")] = False) -> None:
     """Start (or --stop) the Temporal dev server in the background, persistent in ROOT/temporal.db."""
-    from starter import devserver
+    from lab import devserver
 
     if stop:
         devserver.stop_dev_server(root)

@@ -22,9 +22,9 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.service import RPCError
 from temporalio.worker import Replayer
 
+from inventory.model import Inventory
 from workflows import timeouts
 from workflows.gates import PendingGate
-from workflows.inventory import Inventory
 from workflows.ox_upgradeschemata import OxSchemataProgress
 from workflows.registry import ALL_WORKFLOWS, INPUTS, PROCEDURES
 from workflows.timeline import Progress

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.live import Live
 
 import activities.app_admin as app_admin
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import manager, procs
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
@@ -20,7 +22,6 @@ from starter import client as zc
 from starter.report import kv_table, progress_view, steps_table
 from worker.main import TASK_QUEUE, connect
 from workflows.gates import GateRecord, PendingGate
-from workflows.inventory import Inventory, load_inventory
 from workflows.ss_rolling import SsRollingInput, SsRollingResult
 
 PROCEDURE = "ss-rolling"

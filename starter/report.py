@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from inventory.model import Node
 from starter.client import RunStatus
 from workflows.gates import PendingGate
-from workflows.inventory import Node
 from workflows.major_maintenance_window import MajorMaintenanceResult
 from workflows.minor_blue_green import MinorBlueGreenResult
 from workflows.ox_node_upgrade import OxNodeUpgradeResult

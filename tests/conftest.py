@@ -1,8 +1,13 @@
-"""Shared fixtures.
+"""Shared fixtures, and each test's layer.
 
 * Temporal: one real dev server per session and a worker helper (tests/temporal_env.py).
 * The lab: `lab_cfg` (free ports, a temporary root) and `lab` (the whole lab, started
   once per session with `lab_up` and always stopped with `lab_down`).
+* Layers (markers, set from the fixtures a test uses, its whole closure): `e2e` - the lab
+  and a worker running the real activities (procedures on the site); `lab` - the lab, no
+  such worker (adapters, the stand-ins, the CLI against the lab); `workflow` - a Temporal
+  server, no lab (workflow logic with stand-in activities); `unit` - neither.
+  `make test-fast` runs unit and workflow.
 """
 
 from __future__ import annotations
@@ -19,7 +24,39 @@ import pytest
 from lab.config import LabConfig
 
 # --------------------------------------------------------------------------- Temporal
-from tests.temporal_env import client, lab_worker, task_queue, temporal_env  # noqa: F401
+from tests.temporal_env import (  # noqa: F401
+    client,
+    lab_worker,
+    task_queue,
+    temporal_env,
+    time_skipping_env,
+)
+
+# --------------------------------------------------------------------------- layers
+LAYERS = {
+    "unit": "no server, no lab",
+    "workflow": "a Temporal server (dev or time-skipping), no lab",
+    "lab": "the lab's real components, no worker of the real activities",
+    "e2e": "procedures on the lab: the lab and a worker of the real activities",
+}
+TEMPORAL_FIXTURES = {"temporal_env", "client", "time_skipping_env"}
+
+
+def layer_of(fixtures: set[str]) -> str:
+    if "lab" in fixtures:
+        return "e2e" if "lab_worker" in fixtures else "lab"
+    return "workflow" if fixtures & TEMPORAL_FIXTURES else "unit"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in LAYERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, layer_of(set(getattr(item, "fixturenames", ())))))
+
 
 # --------------------------------------------------------------------------- the lab
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab.config import LabConfig
 from lab.manager import reset_ox
 from lab.ox import configdb
 from lab.ox import nodes as ox_nodes
-from workflows.inventory import Inventory, load_inventory
 from workflows.ox_upgradeschemata import OxUpgradeSchemataInput, OxUpgradeSchemataWorkflow
 
 NEW_SERVER = "oxserver-xyz"

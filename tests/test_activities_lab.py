@@ -24,13 +24,15 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities import deploy, haproxy, http_checks, mysql, node, ssh
-from activities.deploy import AppBackupRequest, DeployRequest, NodeRequest, PackageRequest
+from activities.deploy import AppBackupRequest, DeployRequest, PackageRequest
 from activities.haproxy import MemberRequest, SetStateRequest, WaitRequest
 from activities.http_checks import HttpCheckRequest, LoginRequest, VersionRequest, WaitHealthyRequest
-from activities.mysql import BackupRequest, DbRequest, MigrationRequest, ReplicaRequest, ReplicaWaitRequest
+from activities.mysql import BackupRequest, DbRequest, MigrationRequest
 from activities.node import ServiceRequest
+from inventory.load import load_inventory
+from inventory.model import Inventory, Node, SecretRef
 from lab.config import LabConfig
-from workflows.inventory import Inventory, Node, SecretRef, load_inventory
+from tests.db_support import replica_caught_up
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +295,6 @@ async def test_unknown_backend_or_server(inv: Inventory) -> None:
 
 async def test_db_versions(inv: Inventory) -> None:
     db, env = inv.databases[0], _env()
-    assert "MariaDB" in await env.run(mysql.db_server_version, DbRequest(db))
     assert await env.run(mysql.db_schema_version, DbRequest(db)) == 1
 
 
@@ -344,14 +345,14 @@ async def test_db_backup_restore_round_trip(inv: Inventory, lab: LabConfig) -> N
 
         await mysql.query(db, "INSERT INTO items (node, body) VALUES ('test', 'written after the backup')")
         await mysql.query(db, "CREATE TABLE IF NOT EXISTS zd_test_extra (id INT)")
-        changed = await env.run(mysql.db_table_checksums, DbRequest(db))
+        changed = await mysql.table_checksums(db)
         assert changed["items"] != bk.table_checksums["items"] and "zd_test_extra" in changed
 
         restored = await env.run(mysql.db_restore, bk)
         assert restored.mismatched == () and restored.dropped == ("zd_test_extra",)
-        assert await env.run(mysql.db_table_checksums, DbRequest(db)) == bk.table_checksums
+        assert await mysql.table_checksums(db) == bk.table_checksums
         # replicas follow the restore through the binlog
-        await env.run(mysql.db_wait_replica_caught_up, ReplicaWaitRequest(db, 30))
+        await replica_caught_up(db)
         assert db.replica is not None
         replica_as_db = dataclasses.replace(db, host=db.replica.host, port=db.replica.port)
         assert await mysql.table_checksums(replica_as_db) == bk.table_checksums
@@ -361,7 +362,7 @@ async def test_db_backup_restore_round_trip(inv: Inventory, lab: LabConfig) -> N
         if "zd_test_extra" in await mysql.base_tables(db):
             await mysql.query(db, "DROP TABLE zd_test_extra")
         await mysql.query(db, "DELETE FROM items WHERE body = 'during backup'")
-        await mysql.wait_replica_caught_up(db, 30)
+        await replica_caught_up(db)
         for suffix in (".sql", ".sql.sha256", ".json"):
             Path(bk.path).with_name(backup_id + suffix).unlink(missing_ok=True)
 
@@ -377,23 +378,6 @@ async def test_db_restore_refuses_a_modified_backup(inv: Inventory, tmp_path: Pa
     assert await mysql.schema_version(db) == 1
 
 
-async def test_db_replica_status_and_wait_caught_up(inv: Inventory) -> None:
-    db, env = inv.databases[0], _env()
-    st = await env.run(mysql.db_replica_status, ReplicaRequest(db))
-    assert st.configured and st.running and st.read_only and st.gtid_slave_pos
-    await mysql.query(db, "INSERT INTO items (node, body) VALUES ('test', 'replicate me')")
-    try:
-        caught = await env.run(mysql.db_wait_replica_caught_up, ReplicaWaitRequest(db, 30))
-        assert caught.gtid
-        st = await env.run(mysql.db_replica_status, ReplicaRequest(db))
-        assert caught.gtid.split("-")[-1] <= st.gtid_slave_pos.split("-")[-1] or st.gtid_slave_pos
-        assert db.replica is not None
-        rows = await mysql.query(dataclasses.replace(db, host=db.replica.host, port=db.replica.port),
-                                 "SELECT COUNT(*) FROM items WHERE body = 'replicate me'")
-        assert rows[0][0] >= 1
-    finally:
-        await mysql.query(db, "DELETE FROM items WHERE body = 'replicate me'")
-        await mysql.wait_replica_caught_up(db, 30)
 
 
 async def test_db_migration_up_down_idempotent(inv: Inventory, lab: LabConfig) -> None:
@@ -463,7 +447,7 @@ async def test_db_migration_forced_down_undoes_a_half_applied_up(inv: Inventory)
         assert e.value.type == "InvalidRequest"
     finally:
         await mysql.query(db, "ALTER TABLE items DROP COLUMN IF EXISTS zd_half")
-        await mysql.wait_replica_caught_up(db, 30)
+        await replica_caught_up(db)
     assert await mysql.schema_version(db) == 1
 
 
@@ -477,26 +461,6 @@ async def test_db_migration_sql_error_is_non_retryable(inv: Inventory) -> None:
     assert await mysql.schema_version(db) == 1
 
 
-async def test_db_promote_replica_then_rejoin(inv: Inventory, lab: LabConfig) -> None:
-    """Promote the replica (idempotently), then the lab puts replication back."""
-    from lab import mariadb as lab_mariadb
-
-    db, env = inv.databases[0], _env()
-    await env.run(mysql.db_wait_replica_caught_up, ReplicaWaitRequest(db, 30))
-    try:
-        res = await env.run(mysql.db_promote_replica, ReplicaRequest(db))
-        assert res.was_replicating and res.gtid_slave_pos
-        st = await env.run(mysql.db_replica_status, ReplicaRequest(db))
-        assert not st.configured and not st.read_only
-        again = await env.run(mysql.db_promote_replica, ReplicaRequest(db))
-        assert not again.was_replicating
-    finally:
-        await asyncio.to_thread(lab_mariadb.query, lab, "replica", "SET GLOBAL read_only = ON")
-        await asyncio.to_thread(lab_mariadb.setup_replication, lab)
-        await asyncio.to_thread(lab_mariadb.wait_replica_caught_up, lab)
-    assert await asyncio.to_thread(lab_mariadb.replica_healthy, lab)
-    st = await env.run(mysql.db_replica_status, ReplicaRequest(db))
-    assert st.configured and st.running and st.read_only
 
 
 # =========================================================================== deploy
@@ -550,7 +514,7 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
         assert _mode(zd) == 0o700 and _mode(zd / "backups") == 0o700
         for suffix in (".tar", ".manifest", ".defaults.tar"):
             assert _mode(zd / "backups" / f"bk-{rid}{suffix}") & 0o077 == 0, suffix
-        assert await env.run(deploy.app_folder_manifest, NodeRequest(n)) == bk.manifest
+        assert await deploy.folder_manifest(n, n.app_dir) == bk.manifest
         again = await env.run(deploy.backup_app_folder, AppBackupRequest(n, f"bk-{rid}", protected))
         assert again.reused and again.manifest == bk.manifest
 
@@ -601,7 +565,7 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
 
         rr = await env.run(deploy.restore_app_folder, bk)
         assert rr.removed == ("migrations/002_down.sql", "migrations/002_up.sql") and rr.rewritten > 0
-        assert await env.run(deploy.app_folder_manifest, NodeRequest(n)) == bk.manifest
+        assert await deploy.folder_manifest(n, n.app_dir) == bk.manifest
         assert not (lab.node_dir(i) / "app" / "migrations").exists()
         assert _files(lab, i, protected) == before
         recorded = (lab.node_dir(i) / ".zerodown" / "defaults" / "web.config").read_text()

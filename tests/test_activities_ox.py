@@ -12,7 +12,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities import ox
-from workflows.inventory import Node, OxSettings, SecretRef, ServiceControl, SshTarget
+from inventory.model import Node, OxSettings, SecretRef, ServiceControl, SshTarget
 
 SETTINGS = OxSettings(server_name="oxserver", main_lb="main", secondary_lb="secondary",
                       secondary_url="http://lb2", admin_password=SecretRef(env="OX_PW"),

@@ -38,9 +38,11 @@ from activities.mysql import (
     RestoreKeepingRequest,
 )
 from activities.node import NodeStorageRequest
+from inventory.load import load_inventory
+from inventory.model import Database, Inventory, Node
 from lab import mariadb as lab_mariadb
 from lab.config import DB_USER, LabConfig
-from workflows.inventory import Database, Inventory, Node, load_inventory
+from tests.db_support import replica_caught_up
 
 # The lab's scratch database (lab.config.SCRATCH_DB_NAME): the lab DB user may create and
 # drop it, and a lab reset drops it.
@@ -98,7 +100,7 @@ async def _databases(db: Database) -> set[str]:
 async def _cleanup_copy(db: Database) -> None:
     if COPY in await _databases(db):
         await mysql.drop_database(db, COPY)
-    await mysql.wait_replica_caught_up(db, 30)
+    await replica_caught_up(db)
 
 
 # =========================================================================== upgrade zip
@@ -256,7 +258,7 @@ async def test_check_backup_space(inv: Inventory, tmp_path: Path, monkeypatch: p
     class Usage:
         free = 1 << 20
 
-    monkeypatch.setattr(mysql.shutil, "disk_usage", lambda p: Usage())
+    monkeypatch.setattr(mysql.dump.shutil, "disk_usage", lambda p: Usage())
     short = await env.run(mysql.check_backup_space, BackupSpaceRequest(db, str(target)))
     assert not short.ok and short.free_bytes == 1 << 20 and short.detail.startswith("not enough space")
 
@@ -295,7 +297,7 @@ async def test_restore_a_backup_into_another_database_then_drop_it(
         dropped = await env.run(mysql.db_drop_database, DropDatabaseRequest(db, COPY))
         assert dropped.dropped and dropped.database == COPY and COPY not in await _databases(db)
         assert not (await env.run(mysql.db_drop_database, DropDatabaseRequest(db, COPY))).dropped
-        await mysql.wait_replica_caught_up(db, 30)
+        await replica_caught_up(db)
         assert db.replica is not None
         replica = dataclasses.replace(db, host=db.replica.host, port=db.replica.port)
         assert COPY not in await _databases(replica)

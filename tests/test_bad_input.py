@@ -31,6 +31,8 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from activities import ssh
+from inventory.load import load_inventory
+from inventory.model import Inventory, SecretRef
 from lab.config import LabConfig
 from tests.e2e_support import (
     assert_untouched,
@@ -40,7 +42,6 @@ from tests.e2e_support import (
     secret_values,
     snapshot,
 )
-from workflows.inventory import Inventory, SecretRef, load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 
 # ============================================================================ running a case

@@ -26,10 +26,10 @@ from bench.rolling_deploy import (
 from bench.secret_server import SsRun, narrow_site
 from bench.secret_server import run_line as ss_run_line
 from bench.secret_server import summary_lines as ss_summary_lines
+from inventory.load import parse_inventory
 from lab.config import LabConfig
 from lab.manager import site_inventory
 from workflows import ss_rolling
-from workflows.inventory import parse_inventory
 
 
 def _activity(sched_id: int, start: float, end: float, close: str = "ActivityTaskCompleted") -> list[Event]:

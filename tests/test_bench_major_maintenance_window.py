@@ -13,11 +13,11 @@ import pytest
 from bench import major_maintenance_window as mw
 from bench import minor_blue_green as bg
 from bench.rolling_deploy import Figures, RunResult
+from inventory.load import parse_inventory
 from lab.config import LabConfig
 from lab.manager import site_inventory
-from workflows.inventory import parse_inventory
 from workflows.major_maintenance_window import MajorMaintenanceInput, MajorMaintenanceResult
-from workflows.timeline import StepRecord
+from workflows.timeline import StepRecord, StepResult
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -26,7 +26,8 @@ def _at(s: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=s)
 
 
-def _step(name: str, seed: str | None, start: float, end: float | None, result: str = "ok") -> StepRecord:
+def _step(name: str, seed: str | None, start: float, end: float | None,
+          result: StepResult = "ok") -> StepRecord:
     return StepRecord(name=name, seed_step=seed, node=None, started=_at(start),
                       ended=None if end is None else _at(end), result=result)
 

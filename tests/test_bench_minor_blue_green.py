@@ -10,17 +10,17 @@ import pytest
 
 from bench import minor_blue_green as bg
 from bench.rolling_deploy import Figures, RunResult
+from inventory.load import parse_inventory
 from lab.config import LabConfig
 from lab.manager import site_inventory
-from workflows.inventory import parse_inventory
 from workflows.minor_blue_green import MinorBlueGreenResult
-from workflows.timeline import StepRecord
+from workflows.timeline import StepRecord, StepResult
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def _step(name: str, seed: str | None, start: float, end: float | None, node: str | None = None,
-          result: str = "ok") -> StepRecord:
+          result: StepResult = "ok") -> StepRecord:
     return StepRecord(name=name, seed_step=seed, node=node, started=T0 + dt.timedelta(seconds=start),
                       ended=None if end is None else T0 + dt.timedelta(seconds=end), result=result)
 

@@ -13,10 +13,10 @@ import pytest
 from temporalio.client import Client
 
 from bench import ox_upgradeschemata as ox_bench
+from inventory.load import load_inventory
 from lab.config import LabConfig
 from lab.manager import reset_ox
 from lab.ox import configdb
-from workflows.inventory import load_inventory
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0)
 

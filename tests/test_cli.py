@@ -3,6 +3,7 @@ contacted; `zerodown input` prints a workflow input, with secret references only
 plain `temporal` CLI accepts (run for real against the session dev server and lab worker).
 """
 
+# ruff: noqa: F811  (the fixtures imported from tests.cli_support are named as test parameters)
 from __future__ import annotations
 
 import asyncio
@@ -14,14 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
-from rich.console import Console
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
 import starter.cli as cli
-import worker.main
 from activities import ssh
 from lab.config import LabConfig
+from tests.cli_support import no_temporal, wide_consoles  # noqa: F401  (fixtures: no Temporal, wide consoles)
 from tests.e2e_support import assert_untouched, closed_port, ensure_v1, secret_values, snapshot
 from tests.temporal_env import TEMPORAL_BIN, temporal_address
 
@@ -33,24 +33,8 @@ KNOWN = ("unknown procedure 'rolling-upgrade' (known: major-maintenance-window, 
          "ss-load-balanced, ss-rolling)")
 
 
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rich wraps at 80 columns without a terminal; messages are checked on one line."""
-    monkeypatch.setattr(cli, "console", Console(width=1000))
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=1000))
 
 
-@pytest.fixture
-def no_temporal(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Any attempt of the CLI to connect to Temporal is recorded (and fails)."""
-    calls: list[Any] = []
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        raise AssertionError("the CLI contacted Temporal")
-
-    monkeypatch.setattr(worker.main, "connect", connect)
-    return calls
 
 
 def zd(*args: str) -> tuple[int, str, str]:

@@ -20,13 +20,14 @@ from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
 import starter.cli as cli
+from inventory.load import parse_node_entry
+from inventory.model import Node, SecretRef, ServiceControl, SshTarget
 from lab import provision as lab_provision
 from lab.config import LabConfig
 from starter import client as zc
+from tests.cli_support import no_temporal, wide_consoles  # noqa: F401  (fixtures: no Temporal, wide consoles)
 from tests.e2e_support import assert_untouched, closed_port, snapshot, zerodown
 from tests.temporal_env import TEMPORAL_BIN, temporal_address
-from tests.test_cli import no_temporal, wide_consoles  # noqa: F401  (the same fixtures: no Temporal, wide consoles)
-from workflows.inventory import Node, SecretRef, ServiceControl, SshTarget, parse_node_entry
 from workflows.major_maintenance_window import MajorMaintenanceResult
 from workflows.minor_blue_green import MinorBlueGreenResult
 
@@ -248,7 +249,7 @@ async def test_plan_status_watch_and_the_plain_temporal_cli(
     assert "plan (dry run, nothing was changed)" in out and "plan hash: " in out
     olds = ", ".join(lab.node_name(i) for i in lab.node_indexes)
     assert f"{lab.nodes} new server(s) beside {olds} on main" in out
-    assert "3 clone node1-v2-0-0 from node2 (lab provisioning)" in out
+    assert "3 clone node1-v2-0-0 from node2 (command provisioning)" in out
     assert "4 true" in out and "5 save the template's web.config: db.pool_size" in out
     assert "13 wait for zero sessions (deadline 42s, then gate drain-deadline)" in out
     assert "18 gate terminate, then terminate the old servers" in out
@@ -267,7 +268,7 @@ async def test_plan_status_watch_and_the_plain_temporal_cli(
     code, out = await zerodown("watch", wf_id, "--address", temporal_address(temporal_env))
     assert code == 0, out
     assert "plan (dry run, nothing was changed)" in out
-    assert "3 clone node1-v2-0-0 from node2 (lab provisioning)" in out
+    assert "3 clone node1-v2-0-0 from node2 (command provisioning)" in out
 
     # The same plan with the plain temporal CLI, its input from `zerodown input` in a file.
     code, text, err = zd("input", "minor-blue-green", *options, "--dry-run")

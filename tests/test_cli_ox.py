@@ -23,9 +23,9 @@ from lab.ox import configdb
 from starter.client import ChildStatus, RunStatus, child_steps
 from starter.report import ox_nodes_summary, status_notes
 from tests.e2e_support import closed_port, zerodown
+from tests.gate_support import pending
 from tests.ox_support import NEW_SERVER, NEW_VERSION, classify, new_server_id, ox_fresh, s, states
 from tests.temporal_env import temporal_address
-from tests.test_guided_failure import pending
 from workflows.ox_node_upgrade import NodeShare, OxNodeUpgradeResult
 from workflows.ox_upgradeschemata import OxSchemataProgress
 from workflows.timeline import Progress, StepRecord

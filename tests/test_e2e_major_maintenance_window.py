@@ -17,13 +17,13 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
+from inventory.load import load_inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
+from tests.blue_green_support import choose, main_servers, pending, provisioned, two_old, wait_step
 from tests.e2e_support import kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
-from tests.test_e2e_minor_blue_green import choose, main_servers, pending, provisioned, two_old, wait_step
-from workflows.inventory import load_inventory
 from workflows.major_maintenance_window import (
     MajorMaintenanceInput,
     MajorMaintenanceResult,

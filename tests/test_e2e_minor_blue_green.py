@@ -6,7 +6,6 @@ traffic probe counting every failed request."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -17,14 +16,13 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from lab import haproxy as lab_haproxy
+from inventory.load import load_inventory
 from lab import mariadb as lab_mariadb
-from lab import provision as lab_provision
-from lab.config import BACKEND, LabConfig
+from lab.config import LabConfig
+from tests.blue_green_support import choose, main_servers, provisioned, two_old, wait_step
 from tests.e2e_support import kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
-from workflows.gates import Decision, GateRecord, PendingGate
-from workflows.inventory import Inventory, load_inventory
+from workflows.gates import PendingGate
 from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
 
 
@@ -32,15 +30,6 @@ def wf_id(name: str) -> str:
     return f"e2e-mbg-{name}-{uuid.uuid4().hex[:8]}"
 
 
-def two_old(lab: LabConfig, inv: Inventory) -> Inventory:
-    """A two-server site, cheaper to replace: node1 and node2 are the balancer's members;
-    node3 and node4 are put in maintenance (fresh_lab puts them back after the test)."""
-    for n in ("node3", "node4"):
-        assert not lab_haproxy.runtime_command(lab, f"set server {BACKEND}/{n} state maint").strip()
-    lb = inv.load_balancers[0]
-    members = {n: s for n, s in lb.members.items() if n in ("node1", "node2")}
-    return dataclasses.replace(inv, load_balancers=(dataclasses.replace(lb, members=members),
-                                                    *inv.load_balancers[1:]))
 
 
 async def start(client: Client, task_queue: str, inp: MinorBlueGreenInput,
@@ -49,18 +38,6 @@ async def start(client: Client, task_queue: str, inp: MinorBlueGreenInput,
                                        execution_timeout=timedelta(minutes=6))
 
 
-async def pending(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: float = 180) -> PendingGate:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        try:
-            for g in await handle.query("pending_gates", result_type=list[PendingGate]):
-                if g.gate == gate:
-                    return g
-        except Exception:  # a worker being replaced may not answer for a moment
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"gate {gate} never opened")
 
 
 async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...],
@@ -75,23 +52,8 @@ async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...],
     raise AssertionError(f"none of the gates {gates} opened")
 
 
-async def choose(handle: WorkflowHandle[Any, Any], gate: str, choice: str) -> None:
-    g = await pending(handle, gate)
-    await handle.execute_update("choose", Decision(gate=g.gate, by="alice", plan_hash=g.plan_hash,
-                                                   choice=choice, comment="e2e"), result_type=GateRecord)
 
 
-async def wait_step(handle: WorkflowHandle[Any, Any], prefix: str, timeout_s: float = 180) -> None:
-    from workflows.timeline import Progress
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        progress = await handle.query("progress", result_type=Progress)
-        if any(s.name.startswith(prefix) for s in progress.steps):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"step {prefix!r} never started")
 
 
 async def long_requests(lab: LabConfig, n: int, ms: int) -> list[tuple[int, str]]:
@@ -110,12 +72,8 @@ async def long_requests(lab: LabConfig, n: int, ms: int) -> list[tuple[int, str]
         return list(await asyncio.gather(*(one(s) for _ in range(n))))
 
 
-def provisioned(lab: LabConfig) -> set[str]:
-    return set(lab_provision.provisioned(lab))
 
 
-def main_servers(lab: LabConfig) -> dict[str, str]:
-    return {s: st for (b, s), st in lab_haproxy.server_states(lab).items() if b == BACKEND}
 
 
 async def test_minor_upgrade_with_zero_failed_requests_and_sessions_outliving_the_drain(

@@ -215,7 +215,7 @@ async def test_an_already_registered_server_aborted_at_its_gate_stops_the_run(ox
                                                                              lab_worker: str) -> None:
     """The gate is asked before anything changes; abort stops the whole run (a child's abort
     used to let the parent go on to the next node)."""
-    from tests.test_guided_failure import choose, pending
+    from tests.gate_support import choose, pending
 
     with configdb.connect(port=ox.primary_db_port, password=configdb.ox_db_password_file(ox)
                           .read_text().strip()) as conn:

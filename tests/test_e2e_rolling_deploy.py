@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from inventory.load import load_inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
@@ -30,7 +31,6 @@ from tests.e2e_support import (
     zerodown,
 )
 from tests.temporal_env import temporal_address
-from workflows.inventory import load_inventory
 from workflows.registry import ALL_WORKFLOWS
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 

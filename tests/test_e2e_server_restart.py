@@ -1,7 +1,7 @@
 """The Temporal server killed (SIGKILL) in the middle of a procedure and started again on its
 database file: the run completes, under the probe, with no failed request.
 
-Its own dev server (starter/devserver.py, the one `make demo` starts: SQLite state in
+Its own dev server (lab/devserver.py, the one `make demo` starts: SQLite state in
 --db-filename) on the test lab's Temporal ports, and a worker process that outlives the
 outage (its pollers retry until the server is back).
 """
@@ -19,11 +19,11 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
+from inventory.load import load_inventory
 from lab.config import LabConfig
+from lab.devserver import start_dev_server, stop_dev_server
 from lab.procs import read_pid
-from starter.devserver import start_dev_server, stop_dev_server
 from tests.e2e_support import probe, served_versions, ssh_commands, start_worker_process, stop_process
-from workflows.inventory import load_inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 from workflows.timeline import Progress
 

@@ -14,13 +14,14 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
 from tests.e2e_support import app_manifests, probe, run_command, served_versions, snapshot
+from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
-from tests.test_e2e_ss_rolling import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
-from workflows.inventory import Inventory, load_inventory
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
 
 THREE = ("node1", "node2", "node3")

@@ -5,11 +5,9 @@ Guard, and a worker killed during task seven."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import subprocess
-import uuid
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -17,13 +15,14 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 import activities.app_admin as app_admin
-import activities.mysql as mysql
+from inventory.load import load_inventory
+from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
@@ -39,19 +38,16 @@ from tests.e2e_support import (
     start_worker_process,
     zerodown,
 )
+from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
-from workflows.gates import Decision, GateRecord, PendingGate
-from workflows.inventory import Inventory, load_inventory
+from workflows.gates import Decision, GateRecord
 from workflows.registry import ALL_WORKFLOWS
 from workflows.ss_rolling import SsRollingInput, SsRollingResult, SsRollingWorkflow
 from workflows.timeline import Progress
 
 APPROVERS = {"staging-test": ("alice", "bob"), "upgrade-successful": ("alice", "bob"), "failure": ("bob",)}
-TEMPORAL = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "temporal")
 
 
-def wf_id(name: str) -> str:
-    return f"e2e-ss-{name}-{uuid.uuid4().hex[:8]}"
 
 
 def ss_inventory(lab: LabConfig) -> Inventory:
@@ -59,12 +55,6 @@ def ss_inventory(lab: LabConfig) -> Inventory:
     return dataclasses.replace(inv, approvers=APPROVERS)
 
 
-async def enforce_version_match(inv: Inventory, on: bool) -> None:
-    """Secret Server shows the version mismatch page: the lab app does too once enforced."""
-    assert inv.application.admin is not None
-    await app_admin.set_settings(app_admin.SettingsRequest(
-        base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on))
-    await asyncio.sleep(0.6)  # nodes cache the settings for up to half a second
 
 
 async def audit_actions(inv: Inventory) -> list[str]:
@@ -73,24 +63,8 @@ async def audit_actions(inv: Inventory) -> list[str]:
     return [e.action for e in events if e.audit_type == "ManualUpgrade"]
 
 
-async def wait_gate(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: float = 180) -> PendingGate:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            for g in await handle.query("pending_gates", result_type=list[PendingGate]):
-                if g.gate == gate:
-                    return g
-        except Exception:  # no worker answered yet
-            pass
-        await asyncio.sleep(0.2)
-    progress = await handle.query("progress", result_type=Progress)
-    raise AssertionError(f"gate {gate} never opened; phase {progress.phase}; last steps "
-                         f"{[(s.name, s.result, s.detail) for s in progress.steps[-3:]]}")
 
 
-async def checksums(inv: Inventory) -> dict[str, str]:
-    sums = await mysql.table_checksums(inv.databases[0])
-    return {t: c for t, c in sums.items() if t != "tbAudit"}
 
 
 @pytest.fixture

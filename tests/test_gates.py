@@ -17,11 +17,11 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, Work
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from inventory.model import Inventory
 from tests.e2e_support import run_command, zerodown
+from tests.fake_site import FakeSite, site
 from tests.temporal_env import TEMPORAL_BIN, running_worker, temporal_address
-from tests.test_rolling_deploy_logic import FakeSite, site
 from workflows.gates import Decision, PendingGate
-from workflows.inventory import Inventory
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"

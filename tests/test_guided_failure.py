@@ -7,7 +7,6 @@ through the `choose` update exactly as `zerodown resolve` sends it.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from datetime import timedelta
 from typing import Any
@@ -17,9 +16,10 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
+from tests.fake_site import FakeSite, site
+from tests.gate_support import choose, pending
 from tests.temporal_env import running_worker
-from tests.test_rolling_deploy_logic import FakeSite, site
-from workflows.gates import Decision, GateRecord, PendingGate
+from workflows.gates import Decision, GateRecord
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 from workflows.timeline import Progress
 
@@ -38,22 +38,8 @@ async def start(client: Client, task_queue: str, inp: RollingDeployInput) -> Wor
                                        task_queue=task_queue, execution_timeout=timedelta(seconds=90))
 
 
-async def pending(handle: WorkflowHandle[Any, Any], gate: str) -> PendingGate:
-    for _ in range(200):
-        gates = await handle.query("pending_gates", result_type=list[PendingGate])
-        for g in gates:
-            if g.gate == gate:
-                return g
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"gate {gate} never opened")
 
 
-async def choose(handle: WorkflowHandle[Any, Any], gate: PendingGate, choice: str,
-                 by: str = "ops1") -> GateRecord:
-    record: GateRecord = await handle.execute_update(
-        "choose", Decision(gate=gate.gate, by=by, plan_hash=gate.plan_hash, choice=choice, comment="t"),
-        result_type=GateRecord)
-    return record
 
 
 async def test_retry_after_the_cause_is_fixed_completes_and_counts_the_rerun(client: Client,

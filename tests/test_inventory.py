@@ -8,15 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from workflows.inventory import (
-    AdminApi,
-    InventoryError,
-    MaintenanceSwitch,
-    SecretRef,
-    UnknownNodeError,
-    load_inventory,
-    parse_inventory,
-)
+from inventory.load import load_inventory, parse_inventory
+from inventory.model import AdminApi, InventoryError, MaintenanceSwitch, SecretRef, UnknownNodeError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
 

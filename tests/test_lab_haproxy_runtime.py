@@ -33,15 +33,15 @@ from activities import haproxy as lb_api
 from activities.haproxy import (
     AddServerRequest,
     DelServerRequest,
-    LbRequest,
     MaintenanceRequest,
     PreviewCheckRequest,
 )
+from inventory.load import load_inventory
+from inventory.model import Inventory, LoadBalancer
 from lab import haproxy, nodes
 from lab.config import BACKEND, TEST_BACKEND, LabConfig
 from lab.probe import run_probe
 from lab.procs import read_pid
-from workflows.inventory import Inventory, LoadBalancer, load_inventory
 
 SLOW_MS = 3000
 
@@ -164,7 +164,7 @@ async def test_add_server_serves_del_refuses_with_a_session_then_detaches(
 
     status, headers, _ = await _get(f"{lab.test_url}/version")
     assert status == 200 and headers["X-Served-By"] == headers["X-Node"] == name
-    rows = await env.run(lb_api.lb_list_servers, LbRequest(test))
+    rows = await lb_api.list_servers(test)
     assert [(r.svname, r.status, r.check_status) for r in rows] == [(name, "UP", "L7OK")]
 
     async with aiohttp.ClientSession() as session:
@@ -269,7 +269,7 @@ async def test_health_file_drain_keeps_the_open_session(lab: LabConfig, inv: Inv
 async def test_maintenance_page_switched_without_reload(lab: LabConfig, inv: Inventory) -> None:
     main, env = _lb(inv, "main"), _env()
     pid = _pid(lab)
-    assert await env.run(lb_api.lb_maintenance_state, LbRequest(main)) is False
+    assert await lb_api.maintenance_state(main) is False
     assert await env.run(lb_api.lb_set_maintenance, MaintenanceRequest(main, True)) is True
     assert await env.run(lb_api.lb_set_maintenance, MaintenanceRequest(main, True)) is True  # a set
     for path in ("/items", "/version", "/"):
@@ -281,7 +281,7 @@ async def test_maintenance_page_switched_without_reload(lab: LabConfig, inv: Inv
         assert r.status == 503 and "Retry-After" in r.headers
     # Only the main frontend: the secondary still reaches its (maintenance) servers.
     assert "Retry-After" not in (await _get(f"http://127.0.0.1:{lab.secondary_port}/health"))[1]
-    assert await env.run(lb_api.lb_maintenance_state, LbRequest(main)) is True
+    assert await lb_api.maintenance_state(main) is True
     assert _pid(lab) == pid
     assert await env.run(lb_api.lb_set_maintenance, MaintenanceRequest(main, False)) is False
     status, headers, _ = await _get(f"{lab.main_url}/version")

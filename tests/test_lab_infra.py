@@ -18,11 +18,10 @@ from multidict import CIMultiDict
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
-from lab import haproxy, manager, mariadb, nodes
+from inventory.load import load_inventory
+from lab import devserver, haproxy, manager, mariadb, nodes
 from lab.config import BACKEND, DB_NAME, DB_USER, SECONDARY_BACKEND, LabConfig
 from lab.procs import pid_alive, pid_running, read_pid
-from starter import devserver
-from workflows.inventory import load_inventory
 
 
 async def _get_versions(cfg: LabConfig, n: int) -> list[tuple[int, CIMultiDict[str], dict[str, object]]]:

@@ -23,12 +23,12 @@ import pytest
 
 from activities import ssh
 from activities.ssh import CommandResult
+from inventory.load import load_inventory
 from lab import haproxy, manager
 from lab.config import OX_BACKEND, OX_SECONDARY_BACKEND, LabConfig
 from lab.ox import configdb, tools
 from lab.ox import nodes as ox_nodes
 from lab.procs import port_open, read_pid
-from workflows.inventory import load_inventory
 
 OLD = "7.10.0"
 NEW = "7.10.1"

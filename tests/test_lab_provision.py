@@ -1,7 +1,8 @@
-"""Servers that come and go, against the real lab (session fixture `lab`): the lab kind of
-provisioning (lab/provision.py through the activities), the command kind driving
-`python -m lab.provision` from an inventory in the lab root, failing and misbehaving
-commands, the saved copy of settings (seed 003 step 5) and lab_reset putting the lab back.
+"""Servers that come and go, against the real lab (session fixture `lab`): the lab's own
+inventory provisions through commands (`python -m lab.provision`, as any site's would), an
+inventory of the command kind written here driving the same CLI, a request of a run started
+before v0.3.0 (kind lab) still served, failing and misbehaving commands, the saved copy of
+settings (seed 003 step 5) and lab_reset putting the lab back.
 
 Every test destroys the nodes it created; the one that destroys an original node resets
 the lab.
@@ -41,9 +42,10 @@ from activities.provision import (
     provision_start,
     save_settings_copy,
 )
+from inventory.load import load_inventory
+from inventory.model import Inventory, Node, Provisioning, ServerArray
 from lab import provision as lab_provision
 from lab.config import BACKEND, LabConfig
-from workflows.inventory import Inventory, Node, Provisioning, ServerArray, load_inventory
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +110,14 @@ def lab_cli(action: str) -> str:
     return f"{shlex.quote(sys.executable)} -m lab.provision {action} --root .{template} --name {{name}}"
 
 
-# =========================================================================== the lab kind
+# =========================================================================== the lab's inventory
 
 
-async def test_lab_kind_clone_launch_terminate(lab: LabConfig, inv: Inventory, created: list[str]) -> None:
+async def test_the_labs_inventory_clones_launches_terminates(lab: LabConfig, inv: Inventory,
+                                                             created: list[str]) -> None:
+    # The lab plugs in from outside: its inventory names commands, like a site's.
     prov = inv.provisioning
-    assert prov is not None and prov.kind == "lab" and Path(prov.lab_root or "") == lab.abs_root
+    assert prov is not None and prov.kind == "command" and "-m lab.provision create" in (prov.create or "")
     template = inv.node("node1")
     # A backup on the template must not travel with the clone.
     backups = lab.node_dir(1) / ".zerodown" / "backups"
@@ -195,6 +199,18 @@ def test_lab_refuses_bad_names_and_templates(lab: LabConfig) -> None:
 
 
 # =========================================================================== the command kind
+
+
+async def test_a_run_started_before_v030_still_provisions(lab: LabConfig, inv: Inventory,
+                                                         created: list[str]) -> None:
+    # Its stored input says kind lab: the activity runs the lab's commands for it.
+    prov = Provisioning(kind="lab", lab_root=str(lab.abs_root))
+    created.append("old-run")
+    here = str(lab.abs_root)
+    node = await _env().run(provision_create, CreateServerRequest(prov, inv.node("node1"), "old-run", here))
+    assert node.name == "old-run" and (lab.nodes_dir / "old-run").is_dir()
+    await _env().run(provision_destroy, ServerRequest(prov, "old-run", here))
+    assert not (lab.nodes_dir / "old-run").exists()
 
 
 async def test_command_kind_drives_the_lab_cli(lab: LabConfig, created: list[str]) -> None:
@@ -287,14 +303,13 @@ async def test_invalid_output_is_refused(lab: LabConfig, inv: Inventory) -> None
 async def test_array_commands_run_in_the_inventory_folder(tmp_path: Path) -> None:
     array = ServerArray(name="web-array", disable="echo disabled {name} > array.state",
                         enable="echo enabled {name} > array.state")
-    req = ArrayRequest(Provisioning(kind="lab", lab_root=".", array=array), str(tmp_path))
+    req = ArrayRequest(Provisioning(kind="command", array=array), str(tmp_path))
     await _env().run(provision_array_disable, req)
     assert (tmp_path / "array.state").read_text() == "disabled web-array\n"
     await _env().run(provision_array_enable, req)
     assert (tmp_path / "array.state").read_text() == "enabled web-array\n"
     with pytest.raises(ApplicationError) as e:
-        await _env().run(provision_array_enable, ArrayRequest(Provisioning(kind="lab", lab_root="."),
-                                                              str(tmp_path)))
+        await _env().run(provision_array_enable, ArrayRequest(Provisioning(kind="command"), str(tmp_path)))
     assert e.value.type == "InvalidRequest" and "no server array" in e.value.message
 
 

@@ -21,17 +21,13 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities import mysql, replication
-from activities.common import (
-    DB_REPLICA_TIMEOUT,
-    DB_REPLICATION_BROKEN,
-    DB_WRITES_CONTINUE,
-    WARM_REPLICA_CONFLICT,
-)
-from activities.mysql import DbRequest, ReplicaRequest
-from activities.replication import TableStatsRequest, WaitSyncRequest, WritesStoppedRequest
+from activities.mysql import DbRequest
+from activities.replication import WaitSyncRequest, WritesStoppedRequest
+from errors import DB_REPLICA_TIMEOUT, DB_REPLICATION_BROKEN, DB_WRITES_CONTINUE, WARM_REPLICA_CONFLICT
+from inventory.load import load_inventory
+from inventory.model import Database, DatabaseEndpoint
 from lab import mariadb as lab_mariadb
 from lab.config import DB_NAME, LabConfig
-from workflows.inventory import Database, DatabaseEndpoint, load_inventory
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,7 @@ async def _record_state(db: Database) -> str | None:
 
 
 async def _stats(db: Database, endpoint: DatabaseEndpoint | None = None) -> replication.TableStats:
-    return await _env().run(replication.db_row_counts_and_checksums, TableStatsRequest(db, endpoint))
+    return await replication.table_stats(db, endpoint)
 
 
 async def _sync(db: Database, timeout_s: float = 30) -> Any:
@@ -109,7 +105,7 @@ async def _expect(error_type: str, fn: Any, req: Any, env: ActivityEnvironment |
 
 async def test_warm_server_starts_empty_and_the_admin_account_works(lab: LabConfig, db: Database) -> None:
     assert await asyncio.to_thread(lab_mariadb.warm_problems, lab) == []
-    st = await _env().run(mysql.db_replica_status, ReplicaRequest(db, db.warm_replica))
+    st = await mysql.replica_status(db, db.warm_replica)
     assert (st.configured, st.read_only, st.host, st.port) == (False, False, "127.0.0.1", lab.warm_db_port)
     # The admin account also works on the primary (it dumps every database from there).
     assert db.admin_user == lab_mariadb.ADMIN_USER
@@ -371,7 +367,7 @@ async def test_promote_makes_the_warm_server_a_writable_primary(lab: LabConfig, 
         await _env().run(replication.db_stop_replication, DbRequest(db))
     endpoint = await _env().run(replication.db_promote_warm_replica, DbRequest(db))
     assert endpoint == db.warm_replica
-    st = await _env().run(mysql.db_replica_status, ReplicaRequest(db, db.warm_replica))
+    st = await mysql.replica_status(db, db.warm_replica)
     assert not st.configured and not st.read_only
     # The application's account (copied with the data) writes there now.
     app_on_warm = dataclasses.replace(db, host=endpoint.host, port=endpoint.port, replica=None)

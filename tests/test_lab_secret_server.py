@@ -31,16 +31,16 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import app_admin, mysql
 from activities.app_admin import (
-    AdminRequest,
     AuditRequest,
     SettingsRequest,
     WaitSettingsRequest,
 )
+from inventory.load import load_inventory
+from inventory.model import AdminApi, Database, SecretRef
 from lab import haproxy, manager, mariadb, nodes, packages
 from lab.config import DB_NAME, DB_USER, SCRATCH_DB_NAME, STAGING_DB_NAME, STAGING_NAME, LabConfig
 from lab.probe import run_probe
 from tests.e2e_support import ensure_site_defaults, staging_problems, zerodown
-from workflows.inventory import AdminApi, Database, SecretRef, load_inventory
 
 MISMATCH_HEADER = "version-mismatch"
 
@@ -362,7 +362,7 @@ async def test_audit_is_idempotent_by_reference_and_ordered(lab: LabConfig) -> N
     cancel = await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, "CANCEL"))
     cancel2 = await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, "CANCEL"))
     assert cancel.audit_id != cancel2.audit_id
-    rows = await env.run(app_admin.app_list_audit, AdminRequest(node_url(lab, 4), api))
+    rows = await app_admin.list_audit(node_url(lab, 4), api)
     assert [(r.audit_id, r.action) for r in rows] == [
         (first.audit_id, "STARTED"), (second.audit_id, "VERIFY DELTAS"), (cancel.audit_id, "CANCEL"),
         (cancel2.audit_id, "CANCEL")]

@@ -22,10 +22,12 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from activities import detached
 from lab.config import LabConfig
 from lab.ox import configdb
 from lab.ox import nodes as ox_nodes
 from tests.e2e_support import keep_history, start_worker_process
+from tests.gate_support import choose, pending
 from tests.ox_support import (
     APPROVER,
     NEW_SERVER,
@@ -41,7 +43,6 @@ from tests.ox_support import (
     states,
 )
 from tests.temporal_env import temporal_address
-from tests.test_guided_failure import choose, pending
 from workflows.ox_upgradeschemata import OxSchemataProgress, OxUpgradeSchemataResult
 
 EIGHT = tuple(s(i) for i in range(1, 9))
@@ -391,3 +392,26 @@ async def test_a_runupdate_over_its_budget_is_left_running_not_doubled(ox: LabCo
             break
         await asyncio.sleep(0.1)
     assert (states(ox)[s(1)].update_state, states(ox)[s(1)].update_runs) == ("done", 1)
+    # Its end, past the budget, enables nothing: the run reported it left disabled.
+    await asyncio.sleep(1.0)
+    assert not states(ox)[s(1)].enabled
+
+
+async def test_enable_follows_runupdate_on_the_update_node(ox: LabConfig, client: Client,
+                                                           lab_worker: str) -> None:
+    # Step 7 runs on the update node as runupdate's follow-up (activities/detached `then`): no
+    # trip through the worker while the schema is disabled. A follow-up that fails there (a
+    # transient 107) is run again from the worker; the schema ends enabled either way.
+    configdb.inject_tool_fault(ox, "enableschema", "remote", 1)
+    wf_id = "oxs-enable-on-update"
+    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT[:2],
+                                                                     on_failure="rollback"), wf_id)
+    result: OxUpgradeSchemataResult = await handle.result()
+    assert set(result.upgraded) == names(1, 2) and not result.failed
+    assert all(states(ox)[x].enabled and states(ox)[x].server_id == new_server_id(ox) for x in EIGHT[:2])
+    enables = [st for st in result.steps if st.name.startswith("7 enable schema")]
+    assert {st.node for st in enables} == {"ox1"} and len(enables) == 2
+    jobs = ox.ox_node_dir(1) / detached.JOBS_DIR
+    follow_ups = {x: (jobs / detached.job_key(f"runupdate-{x}", wf_id, handle.result_run_id or "", x, "0")
+                      / "then.rc").read_text().strip() for x in EIGHT[:2]}
+    assert follow_ups == {s(1): "107", s(2): "0"}

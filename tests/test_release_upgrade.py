@@ -36,9 +36,9 @@ from temporalio.worker import Replayer
 from lab.config import LabConfig
 from lab.ox import configdb
 from tests.e2e_support import stop_process
+from tests.gate_support import choose, pending
 from tests.ox_support import classify, names, ox_fresh, s, schemata_input
 from tests.temporal_env import temporal_address
-from tests.test_guided_failure import choose, pending
 from workflows.ox_upgradeschemata import PATCH_ORDER_AND_EMPTY, OxUpgradeSchemataResult
 from workflows.registry import ALL_WORKFLOWS
 

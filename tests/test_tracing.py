@@ -7,8 +7,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.testing import WorkflowEnvironment
 
+from tests.fake_site import FakeSite, site
 from tests.temporal_env import temporal_address
-from tests.test_rolling_deploy_logic import FakeSite, site
 from worker.main import build_worker, connect
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 

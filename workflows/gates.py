@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
+from errors import GATE_REFUSED
 from workflows.timeline import Timeline
 
 ON_TIMEOUT = ("reject", "hold")
@@ -37,6 +39,9 @@ def gate_family(gate: str) -> str:
     """`failure:N5@node2` -> `failure`; a plain gate name is its own family."""
     return gate.split(":", 1)[0]
 
+
+# How a gate was decided.
+GateOutcome = Literal["approved", "rejected", "chosen", "timed out"]
 
 @dataclass(frozen=True)
 class GateSpec:
@@ -77,7 +82,7 @@ class SignalDecision:
 @dataclass(frozen=True)
 class GateRecord:
     gate: str
-    outcome: str  # approved | rejected | chosen | timed out
+    outcome: GateOutcome
     by: str | None
     at: datetime
     via: str  # update | signal | timeout
@@ -104,7 +109,7 @@ class PendingGate:
 
 
 def refused(message: str) -> ApplicationError:
-    return ApplicationError(message, type="GateRefused", non_retryable=True)
+    return ApplicationError(message, type=GATE_REFUSED, non_retryable=True)
 
 
 class Gates:
@@ -153,7 +158,7 @@ class Gates:
                           "or `zerodown status`, then decide on that plan")
 
     def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
-        outcome = "chosen" if d.choice else "approved" if approve else "rejected"
+        outcome: GateOutcome = "chosen" if d.choice else "approved" if approve else "rejected"
         record = GateRecord(gate=d.gate, outcome=outcome, by=d.by, at=workflow.now(), via=via,
                             comment=d.comment, plan_hash=d.plan_hash, choice=d.choice)
         self._pending.pop(d.gate, None)

@@ -48,7 +48,6 @@ re-attached, then the page lifted: the site runs the old code on the data as it 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -56,20 +55,36 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.haproxy as haproxy
     import activities.http_checks as http_checks
     import activities.mysql as mysql
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
     import activities.node as node
     import activities.provision as provision
     import activities.replication as replication
-    from workflows.inventory import Database, DatabaseEndpoint, Inventory, LoadBalancer, Node
+    from inventory.model import Database, DatabaseEndpoint, Inventory, LoadBalancer, Node
 
+from errors import BACKUP_INCONSISTENT, GATE_REJECTED, UNEXPECTED_STATE
 from workflows.gates import GateSpec
-from workflows.minor_blue_green import default_names, inventory_dir, server_address, with_member
-from workflows.procedure import LONG, check_on_failure
+from workflows.procedure import LONG, OnFailure, ProcedureOptions, required
 from workflows.saga import reason
-from workflows.site_steps import SiteProcedure, preflight_failed, run_key
+from workflows.site_steps import (
+    SiteProcedure,
+    default_names,
+    inventory_dir,
+    preflight_failed,
+    run_key,
+    server_address,
+    with_member,
+)
 from workflows.timeline import StepRecord
 
 PROCEDURE = "major-maintenance-window"
@@ -81,7 +96,7 @@ WINDOW_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
-class MajorMaintenanceInput:
+class MajorMaintenanceInput(ProcedureOptions):
     inventory: Inventory
     package_path: str
     lb: str = ""
@@ -92,11 +107,8 @@ class MajorMaintenanceInput:
     # once the old servers are stopped.
     writes_quiet_s: float = 0.5
     replica_timeout_s: float = 300.0
-    gate_timeout_s: float = 3600.0
-    dry_run: bool = False
-    started_by: str | None = None
-    on_failure: str = "rollback"
-    failure_gate_timeout_s: float = 3600.0
+    # This procedure's default on a failed step: roll back at once (ProcedureOptions).
+    on_failure: OnFailure = field(default="rollback", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -143,17 +155,13 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: MajorMaintenanceInput) -> MajorMaintenanceResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         self.timeline.set_phase("preflight")
         lb, test_lb, old, package, db, pending, names = await self._preflight(inp)
         self.main_lb = lb.name
         self.timeline.nodes_total = len(old)
         plan = self._plan(inp, lb, test_lb, old, package, db, pending, names)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inp, package, old, plan, True, ())
         snapshots: list[str] = []
         key = run_key()
@@ -270,7 +278,9 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                 ),
                 self._replica_in_sync_then_stopped(inp, db),
             )
-            assert isinstance(snapshot, mysql.DbBackup)
+            if not isinstance(snapshot, mysql.DbBackup):
+                raise ApplicationError(f"internal: the snapshot step returned {type(snapshot).__name__}",
+                                       type=UNEXPECTED_STATE, non_retryable=True)
             snapshots.append(snapshot.path)
             # 23 the migrations: the point of no return.
             self.saga.register(
@@ -342,7 +352,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             if decision.choice != "go-live":
                 raise ApplicationError(
                     f"revert chosen at gate go-live ({decision.by or 'timeout'})",
-                    type="GateRejected",
+                    type=GATE_REJECTED,
                     non_retryable=True,
                 )
             # 31 the page lifted; 32 snapshot; 33 END SITE DOWNTIME.
@@ -380,8 +390,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         terminated: list[str] = []
         if self.terminate:
             self.timeline.set_phase("terminate")
-            prov = inv.provisioning
-            assert prov is not None
+            prov = required(inv.provisioning, "the inventory's provisioning")
             for n in old:
                 await self.step(
                     "37 terminate the old server",
@@ -470,7 +479,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                 problems.append(f"gate {gate}: the inventory lists no approvers for it")
         if problems:
             raise preflight_failed(problems, [])
-        assert db is not None and test_lb is not None
+        db, test_lb = required(db, "the database"), required(test_lb, "the test load balancer")
         self.previous = await self.preflight_nodes(inv, old, package)
         try:
             schema: int = await self.timeline.step(
@@ -537,7 +546,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
             if restored.mismatched:
                 raise ApplicationError(
                     f"the backup did not restore: {', '.join(restored.mismatched)} differ",
-                    type="BackupInconsistent",
+                    type=BACKUP_INCONSISTENT,
                     non_retryable=True,
                 )
         finally:
@@ -553,8 +562,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
 
     async def _clone(self, inp: MajorMaintenanceInput, template: Node, name: str, seed: str) -> Node:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         self.saga.register(f"new server {name}", partial(self._destroy_new, inp, name))
         n: Node = await self.step(
             f"{seed} clone from {template.name}",
@@ -574,8 +582,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
 
     async def _launch(self, inp: MajorMaintenanceInput, n: Node, version: str) -> None:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         await self.change(
             provision.provision_start,
             provision.ServerRequest(provisioning=prov, name=n.name, inventory_dir=inventory_dir(inv)),
@@ -625,8 +632,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
     async def _start_new(self, inp: MajorMaintenanceInput, n: Node, first: str) -> None:
         """26-29 for a new server that could not run before the migration."""
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         if n.name != first:  # the clones were never launched
             await self.step(
                 "26-29 launch the new server",
@@ -659,30 +665,8 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         )
 
     async def _attach(self, lb: LoadBalancer, n: Node, seed: str) -> None:
-        member = with_member(lb, n.name)
         (self.state.on_test if lb.name != self.main_lb else self.state.on_main).append(n.name)
-        await self.step(
-            f"{seed} attach to {lb.name}",
-            partial(
-                self.change,
-                haproxy.lb_add_server,
-                haproxy.AddServerRequest(lb=member, node=n.name, address=server_address(n)),
-                local=True,
-            ),
-            node=n.name,
-            seed_step=seed,
-        )
-        await self.step(
-            f"{seed} wait UP on {lb.name}",
-            partial(
-                self.wait,
-                haproxy.lb_wait_up,
-                haproxy.WaitRequest(lb=member, node=n.name, timeout_s=UP_TIMEOUT_S),
-                UP_TIMEOUT_S,
-            ),
-            node=n.name,
-            seed_step=seed,
-        )
+        await self.attach(lb, n, seed, local=True)
 
     async def _detach(self, lb: LoadBalancer, name: str, seed: str, old_server: bool = False) -> None:
         await self.step(
@@ -737,8 +721,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
 
     async def _destroy_new(self, inp: MajorMaintenanceInput, name: str) -> None:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         lbs = {x.name: x for x in inv.load_balancers}
         for attached, lb_name in ((self.state.on_main, self.main_lb), (self.state.on_test, inp.test_lb)):
             if name in attached:

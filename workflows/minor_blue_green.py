@@ -37,28 +37,43 @@ old code runs on the new schema: keeping it is the default).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
-from urllib.parse import urlsplit
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.haproxy as haproxy
     import activities.http_checks as http_checks
     import activities.mysql as mysql
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
     import activities.node as node
     import activities.provision as provision
-    from workflows.inventory import Database, Inventory, LoadBalancer, Node
+    from inventory.model import Database, Inventory, LoadBalancer, Node
 
+from errors import DRAIN_TIMEOUT, GATE_REJECTED, INVALID_INPUT, SESSIONS_OPEN
 from workflows.gates import GateSpec
-from workflows.procedure import LONG, check_on_failure
+from workflows.procedure import LONG, OnFailure, ProcedureOptions, required
 from workflows.saga import reason
-from workflows.site_steps import SiteProcedure, error_type, preflight_failed, run_key
+from workflows.site_steps import (
+    SiteProcedure,
+    default_names,
+    error_type,
+    inventory_dir,
+    preflight_failed,
+    run_key,
+    server_address,
+    with_member,
+)
 from workflows.timeline import StepRecord
 
 PROCEDURE = "minor-blue-green"
@@ -69,7 +84,7 @@ UP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
-class MinorBlueGreenInput:
+class MinorBlueGreenInput(ProcedureOptions):
     inventory: Inventory
     # The new release (seed step 6's "latest application code").
     package_path: str
@@ -86,11 +101,8 @@ class MinorBlueGreenInput:
     system_commands: tuple[str, ...] = ()
     # Step 13: how long the old servers' sessions may take before the gate asks.
     drain_deadline_s: float = 300.0
-    gate_timeout_s: float = 3600.0
-    dry_run: bool = False
-    started_by: str | None = None
-    on_failure: str = "rollback"
-    failure_gate_timeout_s: float = 3600.0
+    # This procedure's default on a failed step: roll back at once (ProcedureOptions).
+    on_failure: OnFailure = field(default="rollback", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -111,18 +123,10 @@ class MinorBlueGreenResult:
     forced_detach: bool = False
 
 
-def server_address(n: Node) -> str:
-    """host:port where the balancer reaches a node: its own url's."""
-    parts = urlsplit(n.url)
-    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def default_names(old: list[Node], version: str) -> tuple[str, ...]:
-    return tuple(f"{n.name}-v{version.replace('.', '-')}"[:63] for n in old)
 
 
-def with_member(lb: LoadBalancer, name: str) -> LoadBalancer:
-    return dataclasses.replace(lb, members={**lb.members, name: lb.members.get(name, name)})
 
 
 @dataclass
@@ -150,16 +154,12 @@ class MinorBlueGreenWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: MinorBlueGreenInput) -> MinorBlueGreenResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         self.timeline.set_phase("preflight")
         lb, old, package, db, pending, names = await self._preflight(inp)
         self.timeline.nodes_total = len(old)
         plan = self._plan(inp, lb, old, package, db, pending, names)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inp, package, old, plan, True, None, ())
 
         snapshot: list[mysql.DbBackup] = []
@@ -221,7 +221,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                 timeout_s=inp.gate_timeout_s, on_timeout="keep", choices=TERMINATE_CHOICES))
             if decision.choice == "rollback":
                 raise ApplicationError(f"rollback chosen at gate terminate by {decision.by}",
-                                       type="GateRejected", non_retryable=True)
+                                       type=GATE_REJECTED, non_retryable=True)
             self.terminate = decision.choice == "terminate"
 
         self.guided = inp.on_failure == "ask"
@@ -354,8 +354,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
     async def _new_server(self, inp: MinorBlueGreenInput, template: Node, name: str,
                           package: deploy.PackageInfo, saved: list[str], first: bool) -> Node:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         where = inventory_dir(inv)
         self.saga.register(f"new server {name}", partial(self._destroy_new, inp, name))
         self.state.created.append(name)
@@ -408,15 +407,8 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         return n
 
     async def _attach(self, lb: LoadBalancer, n: Node, seed_step: str) -> None:
-        member = with_member(lb, n.name)
         self.state.attached.append(n.name)
-        await self.step(f"{seed_step} attach to {lb.name}", partial(
-            self.change, haproxy.lb_add_server, haproxy.AddServerRequest(
-                lb=member, node=n.name, address=server_address(n))), node=n.name, seed_step=seed_step)
-        await self.step(f"{seed_step} wait UP on {lb.name}", partial(
-            self.wait, haproxy.lb_wait_up,
-            haproxy.WaitRequest(lb=member, node=n.name, timeout_s=UP_TIMEOUT_S), UP_TIMEOUT_S),
-            node=n.name, seed_step=seed_step)
+        await self.attach(lb, n, seed_step)
 
     async def _array(self, inv: Inventory, verb: str, seed_step: str) -> None:
         prov = inv.provisioning
@@ -433,9 +425,9 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                                partial(self._enable_array, inv))
 
     async def _enable_array(self, inv: Inventory) -> None:
-        prov = inv.provisioning
-        assert prov is not None and prov.array is not None
-        await self.timeline.step(f"rollback: enable server array {prov.array.name}", self.change(
+        prov = required(inv.provisioning, "the inventory's provisioning")
+        array = required(prov.array, "provisioning.array")
+        await self.timeline.step(f"rollback: enable server array {array.name}", self.change(
             provision.provision_array_enable, provision.ArrayRequest(provisioning=prov,
                                                                      inventory_dir=inventory_dir(inv))))
 
@@ -452,7 +444,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                         node=n.name, seed_step="13")
                     break
                 except ActivityError as e:
-                    if error_type(e) != "DrainTimeout":
+                    if error_type(e) != DRAIN_TIMEOUT:
                         raise
                     choice = await self._drain_gate(inp, n, e)
                     if choice == "wait":
@@ -461,7 +453,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                         self.forced = True
                         break
                     raise ApplicationError(f"rollback chosen at gate drain-deadline ({reason(e)})",
-                                           type="GateRejected", non_retryable=True) from None
+                                           type=GATE_REJECTED, non_retryable=True) from None
             if self.forced:
                 break
         self.drain_s = (workflow.now() - started).total_seconds()
@@ -481,7 +473,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         base = lb.frontend_url or inv.application.url
         if not base:
             raise ApplicationError(f"load balancer {lb.name}: no frontend_url nor application.url to test "
-                                   "the site through", type="InvalidInput", non_retryable=True)
+                                   "the site through", type=INVALID_INPUT, non_retryable=True)
         # Round robin: twice as many requests as servers reach each at least once.
         for _ in range(2 * servers):
             await self.read(http_checks.get_version, http_checks.VersionRequest(
@@ -492,20 +484,18 @@ class MinorBlueGreenWorkflow(SiteProcedure):
 
     async def _terminate(self, inp: MinorBlueGreenInput, n: Node) -> None:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         left: node.OpenSessions = await self.read(node.count_open_sessions, node.ServiceRequest(node=n))
         if left.sessions:
             raise ApplicationError(f"{n.name} still holds {left.sessions} session(s) on port {left.port}: "
-                                   "not terminated", type="SessionsOpen", non_retryable=True)
+                                   "not terminated", type=SESSIONS_OPEN, non_retryable=True)
         await self.change(provision.provision_destroy, provision.ServerRequest(
             provisioning=prov, name=n.name, inventory_dir=inventory_dir(inv)), timeout=LONG)
 
     # ------------------------------------------------------------------ compensations
     async def _destroy_new(self, inp: MinorBlueGreenInput, name: str) -> None:
         inv = inp.inventory
-        prov = inv.provisioning
-        assert prov is not None
+        prov = required(inv.provisioning, "the inventory's provisioning")
         lb = self._lb(inp)
         n = self.state.new_nodes.get(name)
         if name in self.state.attached and n is not None:
@@ -569,9 +559,4 @@ class MinorBlueGreenWorkflow(SiteProcedure):
             plan=plan, steps=tuple(self.timeline.steps), plan_hash=self.plan_hash, db_snapshot=snapshot,
             settings_copy=saved, drain_s=self.drain_s, forced_detach=self.forced)
 
-
-def inventory_dir(inv: Inventory) -> str:
-    """The inventory file's folder: where the provisioning commands run."""
-    src = inv.source or ""
-    return src.rsplit("/", 1)[0] if "/" in src else "."
 

@@ -42,7 +42,6 @@ Deterministic: only workflow APIs inside.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,22 +50,32 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver  # noqa: F401 (for the sandbox, see above)
     import activities.haproxy as haproxy
     import activities.http_checks as http_checks
     import activities.ox as ox
     import activities.ssh as ssh
-    from workflows.inventory import Inventory, LoadBalancer, Node, OxSettings, UnknownNodeError
+    from inventory.model import Inventory, LoadBalancer, Node, OxSettings, UnknownNodeError
 
-from workflows import timeouts
-from workflows.ox_upgradeschemata import (
-    PATCH_ORDER_AND_EMPTY,
-    OxUpgradeSchemataInput,
-    SchemaFailure,
-    registered_gate,
-    schema_order,
+from errors import (
+    INVALID_INPUT,
+    NOT_IN_POOL,
+    PROCEDURE_ABORTED,
+    REGISTRATION_ABORTED,
+    SCHEMATA_NOT_MOVED,
+    SSH_UNREACHABLE,
+    UNEXPECTED_STATE,
+    UNKNOWN_NODE,
 )
-from workflows.procedure import check_on_failure
+from workflows import timeouts
+from workflows.ox_steps import PATCH_ORDER_AND_EMPTY, SchemaFailure, registered_gate, schema_order
+from workflows.ox_upgradeschemata import OxUpgradeSchemataInput
+from workflows.procedure import ProcedureOptions
 from workflows.saga import reason
 from workflows.site_steps import SiteProcedure, preflight_failed
 from workflows.timeline import StepRecord
@@ -87,13 +96,16 @@ PATCH_CHILD_ABORT = "ox-child-abort-stops-parent-v1"
 PATCH_CLOSED_POOLS = "ox-closed-pools-v1"
 # Seed step 2: the new release must not join the old release's Hazelcast cluster.
 PATCH_HAZELCAST = "ox-hazelcast-group-v1"
+# A rollback with schemata already moved keeps the redirect on the old nodes (their users reach
+# the new server only through it).
+PATCH_KEEP_REDIRECT_WHILE_MOVED = "ox-keep-redirect-while-moved-v1"
 # OX's hazelcast.properties: only nodes with the same group name form one cluster
 # (documentation/administration/running_a_cluster.md).
 HAZELCAST_GROUP_KEY = "com.openexchange.hazelcast.group.name"
 
 
 @dataclass(frozen=True)
-class OxNodeUpgradeInput:
+class OxNodeUpgradeInput(ProcedureOptions):
     inventory: Inventory
     # The release to install on every node (x.y.z).
     version: str
@@ -106,11 +118,6 @@ class OxNodeUpgradeInput:
     force: bool = False
     concurrency: int = 1
     schemata_per_run: int = 100
-    dry_run: bool = False
-    started_by: str | None = None
-    gate_timeout_s: float = 3600.0
-    on_failure: str = "ask"
-    failure_gate_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -173,8 +180,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: OxNodeUpgradeInput) -> OxNodeUpgradeResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         settings, main, secondary, nodes = _targets(inp)
         self.timeline.nodes_total = len(nodes)
 
@@ -200,10 +206,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             listed = sorted((s for s in listed if s.contexts > 0), key=lambda s: schema_order(s.name))
         shares = _shares(settings, nodes, [s.name for s in listed])
         plan = _plan(inp, previous, nodes, shares)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inp, previous, nodes, shares, plan, True)
 
         if workflow.patched(PATCH_REGISTER_FIRST):
@@ -224,17 +227,17 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             probe: ssh.SshProbeResult = await self.read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
             if not probe.ok:
                 raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
-                                       type=probe.error_type or "SshUnreachable", non_retryable=True)
+                                       type=probe.error_type or SSH_UNREACHABLE, non_retryable=True)
             st: haproxy.MemberState = await self.read(
                 haproxy.lb_check_member, haproxy.MemberRequest(lb=main, node=n.name))
             if not st.is_up:
                 raise ApplicationError(f"not UP in the main balancer {main.name} ({st.status}, {st.admin})",
-                                       type="NotInPool", non_retryable=True)
+                                       type=NOT_IN_POOL, non_retryable=True)
             sec: haproxy.MemberState = await self.read(
                 haproxy.lb_check_member, haproxy.MemberRequest(lb=secondary, node=n.name))
             if sec.admin == "ready" and sec.is_up:
                 raise ApplicationError(f"already serving in the secondary balancer {secondary.name}",
-                                       type="UnexpectedState", non_retryable=True)
+                                       type=UNEXPECTED_STATE, non_retryable=True)
             await self.read(http_checks.check_health, http_checks.HttpCheckRequest(
                 base_url=n.url, check=inv.application.health, timeout_s=10.0))
             running: str = await self.read(http_checks.get_version, http_checks.VersionRequest(
@@ -242,7 +245,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             installed: str = await self.read(ox.ox_installed_version, ox.OxNodeRequest(node=n, ox=settings))
             if installed != running:
                 raise ApplicationError(f"runs {running} but {installed} is installed: restart it or finish "
-                                       "its last upgrade first", type="UnexpectedState", non_retryable=True)
+                                       "its last upgrade first", type=UNEXPECTED_STATE, non_retryable=True)
             return running
 
         async def checks() -> str:
@@ -379,7 +382,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         if result.aborted_at_registration and workflow.patched(PATCH_CHILD_ABORT):
             raise ApplicationError(
                 f"child {child_id} stopped at its gate server-already-registered (abort): the new server "
-                f"{inp.server_name} is not to be used, so no node goes on", type="RegistrationAborted",
+                f"{inp.server_name} is not to be used, so no node goes on", type=REGISTRATION_ABORTED,
                 non_retryable=True)
 
     async def _separate_cluster(self, inp: OxNodeUpgradeInput, settings: OxSettings, n: Node, st: _NodeState,
@@ -417,7 +420,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             self.timeline.set_phase("aborted at the registered-server gate: nothing was changed")
             raise ApplicationError(f"{PROCEDURE}: server {inp.server_name} is already registered "
                                    f"(id {existing}) and abort was chosen: nothing was changed",
-                                   type="ProcedureAborted", non_retryable=True)
+                                   type=PROCEDURE_ABORTED, non_retryable=True)
         self.server_id = existing
 
     async def _register(self, inp: OxNodeUpgradeInput, settings: OxSettings, admin: Node, n: Node) -> None:
@@ -447,7 +450,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         if workflow.patched(PATCH_CLOSED_POOLS):
             closed = await self._closed_pools(settings, admin)
             if closed:
-                raise ApplicationError("; ".join(closed), type="SchemataNotMoved", non_retryable=True)
+                raise ApplicationError("; ".join(closed), type=SCHEMATA_NOT_MOVED, non_retryable=True)
         moved = set(self.moved)
         left = [s for share in shares for s in share.schemata if s not in moved]
         if left:
@@ -455,7 +458,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
                 f"{len(left)} schemata are not on the new server ({', '.join(left[:10])}"
                 f"{', ...' if len(left) > 10 else ''}): the last old node cannot leave the main balancer; "
                 "fix them (ox-upgradeschemata with resume_from / the failure gates), then retry",
-                type="SchemataNotMoved", non_retryable=True)
+                type=SCHEMATA_NOT_MOVED, non_retryable=True)
 
     # ================================================================== changes
     async def _set_property(self, settings: OxSettings, n: Node, path: str, key: str,
@@ -477,6 +480,13 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
                                 st: _NodeState) -> None:
         if st.installed:
             return  # the node's own rollback puts its properties back
+        if self.moved and workflow.patched(PATCH_KEEP_REDIRECT_WHILE_MOVED):
+            # Schemata live on the new server: an old node must keep sending their users to
+            # the secondary balancer (seed: the redirect works only while the property is set).
+            self.timeline.record(f"rollback: {REDIRECT_KEY} kept", "skipped", node=n.name,
+                                 detail=f"{len(self.moved)} schemata live on the new server; their users "
+                                        "reach it only through this redirect")
+            return
         await self.timeline.step(f"rollback: {REDIRECT_KEY} as before", self._set_property(
             settings, n, settings.server_properties, REDIRECT_KEY, previous), node=n.name)
         await self.timeline.step("rollback: reload the configuration", self.change(
@@ -525,15 +535,15 @@ def _targets(inp: OxNodeUpgradeInput) -> tuple[OxSettings, LoadBalancer, LoadBal
     inv = inp.inventory
     if inv.ox is None:
         raise ApplicationError(f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
-                               type="InvalidInput", non_retryable=True)
+                               type=INVALID_INPUT, non_retryable=True)
     lbs = {lb.name: lb for lb in inv.load_balancers}
     try:
         nodes = [inv.node(name) for name in inp.nodes] if inp.nodes else list(inv.nodes)
     except UnknownNodeError as e:
-        raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+        raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     if len(nodes) < 2:
         raise ApplicationError("ox-node-upgrade needs at least two nodes: one keeps serving the old "
-                               "release while another is upgraded", type="InvalidInput", non_retryable=True)
+                               "release while another is upgraded", type=INVALID_INPUT, non_retryable=True)
     return inv.ox, lbs[inv.ox.main_lb], lbs[inv.ox.secondary_lb], nodes
 
 

@@ -18,7 +18,8 @@
     5  point its contexts to the new server (`changeserver -s <id> -m <schema>`);
     6  run its update tasks on the update node (`runupdate -A -P -n <schema>`: 7.10.1+ requires
        the credentials; detached, so a retry attaches to the run under way, never doubles it);
-    7  enable the schema: its users are served by the new server from now on.
+    7  enable the schema: its users are served by the new server from now on (on the update
+       node, the moment runupdate ended with every task run, as OX's own tool does there).
   Steps 4 to 7 of a schema are one activity (`ox_upgrade_schema`), recorded as four steps
   with the times they took: a schema is disabled only while its own tools run, not for
   three more workflow round trips. When its update fails:
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -54,20 +54,25 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     import activities.ox as ox
-    from workflows.inventory import Inventory, Node, OxSettings, UnknownNodeError
+    from inventory.model import Inventory, Node, OxSettings, UnknownNodeError
 
+from errors import INVALID_INPUT, PROCEDURE_ABORTED, SCHEMA_UPGRADE_STOPPED, UNKNOWN_NODE
 from workflows import timeouts
 from workflows.gates import GateSpec
-from workflows.procedure import HEARTBEAT, LONG, Procedure, check_on_failure
+from workflows.ox_steps import (
+    PATCH_ORDER_AND_EMPTY,
+    REGISTERED_GATE,
+    SchemaFailure,
+    registered_gate,
+    schema_order,
+)
+from workflows.procedure import HEARTBEAT, LONG, Procedure, ProcedureOptions
 from workflows.saga import reason
 from workflows.site_steps import preflight_failed
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ox-upgradeschemata"
 # Versioned changes (workflow.patched): runs started before them replay as they ran.
-# Schemata in OX's order (the number after the last '_', as upgradeschemata sorts for -m),
-# schemata without contexts skipped (disableschema refuses them), -k refused with drive_tool.
-PATCH_ORDER_AND_EMPTY = "ox-schemata-order-and-empty-v1"
 # A revert by the real tools' rules (disable, changeserver, enable: changeserver refuses an
 # enabled schema) in one activity.
 PATCH_REVERT = "ox-revert-by-tool-rules-v1"
@@ -76,17 +81,11 @@ PATCH_REVERT = "ox-revert-by-tool-rules-v1"
 PATCH_SAFE_DEFAULT = "ox-failure-default-leave-disabled-v1"
 # runupdate detached under a per-try key, its activity timed by ox.runupdate_timeout_s.
 PATCH_DETACHED_RUNUPDATE = "ox-detached-runupdate-v1"
+# Step 7 on the update node, as runupdate's follow-up there (no trip through the worker while
+# the schema is disabled); runs started before enable on the admin node.
+PATCH_ENABLE_ON_UPDATE = "ox-enable-after-runupdate-on-update-node-v1"
 SCHEMA_FAILURE_CHOICES = ("retry", "skip", "revert", "abort")
-REGISTERED_GATE = "server-already-registered"
-REGISTERED_CHOICES = ("continue", "abort")
 MAX_CONCURRENCY = 32
-
-
-@dataclass(frozen=True)
-class SchemaFailure:
-    schema: str
-    seed_step: str
-    error: str
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class OxCarried:
 
 
 @dataclass(frozen=True)
-class OxUpgradeSchemataInput:
+class OxUpgradeSchemataInput(ProcedureOptions):
     inventory: Inventory
     # -n: the new (x.y.z) server's name, registered in step 3; its SERVER_NAME.
     server_name: str
@@ -135,11 +134,6 @@ class OxUpgradeSchemataInput:
     # ox-node-upgrade's later nodes: the first node registered the server (post process:
     # step 3 is done once), so it is used without asking.
     expect_registered: bool = False
-    dry_run: bool = False
-    started_by: str | None = None
-    gate_timeout_s: float = 3600.0
-    on_failure: str = "ask"
-    failure_gate_timeout_s: float = 3600.0
     schemata_per_run: int = 100
     carried: OxCarried | None = None
 
@@ -232,8 +226,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
     @workflow.run
     async def run(self, inp: OxUpgradeSchemataInput) -> OxUpgradeSchemataResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         settings, update, admin = _targets(inp)
         if inp.carried is not None:  # a continued run: preflight and step 3 are done
             self.gates.configure(inv.approvers, inp.started_by, inp.carried.plan_hash)
@@ -252,14 +245,12 @@ class OxUpgradeSchemataWorkflow(Procedure):
                 seed_step="4", detail="listdatabaseschema shows currentunits 0 (disableschema refuses them, "
                                       "OX's upgradeschemata skips them): " + _sample(skipped_empty))
         plan = _plan(inp, update, admin, existing, todo, skipped, passed_over)
-        self.plan_hash = hashlib.sha256("\n".join([*plan, *todo]).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
+        dry_run = self.planned(inp, inv.approvers, [*plan, *todo])
         carried = OxCarried(server_id=existing or 0, old_server_id=old_id, registered=False,
                             total=len(todo), order=tuple(todo), remaining=tuple(todo), plan=tuple(plan),
                             plan_hash=self.plan_hash, skipped=tuple(skipped), passed_over=tuple(passed_over),
                             empty=tuple(skipped_empty))
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if dry_run:
             return self._result(inp, carried, dry_run=True)
 
         # ---- 3 register the new server --------------------------------------------------
@@ -459,6 +450,8 @@ class OxUpgradeSchemataWorkflow(Procedure):
             # Each operator's retry is a new runupdate; every attempt of one try attaches to it.
             req = dataclasses.replace(req, attempt_key=str(reruns))
             timeout = timeouts.tool(settings.runupdate_timeout_s)
+        if workflow.patched(PATCH_ENABLE_ON_UPDATE):
+            req = dataclasses.replace(req, enable_on_update=True)
         try:
             result: ox.OxSchemaUpgrade = await self.timeline.step(
                 f"4-7 upgrade schema {schema}", self.change(ox.ox_upgrade_schema, req, timeout=timeout,
@@ -469,7 +462,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
         names = {"4": (f"4 disable schema {schema}", admin),
                  "5": (f"5 point schema {schema} to server {server_id}", admin),
                  "6": (f"6 run the update tasks of {schema}", update),
-                 "7": (f"7 enable schema {schema}", admin)}
+                 "7": (f"7 enable schema {schema}", update if req.enable_on_update else admin)}
         for st in result.steps:
             name, node = names[st.seed_step]
             self.timeline.record_span(
@@ -628,33 +621,17 @@ class OxUpgradeSchemataWorkflow(Procedure):
             lines.append("  to resume, start again with the same options and "
                          + (f"resume_from={prev} (-m {prev})" if prev else "no resume_from"))
         self.timeline.set_phase("stopped: " + head)
-        kind = "ProcedureAborted" if stop is not None and stop.how == "aborted" else "SchemaUpgradeStopped"
-        return ApplicationError("\n".join(lines), type=kind, non_retryable=True)
+        return ApplicationError(
+            "\n".join(lines), non_retryable=True,
+            type=PROCEDURE_ABORTED if stop is not None and stop.how == "aborted" else SCHEMA_UPGRADE_STOPPED)
 
 
 # ====================================================================== helpers
-async def registered_gate(proc: Procedure, server_name: str, existing: int, timeout_s: float) -> str:
-    """Step 3 when a server of that name is registered: what OX's tool asks on its prompt,
-    `continue` (use it) or `abort` (also when nobody may decide, or nobody does in time)."""
-    spec = GateSpec(
-        name=REGISTERED_GATE,
-        guards=f"The specified server is already registered with id '{existing}'. continue: the "
-               f"existing server {server_name} is used to point the updated schemata to; abort: "
-               "stop, nothing is changed",
-        timeout_s=timeout_s, on_timeout="abort", choices=REGISTERED_CHOICES)
-    if not proc.gates.approvers_of(REGISTERED_GATE):
-        proc.timeline.record(f"gate {REGISTERED_GATE}: nobody may decide it", "skipped",
-                             detail="the inventory lists no approvers for it: abort (nothing changed)")
-        return "abort"
-    record = await proc.gates.wait(spec)
-    return record.choice or "abort"
-
-
 def _targets(inp: OxUpgradeSchemataInput) -> tuple[OxSettings, Node, Node]:
     inv = inp.inventory
     if inv.ox is None:
         raise ApplicationError(f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
-                               type="InvalidInput", non_retryable=True)
+                               type=INVALID_INPUT, non_retryable=True)
     try:
         update = inv.node(inp.update_node)
         if inp.admin_node:
@@ -662,11 +639,11 @@ def _targets(inp: OxUpgradeSchemataInput) -> tuple[OxSettings, Node, Node]:
         else:
             others = [n for n in inv.nodes if n.name != update.name]
             if not others:
-                raise ApplicationError("no other node to run the admin tools on", type="InvalidInput",
+                raise ApplicationError("no other node to run the admin tools on", type=INVALID_INPUT,
                                        non_retryable=True)
             admin = others[0]
     except UnknownNodeError as e:
-        raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+        raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     return inv.ox, update, admin
 
 
@@ -703,13 +680,6 @@ def _plan(inp: OxUpgradeSchemataInput, update: Node, admin: Node, existing: int 
         # The tool runs the update tasks itself: on the node with the new release.
         lines.append(f"driven by OX's upgradeschemata on {update.name}")
     return lines
-
-
-def schema_order(name: str) -> tuple[int, int, str]:
-    """OX's order of schemata: by the number after the last '_' (UpgradeSchemata.listSchemata
-    sorts so for -m); names without one last, by name."""
-    tail = name.rpartition("_")[2]
-    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
 
 
 def _upgraded(c: OxCarried) -> tuple[str, ...]:

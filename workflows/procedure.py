@@ -25,35 +25,53 @@ Deterministic: only workflow APIs inside.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
+from errors import (
+    GATE_REJECTED,
+    INVALID_INPUT,
+    PREFLIGHT_FAILED,
+    PROCEDURE_ABORTED,
+    PROCEDURE_FAILED,
+    UNEXPECTED_STATE,
+)
 from workflows import timeouts
 from workflows.gates import GatedWorkflow, Gates, GateSpec
 from workflows.saga import Saga, reason
 from workflows.timeline import Progress, Timeline
 
 T = TypeVar("T")
+A = TypeVar("A")  # an activity's argument
+R = TypeVar("R")  # an activity's result
 
-# Errors that no retry can fix: the step fails at once (the error type says so).
-NON_RETRYABLE = [
+# Whether a failed attempt is tried again is the error's own `non_retryable` flag (errors/:
+# one type may be either, e.g. a deadlock and a refused login are both DatabaseError). Runs
+# started before PATCH_RETRY_BY_FLAG also failed at once on the types of this list, which
+# stays for them to replay as they ran.
+LEGACY_NON_RETRYABLE = [
     "SecretUnavailable", "SshAuthFailed", "SshHostKeyMismatch", "SshCommandFailed",
     "LbMemberNotFound", "PackageMissing", "PackageCorrupt", "VersionNotNewer",
     "VersionMismatch", "LoginFailed", "DrainTimeout", "NotUpTimeout", "HealthCheckFailed",
     "AdminAuthFailed", "InvalidRequest", "MigrationFailed", "DatabaseError",
 ]
+PATCH_RETRY_BY_FLAG = "procedure-retry-by-error-flag-v1"
+# A local activity's retryable failure is retried like an activity's (it arrives unwrapped).
+PATCH_RETRY_LOCAL = "procedure-retry-local-activities-v1"
 PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1),
-                              non_retryable_error_types=NON_RETRYABLE)
+                              non_retryable_error_types=LEGACY_NON_RETRYABLE)
 ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
                            backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
-                           non_retryable_error_types=NON_RETRYABLE)
+                           non_retryable_error_types=LEGACY_NON_RETRYABLE)
 # The timeout model (workflows/timeouts.py): every activity heartbeats, so every one gets
 # the same heartbeat timeout; these names stay for the procedures that import them.
 HEARTBEAT = timeouts.HEARTBEAT
@@ -67,7 +85,29 @@ _ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 PATCH_RETRY_LOST_AT_ONCE = "procedure-retry-lost-attempt-at-once-v1"
 
 FAILURE_CHOICES = ("retry", "skip", "rollback", "abort")
-ON_FAILURE = ("ask", "rollback")
+# A failed step: roll back at once, or ask at a gate `failure:<step>` (retry / skip /
+# rollback / abort; rollback when nobody decides in time).
+OnFailure = Literal["ask", "rollback"]
+ON_FAILURE: tuple[OnFailure, ...] = ("ask", "rollback")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcedureOptions:
+    """The options every procedure takes: each Input derives from this (keyword-only, so a
+    procedure's own fields come first), and its fields stay top-level in the input's JSON,
+    as stored histories hold them. A procedure states its own `on_failure` default where it
+    differs (rolling-deploy, minor-blue-green and major-maintenance-window roll back: their
+    changes undo cleanly and quickly; the others ask)."""
+
+    # Check everything and return the plan; change nothing.
+    dry_run: bool = False
+    # Who started the run (the CLI fills it in): may not decide its own gates.
+    started_by: str | None = None
+    # How long an approval gate waits before its fail-safe default.
+    gate_timeout_s: float = 3600.0
+    on_failure: OnFailure = "ask"
+    # How long a failure gate waits; then rollback.
+    failure_gate_timeout_s: float = 3600.0
 
 
 class Aborted(Exception):
@@ -99,6 +139,24 @@ class Procedure(GatedWorkflow):
     @workflow.query
     def progress(self) -> Progress:
         return self.timeline.snapshot()
+
+    # ------------------------------------------------------------------ the opening
+    def begin(self, opts: ProcedureOptions) -> None:
+        """Before anything is read: the options checked (bad input stops the run here), the
+        failure gates' timeout kept."""
+        check_on_failure(opts.on_failure)
+        self.failure_gate_timeout_s = opts.failure_gate_timeout_s
+
+    def planned(self, opts: ProcedureOptions, approvers: Mapping[str, tuple[str, ...]],
+                plan: Sequence[str]) -> bool:
+        """Once preflight has made the plan: its hash (what a decider approves; `zerodown
+        plan` prints it) and the gates configured. True for a dry run: the caller returns the
+        plan, nothing was changed."""
+        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
+        self.gates.configure(dict(approvers), opts.started_by, self.plan_hash)
+        if opts.dry_run:
+            self.timeline.set_phase("planned (dry run): nothing was changed")
+        return opts.dry_run
 
     # ------------------------------------------------------------------ steps
     async def step(self, name: str, make: Callable[[], Awaitable[T]], *, node: str | None = None,
@@ -149,7 +207,7 @@ class Procedure(GatedWorkflow):
     def _guidable(self, e: BaseException) -> bool:
         if not self.guided or is_cancelled_exception(e) or isinstance(e, Aborted):
             return False
-        if isinstance(e, ApplicationError) and e.type in ("GateRejected", "PreflightFailed"):
+        if isinstance(e, ApplicationError) and e.type in (GATE_REJECTED, PREFLIGHT_FAILED):
             return False  # a decision or a refusal, not a failure to recover from
         return True
 
@@ -181,12 +239,14 @@ class Procedure(GatedWorkflow):
         except Aborted as a:
             self.guided = False
             self.timeline.set_phase("aborted by an operator: everything left in place")
-            raise ApplicationError(self._abort_report(what, a), type="ProcedureAborted",
+            raise ApplicationError(self._abort_report(what, a), type=PROCEDURE_ABORTED,
                                    non_retryable=True) from a.cause
         except Exception as e:
             self.guided = False
-            # Name the step that failed before the compensations add steps of their own.
-            failed = next((s for s in reversed(self.timeline.steps) if s.result == "failed"), None)
+            # Name the step that failed before the compensations add steps of their own (not a
+            # failure gate that timed out after it: that gate only decided to roll back).
+            failed = next((s for s in reversed(self.timeline.steps)
+                           if s.result == "failed" and not s.name.startswith("gate failure:")), None)
             where = (f" at '{failed.name}'" + (f" on {failed.node}" if failed.node else "")) if failed else ""
             self.timeline.set_phase("failed: rolling back")
             records = await self.saga.compensate()
@@ -194,7 +254,7 @@ class Procedure(GatedWorkflow):
             self.timeline.set_phase("failed, rolled back")
             raise ApplicationError(
                 f"{what} failed{where}: {reason(e)}. Rolled back: {undone or 'nothing to undo'}.",
-                type="ProcedureFailed", non_retryable=True) from e
+                type=PROCEDURE_FAILED, non_retryable=True) from e
 
     def _abort_report(self, what: str, a: Aborted) -> str:
         done = [s for s in self.timeline.steps if s.result == "ok" and not s.name.startswith("gate ")]
@@ -208,13 +268,15 @@ class Procedure(GatedWorkflow):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ activity calls
-    async def read(self, fn: Any, arg: Any, retry: RetryPolicy = PREFLIGHT_RETRY,
-                   timeout: timedelta = timeouts.READ, local: bool = False) -> Any:
+    # Typed like the SDK's execute_activity: the activity's one argument and its result, so a
+    # caller's request and result types are checked, not annotated by hand.
+    async def read(self, fn: Callable[[A], Awaitable[R]], arg: A, retry: RetryPolicy = PREFLIGHT_RETRY,
+                   timeout: timedelta = timeouts.READ, local: bool = False) -> R:
         """A read-only check: safe to cancel at any moment. `local`: see `change`."""
         return await self._attempts(fn, arg, timeout, None, retry, local)
 
-    async def change(self, fn: Any, arg: Any, timeout: timedelta = timeouts.CHANGE,
-                     heartbeat: timedelta | None = None, local: bool = False) -> Any:
+    async def change(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout: timedelta = timeouts.CHANGE,
+                     heartbeat: timedelta | None = None, local: bool = False) -> R:
         """A change to the site: never abandoned half-way. On cancellation the workflow lets
         it finish (see `settle`) before compensating, so a half-copied folder is never
         restored over and a half-applied migration never raced by its down script.
@@ -232,7 +294,7 @@ class Procedure(GatedWorkflow):
             if task.done():
                 self._in_flight.discard(task)
 
-    async def wait(self, fn: Any, arg: Any, timeout_s: float) -> Any:
+    async def wait(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout_s: float) -> R:
         """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
         return await self._attempts(fn, arg, timeouts.wait(timeout_s), HEARTBEAT, ACTION_RETRY)
 
@@ -245,8 +307,8 @@ class Procedure(GatedWorkflow):
                 workflow.logger.info("change under way at cancellation ended with: %s", e)
         self._in_flight.clear()
 
-    async def _attempts(self, fn: Any, arg: Any, timeout: timedelta, heartbeat: timedelta | None,
-                        retry: RetryPolicy, local: bool = False) -> Any:
+    async def _attempts(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout: timedelta,
+                        heartbeat: timedelta | None, retry: RetryPolicy, local: bool = False) -> R:
         """Run an activity with `retry`'s policy, one execution per attempt, counting retries."""
         attempt = 1
         while True:
@@ -257,13 +319,23 @@ class Procedure(GatedWorkflow):
                 return await workflow.execute_activity(
                     fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat or HEARTBEAT,
                     retry_policy=_ONE_ATTEMPT)
-            except ActivityError as e:
-                if attempt >= (retry.maximum_attempts or 1) or not _retryable(e, retry):
-                    raise
+            except (ActivityError, ApplicationError) as e:
+                if isinstance(e, ApplicationError):
+                    # A local activity's failure arrives as the activity's own error, not
+                    # wrapped in ActivityError: retried alike since PATCH_RETRY_LOCAL (before,
+                    # it failed the step at once).
+                    if not local or e.non_retryable or attempt >= (retry.maximum_attempts or 1) \
+                            or not workflow.patched(PATCH_RETRY_LOCAL):
+                        raise
+                    cause: BaseException | None = e
+                else:
+                    if attempt >= (retry.maximum_attempts or 1) or not _retryable(e, retry):
+                        raise
+                    cause = e.cause
                 self.timeline.retrying(reason(e))
                 # An attempt lost with its worker (timed out) is run again at once: waiting
                 # adds nothing, the failure was not the site's.
-                if not (isinstance(e.cause, ActivityTimeout) and workflow.patched(PATCH_RETRY_LOST_AT_ONCE)):
+                if not (isinstance(cause, ActivityTimeout) and workflow.patched(PATCH_RETRY_LOST_AT_ONCE)):
                     await workflow.sleep(_backoff(retry, attempt))
                 attempt += 1
 
@@ -271,7 +343,13 @@ class Procedure(GatedWorkflow):
 def _retryable(e: ActivityError, retry: RetryPolicy) -> bool:
     cause = e.cause
     if isinstance(cause, ApplicationError):
-        return not cause.non_retryable and cause.type not in (retry.non_retryable_error_types or ())
+        if cause.non_retryable:
+            return False
+        if cause.type not in (retry.non_retryable_error_types or ()):
+            return True
+        # Only where the old rule differs is the patch asked (runs that never met such an
+        # error carry no marker): a retryable DatabaseError (deadlock, lost connection).
+        return workflow.patched(PATCH_RETRY_BY_FLAG)
     # Timeouts (a lost worker, a stuck call) are worth another attempt; a cancel is not.
     return isinstance(cause, ActivityTimeout)
 
@@ -283,6 +361,15 @@ def _backoff(retry: RetryPolicy, attempt: int) -> timedelta:
     return timedelta(seconds=min(delay, cap))
 
 
+def required(value: T | None, what: str) -> T:
+    """`value`, which an earlier check guarantees; otherwise a non-retryable UnexpectedState
+    fails the run with `what` (an `assert` would fail the workflow task, retried forever)."""
+    if value is None:
+        raise ApplicationError(f"internal: {what} is missing (a check before should have said so)",
+                               type=UNEXPECTED_STATE, non_retryable=True)
+    return value
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "step"
 
@@ -290,7 +377,7 @@ def _slug(name: str) -> str:
 def check_on_failure(value: str) -> None:
     if value not in ON_FAILURE:
         raise ApplicationError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {value!r}",
-                               type="InvalidInput", non_retryable=True)
+                               type=INVALID_INPUT, non_retryable=True)
 
 
 async def require_approval(gates: Gates, spec: GateSpec) -> None:
@@ -300,4 +387,4 @@ async def require_approval(gates: Gates, spec: GateSpec) -> None:
         by = f" by {decision.by}" if decision.by else ""
         raise ApplicationError(f"gate {spec.name} {decision.outcome}{by}"
                                + (f": {decision.comment}" if decision.comment else ""),
-                               type="GateRejected", non_retryable=True)
+                               type=GATE_REJECTED, non_retryable=True)

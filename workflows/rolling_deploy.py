@@ -28,7 +28,6 @@ The runbook (each numbered step is a timeline entry):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -37,14 +36,22 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     # Full module imports (not `from activities import x`): the sandbox must see each module
-    # in its sys.modules to resolve the dataclasses' type hints when decoding results.
+    # in its sys.modules to resolve the dataclasses' type hints when decoding results
+    # (activities.deploy and activities.mysql keep theirs in submodules: imported too).
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.haproxy as haproxy
     import activities.mysql as mysql
-    from workflows.inventory import Database, Inventory, Node, UnknownNodeError
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
+    from inventory.model import Database, Inventory, Node, UnknownNodeError
 
+from errors import UNKNOWN_NODE
 from workflows.gates import GateSpec
-from workflows.procedure import LONG, check_on_failure, require_approval
+from workflows.procedure import LONG, OnFailure, ProcedureOptions, require_approval
 from workflows.saga import reason
 from workflows.site_steps import NodeProgress, SiteProcedure, lbs_of, preflight_failed, run_key
 from workflows.timeline import StepRecord
@@ -53,22 +60,15 @@ PROCEDURE = "rolling-deploy"
 
 
 @dataclass(frozen=True)
-class RollingDeployInput:
+class RollingDeployInput(ProcedureOptions):
     inventory: Inventory
     package_path: str
     # Deploy only these nodes (default: all, in inventory order / batches).
     only_nodes: tuple[str, ...] = ()
-    # Check everything and return the plan; change nothing.
-    dry_run: bool = False
     # Wait at the gate `continue` after the first batch (a canary check by a person).
     continue_gate: bool = False
-    gate_timeout_s: float = 3600.0
-    # Who started the run (the CLI fills it in): may not approve its own gates.
-    started_by: str | None = None
-    # A failed step: roll back at once, or ask at a gate `failure:<step>` (retry / rollback
-    # / abort; rollback when nobody decides within failure_gate_timeout_s).
-    on_failure: str = "rollback"
-    failure_gate_timeout_s: float = 3600.0
+    # This procedure's default on a failed step: roll back at once (ProcedureOptions).
+    on_failure: OnFailure = field(default="rollback", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,11 @@ class RollingDeployWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: RollingDeployInput) -> RollingDeployResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         try:
             batches = inv.batches(inp.only_nodes)
         except UnknownNodeError as e:
-            raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+            raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
         nodes = [n for b in batches for n in b]
         self.timeline.nodes_total = len(nodes)
 
@@ -140,10 +139,7 @@ class RollingDeployWorkflow(SiteProcedure):
             if not space.ok:
                 raise preflight_failed([f"database backups: {space.detail}"], [])
         plan = self._plan(inv, batches, package, pending, gate_after_first)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inv, package, nodes, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------

@@ -40,6 +40,14 @@ class Saga:
         """What would be undone, newest first (what an abort leaves in place)."""
         return [name for name, _ in reversed(self._stack)]
 
+    def point_of_no_return(self) -> list[str]:
+        """Forget every compensation registered so far (newest first, returned): past this
+        point undoing them would lose what users did since (writes to a database that is
+        now serving), so a later failure leaves them as they are."""
+        kept = self.pending()
+        self._stack.clear()
+        return kept
+
     async def compensate(self) -> list[CompensationRecord]:
         """Run every registered compensation, newest first; returns what happened.
 

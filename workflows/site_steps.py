@@ -8,6 +8,7 @@ workflow code: deterministic, only activities touch the site.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,19 +19,64 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.haproxy as haproxy
     import activities.http_checks as http_checks
     import activities.mysql as mysql
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
     import activities.node as node
     import activities.ssh as ssh
-    from workflows.inventory import Application, Database, Inventory, LoadBalancer, Node
+    from inventory.model import Application, Database, Inventory, LoadBalancer, Node
 
+from errors import (
+    INSUFFICIENT_DISK_SPACE,
+    INVALID_INPUT,
+    INVALID_VERSION,
+    PREFLIGHT_FAILED,
+    PROTECTED_FILE_MISSING,
+    SERVICE_NOT_RUNNING,
+    SSH_UNREACHABLE,
+    UPGRADE_PATH_IMPOSSIBLE,
+    VERSION_NOT_NEWER,
+)
 from workflows import timeouts
 from workflows.procedure import ACTION_RETRY, LONG, Procedure
 from workflows.saga import reason
 
 UP_TIMEOUT_S = 60.0
+
+
+# ------------------------------------------------------------------ servers that come and go
+def server_address(n: Node) -> str:
+    """host:port where the balancer reaches a node (haproxy.server_address: its url's, an
+    IPv6 host in brackets); a url without a host is bad input, said as such."""
+    try:
+        return haproxy.server_address(n.url)
+    except ValueError as e:
+        raise ApplicationError(f"{n.name}: {e}", type=INVALID_INPUT, non_retryable=True) from None
+
+
+def default_names(old: list[Node], version: str) -> tuple[str, ...]:
+    """The new servers' names: each old one's, with the release (node1-v2-0-0)."""
+    return tuple(f"{n.name}-v{version.replace('.', '-')}"[:63] for n in old)
+
+
+def with_member(lb: LoadBalancer, name: str) -> LoadBalancer:
+    """`lb` with `name` among its members (a server attached at run time)."""
+    return dataclasses.replace(lb, members={**lb.members, name: lb.members.get(name, name)})
+
+
+def inventory_dir(inv: Inventory) -> str:
+    """The inventory file's folder: where the provisioning commands run."""
+    src = inv.source or ""
+    return src.rsplit("/", 1)[0] if "/" in src else "."
 
 
 @dataclass
@@ -56,12 +102,12 @@ class SiteProcedure(Procedure):
             probe: ssh.SshProbeResult = await self.read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
             if not probe.ok:
                 raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
-                                       type=probe.error_type or "SshUnreachable", non_retryable=True)
+                                       type=probe.error_type or SSH_UNREACHABLE, non_retryable=True)
             service: node.ServiceState = await self.read(node.service_status, node.ServiceRequest(node=n))
             if not service.running:
                 raise ApplicationError(f"{n.name}: its service is not running ({service.detail}); "
                                        "start it (or fix it) before upgrading",
-                                       type="ServiceNotRunning", non_retryable=True)
+                                       type=SERVICE_NOT_RUNNING, non_retryable=True)
             for lb in lbs_of(inv, n):
                 await self.read(haproxy.lb_check_member, haproxy.MemberRequest(lb=lb, node=n.name))
             await self.read(http_checks.check_health, http_checks.HttpCheckRequest(
@@ -115,10 +161,10 @@ class SiteProcedure(Procedure):
             node=n, protected_files=inv.application.protected_files, package_size=package.size))
         if storage.missing_protected:
             raise ApplicationError(f"protected file(s) missing: {', '.join(storage.missing_protected)} "
-                                   "(the backup must hold them)", type="ProtectedFileMissing",
+                                   "(the backup must hold them)", type=PROTECTED_FILE_MISSING,
                                    non_retryable=True)
         if not storage.ok:
-            raise ApplicationError(storage.detail, type="InsufficientDiskSpace", non_retryable=True)
+            raise ApplicationError(storage.detail, type=INSUFFICIENT_DISK_SPACE, non_retryable=True)
 
     # ------------------------------------------------------------------ database
     async def back_up_database(self, db: Database, backup_id: str, name: str, seed_step: str,
@@ -142,8 +188,21 @@ class SiteProcedure(Procedure):
                 seed_step=seed_step)
 
     # ------------------------------------------------------------------ load balancers
-    def set_state(self, lb: LoadBalancer, n: Node, state: str) -> Any:
+    def set_state(self, lb: LoadBalancer, n: Node, state: haproxy.LbState) -> Any:
         return self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state=state))
+
+    async def attach(self, lb: LoadBalancer, n: Node, seed_step: str, local: bool = False) -> None:
+        """`seed_step` a new server into `lb` at run time, then wait until it is UP (two steps;
+        `local`: the add as a local activity, for a maintenance window's every millisecond)."""
+        member = with_member(lb, n.name)
+        await self.step(f"{seed_step} attach to {lb.name}", partial(
+            self.change, haproxy.lb_add_server,
+            haproxy.AddServerRequest(lb=member, node=n.name, address=server_address(n)), local=local),
+            node=n.name, seed_step=seed_step)
+        await self.step(f"{seed_step} wait UP on {lb.name}", partial(
+            self.wait, haproxy.lb_wait_up,
+            haproxy.WaitRequest(lb=member, node=n.name, timeout_s=UP_TIMEOUT_S), UP_TIMEOUT_S),
+            node=n.name, seed_step=seed_step)
 
     async def take_out(self, inv: Inventory, n: Node, seed_step: str,
                        lbs: list[LoadBalancer] | None = None) -> None:
@@ -248,14 +307,14 @@ def check_upgrade_path(node_name: str, running: str, package: deploy.PackageInfo
         try:
             newer = deploy.compare_versions(package.version, running) > 0
         except ValueError:
-            raise ApplicationError(f"{node_name}: {verdict.reason}", type="InvalidVersion",
+            raise ApplicationError(f"{node_name}: {verdict.reason}", type=INVALID_VERSION,
                                    non_retryable=True) from None
         if not newer:
             raise ApplicationError(f"{node_name} runs {running}; package {package.version} is not newer",
-                                   type="VersionNotNewer", non_retryable=True)
-        raise ApplicationError(f"{node_name}: {verdict.reason}", type="InvalidVersion", non_retryable=True)
+                                   type=VERSION_NOT_NEWER, non_retryable=True)
+        raise ApplicationError(f"{node_name}: {verdict.reason}", type=INVALID_VERSION, non_retryable=True)
     raise ApplicationError(f"{node_name} runs {running}; {verdict.reason}", "install first: "
-                           + ", ".join(verdict.install_first), type="UpgradePathImpossible",
+                           + ", ".join(verdict.install_first), type=UPGRADE_PATH_IMPOSSIBLE,
                            non_retryable=True)
 
 
@@ -267,7 +326,7 @@ def preflight_failed(problems: list[str], errors: list[BaseException]) -> Applic
     """One error listing every problem; its details name the error types (for tests, tools)."""
     kinds = sorted({k for k in (error_type(e) for e in errors) if k})
     return ApplicationError("preflight failed, nothing was changed:\n  " + "\n  ".join(problems),
-                            *kinds, type="PreflightFailed", non_retryable=True)
+                            *kinds, type=PREFLIGHT_FAILED, non_retryable=True)
 
 
 def error_type(e: BaseException) -> str | None:

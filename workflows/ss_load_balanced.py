@@ -35,7 +35,6 @@ first; then A goes in and the others come out, and they are upgraded in turn.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,34 +42,41 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.app_admin as app_admin
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.http_checks as http_checks
     import activities.mysql as mysql
-    from workflows.inventory import AdminApi, Database, Inventory, Node, UnknownNodeError
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
+    from inventory.model import AdminApi, Database, Inventory, Node, UnknownNodeError
 
+from errors import UNKNOWN_NODE
 from workflows.gates import GateSpec
-from workflows.procedure import LONG, check_on_failure, require_approval
+from workflows.procedure import LONG, ProcedureOptions, require_approval, required
 from workflows.saga import reason
 from workflows.site_steps import NodeProgress, SiteProcedure, preflight_failed, run_key
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ss-load-balanced"
+# Versioned change (workflow.patched): once A serves alone (step 17) nothing is rolled
+# back: the step-15 database backup would drop what users wrote through A.
+PATCH_NO_RESTORE_AFTER_SWAP = "ss-load-balanced-no-restore-after-swap-v1"
 
 
 @dataclass(frozen=True)
-class SsLoadBalancedInput:
+class SsLoadBalancedInput(ProcedureOptions):
     inventory: Inventory
     package_path: str
     # Target Web Server A (default: the first node).
     node_a: str = ""
     # Step 13 (optional in the seed): maintenance mode on the other nodes during the script.
     maintenance_on_others: bool = True
-    dry_run: bool = False
-    started_by: str | None = None
-    gate_timeout_s: float = 3600.0
-    on_failure: str = "ask"
-    failure_gate_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: SsLoadBalancedInput) -> SsLoadBalancedResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         a, others = _split(inv, inp.node_a)
         self.timeline.nodes_total = 1 + len(others)
 
@@ -124,8 +129,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
         self._check_declarations(inv, inp)
         db = inv.databases[0]
-        admin = inv.application.admin
-        assert admin is not None  # checked above
+        admin = required(inv.application.admin, "the inventory's application.admin")
         self.previous = await self.preflight_nodes(
             inv, [a, *others], package, extra=partial(self._node_extras, inv, admin, package)
         )
@@ -134,10 +138,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
         schema = await self._preflight_database(db)
         pending = [m for m in package.migrations if m.version > schema]
         plan = self._plan(inv, package, a, others, pending, inp)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inv, package, a, others, plan, True)
 
         self.guided = inp.on_failure == "ask"
@@ -258,8 +259,21 @@ class SsLoadBalancedWorkflow(SiteProcedure):
         )
         self.timeline.set_phase("swap: A in, the others out (no gap)")
         await self.put_back(inv, a, "17")
+        live = workflow.patched(PATCH_NO_RESTORE_AFTER_SWAP)
+        if live:
+            # A serves alone, out of maintenance mode: users write to the upgraded database.
+            # Restoring the step-15 backup (or old code on A) would drop what they write, so
+            # from here a failure leaves the site serving on A and the others out of the pool.
+            kept = self.saga.point_of_no_return()
+            self.timeline.record("17 point of no return: A serves the upgraded database", "ok",
+                                 node=a.name, seed_step="17",
+                                 detail="a failure from here is not undone (kept: " + ", ".join(kept) + ")")
         for n in others:
-            await self._take_out(inv, n, progress[n.name], "16")
+            if live:
+                progress[n.name].drain_attempted = True  # out of the pool for good: no undo
+                await self.take_out(inv, n, "16")
+            else:
+                await self._take_out(inv, n, progress[n.name], "16")
         if inv.application.url:
             await self.step(
                 "18 log on through the load balancer",
@@ -498,5 +512,5 @@ def _split(inv: Inventory, node_a: str) -> tuple[Node, list[Node]]:
     try:
         a = inv.node(node_a) if node_a else inv.nodes[0]
     except UnknownNodeError as e:
-        raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+        raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     return a, [n for n in inv.nodes if n.name != a.name]

@@ -40,7 +40,6 @@ and the site runs in "upgrade mode" (maintenance mode: reads served, changes ref
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -49,38 +48,45 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # activities.deploy / activities.mysql keep their dataclasses in submodules, and the sandbox
+    # resolves a dataclass's type hints through sys.modules[its module]: import those too.
     import activities.app_admin as app_admin
     import activities.deploy as deploy
+    import activities.deploy.appfolder
+    import activities.deploy.package
+    import activities.deploy.secretserver
     import activities.mysql as mysql
+    import activities.mysql.connect
+    import activities.mysql.dump
+    import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
     import activities.staging as staging
-    from workflows.inventory import AdminApi, Database, Inventory, Node, Staging, UnknownNodeError
+    from inventory.model import AdminApi, Database, Inventory, Node, Staging, UnknownNodeError
 
+from errors import INVALID_GROUPS, PREFLIGHT_FAILED, UNKNOWN_NODE
 from workflows.gates import GateSpec
-from workflows.procedure import LONG, check_on_failure, require_approval
+from workflows.procedure import LONG, ProcedureOptions, require_approval, required
 from workflows.saga import reason
 from workflows.site_steps import NodeProgress, SiteProcedure, preflight_failed, run_key
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ss-rolling"
+# Versioned change (workflow.patched): past 8.1 (upgrade mode off, users writing again) a
+# failed COMPLETED audit is reported, not rolled back.
+PATCH_LIVE_AFTER_8_1 = "ss-rolling-live-after-8-1-v1"
 GATES = ("staging-test", "upgrade-successful")
 # The audit trail survives a rollback's database restore.
 AUDIT_TABLES = ("tbAudit",)
 
 
 @dataclass(frozen=True)
-class SsRollingInput:
+class SsRollingInput(ProcedureOptions):
     inventory: Inventory
     package_path: str
     # Groups A and B (node names); default: the nodes' `group` (A / B) in the inventory,
     # else the first half is A and the rest B. B is upgraded first.
     group_a: tuple[str, ...] = ()
     group_b: tuple[str, ...] = ()
-    dry_run: bool = False
-    started_by: str | None = None
-    gate_timeout_s: float = 3600.0
     # A failed step: ask at a gate `failure:<step>` (default), or roll back at once.
-    on_failure: str = "ask"
-    failure_gate_timeout_s: float = 3600.0
     # Keep the staging copy after the staging test (seed 5.10 is optional).
     keep_staging: bool = False
 
@@ -120,8 +126,7 @@ class SsRollingWorkflow(SiteProcedure):
     @workflow.run
     async def run(self, inp: SsRollingInput) -> SsRollingResult:
         inv = inp.inventory
-        check_on_failure(inp.on_failure)
-        self.failure_gate_timeout_s = inp.failure_gate_timeout_s
+        self.begin(inp)
         group_a, group_b = _groups(inv, inp)
         nodes = group_a + group_b
         self.timeline.nodes_total = len(nodes)
@@ -142,10 +147,7 @@ class SsRollingWorkflow(SiteProcedure):
         schema, site_settings = await self._preflight_site(db, admin, nodes[0])
         pending = [m for m in package.migrations if m.version > schema]
         plan = self._plan(inv, package, group_a, group_b, pending, inp.keep_staging)
-        self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(inv.approvers, inp.started_by, self.plan_hash)
-        if inp.dry_run:
-            self.timeline.set_phase("planned (dry run): nothing was changed")
+        if self.planned(inp, inv.approvers, plan):
             return self._result(inv, package, group_a, group_b, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------
@@ -272,7 +274,18 @@ class SsRollingWorkflow(SiteProcedure):
         self.timeline.set_phase("task eight: finish")
         await self.step("8.1 disable upgrade mode", partial(self._site_settings, r, False, False),
                         seed_step="8.1")
-        await self._audit(r, "COMPLETED", f"all nodes on {package.version}")
+        if not workflow.patched(PATCH_LIVE_AFTER_8_1):
+            await self._audit(r, "COMPLETED", f"all nodes on {package.version}")
+            return
+        # Past 8.1 users change secrets again on the new release: nothing may roll back now
+        # (the 6.6 backup restored would drop what they wrote). A COMPLETED audit row that
+        # cannot be written is reported, not undone.
+        try:
+            await self._audit(r, "COMPLETED", f"all nodes on {package.version}")
+        except ActivityError as e:
+            self.timeline.record("audit ManualUpgrade COMPLETED: not written", "failed", seed_step="8.1",
+                                 detail=f"the upgrade to {package.version} is complete and serving; the "
+                                        f"audit row could not be written ({reason(e)}): record it by hand")
 
     # ------------------------------------------------------------------ task two
     async def _verify_deltas(self, r: _Run, backup: mysql.DbBackup) -> None:
@@ -363,9 +376,9 @@ class SsRollingWorkflow(SiteProcedure):
         self.timeline.node_done(n.name)
 
     async def _deploy(self, r: _Run, n: Node) -> None:
-        assert r.upgrade is not None, "task three comes first"
+        upgrade = required(r.upgrade, "task three's upgrade package (task three comes first)")
         result: deploy.DeployResult = await self.change(deploy.deploy_package, deploy.DeployRequest(
-            node=n, package=r.upgrade, protected_files=r.inv.application.protected_files,
+            node=n, package=upgrade, protected_files=r.inv.application.protected_files,
             merge_files=r.inv.application.merge_files,
             release_id=f"{r.package.name}-{r.package.version}-{r.key}"), timeout=LONG)
         for m in result.merged:
@@ -542,11 +555,11 @@ def _groups(inv: Inventory, inp: SsRollingInput) -> tuple[list[Node], list[Node]
             half = (len(inv.nodes) + 1) // 2
             a, b = list(inv.nodes[:half]), list(inv.nodes[half:])
     except UnknownNodeError as e:
-        raise ApplicationError(str(e), type="UnknownNode", non_retryable=True) from None
+        raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     names = [n.name for n in a + b]
     if not a or not b or len(set(names)) != len(names):
         raise ApplicationError(f"groups A ({_names(a)}) and B ({_names(b)}) must both be non-empty and "
-                               "must not share a node", type="InvalidGroups", non_retryable=True)
+                               "must not share a node", type=INVALID_GROUPS, non_retryable=True)
     return a, b
 
 
@@ -556,5 +569,5 @@ def _names(nodes: list[Node]) -> str:
 
 def _need(value: AdminApi | Staging | None) -> Any:
     if value is None:  # _check_declarations reported it first
-        raise ApplicationError("missing declaration", type="PreflightFailed", non_retryable=True)
+        raise ApplicationError("missing declaration", type=PREFLIGHT_FAILED, non_retryable=True)
     return value

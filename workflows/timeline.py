@@ -10,7 +10,7 @@ import contextvars
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from temporalio import workflow
 
@@ -19,6 +19,9 @@ from workflows.saga import reason
 T = TypeVar("T")
 
 
+# How a step ended (running: not yet).
+StepResult = Literal["running", "ok", "failed", "skipped", "compensated"]
+
 @dataclass(frozen=True)
 class StepRecord:
     name: str
@@ -26,7 +29,7 @@ class StepRecord:
     node: str | None
     started: datetime
     ended: datetime | None = None
-    result: str = "running"  # running | ok | failed | skipped | compensated
+    result: StepResult = "running"
     detail: str | None = None
     # Attempts beyond the first of the step's activities (transient errors, a lost worker)
     # and re-runs an operator chose at a failure gate.
@@ -70,14 +73,15 @@ class Timeline:
         self.nodes_done.append(node)
         self._publish()
 
-    def record(self, name: str, result: str, node: str | None = None, seed_step: str | None = None,
+    def record(self, name: str, result: StepResult, node: str | None = None, seed_step: str | None = None,
                detail: str | None = None) -> None:
         """A step that took no time of its own (e.g. 'not applicable', a decision)."""
         now = workflow.now()
         self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=now,
                                      ended=now, result=result, detail=detail))
 
-    def record_span(self, name: str, started: datetime, ended: datetime, result: str, node: str | None = None,
+    def record_span(self, name: str, started: datetime, ended: datetime, result: StepResult,
+                    node: str | None = None,
                     seed_step: str | None = None, detail: str | None = None, retries: int = 0) -> None:
         """A step that ran inside an activity with others (its times measured there)."""
         self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=started,

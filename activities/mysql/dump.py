@@ -1,15 +1,13 @@
-"""MariaDB / MySQL: versions, migrations, logical backup and restore, replication.
+"""MariaDB / MySQL logical backup and restore, and the copies and space around them.
 
-Queries go through aiomysql. Logical backups use the `mariadb-dump` / `mariadb` client
-binaries on the worker; the password reaches them through a temporary
---defaults-extra-file (mode 600, in a private mode-700 temporary folder, both deleted
-afterwards), never through the command line where `ps` would show it. Dumps hold every
-row of the database (password hashes, secrets): the backup folder is made mode 700 and
-each dump file is created mode 600.
+Logical backups use the `mariadb-dump` / `mariadb` client binaries on the worker; the
+password reaches them through a temporary --defaults-extra-file (mode 600, in a private
+mode-700 temporary folder, both deleted afterwards), never through the command line where
+`ps` would show it. Dumps hold every row of the database (password hashes, secrets): the
+backup folder is made mode 700 and each dump file is created mode 600.
 
-Error policy: connection-level failures (server down, connection lost, too many
-connections, deadlocks) are retryable DatabaseErrors; access denied, SQL errors and
-anything else a retry cannot fix are non-retryable.
+Also here: a restore keeping the current rows of some tables, dropping a copy of the
+database, and the worker-side backup-space preflight.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,244 +31,20 @@ import aiomysql
 import pymysql
 from temporalio import activity
 
-from activities.common import (
-    BACKUP_CORRUPT,
-    DATABASE_ERROR,
-    DB_UNSUPPORTED,
-    INVALID_REQUEST,
-    REPLICA_TIMEOUT,
-    check_id,
-    fail,
-    heartbeat,
-    sha256_file,
-    tail,
-    with_heartbeat,
+from activities.common import check_id, fail, heartbeat, sha256_file, tail, with_heartbeat
+from activities.mysql.connect import (
+    _checksums_on,
+    _endpoint,
+    _qi,
+    _raise_db,
+    base_tables,
+    connection,
+    query,
+    table_checksums,
 )
 from activities.secrets import resolve_secret
-from workflows.inventory import Database, DatabaseEndpoint
-
-# MySQL error codes after which a retry can succeed (server restarting, network, load).
-_RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
-POLL_S = 0.5
-_SCHEMA_TABLE_EXISTS = ("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
-                        "DATABASE() AND TABLE_NAME = 'schema_version'")
-
-
-def _endpoint(db: Database, replica: bool) -> tuple[str, int]:
-    if not replica:
-        return db.host, db.port
-    if db.replica is None:
-        fail(INVALID_REQUEST, f"database {db.name}: no replica in the inventory")
-    return db.replica.host, db.replica.port
-
-
-def _raise_db(db: Database, host: str, port: int, what: str, e: BaseException) -> None:
-    code = e.args[0] if isinstance(e, pymysql.MySQLError) and e.args and isinstance(e.args[0], int) else None
-    msg = e.args[1] if isinstance(e, pymysql.MySQLError) and len(e.args) > 1 else str(e) or type(e).__name__
-    retryable = code in _RETRYABLE_CODES or isinstance(e, (OSError, asyncio.TimeoutError))
-    fail(DATABASE_ERROR,
-         f"database {db.name} ({db.user}@{host}:{port}/{db.database}): {what}: "
-         f"{f'error {code}: ' if code else ''}{msg}", retryable=retryable, cause=e)
-
-
-@contextlib.asynccontextmanager
-async def connection(db: Database, replica: bool = False,
-                     use_database: bool = True) -> AsyncIterator[aiomysql.Connection]:
-    if db.kind != "mysql":
-        # SQL Server (kind: mssql, aioodbc) comes with the Secret Server procedures.
-        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind} is not supported yet "
-                             "(supported: mysql)")
-    host, port = _endpoint(db, replica)
-    password = resolve_secret(db.password, needed_by=f"database {db.name}")
-    try:
-        conn = await aiomysql.connect(host=host, port=port, user=db.user, password=password,
-                                      db=db.database if use_database else None, autocommit=True,
-                                      connect_timeout=10)
-    except (TimeoutError, pymysql.MySQLError, OSError) as e:
-        _raise_db(db, host, port, "connect", e)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-async def query(db: Database, sql: str, args: Any = None, replica: bool = False,
-                use_database: bool = True) -> list[tuple[Any, ...]]:
-    host, port = _endpoint(db, replica)
-    async with connection(db, replica, use_database) as conn:
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, args)
-                return list(await cur.fetchall())
-        except (pymysql.MySQLError, OSError) as e:
-            _raise_db(db, host, port, f"query {sql[:120]!r}", e)
-    raise AssertionError("unreachable")
-
-
-async def query_dicts(db: Database, sql: str, replica: bool = False) -> list[dict[str, Any]]:
-    host, port = _endpoint(db, replica)
-    async with connection(db, replica, use_database=False) as conn:
-        try:
-            async with conn.cursor(aiomysql.DictCursor) as cur:
-                await cur.execute(sql)
-                return list(await cur.fetchall())
-        except (pymysql.MySQLError, OSError) as e:
-            _raise_db(db, host, port, f"query {sql[:120]!r}", e)
-    raise AssertionError("unreachable")
-
-
-# --------------------------------------------------------------------------- versions
-
-
-async def server_version(db: Database) -> str:
-    return str((await query(db, "SELECT VERSION()"))[0][0])
-
-
-async def schema_version(db: Database) -> int:
-    """MAX(version) of table schema_version; 0 when the table does not exist yet."""
-    rows = await query(db, _SCHEMA_TABLE_EXISTS)
-    if not rows[0][0]:
-        return 0
-    return int((await query(db, "SELECT COALESCE(MAX(version), 0) FROM schema_version"))[0][0])
-
-
-def split_sql(sql: str) -> list[str]:
-    """Statements of a migration script: a statement ends with a line ending in ';'.
-
-    Whole-line comments (`--`, `#`) between statements are dropped; the trailing ';' is
-    removed. Deliberately simple (no DELIMITER support): migrations are plain DDL/DML.
-    """
-    stmts: list[str] = []
-    buf: list[str] = []
-    for line in sql.splitlines():
-        s = line.strip()
-        if not buf and (not s or s.startswith("--") or s.startswith("#")):
-            continue
-        buf.append(line)
-        if s.endswith(";"):
-            stmt = "\n".join(buf).strip()[:-1].rstrip()
-            if stmt:
-                stmts.append(stmt)
-            buf = []
-    rest = "\n".join(ln for ln in buf if not ln.strip().startswith(("--", "#"))).strip()
-    if rest:
-        stmts.append(rest)
-    return stmts
-
-
-@dataclass(frozen=True)
-class MigrationResult:
-    version: int
-    direction: str
-    applied: bool  # False: skipped because schema_version already said so
-    statements: int
-    schema_version_before: int
-    schema_version_after: int
-    # True: a forced `down` ran although schema_version did not list the migration.
-    forced: bool = False
-
-
-async def apply_migration(db: Database, version: int, sql: str, direction: str,
-                          force: bool = False) -> MigrationResult:
-    """Run one migration up or down and record it in schema_version (one row per version).
-
-    Idempotent via schema_version: `up` is skipped when MAX(version) >= version, `down` when
-    MAX(version) < version. DDL is not transactional in MariaDB, so a crash between the
-    statements and the record re-runs the statements: migrations are expected to be
-    re-runnable (IF [NOT] EXISTS), as the lab's are.
-
-    `force` (down only): run the down statements even when schema_version says the
-    migration is not applied - an `up` that failed half-way leaves its first changes but
-    no record - and make sure schema_version no longer lists `version` afterwards. Down
-    scripts must therefore be re-runnable (DROP ... IF EXISTS). A newer migration still
-    recorded is refused as without force.
-    """
-    if direction not in ("up", "down"):
-        fail(INVALID_REQUEST, f"migration direction {direction!r}: expected up or down")
-    if force and direction != "down":
-        fail(INVALID_REQUEST, f"migration {version}: force applies to direction down only")
-    before = await schema_version(db)
-    forced = direction == "down" and before < version and force
-    if (direction == "up" and before >= version) or (direction == "down" and before < version
-                                                      and not force):
-        return MigrationResult(version=version, direction=direction, applied=False, statements=0,
-                               schema_version_before=before, schema_version_after=before)
-    if direction == "down" and before > version:
-        fail(DATABASE_ERROR, f"database {db.name}: cannot roll back migration {version} while schema "
-                             f"version is {before}: roll back the newer migrations first")
-    stmts = split_sql(sql)
-    host, port = _endpoint(db, False)
-    async with connection(db) as conn:
-        async with conn.cursor() as cur:
-            for i, stmt in enumerate(stmts, 1):
-                heartbeat({"migration": version, "direction": direction, "statement": i})
-                try:
-                    await cur.execute(stmt)
-                except (pymysql.MySQLError, OSError) as e:
-                    _raise_db(db, host, port,
-                              f"migration {version} {direction}{' (forced)' if forced else ''}, "
-                              f"statement {i}/{len(stmts)} {stmt[:200]!r}", e)
-            try:
-                await cur.execute(_SCHEMA_TABLE_EXISTS)
-                exists = await cur.fetchone()
-                table_exists = bool(exists and exists[0])
-                if direction == "up":
-                    if not table_exists:
-                        await cur.execute("CREATE TABLE schema_version (version INT NOT NULL)")
-                    await cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-                elif table_exists:
-                    await cur.execute("DELETE FROM schema_version WHERE version >= %s", (version,))
-                    removed = cur.rowcount
-                    await cur.execute("SELECT COUNT(*) FROM schema_version")
-                    row = await cur.fetchone()
-                    if removed and row and row[0] == 0 and version > 1:
-                        # single-row style tables: keep recording the version below
-                        await cur.execute("INSERT INTO schema_version (version) VALUES (%s)",
-                                          (version - 1,))
-            except (pymysql.MySQLError, OSError) as e:
-                _raise_db(db, host, port, f"recording migration {version} {direction}", e)
-    after = await schema_version(db)
-    if direction == "down" and after >= version:
-        fail(DATABASE_ERROR, f"database {db.name}: schema_version still lists version {after} after "
-                             f"rolling back migration {version}")
-    return MigrationResult(version=version, direction=direction, applied=True, statements=len(stmts),
-                           schema_version_before=before, schema_version_after=after, forced=forced)
-
-
-# --------------------------------------------------------------------------- checksums
-
-
-async def base_tables(db: Database) -> list[str]:
-    rows = await query(db, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
-                           "DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME")
-    return [str(r[0]) for r in rows]
-
-
-def _qi(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-async def _checksums_on(cur: aiomysql.Cursor, tables: list[str]) -> dict[str, str]:
-    if not tables:
-        return {}
-    await cur.execute("CHECKSUM TABLE " + ", ".join(_qi(t) for t in tables))
-    out: dict[str, str] = {}
-    for name, checksum in await cur.fetchall():
-        out[str(name).split(".", 1)[-1]] = "" if checksum is None else str(checksum)
-    return out
-
-
-async def table_checksums(db: Database) -> dict[str, str]:
-    """CHECKSUM TABLE of every base table: table name -> checksum (as text)."""
-    tables = await base_tables(db)
-    host, port = _endpoint(db, False)
-    async with connection(db) as conn, conn.cursor() as cur:
-        try:
-            return await _checksums_on(cur, tables)
-        except (pymysql.MySQLError, OSError) as e:
-            _raise_db(db, host, port, "CHECKSUM TABLE", e)
-    raise AssertionError("unreachable")
-
+from errors import BACKUP_CORRUPT, DATABASE_ERROR, INVALID_REQUEST
+from inventory.model import Database
 
 # --------------------------------------------------------------------------- dump / load
 
@@ -789,7 +563,6 @@ async def db_size_bytes(db: Database, database: str | None = None) -> int:
     return int(rows[0][0] or 0)
 
 
-
 @dataclass(frozen=True)
 class DropDatabaseResult:
     database: str
@@ -862,154 +635,7 @@ async def backup_space(db: Database, directory: str) -> BackupSpace:
                        detail=detail if ok else f"not enough space: {detail}", measured=measured)
 
 
-# --------------------------------------------------------------------------- replication
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    host: str
-    port: int
-    configured: bool  # False: SHOW SLAVE STATUS is empty (not a replica / promoted)
-    io_running: str = ""  # Yes | No | Connecting
-    sql_running: str = ""
-    seconds_behind: int | None = None
-    gtid_io_pos: str = ""
-    gtid_slave_pos: str = ""
-    last_io_error: str = ""
-    last_sql_error: str = ""
-    read_only: bool = False
-    # The server it replicates from (SHOW SLAVE STATUS Master_Host / Master_Port).
-    master_host: str = ""
-    master_port: int = 0
-
-    @property
-    def running(self) -> bool:
-        return self.io_running == "Yes" and self.sql_running == "Yes"
-
-    @property
-    def last_error(self) -> str:
-        return self.last_io_error or self.last_sql_error
-
-
-def admin_at(db: Database, endpoint: DatabaseEndpoint | None = None) -> Database:
-    """`db` as its admin account sees it on `endpoint` (default: the primary): a copy whose
-    host, port, user and password are those, no replica, and the same `database`. Without
-    an admin account in the inventory, the application's account."""
-    host, port = (endpoint.host, endpoint.port) if endpoint is not None else (db.host, db.port)
-    user, password = ((db.admin_user, db.admin_password) if db.admin_user and db.admin_password
-                      else (db.user, db.password))
-    return dataclasses.replace(db, host=host, port=port, user=user, password=password, replica=None)
-
-
-async def replica_status(db: Database, endpoint: DatabaseEndpoint | None = None) -> ReplicaStatus:
-    """SHOW SLAVE STATUS of db.replica (as the application's account), or of `endpoint` (as
-    the admin account: a warm server has no application account before it is initialised)."""
-    if endpoint is None:
-        return await _replica_status_on(db, replica=True)
-    return await _replica_status_on(admin_at(db, endpoint), replica=False)
-
-
-async def _replica_status_on(db: Database, replica: bool) -> ReplicaStatus:
-    host, port = _endpoint(db, replica)
-    rows = await query_dicts(db, "SHOW SLAVE STATUS", replica=replica)
-    pos, ro = (await query(db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=replica,
-                           use_database=False))[0]
-    if not rows:
-        return ReplicaStatus(host=host, port=port, configured=False, gtid_slave_pos=str(pos or ""),
-                             read_only=bool(ro))
-    r = rows[0]
-    sbm = r.get("Seconds_Behind_Master")
-    return ReplicaStatus(host=host, port=port, configured=True,
-                         io_running=str(r.get("Slave_IO_Running") or ""),
-                         sql_running=str(r.get("Slave_SQL_Running") or ""),
-                         seconds_behind=int(sbm) if sbm is not None else None,
-                         gtid_io_pos=str(r.get("Gtid_IO_Pos") or ""), gtid_slave_pos=str(pos or ""),
-                         last_io_error=str(r.get("Last_IO_Error") or ""),
-                         last_sql_error=str(r.get("Last_SQL_Error") or ""), read_only=bool(ro),
-                         master_host=str(r.get("Master_Host") or ""),
-                         master_port=int(r.get("Master_Port") or 0))
-
-
-@dataclass(frozen=True)
-class ReplicaCaughtUp:
-    gtid: str  # the primary's position the replica reached ("" when nothing was binlogged)
-    waited_s: float
-
-
-async def wait_replica_caught_up(db: Database, timeout_s: float) -> ReplicaCaughtUp:
-    """Wait until the replica applied everything the primary binlogged when we started.
-
-    MASTER_GTID_WAIT blocks server-side; we call it in 1 s slices so the activity can
-    heartbeat, notice cancellation and fail fast when the SQL thread stopped.
-    """
-    started = time.monotonic()
-    pos = str((await query(db, "SELECT @@GLOBAL.gtid_binlog_pos", use_database=False))[0][0] or "")
-    if not pos:
-        return ReplicaCaughtUp(gtid="", waited_s=0.0)
-    while True:
-        got = (await query(db, "SELECT MASTER_GTID_WAIT(%s, 1)", (pos,), replica=True,
-                           use_database=False))[0][0]
-        waited = time.monotonic() - started
-        if got == 0:
-            return ReplicaCaughtUp(gtid=pos, waited_s=round(waited, 3))
-        st = await replica_status(db)
-        if not st.configured:
-            fail(DATABASE_ERROR, f"database {db.name}: {st.host}:{st.port} is not replicating "
-                                 "(SHOW SLAVE STATUS is empty)")
-        if st.sql_running != "Yes":
-            fail(DATABASE_ERROR, f"database {db.name}: replica {st.host}:{st.port} SQL thread stopped: "
-                                 f"{st.last_sql_error or '(no error text)'}")
-        if waited >= timeout_s:
-            fail(REPLICA_TIMEOUT,
-                 f"database {db.name}: replica {st.host}:{st.port} did not reach GTID {pos} within "
-                 f"{timeout_s:g}s (at {st.gtid_slave_pos!r}, IO {st.io_running}, "
-                 f"{st.seconds_behind} s behind, io error {st.last_io_error!r})")
-        heartbeat({"target": pos, "at": st.gtid_slave_pos, "behind_s": st.seconds_behind})
-
-
-@dataclass(frozen=True)
-class PromoteResult:
-    host: str
-    port: int
-    was_replicating: bool
-    gtid_slave_pos: str
-
-
-async def promote_replica(db: Database) -> PromoteResult:
-    """Make the replica a writable primary: STOP SLAVE; RESET SLAVE ALL; read_only=OFF.
-    Idempotent (a replica already promoted only gets read_only=OFF again). Wait for it to
-    catch up first (db_wait_replica_caught_up) if no transaction may be lost."""
-    host, port = _endpoint(db, True)
-    st = await replica_status(db)
-    async with connection(db, replica=True, use_database=False) as conn, conn.cursor() as cur:
-        try:
-            if st.configured:
-                await cur.execute("STOP SLAVE")
-                await cur.execute("RESET SLAVE ALL")
-            await cur.execute("SET GLOBAL read_only = OFF")
-        except (pymysql.MySQLError, OSError) as e:
-            _raise_db(db, host, port, "promote", e)
-    return PromoteResult(host=host, port=port, was_replicating=st.configured,
-                         gtid_slave_pos=st.gtid_slave_pos)
-
-
 # --------------------------------------------------------------------------- activities
-
-
-@dataclass(frozen=True)
-class DbRequest:
-    db: Database
-
-
-@dataclass(frozen=True)
-class MigrationRequest:
-    db: Database
-    version: int
-    sql: str
-    direction: str  # up | down
-    # down only: run the down script even when schema_version does not list `version` (an
-    # `up` that failed half-way); the down script must be re-runnable (IF EXISTS).
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -1020,35 +646,6 @@ class BackupRequest:
     directory: str | None = None
 
 
-@dataclass(frozen=True)
-class ReplicaRequest:
-    db: Database
-    # None: db.replica (the application's account); else this server, e.g. db.warm_replica
-    # (the admin account).
-    endpoint: DatabaseEndpoint | None = None
-
-
-@dataclass(frozen=True)
-class ReplicaWaitRequest:
-    db: Database
-    timeout_s: float = 60.0
-
-
-@activity.defn
-async def db_server_version(req: DbRequest) -> str:
-    return await server_version(req.db)
-
-
-@activity.defn
-async def db_schema_version(req: DbRequest) -> int:
-    return await schema_version(req.db)
-
-
-@activity.defn
-async def db_apply_migration(req: MigrationRequest) -> MigrationResult:
-    return await apply_migration(req.db, req.version, req.sql, req.direction, req.force)
-
-
 @activity.defn
 async def db_backup(req: BackupRequest) -> DbBackup:
     return await backup(req.db, req.backup_id, req.directory)
@@ -1057,26 +654,6 @@ async def db_backup(req: BackupRequest) -> DbBackup:
 @activity.defn
 async def db_restore(req: DbBackup) -> DbRestoreResult:
     return await restore(req)
-
-
-@activity.defn
-async def db_table_checksums(req: DbRequest) -> dict[str, str]:
-    return await table_checksums(req.db)
-
-
-@activity.defn
-async def db_replica_status(req: ReplicaRequest) -> ReplicaStatus:
-    return await replica_status(req.db, req.endpoint)
-
-
-@activity.defn
-async def db_wait_replica_caught_up(req: ReplicaWaitRequest) -> ReplicaCaughtUp:
-    return await wait_replica_caught_up(req.db, req.timeout_s)
-
-
-@activity.defn
-async def db_promote_replica(req: ReplicaRequest) -> PromoteResult:
-    return await promote_replica(req.db)
 
 
 @dataclass(frozen=True)
