@@ -46,6 +46,7 @@ test-fast: install
 	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "unit or workflow"
 
 lint: install
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 

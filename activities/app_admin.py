@@ -36,8 +36,15 @@ from inventory.model import AdminApi
 
 SCOPES = ("site", "node")
 # Secret Server's ManualUpgrade audit actions (seed "New Audit Type").
-AUDIT_ACTIONS = ("STARTED", "VERIFY DELTAS", "GENERATE UPGRADE ZIP", "GENERATE DB SCRIPT", "STAGING TEST",
-                 "COMPLETED", "CANCEL")
+AUDIT_ACTIONS = (
+    "STARTED",
+    "VERIFY DELTAS",
+    "GENERATE UPGRADE ZIP",
+    "GENERATE DB SCRIPT",
+    "STAGING TEST",
+    "COMPLETED",
+    "CANCEL",
+)
 SNIPPET = 300
 
 
@@ -156,20 +163,32 @@ def _error_text(body: str) -> str:
     return body.strip()[:SNIPPET]
 
 
-async def call(base_url: str, admin: AdminApi, method: str, path: str, timeout_s: float,
-               body: dict[str, Any] | None = None) -> Any:
+async def call(
+    base_url: str,
+    admin: AdminApi,
+    method: str,
+    path: str,
+    timeout_s: float,
+    body: dict[str, Any] | None = None,
+) -> Any:
     """One admin request; the decoded JSON answer, or a typed error."""
     url = _url(base_url, admin, path)
     token = resolve_secret(admin.token, needed_by=f"admin interface {url}")
     what = f"{method} {url}"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session, \
-                session.request(method, url, json=body, allow_redirects=False,
-                                headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.request(
+                method, url, json=body, allow_redirects=False, headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
             status, text = resp.status, await resp.text(errors="replace")
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
-        err = f"no answer within {timeout_s:g}s" if isinstance(e, asyncio.TimeoutError) else \
-            (str(e) or type(e).__name__)
+        err = (
+            f"no answer within {timeout_s:g}s"
+            if isinstance(e, asyncio.TimeoutError)
+            else (str(e) or type(e).__name__)
+        )
         fail(ADMIN_UNAVAILABLE, f"{what}: {err}".replace(token, "***"), retryable=True, cause=e)
     # The application's answer never holds the token, but a proxy's error page might echo
     # the request: scrub it from everything that becomes a message.
@@ -177,8 +196,11 @@ async def call(base_url: str, admin: AdminApi, method: str, path: str, timeout_s
     if status == 401 or status == 403:
         fail(ADMIN_AUTH_FAILED, f"{what}: refused ({status}): {detail}")
     if status == 404:
-        fail(ADMIN_UNAVAILABLE, f"{what}: no admin interface there (404); is path_prefix "
-                                f"{admin.path_prefix!r} right and does this release have one?")
+        fail(
+            ADMIN_UNAVAILABLE,
+            f"{what}: no admin interface there (404); is path_prefix "
+            f"{admin.path_prefix!r} right and does this release have one?",
+        )
     if status in (400, 409, 422):
         fail(INVALID_REQUEST, f"{what}: refused ({status}): {detail}")
     if status >= 500:
@@ -188,8 +210,11 @@ async def call(base_url: str, admin: AdminApi, method: str, path: str, timeout_s
     try:
         return json.loads(text)
     except ValueError:
-        fail(ADMIN_UNAVAILABLE, f"{what}: answer is not JSON: {text[:SNIPPET]!r}".replace(token, "***"),
-             retryable=True)
+        fail(
+            ADMIN_UNAVAILABLE,
+            f"{what}: answer is not JSON: {text[:SNIPPET]!r}".replace(token, "***"),
+            retryable=True,
+        )
 
 
 def _opt_bool(v: Any) -> bool | None:
@@ -203,29 +228,45 @@ def parse_state(data: Any, where: str) -> AdminState:
         site = data["site"]
         override = data.get("node_override")
         return AdminState(
-            node=str(data["node"]), version=str(data["version"]), code_schema=int(data["code_schema"]),
-            db_schema=int(data["db_schema"]), maintenance_mode=bool(data["maintenance_mode"]),
+            node=str(data["node"]),
+            version=str(data["version"]),
+            code_schema=int(data["code_schema"]),
+            db_schema=int(data["db_schema"]),
+            maintenance_mode=bool(data["maintenance_mode"]),
             ignore_version_mismatch=bool(data["ignore_version_mismatch"]),
-            enforce_version_match=bool(data["enforce_version_match"]), mismatch=bool(data["mismatch"]),
+            enforce_version_match=bool(data["enforce_version_match"]),
+            mismatch=bool(data["mismatch"]),
             mismatch_page=bool(data.get("mismatch_page", False)),
-            site=UpgradeSettings(maintenance_mode=bool(site["maintenance_mode"]),
-                                 ignore_version_mismatch=bool(site["ignore_version_mismatch"]),
-                                 enforce_version_match=bool(site["enforce_version_match"])),
+            site=UpgradeSettings(
+                maintenance_mode=bool(site["maintenance_mode"]),
+                ignore_version_mismatch=bool(site["ignore_version_mismatch"]),
+                enforce_version_match=bool(site["enforce_version_match"]),
+            ),
             node_override=NodeOverride(
                 maintenance_mode=_opt_bool(override.get("maintenance_mode")),
-                ignore_version_mismatch=_opt_bool(override.get("ignore_version_mismatch")))
-            if isinstance(override, dict) else None)
+                ignore_version_mismatch=_opt_bool(override.get("ignore_version_mismatch")),
+            )
+            if isinstance(override, dict)
+            else None,
+        )
     except (KeyError, TypeError, ValueError) as e:
-        fail(ADMIN_UNAVAILABLE, f"{where}: unexpected state document ({type(e).__name__}: {e})",
-             retryable=True)
+        fail(
+            ADMIN_UNAVAILABLE, f"{where}: unexpected state document ({type(e).__name__}: {e})", retryable=True
+        )
 
 
 def parse_audit(data: Any, where: str) -> AuditEvent:
     try:
-        return AuditEvent(audit_id=int(data["audit_id"]), audit_type=str(data["audit_type"]),
-                          action=str(data["action"]), notes=str(data.get("notes") or ""),
-                          user=str(data.get("user") or ""), reference=str(data.get("reference") or ""),
-                          date_recorded=str(data["date_recorded"]), created=bool(data.get("created", False)))
+        return AuditEvent(
+            audit_id=int(data["audit_id"]),
+            audit_type=str(data["audit_type"]),
+            action=str(data["action"]),
+            notes=str(data.get("notes") or ""),
+            user=str(data.get("user") or ""),
+            reference=str(data.get("reference") or ""),
+            date_recorded=str(data["date_recorded"]),
+            created=bool(data.get("created", False)),
+        )
     except (KeyError, TypeError, ValueError) as e:
         fail(ADMIN_UNAVAILABLE, f"{where}: unexpected audit row ({type(e).__name__}: {e})", retryable=True)
 
@@ -247,8 +288,10 @@ def settings_body(req: SettingsRequest) -> dict[str, Any]:
     if req.scope == "node" and req.enforce_version_match is not None:
         fail(INVALID_REQUEST, "enforce_version_match is a site setting (scope site)")
     body: dict[str, Any] = {"scope": req.scope}
-    values = {"maintenance_mode": req.maintenance_mode,
-              "ignore_version_mismatch": req.ignore_version_mismatch}
+    values = {
+        "maintenance_mode": req.maintenance_mode,
+        "ignore_version_mismatch": req.ignore_version_mismatch,
+    }
     if req.scope == "site":
         values["enforce_version_match"] = req.enforce_version_match
     for key, v in values.items():
@@ -266,16 +309,22 @@ async def set_settings(req: SettingsRequest) -> AdminState:
     want = {k: v for k, v in body.items() if k != "scope"}
     got: dict[str, bool | None]
     if req.scope == "site":
-        got = {"maintenance_mode": state.site.maintenance_mode,
-               "ignore_version_mismatch": state.site.ignore_version_mismatch,
-               "enforce_version_match": state.site.enforce_version_match}
+        got = {
+            "maintenance_mode": state.site.maintenance_mode,
+            "ignore_version_mismatch": state.site.ignore_version_mismatch,
+            "enforce_version_match": state.site.enforce_version_match,
+        }
     else:
         o = state.node_override or NodeOverride()
         got = {"maintenance_mode": o.maintenance_mode, "ignore_version_mismatch": o.ignore_version_mismatch}
     wrong = {k: (v, got.get(k)) for k, v in want.items() if got.get(k) != v}
     if wrong:
-        fail(ADMIN_UNAVAILABLE, f"POST {_url(req.base_url, req.admin, '/settings')}: settings read back "
-                                f"differ (wanted, got): {wrong}", retryable=True)
+        fail(
+            ADMIN_UNAVAILABLE,
+            f"POST {_url(req.base_url, req.admin, '/settings')}: settings read back "
+            f"differ (wanted, got): {wrong}",
+            retryable=True,
+        )
     return state
 
 
@@ -290,17 +339,26 @@ async def wait_settings(req: WaitSettingsRequest) -> AdminState:
         attempts += 1
         remaining = req.timeout_s - carried - (time.monotonic() - started)
         state = await get_state(req.base_url, req.admin, max(0.5, min(10.0, remaining)))
-        if (state.maintenance_mode, state.ignore_version_mismatch) == \
-                (req.maintenance_mode, req.ignore_version_mismatch):
+        if (state.maintenance_mode, state.ignore_version_mismatch) == (
+            req.maintenance_mode,
+            req.ignore_version_mismatch,
+        ):
             return state
         waited = carried + time.monotonic() - started
         if waited >= req.timeout_s:
-            fail(SETTINGS_TIMEOUT,
-                 f"{req.base_url} ({state.node}): maintenance_mode={state.maintenance_mode}, "
-                 f"ignore_version_mismatch={state.ignore_version_mismatch} after {req.timeout_s:g}s "
-                 f"({attempts} reads); wanted {req.maintenance_mode}, {req.ignore_version_mismatch}")
-        heartbeat({"waited_s": round(waited, 2), "maintenance_mode": state.maintenance_mode,
-                   "ignore_version_mismatch": state.ignore_version_mismatch})
+            fail(
+                SETTINGS_TIMEOUT,
+                f"{req.base_url} ({state.node}): maintenance_mode={state.maintenance_mode}, "
+                f"ignore_version_mismatch={state.ignore_version_mismatch} after {req.timeout_s:g}s "
+                f"({attempts} reads); wanted {req.maintenance_mode}, {req.ignore_version_mismatch}",
+            )
+        heartbeat(
+            {
+                "waited_s": round(waited, 2),
+                "maintenance_mode": state.maintenance_mode,
+                "ignore_version_mismatch": state.ignore_version_mismatch,
+            }
+        )
         await asyncio.sleep(min(req.interval_s, max(0.0, req.timeout_s - waited)))
 
 

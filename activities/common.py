@@ -27,8 +27,9 @@ T = TypeVar("T")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
 
-def fail(error_type: str, message: str, *, retryable: bool = False,
-         cause: BaseException | None = None) -> NoReturn:
+def fail(
+    error_type: str, message: str, *, retryable: bool = False, cause: BaseException | None = None
+) -> NoReturn:
     """Raise an ApplicationError of `error_type` (a name from `errors`), non-retryable unless
     `retryable`: the flag, not the type, decides whether the workflow tries again."""
     err = ApplicationError(message, type=error_type, non_retryable=not retryable)
@@ -40,8 +41,11 @@ def fail(error_type: str, message: str, *, retryable: bool = False,
 def check_id(kind: str, value: str) -> None:
     """InvalidRequest unless `value` is a safe id (letters, digits, '.', '_', '-'; <= 121)."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        fail(INVALID_REQUEST, f"{kind} {value!r}: use letters, digits, '.', '_' or '-' "
-                              "(starting with a letter or digit, at most 121 characters)")
+        fail(
+            INVALID_REQUEST,
+            f"{kind} {value!r}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 121 characters)",
+        )
 
 
 def sha256_file(path: str) -> str:
@@ -71,8 +75,9 @@ def previous_heartbeat() -> Any:
     return details[0] if details else None
 
 
-async def with_heartbeat(aw: Awaitable[T], details: Callable[[], Any] | None = None,
-                         every_s: float = 1.0) -> T:
+async def with_heartbeat(
+    aw: Awaitable[T], details: Callable[[], Any] | None = None, every_s: float = 1.0
+) -> T:
     """Await `aw`, heartbeating every `every_s` seconds meanwhile.
 
     Cancellation of the caller (activity cancel) cancels `aw` as well, so a remote

@@ -81,8 +81,17 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "_-" else "-" for c in text)[:80] or "job"
 
 
-def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_text: str = "",
-               budget_s: float = 3600.0, gated: bool = False, then: str = "") -> str:
+def job_script(
+    key: str,
+    family: str,
+    command: str,
+    *,
+    rerun_lost: bool,
+    stdin_text: str = "",
+    budget_s: float = 3600.0,
+    gated: bool = False,
+    then: str = "",
+) -> str:
     """The shell command (POSIX sh) that starts or attaches to the job `key`. `command` is a
     shell command line; it may use
     "$ZD_SECRET". `stdin_text` (not secret) is the command's standard input. `gated`: after
@@ -104,66 +113,74 @@ def job_script(key: str, family: str, command: str, *, rerun_lost: bool, stdin_t
         # /proc/uptime (seconds with two decimals), read by a builtin (no fork in the window).
         # A subshell, so whatever the follow-up does rc is written; then.rc before rc: a job
         # is done once its follow-up is.
-        inner = ("read t0 _ </proc/uptime 2>/dev/null || t0=0.00; " + inner
-                 + "; read t1 _ </proc/uptime 2>/dev/null || t1=0.00"
-                 + '; if [ $r = 0 ] && [ ! -s "$d/out" ] && '
-                 + f'[ $(( ${{t1%.*}}${{t1#*.}} - ${{t0%.*}}${{t0#*.}} )) -lt {budget * 100} ]; '
-                 + f'then ( {then.strip()} ) >"$d/then.out" 2>&1 </dev/null; echo $? >"$d/then.rc"; fi')
+        inner = (
+            "read t0 _ </proc/uptime 2>/dev/null || t0=0.00; "
+            + inner
+            + "; read t1 _ </proc/uptime 2>/dev/null || t1=0.00"
+            + '; if [ $r = 0 ] && [ ! -s "$d/out" ] && '
+            + f"[ $(( ${{t1%.*}}${{t1#*.}} - ${{t0%.*}}${{t0#*.}} )) -lt {budget * 100} ]; "
+            + f'then ( {then.strip()} ) >"$d/then.out" 2>&1 </dev/null; echo $? >"$d/then.rc"; fi'
+        )
     inner += '; echo $r >"$d/rc"'
-    return "\n".join([
-        "umask 077",
-        f"d={shlex.quote(d)}",
-        "IFS= read -r ZD_SECRET || ZD_SECRET=",
-        "export ZD_SECRET",
-        *(['IFS= read -r go || go=', '[ "$go" = go ] || exit 0'] if gated else []),
-        "followed=",
-        # A live job of the same family started under another key: follow it, start nothing.
-        'if [ ! -s "$d/rc" ]; then',
-        f"  for p in {shlex.quote(fam)}*/pid; do",
-        '    [ -e "$p" ] || continue',
-        '    o="${p%/pid}"',
-        '    [ "$o" = "$d" ] && continue',
-        '    [ -s "$o/rc" ] && continue',
-        '    read q < "$p" && kill -0 "$q" 2>/dev/null && { d="$o"; followed=1; break; }',
-        "  done",
-        "fi",
-        'if [ -s "$d/rc" ]; then state=done',
-        'elif [ -s "$d/pid" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; then state=running',
-        f'elif [ -e "$d/pid" ] && [ {"0" if rerun_lost else "1"} = 1 ]; then state=lost',
-        "else",
-        "  state=started",
-        '  if [ -d "$d" ]; then rm -f "$d/pid" "$d/out" "$d/err" "$d/then.out" "$d/then.rc"; '
-        'else mkdir -p "$d" || exit 97; fi',
-        f"  printf %s {shlex.quote(stdin_text)} > \"$d/in\"",
-        # Own session: the job survives this SSH channel (a lost worker closes it).
-        f'  setsid sh -c {shlex.quote(inner)} zd "$d" </dev/null >/dev/null 2>&1 &',
-        '  echo $! > "$d/pid"',
-        "  wait $! 2>/dev/null",
-        "fi",
-        f'echo "{MARK} state $state ${{d#{JOBS_DIR}/}} $followed"',
-        'if [ "$state" = running ]; then',
-        '  started=$(stat -c %Y "$d/pid" 2>/dev/null || date +%s)',
-        '  while [ ! -s "$d/rc" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; do',
-        f'    if [ $(( $(date +%s) - started )) -ge {budget} ]; then echo "{MARK} over-budget"; break; fi',
-        f"    sleep {POLL_S}",
-        "  done",
-        "fi",
-        f'if [ -s "$d/rc" ] && read rc < "$d/rc"; then echo "{MARK} rc $rc"; else echo "{MARK} rc none"; fi',
-        # Read with builtins (no cat forked): a tool's output is a few lines.
-        "show() { [ -s \"$1\" ] || return 0; while IFS= read -r l || [ -n \"$l\" ]; do "
-        "printf '%s\\n' \"$l\"; done < \"$1\"; }",
-        # The follow-up's status and times (its output file made when it started, rc when it
-        # ended): past the window, so stat may fork.
-        'if [ -s "$d/then.rc" ] && read tr < "$d/then.rc"; then',
-        f'  echo "{MARK} then-rc $tr $(stat -c %.3Y "$d/then.out" "$d/then.rc" 2>/dev/null | tr "\\n" " ")"',
-        f'  echo "{MARK} then"; show "$d/then.out"',
-        "fi",
-        f'echo "{MARK} out"; show "$d/out"; printf "\\n{MARK} err\\n"; show "$d/err"',
-        # Jobs older than a week pruned now and then (one call in 64), in the background.
-        f'[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 '
-        "-exec rm -rf {} + </dev/null >/dev/null 2>&1 &)",
-        "exit 0",
-    ])
+    return "\n".join(
+        [
+            "umask 077",
+            f"d={shlex.quote(d)}",
+            "IFS= read -r ZD_SECRET || ZD_SECRET=",
+            "export ZD_SECRET",
+            *(["IFS= read -r go || go=", '[ "$go" = go ] || exit 0'] if gated else []),
+            "followed=",
+            # A live job of the same family started under another key: follow it, start nothing.
+            'if [ ! -s "$d/rc" ]; then',
+            f"  for p in {shlex.quote(fam)}*/pid; do",
+            '    [ -e "$p" ] || continue',
+            '    o="${p%/pid}"',
+            '    [ "$o" = "$d" ] && continue',
+            '    [ -s "$o/rc" ] && continue',
+            '    read q < "$p" && kill -0 "$q" 2>/dev/null && { d="$o"; followed=1; break; }',
+            "  done",
+            "fi",
+            'if [ -s "$d/rc" ]; then state=done',
+            'elif [ -s "$d/pid" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; then state=running',
+            f'elif [ -e "$d/pid" ] && [ {"0" if rerun_lost else "1"} = 1 ]; then state=lost',
+            "else",
+            "  state=started",
+            '  if [ -d "$d" ]; then rm -f "$d/pid" "$d/out" "$d/err" "$d/then.out" "$d/then.rc"; '
+            'else mkdir -p "$d" || exit 97; fi',
+            f'  printf %s {shlex.quote(stdin_text)} > "$d/in"',
+            # Own session: the job survives this SSH channel (a lost worker closes it).
+            f'  setsid sh -c {shlex.quote(inner)} zd "$d" </dev/null >/dev/null 2>&1 &',
+            '  echo $! > "$d/pid"',
+            "  wait $! 2>/dev/null",
+            "fi",
+            f'echo "{MARK} state $state ${{d#{JOBS_DIR}/}} $followed"',
+            'if [ "$state" = running ]; then',
+            '  started=$(stat -c %Y "$d/pid" 2>/dev/null || date +%s)',
+            '  while [ ! -s "$d/rc" ] && read q < "$d/pid" && kill -0 "$q" 2>/dev/null; do',
+            f"    if [ $(( $(date +%s) - started )) -ge {budget} ]; then "
+            f'echo "{MARK} over-budget"; break; fi',
+            f"    sleep {POLL_S}",
+            "  done",
+            "fi",
+            f'if [ -s "$d/rc" ] && read rc < "$d/rc"; then echo "{MARK} rc $rc"; '
+            f'else echo "{MARK} rc none"; fi',
+            # Read with builtins (no cat forked): a tool's output is a few lines.
+            'show() { [ -s "$1" ] || return 0; while IFS= read -r l || [ -n "$l" ]; do '
+            'printf \'%s\\n\' "$l"; done < "$1"; }',
+            # The follow-up's status and times (its output file made when it started, rc when it
+            # ended): past the window, so stat may fork.
+            'if [ -s "$d/then.rc" ] && read tr < "$d/then.rc"; then',
+            f'  echo "{MARK} then-rc $tr '
+            '$(stat -c %.3Y "$d/then.out" "$d/then.rc" 2>/dev/null | tr "\\n" " ")"',
+            f'  echo "{MARK} then"; show "$d/then.out"',
+            "fi",
+            f'echo "{MARK} out"; show "$d/out"; printf "\\n{MARK} err\\n"; show "$d/err"',
+            # Jobs older than a week pruned now and then (one call in 64), in the background.
+            f"[ $(($$ % 64)) = 0 ] && (find {JOBS_DIR} -mindepth 2 -maxdepth 2 -type d -mtime +7 "
+            "-exec rm -rf {} + </dev/null >/dev/null 2>&1 &)",
+            "exit 0",
+        ]
+    )
 
 
 def parse_job_output(text: str) -> tuple[str, str, bool, int | None, bool, str, str]:
@@ -198,8 +215,12 @@ def parse_follow_up(text: str) -> FollowUp | None:
     if status is None:
         return None
     _, sep, output = head.partition(f"{MARK} then\n")
-    return FollowUp(exit_status=status.exit_status, output=output if sep else "", started=status.started,
-                    ended=status.ended)
+    return FollowUp(
+        exit_status=status.exit_status,
+        output=output if sep else "",
+        started=status.started,
+        ended=status.ended,
+    )
 
 
 def _outcome(stdout: str, secret: str, budget_s: float, target: SshTarget, what: str) -> JobOutcome:
@@ -208,28 +229,49 @@ def _outcome(stdout: str, secret: str, budget_s: float, target: SshTarget, what:
     if secret:
         out, err = out.replace(secret, "***"), err.replace(secret, "***")
         if then is not None:
-            then = FollowUp(exit_status=then.exit_status, output=then.output.replace(secret, "***"),
-                            started=then.started, ended=then.ended)
+            then = FollowUp(
+                exit_status=then.exit_status,
+                output=then.output.replace(secret, "***"),
+                started=then.started,
+                ended=then.ended,
+            )
     if over:
-        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running on "
-                               f"{target.host} (job {found_key})")
-    return JobOutcome(key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed,
-                      then=then)
+        fail(
+            DETACHED_TIMEOUT,
+            f"{what}: still running after its budget of {budget_s:g}s; left running on "
+            f"{target.host} (job {found_key})",
+        )
+    return JobOutcome(
+        key=found_key, state=state, exit_status=rc, stdout=out, stderr=err, followed=followed, then=then
+    )
 
 
 def _over_budget(e: Exception, budget_s: float, target: SshTarget, key: str, what: str) -> None:
     if getattr(e, "type", "") == "SshCommandTimeout":
-        fail(DETACHED_TIMEOUT, f"{what}: still running after its budget of {budget_s:g}s; left running "
-                               f"on {target.host} (job {key})", cause=e)
+        fail(
+            DETACHED_TIMEOUT,
+            f"{what}: still running after its budget of {budget_s:g}s; left running "
+            f"on {target.host} (job {key})",
+            cause=e,
+        )
 
 
-async def run_detached(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
-                       stdin_text: str = "", budget_s: float, rerun_lost: bool, what: str) -> JobOutcome:
+async def run_detached(
+    target: SshTarget,
+    key: str,
+    family: str,
+    command: str,
+    *,
+    secret: str = "",
+    stdin_text: str = "",
+    budget_s: float,
+    rerun_lost: bool,
+    what: str,
+) -> JobOutcome:
     """Start or attach to the job `key` on `target` and wait for its end (heartbeating), at most
     `budget_s` after it started; a job over its budget is left running and the step fails
     with DetachedCommandTimeout (non-retryable: a retry would only wait again)."""
-    script = job_script(key, family, command, rerun_lost=rerun_lost, stdin_text=stdin_text,
-                        budget_s=budget_s)
+    script = job_script(key, family, command, rerun_lost=rerun_lost, stdin_text=stdin_text, budget_s=budget_s)
     try:
         r = await ssh.run(target, script, timeout_s=budget_s + 2.0, check=False, input=secret + "\n")
     except Exception as e:
@@ -241,8 +283,9 @@ async def run_detached(target: SshTarget, key: str, family: str, command: str, *
 class StagedJob:
     """A job whose channel and script are started ahead of time (see `staged_job`)."""
 
-    def __init__(self, handle: ssh.Staged, key: str, secret: str, budget_s: float, target: SshTarget,
-                 what: str) -> None:
+    def __init__(
+        self, handle: ssh.Staged, key: str, secret: str, budget_s: float, target: SshTarget, what: str
+    ) -> None:
         self._handle, self.key, self._secret = handle, key, secret
         self._budget_s, self._target, self._what = budget_s, target, what
 
@@ -259,9 +302,18 @@ class StagedJob:
 
 
 @contextlib.asynccontextmanager
-async def staged_job(target: SshTarget, key: str, family: str, command: str, *, secret: str = "",
-                     budget_s: float, rerun_lost: bool, what: str,
-                     then: str = "") -> AsyncIterator[StagedJob]:
+async def staged_job(
+    target: SshTarget,
+    key: str,
+    family: str,
+    command: str,
+    *,
+    secret: str = "",
+    budget_s: float,
+    rerun_lost: bool,
+    what: str,
+    then: str = "",
+) -> AsyncIterator[StagedJob]:
     """`run_detached`, but its SSH channel opened and its script started now, waiting for
     `go()`: the job then starts without the channel's set-up (a schema's disabled window
     holds the tool's own work, not SSH's). Left without `go()`, it does nothing. `then`: the

@@ -85,8 +85,12 @@ async def runtime_command(api: str, command: str, timeout_s: float = CMD_TIMEOUT
                 writer.close()
     except (OSError, TimeoutError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        fail(LB_RUNTIME_API_ERROR, f"HAProxy runtime API {api}: {command!r} failed: {reason}",
-             retryable=True, cause=e)
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"HAProxy runtime API {api}: {command!r} failed: {reason}",
+            retryable=True,
+            cause=e,
+        )
     return data.decode("utf-8", errors="replace")
 
 
@@ -95,6 +99,7 @@ async def runtime_command(api: str, command: str, timeout_s: float = CMD_TIMEOUT
 
 # A member's administrative state, as HAProxy's runtime API names it.
 LbState = Literal["ready", "drain", "maint"]
+
 
 @dataclass(frozen=True)
 class ServerStat:
@@ -135,10 +140,17 @@ def parse_show_stat(csv_text: str) -> list[ServerStat]:
     out = []
     for r in rows:
         status = (r.get("status") or "").strip()
-        out.append(ServerStat(pxname=r.get("pxname") or "", svname=r.get("svname") or "",
-                              status=status, scur=_int(r.get("scur")), weight=_int(r.get("weight")),
-                              check_status=(r.get("check_status") or "").strip(),
-                              admin=_admin_from_status(status)))
+        out.append(
+            ServerStat(
+                pxname=r.get("pxname") or "",
+                svname=r.get("svname") or "",
+                status=status,
+                scur=_int(r.get("scur")),
+                weight=_int(r.get("weight")),
+                check_status=(r.get("check_status") or "").strip(),
+                admin=_admin_from_status(status),
+            )
+        )
     return out
 
 
@@ -184,12 +196,19 @@ def parse_servers_state(text: str) -> list[ServerState]:
         row = dict(zip(header, line.split(), strict=False))
         bits = _int(row.get("srv_admin_state"))
         admin = "maint" if bits & _MAINT_BITS else "drain" if bits & _DRAIN_BITS else "ready"
-        out.append(ServerState(be_name=row.get("be_name", ""), srv_name=row.get("srv_name", ""),
-                               srv_addr=row.get("srv_addr", ""),
-                               op_state=_OP_STATES.get(_int(row.get("srv_op_state")), "unknown"),
-                               admin_bits=bits, admin=admin, weight=_int(row.get("srv_uweight")),
-                               srv_port=_int(row.get("srv_port")),
-                               check_state=_int(row.get("srv_check_state"))))
+        out.append(
+            ServerState(
+                be_name=row.get("be_name", ""),
+                srv_name=row.get("srv_name", ""),
+                srv_addr=row.get("srv_addr", ""),
+                op_state=_OP_STATES.get(_int(row.get("srv_op_state")), "unknown"),
+                admin_bits=bits,
+                admin=admin,
+                weight=_int(row.get("srv_uweight")),
+                srv_port=_int(row.get("srv_port")),
+                check_state=_int(row.get("srv_check_state")),
+            )
+        )
     return out
 
 
@@ -217,21 +236,31 @@ class MemberState:
 def _member(lb: LoadBalancer, node_name: str) -> tuple[str, str, str]:
     """(runtime_api, backend, server) for a haproxy member; typed errors otherwise."""
     if lb.kind == "f5":
-        fail(LB_UNSUPPORTED, f"load balancer {lb.name}: kind f5 is not supported yet "
-                             "(only haproxy); drain the member by hand or use an haproxy site")
+        fail(
+            LB_UNSUPPORTED,
+            f"load balancer {lb.name}: kind f5 is not supported yet "
+            "(only haproxy); drain the member by hand or use an haproxy site",
+        )
     if lb.kind != "haproxy":
         fail(LB_UNSUPPORTED, f"load balancer {lb.name}: unknown kind {lb.kind!r}")
     if not lb.runtime_api or not lb.backend:
         fail(INVALID_REQUEST, f"load balancer {lb.name}: runtime_api and backend are required")
     server = lb.members.get(node_name)
     if server is None:
-        fail(LB_MEMBER_NOT_FOUND, f"load balancer {lb.name}: node {node_name!r} is not a member "
-                                  f"(members: {', '.join(sorted(lb.members)) or 'none'})")
+        fail(
+            LB_MEMBER_NOT_FOUND,
+            f"load balancer {lb.name}: node {node_name!r} is not a member "
+            f"(members: {', '.join(sorted(lb.members)) or 'none'})",
+        )
     return lb.runtime_api, lb.backend, server
 
 
-async def member_state(lb: LoadBalancer, node_name: str, timeout_s: float = CMD_TIMEOUT_S,
-                       between: Callable[[ServerStat], None] | None = None) -> MemberState:
+async def member_state(
+    lb: LoadBalancer,
+    node_name: str,
+    timeout_s: float = CMD_TIMEOUT_S,
+    between: Callable[[ServerStat], None] | None = None,
+) -> MemberState:
     """The member's status and sessions (`show stat`) and admin state (`show servers state`).
 
     `timeout_s` bounds each of the two runtime API calls; `between` is called with the
@@ -242,14 +271,18 @@ async def member_state(lb: LoadBalancer, node_name: str, timeout_s: float = CMD_
     try:
         stats = parse_show_stat(stat_text)
     except ValueError:
-        fail(LB_RUNTIME_API_ERROR, f"HAProxy {api}: unexpected answer to 'show stat': "
-                                   f"{stat_text.strip()[:300]!r}")
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"HAProxy {api}: unexpected answer to 'show stat': {stat_text.strip()[:300]!r}",
+        )
     if not any(s.pxname == backend for s in stats):
         fail(LB_MEMBER_NOT_FOUND, f"load balancer {lb.name} ({api}): no such backend {backend!r}")
     stat = next((s for s in stats if s.pxname == backend and s.svname == server), None)
     if stat is None:
-        fail(LB_MEMBER_NOT_FOUND,
-             f"load balancer {lb.name} ({api}): no such server {backend}/{server} (node {node_name})")
+        fail(
+            LB_MEMBER_NOT_FOUND,
+            f"load balancer {lb.name} ({api}): no such server {backend}/{server} (node {node_name})",
+        )
     admin = stat.admin
     if between is not None:
         between(stat)
@@ -257,9 +290,17 @@ async def member_state(lb: LoadBalancer, node_name: str, timeout_s: float = CMD_
     for st in parse_servers_state(states_text):
         if st.be_name == backend and st.srv_name == server:
             admin = st.admin
-    return MemberState(lb_name=lb.name, node_name=node_name, backend=backend, server=server,
-                       status=stat.status, scur=stat.scur, admin=admin, weight=stat.weight,
-                       check_status=stat.check_status)
+    return MemberState(
+        lb_name=lb.name,
+        node_name=node_name,
+        backend=backend,
+        server=server,
+        status=stat.status,
+        scur=stat.scur,
+        admin=admin,
+        weight=stat.weight,
+        check_status=stat.check_status,
+    )
 
 
 async def set_member_state(lb: LoadBalancer, node_name: str, state: LbState) -> MemberState:
@@ -270,10 +311,14 @@ async def set_member_state(lb: LoadBalancer, node_name: str, state: LbState) -> 
     answer = (await runtime_command(api, f"set server {backend}/{server} state {state}")).strip()
     if answer:
         if "no such" in answer.lower():
-            fail(LB_MEMBER_NOT_FOUND,
-                 f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}")
-        fail(LB_RUNTIME_API_ERROR,
-             f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}")
+            fail(
+                LB_MEMBER_NOT_FOUND,
+                f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}",
+            )
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}",
+        )
     return await member_state(lb, node_name)
 
 
@@ -288,10 +333,14 @@ def _carried_waited() -> float:
     return 0.0
 
 
-async def _poll_member(lb: LoadBalancer, node_name: str, limit: float,
-                       done: Callable[[MemberState], bool],
-                       details: Callable[[ServerStat | MemberState], dict[str, Any]],
-                       timed_out: Callable[[MemberState], NoReturn]) -> tuple[MemberState, float]:
+async def _poll_member(
+    lb: LoadBalancer,
+    node_name: str,
+    limit: float,
+    done: Callable[[MemberState], bool],
+    details: Callable[[ServerStat | MemberState], dict[str, Any]],
+    timed_out: Callable[[MemberState], NoReturn],
+) -> tuple[MemberState, float]:
     """Poll a member until `done`, heartbeating (waited time carried across retries, so a
     retry keeps the first attempt's deadline); `timed_out` raises once `limit` has passed."""
     carried = _carried_waited()
@@ -318,12 +367,20 @@ async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None
     limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
 
     def timed_out(st: MemberState) -> NoReturn:
-        fail(DRAIN_TIMEOUT,
-             f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) still has "
-             f"{st.scur} open session(s) after {limit:g}s of draining (admin {st.admin})")
+        fail(
+            DRAIN_TIMEOUT,
+            f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) still has "
+            f"{st.scur} open session(s) after {limit:g}s of draining (admin {st.admin})",
+        )
 
-    _, waited = await _poll_member(lb, node_name, limit, lambda st: st.scur == 0,
-                                   lambda st: {"scur": st.scur, "admin": st.admin}, timed_out)
+    _, waited = await _poll_member(
+        lb,
+        node_name,
+        limit,
+        lambda st: st.scur == 0,
+        lambda st: {"scur": st.scur, "admin": st.admin},
+        timed_out,
+    )
     return int(waited)
 
 
@@ -331,12 +388,20 @@ async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> 
     limit = timeout_s if timeout_s is not None else 60.0
 
     def timed_out(st: MemberState) -> NoReturn:
-        fail(NOT_UP_TIMEOUT,
-             f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) not UP after "
-             f"{limit:g}s: status {st.status!r}, admin {st.admin}, check {st.check_status!r}")
+        fail(
+            NOT_UP_TIMEOUT,
+            f"load balancer {lb.name}: {st.backend}/{st.server} (node {node_name}) not UP after "
+            f"{limit:g}s: status {st.status!r}, admin {st.admin}, check {st.check_status!r}",
+        )
 
-    st, _ = await _poll_member(lb, node_name, limit, lambda st: st.is_up,
-                               lambda st: {"status": st.status, "admin": st.admin}, timed_out)
+    st, _ = await _poll_member(
+        lb,
+        node_name,
+        limit,
+        lambda st: st.is_up,
+        lambda st: {"status": st.status, "admin": st.admin},
+        timed_out,
+    )
     return st
 
 
@@ -428,8 +493,11 @@ def server_name(lb: LoadBalancer, node_name: str) -> str:
 def _backend_of(lb: LoadBalancer) -> tuple[str, str]:
     """(runtime_api, backend) of an haproxy balancer; typed errors otherwise."""
     if lb.kind != "haproxy":
-        fail(LB_UNSUPPORTED, f"load balancer {lb.name}: servers are attached at run time only on "
-                             f"kind haproxy, not {lb.kind!r}")
+        fail(
+            LB_UNSUPPORTED,
+            f"load balancer {lb.name}: servers are attached at run time only on "
+            f"kind haproxy, not {lb.kind!r}",
+        )
     if not lb.runtime_api or not lb.backend:
         fail(INVALID_REQUEST, f"load balancer {lb.name}: runtime_api and backend are required")
     return lb.runtime_api, lb.backend
@@ -446,15 +514,17 @@ def _split_address(address: str) -> tuple[str, int]:
     except ValueError:
         port_n = 0
     if not sep or not 0 < port_n < 65536 or not host:
-        fail(INVALID_REQUEST, f"server address {address!r}: expected <IP address>:<port> (HAProxy "
-                              "does not resolve host names of servers added at run time)")
+        fail(
+            INVALID_REQUEST,
+            f"server address {address!r}: expected <IP address>:<port> (HAProxy "
+            "does not resolve host names of servers added at run time)",
+        )
     return host, port_n
 
 
 def _same_address(state: ServerState, host: str, port: int) -> bool:
     try:
-        return (ipaddress.ip_address(state.srv_addr) == ipaddress.ip_address(host)
-                and state.srv_port == port)
+        return ipaddress.ip_address(state.srv_addr) == ipaddress.ip_address(host) and state.srv_port == port
     except ValueError:
         return False
 
@@ -471,8 +541,10 @@ async def _admin_command(lb: LoadBalancer, api: str, command: str, ok: tuple[str
     unless HAProxy answers one of `ok`."""
     answer = (await runtime_command(api, command)).strip()
     if answer not in ok:
-        fail(LB_MEMBER_NOT_FOUND if "no such" in answer.lower() else LB_RUNTIME_API_ERROR,
-             f"load balancer {lb.name} ({api}): {command!r}: {answer}")
+        fail(
+            LB_MEMBER_NOT_FOUND if "no such" in answer.lower() else LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): {command!r}: {answer}",
+        )
     return answer
 
 
@@ -497,9 +569,12 @@ async def add_server(lb: LoadBalancer, node_name: str, address: str) -> MemberSt
     host, port = _split_address(address)
     existing = next((s for s in await _server_states(lb, api, backend) if s.srv_name == server), None)
     if existing is not None and not _same_address(existing, host, port):
-        fail(LB_MEMBER_CONFLICT, f"load balancer {lb.name} ({api}): {backend}/{server} already exists "
-                                 f"at {existing.srv_addr}:{existing.srv_port}, not {address}; "
-                                 "detach it first (or pick another server name)")
+        fail(
+            LB_MEMBER_CONFLICT,
+            f"load balancer {lb.name} ({api}): {backend}/{server} already exists "
+            f"at {existing.srv_addr}:{existing.srv_port}, not {address}; "
+            "detach it first (or pick another server name)",
+        )
     name = f"{backend}/{server}"
     if existing is None:
         # A dynamic server starts in maintenance with its checks off.
@@ -516,8 +591,9 @@ async def add_server(lb: LoadBalancer, node_name: str, address: str) -> MemberSt
     return await member_state(member_lb, node_name)
 
 
-async def del_server(lb: LoadBalancer, node_name: str, force: bool = False,
-                     retry_s: float = DEL_RETRY_S) -> None:
+async def del_server(
+    lb: LoadBalancer, node_name: str, force: bool = False, retry_s: float = DEL_RETRY_S
+) -> None:
     """Detach the node's server: refused (LbMemberBusy, nothing changed) while it has
     sessions, unless `force` (they are cut: `shutdown sessions server`). Maintenance, then
     `del server`. A server that is not there is already detached."""
@@ -528,9 +604,12 @@ async def del_server(lb: LoadBalancer, node_name: str, force: bool = False,
     member_lb = dataclasses.replace(lb, members={**lb.members, node_name: server})
     st = await member_state(member_lb, node_name)
     if st.scur > 0 and not force:
-        fail(LB_MEMBER_BUSY, f"load balancer {lb.name} ({api}): {backend}/{server} (node {node_name}) "
-                             f"still has {st.scur} open session(s); drain it first (wait for zero "
-                             "sessions) or detach it with force, which cuts them")
+        fail(
+            LB_MEMBER_BUSY,
+            f"load balancer {lb.name} ({api}): {backend}/{server} (node {node_name}) "
+            f"still has {st.scur} open session(s); drain it first (wait for zero "
+            "sessions) or detach it with force, which cuts them",
+        )
     name = f"{backend}/{server}"
     await _admin_command(lb, api, f"set server {name} state maint")
     if force:
@@ -544,8 +623,11 @@ async def del_server(lb: LoadBalancer, node_name: str, force: bool = False,
         if _STILL_CONNECTED not in answer.lower() or waited >= retry_s:
             # In maintenance no new session arrives; one that slipped in between the check
             # and the maintenance is still running: a retry after the drain deletes it.
-            fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): 'del server {name}' "
-                                       f"(in maintenance now): {answer}", retryable=True)
+            fail(
+                LB_RUNTIME_API_ERROR,
+                f"load balancer {lb.name} ({api}): 'del server {name}' (in maintenance now): {answer}",
+                retryable=True,
+            )
         heartbeat({"waited_s": round(waited, 1), "answer": answer})
         await asyncio.sleep(POLL_S)
 
@@ -553,8 +635,11 @@ async def del_server(lb: LoadBalancer, node_name: str, force: bool = False,
 def _switch(lb: LoadBalancer) -> tuple[str, MaintenanceSwitch]:
     api, _ = _backend_of(lb)
     if lb.maintenance is None or not lb.maintenance.map or not lb.maintenance.key:
-        fail(INVALID_REQUEST, f"load balancer {lb.name}: no maintenance page declared (maintenance: "
-                              "{map, key}: the map entry its frontend's rule reads)")
+        fail(
+            INVALID_REQUEST,
+            f"load balancer {lb.name}: no maintenance page declared (maintenance: "
+            "{map, key}: the map entry its frontend's rule reads)",
+        )
     return api, lb.maintenance
 
 
@@ -572,8 +657,11 @@ async def maintenance_state(lb: LoadBalancer) -> bool:
     api, sw = _switch(lb)
     text = await runtime_command(api, f"show map {sw.map}")
     if text.strip() and not text.lstrip().startswith("0x") and "unknown map" in text.lower():
-        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): no map {sw.map!r} in the running "
-                                   f"HAProxy ({text.strip()}); its frontend's maintenance rule must use it")
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): no map {sw.map!r} in the running "
+            f"HAProxy ({text.strip()}); its frontend's maintenance rule must use it",
+        )
     return _map_value(text, sw.key) == "on"
 
 
@@ -586,12 +674,18 @@ async def set_maintenance(lb: LoadBalancer, on: bool) -> bool:
     if answer and "entry not found" in answer.lower():
         answer = (await runtime_command(api, f"add map {sw.map} {sw.key} {value}")).strip()
     if answer:
-        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): set map {sw.map} {sw.key} "
-                                   f"{value}: {answer}")
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): set map {sw.map} {sw.key} {value}: {answer}",
+        )
     state = await maintenance_state(lb)
     if state != on:
-        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): the maintenance entry reads "
-                                   f"{'on' if state else 'off'} after setting it {value}", retryable=True)
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): the maintenance entry reads "
+            f"{'on' if state else 'off'} after setting it {value}",
+            retryable=True,
+        )
     return state
 
 
@@ -703,14 +797,24 @@ class VersionAnswer:
     problem: str  # "" when the answer is the expected one
 
 
-def judge_version_answer(status: int, body: str, header_node: str, expect_status: int,
-                         expect_version: str, expect_db_schema: int | None) -> VersionAnswer:
+def judge_version_answer(
+    status: int,
+    body: str,
+    header_node: str,
+    expect_status: int,
+    expect_version: str,
+    expect_db_schema: int | None,
+) -> VersionAnswer:
     """One answer of the version check through the balancer, judged: the expected status,
     a JSON object whose "version" is `expect_version` and, when `expect_db_schema` is set and
     the object has "db_schema", that too; the node is its "node", else `header_node`. Pure."""
     if status != expect_status:
-        hint = (" (503 with the page on: the frontend's page rule may not honour the preview "
-                "header, or no server is UP)" if status == 503 else "")
+        hint = (
+            " (503 with the page on: the frontend's page rule may not honour the preview "
+            "header, or no server is UP)"
+            if status == 503
+            else ""
+        )
         return VersionAnswer(header_node, "", f"status {status}, expected {expect_status}{hint}")
     try:
         data = json.loads(body)
@@ -721,7 +825,7 @@ def judge_version_answer(status: int, body: str, header_node: str, expect_status
     raw_node = data.get("node")
     node = str(raw_node) if raw_node not in (None, "") else header_node
     if data.get("version") is None:
-        return VersionAnswer(node, "", "no \"version\" in the answer")
+        return VersionAnswer(node, "", 'no "version" in the answer')
     version = str(data["version"])
     if version != expect_version:
         return VersionAnswer(node, version, f"version {version!r}, expected {expect_version!r}")
@@ -730,7 +834,7 @@ def judge_version_answer(status: int, body: str, header_node: str, expect_status
         if isinstance(db, bool) or db != expect_db_schema:
             return VersionAnswer(node, version, f"db_schema {db!r}, expected {expect_db_schema}")
     if not node:
-        return VersionAnswer("", version, "names no node (no \"node\" in the JSON, no X-Node header)")
+        return VersionAnswer("", version, 'names no node (no "node" in the JSON, no X-Node header)')
     return VersionAnswer(node, version, "")
 
 
@@ -738,16 +842,20 @@ def _preview_target(lb: LoadBalancer) -> tuple[str, MaintenanceSwitch, str]:
     """(runtime_api, switch, preview header) of a balancer whose page has a preview bypass."""
     api, sw = _switch(lb)
     if not sw.preview_header:
-        fail(INVALID_REQUEST, f"load balancer {lb.name}: its maintenance switch declares no "
-                              "preview_header (the header whose one-time key passes the page)")
+        fail(
+            INVALID_REQUEST,
+            f"load balancer {lb.name}: its maintenance switch declares no "
+            "preview_header (the header whose one-time key passes the page)",
+        )
     if not lb.frontend_url:
-        fail(INVALID_REQUEST, f"load balancer {lb.name}: no frontend_url (where the servers behind "
-                              "it are tested)")
+        fail(
+            INVALID_REQUEST,
+            f"load balancer {lb.name}: no frontend_url (where the servers behind it are tested)",
+        )
     return api, sw, sw.preview_header
 
 
-async def _keyed_command(lb: LoadBalancer, api: str, command: str, key: str,
-                         gone_ok: bool = False) -> None:
+async def _keyed_command(lb: LoadBalancer, api: str, command: str, key: str, gone_ok: bool = False) -> None:
     """A map command naming a preview key: it must answer nothing (`gone_ok`: or that the
     key is not there); errors never show the key, and are retryable."""
     try:
@@ -761,15 +869,21 @@ async def _keyed_command(lb: LoadBalancer, api: str, command: str, key: str,
     if problem:
         # A retry starts by deleting the preview keys it finds, then tries again.
         shown = command.replace(key, _HIDDEN_KEY)
-        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): {shown!r}: "
-                                   f"{problem.replace(key, _HIDDEN_KEY)}", retryable=True)
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): {shown!r}: {problem.replace(key, _HIDDEN_KEY)}",
+            retryable=True,
+        )
 
 
 async def _delete_preview_keys(lb: LoadBalancer, api: str, sw: MaintenanceSwitch) -> int:
     """Delete the preview keys an interrupted earlier check left; returns how many."""
     text = await runtime_command(api, f"show map {sw.map}")
-    keys = {parts[1] for line in text.splitlines()
-            if len(parts := line.split()) == 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)}
+    keys = {
+        parts[1]
+        for line in text.splitlines()
+        if len(parts := line.split()) == 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)
+    }
     for key in sorted(keys):
         await _keyed_command(lb, api, f"del map {sw.map} {key}", key, gone_ok=True)
     return len(keys)
@@ -781,11 +895,17 @@ async def preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
     expected = set(req.expect_nodes)
     if not expected:
         fail(INVALID_REQUEST, f"load balancer {lb.name}: preview check without expected nodes")
-    count = req.requests if req.requests is not None else max(
-        PREVIEW_MIN_REQUESTS, PREVIEW_REQUESTS_PER_NODE * len(expected))
+    count = (
+        req.requests
+        if req.requests is not None
+        else max(PREVIEW_MIN_REQUESTS, PREVIEW_REQUESTS_PER_NODE * len(expected))
+    )
     if not len(expected) <= count <= PREVIEW_MAX_REQUESTS:
-        fail(INVALID_REQUEST, f"preview check: {count} requests for {len(expected)} node(s): expected "
-                              f"{len(expected)}-{PREVIEW_MAX_REQUESTS} (every node must be able to answer)")
+        fail(
+            INVALID_REQUEST,
+            f"preview check: {count} requests for {len(expected)} node(s): expected "
+            f"{len(expected)}-{PREVIEW_MAX_REQUESTS} (every node must be able to answer)",
+        )
     path = req.check.path if req.check.path.startswith("/") else "/" + req.check.path
     url = (lb.frontend_url or "").rstrip("/") + path
     page_on = await maintenance_state(lb)
@@ -805,20 +925,32 @@ async def preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
                 # No HTTP answer from the balancer itself: a retry may get one.
                 problem = (f"{where}: no HTTP answer ({r.error})", True)
                 break
-            ans = judge_version_answer(r.status, body, r.node, req.check.expect_status,
-                                       req.expect_version, req.expect_db_schema)
+            ans = judge_version_answer(
+                r.status, body, r.node, req.check.expect_status, req.expect_version, req.expect_db_schema
+            )
             if ans.problem:
-                problem = (f"{where}" + (f" from node {ans.node!r}" if ans.node else "")
-                           + f": {ans.problem}", False)
+                problem = (
+                    f"{where}" + (f" from node {ans.node!r}" if ans.node else "") + f": {ans.problem}",
+                    False,
+                )
                 break
             if ans.node not in expected:
-                problem = (f"{where}: node {ans.node!r} answered, which is not one of the expected "
-                           f"{', '.join(sorted(expected))} (is another server still in "
-                           f"{lb.backend or 'the backend'}?)", False)
+                problem = (
+                    f"{where}: node {ans.node!r} answered, which is not one of the expected "
+                    f"{', '.join(sorted(expected))} (is another server still in "
+                    f"{lb.backend or 'the backend'}?)",
+                    False,
+                )
                 break
             counts[ans.node] = counts.get(ans.node, 0) + 1
-            heartbeat({"sent": n, "of": count, "nodes": dict(sorted(counts.items())),
-                       "left_over_keys_deleted": left})
+            heartbeat(
+                {
+                    "sent": n,
+                    "of": count,
+                    "nodes": dict(sorted(counts.items())),
+                    "left_over_keys_deleted": left,
+                }
+            )
     finally:
         # Always, also when the check failed or was cancelled: the key must not outlive it.
         # (Gone already: a reload dropped it.)
@@ -826,13 +958,19 @@ async def preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
     if problem is None:
         missing = sorted(expected - set(counts))
         if missing:
-            problem = (f"GET {url} with a preview key: {', '.join(missing)} never answered in "
-                       f"{n} requests (answered: "
-                       f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'none'}); "
-                       f"{await _backend_line(lb)}", False)
+            problem = (
+                f"GET {url} with a preview key: {', '.join(missing)} never answered in "
+                f"{n} requests (answered: "
+                f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'none'}); "
+                f"{await _backend_line(lb)}",
+                False,
+            )
     if problem is not None:
-        fail(LB_PREVIEW_CHECK_FAILED, f"load balancer {lb.name}: {problem[0].replace(key, _HIDDEN_KEY)}",
-             retryable=problem[1])
+        fail(
+            LB_PREVIEW_CHECK_FAILED,
+            f"load balancer {lb.name}: {problem[0].replace(key, _HIDDEN_KEY)}",
+            retryable=problem[1],
+        )
     return PreviewCheckResult(url=url, requests=n, nodes=tuple(sorted(counts.items())), page_on=page_on)
 
 
@@ -842,8 +980,9 @@ async def _backend_line(lb: LoadBalancer) -> str:
         stats = await list_servers(lb)
     except ApplicationError as e:
         return f"the backend could not be read ({e})"
-    rows = ", ".join(f"{s.svname} {s.status}" + (f" ({s.check_status})" if s.check_status else "")
-                     for s in stats)
+    rows = ", ".join(
+        f"{s.svname} {s.status}" + (f" ({s.check_status})" if s.check_status else "") for s in stats
+    )
     return f"backend {lb.backend or '?'}: {rows or 'no server'}"
 
 

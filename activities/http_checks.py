@@ -45,25 +45,36 @@ async def fetch(method: str, url: str, timeout_s: float, json_body: object | Non
     return (await fetch_full(method, url, timeout_s, json_body))[0]
 
 
-async def fetch_full(method: str, url: str, timeout_s: float, json_body: object | None = None,
-                     headers: Mapping[str, str] | None = None) -> tuple[HttpCheckResult, str]:
+async def fetch_full(
+    method: str,
+    url: str,
+    timeout_s: float,
+    json_body: object | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[HttpCheckResult, str]:
     """Like fetch, plus the whole body; `headers` are sent with the request."""
     started = time.monotonic()
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.request(method, url, json=json_body, headers=headers,
-                                allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(method, url, json=json_body, headers=headers, allow_redirects=False) as resp,
+        ):
             body = await resp.text(errors="replace")
-            return HttpCheckResult(url=url, status=resp.status, body_snippet=body[:SNIPPET],
-                                   elapsed_ms=int((time.monotonic() - started) * 1000),
-                                   node=resp.headers.get("X-Node", "")), body
+            return HttpCheckResult(
+                url=url,
+                status=resp.status,
+                body_snippet=body[:SNIPPET],
+                elapsed_ms=int((time.monotonic() - started) * 1000),
+                node=resp.headers.get("X-Node", ""),
+            ), body
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         err = str(e) or type(e).__name__
         if isinstance(e, asyncio.TimeoutError):
             err = f"no answer within {timeout_s:g}s"
-        return HttpCheckResult(url=url, status=0, body_snippet="",
-                               elapsed_ms=int((time.monotonic() - started) * 1000), error=err), ""
+        return HttpCheckResult(
+            url=url, status=0, body_snippet="", elapsed_ms=int((time.monotonic() - started) * 1000), error=err
+        ), ""
 
 
 def _describe(r: HttpCheckResult) -> str:
@@ -88,8 +99,14 @@ class WaitHealthyResult:
     last: HttpCheckResult
 
 
-async def poll_healthy(base_url: str, chk: HttpCheck, timeout_s: float, consecutive: int,
-                       interval_s: float, request_timeout_s: float = 5.0) -> WaitHealthyResult:
+async def poll_healthy(
+    base_url: str,
+    chk: HttpCheck,
+    timeout_s: float,
+    consecutive: int,
+    interval_s: float,
+    request_timeout_s: float = 5.0,
+) -> WaitHealthyResult:
     url = _url(base_url, chk.path)
     prev = previous_heartbeat()
     # Keep the first attempt's clock across retries (the deadline is for the whole step).
@@ -105,9 +122,11 @@ async def poll_healthy(base_url: str, chk: HttpCheck, timeout_s: float, consecut
         if streak >= max(1, consecutive):
             return WaitHealthyResult(url=url, waited_s=round(waited, 3), attempts=attempts, last=r)
         if waited >= timeout_s:
-            fail(HEALTH_CHECK_FAILED,
-                 f"GET {url}: not healthy within {timeout_s:g}s ({attempts} attempts, wanted "
-                 f"{consecutive} consecutive {chk.expect_status}); last: {_describe(r)}")
+            fail(
+                HEALTH_CHECK_FAILED,
+                f"GET {url}: not healthy within {timeout_s:g}s ({attempts} attempts, wanted "
+                f"{consecutive} consecutive {chk.expect_status}); last: {_describe(r)}",
+            )
         heartbeat({"waited_s": round(waited, 2), "status": r.status, "streak": streak})
         await asyncio.sleep(min(interval_s, max(0.0, timeout_s - waited)))
 
@@ -142,8 +161,12 @@ async def login(base_url: str, chk: HttpCheck, timeout_s: float) -> LoginResult:
     r = await fetch("POST", url, timeout_s, json_body={"user": chk.user, "password": password})
     if r.status != chk.expect_status:
         # The body is the application's answer; the password is never part of the message.
-        fail(LOGIN_FAILED, f"POST {url} as {chk.user!r}: expected status {chk.expect_status}, "
-                           f"got {_describe(r)}".replace(password, "***"))
+        fail(
+            LOGIN_FAILED,
+            f"POST {url} as {chk.user!r}: expected status {chk.expect_status}, got {_describe(r)}".replace(
+                password, "***"
+            ),
+        )
     return LoginResult(url=url, status=r.status, elapsed_ms=r.elapsed_ms, node=r.node)
 
 
@@ -197,8 +220,10 @@ async def wait_healthy(req: WaitHealthyRequest) -> WaitHealthyResult:
 async def get_version(req: VersionRequest) -> str:
     v = await version_of(req.base_url, req.check, req.timeout_s)
     if req.expect is not None and v != req.expect:
-        fail(VERSION_MISMATCH, f"GET {_url(req.base_url, req.check.path)}: version {v!r}, "
-                               f"expected {req.expect!r}")
+        fail(
+            VERSION_MISMATCH,
+            f"GET {_url(req.base_url, req.check.path)}: version {v!r}, expected {req.expect!r}",
+        )
     return v
 
 
@@ -238,8 +263,9 @@ async def check_serving(req: ServingRequest) -> ServingResult:
     healthy = await poll_healthy(req.base_url, req.health, req.timeout_s, req.consecutive, req.interval_s)
     v = await version_of(req.base_url, req.version, 5.0)
     if v != req.expect:
-        fail(VERSION_MISMATCH, f"GET {_url(req.base_url, req.version.path)}: version {v!r}, "
-                               f"expected {req.expect!r}")
+        fail(
+            VERSION_MISMATCH,
+            f"GET {_url(req.base_url, req.version.path)}: version {v!r}, expected {req.expect!r}",
+        )
     logged_on = await login(req.base_url, req.login, 5.0) if req.login is not None else None
     return ServingResult(health=healthy, version=v, login=logged_on)
-

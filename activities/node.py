@@ -51,18 +51,26 @@ def iis_scripts(site: str, pool: str, timeout_s: float) -> ServiceCommands:
     deadline = f"$deadline = (Get-Date).AddSeconds({_fmt_seconds(timeout_s)}); "
 
     def wait_for(wanted: str) -> str:
-        return (deadline
-                + f"while ({state} -ne '{wanted}') {{ "
-                + "if ((Get-Date) -gt $deadline) { "
-                + f"Write-Output ('app pool ' + {q_pool} + ' did not reach {wanted}, state: ' + {state}); "
-                + "exit 1 }; Start-Sleep -Milliseconds 500 }; exit 0")
+        return (
+            deadline
+            + f"while ({state} -ne '{wanted}') {{ "
+            + "if ((Get-Date) -gt $deadline) { "
+            + f"Write-Output ('app pool ' + {q_pool} + ' did not reach {wanted}, state: ' + {state}); "
+            + "exit 1 }; Start-Sleep -Milliseconds 500 }; exit 0"
+        )
 
-    stop = (f"Import-Module WebAdministration; Stop-Website -Name {q_site}; "
-            f"Stop-WebAppPool -Name {q_pool}; " + wait_for("Stopped"))
-    start = (f"Import-Module WebAdministration; Start-WebAppPool -Name {q_pool}; "
-             f"Start-Website -Name {q_site}; " + wait_for("Started"))
-    status = (f"Import-Module WebAdministration; $s = {state}; Write-Output $s; "
-              "if ($s -eq 'Started') { exit 0 } else { exit 3 }")
+    stop = (
+        f"Import-Module WebAdministration; Stop-Website -Name {q_site}; "
+        f"Stop-WebAppPool -Name {q_pool}; " + wait_for("Stopped")
+    )
+    start = (
+        f"Import-Module WebAdministration; Start-WebAppPool -Name {q_pool}; "
+        f"Start-Website -Name {q_site}; " + wait_for("Started")
+    )
+    status = (
+        f"Import-Module WebAdministration; $s = {state}; Write-Output $s; "
+        "if ($s -eq 'Started') { exit 0 } else { exit 3 }"
+    )
     return ServiceCommands(stop=stop, start=start, status=status)
 
 
@@ -81,15 +89,20 @@ def service_commands(svc: ServiceControl) -> ServiceCommands:
         if not svc.unit:
             fail(INVALID_REQUEST, "service kind 'systemd' needs a unit")
         unit = shlex.quote(svc.unit)
-        return ServiceCommands(stop=f"systemctl stop {unit}", start=f"systemctl start {unit}",
-                               status=f"systemctl is-active {unit}")
+        return ServiceCommands(
+            stop=f"systemctl stop {unit}",
+            start=f"systemctl start {unit}",
+            status=f"systemctl is-active {unit}",
+        )
     if svc.kind == "iis":
         if not (svc.site and svc.app_pool):
             fail(INVALID_REQUEST, "service kind 'iis' needs site and app_pool")
         scripts = iis_scripts(svc.site, svc.app_pool, svc.timeout_s)
-        return ServiceCommands(stop=powershell_encoded(scripts.stop),
-                               start=powershell_encoded(scripts.start),
-                               status=powershell_encoded(scripts.status))
+        return ServiceCommands(
+            stop=powershell_encoded(scripts.stop),
+            start=powershell_encoded(scripts.start),
+            status=powershell_encoded(scripts.status),
+        )
     fail(INVALID_REQUEST, f"unknown service kind {svc.kind!r}")
 
 
@@ -119,9 +132,11 @@ async def status_of(node: Node) -> ServiceState:
     cmds = service_commands(node.service)
     res = await ssh.run(node.ssh, cmds.status, timeout_s=node.service.timeout_s, check=False)
     if res.exit_status in _BROKEN_STATUS:
-        fail(SSH_COMMAND_FAILED,
-             f"node {node.name} ({ssh.where(node.ssh)}): status command {cmds.status!r} exited "
-             f"with status {res.exit_status}; stderr: {res.stderr.strip()[-500:] or '(empty)'}")
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name} ({ssh.where(node.ssh)}): status command {cmds.status!r} exited "
+            f"with status {res.exit_status}; stderr: {res.stderr.strip()[-500:] or '(empty)'}",
+        )
     detail = (res.stdout.strip() or res.stderr.strip())[-500:]
     return ServiceState(node_name=node.name, running=res.exit_status == 0, detail=detail)
 
@@ -133,9 +148,11 @@ async def _wait_state(node: Node, running: bool, deadline: float, verb: str) -> 
             return st
         left = deadline - time.monotonic()
         if left <= 0:
-            fail(SERVICE_TIMEOUT,
-                 f"node {node.name}: service still {'stopped' if running else 'running'} "
-                 f"{node.service.timeout_s:g}s after {verb}; status: {st.detail or '(no output)'}")
+            fail(
+                SERVICE_TIMEOUT,
+                f"node {node.name}: service still {'stopped' if running else 'running'} "
+                f"{node.service.timeout_s:g}s after {verb}; status: {st.detail or '(no output)'}",
+            )
         heartbeat({"node": node.name, "waiting_for": "running" if running else "stopped"})
         await asyncio.sleep(min(0.5, left))
 
@@ -198,8 +215,10 @@ async def inspect_storage(node: Node, protected_files: tuple[str, ...], package_
         if not p or p.startswith("/") or ".." in p.split("/"):
             fail(INVALID_REQUEST, f"protected file {p!r} must be a path relative to the application folder")
     app = shlex.quote(node.app_dir)
-    checks = "\n".join(f"[ -f {shlex.quote(posixpath.join(node.app_dir, p))} ] || echo missing {i}"
-                        for i, p in enumerate(protected_files))
+    checks = "\n".join(
+        f"[ -f {shlex.quote(posixpath.join(node.app_dir, p))} ] || echo missing {i}"
+        for i, p in enumerate(protected_files)
+    )
     # df's -P keeps one line per filesystem; Available is the third field from the end, so
     # a filesystem name with spaces does not shift it. du's errors (an unreadable
     # subfolder) still leave its total, which is what counts.
@@ -224,10 +243,12 @@ df -Pk . | awk 'NR>1 {{print "free", $(NF-2)}}'
         app_bytes = int(values["app"]) * 1024 if app_present else 0
         free_bytes = int(values["free"]) * 1024
     except (KeyError, ValueError):
-        fail(SSH_COMMAND_FAILED,
-             f"node {node.name} ({ssh.where(node.ssh)}): cannot measure storage with du / df (exit "
-             f"{res.exit_status}); stdout: {res.stdout.strip()[-300:] or '(empty)'}; stderr: "
-             f"{res.stderr.strip()[-500:] or '(empty)'}")
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name} ({ssh.where(node.ssh)}): cannot measure storage with du / df (exit "
+            f"{res.exit_status}); stdout: {res.stdout.strip()[-300:] or '(empty)'}; stderr: "
+            f"{res.stderr.strip()[-500:] or '(empty)'}",
+        )
     need = storage_need(app_bytes, package_size)
     problems = []
     if free_bytes < need:
@@ -236,13 +257,22 @@ df -Pk . | awk 'NR>1 {{print "free", $(NF-2)}}'
         problems.append(f"application folder {node.app_dir} does not exist")
     if missing:
         problems.append(f"protected file(s) missing: {', '.join(missing)}")
-    basis = (f"app folder {_mib(app_bytes)} (backup) + 3 x package {_mib(package_size)} + 10% = "
-             f"{_mib(need)}; {_mib(free_bytes)} free")
+    basis = (
+        f"app folder {_mib(app_bytes)} (backup) + 3 x package {_mib(package_size)} + 10% = "
+        f"{_mib(need)}; {_mib(free_bytes)} free"
+    )
     # No folder: nothing to back up and restore to, so the deploy could not be undone.
     ok = free_bytes >= need and app_present and not missing
     detail = f"node {node.name}: " + ("; ".join(problems) + f" ({basis})" if problems else f"ok: {basis}")
-    return NodeStorage(app_bytes=app_bytes, free_bytes=free_bytes, need_bytes=need,
-                       missing_protected=tuple(missing), ok=ok, detail=detail, node_name=node.name)
+    return NodeStorage(
+        app_bytes=app_bytes,
+        free_bytes=free_bytes,
+        need_bytes=need,
+        missing_protected=tuple(missing),
+        ok=ok,
+        detail=detail,
+        node_name=node.name,
+    )
 
 
 # --------------------------------------------------------------------------- activities
@@ -307,10 +337,14 @@ def health_file_script(path: str, present: bool) -> str:
     held = f"{HELD_DIR}/{posixpath.basename(path)}"
     f, h = shlex.quote(path), shlex.quote(held)
     if present:
-        return (f"if [ -f {f} ]; then echo unchanged; elif [ -f {h} ]; then mv {h} {f} && echo changed; "
-                f"else mkdir -p \"$(dirname {f})\" && echo OK > {f} && echo changed; fi")
-    return (f"if [ -f {f} ]; then mkdir -p {shlex.quote(HELD_DIR)} && mv -f {f} {h} && echo changed; "
-            "else echo unchanged; fi")
+        return (
+            f"if [ -f {f} ]; then echo unchanged; elif [ -f {h} ]; then mv {h} {f} && echo changed; "
+            f'else mkdir -p "$(dirname {f})" && echo OK > {f} && echo changed; fi'
+        )
+    return (
+        f"if [ -f {f} ]; then mkdir -p {shlex.quote(HELD_DIR)} && mv -f {f} {h} && echo changed; "
+        "else echo unchanged; fi"
+    )
 
 
 @activity.defn
@@ -320,8 +354,9 @@ async def set_health_file(req: HealthFileRequest) -> HealthFileState:
     its open ones finish) or put it back."""
     _check_rel("health file", req.path)
     r = await ssh.run(req.node.ssh, health_file_script(req.path, req.present), timeout_s=30)
-    return HealthFileState(node_name=req.node.name, present=req.present,
-                           changed=r.stdout.strip().endswith("changed"))
+    return HealthFileState(
+        node_name=req.node.name, present=req.present, changed=r.stdout.strip().endswith("changed")
+    )
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,7 @@ def admin_tools_command(settings: OxSettings, calls: list[tuple[str, list[str]]]
 class ToolsRun:
     """What `run_admin_tools` saw: each tool's stdout and, for the tools that started, when
     (seconds after the first started, on the node's clock); the exit status of the last."""
+
     outputs: tuple[str, ...]
     offsets_s: tuple[float, ...]
     exit_status: int
@@ -295,25 +296,42 @@ def split_tools_output(stdout: str) -> tuple[tuple[str, ...], tuple[float, ...]]
     return tuple("".join(o) for o in outputs), tuple(t - first for t in starts)
 
 
-async def run_admin_tools(node: Node, settings: OxSettings, calls: list[tuple[str, list[str]]],
-                          timeout_s: float = 120.0) -> ToolsRun:
+async def run_admin_tools(
+    node: Node, settings: OxSettings, calls: list[tuple[str, list[str]]], timeout_s: float = 120.0
+) -> ToolsRun:
     """Admin tools back to back in one SSH command (one channel, no round trip between
     them): what a schema's users wait for between its disable and its enable."""
-    password = resolve_secret(settings.admin_password,
-                              needed_by=f"OX tools {', '.join(t for t, _ in calls)} on {node.name}")
-    r = await ssh.run(node.ssh, admin_tools_command(settings, calls), timeout_s=timeout_s,
-                      check=False, input=password + "\n")
+    password = resolve_secret(
+        settings.admin_password, needed_by=f"OX tools {', '.join(t for t, _ in calls)} on {node.name}"
+    )
+    r = await ssh.run(
+        node.ssh,
+        admin_tools_command(settings, calls),
+        timeout_s=timeout_s,
+        check=False,
+        input=password + "\n",
+    )
     outputs, offsets = split_tools_output(r.stdout)
     stderr = r.stderr.replace(password, "***") if password else r.stderr
     return ToolsRun(outputs=outputs, offsets_s=offsets, exit_status=r.exit_status, stderr=stderr)
 
 
-async def run_tool(node: Node, settings: OxSettings, tool: str, args: list[str], *, admin: bool = True,
-                   extra_input: str = "", timeout_s: float = 120.0, check: bool = True) -> ssh.CommandResult:
+async def run_tool(
+    node: Node,
+    settings: OxSettings,
+    tool: str,
+    args: list[str],
+    *,
+    admin: bool = True,
+    extra_input: str = "",
+    timeout_s: float = 120.0,
+    check: bool = True,
+) -> ssh.CommandResult:
     """Run an OX tool on `node`; a non-zero exit fails with OxToolFailed (stdout and stderr's
     end in the message, the password masked)."""
-    password = resolve_secret(settings.admin_password, needed_by=f"OX tool {tool} on {node.name}") \
-        if admin else ""
+    password = (
+        resolve_secret(settings.admin_password, needed_by=f"OX tool {tool} on {node.name}") if admin else ""
+    )
     stdin = (password + "\n" if admin else "") + extra_input
     command = tool_command(settings, tool, args, admin)
     result = await ssh.run(node.ssh, command, timeout_s=timeout_s, check=False, input=stdin or None)
@@ -328,10 +346,13 @@ async def run_tool(node: Node, settings: OxSettings, tool: str, args: list[str],
 def tool_failed(node: Node, tool: str, args: list[str], exit_status: int, text: str) -> NoReturn:
     """OxToolUnavailable (retryable) for OX's transient exit codes, else OxToolFailed."""
     transient = exit_status in TRANSIENT_EXITS
-    fail(OX_TOOL_UNAVAILABLE if transient else OX_TOOL_FAILED,
-         f"{node.name}: {tool} {' '.join(args)} exited with status {exit_status}"
-         f"{' (transient: the middleware did not answer or its call failed)' if transient else ''}: "
-         f"{tail(text, 600) or '(no output)'}", retryable=transient)
+    fail(
+        OX_TOOL_UNAVAILABLE if transient else OX_TOOL_FAILED,
+        f"{node.name}: {tool} {' '.join(args)} exited with status {exit_status}"
+        f"{' (transient: the middleware did not answer or its call failed)' if transient else ''}: "
+        f"{tail(text, 600) or '(no output)'}",
+        retryable=transient,
+    )
 
 
 def parse_csv(text: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -350,8 +371,11 @@ def parse_schemata(text: str) -> tuple[OxSchema, ...]:
     out = []
     for row in parse_csv(text, ("id", "schema_name", "currentunits")):
         try:
-            out.append(OxSchema(name=row["schema_name"], pool_id=int(row["id"]),
-                                contexts=int(row["currentunits"] or 0)))
+            out.append(
+                OxSchema(
+                    name=row["schema_name"], pool_id=int(row["id"]), contexts=int(row["currentunits"] or 0)
+                )
+            )
         except ValueError:
             fail(OX_OUTPUT_UNEXPECTED, f"listdatabaseschema row not understood: {row}")
     return tuple(out)
@@ -371,9 +395,14 @@ def parse_databases(text: str) -> tuple[OxDatabase, ...]:
     out = []
     for row in parse_csv(text, ("id", "display_name", "maxUnits", "currentunits")):
         try:
-            out.append(OxDatabase(id=int(row["id"]), name=row["display_name"],
-                                  max_units=int(row["maxUnits"] or 0),
-                                  current_units=int(row["currentunits"] or 0)))
+            out.append(
+                OxDatabase(
+                    id=int(row["id"]),
+                    name=row["display_name"],
+                    max_units=int(row["maxUnits"] or 0),
+                    current_units=int(row["currentunits"] or 0),
+                )
+            )
         except ValueError:
             fail(OX_OUTPUT_UNEXPECTED, f"listdatabase row not understood: {row}")
     return tuple(out)
@@ -402,8 +431,10 @@ def parse_failed_tasks(text: str) -> tuple[str, ...]:
 _ERR_RE = re.compile(r"Errors while running updates for schema '([^']+)':\s*\n(?:.*\n)?((?: .*\n?)*)")
 # The registered-server texts: without -m the WARNING, with -m "The server '<n>' with id '<id>'
 # will be used ..." (UpgradeSchemata.registerServer).
-_EXISTING_RE = re.compile(r"already registered with id '(\d+)'"
-                          r"|The server '[^']*' with id '(\d+)' will be used")
+_EXISTING_RE = re.compile(
+    r"already registered with id '(\d+)'"
+    r"|The server '[^']*' with id '(\d+)' will be used"
+)
 _REGISTERING_RE = re.compile(r"Registering the server with name '[^']*'\.\.\.OK")
 
 
@@ -423,19 +454,35 @@ def parse_upgradeschemata(stdout: str, stderr: str) -> tuple[list[OxToolSchema],
             continue
         schema = head.group(1)
         if re.match(r"Disabling schema '[^']+'\.\.\.Schema \S+ not found\. Skipping", block):
-            schemata.append(OxToolSchema(schema=schema, disabled=False, server_changed=False, updated=False,
-                                         enabled=False, skipped_empty=True))
+            schemata.append(
+                OxToolSchema(
+                    schema=schema,
+                    disabled=False,
+                    server_changed=False,
+                    updated=False,
+                    enabled=False,
+                    skipped_empty=True,
+                )
+            )
             continue
-        schemata.append(OxToolSchema(
-            schema=schema, disabled=head.group(2) is not None,
-            server_changed=re.search(r"Changing server for schema '[^']+' to '[^']*'\.\.\.OK", block)
-            is not None,
-            updated="Running updates...OK" in block,
-            enabled=f"Enabling schema '{schema}'...OK" in block,
-            error=errors.get(schema)))
+        schemata.append(
+            OxToolSchema(
+                schema=schema,
+                disabled=head.group(2) is not None,
+                server_changed=re.search(r"Changing server for schema '[^']+' to '[^']*'\.\.\.OK", block)
+                is not None,
+                updated="Running updates...OK" in block,
+                enabled=f"Enabling schema '{schema}'...OK" in block,
+                error=errors.get(schema),
+            )
+        )
     existing = _EXISTING_RE.search(stdout)
-    return (schemata, int(existing.group(1) or existing.group(2)) if existing else None,
-            _REGISTERING_RE.search(stdout) is not None, "OK, aborting upgrade" in stdout)
+    return (
+        schemata,
+        int(existing.group(1) or existing.group(2)) if existing else None,
+        _REGISTERING_RE.search(stdout) is not None,
+        "OK, aborting upgrade" in stdout,
+    )
 
 
 # --------------------------------------------------------------------------- properties
@@ -488,8 +535,12 @@ async def set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
         if recorded is not None:
             previous = json.loads(recorded.decode("utf-8"))["previous"]
         else:
-            await ssh.put_bytes(target, json.dumps({"path": req.path, "key": req.key, "previous": current})
-                                .encode(), record_path, mode=0o600)
+            await ssh.put_bytes(
+                target,
+                json.dumps({"path": req.path, "key": req.key, "previous": current}).encode(),
+                record_path,
+                mode=0o600,
+            )
     new_text = set_property_text(text, req.key, req.value)
     changed = new_text != text
     if changed:
@@ -534,14 +585,18 @@ async def ox_register_server(req: OxServerRequest) -> int:
     for s in servers:
         if s.name == req.name:
             return s.id
-    fail(OX_TOOL_FAILED, f"{req.node.name}: registerserver -n {req.name} exited with status "
-                         f"{r.exit_status}: {tail(r.stdout + ' ' + r.stderr, 600)}")
+    fail(
+        OX_TOOL_FAILED,
+        f"{req.node.name}: registerserver -n {req.name} exited with status "
+        f"{r.exit_status}: {tail(r.stdout + ' ' + r.stderr, 600)}",
+    )
 
 
 def check_changed(node: Node, schema: str, server_id: int, stdout: str) -> None:
     if f"server '{server_id}' for schema '{schema}'" not in stdout:
-        fail(OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: "
-                                   f"{tail(stdout, 300)}")
+        fail(
+            OX_OUTPUT_UNEXPECTED, f"{node.name}: changeserver did not confirm the change: {tail(stdout, 300)}"
+        )
 
 
 async def change_server(node: Node, settings: OxSettings, schema: str, server_id: int) -> None:
@@ -581,16 +636,20 @@ def runupdate_job(node: Node, settings: OxSettings, schema: str, attempt_key: st
     return key, family, runupdate_command(settings, schema)
 
 
-def runupdate_outcome(node: Node, settings: OxSettings, schema: str,
-                      job: detached.JobOutcome) -> tuple[str, ...]:
+def runupdate_outcome(
+    node: Node, settings: OxSettings, schema: str, job: detached.JobOutcome
+) -> tuple[str, ...]:
     """The names of the failed update tasks (none: done); a refusal or error raised."""
     text = f"{job.stdout}\n{job.stderr}".strip()
     status = job.exit_status if job.exit_status is not None else 255
     if status == 0:
         return parse_failed_tasks(job.stdout)
     if status == RUNUPDATE_NO_CREDENTIALS:
-        fail(OX_TOOL_FAILED, f"{node.name}: runupdate -n {schema} refused the master admin's credentials "
-                             f"(exit 255; -A {settings.admin_user} -P ***): {tail(text, 400)}")
+        fail(
+            OX_TOOL_FAILED,
+            f"{node.name}: runupdate -n {schema} refused the master admin's credentials "
+            f"(exit 255; -A {settings.admin_user} -P ***): {tail(text, 400)}",
+        )
     tool_failed(node, "runupdate", ["-n", schema], status, text)
 
 
@@ -598,8 +657,10 @@ def gated_tool_command(settings: OxSettings, tool: str, args: list[str]) -> str:
     """tool_command that, after the password, waits for a line "go" (ssh.staged)."""
     path = tool_path(settings, tool)
     argv = " ".join(shlex.quote(a) for a in ["-A", settings.admin_user, *args])
-    return (f'IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && IFS= read -r go && [ "$go" = go ] '
-            f"&& exec {path} {argv}")
+    return (
+        f'IFS= read -r ADMIN_PASSWORD && export ADMIN_PASSWORD && IFS= read -r go && [ "$go" = go ] '
+        f"&& exec {path} {argv}"
+    )
 
 
 def enable_command(settings: OxSettings, schema: str) -> str:
@@ -633,28 +694,55 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
     def enable_failed(started: float, done: ssh.CommandResult) -> OxSchemaUpgrade:
         text = f"{done.stdout.strip()} {done.stderr.strip()}".replace(password, "***").strip()
         try:
-            tool_failed(req.update if req.enable_on_update else req.admin, "enableschema", ["-m", req.schema],
-                        done.exit_status, text)
+            tool_failed(
+                req.update if req.enable_on_update else req.admin,
+                "enableschema",
+                ["-m", req.schema],
+                done.exit_status,
+                text,
+            )
         except ApplicationError as e:
             if not e.non_retryable:
                 raise
             return failed("7", started, e)
 
     async with contextlib.AsyncExitStack() as stack:
-        update = await stack.enter_async_context(detached.staged_job(
-            req.update.ssh, key, family, command, secret=password, budget_s=req.ox.runupdate_timeout_s,
-            rerun_lost=True, what=f"{req.update.name}: runupdate -n {req.schema}",
-            then=enable_command(req.ox, req.schema) if req.enable_on_update else ""))
-        enable = None if req.enable_on_update else await stack.enter_async_context(ssh.staged(
-            req.admin.ssh, gated_tool_command(req.ox, "enableschema", ["-m", req.schema]),
-            first_input=password + "\n"))
+        update = await stack.enter_async_context(
+            detached.staged_job(
+                req.update.ssh,
+                key,
+                family,
+                command,
+                secret=password,
+                budget_s=req.ox.runupdate_timeout_s,
+                rerun_lost=True,
+                what=f"{req.update.name}: runupdate -n {req.schema}",
+                then=enable_command(req.ox, req.schema) if req.enable_on_update else "",
+            )
+        )
+        enable = (
+            None
+            if req.enable_on_update
+            else await stack.enter_async_context(
+                ssh.staged(
+                    req.admin.ssh,
+                    gated_tool_command(req.ox, "enableschema", ["-m", req.schema]),
+                    first_input=password + "\n",
+                )
+            )
+        )
         # 4 disable (the schema's contexts are refused from now on), then 5 point its contexts
         # to the new server: one command, so no round trip between the two while its users wait.
         heartbeat({"schema": req.schema, "step": "4"})
         started = time.time()
-        r = await run_admin_tools(req.admin, req.ox, [
-            ("disableschema", ["-m", req.schema]),
-            ("changeserver", ["-s", str(req.server_id), "-m", req.schema])])
+        r = await run_admin_tools(
+            req.admin,
+            req.ox,
+            [
+                ("disableschema", ["-m", req.schema]),
+                ("changeserver", ["-s", str(req.server_id), "-m", req.schema]),
+            ],
+        )
         # Where 5 started, from the node's own clock (the SSH set-up before 4 counts in 4).
         split = min(started + r.offsets_s[1], time.time()) if len(r.offsets_s) > 1 else time.time()
         if r.exit_status != 0 or len(r.outputs) < 2:
@@ -663,9 +751,12 @@ async def upgrade_schema(req: OxUpgradeSchemaRequest) -> OxSchemaUpgrade:
             if r.exit_status in TRANSIENT_EXITS:
                 # Retried as a whole: disable and changeserver set states.
                 tool_failed(req.admin, tool, ["-m", req.schema], r.exit_status, text)
-            error = ApplicationError(f"{req.admin.name}: {tool} -m {req.schema} exited with status "
-                                     f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
-                                     type=OX_TOOL_FAILED, non_retryable=True)
+            error = ApplicationError(
+                f"{req.admin.name}: {tool} -m {req.schema} exited with status "
+                f"{r.exit_status}: {tail(text, 600) or '(no output)'}",
+                type=OX_TOOL_FAILED,
+                non_retryable=True,
+            )
             if tool == "changeserver":
                 steps.append(OxStepTime(seed_step="4", started=started, ended=split))
             return failed("4" if tool == "disableschema" else "5", at, error)
@@ -734,8 +825,10 @@ async def ox_enable_schema(req: OxSchemaRequest) -> None:
 
 # OX's UpgradeSchemata splits the literal "," instead of -k's value (UpgradeSchemata.java,
 # filterSchemata's caller, 7.10.x), so the tool upgrades the schemata -k names.
-SKIP_IGNORED = ("OX's upgradeschemata ignores -k (its source splits a literal ',' instead of the "
-                "option's value), so it would upgrade the schemata you want skipped")
+SKIP_IGNORED = (
+    "OX's upgradeschemata ignores -k (its source splits a literal ',' instead of the "
+    "option's value), so it would upgrade the schemata you want skipped"
+)
 
 
 @activity.defn
@@ -758,13 +851,23 @@ async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
     command = f'ADMIN_PASSWORD="$ZD_SECRET" {path} {argv}'
     key = detached.job_key("upgradeschemata", *_step_key(req.server_name))
     job = await detached.run_detached(
-        req.node.ssh, key, "upgradeschemata", command, secret=password,
-        stdin_text=req.answer + "\n" if req.answer else "", budget_s=req.ox.upgradeschemata_timeout_s,
-        rerun_lost=False, what=f"{req.node.name}: upgradeschemata -n {req.server_name}")
+        req.node.ssh,
+        key,
+        "upgradeschemata",
+        command,
+        secret=password,
+        stdin_text=req.answer + "\n" if req.answer else "",
+        budget_s=req.ox.upgradeschemata_timeout_s,
+        rerun_lost=False,
+        what=f"{req.node.name}: upgradeschemata -n {req.server_name}",
+    )
     if job.exit_status is None:
-        fail(OX_TOOL_FAILED, f"{req.node.name}: the run of upgradeschemata (job {job.key}) ended without an "
-                             "exit status (node restarted?); it is not started again - check the schemata "
-                             f"and resume with resume_from. Its output so far: {tail(job.stdout, 600)}")
+        fail(
+            OX_TOOL_FAILED,
+            f"{req.node.name}: the run of upgradeschemata (job {job.key}) ended without an "
+            "exit status (node restarted?); it is not started again - check the schemata "
+            f"and resume with resume_from. Its output so far: {tail(job.stdout, 600)}",
+        )
     if job.exit_status in TRANSIENT_EXITS and "Disabling schema" not in job.stdout:
         # Nothing was touched (the middleware did not answer): a new job may start.
         tool_failed(req.node, "upgradeschemata", args, job.exit_status, job.stderr)
@@ -773,10 +876,16 @@ async def ox_run_upgradeschemata(req: OxUpgradeToolRequest) -> OxToolRun:
     if server_id is None and not aborted:
         servers = parse_servers((await run_tool(req.node, req.ox, "listserver", ["--csv"])).stdout)
         server_id = next((s.id for s in servers if s.name == req.server_name), None)
-    return OxToolRun(exit_status=job.exit_status, registered_id=server_id,
-                     already_registered=existing is not None, registered_now=registered, aborted=aborted,
-                     schemata=tuple(schemata), stdout_tail=tail(job.stdout, 1500),
-                     stderr_tail=tail(job.stderr, 1500))
+    return OxToolRun(
+        exit_status=job.exit_status,
+        registered_id=server_id,
+        already_registered=existing is not None,
+        registered_now=registered,
+        aborted=aborted,
+        schemata=tuple(schemata),
+        stdout_tail=tail(job.stdout, 1500),
+        stderr_tail=tail(job.stderr, 1500),
+    )
 
 
 @dataclass(frozen=True)
@@ -798,14 +907,21 @@ async def ox_revert_schema(req: OxRevertSchemaRequest) -> None:
     if req.failed_step == "4":
         await run_tool(req.node, req.ox, "enableschema", ["-m", req.schema])
         return
-    calls = [("disableschema", ["-m", req.schema]),
-             ("changeserver", ["-s", str(req.old_server_id), "-m", req.schema]),
-             ("enableschema", ["-m", req.schema])]
+    calls = [
+        ("disableschema", ["-m", req.schema]),
+        ("changeserver", ["-s", str(req.old_server_id), "-m", req.schema]),
+        ("enableschema", ["-m", req.schema]),
+    ]
     r = await run_admin_tools(req.node, req.ox, calls)
     if r.exit_status != 0 or len(r.outputs) < len(calls):
         tool, args = calls[max(0, len(r.outputs) - 1)]
-        tool_failed(req.node, tool, args, r.exit_status,
-                    f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}")
+        tool_failed(
+            req.node,
+            tool,
+            args,
+            r.exit_status,
+            f"{(r.outputs[-1] if r.outputs else '').strip()} {r.stderr.strip()}",
+        )
     check_changed(req.node, req.schema, req.old_server_id, r.outputs[1])
 
 
@@ -829,8 +945,10 @@ async def ox_installed_version(req: OxNodeRequest) -> str:
     r = await ssh.run(req.node.ssh, req.ox.version_command)
     version = r.stdout.strip()
     if not re.fullmatch(r"\d+(\.\d+)+", version):
-        fail(OX_OUTPUT_UNEXPECTED, f"{req.node.name}: {req.ox.version_command!r} printed {version!r}, "
-                                   "not a release number")
+        fail(
+            OX_OUTPUT_UNEXPECTED,
+            f"{req.node.name}: {req.ox.version_command!r} printed {version!r}, not a release number",
+        )
     return version
 
 
@@ -856,7 +974,18 @@ async def ox_set_property(req: OxSetPropertyRequest) -> OxPropertyChange:
 
 
 OX_ACTIVITIES: list[Callable[..., Any]] = [
-    ox_list_schemata, ox_list_servers, ox_register_server, ox_change_server, ox_enable_schema,
-    ox_upgrade_schema, ox_run_upgradeschemata, ox_installed_version, ox_install_version,
-    ox_reload_configuration, ox_set_property, ox_revert_schema, ox_get_property, ox_list_databases,
+    ox_list_schemata,
+    ox_list_servers,
+    ox_register_server,
+    ox_change_server,
+    ox_enable_schema,
+    ox_upgrade_schema,
+    ox_run_upgradeschemata,
+    ox_installed_version,
+    ox_install_version,
+    ox_reload_configuration,
+    ox_set_property,
+    ox_revert_schema,
+    ox_get_property,
+    ox_list_databases,
 ]

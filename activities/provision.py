@@ -109,9 +109,12 @@ def render_command(command: str, **values: str) -> str:
     try:
         return command.format(**{k: shlex.quote(v) for k, v in values.items()})
     except (KeyError, IndexError, ValueError) as e:
-        fail(INVALID_REQUEST, f"provisioning command {command!r}: cannot substitute "
-                              f"{', '.join('{' + k + '}' for k in values)}: {e!r} (write a literal "
-                              "brace as {{ or }})")
+        fail(
+            INVALID_REQUEST,
+            f"provisioning command {command!r}: cannot substitute "
+            f"{', '.join('{' + k + '}' for k in values)}: {e!r} (write a literal "
+            "brace as {{ or }})",
+        )
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -129,23 +132,41 @@ async def run_command(command: str, cwd: str, timeout_s: float, what: str) -> st
     """Run a shell command on the worker's machine; its stdout, or ProvisioningFailed
     (exit status and stderr tail) / ProvisioningTimeout. Heartbeats meanwhile."""
     proc = await asyncio.create_subprocess_shell(
-        command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        command,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
     started = time.monotonic()
     try:
         out, err = await asyncio.wait_for(
-            with_heartbeat(proc.communicate(), lambda: {"provisioning": what, "command": command[:200],
-                                                        "running_s": round(time.monotonic() - started, 1)}),
-            timeout_s)
+            with_heartbeat(
+                proc.communicate(),
+                lambda: {
+                    "provisioning": what,
+                    "command": command[:200],
+                    "running_s": round(time.monotonic() - started, 1),
+                },
+            ),
+            timeout_s,
+        )
     except TimeoutError:
-        fail(PROVISIONING_TIMEOUT, f"{what}: command {command!r} did not finish within {timeout_s:g}s",
-             retryable=True)
+        fail(
+            PROVISIONING_TIMEOUT,
+            f"{what}: command {command!r} did not finish within {timeout_s:g}s",
+            retryable=True,
+        )
     finally:
         if proc.returncode is None:  # timed out or cancelled: nothing is left running
             await asyncio.shield(_kill_group(proc))
     if proc.returncode != 0:
-        fail(PROVISIONING_FAILED, f"{what}: command {command!r} exited with status {proc.returncode}; "
-                                  f"stderr: {tail(err.decode('utf-8', 'replace'), 1000) or '(empty)'}")
+        fail(
+            PROVISIONING_FAILED,
+            f"{what}: command {command!r} exited with status {proc.returncode}; "
+            f"stderr: {tail(err.decode('utf-8', 'replace'), 1000) or '(empty)'}",
+        )
     return out.decode("utf-8", "replace")
 
 
@@ -164,16 +185,23 @@ def node_from_output(stdout: str, name: str, base_dir: str, what: str) -> Node:
     try:
         raw = _json_output(stdout)
     except ValueError:
-        fail(PROVISIONING_OUTPUT_INVALID, f"{what}: the command printed no JSON node entry; its output "
-                                          f"ends: {tail(stdout, 300) or '(nothing)'}")
+        fail(
+            PROVISIONING_OUTPUT_INVALID,
+            f"{what}: the command printed no JSON node entry; its output "
+            f"ends: {tail(stdout, 300) or '(nothing)'}",
+        )
     try:
         node = parse_node_entry(raw, base_dir=Path(base_dir), source=f"{what} output")
     except InventoryError as e:
-        fail(PROVISIONING_OUTPUT_INVALID, f"{what}: the printed node entry is invalid: "
-                                          + "; ".join(e.problems))
+        fail(
+            PROVISIONING_OUTPUT_INVALID,
+            f"{what}: the printed node entry is invalid: " + "; ".join(e.problems),
+        )
     if node.name != name:
-        fail(PROVISIONING_OUTPUT_INVALID, f"{what}: the printed node entry is named {node.name!r}, "
-                                          f"not {name!r}")
+        fail(
+            PROVISIONING_OUTPUT_INVALID,
+            f"{what}: the printed node entry is named {node.name!r}, not {name!r}",
+        )
     return node
 
 
@@ -190,10 +218,13 @@ def legacy_lab_commands(prov: Provisioning) -> Provisioning:
     cli = f"{shlex.quote(sys.executable)} -m lab.provision"
     root = shlex.quote(prov.lab_root).replace("{", "{{").replace("}", "}}")
     return dataclasses.replace(
-        prov, kind="command", lab_root=None,
+        prov,
+        kind="command",
+        lab_root=None,
         create=f"{cli} create --root {root} --template {{template}} --name {{name}}",
         start=f"{cli} start --root {root} --name {{name}}",
-        destroy=f"{cli} destroy --root {root} --name {{name}}")
+        destroy=f"{cli} destroy --root {root} --name {{name}}",
+    )
 
 
 def _commands(prov: Provisioning) -> Provisioning:
@@ -228,8 +259,12 @@ async def provision_start(req: ServerRequest) -> None:
     _check_name(req.name)
     prov = _commands(req.provisioning)
     if prov.start:
-        await run_command(render_command(prov.start, name=req.name), _inventory_dir(req.inventory_dir),
-                          prov.timeout_s, f"start {req.name}")
+        await run_command(
+            render_command(prov.start, name=req.name),
+            _inventory_dir(req.inventory_dir),
+            prov.timeout_s,
+            f"start {req.name}",
+        )
 
 
 @activity.defn
@@ -239,8 +274,12 @@ async def provision_destroy(req: ServerRequest) -> None:
     prov = _commands(req.provisioning)
     if not prov.destroy:
         fail(INVALID_REQUEST, "provisioning kind command needs a destroy command")
-    await run_command(render_command(prov.destroy, name=req.name), _inventory_dir(req.inventory_dir),
-                      prov.timeout_s, f"destroy {req.name}")
+    await run_command(
+        render_command(prov.destroy, name=req.name),
+        _inventory_dir(req.inventory_dir),
+        prov.timeout_s,
+        f"destroy {req.name}",
+    )
 
 
 async def _array(req: ArrayRequest, action: str) -> None:
@@ -250,8 +289,12 @@ async def _array(req: ArrayRequest, action: str) -> None:
     command = array.disable if action == "disable" else array.enable
     if not command:
         fail(INVALID_REQUEST, f"server array {array.name!r} has no {action} command")
-    await run_command(render_command(command, name=array.name), _inventory_dir(req.inventory_dir),
-                      req.provisioning.timeout_s, f"{action} server array {array.name}")
+    await run_command(
+        render_command(command, name=array.name),
+        _inventory_dir(req.inventory_dir),
+        req.provisioning.timeout_s,
+        f"{action} server array {array.name}",
+    )
 
 
 @activity.defn
@@ -302,13 +345,21 @@ async def save_settings_copy(req: SaveSettingsRequest) -> SavedSettings:
         fail(MERGE_UNSUPPORTED, f"node {req.node.name}: {path}: {e}", cause=e)
     current = {_key_name(k): v for k, (v, _) in parsed.values.items()}
     values: dict[str, str | None] = {k: current.get(k) for k in req.keys}
-    out, *_ = await asyncio.to_thread(_write_text_private, req.backup_dir, f"{req.backup_id}-inputs.csv",
-                                      settings_csv(values, req.keys))
-    return SavedSettings(path=out, values_count=sum(v is not None for v in values.values()),
-                         missing=tuple(k for k in req.keys if values[k] is None))
+    out, *_ = await asyncio.to_thread(
+        _write_text_private, req.backup_dir, f"{req.backup_id}-inputs.csv", settings_csv(values, req.keys)
+    )
+    return SavedSettings(
+        path=out,
+        values_count=sum(v is not None for v in values.values()),
+        missing=tuple(k for k in req.keys if values[k] is None),
+    )
 
 
 PROVISION_ACTIVITIES: list[Callable[..., Any]] = [
-    provision_create, provision_start, provision_destroy, provision_array_disable, provision_array_enable,
+    provision_create,
+    provision_start,
+    provision_destroy,
+    provision_array_disable,
+    provision_array_enable,
     save_settings_copy,
 ]

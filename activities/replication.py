@@ -67,13 +67,16 @@ START_TIMEOUT_S = 30.0
 _GTID_RE = re.compile(rb"^-- SET GLOBAL gtid_slave_pos='([0-9,\-]*)';", re.MULTILINE)
 _COPY_CHUNK = 1 << 16
 # Connections of an account other than the asking one.
-_USER_CONNECTIONS = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s "
-                     "AND ID <> CONNECTION_ID()")
+_USER_CONNECTIONS = (
+    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s AND ID <> CONNECTION_ID()"
+)
 # Open transactions (of other sessions) that changed or locked rows: writes not committed
 # yet, so not in the GTID position, that a commit would still add.
-_PENDING_WRITES = ("SELECT COUNT(*) FROM information_schema.INNODB_TRX "
-                   "WHERE trx_mysql_thread_id <> CONNECTION_ID() "
-                   "AND (trx_rows_modified > 0 OR trx_rows_locked > 0)")
+_PENDING_WRITES = (
+    "SELECT COUNT(*) FROM information_schema.INNODB_TRX "
+    "WHERE trx_mysql_thread_id <> CONNECTION_ID() "
+    "AND (trx_rows_modified > 0 OR trx_rows_locked > 0)"
+)
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -119,8 +122,11 @@ async def _look_at_warm(db: Database, refusal: str) -> _WarmSeen:
     st = await replica_status(db, endpoint)
     record = await _read_record(warm)
     if st.configured and not _is_from(st, db):
-        fail(WARM_REPLICA_CONFLICT, f"{where} replicates from {st.master_host}:{st.master_port}, not from "
-                                    f"the primary {db.host}:{db.port}: {refusal}")
+        fail(
+            WARM_REPLICA_CONFLICT,
+            f"{where} replicates from {st.master_host}:{st.master_port}, not from "
+            f"the primary {db.host}:{db.port}: {refusal}",
+        )
     return _WarmSeen(endpoint=endpoint, conn=warm, where=where, status=st, record=record)
 
 
@@ -147,8 +153,9 @@ async def _run(target: Database, cur: aiomysql.Cursor, sql: str, args: Any = Non
 async def _user_databases(target: Database) -> list[str]:
     """The server's databases other than its own and zerodown's record."""
     rows = await query(target, "SHOW DATABASES", use_database=False)
-    return sorted(str(r[0]) for r in rows if str(r[0]).casefold() not in _SYSTEM_SCHEMAS
-                  and str(r[0]) != WARM_STATE_DB)
+    return sorted(
+        str(r[0]) for r in rows if str(r[0]).casefold() not in _SYSTEM_SCHEMAS and str(r[0]) != WARM_STATE_DB
+    )
 
 
 # --------------------------------------------------------------------------- the record
@@ -163,37 +170,55 @@ class WarmRecord:
 
 
 async def _read_record(warm: Database) -> WarmRecord | None:
-    exists = await query(warm, "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND "
-                               "TABLE_NAME = 'state'", (WARM_STATE_DB,), use_database=False)
+    exists = await query(
+        warm,
+        "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'state'",
+        (WARM_STATE_DB,),
+        use_database=False,
+    )
     if not exists:
         return None
-    rows = await query(warm, f"SELECT state, source, gtid, copied FROM {_STATE_TABLE} WHERE id = 1",
-                       use_database=False)
+    rows = await query(
+        warm, f"SELECT state, source, gtid, copied FROM {_STATE_TABLE} WHERE id = 1", use_database=False
+    )
     if not rows:
         return None
     state, source, gtid, copied = rows[0]
-    return WarmRecord(state=str(state), primary=str(source or ""), gtid=str(gtid or ""),
-                      databases=str(copied or ""))
+    return WarmRecord(
+        state=str(state), primary=str(source or ""), gtid=str(gtid or ""), databases=str(copied or "")
+    )
 
 
-async def _write_record(warm: Database, db: Database, state: str, gtid: str | None = None,
-                        databases: list[str] | None = None) -> None:
+async def _write_record(
+    warm: Database, db: Database, state: str, gtid: str | None = None, databases: list[str] | None = None
+) -> None:
     """Set the record's state (gtid / databases kept unless given)."""
     async with _session(warm, no_binlog=True) as cur:
-        exists = await _run(warm, cur, "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
-                                       "AND TABLE_NAME = 'state'", (WARM_STATE_DB,))
+        exists = await _run(
+            warm,
+            cur,
+            "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'state'",
+            (WARM_STATE_DB,),
+        )
         if not exists:  # (IF NOT EXISTS all the same: a concurrent attempt may create it)
             await _run(warm, cur, f"CREATE DATABASE IF NOT EXISTS {_qi(WARM_STATE_DB)}")
-            await _run(warm, cur, f"CREATE TABLE IF NOT EXISTS {_STATE_TABLE} (id TINYINT PRIMARY KEY, "
-                                  "state VARCHAR(16) NOT NULL, source VARCHAR(300) NOT NULL, gtid TEXT NULL, "
-                                  "copied TEXT NULL, updated_at DATETIME(3) NOT NULL) ENGINE=InnoDB")
-        await _run(warm, cur, f"INSERT INTO {_STATE_TABLE} (id, state, source, gtid, copied, updated_at) "
-                              "VALUES (1, %s, %s, %s, %s, NOW(3)) ON DUPLICATE KEY UPDATE "
-                              "state = VALUES(state), source = VALUES(source), "
-                              "gtid = COALESCE(VALUES(gtid), gtid), "
-                              "copied = COALESCE(VALUES(copied), copied), updated_at = VALUES(updated_at)",
-                   (state, f"{db.host}:{db.port}", gtid,
-                    ",".join(databases) if databases is not None else None))
+            await _run(
+                warm,
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {_STATE_TABLE} (id TINYINT PRIMARY KEY, "
+                "state VARCHAR(16) NOT NULL, source VARCHAR(300) NOT NULL, gtid TEXT NULL, "
+                "copied TEXT NULL, updated_at DATETIME(3) NOT NULL) ENGINE=InnoDB",
+            )
+        await _run(
+            warm,
+            cur,
+            f"INSERT INTO {_STATE_TABLE} (id, state, source, gtid, copied, updated_at) "
+            "VALUES (1, %s, %s, %s, %s, NOW(3)) ON DUPLICATE KEY UPDATE "
+            "state = VALUES(state), source = VALUES(source), "
+            "gtid = COALESCE(VALUES(gtid), gtid), "
+            "copied = COALESCE(VALUES(copied), copied), updated_at = VALUES(updated_at)",
+            (state, f"{db.host}:{db.port}", gtid, ",".join(databases) if databases is not None else None),
+        )
 
 
 # --------------------------------------------------------------------------- initialise
@@ -212,14 +237,18 @@ async def init_warm_replica(db: Database) -> ReplicaStatus:
     after a crash resumes from the record (a half-loaded copy is dropped and loaded again).
     """
     if not db.replication_user or db.replication_password is None:
-        fail(INVALID_REQUEST, f"database {db.name}: the warm replica needs replication_user and "
-                              "replication_password")
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: the warm replica needs replication_user and replication_password",
+        )
     seen = await _look_at_warm(db, "refusing to re-initialise it")
     warm, where, st, record = seen.conn, seen.where, seen.status, seen.record
     if record is not None and record.state in (STOPPED, PROMOTED):
-        fail(WARM_REPLICA_CONFLICT,
-             f"{where} was {record.state} at GTID {record.gtid!r} (the warm backup of a run): refusing to "
-             "overwrite it; release it (db_release_warm_replica) to start again")
+        fail(
+            WARM_REPLICA_CONFLICT,
+            f"{where} was {record.state} at GTID {record.gtid!r} (the warm backup of a run): refusing to "
+            "overwrite it; release it (db_release_warm_replica) to start again",
+        )
     if _is_from(st, db):
         if record is None:  # set up by hand: adopted, so stop / promote / release know it
             await _write_record(warm, db, REPLICATING, st.gtid_slave_pos, await _user_databases(warm))
@@ -227,12 +256,18 @@ async def init_warm_replica(db: Database) -> ReplicaStatus:
     if record is None:
         found = await _user_databases(warm)
         if found:
-            fail(WARM_REPLICA_CONFLICT, f"{where} holds database(s) {', '.join(found)} that zerodown did not "
-                                        "copy there: refusing to overwrite them (an empty server is needed)")
+            fail(
+                WARM_REPLICA_CONFLICT,
+                f"{where} holds database(s) {', '.join(found)} that zerodown did not "
+                "copy there: refusing to overwrite them (an empty server is needed)",
+            )
     elif record.state == REPLICATING:
-        fail(WARM_REPLICA_CONFLICT, f"{where} was replicating from {record.primary}, but its replication "
-                                    "settings were removed since: its data may have diverged; release it "
-                                    "to start again")
+        fail(
+            WARM_REPLICA_CONFLICT,
+            f"{where} was replicating from {record.primary}, but its replication "
+            "settings were removed since: its data may have diverged; release it "
+            "to start again",
+        )
     if record is None or record.state == LOADING:
         gtid = await _copy_primary(db, warm, where, partial=record is not None)
     else:  # loaded: the copy is complete, only replication is missing
@@ -261,28 +296,50 @@ async def _copy_primary(db: Database, warm: Database, where: str, partial: bool)
 
 
 def _client_argv(binary: str, option_file: str, target: Database) -> list[str]:
-    return [binary, f"--defaults-extra-file={option_file}", "--protocol=TCP", f"--host={target.host}",
-            f"--port={target.port}", f"--user={target.user}"]
+    return [
+        binary,
+        f"--defaults-extra-file={option_file}",
+        "--protocol=TCP",
+        f"--host={target.host}",
+        f"--port={target.port}",
+        f"--user={target.user}",
+    ]
 
 
 async def _pipe_dump(primary: Database, warm: Database, where: str) -> str:
     """mariadb-dump of the primary piped into the mariadb client on the warm server, with a
     heartbeat per second; returns the GTID position the dump recorded."""
-    dump_args = ["--all-databases", "--single-transaction", "--gtid", "--master-data=2", "--routines",
-                 "--events", "--triggers", "--hex-blob", "--skip-dump-date",
-                 # The warm server's own replication position is set after the load.
-                 "--ignore-table=mysql.gtid_slave_pos"]
+    dump_args = [
+        "--all-databases",
+        "--single-transaction",
+        "--gtid",
+        "--master-data=2",
+        "--routines",
+        "--events",
+        "--triggers",
+        "--hex-blob",
+        "--skip-dump-date",
+        # The warm server's own replication position is set after the load.
+        "--ignore-table=mysql.gtid_slave_pos",
+    ]
     procs: list[asyncio.subprocess.Process] = []
     with _option_file(primary) as opt:
         try:
             try:
                 dump = await asyncio.create_subprocess_exec(
-                    *_client_argv("mariadb-dump", opt, primary), *dump_args, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    *_client_argv("mariadb-dump", opt, primary),
+                    *dump_args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
                 procs.append(dump)
                 load = await asyncio.create_subprocess_exec(
-                    *_client_argv("mariadb", opt, warm), stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                    *_client_argv("mariadb", opt, warm),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                )
                 procs.append(load)
             except OSError as e:
                 fail(DATABASE_ERROR, f"{where}: cannot run the MariaDB client tools: {e.strerror or e}")
@@ -295,8 +352,10 @@ async def _pipe_dump(primary: Database, warm: Database, where: str) -> str:
                 pass  # the load ended early: its exit status and stderr say why
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 load.stdin.close()
-            await with_heartbeat(asyncio.gather(dump.wait(), load.wait()),
-                                 lambda: {"step": "warm replica copy", "doing": "finishing the load"})
+            await with_heartbeat(
+                asyncio.gather(dump.wait(), load.wait()),
+                lambda: {"step": "warm replica copy", "doing": "finishing the load"},
+            )
             dump_err, load_err = (b.decode("utf-8", errors="replace") for b in await errors)
         finally:
             for p in procs:
@@ -305,15 +364,23 @@ async def _pipe_dump(primary: Database, warm: Database, where: str) -> str:
                         p.kill()
                     with contextlib.suppress(Exception):
                         await p.wait()
-    for proc, what, err in ((dump, f"mariadb-dump of {primary.host}:{primary.port}", dump_err),
-                            (load, "loading it", load_err)):
+    for proc, what, err in (
+        (dump, f"mariadb-dump of {primary.host}:{primary.port}", dump_err),
+        (load, "loading it", load_err),
+    ):
         if proc.returncode != 0:
             retryable = bool(re.search(r"Can't connect|Lost connection|gone away|Too many connections", err))
-            fail(DATABASE_ERROR, f"{where}: {what} exited with status {proc.returncode}: {tail(err)}",
-                 retryable=retryable)
+            fail(
+                DATABASE_ERROR,
+                f"{where}: {what} exited with status {proc.returncode}: {tail(err)}",
+                retryable=retryable,
+            )
     if gtid is None:
-        fail(DATABASE_ERROR, f"{where}: the dump of {primary.host}:{primary.port} ({copied} bytes) holds no "
-                             "GTID position (-- SET GLOBAL gtid_slave_pos): is the primary's binlog on?")
+        fail(
+            DATABASE_ERROR,
+            f"{where}: the dump of {primary.host}:{primary.port} ({copied} bytes) holds no "
+            "GTID position (-- SET GLOBAL gtid_slave_pos): is the primary's binlog on?",
+        )
     return gtid
 
 
@@ -328,7 +395,7 @@ async def _copy_stream(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> 
         window = carry + chunk
         for m in _GTID_RE.finditer(window):
             gtid = m.group(1).decode("ascii")
-        carry = window[window.rfind(b"\n") + 1:][-4096:]
+        carry = window[window.rfind(b"\n") + 1 :][-4096:]
         dst.write(chunk)
         await dst.drain()
         copied += len(chunk)
@@ -343,9 +410,13 @@ async def _configure(db: Database, warm: Database, gtid: str, where: str) -> Rep
     password = resolve_secret(db.replication_password, needed_by=f"database {db.name} (replication)")
     async with _session(warm, no_binlog=True) as cur:
         await _run(warm, cur, "SET GLOBAL gtid_slave_pos = %s", (gtid,))
-        await _run(warm, cur, "CHANGE MASTER TO MASTER_HOST = %s, MASTER_PORT = %s, MASTER_USER = %s, "
-                              "MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 5, MASTER_PASSWORD = %s",
-                   (db.host, db.port, db.replication_user, password))
+        await _run(
+            warm,
+            cur,
+            "CHANGE MASTER TO MASTER_HOST = %s, MASTER_PORT = %s, MASTER_USER = %s, "
+            "MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 5, MASTER_PASSWORD = %s",
+            (db.host, db.port, db.replication_user, password),
+        )
     return await _start_replication(db, warm, where)
 
 
@@ -366,9 +437,12 @@ async def _start_replication(db: Database, warm: Database, where: str) -> Replic
         if st.sql_running == "No" and st.last_sql_error:
             fail(DB_REPLICATION_BROKEN, f"{where}: replication's SQL thread stopped: {st.last_sql_error}")
         if time.monotonic() > deadline:
-            fail(DB_REPLICATION_BROKEN,
-                 f"{where}: replication not running {START_TIMEOUT_S:g}s after START SLAVE (IO "
-                 f"{st.io_running}, SQL {st.sql_running}): {st.last_error or 'no error'}", retryable=True)
+            fail(
+                DB_REPLICATION_BROKEN,
+                f"{where}: replication not running {START_TIMEOUT_S:g}s after START SLAVE (IO "
+                f"{st.io_running}, SQL {st.sql_running}): {st.last_error or 'no error'}",
+                retryable=True,
+            )
         heartbeat({"step": "warm replica start", "io": st.io_running, "sql": st.sql_running})
     record = await _read_record(warm)
     if record is None or record.state != REPLICATING:
@@ -406,25 +480,39 @@ async def wait_in_sync(db: Database, timeout_s: float) -> ReplicaStatus:
         target = str(rows[0][0] or "")
         reached = True
         if target:
-            got = (await query(warm, "SELECT MASTER_GTID_WAIT(%s, %s)", (target, WAIT_SLICE_S),
-                               use_database=False))[0][0]
+            got = (
+                await query(
+                    warm, "SELECT MASTER_GTID_WAIT(%s, %s)", (target, WAIT_SLICE_S), use_database=False
+                )
+            )[0][0]
             reached = got == 0
         st = await replica_status(db, endpoint)
         waited = carried + time.monotonic() - started
         if not st.configured:
             fail(DB_REPLICATION_BROKEN, f"{where} is not replicating (SHOW SLAVE STATUS is empty)")
         if st.sql_running != "Yes":
-            fail(DB_REPLICATION_BROKEN, f"{where}: replication's SQL thread is not running "
-                                        f"({st.last_sql_error or 'stopped'}), at GTID {st.gtid_slave_pos!r}")
+            fail(
+                DB_REPLICATION_BROKEN,
+                f"{where}: replication's SQL thread is not running "
+                f"({st.last_sql_error or 'stopped'}), at GTID {st.gtid_slave_pos!r}",
+            )
         if reached and st.seconds_behind == 0:
             return st
         if waited >= timeout_s:
-            fail(DB_REPLICA_TIMEOUT,
-                 f"{where} not in sync after {waited:.0f}s (timeout {timeout_s:g}s): primary at {target!r}, "
-                 f"replica at {st.gtid_slave_pos!r}, {st.seconds_behind} s behind, IO {st.io_running}"
-                 + (f", IO error {st.last_io_error!r}" if st.last_io_error else ""))
-        heartbeat({"waited_s": round(waited, 2), "target": target, "at": st.gtid_slave_pos,
-                   "behind_s": st.seconds_behind})
+            fail(
+                DB_REPLICA_TIMEOUT,
+                f"{where} not in sync after {waited:.0f}s (timeout {timeout_s:g}s): primary at {target!r}, "
+                f"replica at {st.gtid_slave_pos!r}, {st.seconds_behind} s behind, IO {st.io_running}"
+                + (f", IO error {st.last_io_error!r}" if st.last_io_error else ""),
+            )
+        heartbeat(
+            {
+                "waited_s": round(waited, 2),
+                "target": target,
+                "at": st.gtid_slave_pos,
+                "behind_s": st.seconds_behind,
+            }
+        )
         if reached:  # applied, but Seconds_Behind_Master not 0 yet
             await asyncio.sleep(POLL_S)
 
@@ -444,9 +532,13 @@ class WritesStopped:
     since: float = 0.0
 
 
-async def wait_writes_stopped(db: Database, quiet_s: float, timeout_s: float,
-                              seen_gtid: str | None = None, seen_since: float | None = None
-                              ) -> WritesStopped:
+async def wait_writes_stopped(
+    db: Database,
+    quiet_s: float,
+    timeout_s: float,
+    seen_gtid: str | None = None,
+    seen_since: float | None = None,
+) -> WritesStopped:
     """Wait until the primary's @@gtid_binlog_pos has not changed for `quiet_s` with no
     open transaction holding changed rows (seed 004 step 19: no more writes, to any database
     of the server; an uncommitted write is not in the position yet, its commit would be);
@@ -475,16 +567,32 @@ async def wait_writes_stopped(db: Database, quiet_s: float, timeout_s: float,
                 last_gtid, since = gtid, now
             quiet, waited = now - since, carried + time.monotonic() - started
             if quiet >= quiet_s:
-                return WritesStopped(gtid=gtid, waited_s=round(waited, 2), quiet_s=round(quiet, 2),
-                                     user_connections=conns, pending_writes=pending, since=since)
+                return WritesStopped(
+                    gtid=gtid,
+                    waited_s=round(waited, 2),
+                    quiet_s=round(quiet, 2),
+                    user_connections=conns,
+                    pending_writes=pending,
+                    since=since,
+                )
             if waited >= timeout_s:
-                fail(DB_WRITES_CONTINUE,
-                     f"database {db.name}: the primary {db.host}:{db.port} is still being written to after "
-                     f"{waited:.0f}s (its GTID position moved {changes} time(s), now {gtid!r}; needed "
-                     f"{quiet_s:g}s without a write; {pending} open transaction(s) hold changed rows); "
-                     f"{conns} connection(s) of {db.user} are open")
-            heartbeat({"waited_s": round(waited, 2), "gtid": gtid, "since": since, "quiet_s": round(quiet, 2),
-                       "user_connections": conns, "pending_writes": pending})
+                fail(
+                    DB_WRITES_CONTINUE,
+                    f"database {db.name}: the primary {db.host}:{db.port} is still being written to after "
+                    f"{waited:.0f}s (its GTID position moved {changes} time(s), now {gtid!r}; needed "
+                    f"{quiet_s:g}s without a write; {pending} open transaction(s) hold changed rows); "
+                    f"{conns} connection(s) of {db.user} are open",
+                )
+            heartbeat(
+                {
+                    "waited_s": round(waited, 2),
+                    "gtid": gtid,
+                    "since": since,
+                    "quiet_s": round(quiet, 2),
+                    "user_connections": conns,
+                    "pending_writes": pending,
+                }
+            )
             await asyncio.sleep(min(POLL_S, max(0.02, quiet_s - quiet)))
 
 
@@ -560,24 +668,33 @@ async def release_warm_replica(db: Database) -> WarmReleased:
     databases = await _user_databases(warm)
     if record is None and not st.configured:
         if databases:
-            fail(WARM_REPLICA_CONFLICT, f"{where} holds database(s) {', '.join(databases)} that zerodown did "
-                                        "not copy there: not dropping them")
+            fail(
+                WARM_REPLICA_CONFLICT,
+                f"{where} holds database(s) {', '.join(databases)} that zerodown did "
+                "not copy there: not dropping them",
+            )
         return WarmReleased(host=endpoint.host, port=endpoint.port, dropped=(), was_replicating=False)
     if record is not None and record.state == PROMOTED:
-        fail(WARM_REPLICA_CONFLICT, f"{where} was promoted to primary: it holds the writes made since, "
-                                    "not releasing it")
+        fail(
+            WARM_REPLICA_CONFLICT,
+            f"{where} was promoted to primary: it holds the writes made since, not releasing it",
+        )
     conns = await _user_connections(warm, db.user)
     if conns:
-        fail(WARM_REPLICA_CONFLICT, f"{where}: {conns} connection(s) of {db.user} are open on it (an "
-                                    "application uses it?): not releasing it")
+        fail(
+            WARM_REPLICA_CONFLICT,
+            f"{where}: {conns} connection(s) of {db.user} are open on it (an "
+            "application uses it?): not releasing it",
+        )
     async with _session(warm, no_binlog=True) as cur:
         if st.configured:
             await _stop_and_forget(warm, cur, st)
         for name in databases:
             await _run(warm, cur, f"DROP DATABASE IF EXISTS {_qi(name)}")
         await _run(warm, cur, f"DROP DATABASE IF EXISTS {_qi(WARM_STATE_DB)}")
-    return WarmReleased(host=endpoint.host, port=endpoint.port, dropped=tuple(databases),
-                        was_replicating=st.configured)
+    return WarmReleased(
+        host=endpoint.host, port=endpoint.port, dropped=tuple(databases), was_replicating=st.configured
+    )
 
 
 # --------------------------------------------------------------------------- row counts, checksums
@@ -606,16 +723,21 @@ class TableStats:
         for name in sorted(set(mine) | set(theirs)):
             a, b = mine.get(name), theirs.get(name)
             if a is None or b is None:
-                out.append(f"{name}: only on {self.host}:{self.port}" if b is None
-                           else f"{name}: missing on {self.host}:{self.port}")
+                out.append(
+                    f"{name}: only on {self.host}:{self.port}"
+                    if b is None
+                    else f"{name}: missing on {self.host}:{self.port}"
+                )
             elif (a.rows, a.checksum) != (b.rows, b.checksum):
-                out.append(f"{name}: {a.rows} rows checksum {a.checksum} vs {b.rows} rows "
-                           f"checksum {b.checksum}")
+                out.append(
+                    f"{name}: {a.rows} rows checksum {a.checksum} vs {b.rows} rows checksum {b.checksum}"
+                )
         return tuple(out)
 
 
-async def table_stats(db: Database, endpoint: DatabaseEndpoint | None = None,
-                      database: str | None = None) -> TableStats:
+async def table_stats(
+    db: Database, endpoint: DatabaseEndpoint | None = None, database: str | None = None
+) -> TableStats:
     """Row count and CHECKSUM TABLE of every base table of `database` (default
     db.database) on `endpoint` (default the primary; e.g. db.warm_replica), all read in one
     consistent snapshot, as the admin account."""
@@ -625,11 +747,16 @@ async def table_stats(db: Database, endpoint: DatabaseEndpoint | None = None,
         await _run(target, cur, "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         await _run(target, cur, "START TRANSACTION WITH CONSISTENT SNAPSHOT")
         gtid = str((await _run(target, cur, "SELECT @@GLOBAL.gtid_current_pos"))[0][0] or "")
-        rows = await _run(target, cur, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE "
-                                       "TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
-                          (name,))
-        if not rows and not await _run(target, cur, "SELECT 1 FROM information_schema.SCHEMATA "
-                                                    "WHERE SCHEMA_NAME = %s", (name,)):
+        rows = await _run(
+            target,
+            cur,
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE "
+            "TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+            (name,),
+        )
+        if not rows and not await _run(
+            target, cur, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,)
+        ):
             fail(DATABASE_ERROR, f"database {db.name}: {target.host}:{target.port} has no database {name}")
         tables = [str(r[0]) for r in rows]
 
@@ -637,9 +764,10 @@ async def table_stats(db: Database, endpoint: DatabaseEndpoint | None = None,
             out: list[TableStat] = []
             for t in tables:
                 count = (await _run(target, cur, f"SELECT COUNT(*) FROM {_qi(name)}.{_qi(t)}"))[0][0]
-                (_, checksum), = await _run(target, cur, f"CHECKSUM TABLE {_qi(name)}.{_qi(t)}")
-                out.append(TableStat(table=t, rows=int(count),
-                                     checksum="" if checksum is None else str(checksum)))
+                ((_, checksum),) = await _run(target, cur, f"CHECKSUM TABLE {_qi(name)}.{_qi(t)}")
+                out.append(
+                    TableStat(table=t, rows=int(count), checksum="" if checksum is None else str(checksum))
+                )
             return out
 
         stats = await with_heartbeat(read(), lambda: {"step": "row counts and checksums", "database": name})

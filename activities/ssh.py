@@ -61,10 +61,15 @@ class SshPool:
 
     @staticmethod
     def _key(target: SshTarget) -> _PoolKey:
-        return (target.host, target.port, target.user,
-                target.key.describe() if target.key else "",
-                target.password.describe() if target.password else "",
-                target.known_hosts or "", id(asyncio.get_running_loop()))
+        return (
+            target.host,
+            target.port,
+            target.user,
+            target.key.describe() if target.key else "",
+            target.password.describe() if target.password else "",
+            target.known_hosts or "",
+            id(asyncio.get_running_loop()),
+        )
 
     async def connection(self, target: SshTarget) -> tuple[asyncssh.SSHClientConnection, bool]:
         """Return (connection, reused): reused=True when it came from the pool."""
@@ -111,9 +116,10 @@ async def connect(target: SshTarget) -> asyncssh.SSHClientConnection:
         try:
             options["client_keys"] = [asyncssh.import_private_key(key_text)]
         except (asyncssh.KeyImportError, ValueError) as e:
-            fail(SECRET_UNAVAILABLE,
-                 f"secret {target.key.describe()} is not a usable private key for ssh "
-                 f"{where(target)}: {e}")
+            fail(
+                SECRET_UNAVAILABLE,
+                f"secret {target.key.describe()} is not a usable private key for ssh {where(target)}: {e}",
+            )
     else:
         options["client_keys"] = []
     if target.password is not None:
@@ -123,22 +129,30 @@ async def connect(target: SshTarget) -> asyncssh.SSHClientConnection:
     except asyncssh.PermissionDenied as e:
         fail(SSH_AUTH_FAILED, f"ssh {where(target)}: authentication refused ({e.reason})", cause=e)
     except asyncssh.HostKeyNotVerifiable as e:
-        fail(SSH_HOST_KEY_MISMATCH,
-             f"ssh {where(target)}: host key not trusted by known_hosts "
-             f"{target.known_hosts or '(default)'}: {e.reason}", cause=e)
+        fail(
+            SSH_HOST_KEY_MISMATCH,
+            f"ssh {where(target)}: host key not trusted by known_hosts "
+            f"{target.known_hosts or '(default)'}: {e.reason}",
+            cause=e,
+        )
     except (TimeoutError, OSError, asyncssh.DisconnectError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
-        fail(SSH_UNREACHABLE, f"ssh {where(target)}: cannot connect: {reason}", retryable=True,
-             cause=e)
+        fail(SSH_UNREACHABLE, f"ssh {where(target)}: cannot connect: {reason}", retryable=True, cause=e)
 
 
 # Errors meaning "the pooled connection went away under us": reconnect once and retry.
-_STALE = (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
-          BrokenPipeError, ConnectionResetError)
+_STALE = (
+    asyncssh.ChannelOpenError,
+    asyncssh.ConnectionLost,
+    asyncssh.DisconnectError,
+    BrokenPipeError,
+    ConnectionResetError,
+)
 
 
-def _after_channel_error(target: SshTarget, conn: asyncssh.SSHClientConnection, may_retry: bool,
-                         e: Exception) -> None:
+def _after_channel_error(
+    target: SshTarget, conn: asyncssh.SSHClientConnection, may_retry: bool, e: Exception
+) -> None:
     """A channel could not be opened. On a connection that died (server restarted, idle
     timeout) reconnect once; on a live one the server refused the channel (e.g. OpenSSH
     MaxSessions): keep the connection, which other activities are using, and let the
@@ -148,12 +162,17 @@ def _after_channel_error(target: SshTarget, conn: asyncssh.SSHClientConnection, 
         if may_retry:
             return
         fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost: {e}", retryable=True, cause=e)
-    fail(SSH_UNREACHABLE, f"ssh {where(target)}: the server refused a new channel: {e}",
-         retryable=True, cause=e)
+    fail(
+        SSH_UNREACHABLE,
+        f"ssh {where(target)}: the server refused a new channel: {e}",
+        retryable=True,
+        cause=e,
+    )
 
 
-async def run(target: SshTarget, command: str, timeout_s: float = 60.0, check: bool = True,
-              input: str | None = None) -> CommandResult:
+async def run(
+    target: SshTarget, command: str, timeout_s: float = 60.0, check: bool = True, input: str | None = None
+) -> CommandResult:
     """Run `command` (a shell command line) on the target; heartbeat while it runs.
 
     check=True turns a non-zero exit into SshCommandFailed (non-retryable) naming host,
@@ -165,8 +184,7 @@ async def run(target: SshTarget, command: str, timeout_s: float = 60.0, check: b
     for attempt in (1, 2):
         conn, reused = await POOL.connection(target)
         try:
-            proc = await conn.create_process(command, encoding="utf-8", errors="replace",
-                                             **stdin)
+            proc = await conn.create_process(command, encoding="utf-8", errors="replace", **stdin)
             break
         except _STALE as e:
             _after_channel_error(target, conn, reused and attempt == 1, e)
@@ -177,8 +195,13 @@ async def run(target: SshTarget, command: str, timeout_s: float = 60.0, check: b
 class Staged:
     """A command started ahead of time, waiting on its standard input (see `staged`)."""
 
-    def __init__(self, target: SshTarget, command: str, proc: asyncssh.SSHClientProcess[str],
-                 conn: asyncssh.SSHClientConnection) -> None:
+    def __init__(
+        self,
+        target: SshTarget,
+        command: str,
+        proc: asyncssh.SSHClientProcess[str],
+        conn: asyncssh.SSHClientConnection,
+    ) -> None:
         self.target, self.command, self._proc, self._conn = target, command, proc, conn
         self._sent = False
 
@@ -219,36 +242,58 @@ async def staged(target: SshTarget, command: str, first_input: str = "") -> Asyn
         proc.close()
 
 
-async def _finish(target: SshTarget, command: str, proc: asyncssh.SSHClientProcess[str],
-                  conn: asyncssh.SSHClientConnection, timeout_s: float, check: bool) -> CommandResult:
+async def _finish(
+    target: SshTarget,
+    command: str,
+    proc: asyncssh.SSHClientProcess[str],
+    conn: asyncssh.SSHClientConnection,
+    timeout_s: float,
+    check: bool,
+) -> CommandResult:
     try:
         started = time.monotonic()
         done = await with_heartbeat(
             proc.wait(check=False, timeout=timeout_s),
-            lambda: {"host": where(target), "command": command[:200],
-                     "running_s": round(time.monotonic() - started, 1)})
+            lambda: {
+                "host": where(target),
+                "command": command[:200],
+                "running_s": round(time.monotonic() - started, 1),
+            },
+        )
     except asyncssh.TimeoutError as e:
-        fail(SSH_COMMAND_TIMEOUT,
-             f"ssh {where(target)}: command {command!r} did not finish within {timeout_s:g}s; "
-             f"stderr: {tail(str(e.stderr or ''))}", retryable=True, cause=e)
+        fail(
+            SSH_COMMAND_TIMEOUT,
+            f"ssh {where(target)}: command {command!r} did not finish within {timeout_s:g}s; "
+            f"stderr: {tail(str(e.stderr or ''))}",
+            retryable=True,
+            cause=e,
+        )
     except _STALE as e:
         POOL.discard(target, conn)
-        fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}: {e}",
-             retryable=True, cause=e)
+        fail(
+            SSH_UNREACHABLE,
+            f"ssh {where(target)}: connection lost while running {command!r}: {e}",
+            retryable=True,
+            cause=e,
+        )
     finally:
         proc.close()
     if done.exit_status is None and done.exit_signal is None and conn.is_closed():
         POOL.discard(target, conn)
-        fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}",
-             retryable=True)
+        fail(
+            SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}", retryable=True
+        )
     exit_status = done.exit_status if done.exit_status is not None else 255
-    result = CommandResult(exit_status=exit_status, stdout=str(done.stdout or ""),
-                           stderr=str(done.stderr or ""))
+    result = CommandResult(
+        exit_status=exit_status, stdout=str(done.stdout or ""), stderr=str(done.stderr or "")
+    )
     if check and result.exit_status != 0:
         signal = f" (signal {done.exit_signal[0]})" if done.exit_signal else ""
-        fail(SSH_COMMAND_FAILED,
-             f"ssh {where(target)}: command {command!r} exited with status {result.exit_status}"
-             f"{signal}; stderr: {tail(result.stderr) or '(empty)'}")
+        fail(
+            SSH_COMMAND_FAILED,
+            f"ssh {where(target)}: command {command!r} exited with status {result.exit_status}"
+            f"{signal}; stderr: {tail(result.stderr) or '(empty)'}",
+        )
     return result
 
 
@@ -279,8 +324,9 @@ async def put_file(target: SshTarget, local_path: str, remote_path: str) -> None
     sftp = await _sftp(target)
     try:
         await _ensure_parent(sftp, remote_path)
-        await with_heartbeat(sftp.put(local_path, remote_path),
-                             lambda: {"host": where(target), "upload": remote_path})
+        await with_heartbeat(
+            sftp.put(local_path, remote_path), lambda: {"host": where(target), "upload": remote_path}
+        )
     except (asyncssh.SFTPError, *_STALE) as e:
         _sftp_fail(target, f"upload {local_path} -> {remote_path}", e)
     finally:
@@ -352,14 +398,25 @@ async def probe(target: SshTarget) -> SshProbeResult:
 
     started = time.monotonic()
     try:
-        res = await run(target, "uname -sr 2>/dev/null || ver", timeout_s=max(5.0, target.connect_timeout_s),
-                        check=False)
+        res = await run(
+            target, "uname -sr 2>/dev/null || ver", timeout_s=max(5.0, target.connect_timeout_s), check=False
+        )
     except ApplicationError as e:
-        return SshProbeResult(host=target.host, port=target.port, ok=False,
-                              elapsed_ms=int((time.monotonic() - started) * 1000),
-                              error_type=e.type or "", error=e.message)
-    return SshProbeResult(host=target.host, port=target.port, ok=True, uname=res.stdout.strip(),
-                          elapsed_ms=int((time.monotonic() - started) * 1000))
+        return SshProbeResult(
+            host=target.host,
+            port=target.port,
+            ok=False,
+            elapsed_ms=int((time.monotonic() - started) * 1000),
+            error_type=e.type or "",
+            error=e.message,
+        )
+    return SshProbeResult(
+        host=target.host,
+        port=target.port,
+        ok=True,
+        uname=res.stdout.strip(),
+        elapsed_ms=int((time.monotonic() - started) * 1000),
+    )
 
 
 @activity.defn

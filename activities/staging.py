@@ -117,13 +117,22 @@ async def stage_app_backup(req: StageRequest) -> StagedApp:
     if defaults is not None:
         await ssh.put_bytes(st.ssh, defaults, f"{remote}.defaults.tar", mode=0o600)
     heartbeat({"step": "extract"})
-    await _staging_sh(st, f"""set -e
+    await _staging_sh(
+        st,
+        f"""set -e
 APP={_q(st.app_dir)}
 rm -rf "$APP.tmp"; mkdir -p "$APP.tmp"
-tar -C "$APP.tmp" --no-same-owner -xf {_q(remote + '.tar')}
+tar -C "$APP.tmp" --no-same-owner -xf {_q(remote + ".tar")}
 rm -rf "$APP"; mv "$APP.tmp" "$APP"
-""" + (f"""mkdir -p {_q(ZD)} && tar -C {_q(ZD)} --no-same-owner -xf {_q(remote + '.defaults.tar')}
-""" if defaults is not None else ""), "restoring the backup into the staging folder")
+"""
+        + (
+            f"""mkdir -p {_q(ZD)} && tar -C {_q(ZD)} --no-same-owner -xf {_q(remote + ".defaults.tar")}
+"""
+            if defaults is not None
+            else ""
+        ),
+        "restoring the backup into the staging folder",
+    )
     overridden: list[str] = []
     for rel, values in sorted(st.config.items()):
         path = f"{st.app_dir}/{rel}"
@@ -132,13 +141,21 @@ rm -rf "$APP"; mv "$APP.tmp" "$APP"
         await ssh.put_bytes(st.ssh, apply_overrides(text, values).encode("utf-8"), path)
         overridden += [f"{rel}: {k}" for k in values]
     files = len(await folder_manifest(staging_node(st), st.app_dir))
-    return StagedApp(source_node=bk.node_name, backup_id=bk.backup_id, app_dir=st.app_dir, files=files,
-                     overridden=tuple(overridden))
+    return StagedApp(
+        source_node=bk.node_name,
+        backup_id=bk.backup_id,
+        app_dir=st.app_dir,
+        files=files,
+        overridden=tuple(overridden),
+    )
 
 
 @activity.defn
 async def clear_staging(req: ClearStagingRequest) -> None:
     st = req.staging
     _check_app_dir(st.app_dir)
-    await _staging_sh(st, f"rm -rf {_q(st.app_dir)} {_q(STAGING)} && mkdir -p {_q(st.app_dir)}",
-                      "clearing the staging folder")
+    await _staging_sh(
+        st,
+        f"rm -rf {_q(st.app_dir)} {_q(STAGING)} && mkdir -p {_q(st.app_dir)}",
+        "clearing the staging folder",
+    )

@@ -1,7 +1,7 @@
 """Benchmark: chaos at every step - the worker SIGKILLed at each activity boundary of a run.
 
     python -m bench.chaos [--procedure ss-rolling|rolling-deploy] [--sample N] [--kills-per-run K]
-                          [--moments after|during|both] [--root .lab-bench-chaos]
+                          [--moments after|during|both] [--first-index I] [--root .lab-bench-chaos]
                           [--port-base 19600] [--keep] [--timeout 600]
 
 Its own lab, Temporal dev server and worker process (`bench_lab`, as the other benches). A
@@ -21,10 +21,13 @@ must:
     into the app folder) in ssh.log, nor backups (tar files), than the reference run, and
     no audit event more often.
 
-`resume_s`: from the new worker's start to the next activity starting (the server's event
-time). One line on stdout:
+Only a boundary the worker was actually killed at counts as survived: a crash run may end
+before a boundary of the reference run (its side-by-side activities in another order), and
+such a boundary gets a run of its own, killed there alone; one still not reached is listed
+as `not_reached`. `resume_s`: from the new worker's start to the next activity starting (the
+server's event time). One line on stdout:
 
-    boundaries=<n> survived=<n> duplicated_effects=<n> max_resume_s=<s>
+    boundaries=<n> survived=<n> duplicated_effects=<n> max_resume_s=<s> [not_reached=<n>]
 
 Exit status 1 when a run did not survive, duplicated an effect or ended elsewhere, 2 when
 the bench itself failed.
@@ -85,6 +88,9 @@ class Outcome:
     effects: Counter[str] = field(default_factory=Counter)
     resume_s: list[float] = field(default_factory=list)
     error: str = ""
+    # The boundaries of the plan the worker was killed at (the run may end before a boundary
+    # of the reference run: another order of side-by-side activities, a transient retry less).
+    killed: list[Boundary] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- the site, as a run left it
@@ -96,19 +102,30 @@ def world(cfg: LabConfig) -> dict[str, Any]:
     checksums = {}
     for t in tables:
         if t == "tbAudit":  # by its events: no timestamps, no run id (the reference names the run)
-            rows = lab_mariadb.query(cfg, "primary", "SELECT AuditTypeName, Action, UserName FROM tbAudit "
-                                     "ORDER BY AuditId", database=lab_mariadb.DB_NAME)
+            rows = lab_mariadb.query(
+                cfg,
+                "primary",
+                "SELECT AuditTypeName, Action, UserName FROM tbAudit ORDER BY AuditId",
+                database=lab_mariadb.DB_NAME,
+            )
             checksums[t] = [list(map(str, r)) for r in rows]
         else:
-            checksums[t] = lab_mariadb.query(cfg, "primary", f"CHECKSUM TABLE `{t}`",
-                                             database=lab_mariadb.DB_NAME)[0][1]
+            checksums[t] = lab_mariadb.query(
+                cfg, "primary", f"CHECKSUM TABLE `{t}`", database=lab_mariadb.DB_NAME
+            )[0][1]
     files = {}
     for i in cfg.node_indexes:
         app = cfg.node_dir(i) / "app"
-        files[cfg.node_name(i)] = {str(p.relative_to(app)): hashlib.sha256(p.read_bytes()).hexdigest()
-                                   for p in sorted(app.rglob("*")) if p.is_file()}
-    return {"lb": {f"{b}/{s}": st for (b, s), st in sorted(lab_haproxy.server_states(cfg).items())},
-            "db": checksums, "files": files}
+        files[cfg.node_name(i)] = {
+            str(p.relative_to(app)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(app.rglob("*"))
+            if p.is_file()
+        }
+    return {
+        "lb": {f"{b}/{s}": st for (b, s), st in sorted(lab_haproxy.server_states(cfg).items())},
+        "db": checksums,
+        "files": files,
+    }
 
 
 def ssh_commands(cfg: LabConfig, i: int) -> list[str]:
@@ -123,14 +140,15 @@ def effects(cfg: LabConfig, since: dict[str, int]) -> Counter[str]:
     out: Counter[str] = Counter()
     for i in cfg.node_indexes:
         name = cfg.node_name(i)
-        for command in ssh_commands(cfg, i)[since.get(name, 0):]:
+        for command in ssh_commands(cfg, i)[since.get(name, 0) :]:
             for kind, marker in LOG_EFFECTS.items():
                 if marker in command:
                     out[f"{name} {kind}"] += 1
         backups = cfg.node_dir(i) / ".zerodown" / "backups"
         if backups.is_dir():
-            out[f"{name} backup"] = sum(1 for p in backups.glob("*.tar")
-                                        if not p.name.endswith(".defaults.tar"))
+            out[f"{name} backup"] = sum(
+                1 for p in backups.glob("*.tar") if not p.name.endswith(".defaults.tar")
+            )
     audit = "SELECT CONCAT(AuditTypeName, ' ', Action) FROM tbAudit"
     for (event,) in lab_mariadb.query(cfg, "primary", audit, database=lab_mariadb.DB_NAME):
         out[f"audit {event}"] += 1
@@ -142,8 +160,11 @@ def log_lengths(cfg: LabConfig) -> dict[str, int]:
 
 
 def duplicated(reference: Counter[str], run: Counter[str]) -> list[str]:
-    return [f"{k}: {run[k]} (reference {reference.get(k, 0)})" for k in sorted(run)
-            if run[k] > reference.get(k, 0)]
+    return [
+        f"{k}: {run[k]} (reference {reference.get(k, 0)})"
+        for k in sorted(run)
+        if run[k] > reference.get(k, 0)
+    ]
 
 
 def differences(reference: dict[str, Any], run: dict[str, Any]) -> list[str]:
@@ -175,10 +196,12 @@ def boundaries_of(history: Any) -> list[Boundary]:
     ends: dict[int, float] = {}
     for e in history.events:
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
-            ends[e.activity_task_completed_event_attributes.started_event_id] = \
+            ends[e.activity_task_completed_event_attributes.started_event_id] = (
                 e.event_time.ToDatetime().timestamp()
-    started_ids = [e.event_id for e in history.events
-                   if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+            )
+    started_ids = [
+        e.event_id for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    ]
     out: list[Boundary] = []
     for k, ((t, name), eid) in enumerate(zip(starts, started_ids, strict=True), start=1):
         took = ends.get(eid, t) - t
@@ -188,11 +211,13 @@ def boundaries_of(history: Any) -> list[Boundary]:
     return out
 
 
-_CLOSED = {EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
-           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
-           EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED}
+_CLOSED = {
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+}
 
 
 def ended_activities(history: Any) -> int:
@@ -205,8 +230,10 @@ def ended_activities(history: Any) -> int:
 
 async def running_activity(handle: WorkflowHandle[Any, Any]) -> bool:
     desc = await handle.describe()
-    return any(p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
-               for p in desc.raw_description.pending_activities)
+    return any(
+        p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        for p in desc.raw_description.pending_activities
+    )
 
 
 class Workers(Protocol):
@@ -238,10 +265,15 @@ class LabWorkers:
                 time.sleep(0.01)
 
 
-async def crash_at(workers: Workers, handle: WorkflowHandle[Any, Any], plan: list[Boundary],
-                   resumes: list[float]) -> None:
+async def crash_at(
+    workers: Workers,
+    handle: WorkflowHandle[Any, Any],
+    plan: list[Boundary],
+    resumes: list[float],
+    killed: list[Boundary],
+) -> None:
     """Kill the worker at each boundary of `plan` (in order), start a new one at once, and
-    measure how soon the next activity starts."""
+    measure how soon the next activity starts; `killed` gets the boundaries reached."""
     for b in plan:
         # An activity's start event is written when it ends (or times out): `index` ended,
         # not counting attempts that timed out (lost with a killed worker), mean "after
@@ -257,6 +289,7 @@ async def crash_at(workers: Workers, handle: WorkflowHandle[Any, Any], plan: lis
         if b.after_s:
             await asyncio.sleep(b.after_s)
         await asyncio.to_thread(workers.kill)
+        killed.append(b)
         t0 = time.time()
         await asyncio.to_thread(workers.start)
         while True:
@@ -274,8 +307,16 @@ async def crash_at(workers: Workers, handle: WorkflowHandle[Any, Any], plan: lis
             await asyncio.sleep(POLL_S)
 
 
-async def one_run(cfg: LabConfig, client: Client, workers: Workers, site: Path, procedure: str,
-                  plan: list[Boundary], timeout_s: float, label: str) -> tuple[Outcome, Any]:
+async def one_run(
+    cfg: LabConfig,
+    client: Client,
+    workers: Workers,
+    site: Path,
+    procedure: str,
+    plan: list[Boundary],
+    timeout_s: float,
+    label: str,
+) -> tuple[Outcome, Any]:
     """A run from a reset lab, the worker killed at each boundary of `plan`; what it left."""
     await manager.lab_reset(cfg)
     await asyncio.to_thread(workers.start)
@@ -287,14 +328,21 @@ async def one_run(cfg: LabConfig, client: Client, workers: Workers, site: Path, 
     else:
         arg, result_type = procedure_input(procedure, inv, str(cfg.package(2)))
         await enforce_version_match(inv, True)
-    handle = await client.start_workflow(procedure, arg, id=f"chaos-{label}-{int(time.time() * 1000)}",
-                                         task_queue=workers.task_queue, result_type=result_type,
-                                         task_timeout=timeouts.WORKFLOW_TASK,
-                                         execution_timeout=timedelta(seconds=timeout_s))
+    handle = await client.start_workflow(
+        procedure,
+        arg,
+        id=f"chaos-{label}-{int(time.time() * 1000)}",
+        task_queue=workers.task_queue,
+        result_type=result_type,
+        task_timeout=timeouts.WORKFLOW_TASK,
+        execution_timeout=timedelta(seconds=timeout_s),
+    )
     outcome = Outcome(completed=False)
     approver = asyncio.ensure_future(_approve(handle)) if procedure != "rolling-deploy" else None
     try:
-        await asyncio.wait_for(crash_at(workers, handle, plan, outcome.resume_s), timeout=timeout_s)
+        await asyncio.wait_for(
+            crash_at(workers, handle, plan, outcome.resume_s, outcome.killed), timeout=timeout_s
+        )
         await handle.result()
         outcome.completed = True
     except Exception as e:
@@ -323,64 +371,123 @@ class Verdict:
     duplicated_effects: int
     max_resume_s: float
     notes: list[str] = field(default_factory=list)
+    # Boundaries no run reached (not killed there, so not counted as survived).
+    not_reached: list[Boundary] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"boundaries={self.boundaries} survived={self.survived} "
-                f"duplicated_effects={self.duplicated_effects} max_resume_s={self.max_resume_s:.1f}")
+        return (
+            f"boundaries={self.boundaries} survived={self.survived} "
+            f"duplicated_effects={self.duplicated_effects} max_resume_s={self.max_resume_s:.1f}"
+            + (f" not_reached={len(self.not_reached)}" if self.not_reached else "")
+        )
 
 
-async def chaos(cfg: LabConfig, client: Client, workers: Workers, site: Path, procedure: str,
-                sample: int | None, per_run: int, timeout_s: float, moments: str = "both") -> Verdict:
+async def chaos(
+    cfg: LabConfig,
+    client: Client,
+    workers: Workers,
+    site: Path,
+    procedure: str,
+    sample: int | None,
+    per_run: int,
+    timeout_s: float,
+    moments: str = "both",
+    first_index: int = 1,
+) -> Verdict:
     """The reference run, then the crash runs; their verdict. `moments`: after (between
-    activities), during (inside them) or both."""
+    activities), during (inside them) or both; `first_index`: only the boundaries of the
+    reference run's activities from that one on."""
     reference, history = await one_run(cfg, client, workers, site, procedure, [], timeout_s, "reference")
     if not reference.completed:
         raise RuntimeError(f"the reference run failed: {reference.error}")
-    every = [b for b in boundaries_of(history) if moments == "both" or b.during == (moments == "during")]
+    every = [
+        b
+        for b in boundaries_of(history)
+        if (moments == "both" or b.during == (moments == "during")) and b.index >= first_index
+    ]
     chosen = spread(every, sample) if sample else every
     say(f"reference run: {len(every)} boundaries; crashing at {len(chosen)}")
     verdict = Verdict(boundaries=len(chosen), survived=0, duplicated_effects=0, max_resume_s=0.0)
-    for start in range(0, len(chosen), per_run):
-        plan = chosen[start:start + per_run]
-        outcome, _ = await one_run(cfg, client, workers, site, procedure, plan, timeout_s, f"b{start}")
+    plans = [chosen[start : start + per_run] for start in range(0, len(chosen), per_run)]
+    missed: list[Boundary] = []
+    while plans:
+        plan = plans.pop(0)
+        outcome, _ = await one_run(cfg, client, workers, site, procedure, plan, timeout_s, f"b{plan[0]}")
         dups = duplicated(reference.effects, outcome.effects)
         diff = differences(reference.world, outcome.world)
         verdict.max_resume_s = max([verdict.max_resume_s, *outcome.resume_s])
         verdict.duplicated_effects += len(dups)
         ok = outcome.completed and not diff and not dups
-        verdict.survived += len(plan) if ok else 0
-        note = (f"{', '.join(map(str, plan))}: {'survived' if ok else 'FAILED'}"
-                + (f" ({outcome.error})" if outcome.error else "")
-                + (f"; site differs in {', '.join(diff)}" if diff else "")
-                + (f"; done twice: {'; '.join(dups)}" if dups else ""))
+        # Only a boundary the worker was killed at counts; one the run ended before (its
+        # side-by-side activities ran in another order than the reference's) gets a run of
+        # its own, killed there alone, once.
+        verdict.survived += len(outcome.killed) if ok else 0
+        unreached = [b for b in plan if b not in outcome.killed]
+        if ok and unreached:
+            if len(plan) > 1:
+                plans += [[b] for b in unreached]
+            else:
+                missed += unreached
+        note = (
+            f"{', '.join(map(str, outcome.killed)) or 'no kill'}: {'survived' if ok else 'FAILED'}"
+            + (f" ({outcome.error})" if outcome.error else "")
+            + (f"; site differs in {', '.join(diff)}" if diff else "")
+            + (f"; done twice: {'; '.join(dups)}" if dups else "")
+            + (f"; not reached: {', '.join(map(str, unreached))}" if unreached else "")
+        )
         verdict.notes.append(note)
         say(note)
+    verdict.not_reached = missed
     return verdict
 
 
-async def run_bench(cfg: LabConfig, procedure: str, sample: int | None, per_run: int, keep: bool,
-                    timeout_s: float, moments: str) -> int:
+async def run_bench(
+    cfg: LabConfig,
+    procedure: str,
+    sample: int | None,
+    per_run: int,
+    keep: bool,
+    timeout_s: float,
+    moments: str,
+    first_index: int = 1,
+) -> int:
     async with bench_lab(cfg, keep) as (site, client):
-        verdict = await chaos(cfg, client, LabWorkers(cfg), site, procedure, sample, per_run, timeout_s,
-                              moments)
+        verdict = await chaos(
+            cfg, client, LabWorkers(cfg), site, procedure, sample, per_run, timeout_s, moments, first_index
+        )
         print(verdict.line(), flush=True)
     return 0 if verdict.survived == verdict.boundaries and verdict.duplicated_effects == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--procedure", choices=("ss-rolling", "rolling-deploy"), default="ss-rolling")
     p.add_argument("--sample", type=int, default=None, help="only this many boundaries, spread over the run")
     p.add_argument("--kills-per-run", type=int, default=1)
-    p.add_argument("--moments", choices=("after", "during", "both"), default="both",
-                   help="kill between activities (after one ended), inside them (during), or both")
+    p.add_argument(
+        "--moments",
+        choices=("after", "during", "both"),
+        default="both",
+        help="kill between activities (after one ended), inside them (during), or both",
+    )
+    p.add_argument(
+        "--first-index",
+        type=int,
+        default=1,
+        help="only the boundaries of the reference run's activities from this one on (1-based)",
+    )
     lab_options(p, ".lab-bench-chaos", 19600)
     a = p.parse_args(argv)
     if (a.sample is not None and a.sample < 1) or a.kills_per_run < 1:
         p.error("--sample and --kills-per-run must be >= 1")
     cfg = lab_config(a, 4 if a.procedure == "ss-rolling" else 3)
-    return launch(run_bench(cfg, a.procedure, a.sample, a.kills_per_run, a.keep, a.timeout, a.moments))
+    return launch(
+        run_bench(cfg, a.procedure, a.sample, a.kills_per_run, a.keep, a.timeout, a.moments, a.first_index)
+    )
 
 
 if __name__ == "__main__":

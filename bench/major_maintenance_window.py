@@ -92,8 +92,9 @@ def page_window(steps: Iterable[TimedStep]) -> tuple[dt.datetime | None, dt.date
     return on, off
 
 
-def failures_between(failures: Iterable[Mapping[str, Any]], start: dt.datetime,
-                     end: dt.datetime | None) -> list[Mapping[str, Any]]:
+def failures_between(
+    failures: Iterable[Mapping[str, Any]], start: dt.datetime, end: dt.datetime | None
+) -> list[Mapping[str, Any]]:
     """The probe's failure records (lab/probe.py: {t, method, path, status, error, node})
     from start to end (None: to the end of the probe). The maintenance page is never one:
     the probe counts it apart."""
@@ -126,8 +127,9 @@ def describe_failure(f: Mapping[str, Any]) -> str:
     return f"{f.get('t', '?')} {f.get('method', '?')} {f.get('path', '?')}: {what}{node}"
 
 
-def window_failures_line(failures: Sequence[Mapping[str, Any]], on: dt.datetime | None,
-                         off: dt.datetime | None) -> str:
+def window_failures_line(
+    failures: Sequence[Mapping[str, Any]], on: dt.datetime | None, off: dt.datetime | None
+) -> str:
     if on is None:
         return "page on -> off: the page never went on"
     until = "page off" if off is not None else "the probe's end (the page was not seen lifted)"
@@ -148,8 +150,13 @@ def exit_status(run: RunResult, result: MajorMaintenanceResult | None) -> int:
 
 
 def bench_input(inv: Inventory, package_path: str, writes_quiet_s: float = 0.5) -> MajorMaintenanceInput:
-    return MajorMaintenanceInput(inventory=inv, package_path=package_path, started_by=STARTED_BY,
-                                 writes_quiet_s=writes_quiet_s, gate_timeout_s=GATE_TIMEOUT_S)
+    return MajorMaintenanceInput(
+        inventory=inv,
+        package_path=package_path,
+        started_by=STARTED_BY,
+        writes_quiet_s=writes_quiet_s,
+        gate_timeout_s=GATE_TIMEOUT_S,
+    )
 
 
 # =========================================================================== the bench
@@ -168,15 +175,25 @@ class Gatekeeper:
         await decide_gate(handle, "terminate", "terminate", GATE_POLL_S)
 
 
-async def run_bench(cfg: LabConfig, rate: float, keep: bool, writes_quiet_s: float, timeout_s: float,
-                    slow_every: int = 0) -> int:
+async def run_bench(
+    cfg: LabConfig, rate: float, keep: bool, writes_quiet_s: float, timeout_s: float, slow_every: int = 0
+) -> int:
     async with bench_lab(cfg, keep) as (site, client):
         inv = load_inventory(site)
         side = Gatekeeper()
         t0 = time.monotonic()
-        run = await measure_run(cfg, client, rate, PROCEDURE, inv,
-                                bench_input(inv, str(cfg.package(2)), writes_quiet_s),
-                                MajorMaintenanceResult, timeout_s, alongside=side, slow_every=slow_every)
+        run = await measure_run(
+            cfg,
+            client,
+            rate,
+            PROCEDURE,
+            inv,
+            bench_input(inv, str(cfg.package(2)), writes_quiet_s),
+            MajorMaintenanceResult,
+            timeout_s,
+            alongside=side,
+            slow_every=slow_every,
+        )
         wall = time.monotonic() - t0
         result = await fetch_result(client, side.handle, MajorMaintenanceResult)
         summary = read_summary(cfg.probe_summary)
@@ -188,42 +205,69 @@ async def run_bench(cfg: LabConfig, rate: float, keep: bool, writes_quiet_s: flo
         window = failures_between(read_failures(cfg.probe_log), on, off) if on is not None else []
         say(window_failures_line(window, on, off))
         if result is not None:
-            say(f"downtime (17 -> 33, workflow clock): {result.downtime_s:.2f}s; migrations (23): "
+            say(
+                f"downtime (17 -> 33, workflow clock): {result.downtime_s:.2f}s; migrations (23): "
                 f"{result.migration_s:.2f}s; new servers {', '.join(n.name for n in result.new_servers)}; "
-                f"terminated {', '.join(result.terminated) or 'none'}")
+                f"terminated {', '.join(result.terminated) or 'none'}"
+            )
         gate = "-" if side.go_live_wait_s is None else f"{side.go_live_wait_s:.2f}s"
         pages = summary.get("maintenance", 0)
-        say(f"maintenance page seen by the probe: {maintenance:.2f}s ({pages} pages); "
+        say(
+            f"maintenance page seen by the probe: {maintenance:.2f}s ({pages} pages); "
             f"go-live gate waited {gate}; maintenance without the operator's gate: "
-            f"{without_gate_s(maintenance, side.go_live_wait_s):.2f}s")
-        say(f"total: procedure {run.figures.procedure_s:.2f}s ({run.figures.closed_as or 'open'}), "
-            f"{wall:.1f}s with the probe; probe p50 {run.probe_p50_ms:.1f} ms, max {run.probe_max_ms:.1f} ms")
+            f"{without_gate_s(maintenance, side.go_live_wait_s):.2f}s"
+        )
+        say(
+            f"total: procedure {run.figures.procedure_s:.2f}s ({run.figures.closed_as or 'open'}), "
+            f"{wall:.1f}s with the probe; probe p50 {run.probe_p50_ms:.1f} ms, max {run.probe_max_ms:.1f} ms"
+        )
         migration = result.migration_s if result is not None else 0.0
         print(result_line(run.requests, run.failed, maintenance, migration, PROCEDURE), flush=True)
         return exit_status(run, result)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.major_maintenance_window", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.major_maintenance_window",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nodes", type=int, default=3, help="old servers (the lab's nodes)")
     p.add_argument("--rate", type=float, default=100.0, help="probe requests per second")
     p.add_argument("--root", type=Path, default=Path(".lab-bench-mw"))
-    p.add_argument("--port-base", type=int, default=19400,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
-    p.add_argument("--writes-quiet", type=float, default=0.5,
-                   help="step 19: seconds the primary must show no write (the input's default)")
-    p.add_argument("--slow-every", type=int, default=0,
-                   help="every N-th probe request a long one (GET /slow?ms=1500); 0: none")
+    p.add_argument(
+        "--port-base", type=int, default=19400, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
+    p.add_argument(
+        "--writes-quiet",
+        type=float,
+        default=0.5,
+        help="step 19: seconds the primary must show no write (the input's default)",
+    )
+    p.add_argument(
+        "--slow-every",
+        type=int,
+        default=0,
+        help="every N-th probe request a long one (GET /slow?ms=1500); 0: none",
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds the workflow may run before it is terminated (run failed)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds the workflow may run before it is terminated (run failed)",
+    )
     a = p.parse_args(argv)
     if a.nodes < 1 or a.rate <= 0 or a.writes_quiet < 0 or a.timeout <= 0 or a.slow_every < 0:
         p.error("--nodes must be >= 1, --rate and --timeout > 0, --writes-quiet and --slow-every >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = LabConfig(
+        root=a.root,
+        nodes=a.nodes,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+    )
     return launch(run_bench(cfg, a.rate, a.keep, a.writes_quiet, a.timeout, a.slow_every))
 
 

@@ -48,14 +48,20 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def result_line(runs: int, completed: int, before_mb: float, peak_mb: float, wall_s: float) -> str:
-    return (f"runs={runs} completed={completed} worker_rss_before_mb={before_mb:.1f} "
-            f"worker_peak_rss_mb={peak_mb:.1f} wall_s={wall_s:.1f}")
+    return (
+        f"runs={runs} completed={completed} worker_rss_before_mb={before_mb:.1f} "
+        f"worker_peak_rss_mb={peak_mb:.1f} wall_s={wall_s:.1f}"
+    )
 
 
 async def one(client: Client, inp: RollingDeployInput, n: int, stamp: int, timeout_s: float) -> bool:
     handle = await client.start_workflow(
-        RollingDeployWorkflow.run, inp, id=f"bench-many-{stamp}-{n}", task_queue=TASK_QUEUE,
-        execution_timeout=timedelta(seconds=timeout_s))
+        RollingDeployWorkflow.run,
+        inp,
+        id=f"bench-many-{stamp}-{n}",
+        task_queue=TASK_QUEUE,
+        execution_timeout=timedelta(seconds=timeout_s),
+    )
     try:
         result: RollingDeployResult = await handle.result()
     except Exception as e:
@@ -70,8 +76,9 @@ async def run_bench(cfg: LabConfig, runs: int, keep: bool, timeout_s: float) -> 
         if pid is None:
             raise RuntimeError(f"no worker pid in {cfg.worker_pidfile}")
         before = memory_mb(pid)["VmRSS"]
-        inp = RollingDeployInput(inventory=load_inventory(site), package_path=str(cfg.package(2)),
-                                 dry_run=True)
+        inp = RollingDeployInput(
+            inventory=load_inventory(site), package_path=str(cfg.package(2)), dry_run=True
+        )
         t0 = time.monotonic()
         stamp = int(time.time())
         done = await asyncio.gather(*(one(client, inp, n, stamp, timeout_s) for n in range(runs)))
@@ -85,8 +92,11 @@ async def run_bench(cfg: LabConfig, runs: int, keep: bool, timeout_s: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.many_runs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.many_runs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--nodes", type=int, default=3)
     lab_options(p, ".lab-bench-many", 19400)

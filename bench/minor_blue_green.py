@@ -49,7 +49,7 @@ from workflows.minor_blue_green import PROCEDURE, MinorBlueGreenInput, MinorBlue
 from workflows.timeline import StepRecord
 
 STARTED_BY = "bench"  # the starter may not decide its own run's gates
-APPROVER = "alice"    # listed for every gate in the lab inventory
+APPROVER = "alice"  # listed for every gate in the lab inventory
 MIGRATION_STEP = "2"  # seed 003 step 2: the pre-upgrade (additive) migrations
 POLL_S = 0.1
 GATE_TIMEOUT_S = 600.0
@@ -88,11 +88,14 @@ def migration_s(steps: Iterable[StepLike]) -> float:
     return sum(s.duration_s or 0.0 for s in steps if s.seed_step == MIGRATION_STEP)
 
 
-def result_line(requests: int, failed: int, maintenance: float, migration: float,
-                procedure: str = PROCEDURE) -> str:
+def result_line(
+    requests: int, failed: int, maintenance: float, migration: float, procedure: str = PROCEDURE
+) -> str:
     """The stdout line (also bench/major_maintenance_window.py's, with its procedure)."""
-    return (f"procedure={procedure} requests={requests} failed={failed} "
-            f"maintenance_s={maintenance:.2f} migration_s={migration:.2f}")
+    return (
+        f"procedure={procedure} requests={requests} failed={failed} "
+        f"maintenance_s={maintenance:.2f} migration_s={migration:.2f}"
+    )
 
 
 def parse_result_line(line: str) -> dict[str, str | int | float]:
@@ -121,8 +124,8 @@ def step_lines(steps: Iterable[StepLike]) -> list[str]:
 
 @dataclass(frozen=True)
 class LongRequest:
-    status: int      # -1: no answer (connection error, timeout)
-    served_by: str   # X-Served-By ("" without an answer)
+    status: int  # -1: no answer (connection error, timeout)
+    served_by: str  # X-Served-By ("" without an answer)
 
 
 @dataclass
@@ -149,8 +152,10 @@ class LongOutcome:
             by.setdefault(r.served_by or "-", []).append(r.status)
         where = ", ".join(f"{srv}: {' '.join(map(str, st))}" for srv, st in sorted(by.items()))
         ok = sum(r.status == 200 for r in self.requests)
-        return (f"long requests: {ok}/{len(self.requests)} finished 200, {self.on_old} on the old "
-                f"servers ({where})")
+        return (
+            f"long requests: {ok}/{len(self.requests)} finished 200, {self.on_old} on the old "
+            f"servers ({where})"
+        )
 
 
 def exit_status(run: RunResult, long: LongOutcome, result: MinorBlueGreenResult | None) -> int:
@@ -164,8 +169,9 @@ def old_servers(inv: Inventory) -> tuple[str, ...]:
 
 
 def bench_input(inv: Inventory, package_path: str) -> MinorBlueGreenInput:
-    return MinorBlueGreenInput(inventory=inv, package_path=package_path, started_by=STARTED_BY,
-                               gate_timeout_s=GATE_TIMEOUT_S)
+    return MinorBlueGreenInput(
+        inventory=inv, package_path=package_path, started_by=STARTED_BY, gate_timeout_s=GATE_TIMEOUT_S
+    )
 
 
 def before_attach(steps: Sequence[StepLike], servers: int) -> bool:
@@ -180,6 +186,7 @@ def before_attach(steps: Sequence[StepLike], servers: int) -> bool:
 async def open_long_requests(url: str, n: int, ms: int) -> list[LongRequest]:
     """n slow requests through the frontend at once, one connection each (each its own
     session on its server, as a user's long download would be)."""
+
     async def one(session: aiohttp.ClientSession) -> LongRequest:
         try:
             async with session.get(f"{url}/slow?ms={ms}") as r:
@@ -188,8 +195,10 @@ async def open_long_requests(url: str, n: int, ms: int) -> list[LongRequest]:
         except (aiohttp.ClientError, TimeoutError):
             return LongRequest(-1, "")
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=ms / 1000 + 60)) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True, limit=0),
+        timeout=aiohttp.ClientTimeout(total=ms / 1000 + 60),
+    ) as s:
         return list(await asyncio.gather(*(one(s) for _ in range(n))))
 
 
@@ -199,8 +208,7 @@ def gate_wait_s(since: dt.datetime, at: dt.datetime) -> float:
     return max((at - since).total_seconds(), 0.0)
 
 
-async def decide_gate(handle: WorkflowHandle[Any, Any], gate: str, choice: str,
-                      poll_s: float = 0.3) -> float:
+async def decide_gate(handle: WorkflowHandle[Any, Any], gate: str, choice: str, poll_s: float = 0.3) -> float:
     """Decide `gate` `choice` as APPROVER as soon as it opens; the seconds it waited."""
     while True:
         try:
@@ -209,8 +217,9 @@ async def decide_gate(handle: WorkflowHandle[Any, Any], gate: str, choice: str,
             waiting = []
         for g in waiting:
             if g.gate == gate:
-                decision = Decision(gate=g.gate, by=APPROVER, plan_hash=g.plan_hash, choice=choice,
-                                    comment="bench")
+                decision = Decision(
+                    gate=g.gate, by=APPROVER, plan_hash=g.plan_hash, choice=choice, comment="bench"
+                )
                 record = await zc.decide(handle, True, decision)
                 waited = gate_wait_s(g.since, record.at)
                 say(f"gate {gate}: {choice} ({APPROVER}) after {waited:.2f}s")
@@ -250,8 +259,9 @@ class Alongside:
         await choose_terminate(handle)
 
 
-async def fetch_result(client: Client, handle: WorkflowHandle[Any, Any] | None,
-                       result_type: type[R]) -> R | None:
+async def fetch_result(
+    client: Client, handle: WorkflowHandle[Any, Any] | None, result_type: type[R]
+) -> R | None:
     """The run's result (None: no run, or it failed)."""
     if handle is None:
         return None
@@ -281,14 +291,24 @@ def read_summary(path: Path) -> dict[str, Any]:
     return data
 
 
-async def run_bench(cfg: LabConfig, rate: float, keep: bool, long_count: int, long_ms: int,
-                    timeout_s: float) -> int:
+async def run_bench(
+    cfg: LabConfig, rate: float, keep: bool, long_count: int, long_ms: int, timeout_s: float
+) -> int:
     async with bench_lab(cfg, keep) as (site, client):
         inv = load_inventory(site)
         side = Alongside(url=cfg.main_url, old=old_servers(inv), count=long_count, ms=long_ms)
         t0 = time.monotonic()
-        run = await measure_run(cfg, client, rate, PROCEDURE, inv, bench_input(inv, str(cfg.package(2))),
-                                MinorBlueGreenResult, timeout_s, alongside=side)
+        run = await measure_run(
+            cfg,
+            client,
+            rate,
+            PROCEDURE,
+            inv,
+            bench_input(inv, str(cfg.package(2))),
+            MinorBlueGreenResult,
+            timeout_s,
+            alongside=side,
+        )
         wall = time.monotonic() - t0
         result = await fetch_result(client, side.handle, MinorBlueGreenResult)
         # measure_run read the probe's summary file; the maintenance times are in it too.
@@ -297,35 +317,52 @@ async def run_bench(cfg: LabConfig, rate: float, keep: bool, long_count: int, lo
         for line in step_lines(steps):
             say(f"step {line}")
         if result is not None:
-            say(f"drain: {result.drain_s:.2f}s (forced: {result.forced_detach}); new servers "
-                f"{', '.join(n.name for n in result.new_servers)}; terminated {', '.join(result.terminated)}")
+            say(
+                f"drain: {result.drain_s:.2f}s (forced: {result.forced_detach}); new servers "
+                f"{', '.join(n.name for n in result.new_servers)}; terminated {', '.join(result.terminated)}"
+            )
         say(side.long.describe())
-        say(f"total: procedure {run.figures.procedure_s:.2f}s ({run.figures.closed_as or 'open'}), "
+        say(
+            f"total: procedure {run.figures.procedure_s:.2f}s ({run.figures.closed_as or 'open'}), "
             f"{wall:.1f}s with the probe; probe p50 {run.probe_p50_ms:.1f} ms, "
-            f"max {run.probe_max_ms:.1f} ms, {summary.get('maintenance', 0)} maintenance pages")
+            f"max {run.probe_max_ms:.1f} ms, {summary.get('maintenance', 0)} maintenance pages"
+        )
         print(result_line(run.requests, run.failed, maintenance_s(summary), migration_s(steps)), flush=True)
         return exit_status(run, side.long, result)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.minor_blue_green", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.minor_blue_green",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nodes", type=int, default=3, help="old servers (the lab's nodes)")
     p.add_argument("--rate", type=float, default=100.0, help="probe requests per second")
     p.add_argument("--root", type=Path, default=Path(".lab-bench-bg"))
-    p.add_argument("--port-base", type=int, default=19300,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument(
+        "--port-base", type=int, default=19300, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
     p.add_argument("--long", type=int, default=6, help="long-lived requests opened before the drain")
     p.add_argument("--long-ms", type=int, default=10_000, help="how long each long request takes")
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds the workflow may run before it is terminated (run failed)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds the workflow may run before it is terminated (run failed)",
+    )
     a = p.parse_args(argv)
     if a.nodes < 1 or a.rate <= 0 or a.long < 1 or a.long_ms < 1 or a.timeout <= 0:
         p.error("--nodes, --long and --long-ms must be >= 1, --rate and --timeout > 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = LabConfig(
+        root=a.root,
+        nodes=a.nodes,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+    )
     return launch(run_bench(cfg, a.rate, a.keep, a.long, a.long_ms, a.timeout))
 
 

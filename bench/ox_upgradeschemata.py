@@ -109,8 +109,14 @@ def unavailability(states: Iterable[configdb.SchemaState]) -> Unavailability:
     def p50(xs: list[float]) -> float:
         return float(statistics.median(xs)) if xs else 0.0
 
-    return Unavailability(schemata=len(total), max_ms=max(total, default=0.0), p50_ms=p50(total),
-                          beyond_max_ms=max(beyond, default=0.0), beyond_p50_ms=p50(beyond), missing=missing)
+    return Unavailability(
+        schemata=len(total),
+        max_ms=max(total, default=0.0),
+        p50_ms=p50(total),
+        beyond_max_ms=max(beyond, default=0.0),
+        beyond_p50_ms=p50(beyond),
+        missing=missing,
+    )
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ def describe(m: Measured) -> list[str]:
         f"max_events_per_run {m.max_events_per_run}"
         + (f" (largest listed history {m.max_history_listed})" if m.max_history_listed is not None else "")
         + ("" if m.ok else f" - FAILED: {m.error}"),
-        f"{m.label}: CPU ms/schema: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+        f"{m.label}: CPU ms/schema: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in per.items())
         + f"; sum {sum(per.values()):.1f}; machine {cpu.machine_s * 1000 / max(m.schemata, 1):.1f} "
         f"({cpu.machine_s / max(m.wall_s, 1e-9) * 100:.0f}% of one core, 2 cores = 200%)",
         f"{m.label}: unavailable (enabled_at - disabled_at) max {u.max_ms:.0f} ms p50 {u.p50_ms:.0f} ms; "
@@ -185,17 +192,25 @@ def summarize(total: int, c1: Measured, cn_sample: Measured, cn_full: Measured |
     speedup = c1.per_schema_s / cn_sample.per_schema_s if cn_sample.per_schema_s else 0.0
     full_ratio = c1_s / cn_full.wall_s if cn_full is not None and cn_full.wall_s else None
     listed = [m.max_history_listed for m in runs]
-    return Summary(schemata=total, c1_s=c1_s, c8_s=c8_s, speedup=speedup, full_ratio=full_ratio,
-                   max_events_per_run=max(m.max_events_per_run for m in runs),
-                   max_beyond_ms=max(m.unavailable.beyond_max_ms for m in runs),
-                   c8_extrapolated=cn_full is None,
-                   max_history_listed=None if None in listed else max(x for x in listed if x is not None))
+    return Summary(
+        schemata=total,
+        c1_s=c1_s,
+        c8_s=c8_s,
+        speedup=speedup,
+        full_ratio=full_ratio,
+        max_events_per_run=max(m.max_events_per_run for m in runs),
+        max_beyond_ms=max(m.unavailable.beyond_max_ms for m in runs),
+        c8_extrapolated=cn_full is None,
+        max_history_listed=None if None in listed else max(x for x in listed if x is not None),
+    )
 
 
 def result_line(s: Summary) -> str:
-    return (f"schemata={s.schemata} c1_s={s.c1_s:.1f} c8_s={s.c8_s:.1f} speedup={s.speedup:.2f} "
-            f"max_events_per_run={s.max_events_per_run} "
-            f"max_unavailable_ms_beyond_runupdate={s.max_beyond_ms:.0f}")
+    return (
+        f"schemata={s.schemata} c1_s={s.c1_s:.1f} c8_s={s.c8_s:.1f} speedup={s.speedup:.2f} "
+        f"max_events_per_run={s.max_events_per_run} "
+        f"max_unavailable_ms_beyond_runupdate={s.max_beyond_ms:.0f}"
+    )
 
 
 def parse_result_line(line: str) -> dict[str, float]:
@@ -218,7 +233,7 @@ def proc_cpu_s(pid: int, children: bool = True) -> float | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     # fields[11:15] = utime stime cutime cstime (man 5 proc, counted from `state`).
     ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
     return ticks / _CLK_TCK
@@ -233,9 +248,13 @@ def machine_cpu_s() -> float:
 
 def lab_pids(cfg: LabConfig) -> dict[str, int]:
     """The lab's processes that take part in a run (those running), by role."""
-    files = {"worker": cfg.worker_pidfile, "temporal": cfg.abs_root / "temporal.pid",
-             "sshd+tools": cfg.abs_root / "sshd.pid", "mariadb": mariadb.pid_file(cfg, "primary"),
-             **{f"ox{i}": cfg.ox_node_dir(i) / "run" / "ox.pid" for i in cfg.ox_node_indexes}}
+    files = {
+        "worker": cfg.worker_pidfile,
+        "temporal": cfg.abs_root / "temporal.pid",
+        "sshd+tools": cfg.abs_root / "sshd.pid",
+        "mariadb": mariadb.pid_file(cfg, "primary"),
+        **{f"ox{i}": cfg.ox_node_dir(i) / "run" / "ox.pid" for i in cfg.ox_node_indexes},
+    }
     pids = {name: pid for name, f in files.items() if (pid := read_pid(f)) is not None}
     pids["bench"] = os.getpid()  # with an in-process worker (the test) its CPU counts here
     return pids
@@ -278,8 +297,10 @@ async def _progress(client: Client, wf_id: str, label: str, t0: float, every_s: 
         elapsed = time.monotonic() - t0
         rate = p.upgraded / elapsed if elapsed else 0.0
         eta = f", ~{p.remaining / rate:.0f} s to go" if rate > 0 else ""
-        say(f"{label}: {p.upgraded}/{p.total} upgraded, {len(p.current)} under way, run {p.run}, "
-            f"{elapsed:.0f} s{eta}")
+        say(
+            f"{label}: {p.upgraded}/{p.total} upgraded, {len(p.current)} under way, run {p.run}, "
+            f"{elapsed:.0f} s{eta}"
+        )
 
 
 async def _listed_history_max(client: Client, wf_id: str, runs: int, timeout_s: float = 30.0) -> int | None:
@@ -293,25 +314,43 @@ async def _listed_history_max(client: Client, wf_id: str, runs: int, timeout_s: 
         await asyncio.sleep(0.5)
 
 
-async def measure(cfg: LabConfig, client: Client, task_queue: str, inv: Inventory, label: str,
-                  names: Sequence[str], all_schemata: bool, concurrency: int, runupdate_s: float,
-                  schemata_per_run: int, timeout_s: float | None = None,
-                  progress_every_s: float = PROGRESS_EVERY_S) -> Measured:
+async def measure(
+    cfg: LabConfig,
+    client: Client,
+    task_queue: str,
+    inv: Inventory,
+    label: str,
+    names: Sequence[str],
+    all_schemata: bool,
+    concurrency: int,
+    runupdate_s: float,
+    schemata_per_run: int,
+    timeout_s: float | None = None,
+    progress_every_s: float = PROGRESS_EVERY_S,
+) -> Measured:
     """One run on a freshly reset config DB: `names` (or every schema, all_schemata=True, so
     10,000 names are not put in the input) at `concurrency`; time, CPU, unavailability."""
     await asyncio.to_thread(configdb.reset, cfg)
     inp = OxUpgradeSchemataInput(
-        inventory=inv, server_name=NEW_SERVER, update_node=cfg.ox_node_name(UPDATE_NODE),
-        admin_node=cfg.ox_node_name(ADMIN_NODE), schemata=() if all_schemata else tuple(names),
-        concurrency=concurrency, schemata_per_run=schemata_per_run, started_by=STARTED_BY,
-        on_failure="rollback")
+        inventory=inv,
+        server_name=NEW_SERVER,
+        update_node=cfg.ox_node_name(UPDATE_NODE),
+        admin_node=cfg.ox_node_name(ADMIN_NODE),
+        schemata=() if all_schemata else tuple(names),
+        concurrency=concurrency,
+        schemata_per_run=schemata_per_run,
+        started_by=STARTED_BY,
+        on_failure="rollback",
+    )
     wf_id = f"bench-oxs-{label.replace(' ', '-')}-{int(time.time() * 1000)}"
     bound = timeout_s if timeout_s is not None else run_timeout_s(len(names), concurrency, runupdate_s)
     meter = CpuMeter(lab_pids(cfg))
     t0 = time.monotonic()
     handle = await zc.start_procedure(client, PROCEDURE, inv, inp, task_queue, workflow_id=wf_id)
-    say(f"{label}: workflow {wf_id} started ({len(names)} schemata, concurrency {concurrency}, "
-        f"bound {bound:.0f} s)")
+    say(
+        f"{label}: workflow {wf_id} started ({len(names)} schemata, concurrency {concurrency}, "
+        f"bound {bound:.0f} s)"
+    )
     watcher = asyncio.ensure_future(_progress(client, wf_id, label, t0, progress_every_s))
     typed = client.get_workflow_handle(wf_id, result_type=OxUpgradeSchemataResult)
     result: OxUpgradeSchemataResult | None = None
@@ -331,22 +370,45 @@ async def measure(cfg: LabConfig, client: Client, task_queue: str, inv: Inventor
     states = await asyncio.to_thread(configdb.schema_states, cfg)
     mine = [states[n] for n in names if n in states]
     new_id = next((i for i, n in await asyncio.to_thread(configdb.servers, cfg) if n == NEW_SERVER), None)
-    upgraded = sum(1 for st in mine if (st.update_state, st.enabled, st.server_id, st.version)
-                   == ("done", True, new_id, NEW_VERSION))
+    upgraded = sum(
+        1
+        for st in mine
+        if (st.update_state, st.enabled, st.server_id, st.version) == ("done", True, new_id, NEW_VERSION)
+    )
     if error is None and upgraded != len(names):
         error = f"{len(names) - upgraded} of {len(names)} schemata not upgraded on the site"
     runs = result.runs if result is not None else 0
     listed = await _listed_history_max(client, wf_id, runs) if result is not None else None
-    return Measured(label=label, concurrency=concurrency, schemata=len(names), wall_s=wall, runs=runs,
-                    max_events_per_run=result.max_events_per_run if result is not None else 0,
-                    max_history_listed=listed, upgraded=upgraded, ok=error is None, error=error,
-                    unavailable=unavailability(mine), cpu=cpu)
+    return Measured(
+        label=label,
+        concurrency=concurrency,
+        schemata=len(names),
+        wall_s=wall,
+        runs=runs,
+        max_events_per_run=result.max_events_per_run if result is not None else 0,
+        max_history_listed=listed,
+        upgraded=upgraded,
+        ok=error is None,
+        error=error,
+        unavailable=unavailability(mine),
+        cpu=cpu,
+    )
 
 
-async def bench_runs(cfg: LabConfig, client: Client, task_queue: str, inv: Inventory, total: int, sample: int,
-                     concurrency: int, runupdate_s: float, schemata_per_run: int, full: bool,
-                     timeout_s: float | None = None,
-                     progress_every_s: float = PROGRESS_EVERY_S) -> tuple[list[Measured], Summary]:
+async def bench_runs(
+    cfg: LabConfig,
+    client: Client,
+    task_queue: str,
+    inv: Inventory,
+    total: int,
+    sample: int,
+    concurrency: int,
+    runupdate_s: float,
+    schemata_per_run: int,
+    full: bool,
+    timeout_s: float | None = None,
+    progress_every_s: float = PROGRESS_EVERY_S,
+) -> tuple[list[Measured], Summary]:
     """The three runs (c1 sample, cN sample, cN full) on a prepared OX part, their lines on
     stderr; returns them and the summary."""
     every = sorted(await asyncio.to_thread(configdb.schema_states, cfg), key=configdb.natural_key)
@@ -354,15 +416,28 @@ async def bench_runs(cfg: LabConfig, client: Client, task_queue: str, inv: Inven
         raise RuntimeError(f"the config DB has {len(every)} schemata, {total} asked for")
     names = every[:total]
     cn = f"c{concurrency}"
-    plan: list[tuple[str, int, Sequence[str]]] = [("c1 sample", 1, names[:sample]),
-                                                  (f"{cn} sample", concurrency, names[:sample])]
+    plan: list[tuple[str, int, Sequence[str]]] = [
+        ("c1 sample", 1, names[:sample]),
+        (f"{cn} sample", concurrency, names[:sample]),
+    ]
     if full:
         plan.append((f"{cn} full", concurrency, names))
     measured: list[Measured] = []
     for label, c, subset in plan:
-        m = await measure(cfg, client, task_queue, inv, label, subset, all_schemata=len(subset) == len(every),
-                          concurrency=c, runupdate_s=runupdate_s, schemata_per_run=schemata_per_run,
-                          timeout_s=timeout_s, progress_every_s=progress_every_s)
+        m = await measure(
+            cfg,
+            client,
+            task_queue,
+            inv,
+            label,
+            subset,
+            all_schemata=len(subset) == len(every),
+            concurrency=c,
+            runupdate_s=runupdate_s,
+            schemata_per_run=schemata_per_run,
+            timeout_s=timeout_s,
+            progress_every_s=progress_every_s,
+        )
         measured.append(m)
         for line in describe(m):
             say(line)
@@ -373,15 +448,21 @@ async def bench_runs(cfg: LabConfig, client: Client, task_queue: str, inv: Inven
 def summary_lines(s: Summary, sample: int, concurrency: int, runupdate_s: float) -> list[str]:
     c8 = "; c8_s too" if s.c8_extrapolated else f"; c8_s measured (c{concurrency})"
     goal = BEYOND_RUNUPDATE_GOAL_MS
-    lines = [f"runupdate {runupdate_s:g} s per schema; c1_s extrapolated from {sample} schemata "
-             f"(x {s.schemata})" + c8,
-             f"speedup on the same {sample} schemata: {s.speedup:.2f} (goal >= {SPEEDUP_GOAL:g})"
-             + (f"; c1 extrapolated / c{concurrency} full run: {s.full_ratio:.2f}" if s.full_ratio else ""),
-             f"max unavailable beyond runupdate: {s.max_beyond_ms:.0f} ms (goal <= {goal:g})",
-             f"max_events_per_run: {s.max_events_per_run} (the results'); the server lists every run of "
-             "the chains: largest history "
-             + (f"{s.max_history_listed} (the results' figure is taken before a run's last workflow task "
-                "and close event)" if s.max_history_listed is not None else "not listed")]
+    lines = [
+        f"runupdate {runupdate_s:g} s per schema; c1_s extrapolated from {sample} schemata "
+        f"(x {s.schemata})" + c8,
+        f"speedup on the same {sample} schemata: {s.speedup:.2f} (goal >= {SPEEDUP_GOAL:g})"
+        + (f"; c1 extrapolated / c{concurrency} full run: {s.full_ratio:.2f}" if s.full_ratio else ""),
+        f"max unavailable beyond runupdate: {s.max_beyond_ms:.0f} ms (goal <= {goal:g})",
+        f"max_events_per_run: {s.max_events_per_run} (the results'); the server lists every run of "
+        "the chains: largest history "
+        + (
+            f"{s.max_history_listed} (the results' figure is taken before a run's last workflow task "
+            "and close event)"
+            if s.max_history_listed is not None
+            else "not listed"
+        ),
+    ]
     return lines
 
 
@@ -392,8 +473,12 @@ def light_configdb(cfg: LabConfig, schemata: int) -> bool:
     """The config DB as the bench wants it: `schemata` schemata of 1 context with 1 user;
     (re)created when it is not. True when it was created."""
     if configdb.exists(cfg):
-        rows = mariadb.query(cfg, "primary", "SELECT (SELECT COUNT(*) FROM schema_state), "
-                             "(SELECT COUNT(*) FROM context)", database=configdb.CONFIGDB)
+        rows = mariadb.query(
+            cfg,
+            "primary",
+            "SELECT (SELECT COUNT(*) FROM schema_state), (SELECT COUNT(*) FROM context)",
+            database=configdb.CONFIGDB,
+        )
         if tuple(int(x) for x in rows[0]) == (schemata, schemata):
             return False
     configdb.create(cfg, schemata=schemata, contexts_per_schema=1, users_per_context=1)
@@ -419,8 +504,9 @@ async def bench_ox_lab(cfg: LabConfig, schemata: int, keep: bool) -> AsyncIterat
         await asyncio.to_thread(mariadb.ensure_db_secrets, cfg)
         await asyncio.to_thread(mariadb.start_mariadb, cfg)
         if await asyncio.to_thread(light_configdb, cfg, schemata):
-            say(f"config DB created: {schemata} schemata of 1 context, 1 user "
-                f"({time.monotonic() - t0:.1f} s)")
+            say(
+                f"config DB created: {schemata} schemata of 1 context, 1 user ({time.monotonic() - t0:.1f} s)"
+            )
         await manager.lab_up(cfg, with_temporal=True)
         # The OX part as installed by this checkout (a kept lab's node folders may be older:
         # lab_up never reinstalls them), restarting only the nodes that need it.
@@ -433,21 +519,43 @@ async def bench_ox_lab(cfg: LabConfig, schemata: int, keep: bool) -> AsyncIterat
         yield client
     finally:
         if keep:
-            say(f"--keep: lab left running under {cfg.abs_root}; `zerodown lab down --root {cfg.root}` "
-                f"stops it, and the worker (pid file {cfg.worker_pidfile})")
+            say(
+                f"--keep: lab left running under {cfg.abs_root}; `zerodown lab down --root {cfg.root}` "
+                f"stops it, and the worker (pid file {cfg.worker_pidfile})"
+            )
         else:
             say("tearing the lab down")
             procs.stop_pidfile(cfg.worker_pidfile, timeout=15, expect="worker")
             await asyncio.to_thread(manager.lab_down, cfg)
 
 
-async def run_bench(cfg: LabConfig, total: int, sample: int, concurrency: int, runupdate_s: float,
-                    schemata_per_run: int, full: bool, keep: bool, timeout_s: float | None) -> int:
+async def run_bench(
+    cfg: LabConfig,
+    total: int,
+    sample: int,
+    concurrency: int,
+    runupdate_s: float,
+    schemata_per_run: int,
+    full: bool,
+    keep: bool,
+    timeout_s: float | None,
+) -> int:
     async with bench_ox_lab(cfg, total, keep) as client:
         await asyncio.to_thread(prepare_ox, cfg, runupdate_s)
         inv = load_inventory(cfg.ox_site_yaml)
-        measured, summary = await bench_runs(cfg, client, TASK_QUEUE, inv, total, sample, concurrency,
-                                             runupdate_s, schemata_per_run, full, timeout_s)
+        measured, summary = await bench_runs(
+            cfg,
+            client,
+            TASK_QUEUE,
+            inv,
+            total,
+            sample,
+            concurrency,
+            runupdate_s,
+            schemata_per_run,
+            full,
+            timeout_s,
+        )
         for line in summary_lines(summary, sample, concurrency, runupdate_s):
             say(line)
         print(result_line(summary), flush=True)
@@ -455,8 +563,11 @@ async def run_bench(cfg: LabConfig, total: int, sample: int, concurrency: int, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ox_upgradeschemata", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.ox_upgradeschemata",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--schemata", type=int, default=10_000, help="schemata in the config DB (the full run)")
     p.add_argument("--sample", type=int, default=300, help="schemata of the c1 and the cN sample runs")
     p.add_argument("--concurrency", type=int, default=8)
@@ -464,21 +575,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schemata-per-run", type=int, default=100, help="continue-as-new after this many")
     p.add_argument("--no-full", dest="full", action="store_false", help="skip the full cN run")
     p.add_argument("--root", type=Path, default=Path(".lab-bench-ox"))
-    p.add_argument("--port-base", type=int, default=19200,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument(
+        "--port-base", type=int, default=19200, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds one run may take before it is terminated (default: from its size)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds one run may take before it is terminated (default: from its size)",
+    )
     a = p.parse_args(argv)
-    if a.schemata < 1 or not 1 <= a.sample <= a.schemata or a.concurrency < 2 or a.runupdate_s < 0 \
-            or a.schemata_per_run < 1 or (a.timeout is not None and a.timeout <= 0):
-        p.error("--schemata >= 1, 1 <= --sample <= --schemata, --concurrency >= 2, --runupdate-s >= 0, "
-                "--schemata-per-run >= 1, --timeout > 0")
+    if (
+        a.schemata < 1
+        or not 1 <= a.sample <= a.schemata
+        or a.concurrency < 2
+        or a.runupdate_s < 0
+        or a.schemata_per_run < 1
+        or (a.timeout is not None and a.timeout <= 0)
+    ):
+        p.error(
+            "--schemata >= 1, 1 <= --sample <= --schemata, --concurrency >= 2, --runupdate-s >= 0, "
+            "--schemata-per-run >= 1, --timeout > 0"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LabConfig(root=a.root, nodes=1, port_base=a.port_base, temporal_port=a.port_base + 50,
-                    temporal_ui_port=a.port_base + 51, ox_nodes=LAB_OX_NODES, ox_schemata=a.schemata)
-    return launch(run_bench(cfg, a.schemata, a.sample, a.concurrency, a.runupdate_s, a.schemata_per_run,
-                            a.full, a.keep, a.timeout))
+    cfg = LabConfig(
+        root=a.root,
+        nodes=1,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+        ox_nodes=LAB_OX_NODES,
+        ox_schemata=a.schemata,
+    )
+    return launch(
+        run_bench(
+            cfg,
+            a.schemata,
+            a.sample,
+            a.concurrency,
+            a.runupdate_s,
+            a.schemata_per_run,
+            a.full,
+            a.keep,
+            a.timeout,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,12 +54,20 @@ PROBE_WARMUP_S = 2.0
 WORKER_READY_TIMEOUT_S = 60.0
 
 ACTIVITY_STARTED = "ActivityTaskStarted"
-ACTIVITY_CLOSED = frozenset({"ActivityTaskCompleted", "ActivityTaskFailed", "ActivityTaskTimedOut",
-                             "ActivityTaskCanceled"})
+ACTIVITY_CLOSED = frozenset(
+    {"ActivityTaskCompleted", "ActivityTaskFailed", "ActivityTaskTimedOut", "ActivityTaskCanceled"}
+)
 WORKFLOW_STARTED = "WorkflowExecutionStarted"
-WORKFLOW_CLOSED = frozenset({"WorkflowExecutionCompleted", "WorkflowExecutionFailed",
-                             "WorkflowExecutionTimedOut", "WorkflowExecutionCanceled",
-                             "WorkflowExecutionTerminated", "WorkflowExecutionContinuedAsNew"})
+WORKFLOW_CLOSED = frozenset(
+    {
+        "WorkflowExecutionCompleted",
+        "WorkflowExecutionFailed",
+        "WorkflowExecutionTimedOut",
+        "WorkflowExecutionCanceled",
+        "WorkflowExecutionTerminated",
+        "WorkflowExecutionContinuedAsNew",
+    }
+)
 
 
 # =========================================================================== figures (pure)
@@ -81,10 +89,10 @@ class Event:
 
 @dataclass(frozen=True)
 class Figures:
-    procedure_s: float   # workflow start -> close
-    activity_s: float    # time covered by at least one running activity
-    activities: int      # activity executions (started and closed, or cut by the close)
-    closed_as: str       # "WorkflowExecutionCompleted", ... ("" when still open)
+    procedure_s: float  # workflow start -> close
+    activity_s: float  # time covered by at least one running activity
+    activities: int  # activity executions (started and closed, or cut by the close)
+    closed_as: str  # "WorkflowExecutionCompleted", ... ("" when still open)
 
     @property
     def overhead_ms_per_step(self) -> float:
@@ -111,9 +119,14 @@ def events_from_history(events: Iterable[HistoryEvent]) -> list[Event]:
         kind = e.WhichOneof("attributes")
         attrs = getattr(e, kind) if kind else None
         scheduled = getattr(attrs, "scheduled_event_id", 0) if kind and kind.startswith("activity_") else 0
-        out.append(Event(type=event_type_name(e.event_type),
-                         time=e.event_time.seconds + e.event_time.nanos / 1e9,
-                         event_id=e.event_id, scheduled_id=int(scheduled)))
+        out.append(
+            Event(
+                type=event_type_name(e.event_type),
+                time=e.event_time.seconds + e.event_time.nanos / 1e9,
+                event_id=e.event_id,
+                scheduled_id=int(scheduled),
+            )
+        )
     return out
 
 
@@ -161,8 +174,12 @@ def figures(events: Sequence[Event]) -> Figures:
     close = next((e for e in events if e.type in WORKFLOW_CLOSED), None)
     end = close.time if close is not None else max(e.time for e in events)
     intervals = activity_intervals(events)
-    return Figures(procedure_s=end - start, activity_s=covered_s(intervals),
-                   activities=len(intervals), closed_as=close.type if close is not None else "")
+    return Figures(
+        procedure_s=end - start,
+        activity_s=covered_s(intervals),
+        activities=len(intervals),
+        closed_as=close.type if close is not None else "",
+    )
 
 
 @dataclass(frozen=True)
@@ -181,31 +198,61 @@ class RunResult:
         return self.failed == 0 and self.figures.completed
 
 
-def _line(requests: float, failed: float, procedure_s: float, activity_s: float, overhead_ms: float,
-          steps: float, activities: float, p50_ms: float, max_ms: float) -> str:
-    return (f"requests={requests:g} failed={failed:g} procedure_s={procedure_s:.2f} "
-            f"activity_s={activity_s:.2f} overhead_ms_per_step={overhead_ms:.1f} steps={steps:g} "
-            f"activities={activities:g} probe_p50_ms={p50_ms:.1f} probe_max_ms={max_ms:.1f}")
+def _line(
+    requests: float,
+    failed: float,
+    procedure_s: float,
+    activity_s: float,
+    overhead_ms: float,
+    steps: float,
+    activities: float,
+    p50_ms: float,
+    max_ms: float,
+) -> str:
+    return (
+        f"requests={requests:g} failed={failed:g} procedure_s={procedure_s:.2f} "
+        f"activity_s={activity_s:.2f} overhead_ms_per_step={overhead_ms:.1f} steps={steps:g} "
+        f"activities={activities:g} probe_p50_ms={p50_ms:.1f} probe_max_ms={max_ms:.1f}"
+    )
 
 
 def run_line(r: RunResult) -> str:
     f = r.figures
-    return _line(r.requests, r.failed, f.procedure_s, f.activity_s, f.overhead_ms_per_step, r.steps,
-                 f.activities, r.probe_p50_ms, r.probe_max_ms)
+    return _line(
+        r.requests,
+        r.failed,
+        f.procedure_s,
+        f.activity_s,
+        f.overhead_ms_per_step,
+        r.steps,
+        f.activities,
+        r.probe_p50_ms,
+        r.probe_max_ms,
+    )
 
 
 def summary_line(runs: Sequence[RunResult]) -> str:
     """The median of every figure over the runs (failed_total: the sum, so one bad run
     cannot hide behind the median)."""
+
     def med(values: Iterable[float]) -> float:
         return float(statistics.median(list(values)))
 
-    return f"median of {len(runs)} runs: " + _line(
-        med(r.requests for r in runs), med(r.failed for r in runs),
-        med(r.figures.procedure_s for r in runs), med(r.figures.activity_s for r in runs),
-        med(r.figures.overhead_ms_per_step for r in runs), med(r.steps for r in runs),
-        med(r.figures.activities for r in runs), med(r.probe_p50_ms for r in runs),
-        med(r.probe_max_ms for r in runs)) + f" failed_total={sum(r.failed for r in runs)}"
+    return (
+        f"median of {len(runs)} runs: "
+        + _line(
+            med(r.requests for r in runs),
+            med(r.failed for r in runs),
+            med(r.figures.procedure_s for r in runs),
+            med(r.figures.activity_s for r in runs),
+            med(r.figures.overhead_ms_per_step for r in runs),
+            med(r.steps for r in runs),
+            med(r.figures.activities for r in runs),
+            med(r.probe_p50_ms for r in runs),
+            med(r.probe_max_ms for r in runs),
+        )
+        + f" failed_total={sum(r.failed for r in runs)}"
+    )
 
 
 # =========================================================================== the bench
@@ -223,8 +270,10 @@ def check_ports_free(cfg: LabConfig) -> None:
     ports = [*cfg.all_ports(), cfg.temporal_port, cfg.temporal_ui_port]
     busy = [p for p in ports if procs.port_open("127.0.0.1", p)]
     if busy:
-        raise RuntimeError(f"ports {', '.join(map(str, busy))} are in use by another process; "
-                           f"pick another --port-base (lab ports {min(ports)}-{max(ports)})")
+        raise RuntimeError(
+            f"ports {', '.join(map(str, busy))} are in use by another process; "
+            f"pick another --port-base (lab ports {min(ports)}-{max(ports)})"
+        )
 
 
 async def wait_worker_polling(client: Client, task_queue: str, timeout_s: float) -> None:
@@ -235,8 +284,11 @@ async def wait_worker_polling(client: Client, task_queue: str, timeout_s: float)
     while True:
         polled = []
         for kind in kinds:
-            resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-                namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind))
+            resp = await client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind
+                )
+            )
             polled.append(bool(resp.pollers))
         if all(polled):
             return
@@ -245,10 +297,18 @@ async def wait_worker_polling(client: Client, task_queue: str, timeout_s: float)
         await asyncio.sleep(0.25)
 
 
-async def measure_run(cfg: LabConfig, client: Client, rate: float, procedure: str, inv: Inventory,
-                      arg: Any, result_type: type, timeout_s: float = 600.0,
-                      alongside: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]] | None = None,
-                      slow_every: int = 50) -> RunResult:
+async def measure_run(
+    cfg: LabConfig,
+    client: Client,
+    rate: float,
+    procedure: str,
+    inv: Inventory,
+    arg: Any,
+    result_type: type,
+    timeout_s: float = 600.0,
+    alongside: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]] | None = None,
+    slow_every: int = 50,
+) -> RunResult:
     """One measured run of any procedure: the probe at `rate` through the main frontend
     (every `slow_every`-th request a long one, 0: none), the workflow started (and
     `alongside(handle)` run next to it, e.g. approving its gates, cancelled once the
@@ -265,8 +325,9 @@ async def measure_run(cfg: LabConfig, client: Client, rate: float, procedure: st
             side = asyncio.ensure_future(alongside(handle))
         typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
         try:
-            outcome = zc.Outcome(ok=True, result=await asyncio.wait_for(typed.result(), timeout_s),
-                                 error=None)
+            outcome = zc.Outcome(
+                ok=True, result=await asyncio.wait_for(typed.result(), timeout_s), error=None
+            )
         except WorkflowFailureError as e:
             outcome = zc.Outcome(ok=False, result=None, error=zc.failure_message(e))
         except TimeoutError:
@@ -292,19 +353,31 @@ async def measure_run(cfg: LabConfig, client: Client, rate: float, procedure: st
             steps = len((await zc.progress(handle)).steps)
         except Exception:
             steps = 0
-    return RunResult(requests=int(summary.get("total", 0)), failed=int(summary.get("failed", -1)),
-                     figures=figures(events_from_history(history.events)), steps=steps,
-                     probe_p50_ms=float(summary.get("latency_p50_ms", 0.0)),
-                     probe_max_ms=float(summary.get("latency_max_ms", 0.0)),
-                     refused=int(summary.get("refused", 0)))
+    return RunResult(
+        requests=int(summary.get("total", 0)),
+        failed=int(summary.get("failed", -1)),
+        figures=figures(events_from_history(history.events)),
+        steps=steps,
+        probe_p50_ms=float(summary.get("latency_p50_ms", 0.0)),
+        probe_max_ms=float(summary.get("latency_max_ms", 0.0)),
+        refused=int(summary.get("refused", 0)),
+    )
 
 
-async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path,
-                  timeout_s: float = 600.0) -> RunResult:
+async def one_run(
+    cfg: LabConfig, client: Client, rate: float, site: Path, timeout_s: float = 600.0
+) -> RunResult:
     inv = load_inventory(site)
-    return await measure_run(cfg, client, rate, "rolling-deploy", inv,
-                             RollingDeployInput(inventory=inv, package_path=str(cfg.package(2))),
-                             RollingDeployResult, timeout_s)
+    return await measure_run(
+        cfg,
+        client,
+        rate,
+        "rolling-deploy",
+        inv,
+        RollingDeployInput(inventory=inv, package_path=str(cfg.package(2))),
+        RollingDeployResult,
+        timeout_s,
+    )
 
 
 async def left_by_earlier_run(cfg: LabConfig) -> str:
@@ -340,9 +413,11 @@ async def bench_lab(cfg: LabConfig, keep: bool) -> AsyncIterator[tuple[Path, Cli
         yield site, client
     finally:
         if keep:
-            say(f"--keep: lab left running under {cfg.abs_root} (Temporal UI "
-                 f"http://127.0.0.1:{cfg.temporal_ui_port}); stop it with "
-                 f"`zerodown lab down --root {cfg.root}` and the worker (pid file {cfg.worker_pidfile})")
+            say(
+                f"--keep: lab left running under {cfg.abs_root} (Temporal UI "
+                f"http://127.0.0.1:{cfg.temporal_ui_port}); stop it with "
+                f"`zerodown lab down --root {cfg.root}` and the worker (pid file {cfg.worker_pidfile})"
+            )
         else:
             say("tearing the lab down")
             procs.stop_pidfile(cfg.worker_pidfile, timeout=15, expect="worker")
@@ -371,40 +446,63 @@ async def run_bench(cfg: LabConfig, rate: float, runs: int, keep: bool, timeout_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.rolling_deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.rolling_deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rate", type=float, default=100.0, help="probe requests per second")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--root", type=Path, default=Path(".lab-bench"))
-    p.add_argument("--port-base", type=int, default=19000,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument(
+        "--port-base", type=int, default=19000, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds one workflow may run before it is terminated (run failed)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds one workflow may run before it is terminated (run failed)",
+    )
     a = p.parse_args(argv)
     if a.nodes < 1 or a.runs < 1 or a.rate <= 0 or a.timeout <= 0:
         p.error("--nodes and --runs must be >= 1, --rate and --timeout > 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = LabConfig(
+        root=a.root,
+        nodes=a.nodes,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+    )
     return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 
 def lab_options(p: argparse.ArgumentParser, root: str, port_base: int) -> None:
     """The options every bench on a private lab takes: --root, --port-base, --keep, --timeout."""
     p.add_argument("--root", type=Path, default=Path(root))
-    p.add_argument("--port-base", type=int, default=port_base,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument(
+        "--port-base", type=int, default=port_base, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds one workflow may run before it is terminated (run failed)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds one workflow may run before it is terminated (run failed)",
+    )
 
 
 def lab_config(a: argparse.Namespace, nodes: int) -> LabConfig:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return LabConfig(root=a.root, nodes=nodes, port_base=a.port_base,
-                     temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    return LabConfig(
+        root=a.root,
+        nodes=nodes,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+    )
 
 
 def launch(bench: Coroutine[Any, Any, int]) -> int:

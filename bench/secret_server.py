@@ -56,7 +56,7 @@ from workflows.ss_rolling import SsRollingInput, SsRollingResult
 PROCEDURES: tuple[tuple[str, int], ...] = (("ss-rolling", 4), ("ss-load-balanced", 3))
 LAB_NODES = max(n for _, n in PROCEDURES)
 STARTED_BY = "bench"  # the starter may not approve its own run
-APPROVER = "alice"    # listed for every gate in the lab inventory
+APPROVER = "alice"  # listed for every gate in the lab inventory
 COMMENT = "approved automatically by bench.secret_server"
 SETTINGS_CACHE_S = 0.6  # the lab's nodes cache the site settings for up to half a second
 
@@ -75,22 +75,45 @@ class SsRun:
         return self.run.ok
 
 
-def _line(procedure: str, nodes: float, requests: float, failed: float, refused: float,
-          procedure_s: float, steps: float, activities: float, p50_ms: float, max_ms: float) -> str:
-    return (f"procedure={procedure} nodes={nodes:g} requests={requests:g} failed={failed:g} "
-            f"refused={refused:g} procedure_s={procedure_s:.2f} steps={steps:g} "
-            f"activities={activities:g} probe_p50_ms={p50_ms:.1f} probe_max_ms={max_ms:.1f}")
+def _line(
+    procedure: str,
+    nodes: float,
+    requests: float,
+    failed: float,
+    refused: float,
+    procedure_s: float,
+    steps: float,
+    activities: float,
+    p50_ms: float,
+    max_ms: float,
+) -> str:
+    return (
+        f"procedure={procedure} nodes={nodes:g} requests={requests:g} failed={failed:g} "
+        f"refused={refused:g} procedure_s={procedure_s:.2f} steps={steps:g} "
+        f"activities={activities:g} probe_p50_ms={p50_ms:.1f} probe_max_ms={max_ms:.1f}"
+    )
 
 
 def run_line(r: SsRun) -> str:
     x = r.run
-    return _line(r.procedure, r.nodes, x.requests, x.failed, x.refused, x.figures.procedure_s, x.steps,
-                 x.figures.activities, x.probe_p50_ms, x.probe_max_ms)
+    return _line(
+        r.procedure,
+        r.nodes,
+        x.requests,
+        x.failed,
+        x.refused,
+        x.figures.procedure_s,
+        x.steps,
+        x.figures.activities,
+        x.probe_p50_ms,
+        x.probe_max_ms,
+    )
 
 
 def summary_lines(runs: Sequence[SsRun]) -> list[str]:
     """Per procedure (in the order they ran), the median of every figure over its runs;
     failed_total: the sum, so one bad run cannot hide behind the median."""
+
     def med(values: Iterable[float]) -> float:
         return float(statistics.median(list(values)))
 
@@ -98,11 +121,22 @@ def summary_lines(runs: Sequence[SsRun]) -> list[str]:
     for procedure in dict.fromkeys(r.procedure for r in runs):
         rs = [r.run for r in runs if r.procedure == procedure]
         nodes = next(r.nodes for r in runs if r.procedure == procedure)
-        lines.append(f"median of {len(rs)} runs: " + _line(
-            procedure, nodes, med(r.requests for r in rs), med(r.failed for r in rs),
-            med(r.refused for r in rs), med(r.figures.procedure_s for r in rs), med(r.steps for r in rs),
-            med(r.figures.activities for r in rs), med(r.probe_p50_ms for r in rs),
-            med(r.probe_max_ms for r in rs)) + f" failed_total={sum(r.failed for r in rs)}")
+        lines.append(
+            f"median of {len(rs)} runs: "
+            + _line(
+                procedure,
+                nodes,
+                med(r.requests for r in rs),
+                med(r.failed for r in rs),
+                med(r.refused for r in rs),
+                med(r.figures.procedure_s for r in rs),
+                med(r.steps for r in rs),
+                med(r.figures.activities for r in rs),
+                med(r.probe_p50_ms for r in rs),
+                med(r.probe_max_ms for r in rs),
+            )
+            + f" failed_total={sum(r.failed for r in rs)}"
+        )
     return lines
 
 
@@ -111,19 +145,25 @@ def narrow_site(inv: Inventory, nodes: int) -> Inventory:
     if nodes >= len(inv.nodes):
         return inv
     keep = {n.name for n in inv.nodes[:nodes]}
-    lbs = tuple(dataclasses.replace(lb, members={k: v for k, v in lb.members.items() if k in keep})
-                for lb in inv.load_balancers)
+    lbs = tuple(
+        dataclasses.replace(lb, members={k: v for k, v in lb.members.items() if k in keep})
+        for lb in inv.load_balancers
+    )
     return dataclasses.replace(inv, nodes=inv.nodes[:nodes], load_balancers=lbs)
 
 
 def procedure_input(procedure: str, inv: Inventory, package_path: str) -> tuple[Any, type]:
     """The procedure's input (started by STARTED_BY) and result type."""
     if procedure == "ss-rolling":
-        return (SsRollingInput(inventory=inv, package_path=package_path, started_by=STARTED_BY),
-                SsRollingResult)
+        return (
+            SsRollingInput(inventory=inv, package_path=package_path, started_by=STARTED_BY),
+            SsRollingResult,
+        )
     if procedure == "ss-load-balanced":
-        return (SsLoadBalancedInput(inventory=inv, package_path=package_path, started_by=STARTED_BY),
-                SsLoadBalancedResult)
+        return (
+            SsLoadBalancedInput(inventory=inv, package_path=package_path, started_by=STARTED_BY),
+            SsLoadBalancedResult,
+        )
     raise ValueError(f"no bench for {procedure!r}")
 
 
@@ -133,8 +173,11 @@ def procedure_input(procedure: str, inv: Inventory, package_path: str) -> tuple[
 async def enforce_version_match(inv: Inventory, on: bool) -> None:
     if inv.application.admin is None:
         raise RuntimeError("the lab inventory declares no admin interface")
-    await app_admin.set_settings(app_admin.SettingsRequest(
-        base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on))
+    await app_admin.set_settings(
+        app_admin.SettingsRequest(
+            base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on
+        )
+    )
     await asyncio.sleep(SETTINGS_CACHE_S)
 
 
@@ -152,13 +195,21 @@ async def _approve(handle: WorkflowHandle[Any, Any]) -> None:
 def lab_problems(cfg: LabConfig) -> list[str]:
     """What keeps the lab from being as `lab up` left it ([] when nothing), besides versions."""
     out = lab_mariadb.site_state_problems(cfg)
-    out += [f"{s} is {st}" for (b, s), st in lab_haproxy.server_states(cfg).items()
-            if b == BACKEND and st != "UP"]
+    out += [
+        f"{s} is {st}" for (b, s), st in lab_haproxy.server_states(cfg).items() if b == BACKEND and st != "UP"
+    ]
     return out
 
 
-async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path, procedure: str, nodes: int,
-                  timeout_s: float = 600.0) -> SsRun:
+async def one_run(
+    cfg: LabConfig,
+    client: Client,
+    rate: float,
+    site: Path,
+    procedure: str,
+    nodes: int,
+    timeout_s: float = 600.0,
+) -> SsRun:
     inv = narrow_site(load_inventory(site), nodes)
     arg, result_type = procedure_input(procedure, inv, str(cfg.package(2)))
     outside = [cfg.node_name(i) for i in cfg.node_indexes if i > nodes]
@@ -168,8 +219,9 @@ async def one_run(cfg: LabConfig, client: Client, rate: float, site: Path, proce
         say(f"{procedure} on {nodes} nodes: {', '.join(outside)} in maintenance in HAProxy")
     await enforce_version_match(inv, True)
     try:
-        run = await measure_run(cfg, client, rate, procedure, inv, arg, result_type, timeout_s,
-                                alongside=_approve)
+        run = await measure_run(
+            cfg, client, rate, procedure, inv, arg, result_type, timeout_s, alongside=_approve
+        )
     finally:
         await enforce_version_match(inv, False)
     return SsRun(procedure=procedure, nodes=nodes, run=run)
@@ -193,28 +245,43 @@ async def run_bench(cfg: LabConfig, rate: float, runs: int, keep: bool, timeout_
             for line in summary_lines(results):
                 print(line, flush=True)
         if keep and results and results[-1].nodes < LAB_NODES:
-            say(f"--keep: the nodes after node{results[-1].nodes} stay in maintenance in HAProxy "
-                f"(at v1): `zerodown lab reset --root {cfg.root}` puts them back")
+            say(
+                f"--keep: the nodes after node{results[-1].nodes} stay in maintenance in HAProxy "
+                f"(at v1): `zerodown lab reset --root {cfg.root}` puts them back"
+            )
     return 0 if results and all(r.ok for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.secret_server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.secret_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rate", type=float, default=100.0, help="probe requests per second")
     p.add_argument("--runs", type=int, default=1, help="runs of each procedure")
     p.add_argument("--root", type=Path, default=Path(".lab-bench-ss"))
-    p.add_argument("--port-base", type=int, default=19100,
-                   help="lab ports from here; Temporal on +50, its UI on +51")
+    p.add_argument(
+        "--port-base", type=int, default=19100, help="lab ports from here; Temporal on +50, its UI on +51"
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds one workflow may run before it is terminated (run failed)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds one workflow may run before it is terminated (run failed)",
+    )
     a = p.parse_args(argv)
     if a.runs < 1 or a.rate <= 0 or a.timeout <= 0:
         p.error("--runs must be >= 1, --rate and --timeout > 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LabConfig(root=a.root, nodes=LAB_NODES, port_base=a.port_base,
-                    temporal_port=a.port_base + 50, temporal_ui_port=a.port_base + 51)
+    cfg = LabConfig(
+        root=a.root,
+        nodes=LAB_NODES,
+        port_base=a.port_base,
+        temporal_port=a.port_base + 50,
+        temporal_ui_port=a.port_base + 51,
+    )
     return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 

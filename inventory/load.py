@@ -540,9 +540,11 @@ def _parse_db_client(r: _Reader, raw: Any, path: str) -> DatabaseClientConfig:
 def _parse_provisioning(r: _Reader, raw: Any, path: str) -> Provisioning:
     m = r.mapping(raw, path, ("kind", "create", "start", "destroy", "timeout_s", "array"))
     if m.get("kind") == "lab":  # before v0.3.0
-        r.problem(_join(path, "kind"),
-                  "kind lab is gone: the lab is a command provisioner now (create: python -m lab.provision "
-                  "create --root <lab> --template {template} --name {name}; `lab up` writes it)")
+        r.problem(
+            _join(path, "kind"),
+            "kind lab is gone: the lab is a command provisioner now (create: python -m lab.provision "
+            "create --root <lab> --template {template} --name {name}; `lab up` writes it)",
+        )
         kind = "lab"
     else:
         kind = r.choice(m, "kind", path, PROVISIONING_KINDS)

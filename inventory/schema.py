@@ -47,8 +47,13 @@ def field_comments() -> dict[tuple[str, str], str]:
             cls, pending = line[6:].split("(")[0].split(":")[0].strip(), []
         elif line.startswith("    #") and not line.startswith("     "):
             pending.append(stripped.lstrip("#").strip())
-        elif cls and line.startswith("    ") and not line.startswith("     ") and ":" in stripped \
-                and stripped.split(":")[0].isidentifier():
+        elif (
+            cls
+            and line.startswith("    ")
+            and not line.startswith("     ")
+            and ":" in stripped
+            and stripped.split(":")[0].isidentifier()
+        ):
             if pending:
                 out[(cls, stripped.split(":")[0])] = " ".join(pending)
             pending = []
@@ -63,8 +68,9 @@ def inventory_schema() -> dict[str, Any]:
 
     schema: dict[str, Any] = TypeAdapter(model.Inventory).json_schema(mode="validation")
     comments = field_comments()
-    classes = {c.__name__: c for c in vars(model).values()
-               if isinstance(c, type) and dataclasses.is_dataclass(c)}
+    classes = {
+        c.__name__: c for c in vars(model).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+    }
     defs: dict[str, dict[str, Any]] = schema.get("$defs", {})
     for name, d in [("Inventory", schema), *defs.items()]:
         if d.get("type") != "object" or "properties" not in d:

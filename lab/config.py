@@ -121,13 +121,30 @@ class LabConfig:
         return self.port_base + 80 + i
 
     def all_ports(self) -> list[int]:
-        ox = [self.ox_main_port, self.ox_secondary_port, *(self.ox_app_port(i) for i in self.ox_node_indexes),
-              *(self.ox_ssh_port(i) for i in self.ox_node_indexes),
-              *(self.ox_admin_port(i) for i in self.ox_node_indexes)] if self.ox_nodes else []
-        return [self.main_port, self.secondary_port, self.primary_db_port, self.replica_db_port,
-                self.warm_db_port, self.test_port, self.staging_app_port, self.staging_ssh_port,
-                *(self.app_port(i) for i in self.node_indexes),
-                *(self.ssh_port(i) for i in self.node_indexes), *ox]
+        ox = (
+            [
+                self.ox_main_port,
+                self.ox_secondary_port,
+                *(self.ox_app_port(i) for i in self.ox_node_indexes),
+                *(self.ox_ssh_port(i) for i in self.ox_node_indexes),
+                *(self.ox_admin_port(i) for i in self.ox_node_indexes),
+            ]
+            if self.ox_nodes
+            else []
+        )
+        return [
+            self.main_port,
+            self.secondary_port,
+            self.primary_db_port,
+            self.replica_db_port,
+            self.warm_db_port,
+            self.test_port,
+            self.staging_app_port,
+            self.staging_ssh_port,
+            *(self.app_port(i) for i in self.node_indexes),
+            *(self.ssh_port(i) for i in self.node_indexes),
+            *ox,
+        ]
 
     # ---------------------------------------------------------------- names and paths
     @property

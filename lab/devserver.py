@@ -48,8 +48,12 @@ def temporal_binary() -> Path:
 
 def _paths(root: Path) -> dict[str, Path]:
     root = Path(root).resolve()
-    return {"db": root / "temporal.db", "pid": root / "temporal.pid",
-            "log": root / "temporal.log", "state": root / "temporal.json"}
+    return {
+        "db": root / "temporal.db",
+        "pid": root / "temporal.pid",
+        "log": root / "temporal.log",
+        "state": root / "temporal.json",
+    }
 
 
 def _ready(port: int) -> bool:
@@ -57,9 +61,23 @@ def _ready(port: int) -> bool:
     open port is not enough: the gRPC listener opens before the namespace exists)."""
     try:
         r = subprocess.run(
-            [str(temporal_binary()), "operator", "namespace", "describe", "--namespace", "default",
-             "--address", f"{HOST}:{port}", "--command-timeout", "2s", "-o", "json"],
-            capture_output=True, timeout=10, check=False,
+            [
+                str(temporal_binary()),
+                "operator",
+                "namespace",
+                "describe",
+                "--namespace",
+                "default",
+                "--address",
+                f"{HOST}:{port}",
+                "--command-timeout",
+                "2s",
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -90,11 +108,20 @@ def start_dev_server(root: Path, port: int = 7233, ui_port: int = 8233) -> None:
                 f"use by another process (not started from {root}); pick other ports"
             )
     cmd: list[str | Path] = [
-        temporal_binary(), "server", "start-dev",
-        "--ip", HOST, "--port", str(port), "--ui-port", str(ui_port),
-        "--db-filename", str(p["db"]),
+        temporal_binary(),
+        "server",
+        "start-dev",
+        "--ip",
+        HOST,
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--db-filename",
+        str(p["db"]),
         *(arg for k, v in SEARCH_ATTRIBUTES.items() for arg in ("--search-attribute", f"{k}={v}")),
-        "--log-level", "warn",
+        "--log-level",
+        "warn",
     ]
     pid = start_background(cmd, p["pid"], p["log"], cwd=p["db"].parent)
     p["state"].write_text(json.dumps({"pid": pid, "port": port, "ui_port": ui_port}) + "\n")
@@ -107,8 +134,12 @@ def _wait_ready(p: dict[str, Path], port: int) -> None:
         if not pid_alive(p["pid"], expect=_EXPECT):
             raise DevServerError(_failure(p, f"the Temporal dev server exited during start (port {port})"))
         if time.monotonic() > deadline:
-            raise DevServerError(_failure(
-                p, f"the Temporal dev server did not answer on {HOST}:{port} within {START_TIMEOUT_S:.0f}s"))
+            raise DevServerError(
+                _failure(
+                    p,
+                    f"the Temporal dev server did not answer on {HOST}:{port} within {START_TIMEOUT_S:.0f}s",
+                )
+            )
         time.sleep(0.25)
 
 

@@ -133,8 +133,10 @@ def backend_servers(cfg: LabConfig, backend: str) -> dict[str, int]:
 
 
 def _servers(cfg: LabConfig, backend: str, extra: str = "") -> list[str]:
-    return [f"    server {name} 127.0.0.1:{port} check{extra}"
-            for name, port in backend_servers(cfg, backend).items()]
+    return [
+        f"    server {name} 127.0.0.1:{port} check{extra}"
+        for name, port in backend_servers(cfg, backend).items()
+    ]
 
 
 def frontend_ports(cfg: LabConfig) -> list[int]:
@@ -199,7 +201,7 @@ def render_config(cfg: LabConfig) -> str:
         # The maintenance page: answered by HAProxy itself, before any backend, while the
         # map entry is `on` (a missing entry counts as off), except to a request whose
         # preview header names a `preview` key of the same map (added at run time).
-        f"    http-request return status 503 content-type \"text/html; charset=utf-8\" "
+        f'    http-request return status 503 content-type "text/html; charset=utf-8" '
         f"file {maintenance_page(cfg)} hdr Retry-After {MAINTENANCE_RETRY_AFTER_S} "
         f"hdr Cache-Control no-store "
         f"if {{ str({MAINTENANCE_KEY}),map({maintenance_map(cfg)},off) -m str on }} "
@@ -238,17 +240,21 @@ def render_config(cfg: LabConfig) -> str:
 
 
 def check_config(path: Path) -> None:
-    r = subprocess.run([HAPROXY_BIN, "-c", "-q", "-f", str(path)], capture_output=True, text=True,
-                       timeout=30, check=False)
+    r = subprocess.run(
+        [HAPROXY_BIN, "-c", "-q", "-f", str(path)], capture_output=True, text=True, timeout=30, check=False
+    )
     if r.returncode != 0:
-        raise HAProxyError(f"HAProxy rejects {path} (haproxy -c exit {r.returncode}):\n"
-                           f"{(r.stdout + r.stderr).strip()}")
+        raise HAProxyError(
+            f"HAProxy rejects {path} (haproxy -c exit {r.returncode}):\n{(r.stdout + r.stderr).strip()}"
+        )
 
 
 def _map_text(on: bool) -> str:
-    return ("# The lab's maintenance switch (lab/haproxy.py): `set map` changes it at run time;\n"
-            "# written at a fresh start and before each reload.\n"
-            f"{MAINTENANCE_KEY} {'on' if on else 'off'}\n")
+    return (
+        "# The lab's maintenance switch (lab/haproxy.py): `set map` changes it at run time;\n"
+        "# written at a fresh start and before each reload.\n"
+        f"{MAINTENANCE_KEY} {'on' if on else 'off'}\n"
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -289,14 +295,15 @@ def running(cfg: LabConfig) -> bool:
 
 def _launch(cfg: LabConfig, extra: list[str]) -> None:
     cmd = [HAPROXY_BIN, "-D", "-f", str(config_path(cfg)), "-p", str(pid_file(cfg)), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL)
     with open(start_log(cfg), "a", encoding="utf-8") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)} -> exit {r.returncode}\n")
         log.write(r.stdout + r.stderr)
     if r.returncode != 0:
-        raise HAProxyError(f"HAProxy did not start (exit {r.returncode}); log: {start_log(cfg)}\n"
-                           f"{(r.stdout + r.stderr).strip()}")
+        raise HAProxyError(
+            f"HAProxy did not start (exit {r.returncode}); log: {start_log(cfg)}\n"
+            f"{(r.stdout + r.stderr).strip()}"
+        )
 
 
 def start(cfg: LabConfig) -> None:
@@ -358,8 +365,9 @@ def _wait_socket(cfg: LabConfig, timeout: float = 10.0) -> None:
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise HAProxyError(f"HAProxy runtime API {cfg.haproxy_socket} does not answer: {e}; "
-                                   f"log: {start_log(cfg)}") from e
+                raise HAProxyError(
+                    f"HAProxy runtime API {cfg.haproxy_socket} does not answer: {e}; log: {start_log(cfg)}"
+                ) from e
             time.sleep(0.05)
 
 
@@ -393,8 +401,11 @@ def stat_rows(cfg: LabConfig) -> list[dict[str, str]]:
 
 def server_states(cfg: LabConfig) -> dict[tuple[str, str], str]:
     """(backend, server) -> status from `show stat` (UP, DOWN, MAINT, DRAIN, 'UP 1/2', ...)."""
-    return {(r["pxname"], r["svname"]): r["status"] for r in stat_rows(cfg)
-            if r.get("svname") not in ("FRONTEND", "BACKEND", None)}
+    return {
+        (r["pxname"], r["svname"]): r["status"]
+        for r in stat_rows(cfg)
+        if r.get("svname") not in ("FRONTEND", "BACKEND", None)
+    }
 
 
 def wait_all_up(cfg: LabConfig, backend: str = BACKEND, timeout: float = UP_TIMEOUT_S) -> None:
@@ -407,24 +418,34 @@ def wait_all_up(cfg: LabConfig, backend: str = BACKEND, timeout: float = UP_TIME
     deadline = time.monotonic() + timeout
     while True:
         rows = {r["svname"]: r for r in stat_rows(cfg) if r.get("pxname") == backend}
-        bad = {n: f"{rows[n]['status']} ({rows[n].get('check_status') or 'no check yet'})"
-               if n in rows else "missing"
-               for n in sorted(wanted)
-               if n not in rows or rows[n]["status"] != "UP"
-               or not (rows[n].get("check_status") or "").startswith("L7OK")}
+        bad = {
+            n: f"{rows[n]['status']} ({rows[n].get('check_status') or 'no check yet'})"
+            if n in rows
+            else "missing"
+            for n in sorted(wanted)
+            if n not in rows
+            or rows[n]["status"] != "UP"
+            or not (rows[n].get("check_status") or "").startswith("L7OK")
+        }
         if not bad:
             return
         if time.monotonic() > deadline:
-            raise HAProxyError(f"HAProxy backend {backend}: servers not UP after {timeout:.0f}s: {bad} "
-                               "(check the nodes' run/app.log and GET /health)")
+            raise HAProxyError(
+                f"HAProxy backend {backend}: servers not UP after {timeout:.0f}s: {bad} "
+                "(check the nodes' run/app.log and GET /health)"
+            )
         time.sleep(0.2)
 
 
 def status(cfg: LabConfig) -> dict[str, object]:
     """{running, pid, config, socket, servers: {"backend/server": status}, maintenance}."""
     up = running(cfg)
-    out: dict[str, object] = {"running": up, "pid": read_pid(pid_file(cfg)) if up else None,
-                              "config": str(config_path(cfg)), "socket": str(cfg.haproxy_socket)}
+    out: dict[str, object] = {
+        "running": up,
+        "pid": read_pid(pid_file(cfg)) if up else None,
+        "config": str(config_path(cfg)),
+        "socket": str(cfg.haproxy_socket),
+    }
     if up:
         try:
             out["servers"] = {f"{b}/{s}": st for (b, s), st in server_states(cfg).items()}
@@ -450,8 +471,11 @@ def maintenance_on(cfg: LabConfig) -> bool:
 def preview_keys(cfg: LabConfig) -> list[str]:
     """The preview keys (PREVIEW_KEY_PREFIX...) of the maintenance map at run time: left by
     an interrupted preview check; a clean lab has none."""
-    return [parts[1] for line in runtime_command(cfg, f"show map {maintenance_map(cfg)}").splitlines()
-            if len(parts := line.split()) >= 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)]
+    return [
+        parts[1]
+        for line in runtime_command(cfg, f"show map {maintenance_map(cfg)}").splitlines()
+        if len(parts := line.split()) >= 3 and parts[1].startswith(PREVIEW_KEY_PREFIX)
+    ]
 
 
 def delete_preview_keys(cfg: LabConfig) -> int:
@@ -474,9 +498,13 @@ def runtime_servers(cfg: LabConfig) -> list[tuple[str, str]]:
     """(backend, server) of every server of the site's backends that is not in haproxy.cfg:
     attached at run time (`add server`)."""
     configured = {b: set(backend_servers(cfg, b)) for b in SITE_BACKENDS}
-    return [(r["pxname"], r["svname"]) for r in stat_rows(cfg)
-            if r.get("pxname") in configured and r.get("svname") not in ("FRONTEND", "BACKEND", None)
-            and r["svname"] not in configured[r["pxname"]]]
+    return [
+        (r["pxname"], r["svname"])
+        for r in stat_rows(cfg)
+        if r.get("pxname") in configured
+        and r.get("svname") not in ("FRONTEND", "BACKEND", None)
+        and r["svname"] not in configured[r["pxname"]]
+    ]
 
 
 def _admin(cfg: LabConfig, cmd: str, ok: tuple[str, ...] = ("",)) -> None:
@@ -528,8 +556,11 @@ def reset_servers(cfg: LabConfig) -> None:
     pairs = [(BACKEND, SECONDARY_BACKEND)] + ([(OX_BACKEND, OX_SECONDARY_BACKEND)] if cfg.ox_nodes else [])
     for main, secondary in pairs:
         for n in backend_servers(cfg, main):
-            for cmd in (f"set server {main}/{n} state ready", f"set weight {main}/{n} 100%",
-                        f"set server {secondary}/{n} state maint"):
+            for cmd in (
+                f"set server {main}/{n} state ready",
+                f"set weight {main}/{n} 100%",
+                f"set server {secondary}/{n} state maint",
+            ):
                 answer = runtime_command(cfg, cmd).strip()
                 if answer:  # these commands answer nothing on success
                     raise HAProxyError(f"HAProxy runtime API: {cmd!r} answered {answer!r}")

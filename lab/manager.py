@@ -78,8 +78,9 @@ def _write_state(cfg: LabConfig, with_temporal: bool) -> None:
     # Remembered so `lab status` knows whether a missing dev server is a problem, and so
     # someone looking at the folder sees which ports it uses.
     state = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    state.update(root=str(cfg.abs_root), with_temporal=with_temporal,
-                 started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    state.update(
+        root=str(cfg.abs_root), with_temporal=with_temporal, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    )
     _state_file(cfg).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
@@ -87,8 +88,11 @@ def config_from_state(root: Path) -> LabConfig | None:
     """The LabConfig of the lab at `root` as lab_up recorded it in lab.json (its ports and
     node counts), for tools that only know the folder (lab/provision.py); None without one."""
     state = _read_state(LabConfig(root=Path(root)))
-    fields = {k: state[k] for k in ("nodes", "port_base", "temporal_port", "temporal_ui_port",
-                                    "ox_nodes", "ox_schemata") if isinstance(state.get(k), int)}
+    fields = {
+        k: state[k]
+        for k in ("nodes", "port_base", "temporal_port", "temporal_ui_port", "ox_nodes", "ox_schemata")
+        if isinstance(state.get(k), int)
+    }
     if "nodes" not in fields or "port_base" not in fields:
         return None
     try:
@@ -173,8 +177,12 @@ def _ensure_configdb(cfg: LabConfig, reset: bool) -> list[str]:
     from lab.ox import configdb
 
     if not configdb.exists(cfg):
-        configdb.create(cfg, schemata=cfg.ox_schemata, contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
-                        users_per_context=OX_USERS_PER_CONTEXT)
+        configdb.create(
+            cfg,
+            schemata=cfg.ox_schemata,
+            contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
+            users_per_context=OX_USERS_PER_CONTEXT,
+        )
         return [f"created the OX config DB ({cfg.ox_schemata} schemata)"]
     return configdb.reset(cfg) if reset else []
 
@@ -184,16 +192,21 @@ def recreate_ox_configdb(cfg: LabConfig) -> None:
     then every OX node UP in `ox` again (their /health needs the config DB)."""
     from lab.ox import configdb
 
-    configdb.create(cfg, schemata=cfg.ox_schemata, contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
-                    users_per_context=OX_USERS_PER_CONTEXT)
+    configdb.create(
+        cfg,
+        schemata=cfg.ox_schemata,
+        contexts_per_schema=OX_CONTEXTS_PER_SCHEMA,
+        users_per_context=OX_USERS_PER_CONTEXT,
+    )
     haproxy.wait_all_up(cfg, OX_BACKEND)
 
 
 async def _start_ox(cfg: LabConfig) -> None:
     from lab.ox import nodes as ox_nodes
 
-    await _gather_all({cfg.ox_node_name(i): _in_thread(ox_nodes.start_ox_node, cfg, i)
-                       for i in cfg.ox_node_indexes})
+    await _gather_all(
+        {cfg.ox_node_name(i): _in_thread(ox_nodes.start_ox_node, cfg, i) for i in cfg.ox_node_indexes}
+    )
 
 
 def _wait_all_up(cfg: LabConfig) -> None:
@@ -237,8 +250,13 @@ async def reset_ox(cfg: LabConfig) -> list[str]:
 
 
 def _ssh_entry(port: int) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": port, "user": SSH_USER,
-            "key": {"file": "secrets/id_ed25519"}, "known_hosts": "secrets/known_hosts"}
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "user": SSH_USER,
+        "key": {"file": "secrets/id_ed25519"},
+        "known_hosts": "secrets/known_hosts",
+    }
 
 
 CTL_SERVICE = {"kind": "command", "stop": "./ctl stop", "start": "./ctl start", "status": "./ctl status"}
@@ -246,51 +264,72 @@ CTL_SERVICE = {"kind": "command", "stop": "./ctl stop", "start": "./ctl start", 
 
 def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     """The lab's inventory as plain data (paths relative to the site.yaml folder)."""
-    node_entries = [{
-        "name": cfg.node_name(i),
-        "ssh": _ssh_entry(cfg.ssh_port(i)),
-        "app_dir": APP_DIR,
-        "service": dict(CTL_SERVICE),
-        "url": f"http://127.0.0.1:{cfg.app_port(i)}",
-        # Secret Server's groups A and B: two about even halves (ss-rolling upgrades B first).
-        "group": "A" if i <= (cfg.nodes + 1) // 2 else "B",
-    } for i in cfg.node_indexes]
+    node_entries = [
+        {
+            "name": cfg.node_name(i),
+            "ssh": _ssh_entry(cfg.ssh_port(i)),
+            "app_dir": APP_DIR,
+            "service": dict(CTL_SERVICE),
+            "url": f"http://127.0.0.1:{cfg.app_port(i)}",
+            # Secret Server's groups A and B: two about even halves (ss-rolling upgrades B first).
+            "group": "A" if i <= (cfg.nodes + 1) // 2 else "B",
+        }
+        for i in cfg.node_indexes
+    ]
     return {
         "site": "lab",
         "nodes": node_entries,
-        "load_balancers": [{
-            "name": "main", "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
-            "backend": BACKEND,
-            "members": {cfg.node_name(i): cfg.node_name(i) for i in cfg.node_indexes},
-            "drain_timeout_s": 60,
-            "frontend_url": cfg.main_url,
-            "add_server_options": LAB_ADD_SERVER_OPTIONS,
-            # The maintenance page (lab/haproxy.py): `set map <map> main on|off`; requests
-            # with a one-time preview key in this header pass it (seed 004 step 30).
-            "maintenance": {"map": f"haproxy/{haproxy.maintenance_map(cfg).name}",
-                            "key": haproxy.MAINTENANCE_KEY,
-                            "preview_header": haproxy.PREVIEW_HEADER},
-        }, {
-            # Seed 004's temporary test balancer (frontend `test1`): no members until a
-            # procedure attaches servers at run time.
-            "name": "test", "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
-            "backend": TEST_BACKEND, "members": {}, "drain_timeout_s": 60,
-            "frontend_url": cfg.test_url,
-            "add_server_options": LAB_ADD_SERVER_OPTIONS,
-        }],
-        "databases": [{
-            "name": "main", "kind": "mysql", "host": "127.0.0.1", "port": cfg.primary_db_port,
-            "database": DB_NAME, "user": DB_USER, "password": {"file": "secrets/db_password"},
-            "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
-            "backup_dir": "backups",
-            "scratch_database": SCRATCH_DB_NAME,
-            # Seed 004's "warm" backup: an empty server zerodown initialises as a replica.
-            "admin_user": mariadb.ADMIN_USER,
-            "admin_password": {"file": f"secrets/{mariadb.admin_password_file(cfg).name}"},
-            "replication_user": mariadb.REPL_USER,
-            "replication_password": {"file": f"secrets/{mariadb.repl_password_file(cfg).name}"},
-            "warm_replica": {"host": "127.0.0.1", "port": cfg.warm_db_port},
-        }],
+        "load_balancers": [
+            {
+                "name": "main",
+                "kind": "haproxy",
+                "runtime_api": "unix:haproxy/admin.sock",
+                "backend": BACKEND,
+                "members": {cfg.node_name(i): cfg.node_name(i) for i in cfg.node_indexes},
+                "drain_timeout_s": 60,
+                "frontend_url": cfg.main_url,
+                "add_server_options": LAB_ADD_SERVER_OPTIONS,
+                # The maintenance page (lab/haproxy.py): `set map <map> main on|off`; requests
+                # with a one-time preview key in this header pass it (seed 004 step 30).
+                "maintenance": {
+                    "map": f"haproxy/{haproxy.maintenance_map(cfg).name}",
+                    "key": haproxy.MAINTENANCE_KEY,
+                    "preview_header": haproxy.PREVIEW_HEADER,
+                },
+            },
+            {
+                # Seed 004's temporary test balancer (frontend `test1`): no members until a
+                # procedure attaches servers at run time.
+                "name": "test",
+                "kind": "haproxy",
+                "runtime_api": "unix:haproxy/admin.sock",
+                "backend": TEST_BACKEND,
+                "members": {},
+                "drain_timeout_s": 60,
+                "frontend_url": cfg.test_url,
+                "add_server_options": LAB_ADD_SERVER_OPTIONS,
+            },
+        ],
+        "databases": [
+            {
+                "name": "main",
+                "kind": "mysql",
+                "host": "127.0.0.1",
+                "port": cfg.primary_db_port,
+                "database": DB_NAME,
+                "user": DB_USER,
+                "password": {"file": "secrets/db_password"},
+                "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
+                "backup_dir": "backups",
+                "scratch_database": SCRATCH_DB_NAME,
+                # Seed 004's "warm" backup: an empty server zerodown initialises as a replica.
+                "admin_user": mariadb.ADMIN_USER,
+                "admin_password": {"file": f"secrets/{mariadb.admin_password_file(cfg).name}"},
+                "replication_user": mariadb.REPL_USER,
+                "replication_password": {"file": f"secrets/{mariadb.repl_password_file(cfg).name}"},
+                "warm_replica": {"host": "127.0.0.1", "port": cfg.warm_db_port},
+            }
+        ],
         "application": {
             "name": "labapp",
             "health_file": HEALTH_FILE,
@@ -298,8 +337,11 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "merge_files": ["web.config"],
             "health": {"path": "/health"},
             "version": {"path": "/version"},
-            "login": {"path": "/login", "user": mariadb.PROBE_USER,
-                      "password": {"file": "secrets/admin_password"}},
+            "login": {
+                "path": "/login",
+                "user": mariadb.PROBE_USER,
+                "password": {"file": "secrets/admin_password"},
+            },
             "url": cfg.main_url,
             "admin": {"token": {"file": "secrets/admin_token"}, "path_prefix": "/admin"},
             # Where a node's app finds its database server (lab/nodes.py install_node).
@@ -312,9 +354,21 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
         # destroys nodes (lab/provision.py), plugged in as any site's commands would be.
         "provisioning": provision.inventory_commands(cfg),
         # Who may decide each gate (the demo and the bench decide as alice; tests pick their own).
-        "approvers": {gate: ["alice", "bob"] for gate in (
-            "go-live", "continue", "staging-test", "upgrade-successful", "swap", "failure",
-            "terminate", "drain-deadline", "restore-snapshot", "revert")},
+        "approvers": {
+            gate: ["alice", "bob"]
+            for gate in (
+                "go-live",
+                "continue",
+                "staging-test",
+                "upgrade-successful",
+                "swap",
+                "failure",
+                "terminate",
+                "drain-deadline",
+                "restore-snapshot",
+                "revert",
+            )
+        },
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         # Laid out like a node, not behind the load balancer; a procedure restores a node's
         # backup into its (empty) app folder, then these overrides point the copy at its
@@ -326,8 +380,11 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "url": cfg.staging_url,
             "database": STAGING_DB_NAME,
             "config": {
-                "web.config": {"http.port": str(cfg.staging_app_port), "node.name": STAGING_NAME,
-                               "custom.banner": "Welcome to staging"},
+                "web.config": {
+                    "http.port": str(cfg.staging_app_port),
+                    "node.name": STAGING_NAME,
+                    "custom.banner": "Welcome to staging",
+                },
                 "database.config": {"database": STAGING_DB_NAME},
             },
         },
@@ -341,18 +398,27 @@ def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
     members = {n: n for n in names}
 
     def lb(name: str, backend: str) -> dict[str, Any]:
-        return {"name": name, "kind": "haproxy", "runtime_api": "unix:haproxy/admin.sock",
-                "backend": backend, "members": dict(members), "drain_timeout_s": 60}
+        return {
+            "name": name,
+            "kind": "haproxy",
+            "runtime_api": "unix:haproxy/admin.sock",
+            "backend": backend,
+            "members": dict(members),
+            "drain_timeout_s": 60,
+        }
 
     return {
         "site": "lab-ox",
-        "nodes": [{
-            "name": cfg.ox_node_name(i),
-            "ssh": _ssh_entry(cfg.ox_ssh_port(i)),
-            "app_dir": OX_APP_DIR,
-            "service": dict(CTL_SERVICE),
-            "url": f"http://127.0.0.1:{cfg.ox_app_port(i)}",
-        } for i in cfg.ox_node_indexes],
+        "nodes": [
+            {
+                "name": cfg.ox_node_name(i),
+                "ssh": _ssh_entry(cfg.ox_ssh_port(i)),
+                "app_dir": OX_APP_DIR,
+                "service": dict(CTL_SERVICE),
+                "url": f"http://127.0.0.1:{cfg.ox_app_port(i)}",
+            }
+            for i in cfg.ox_node_indexes
+        ],
         "load_balancers": [lb("main", OX_BACKEND), lb("secondary", OX_SECONDARY_BACKEND)],
         "application": {
             "name": "open-xchange",
@@ -360,8 +426,9 @@ def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "version": {"path": "/version"},
             "url": cfg.ox_main_url,
         },
-        "approvers": {gate: ["alice", "bob"]
-                      for gate in ("failure", "server-already-registered", "continue")},
+        "approvers": {
+            gate: ["alice", "bob"] for gate in ("failure", "server-already-registered", "continue")
+        },
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         "ox": {
             "server_name": "oxserver",
@@ -444,8 +511,9 @@ async def lab_up(cfg: LabConfig, with_temporal: bool = True) -> Path:
     if with_temporal:
         from lab.devserver import start_dev_server
 
-        steps["Temporal dev server"] = _in_thread(start_dev_server, root, cfg.temporal_port,
-                                                  cfg.temporal_ui_port)
+        steps["Temporal dev server"] = _in_thread(
+            start_dev_server, root, cfg.temporal_port, cfg.temporal_ui_port
+        )
     await _gather_all(steps)
     if cfg.ox_nodes:
         await asyncio.to_thread(_ensure_configdb, cfg, False)
@@ -544,8 +612,9 @@ def lab_down(cfg: LabConfig) -> None:
 # --------------------------------------------------------------------------- status
 
 
-def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
-               shallow: bool = False) -> list[tuple[str, bool, str]]:
+def lab_status(
+    cfg: LabConfig, with_temporal: bool | None = None, shallow: bool = False
+) -> list[tuple[str, bool, str]]:
     """(part, up, detail) for each part of the lab.
 
     with_temporal=None includes the dev server when the lab was started with it (recorded
@@ -558,11 +627,21 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
         with_temporal = bool(_read_state(cfg).get("with_temporal", True))
     rows: list[tuple[str, bool, str]] = []
     if with_temporal:
-        ts = server_status(cfg.abs_root) if not shallow else {
-            "running": pid_alive(cfg.abs_root / "temporal.pid", expect="start-dev"), "serving": None}
+        ts = (
+            server_status(cfg.abs_root)
+            if not shallow
+            else {"running": pid_alive(cfg.abs_root / "temporal.pid", expect="start-dev"), "serving": None}
+        )
         up = bool(ts["running"] and (shallow or ts["serving"]))
-        rows.append(("temporal", up, f"{ts.get('address') or cfg.temporal_address} pid {ts.get('pid')}"
-                     if ts["running"] else f"not running (log {cfg.abs_root / 'temporal.log'})"))
+        rows.append(
+            (
+                "temporal",
+                up,
+                f"{ts.get('address') or cfg.temporal_address} pid {ts.get('pid')}"
+                if ts["running"]
+                else f"not running (log {cfg.abs_root / 'temporal.log'})",
+            )
+        )
     for role in mariadb.ROLES:
         if shallow:
             running = mariadb.instance_running(cfg, role)
@@ -578,15 +657,20 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
         elif role == "replica":
             replicating = st.get("io_running") == "Yes" and st.get("sql_running") == "Yes"
             up = up and replicating and bool(st.get("read_only"))
-            detail += (f" gtid {st.get('gtid')} io={st.get('io_running')} sql={st.get('sql_running')}"
-                       f" behind={st.get('seconds_behind')}s read_only={st.get('read_only')}")
+            detail += (
+                f" gtid {st.get('gtid')} io={st.get('io_running')} sql={st.get('sql_running')}"
+                f" behind={st.get('seconds_behind')}s read_only={st.get('read_only')}"
+            )
             if st.get("last_error"):
                 detail += f" error: {st['last_error']}"
         elif role == "warm":
             # Up when answering: empty (as lab_up leaves it) or initialised by a procedure.
             source = st.get("replicating_from")
-            detail += (f" replica of {source} io={st.get('io_running')} sql={st.get('sql_running')}"
-                       if source else " not replicating")
+            detail += (
+                f" replica of {source} io={st.get('io_running')} sql={st.get('sql_running')}"
+                if source
+                else " not replicating"
+            )
             dbs = ",".join(st.get("databases") or []) or "none"
             detail += f" databases={dbs} read_only={st.get('read_only')}"
         else:
@@ -597,21 +681,31 @@ def lab_status(cfg: LabConfig, with_temporal: bool | None = None,
         ssh_ports += f", OX {cfg.ox_ssh_port(1)}-{cfg.ox_ssh_port(cfg.ox_nodes)}"
     rows.append(("sshd", sshd.sshd_running(cfg), ssh_ports))
     for node in _node_dirs(cfg) if shallow else []:
-        pid_file, expect = (("ox.pid", "lab.ox.middleware") if _ox_index(node.name) is not None
-                            else ("app.pid", "app.py"))
+        pid_file, expect = (
+            ("ox.pid", "lab.ox.middleware") if _ox_index(node.name) is not None else ("app.pid", "app.py")
+        )
         rows.append((node.name, pid_alive(node / "run" / pid_file, expect=expect), str(node)))
     if not shallow:
         from lab.ox import nodes as ox_nodes
 
         for i in cfg.node_indexes:
-            rows.append((cfg.node_name(i), nodes.node_running(cfg, i),
-                         f"http://127.0.0.1:{cfg.app_port(i)}"))
+            rows.append((cfg.node_name(i), nodes.node_running(cfg, i), f"http://127.0.0.1:{cfg.app_port(i)}"))
         for i in cfg.ox_node_indexes:
-            rows.append((cfg.ox_node_name(i), ox_nodes.ox_node_running(cfg, i),
-                         f"http://127.0.0.1:{cfg.ox_app_port(i)}"))
+            rows.append(
+                (
+                    cfg.ox_node_name(i),
+                    ox_nodes.ox_node_running(cfg, i),
+                    f"http://127.0.0.1:{cfg.ox_app_port(i)}",
+                )
+            )
         for name, slot in provision.provisioned(cfg).items():
-            rows.append((name, pid_alive(cfg.nodes_dir / name / "run" / "app.pid", expect="app.py"),
-                         f"http://127.0.0.1:{cfg.app_port(slot)} (provisioned)"))
+            rows.append(
+                (
+                    name,
+                    pid_alive(cfg.nodes_dir / name / "run" / "app.pid", expect="app.py"),
+                    f"http://127.0.0.1:{cfg.app_port(slot)} (provisioned)",
+                )
+            )
     hs = haproxy.status(cfg)
     detail = f"main :{cfg.main_port} secondary :{cfg.secondary_port}"
     if cfg.ox_nodes:
@@ -701,8 +795,13 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
         db_done.extend(await asyncio.to_thread(_reset_database, cfg))
 
     # Nodes are stopped while the schema goes back, so no v2 code runs against schema 1.
-    await _gather_all({"database": database(), STAGING_NAME: _in_thread(nodes.wipe_staging, cfg),
-                       **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes}})
+    await _gather_all(
+        {
+            "database": database(),
+            STAGING_NAME: _in_thread(nodes.wipe_staging, cfg),
+            **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes},
+        }
+    )
     back = await asyncio.to_thread(provision.forget_destroyed, cfg)  # their SSH endpoints again
     await asyncio.to_thread(sshd.start_sshd, cfg)
     ox_done: list[str] = []
@@ -718,8 +817,14 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     write_site_yaml(cfg)
     if cfg.ox_nodes:
         write_ox_site_yaml(cfg)
-    done = [*moved, *db_done, f"reinstalled v1 on {cfg.nodes} nodes", "staging emptied", *ox_done,
-            "HAProxy servers ready"]
+    done = [
+        *moved,
+        *db_done,
+        f"reinstalled v1 on {cfg.nodes} nodes",
+        "staging emptied",
+        *ox_done,
+        "HAProxy servers ready",
+    ]
     done += [f"destroyed provisioned node {n}" for n in gone] + [f"re-created {n}" for n in back]
     log.info("lab reset in %.1fs: %s", time.monotonic() - t0, "; ".join(done))
     return done

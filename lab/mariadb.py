@@ -63,8 +63,7 @@ SCHEMA_V1 = [
     "CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL) ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS items (id BIGINT AUTO_INCREMENT PRIMARY KEY, node VARCHAR(32), "
     "body VARCHAR(255), created_at TIMESTAMP(6) DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB",
-    "CREATE TABLE IF NOT EXISTS users (name VARCHAR(64) PRIMARY KEY, password_sha256 CHAR(64)) "
-    "ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS users (name VARCHAR(64) PRIMARY KEY, password_sha256 CHAR(64)) ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS secrets (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(64), "
     "ciphertext TEXT) ENGINE=InnoDB",
     # Secret Server's audit table; the manual rolling upgrade records its steps there as
@@ -80,8 +79,10 @@ SCHEMA_V1 = [
     "ENGINE=InnoDB",
 ]
 SITE_SCOPE = "*"
-_SITE_ROW = ("INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
-             "EnforceVersionMatch) VALUES ('*', 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope")
+_SITE_ROW = (
+    "INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
+    "EnforceVersionMatch) VALUES ('*', 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope"
+)
 # Column names per table at schema version 1, to verify a reset really reached version 1.
 SCHEMA_V1_COLUMNS: dict[str, list[str]] = {
     "schema_version": ["version"],
@@ -98,8 +99,10 @@ MIGRATION_FAULT_POINT = "migration-2"
 # What zerodown needs beyond its own database: replica status (REPLICATION CLIENT / SLAVE
 # MONITOR), promote (SUPER, REPLICATION SLAVE ADMIN, READ_ONLY ADMIN - in 10.11 SUPER no
 # longer implies the last one), consistent backups (RELOAD, PROCESS).
-ZERODOWN_GLOBAL_PRIVS = ("RELOAD, PROCESS, REPLICATION CLIENT, REPLICATION SLAVE, SUPER, "
-                         "REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, SLAVE MONITOR")
+ZERODOWN_GLOBAL_PRIVS = (
+    "RELOAD, PROCESS, REPLICATION CLIENT, REPLICATION SLAVE, SUPER, "
+    "REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, SLAVE MONITOR"
+)
 
 
 class MariaDBError(RuntimeError):
@@ -167,8 +170,12 @@ def ensure_db_secrets(cfg: LabConfig) -> None:
     db_admin_password (ADMIN_USER)."""
     cfg.secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.secrets_dir, 0o700)
-    for p in (cfg.db_password_file, cfg.admin_password_file, repl_password_file(cfg),
-              admin_password_file(cfg)):
+    for p in (
+        cfg.db_password_file,
+        cfg.admin_password_file,
+        repl_password_file(cfg),
+        admin_password_file(cfg),
+    ):
         _ensure_secret(p)
 
 
@@ -231,8 +238,9 @@ def write_cnf(cfg: LabConfig, role: Role) -> Path:
 
 
 def is_initialized(cfg: LabConfig, role: Role) -> bool:
-    return (instance_dir(cfg, role) / "mysql" / "user.frm").exists() or \
-        (instance_dir(cfg, role) / "mysql" / "global_priv.MAI").exists()
+    return (instance_dir(cfg, role) / "mysql" / "user.frm").exists() or (
+        instance_dir(cfg, role) / "mysql" / "global_priv.MAI"
+    ).exists()
 
 
 def init_instance(cfg: LabConfig, role: Role) -> bool:
@@ -243,13 +251,23 @@ def init_instance(cfg: LabConfig, role: Role) -> bool:
     log = instance_dir(cfg, role) / "install-db.log"
     with open(log, "wb") as out:
         r = subprocess.run(
-            ["mariadb-install-db", f"--defaults-file={cnf}", "--auth-root-authentication-method=normal",
-             "--skip-test-db"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120, check=False,
+            [
+                "mariadb-install-db",
+                f"--defaults-file={cnf}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+            check=False,
         )
     if r.returncode != 0 or not is_initialized(cfg, role):
-        raise MariaDBError(f"MariaDB {role}: mariadb-install-db exited {r.returncode}; log: {log}\n"
-                           f"--- last lines ---\n{log_tail(log, 15)}")
+        raise MariaDBError(
+            f"MariaDB {role}: mariadb-install-db exited {r.returncode}; log: {log}\n"
+            f"--- last lines ---\n{log_tail(log, 15)}"
+        )
     return True
 
 
@@ -262,15 +280,27 @@ def start_instance(cfg: LabConfig, role: Role) -> None:
     if not instance_running(cfg, role):
         port = port_of(cfg, role)
         if port_open("127.0.0.1", port):
-            raise MariaDBError(f"MariaDB {role}: port 127.0.0.1:{port} is already in use by another "
-                               "process (not this lab's instance)")
+            raise MariaDBError(
+                f"MariaDB {role}: port 127.0.0.1:{port} is already in use by another "
+                "process (not this lab's instance)"
+            )
         cnf = write_cnf(cfg, role)
         # mariadbd stays in the foreground; it also writes its own pid to the same file.
-        start_background(["mariadbd", f"--defaults-file={cnf}"], pid_file(cfg, role),
-                         error_log(cfg, role), cwd=instance_dir(cfg, role))
+        start_background(
+            ["mariadbd", f"--defaults-file={cnf}"],
+            pid_file(cfg, role),
+            error_log(cfg, role),
+            cwd=instance_dir(cfg, role),
+        )
     try:
-        wait_port("127.0.0.1", port_of(cfg, role), START_TIMEOUT_S, pidfile=pid_file(cfg, role),
-                  logfile=error_log(cfg, role), what=f"MariaDB {role}")
+        wait_port(
+            "127.0.0.1",
+            port_of(cfg, role),
+            START_TIMEOUT_S,
+            pidfile=pid_file(cfg, role),
+            logfile=error_log(cfg, role),
+            what=f"MariaDB {role}",
+        )
     except RuntimeError as e:
         raise MariaDBError(str(e)) from e
     # The TCP listener opens a moment before the server accepts logins; wait for a query.
@@ -293,22 +323,43 @@ def stop_instance(cfg: LabConfig, role: Role) -> bool:
 # --------------------------------------------------------------------------- SQL access
 
 
-def connect(cfg: LabConfig, role: Role, *, user: str = "root", database: str | None = None,
-            dict_rows: bool = False) -> pymysql.connections.Connection[Any]:
+def connect(
+    cfg: LabConfig, role: Role, *, user: str = "root", database: str | None = None, dict_rows: bool = False
+) -> pymysql.connections.Connection[Any]:
     """A connection to an instance: root over the unix socket, any other user over TCP
     (with the `zerodown` password from the lab's secrets)."""
     cursor = pymysql.cursors.DictCursor if dict_rows else pymysql.cursors.Cursor
     if user == "root":
-        return pymysql.connect(unix_socket=str(socket_path(cfg, role)), user="root", database=database,
-                               autocommit=True, connect_timeout=5, cursorclass=cursor)
-    password = (_secret(cfg.db_password_file) if user == DB_USER
-                else _secret(admin_password_file(cfg)) if user == ADMIN_USER else "")
-    return pymysql.connect(host="127.0.0.1", port=port_of(cfg, role), user=user, password=password,
-                           database=database, autocommit=True, connect_timeout=5, cursorclass=cursor)
+        return pymysql.connect(
+            unix_socket=str(socket_path(cfg, role)),
+            user="root",
+            database=database,
+            autocommit=True,
+            connect_timeout=5,
+            cursorclass=cursor,
+        )
+    password = (
+        _secret(cfg.db_password_file)
+        if user == DB_USER
+        else _secret(admin_password_file(cfg))
+        if user == ADMIN_USER
+        else ""
+    )
+    return pymysql.connect(
+        host="127.0.0.1",
+        port=port_of(cfg, role),
+        user=user,
+        password=password,
+        database=database,
+        autocommit=True,
+        connect_timeout=5,
+        cursorclass=cursor,
+    )
 
 
-def query(cfg: LabConfig, role: Role, sql: str, args: Any = None, *,
-          database: str | None = None) -> list[tuple[Any, ...]]:
+def query(
+    cfg: LabConfig, role: Role, sql: str, args: Any = None, *, database: str | None = None
+) -> list[tuple[Any, ...]]:
     """Run one statement as root; returns all rows."""
     with connect(cfg, role, database=database) as conn, conn.cursor() as cur:
         cur.execute(sql, args)
@@ -324,11 +375,18 @@ def query_dict(cfg: LabConfig, role: Role, sql: str) -> list[dict[str, Any]]:
 def run_sql_file(cfg: LabConfig, role: Role, path: Path, database: str = DB_NAME) -> None:
     """Run a SQL script with the `mariadb` client (it handles comments and delimiters)."""
     with open(path, "rb") as f:
-        r = subprocess.run(["mariadb", "--no-defaults", f"--socket={socket_path(cfg, role)}", "-uroot",
-                            database], stdin=f, capture_output=True, timeout=120, check=False)
+        r = subprocess.run(
+            ["mariadb", "--no-defaults", f"--socket={socket_path(cfg, role)}", "-uroot", database],
+            stdin=f,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
     if r.returncode != 0:
-        raise MariaDBError(f"MariaDB {role}: {path} failed (exit {r.returncode}): "
-                           f"{r.stderr.decode(errors='replace').strip()}")
+        raise MariaDBError(
+            f"MariaDB {role}: {path} failed (exit {r.returncode}): "
+            f"{r.stderr.decode(errors='replace').strip()}"
+        )
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -341,8 +399,11 @@ def bootstrap_primary(cfg: LabConfig) -> bool:
     marker = instance_dir(cfg, "primary") / ".bootstrapped"
     if marker.exists():
         return False
-    db_pw, admin_pw, repl_pw = (_secret(cfg.db_password_file), _secret(cfg.admin_password_file),
-                                _secret(repl_password_file(cfg)))
+    db_pw, admin_pw, repl_pw = (
+        _secret(cfg.db_password_file),
+        _secret(cfg.admin_password_file),
+        _secret(repl_password_file(cfg)),
+    )
     with connect(cfg, "primary") as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{DB_NAME}` CHARACTER SET utf8mb4")
         for host in ("127.0.0.1", "localhost"):
@@ -368,8 +429,11 @@ def _create_schema_v1(cur: pymysql.cursors.Cursor, admin_pw: str) -> None:
     if row is None or row[0] == 0:
         cur.execute("INSERT INTO schema_version (version) VALUES (1)")
     digest = hashlib.sha256(admin_pw.encode("utf-8")).hexdigest()
-    cur.execute("INSERT INTO users (name, password_sha256) VALUES (%s, %s) "
-                "ON DUPLICATE KEY UPDATE password_sha256 = VALUES(password_sha256)", (PROBE_USER, digest))
+    cur.execute(
+        "INSERT INTO users (name, password_sha256) VALUES (%s, %s) "
+        "ON DUPLICATE KEY UPDATE password_sha256 = VALUES(password_sha256)",
+        (PROBE_USER, digest),
+    )
 
 
 def _exact_db(name: str) -> str:
@@ -390,8 +454,10 @@ def ensure_lab_extras(cfg: LabConfig) -> None:
             cur.execute(stmt)
         cur.execute(_SITE_ROW)
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{FAULTS_DB_NAME}` CHARACTER SET utf8mb4")
-        cur.execute(f"CREATE TABLE IF NOT EXISTS {FAULTS_TABLE} (target VARCHAR(64) NOT NULL, "
-                    "point VARCHAR(64) NOT NULL, PRIMARY KEY (target, point)) ENGINE=InnoDB")
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {FAULTS_TABLE} (target VARCHAR(64) NOT NULL, "
+            "point VARCHAR(64) NOT NULL, PRIMARY KEY (target, point)) ENGINE=InnoDB"
+        )
         for host in ("127.0.0.1", "localhost"):
             for db in (STAGING_DB_NAME, SCRATCH_DB_NAME):
                 cur.execute(f"GRANT ALL PRIVILEGES ON `{_exact_db(db)}`.* TO '{DB_USER}'@'{host}'")
@@ -414,11 +480,15 @@ def inject_migration_failure(cfg: LabConfig, database: str, on: bool) -> bool:
         raise ValueError(f"database name {database!r}: expected 1-64 characters")
     with connect(cfg, "primary") as conn, conn.cursor() as cur:
         if on:
-            cur.execute(f"INSERT IGNORE INTO {FAULTS_TABLE} (target, point) VALUES (%s, %s)",
-                        (database, MIGRATION_FAULT_POINT))
+            cur.execute(
+                f"INSERT IGNORE INTO {FAULTS_TABLE} (target, point) VALUES (%s, %s)",
+                (database, MIGRATION_FAULT_POINT),
+            )
         else:
-            cur.execute(f"DELETE FROM {FAULTS_TABLE} WHERE target = %s AND point = %s",
-                        (database, MIGRATION_FAULT_POINT))
+            cur.execute(
+                f"DELETE FROM {FAULTS_TABLE} WHERE target = %s AND point = %s",
+                (database, MIGRATION_FAULT_POINT),
+            )
         return bool(cur.rowcount)
 
 
@@ -438,8 +508,13 @@ def site_state_problems(cfg: LabConfig) -> list[str]:
     settings, audit rows, staging / scratch databases, injected faults."""
     out: list[str] = []
     try:
-        rows = query(cfg, "primary", "SELECT Scope, MaintenanceMode, IgnoreVersionMismatch, "
-                     "EnforceVersionMatch FROM tbUpgradeSettings ORDER BY Scope", database=DB_NAME)
+        rows = query(
+            cfg,
+            "primary",
+            "SELECT Scope, MaintenanceMode, IgnoreVersionMismatch, "
+            "EnforceVersionMatch FROM tbUpgradeSettings ORDER BY Scope",
+            database=DB_NAME,
+        )
         audits = query(cfg, "primary", "SELECT COUNT(*) FROM tbAudit", database=DB_NAME)[0][0]
     except pymysql.MySQLError as e:
         return [f"Secret Server tables unreadable: {e}"]
@@ -462,8 +537,11 @@ def reset_site_state(cfg: LabConfig) -> list[str]:
     ensure_lab_extras(cfg)
     done: list[str] = []
     with connect(cfg, "primary", database=DB_NAME) as conn, conn.cursor() as cur:
-        cur.execute("UPDATE tbUpgradeSettings SET MaintenanceMode = 0, IgnoreVersionMismatch = 0, "
-                    "EnforceVersionMatch = 0 WHERE Scope = %s", (SITE_SCOPE,))
+        cur.execute(
+            "UPDATE tbUpgradeSettings SET MaintenanceMode = 0, IgnoreVersionMismatch = 0, "
+            "EnforceVersionMatch = 0 WHERE Scope = %s",
+            (SITE_SCOPE,),
+        )
         if cur.rowcount:
             done.append("site settings back to maintenance 0, ignore mismatch 0, enforce 0")
         cur.execute("DELETE FROM tbUpgradeSettings WHERE Scope <> %s", (SITE_SCOPE,))
@@ -497,9 +575,11 @@ def setup_replication(cfg: LabConfig) -> None:
     with connect(cfg, "replica") as conn, conn.cursor() as cur:
         if st:
             cur.execute("STOP SLAVE")
-        cur.execute("CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER=%s, "
-                    "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-                    (cfg.primary_db_port, REPL_USER, repl_pw))
+        cur.execute(
+            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER=%s, "
+            "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
+            (cfg.primary_db_port, REPL_USER, repl_pw),
+        )
         cur.execute("START SLAVE")
     # START SLAVE returns at once; confirm both threads really run (a wrong password or a
     # GTID conflict shows up here instead of later as a silently stale replica).
@@ -509,10 +589,18 @@ def setup_replication(cfg: LabConfig) -> None:
         if st.get("Slave_IO_Running") == "Yes" and st.get("Slave_SQL_Running") == "Yes":
             return
         if time.monotonic() > deadline:
-            raise MariaDBError(_with_log(
-                cfg, "replica", "replication did not start: IO={} SQL={} io_error={!r} sql_error={!r}".format(
-                    st.get("Slave_IO_Running"), st.get("Slave_SQL_Running"),
-                    st.get("Last_IO_Error"), st.get("Last_SQL_Error"))))
+            raise MariaDBError(
+                _with_log(
+                    cfg,
+                    "replica",
+                    "replication did not start: IO={} SQL={} io_error={!r} sql_error={!r}".format(
+                        st.get("Slave_IO_Running"),
+                        st.get("Slave_SQL_Running"),
+                        st.get("Last_IO_Error"),
+                        st.get("Last_SQL_Error"),
+                    ),
+                )
+            )
         time.sleep(0.2)
 
 
@@ -535,10 +623,15 @@ def wait_replica_caught_up(cfg: LabConfig, timeout: float = 30.0) -> str:
     r = query(cfg, "replica", "SELECT MASTER_GTID_WAIT(%s, %s)", (pos, timeout))[0][0]
     if r != 0:
         st = replica_status(cfg) or {}
-        raise MariaDBError(_with_log(
-            cfg, "replica", f"did not reach GTID {pos} within {timeout:.0f}s "
-            f"(at {st.get('Gtid_IO_Pos')!r}, IO={st.get('Slave_IO_Running')}, "
-            f"io_error={st.get('Last_IO_Error')!r}, sql_error={st.get('Last_SQL_Error')!r})"))
+        raise MariaDBError(
+            _with_log(
+                cfg,
+                "replica",
+                f"did not reach GTID {pos} within {timeout:.0f}s "
+                f"(at {st.get('Gtid_IO_Pos')!r}, IO={st.get('Slave_IO_Running')}, "
+                f"io_error={st.get('Last_IO_Error')!r}, sql_error={st.get('Last_SQL_Error')!r})",
+            )
+        )
     return pos
 
 
@@ -568,8 +661,13 @@ def stop_mariadb(cfg: LabConfig) -> None:
 
 def instance_status(cfg: LabConfig, role: Role) -> dict[str, Any]:
     """{running, pid, port, answering, read_only, gtid, [replication fields]}."""
-    out: dict[str, Any] = {"running": instance_running(cfg, role), "pid": read_pid(pid_file(cfg, role)),
-                           "port": port_of(cfg, role), "answering": False, "log": str(error_log(cfg, role))}
+    out: dict[str, Any] = {
+        "running": instance_running(cfg, role),
+        "pid": read_pid(pid_file(cfg, role)),
+        "port": port_of(cfg, role),
+        "answering": False,
+        "log": str(error_log(cfg, role)),
+    }
     if not out["running"]:
         out["pid"] = None
         return out
@@ -578,10 +676,13 @@ def instance_status(cfg: LabConfig, role: Role) -> dict[str, Any]:
         out.update(answering=True, read_only=bool(ro), gtid=gtid)
         if role in ("replica", "warm"):
             st = replica_status_of(cfg, role) or {}
-            out.update(io_running=st.get("Slave_IO_Running"), sql_running=st.get("Slave_SQL_Running"),
-                       seconds_behind=st.get("Seconds_Behind_Master"),
-                       last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "",
-                       replicating_from=(f"{st.get('Master_Host')}:{st.get('Master_Port')}" if st else None))
+            out.update(
+                io_running=st.get("Slave_IO_Running"),
+                sql_running=st.get("Slave_SQL_Running"),
+                seconds_behind=st.get("Seconds_Behind_Master"),
+                last_error=st.get("Last_IO_Error") or st.get("Last_SQL_Error") or "",
+                replicating_from=(f"{st.get('Master_Host')}:{st.get('Master_Port')}" if st else None),
+            )
         if role == "warm":
             out["databases"] = warm_databases(cfg)
     except pymysql.MySQLError as e:
@@ -602,8 +703,13 @@ def schema_version(cfg: LabConfig) -> int:
 
 
 def _columns(cfg: LabConfig) -> dict[str, list[str]]:
-    rows = query(cfg, "primary", "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
-                 "WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION", (DB_NAME,))
+    rows = query(
+        cfg,
+        "primary",
+        "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+        "WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (DB_NAME,),
+    )
     cols: dict[str, list[str]] = {}
     for table, column in rows:
         cols.setdefault(str(table), []).append(str(column))
@@ -614,8 +720,11 @@ def _down_migrations(package: Path, above: int) -> list[tuple[int, str]]:
     """(version, down SQL) of every migration in `package` newer than `above`, newest first."""
     with zipfile.ZipFile(package) as z:
         release = json.loads(z.read("release.json"))
-        out = [(int(m["version"]), z.read(m["down"]).decode("utf-8"))
-               for m in release.get("migrations", []) if int(m["version"]) > above and m.get("down")]
+        out = [
+            (int(m["version"]), z.read(m["down"]).decode("utf-8"))
+            for m in release.get("migrations", [])
+            if int(m["version"]) > above and m.get("down")
+        ]
     return sorted(out, reverse=True)
 
 
@@ -671,20 +780,44 @@ def rebuild_replica(cfg: LabConfig) -> None:
     init_instance(cfg, "replica")
     start_instance(cfg, "replica")
     dump = subprocess.run(
-        ["mariadb-dump", "--no-defaults", f"--socket={socket_path(cfg, 'primary')}", "-uroot",
-         "--all-databases", "--single-transaction", "--gtid", "--master-data=1", "--routines",
-         "--events", "--triggers"],
-        capture_output=True, timeout=300, check=False)
+        [
+            "mariadb-dump",
+            "--no-defaults",
+            f"--socket={socket_path(cfg, 'primary')}",
+            "-uroot",
+            "--all-databases",
+            "--single-transaction",
+            "--gtid",
+            "--master-data=1",
+            "--routines",
+            "--events",
+            "--triggers",
+        ],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     if dump.returncode != 0:
-        raise MariaDBError(f"MariaDB primary: mariadb-dump for the replica failed (exit {dump.returncode}): "
-                           f"{dump.stderr.decode(errors='replace').strip()}")
+        raise MariaDBError(
+            f"MariaDB primary: mariadb-dump for the replica failed (exit {dump.returncode}): "
+            f"{dump.stderr.decode(errors='replace').strip()}"
+        )
     load = subprocess.run(
         ["mariadb", "--no-defaults", f"--socket={socket_path(cfg, 'replica')}", "-uroot"],
-        input=b"SET SESSION sql_log_bin = 0;\n" + dump.stdout, capture_output=True, timeout=300,
-        check=False)
+        input=b"SET SESSION sql_log_bin = 0;\n" + dump.stdout,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     if load.returncode != 0:
-        raise MariaDBError(_with_log(cfg, "replica", f"loading the primary's dump failed (exit "
-                                     f"{load.returncode}): {load.stderr.decode(errors='replace').strip()}"))
+        raise MariaDBError(
+            _with_log(
+                cfg,
+                "replica",
+                f"loading the primary's dump failed (exit "
+                f"{load.returncode}): {load.stderr.decode(errors='replace').strip()}",
+            )
+        )
     # The dump replaced the grant tables; make the loaded users effective. LOCAL: a plain
     # FLUSH is binlogged and would give the replica a GTID of its own (see above).
     query(cfg, "replica", "FLUSH LOCAL PRIVILEGES")
@@ -726,8 +859,12 @@ def replica_in_sync(cfg: LabConfig, timeout: float = 10.0) -> bool:
 
 def replica_healthy(cfg: LabConfig) -> bool:
     st = instance_status(cfg, "replica")
-    return bool(st.get("answering") and st.get("read_only") and st.get("io_running") == "Yes"
-                and st.get("sql_running") == "Yes")
+    return bool(
+        st.get("answering")
+        and st.get("read_only")
+        and st.get("io_running") == "Yes"
+        and st.get("sql_running") == "Yes"
+    )
 
 
 # --------------------------------------------------------------------------- the warm server
@@ -774,13 +911,16 @@ def warm_problems(cfg: LabConfig) -> list[str]:
     out: list[str] = []
     st = replica_status_of(cfg, "warm")
     if st:
-        out.append(f"replicates from {st.get('Master_Host')}:{st.get('Master_Port')} "
-                   f"(IO {st.get('Slave_IO_Running')}, SQL {st.get('Slave_SQL_Running')})")
+        out.append(
+            f"replicates from {st.get('Master_Host')}:{st.get('Master_Port')} "
+            f"(IO {st.get('Slave_IO_Running')}, SQL {st.get('Slave_SQL_Running')})"
+        )
     dbs = warm_databases(cfg)
     if dbs:
         out.append(f"holds databases {', '.join(dbs)}")
-    ro, binlog_pos, slave_pos = query(cfg, "warm", "SELECT @@GLOBAL.read_only, @@GLOBAL.gtid_binlog_pos, "
-                                                   "@@GLOBAL.gtid_slave_pos")[0]
+    ro, binlog_pos, slave_pos = query(
+        cfg, "warm", "SELECT @@GLOBAL.read_only, @@GLOBAL.gtid_binlog_pos, @@GLOBAL.gtid_slave_pos"
+    )[0]
     if ro:
         out.append("read_only is ON")
     if binlog_pos or slave_pos:
@@ -863,8 +1003,9 @@ def nodes_on_warm(cfg: LabConfig) -> list[Path]:
     return out
 
 
-def point_nodes_at_primary(cfg: LabConfig, restart: bool = True,
-                           no_restart: frozenset[str] = frozenset()) -> list[str]:
+def point_nodes_at_primary(
+    cfg: LabConfig, restart: bool = True, no_restart: frozenset[str] = frozenset()
+) -> list[str]:
     """Every node whose database.config names the warm server is pointed back at the
     primary (host and port rewritten, the rest of the file kept, mode 600 as installed); with `restart`,
     those whose app runs are restarted (the app reads database.config at start), but not
@@ -873,16 +1014,21 @@ def point_nodes_at_primary(cfg: LabConfig, restart: bool = True,
     done: list[str] = []
     for node in nodes_on_warm(cfg):
         conf = node / "app" / "database.config"
-        text = _set_kv(conf.read_text(encoding="utf-8"),
-                       {"host": "127.0.0.1", "port": str(cfg.primary_db_port)})
+        text = _set_kv(
+            conf.read_text(encoding="utf-8"), {"host": "127.0.0.1", "port": str(cfg.primary_db_port)}
+        )
         tmp = conf.with_name(conf.name + ".new")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         tmp.replace(conf)
         done.append(f"{node.name} pointed back at the primary")
-        if restart and node.name not in no_restart and (node / "ctl").exists() \
-                and _ctl(node, "status").returncode == 0:
+        if (
+            restart
+            and node.name not in no_restart
+            and (node / "ctl").exists()
+            and _ctl(node, "status").returncode == 0
+        ):
             for action in ("stop", "start"):
                 r = _ctl(node, action)
                 if r.returncode != 0:
@@ -892,5 +1038,12 @@ def point_nodes_at_primary(cfg: LabConfig, restart: bool = True,
 
 
 def _ctl(node: Path, action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", "-c", f"./ctl {action}"], cwd=node, capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        ["sh", "-c", f"./ctl {action}"],
+        cwd=node,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

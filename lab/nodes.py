@@ -182,29 +182,43 @@ _APP_LAUNCH = """\
   setsid nohup "$PY" app.py >> "$LOG" 2>&1 < /dev/null &"""
 
 
-def render_ctl(cfg: LabConfig, name: str, port: int, *, generator: str = "lab/nodes.py", what: str = "app",
-               proc: str = "app", match: str = r"app\.py", launch: str = _APP_LAUNCH,
-               stop_timeout_s: int = STOP_TIMEOUT_S, help_lines: str = "", funcs: str = "",
-               cases: str = "", verbs: str = "") -> str:
+def render_ctl(
+    cfg: LabConfig,
+    name: str,
+    port: int,
+    *,
+    generator: str = "lab/nodes.py",
+    what: str = "app",
+    proc: str = "app",
+    match: str = r"app\.py",
+    launch: str = _APP_LAUNCH,
+    stop_timeout_s: int = STOP_TIMEOUT_S,
+    help_lines: str = "",
+    funcs: str = "",
+    cases: str = "",
+    verbs: str = "",
+) -> str:
     """The ctl script of a service on port `port` whose process is started by the shell
     snippet `launch` (it must leave the process's pid in $!) and recognised by `match` (a
     grep pattern for its command line); `funcs` / `cases` / `verbs` add verbs."""
     # The snippets first: they may use the placeholders below (@NODE@, @PYTHON@, ...).
-    return (_CTL.replace("@HELP@", help_lines)
-            .replace("@LAUNCH@", launch)
-            .replace("@FUNCS@", funcs)
-            .replace("@CASES@", cases)
-            .replace("@VERBS@", verbs)
-            .replace("@NODE@", name)
-            .replace("@GENERATOR@", generator)
-            .replace("@WHAT@", what)
-            .replace("@PROC@", proc)
-            .replace("@MATCH@", match)
-            .replace("@PYTHON@", shlex.quote(str(Path(cfg.python).absolute())))
-            .replace("@PORT@", str(port))
-            .replace("@START@", str(START_TIMEOUT_S))
-            .replace("@STOP_TICKS@", str(stop_timeout_s * 50))
-            .replace("@STOP@", str(stop_timeout_s)))
+    return (
+        _CTL.replace("@HELP@", help_lines)
+        .replace("@LAUNCH@", launch)
+        .replace("@FUNCS@", funcs)
+        .replace("@CASES@", cases)
+        .replace("@VERBS@", verbs)
+        .replace("@NODE@", name)
+        .replace("@GENERATOR@", generator)
+        .replace("@WHAT@", what)
+        .replace("@PROC@", proc)
+        .replace("@MATCH@", match)
+        .replace("@PYTHON@", shlex.quote(str(Path(cfg.python).absolute())))
+        .replace("@PORT@", str(port))
+        .replace("@START@", str(START_TIMEOUT_S))
+        .replace("@STOP_TICKS@", str(stop_timeout_s * 50))
+        .replace("@STOP@", str(stop_timeout_s))
+    )
 
 
 def _ctl_text(cfg: LabConfig, name: str, port: int) -> str:
@@ -237,9 +251,11 @@ def admin_token(cfg: LabConfig) -> str:
 
 def admin_config_text(cfg: LabConfig) -> str:
     digest = hashlib.sha256(admin_token(cfg).encode("utf-8")).hexdigest()
-    return ("# admin interface (/admin/*): sha256 of the site's admin token; per site,\n"
-            "# written at install like encryption.config, never in a package\n"
-            f"token_sha256 = {digest}\n")
+    return (
+        "# admin interface (/admin/*): sha256 of the site's admin token; per site,\n"
+        "# written at install like encryption.config, never in a package\n"
+        f"token_sha256 = {digest}\n"
+    )
 
 
 def ensure_admin_config(cfg: LabConfig, app_dir: Path) -> bool:
@@ -290,8 +306,7 @@ def customise(defaults: str, values: dict[str, str]) -> str:
 
 def node_customisations(cfg: LabConfig, i: int) -> dict[str, str]:
     name = cfg.node_name(i)
-    return {"http.port": str(cfg.app_port(i)), "node.name": name,
-            "custom.banner": f"Welcome to {name}"}
+    return {"http.port": str(cfg.app_port(i)), "node.name": name, "custom.banner": f"Welcome to {name}"}
 
 
 def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
@@ -312,16 +327,19 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
         z.extractall(staging)
     defaults = (staging / MERGED_CONFIG).read_text(encoding="utf-8")
     (node / ".zerodown" / "defaults" / MERGED_CONFIG).write_text(defaults, encoding="utf-8")
-    (staging / MERGED_CONFIG).write_text(customise(defaults, node_customisations(cfg, i)),
-                                         encoding="utf-8")
+    (staging / MERGED_CONFIG).write_text(customise(defaults, node_customisations(cfg, i)), encoding="utf-8")
     password = cfg.db_password_file.read_text(encoding="utf-8").strip()
-    _write_private(staging / "database.config",
-                   "# primary database of the lab site (per node, not part of a package)\n"
-                   f"host = 127.0.0.1\nport = {cfg.primary_db_port}\ndatabase = {DB_NAME}\n"
-                   f"user = {DB_USER}\npassword = {password}\n")
-    _write_private(staging / "encryption.config",
-                   "# site-wide secrets key: identical on every node, never in a package\n"
-                   f"key = {encryption_key(cfg)}\n")
+    _write_private(
+        staging / "database.config",
+        "# primary database of the lab site (per node, not part of a package)\n"
+        f"host = 127.0.0.1\nport = {cfg.primary_db_port}\ndatabase = {DB_NAME}\n"
+        f"user = {DB_USER}\npassword = {password}\n",
+    )
+    _write_private(
+        staging / "encryption.config",
+        "# site-wide secrets key: identical on every node, never in a package\n"
+        f"key = {encryption_key(cfg)}\n",
+    )
     _write_private(staging / "admin.config", admin_config_text(cfg))
     shutil.rmtree(app, ignore_errors=True)
     staging.rename(app)
@@ -335,8 +353,15 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
 def ctl(cfg: LabConfig, i: int, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `./ctl <action>` in node i's folder (as the SSH endpoint would)."""
     node = cfg.node_dir(i)
-    return subprocess.run(["sh", "-c", f"./ctl {shlex.quote(action)}"], cwd=node, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        ["sh", "-c", f"./ctl {shlex.quote(action)}"],
+        cwd=node,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def start_node(cfg: LabConfig, i: int) -> None:
@@ -383,9 +408,15 @@ def install_staging(cfg: LabConfig) -> Path:
 
 def staging_ctl(cfg: LabConfig, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `./ctl <action>` in the staging folder."""
-    return subprocess.run(["sh", "-c", f"./ctl {shlex.quote(action)}"], cwd=cfg.staging_dir,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          check=False)
+    return subprocess.run(
+        ["sh", "-c", f"./ctl {shlex.quote(action)}"],
+        cwd=cfg.staging_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def stop_staging(cfg: LabConfig) -> None:

@@ -28,14 +28,37 @@ APP_SRC = Path(__file__).resolve().parent / "app"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 RELEASES: dict[int, dict[str, Any]] = {
-    1: {"name": "labapp", "version": "1.0.0", "min_upgrade_from": "0.0.0", "requires": [],
-        "schema_version": 1, "migrations": []},
-    2: {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "requires": [],
+    1: {
+        "name": "labapp",
+        "version": "1.0.0",
+        "min_upgrade_from": "0.0.0",
+        "requires": [],
+        "schema_version": 1,
+        "migrations": [],
+    },
+    2: {
+        "name": "labapp",
+        "version": "2.0.0",
+        "min_upgrade_from": "1.0.0",
+        "requires": [],
         "schema_version": 2,
-        "migrations": [{"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql",
-                        "destructive": False}]},
-    3: {"name": "labapp", "version": "3.0.0", "min_upgrade_from": "2.0.0", "requires": ["2.0.0"],
-        "schema_version": 2, "migrations": []},
+        "migrations": [
+            {
+                "version": 2,
+                "up": "migrations/002_up.sql",
+                "down": "migrations/002_down.sql",
+                "destructive": False,
+            }
+        ],
+    },
+    3: {
+        "name": "labapp",
+        "version": "3.0.0",
+        "min_upgrade_from": "2.0.0",
+        "requires": ["2.0.0"],
+        "schema_version": 2,
+        "migrations": [],
+    },
 }
 
 

@@ -76,9 +76,11 @@ class ProbeSummary:
 
     def line(self) -> str:
         nodes = ",".join(f"{k}:{v}" for k, v in sorted(self.by_node.items()))
-        return (f"requests={self.total} failed={self.failed} refused={self.refused} "
-                f"maintenance={self.maintenance} p50_ms={self.latency_p50_ms:.1f} "
-                f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
+        return (
+            f"requests={self.total} failed={self.failed} refused={self.refused} "
+            f"maintenance={self.maintenance} p50_ms={self.latency_p50_ms:.1f} "
+            f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}"
+        )
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -125,8 +127,9 @@ def client_connector() -> aiohttp.TCPConnector:
     return aiohttp.TCPConnector(limit=200, limit_per_host=200, keepalive_timeout=30)
 
 
-async def run_at_fixed_rate(rate: float, stop: asyncio.Event,
-                            fire: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+async def run_at_fixed_rate(
+    rate: float, stop: asyncio.Event, fire: Callable[[int], Coroutine[Any, Any, None]]
+) -> None:
     """Start `fire(n)` (n = 1, 2, ...) as its own task `rate` times per second until `stop`
     is set, then wait for the tasks still in flight. Absolute schedule: request n+1 is due
     at t_start + n/rate however long an iteration took, so the rate never drifts and a slow
@@ -160,8 +163,9 @@ class _Summary(Protocol):
 S = TypeVar("S", bound=_Summary)
 
 
-def run_cli(make: Callable[[asyncio.Event], Coroutine[Any, Any, S]], duration: float | None,
-            summary_path: Path | None) -> S:
+def run_cli(
+    make: Callable[[asyncio.Event], Coroutine[Any, Any, S]], duration: float | None, summary_path: Path | None
+) -> S:
     """The probes' process mode: run `make(stop)` until `duration` passes or SIGTERM/SIGINT
     sets `stop`, write the summary JSON to `summary_path`, print its one line."""
 
@@ -224,8 +228,15 @@ class _Recorder:
         self.maintenance_last = now_iso()
         self.maintenance_first = self.maintenance_first or self.maintenance_last
 
-    def fail(self, method: str, path: str, status: int | None, error: str | None, node: str | None,
-             latency_ms: float | None) -> None:
+    def fail(
+        self,
+        method: str,
+        path: str,
+        status: int | None,
+        error: str | None,
+        node: str | None,
+        latency_ms: float | None,
+    ) -> None:
         self.total += 1
         self.failed += 1
         self.by_status[str(status) if status is not None else "error"] += 1
@@ -233,15 +244,23 @@ class _Recorder:
             self.by_node[node] += 1
         if latency_ms is not None:
             self.latencies.append(latency_ms)
-        self._log.write({"t": now_iso(), "method": method, "path": path, "status": status, "error": error,
-                         "node": node})
+        self._log.write(
+            {"t": now_iso(), "method": method, "path": path, "status": status, "error": error, "node": node}
+        )
 
     def close(self) -> None:
         self._log.close()
 
 
-async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str, rec: _Recorder,
-               n: int, timeout_s: float) -> None:
+async def _one(
+    session: aiohttp.ClientSession,
+    base: str,
+    method: str,
+    path: str,
+    rec: _Recorder,
+    n: int,
+    timeout_s: float,
+) -> None:
     t0 = time.perf_counter()
     node: str | None = None
     try:
@@ -266,8 +285,9 @@ async def _one(session: aiohttp.ClientSession, base: str, method: str, path: str
         rec.fail(method, path, None, f"{type(e).__name__}: {e}", node, None)
 
 
-async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None, slow_every: int = 50,
-                    slow_ms: int = 1500) -> ProbeSummary:
+async def run_probe(
+    url: str, rate: float, stop: asyncio.Event, out: Path | None, slow_every: int = 50, slow_ms: int = 1500
+) -> ProbeSummary:
     """Send requests to `url` at `rate` per second until `stop` is set, then wait for the
     requests in flight and return the summary. Failures go to `out` (JSONL) as they happen."""
     if rate <= 0:
@@ -292,18 +312,33 @@ async def run_probe(url: str, rate: float, stop: asyncio.Event, out: Path | None
         rec.close()
     p50, pmax = latency_stats(rec.latencies)
     return ProbeSummary(
-        total=rec.total, failed=rec.failed, by_status=dict(sorted(rec.by_status.items())),
-        by_node=dict(sorted(rec.by_node.items())), started=started, ended=now_iso(),
-        latency_p50_ms=p50, latency_max_ms=pmax, rate=rate, url=base, refused=rec.refused,
-        maintenance=rec.maintenance, maintenance_first=rec.maintenance_first,
-        maintenance_last=rec.maintenance_last)
+        total=rec.total,
+        failed=rec.failed,
+        by_status=dict(sorted(rec.by_status.items())),
+        by_node=dict(sorted(rec.by_node.items())),
+        started=started,
+        ended=now_iso(),
+        latency_p50_ms=p50,
+        latency_max_ms=pmax,
+        rate=rate,
+        url=base,
+        refused=rec.refused,
+        maintenance=rec.maintenance,
+        maintenance_first=rec.maintenance_first,
+        maintenance_last=rec.maintenance_last,
+    )
 
 
-def start_probe_process(url: str, rate: float, out: Path, summary: Path, slow_every: int = 50,
-                        slow_ms: int = 1500) -> subprocess.Popen[bytes]:
+def start_probe_process(
+    url: str, rate: float, out: Path, summary: Path, slow_every: int = 50, slow_ms: int = 1500
+) -> subprocess.Popen[bytes]:
     """The probe in its own process, like a real client population (fresh output files)."""
-    return spawn_probe("lab.probe", ["--url", url, "--rate", str(rate), "--slow-every", str(slow_every),
-                                     "--slow-ms", str(slow_ms)], out, summary)
+    return spawn_probe(
+        "lab.probe",
+        ["--url", url, "--rate", str(rate), "--slow-every", str(slow_every), "--slow-ms", str(slow_ms)],
+        out,
+        summary,
+    )
 
 
 def stop_probe_process(proc: subprocess.Popen[bytes], summary: Path) -> dict[str, Any]:
@@ -333,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-every", type=int, default=50)
     p.add_argument("--slow-ms", type=int, default=1500)
     a = p.parse_args(argv)
-    run_cli(lambda stop: run_probe(a.url, a.rate, stop, a.out, a.slow_every, a.slow_ms),
-            a.duration, a.summary)
+    run_cli(
+        lambda stop: run_probe(a.url, a.rate, stop, a.out, a.slow_every, a.slow_ms), a.duration, a.summary
+    )
     return 0
 
 

@@ -203,8 +203,9 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _not_up_error(what: str, host: str, port: int, timeout: float, logfile: Path | str | None,
-                  died: bool) -> ProcessStartError:
+def _not_up_error(
+    what: str, host: str, port: int, timeout: float, logfile: Path | str | None, died: bool
+) -> ProcessStartError:
     reason = "exited" if died else f"did not listen on {host}:{port} within {timeout:.0f}s"
     msg = f"{what} {reason}"
     if logfile is not None:
@@ -213,8 +214,15 @@ def _not_up_error(what: str, host: str, port: int, timeout: float, logfile: Path
     return ProcessStartError(msg)
 
 
-def wait_port(host: str, port: int, timeout: float = 30.0, *, pidfile: Path | str | None = None,
-              logfile: Path | str | None = None, what: str | None = None) -> None:
+def wait_port(
+    host: str,
+    port: int,
+    timeout: float = 30.0,
+    *,
+    pidfile: Path | str | None = None,
+    logfile: Path | str | None = None,
+    what: str | None = None,
+) -> None:
     """Block until host:port accepts connections.
 
     With `pidfile`, fail fast when the process dies while we wait; the error names `what`
@@ -235,9 +243,15 @@ def wait_port(host: str, port: int, timeout: float = 30.0, *, pidfile: Path | st
         time.sleep(0.1)
 
 
-async def wait_port_async(host: str, port: int, timeout: float = 30.0, *,
-                          pidfile: Path | str | None = None, logfile: Path | str | None = None,
-                          what: str | None = None) -> None:
+async def wait_port_async(
+    host: str,
+    port: int,
+    timeout: float = 30.0,
+    *,
+    pidfile: Path | str | None = None,
+    logfile: Path | str | None = None,
+    what: str | None = None,
+) -> None:
     """`wait_port` for async callers (does not block the event loop)."""
     label = what or f"process for port {port}"
     loop = asyncio.get_running_loop()

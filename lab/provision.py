@@ -81,8 +81,10 @@ def lab_config(root: Path | str) -> LabConfig:
 
     cfg = config_from_state(Path(root))
     if cfg is None:
-        raise ProvisionError(f"no lab at {Path(root).resolve()}: lab.json is missing or unreadable "
-                             "(start the lab with `zerodown lab up`)")
+        raise ProvisionError(
+            f"no lab at {Path(root).resolve()}: lab.json is missing or unreadable "
+            "(start the lab with `zerodown lab up`)"
+        )
     return cfg
 
 
@@ -104,8 +106,10 @@ def read_registry(cfg: LabConfig) -> dict[str, Any]:
         raise ProvisionError(f"{registry_file(cfg)} is unreadable: {e}") from e
     nodes = data.get("nodes") if isinstance(data, dict) else None
     destroyed = data.get("destroyed") if isinstance(data, dict) else None
-    return {"nodes": nodes if isinstance(nodes, dict) else {},
-            "destroyed": destroyed if isinstance(destroyed, list) else []}
+    return {
+        "nodes": nodes if isinstance(nodes, dict) else {},
+        "destroyed": destroyed if isinstance(destroyed, list) else [],
+    }
 
 
 def _write_registry(cfg: LabConfig, reg: dict[str, Any]) -> None:
@@ -134,8 +138,11 @@ def endpoint_changes(cfg: LabConfig) -> tuple[list[tuple[str, int, Path]], set[s
         reg = read_registry(cfg)
     except ProvisionError:
         return [], set()
-    extra = [(name, cfg.ssh_port(int(e["slot"])), cfg.nodes_dir / name)
-             for name, e in sorted(reg["nodes"].items()) if e.get("state") == "active"]
+    extra = [
+        (name, cfg.ssh_port(int(e["slot"])), cfg.nodes_dir / name)
+        for name, e in sorted(reg["nodes"].items())
+        if e.get("state") == "active"
+    ]
     return extra, {str(n) for n in reg["destroyed"]}
 
 
@@ -168,8 +175,13 @@ def node_entry(cfg: LabConfig, name: str, slot: int, absolute: bool = False) -> 
 
     return {
         "name": name,
-        "ssh": {"host": "127.0.0.1", "port": cfg.ssh_port(slot), "user": SSH_USER,
-                "key": {"file": path(cfg.client_key)}, "known_hosts": path(cfg.known_hosts)},
+        "ssh": {
+            "host": "127.0.0.1",
+            "port": cfg.ssh_port(slot),
+            "user": SSH_USER,
+            "key": {"file": path(cfg.client_key)},
+            "known_hosts": path(cfg.known_hosts),
+        },
         "app_dir": APP_DIR,
         "service": dict(CTL_SERVICE),
         "url": f"http://127.0.0.1:{cfg.app_port(slot)}",
@@ -178,23 +190,28 @@ def node_entry(cfg: LabConfig, name: str, slot: int, absolute: bool = False) -> 
 
 def _check_name(cfg: LabConfig, name: str) -> None:
     if not _NAME_RE.fullmatch(name):
-        raise ProvisionError(f"node name {name!r}: use letters, digits, '-', '_' or '.' "
-                             "(starting with a letter or digit, at most 63 characters)")
+        raise ProvisionError(
+            f"node name {name!r}: use letters, digits, '-', '_' or '.' "
+            "(starting with a letter or digit, at most 63 characters)"
+        )
     if _RESERVED_RE.fullmatch(name) or name == STAGING_NAME:
-        raise ProvisionError(f"node name {name!r} is one of the lab's own names (nodeN, oxN, "
-                             f"{STAGING_NAME}); pick another")
+        raise ProvisionError(
+            f"node name {name!r} is one of the lab's own names (nodeN, oxN, {STAGING_NAME}); pick another"
+        )
 
 
 def _template_dir(cfg: LabConfig, template: str, reg: dict[str, Any]) -> Path:
     """The folder of an app node that may be cloned: an original node or a provisioned one."""
     d = cfg.nodes_dir / template
-    ok = (_original_index(cfg, template) is not None
-          or reg["nodes"].get(template, {}).get("state") == "active")
+    ok = _original_index(cfg, template) is not None or reg["nodes"].get(template, {}).get("state") == "active"
     if not _NAME_RE.fullmatch(template) or not ok or not (d / APP_DIR / MERGED_CONFIG).is_file():
-        known = sorted([cfg.node_name(i) for i in cfg.node_indexes if (cfg.node_dir(i) / APP_DIR).is_dir()]
-                       + [n for n, e in reg["nodes"].items() if e.get("state") == "active"])
-        raise ProvisionError(f"template {template!r} is not an app node of this lab "
-                             f"(nodes: {', '.join(known) or 'none'})")
+        known = sorted(
+            [cfg.node_name(i) for i in cfg.node_indexes if (cfg.node_dir(i) / APP_DIR).is_dir()]
+            + [n for n, e in reg["nodes"].items() if e.get("state") == "active"]
+        )
+        raise ProvisionError(
+            f"template {template!r} is not an app node of this lab (nodes: {', '.join(known) or 'none'})"
+        )
     return d
 
 
@@ -202,11 +219,15 @@ def _free_slot(cfg: LabConfig, reg: dict[str, Any]) -> int:
     used = {int(e["slot"]) for e in reg["nodes"].values()}
     for slot in range(cfg.nodes + 2, MAX_SLOT + 1):
         # Ports in use by anything else (another lab's process) make a slot unusable too.
-        if slot not in used and not port_open("127.0.0.1", cfg.app_port(slot), 0.2) \
-                and not port_open("127.0.0.1", cfg.ssh_port(slot), 0.2):
+        if (
+            slot not in used
+            and not port_open("127.0.0.1", cfg.app_port(slot), 0.2)
+            and not port_open("127.0.0.1", cfg.ssh_port(slot), 0.2)
+        ):
             return slot
-    raise ProvisionError(f"no free node slot: slots {cfg.nodes + 2}-{MAX_SLOT} are all taken "
-                         f"({len(used)} provisioned nodes)")
+    raise ProvisionError(
+        f"no free node slot: slots {cfg.nodes + 2}-{MAX_SLOT} are all taken ({len(used)} provisioned nodes)"
+    )
 
 
 # --------------------------------------------------------------------------- create
@@ -233,8 +254,9 @@ def _build_folder(cfg: LabConfig, src: Path, name: str, slot: int) -> None:
     for sub in ("run", "inject"):
         (work / sub).mkdir()
     web = work / APP_DIR / MERGED_CONFIG
-    web.write_text(customise(web.read_text(encoding="utf-8"), _customisations(cfg, name, slot)),
-                   encoding="utf-8")
+    web.write_text(
+        customise(web.read_text(encoding="utf-8"), _customisations(cfg, name, slot)), encoding="utf-8"
+    )
     # Always present, even when the template's was removed (an old server being drained):
     # the new server is launched to take sessions.
     write_health_file(work)
@@ -255,17 +277,24 @@ def create_node(cfg: LabConfig, template_name: str, new_name: str) -> dict[str, 
         reg = read_registry(cfg)
         entry = reg["nodes"].get(new_name)
         if entry is not None and entry.get("template") != template_name:
-            raise ProvisionError(f"node {new_name!r} exists already, cloned from {entry.get('template')!r} "
-                                 f"(not {template_name!r})")
+            raise ProvisionError(
+                f"node {new_name!r} exists already, cloned from {entry.get('template')!r} "
+                f"(not {template_name!r})"
+            )
         if entry is not None and entry.get("state") == "terminating":
             raise ProvisionError(f"node {new_name!r} is being destroyed; destroy it again, then create it")
         if entry is None:
             if (cfg.nodes_dir / new_name).exists():
-                raise ProvisionError(f"{cfg.nodes_dir / new_name} exists and is not a node the lab "
-                                     "provisioned")
+                raise ProvisionError(
+                    f"{cfg.nodes_dir / new_name} exists and is not a node the lab provisioned"
+                )
             _template_dir(cfg, template_name, reg)  # checked before a slot is taken
-            entry = {"slot": _free_slot(cfg, reg), "template": template_name, "state": "creating",
-                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            entry = {
+                "slot": _free_slot(cfg, reg),
+                "template": template_name,
+                "state": "creating",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             reg["nodes"][new_name] = entry
             _write_registry(cfg, reg)  # the slot is ours from here on
         slot = int(entry["slot"])
@@ -281,8 +310,15 @@ def create_node(cfg: LabConfig, template_name: str, new_name: str) -> dict[str, 
 
 
 def _ctl(folder: Path, action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", "-c", f"./ctl {shlex.quote(action)}"], cwd=folder, capture_output=True,
-                          text=True, timeout=CTL_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        ["sh", "-c", f"./ctl {shlex.quote(action)}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=CTL_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def start_node(cfg: LabConfig, name: str) -> None:
@@ -311,15 +347,19 @@ def _archive(cfg: LabConfig, folder: Path, name: str) -> Path:
     """tar.gz of the node folder in terminated/ (0600, the folder holds the node's secrets)."""
     out = cfg.abs_root / TERMINATED
     out.mkdir(mode=0o700, exist_ok=True)
-    taken = [int(m.group(1)) for p in out.iterdir()
-             if (m := re.fullmatch(re.escape(name) + r"-([0-9]+)\.tar\.gz", p.name))]
+    taken = [
+        int(m.group(1))
+        for p in out.iterdir()
+        if (m := re.fullmatch(re.escape(name) + r"-([0-9]+)\.tar\.gz", p.name))
+    ]
     path = out / f"{name}-{max(taken, default=0) + 1}.tar.gz"
     tmp = out / f".{path.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         # Sockets and fifos cannot be archived (none are expected); skip them, keep the rest.
-        tar.add(folder, arcname=name,
-                filter=lambda ti: ti if ti.isreg() or ti.isdir() or ti.issym() else None)
+        tar.add(
+            folder, arcname=name, filter=lambda ti: ti if ti.isreg() or ti.isdir() or ti.issym() else None
+        )
     tmp.replace(path)
     return path
 
@@ -335,8 +375,10 @@ def destroy_node(cfg: LabConfig, name: str) -> Path | None:
         folder = cfg.nodes_dir / name
         if entry is None and index is None:
             if _NAME_RE.fullmatch(name) and folder.exists():
-                raise ProvisionError(f"{folder} is not a node the lab provisioned nor one of its original "
-                                     f"nodes ({cfg.node_name(1)}..{cfg.node_name(cfg.nodes)}): not destroyed")
+                raise ProvisionError(
+                    f"{folder} is not a node the lab provisioned nor one of its original "
+                    f"nodes ({cfg.node_name(1)}..{cfg.node_name(cfg.nodes)}): not destroyed"
+                )
             return None
         if entry is not None:
             port = cfg.ssh_port(int(entry["slot"]))
@@ -407,10 +449,12 @@ def inventory_commands(cfg: LabConfig) -> dict[str, Any]:
     """The lab's `provisioning` entry: a command provisioner running this module's CLI (in
     the inventory's folder, the lab root), as a site's inventory names its own commands."""
     cli = f"{shlex.quote(str(Path(cfg.python).absolute()))} -m lab.provision"
-    return {"kind": "command",
-            "create": f"{cli} create --root . --template {{template}} --name {{name}}",
-            "start": f"{cli} start --root . --name {{name}}",
-            "destroy": f"{cli} destroy --root . --name {{name}}"}
+    return {
+        "kind": "command",
+        "create": f"{cli} create --root . --template {{template}} --name {{name}}",
+        "start": f"{cli} start --root . --name {{name}}",
+        "destroy": f"{cli} destroy --root . --name {{name}}",
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -435,8 +479,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"name": a.name, "started": True}))
         else:
             archive = destroy_node(cfg, a.name)
-            print(json.dumps({"name": a.name, "destroyed": archive is not None,
-                              "archive": str(archive) if archive else None}))
+            print(
+                json.dumps(
+                    {
+                        "name": a.name,
+                        "destroyed": archive is not None,
+                        "archive": str(archive) if archive else None,
+                    }
+                )
+            )
     except (ProvisionError, OSError, subprocess.TimeoutExpired, RuntimeError) as e:
         print(f"lab.provision {a.action} {a.name}: error: {e}", file=sys.stderr)
         return 1

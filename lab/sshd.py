@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -69,11 +70,16 @@ def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
     from lab.provision import endpoint_changes  # lab.provision uses this module
 
     extra, destroyed = endpoint_changes(cfg)
-    return [*((cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i)) for i in cfg.node_indexes
-              if cfg.node_name(i) not in destroyed),
-            (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
-            *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes),
-            *extra]
+    return [
+        *(
+            (cfg.node_name(i), cfg.ssh_port(i), cfg.node_dir(i))
+            for i in cfg.node_indexes
+            if cfg.node_name(i) not in destroyed
+        ),
+        (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
+        *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes),
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- keys
@@ -123,8 +129,9 @@ def ensure_keys(cfg: LabConfig) -> None:
 class _NodeServer(asyncssh.SSHServer):
     """Public-key auth for user `zerodown` with the lab's client key; nothing else."""
 
-    def __init__(self, name: str, authorized: set[bytes],
-                 conns: set[asyncssh.SSHServerConnection] | None = None) -> None:
+    def __init__(
+        self, name: str, authorized: set[bytes], conns: set[asyncssh.SSHServerConnection] | None = None
+    ) -> None:
         self._name = name
         self._authorized = authorized
         self._peer = "?"
@@ -164,8 +171,13 @@ class _NodeServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         ok = username == SSH_USER and key.public_data in self._authorized
         if not ok:
-            log.info("%s: refused key %s for user %r from %s", self._name,
-                     key.get_fingerprint(), username, self._peer)
+            log.info(
+                "%s: refused key %s for user %r from %s",
+                self._name,
+                key.get_fingerprint(),
+                username,
+                self._peer,
+            )
         return ok
 
 
@@ -211,13 +223,26 @@ async def _run_command(process: asyncssh.SSHServerProcess[bytes], node_dir: Path
         return
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     peer = process.get_extra_info("peername")
-    env = dict(os.environ, HOME=str(node_dir), PWD=str(node_dir), USER=SSH_USER, LOGNAME=SSH_USER,
-               SSH_CONNECTION=f"{peer[0]} {peer[1]}" if peer else "")
+    env = dict(
+        os.environ,
+        HOME=str(node_dir),
+        PWD=str(node_dir),
+        USER=SSH_USER,
+        LOGNAME=SSH_USER,
+        SSH_CONNECTION=f"{peer[0]} {peer[1]}" if peer else "",
+    )
     status: int
     try:
         proc = await asyncio.create_subprocess_exec(
-            "sh", "-c", command, cwd=node_dir, env=env, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "sh",
+            "-c",
+            command,
+            cwd=node_dir,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
     except OSError as e:
         process.stderr.write(f"cannot run command: {e}\n".encode())
         status = 127
@@ -229,9 +254,16 @@ async def _run_command(process: asyncssh.SSHServerProcess[bytes], node_dir: Path
         feeder.cancel()
         # A command killed by a signal reports 128+N, as a shell would.
         status = rc if rc >= 0 else 128 - rc
-    _append_log(node_dir / "ssh.log", {
-        "time": started.isoformat(timespec="milliseconds"), "node": name, "command": command,
-        "exit_status": status, "duration_s": round(time.monotonic() - t0, 3)})
+    _append_log(
+        node_dir / "ssh.log",
+        {
+            "time": started.isoformat(timespec="milliseconds"),
+            "node": name,
+            "command": command,
+            "exit_status": status,
+            "duration_s": round(time.monotonic() - t0, 3),
+        },
+    )
     with contextlib.suppress(OSError, asyncssh.Error):
         process.exit(status)
 
@@ -245,8 +277,9 @@ class _Endpoints:
         pub = cfg.client_key.with_name(cfg.client_key.name + ".pub")
         self._authorized = {asyncssh.read_public_key(str(pub)).public_data}
         # name -> (port, folder, acceptor, open connections)
-        self._active: dict[str, tuple[int, Path, asyncssh.SSHAcceptor,
-                                      set[asyncssh.SSHServerConnection]]] = {}
+        self._active: dict[
+            str, tuple[int, Path, asyncssh.SSHAcceptor, set[asyncssh.SSHServerConnection]]
+        ] = {}
 
     async def _listen(self, name: str, port: int, node_dir: Path) -> None:
         os.makedirs(node_dir, exist_ok=True)
@@ -268,9 +301,17 @@ class _Endpoints:
             return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_dir))
 
         acceptor = await asyncssh.listen(
-            "127.0.0.1", port, server_host_keys=[self._host_key], server_factory=make_server,
-            process_factory=handle, sftp_factory=make_sftp, allow_scp=True, encoding=None,
-            login_timeout=30, keepalive_interval=15)
+            "127.0.0.1",
+            port,
+            server_host_keys=[self._host_key],
+            server_factory=make_server,
+            process_factory=handle,
+            sftp_factory=make_sftp,
+            allow_scp=True,
+            encoding=None,
+            login_timeout=30,
+            keepalive_interval=15,
+        )
         self._active[name] = (port, node_dir, acceptor, conns)
         log.info("%s: listening on 127.0.0.1:%d, root %s", name, port, node_dir)
 
@@ -351,37 +392,68 @@ def start_sshd(cfg: LabConfig, timeout: float = 20.0) -> None:
         ensure_keys(cfg)
         # `-m` from the project root finds the `lab` package without touching PYTHONPATH,
         # which the commands (and the apps they start) would otherwise inherit.
-        start_background([cfg.python, "-m", "lab.sshd", "--root", str(cfg.abs_root), "--nodes",
-                          str(cfg.nodes), "--port-base", str(cfg.port_base), "--ox-nodes", str(cfg.ox_nodes)],
-                         _pidfile(cfg), _logfile(cfg), cwd=PROJECT_ROOT)
+        start_background(
+            [
+                cfg.python,
+                "-m",
+                "lab.sshd",
+                "--root",
+                str(cfg.abs_root),
+                "--nodes",
+                str(cfg.nodes),
+                "--port-base",
+                str(cfg.port_base),
+                "--ox-nodes",
+                str(cfg.ox_nodes),
+            ],
+            _pidfile(cfg),
+            _logfile(cfg),
+            cwd=PROJECT_ROOT,
+        )
     for name, port, _ in endpoints(cfg):
-        wait_port("127.0.0.1", port, timeout, pidfile=_pidfile(cfg), logfile=_logfile(cfg),
-                  what=f"lab sshd ({name})")
+        wait_port(
+            "127.0.0.1",
+            port,
+            timeout,
+            pidfile=_pidfile(cfg),
+            logfile=_logfile(cfg),
+            what=f"lab sshd ({name})",
+        )
 
 
-def reload_sshd(cfg: LabConfig, opened: Sequence[int] = (), closed: Sequence[int] = (),
-                timeout: float = 20.0) -> None:
+def reload_sshd(
+    cfg: LabConfig, opened: Sequence[int] = (), closed: Sequence[int] = (), timeout: float = 20.0
+) -> None:
     """Make the running endpoint process serve `endpoints(cfg)` now (SIGHUP); returns once
     every port of `opened` accepts connections and every port of `closed` refuses them."""
     pidfile = _pidfile(cfg)
     # The staging endpoint is always served: once it listens, the SIGHUP handler is in place
     # (before it, SIGHUP is ignored and would be lost).
-    wait_port("127.0.0.1", cfg.staging_ssh_port, timeout, pidfile=pidfile, logfile=_logfile(cfg),
-              what="lab sshd (staging)")
+    wait_port(
+        "127.0.0.1",
+        cfg.staging_ssh_port,
+        timeout,
+        pidfile=pidfile,
+        logfile=_logfile(cfg),
+        what="lab sshd (staging)",
+    )
     pid = read_pid(pidfile)
     if pid is None:
         raise ProcessStartError(f"lab sshd: no pid in {pidfile}")
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while True:
-        waiting = [p for p in opened if not port_open("127.0.0.1", p)] + \
-                  [p for p in closed if port_open("127.0.0.1", p)]
+        waiting = [p for p in opened if not port_open("127.0.0.1", p)] + [
+            p for p in closed if port_open("127.0.0.1", p)
+        ]
         if not waiting:
             return
         if time.monotonic() > deadline or not sshd_running(cfg):
-            raise ProcessStartError(f"lab sshd: after a reload, ports {waiting} are not as expected "
-                                    f"(opened {list(opened)}, closed {list(closed)}); log "
-                                    f"{_logfile(cfg)}:\n{log_tail(_logfile(cfg))}")
+            raise ProcessStartError(
+                f"lab sshd: after a reload, ports {waiting} are not as expected "
+                f"(opened {list(opened)}, closed {list(closed)}); log "
+                f"{_logfile(cfg)}:\n{log_tail(_logfile(cfg))}"
+            )
         time.sleep(0.05)
 
 
@@ -399,10 +471,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port-base", type=int, required=True)
     p.add_argument("--ox-nodes", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     cfg = LabConfig(root=a.root, nodes=a.nodes, port_base=a.port_base, ox_nodes=a.ox_nodes)
+    # A node's sshd is C on a real site: keep the collector's full passes out of the relay
+    # (what is loaded now lives as long as the process).
+    gc.freeze()
 
     async def run() -> None:
         stop, reload = asyncio.Event(), asyncio.Event()

@@ -1,14 +1,14 @@
 """`zerodown`: the command line.
 
-    zerodown validate site.yaml
-    zerodown plan rolling-deploy --inventory site.yaml --package app-2.zip
-    zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
-    zerodown start ox-upgradeschemata -i ox-site.yaml --server-name oxserver-xyz --update-node ox1
-    zerodown start ox-node-upgrade -i ox-site.yaml --version 7.10.1 --server-name oxserver-xyz
-    zerodown start minor-blue-green -i site.yaml -p app-2.zip [--setting web.config:key=value]
-    zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
-    zerodown server [--stop|--status]       zerodown worker
-    zerodown lab up|down|status|reset|probe [--ox]|inject  zerodown demo
+zerodown validate site.yaml
+zerodown plan rolling-deploy --inventory site.yaml --package app-2.zip
+zerodown start rolling-deploy --inventory site.yaml --package app-2.zip [--wait]
+zerodown start ox-upgradeschemata -i ox-site.yaml --server-name oxserver-xyz --update-node ox1
+zerodown start ox-node-upgrade -i ox-site.yaml --version 7.10.1 --server-name oxserver-xyz
+zerodown start minor-blue-green -i site.yaml -p app-2.zip [--setting web.config:key=value]
+zerodown status <workflow-id> | watch <workflow-id> | replay <workflow-id>
+zerodown server [--stop|--status]       zerodown worker
+zerodown lab up|down|status|reset|probe [--ox]|inject  zerodown demo
 """
 
 from __future__ import annotations
@@ -50,63 +50,168 @@ if TYPE_CHECKING:
 console = Console()
 err = Console(stderr=True)
 
-app = typer.Typer(help="zerodown: upgrade runbooks as durable Temporal workflows.",
-                  no_args_is_help=True, add_completion=False)
-lab_app = typer.Typer(help="The embedded lab site (local HAProxy, MariaDB, app nodes over SSH).",
-                      no_args_is_help=True)
+app = typer.Typer(
+    help="zerodown: upgrade runbooks as durable Temporal workflows.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+lab_app = typer.Typer(
+    help="The embedded lab site (local HAProxy, MariaDB, app nodes over SSH).", no_args_is_help=True
+)
 app.add_typer(lab_app, name="lab")
 
-Address = Annotated[str, typer.Option("--address", envvar="ZERODOWN_TEMPORAL_ADDRESS",
-                                      help="Temporal frontend host:port")]
+Address = Annotated[
+    str, typer.Option("--address", envvar="ZERODOWN_TEMPORAL_ADDRESS", help="Temporal frontend host:port")
+]
 Namespace = Annotated[str, typer.Option("--namespace", envvar="ZERODOWN_NAMESPACE")]
 TaskQueue = Annotated[str, typer.Option("--task-queue", envvar="ZERODOWN_TASK_QUEUE")]
 InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="site inventory (YAML)")]
-PackageOpt = Annotated[Path | None, typer.Option(
-    "--package", "-p", help="release package (zip): rolling-deploy, ss-*, minor-blue-green (required there)")]
-NodesOpt = Annotated[str, typer.Option("--nodes", help=(
-    "comma-separated; rolling-deploy: only these nodes; ox-node-upgrade: the upgrade order"))]
+PackageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--package",
+        "-p",
+        help="release package (zip): rolling-deploy, ss-*, minor-blue-green (required there)",
+    ),
+]
+NodesOpt = Annotated[
+    str,
+    typer.Option(
+        "--nodes",
+        help=("comma-separated; rolling-deploy: only these nodes; ox-node-upgrade: the upgrade order"),
+    ),
+]
 # The Open-Xchange procedures' options (seed 002); each refused by a procedure without it.
-VersionOpt = Annotated[str | None, typer.Option(
-    "--version", help="ox-node-upgrade: the release to install (x.y.z)")]
-ServerNameOpt = Annotated[str | None, typer.Option("--server-name", help=(
-    "ox-*: the new server's name (upgradeschemata -n; the upgraded nodes' SERVER_NAME)"))]
-UpdateNodeOpt = Annotated[str | None, typer.Option("--update-node", help=(
-    "ox-upgradeschemata: the node running the new release (runupdate runs there)"))]
-AdminNodeOpt = Annotated[str | None, typer.Option("--admin-node", help=(
-    "ox-upgradeschemata: a working old node for the other tools (default: the first other node)"))]
-SchemataOpt = Annotated[str, typer.Option("--schemata", help=(
-    "ox-upgradeschemata: only these schemata, comma-separated (default: all)"))]
-ForceOpt = Annotated[bool, typer.Option("--force", help=(
-    "ox-*: a failed schema update does not stop the run: it is left disabled and reported "
-    "(upgradeschemata -f)"))]
-ResumeFromOpt = Annotated[str | None, typer.Option("--resume-from", help=(
-    "ox-upgradeschemata: continue after this schema, which is passed over (upgradeschemata -m)"))]
-SkipOpt = Annotated[str, typer.Option("--skip", help=(
-    "ox-upgradeschemata: schemata to leave alone, comma-separated (upgradeschemata -k)"))]
-ConcurrencyOpt = Annotated[int | None, typer.Option("--concurrency", help=(
-    "ox-*: schemata upgraded at once, 1-32 (default 1, as the tool)"))]
-DriveToolOpt = Annotated[bool, typer.Option("--drive-tool", help=(
-    "ox-upgradeschemata: run OX's own upgradeschemata on the update node for steps 3-7"))]
-SchemataPerRunOpt = Annotated[int | None, typer.Option("--schemata-per-run", help=(
-    "ox-*: schemata per workflow run before it continues as new (default 100)"))]
+VersionOpt = Annotated[
+    str | None, typer.Option("--version", help="ox-node-upgrade: the release to install (x.y.z)")
+]
+ServerNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server-name",
+        help=("ox-*: the new server's name (upgradeschemata -n; the upgraded nodes' SERVER_NAME)"),
+    ),
+]
+UpdateNodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--update-node", help=("ox-upgradeschemata: the node running the new release (runupdate runs there)")
+    ),
+]
+AdminNodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-node",
+        help=("ox-upgradeschemata: a working old node for the other tools (default: the first other node)"),
+    ),
+]
+SchemataOpt = Annotated[
+    str,
+    typer.Option(
+        "--schemata", help=("ox-upgradeschemata: only these schemata, comma-separated (default: all)")
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help=(
+            "ox-*: a failed schema update does not stop the run: it is left disabled and reported "
+            "(upgradeschemata -f)"
+        ),
+    ),
+]
+ResumeFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resume-from",
+        help=("ox-upgradeschemata: continue after this schema, which is passed over (upgradeschemata -m)"),
+    ),
+]
+SkipOpt = Annotated[
+    str,
+    typer.Option(
+        "--skip", help=("ox-upgradeschemata: schemata to leave alone, comma-separated (upgradeschemata -k)")
+    ),
+]
+ConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option("--concurrency", help=("ox-*: schemata upgraded at once, 1-32 (default 1, as the tool)")),
+]
+DriveToolOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drive-tool",
+        help=("ox-upgradeschemata: run OX's own upgradeschemata on the update node for steps 3-7"),
+    ),
+]
+SchemataPerRunOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--schemata-per-run",
+        help=("ox-*: schemata per workflow run before it continues as new (default 100)"),
+    ),
+]
 # The minor upgrade's options (seed 003, minor-blue-green); each refused by a procedure without it.
-LbOpt = Annotated[str | None, typer.Option("--lb", help=(
-    "minor-blue-green: the load balancer whose members are the old servers (default: the first)"))]
-TemplateOpt = Annotated[str | None, typer.Option("--template", help=(
-    "minor-blue-green: the old server cloned first (default: the balancer's first member)"))]
-NewNamesOpt = Annotated[str, typer.Option("--new-names", help=(
-    "minor-blue-green: the new servers' names, comma-separated, one per old server "
-    "(default: <old>-v<version>)"))]
-SettingOpt = Annotated[list[str] | None, typer.Option("--setting", metavar="FILE:KEY=VALUE", help=(
-    "minor-blue-green: a setting of the new servers (repeatable); FILE is a key = value file in the "
-    "app folder; the template's current values are saved first. Values enter the workflow input: "
-    "no secrets"))]
-SystemCommandOpt = Annotated[list[str] | None, typer.Option("--system-command", metavar="CMD", help=(
-    "minor-blue-green: a systems-level change, run on every new server before it is launched "
-    "(repeatable, in order)"))]
-DrainDeadlineOpt = Annotated[float | None, typer.Option("--drain-deadline", metavar="SECONDS", min=1.0, help=(
-    "minor-blue-green: how long the old servers' sessions may take before gate drain-deadline asks "
-    "(default 300)"))]
+LbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lb",
+        help=("minor-blue-green: the load balancer whose members are the old servers (default: the first)"),
+    ),
+]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--template",
+        help=("minor-blue-green: the old server cloned first (default: the balancer's first member)"),
+    ),
+]
+NewNamesOpt = Annotated[
+    str,
+    typer.Option(
+        "--new-names",
+        help=(
+            "minor-blue-green: the new servers' names, comma-separated, one per old server "
+            "(default: <old>-v<version>)"
+        ),
+    ),
+]
+SettingOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--setting",
+        metavar="FILE:KEY=VALUE",
+        help=(
+            "minor-blue-green: a setting of the new servers (repeatable); FILE is a key = value file in the "
+            "app folder; the template's current values are saved first. Values enter the workflow input: "
+            "no secrets"
+        ),
+    ),
+]
+SystemCommandOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--system-command",
+        metavar="CMD",
+        help=(
+            "minor-blue-green: a systems-level change, run on every new server before it is launched "
+            "(repeatable, in order)"
+        ),
+    ),
+]
+DrainDeadlineOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--drain-deadline",
+        metavar="SECONDS",
+        min=1.0,
+        help=(
+            "minor-blue-green: how long the old servers' sessions may take before gate drain-deadline asks "
+            "(default 300)"
+        ),
+    ),
+]
 LabRoot = Annotated[Path, typer.Option("--root", help="where the lab lives")]
 DEFAULT_ADDRESS = ADDRESS
 
@@ -130,8 +235,10 @@ def _check_nodes(inv: Inventory, names: tuple[str, ...], option: str) -> None:
     known = {n.name for n in inv.nodes}
     unknown = [n for n in names if n not in known]
     if unknown:
-        err.print(f"[bold red]unknown node(s)[/] {', '.join(unknown)} in site {inv.site} "
-                  f"(known: {', '.join(sorted(known))}), given as {option}")
+        err.print(
+            f"[bold red]unknown node(s)[/] {', '.join(unknown)} in site {inv.site} "
+            f"(known: {', '.join(sorted(known))}), given as {option}"
+        )
         raise typer.Exit(2)
 
 
@@ -142,43 +249,71 @@ def _package(path: Path) -> str:
     return str(path.resolve())
 
 
-def _procedure_input(procedure: str, inv: Inventory, package: Path | None, nodes: str,
-                     **fields: Any) -> Any:
+def _procedure_input(procedure: str, inv: Inventory, package: Path | None, nodes: str, **fields: Any) -> Any:
     """The workflow input from the options, refused (exit 2, nothing started) when an option
     is one the procedure does not take, a required one is missing, the package is missing
     or a node is not in the inventory. Schema names are the workflow's preflight's to check
     (only OX's config database knows them)."""
     try:
-        arg = zc.procedure_input(procedure, inventory=inv,
-                                 package_path=str(package) if package is not None else None,
-                                 nodes=_names(nodes), **fields)
+        arg = zc.procedure_input(
+            procedure,
+            inventory=inv,
+            package_path=str(package) if package is not None else None,
+            nodes=_names(nodes),
+            **fields,
+        )
     except zc.ProcedureInputError as e:
         err.print(f"[bold red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
     if getattr(arg, "package_path", ""):
         arg = dataclasses.replace(arg, package_path=_package(Path(arg.package_path)))
-    for field, option in (("only_nodes", "--nodes"), ("nodes", "--nodes"),
-                          ("update_node", "--update-node"), ("admin_node", "--admin-node"),
-                          ("template", "--template")):
+    for field, option in (
+        ("only_nodes", "--nodes"),
+        ("nodes", "--nodes"),
+        ("update_node", "--update-node"),
+        ("admin_node", "--admin-node"),
+        ("template", "--template"),
+    ):
         value = getattr(arg, field, None)
         if value:
             _check_nodes(inv, tuple(value) if isinstance(value, tuple) else (value,), option)
     lb = getattr(arg, "lb", "")
     if lb and lb not in {b.name for b in inv.load_balancers}:
-        err.print(f"[bold red]unknown load balancer[/] {escape(lb)} in site {inv.site} "
-                  f"(known: {', '.join(b.name for b in inv.load_balancers) or 'none'}), given as --lb")
+        err.print(
+            f"[bold red]unknown load balancer[/] {escape(lb)} in site {inv.site} "
+            f"(known: {', '.join(b.name for b in inv.load_balancers) or 'none'}), given as --lb"
+        )
         raise typer.Exit(2)
     return arg
 
 
-def _ox_fields(version: str | None, server_name: str | None, update_node: str | None,
-               admin_node: str | None, schemata: str, force: bool, resume_from: str | None, skip: str,
-               concurrency: int | None, drive_tool: bool, schemata_per_run: int | None) -> dict[str, Any]:
+def _ox_fields(
+    version: str | None,
+    server_name: str | None,
+    update_node: str | None,
+    admin_node: str | None,
+    schemata: str,
+    force: bool,
+    resume_from: str | None,
+    skip: str,
+    concurrency: int | None,
+    drive_tool: bool,
+    schemata_per_run: int | None,
+) -> dict[str, Any]:
     """The OX options as input fields; None / empty means not given (zc.procedure_input)."""
-    return {"version": version, "server_name": server_name, "update_node": update_node,
-            "admin_node": admin_node, "schemata": _names(schemata), "force": force,
-            "resume_from": resume_from, "skip": _names(skip), "concurrency": concurrency,
-            "drive_tool": drive_tool, "schemata_per_run": schemata_per_run}
+    return {
+        "version": version,
+        "server_name": server_name,
+        "update_node": update_node,
+        "admin_node": admin_node,
+        "schemata": _names(schemata),
+        "force": force,
+        "resume_from": resume_from,
+        "skip": _names(skip),
+        "concurrency": concurrency,
+        "drive_tool": drive_tool,
+        "schemata_per_run": schemata_per_run,
+    }
 
 
 def _settings(options: list[str] | None) -> dict[str, dict[str, str]]:
@@ -203,11 +338,23 @@ def _settings(options: list[str] | None) -> dict[str, dict[str, str]]:
     return out
 
 
-def _blue_green_fields(lb: str | None, template: str | None, new_names: str, setting: list[str] | None,
-                       system_command: list[str] | None, drain_deadline: float | None) -> dict[str, Any]:
+def _blue_green_fields(
+    lb: str | None,
+    template: str | None,
+    new_names: str,
+    setting: list[str] | None,
+    system_command: list[str] | None,
+    drain_deadline: float | None,
+) -> dict[str, Any]:
     """The minor upgrade's options as input fields; None / empty means not given."""
-    return {"lb": lb, "template": template, "new_names": _names(new_names), "settings": _settings(setting),
-            "system_commands": tuple(system_command or ()), "drain_deadline_s": drain_deadline}
+    return {
+        "lb": lb,
+        "template": template,
+        "new_names": _names(new_names),
+        "settings": _settings(setting),
+        "system_commands": tuple(system_command or ()),
+        "drain_deadline_s": drain_deadline,
+    }
 
 
 def _check_procedure(procedure: str) -> None:
@@ -223,8 +370,10 @@ def _run(coro: Any) -> Any:
         return asyncio.run(coro)
     except RuntimeError as e:
         if "Failed client connect" in str(e) or "connect" in str(e).lower():
-            err.print(f"[bold red]cannot reach Temporal:[/] {e}\n"
-                      "start it with `zerodown server` (or `zerodown lab up`).")
+            err.print(
+                f"[bold red]cannot reach Temporal:[/] {e}\n"
+                "start it with `zerodown server` (or `zerodown lab up`)."
+            )
             raise typer.Exit(3) from None
         raise
 
@@ -234,8 +383,10 @@ def _run(coro: Any) -> Any:
 def validate(inventory: Annotated[Path, typer.Argument(help="site inventory (YAML)")]) -> None:
     """Validate an inventory; print every problem with its path."""
     inv = _load(inventory)
-    console.print(f"[green]ok[/] {inventory}: site {inv.site}, {len(inv.nodes)} node(s), "
-                  f"{len(inv.load_balancers)} load balancer(s), {len(inv.databases)} database(s)")
+    console.print(
+        f"[green]ok[/] {inventory}: site {inv.site}, {len(inv.nodes)} node(s), "
+        f"{len(inv.load_balancers)} load balancer(s), {len(inv.databases)} database(s)"
+    )
 
 
 @app.command()
@@ -250,16 +401,26 @@ def schema() -> None:
     print(json.dumps(inventory_schema(), indent=2))
 
 
-async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespace: str,
-                 task_queue: str, wait: bool, workflow_id: str | None) -> int:
+async def _start(
+    procedure: str,
+    inv: Inventory,
+    arg: Any,
+    address: str,
+    namespace: str,
+    task_queue: str,
+    wait: bool,
+    workflow_id: str | None,
+) -> int:
     from worker.main import connect
 
     client = await connect(address, namespace, tracing=False)
     try:
         handle = await zc.start_procedure(client, procedure, inv, arg, task_queue, workflow_id)
     except WorkflowAlreadyStartedError:
-        err.print(f"[bold red]a workflow with id {workflow_id} is already running[/]: "
-                  f"follow it with `zerodown watch {workflow_id}` or choose another --id")
+        err.print(
+            f"[bold red]a workflow with id {workflow_id} is already running[/]: "
+            f"follow it with `zerodown watch {workflow_id}` or choose another --id"
+        )
         return 2
     console.print(f"started [bold]{procedure}[/] as workflow [cyan]{handle.id}[/]")
     console.print(f"  web UI: http://127.0.0.1:8233/namespaces/{namespace}/workflows/{handle.id}")
@@ -268,8 +429,9 @@ async def _start(procedure: str, inv: Inventory, arg: Any, address: str, namespa
         return 0
     result_type = _result_type(procedure) or object
     with Live(console=console, refresh_per_second=4, transient=True) as live:
-        outcome = await zc.wait_with_status(client, handle, result_type, procedure,
-                                            lambda st: live.update(status_view(st)))
+        outcome = await zc.wait_with_status(
+            client, handle, result_type, procedure, lambda st: live.update(status_view(st))
+        )
     return _print_outcome(outcome)
 
 
@@ -324,17 +486,34 @@ def _print_outcome(outcome: zc.Outcome) -> int:
     return 0
 
 
-ContinueGate = Annotated[bool, typer.Option("--continue-gate", help=(
-    "after the first batch, wait for an approver of gate `continue` (a canary check)"))]
+ContinueGate = Annotated[
+    bool,
+    typer.Option(
+        "--continue-gate",
+        help=("after the first batch, wait for an approver of gate `continue` (a canary check)"),
+    ),
+]
 
 
-OnFailure = Annotated[str, typer.Option("--on-failure", help=(
-    "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort; ox-upgradeschemata: "
-    "failure:<step>@<schema>: retry / skip / revert / abort) or `rollback` at once (ox-upgradeschemata: "
-    "revert the schema and stop); default: the procedure's (rolling-deploy, minor-blue-green: rollback; "
-    "ss-*, ox-*: ask)"))]
-FailureTimeout = Annotated[float, typer.Option("--failure-gate-timeout", help=(
-    "seconds a failure gate waits before its default, rollback"))]
+OnFailure = Annotated[
+    str,
+    typer.Option(
+        "--on-failure",
+        help=(
+            "a failed step: `ask` (gate failure:<step>: retry / skip / rollback / abort; "
+            "ox-upgradeschemata: failure:<step>@<schema>: retry / skip / revert / abort) or `rollback` "
+            "at once (ox-upgradeschemata: revert the schema and stop); default: the procedure's "
+            "(rolling-deploy, minor-blue-green: rollback; "
+            "ss-*, ox-*: ask)"
+        ),
+    ),
+]
+FailureTimeout = Annotated[
+    float,
+    typer.Option(
+        "--failure-gate-timeout", help=("seconds a failure gate waits before its default, rollback")
+    ),
+]
 
 
 def _failure_options(on_failure: str, failure_timeout: float) -> dict[str, Any]:
@@ -355,86 +534,186 @@ def _starter() -> str:
 
 
 @app.command()
-def plan(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
-         continue_gate: ContinueGate = False,
-         version: VersionOpt = None, server_name: ServerNameOpt = None, update_node: UpdateNodeOpt = None,
-         admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
-         resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
-         drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
-         lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
-         setting: SettingOpt = None, system_command: SystemCommandOpt = None,
-         drain_deadline: DrainDeadlineOpt = None,
-         address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-         task_queue: TaskQueue = TASK_QUEUE) -> None:
+def plan(
+    procedure: str,
+    inventory: InventoryOpt,
+    package: PackageOpt = None,
+    nodes: NodesOpt = "",
+    continue_gate: ContinueGate = False,
+    version: VersionOpt = None,
+    server_name: ServerNameOpt = None,
+    update_node: UpdateNodeOpt = None,
+    admin_node: AdminNodeOpt = None,
+    schemata: SchemataOpt = "",
+    force: ForceOpt = False,
+    resume_from: ResumeFromOpt = None,
+    skip: SkipOpt = "",
+    concurrency: ConcurrencyOpt = None,
+    drive_tool: DriveToolOpt = False,
+    schemata_per_run: SchemataPerRunOpt = None,
+    lb: LbOpt = None,
+    template: TemplateOpt = None,
+    new_names: NewNamesOpt = "",
+    setting: SettingOpt = None,
+    system_command: SystemCommandOpt = None,
+    drain_deadline: DrainDeadlineOpt = None,
+    address: Address = DEFAULT_ADDRESS,
+    namespace: Namespace = "default",
+    task_queue: TaskQueue = TASK_QUEUE,
+) -> None:
     """Validate, run the read-only preflight on every target and print the plan and its hash.
     Changes nothing."""
     _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inv, package, nodes, dry_run=True, continue_gate=continue_gate,
-                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
-                           **_blue_green_fields(lb, template, new_names, setting, system_command,
-                                                drain_deadline))
+    arg = _procedure_input(
+        procedure,
+        inv,
+        package,
+        nodes,
+        dry_run=True,
+        continue_gate=continue_gate,
+        **_ox_fields(
+            version,
+            server_name,
+            update_node,
+            admin_node,
+            schemata,
+            force,
+            resume_from,
+            skip,
+            concurrency,
+            drive_tool,
+            schemata_per_run,
+        ),
+        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+    )
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
 
 @app.command()
-def start(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
-          continue_gate: ContinueGate = False,
-          gate_timeout: Annotated[float, typer.Option("--gate-timeout", help="seconds")] = 3600.0,
-          on_failure: OnFailure = "", failure_gate_timeout: FailureTimeout = 3600.0,
-          version: VersionOpt = None, server_name: ServerNameOpt = None, update_node: UpdateNodeOpt = None,
-          admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "", force: ForceOpt = False,
-          resume_from: ResumeFromOpt = None, skip: SkipOpt = "", concurrency: ConcurrencyOpt = None,
-          drive_tool: DriveToolOpt = False, schemata_per_run: SchemataPerRunOpt = None,
-          lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
-          setting: SettingOpt = None, system_command: SystemCommandOpt = None,
-          drain_deadline: DrainDeadlineOpt = None,
-          wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
-          workflow_id: Annotated[str | None, typer.Option("--id")] = None,
-          address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-          task_queue: TaskQueue = TASK_QUEUE) -> None:
+def start(
+    procedure: str,
+    inventory: InventoryOpt,
+    package: PackageOpt = None,
+    nodes: NodesOpt = "",
+    continue_gate: ContinueGate = False,
+    gate_timeout: Annotated[float, typer.Option("--gate-timeout", help="seconds")] = 3600.0,
+    on_failure: OnFailure = "",
+    failure_gate_timeout: FailureTimeout = 3600.0,
+    version: VersionOpt = None,
+    server_name: ServerNameOpt = None,
+    update_node: UpdateNodeOpt = None,
+    admin_node: AdminNodeOpt = None,
+    schemata: SchemataOpt = "",
+    force: ForceOpt = False,
+    resume_from: ResumeFromOpt = None,
+    skip: SkipOpt = "",
+    concurrency: ConcurrencyOpt = None,
+    drive_tool: DriveToolOpt = False,
+    schemata_per_run: SchemataPerRunOpt = None,
+    lb: LbOpt = None,
+    template: TemplateOpt = None,
+    new_names: NewNamesOpt = "",
+    setting: SettingOpt = None,
+    system_command: SystemCommandOpt = None,
+    drain_deadline: DrainDeadlineOpt = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+    workflow_id: Annotated[str | None, typer.Option("--id")] = None,
+    address: Address = DEFAULT_ADDRESS,
+    namespace: Namespace = "default",
+    task_queue: TaskQueue = TASK_QUEUE,
+) -> None:
     """Start a procedure (after validating its inputs) and follow it."""
     _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inv, package, nodes, continue_gate=continue_gate,
-                           gate_timeout_s=gate_timeout, started_by=_starter(),
-                           **_failure_options(on_failure, failure_gate_timeout),
-                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
-                           **_blue_green_fields(lb, template, new_names, setting, system_command,
-                                                drain_deadline))
-    raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait,
-                                 workflow_id)))
+    arg = _procedure_input(
+        procedure,
+        inv,
+        package,
+        nodes,
+        continue_gate=continue_gate,
+        gate_timeout_s=gate_timeout,
+        started_by=_starter(),
+        **_failure_options(on_failure, failure_gate_timeout),
+        **_ox_fields(
+            version,
+            server_name,
+            update_node,
+            admin_node,
+            schemata,
+            force,
+            resume_from,
+            skip,
+            concurrency,
+            drive_tool,
+            schemata_per_run,
+        ),
+        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+    )
+    raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait, workflow_id)))
 
 
 @app.command("input")
-def input_json(procedure: str, inventory: InventoryOpt, package: PackageOpt = None, nodes: NodesOpt = "",
-               dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
-               continue_gate: ContinueGate = False,
-               gate_timeout: Annotated[float | None, typer.Option(
-                   "--gate-timeout", help="seconds (default: the procedure's)")] = None,
-               on_failure: OnFailure = "", failure_gate_timeout: FailureTimeout = 3600.0,
-               version: VersionOpt = None, server_name: ServerNameOpt = None,
-               update_node: UpdateNodeOpt = None, admin_node: AdminNodeOpt = None, schemata: SchemataOpt = "",
-               force: ForceOpt = False, resume_from: ResumeFromOpt = None, skip: SkipOpt = "",
-               concurrency: ConcurrencyOpt = None, drive_tool: DriveToolOpt = False,
-               schemata_per_run: SchemataPerRunOpt = None,
-               lb: LbOpt = None, template: TemplateOpt = None, new_names: NewNamesOpt = "",
-               setting: SettingOpt = None, system_command: SystemCommandOpt = None,
-               drain_deadline: DrainDeadlineOpt = None) -> None:
+def input_json(
+    procedure: str,
+    inventory: InventoryOpt,
+    package: PackageOpt = None,
+    nodes: NodesOpt = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    continue_gate: ContinueGate = False,
+    gate_timeout: Annotated[
+        float | None, typer.Option("--gate-timeout", help="seconds (default: the procedure's)")
+    ] = None,
+    on_failure: OnFailure = "",
+    failure_gate_timeout: FailureTimeout = 3600.0,
+    version: VersionOpt = None,
+    server_name: ServerNameOpt = None,
+    update_node: UpdateNodeOpt = None,
+    admin_node: AdminNodeOpt = None,
+    schemata: SchemataOpt = "",
+    force: ForceOpt = False,
+    resume_from: ResumeFromOpt = None,
+    skip: SkipOpt = "",
+    concurrency: ConcurrencyOpt = None,
+    drive_tool: DriveToolOpt = False,
+    schemata_per_run: SchemataPerRunOpt = None,
+    lb: LbOpt = None,
+    template: TemplateOpt = None,
+    new_names: NewNamesOpt = "",
+    setting: SettingOpt = None,
+    system_command: SystemCommandOpt = None,
+    drain_deadline: DrainDeadlineOpt = None,
+) -> None:
     """Print a procedure's workflow input as JSON, for `temporal workflow start --input`."""
     import json
 
     _check_procedure(procedure)
     inv = _load(inventory)
-    arg = _procedure_input(procedure, inv, package, nodes, dry_run=dry_run, continue_gate=continue_gate,
-                           gate_timeout_s=gate_timeout, started_by=_starter(),
-                           **_failure_options(on_failure, failure_gate_timeout),
-                           **_ox_fields(version, server_name, update_node, admin_node, schemata, force,
-                                        resume_from, skip, concurrency, drive_tool, schemata_per_run),
-                           **_blue_green_fields(lb, template, new_names, setting, system_command,
-                                                drain_deadline))
+    arg = _procedure_input(
+        procedure,
+        inv,
+        package,
+        nodes,
+        dry_run=dry_run,
+        continue_gate=continue_gate,
+        gate_timeout_s=gate_timeout,
+        started_by=_starter(),
+        **_failure_options(on_failure, failure_gate_timeout),
+        **_ox_fields(
+            version,
+            server_name,
+            update_node,
+            admin_node,
+            schemata,
+            force,
+            resume_from,
+            skip,
+            concurrency,
+            drive_tool,
+            schemata_per_run,
+        ),
+        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+    )
     print(json.dumps(dataclasses.asdict(arg)))
 
 
@@ -456,8 +735,11 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
     if not follow:
         st = await zc.run_status(client, handle, wf_type)
         p = st.progress
-        rows: dict[str, object] = {"procedure": wf_type, "status": status.name if status else "?",
-                                   "phase": p.phase}
+        rows: dict[str, object] = {
+            "procedure": wf_type,
+            "status": status.name if status else "?",
+            "phase": p.phase,
+        }
         if p.nodes_total:
             rows["nodes done"] = f"{len(p.nodes_done)}/{p.nodes_total}"
         if st.schemata is not None:
@@ -476,28 +758,30 @@ async def _status(workflow_id: str, address: str, namespace: str, follow: bool) 
     # Transient: the outcome below prints the steps again, and the last live frame may show a
     # phase the run had already left when it ended.
     with Live(console=console, refresh_per_second=4, transient=True) as live:
-        outcome = await zc.wait_with_status(client, handle, _result_type(wf_type) or object, wf_type,
-                                            lambda st: live.update(status_view(st, last=30)))
+        outcome = await zc.wait_with_status(
+            client,
+            handle,
+            _result_type(wf_type) or object,
+            wf_type,
+            lambda st: live.update(status_view(st, last=30)),
+        )
     return _print_outcome(outcome)
 
 
 @app.command()
-def status(workflow_id: str, address: Address = DEFAULT_ADDRESS,
-           namespace: Namespace = "default") -> None:
+def status(workflow_id: str, address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
     """Print a procedure's phase and every step so far."""
     raise typer.Exit(_run(_status(workflow_id, address, namespace, follow=False)))
 
 
 @app.command()
-def watch(workflow_id: str, address: Address = DEFAULT_ADDRESS,
-          namespace: Namespace = "default") -> None:
+def watch(workflow_id: str, address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
     """Follow a running procedure live until it ends."""
     raise typer.Exit(_run(_status(workflow_id, address, namespace, follow=True)))
 
 
 @app.command()
-def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
-           namespace: Namespace = "default") -> None:
+def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
     """Replay a workflow's history through the current code (determinism check)."""
     from worker.main import connect
 
@@ -514,16 +798,26 @@ def replay(workflow_id: str, address: Address = DEFAULT_ADDRESS,
         raise typer.Exit(1) from None
 
 
-async def _decide(workflow_id: str, approve: bool, gate: str, by: str, plan_hash: str,
-                  comment: str, address: str, namespace: str, choice: str = "") -> int:
+async def _decide(
+    workflow_id: str,
+    approve: bool,
+    gate: str,
+    by: str,
+    plan_hash: str,
+    comment: str,
+    address: str,
+    namespace: str,
+    choice: str = "",
+) -> int:
     from worker.main import connect
     from workflows.gates import Decision
 
     client = await connect(address, namespace, tracing=False)
     handle = client.get_workflow_handle(workflow_id)
     try:
-        record = await zc.decide(handle, approve, Decision(gate=gate, by=by, plan_hash=plan_hash,
-                                                           comment=comment, choice=choice))
+        record = await zc.decide(
+            handle, approve, Decision(gate=gate, by=by, plan_hash=plan_hash, comment=comment, choice=choice)
+        )
     except zc.DecisionRefused as e:
         err.print(f"[bold red]refused:[/] {e}")
         return 2
@@ -539,37 +833,69 @@ CommentOpt = Annotated[str, typer.Option("--comment")]
 
 
 @app.command()
-def approve(workflow_id: str, gate: GateOpt, by: ByOpt, plan_hash: PlanHashOpt, comment: CommentOpt = "",
-            address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
+def approve(
+    workflow_id: str,
+    gate: GateOpt,
+    by: ByOpt,
+    plan_hash: PlanHashOpt,
+    comment: CommentOpt = "",
+    address: Address = DEFAULT_ADDRESS,
+    namespace: Namespace = "default",
+) -> None:
     """Approve a gate a procedure waits at (refused at once if you may not)."""
     raise typer.Exit(_run(_decide(workflow_id, True, gate, by, plan_hash, comment, address, namespace)))
 
 
 @app.command()
-def reject(workflow_id: str, gate: GateOpt, by: ByOpt, plan_hash: PlanHashOpt, comment: CommentOpt = "",
-           address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default") -> None:
+def reject(
+    workflow_id: str,
+    gate: GateOpt,
+    by: ByOpt,
+    plan_hash: PlanHashOpt,
+    comment: CommentOpt = "",
+    address: Address = DEFAULT_ADDRESS,
+    namespace: Namespace = "default",
+) -> None:
     """Reject a gate (the procedure rolls back)."""
     raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace)))
 
 
-ChoiceOpt = Annotated[str, typer.Option("--choice", help="one of the gate's choices, e.g. for a failure "
-                                        "gate: retry, skip (skippable steps), rollback, abort")]
+ChoiceOpt = Annotated[
+    str,
+    typer.Option(
+        "--choice",
+        help="one of the gate's choices, e.g. for a failure "
+        "gate: retry, skip (skippable steps), rollback, abort",
+    ),
+]
 
 
 @app.command()
-def resolve(workflow_id: str, gate: GateOpt, choice: ChoiceOpt, by: ByOpt, plan_hash: PlanHashOpt,
-            comment: CommentOpt = "", address: Address = DEFAULT_ADDRESS,
-            namespace: Namespace = "default") -> None:
+def resolve(
+    workflow_id: str,
+    gate: GateOpt,
+    choice: ChoiceOpt,
+    by: ByOpt,
+    plan_hash: PlanHashOpt,
+    comment: CommentOpt = "",
+    address: Address = DEFAULT_ADDRESS,
+    namespace: Namespace = "default",
+) -> None:
     """Decide a choice gate, e.g. `failure:N5@node2` (retry / skip / rollback / abort)."""
-    raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace,
-                                  choice=choice)))
+    raise typer.Exit(
+        _run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace, choice=choice))
+    )
 
 
 # ---------------------------------------------------------------- servers
 @app.command()
-def server(root: LabRoot = Path(".lab"), port: int = 7233, ui_port: int = 8233,
-           stop: Annotated[bool, typer.Option("--stop")] = False,
-           show: Annotated[bool, typer.Option("--status")] = False) -> None:
+def server(
+    root: LabRoot = Path(".lab"),
+    port: int = 7233,
+    ui_port: int = 8233,
+    stop: Annotated[bool, typer.Option("--stop")] = False,
+    show: Annotated[bool, typer.Option("--status")] = False,
+) -> None:
     """Start (or --stop) the Temporal dev server in the background, persistent in ROOT/temporal.db."""
     from lab import devserver
 
@@ -585,8 +911,9 @@ def server(root: LabRoot = Path(".lab"), port: int = 7233, ui_port: int = 8233,
 
 
 @app.command()
-def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
-           task_queue: TaskQueue = TASK_QUEUE) -> None:
+def worker(
+    address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default", task_queue: TaskQueue = TASK_QUEUE
+) -> None:
     """Run a worker (every workflow and activity) in the foreground."""
     import logging
 
@@ -597,8 +924,9 @@ def worker(address: Address = DEFAULT_ADDRESS, namespace: Namespace = "default",
 
 
 # ---------------------------------------------------------------- the lab
-def _lab_cfg(root: Path, nodes: int | None = None, ox_nodes: int | None = None,
-             ox_schemata: int | None = None) -> Any:
+def _lab_cfg(
+    root: Path, nodes: int | None = None, ox_nodes: int | None = None, ox_schemata: int | None = None
+) -> Any:
     """The lab's config; for an existing lab, the node counts and ports it was built with."""
     import json
 
@@ -608,31 +936,44 @@ def _lab_cfg(root: Path, nodes: int | None = None, ox_nodes: int | None = None,
         state = json.loads((root / "lab.json").read_text())
     except (OSError, ValueError):
         state = {}
-    return LabConfig(root=root, nodes=nodes or int(state.get("nodes", 3)),
-                     port_base=int(state.get("port_base", 18000)),
-                     temporal_port=int(state.get("temporal_port", 7233)),
-                     temporal_ui_port=int(state.get("temporal_ui_port", 8233)),
-                     ox_nodes=int(state.get("ox_nodes", 0)) if ox_nodes is None else ox_nodes,
-                     ox_schemata=ox_schemata or int(state.get("ox_schemata", 20)))
+    return LabConfig(
+        root=root,
+        nodes=nodes or int(state.get("nodes", 3)),
+        port_base=int(state.get("port_base", 18000)),
+        temporal_port=int(state.get("temporal_port", 7233)),
+        temporal_ui_port=int(state.get("temporal_ui_port", 8233)),
+        ox_nodes=int(state.get("ox_nodes", 0)) if ox_nodes is None else ox_nodes,
+        ox_schemata=ox_schemata or int(state.get("ox_schemata", 20)),
+    )
 
 
 @lab_app.command("up")
-def lab_up(nodes: int = 3, root: LabRoot = Path(".lab"),
-           temporal: Annotated[bool, typer.Option("--temporal/--no-temporal")] = True,
-           ox: Annotated[bool | None, typer.Option(
-               "--ox/--no-ox", help="with the Open-Xchange cluster (default: as last started)")] = None,
-           ox_nodes: Annotated[int | None, typer.Option(
-               "--ox-nodes", min=1, max=9, help="OX middleware nodes (implies --ox; default 3)")] = None,
-           ox_schemata: Annotated[int | None, typer.Option(
-               "--ox-schemata", min=1, help="schemata of a new OX config DB (default 20)")] = None) -> None:
+def lab_up(
+    nodes: int = 3,
+    root: LabRoot = Path(".lab"),
+    temporal: Annotated[bool, typer.Option("--temporal/--no-temporal")] = True,
+    ox: Annotated[
+        bool | None,
+        typer.Option("--ox/--no-ox", help="with the Open-Xchange cluster (default: as last started)"),
+    ] = None,
+    ox_nodes: Annotated[
+        int | None,
+        typer.Option("--ox-nodes", min=1, max=9, help="OX middleware nodes (implies --ox; default 3)"),
+    ] = None,
+    ox_schemata: Annotated[
+        int | None, typer.Option("--ox-schemata", min=1, help="schemata of a new OX config DB (default 20)")
+    ] = None,
+) -> None:
     """Build and start the lab; writes ROOT/site.yaml (and ROOT/ox-site.yaml with --ox)."""
     from lab import manager
 
     count = 0 if ox is False else ox_nodes or (3 if ox else None)
     cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata)
     site = asyncio.run(manager.lab_up(cfg, with_temporal=temporal))
-    console.print(f"[green]lab up[/]: inventory {site}"
-                  + (f", OX cluster inventory {cfg.ox_site_yaml}" if cfg.ox_nodes else ""))
+    console.print(
+        f"[green]lab up[/]: inventory {site}"
+        + (f", OX cluster inventory {cfg.ox_site_yaml}" if cfg.ox_nodes else "")
+    )
 
 
 @lab_app.command("down")
@@ -664,23 +1005,44 @@ def lab_reset(root: LabRoot = Path(".lab")) -> None:
     console.print("lab reset to v1")
 
 
-OxProbeOpt = Annotated[bool, typer.Option("--ox", help=(
-    "OX logins through the OX main frontend instead (the lab's OX part: lab up --ox)"))]
-PerSchemaOpt = Annotated[int, typer.Option("--contexts-per-schema", min=1, help=(
-    "--ox: contexts of each schema to log in to"))]
+OxProbeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ox", help=("OX logins through the OX main frontend instead (the lab's OX part: lab up --ox)")
+    ),
+]
+PerSchemaOpt = Annotated[
+    int, typer.Option("--contexts-per-schema", min=1, help=("--ox: contexts of each schema to log in to"))
+]
 
 
 @lab_app.command("probe")
-def lab_probe(rate: float = 100.0, duration: float = 0.0, root: LabRoot = Path(".lab"),
-              ox: OxProbeOpt = False, per_schema: PerSchemaOpt = 1) -> None:
+def lab_probe(
+    rate: float = 100.0,
+    duration: float = 0.0,
+    root: LabRoot = Path(".lab"),
+    ox: OxProbeOpt = False,
+    per_schema: PerSchemaOpt = 1,
+) -> None:
     """Send traffic through the main frontend (or, with --ox, OX logins through the OX main
     frontend), recording every failure (Ctrl-C to stop)."""
     import subprocess
 
     cfg = _lab_cfg(root)
     if not ox:
-        cmd = [sys.executable, "-m", "lab.probe", "--url", cfg.main_url, "--rate", str(rate),
-               "--out", str(cfg.probe_log), "--summary", str(cfg.probe_summary)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lab.probe",
+            "--url",
+            cfg.main_url,
+            "--rate",
+            str(rate),
+            "--out",
+            str(cfg.probe_log),
+            "--summary",
+            str(cfg.probe_summary),
+        ]
     else:
         cmd = _ox_probe_command(cfg, rate, per_schema)
     if duration:
@@ -699,28 +1061,47 @@ def _ox_probe_command(cfg: LabConfig, rate: float, per_schema: int) -> list[str]
     try:
         targets = lab_targets(cfg, per_schema)
     except Exception as e:  # the DB down, or not an OX config DB: say so, not a traceback
-        err.print(f"[bold red]cannot read the OX contexts from the lab's config DB:[/] {escape(str(e))}\n"
-                  "is the lab up (`zerodown lab status`)?")
+        err.print(
+            f"[bold red]cannot read the OX contexts from the lab's config DB:[/] {escape(str(e))}\n"
+            "is the lab up (`zerodown lab status`)?"
+        )
         raise typer.Exit(2) from None
     root = cfg.abs_root
     path = write_targets(root / "ox-probe.targets.json", targets)
     out, summary = root / "ox-probe.jsonl", root / "ox-probe-summary.json"
-    console.print(f"OX probe: {len(targets)} contexts of {len({t.schema for t in targets})} schemata via "
-                  f"{cfg.ox_main_url}; events {out}, summary {summary}")
-    return [sys.executable, "-m", "lab.ox.probe", "--url", cfg.ox_main_url, "--rate", str(rate),
-            "--targets", str(path), "--out", str(out), "--summary", str(summary)]
+    console.print(
+        f"OX probe: {len(targets)} contexts of {len({t.schema for t in targets})} schemata via "
+        f"{cfg.ox_main_url}; events {out}, summary {summary}"
+    )
+    return [
+        sys.executable,
+        "-m",
+        "lab.ox.probe",
+        "--url",
+        cfg.ox_main_url,
+        "--rate",
+        str(rate),
+        "--targets",
+        str(path),
+        "--out",
+        str(out),
+        "--summary",
+        str(summary),
+    ]
 
 
-lab_inject_app = typer.Typer(help="Inject faults into the lab (undone by `zerodown lab reset`).",
-                             no_args_is_help=True)
+lab_inject_app = typer.Typer(
+    help="Inject faults into the lab (undone by `zerodown lab reset`).", no_args_is_help=True
+)
 lab_app.add_typer(lab_inject_app, name="inject")
 
 
 @lab_inject_app.command("migration-fail")
 def lab_inject_migration_fail(
-        database: Annotated[str, typer.Option("--database", help="the database the migration must fail in")],
-        off: Annotated[bool, typer.Option("--off", help="remove the fault instead")] = False,
-        root: LabRoot = Path(".lab")) -> None:
+    database: Annotated[str, typer.Option("--database", help="the database the migration must fail in")],
+    off: Annotated[bool, typer.Option("--off", help="remove the fault instead")] = False,
+    root: LabRoot = Path(".lab"),
+) -> None:
     """Make the lab's migration 2 (002_up.sql) fail in DATABASE (or work again with --off)."""
     from lab import mariadb
 

@@ -43,17 +43,26 @@ class UnknownProcedureError(ProcedureInputError):
 
 
 # Input fields whose CLI option is not simply the field's name.
-_CLI_OPTION = {"only_nodes": "--nodes", "package_path": "--package", "gate_timeout_s": "--gate-timeout",
-               "failure_gate_timeout_s": "--failure-gate-timeout", "settings": "--setting",
-               "system_commands": "--system-command", "drain_deadline_s": "--drain-deadline"}
+_CLI_OPTION = {
+    "only_nodes": "--nodes",
+    "package_path": "--package",
+    "gate_timeout_s": "--gate-timeout",
+    "failure_gate_timeout_s": "--failure-gate-timeout",
+    "settings": "--setting",
+    "system_commands": "--system-command",
+    "drain_deadline_s": "--drain-deadline",
+}
 # CLI options that fill a differently named field depending on the procedure: `--nodes` is
 # rolling-deploy's `only_nodes` (deploy only these) but ox-node-upgrade's `nodes` (the
 # upgrade order); the first field the procedure's input has is used.
 _ALIASES = {"nodes": ("only_nodes", "nodes")}
 # What a missing required option is, for the error message.
-_WHAT = {"package_path": "the release package, a zip", "version": "the release to install",
-         "server_name": "the new server's name, upgradeschemata -n",
-         "update_node": "the node with the new release, where runupdate runs"}
+_WHAT = {
+    "package_path": "the release package, a zip",
+    "version": "the release to install",
+    "server_name": "the new server's name, upgradeschemata -n",
+    "update_node": "the node with the new release, where runupdate runs",
+}
 
 
 def option_name(field_name: str) -> str:
@@ -68,7 +77,8 @@ def _given(value: Any) -> bool:
 def input_fields(procedure: str) -> set[str]:
     if procedure not in PROCEDURES:
         raise UnknownProcedureError(
-            f"unknown procedure {procedure!r} (known: {', '.join(sorted(PROCEDURES))})")
+            f"unknown procedure {procedure!r} (known: {', '.join(sorted(PROCEDURES))})"
+        )
     return {f.name for f in dataclasses.fields(INPUTS[procedure])}
 
 
@@ -89,12 +99,18 @@ def procedure_input(procedure: str, **options: Any) -> Any:
             fields[name] = value
     if unusable:
         raise ProcedureInputError(f"{procedure} does not take {', '.join(sorted(unusable))}")
-    missing = [f.name for f in dataclasses.fields(INPUTS[procedure])
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and not _given(fields.get(f.name))]
+    missing = [
+        f.name
+        for f in dataclasses.fields(INPUTS[procedure])
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and not _given(fields.get(f.name))
+    ]
     if missing:
-        raise ProcedureInputError(f"{procedure} needs " + ", ".join(
-            option_name(m) + (f" ({_WHAT[m]})" if m in _WHAT else "") for m in missing))
+        raise ProcedureInputError(
+            f"{procedure} needs "
+            + ", ".join(option_name(m) + (f" ({_WHAT[m]})" if m in _WHAT else "") for m in missing)
+        )
     return INPUTS[procedure](**fields)
 
 
@@ -103,21 +119,35 @@ def new_workflow_id(procedure: str, site: str, now: datetime | None = None) -> s
     return f"{procedure}-{re.sub(r'[^A-Za-z0-9_.-]', '-', site)}-{stamp}"
 
 
-async def start_procedure(client: Client, procedure: str, inventory: Inventory, arg: Any,
-                          task_queue: str, workflow_id: str | None = None) -> WorkflowHandle[Any, Any]:
+async def start_procedure(
+    client: Client,
+    procedure: str,
+    inventory: Inventory,
+    arg: Any,
+    task_queue: str,
+    workflow_id: str | None = None,
+) -> WorkflowHandle[Any, Any]:
     """Start a procedure, tagged with search attributes (skipped if the server lacks them)."""
     wf_id = workflow_id or new_workflow_id(procedure, inventory.site)
-    attrs = TypedSearchAttributes([SearchAttributePair(PROCEDURE_KEY, procedure),
-                                   SearchAttributePair(SITE_KEY, inventory.site)])
+    attrs = TypedSearchAttributes(
+        [SearchAttributePair(PROCEDURE_KEY, procedure), SearchAttributePair(SITE_KEY, inventory.site)]
+    )
     try:
-        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue,
-                                           search_attributes=attrs, task_timeout=timeouts.WORKFLOW_TASK)
+        return await client.start_workflow(
+            procedure,
+            arg,
+            id=wf_id,
+            task_queue=task_queue,
+            search_attributes=attrs,
+            task_timeout=timeouts.WORKFLOW_TASK,
+        )
     except RPCError as e:
         if "search attribute" not in str(e).lower():
             raise
         # A server that was not started by `zerodown server` may lack our attributes.
-        return await client.start_workflow(procedure, arg, id=wf_id, task_queue=task_queue,
-                                           task_timeout=timeouts.WORKFLOW_TASK)
+        return await client.start_workflow(
+            procedure, arg, id=wf_id, task_queue=task_queue, task_timeout=timeouts.WORKFLOW_TASK
+        )
 
 
 async def progress(handle: WorkflowHandle[Any, Any]) -> Progress:
@@ -132,10 +162,15 @@ class Outcome:
     error: str | None
 
 
-async def wait_with_progress(client: Client, handle: WorkflowHandle[Any, Any], result_type: type,
-                             on_progress: Callable[[Progress], None] | None = None,
-                             interval_s: float = 0.5) -> Outcome:
+async def wait_with_progress(
+    client: Client,
+    handle: WorkflowHandle[Any, Any],
+    result_type: type,
+    on_progress: Callable[[Progress], None] | None = None,
+    interval_s: float = 0.5,
+) -> Outcome:
     """Wait for the result, calling on_progress with the live timeline meanwhile."""
+
     async def tick() -> None:
         if on_progress is not None:
             on_progress(await progress(handle))
@@ -143,19 +178,30 @@ async def wait_with_progress(client: Client, handle: WorkflowHandle[Any, Any], r
     return await _wait(client, handle, result_type, tick, interval_s)
 
 
-async def wait_with_status(client: Client, handle: WorkflowHandle[Any, Any], result_type: type,
-                           procedure: str, on_status: Callable[[RunStatus], None],
-                           interval_s: float = 0.5) -> Outcome:
+async def wait_with_status(
+    client: Client,
+    handle: WorkflowHandle[Any, Any],
+    result_type: type,
+    procedure: str,
+    on_status: Callable[[RunStatus], None],
+    interval_s: float = 0.5,
+) -> Outcome:
     """Wait for the result, calling on_status with the live RunStatus meanwhile (the
     timeline plus what the procedure tells apart: OX schemata, a running child)."""
+
     async def tick() -> None:
         on_status(await run_status(client, handle, procedure))
 
     return await _wait(client, handle, result_type, tick, interval_s)
 
 
-async def _wait(client: Client, handle: WorkflowHandle[Any, Any], result_type: type,
-                tick: Callable[[], Awaitable[None]], interval_s: float) -> Outcome:
+async def _wait(
+    client: Client,
+    handle: WorkflowHandle[Any, Any],
+    result_type: type,
+    tick: Callable[[], Awaitable[None]],
+    interval_s: float,
+) -> Outcome:
     typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=result_type)
     task = asyncio.ensure_future(typed.result())
     try:
@@ -214,8 +260,7 @@ def child_steps(p: Progress) -> list[tuple[str, str | None, str]]:
 
 async def schemata_progress(handle: WorkflowHandle[Any, Any]) -> OxSchemataProgress | None:
     """ox-upgradeschemata's `schemata` query; None before its walk started (preflight)."""
-    result: OxSchemataProgress | None = await handle.query(
-        "schemata", result_type=OxSchemataProgress | None)  # type: ignore[arg-type]
+    result: OxSchemataProgress | None = await handle.query("schemata", result_type=OxSchemataProgress | None)  # type: ignore[arg-type]
     return result
 
 
@@ -229,8 +274,11 @@ async def run_status(client: Client, handle: WorkflowHandle[Any, Any], procedure
         if state == "running":
             # Only the running child is asked: a finished one's result is in the parent's.
             ch = client.get_workflow_handle(wf_id)
-            child = dataclasses.replace(child, schemata=await _optional(schemata_progress(ch)),
-                                        gates=tuple(await _optional(pending_gates(ch)) or ()))
+            child = dataclasses.replace(
+                child,
+                schemata=await _optional(schemata_progress(ch)),
+                gates=tuple(await _optional(pending_gates(ch)) or ()),
+            )
         children.append(child)
     return RunStatus(progress=p, children=tuple(children))
 
@@ -288,9 +336,13 @@ async def replay(client: Client, workflow_id: str, run_id: str | None = None) ->
     return f"{workflow_id}: {len(history.events)} events replayed on the current code, deterministic"
 
 
-async def auto_approve(handle: WorkflowHandle[Any, Any], approver: Callable[[Any], str | None],
-                       comment: str, interval_s: float = 0.3,
-                       on_decision: Callable[[Any], None] | None = None) -> list[Any]:
+async def auto_approve(
+    handle: WorkflowHandle[Any, Any],
+    approver: Callable[[Any], str | None],
+    comment: str,
+    interval_s: float = 0.3,
+    on_decision: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """Approve every approve / reject gate the run waits at, until it ends (the demo and the
     bench: a person does this in production). Choice gates (`failure:*`) are left alone, so a
     failure still rolls back by its default. `approver(pending_gate)` names who approves
@@ -313,8 +365,9 @@ async def auto_approve(handle: WorkflowHandle[Any, Any], approver: Callable[[Any
             if by is None:
                 continue
             try:
-                record = await decide(handle, True, Decision(gate=g.gate, by=by, plan_hash=g.plan_hash,
-                                                             comment=comment))
+                record = await decide(
+                    handle, True, Decision(gate=g.gate, by=by, plan_hash=g.plan_hash, comment=comment)
+                )
             except DecisionRefused:
                 continue  # decided meanwhile (or no longer waiting): look again
             records.append(record)

@@ -38,8 +38,11 @@ def start_worker(cfg: LabConfig, restart: bool = False) -> None:
         procs.stop_pidfile(cfg.worker_pidfile, expect="worker")
     elif procs.pid_alive(cfg.worker_pidfile):
         return
-    procs.start_background([sys.executable, "-m", "worker", "--address", cfg.temporal_address,
-                            "--task-queue", TASK_QUEUE], cfg.worker_pidfile, cfg.worker_log)
+    procs.start_background(
+        [sys.executable, "-m", "worker", "--address", cfg.temporal_address, "--task-queue", TASK_QUEUE],
+        cfg.worker_pidfile,
+        cfg.worker_log,
+    )
 
 
 async def node_versions(cfg: LabConfig) -> dict[str, str]:
@@ -57,8 +60,11 @@ async def node_versions(cfg: LabConfig) -> dict[str, str]:
 async def _enforce_version_match(inv: Inventory, on: bool) -> None:
     """The lab app shows Secret Server's version mismatch page only when the site enforces it."""
     assert inv.application.admin is not None
-    await app_admin.set_settings(app_admin.SettingsRequest(
-        base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on))
+    await app_admin.set_settings(
+        app_admin.SettingsRequest(
+            base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on
+        )
+    )
 
 
 async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
@@ -82,14 +88,21 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
     try:
         client = await connect(cfg.temporal_address, tracing=False)
         handle = await zc.start_procedure(
-            client, PROCEDURE, inv,
+            client,
+            PROCEDURE,
+            inv,
             SsRollingInput(inventory=inv, package_path=str(cfg.package(2)), started_by=DEMO_STARTER),
-            TASK_QUEUE)
-        console.print(f"{PROCEDURE} started: workflow [cyan]{handle.id}[/] "
-                      f"(probe at {rate:g} req/s through {cfg.main_url})")
-        console.print("[bold yellow]note:[/] the demo approves the gates staging-test and upgrade-successful "
-                      "itself, as 'alice'; in production a person listed in the inventory decides "
-                      "(`zerodown approve`, the Web UI or `temporal workflow update`)")
+            TASK_QUEUE,
+        )
+        console.print(
+            f"{PROCEDURE} started: workflow [cyan]{handle.id}[/] "
+            f"(probe at {rate:g} req/s through {cfg.main_url})"
+        )
+        console.print(
+            "[bold yellow]note:[/] the demo approves the gates staging-test and upgrade-successful "
+            "itself, as 'alice'; in production a person listed in the inventory decides "
+            "(`zerodown approve`, the Web UI or `temporal workflow update`)"
+        )
 
         def approver(gate: PendingGate) -> str:
             return "alice"
@@ -101,8 +114,9 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
 
         approvals = asyncio.ensure_future(zc.auto_approve(handle, approver, AUTO_COMMENT, on_decision=said))
         with Live(console=console, refresh_per_second=4, transient=True) as live:
-            outcome = await zc.wait_with_progress(client, handle, SsRollingResult,
-                                                  lambda p: live.update(progress_view(p)))
+            outcome = await zc.wait_with_progress(
+                client, handle, SsRollingResult, lambda p: live.update(progress_view(p))
+            )
         await approvals
         audit = await app_admin.list_audit(inv.nodes[0].url, inv.application.admin)  # type: ignore[arg-type]
     finally:
@@ -115,10 +129,14 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
         res: SsRollingResult = outcome.result
         console.print(steps_table(res.steps, title=f"{PROCEDURE} steps"))
         total_s = sum(s.duration_s or 0 for s in res.steps)
-        console.print(f"procedure: {len(res.steps)} steps, {total_s:.1f}s of step time; groups A: "
-                      f"{', '.join(res.group_a)}, B: {', '.join(res.group_b)} (B first)")
-        console.print(f"upgrade zip: {len(res.upgrade_zip_files)} changed file(s) ({res.upgrade_zip}); "
-                      f"SQL script: {res.sql_script}")
+        console.print(
+            f"procedure: {len(res.steps)} steps, {total_s:.1f}s of step time; groups A: "
+            f"{', '.join(res.group_a)}, B: {', '.join(res.group_b)} (B first)"
+        )
+        console.print(
+            f"upgrade zip: {len(res.upgrade_zip_files)} changed file(s) ({res.upgrade_zip}); "
+            f"SQL script: {res.sql_script}"
+        )
         kept = [line for line in res.merge_report if ": kept " in line]
         if kept:
             console.print("per-node config customisations carried onto the new defaults:")
@@ -126,17 +144,34 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
                 console.print(f"  {line}")
     else:
         console.print(f"[bold red]{PROCEDURE} failed:[/] {outcome.error}")
-    console.print(kv_table("gates (decided by the demo, not by a person)",
-                           {str(i): d for i, d in enumerate(decisions, start=1)} or {"-": "none"}))
-    console.print(kv_table("audit trail (tbAudit, ManualUpgrade)",
-                           {str(e.audit_id): f"{e.action}: {e.notes}" for e in audit}))
+    console.print(
+        kv_table(
+            "gates (decided by the demo, not by a person)",
+            {str(i): d for i, d in enumerate(decisions, start=1)} or {"-": "none"},
+        )
+    )
+    console.print(
+        kv_table(
+            "audit trail (tbAudit, ManualUpgrade)", {str(e.audit_id): f"{e.action}: {e.notes}" for e in audit}
+        )
+    )
     console.print(kv_table("versions per node", versions))
-    console.print(kv_table("traffic probe", {
-        "requests": summary.get("total", "?"), "failed": summary.get("failed", "?"),
-        "refused (maintenance mode, not failures)": summary.get("refused", "?"),
-        "by node": summary.get("by_node", {}), "failures log": cfg.probe_log}))
+    console.print(
+        kv_table(
+            "traffic probe",
+            {
+                "requests": summary.get("total", "?"),
+                "failed": summary.get("failed", "?"),
+                "refused (maintenance mode, not failures)": summary.get("refused", "?"),
+                "by node": summary.get("by_node", {}),
+                "failures log": cfg.probe_log,
+            },
+        )
+    )
     console.print(f"failed={summary.get('failed', '?')} refused={summary.get('refused', '?')}")
-    console.print(f"Temporal web UI: http://127.0.0.1:{cfg.temporal_ui_port}/namespaces/default/"
-                  f"workflows/{handle.id}", soft_wrap=True)
+    console.print(
+        f"Temporal web UI: http://127.0.0.1:{cfg.temporal_ui_port}/namespaces/default/workflows/{handle.id}",
+        soft_wrap=True,
+    )
     console.print("The lab keeps running: try `zerodown lab status`; stop it with `make lab-down`.")
     return 0 if outcome.ok and summary.get("failed") == 0 else 1

@@ -54,14 +54,34 @@ NEW_SCHEMA = 2
 FRONTENDS = {"main": "http://127.0.0.1:8080", "test": "http://127.0.0.1:8081"}
 WARM = DatabaseEndpoint(host="127.0.0.2", port=3307)
 # The calls that change the site (the rest only read it).
-MUTATING = frozenset({
-    "db_backup", "db_restore", "db_drop_database", "db_apply_migration", "db_init_warm_replica",
-    "db_stop_replication", "db_promote_warm_replica", "db_release_warm_replica", "provision_create",
-    "provision_start", "provision_destroy", "provision_array_disable", "provision_array_enable",
-    "run_node_command", "save_settings_copy", "set_config_values", "deploy_package", "start_service",
-    "stop_service", "set_health_file", "lb_add_server", "lb_del_server", "lb_set_state",
-    "lb_set_maintenance",
-})
+MUTATING = frozenset(
+    {
+        "db_backup",
+        "db_restore",
+        "db_drop_database",
+        "db_apply_migration",
+        "db_init_warm_replica",
+        "db_stop_replication",
+        "db_promote_warm_replica",
+        "db_release_warm_replica",
+        "provision_create",
+        "provision_start",
+        "provision_destroy",
+        "provision_array_disable",
+        "provision_array_enable",
+        "run_node_command",
+        "save_settings_copy",
+        "set_config_values",
+        "deploy_package",
+        "start_service",
+        "stop_service",
+        "set_health_file",
+        "lb_add_server",
+        "lb_del_server",
+        "lb_set_state",
+        "lb_set_maintenance",
+    }
+)
 
 Call = tuple[str, str | None]
 
@@ -70,20 +90,52 @@ Call = tuple[str, str | None]
 def _raw_site(n: int) -> dict[str, Any]:
     return {
         "site": "bg",
-        "nodes": [{"name": f"n{i}", "app_dir": "app",
-                   "ssh": {"host": "127.0.0.1", "port": 2200 + i, "key": {"env": "FAKE_KEY"}},
-                   "url": f"http://127.0.0.1:{9000 + i}",
-                   "service": {"kind": "command", "stop": "./ctl stop", "start": "./ctl start",
-                               "status": "./ctl status"}} for i in range(1, n + 1)],
-        "load_balancers": [{"name": "main", "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:1",
-                            "backend": "app", "members": {f"n{i}": f"n{i}" for i in range(1, n + 1)},
-                            "frontend_url": FRONTENDS["main"]}],
-        "databases": [{"name": "db", "kind": "mysql", "host": "127.0.0.1", "database": "app", "user": "u",
-                       "password": {"env": "FAKE_DB"}, "backup_dir": "/backups"}],
-        "application": {"name": "app", "login": {"path": "/login", "user": "demo",
-                                                 "password": {"env": "FAKE_LOGIN"}}},
-        "provisioning": {"kind": "command", "create": "prov create {template} {name}",
-                         "start": "prov start {name}", "destroy": "prov destroy {name}"},
+        "nodes": [
+            {
+                "name": f"n{i}",
+                "app_dir": "app",
+                "ssh": {"host": "127.0.0.1", "port": 2200 + i, "key": {"env": "FAKE_KEY"}},
+                "url": f"http://127.0.0.1:{9000 + i}",
+                "service": {
+                    "kind": "command",
+                    "stop": "./ctl stop",
+                    "start": "./ctl start",
+                    "status": "./ctl status",
+                },
+            }
+            for i in range(1, n + 1)
+        ],
+        "load_balancers": [
+            {
+                "name": "main",
+                "kind": "haproxy",
+                "runtime_api": "tcp:127.0.0.1:1",
+                "backend": "app",
+                "members": {f"n{i}": f"n{i}" for i in range(1, n + 1)},
+                "frontend_url": FRONTENDS["main"],
+            }
+        ],
+        "databases": [
+            {
+                "name": "db",
+                "kind": "mysql",
+                "host": "127.0.0.1",
+                "database": "app",
+                "user": "u",
+                "password": {"env": "FAKE_DB"},
+                "backup_dir": "/backups",
+            }
+        ],
+        "application": {
+            "name": "app",
+            "login": {"path": "/login", "user": "demo", "password": {"env": "FAKE_LOGIN"}},
+        },
+        "provisioning": {
+            "kind": "command",
+            "create": "prov create {template} {name}",
+            "start": "prov start {name}",
+            "destroy": "prov destroy {name}",
+        },
         "approvers": {"failure": ["ops1"]},
     }
 
@@ -104,14 +156,31 @@ def window_site(n: int = 2) -> Inventory:
     balancer, a database with a warm replica, a scratch database and the accounts, the
     application's database client config (a revert points the old servers at the replica)."""
     raw = _raw_site(n)
-    raw["load_balancers"][0]["maintenance"] = {"map": "/etc/haproxy/maintenance.map", "key": "main",
-                                               "preview_header": "X-Preview"}
-    raw["load_balancers"].append({"name": "test", "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:2",
-                                  "backend": "test", "members": {}, "frontend_url": FRONTENDS["test"]})
-    raw["databases"][0].update({
-        "scratch_database": "app_scratch", "warm_replica": {"host": WARM.host, "port": WARM.port},
-        "admin_user": "admin", "admin_password": {"env": "FAKE_ADMIN"},
-        "replication_user": "repl", "replication_password": {"env": "FAKE_REPL"}})
+    raw["load_balancers"][0]["maintenance"] = {
+        "map": "/etc/haproxy/maintenance.map",
+        "key": "main",
+        "preview_header": "X-Preview",
+    }
+    raw["load_balancers"].append(
+        {
+            "name": "test",
+            "kind": "haproxy",
+            "runtime_api": "tcp:127.0.0.1:2",
+            "backend": "test",
+            "members": {},
+            "frontend_url": FRONTENDS["test"],
+        }
+    )
+    raw["databases"][0].update(
+        {
+            "scratch_database": "app_scratch",
+            "warm_replica": {"host": WARM.host, "port": WARM.port},
+            "admin_user": "admin",
+            "admin_password": {"env": "FAKE_ADMIN"},
+            "replication_user": "repl",
+            "replication_password": {"env": "FAKE_REPL"},
+        }
+    )
     raw["application"]["database_config"] = {"file": "database.config"}
     raw["approvers"].update({"go-live": ["ops1"], "terminate": ["ops1"]})
     return parse_inventory(raw)
@@ -154,8 +223,9 @@ class Fault:
 class BlueGreenSite:
     """The world the stand-ins act on (see the module docstring)."""
 
-    def __init__(self, inv: Inventory, destructive: bool = False,
-                 private_lbs: tuple[str, ...] = ("test",)) -> None:
+    def __init__(
+        self, inv: Inventory, destructive: bool = False, private_lbs: tuple[str, ...] = ("test",)
+    ) -> None:
         self.inv = inv
         self.db: Database = inv.databases[0]
         self.destructive = destructive
@@ -175,8 +245,15 @@ class BlueGreenSite:
         self.faults: dict[Call, Fault] = {}
 
     # ------------------------------------------------------------------ for the tests
-    def fail(self, name: str, target: str | None, error_type: str, message: str = "injected fault",
-             retryable: bool = False, times: int | None = None) -> None:
+    def fail(
+        self,
+        name: str,
+        target: str | None,
+        error_type: str,
+        message: str = "injected fault",
+        retryable: bool = False,
+        times: int | None = None,
+    ) -> None:
         self.faults[(name, target)] = Fault(error_type, message, retryable, times)
 
     def fix(self, name: str, target: str | None) -> None:
@@ -186,8 +263,11 @@ class BlueGreenSite:
         return [c for c in self.calls if c[0] in MUTATING]
 
     def activities(self) -> list[Callable[..., Any]]:
-        return [getattr(self, a) for a in dir(type(self))
-                if hasattr(getattr(type(self), a), "__temporal_activity_definition")]
+        return [
+            getattr(self, a)
+            for a in dir(type(self))
+            if hasattr(getattr(type(self), a), "__temporal_activity_definition")
+        ]
 
     def serving(self, lb: str) -> list[str]:
         """The members that take users' requests (ready, running, with their health file), sorted."""
@@ -208,8 +288,9 @@ class BlueGreenSite:
             fault.times -= 1
             if fault.times <= 0:
                 del self.faults[(name, target)]
-        raise ApplicationError(f"{target or name}: {fault.message}", type=fault.error_type,
-                               non_retryable=not fault.retryable)
+        raise ApplicationError(
+            f"{target or name}: {fault.message}", type=fault.error_type, non_retryable=not fault.retryable
+        )
 
     def _server(self, name: str) -> Server:
         s = self.servers.get(name)
@@ -225,8 +306,9 @@ class BlueGreenSite:
         for s in self.servers.values():
             if s.node.url == base_url:
                 return s.node.name
-        raise ApplicationError(f"{base_url}: connection refused", type=HEALTH_CHECK_FAILED,
-                               non_retryable=True)
+        raise ApplicationError(
+            f"{base_url}: connection refused", type=HEALTH_CHECK_FAILED, non_retryable=True
+        )
 
     def _answering(self, base_url: str) -> Server:
         """The server a request to `base_url` reaches (a balancer's next serving member)."""
@@ -235,14 +317,18 @@ class BlueGreenSite:
             b = self.lbs[target]
             members = self.serving(target)
             if b.page or not members:
-                raise ApplicationError(f"{base_url}: 503 " + ("maintenance page" if b.page else "no server"),
-                                       type=HEALTH_CHECK_FAILED, non_retryable=True)
+                raise ApplicationError(
+                    f"{base_url}: 503 " + ("maintenance page" if b.page else "no server"),
+                    type=HEALTH_CHECK_FAILED,
+                    non_retryable=True,
+                )
             b.turn += 1
             return self.servers[members[b.turn % len(members)]]
         s = self.servers[target]
         if not s.running:
-            raise ApplicationError(f"{base_url}: connection refused", type=HEALTH_CHECK_FAILED,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"{base_url}: connection refused", type=HEALTH_CHECK_FAILED, non_retryable=True
+            )
         return s
 
     def _schema_of(self, s: Server) -> int:
@@ -251,29 +337,61 @@ class BlueGreenSite:
     def _member(self, lb: str, n: str) -> haproxy.MemberState:
         s = self.servers.get(n)
         up = s is not None and s.running and s.health_file
-        return haproxy.MemberState(lb_name=lb, node_name=n, backend=lb, server=n,
-                                   status="UP" if up else "DOWN", scur=s.sessions if s else 0,
-                                   admin=self.lbs[lb].members.get(n, "maint"),
-                                   weight=1, check_status="L7OK" if up else "L7STS")
+        return haproxy.MemberState(
+            lb_name=lb,
+            node_name=n,
+            backend=lb,
+            server=n,
+            status="UP" if up else "DOWN",
+            scur=s.sessions if s else 0,
+            admin=self.lbs[lb].members.get(n, "maint"),
+            weight=1,
+            check_status="L7OK" if up else "L7STS",
+        )
 
     def _users_reach(self, name: str) -> bool:
-        return any(lb not in self.private_lbs and not b.page and b.members.get(name) == "ready"
-                   and self.servers[name].health_file for lb, b in self.lbs.items())
+        return any(
+            lb not in self.private_lbs
+            and not b.page
+            and b.members.get(name) == "ready"
+            and self.servers[name].health_file
+            for lb, b in self.lbs.items()
+        )
 
     def _replica(self, running: bool) -> mysql.ReplicaStatus:
         yes = "Yes" if running else "No"
-        return mysql.ReplicaStatus(host=WARM.host, port=WARM.port, configured=True, io_running=yes,
-                                   sql_running=yes, seconds_behind=0, read_only=True)
+        return mysql.ReplicaStatus(
+            host=WARM.host,
+            port=WARM.port,
+            configured=True,
+            io_running=yes,
+            sql_running=yes,
+            seconds_behind=0,
+            read_only=True,
+        )
 
     # ------------------------------------------------------------------ reads
     @activity.defn(name="inspect_package")
     async def inspect_package(self, arg: dict[str, Any]) -> deploy.PackageInfo:
         self._enter("inspect_package", None)
         return deploy.PackageInfo(
-            path=arg["path"], sha256="ab" * 32, name="app", version=NEW, min_upgrade_from=OLD,
-            schema_version=NEW_SCHEMA, files=3, size=1000,
-            migrations=(deploy.MigrationSpec(version=2, up_sql="ALTER TABLE t ADD c INT",
-                                             down_sql="ALTER TABLE t DROP c", destructive=self.destructive),))
+            path=arg["path"],
+            sha256="ab" * 32,
+            name="app",
+            version=NEW,
+            min_upgrade_from=OLD,
+            schema_version=NEW_SCHEMA,
+            files=3,
+            size=1000,
+            migrations=(
+                deploy.MigrationSpec(
+                    version=2,
+                    up_sql="ALTER TABLE t ADD c INT",
+                    down_sql="ALTER TABLE t DROP c",
+                    destructive=self.destructive,
+                ),
+            ),
+        )
 
     @activity.defn(name="ssh_probe")
     async def ssh_probe(self, arg: dict[str, Any]) -> ssh.SshProbeResult:
@@ -306,8 +424,11 @@ class BlueGreenSite:
         s = self._answering(arg["base_url"])
         version = s.version or ""
         if arg.get("expect") and arg["expect"] != version:
-            raise ApplicationError(f"{s.node.name} runs {version}, expected {arg['expect']}",
-                                   type=VERSION_MISMATCH, non_retryable=True)
+            raise ApplicationError(
+                f"{s.node.name} runs {version}, expected {arg['expect']}",
+                type=VERSION_MISMATCH,
+                non_retryable=True,
+            )
         return version
 
     @activity.defn(name="check_login")
@@ -328,13 +449,17 @@ class BlueGreenSite:
         self._enter("check_serving", self._by_url(arg["base_url"]))
         s = self._answering(arg["base_url"])
         if s.version != arg["expect"]:
-            raise ApplicationError(f"{s.node.name} runs {s.version}, expected {arg['expect']}",
-                                   type=VERSION_MISMATCH, non_retryable=True)
+            raise ApplicationError(
+                f"{s.node.name} runs {s.version}, expected {arg['expect']}",
+                type=VERSION_MISMATCH,
+                non_retryable=True,
+            )
         last = http_checks.HttpCheckResult(url=arg["base_url"], status=200, body_snippet="ok", elapsed_ms=1)
         return http_checks.ServingResult(
             health=http_checks.WaitHealthyResult(url=arg["base_url"], waited_s=0.1, attempts=2, last=last),
             version=arg["expect"],
-            login=http_checks.LoginResult(url=arg["base_url"], status=200, elapsed_ms=1))
+            login=http_checks.LoginResult(url=arg["base_url"], status=200, elapsed_ms=1),
+        )
 
     @activity.defn(name="count_open_sessions")
     async def count_open_sessions(self, arg: dict[str, Any]) -> node.OpenSessions:
@@ -356,12 +481,16 @@ class BlueGreenSite:
     async def db_wait_writes_stopped(self, arg: dict[str, Any]) -> replication.WritesStopped:
         self._enter("db_wait_writes_stopped", None)
         if arg.get("seen_gtid") is not None:  # the second wait: every old server is stopped by now
-            writers = [n for n, s in self.servers.items() if s.running and s.database == "primary"
-                       and n in self.inv.load_balancers[0].members]
+            writers = [
+                n
+                for n, s in self.servers.items()
+                if s.running and s.database == "primary" and n in self.inv.load_balancers[0].members
+            ]
             if writers:
                 self.problems.append(f"writes quiet declared while {', '.join(writers)} still run")
-        return replication.WritesStopped(gtid="0-1-100", waited_s=0.1, quiet_s=arg["quiet_s"],
-                                         user_connections=0, since=1000.0)
+        return replication.WritesStopped(
+            gtid="0-1-100", waited_s=0.1, quiet_s=arg["quiet_s"], user_connections=0, since=1000.0
+        )
 
     @activity.defn(name="db_wait_replica_in_sync")
     async def db_wait_replica_in_sync(self, arg: dict[str, Any]) -> mysql.ReplicaStatus:
@@ -376,8 +505,11 @@ class BlueGreenSite:
         self._enter("lb_wait_up", f"{lb}/{name}")
         state = self._member(lb, name)
         if not state.is_up:
-            raise ApplicationError(f"{lb}/{name}: not UP ({state.status}, {state.admin})",
-                                   type=NOT_UP_TIMEOUT, non_retryable=True)
+            raise ApplicationError(
+                f"{lb}/{name}: not UP ({state.status}, {state.admin})",
+                type=NOT_UP_TIMEOUT,
+                non_retryable=True,
+            )
         return state
 
     @activity.defn(name="lb_wait_drained")
@@ -386,8 +518,11 @@ class BlueGreenSite:
         self._enter("lb_wait_drained", f"{lb}/{name}")
         left = self._server(name).sessions
         if left:
-            raise ApplicationError(f"{lb}/{name}: {left} session(s) still open after {arg['timeout_s']:g}s",
-                                   type=DRAIN_TIMEOUT, non_retryable=True)
+            raise ApplicationError(
+                f"{lb}/{name}: {left} session(s) still open after {arg['timeout_s']:g}s",
+                type=DRAIN_TIMEOUT,
+                non_retryable=True,
+            )
         return 0
 
     @activity.defn(name="lb_preview_check")
@@ -401,10 +536,15 @@ class BlueGreenSite:
             if s.version != arg["expect_version"] or self._schema_of(s) != arg["expect_db_schema"]:
                 problems.append(f"{n}: {s.version} on schema {self._schema_of(s)}")
         if problems:
-            raise ApplicationError(f"{lb} preview: {'; '.join(problems)}", type=LB_PREVIEW_CHECK_FAILED,
-                                   non_retryable=True)
-        return haproxy.PreviewCheckResult(url=FRONTENDS[lb] + "/version", requests=4 * len(answering),
-                                          nodes=tuple((n, 4) for n in answering), page_on=self.lbs[lb].page)
+            raise ApplicationError(
+                f"{lb} preview: {'; '.join(problems)}", type=LB_PREVIEW_CHECK_FAILED, non_retryable=True
+            )
+        return haproxy.PreviewCheckResult(
+            url=FRONTENDS[lb] + "/version",
+            requests=4 * len(answering),
+            nodes=tuple((n, 4) for n in answering),
+            page_on=self.lbs[lb].page,
+        )
 
     # ------------------------------------------------------------------ the database
     @activity.defn(name="db_backup")
@@ -441,9 +581,14 @@ class BlueGreenSite:
             self.warm_schema = arg["version"]
         before = self.schema
         self.schema = arg["version"] if arg["direction"] == "up" else arg["version"] - 1
-        return mysql.MigrationResult(version=arg["version"], direction=arg["direction"], applied=True,
-                                     statements=1, schema_version_before=before,
-                                     schema_version_after=self.schema)
+        return mysql.MigrationResult(
+            version=arg["version"],
+            direction=arg["direction"],
+            applied=True,
+            statements=1,
+            schema_version_before=before,
+            schema_version_after=self.schema,
+        )
 
     @activity.defn(name="db_init_warm_replica")
     async def db_init_warm_replica(self, arg: dict[str, Any]) -> mysql.ReplicaStatus:
@@ -481,10 +626,19 @@ class BlueGreenSite:
             return self.servers[name].node
         t = self._server(template)
         k = len(self.servers) + len(self.destroyed) + 1
-        n = dataclasses.replace(t.node, name=name, url=f"http://127.0.0.1:{9100 + k}",
-                                ssh=dataclasses.replace(t.node.ssh, port=2300 + k))
-        self.servers[name] = Server(node=n, files=t.files, launched=False, running=False,
-                                    settings={f: dict(kv) for f, kv in t.settings.items()})
+        n = dataclasses.replace(
+            t.node,
+            name=name,
+            url=f"http://127.0.0.1:{9100 + k}",
+            ssh=dataclasses.replace(t.node.ssh, port=2300 + k),
+        )
+        self.servers[name] = Server(
+            node=n,
+            files=t.files,
+            launched=False,
+            running=False,
+            settings={f: dict(kv) for f, kv in t.settings.items()},
+        )
         return n
 
     @activity.defn(name="provision_start")
@@ -501,8 +655,9 @@ class BlueGreenSite:
             return
         attached = [lb for lb, b in self.lbs.items() if name in b.members]
         if attached or s.sessions:
-            self.problems.append(f"{name} destroyed while attached to {attached} "
-                                 f"/ holding {s.sessions} session(s)")
+            self.problems.append(
+                f"{name} destroyed while attached to {attached} / holding {s.sessions} session(s)"
+            )
         self.destroyed.append(name)
 
     @activity.defn(name="provision_array_disable")
@@ -520,8 +675,11 @@ class BlueGreenSite:
         self._enter("save_settings_copy", arg["node"]["name"])
         current = self._server(arg["node"]["name"]).settings.get(arg["file"], {})
         missing = tuple(k for k in arg["keys"] if k not in current)
-        return provision.SavedSettings(path=f"{arg['backup_dir']}/{arg['backup_id']}-inputs.csv",
-                                       values_count=len(arg["keys"]) - len(missing), missing=missing)
+        return provision.SavedSettings(
+            path=f"{arg['backup_dir']}/{arg['backup_id']}-inputs.csv",
+            values_count=len(arg["keys"]) - len(missing),
+            missing=missing,
+        )
 
     # ------------------------------------------------------------------ servers
     @activity.defn(name="run_node_command")
@@ -600,8 +758,9 @@ class BlueGreenSite:
         s = self.servers.get(name)
         if s is not None and s.sessions and name in self.lbs[lb].members:
             if not arg["force"]:
-                raise ApplicationError(f"{lb}/{name}: {s.sessions} session(s) open", type=LB_MEMBER_BUSY,
-                                       non_retryable=True)
+                raise ApplicationError(
+                    f"{lb}/{name}: {s.sessions} session(s) open", type=LB_MEMBER_BUSY, non_retryable=True
+                )
             s.sessions = 0  # cut
         self.lbs[lb].members.pop(name, None)
 

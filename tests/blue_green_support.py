@@ -24,8 +24,9 @@ def two_old(lab: LabConfig, inv: Inventory) -> Inventory:
         assert not lab_haproxy.runtime_command(lab, f"set server {BACKEND}/{n} state maint").strip()
     lb = inv.load_balancers[0]
     members = {n: s for n, s in lb.members.items() if n in ("node1", "node2")}
-    return dataclasses.replace(inv, load_balancers=(dataclasses.replace(lb, members=members),
-                                                    *inv.load_balancers[1:]))
+    return dataclasses.replace(
+        inv, load_balancers=(dataclasses.replace(lb, members=members), *inv.load_balancers[1:])
+    )
 
 
 async def pending(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: float = 180) -> PendingGate:
@@ -44,8 +45,11 @@ async def pending(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: float 
 
 async def choose(handle: WorkflowHandle[Any, Any], gate: str, choice: str) -> None:
     g = await pending(handle, gate)
-    await handle.execute_update("choose", Decision(gate=g.gate, by="alice", plan_hash=g.plan_hash,
-                                                   choice=choice, comment="e2e"), result_type=GateRecord)
+    await handle.execute_update(
+        "choose",
+        Decision(gate=g.gate, by="alice", plan_hash=g.plan_hash, choice=choice, comment="e2e"),
+        result_type=GateRecord,
+    )
 
 
 async def wait_step(handle: WorkflowHandle[Any, Any], prefix: str, timeout_s: float = 180) -> None:

@@ -87,8 +87,14 @@ def _test_lab_config(root: Path, port_base: int) -> LabConfig:
     # test dev server never collides with the developer's on 7233/8233. Four nodes: the
     # manual rolling upgrade splits them into two groups of two. Three OX nodes: the OX
     # cluster (seed 002) is always there; its processes are small.
-    return LabConfig(root=root, nodes=4, port_base=port_base,
-                     temporal_port=port_base + 50, temporal_ui_port=port_base + 51, ox_nodes=3)
+    return LabConfig(
+        root=root,
+        nodes=4,
+        port_base=port_base,
+        temporal_port=port_base + 50,
+        temporal_ui_port=port_base + 51,
+        ox_nodes=3,
+    )
 
 
 def _claim_port_base(root: Path) -> tuple[LabConfig, int]:

@@ -15,8 +15,9 @@ async def replica_caught_up(db: Database, timeout_s: float = 30.0) -> str:
     started = time.monotonic()
     pos = str((await mysql.query(db, "SELECT @@GLOBAL.gtid_binlog_pos", use_database=False))[0][0] or "")
     while pos:
-        got = (await mysql.query(db, "SELECT MASTER_GTID_WAIT(%s, 1)", (pos,), replica=True,
-                                 use_database=False))[0][0]
+        got = (
+            await mysql.query(db, "SELECT MASTER_GTID_WAIT(%s, 1)", (pos,), replica=True, use_database=False)
+        )[0][0]
         if got == 0:
             break
         st = await mysql.replica_status(db)

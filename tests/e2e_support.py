@@ -44,12 +44,14 @@ class ProbeRun:
 
 
 @contextmanager
-def probe(lab: LabConfig, out_dir: Path, rate: float = 100.0, slow_every: int = 50,
-          slow_ms: int = 1500) -> Iterator[ProbeRun]:
+def probe(
+    lab: LabConfig, out_dir: Path, rate: float = 100.0, slow_every: int = 50, slow_ms: int = 1500
+) -> Iterator[ProbeRun]:
     """The traffic probe in its own process for the duration of the block."""
     run = ProbeRun(summary_file=out_dir / "probe-summary.json", failures_file=out_dir / "probe.jsonl")
-    proc = start_probe_process(lab.main_url, rate, run.failures_file, run.summary_file,
-                               slow_every=slow_every, slow_ms=slow_ms)
+    proc = start_probe_process(
+        lab.main_url, rate, run.failures_file, run.summary_file, slow_every=slow_every, slow_ms=slow_ms
+    )
     time.sleep(0.5)  # let it warm up so the procedure starts under load
     try:
         yield run
@@ -59,8 +61,11 @@ def probe(lab: LabConfig, out_dir: Path, rate: float = 100.0, slow_every: int = 
 
 def manifest(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file below `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def app_manifests(lab: LabConfig) -> dict[str, dict[str, str]]:
@@ -146,7 +151,7 @@ async def assert_untouched(lab: LabConfig, before: World) -> None:
     for i in lab.node_indexes:
         assert after.servers[f"{BACKEND}/{lab.node_name(i)}"] == "UP admin=ready"
     for i in lab.node_indexes:
-        new = _ssh_log(lab, i)[before.ssh_log_lines[lab.node_name(i)]:]
+        new = _ssh_log(lab, i)[before.ssh_log_lines[lab.node_name(i)] :]
         commands = [json.loads(line)["command"] for line in new]
         assert not [c for c in commands if re.search(r"ctl (stop|start)", c)], commands
     assert after.files == before.files
@@ -169,8 +174,10 @@ async def history_text(client: Client, workflow_id: str) -> str:
     """The workflow's whole history as text, with every payload's data decoded."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     raw = history.to_json()
-    decoded = [base64.b64decode(m).decode("utf-8", "replace")
-               for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]*)"', raw)]
+    decoded = [
+        base64.b64decode(m).decode("utf-8", "replace")
+        for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]*)"', raw)
+    ]
     return "\n".join([raw, *decoded])
 
 
@@ -212,25 +219,35 @@ async def ensure_v1(lab: LabConfig) -> None:
     every app server ready and UP (none attached at run time, no maintenance page nor preview
     key, every health-check file present), the warm MariaDB server empty, no fault injected, upgrade
     settings at their defaults, no audit rows, staging stopped and empty, no staging / scratch database."""
+
     async def version(i: int) -> str:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-                s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+            s.get(f"http://127.0.0.1:{lab.app_port(i)}/version") as r,
+        ):
             return str((await r.json())["version"]) if r.status == 200 else f"status {r.status}"
 
     try:
         world = await snapshot(lab)
         versions = await asyncio.gather(*(version(i) for i in lab.node_indexes))
-        fresh = (world.schema_version == 1 and set(versions) == {"1.0.0"}
-                 and all(world.servers.get(f"{BACKEND}/{lab.node_name(i)}") == "UP admin=ready"
-                         for i in lab.node_indexes)
-                 and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes)
-                 # No server attached at run time, no maintenance page (nor preview key left
-                 # by an interrupted step 30), every health file there.
-                 and not lab_haproxy.runtime_servers(lab) and not lab_haproxy.maintenance_on(lab)
-                 and not lab_haproxy.preview_keys(lab)
-                 and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes)
-                 # The warm server empty, no node pointed at it (seed 004's revert).
-                 and not lab_mariadb.warm_problems(lab) and not lab_mariadb.nodes_on_warm(lab))
+        fresh = (
+            world.schema_version == 1
+            and set(versions) == {"1.0.0"}
+            and all(
+                world.servers.get(f"{BACKEND}/{lab.node_name(i)}") == "UP admin=ready"
+                for i in lab.node_indexes
+            )
+            and not any(any((lab.node_dir(i) / "inject").glob("*")) for i in lab.node_indexes)
+            # No server attached at run time, no maintenance page (nor preview key left
+            # by an interrupted step 30), every health file there.
+            and not lab_haproxy.runtime_servers(lab)
+            and not lab_haproxy.maintenance_on(lab)
+            and not lab_haproxy.preview_keys(lab)
+            and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes)
+            # The warm server empty, no node pointed at it (seed 004's revert).
+            and not lab_mariadb.warm_problems(lab)
+            and not lab_mariadb.nodes_on_warm(lab)
+        )
     except (OSError, aiohttp.ClientError, ValueError, KeyError, lab_haproxy.HAProxyError, pymysql.MySQLError):
         fresh = False
     if not fresh:
@@ -252,8 +269,11 @@ async def run_command(*args: str, timeout_s: float = 120) -> tuple[int, str]:
     """A command in a subprocess without blocking the loop (an in-process worker may have to
     answer it); stdout and stderr together, wide enough that rich does not wrap lines."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200"})
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     return proc.returncode or 0, out.decode()
 
@@ -267,7 +287,10 @@ def start_worker_process(address: str, task_queue: str, log: Path) -> subprocess
     """A worker as its own process (`python -m worker`), so a test can SIGKILL it."""
     return subprocess.Popen(
         [sys.executable, "-m", "worker", "--address", address, "--task-queue", task_queue],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
@@ -282,8 +305,12 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) 
         proc.wait()
 
 
-async def kill_worker_during(handle: WorkflowHandle[Any, Any], worker: subprocess.Popen[bytes],
-                             step_prefix: str, timeout_s: float = 120) -> str:
+async def kill_worker_during(
+    handle: WorkflowHandle[Any, Any],
+    worker: subprocess.Popen[bytes],
+    step_prefix: str,
+    timeout_s: float = 120,
+) -> str:
     """SIGKILL `worker` as soon as the run's latest running step starts with `step_prefix`;
     returns "<step> on <node>"."""
     from workflows.timeline import Progress

@@ -21,24 +21,60 @@ import activities.ssh as ssh
 from inventory.load import parse_inventory
 from inventory.model import Inventory
 
-MUTATING = {"lb_set_state", "stop_service", "start_service", "deploy_package", "restore_app_folder",
-            "db_apply_migration", "backup_app_folder", "db_backup"}
+MUTATING = {
+    "lb_set_state",
+    "stop_service",
+    "start_service",
+    "deploy_package",
+    "restore_app_folder",
+    "db_apply_migration",
+    "backup_app_folder",
+    "db_backup",
+}
 
 
 def site(n: int = 3, with_database: bool = True) -> Inventory:
     raw: dict[str, Any] = {
         "site": "fake",
-        "nodes": [{"name": f"n{i}", "ssh": {"host": "127.0.0.1", "port": 2200 + i,
-                                            "key": {"env": "FAKE_KEY"}},
-                   "app_dir": "app", "url": f"http://127.0.0.1:{9000 + i}",
-                   "service": {"kind": "command", "stop": "./ctl stop", "start": "./ctl start",
-                               "status": "./ctl status"}} for i in range(1, n + 1)],
-        "load_balancers": [{"name": "main", "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:1",
-                            "backend": "app", "members": {f"n{i}": f"s{i}" for i in range(1, n + 1)}}],
-        "databases": [{"name": "db", "kind": "mysql", "host": "127.0.0.1", "database": "app",
-                       "user": "u", "password": {"env": "FAKE_DB"}}],
-        "application": {"name": "app", "protected_files": ["encryption.config"],
-                        "merge_files": ["web.config"]},
+        "nodes": [
+            {
+                "name": f"n{i}",
+                "ssh": {"host": "127.0.0.1", "port": 2200 + i, "key": {"env": "FAKE_KEY"}},
+                "app_dir": "app",
+                "url": f"http://127.0.0.1:{9000 + i}",
+                "service": {
+                    "kind": "command",
+                    "stop": "./ctl stop",
+                    "start": "./ctl start",
+                    "status": "./ctl status",
+                },
+            }
+            for i in range(1, n + 1)
+        ],
+        "load_balancers": [
+            {
+                "name": "main",
+                "kind": "haproxy",
+                "runtime_api": "tcp:127.0.0.1:1",
+                "backend": "app",
+                "members": {f"n{i}": f"s{i}" for i in range(1, n + 1)},
+            }
+        ],
+        "databases": [
+            {
+                "name": "db",
+                "kind": "mysql",
+                "host": "127.0.0.1",
+                "database": "app",
+                "user": "u",
+                "password": {"env": "FAKE_DB"},
+            }
+        ],
+        "application": {
+            "name": "app",
+            "protected_files": ["encryption.config"],
+            "merge_files": ["web.config"],
+        },
     }
     if not with_database:
         del raw["databases"]
@@ -81,9 +117,17 @@ class FakeSite:
         s = self
 
         def member(n: str) -> haproxy.MemberState:
-            return haproxy.MemberState(lb_name="main", node_name=n, backend="app", server=f"s{n[1:]}",
-                                       status="UP" if s.running[n] else "DOWN", scur=0,
-                                       admin=s.lb[n], weight=1, check_status="L7OK")
+            return haproxy.MemberState(
+                lb_name="main",
+                node_name=n,
+                backend="app",
+                server=f"s{n[1:]}",
+                status="UP" if s.running[n] else "DOWN",
+                scur=0,
+                admin=s.lb[n],
+                weight=1,
+                check_status="L7OK",
+            )
 
         def log(name: str, arg: dict[str, Any] | None) -> None:
             has_node = arg is not None and ("node" in arg or "node_name" in arg)
@@ -93,9 +137,15 @@ class FakeSite:
         async def inspect_package(arg: dict[str, Any]) -> deploy.PackageInfo:
             log("inspect_package", None)
             return deploy.PackageInfo(
-                path=arg["path"], sha256="ab" * 32, name="app", version="2.0.0",
-                min_upgrade_from="1.0.0", schema_version=2, files=3,
-                migrations=(deploy.MigrationSpec(version=2, up_sql="ALTER ...", down_sql="ALTER back"),))
+                path=arg["path"],
+                sha256="ab" * 32,
+                name="app",
+                version="2.0.0",
+                min_upgrade_from="1.0.0",
+                schema_version=2,
+                files=3,
+                migrations=(deploy.MigrationSpec(version=2, up_sql="ALTER ...", down_sql="ALTER back"),),
+            )
 
         @activity.defn(name="ssh_probe")
         async def ssh_probe(arg: dict[str, Any]) -> ssh.SshProbeResult:
@@ -115,8 +165,9 @@ class FakeSite:
         @activity.defn(name="check_health")
         async def check_health(arg: dict[str, Any]) -> http_checks.HttpCheckResult:
             log("check_health", None)
-            return http_checks.HttpCheckResult(url=arg["base_url"], status=200, body_snippet="ok",
-                                               elapsed_ms=1)
+            return http_checks.HttpCheckResult(
+                url=arg["base_url"], status=200, body_snippet="ok", elapsed_ms=1
+            )
 
         @activity.defn(name="get_version")
         async def get_version(arg: dict[str, Any]) -> str:
@@ -124,8 +175,11 @@ class FakeSite:
             node = f"n{port - 9000}"
             log("get_version", {"node": node})
             if arg.get("expect") and arg["expect"] != s.version[node]:
-                raise ApplicationError(f"{node} runs {s.version[node]}, expected {arg['expect']}",
-                                       type="VersionMismatch", non_retryable=True)
+                raise ApplicationError(
+                    f"{node} runs {s.version[node]}, expected {arg['expect']}",
+                    type="VersionMismatch",
+                    non_retryable=True,
+                )
             return s.version[node]
 
         @activity.defn(name="lb_member_state")
@@ -141,17 +195,28 @@ class FakeSite:
         @activity.defn(name="db_backup")
         async def db_backup(arg: dict[str, Any]) -> mysql.DbBackup:
             log("db_backup", None)
-            return mysql.DbBackup(db=site().databases[0], backup_id=arg["backup_id"], path="/b/db.sql",
-                                  sha256="cd" * 32, size=10, table_checksums={})
+            return mysql.DbBackup(
+                db=site().databases[0],
+                backup_id=arg["backup_id"],
+                path="/b/db.sql",
+                sha256="cd" * 32,
+                size=10,
+                table_checksums={},
+            )
 
         @activity.defn(name="db_apply_migration")
         async def db_apply_migration(arg: dict[str, Any]) -> mysql.MigrationResult:
             log("db_apply_migration", None)
             before = s.schema
             s.schema = arg["version"] if arg["direction"] == "up" else arg["version"] - 1
-            return mysql.MigrationResult(version=arg["version"], direction=arg["direction"], applied=True,
-                                         statements=1, schema_version_before=before,
-                                         schema_version_after=s.schema)
+            return mysql.MigrationResult(
+                version=arg["version"],
+                direction=arg["direction"],
+                applied=True,
+                statements=1,
+                schema_version_before=before,
+                schema_version_after=s.schema,
+            )
 
         @activity.defn(name="lb_set_state")
         async def lb_set_state(arg: dict[str, Any]) -> haproxy.MemberState:
@@ -193,9 +258,14 @@ class FakeSite:
             log("backup_app_folder", arg)
             assert not s.running[_node(arg)]
             return deploy.AppBackup(
-                node=site().node(_node(arg)), node_name=_node(arg), backup_id=arg["backup_id"],
-                path=f".zerodown/backups/{arg['backup_id']}.tar", files=3,
-                manifest={"app.py": s.files[_node(arg)]}, protected={})
+                node=site().node(_node(arg)),
+                node_name=_node(arg),
+                backup_id=arg["backup_id"],
+                path=f".zerodown/backups/{arg['backup_id']}.tar",
+                files=3,
+                manifest={"app.py": s.files[_node(arg)]},
+                protected={},
+            )
 
         @activity.defn(name="deploy_package")
         async def deploy_package(arg: dict[str, Any]) -> deploy.DeployResult:
@@ -206,20 +276,32 @@ class FakeSite:
             s.files[_node(arg)] = arg["package"]["version"]
             s.calls.append(("deploy_package finished", _node(arg)))
             return deploy.DeployResult(
-                node_name=_node(arg), version=arg["package"]["version"], files_written=3,
-                merged=(deploy.MergeReport(file="web.config", carried=("http.port",),
-                                           diff=(f"+http.port = {_node(arg)}",),
-                                           had_recorded_defaults=True),))
+                node_name=_node(arg),
+                version=arg["package"]["version"],
+                files_written=3,
+                merged=(
+                    deploy.MergeReport(
+                        file="web.config",
+                        carried=("http.port",),
+                        diff=(f"+http.port = {_node(arg)}",),
+                        had_recorded_defaults=True,
+                    ),
+                ),
+            )
 
         @activity.defn(name="restore_app_folder")
         async def restore_app_folder(arg: dict[str, Any]) -> deploy.AppRestoreResult:
             log("restore_app_folder", arg)
             if s.fail_restore_on == _node(arg):
-                raise ApplicationError(f"{_node(arg)}: restore verification failed",
-                                       type="RestoreVerificationFailed", non_retryable=True)
+                raise ApplicationError(
+                    f"{_node(arg)}: restore verification failed",
+                    type="RestoreVerificationFailed",
+                    non_retryable=True,
+                )
             s.files[_node(arg)] = arg["manifest"]["app.py"]
-            return deploy.AppRestoreResult(node_name=_node(arg), backup_id=arg["backup_id"], files=3,
-                                           rewritten=1, removed=())
+            return deploy.AppRestoreResult(
+                node_name=_node(arg), backup_id=arg["backup_id"], files=3, rewritten=1, removed=()
+            )
 
         @activity.defn(name="wait_healthy")
         async def wait_healthy(arg: dict[str, Any]) -> http_checks.WaitHealthyResult:
@@ -227,18 +309,30 @@ class FakeSite:
             node = f"n{port - 9000}"
             log("wait_healthy", {"node": node})
             if s.fail_health_on == (node, s.version[node]):
-                raise ApplicationError(f"{node} /health answered 500", type="HealthCheckFailed",
-                                       non_retryable=True)
-            return http_checks.WaitHealthyResult(url=arg["base_url"], waited_s=0.1, attempts=2,
-                                                 last=http_checks.HttpCheckResult(
-                                                     url=arg["base_url"], status=200, body_snippet="ok",
-                                                     elapsed_ms=1))
+                raise ApplicationError(
+                    f"{node} /health answered 500", type="HealthCheckFailed", non_retryable=True
+                )
+            return http_checks.WaitHealthyResult(
+                url=arg["base_url"],
+                waited_s=0.1,
+                attempts=2,
+                last=http_checks.HttpCheckResult(
+                    url=arg["base_url"], status=200, body_snippet="ok", elapsed_ms=1
+                ),
+            )
 
         @activity.defn(name="inspect_node_storage")
         async def inspect_node_storage(arg: dict[str, Any]) -> node.NodeStorage:
             log("inspect_node_storage", arg)
-            return node.NodeStorage(app_bytes=1000, free_bytes=10**9, need_bytes=5000, missing_protected=(),
-                                    ok=True, detail="room for the backup", node_name=_node(arg))
+            return node.NodeStorage(
+                app_bytes=1000,
+                free_bytes=10**9,
+                need_bytes=5000,
+                missing_protected=(),
+                ok=True,
+                detail="room for the backup",
+                node_name=_node(arg),
+            )
 
         @activity.defn(name="check_backup_space")
         async def check_backup_space(arg: dict[str, Any]) -> mysql.BackupSpace:
@@ -250,8 +344,27 @@ class FakeSite:
             log("check_login", None)
             return http_checks.LoginResult(url=arg["base_url"], status=200, elapsed_ms=1)
 
-        return [lb_member_state, inspect_package, ssh_probe, service_status, lb_check_member, check_health,
-                get_version, db_schema_version, db_backup, db_apply_migration, lb_set_state,
-                lb_wait_drained, lb_wait_up, stop_service, start_service, backup_app_folder,
-                deploy_package, restore_app_folder, wait_healthy, check_login, inspect_node_storage,
-                check_backup_space]
+        return [
+            lb_member_state,
+            inspect_package,
+            ssh_probe,
+            service_status,
+            lb_check_member,
+            check_health,
+            get_version,
+            db_schema_version,
+            db_backup,
+            db_apply_migration,
+            lb_set_state,
+            lb_wait_drained,
+            lb_wait_up,
+            stop_service,
+            start_service,
+            backup_app_folder,
+            deploy_package,
+            restore_app_folder,
+            wait_healthy,
+            check_login,
+            inspect_node_storage,
+            check_backup_space,
+        ]

@@ -21,9 +21,12 @@ async def pending(handle: WorkflowHandle[Any, Any], gate: str) -> PendingGate:
     raise AssertionError(f"gate {gate} never opened")
 
 
-async def choose(handle: WorkflowHandle[Any, Any], gate: PendingGate, choice: str,
-                 by: str = "ops1") -> GateRecord:
+async def choose(
+    handle: WorkflowHandle[Any, Any], gate: PendingGate, choice: str, by: str = "ops1"
+) -> GateRecord:
     record: GateRecord = await handle.execute_update(
-        "choose", Decision(gate=gate.gate, by=by, plan_hash=gate.plan_hash, choice=choice, comment="t"),
-        result_type=GateRecord)
+        "choose",
+        Decision(gate=gate.gate, by=by, plan_hash=gate.plan_hash, choice=choice, comment="t"),
+        result_type=GateRecord,
+    )
     return record

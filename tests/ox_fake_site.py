@@ -56,9 +56,19 @@ HAZELCAST_PROPERTIES = "/opt/open-xchange/etc/hazelcast.properties"
 OLD_GROUP = "open-xchange"
 # The properties the procedures touch, by a short name for the call log.
 SHORT = {REDIRECT_KEY: "redirect", SERVER_NAME_KEY: "SERVER_NAME", HAZELCAST_GROUP_KEY: "hazelcast"}
-MUTATING = {"ox_set_property", "ox_reload_configuration", "lb_set_state", "stop_service", "start_service",
-            "ox_install_version", "ox_register_server", "ox_upgrade_schema", "ox_revert_schema",
-            "ox_change_server", "ox_enable_schema"}
+MUTATING = {
+    "ox_set_property",
+    "ox_reload_configuration",
+    "lb_set_state",
+    "stop_service",
+    "start_service",
+    "ox_install_version",
+    "ox_register_server",
+    "ox_upgrade_schema",
+    "ox_revert_schema",
+    "ox_change_server",
+    "ox_enable_schema",
+}
 DEFAULT_APPROVERS: dict[str, list[str]] = {"failure": [APPROVER], "server-already-registered": [APPROVER]}
 
 
@@ -72,23 +82,55 @@ def ox_site(n: int = 3, approvers: dict[str, list[str]] | None = None) -> Invent
     members = {f"ox{i}": f"ox{i}" for i in range(1, n + 1)}
     raw: dict[str, Any] = {
         "site": "fake-ox",
-        "nodes": [{"name": f"ox{i}",
-                   "ssh": {"host": "127.0.0.1", "port": 2300 + i, "key": {"env": "FAKE_KEY"}},
-                   "app_dir": "/opt/open-xchange", "url": f"http://127.0.0.1:{9100 + i}",
-                   "service": {"kind": "command", "stop": "./ctl stop", "start": "./ctl start",
-                               "status": "./ctl status"}} for i in range(1, n + 1)],
-        "load_balancers": [{"name": MAIN, "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:1",
-                            "backend": "ox", "members": members},
-                           {"name": SECONDARY, "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:2",
-                            "backend": "ox", "members": members}],
-        "application": {"name": "open-xchange", "health": {"path": "/health"},
-                        "version": {"path": "/version"}},
+        "nodes": [
+            {
+                "name": f"ox{i}",
+                "ssh": {"host": "127.0.0.1", "port": 2300 + i, "key": {"env": "FAKE_KEY"}},
+                "app_dir": "/opt/open-xchange",
+                "url": f"http://127.0.0.1:{9100 + i}",
+                "service": {
+                    "kind": "command",
+                    "stop": "./ctl stop",
+                    "start": "./ctl start",
+                    "status": "./ctl status",
+                },
+            }
+            for i in range(1, n + 1)
+        ],
+        "load_balancers": [
+            {
+                "name": MAIN,
+                "kind": "haproxy",
+                "runtime_api": "tcp:127.0.0.1:1",
+                "backend": "ox",
+                "members": members,
+            },
+            {
+                "name": SECONDARY,
+                "kind": "haproxy",
+                "runtime_api": "tcp:127.0.0.1:2",
+                "backend": "ox",
+                "members": members,
+            },
+        ],
+        "application": {
+            "name": "open-xchange",
+            "health": {"path": "/health"},
+            "version": {"path": "/version"},
+        },
         "approvers": DEFAULT_APPROVERS if approvers is None else approvers,
-        "ox": {"server_name": OLD_SERVER, "main_lb": MAIN, "secondary_lb": SECONDARY,
-               "secondary_url": SECONDARY_URL, "admin_password": {"env": "FAKE_OX_PASSWORD"},
-               "install_command": "install {version}", "version_command": "ox-version",
-               "server_properties": SERVER_PROPERTIES, "system_properties": SYSTEM_PROPERTIES,
-               "hazelcast_properties": HAZELCAST_PROPERTIES},
+        "ox": {
+            "server_name": OLD_SERVER,
+            "main_lb": MAIN,
+            "secondary_lb": SECONDARY,
+            "secondary_url": SECONDARY_URL,
+            "admin_password": {"env": "FAKE_OX_PASSWORD"},
+            "install_command": "install {version}",
+            "version_command": "ox-version",
+            "server_properties": SERVER_PROPERTIES,
+            "system_properties": SYSTEM_PROPERTIES,
+            "hazelcast_properties": HAZELCAST_PROPERTIES,
+        },
     }
     return parse_inventory(raw)
 
@@ -148,8 +190,13 @@ class FakeOx:
         for n in self.nodes:
             self.installed.setdefault(n, OLD)
             self.running.setdefault(n, self.installed[n])
-            self.props.setdefault(n, {(SYSTEM_PROPERTIES, SERVER_NAME_KEY): OLD_SERVER,
-                                      (HAZELCAST_PROPERTIES, HAZELCAST_GROUP_KEY): OLD_GROUP})
+            self.props.setdefault(
+                n,
+                {
+                    (SYSTEM_PROPERTIES, SERVER_NAME_KEY): OLD_SERVER,
+                    (HAZELCAST_PROPERTIES, HAZELCAST_GROUP_KEY): OLD_GROUP,
+                },
+            )
             self.lb.setdefault((MAIN, n), "ready")
             self.lb.setdefault((SECONDARY, n), "maint")
         self.main_low = self.serving(MAIN)
@@ -163,8 +210,11 @@ class FakeOx:
         return [(c.name, c.detail) for c in self.mutations() if c.target == target]
 
     def prop(self, n: str, key: str) -> str | None:
-        path = {REDIRECT_KEY: SERVER_PROPERTIES, SERVER_NAME_KEY: SYSTEM_PROPERTIES,
-                HAZELCAST_GROUP_KEY: HAZELCAST_PROPERTIES}[key]
+        path = {
+            REDIRECT_KEY: SERVER_PROPERTIES,
+            SERVER_NAME_KEY: SYSTEM_PROPERTIES,
+            HAZELCAST_GROUP_KEY: HAZELCAST_PROPERTIES,
+        }[key]
         return self.props[n].get((path, key))
 
     def server_id(self, name: str) -> int | None:
@@ -196,8 +246,9 @@ class FakeOx:
                 left = injected.get(name)
                 if left:
                     kind = left.pop(0)
-                    raise ApplicationError(f"{target}: {name}: injected {kind}", type=kind,
-                                           non_retryable=not retryable)
+                    raise ApplicationError(
+                        f"{target}: {name}: injected {kind}", type=kind, non_retryable=not retryable
+                    )
 
         def refuse(message: str, kind: str = UNEXPECTED_STATE) -> ApplicationError:
             return ApplicationError(message, type=kind, non_retryable=True)
@@ -206,9 +257,17 @@ class FakeOx:
             return http_checks.HttpCheckResult(url=url, status=200, body_snippet="ok", elapsed_ms=1)
 
         def member(lb: str, n: str) -> haproxy.MemberState:
-            return haproxy.MemberState(lb_name=lb, node_name=n, backend="ox", server=n,
-                                       status="UP" if s.running[n] else "DOWN", scur=0,
-                                       admin=s.lb[(lb, n)], weight=1, check_status="L7OK")
+            return haproxy.MemberState(
+                lb_name=lb,
+                node_name=n,
+                backend="ox",
+                server=n,
+                status="UP" if s.running[n] else "DOWN",
+                scur=0,
+                admin=s.lb[(lb, n)],
+                weight=1,
+                check_status="L7OK",
+            )
 
         def lb_of(arg: dict[str, Any]) -> tuple[str, str]:
             return str(arg["lb"]["name"]), _node_of(arg)
@@ -247,8 +306,9 @@ class FakeOx:
             log("wait_healthy", n)
             if s.running[n] is None or (n in s.unhealthy and s.running[n] == NEW):
                 raise refuse(f"{n} /health answered 500", HEALTH_CHECK_FAILED)
-            return http_checks.WaitHealthyResult(url=arg["base_url"], waited_s=0.1, attempts=2,
-                                                 last=ok(arg["base_url"]))
+            return http_checks.WaitHealthyResult(
+                url=arg["base_url"], waited_s=0.1, attempts=2, last=ok(arg["base_url"])
+            )
 
         @activity.defn(name="lb_wait_drained")
         async def lb_wait_drained(arg: dict[str, Any]) -> int:
@@ -261,8 +321,9 @@ class FakeOx:
             lb, n = lb_of(arg)
             log("lb_wait_up", n, lb)
             if not member(lb, n).is_up:
-                raise refuse(f"{n} is not UP on {lb} ({s.lb[(lb, n)]}, running {s.running[n]})",
-                             NOT_UP_TIMEOUT)
+                raise refuse(
+                    f"{n} is not UP on {lb} ({s.lb[(lb, n)]}, running {s.running[n]})", NOT_UP_TIMEOUT
+                )
             return member(lb, n)
 
         @activity.defn(name="ox_installed_version")
@@ -302,8 +363,9 @@ class FakeOx:
                 s.props[n].pop(where, None)
             else:
                 s.props[n][where] = str(arg["value"])
-            return ox.OxPropertyChange(path=where[0], key=where[1], previous=previous,
-                                       changed=previous != arg["value"])
+            return ox.OxPropertyChange(
+                path=where[0], key=where[1], previous=previous, changed=previous != arg["value"]
+            )
 
         @activity.defn(name="ox_reload_configuration")
         async def ox_reload_configuration(arg: dict[str, Any]) -> None:
@@ -375,8 +437,12 @@ class FakeOx:
 
             if sc.contexts == 0:
                 ran("4", "disableschema", ok=False)
-                return ox.OxSchemaUpgrade(schema=name, steps=tuple(steps), failed_step="4",
-                                          error=f"{OX_TOOL_FAILED}: disableschema -m {name}: no contexts")
+                return ox.OxSchemaUpgrade(
+                    schema=name,
+                    steps=tuple(steps),
+                    failed_step="4",
+                    error=f"{OX_TOOL_FAILED}: disableschema -m {name}: no contexts",
+                )
             sc.enabled = False
             ran("4", "disableschema")
             sc.server_id = int(arg["server_id"])
@@ -386,8 +452,11 @@ class FakeOx:
                 s.update_fails[name] -= 1
                 ran("6", "runupdate", ok=False)
                 return ox.OxSchemaUpgrade(
-                    schema=name, steps=tuple(steps), failed_step="6",
-                    error=f"{OX_UPDATE_TASKS_FAILED}: update task(s) failed on {name}: FakeUpdateTask")
+                    schema=name,
+                    steps=tuple(steps),
+                    failed_step="6",
+                    error=f"{OX_UPDATE_TASKS_FAILED}: update task(s) failed on {name}: FakeUpdateTask",
+                )
             sc.version = NEW
             ran("6", "runupdate")
             sc.enabled = True
@@ -420,9 +489,28 @@ class FakeOx:
             log("ox_enable_schema", str(arg["schema"]))
             s.schemata[str(arg["schema"])].enabled = True
 
-        return [ssh_probe, lb_check_member, check_health, get_version, wait_healthy, lb_wait_drained,
-                lb_wait_up, ox_installed_version, ox_list_schemata, ox_list_databases, ox_list_servers,
-                ox_get_property, ox_set_property, ox_reload_configuration, lb_set_state, stop_service,
-                start_service, ox_install_version, ox_register_server, ox_upgrade_schema, ox_revert_schema,
-                ox_change_server, ox_enable_schema]
-
+        return [
+            ssh_probe,
+            lb_check_member,
+            check_health,
+            get_version,
+            wait_healthy,
+            lb_wait_drained,
+            lb_wait_up,
+            ox_installed_version,
+            ox_list_schemata,
+            ox_list_databases,
+            ox_list_servers,
+            ox_get_property,
+            ox_set_property,
+            ox_reload_configuration,
+            lb_set_state,
+            stop_service,
+            start_service,
+            ox_install_version,
+            ox_register_server,
+            ox_upgrade_schema,
+            ox_revert_schema,
+            ox_change_server,
+            ox_enable_schema,
+        ]

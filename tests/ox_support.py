@@ -34,7 +34,10 @@ def ox_inventory(cfg: LabConfig, **approvers: tuple[str, ...]) -> Inventory:
     """ox-site.yaml, with the given approvers (gate name with '-' as '_') or ops1 for every gate."""
     inv = load_inventory(cfg.ox_site_yaml)
     gates = {k.replace("_", "-"): v for k, v in approvers.items()} or {
-        "failure": (APPROVER,), "server-already-registered": (APPROVER,), "continue": (APPROVER,)}
+        "failure": (APPROVER,),
+        "server-already-registered": (APPROVER,),
+        "continue": (APPROVER,),
+    }
     return dataclasses.replace(inv, approvers=gates)
 
 
@@ -65,15 +68,28 @@ def classify(cfg: LabConfig) -> dict[str, set[str]]:
     untouched (as created), failed_disabled / failed_enabled (update failed), reverted-like
     (failed, enabled, back on the old server) - checking that its contexts agree."""
     new_id, old_id = new_server_id(cfg), old_server_id(cfg)
-    out: dict[str, set[str]] = {k: set() for k in ("upgraded", "untouched", "failed_disabled",
-                                                    "failed_enabled_old", "failed_enabled_new", "other")}
+    out: dict[str, set[str]] = {
+        k: set()
+        for k in (
+            "upgraded",
+            "untouched",
+            "failed_disabled",
+            "failed_enabled_old",
+            "failed_enabled_new",
+            "other",
+        )
+    }
     for name, st in states(cfg).items():
         assert st.contexts_enabled == (st.contexts if st.enabled else 0), (name, st)
         assert st.context_servers == (st.server_id,), (name, st)
         if (st.update_state, st.enabled, st.server_id, st.version) == ("done", True, new_id, NEW_VERSION):
             out["upgraded"].add(name)
-        elif (st.update_state, st.enabled, st.server_id, st.version) == ("none", True, old_id,
-                                                                         configdb.DEFAULT_VERSION):
+        elif (st.update_state, st.enabled, st.server_id, st.version) == (
+            "none",
+            True,
+            old_id,
+            configdb.DEFAULT_VERSION,
+        ):
             out["untouched"].add(name)
         elif st.update_state == "failed" and not st.enabled:
             out["failed_disabled"].add(name)
@@ -87,14 +103,26 @@ def classify(cfg: LabConfig) -> dict[str, set[str]]:
 
 
 def schemata_input(cfg: LabConfig, inv: Inventory | None = None, **kw: Any) -> OxUpgradeSchemataInput:
-    fields: dict[str, Any] = {"inventory": inv or ox_inventory(cfg), "server_name": NEW_SERVER,
-                              "update_node": "ox1", "admin_node": "ox2", "started_by": "starter",
-                              "failure_gate_timeout_s": 120.0, "gate_timeout_s": 120.0}
+    fields: dict[str, Any] = {
+        "inventory": inv or ox_inventory(cfg),
+        "server_name": NEW_SERVER,
+        "update_node": "ox1",
+        "admin_node": "ox2",
+        "started_by": "starter",
+        "failure_gate_timeout_s": 120.0,
+        "gate_timeout_s": 120.0,
+    }
     fields.update(kw)
     return OxUpgradeSchemataInput(**fields)
 
 
-async def start_schemata(client: Client, task_queue: str, inp: OxUpgradeSchemataInput,
-                         wf_id: str) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(OxUpgradeSchemataWorkflow.run, inp, id=wf_id, task_queue=task_queue,
-                                       execution_timeout=timedelta(minutes=10))
+async def start_schemata(
+    client: Client, task_queue: str, inp: OxUpgradeSchemataInput, wf_id: str
+) -> WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        OxUpgradeSchemataWorkflow.run,
+        inp,
+        id=wf_id,
+        task_queue=task_queue,
+        execution_timeout=timedelta(minutes=10),
+    )

@@ -49,13 +49,32 @@ MIGRATIONS = (2, 3)  # the package's, over schema 1
 STARTER = "carol"  # starts the runs: may decide none of their gates
 APPROVER = "alice"
 FAILURE_APPROVER = "ops1"
-APPROVERS = {"staging-test": (APPROVER, "bob"), "upgrade-successful": (APPROVER, "bob"),
-             "swap": (APPROVER, "bob"), "failure": (FAILURE_APPROVER,)}
+APPROVERS = {
+    "staging-test": (APPROVER, "bob"),
+    "upgrade-successful": (APPROVER, "bob"),
+    "swap": (APPROVER, "bob"),
+    "failure": (FAILURE_APPROVER,),
+}
 # The calls that change the site (the others only read it).
-MUTATING = {"backup_app_folder", "db_backup", "db_restore", "db_apply_migration", "db_drop_database",
-            "app_record_audit", "build_upgrade_zip", "generate_sql_script", "app_set_settings",
-            "stop_service", "start_service", "stage_app_backup", "deploy_package", "clear_staging",
-            "lb_set_state", "restore_app_folder", "db_restore_keeping"}
+MUTATING = {
+    "backup_app_folder",
+    "db_backup",
+    "db_restore",
+    "db_apply_migration",
+    "db_drop_database",
+    "app_record_audit",
+    "build_upgrade_zip",
+    "generate_sql_script",
+    "app_set_settings",
+    "stop_service",
+    "start_service",
+    "stage_app_backup",
+    "deploy_package",
+    "clear_staging",
+    "lb_set_state",
+    "restore_app_folder",
+    "db_restore_keeping",
+}
 RESULT_TIMEOUT_S = 60.0  # real seconds: a run that hangs fails its test instead
 POLL_S = 0.02
 
@@ -75,21 +94,55 @@ def ss_site(n: int = 2, approvers: dict[str, tuple[str, ...]] | None = None) -> 
     key = {"env": "FAKE_KEY"}
     raw: dict[str, Any] = {
         "site": "ss-fake",
-        "nodes": [{"name": f"n{i}", "ssh": {"host": "127.0.0.1", "port": 2200 + i, "key": key},
-                   "app_dir": "app", "url": node_url(i), "service": ctl} for i in range(1, n + 1)],
-        "load_balancers": [{"name": "main", "kind": "haproxy", "runtime_api": "tcp:127.0.0.1:1",
-                            "backend": "ss", "members": {f"n{i}": f"s{i}" for i in range(1, n + 1)}}],
-        "databases": [{"name": "db", "kind": "mysql", "host": "127.0.0.1", "database": PROD, "user": "u",
-                       "password": {"env": "FAKE_DB"}, "backup_dir": "/backups",
-                       "scratch_database": SCRATCH}],
-        "application": {"name": "secretserver", "protected_files": ["encryption.config"],
-                        "merge_files": ["web.config"],
-                        "login": {"path": "/login", "user": "probe", "password": {"env": "FAKE_LOGIN"}},
-                        "url": LB_URL, "admin": {"token": {"env": "FAKE_TOKEN"}}},
-        "staging": {"ssh": {"host": "127.0.0.1", "port": 2300, "key": key},
-                    "app_dir": "staging-app", "service": ctl, "url": STAGING_URL, "database": STAGING_DB},
-        "approvers": {gate: list(names) for gate, names in (APPROVERS if approvers is None
-                                                           else approvers).items()},
+        "nodes": [
+            {
+                "name": f"n{i}",
+                "ssh": {"host": "127.0.0.1", "port": 2200 + i, "key": key},
+                "app_dir": "app",
+                "url": node_url(i),
+                "service": ctl,
+            }
+            for i in range(1, n + 1)
+        ],
+        "load_balancers": [
+            {
+                "name": "main",
+                "kind": "haproxy",
+                "runtime_api": "tcp:127.0.0.1:1",
+                "backend": "ss",
+                "members": {f"n{i}": f"s{i}" for i in range(1, n + 1)},
+            }
+        ],
+        "databases": [
+            {
+                "name": "db",
+                "kind": "mysql",
+                "host": "127.0.0.1",
+                "database": PROD,
+                "user": "u",
+                "password": {"env": "FAKE_DB"},
+                "backup_dir": "/backups",
+                "scratch_database": SCRATCH,
+            }
+        ],
+        "application": {
+            "name": "secretserver",
+            "protected_files": ["encryption.config"],
+            "merge_files": ["web.config"],
+            "login": {"path": "/login", "user": "probe", "password": {"env": "FAKE_LOGIN"}},
+            "url": LB_URL,
+            "admin": {"token": {"env": "FAKE_TOKEN"}},
+        },
+        "staging": {
+            "ssh": {"host": "127.0.0.1", "port": 2300, "key": key},
+            "app_dir": "staging-app",
+            "service": ctl,
+            "url": STAGING_URL,
+            "database": STAGING_DB,
+        },
+        "approvers": {
+            gate: list(names) for gate, names in (APPROVERS if approvers is None else approvers).items()
+        },
     }
     return parse_inventory(raw)
 
@@ -149,8 +202,14 @@ class SsFakeSite:
         self._outdated: set[str] = set()  # production backups that writes have overtaken
 
     # ------------------------------------------------------------------ for the tests
-    def fail_on(self, activity_name: str, target: str | None, error_type: str, retryable: bool = False,
-                times: int | None = None) -> None:
+    def fail_on(
+        self,
+        activity_name: str,
+        target: str | None,
+        error_type: str,
+        retryable: bool = False,
+        times: int | None = None,
+    ) -> None:
         self.faults.append(Fault(activity_name, target, error_type, retryable, times))
 
     def fix(self) -> None:
@@ -171,8 +230,10 @@ class SsFakeSite:
 
     def all_on(self, release: str) -> bool:
         """Every node runs `release` from its files, in the pool, serving."""
-        return all(self.version[n] == self.files[n] == release and self.running[n] and self.lb[n] == "ready"
-                   for n in self.node_names())
+        return all(
+            self.version[n] == self.files[n] == release and self.running[n] and self.lb[n] == "ready"
+            for n in self.node_names()
+        )
 
     # ------------------------------------------------------------------ the model
     def _fault(self, activity_name: str, target: str) -> None:
@@ -180,8 +241,11 @@ class SsFakeSite:
             if f.activity == activity_name and f.target in (None, target) and f.times != 0:
                 if f.times is not None:
                     f.times -= 1
-                raise ApplicationError(f"injected: {activity_name} on {target} failed", type=f.error_type,
-                                       non_retryable=not f.retryable)
+                raise ApplicationError(
+                    f"injected: {activity_name} on {target} failed",
+                    type=f.error_type,
+                    non_retryable=not f.retryable,
+                )
 
     def _violate(self, what: str) -> NoReturn:
         self.violations.append(what)
@@ -222,26 +286,54 @@ class SsFakeSite:
         own = self.override.get(target)
         code = MIGRATIONS[-1] if self._running_version(target) == NEW else 1
         return app_admin.AdminState(
-            node=target, version=self._running_version(target), code_schema=code, db_schema=site.schema,
-            maintenance_mode=maintenance, ignore_version_mismatch=ignore, enforce_version_match=True,
-            mismatch=code != site.schema, mismatch_page=code != site.schema and not ignore,
-            site=app_admin.UpgradeSettings(maintenance_mode=site.maintenance,
-                                           ignore_version_mismatch=site.ignore, enforce_version_match=True),
-            node_override=app_admin.NodeOverride(maintenance_mode=own.get("maintenance"),
-                                                 ignore_version_mismatch=own.get("ignore"))
-            if own is not None else None)
+            node=target,
+            version=self._running_version(target),
+            code_schema=code,
+            db_schema=site.schema,
+            maintenance_mode=maintenance,
+            ignore_version_mismatch=ignore,
+            enforce_version_match=True,
+            mismatch=code != site.schema,
+            mismatch_page=code != site.schema and not ignore,
+            site=app_admin.UpgradeSettings(
+                maintenance_mode=site.maintenance,
+                ignore_version_mismatch=site.ignore,
+                enforce_version_match=True,
+            ),
+            node_override=app_admin.NodeOverride(
+                maintenance_mode=own.get("maintenance"), ignore_version_mismatch=own.get("ignore")
+            )
+            if own is not None
+            else None,
+        )
 
     def _member(self, n: str) -> haproxy.MemberState:
-        return haproxy.MemberState(lb_name="main", node_name=n, backend="ss", server=f"s{n[1:]}",
-                                   status="UP" if self.running[n] else "DOWN", scur=0, admin=self.lb[n],
-                                   weight=1, check_status="L7OK")
+        return haproxy.MemberState(
+            lb_name="main",
+            node_name=n,
+            backend="ss",
+            server=f"s{n[1:]}",
+            status="UP" if self.running[n] else "DOWN",
+            scur=0,
+            admin=self.lb[n],
+            weight=1,
+            check_status="L7OK",
+        )
 
     def _package(self, path: str) -> deploy.PackageInfo:
         return deploy.PackageInfo(
-            path=path, sha256="ab" * 32, name="secretserver", version=NEW, min_upgrade_from=OLD,
-            schema_version=MIGRATIONS[-1], files=8, size=1000,
-            migrations=tuple(deploy.MigrationSpec(version=v, up_sql=f"-- migration {v}", down_sql="")
-                             for v in MIGRATIONS))
+            path=path,
+            sha256="ab" * 32,
+            name="secretserver",
+            version=NEW,
+            min_upgrade_from=OLD,
+            schema_version=MIGRATIONS[-1],
+            files=8,
+            size=1000,
+            migrations=tuple(
+                deploy.MigrationSpec(version=v, up_sql=f"-- migration {v}", down_sql="") for v in MIGRATIONS
+            ),
+        )
 
     def _database(self, name: str) -> Database:
         return dataclasses.replace(self.inventory.databases[0], database=name)
@@ -302,8 +394,11 @@ class SsFakeSite:
             s._call("get_version", target)
             running = s._running_version(target)
             if arg.get("expect") and arg["expect"] != running:
-                raise ApplicationError(f"{target} runs {running or 'nothing'}, expected {arg['expect']}",
-                                       type=VERSION_MISMATCH, non_retryable=True)
+                raise ApplicationError(
+                    f"{target} runs {running or 'nothing'}, expected {arg['expect']}",
+                    type=VERSION_MISMATCH,
+                    non_retryable=True,
+                )
             return running
 
         @activity.defn(name="wait_healthy")
@@ -312,8 +407,9 @@ class SsFakeSite:
             s._call("wait_healthy", target)
             if not s._is_running(target):
                 raise ApplicationError(f"{target}: no answer", type=HEALTH_CHECK_FAILED, non_retryable=True)
-            return http_checks.WaitHealthyResult(url=arg["base_url"], waited_s=0.1, attempts=1,
-                                                 last=_answer(arg["base_url"]))
+            return http_checks.WaitHealthyResult(
+                url=arg["base_url"], waited_s=0.1, attempts=1, last=_answer(arg["base_url"])
+            )
 
         @activity.defn(name="check_login")
         async def check_login(arg: dict[str, Any]) -> http_checks.LoginResult:
@@ -326,8 +422,15 @@ class SsFakeSite:
         @activity.defn(name="inspect_node_storage")
         async def inspect_node_storage(arg: dict[str, Any]) -> node.NodeStorage:
             s._call("inspect_node_storage", _node(arg))
-            return node.NodeStorage(app_bytes=1000, free_bytes=10**9, need_bytes=5000, missing_protected=(),
-                                    ok=True, detail="room for the backup", node_name=_node(arg))
+            return node.NodeStorage(
+                app_bytes=1000,
+                free_bytes=10**9,
+                need_bytes=5000,
+                missing_protected=(),
+                ok=True,
+                detail="room for the backup",
+                node_name=_node(arg),
+            )
 
         @activity.defn(name="db_schema_version")
         async def db_schema_version(arg: dict[str, Any]) -> int:
@@ -351,8 +454,11 @@ class SsFakeSite:
             s._call("app_wait_settings", target)
             want = (arg["maintenance_mode"], arg["ignore_version_mismatch"])
             if s._effective(target) != want:
-                raise ApplicationError(f"{target}: settings {s._effective(target)}, wanted {want}",
-                                       type=SETTINGS_TIMEOUT, non_retryable=True)
+                raise ApplicationError(
+                    f"{target}: settings {s._effective(target)}, wanted {want}",
+                    type=SETTINGS_TIMEOUT,
+                    non_retryable=True,
+                )
             return s._state(target)
 
         @activity.defn(name="lb_wait_drained")
@@ -368,9 +474,24 @@ class SsFakeSite:
                 s._violate(f"waited for {n} UP while it is stopped")
             return s._member(n)
 
-        return [inspect_package, ssh_probe, service_status, lb_check_member, lb_member_state, check_health,
-                get_version, wait_healthy, check_login, inspect_node_storage, db_schema_version,
-                check_backup_space, app_admin_state, app_wait_settings, lb_wait_drained, lb_wait_up]
+        return [
+            inspect_package,
+            ssh_probe,
+            service_status,
+            lb_check_member,
+            lb_member_state,
+            check_health,
+            get_version,
+            wait_healthy,
+            check_login,
+            inspect_node_storage,
+            db_schema_version,
+            check_backup_space,
+            app_admin_state,
+            app_wait_settings,
+            lb_wait_drained,
+            lb_wait_up,
+        ]
 
     def _database_changes(self) -> list[Callable[..., Any]]:
         s = self
@@ -383,8 +504,9 @@ class SsFakeSite:
             s.backups[path] = dataclasses.replace(s._db(name))
             if name == PROD:
                 s._prod_backups.add(path)
-            return mysql.DbBackup(db=s._database(name), backup_id=arg["backup_id"], path=path,
-                                  sha256="cd" * 32, size=10)
+            return mysql.DbBackup(
+                db=s._database(name), backup_id=arg["backup_id"], path=path, sha256="cd" * 32, size=10
+            )
 
         @activity.defn(name="db_restore")
         async def db_restore(arg: dict[str, Any]) -> mysql.DbRestoreResult:
@@ -393,8 +515,9 @@ class SsFakeSite:
             if target == PROD:
                 s._violate("db_restore over production (a rollback restores keeping the audit)")
             s.databases[target] = s._restored(arg)
-            return mysql.DbRestoreResult(path=arg["path"], tables=5, dropped=(), checksums={}, mismatched=(),
-                                         created_database=True)
+            return mysql.DbRestoreResult(
+                path=arg["path"], tables=5, dropped=(), checksums={}, mismatched=(), created_database=True
+            )
 
         @activity.defn(name="db_restore_keeping")
         async def db_restore_keeping(arg: dict[str, Any]) -> mysql.DbRestoreResult:
@@ -403,8 +526,14 @@ class SsFakeSite:
             s.databases[target] = s._restored(arg["backup"])
             if target == PROD and arg["backup"]["path"] in s._outdated:
                 s.lost_writes.append(arg["backup"]["path"])
-            return mysql.DbRestoreResult(path=arg["backup"]["path"], tables=5, dropped=(), checksums={},
-                                         mismatched=(), kept=tuple(arg["keep_tables"]))
+            return mysql.DbRestoreResult(
+                path=arg["backup"]["path"],
+                tables=5,
+                dropped=(),
+                checksums={},
+                mismatched=(),
+                kept=tuple(arg["keep_tables"]),
+            )
 
         @activity.defn(name="db_apply_migration")
         async def db_apply_migration(arg: dict[str, Any]) -> mysql.MigrationResult:
@@ -413,9 +542,14 @@ class SsFakeSite:
             db = s._db(name)
             before = db.schema
             db.schema = version if arg["direction"] == "up" else version - 1
-            return mysql.MigrationResult(version=version, direction=arg["direction"], applied=True,
-                                         statements=1, schema_version_before=before,
-                                         schema_version_after=db.schema)
+            return mysql.MigrationResult(
+                version=version,
+                direction=arg["direction"],
+                applied=True,
+                statements=1,
+                schema_version_before=before,
+                schema_version_after=db.schema,
+            )
 
         @activity.defn(name="db_drop_database")
         async def db_drop_database(arg: dict[str, Any]) -> mysql.DropDatabaseResult:
@@ -466,9 +600,14 @@ class SsFakeSite:
             n = _node(arg)
             s._call("backup_app_folder", n)
             return deploy.AppBackup(
-                node=s.inventory.node(n), node_name=n, backup_id=arg["backup_id"],
-                path=f".zerodown/backups/{arg['backup_id']}.tar", files=8, manifest={"release": s.files[n]},
-                protected={"encryption.config": "ee" * 32})
+                node=s.inventory.node(n),
+                node_name=n,
+                backup_id=arg["backup_id"],
+                path=f".zerodown/backups/{arg['backup_id']}.tar",
+                files=8,
+                manifest={"release": s.files[n]},
+                protected={"encryption.config": "ee" * 32},
+            )
 
         @activity.defn(name="deploy_package")
         async def deploy_package(arg: dict[str, Any]) -> deploy.DeployResult:
@@ -480,10 +619,19 @@ class SsFakeSite:
                 s.staging_files = arg["package"]["version"]
             else:
                 s.files[n] = arg["package"]["version"]
-            merged = deploy.MergeReport(file="web.config", carried=("node.name",),
-                                        diff=(f"+node.name = {n}",), had_recorded_defaults=True)
-            return deploy.DeployResult(node_name=n, version=arg["package"]["version"], files_written=2,
-                                       merged=(merged,), release_id=arg["release_id"])
+            merged = deploy.MergeReport(
+                file="web.config",
+                carried=("node.name",),
+                diff=(f"+node.name = {n}",),
+                had_recorded_defaults=True,
+            )
+            return deploy.DeployResult(
+                node_name=n,
+                version=arg["package"]["version"],
+                files_written=2,
+                merged=(merged,),
+                release_id=arg["release_id"],
+            )
 
         @activity.defn(name="restore_app_folder")
         async def restore_app_folder(arg: dict[str, Any]) -> deploy.AppRestoreResult:
@@ -492,8 +640,9 @@ class SsFakeSite:
             if s.running[n]:
                 s._violate(f"{n} restored while it runs")
             s.files[n] = arg["manifest"]["release"]
-            return deploy.AppRestoreResult(node_name=n, backup_id=arg["backup_id"], files=8, rewritten=2,
-                                           removed=())
+            return deploy.AppRestoreResult(
+                node_name=n, backup_id=arg["backup_id"], files=8, rewritten=2, removed=()
+            )
 
         @activity.defn(name="stage_app_backup")
         async def stage_app_backup(arg: dict[str, Any]) -> staging.StagedApp:
@@ -502,8 +651,13 @@ class SsFakeSite:
                 s._violate("staging folder replaced while staging runs")
             s.staging_files = arg["backup"]["manifest"]["release"]
             bk = arg["backup"]
-            return staging.StagedApp(source_node=bk["node_name"], backup_id=bk["backup_id"],
-                                     app_dir=arg["staging"]["app_dir"], files=8, overridden=())
+            return staging.StagedApp(
+                source_node=bk["node_name"],
+                backup_id=bk["backup_id"],
+                app_dir=arg["staging"]["app_dir"],
+                files=8,
+                overridden=(),
+            )
 
         @activity.defn(name="clear_staging")
         async def clear_staging(arg: dict[str, Any]) -> None:
@@ -513,17 +667,36 @@ class SsFakeSite:
         @activity.defn(name="build_upgrade_zip")
         async def build_upgrade_zip(arg: dict[str, Any]) -> deploy.UpgradeZip:
             s._call("build_upgrade_zip", _node(arg))
-            return deploy.UpgradeZip(path=f"{arg['out_dir']}/{arg['zip_id']}.zip", sha256="ef" * 32, size=100,
-                                     files=("release.json", "web.config"), unchanged=6, base_node=_node(arg))
+            return deploy.UpgradeZip(
+                path=f"{arg['out_dir']}/{arg['zip_id']}.zip",
+                sha256="ef" * 32,
+                size=100,
+                files=("release.json", "web.config"),
+                unchanged=6,
+                base_node=_node(arg),
+            )
 
         @activity.defn(name="generate_sql_script")
         async def generate_sql_script(arg: dict[str, Any]) -> deploy.SqlScript:
             s._call("generate_sql_script", f"from {arg['from_schema']}")
-            return deploy.SqlScript(path=f"{arg['out_dir']}/{arg['script_id']}.sql", sha256="12" * 32,
-                                    migrations=tuple(v for v in MIGRATIONS if v > arg["from_schema"]))
+            return deploy.SqlScript(
+                path=f"{arg['out_dir']}/{arg['script_id']}.sql",
+                sha256="12" * 32,
+                migrations=tuple(v for v in MIGRATIONS if v > arg["from_schema"]),
+            )
 
-        return [stop_service, start_service, lb_set_state, backup_app_folder, deploy_package,
-                restore_app_folder, stage_app_backup, clear_staging, build_upgrade_zip, generate_sql_script]
+        return [
+            stop_service,
+            start_service,
+            lb_set_state,
+            backup_app_folder,
+            deploy_package,
+            restore_app_folder,
+            stage_app_backup,
+            clear_staging,
+            build_upgrade_zip,
+            generate_sql_script,
+        ]
 
     def _admin_changes(self) -> list[Callable[..., Any]]:
         s = self
@@ -531,11 +704,15 @@ class SsFakeSite:
         @activity.defn(name="app_set_settings")
         async def app_set_settings(arg: dict[str, Any]) -> app_admin.AdminState:
             target = "site" if arg["scope"] == "site" else s._target(arg["base_url"])
-            values = {"maintenance": arg.get("maintenance_mode"),
-                      "ignore": arg.get("ignore_version_mismatch")}
+            values = {
+                "maintenance": arg.get("maintenance_mode"),
+                "ignore": arg.get("ignore_version_mismatch"),
+            }
             said = [f"{k} {'on' if v else 'off'}" for k, v in values.items() if v is not None]
-            s._call("app_set_settings", f"{target}: " + ", ".join(said + (["cleared"] if arg.get(
-                "clear_node_override") else [])))
+            s._call(
+                "app_set_settings",
+                f"{target}: " + ", ".join(said + (["cleared"] if arg.get("clear_node_override") else [])),
+            )
             if target == "site":
                 site = s.databases[PROD]
                 if values["maintenance"] is not None:
@@ -555,10 +732,16 @@ class SsFakeSite:
             if created:
                 s._audit_refs.add(arg["reference"])
                 s.audit.append(arg["action"])
-            return app_admin.AuditEvent(audit_id=len(s.audit), audit_type="ManualUpgrade",
-                                        action=arg["action"], notes=arg["notes"], user=arg["user"],
-                                        reference=arg["reference"], date_recorded="2024-01-01T00:00:00Z",
-                                        created=created)
+            return app_admin.AuditEvent(
+                audit_id=len(s.audit),
+                audit_type="ManualUpgrade",
+                action=arg["action"],
+                notes=arg["notes"],
+                user=arg["user"],
+                reference=arg["reference"],
+                date_recorded="2024-01-01T00:00:00Z",
+                created=created,
+            )
 
         return [app_set_settings, app_record_audit]
 
@@ -602,8 +785,10 @@ async def approve(handle: WorkflowHandle[Any, Any], gate: str, by: str = APPROVE
     """Approve `gate` once it waits (the `approve` update, as `zerodown approve` sends it)."""
     waiting = await pending(handle, gate)
     record: GateRecord = await handle.execute_update(
-        "approve", Decision(gate=gate, by=by, plan_hash=waiting.plan_hash, comment="t"),
-        result_type=GateRecord)
+        "approve",
+        Decision(gate=gate, by=by, plan_hash=waiting.plan_hash, comment="t"),
+        result_type=GateRecord,
+    )
     return record
 
 

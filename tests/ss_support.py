@@ -26,8 +26,11 @@ def wf_id(name: str) -> str:
 async def enforce_version_match(inv: Inventory, on: bool) -> None:
     """Secret Server shows the version mismatch page: the lab app does too once enforced."""
     assert inv.application.admin is not None
-    await app_admin.set_settings(app_admin.SettingsRequest(
-        base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on))
+    await app_admin.set_settings(
+        app_admin.SettingsRequest(
+            base_url=inv.nodes[0].url, admin=inv.application.admin, scope="site", enforce_version_match=on
+        )
+    )
     await asyncio.sleep(0.6)  # nodes cache the settings for up to half a second
 
 
@@ -42,8 +45,10 @@ async def wait_gate(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: floa
             pass
         await asyncio.sleep(0.2)
     progress = await handle.query("progress", result_type=Progress)
-    raise AssertionError(f"gate {gate} never opened; phase {progress.phase}; last steps "
-                         f"{[(s.name, s.result, s.detail) for s in progress.steps[-3:]]}")
+    raise AssertionError(
+        f"gate {gate} never opened; phase {progress.phase}; last steps "
+        f"{[(s.name, s.result, s.detail) for s in progress.steps[-3:]]}"
+    )
 
 
 async def checksums(inv: Inventory) -> dict[str, str]:

@@ -66,12 +66,18 @@ def task_queue() -> str:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, task_queue: str, workflows: Sequence[type],
-                         activities: Sequence[Callable[..., Any]]) -> AsyncIterator[Worker]:
+async def running_worker(
+    client: Client, task_queue: str, workflows: Sequence[type], activities: Sequence[Callable[..., Any]]
+) -> AsyncIterator[Worker]:
     from worker.main import RESUME_OPTIONS
 
-    worker = Worker(client, task_queue=task_queue, workflows=list(workflows),
-                    activities=list(activities), **RESUME_OPTIONS)
+    worker = Worker(
+        client,
+        task_queue=task_queue,
+        workflows=list(workflows),
+        activities=list(activities),
+        **RESUME_OPTIONS,
+    )
     async with worker:
         yield worker
 

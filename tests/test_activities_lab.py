@@ -378,16 +378,17 @@ async def test_db_restore_refuses_a_modified_backup(inv: Inventory, tmp_path: Pa
     assert await mysql.schema_version(db) == 1
 
 
-
-
 async def test_db_migration_up_down_idempotent(inv: Inventory, lab: LabConfig) -> None:
     db, env = inv.databases[0], _env()
     pkg = await env.run(deploy.inspect_package, PackageRequest(str(lab.package(2))))
     mig = pkg.migrations[0]
 
     async def has_notes() -> bool:
-        rows = await mysql.query(db, "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
-                                     "DATABASE() AND TABLE_NAME = 'items' AND COLUMN_NAME = 'notes'")
+        rows = await mysql.query(
+            db,
+            "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+            "DATABASE() AND TABLE_NAME = 'items' AND COLUMN_NAME = 'notes'",
+        )
         return bool(rows[0][0])
 
     try:
@@ -417,14 +418,19 @@ async def test_db_migration_forced_down_undoes_a_half_applied_up(inv: Inventory)
     db, env = inv.databases[0], _env()
 
     async def columns() -> list[str]:
-        rows = await mysql.query(db, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
-                                     "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'items' "
-                                     "ORDER BY ORDINAL_POSITION")
+        rows = await mysql.query(
+            db,
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
+            "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'items' "
+            "ORDER BY ORDINAL_POSITION",
+        )
         return [str(r[0]) for r in rows]
 
     original = await columns()
-    up = ("ALTER TABLE items ADD COLUMN IF NOT EXISTS zd_half INT NULL;\n"
-          "ALTER TABLE no_such_table ADD COLUMN x INT;\n")
+    up = (
+        "ALTER TABLE items ADD COLUMN IF NOT EXISTS zd_half INT NULL;\n"
+        "ALTER TABLE no_such_table ADD COLUMN x INT;\n"
+    )
     down = "ALTER TABLE items DROP COLUMN IF EXISTS zd_half;\n"
     try:
         with pytest.raises(ApplicationError) as e:
@@ -454,13 +460,12 @@ async def test_db_migration_forced_down_undoes_a_half_applied_up(inv: Inventory)
 async def test_db_migration_sql_error_is_non_retryable(inv: Inventory) -> None:
     db = inv.databases[0]
     with pytest.raises(ApplicationError) as e:
-        await _env().run(mysql.db_apply_migration,
-                         MigrationRequest(db, 7, "ALTER TABLE nope ADD x INT;", "up"))
+        await _env().run(
+            mysql.db_apply_migration, MigrationRequest(db, 7, "ALTER TABLE nope ADD x INT;", "up")
+        )
     assert e.value.type == "DatabaseError" and e.value.non_retryable
     assert "migration 7 up, statement 1/1" in e.value.message
     assert await mysql.schema_version(db) == 1
-
-
 
 
 # =========================================================================== deploy
@@ -539,8 +544,9 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
         modes_after = _app_modes(lab, i)
         kept = set(modes_before) & set(modes_after)
         assert {k: modes_after[k] for k in kept} == {k: modes_before[k] for k in kept}
-        assert _mode(lab.node_dir(i) / "app" / "migrations" / "002_up.sql") == \
-            _mode(lab.node_dir(i) / "app" / "web.config")
+        assert _mode(lab.node_dir(i) / "app" / "migrations" / "002_up.sql") == _mode(
+            lab.node_dir(i) / "app" / "web.config"
+        )
         # protected files byte-identical, customisation kept on top of the v2 defaults
         assert _files(lab, i, protected) == before
         web = (lab.node_dir(i) / "app" / "web.config").read_text()
@@ -559,8 +565,10 @@ async def test_backup_deploy_restore_round_trip(inv: Inventory, lab: LabConfig) 
 
         await node.set_running(n, True)
         await env.run(http_checks.wait_healthy, WaitHealthyRequest(n.url, app.health, 30, 2, 0.2))
-        assert await env.run(http_checks.get_version,
-                             VersionRequest(n.url, app.version, expect="2.0.0")) == "2.0.0"
+        assert (
+            await env.run(http_checks.get_version, VersionRequest(n.url, app.version, expect="2.0.0"))
+            == "2.0.0"
+        )
         await node.set_running(n, False)
 
         rr = await env.run(deploy.restore_app_folder, bk)
@@ -588,8 +596,9 @@ async def test_backup_refuses_a_missing_protected_file(inv: Inventory, lab: LabC
     bid = f"bk-{uuid.uuid4().hex[:8]}"
     try:
         with pytest.raises(ApplicationError) as e:
-            await _env().run(deploy.backup_app_folder, AppBackupRequest(n, bid, ("encryption.config",
-                                                                                 "missing.key")))
+            await _env().run(
+                deploy.backup_app_folder, AppBackupRequest(n, bid, ("encryption.config", "missing.key"))
+            )
         assert e.value.type == "ProtectedFileMissing" and e.value.non_retryable
         assert "missing.key" in e.value.message and "node3" in e.value.message
     finally:
@@ -628,18 +637,26 @@ def _with_member(src: Path, dst: Path, name: str, data: str) -> Path:
 
 
 async def test_deploy_refuses_an_xml_merge_file_and_leaves_the_node_untouched(
-        inv: Inventory, lab: LabConfig, tmp_path: Path) -> None:
+    inv: Inventory, lab: LabConfig, tmp_path: Path
+) -> None:
     n = inv.node("node3")
-    xml = ('<?xml version="1.0"?>\n<configuration><appSettings>\n'
-           '  <add key="A" value="1" />\n  <add key="B" value="2" />\n</appSettings></configuration>\n')
-    pkg = deploy.inspect_package_file(str(_with_member(lab.package(2), tmp_path / "app-2x.zip",
-                                                       "settings.xml", xml)))
+    xml = (
+        '<?xml version="1.0"?>\n<configuration><appSettings>\n'
+        '  <add key="A" value="1" />\n  <add key="B" value="2" />\n</appSettings></configuration>\n'
+    )
+    pkg = deploy.inspect_package_file(
+        str(_with_member(lab.package(2), tmp_path / "app-2x.zip", "settings.xml", xml))
+    )
     rid = f"rel-{uuid.uuid4().hex[:8]}"
     releases = lab.node_dir(3) / ".zerodown" / "releases"
     before = await deploy.folder_manifest(n, n.app_dir)
     with pytest.raises(ApplicationError) as e:
-        await _env().run(deploy.deploy_package, DeployRequest(
-            n, pkg, tuple(inv.application.protected_files), ("web.config", "settings.xml"), rid))
+        await _env().run(
+            deploy.deploy_package,
+            DeployRequest(
+                n, pkg, tuple(inv.application.protected_files), ("web.config", "settings.xml"), rid
+            ),
+        )
     err = e.value
     assert err.type == "MergeUnsupported" and err.non_retryable
     assert "node node3: settings.xml" in err.message and "XML" in err.message
@@ -647,8 +664,9 @@ async def test_deploy_refuses_an_xml_merge_file_and_leaves_the_node_untouched(
     assert not releases.exists() or not list(releases.glob(f"{rid}*"))  # not even uploaded
 
 
-async def test_deploy_refuses_a_package_changed_since_inspection(inv: Inventory, lab: LabConfig,
-                                                                 tmp_path: Path) -> None:
+async def test_deploy_refuses_a_package_changed_since_inspection(
+    inv: Inventory, lab: LabConfig, tmp_path: Path
+) -> None:
     copy = tmp_path / "app-2.zip"
     copy.write_bytes(lab.package(2).read_bytes())
     pkg = deploy.inspect_package_file(str(copy))
@@ -670,6 +688,10 @@ async def test_http_checks_against_the_lab(inv: Inventory, lab: LabConfig) -> No
     ok = await env.run(http_checks.check_login, LoginRequest(app.url, app.login))
     assert ok.status == 200
     with pytest.raises(ApplicationError) as e:
-        await env.run(http_checks.check_login, LoginRequest(app.url, dataclasses.replace(
-            app.login, password=SecretRef(file=str(lab.db_password_file)))))
+        await env.run(
+            http_checks.check_login,
+            LoginRequest(
+                app.url, dataclasses.replace(app.login, password=SecretRef(file=str(lab.db_password_file)))
+            ),
+        )
     assert e.value.type == "LoginFailed" and "401" in e.value.message

@@ -62,8 +62,9 @@ def copy_grants(lab: LabConfig) -> Iterator[None]:
     exact = COPY.replace("_", "\\_")
     granted: list[str] = []
     for host in ("127.0.0.1", "localhost"):
-        grants = " ".join(str(r[0]) for r in lab_mariadb.query(
-            lab, "primary", f"SHOW GRANTS FOR '{DB_USER}'@'{host}'"))
+        grants = " ".join(
+            str(r[0]) for r in lab_mariadb.query(lab, "primary", f"SHOW GRANTS FOR '{DB_USER}'@'{host}'")
+        )
         if f"`{exact}`" not in grants and f"`{COPY}`" not in grants:
             lab_mariadb.query(lab, "primary", f"GRANT ALL PRIVILEGES ON `{exact}`.* TO '{DB_USER}'@'{host}'")
             granted.append(host)
@@ -71,8 +72,9 @@ def copy_grants(lab: LabConfig) -> Iterator[None]:
         yield
     finally:
         for host in granted:
-            lab_mariadb.query(lab, "primary",
-                              f"REVOKE ALL PRIVILEGES ON `{exact}`.* FROM '{DB_USER}'@'{host}'")
+            lab_mariadb.query(
+                lab, "primary", f"REVOKE ALL PRIVILEGES ON `{exact}`.* FROM '{DB_USER}'@'{host}'"
+            )
 
 
 def _env() -> ActivityEnvironment:
@@ -128,7 +130,8 @@ def _members(path: str) -> dict[str, bytes]:
 
 
 async def test_upgrade_zip_against_a_v1_node_is_a_smaller_valid_package(
-        inv: Inventory, lab: LabConfig, tmp_path: Path) -> None:
+    inv: Inventory, lab: LabConfig, tmp_path: Path
+) -> None:
     app, env = inv.application, _env()
     name, i = "node3", 3
     protected, merge = tuple(app.protected_files), tuple(app.merge_files)
@@ -138,10 +141,18 @@ async def test_upgrade_zip_against_a_v1_node_is_a_smaller_valid_package(
     assert z.base_node == name and not z.reused and z.unchanged > 0
     full_members = _members(full.path)
     node_app = lab.node_dir(i) / "app"
-    changed = {m for m, data in full_members.items()
-               if not (node_app / m).is_file() or _sha((node_app / m).read_bytes()) != _sha(data)}
-    assert {"release.json", "web.config", "static/index.html", "migrations/002_up.sql",
-            "migrations/002_down.sql"} <= set(z.files)
+    changed = {
+        m
+        for m, data in full_members.items()
+        if not (node_app / m).is_file() or _sha((node_app / m).read_bytes()) != _sha(data)
+    }
+    assert {
+        "release.json",
+        "web.config",
+        "static/index.html",
+        "migrations/002_up.sql",
+        "migrations/002_down.sql",
+    } <= set(z.files)
     assert set(z.files) == changed - set(protected) and "app.py" not in z.files
     assert z.unchanged == len(full_members) - len(changed)
     assert not set(protected) & set(z.files)
@@ -149,7 +160,11 @@ async def test_upgrade_zip_against_a_v1_node_is_a_smaller_valid_package(
     part = await env.run(deploy.inspect_package, PackageRequest(z.path))
     assert part.sha256 == z.sha256 and part.files == len(z.files) < full.files
     assert (part.name, part.version, part.migrations, part.requires) == (
-        full.name, full.version, full.migrations, full.requires)
+        full.name,
+        full.version,
+        full.migrations,
+        full.requires,
+    )
     assert all(_members(z.path)[m] == full_members[m] for m in z.files)
     again = await env.run(deploy.build_upgrade_zip, req)
     assert again.reused and again.sha256 == z.sha256
@@ -182,8 +197,9 @@ async def test_upgrade_zip_against_a_v1_node_is_a_smaller_valid_package(
 # =========================================================================== SQL script
 
 
-async def test_sql_script_runs_on_a_restored_copy(inv: Inventory, lab: LabConfig, tmp_path: Path,
-                                                  copy_grants: None) -> None:
+async def test_sql_script_runs_on_a_restored_copy(
+    inv: Inventory, lab: LabConfig, tmp_path: Path, copy_grants: None
+) -> None:
     db, env = inv.databases[0], _env()
     pkg = await env.run(deploy.inspect_package, PackageRequest(str(lab.package(2))))
     out = tmp_path / "scripts"
@@ -207,8 +223,11 @@ async def test_sql_script_runs_on_a_restored_copy(inv: Inventory, lab: LabConfig
     try:
         await mysql.restore(dataclasses.replace(bk, db=copy))
         await mysql._run_client(copy, [copy.database], script.path, None, "upgrade script", "mariadb")
-        cols = await mysql.query(copy, "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
-                                       "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'items'")
+        cols = await mysql.query(
+            copy,
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
+            "TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'items'",
+        )
         assert "notes" in {str(r[0]) for r in cols}
         assert await mysql.table_checksums(db) == bk.table_checksums
     finally:
@@ -224,8 +243,9 @@ async def test_inspect_node_storage(inv: Inventory, lab: LabConfig) -> None:
     protected = tuple(inv.application.protected_files)
     pkg_size = lab.package(2).stat().st_size
     st = await env.run(node.inspect_node_storage, NodeStorageRequest(n, protected, pkg_size))
-    du = subprocess.run(["du", "-sk", str(lab.node_dir(1) / "app")], capture_output=True, text=True,
-                        check=True)
+    du = subprocess.run(
+        ["du", "-sk", str(lab.node_dir(1) / "app")], capture_output=True, text=True, check=True
+    )
     assert st.app_bytes == int(du.stdout.split()[0]) * 1024 > 0
     vfs = os.statvfs(lab.node_dir(1))
     assert abs(st.free_bytes - vfs.f_bavail * vfs.f_frsize) < 64 << 20  # others write meanwhile
@@ -234,8 +254,9 @@ async def test_inspect_node_storage(inv: Inventory, lab: LabConfig) -> None:
     assert st.ok and st.missing_protected == () and st.detail.startswith("node node1: ok")
     assert st.node_name == "node1"
 
-    missing = await env.run(node.inspect_node_storage,
-                            NodeStorageRequest(n, (*protected, "no-such.key"), pkg_size))
+    missing = await env.run(
+        node.inspect_node_storage, NodeStorageRequest(n, (*protected, "no-such.key"), pkg_size)
+    )
     assert not missing.ok and missing.missing_protected == ("no-such.key",)
     assert "no-such.key" in missing.detail
     full = await env.run(node.inspect_node_storage, NodeStorageRequest(n, protected, 1 << 60))
@@ -267,7 +288,8 @@ async def test_check_backup_space(inv: Inventory, tmp_path: Path, monkeypatch: p
 
 
 async def test_restore_a_backup_into_another_database_then_drop_it(
-        inv: Inventory, tmp_path: Path, copy_grants: None) -> None:
+    inv: Inventory, tmp_path: Path, copy_grants: None
+) -> None:
     db, env = inv.databases[0], _env()
     bk = await env.run(mysql.db_backup, BackupRequest(db, f"copy-{uuid.uuid4().hex[:8]}", str(tmp_path)))
     dump = Path(bk.path).read_bytes()
@@ -280,17 +302,25 @@ async def test_restore_a_backup_into_another_database_then_drop_it(
         assert res.created_database and res.mismatched == () and res.dropped == ()
         assert res.checksums == bk.table_checksums == await mysql.table_checksums(copy)
         assert await mysql.table_checksums(db) == bk.table_checksums  # the source is untouched
-        charset = await mysql.query(db, "SELECT SCHEMA_NAME, DEFAULT_CHARACTER_SET_NAME FROM "
-                                        "information_schema.SCHEMATA WHERE SCHEMA_NAME IN (%s, %s)",
-                                    (db.database, COPY), use_database=False)
+        charset = await mysql.query(
+            db,
+            "SELECT SCHEMA_NAME, DEFAULT_CHARACTER_SET_NAME FROM "
+            "information_schema.SCHEMATA WHERE SCHEMA_NAME IN (%s, %s)",
+            (db.database, COPY),
+            use_database=False,
+        )
         assert len({str(r[1]) for r in charset}) == 1 and len(charset) == 2
         again = await env.run(mysql.db_restore, dataclasses.replace(bk, db=copy))
         assert not again.created_database and again.mismatched == ()
 
         # only copies are dropped
-        for name, why in ((db.database, "the database the inventory names"), ("LabApp", "inventory"),
-                          ("mysql", "system schema"), ("information_schema", "system schema"),
-                          ("a`b", "use letters")):
+        for name, why in (
+            (db.database, "the database the inventory names"),
+            ("LabApp", "inventory"),
+            ("mysql", "system schema"),
+            ("information_schema", "system schema"),
+            ("a`b", "use letters"),
+        ):
             with pytest.raises(ApplicationError) as e:
                 await env.run(mysql.db_drop_database, DropDatabaseRequest(db, name))
             assert e.value.type == "InvalidRequest" and e.value.non_retryable and why in e.value.message
@@ -306,12 +336,15 @@ async def test_restore_a_backup_into_another_database_then_drop_it(
         _remove_backup(bk)
 
 
-async def test_restore_refuses_a_dump_that_selects_another_database(inv: Inventory, tmp_path: Path,
-                                                                    copy_grants: None) -> None:
+async def test_restore_refuses_a_dump_that_selects_another_database(
+    inv: Inventory, tmp_path: Path, copy_grants: None
+) -> None:
     db = inv.databases[0]
     dump = tmp_path / "other.sql"
-    dump.write_bytes(b"-- dump\nCREATE DATABASE /*!32312 IF NOT EXISTS*/ `labapp` /*!40100 x */;\n"
-                     b"USE `labapp`;\nDROP TABLE IF EXISTS items;\n")
+    dump.write_bytes(
+        b"-- dump\nCREATE DATABASE /*!32312 IF NOT EXISTS*/ `labapp` /*!40100 x */;\n"
+        b"USE `labapp`;\nDROP TABLE IF EXISTS items;\n"
+    )
     bk = DbBackup(db=_copy_of(db), backup_id="other", path=str(dump), sha256=_sha(dump.read_bytes()), size=1)
     with pytest.raises(ApplicationError) as e:
         await _env().run(mysql.db_restore, bk)
@@ -330,8 +363,12 @@ async def _audit(db: Database) -> list[str]:
 
 async def _add_audit(db: Database, *notes: str) -> None:
     for note in notes:
-        await mysql.query(db, "INSERT INTO tbAudit (AuditTypeName, Action, Notes, DateRecorded) "
-                              "VALUES ('ManualUpgrade', 'STARTED', %s, NOW(3))", (note,))
+        await mysql.query(
+            db,
+            "INSERT INTO tbAudit (AuditTypeName, Action, Notes, DateRecorded) "
+            "VALUES ('ManualUpgrade', 'STARTED', %s, NOW(3))",
+            (note,),
+        )
 
 
 async def test_restore_keeping_the_audit_trail(inv: Inventory, tmp_path: Path, copy_grants: None) -> None:
@@ -342,9 +379,12 @@ async def test_restore_keeping_the_audit_trail(inv: Inventory, tmp_path: Path, c
     try:
         await mysql.restore(dataclasses.replace(src, db=site))
         if "tbAudit" not in await mysql.base_tables(site):  # a lab without the Secret Server tables
-            await mysql.query(site, "CREATE TABLE tbAudit (AuditId BIGINT AUTO_INCREMENT PRIMARY KEY, "
-                                    "AuditTypeName VARCHAR(32) NOT NULL, Action VARCHAR(32) NOT NULL, "
-                                    "Notes VARCHAR(1000) NULL, DateRecorded DATETIME(3) NOT NULL)")
+            await mysql.query(
+                site,
+                "CREATE TABLE tbAudit (AuditId BIGINT AUTO_INCREMENT PRIMARY KEY, "
+                "AuditTypeName VARCHAR(32) NOT NULL, Action VARCHAR(32) NOT NULL, "
+                "Notes VARCHAR(1000) NULL, DateRecorded DATETIME(3) NOT NULL)",
+            )
         await _add_audit(site, "a")
         bk = await env.run(mysql.db_backup, BackupRequest(site, "site", str(tmp_path)))
         await _add_audit(site, "b")
@@ -355,8 +395,9 @@ async def test_restore_keeping_the_audit_trail(inv: Inventory, tmp_path: Path, c
         assert res.kept == ("tbAudit",) and res.mismatched == () and res.dropped == ("zd_after",)
         assert await _audit(site) == ["a", "b"]
         sums = await mysql.table_checksums(site)
-        assert {t: c for t, c in sums.items() if t != "tbAudit"} == \
-            {t: c for t, c in bk.table_checksums.items() if t != "tbAudit"}
+        assert {t: c for t, c in sums.items() if t != "tbAudit"} == {
+            t: c for t, c in bk.table_checksums.items() if t != "tbAudit"
+        }
         sql, meta, marker = mysql._keep_paths(bk)
         assert not any(Path(p).exists() for p in (sql, meta, marker))
 

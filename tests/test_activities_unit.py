@@ -85,18 +85,39 @@ def test_complex_inputs_and_results_survive_the_payload_converter() -> None:
     from temporalio.converter import DataConverter
 
     target = SshTarget(host="h", port=2222, user="u", key=SecretRef(file="/k"), known_hosts="/kh")
-    n = Node(name="n1", ssh=target, app_dir="app", url="http://h:1",
-             service=ServiceControl(kind="iis", site="s", app_pool="p", timeout_s=30))
-    pkg = deploy.PackageInfo(path="/p.zip", sha256="ab", name="x", version="2.0.0", min_upgrade_from="1.0",
-                             schema_version=2, migrations=(deploy.MigrationSpec(2, "up;", "down;", True),),
-                             files=3, size=10)
+    n = Node(
+        name="n1",
+        ssh=target,
+        app_dir="app",
+        url="http://h:1",
+        service=ServiceControl(kind="iis", site="s", app_pool="p", timeout_s=30),
+    )
+    pkg = deploy.PackageInfo(
+        path="/p.zip",
+        sha256="ab",
+        name="x",
+        version="2.0.0",
+        min_upgrade_from="1.0",
+        schema_version=2,
+        migrations=(deploy.MigrationSpec(2, "up;", "down;", True),),
+        files=3,
+        size=10,
+    )
     samples: list[Any] = [
         pkg,
         deploy.DeployRequest(n, pkg, ("a.config",), ("web.config",), "r1"),
-        deploy.AppBackup(node=n, node_name="n1", backup_id="b", path=".zerodown/backups/b.tar", files=1,
-                         manifest={"a b/c": "00"}, protected={"a.config": "11"}),
-        deploy.DeployResult("n1", "2.0.0", 3, (deploy.MergeReport("web.config", ("k",), ("-a", "+b"), True,
-                                                                  ("note",)),)),
+        deploy.AppBackup(
+            node=n,
+            node_name="n1",
+            backup_id="b",
+            path=".zerodown/backups/b.tar",
+            files=1,
+            manifest={"a b/c": "00"},
+            protected={"a.config": "11"},
+        ),
+        deploy.DeployResult(
+            "n1", "2.0.0", 3, (deploy.MergeReport("web.config", ("k",), ("-a", "+b"), True, ("note",)),)
+        ),
         haproxy.MemberState("lb", "n1", "app", "s1", "UP 1/2", 0, "ready", 1, "L7OK"),
         mysql.ReplicaStatus("h", 1, True, "Yes", "Yes", None, "0-1-2", "0-1-2", "", "", True),
         http_checks.WaitHealthyResult("u", 1.5, 3, http_checks.HttpCheckResult("u", 200, "ok", 3)),
@@ -117,8 +138,11 @@ def test_command_kind_is_passed_through() -> None:
 
 def test_systemd_commands() -> None:
     c = service_commands(ServiceControl(kind="systemd", unit="labapp.service"))
-    assert (c.stop, c.start, c.status) == ("systemctl stop labapp.service", "systemctl start labapp.service",
-                                           "systemctl is-active labapp.service")
+    assert (c.stop, c.start, c.status) == (
+        "systemctl stop labapp.service",
+        "systemctl start labapp.service",
+        "systemctl is-active labapp.service",
+    )
     odd = service_commands(ServiceControl(kind="systemd", unit="app; rm -rf /"))
     assert odd.stop == "systemctl stop 'app; rm -rf /'"
 
@@ -126,27 +150,35 @@ def test_systemd_commands() -> None:
 def _decode_ps(command: str) -> str:
     prefix = "powershell -NoProfile -NonInteractive -EncodedCommand "
     assert command.startswith(prefix)
-    return base64.b64decode(command[len(prefix):]).decode("utf-16-le")
+    return base64.b64decode(command[len(prefix) :]).decode("utf-16-le")
 
 
 def test_iis_scripts_exact() -> None:
-    c = service_commands(ServiceControl(kind="iis", site="Default Web Site", app_pool="LabPool",
-                                        timeout_s=90))
-    poll_stop = ("$deadline = (Get-Date).AddSeconds(90); "
-                 "while ((Get-WebAppPoolState -Name 'LabPool').Value -ne 'Stopped') { "
-                 "if ((Get-Date) -gt $deadline) { "
-                 "Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + "
-                 "(Get-WebAppPoolState -Name 'LabPool').Value); exit 1 }; "
-                 "Start-Sleep -Milliseconds 500 }; exit 0")
-    assert _decode_ps(c.stop) == ("Import-Module WebAdministration; Stop-Website -Name 'Default Web Site'; "
-                                  "Stop-WebAppPool -Name 'LabPool'; " + poll_stop)
+    c = service_commands(
+        ServiceControl(kind="iis", site="Default Web Site", app_pool="LabPool", timeout_s=90)
+    )
+    poll_stop = (
+        "$deadline = (Get-Date).AddSeconds(90); "
+        "while ((Get-WebAppPoolState -Name 'LabPool').Value -ne 'Stopped') { "
+        "if ((Get-Date) -gt $deadline) { "
+        "Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + "
+        "(Get-WebAppPoolState -Name 'LabPool').Value); exit 1 }; "
+        "Start-Sleep -Milliseconds 500 }; exit 0"
+    )
+    assert _decode_ps(c.stop) == (
+        "Import-Module WebAdministration; Stop-Website -Name 'Default Web Site'; "
+        "Stop-WebAppPool -Name 'LabPool'; " + poll_stop
+    )
     assert _decode_ps(c.start) == (
         "Import-Module WebAdministration; Start-WebAppPool -Name 'LabPool'; "
         "Start-Website -Name 'Default Web Site'; "
-        + poll_stop.replace("'Stopped'", "'Started'").replace("reach Stopped", "reach Started"))
-    assert _decode_ps(c.status) == ("Import-Module WebAdministration; "
-                                    "$s = (Get-WebAppPoolState -Name 'LabPool').Value; Write-Output $s; "
-                                    "if ($s -eq 'Started') { exit 0 } else { exit 3 }")
+        + poll_stop.replace("'Stopped'", "'Started'").replace("reach Stopped", "reach Started")
+    )
+    assert _decode_ps(c.status) == (
+        "Import-Module WebAdministration; "
+        "$s = (Get-WebAppPoolState -Name 'LabPool').Value; Write-Output $s; "
+        "if ($s -eq 'Started') { exit 0 } else { exit 3 }"
+    )
 
 
 def test_iis_names_are_quoted_safely() -> None:
@@ -159,8 +191,15 @@ def test_iis_names_are_quoted_safely() -> None:
     assert c.stop.split()[-1].isascii() and "'" not in c.stop
 
 
-@pytest.mark.parametrize("svc", [ServiceControl(kind="iis", site="x"), ServiceControl(kind="systemd"),
-                                 ServiceControl(kind="command", stop="x"), ServiceControl(kind="nope")])
+@pytest.mark.parametrize(
+    "svc",
+    [
+        ServiceControl(kind="iis", site="x"),
+        ServiceControl(kind="systemd"),
+        ServiceControl(kind="command", stop="x"),
+        ServiceControl(kind="nope"),
+    ],
+)
 def test_incomplete_service_control_is_rejected(svc: ServiceControl) -> None:
     with pytest.raises(ApplicationError) as e:
         service_commands(svc)
@@ -184,11 +223,13 @@ def test_parse_show_stat_recorded_fixture() -> None:
 
 
 def test_parse_show_stat_statuses_and_counts() -> None:
-    text = ("# pxname,svname,qcur,scur,status,weight,check_status\n"
-            "be,s1,0,7,UP 1/2,10,L7OK\n"
-            "be,s2,0,,no check,1,\n"
-            "be,s3,0,3,MAINT (via be/s1),1,\n"
-            "be,s4,0,0,DOWN,1,L4CON\n")
+    text = (
+        "# pxname,svname,qcur,scur,status,weight,check_status\n"
+        "be,s1,0,7,UP 1/2,10,L7OK\n"
+        "be,s2,0,,no check,1,\n"
+        "be,s3,0,3,MAINT (via be/s1),1,\n"
+        "be,s4,0,0,DOWN,1,L4CON\n"
+    )
     rows = {r.svname: r for r in parse_show_stat(text)}
     assert (rows["s1"].status, rows["s1"].scur, rows["s1"].weight) == ("UP 1/2", 7, 10)
     assert rows["s2"].status == "no check" and rows["s2"].scur == 0
@@ -198,17 +239,19 @@ def test_parse_show_stat_statuses_and_counts() -> None:
 
 
 def test_parse_servers_state_recorded_fixture() -> None:
-    states = {(s.be_name, s.srv_name): s for s in
-              parse_servers_state((FIXTURES / "haproxy_servers_state.txt").read_text())}
+    states = {
+        (s.be_name, s.srv_name): s
+        for s in parse_servers_state((FIXTURES / "haproxy_servers_state.txt").read_text())
+    }
     assert states[("app", "node1")].admin == "ready" and states[("app", "node1")].op_state == "running"
     assert states[("app", "node2")].admin == "drain" and states[("app", "node2")].admin_bits == 8
     assert states[("app", "node3")].admin == "maint" and states[("app", "node3")].op_state == "stopped"
     assert states[("app_secondary", "node1")].admin == "maint"
 
 
-
 def test_judge_version_answer_through_the_page() -> None:
     """lb_preview_check's verdict on one answer of the version check (pure)."""
+
     def judge(status: int, body: object, header_node: str = "", db: int | None = 2) -> haproxy.VersionAnswer:
         text = body if isinstance(body, str) else json.dumps(body)
         return haproxy.judge_version_answer(status, text, header_node, 200, "2.0.0", db)
@@ -222,10 +265,14 @@ def test_judge_version_answer_through_the_page() -> None:
     assert judge(200, {"version": "1.0.0", "node": "web-a"}).node == "web-a"
     assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": 1}).problem == "db_schema 1, expected 2"
     # null: the node could not read its database.
-    assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": None}).problem == \
-        "db_schema None, expected 2"
-    assert judge(200, {"version": "2.0.0", "node": "a", "db_schema": True}, db=1).problem == \
-        "db_schema True, expected 1"
+    assert (
+        judge(200, {"version": "2.0.0", "node": "a", "db_schema": None}).problem
+        == "db_schema None, expected 2"
+    )
+    assert (
+        judge(200, {"version": "2.0.0", "node": "a", "db_schema": True}, db=1).problem
+        == "db_schema True, expected 1"
+    )
     page = judge(503, "<h1>Down for maintenance</h1>")
     assert page.problem.startswith("status 503, expected 200 (503 with the page on: ") and page.node == ""
     assert judge(404, "nope", "web-c") == haproxy.VersionAnswer("web-c", "", "status 404, expected 200")
@@ -268,10 +315,12 @@ class FakeHaproxy:
             return "\n".join(lines) + "\n\n"
         if cmd.startswith("show servers state"):
             rows = [f"3 app {i} {s} 127.0.0.1 2 {self.admin[s]} 1 1" for i, s in enumerate(self.scur, 1)]
-            return ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
-                    "srv_uweight srv_iweight\n" + "\n".join(rows) + "\n\n")
+            return (
+                "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
+                "srv_uweight srv_iweight\n" + "\n".join(rows) + "\n\n"
+            )
         if cmd.startswith("set server "):
-            target, _, state = cmd[len("set server "):].partition(" state ")
+            target, _, state = cmd[len("set server ") :].partition(" state ")
             be, _, srv = target.partition("/")
             if be != "app":
                 return "No such backend.\n\n"
@@ -302,8 +351,14 @@ async def fake_haproxy(tmp_path: Path) -> AsyncIterator[tuple[FakeHaproxy, str]]
 
 
 def _lb(api: str, **kw: Any) -> LoadBalancer:
-    return LoadBalancer(name="main", kind="haproxy", runtime_api=api, backend="app",
-                        members={"n1": "node1", "n2": "node2", "ghost": "node9"}, **kw)
+    return LoadBalancer(
+        name="main",
+        kind="haproxy",
+        runtime_api=api,
+        backend="app",
+        members={"n1": "node1", "n2": "node2", "ghost": "node9"},
+        **kw,
+    )
 
 
 async def test_set_state_and_member_state(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
@@ -329,8 +384,9 @@ async def test_unknown_member_backend_and_state(fake_haproxy: tuple[FakeHaproxy,
         await env.run(haproxy.lb_check_member, MemberRequest(_lb(api), "ghost"))
     assert e.value.type == "LbMemberNotFound"
     with pytest.raises(ApplicationError) as e:
-        await env.run(haproxy.lb_check_member, MemberRequest(
-            dataclasses.replace(_lb(api), backend="nope"), "n1"))
+        await env.run(
+            haproxy.lb_check_member, MemberRequest(dataclasses.replace(_lb(api), backend="nope"), "n1")
+        )
     assert e.value.type == "LbMemberNotFound" and "no such backend 'nope'" in e.value.message
     with pytest.raises(ApplicationError) as e:
         # A state the type forbids (a hand-made request): the activity refuses it all the same.
@@ -342,8 +398,15 @@ async def test_unknown_member_backend_and_state(fake_haproxy: tuple[FakeHaproxy,
 
 
 async def test_f5_is_not_supported_yet() -> None:
-    f5 = LoadBalancer(name="big", kind="f5", members={"n1": "10.0.0.1:80"}, url="https://f5",
-                      pool="p", user="u", credential=SecretRef(env="F5"))
+    f5 = LoadBalancer(
+        name="big",
+        kind="f5",
+        members={"n1": "10.0.0.1:80"},
+        url="https://f5",
+        pool="p",
+        user="u",
+        credential=SecretRef(env="F5"),
+    )
     with pytest.raises(ApplicationError) as e:
         await ActivityEnvironment().run(haproxy.lb_set_state, SetStateRequest(f5, "n1", "drain"))
     assert e.value.type == "LbUnsupported" and e.value.non_retryable and "f5" in e.value.message
@@ -360,7 +423,8 @@ async def test_runtime_api_unreachable(tmp_path: Path) -> None:
 
 
 async def test_wait_drained_heartbeats_until_sessions_reach_zero(
-        fake_haproxy: tuple[FakeHaproxy, str]) -> None:
+    fake_haproxy: tuple[FakeHaproxy, str],
+) -> None:
     fake, api = fake_haproxy
     fake.scur["node1"] = 3
 
@@ -431,7 +495,8 @@ async def test_wait_up(fake_haproxy: tuple[FakeHaproxy, str]) -> None:
 
 
 async def test_wait_loops_use_short_calls_and_heartbeat_between_them(
-        fake_haproxy: tuple[FakeHaproxy, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_haproxy: tuple[FakeHaproxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A poll makes two runtime API calls; with the workflows' 10 s heartbeat timeout a
     call may take at most 4 s and a heartbeat must come between the two."""
     fake, api = fake_haproxy
@@ -481,15 +546,30 @@ feature.notes = on
 
 
 def test_merge_carries_changed_and_added_keys_onto_new_defaults() -> None:
-    node_text = V1.replace("http.port = 8080", "http.port = 18011").replace(
-        "node.name = unnamed", "node.name = node1") + "# customised on this node\ncustom.banner = Hi\n"
+    node_text = (
+        V1.replace("http.port = 8080", "http.port = 18011").replace(
+            "node.name = unnamed", "node.name = node1"
+        )
+        + "# customised on this node\ncustom.banner = Hi\n"
+    )
     merged, report = merge_config(node_text, V1, V2)
-    assert merged == ("# defaults 2.0\nhttp.port = 18011\nnode.name = node1\ngreeting = Welcome 2\n"
-                      "log.access = on\n# new in 2\nfeature.notes = on\n"
-                      "# customised on this node\ncustom.banner = Hi\n")
-    assert report == ["--- new defaults", "+++ merged", "@@ -2,2 +2,2 @@", "-http.port = 8080",
-                      "-node.name = unnamed", "+http.port = 18011", "+node.name = node1",
-                      "@@ -7,0 +8,2 @@", "+# customised on this node", "+custom.banner = Hi"]
+    assert merged == (
+        "# defaults 2.0\nhttp.port = 18011\nnode.name = node1\ngreeting = Welcome 2\n"
+        "log.access = on\n# new in 2\nfeature.notes = on\n"
+        "# customised on this node\ncustom.banner = Hi\n"
+    )
+    assert report == [
+        "--- new defaults",
+        "+++ merged",
+        "@@ -2,2 +2,2 @@",
+        "-http.port = 8080",
+        "-node.name = unnamed",
+        "+http.port = 18011",
+        "+node.name = node1",
+        "@@ -7,0 +8,2 @@",
+        "+# customised on this node",
+        "+custom.banner = Hi",
+    ]
     detail = merge_config_detailed(node_text, V1, V2)
     assert detail.carried == ("http.port", "node.name", "custom.banner")
 
@@ -535,10 +615,17 @@ def test_merge_with_sections_and_crlf() -> None:
     new = "top = 1\r\n[db]\r\npool = 4\r\ntimeout = 5\r\n[web]\r\nport = 80\r\n"
     node_text = "top = 2\nextra = x\n[db]\npool = 16\n[web]\nport = 80\nssl = on\n[cache]\nsize = 9\n"
     merged, _ = merge_config(node_text, old, new)
-    assert merged == ("top = 2\r\nextra = x\r\n[db]\r\npool = 16\r\ntimeout = 5\r\n[web]\r\nport = 80\r\n"
-                      "ssl = on\r\n\r\n[cache]\r\nsize = 9\r\n")
-    assert merge_config_detailed(node_text, old, new).carried == ("top", "extra", "db.pool", "web.ssl",
-                                                                  "cache.size")
+    assert merged == (
+        "top = 2\r\nextra = x\r\n[db]\r\npool = 16\r\ntimeout = 5\r\n[web]\r\nport = 80\r\n"
+        "ssl = on\r\n\r\n[cache]\r\nsize = 9\r\n"
+    )
+    assert merge_config_detailed(node_text, old, new).carried == (
+        "top",
+        "extra",
+        "db.pool",
+        "web.ssl",
+        "cache.size",
+    )
 
 
 def test_merge_spacing_variants_are_the_same_key() -> None:
@@ -567,8 +654,9 @@ def test_merge_refuses_an_xml_web_config(which: str) -> None:
     assert err.type == "MergeUnsupported" and err.non_retryable
     assert "node n1: web.config" in err.message and "key = value" in err.message
     assert "line 1" in err.message and "XML" in err.message
-    assert {"node": "node's copy", "old": "recorded defaults", "new": "new package's defaults"}[which] \
-        in err.message
+    assert {"node": "node's copy", "old": "recorded defaults", "new": "new package's defaults"}[
+        which
+    ] in err.message
     # the message goes into Temporal's history: never a value from the file
     assert "s3cret" not in err.message and "sql01" not in err.message
 
@@ -597,8 +685,9 @@ def test_merge_refuses_a_key_given_twice_in_one_section() -> None:
         merge_config("a = 1\n", None, "a = 1\nb = 2\na=3\n")
     assert "'a' appears twice in the top of the file (lines 1 and 3)" in e.value.message
     # the same key in two sections is two keys
-    merged, _ = merge_config("[x]\nk = 2\n[y]\nk = 1\n", "[x]\nk = 1\n[y]\nk = 1\n",
-                             "[x]\nk = 1\n[y]\nk = 1\n")
+    merged, _ = merge_config(
+        "[x]\nk = 2\n[y]\nk = 1\n", "[x]\nk = 1\n[y]\nk = 1\n", "[x]\nk = 1\n[y]\nk = 1\n"
+    )
     assert merged == "[x]\nk = 2\n[y]\nk = 1\n"
 
 
@@ -617,16 +706,21 @@ def test_merge_names_the_defaults_the_new_release_changed() -> None:
     node_text = V1.replace("greeting = Hello", "greeting = Howdy")
     outcome = merge_config_detailed(node_text, V1, V2)
     assert outcome.changed_defaults == ("greeting",)
-    assert any(n.startswith("greeting: customised on the node and its default changed")
-               for n in outcome.notes)
+    assert any(
+        n.startswith("greeting: customised on the node and its default changed") for n in outcome.notes
+    )
     assert merge_config_detailed(node_text, None, V2).changed_defaults == ()
 
 
 def _node(tmp_path: Path) -> Node:
     target = SshTarget(host="127.0.0.1", port=1, user="u", password=SecretRef(env="HOME"))
-    return Node(name="n1", ssh=target, app_dir="app", url="http://127.0.0.1:1",
-                service=ServiceControl(kind="command", stop="./ctl stop", start="./ctl start",
-                                       status="./ctl status"))
+    return Node(
+        name="n1",
+        ssh=target,
+        app_dir="app",
+        url="http://127.0.0.1:1",
+        service=ServiceControl(kind="command", stop="./ctl stop", start="./ctl start", status="./ctl status"),
+    )
 
 
 class _RecordingNode:
@@ -664,13 +758,18 @@ class _RecordingNode:
 
 
 async def test_deploy_refuses_an_xml_merge_file_before_touching_the_node(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", _good_files())))
     fake = _RecordingNode({"app/web.config": WEB_CONFIG_XML.encode()})
     fake.install(monkeypatch)
     with pytest.raises(ApplicationError) as e:
-        await ActivityEnvironment().run(deploy.deploy_package, deploy.DeployRequest(
-            _node(tmp_path), pkg, ("encryption.config",), ("web.config",), "labapp-2.0.0"))
+        await ActivityEnvironment().run(
+            deploy.deploy_package,
+            deploy.DeployRequest(
+                _node(tmp_path), pkg, ("encryption.config",), ("web.config",), "labapp-2.0.0"
+            ),
+        )
     err = e.value
     assert err.type == "MergeUnsupported" and err.non_retryable
     assert "node n1: web.config" in err.message and "Nothing was changed on the node" in err.message
@@ -678,8 +777,9 @@ async def test_deploy_refuses_an_xml_merge_file_before_touching_the_node(
     assert fake.writes == [] and "app/web.config" in fake.reads  # read, then refused: no upload, no write
 
 
-async def test_deploy_refuses_an_xml_file_in_the_package(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_deploy_refuses_an_xml_file_in_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = {**_good_files(), "web.config": WEB_CONFIG_XML}
     pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", files)))
     fake = _RecordingNode({})  # not on the node yet: the new defaults alone are refused
@@ -693,8 +793,10 @@ async def test_deploy_refuses_an_xml_file_in_the_package(tmp_path: Path,
 def test_merge_report_carries_no_values_and_names_the_diff_file() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(deploy.MergeReport)}
     assert fields["diff_path"] == "" and fields["changed_defaults"] == ()
-    assert deploy.diff_path_for("labapp-2.0.0", "conf/settings.ini") == \
-        ".zerodown/releases/labapp-2.0.0.conf__settings.ini.merge.diff"
+    assert (
+        deploy.diff_path_for("labapp-2.0.0", "conf/settings.ini")
+        == ".zerodown/releases/labapp-2.0.0.conf__settings.ini.merge.diff"
+    )
 
 
 # =========================================================================== backup (no lab)
@@ -705,26 +807,31 @@ def _backup_output(stored: dict[str, str], current: dict[str, str] | None) -> st
         return "".join(f"{d}  ./{p}\n" for p, d in m.items())
 
     head = "reused" if current is not None else "created"
-    return (f"{head}\n{lines(stored)}{deploy._CURRENT}\n{lines(current or {})}{deploy._TARLIST}\n"
-            + "".join(f"./{p}\n" for p in stored))
+    return f"{head}\n{lines(stored)}{deploy._CURRENT}\n{lines(current or {})}{deploy._TARLIST}\n" + "".join(
+        f"./{p}\n" for p in stored
+    )
 
 
 async def test_backup_of_a_folder_changing_meanwhile_is_retryable_backup_inconsistent(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = _RecordingNode({})
-    fake.run_results = [ssh.CommandResult(75, "created\n", "the application folder app changed while it "
-                                                             "was backed up\n")]
+    fake.run_results = [
+        ssh.CommandResult(75, "created\n", "the application folder app changed while it was backed up\n")
+    ]
     fake.install(monkeypatch)
     with pytest.raises(ApplicationError) as e:
-        await ActivityEnvironment().run(deploy.backup_app_folder,
-                                        deploy.AppBackupRequest(_node(tmp_path), "wf-n1"))
+        await ActivityEnvironment().run(
+            deploy.backup_app_folder, deploy.AppBackupRequest(_node(tmp_path), "wf-n1")
+        )
     # not SshCommandFailed: the workflows list that one as non-retryable
     assert e.value.type == "BackupInconsistent" and not e.value.non_retryable
     assert "changed while it was backed up" in e.value.message
 
 
-async def test_backup_is_reused_only_when_it_matches_the_folder(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_backup_is_reused_only_when_it_matches_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = "a" * 64, "b" * 64
     stored = {"web.config": a, "encryption.config": b}
     fake = _RecordingNode({})
@@ -733,8 +840,9 @@ async def test_backup_is_reused_only_when_it_matches_the_folder(tmp_path: Path,
     fake.run_results = [ssh.CommandResult(0, _backup_output(stored, dict(reversed(stored.items()))), "")]
     ok = await deploy.backup_app(n, "wf-n1", ("encryption.config",))
     assert ok.reused and ok.manifest == stored and ok.protected == {"encryption.config": b}
-    fake.run_results = [ssh.CommandResult(0, _backup_output(stored, {**stored, "web.config": b,
-                                                                     "new.txt": a}), "")]
+    fake.run_results = [
+        ssh.CommandResult(0, _backup_output(stored, {**stored, "web.config": b, "new.txt": a}), "")
+    ]
     with pytest.raises(ApplicationError) as e:
         await deploy.backup_app(n, "wf-n1", ("encryption.config",))
     err = e.value
@@ -747,7 +855,8 @@ async def test_backup_is_reused_only_when_it_matches_the_folder(tmp_path: Path,
 
 
 async def test_backup_script_is_private_but_deploy_keeps_the_umask(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = _RecordingNode({})
     fake.run_results = [ssh.CommandResult(0, _backup_output({}, None), "")]
     fake.install(monkeypatch)
@@ -768,8 +877,16 @@ async def test_backup_script_is_private_but_deploy_keeps_the_umask(
 def _db(tmp_path: Path, **kw: Any) -> Any:
     from inventory.model import Database
 
-    return Database(name="main", kind="mysql", host="127.0.0.1", port=_free_port(), database="app",
-                    user="zd", password=SecretRef(env="ZD_TEST_DB_PASSWORD"), **kw)
+    return Database(
+        name="main",
+        kind="mysql",
+        host="127.0.0.1",
+        port=_free_port(),
+        database="app",
+        user="zd",
+        password=SecretRef(env="ZD_TEST_DB_PASSWORD"),
+        **kw,
+    )
 
 
 def test_mysql_option_file_is_private_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -789,7 +906,8 @@ def test_mysql_option_file_is_private_and_removed(tmp_path: Path, monkeypatch: p
 
 
 async def test_mysql_client_failure_removes_the_option_file_and_dump_is_private(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stat
     import tempfile
 
@@ -860,9 +978,18 @@ def test_one_sha256_file_and_one_check_id(tmp_path: Path) -> None:
 # =========================================================================== versions
 
 
-@pytest.mark.parametrize(("a", "b", "want"), [
-    ("1.0.0", "1.0.0", 0), ("2.0", "2.0.0", 0), ("2.0.1", "2.0.0", 1), ("1.10.0", "1.9.9", 1),
-    ("v3", "2.99", 1), ("0.9", "1", -1), ("1.0.0.1", "1.0", 1)])
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [
+        ("1.0.0", "1.0.0", 0),
+        ("2.0", "2.0.0", 0),
+        ("2.0.1", "2.0.0", 1),
+        ("1.10.0", "1.9.9", 1),
+        ("v3", "2.99", 1),
+        ("0.9", "1", -1),
+        ("1.0.0.1", "1.0", 1),
+    ],
+)
 def test_compare_versions(a: str, b: str, want: int) -> None:
     assert compare_versions(a, b) == want
     assert compare_versions(b, a) == -want
@@ -924,9 +1051,15 @@ def test_secret_value_never_in_messages(tmp_path: Path) -> None:
 # =========================================================================== packages
 
 
-RELEASE = {"name": "labapp", "version": "2.0.0", "min_upgrade_from": "1.0.0", "schema_version": 2,
-           "migrations": [{"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql",
-                           "destructive": False}]}
+RELEASE = {
+    "name": "labapp",
+    "version": "2.0.0",
+    "min_upgrade_from": "1.0.0",
+    "schema_version": 2,
+    "migrations": [
+        {"version": 2, "up": "migrations/002_up.sql", "down": "migrations/002_down.sql", "destructive": False}
+    ],
+}
 
 
 def _zip(path: Path, files: dict[str, bytes | str]) -> Path:
@@ -937,19 +1070,35 @@ def _zip(path: Path, files: dict[str, bytes | str]) -> Path:
 
 
 def _good_files() -> dict[str, bytes | str]:
-    return {"release.json": json.dumps(RELEASE), "app.py": "print('hi')\n", "web.config": "a = 1\n",
-            "migrations/002_up.sql": "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
-            "migrations/002_down.sql": "ALTER TABLE t DROP COLUMN IF EXISTS c;\n"}
+    return {
+        "release.json": json.dumps(RELEASE),
+        "app.py": "print('hi')\n",
+        "web.config": "a = 1\n",
+        "migrations/002_up.sql": "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
+        "migrations/002_down.sql": "ALTER TABLE t DROP COLUMN IF EXISTS c;\n",
+    }
 
 
 async def test_inspect_good_package(tmp_path: Path) -> None:
     p = _zip(tmp_path / "app-2.zip", _good_files())
     info = await ActivityEnvironment().run(inspect_package, PackageRequest(str(p)))
     assert (info.name, info.version, info.min_upgrade_from, info.schema_version, info.files) == (
-        "labapp", "2.0.0", "1.0.0", 2, 5)
-    assert info.migrations == (deploy.MigrationSpec(2, "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
-                                                    "ALTER TABLE t DROP COLUMN IF EXISTS c;\n", False),)
+        "labapp",
+        "2.0.0",
+        "1.0.0",
+        2,
+        5,
+    )
+    assert info.migrations == (
+        deploy.MigrationSpec(
+            2,
+            "ALTER TABLE t ADD COLUMN IF NOT EXISTS c INT;\n",
+            "ALTER TABLE t DROP COLUMN IF EXISTS c;\n",
+            False,
+        ),
+    )
     import hashlib
+
     assert info.sha256 == hashlib.sha256(p.read_bytes()).hexdigest() and info.size == p.stat().st_size
 
 
@@ -999,15 +1148,20 @@ def test_inspect_no_release_json(tmp_path: Path) -> None:
     assert "no release.json" in _corrupt_reason(_zip(tmp_path / "x.zip", files))
 
 
-@pytest.mark.parametrize(("release", "why"), [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    (json.dumps({**RELEASE, "version": "two"}), "not a dotted numeric version"),
-    (json.dumps({**RELEASE, "name": ""}), "'name'"),
-    (json.dumps({**RELEASE, "schema_version": "2"}), "schema_version"),
-    (json.dumps({**RELEASE, "migrations": [{"version": 2, "up": "migrations/missing.sql"}]}),
-     "not in the package"),
-])
+@pytest.mark.parametrize(
+    ("release", "why"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        (json.dumps({**RELEASE, "version": "two"}), "not a dotted numeric version"),
+        (json.dumps({**RELEASE, "name": ""}), "'name'"),
+        (json.dumps({**RELEASE, "schema_version": "2"}), "schema_version"),
+        (
+            json.dumps({**RELEASE, "migrations": [{"version": 2, "up": "migrations/missing.sql"}]}),
+            "not in the package",
+        ),
+    ],
+)
 def test_inspect_invalid_release_json(tmp_path: Path, release: str, why: str) -> None:
     assert why in _corrupt_reason(_zip(tmp_path / "x.zip", {**_good_files(), "release.json": release}))
 
@@ -1022,17 +1176,22 @@ def test_inspect_unsafe_member_names(tmp_path: Path, name: str) -> None:
     assert "unsafe member name" in _corrupt_reason(p)
 
 
-
-
 # =========================================================================== node-side parsing
 
 
 def test_parse_sha256sum_handles_escaped_names() -> None:
     d = "a" * 64
-    text = (f"{d}  ./web.config\n{d}  ./static/index.html\n"
-            f"\\{d}  ./odd\\nname\n\\{d}  ./back\\\\slash\n{d}  ./with space\n")
-    assert parse_sha256sum(text) == {"web.config": d, "static/index.html": d, "odd\nname": d,
-                                     "back\\slash": d, "with space": d}
+    text = (
+        f"{d}  ./web.config\n{d}  ./static/index.html\n"
+        f"\\{d}  ./odd\\nname\n\\{d}  ./back\\\\slash\n{d}  ./with space\n"
+    )
+    assert parse_sha256sum(text) == {
+        "web.config": d,
+        "static/index.html": d,
+        "odd\nname": d,
+        "back\\slash": d,
+        "with space": d,
+    }
     assert parse_sha256sum("") == {}
 
 
@@ -1049,7 +1208,8 @@ UPDATE t SET v = 'x'"""
     assert mysql.split_sql(sql) == [
         "ALTER TABLE items ADD COLUMN IF NOT EXISTS notes VARCHAR(200) NULL",
         "CREATE TABLE t (\n  id INT, -- inline\n  v VARCHAR(10) DEFAULT 'a;b'\n)",
-        "UPDATE t SET v = 'x'"]
+        "UPDATE t SET v = 'x'",
+    ]
     assert mysql.split_sql("-- only a comment\n\n") == []
 
 
@@ -1063,8 +1223,9 @@ def _free_port() -> int:
 
 
 async def test_ssh_connection_refused_is_retryable_unreachable(tmp_path: Path) -> None:
-    target = SshTarget(host="127.0.0.1", port=_free_port(), user="x", password=SecretRef(env="HOME"),
-                       connect_timeout_s=2)
+    target = SshTarget(
+        host="127.0.0.1", port=_free_port(), user="x", password=SecretRef(env="HOME"), connect_timeout_s=2
+    )
     with pytest.raises(ApplicationError) as e:
         await ssh.run(target, "true", timeout_s=5)
     assert e.value.type == "SshUnreachable" and not e.value.non_retryable
@@ -1106,8 +1267,14 @@ async def http_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, 
         return web.Response(status=401, text=f"bad password {body.get('password')}")
 
     app = web.Application()
-    app.add_routes([web.get("/health", health), web.get("/version", version), web.get("/plain", plain),
-                    web.post("/login", login)])
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/version", version),
+            web.get("/plain", plain),
+            web.post("/login", login),
+        ]
+    )
     runner = web.AppRunner(app)
     await runner.setup()
     port = _free_port()
@@ -1132,8 +1299,10 @@ async def test_check_health(http_app: tuple[str, dict[str, Any]]) -> None:
 
 async def test_check_health_connection_refused() -> None:
     with pytest.raises(ApplicationError) as e:
-        await ActivityEnvironment().run(http_checks.check_health, HttpCheckRequest(
-            f"http://127.0.0.1:{_free_port()}", HttpCheck(path="/health"), timeout_s=2))
+        await ActivityEnvironment().run(
+            http_checks.check_health,
+            HttpCheckRequest(f"http://127.0.0.1:{_free_port()}", HttpCheck(path="/health"), timeout_s=2),
+        )
     assert e.value.type == "HealthCheckFailed" and "no HTTP answer" in e.value.message
 
 
@@ -1143,8 +1312,10 @@ async def test_wait_healthy_needs_consecutive_successes(http_app: tuple[str, dic
     env = ActivityEnvironment()
     beats: list[Any] = []
     env.on_heartbeat = lambda *d: beats.append(d[0])
-    r = await env.run(http_checks.wait_healthy, WaitHealthyRequest(
-        url, HttpCheck(path="/health"), timeout_s=10, consecutive=2, interval_s=0.05))
+    r = await env.run(
+        http_checks.wait_healthy,
+        WaitHealthyRequest(url, HttpCheck(path="/health"), timeout_s=10, consecutive=2, interval_s=0.05),
+    )
     assert r.attempts == 4 and r.last.status == 200 and len(beats) == 3
 
 
@@ -1152,8 +1323,10 @@ async def test_wait_healthy_deadline(http_app: tuple[str, dict[str, Any]]) -> No
     url, state = http_app
     state["health"] = [503]
     with pytest.raises(ApplicationError) as e:
-        await ActivityEnvironment().run(http_checks.wait_healthy, WaitHealthyRequest(
-            url, HttpCheck(path="/health"), timeout_s=0.5, interval_s=0.1))
+        await ActivityEnvironment().run(
+            http_checks.wait_healthy,
+            WaitHealthyRequest(url, HttpCheck(path="/health"), timeout_s=0.5, interval_s=0.1),
+        )
     assert e.value.type == "HealthCheckFailed" and "last: status 503" in e.value.message
 
 
@@ -1163,8 +1336,9 @@ async def test_get_version(http_app: tuple[str, dict[str, Any]]) -> None:
     assert await env.run(http_checks.get_version, VersionRequest(url, HttpCheck(path="/version"))) == "2.0.0"
     assert await env.run(http_checks.get_version, VersionRequest(url, HttpCheck(path="/plain"))) == "1.2.3"
     with pytest.raises(ApplicationError) as e:
-        await env.run(http_checks.get_version,
-                      VersionRequest(url, HttpCheck(path="/version"), expect="1.0.0"))
+        await env.run(
+            http_checks.get_version, VersionRequest(url, HttpCheck(path="/version"), expect="1.0.0")
+        )
     assert e.value.type == "VersionMismatch" and "'2.0.0'" in e.value.message
 
 
@@ -1222,25 +1396,41 @@ async def test_with_heartbeat_cancels_the_inner_work() -> None:
 
 
 def _pkg(version: str = "3.0.0", min_from: str = "", requires: tuple[str, ...] = ()) -> deploy.PackageInfo:
-    return deploy.PackageInfo(path="/p.zip", sha256="ab", name="labapp", version=version,
-                              min_upgrade_from=min_from, schema_version=3, migrations=(), files=1,
-                              requires=requires)
+    return deploy.PackageInfo(
+        path="/p.zip",
+        sha256="ab",
+        name="labapp",
+        version=version,
+        min_upgrade_from=min_from,
+        schema_version=3,
+        migrations=(),
+        files=1,
+        requires=requires,
+    )
 
 
-@pytest.mark.parametrize(("running", "pkg", "ok", "first"), [
-    ("2.0.0", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
-    ("2.5", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
-    ("1.0.0", _pkg(requires=("2.0.0",)), False, ("2.0.0",)),
-    ("1.0.0", _pkg(min_from="2.0.0"), False, ("2.0.0",)),
-    # min_upgrade_from and requires naming one version: installed once
-    ("1.0.0", _pkg(min_from="2.0", requires=("2.0.0",)), False, ("2.0",)),
-    # ascending, whatever the order given; versions already passed are not asked for again
-    ("1.0.0", _pkg(min_from="1.5.0", requires=("2.5.0", "2.0.0", "0.9.0")), False,
-     ("1.5.0", "2.0.0", "2.5.0")),
-    ("2.0.0", _pkg(requires=("1.0.0", "2.0.0", "2.5.0")), False, ("2.5.0",)),
-])
-def test_version_guard_install_first(running: str, pkg: deploy.PackageInfo, ok: bool,
-                                     first: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("running", "pkg", "ok", "first"),
+    [
+        ("2.0.0", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
+        ("2.5", _pkg(min_from="2.0.0", requires=("2.0.0",)), True, ()),
+        ("1.0.0", _pkg(requires=("2.0.0",)), False, ("2.0.0",)),
+        ("1.0.0", _pkg(min_from="2.0.0"), False, ("2.0.0",)),
+        # min_upgrade_from and requires naming one version: installed once
+        ("1.0.0", _pkg(min_from="2.0", requires=("2.0.0",)), False, ("2.0",)),
+        # ascending, whatever the order given; versions already passed are not asked for again
+        (
+            "1.0.0",
+            _pkg(min_from="1.5.0", requires=("2.5.0", "2.0.0", "0.9.0")),
+            False,
+            ("1.5.0", "2.0.0", "2.5.0"),
+        ),
+        ("2.0.0", _pkg(requires=("1.0.0", "2.0.0", "2.5.0")), False, ("2.5.0",)),
+    ],
+)
+def test_version_guard_install_first(
+    running: str, pkg: deploy.PackageInfo, ok: bool, first: tuple[str, ...]
+) -> None:
     v = deploy.version_guard(running, pkg)
     assert (v.ok, v.install_first) == (ok, first)
     assert v.reason.startswith("Version Guard: labapp 3.0.0 ")
@@ -1249,33 +1439,38 @@ def test_version_guard_install_first(running: str, pkg: deploy.PackageInfo, ok: 
 
 def test_version_guard_reason_reads_like_the_runbook() -> None:
     v = deploy.version_guard("1.0.0", _pkg(requires=("2.0.0",)))
-    assert v.reason.startswith("Version Guard: labapp 3.0.0 cannot upgrade 1.0.0; install 2.0.0 first, "
-                               "then 3.0.0")
+    assert v.reason.startswith(
+        "Version Guard: labapp 3.0.0 cannot upgrade 1.0.0; install 2.0.0 first, then 3.0.0"
+    )
     v = deploy.version_guard("1.0.0", _pkg(min_from="1.5.0", requires=("2.0.0",)))
     assert "install 1.5.0 first, then 2.0.0, then 3.0.0" in v.reason
     assert "upgrades from 1.5.0 or later" in v.reason and "requires 2.0.0" in v.reason
 
 
-@pytest.mark.parametrize(("running", "pkg", "why"), [
-    ("3.0.0", _pkg(), "is not newer than the running version 3.0.0"),
-    ("3.1", _pkg(), "is not newer"),
-    ("three", _pkg(), "cannot check"),
-    ("1.0.0", _pkg(version="3.x"), "cannot check"),
-    ("1.0.0", _pkg(requires=("2.0.0-beta",)), "cannot check"),
-])
+@pytest.mark.parametrize(
+    ("running", "pkg", "why"),
+    [
+        ("3.0.0", _pkg(), "is not newer than the running version 3.0.0"),
+        ("3.1", _pkg(), "is not newer"),
+        ("three", _pkg(), "cannot check"),
+        ("1.0.0", _pkg(version="3.x"), "cannot check"),
+        ("1.0.0", _pkg(requires=("2.0.0-beta",)), "cannot check"),
+    ],
+)
 def test_version_guard_refusals(running: str, pkg: deploy.PackageInfo, why: str) -> None:
     v = deploy.version_guard(running, pkg)
     assert not v.ok and v.install_first == () and why in v.reason
 
 
-
-
-@pytest.mark.parametrize(("requires", "why"), [
-    ("2.0.0", "requires must be a list"),
-    (["two"], "requires[0] 'two' is not a dotted numeric version"),
-    ([2], "requires[0] 2 is not a dotted numeric version"),
-    (["1.0.0", "2.0.0"], "requires[1] 2.0.0 is not older than version 2.0.0"),
-])
+@pytest.mark.parametrize(
+    ("requires", "why"),
+    [
+        ("2.0.0", "requires must be a list"),
+        (["two"], "requires[0] 'two' is not a dotted numeric version"),
+        ([2], "requires[0] 2 is not a dotted numeric version"),
+        (["1.0.0", "2.0.0"], "requires[1] 2.0.0 is not older than version 2.0.0"),
+    ],
+)
 def test_inspect_invalid_requires(tmp_path: Path, requires: Any, why: str) -> None:
     release = json.dumps({**RELEASE, "requires": requires})
     assert why in _corrupt_reason(_zip(tmp_path / "x.zip", {**_good_files(), "release.json": release}))
@@ -1288,7 +1483,8 @@ def test_inspect_requires_sorted_and_min_upgrade_from_not_newer(tmp_path: Path) 
     assert inspect_package_file(str(_zip(tmp_path / "y.zip", _good_files()))).requires == ()
     release = json.dumps({**RELEASE, "min_upgrade_from": "2.1.0"})
     assert "min_upgrade_from 2.1.0 is newer than version 2.0.0" in _corrupt_reason(
-        _zip(tmp_path / "z.zip", {**_good_files(), "release.json": release}))
+        _zip(tmp_path / "z.zip", {**_good_files(), "release.json": release})
+    )
 
 
 # =========================================================================== upgrade zip (no lab)
@@ -1301,11 +1497,16 @@ def _sha(data: bytes | str) -> str:
 
 
 async def test_upgrade_zip_is_deterministic_and_holds_only_what_changed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stat
 
-    files = {**_good_files(), "static/style.css": "body {}\n", "encryption.config": "key = k\n",
-             "bin/run.sh": "#!/bin/sh\n"}
+    files = {
+        **_good_files(),
+        "static/style.css": "body {}\n",
+        "encryption.config": "key = k\n",
+        "bin/run.sh": "#!/bin/sh\n",
+    }
     src = tmp_path / "app-2.zip"
     with zipfile.ZipFile(src, "w") as z:  # in another order, with today's dates
         for name in reversed(list(files)):
@@ -1314,8 +1515,13 @@ async def test_upgrade_zip_is_deterministic_and_holds_only_what_changed(
             info.create_system = 3
             z.writestr(info, files[name])
     pkg = inspect_package_file(str(src))
-    node_files = {"app.py": _sha("print('hi')\n"), "static/style.css": _sha("body {}\n"),
-                  "web.config": _sha("a = 1\n"), "release.json": _sha("{}"), "bin/run.sh": _sha("old")}
+    node_files = {
+        "app.py": _sha("print('hi')\n"),
+        "static/style.css": _sha("body {}\n"),
+        "web.config": _sha("a = 1\n"),
+        "release.json": _sha("{}"),
+        "bin/run.sh": _sha("old"),
+    }
     calls: list[str] = []
 
     async def manifest(node: Node, folder: str) -> dict[str, str]:
@@ -1324,14 +1530,20 @@ async def test_upgrade_zip_is_deterministic_and_holds_only_what_changed(
 
     monkeypatch.setattr(deploy.secretserver, "folder_manifest", manifest)
     out = tmp_path / "out"
-    req = deploy.UpgradeZipRequest(_node(tmp_path), pkg, str(out), "up-n1", ("encryption.config",),
-                                   ("web.config",))
+    req = deploy.UpgradeZipRequest(
+        _node(tmp_path), pkg, str(out), "up-n1", ("encryption.config",), ("web.config",)
+    )
     env = ActivityEnvironment()
     first = await env.run(deploy.build_upgrade_zip, req)
     assert calls == ["app"] and first.base_node == "n1" and not first.reused
     # web.config is merged per node, the migrations are what release.json names: always in
-    assert first.files == ("bin/run.sh", "migrations/002_down.sql", "migrations/002_up.sql",
-                           "release.json", "web.config")
+    assert first.files == (
+        "bin/run.sh",
+        "migrations/002_down.sql",
+        "migrations/002_up.sql",
+        "release.json",
+        "web.config",
+    )
     assert first.unchanged == 2  # app.py, static/style.css
     path = Path(first.path)
     assert path == out / "up-n1.zip" and first.sha256 == _sha(path.read_bytes())
@@ -1373,8 +1585,11 @@ async def test_upgrade_zip_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         (dataclasses.replace(base, protected_files=("release.json",)), "InvalidRequest", "release.json"),
         (dataclasses.replace(base, protected_files=("/etc/passwd",)), "InvalidRequest", "relative"),
         # a migration script that is protected: the zip would not be a package
-        (dataclasses.replace(base, protected_files=("migrations/002_up.sql",)), "PackageCorrupt",
-         "would not be a valid package"),
+        (
+            dataclasses.replace(base, protected_files=("migrations/002_up.sql",)),
+            "PackageCorrupt",
+            "would not be a valid package",
+        ),
     ]:
         with pytest.raises(ApplicationError) as e:
             await env.run(deploy.build_upgrade_zip, req)
@@ -1390,10 +1605,13 @@ async def test_upgrade_zip_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def _pkg_with_migrations() -> deploy.PackageInfo:
-    return dataclasses.replace(_pkg(), migrations=(
-        deploy.MigrationSpec(3, "-- three\nALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT\n", "", True),
-        deploy.MigrationSpec(2, "ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT;\n", ""),
-    ))
+    return dataclasses.replace(
+        _pkg(),
+        migrations=(
+            deploy.MigrationSpec(3, "-- three\nALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT\n", "", True),
+            deploy.MigrationSpec(2, "ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT;\n", ""),
+        ),
+    )
 
 
 def test_sql_script_text() -> None:
@@ -1403,8 +1621,10 @@ def test_sql_script_text() -> None:
     assert text.index("migration 2 (up)") < text.index("c2 INT;") < text.index("migration 3 (up) DESTRUCTIVE")
     # the last statement of a script is terminated, so the next one never joins it
     assert "ADD COLUMN IF NOT EXISTS c3 INT;\n" in text and text.endswith(";\n")
-    assert mysql.split_sql(text) == ["ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT",
-                                     "ALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT"]
+    assert mysql.split_sql(text) == [
+        "ALTER TABLE t ADD COLUMN IF NOT EXISTS c2 INT",
+        "ALTER TABLE t ADD COLUMN IF NOT EXISTS c3 INT",
+    ]
     assert deploy.sql_script_text(_pkg_with_migrations(), 2)[1] == (3,)
     empty, none = deploy.sql_script_text(_pkg_with_migrations(), 3)
     assert none == () and mysql.split_sql(empty) == [] and "migrations: none" in empty

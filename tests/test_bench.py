@@ -33,9 +33,11 @@ from workflows import ss_rolling
 
 
 def _activity(sched_id: int, start: float, end: float, close: str = "ActivityTaskCompleted") -> list[Event]:
-    return [Event("ActivityTaskScheduled", start - 0.01, sched_id),
-            Event("ActivityTaskStarted", start, sched_id + 1, scheduled_id=sched_id),
-            Event(close, end, sched_id + 2, scheduled_id=sched_id)]
+    return [
+        Event("ActivityTaskScheduled", start - 0.01, sched_id),
+        Event("ActivityTaskStarted", start, sched_id + 1, scheduled_id=sched_id),
+        Event(close, end, sched_id + 2, scheduled_id=sched_id),
+    ]
 
 
 def test_merge_intervals_merges_overlapping_and_touching_keeps_gaps() -> None:
@@ -63,21 +65,25 @@ def test_figures_of_a_history_with_concurrent_preflight() -> None:
 
 def test_pairs_by_scheduled_id_not_by_order() -> None:
     # Started/closed events of concurrent activities interleave in any order.
-    events = [Event("WorkflowExecutionStarted", 0.0, 1),
-              Event("ActivityTaskStarted", 1.0, 5, scheduled_id=3),
-              Event("ActivityTaskStarted", 2.0, 6, scheduled_id=4),
-              Event("ActivityTaskCompleted", 3.0, 7, scheduled_id=4),
-              Event("ActivityTaskCompleted", 8.0, 8, scheduled_id=3),
-              Event("WorkflowExecutionCompleted", 9.0, 9)]
+    events = [
+        Event("WorkflowExecutionStarted", 0.0, 1),
+        Event("ActivityTaskStarted", 1.0, 5, scheduled_id=3),
+        Event("ActivityTaskStarted", 2.0, 6, scheduled_id=4),
+        Event("ActivityTaskCompleted", 3.0, 7, scheduled_id=4),
+        Event("ActivityTaskCompleted", 8.0, 8, scheduled_id=3),
+        Event("WorkflowExecutionCompleted", 9.0, 9),
+    ]
     assert sorted(activity_intervals(events)) == [(1.0, 8.0), (2.0, 3.0)]
     assert figures(events).activity_s == pytest.approx(7.0)
 
 
 def test_failed_workflow_and_activity_cut_by_the_close() -> None:
-    events = [Event("WorkflowExecutionStarted", 0.0, 1),
-              *_activity(2, 1.0, 2.0),
-              Event("ActivityTaskStarted", 3.0, 6, scheduled_id=5),
-              Event("WorkflowExecutionFailed", 4.0, 7)]
+    events = [
+        Event("WorkflowExecutionStarted", 0.0, 1),
+        *_activity(2, 1.0, 2.0),
+        Event("ActivityTaskStarted", 3.0, 6, scheduled_id=5),
+        Event("WorkflowExecutionFailed", 4.0, 7),
+    ]
     f = figures(events)
     assert not f.completed and f.closed_as == "WorkflowExecutionFailed"
     assert f.activities == 2
@@ -113,9 +119,13 @@ def test_events_from_temporal_history_protos() -> None:
         _proto(11, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, base + 1_500_000_000),
     ]
     events = events_from_history(history)
-    assert [e.type for e in events] == ["WorkflowExecutionStarted", "ActivityTaskScheduled",
-                                        "ActivityTaskStarted", "ActivityTaskCompleted",
-                                        "WorkflowExecutionCompleted"]
+    assert [e.type for e in events] == [
+        "WorkflowExecutionStarted",
+        "ActivityTaskScheduled",
+        "ActivityTaskStarted",
+        "ActivityTaskCompleted",
+        "WorkflowExecutionCompleted",
+    ]
     assert events[2].scheduled_id == 5 and events[3].scheduled_id == 5
     assert events[0].scheduled_id == 0
     f = figures(events)
@@ -127,17 +137,26 @@ def test_events_from_temporal_history_protos() -> None:
 
 def _run(failed: int, procedure_s: float, ok: bool = True) -> RunResult:
     closed = "WorkflowExecutionCompleted" if ok else "WorkflowExecutionFailed"
-    return RunResult(requests=1000, failed=failed, steps=30, probe_p50_ms=2.0, probe_max_ms=1600.0,
-                     figures=Figures(procedure_s=procedure_s, activity_s=procedure_s - 4.0,
-                                     activities=40, closed_as=closed))
+    return RunResult(
+        requests=1000,
+        failed=failed,
+        steps=30,
+        probe_p50_ms=2.0,
+        probe_max_ms=1600.0,
+        figures=Figures(
+            procedure_s=procedure_s, activity_s=procedure_s - 4.0, activities=40, closed_as=closed
+        ),
+    )
 
 
 def test_lines_and_median_summary() -> None:
     r = _run(0, 30.0)
     assert r.ok
-    assert run_line(r) == ("requests=1000 failed=0 procedure_s=30.00 activity_s=26.00 "
-                           "overhead_ms_per_step=100.0 steps=30 activities=40 probe_p50_ms=2.0 "
-                           "probe_max_ms=1600.0")
+    assert run_line(r) == (
+        "requests=1000 failed=0 procedure_s=30.00 activity_s=26.00 "
+        "overhead_ms_per_step=100.0 steps=30 activities=40 probe_p50_ms=2.0 "
+        "probe_max_ms=1600.0"
+    )
     runs = [_run(0, 30.0), _run(2, 40.0), _run(0, 32.0, ok=False)]
     assert not runs[1].ok and not runs[2].ok
     line = summary_line(runs)
@@ -148,8 +167,7 @@ def test_lines_and_median_summary() -> None:
 # --------------------------------------------------------------------------- bench.secret_server
 
 
-def _ss(procedure: str, nodes: int, failed: int, refused: int, procedure_s: float,
-        ok: bool = True) -> SsRun:
+def _ss(procedure: str, nodes: int, failed: int, refused: int, procedure_s: float, ok: bool = True) -> SsRun:
     r = _run(failed, procedure_s, ok)
     return SsRun(procedure=procedure, nodes=nodes, run=dataclasses.replace(r, refused=refused))
 
@@ -157,15 +175,22 @@ def _ss(procedure: str, nodes: int, failed: int, refused: int, procedure_s: floa
 def test_secret_server_lines_and_median_per_procedure() -> None:
     r = _ss("ss-rolling", 4, 0, 37, 61.234)
     assert r.ok
-    assert ss_run_line(r) == ("procedure=ss-rolling nodes=4 requests=1000 failed=0 refused=37 "
-                              "procedure_s=61.23 steps=30 activities=40 probe_p50_ms=2.0 "
-                              "probe_max_ms=1600.0")
+    assert ss_run_line(r) == (
+        "procedure=ss-rolling nodes=4 requests=1000 failed=0 refused=37 "
+        "procedure_s=61.23 steps=30 activities=40 probe_p50_ms=2.0 "
+        "probe_max_ms=1600.0"
+    )
     # Refused changes (maintenance mode answered 423) do not make a run fail; a lost request does.
     assert not _ss("ss-rolling", 4, 1, 0, 60.0).ok
     assert not _ss("ss-load-balanced", 3, 0, 0, 60.0, ok=False).ok
-    runs = [_ss("ss-rolling", 4, 0, 10, 60.0), _ss("ss-load-balanced", 3, 0, 5, 40.0),
-            _ss("ss-rolling", 4, 3, 30, 70.0), _ss("ss-load-balanced", 3, 0, 7, 44.0),
-            _ss("ss-rolling", 4, 0, 20, 64.0), _ss("ss-load-balanced", 3, 0, 6, 42.0)]
+    runs = [
+        _ss("ss-rolling", 4, 0, 10, 60.0),
+        _ss("ss-load-balanced", 3, 0, 5, 40.0),
+        _ss("ss-rolling", 4, 3, 30, 70.0),
+        _ss("ss-load-balanced", 3, 0, 7, 44.0),
+        _ss("ss-rolling", 4, 0, 20, 64.0),
+        _ss("ss-load-balanced", 3, 0, 6, 42.0),
+    ]
     lines = ss_summary_lines(runs)
     assert lines == [
         "median of 3 runs: procedure=ss-rolling nodes=4 requests=1000 failed=0 refused=20 procedure_s=64.00 "
@@ -194,8 +219,10 @@ def test_secret_server_sites_inputs_and_approver(tmp_path: Path) -> None:
         arg, result_type = ss_bench.procedure_input(procedure, narrow_site(inv, nodes), "/p/v2.zip")
         assert arg.started_by == ss_bench.STARTED_BY and arg.package_path == "/p/v2.zip"
         assert len(arg.inventory.nodes) == nodes and not arg.dry_run
-        assert result_type.__name__ == {"ss-rolling": "SsRollingResult",
-                                        "ss-load-balanced": "SsLoadBalancedResult"}[procedure]
+        assert (
+            result_type.__name__
+            == {"ss-rolling": "SsRollingResult", "ss-load-balanced": "SsLoadBalancedResult"}[procedure]
+        )
     with pytest.raises(ValueError):
         ss_bench.procedure_input("rolling-deploy", inv, "/p/v2.zip")
 

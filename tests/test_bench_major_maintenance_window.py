@@ -26,34 +26,60 @@ def _at(s: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=s)
 
 
-def _step(name: str, seed: str | None, start: float, end: float | None,
-          result: StepResult = "ok") -> StepRecord:
-    return StepRecord(name=name, seed_step=seed, node=None, started=_at(start),
-                      ended=None if end is None else _at(end), result=result)
+def _step(
+    name: str, seed: str | None, start: float, end: float | None, result: StepResult = "ok"
+) -> StepRecord:
+    return StepRecord(
+        name=name,
+        seed_step=seed,
+        node=None,
+        started=_at(start),
+        ended=None if end is None else _at(end),
+        result=result,
+    )
 
 
 def _failure(s: float, status: int | None = 502, error: str | None = None) -> dict[str, object]:
-    return {"t": _at(s).isoformat(timespec="milliseconds"), "method": "GET", "path": "/items",
-            "status": status, "error": error, "node": None}
+    return {
+        "t": _at(s).isoformat(timespec="milliseconds"),
+        "method": "GET",
+        "path": "/items",
+        "status": status,
+        "error": error,
+        "node": None,
+    }
 
 
-HAPPY = [_step("16 detach from test", "16", 0.0, 0.1),
-         _step("17 BEGIN SITE DOWNTIME", "17", 0.1, 0.1),
-         _step("18 maintenance page on", "18", 0.1, 0.2),
-         _step("23 migration (migration 2)", "23", 4.0, 4.5),
-         _step("31 maintenance page off", "31", 9.0, 9.25),
-         _step("33 END SITE DOWNTIME", "33", 9.5, 9.5)]
+HAPPY = [
+    _step("16 detach from test", "16", 0.0, 0.1),
+    _step("17 BEGIN SITE DOWNTIME", "17", 0.1, 0.1),
+    _step("18 maintenance page on", "18", 0.1, 0.2),
+    _step("23 migration (migration 2)", "23", 4.0, 4.5),
+    _step("31 maintenance page off", "31", 9.0, 9.25),
+    _step("33 END SITE DOWNTIME", "33", 9.5, 9.5),
+]
 
 
 def test_the_line_is_minor_blue_greens_with_this_procedure() -> None:
     line = bg.result_line(1800, 0, 8.456, 0.5, mw.PROCEDURE)
-    assert line == ("procedure=major-maintenance-window requests=1800 failed=0 maintenance_s=8.46 "
-                    "migration_s=0.50")
-    assert bg.parse_result_line(line) == {"procedure": "major-maintenance-window", "requests": 1800,
-                                          "failed": 0, "maintenance_s": 8.46, "migration_s": 0.5}
+    assert line == (
+        "procedure=major-maintenance-window requests=1800 failed=0 maintenance_s=8.46 migration_s=0.50"
+    )
+    assert bg.parse_result_line(line) == {
+        "procedure": "major-maintenance-window",
+        "requests": 1800,
+        "failed": 0,
+        "maintenance_s": 8.46,
+        "migration_s": 0.5,
+    }
     # The probe saw the page from its first to its last one.
-    assert bg.maintenance_s({"maintenance": 800, "maintenance_first": _at(0.3).isoformat(),
-                             "maintenance_last": _at(9.1).isoformat()}) == pytest.approx(8.8)
+    assert bg.maintenance_s(
+        {
+            "maintenance": 800,
+            "maintenance_first": _at(0.3).isoformat(),
+            "maintenance_last": _at(9.1).isoformat(),
+        }
+    ) == pytest.approx(8.8)
 
 
 def test_page_window_from_the_timeline() -> None:
@@ -61,11 +87,16 @@ def test_page_window_from_the_timeline() -> None:
     # Failed before 18: the page never went on.
     assert mw.page_window(HAPPY[:2]) == (None, None)
     # Still up (31 running or never reached).
-    assert mw.page_window([*HAPPY[:4], _step("31 maintenance page off", "31", 9.0, None, "running")]) \
-        == (_at(0.1), None)
+    assert mw.page_window([*HAPPY[:4], _step("31 maintenance page off", "31", 9.0, None, "running")]) == (
+        _at(0.1),
+        None,
+    )
     # A revert lifts the page in its own step (no seed step): the last lifting counts.
-    reverted = [*HAPPY[:4], _step("revert: promote the warm replica", None, 5.0, 6.0),
-                _step("revert: maintenance page off", None, 8.0, 8.5)]
+    reverted = [
+        *HAPPY[:4],
+        _step("revert: promote the warm replica", None, 5.0, 6.0),
+        _step("revert: maintenance page off", None, 8.0, 8.5),
+    ]
     assert mw.page_window(reverted) == (_at(0.1), _at(8.5))
 
 
@@ -84,8 +115,9 @@ def test_failures_between_page_on_and_off(tmp_path: Path) -> None:
     line = mw.window_failures_line(inside, on, off)
     assert line.startswith("page on -> page off: 2 failures other than the maintenance page: ")
     assert "GET /items: ServerDisconnectedError" in line and "GET /items: 502" in line
-    assert mw.window_failures_line([], on, off) == ("page on -> page off: no failure other than the "
-                                                    "maintenance page")
+    assert mw.window_failures_line([], on, off) == (
+        "page on -> page off: no failure other than the maintenance page"
+    )
     assert "never went on" in mw.window_failures_line([], None, None)
     assert "(+2 more)" in mw.window_failures_line([_failure(1.0)] * (mw.SHOWN_FAILURES + 2), on, None)
 
@@ -100,14 +132,29 @@ def test_gate_wait_and_maintenance_without_it() -> None:
 
 def _run(failed: int, completed: bool = True) -> RunResult:
     closed = "WorkflowExecutionCompleted" if completed else "WorkflowExecutionFailed"
-    return RunResult(requests=1800, failed=failed, steps=80, probe_p50_ms=2.0, probe_max_ms=1600.0,
-                     figures=Figures(procedure_s=30.0, activity_s=25.0, activities=90, closed_as=closed))
+    return RunResult(
+        requests=1800,
+        failed=failed,
+        steps=80,
+        probe_p50_ms=2.0,
+        probe_max_ms=1600.0,
+        figures=Figures(procedure_s=30.0, activity_s=25.0, activities=90, closed_as=closed),
+    )
 
 
 def test_exit_status() -> None:
-    result = MajorMaintenanceResult(site="lab", version="2.0.0", old_servers=("node1",), new_servers=(),
-                                    terminated=("node1",), dry_run=False, plan=(), steps=tuple(HAPPY),
-                                    migration_s=0.5, downtime_s=9.4)
+    result = MajorMaintenanceResult(
+        site="lab",
+        version="2.0.0",
+        old_servers=("node1",),
+        new_servers=(),
+        terminated=("node1",),
+        dry_run=False,
+        plan=(),
+        steps=tuple(HAPPY),
+        migration_s=0.5,
+        downtime_s=9.4,
+    )
     assert mw.exit_status(_run(0), result) == 0
     assert mw.exit_status(_run(1), result) == 1  # a request failed
     assert mw.exit_status(_run(-1), result) == 1  # the probe wrote no summary
@@ -118,8 +165,12 @@ def test_input_on_the_lab_inventory(tmp_path: Path) -> None:
     cfg = LabConfig(root=tmp_path, nodes=3)
     inv = parse_inventory(site_inventory(cfg), base_dir=tmp_path)
     inp = mw.bench_input(inv, "/p/v2.zip", 1.5)
-    assert (inp.package_path, inp.started_by, inp.writes_quiet_s, inp.dry_run) == \
-        ("/p/v2.zip", bg.STARTED_BY, 1.5, False)
+    assert (inp.package_path, inp.started_by, inp.writes_quiet_s, inp.dry_run) == (
+        "/p/v2.zip",
+        bg.STARTED_BY,
+        1.5,
+        False,
+    )
     # The bench decides both gates as someone the lab lists, who did not start the run.
     for gate in ("go-live", "terminate"):
         assert bg.APPROVER in inv.approvers[gate]
@@ -133,8 +184,13 @@ def test_input_on_the_lab_inventory(tmp_path: Path) -> None:
 
 
 def test_refuses_bad_options() -> None:
-    for argv in (["--nodes", "0"], ["--rate", "0"], ["--writes-quiet", "-1"], ["--timeout", "-1"],
-                 ["--slow-every", "-1"]):
+    for argv in (
+        ["--nodes", "0"],
+        ["--rate", "0"],
+        ["--writes-quiet", "-1"],
+        ["--timeout", "-1"],
+        ["--slow-every", "-1"],
+    ):
         with pytest.raises(SystemExit) as e:
             mw.main(argv)
         assert e.value.code == 2

@@ -38,12 +38,20 @@ class ProcessWorkers:
 
 
 async def test_ss_rolling_survives_the_worker_killed_at_sampled_boundaries(
-        fresh_lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str,
-        tmp_path: Path) -> None:
+    fresh_lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+) -> None:
     workers = ProcessWorkers(temporal_address(temporal_env), task_queue, tmp_path / "workers.log")
     try:
-        verdict = await chaos(fresh_lab, client, workers, fresh_lab.site_yaml, "ss-rolling", sample=5,
-                              per_run=5, timeout_s=300.0)
+        verdict = await chaos(
+            fresh_lab,
+            client,
+            workers,
+            fresh_lab.site_yaml,
+            "ss-rolling",
+            sample=5,
+            per_run=5,
+            timeout_s=300.0,
+        )
     finally:
         stop_process(workers.proc)
     print(verdict.line())  # shown with -s

@@ -28,13 +28,11 @@ from tests.temporal_env import TEMPORAL_BIN, temporal_address
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
 runner = CliRunner()
 
-KNOWN = ("unknown procedure 'rolling-upgrade' (known: major-maintenance-window, minor-blue-green, "
-         "ox-node-upgrade, ox-upgradeschemata, rolling-deploy, "
-         "ss-load-balanced, ss-rolling)")
-
-
-
-
+KNOWN = (
+    "unknown procedure 'rolling-upgrade' (known: major-maintenance-window, minor-blue-green, "
+    "ox-node-upgrade, ox-upgradeschemata, rolling-deploy, "
+    "ss-load-balanced, ss-rolling)"
+)
 
 
 def zd(*args: str) -> tuple[int, str, str]:
@@ -69,9 +67,18 @@ def test_validate_reports_the_problem_with_its_path(tmp_path: Path) -> None:
 
 
 def test_start_unknown_node(lab: LabConfig, no_temporal: list[Any]) -> None:
-    code, out, err = zd("start", "rolling-deploy", "--inventory", str(lab.site_yaml),
-                        "--package", str(lab.package(2)), "--nodes", "node9",
-                        "--address", f"127.0.0.1:{closed_port()}")
+    code, out, err = zd(
+        "start",
+        "rolling-deploy",
+        "--inventory",
+        str(lab.site_yaml),
+        "--package",
+        str(lab.package(2)),
+        "--nodes",
+        "node9",
+        "--address",
+        f"127.0.0.1:{closed_port()}",
+    )
     assert code == 2, (out, err)
     known = ", ".join(lab.node_name(i) for i in lab.node_indexes)
     assert f"unknown node(s) node9 in site lab (known: {known})" in err
@@ -80,15 +87,31 @@ def test_start_unknown_node(lab: LabConfig, no_temporal: list[Any]) -> None:
 
 def test_start_missing_package(lab: LabConfig, no_temporal: list[Any], tmp_path: Path) -> None:
     missing = tmp_path / "app-9.zip"
-    code, _, err = zd("start", "rolling-deploy", "-i", str(lab.site_yaml), "-p", str(missing),
-                      "--address", f"127.0.0.1:{closed_port()}")
+    code, _, err = zd(
+        "start",
+        "rolling-deploy",
+        "-i",
+        str(lab.site_yaml),
+        "-p",
+        str(missing),
+        "--address",
+        f"127.0.0.1:{closed_port()}",
+    )
     assert code == 2 and f"package not found: {missing}" in err
     assert no_temporal == []
 
 
 def test_start_unknown_procedure(lab: LabConfig, no_temporal: list[Any]) -> None:
-    code, _, err = zd("start", "rolling-upgrade", "-i", str(lab.site_yaml), "-p", str(lab.package(2)),
-                      "--address", f"127.0.0.1:{closed_port()}")
+    code, _, err = zd(
+        "start",
+        "rolling-upgrade",
+        "-i",
+        str(lab.site_yaml),
+        "-p",
+        str(lab.package(2)),
+        "--address",
+        f"127.0.0.1:{closed_port()}",
+    )
     assert code == 2 and KNOWN in err
     assert no_temporal == []
 
@@ -110,10 +133,12 @@ async def v1_lab(lab: LabConfig) -> AsyncIterator[LabConfig]:
 
 
 async def test_input_dry_run_runs_with_the_plain_temporal_cli(
-        v1_lab: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str) -> None:
+    v1_lab: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str
+) -> None:
     lab = v1_lab
-    code, text, err = zd("input", "rolling-deploy", "-i", str(lab.site_yaml), "-p", str(lab.package(2)),
-                         "--dry-run")
+    code, text, err = zd(
+        "input", "rolling-deploy", "-i", str(lab.site_yaml), "-p", str(lab.package(2)), "--dry-run"
+    )
     assert code == 0, err
     arg = json.loads(text)
     assert arg["dry_run"] is True and arg["package_path"] == str(lab.package(2))
@@ -127,10 +152,24 @@ async def test_input_dry_run_runs_with_the_plain_temporal_cli(
     before = await snapshot(lab)
     wf_id = f"cli-dry-run-{uuid.uuid4().hex[:12]}"
     proc = await asyncio.create_subprocess_exec(
-        str(TEMPORAL_BIN), "workflow", "execute", "--type", "rolling-deploy",
-        "--task-queue", lab_worker, "--workflow-id", wf_id,
-        "--address", temporal_address(temporal_env), "--input", text, "-o", "json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(TEMPORAL_BIN),
+        "workflow",
+        "execute",
+        "--type",
+        "rolling-deploy",
+        "--task-queue",
+        lab_worker,
+        "--workflow-id",
+        wf_id,
+        "--address",
+        temporal_address(temporal_env),
+        "--input",
+        text,
+        "-o",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, errb = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 0, (out.decode(), errb.decode())
     answer = json.loads(out)
@@ -141,6 +180,7 @@ async def test_input_dry_run_runs_with_the_plain_temporal_cli(
     plan = result["plan"]
     assert plan[0].startswith("deploy labapp 2.0.0 (") and plan[0].endswith(") to site lab")
     assert any(line.startswith("D2 apply migration 2") for line in plan)
-    assert [line.split(":")[0] for line in plan if line.startswith("batch ")] == \
-        [f"batch {b}" for b in lab.node_indexes]
+    assert [line.split(":")[0] for line in plan if line.startswith("batch ")] == [
+        f"batch {b}" for b in lab.node_indexes
+    ]
     await assert_untouched(lab, before)

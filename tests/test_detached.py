@@ -14,15 +14,26 @@ from activities import detached
 Parsed = tuple[str, str, bool, int | None, bool, str, str]
 
 
-def _start(tmp: Path, key: str, command: str, *, secret: str = "s3cret", rerun_lost: bool = True,
-           stdin_text: str = "", budget_s: float = 30.0, family: str = "fam",
-           then: str = "") -> subprocess.Popen[str]:
+def _start(
+    tmp: Path,
+    key: str,
+    command: str,
+    *,
+    secret: str = "s3cret",
+    rerun_lost: bool = True,
+    stdin_text: str = "",
+    budget_s: float = 30.0,
+    family: str = "fam",
+    then: str = "",
+) -> subprocess.Popen[str]:
     """The job script as the SSH server runs it: `sh -c`, the secret on stdin."""
-    script = detached.job_script(key, family, command, rerun_lost=rerun_lost, stdin_text=stdin_text,
-                                 budget_s=budget_s, then=then)
+    script = detached.job_script(
+        key, family, command, rerun_lost=rerun_lost, stdin_text=stdin_text, budget_s=budget_s, then=then
+    )
     assert secret not in script
-    p = subprocess.Popen(["sh", "-c", script], cwd=tmp, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        ["sh", "-c", script], cwd=tmp, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdin is not None
     p.stdin.write(secret + "\n")
     p.stdin.flush()
@@ -87,8 +98,10 @@ def test_a_followed_job_over_its_budget_is_left_running(tmp_path: Path) -> None:
 
 
 # The follow-up reads the secret as the job does; it records what it saw, and a marker.
-THEN = ('echo "then with $ZD_SECRET" >> then-count; echo enabled; '
-        '[ ! -e fail-then ] || { echo no >&2; exit 107; }')
+THEN = (
+    'echo "then with $ZD_SECRET" >> then-count; echo enabled; '
+    "[ ! -e fail-then ] || { echo no >&2; exit 107; }"
+)
 
 
 def test_a_follow_up_runs_on_the_node_once_after_a_quiet_success(tmp_path: Path) -> None:

@@ -32,19 +32,26 @@ from workflows.major_maintenance_window import (
 from workflows.timeline import Progress
 
 
-async def start(client: Client, task_queue: str, inp: MajorMaintenanceInput,
-                name: str) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(MajorMaintenanceWindowWorkflow.run, inp,
-                                       id=f"e2e-mmw-{name}-{uuid.uuid4().hex[:8]}", task_queue=task_queue,
-                                       execution_timeout=timedelta(minutes=6))
+async def start(
+    client: Client, task_queue: str, inp: MajorMaintenanceInput, name: str
+) -> WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        MajorMaintenanceWindowWorkflow.run,
+        inp,
+        id=f"e2e-mmw-{name}-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue,
+        execution_timeout=timedelta(minutes=6),
+    )
 
 
 def rows_before(lab: LabConfig, role: str = "primary", upto: int | None = None) -> tuple[int, int, int]:
     """(max id, row count, checksum) of the items up to `upto` (default: all) on a server."""
     where = f"WHERE id <= {int(upto)}" if upto is not None else ""
-    rows = lab_mariadb.query(lab, role, "SELECT COALESCE(MAX(id), 0), COUNT(*), "  # type: ignore[arg-type]
-                             "COALESCE(SUM(CRC32(CONCAT_WS('|', id, node, body))), 0) FROM items " + where,
-                             database="labapp")
+    sql = (
+        "SELECT COALESCE(MAX(id), 0), COUNT(*), "
+        "COALESCE(SUM(CRC32(CONCAT_WS('|', id, node, body))), 0) FROM items " + where
+    )
+    rows = lab_mariadb.query(lab, role, sql, database="labapp")  # type: ignore[arg-type]
     return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
 
@@ -54,7 +61,8 @@ def step_times(result: MajorMaintenanceResult, seed: str) -> tuple[dt.datetime, 
 
 
 async def test_major_upgrade_shows_only_the_maintenance_page_and_survives_a_killed_worker(
-        fresh_lab: LabConfig, client: Client, tmp_path: Path, temporal_env: WorkflowEnvironment) -> None:
+    fresh_lab: LabConfig, client: Client, tmp_path: Path, temporal_env: WorkflowEnvironment
+) -> None:
     lab = fresh_lab
     inv = two_old(lab, load_inventory(lab.site_yaml))
     task_queue = f"mmw-{uuid.uuid4().hex[:6]}"
@@ -109,13 +117,38 @@ async def test_major_upgrade_shows_only_the_maintenance_page_and_survives_a_kill
     assert not lab_haproxy.maintenance_on(lab)
     assert result.migration_s > 0 and result.downtime_s > result.migration_s
     seeds = [s.seed_step for s in result.steps]
-    for seed in ("1", "5", "11", "12", "13", "16", "17", "18", "19", "20", "21", "22", "23", "24", "25",
-                 "30", "31", "32", "33", "37"):
+    for seed in (
+        "1",
+        "5",
+        "11",
+        "12",
+        "13",
+        "16",
+        "17",
+        "18",
+        "19",
+        "20",
+        "21",
+        "22",
+        "23",
+        "24",
+        "25",
+        "30",
+        "31",
+        "32",
+        "33",
+        "37",
+    ):
         assert seed in seeds, seed
     # The lab app reads the schema as it goes: the new servers ran before the window and were
     # not restarted in it; step 30 saw each of them through main, behind the page.
-    started = [s.node or "" for s in result.steps if s.seed_step in ("12", "13") and s.result == "ok"
-               and (" start it on " in s.name or "launch and test" in s.name)]
+    started = [
+        s.node or ""
+        for s in result.steps
+        if s.seed_step in ("12", "13")
+        and s.result == "ok"
+        and (" start it on " in s.name or "launch and test" in s.name)
+    ]
     assert sorted(started) == sorted(new)
     restart = [s for s in result.steps if s.seed_step == "26"]
     assert [(s.name, s.result) for s in restart] == [("26-29 restart the new servers", "skipped")]
@@ -123,20 +156,25 @@ async def test_major_upgrade_shows_only_the_maintenance_page_and_survives_a_kill
 
 
 async def test_revert_after_the_point_of_no_return_promotes_the_warm_replica(
-        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
     lab = fresh_lab
     inv = two_old(lab, load_inventory(lab.site_yaml))
     # An application that must be restarted after a migration: the new servers stay stopped
     # from step 12 and are started inside the window (26-29).
-    inv = dataclasses.replace(inv, application=dataclasses.replace(inv.application,
-                                                                   restart_after_migration=True))
+    inv = dataclasses.replace(
+        inv, application=dataclasses.replace(inv.application, restart_after_migration=True)
+    )
     inp = MajorMaintenanceInput(inventory=inv, package_path=str(lab.package(2)), writes_quiet_s=1.0)
     with probe(lab, tmp_path, rate=100.0) as run:
         handle = await start(client, lab_worker, inp, "revert")
         await pending(handle, "go-live")
         progress = await handle.query("progress", result_type=Progress)
-        started_in_window = sorted(s.node or "" for s in progress.steps
-                                   if s.seed_step == "26" and s.name == "26-29 start the new server")
+        started_in_window = sorted(
+            s.node or ""
+            for s in progress.steps
+            if s.seed_step == "26" and s.name == "26-29 start the new server"
+        )
         before = rows_before(lab)
         await choose(handle, "go-live", "revert")
         with pytest.raises(WorkflowFailureError):
@@ -158,4 +196,3 @@ async def test_revert_after_the_point_of_no_return_promotes_the_warm_replica(
     assert lab_mariadb.query(lab, "warm", "SELECT MAX(version) FROM labapp.schema_version")[0][0] == 1
     assert rows_before(lab, "warm", upto=before[0]) == before
     assert after[0] > before[0]
-

@@ -30,18 +30,19 @@ def wf_id(name: str) -> str:
     return f"e2e-mbg-{name}-{uuid.uuid4().hex[:8]}"
 
 
+async def start(
+    client: Client, task_queue: str, inp: MinorBlueGreenInput, name: str
+) -> WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        MinorBlueGreenWorkflow.run,
+        inp,
+        id=wf_id(name),
+        task_queue=task_queue,
+        execution_timeout=timedelta(minutes=6),
+    )
 
 
-async def start(client: Client, task_queue: str, inp: MinorBlueGreenInput,
-                name: str) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(MinorBlueGreenWorkflow.run, inp, id=wf_id(name), task_queue=task_queue,
-                                       execution_timeout=timedelta(minutes=6))
-
-
-
-
-async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...],
-                    timeout_s: float = 180) -> str:
+async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...], timeout_s: float = 180) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
@@ -52,12 +53,9 @@ async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...],
     raise AssertionError(f"none of the gates {gates} opened")
 
 
-
-
-
-
 async def long_requests(lab: LabConfig, n: int, ms: int) -> list[tuple[int, str]]:
     """n slow requests through the main frontend at once: (status or -1, the server)."""
+
     async def one(session: aiohttp.ClientSession) -> tuple[int, str]:
         try:
             async with session.get(f"{lab.main_url}/slow?ms={ms}") as r:
@@ -67,23 +65,26 @@ async def long_requests(lab: LabConfig, n: int, ms: int) -> list[tuple[int, str]
             return -1, ""
 
     # One connection per request: each is its own session on its server.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=ms / 1000 + 60)) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True, limit=0),
+        timeout=aiohttp.ClientTimeout(total=ms / 1000 + 60),
+    ) as s:
         return list(await asyncio.gather(*(one(s) for _ in range(n))))
 
 
-
-
-
-
 async def test_minor_upgrade_with_zero_failed_requests_and_sessions_outliving_the_drain(
-        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
     lab = fresh_lab
     inv = load_inventory(lab.site_yaml)
     old = [lab.node_name(i) for i in lab.node_indexes]
     before = lab_mariadb.query(lab, "primary", "SELECT COUNT(*) FROM labapp.items")[0][0]
-    inp = MinorBlueGreenInput(inventory=inv, package_path=str(lab.package(2)), drain_deadline_s=120,
-                              settings={"web.config": {"custom.banner": "Welcome to the blue-green site"}})
+    inp = MinorBlueGreenInput(
+        inventory=inv,
+        package_path=str(lab.package(2)),
+        drain_deadline_s=120,
+        settings={"web.config": {"custom.banner": "Welcome to the blue-green site"}},
+    )
     with probe(lab, tmp_path, rate=100.0) as run:
         handle = await start(client, lab_worker, inp, "happy")
         # Long-lived sessions opened on the old servers just before they are drained.
@@ -124,12 +125,14 @@ async def test_minor_upgrade_with_zero_failed_requests_and_sessions_outliving_th
 
 
 @pytest.mark.parametrize("choice", ["wait", "force", "rollback"])
-async def test_drain_deadline_gate(fresh_lab: LabConfig, client: Client, lab_worker: str,
-                                   choice: str) -> None:
+async def test_drain_deadline_gate(
+    fresh_lab: LabConfig, client: Client, lab_worker: str, choice: str
+) -> None:
     lab = fresh_lab
     inv = two_old(lab, load_inventory(lab.site_yaml))
-    inp = MinorBlueGreenInput(inventory=inv, package_path=str(lab.package(2)), drain_deadline_s=2,
-                              gate_timeout_s=120)
+    inp = MinorBlueGreenInput(
+        inventory=inv, package_path=str(lab.package(2)), drain_deadline_s=2, gate_timeout_s=120
+    )
     # Sessions opened before the run, long enough to outlive the drain's start: with node3
     # and node4 in maintenance they are all on node1 and node2.
     sessions = asyncio.create_task(long_requests(lab, 4, 25_000))
@@ -175,7 +178,8 @@ async def test_drain_deadline_gate(fresh_lab: LabConfig, client: Client, lab_wor
 
 
 async def test_worker_killed_during_the_drain_wait_completes(
-        fresh_lab: LabConfig, client: Client, tmp_path: Path, temporal_env: WorkflowEnvironment) -> None:
+    fresh_lab: LabConfig, client: Client, tmp_path: Path, temporal_env: WorkflowEnvironment
+) -> None:
     lab = fresh_lab
     inv = two_old(lab, load_inventory(lab.site_yaml))
     task_queue = f"mbg-kill-{uuid.uuid4().hex[:6]}"
@@ -198,4 +202,3 @@ async def test_worker_killed_during_the_drain_wait_completes(
     assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
     assert result.terminated == ("node1", "node2")
     assert not (lab.nodes_dir / "node1").exists()
-

@@ -63,9 +63,13 @@ def ox_probe(lab: LabConfig, out: Path) -> Iterator[OxProbeRun]:
 
 
 def node_upgrade_input(lab: LabConfig, **kw: Any) -> OxNodeUpgradeInput:
-    fields: dict[str, Any] = {"inventory": ox_inventory(lab), "version": NEW_VERSION,
-                              "server_name": NEW_SERVER, "started_by": "starter",
-                              "failure_gate_timeout_s": 120.0}
+    fields: dict[str, Any] = {
+        "inventory": ox_inventory(lab),
+        "version": NEW_VERSION,
+        "server_name": NEW_SERVER,
+        "started_by": "starter",
+        "failure_gate_timeout_s": 120.0,
+    }
     fields.update(kw)
     return OxNodeUpgradeInput(**fields)
 
@@ -105,19 +109,26 @@ async def ox(lab: LabConfig) -> Any:
     await ox_fresh(lab, upgraded=())
 
 
-async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, client: Client, lab_worker: str,
-                                                             tmp_path: Path) -> None:
+async def test_node_by_node_upgrade_without_a_failed_request(
+    ox: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
     with ox_probe(ox, tmp_path) as probe:
         await wait_probe_started(probe, ox)
         handle = await client.start_workflow(
-            OxNodeUpgradeWorkflow.run, node_upgrade_input(ox), id="ox-node-upgrade-register-first-hazelcast",
-            task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
+            OxNodeUpgradeWorkflow.run,
+            node_upgrade_input(ox),
+            id="ox-node-upgrade-register-first-hazelcast",
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=6),
+        )
         result: OxNodeUpgradeResult = await handle.result()
         await asyncio.sleep(1.0)  # traffic after the last step: served by the new cluster alone
     await keep_history(handle)
     summary = probe.summary
-    print("ox-node-upgrade probe:", {k: summary.get(k) for k in ("total", "ok", "failed", "disabled",
-                                                               "redirected")})  # shown with -s
+    print(
+        "ox-node-upgrade probe:",
+        {k: summary.get(k) for k in ("total", "ok", "failed", "disabled", "redirected")},
+    )  # shown with -s
     assert summary["total"] > 0 and summary["failed"] == 0, probe.events_of("failed")[:5]
     # Users of moved contexts who landed on an old node were redirected to the secondary
     # balancer and served there.
@@ -127,8 +138,10 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
     # Shares: the first node a pilot schema, the second all the others, the last none.
     assert [(sh.node, len(sh.schemata)) for sh in result.shares] == [("ox1", 1), ("ox2", 19), ("ox3", 0)]
     assert len(result.children) == 2 and set(result.upgraded_schemata) == names(*range(1, 21))
-    children = [await client.get_workflow_handle(c, result_type=OxUpgradeSchemataResult).result()
-                for c in result.children]
+    children = [
+        await client.get_workflow_handle(c, result_type=OxUpgradeSchemataResult).result()
+        for c in result.children
+    ]
     # The parent registered the server (before ox1 started under its name): both children use it.
     assert not children[0].server_registered and not children[1].server_registered
     assert {c.server_id for c in children} == {configdb.servers(ox)[-1][0]}
@@ -139,8 +152,13 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
     assert set(windows) == names(*range(1, 21))
     slack = dt.timedelta(seconds=1)
     disabled = probe.events_of("disabled")
-    outside = [e for e in disabled if not (windows[e["schema"]][0] - slack
-                                           <= dt.datetime.fromisoformat(e["t"]) <= windows[e["schema"]][1])]
+    outside = [
+        e
+        for e in disabled
+        if not (
+            windows[e["schema"]][0] - slack <= dt.datetime.fromisoformat(e["t"]) <= windows[e["schema"]][1]
+        )
+    ]
     assert outside == []
 
     # The site as the seed leaves it: every node on x.y.z under the new server's name, no
@@ -149,7 +167,10 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
         version = ox_nodes.running_version(ox, i)
         assert version is not None
         assert (version["version"], version["server_name"], version["migration_redirect_url"]) == (
-            NEW_VERSION, NEW_SERVER, None)
+            NEW_VERSION,
+            NEW_SERVER,
+            None,
+        )
         assert REDIRECT_KEY not in properties(ox, i, "server.properties")
         assert f"SERVER_NAME={NEW_SERVER}" in properties(ox, i, "system.properties")
     states = backend_states(ox)
@@ -164,33 +185,49 @@ async def test_node_by_node_upgrade_without_a_failed_request(ox: LabConfig, clie
     # old node leaves it.
     def first(prefix: str, node: str) -> int:
         return next(i for i, st in enumerate(result.steps) if st.name.startswith(prefix) and st.node == node)
+
     for n in ("ox1", "ox2"):
-        assert first("1 drain", n) < first("2 stop", n) < first("8 remove", n) < first("2 start", n) \
-            < first("9 set ready", n) < first("4-7", n)
+        assert (
+            first("1 drain", n)
+            < first("2 stop", n)
+            < first("8 remove", n)
+            < first("2 start", n)
+            < first("9 set ready", n)
+            < first("4-7", n)
+        )
     # 3 before the first new node starts under its new SERVER_NAME: real OX cannot resolve an
     # unregistered server (the seed registers first, then activates the node).
     register = next(i for i, st in enumerate(result.steps) if st.name == f"3 register server {NEW_SERVER}")
     assert register < first("2 start", "ox1")
     # 2: the new release forms its own Hazelcast cluster, apart from the old one's.
     for i in ox.ox_node_indexes:
-        assert f"com.openexchange.hazelcast.group.name=oxcluster-{NEW_VERSION}\n" in \
-            properties(ox, i, "hazelcast.properties")
-    assert [st.node for st in result.steps if st.name == f"2 Hazelcast group oxcluster-{NEW_VERSION}: set"] \
-        == ["ox1", "ox2", "ox3"]
+        assert f"com.openexchange.hazelcast.group.name=oxcluster-{NEW_VERSION}\n" in properties(
+            ox, i, "hazelcast.properties"
+        )
+    assert [
+        st.node for st in result.steps if st.name == f"2 Hazelcast group oxcluster-{NEW_VERSION}: set"
+    ] == ["ox1", "ox2", "ox3"]
     assert first("post set ready on main", "ox1") < first("1 drain", "ox3")
     assert first("post set ready on main", "ox2") < first("1 drain", "ox3")
 
 
-async def test_a_failed_pilot_schema_rolls_the_node_back(ox: LabConfig, client: Client, lab_worker: str,
-                                                         tmp_path: Path) -> None:
+async def test_a_failed_pilot_schema_rolls_the_node_back(
+    ox: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
     configdb.inject_update_failure(ox, s(1))
-    before = {i: (properties(ox, i, "server.properties"), properties(ox, i, "system.properties"))
-              for i in ox.ox_node_indexes}
+    before = {
+        i: (properties(ox, i, "server.properties"), properties(ox, i, "system.properties"))
+        for i in ox.ox_node_indexes
+    }
     with ox_probe(ox, tmp_path) as probe:
         await wait_probe_started(probe, ox)
         handle = await client.start_workflow(
-            OxNodeUpgradeWorkflow.run, node_upgrade_input(ox, on_failure="rollback"), id="e2e-ox-rollback",
-            task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
+            OxNodeUpgradeWorkflow.run,
+            node_upgrade_input(ox, on_failure="rollback"),
+            id="e2e-ox-rollback",
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=6),
+        )
         with pytest.raises(WorkflowFailureError) as info:
             await handle.result()
         await asyncio.sleep(1.0)
@@ -211,18 +248,24 @@ async def test_a_failed_pilot_schema_rolls_the_node_back(ox: LabConfig, client: 
     assert classify(ox) == {"failed_enabled_old": names(1), "untouched": names(*range(2, 21))}
 
 
-async def test_an_already_registered_server_aborted_at_its_gate_stops_the_run(ox: LabConfig, client: Client,
-                                                                             lab_worker: str) -> None:
+async def test_an_already_registered_server_aborted_at_its_gate_stops_the_run(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     """The gate is asked before anything changes; abort stops the whole run (a child's abort
     used to let the parent go on to the next node)."""
     from tests.gate_support import choose, pending
 
-    with configdb.connect(port=ox.primary_db_port, password=configdb.ox_db_password_file(ox)
-                          .read_text().strip()) as conn:
+    with configdb.connect(
+        port=ox.primary_db_port, password=configdb.ox_db_password_file(ox).read_text().strip()
+    ) as conn:
         existing = configdb.register_server(conn, NEW_SERVER)
     handle = await client.start_workflow(
-        OxNodeUpgradeWorkflow.run, node_upgrade_input(ox, gate_timeout_s=120.0), id="e2e-ox-registered-abort",
-        task_queue=lab_worker, execution_timeout=timedelta(minutes=3))
+        OxNodeUpgradeWorkflow.run,
+        node_upgrade_input(ox, gate_timeout_s=120.0),
+        id="e2e-ox-registered-abort",
+        task_queue=lab_worker,
+        execution_timeout=timedelta(minutes=3),
+    )
     gate = await pending(handle, "server-already-registered")
     assert f"with id '{existing}'" in gate.guards
     await choose(handle, gate, "abort")
@@ -239,13 +282,18 @@ async def test_an_already_registered_server_aborted_at_its_gate_stops_the_run(ox
 
 
 async def test_a_closed_pool_holding_contexts_is_refused_before_anything_is_touched(
-        ox: LabConfig, client: Client, lab_worker: str) -> None:
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     """listdatabaseschema leaves out pools whose maxUnits is 0: their schemata would never move
     and the "every schema moved" check would pass over them."""
     closed = configdb.add_closed_pool(ox, schemata=1)
     handle = await client.start_workflow(
-        OxNodeUpgradeWorkflow.run, node_upgrade_input(ox), id="e2e-ox-closed-pool", task_queue=lab_worker,
-        execution_timeout=timedelta(minutes=3))
+        OxNodeUpgradeWorkflow.run,
+        node_upgrade_input(ox),
+        id="e2e-ox-closed-pool",
+        task_queue=lab_worker,
+        execution_timeout=timedelta(minutes=3),
+    )
     with pytest.raises(WorkflowFailureError) as info:
         await handle.result()
     text = str(info.value.cause)

@@ -51,16 +51,20 @@ def _history_bytes(history: WorkflowHistory) -> bytes:
 
 
 async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
-        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path,
-        temporal_env: WorkflowEnvironment) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path, temporal_env: WorkflowEnvironment
+) -> None:
     lab = fresh_lab
     inv = load_inventory(lab.site_yaml)
     protected_before = protected_bytes(lab)
 
     with probe(lab, tmp_path) as run:
         handle = await client.start_workflow(
-            RollingDeployWorkflow.run, RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
-            id=wf_id("happy"), task_queue=lab_worker, execution_timeout=timedelta(minutes=5))
+            RollingDeployWorkflow.run,
+            RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
+            id=wf_id("happy"),
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=5),
+        )
         result: RollingDeployResult = await handle.result()
 
     # Zero downtime, measured: every request of the probe succeeded, over the whole run.
@@ -85,8 +89,18 @@ async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
     assert [states[("app", f"node{i}")] for i in lab.node_indexes] == ["UP"] * lab.nodes
     # Every node went through the runbook in order, once.
     for node in (lab.node_name(i) for i in lab.node_indexes):
-        assert [s.seed_step for s in result.steps if s.node == node] == \
-            ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+        assert [s.seed_step for s in result.steps if s.node == node] == [
+            "N1",
+            "N2",
+            "N2",
+            "N3",
+            "N4",
+            "N5",
+            "N6",
+            "N7",
+            "N8",
+            "N9",
+        ]
     history = await handle.fetch_history()
     # No secret value anywhere in the history: inputs, activity arguments and results.
     payloads = _history_bytes(history)
@@ -108,7 +122,8 @@ async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
 
 
 async def test_failed_health_check_on_node2_rolls_back_to_v1(
-        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
     lab = fresh_lab
     inv = load_inventory(lab.site_yaml)
     inv = dataclasses.replace(inv, rollout=dataclasses.replace(inv.rollout, health_timeout_s=6.0))
@@ -122,7 +137,10 @@ async def test_failed_health_check_on_node2_rolls_back_to_v1(
                 await client.execute_workflow(
                     RollingDeployWorkflow.run,
                     RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
-                    id=wf_id("fail"), task_queue=lab_worker, execution_timeout=timedelta(minutes=5))
+                    id=wf_id("fail"),
+                    task_queue=lab_worker,
+                    execution_timeout=timedelta(minutes=5),
+                )
     finally:
         inject.unlink()
 
@@ -145,7 +163,8 @@ async def test_failed_health_check_on_node2_rolls_back_to_v1(
 
 
 async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
-        fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path) -> None:
+    fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+) -> None:
     lab = fresh_lab
     client = temporal_env.client
     inv = load_inventory(lab.site_yaml)
@@ -159,7 +178,10 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
             handle = await client.start_workflow(
                 RollingDeployWorkflow.run,
                 RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
-                id=wf_id("kill"), task_queue=task_queue, execution_timeout=timedelta(minutes=5))
+                id=wf_id("kill"),
+                task_queue=task_queue,
+                execution_timeout=timedelta(minutes=5),
+            )
             killed_during = await kill_worker_during(handle, first, "N2 wait", timeout_s=60)
             second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
             result: RollingDeployResult = await handle.result()
@@ -173,20 +195,36 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
     assert run.summary["failed"] == 0, run.failures()[:5]
     # No step done twice: each node was stopped, deployed and started exactly once ...
     for i in lab.node_indexes:
-        new_commands = ssh_commands(lab, i)[commands_before[i]:]
+        new_commands = ssh_commands(lab, i)[commands_before[i] :]
         assert sum("ctl stop" in c for c in new_commands) == 1, new_commands
         assert sum("ctl start" in c for c in new_commands) == 1, new_commands
-    assert [s.seed_step for s in result.steps if s.node == "node2"] == \
-        ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+    assert [s.seed_step for s in result.steps if s.node == "node2"] == [
+        "N1",
+        "N2",
+        "N2",
+        "N3",
+        "N4",
+        "N5",
+        "N6",
+        "N7",
+        "N8",
+        "N9",
+    ]
     # ... and the history shows that only the interrupted drain wait ran again: it timed out
     # (its heartbeat stopped) and the workflow ran it once more on the new worker. (When the
     # kill lands just after the wait completed, only the workflow task is redone: nothing ran
     # twice either way.)
     history = await handle.fetch_history()
-    scheduled = {e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
-                 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED}
-    timed_out = [scheduled[e.activity_task_timed_out_event_attributes.scheduled_event_id]
-                 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT]
+    scheduled = {
+        e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    timed_out = [
+        scheduled[e.activity_task_timed_out_event_attributes.scheduled_event_id]
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT
+    ]
     names = list(scheduled.values())
     assert names.count("deploy_package") == lab.nodes and names.count("stop_service") == lab.nodes
     assert timed_out in ([], ["lb_wait_drained"]), f"killed during {killed_during}; timed out: {timed_out}"

@@ -51,12 +51,14 @@ async def connect(address: str) -> Client:
     raise AssertionError(f"no Temporal server at {address}")
 
 
-async def step_running(handle: WorkflowHandle[RollingDeployWorkflow, RollingDeployResult], prefix: str,
-                       node: str) -> None:
+async def step_running(
+    handle: WorkflowHandle[RollingDeployWorkflow, RollingDeployResult], prefix: str, node: str
+) -> None:
     for _ in range(600):
         progress = await handle.query("progress", result_type=Progress)
-        if any(s.result == "running" and s.name.startswith(prefix) and s.node == node
-               for s in progress.steps):
+        if any(
+            s.result == "running" and s.name.startswith(prefix) and s.node == node for s in progress.steps
+        ):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"step {prefix} on {node} never ran")
@@ -75,7 +77,8 @@ async def result_across_outage(address: str, workflow_id: str) -> RollingDeployR
 
 
 async def test_the_server_killed_mid_procedure_and_restarted_loses_nothing(
-        fresh_lab: LabConfig, own_server: Path, tmp_path: Path) -> None:
+    fresh_lab: LabConfig, own_server: Path, tmp_path: Path
+) -> None:
     lab = fresh_lab
     address = f"127.0.0.1:{lab.temporal_port}"
     client = await connect(address)
@@ -86,7 +89,10 @@ async def test_the_server_killed_mid_procedure_and_restarted_loses_nothing(
             handle = await client.start_workflow(
                 RollingDeployWorkflow.run,
                 RollingDeployInput(inventory=load_inventory(lab.site_yaml), package_path=str(lab.package(2))),
-                id="server-restart", task_queue=TASK_QUEUE, execution_timeout=timedelta(minutes=6))
+                id="server-restart",
+                task_queue=TASK_QUEUE,
+                execution_timeout=timedelta(minutes=6),
+            )
             await step_running(handle, "N", "node2")
             pid = read_pid(own_server / "temporal.pid")
             assert pid is not None
@@ -103,5 +109,5 @@ async def test_the_server_killed_mid_procedure_and_restarted_loses_nothing(
     assert set(result.previous_versions.values()) == {"1.0.0"}
     # Nothing was done twice across the outage: each node stopped and started once.
     for i in lab.node_indexes:
-        new = ssh_commands(lab, i)[commands_before[i]:]
+        new = ssh_commands(lab, i)[commands_before[i] :]
         assert sum("ctl stop" in c for c in new) == 1 and sum("ctl start" in c for c in new) == 1, new

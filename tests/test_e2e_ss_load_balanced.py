@@ -30,15 +30,21 @@ THREE = ("node1", "node2", "node3")
 def three_node_site(lab: LabConfig) -> Inventory:
     """The lab's site narrowed to three nodes (the seed's A, B and C)."""
     inv = load_inventory(lab.site_yaml)
-    lbs = tuple(dataclasses.replace(lb, members={k: v for k, v in lb.members.items() if k in THREE})
-                for lb in inv.load_balancers)
-    return dataclasses.replace(inv, nodes=tuple(n for n in inv.nodes if n.name in THREE), load_balancers=lbs,
-                               approvers={"swap": ("alice",), "failure": ("alice",)})
+    lbs = tuple(
+        dataclasses.replace(lb, members={k: v for k, v in lb.members.items() if k in THREE})
+        for lb in inv.load_balancers
+    )
+    return dataclasses.replace(
+        inv,
+        nodes=tuple(n for n in inv.nodes if n.name in THREE),
+        load_balancers=lbs,
+        approvers={"swap": ("alice",), "failure": ("alice",)},
+    )
 
 
 async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
-        fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path,
-        temporal_env: WorkflowEnvironment) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path, temporal_env: WorkflowEnvironment
+) -> None:
     lab = fresh_lab
     inv = three_node_site(lab)
     extra = [lab.node_name(i) for i in lab.node_indexes if lab.node_name(i) not in THREE]
@@ -51,13 +57,32 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
             handle = await client.start_workflow(
                 SsLoadBalancedWorkflow.run,
                 SsLoadBalancedInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol"),
-                id=wf_id("lb"), task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
+                id=wf_id("lb"),
+                task_queue=lab_worker,
+                execution_timeout=timedelta(minutes=6),
+            )
             gate = await wait_gate(handle, "swap")
             code, out = await run_command(
-                TEMPORAL, "workflow", "signal", "--address", temporal_address(temporal_env),
-                "--workflow-id", handle.id, "--name", "decide", "--input",
-                json.dumps({"gate": "swap", "by": "alice", "plan_hash": gate.plan_hash, "approve": True,
-                            "comment": "A looks good"}))
+                TEMPORAL,
+                "workflow",
+                "signal",
+                "--address",
+                temporal_address(temporal_env),
+                "--workflow-id",
+                handle.id,
+                "--name",
+                "decide",
+                "--input",
+                json.dumps(
+                    {
+                        "gate": "swap",
+                        "by": "alice",
+                        "plan_hash": gate.plan_hash,
+                        "approve": True,
+                        "comment": "A looks good",
+                    }
+                ),
+            )
             assert code == 0, out
             result: SsLoadBalancedResult = await handle.result()
     finally:
@@ -93,7 +118,8 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
 
 
 async def test_failed_production_script_rolls_node_a_and_the_database_back(
-        fresh_lab: LabConfig, client: Client, lab_worker: str) -> None:
+    fresh_lab: LabConfig, client: Client, lab_worker: str
+) -> None:
     # The fault only hits `labapp`: the script passes on the test copy (steps 3-6), then
     # fails on production (step 15); on_failure=rollback undoes everything at once.
     lab = fresh_lab
@@ -111,9 +137,16 @@ async def test_failed_production_script_rolls_node_a_and_the_database_back(
             with pytest.raises(WorkflowFailureError) as info:
                 await client.execute_workflow(
                     SsLoadBalancedWorkflow.run,
-                    SsLoadBalancedInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol",
-                                        on_failure="rollback"),
-                    id=wf_id("lb-fail"), task_queue=lab_worker, execution_timeout=timedelta(minutes=6))
+                    SsLoadBalancedInput(
+                        inventory=inv,
+                        package_path=str(lab.package(2)),
+                        started_by="carol",
+                        on_failure="rollback",
+                    ),
+                    id=wf_id("lb-fail"),
+                    task_queue=lab_worker,
+                    execution_timeout=timedelta(minutes=6),
+                )
         finally:
             lab_mariadb.inject_migration_failure(lab, "labapp", False)
         cause = info.value.cause

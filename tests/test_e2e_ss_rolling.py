@@ -48,23 +48,15 @@ from workflows.timeline import Progress
 APPROVERS = {"staging-test": ("alice", "bob"), "upgrade-successful": ("alice", "bob"), "failure": ("bob",)}
 
 
-
-
 def ss_inventory(lab: LabConfig) -> Inventory:
     inv = load_inventory(lab.site_yaml)
     return dataclasses.replace(inv, approvers=APPROVERS)
-
-
 
 
 async def audit_actions(inv: Inventory) -> list[str]:
     assert inv.application.admin is not None
     events = await app_admin.list_audit(inv.nodes[0].url, inv.application.admin)
     return [e.action for e in events if e.audit_type == "ManualUpgrade"]
-
-
-
-
 
 
 @pytest.fixture
@@ -76,8 +68,8 @@ async def ss_lab(fresh_lab: LabConfig) -> Any:
 
 
 async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
-        ss_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path,
-        temporal_env: WorkflowEnvironment) -> None:
+    ss_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path, temporal_env: WorkflowEnvironment
+) -> None:
     lab = ss_lab
     inv = ss_inventory(lab)
     address = temporal_address(temporal_env)
@@ -85,17 +77,22 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
 
     with probe(lab, tmp_path) as run:
         handle = await client.start_workflow(
-            SsRollingWorkflow.run, SsRollingInput(inventory=inv, package_path=str(lab.package(2)),
-                                                  started_by="carol"),
-            id=wf_id("happy"), task_queue=lab_worker, execution_timeout=timedelta(minutes=8))
+            SsRollingWorkflow.run,
+            SsRollingInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol"),
+            id=wf_id("happy"),
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=8),
+        )
         gate = await wait_gate(handle, "staging-test")
         assert gate.approvers == ("alice", "bob")
         # Wrong calls are refused to the caller at once: unlisted, the starter, a stale plan,
         # a gate that is not waiting.
-        for d in (Decision(gate="staging-test", by="mallory", plan_hash=gate.plan_hash),
-                  Decision(gate="staging-test", by="carol", plan_hash=gate.plan_hash),
-                  Decision(gate="staging-test", by="alice", plan_hash="0" * 64),
-                  Decision(gate="upgrade-successful", by="alice", plan_hash=gate.plan_hash)):
+        for d in (
+            Decision(gate="staging-test", by="mallory", plan_hash=gate.plan_hash),
+            Decision(gate="staging-test", by="carol", plan_hash=gate.plan_hash),
+            Decision(gate="staging-test", by="alice", plan_hash="0" * 64),
+            Decision(gate="upgrade-successful", by="alice", plan_hash=gate.plan_hash),
+        ):
             with pytest.raises(WorkflowUpdateFailedError):
                 await handle.execute_update("approve", d, result_type=GateRecord)
         # The staging copy ran the new release on a restored database, in maintenance mode.
@@ -103,17 +100,38 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
         done = {s.seed_step for s in progress.steps if s.result == "ok"}
         assert {"5.1", "5.2", "5.3", "5.4", "5.5", "5.6", "5.7", "5.8", "5.9", "5.10"} <= done
         # staging-test through the zerodown CLI ...
-        code, out = await zerodown("approve", handle.id, "--gate", "staging-test", "--by", "alice",
-                                   "--plan-hash", gate.plan_hash, "--comment", "staging ok",
-                                   "--address", address)
+        code, out = await zerodown(
+            "approve",
+            handle.id,
+            "--gate",
+            "staging-test",
+            "--by",
+            "alice",
+            "--plan-hash",
+            gate.plan_hash,
+            "--comment",
+            "staging ok",
+            "--address",
+            address,
+        )
         assert code == 0 and "approved by alice" in out, out
         # ... upgrade-successful through the plain temporal CLI (the update form).
         gate = await wait_gate(handle, "upgrade-successful")
         assert await served_versions(lab) == {f"node{i}": "2.0.0" for i in lab.node_indexes}
         code, out = await run_command(
-            TEMPORAL, "workflow", "update", "execute", "--address", address, "--workflow-id", handle.id,
-            "--name", "approve", "--input",
-            json.dumps({"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash}))
+            TEMPORAL,
+            "workflow",
+            "update",
+            "execute",
+            "--address",
+            address,
+            "--workflow-id",
+            handle.id,
+            "--name",
+            "approve",
+            "--input",
+            json.dumps({"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash}),
+        )
         assert code == 0, out
         result: SsRollingResult = await handle.result()
 
@@ -127,8 +145,14 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
     deploys = [s.node for s in result.steps if s.name.endswith("extract and copy the upgrade zip")]
     assert deploys == ["node3", "node4", "node1", "node2"]
     # The audit trail, in the seed's order.
-    assert await audit_actions(inv) == ["VERIFY DELTAS", "GENERATE UPGRADE ZIP", "GENERATE DB SCRIPT",
-                                        "STAGING TEST", "STARTED", "COMPLETED"]
+    assert await audit_actions(inv) == [
+        "VERIFY DELTAS",
+        "GENERATE UPGRADE ZIP",
+        "GENERATE DB SCRIPT",
+        "STAGING TEST",
+        "STARTED",
+        "COMPLETED",
+    ]
     # The upgrade zip held only the changed files (not the unchanged app code).
     with zipfile.ZipFile(result.upgrade_zip) as z, zipfile.ZipFile(lab.package(2)) as full:
         assert "release.json" in z.namelist() and len(z.namelist()) < len(full.namelist())
@@ -151,28 +175,53 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
 
 
 async def test_failed_production_script_rolls_back_to_the_snapshot(
-        ss_lab: LabConfig, client: Client, lab_worker: str, temporal_env: WorkflowEnvironment) -> None:
+    ss_lab: LabConfig, client: Client, lab_worker: str, temporal_env: WorkflowEnvironment
+) -> None:
     lab = ss_lab
     inv = ss_inventory(lab)
     lb_before = (await snapshot(lab)).servers
     db_before = await checksums(inv)
     folders_before = app_manifests(lab)
     handle = await client.start_workflow(
-        SsRollingWorkflow.run, SsRollingInput(inventory=inv, package_path=str(lab.package(2)),
-                                              started_by="carol"),
-        id=wf_id("sqlfail"), task_queue=lab_worker, execution_timeout=timedelta(minutes=8))
+        SsRollingWorkflow.run,
+        SsRollingInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol"),
+        id=wf_id("sqlfail"),
+        task_queue=lab_worker,
+        execution_timeout=timedelta(minutes=8),
+    )
     try:
         gate = await wait_gate(handle, "staging-test")
         # The staging test passed on a copy; production's script will fail.
         lab_mariadb.inject_migration_failure(lab, "labapp", True)
-        code, out = await zerodown("approve", handle.id, "--gate", "staging-test", "--by", "bob",
-                                   "--plan-hash", gate.plan_hash, "--address", temporal_address(temporal_env))
+        code, out = await zerodown(
+            "approve",
+            handle.id,
+            "--gate",
+            "staging-test",
+            "--by",
+            "bob",
+            "--plan-hash",
+            gate.plan_hash,
+            "--address",
+            temporal_address(temporal_env),
+        )
         assert code == 0, out
         failure = await wait_gate(handle, "failure:7.7")
         assert failure.choices == ("retry", "rollback", "abort") and failure.approvers == ("bob",)
-        code, out = await zerodown("resolve", handle.id, "--gate", "failure:7.7", "--choice", "rollback",
-                                   "--by", "bob", "--plan-hash", failure.plan_hash,
-                                   "--address", temporal_address(temporal_env))
+        code, out = await zerodown(
+            "resolve",
+            handle.id,
+            "--gate",
+            "failure:7.7",
+            "--choice",
+            "rollback",
+            "--by",
+            "bob",
+            "--plan-hash",
+            failure.plan_hash,
+            "--address",
+            temporal_address(temporal_env),
+        )
         assert code == 0 and "rollback chosen by bob" in out, out
         with pytest.raises(WorkflowFailureError) as info:
             await handle.result()
@@ -191,14 +240,19 @@ async def test_failed_production_script_rolls_back_to_the_snapshot(
 
 
 async def test_version_guard_refuses_before_any_change(
-        ss_lab: LabConfig, client: Client, lab_worker: str) -> None:
+    ss_lab: LabConfig, client: Client, lab_worker: str
+) -> None:
     lab = ss_lab
     inv = ss_inventory(lab)
     before = await snapshot(lab)
     with pytest.raises(WorkflowFailureError) as info:
         await client.execute_workflow(
-            SsRollingWorkflow.run, SsRollingInput(inventory=inv, package_path=str(lab.package(3))),
-            id=wf_id("guard"), task_queue=lab_worker, execution_timeout=timedelta(minutes=2))
+            SsRollingWorkflow.run,
+            SsRollingInput(inventory=inv, package_path=str(lab.package(3))),
+            id=wf_id("guard"),
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=2),
+        )
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "PreflightFailed"
     text = str(cause)
@@ -210,7 +264,8 @@ async def test_version_guard_refuses_before_any_change(
 
 
 async def test_worker_killed_during_task_seven_completes_without_upgrading_a_node_twice(
-        ss_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path) -> None:
+    ss_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+) -> None:
     lab = ss_lab
     client = temporal_env.client
     inv = ss_inventory(lab)
@@ -222,22 +277,38 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
         # Long-lived requests (6 s, one in ten) so group A's drain has to wait for them.
         with probe(lab, tmp_path, slow_every=10, slow_ms=6000) as run:
             handle = await client.start_workflow(
-                SsRollingWorkflow.run, SsRollingInput(inventory=inv, package_path=str(lab.package(2)),
-                                                      started_by="carol"),
-                id=wf_id("kill"), task_queue=task_queue, execution_timeout=timedelta(minutes=8))
+                SsRollingWorkflow.run,
+                SsRollingInput(inventory=inv, package_path=str(lab.package(2)), started_by="carol"),
+                id=wf_id("kill"),
+                task_queue=task_queue,
+                execution_timeout=timedelta(minutes=8),
+            )
             gate = await wait_gate(handle, "staging-test")
-            await handle.execute_update("approve", Decision(gate="staging-test", by="alice",
-                                                            plan_hash=gate.plan_hash), result_type=GateRecord)
+            await handle.execute_update(
+                "approve",
+                Decision(gate="staging-test", by="alice", plan_hash=gate.plan_hash),
+                result_type=GateRecord,
+            )
             # Group A drains while group B (upgraded) serves: a heartbeating wait.
             await kill_worker_during(handle, first, "7.6 wait for zero sessions", timeout_s=180)
             second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
             gate = await wait_gate(handle, "upgrade-successful")
             # The signal form (what the Web UI sends), through the real temporal binary.
             code, out = await run_command(
-                TEMPORAL, "workflow", "signal", "--address", temporal_address(temporal_env),
-                "--workflow-id", handle.id, "--name", "decide", "--input",
-                json.dumps({"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash,
-                            "approve": True}))
+                TEMPORAL,
+                "workflow",
+                "signal",
+                "--address",
+                temporal_address(temporal_env),
+                "--workflow-id",
+                handle.id,
+                "--name",
+                "decide",
+                "--input",
+                json.dumps(
+                    {"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash, "approve": True}
+                ),
+            )
             assert code == 0, out
             result: SsRollingResult = await handle.result()
     finally:
@@ -250,12 +321,16 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
     assert run.summary["failed"] == 0, run.failures()[:5]
     # No node upgraded twice: each stopped and deployed exactly once.
     for i in lab.node_indexes:
-        new = ssh_commands(lab, i)[commands_before[i]:]
+        new = ssh_commands(lab, i)[commands_before[i] :]
         assert sum("ctl stop" in c for c in new) == 1, (i, new)
     history = await handle.fetch_history()
-    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name
-                 for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
     assert scheduled.count("deploy_package") == lab.nodes + 1  # + staging
-    assert ("gate upgrade-successful: approved by bob", "via signal") in \
-        [(s.name, s.detail) for s in result.steps]
+    assert ("gate upgrade-successful: approved by bob", "via signal") in [
+        (s.name, s.detail) for s in result.steps
+    ]
     await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)

@@ -67,8 +67,11 @@ def scan() -> tuple[dict[str, set[str]], set[str], list[str]]:
                 continue
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call):
-                    name = node.func.id if isinstance(node.func, ast.Name) else (
-                        node.func.attr if isinstance(node.func, ast.Attribute) else "")
+                    name = (
+                        node.func.id
+                        if isinstance(node.func, ast.Name)
+                        else (node.func.attr if isinstance(node.func, ast.Attribute) else "")
+                    )
                     kw = {k.arg: k.value for k in node.keywords}
                     if name == "fail" and node.args:
                         how = _flag(kw.get("retryable"), default=False)
@@ -76,7 +79,8 @@ def scan() -> tuple[dict[str, set[str]], set[str], list[str]]:
                     elif name == "ApplicationError" and "type" in kw:
                         nr = kw.get("non_retryable")
                         how = {"retryable": "not", "not": "retryable", "either": "either"}[
-                            _flag(nr, default=False)]
+                            _flag(nr, default=False)
+                        ]
                         types = _types_in(kw["type"])
                     else:
                         continue
@@ -87,8 +91,9 @@ def scan() -> tuple[dict[str, set[str]], set[str], list[str]]:
                 elif isinstance(node, ast.Compare):
                     sides = [node.left, *node.comparators]
                     if any(isinstance(s, ast.Attribute) and s.attr == "type" for s in sides) or any(
-                            isinstance(s, ast.Call) and isinstance(s.func, ast.Name)
-                            and s.func.id == "error_type" for s in sides):
+                        isinstance(s, ast.Call) and isinstance(s.func, ast.Name) and s.func.id == "error_type"
+                        for s in sides
+                    ):
                         for s in sides:
                             matched |= _types_in(s)
     return raised, matched, unknown
@@ -136,9 +141,13 @@ async def db_call(c: DbCall) -> str:
     ATTEMPTS[c.key] += 1
     if ATTEMPTS[c.key] <= c.fail_first:
         # What activities/mysql/connect.py raises for MariaDB's 1213 (deadlock) or 1045 (access denied).
-        raise ApplicationError("error 1213: Deadlock found when trying to get lock" if c.retryable
-                               else "error 1045: Access denied", type=errors.DATABASE_ERROR,
-                               non_retryable=not c.retryable)
+        raise ApplicationError(
+            "error 1213: Deadlock found when trying to get lock"
+            if c.retryable
+            else "error 1045: Access denied",
+            type=errors.DATABASE_ERROR,
+            non_retryable=not c.retryable,
+        )
     return f"done after {ATTEMPTS[c.key]}"
 
 
@@ -153,8 +162,9 @@ class RetryByFlagWorkflow(Procedure):
 async def _run(client: Client, c: DbCall) -> str:
     task_queue = f"retry-{uuid.uuid4().hex[:8]}"
     async with running_worker(client, task_queue, [RetryByFlagWorkflow], [db_call]):
-        result: str = await client.execute_workflow(RetryByFlagWorkflow.run, c, id=task_queue,
-                                                    task_queue=task_queue)
+        result: str = await client.execute_workflow(
+            RetryByFlagWorkflow.run, c, id=task_queue, task_queue=task_queue
+        )
         return result
 
 

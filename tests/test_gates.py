@@ -32,13 +32,15 @@ def gated_site() -> Inventory:
 
 
 def gated_input(**changes: Any) -> RollingDeployInput:
-    return RollingDeployInput(inventory=gated_site(), package_path="/p.zip", continue_gate=True,
-                              started_by="alice", **changes)
+    return RollingDeployInput(
+        inventory=gated_site(), package_path="/p.zip", continue_gate=True, started_by="alice", **changes
+    )
 
 
 async def plan_hash(client: Client, task_queue: str) -> str:
-    res = await client.execute_workflow(RollingDeployWorkflow.run, gated_input(dry_run=True),
-                                        id=f"plan-{task_queue}", task_queue=task_queue)
+    res = await client.execute_workflow(
+        RollingDeployWorkflow.run, gated_input(dry_run=True), id=f"plan-{task_queue}", task_queue=task_queue
+    )
     return res.plan_hash
 
 
@@ -61,8 +63,9 @@ async def refusal(handle: WorkflowHandle[Any, Any], decision: Decision) -> str:
 
 async def start_gated(client: Client, task_queue: str) -> WorkflowHandle[Any, Any]:
     """A gated run, started by alice (so she may not approve it)."""
-    return await client.start_workflow(RollingDeployWorkflow.run, gated_input(), id=f"wf-{task_queue}",
-                                       task_queue=task_queue)
+    return await client.start_workflow(
+        RollingDeployWorkflow.run, gated_input(), id=f"wf-{task_queue}", task_queue=task_queue
+    )
 
 
 @pytest.fixture
@@ -73,7 +76,8 @@ async def gated(client: Client, task_queue: str) -> AsyncIterator[tuple[FakeSite
 
 
 async def test_gate_waits_refuses_wrong_calls_and_proceeds_on_approval(
-        client: Client, task_queue: str, gated: tuple[FakeSite, str]) -> None:
+    client: Client, task_queue: str, gated: tuple[FakeSite, str]
+) -> None:
     fake, reviewed = gated
     handle = await start_gated(client, task_queue)
     [gate] = await waiting_gates(handle)
@@ -86,30 +90,38 @@ async def test_gate_waits_refuses_wrong_calls_and_proceeds_on_approval(
 
     ok = Decision(gate="continue", by="bob", plan_hash=reviewed, comment="canary looks fine")
     assert "no gate 'go-live' is waiting" in await refusal(handle, dataclasses.replace(ok, gate="go-live"))
-    assert "'mallory' may not decide gate 'continue': the inventory lists alice, bob" in \
-        await refusal(handle, dataclasses.replace(ok, by="mallory"))
-    assert "'alice' started this run and may not decide" in \
-        await refusal(handle, dataclasses.replace(ok, by="alice"))
-    assert f"names plan {'0' * 12}, but this run executes plan {reviewed[:12]}" in \
-        await refusal(handle, dataclasses.replace(ok, plan_hash="0" * 64))
+    assert "'mallory' may not decide gate 'continue': the inventory lists alice, bob" in await refusal(
+        handle, dataclasses.replace(ok, by="mallory")
+    )
+    assert "'alice' started this run and may not decide" in await refusal(
+        handle, dataclasses.replace(ok, by="alice")
+    )
+    assert f"names plan {'0' * 12}, but this run executes plan {reviewed[:12]}" in await refusal(
+        handle, dataclasses.replace(ok, plan_hash="0" * 64)
+    )
 
     record = await handle.execute_update(RollingDeployWorkflow.approve, ok)
     assert (record.outcome, record.by, record.via) == ("approved", "bob", "update")
     assert record.plan_hash == reviewed
     result: RollingDeployResult = await handle.result()
     assert fake.version == {"n1": "2.0.0", "n2": "2.0.0", "n3": "2.0.0"}
-    assert any(s.name == "gate continue: approved by bob" and s.detail == "via update: canary looks fine"
-               for s in result.steps)
+    assert any(
+        s.name == "gate continue: approved by bob" and s.detail == "via update: canary looks fine"
+        for s in result.steps
+    )
     assert [d.outcome for d in await handle.query(RollingDeployWorkflow.decisions)] == ["approved"]
 
 
-async def test_rejection_rolls_the_canary_back(client: Client, task_queue: str,
-                                               gated: tuple[FakeSite, str]) -> None:
+async def test_rejection_rolls_the_canary_back(
+    client: Client, task_queue: str, gated: tuple[FakeSite, str]
+) -> None:
     fake, reviewed = gated
     handle = await start_gated(client, task_queue)
     await waiting_gates(handle)
-    await handle.execute_update(RollingDeployWorkflow.reject, Decision(
-        gate="continue", by="bob", plan_hash=reviewed, comment="error rate up on n1"))
+    await handle.execute_update(
+        RollingDeployWorkflow.reject,
+        Decision(gate="continue", by="bob", plan_hash=reviewed, comment="error rate up on n1"),
+    )
     with pytest.raises(WorkflowFailureError) as info:
         await handle.result()
     message = str(info.value.cause)
@@ -119,8 +131,8 @@ async def test_rejection_rolls_the_canary_back(client: Client, task_queue: str,
 
 
 async def test_signal_and_update_forms_with_the_real_temporal_cli(
-        client: Client, task_queue: str, gated: tuple[FakeSite, str],
-        temporal_env: WorkflowEnvironment) -> None:
+    client: Client, task_queue: str, gated: tuple[FakeSite, str], temporal_env: WorkflowEnvironment
+) -> None:
     fake, reviewed = gated
     handle = await start_gated(client, task_queue)
     wf_id = handle.id
@@ -138,23 +150,40 @@ async def test_signal_and_update_forms_with_the_real_temporal_cli(
         await asyncio.sleep(0.05)
     assert [g.gate for g in await handle.query(RollingDeployWorkflow.pending_gates)] == ["continue"]
     # The update form, refused then accepted, through the plain `temporal` CLI.
-    code, out = await run_command(str(TEMPORAL_BIN), "workflow", "update", "execute", "--workflow-id", wf_id,
-                           "--name", "approve", "--input",
-                           json.dumps({"gate": "continue", "by": "bob", "plan_hash": "stale"}), *address)
+    code, out = await run_command(
+        str(TEMPORAL_BIN),
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        wf_id,
+        "--name",
+        "approve",
+        "--input",
+        json.dumps({"gate": "continue", "by": "bob", "plan_hash": "stale"}),
+        *address,
+    )
     assert code != 0 and "names plan stale" in out, out
-    right = {"gate": "continue", "by": "bob", "plan_hash": reviewed, "approve": True,
-             "comment": "from the UI"}
+    right = {
+        "gate": "continue",
+        "by": "bob",
+        "plan_hash": reviewed,
+        "approve": True,
+        "comment": "from the UI",
+    }
     code, out = await run_command(*signal, "--input", json.dumps(right), *address)
     assert code == 0, out
     result: RollingDeployResult = await handle.result()
-    assert any(s.name == "gate continue: approved by bob" and s.detail == "via signal: from the UI"
-               for s in result.steps)
+    assert any(
+        s.name == "gate continue: approved by bob" and s.detail == "via signal: from the UI"
+        for s in result.steps
+    )
     assert fake.version["n3"] == "2.0.0"
 
 
 async def test_zerodown_approve_and_reject_commands(
-        client: Client, task_queue: str, gated: tuple[FakeSite, str],
-        temporal_env: WorkflowEnvironment) -> None:
+    client: Client, task_queue: str, gated: tuple[FakeSite, str], temporal_env: WorkflowEnvironment
+) -> None:
     fake, reviewed = gated
     handle = await start_gated(client, task_queue)
     wf_id = handle.id
@@ -162,11 +191,23 @@ async def test_zerodown_approve_and_reject_commands(
     address = ["--address", temporal_address(temporal_env)]
     code, out = await zerodown("status", wf_id, *address)
     assert code == 0 and "waiting at gate continue" in out and reviewed in out, out
-    code, out = await zerodown("reject", wf_id, "--gate", "continue", "--by", "mallory",
-                           "--plan-hash", reviewed, *address)
+    code, out = await zerodown(
+        "reject", wf_id, "--gate", "continue", "--by", "mallory", "--plan-hash", reviewed, *address
+    )
     assert code == 2 and "refused: GateRefused: 'mallory' may not decide gate 'continue'" in out, out
-    code, out = await zerodown("approve", wf_id, "--gate", "continue", "--by", "bob",
-                           "--plan-hash", reviewed, "--comment", "checked the canary", *address)
+    code, out = await zerodown(
+        "approve",
+        wf_id,
+        "--gate",
+        "continue",
+        "--by",
+        "bob",
+        "--plan-hash",
+        reviewed,
+        "--comment",
+        "checked the canary",
+        *address,
+    )
     assert code == 0 and "gate continue: approved by bob" in out, out
     await handle.result()
     assert fake.version["n2"] == "2.0.0"
@@ -180,12 +221,16 @@ async def test_no_decision_before_the_timeout_rejects_and_rolls_back(task_queue:
         async with running_worker(env.client, task_queue, [RollingDeployWorkflow], fake.activities()):
             with pytest.raises(WorkflowFailureError) as info:
                 await env.client.execute_workflow(
-                    RollingDeployWorkflow.run, gated_input(gate_timeout_s=3600.0),
-                    id=f"wf-{task_queue}", task_queue=task_queue)
+                    RollingDeployWorkflow.run,
+                    gated_input(gate_timeout_s=3600.0),
+                    id=f"wf-{task_queue}",
+                    task_queue=task_queue,
+                )
     finally:
         await env.shutdown()
-    assert "gate continue timed out: no decision within 3600s: reject (fail-safe default)" in \
-        str(info.value.cause)
+    assert "gate continue timed out: no decision within 3600s: reject (fail-safe default)" in str(
+        info.value.cause
+    )
     assert fake.version == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"} and fake.schema == 1
 
 
@@ -195,14 +240,20 @@ async def test_a_decision_after_the_timeout_is_refused(client: Client, task_queu
     fake = FakeSite(["n1", "n2", "n3"])
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         plan = await plan_hash(client, task_queue)
-        handle = await client.start_workflow(RollingDeployWorkflow.run, gated_input(gate_timeout_s=1.0),
-                                             id=f"wf-{task_queue}", task_queue=task_queue)
+        handle = await client.start_workflow(
+            RollingDeployWorkflow.run,
+            gated_input(gate_timeout_s=1.0),
+            id=f"wf-{task_queue}",
+            task_queue=task_queue,
+        )
         await waiting_gates(handle)
         fake.hold_drain = asyncio.Event()
         for _ in range(200):
             progress = await handle.query(RollingDeployWorkflow.progress)
-            if any(s.name.startswith("rollback: wait for zero sessions") and s.result == "running"
-                   for s in progress.steps):
+            if any(
+                s.name.startswith("rollback: wait for zero sessions") and s.result == "running"
+                for s in progress.steps
+            ):
                 break
             await asyncio.sleep(0.05)
         else:

@@ -15,6 +15,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 from tests.fake_site import FakeSite, site
 from tests.gate_support import choose, pending
@@ -26,24 +27,37 @@ from workflows.timeline import Progress
 GATE = "failure:N7@n2"
 
 
+@pytest.fixture
+def client(time_skipping_env: WorkflowEnvironment) -> Client:
+    """This module's runs on the time-skipping server: their timers and back-offs pass at once."""
+    return time_skipping_env.client
+
+
 def guided_input(timeout_s: float = 60.0, approvers: tuple[str, ...] = ("ops1",)) -> RollingDeployInput:
     inv = site()
     inv = dataclasses.replace(inv, approvers={"failure": approvers} if approvers else {})
-    return RollingDeployInput(inventory=inv, package_path="/p.zip", on_failure="ask",
-                              failure_gate_timeout_s=timeout_s, started_by="starter")
+    return RollingDeployInput(
+        inventory=inv,
+        package_path="/p.zip",
+        on_failure="ask",
+        failure_gate_timeout_s=timeout_s,
+        started_by="starter",
+    )
 
 
 async def start(client: Client, task_queue: str, inp: RollingDeployInput) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(RollingDeployWorkflow.run, inp, id=f"wf-{task_queue}",
-                                       task_queue=task_queue, execution_timeout=timedelta(seconds=90))
+    return await client.start_workflow(
+        RollingDeployWorkflow.run,
+        inp,
+        id=f"wf-{task_queue}",
+        task_queue=task_queue,
+        execution_timeout=timedelta(seconds=90),
+    )
 
 
-
-
-
-
-async def test_retry_after_the_cause_is_fixed_completes_and_counts_the_rerun(client: Client,
-                                                                             task_queue: str) -> None:
+async def test_retry_after_the_cause_is_fixed_completes_and_counts_the_rerun(
+    client: Client, task_queue: str
+) -> None:
     fake = FakeSite(["n1", "n2", "n3"], fail_health_on=("n2", "2.0.0"))
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         handle = await start(client, task_queue, guided_input())
@@ -70,8 +84,9 @@ async def test_retry_after_the_cause_is_fixed_completes_and_counts_the_rerun(cli
     assert any(s.name == f"gate {GATE}: retry chosen by ops1" for s in result.steps)
 
 
-async def test_abort_leaves_everything_in_place_and_reports_the_state(client: Client,
-                                                                      task_queue: str) -> None:
+async def test_abort_leaves_everything_in_place_and_reports_the_state(
+    client: Client, task_queue: str
+) -> None:
     fake = FakeSite(["n1", "n2", "n3"], fail_health_on=("n2", "2.0.0"))
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         handle = await start(client, task_queue, guided_input())
@@ -89,11 +104,13 @@ async def test_abort_leaves_everything_in_place_and_reports_the_state(client: Cl
 
 
 @pytest.mark.parametrize("how", ["rollback", "timeout", "nobody"])
-async def test_rollback_by_choice_by_timeout_or_when_nobody_may_decide(client: Client, task_queue: str,
-                                                                      how: str) -> None:
+async def test_rollback_by_choice_by_timeout_or_when_nobody_may_decide(
+    client: Client, task_queue: str, how: str
+) -> None:
     fake = FakeSite(["n1", "n2", "n3"], fail_health_on=("n2", "2.0.0"))
-    inp = guided_input(timeout_s=1.0 if how == "timeout" else 60.0,
-                       approvers=() if how == "nobody" else ("ops1",))
+    inp = guided_input(
+        timeout_s=1.0 if how == "timeout" else 60.0, approvers=() if how == "nobody" else ("ops1",)
+    )
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         handle = await start(client, task_queue, inp)
         if how == "rollback":
@@ -104,15 +121,18 @@ async def test_rollback_by_choice_by_timeout_or_when_nobody_may_decide(client: C
     assert isinstance(info.value.cause, ApplicationError) and info.value.cause.type == "ProcedureFailed"
     assert fake.version == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"} and fake.schema == 1
     names = [s.name for s in progress.steps]
-    expected = {"rollback": f"gate {GATE}: rollback chosen by ops1",
-                "timeout": f"gate {GATE}: timed out, rollback",
-                "nobody": f"gate {GATE}: nobody may decide it"}[how]
+    expected = {
+        "rollback": f"gate {GATE}: rollback chosen by ops1",
+        "timeout": f"gate {GATE}: timed out, rollback",
+        "nobody": f"gate {GATE}: nobody may decide it",
+    }[how]
     assert expected in names
 
 
 async def test_transient_activity_failures_are_retried_and_counted(client: Client, task_queue: str) -> None:
     fake = FakeSite(["n1", "n2"])
     failures = {"left": 2}
+
     def name(a: Any) -> str:
         return str(getattr(a, "__temporal_activity_definition").name)
 
@@ -128,8 +148,13 @@ async def test_transient_activity_failures_are_retried_and_counted(client: Clien
 
     inp = RollingDeployInput(inventory=site(2), package_path="/p.zip")
     async with running_worker(client, task_queue, [RollingDeployWorkflow], [*acts, flaky_lb_set_state]):
-        result = await client.execute_workflow(RollingDeployWorkflow.run, inp, id=f"wf-{task_queue}",
-                                               task_queue=task_queue, execution_timeout=timedelta(seconds=60))
+        result = await client.execute_workflow(
+            RollingDeployWorkflow.run,
+            inp,
+            id=f"wf-{task_queue}",
+            task_queue=task_queue,
+            execution_timeout=timedelta(seconds=60),
+        )
     drain = next(s for s in result.steps if s.seed_step == "N1" and s.node == "n2")
     assert drain.result == "ok" and drain.retries == 2
     assert drain.detail is not None and "runtime API busy" in drain.detail

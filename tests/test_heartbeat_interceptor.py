@@ -39,21 +39,33 @@ class HeartbeatProbe:
     async def run(self, which: str) -> str:
         if which == "silent":
             return await workflow.execute_activity(
-                silent_for, 7.0, start_to_close_timeout=timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=3), retry_policy=RetryPolicy(maximum_attempts=1))
+                silent_for,
+                7.0,
+                start_to_close_timeout=timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=3),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
         return await workflow.execute_activity(
-            reports_then_fails, start_to_close_timeout=timedelta(seconds=30),
+            reports_then_fails,
+            start_to_close_timeout=timedelta(seconds=30),
             heartbeat_timeout=timedelta(seconds=3),
-            retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=timedelta(milliseconds=100)))
+            retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=timedelta(milliseconds=100)),
+        )
 
 
 async def run_probe(client: Client, which: str, with_interceptor: bool) -> str:
     queue = f"hb-{uuid.uuid4().hex[:8]}"
     options = RESUME_OPTIONS if with_interceptor else {}
-    async with Worker(client, task_queue=queue, workflows=[HeartbeatProbe],
-                      activities=[silent_for, reports_then_fails], **options):
-        result: str = await client.execute_workflow(HeartbeatProbe.run, which, id=queue, task_queue=queue,
-                                                    execution_timeout=timedelta(seconds=60))
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[HeartbeatProbe],
+        activities=[silent_for, reports_then_fails],
+        **options,
+    ):
+        result: str = await client.execute_workflow(
+            HeartbeatProbe.run, which, id=queue, task_queue=queue, execution_timeout=timedelta(seconds=60)
+        )
     return result
 
 

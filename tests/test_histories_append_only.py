@@ -20,8 +20,7 @@ THIS = "tests/test_histories_append_only.py"
 
 
 def git(*args: str, root: Path = ROOT) -> str:
-    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
 
 
 def first_versions(root: Path = ROOT) -> dict[str, tuple[str, str]]:
@@ -45,8 +44,10 @@ def violations(root: Path = ROOT) -> list[str]:
         if not file.exists():
             problems.append(f"{path}: deleted (stored since {commit[:12]})")
         elif git("hash-object", str(file), root=root).strip() != blob:
-            problems.append(f"{path}: changed since {commit[:12]} (re-recorded? add a new history "
-                            "instead and guard the workflow change with workflow.patched())")
+            problems.append(
+                f"{path}: changed since {commit[:12]} (re-recorded? add a new history "
+                "instead and guard the workflow change with workflow.patched())"
+            )
     return problems
 
 
@@ -64,11 +65,13 @@ def test_the_rule_catches_a_changed_and_a_deleted_history(tmp_path: Path) -> Non
     """The check itself, on a scratch repository: a history changed or deleted after the
     commit that brought the rule is found, a new one next to it is fine; one changed before
     that commit is not the rule's business."""
+
     def run(*args: str) -> None:
         git(*args, root=tmp_path)
 
     def write(name: str, text: str) -> None:
         (tmp_path / HISTORIES / name).write_text(text)
+
     run("init", "-q")
     run("config", "user.email", "t@example.com")
     run("config", "user.name", "t")

@@ -127,7 +127,12 @@ def test_admin_scratch_and_staging_load() -> None:
     st = inv.staging
     assert st is not None
     assert (st.ssh.host, st.app_dir, st.service.kind, st.url, st.database) == (
-        "10.0.2.21", "C:/inetpub/wwwroot/SecretServer", "iis", "https://10.0.2.21", "SecretServer_Staging")
+        "10.0.2.21",
+        "C:/inetpub/wwwroot/SecretServer",
+        "iis",
+        "https://10.0.2.21",
+        "SecretServer_Staging",
+    )
     assert st.ssh.key == SecretRef(file=str(EXAMPLE.parent / "keys/deploy_ed25519"))
     assert st.config == {"settings.ini": {"node.name": "staging"}}
     # All optional: an inventory without them loads with the defaults.
@@ -139,10 +144,12 @@ def test_admin_scratch_and_staging_load() -> None:
     raw["application"]["admin"] = {"token": {"file": "keys/admin_token"}, "path_prefix": "/api/admin/"}
     raw["staging"]["config"] = {"web.config": {"http.port": 8443, "node.name": "staging"}}
     inv = parse_inventory(raw, base_dir=EXAMPLE.parent)
-    assert inv.application.admin == AdminApi(token=SecretRef(file=str(EXAMPLE.parent / "keys/admin_token")),
-                                             path_prefix="/api/admin")
-    assert inv.staging is not None and inv.staging.config == {"web.config": {"http.port": "8443",
-                                                                             "node.name": "staging"}}
+    assert inv.application.admin == AdminApi(
+        token=SecretRef(file=str(EXAMPLE.parent / "keys/admin_token")), path_prefix="/api/admin"
+    )
+    assert inv.staging is not None and inv.staging.config == {
+        "web.config": {"http.port": "8443", "node.name": "staging"}
+    }
 
 
 def test_admin_scratch_and_staging_problems_have_paths() -> None:
@@ -152,34 +159,47 @@ def test_admin_scratch_and_staging_problems_have_paths() -> None:
     raw["staging"]["database"] = raw["databases"][0]["database"]
     del raw["staging"]["url"]
     raw["staging"]["ssh"]["port"] = "22a"
-    raw["staging"]["config"] = {"/etc/passwd": {"a": "b"}, "web.config": {"feature.x": True, "k": ["l"]},
-                                "empty.ini": {}}
+    raw["staging"]["config"] = {
+        "/etc/passwd": {"a": "b"},
+        "web.config": {"feature.x": True, "k": ["l"]},
+        "empty.ini": {},
+    }
     problems = problems_of(raw)
     assert any(p.startswith("application.admin.token: secrets must be references") for p in problems)
-    assert 'application.admin.path_prefix: expected a path starting with \'/\', got "admin"' in problems
+    assert "application.admin.path_prefix: expected a path starting with '/', got \"admin\"" in problems
     assert any(p.startswith("application.admin.user: unknown key") for p in problems)
-    assert any(p.startswith("databases[0].scratch_database: must differ from database 'SecretServer'")
-               for p in problems)
-    assert any(p.startswith("staging.database: must differ from the production database "
-                            "databases[0].database") for p in problems)
+    assert any(
+        p.startswith("databases[0].scratch_database: must differ from database 'SecretServer'")
+        for p in problems
+    )
+    assert any(
+        p.startswith("staging.database: must differ from the production database databases[0].database")
+        for p in problems
+    )
     assert "staging.url: required field is missing" in problems
     assert 'staging.ssh.port: expected an integer 1-65535, got "22a"' in problems
     assert "staging.config./etc/passwd: expected a file name relative to the application folder" in problems
     for key in ("feature.x", "k"):
-        assert any(p.startswith(f"staging.config.web.config.{key}: expected a string or number")
-                   for p in problems)
+        assert any(
+            p.startswith(f"staging.config.web.config.{key}: expected a string or number") for p in problems
+        )
     assert any(p.startswith("staging.config.empty.ini: expected a non-empty mapping") for p in problems)
     assert not any("plain-token" in p for p in problems)
     assert len(problems) == 11, problems
     raw = example()
     raw["staging"]["database"] = raw["databases"][0]["scratch_database"]
-    assert any(p.startswith("staging.database: must differ from databases[0].scratch_database")
-               for p in problems_of(raw))
+    assert any(
+        p.startswith("staging.database: must differ from databases[0].scratch_database")
+        for p in problems_of(raw)
+    )
     raw = example()
     raw["staging"] = {"app_dir": "x"}
-    assert {"staging.ssh: required field is missing", "staging.service: required field is missing",
-            "staging.url: required field is missing", "staging.database: required field is missing"} \
-        <= set(problems_of(raw))
+    assert {
+        "staging.ssh: required field is missing",
+        "staging.service: required field is missing",
+        "staging.url: required field is missing",
+        "staging.database: required field is missing",
+    } <= set(problems_of(raw))
 
 
 OX_EXAMPLE = EXAMPLE.parent / "ox-site.example.yaml"
@@ -199,8 +219,13 @@ def test_ox_section_loads() -> None:
 
 def test_ox_section_problems_have_paths() -> None:
     raw: dict[str, Any] = yaml.safe_load(OX_EXAMPLE.read_text())
-    raw["ox"].update(main_lb="nope", secondary_url="wwwxyz", admin_password="secret",
-                     install_command="apt-get install open-xchange", schema_shares=[1, -2])
+    raw["ox"].update(
+        main_lb="nope",
+        secondary_url="wwwxyz",
+        admin_password="secret",
+        install_command="apt-get install open-xchange",
+        schema_shares=[1, -2],
+    )
     del raw["ox"]["version_command"]
     raw["load_balancers"][1]["members"].pop("ox3")
     with pytest.raises(InventoryError) as info:
@@ -212,26 +237,33 @@ def test_ox_section_problems_have_paths() -> None:
     assert any(p.startswith("ox.install_command: must contain {version}") for p in problems)
     assert any(p.startswith("ox.schema_shares: expected a list of schema counts") for p in problems)
     assert "ox.version_command: required field is missing" in problems
-    assert "ox.secondary_lb: node 'ox3' is not a member of load balancer 'wwwxyz' " \
-           "(every OX node moves between both)" in problems
+    assert (
+        "ox.secondary_lb: node 'ox3' is not a member of load balancer 'wwwxyz' "
+        "(every OX node moves between both)" in problems
+    )
     assert not any("secret" in p and "references" not in p for p in problems)
     assert len(problems) == 7, problems
     raw = yaml.safe_load(OX_EXAMPLE.read_text())
     raw["ox"]["secondary_lb"] = "www"
     with pytest.raises(InventoryError) as info:
         parse_inventory(raw, base_dir=OX_EXAMPLE.parent)
-    assert "ox.secondary_lb: must differ from ox.main_lb (the upgraded nodes wait there)" \
-        in info.value.problems
+    assert (
+        "ox.secondary_lb: must differ from ox.main_lb (the upgraded nodes wait there)" in info.value.problems
+    )
 
 
 def test_maintenance_switch_and_its_preview_header() -> None:
     raw = example()
     edge = raw["load_balancers"][1]
-    edge["maintenance"] = {"map": "haproxy/maintenance.map", "key": "main",
-                           "preview_header": "X-Zerodown-Preview"}
+    edge["maintenance"] = {
+        "map": "haproxy/maintenance.map",
+        "key": "main",
+        "preview_header": "X-Zerodown-Preview",
+    }
     sw = parse_inventory(raw, base_dir=EXAMPLE.parent).load_balancers[1].maintenance
-    assert sw == MaintenanceSwitch(map=str(EXAMPLE.parent / "haproxy/maintenance.map"), key="main",
-                                   preview_header="X-Zerodown-Preview")
+    assert sw == MaintenanceSwitch(
+        map=str(EXAMPLE.parent / "haproxy/maintenance.map"), key="main", preview_header="X-Zerodown-Preview"
+    )
     # Optional: without it the page has no bypass.
     del edge["maintenance"]["preview_header"]
     sw = parse_inventory(raw, base_dir=EXAMPLE.parent).load_balancers[1].maintenance

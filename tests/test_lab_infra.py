@@ -41,13 +41,11 @@ async def test_replication_replicates_a_write(lab: LabConfig) -> None:
 
     def write_then_read() -> tuple[int, str, list[tuple[object, ...]], dict[str, object]]:
         # As the zerodown user over TCP, like the activities (not root over the socket).
-        with mariadb.connect(lab, "primary", user=DB_USER, database=DB_NAME) as conn, \
-                conn.cursor() as cur:
+        with mariadb.connect(lab, "primary", user=DB_USER, database=DB_NAME) as conn, conn.cursor() as cur:
             cur.execute("INSERT INTO items (node, body) VALUES ('test', %s)", (body,))
             item_id = int(cur.lastrowid)
         gtid = mariadb.wait_replica_caught_up(lab, timeout=10)
-        with mariadb.connect(lab, "replica", user=DB_USER, database=DB_NAME) as conn, \
-                conn.cursor() as cur:
+        with mariadb.connect(lab, "replica", user=DB_USER, database=DB_NAME) as conn, conn.cursor() as cur:
             cur.execute("SELECT node, body FROM items WHERE id = %s", (item_id,))
             rows = list(cur.fetchall())
         return item_id, gtid, rows, mariadb.replica_status(lab) or {}
@@ -133,9 +131,14 @@ def test_lab_status_reports_all_up(lab: LabConfig) -> None:
     down = [(part, detail) for part, up, detail in rows if not up]
     assert not down, down
     parts = {part for part, _, _ in rows}
-    assert {"mariadb primary", "mariadb replica", "sshd", "haproxy",
-            *(lab.node_name(i) for i in lab.node_indexes),
-            *(f"haproxy {BACKEND}/{lab.node_name(i)}" for i in lab.node_indexes)} <= parts
+    assert {
+        "mariadb primary",
+        "mariadb replica",
+        "sshd",
+        "haproxy",
+        *(lab.node_name(i) for i in lab.node_indexes),
+        *(f"haproxy {BACKEND}/{lab.node_name(i)}" for i in lab.node_indexes),
+    } <= parts
 
 
 def test_site_yaml_describes_the_lab(lab: LabConfig) -> None:
@@ -153,9 +156,15 @@ def test_site_yaml_describes_the_lab(lab: LabConfig) -> None:
 
 
 async def test_lab_up_again_changes_nothing(lab: LabConfig) -> None:
-    pids = {p: read_pid(p) for p in (mariadb.pid_file(lab, "primary"), mariadb.pid_file(lab, "replica"),
-                                     haproxy.pid_file(lab),
-                                     *(lab.node_dir(i) / "run" / "app.pid" for i in lab.node_indexes))}
+    pids = {
+        p: read_pid(p)
+        for p in (
+            mariadb.pid_file(lab, "primary"),
+            mariadb.pid_file(lab, "replica"),
+            haproxy.pid_file(lab),
+            *(lab.node_dir(i) / "run" / "app.pid" for i in lab.node_indexes),
+        )
+    }
     assert all(pids.values()), pids
     await manager.lab_up(lab, with_temporal=False)
     assert {p: read_pid(p) for p in pids} == pids
@@ -175,7 +184,8 @@ async def test_dev_server_start_and_stop(lab_cfg: LabConfig, tmp_path: Path) -> 
 
         client = await Client.connect(f"127.0.0.1:{port}")
         attrs = await client.operator_service.list_search_attributes(
-            ListSearchAttributesRequest(namespace="default"))
+            ListSearchAttributesRequest(namespace="default")
+        )
         assert {"ZerodownProcedure", "ZerodownSite"} <= set(attrs.custom_attributes)
         assert (tmp_path / "temporal.db").exists()
     finally:
@@ -202,8 +212,12 @@ async def test_lab_reset_restores_v1(lab: LabConfig) -> None:
         nodes.start_node(lab, 2)
         haproxy.runtime_command(lab, f"set server {BACKEND}/node3 state maint")
         (lab.node_dir(1) / "inject" / "fail_health_version").write_text("9.9.9")
-        for stmt in ("STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = OFF",
-                     "INSERT INTO labapp.items (node, body) VALUES ('replica', 'diverged')"):
+        for stmt in (
+            "STOP SLAVE",
+            "RESET SLAVE ALL",
+            "SET GLOBAL read_only = OFF",
+            "INSERT INTO labapp.items (node, body) VALUES ('replica', 'diverged')",
+        ):
             mariadb.query(lab, "replica", stmt)
 
     await asyncio.to_thread(upgrade)
@@ -215,9 +229,13 @@ async def test_lab_reset_restores_v1(lab: LabConfig) -> None:
     assert any("down migration 2" in d for d in done), done
     assert any("rebuilt the replica" in d for d in done), done
     assert mariadb.schema_version(lab) == 1
-    cols = mariadb.query(lab, "primary", "SELECT COLUMN_NAME FROM information_schema.COLUMNS "
-                         "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'items' ORDER BY ORDINAL_POSITION",
-                         (DB_NAME,))
+    cols = mariadb.query(
+        lab,
+        "primary",
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS "
+        "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'items' ORDER BY ORDINAL_POSITION",
+        (DB_NAME,),
+    )
     assert [c for (c,) in cols] == mariadb.SCHEMA_V1_COLUMNS["items"]
     await asyncio.to_thread(mariadb.wait_replica_caught_up, lab, 10)
     assert mariadb.query(lab, "replica", "SELECT version FROM labapp.schema_version") == [(1,)]
@@ -242,7 +260,12 @@ async def test_lab_reset_restores_v1(lab: LabConfig) -> None:
         if {b["node"] for _, _, b in answers} == wanted:
             break
     assert {b["version"] for _, _, b in answers} == {"1.0.0"}
-    counters = {r["svname"]: {k: r.get(k) for k in ("status", "weight", "check_status", "stot", "wretr",
-                                                      "wredis", "econ", "eresp")}
-                for r in haproxy.stat_rows(lab) if r.get("pxname") == BACKEND}
+    counters = {
+        r["svname"]: {
+            k: r.get(k)
+            for k in ("status", "weight", "check_status", "stot", "wretr", "wredis", "econ", "eresp")
+        }
+        for r in haproxy.stat_rows(lab)
+        if r.get("pxname") == BACKEND
+    }
     assert {b["node"] for _, _, b in answers} == wanted, counters

@@ -144,8 +144,9 @@ async def test_install_layout(lab: LabConfig, spare: int) -> None:
     assert f"node.name = {lab.node_name(spare)}" in cfg
     assert f"custom.banner = Welcome to {lab.node_name(spare)}" in cfg
     # The spare shares the site's secrets key with the lab's nodes.
-    assert (node / "app" / "encryption.config").read_text() == \
-        (lab.node_dir(1) / "app" / "encryption.config").read_text()
+    assert (node / "app" / "encryption.config").read_text() == (
+        lab.node_dir(1) / "app" / "encryption.config"
+    ).read_text()
     assert f"port = {lab.primary_db_port}" in (node / "app" / "database.config").read_text()
 
 
@@ -268,8 +269,12 @@ async def test_app_endpoints(lab: LabConfig) -> None:
 
 
 async def ssh(lab: LabConfig, i: int = 1, **kw: Any) -> asyncssh.SSHClientConnection:
-    opts: dict[str, Any] = {"username": "zerodown", "client_keys": [str(lab.client_key)],
-                               "known_hosts": str(lab.known_hosts), "connect_timeout": 10}
+    opts: dict[str, Any] = {
+        "username": "zerodown",
+        "client_keys": [str(lab.client_key)],
+        "known_hosts": str(lab.known_hosts),
+        "connect_timeout": 10,
+    }
     opts.update(kw)
     return await asyncssh.connect("127.0.0.1", lab.ssh_port(i), **opts)
 

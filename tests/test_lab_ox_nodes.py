@@ -67,8 +67,10 @@ class Answer:
 async def get(url: str) -> Answer:
     """One GET on a fresh connection (keep-alive would pin a balancer to one server),
     redirects not followed."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
-            s.get(url, allow_redirects=False, headers={"Connection": "close"}) as r:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.get(url, allow_redirects=False, headers={"Connection": "close"}) as r,
+    ):
         text = await r.text()
         try:
             body: Any = json.loads(text)
@@ -133,9 +135,11 @@ async def upgrade_by_hand(lab: LabConfig, i: int, server_name: str = NEW_SERVER,
     """Steps 1-2 of the seed on OX node i: out of `ox`, package upgraded, SERVER_NAME set,
     restarted (not yet in `ox_secondary`)."""
     runtime(lab, f"set server {OX_BACKEND}/{lab.ox_node_name(i)} state maint")
-    for command in (f"./oxpkg install {version}",
-                    f"sed -i 's/^SERVER_NAME=.*/SERVER_NAME={server_name}/' etc/system.properties",
-                    "./ctl restart"):
+    for command in (
+        f"./oxpkg install {version}",
+        f"sed -i 's/^SERVER_NAME=.*/SERVER_NAME={server_name}/' etc/system.properties",
+        "./ctl restart",
+    ):
         r = await run(lab, i, command)
         assert r.exit_status == 0, (command, r)
 
@@ -173,7 +177,11 @@ def test_ox_site_yaml_describes_the_cluster(lab: LabConfig) -> None:
         assert node.url == node_url(lab, i)
         assert node.app_dir == "opt" and (lab.ox_node_dir(i) / "opt").is_dir()
         assert (node.service.kind, node.service.start, node.service.stop, node.service.status) == (
-            "command", "./ctl start", "./ctl stop", "./ctl status")
+            "command",
+            "./ctl start",
+            "./ctl stop",
+            "./ctl status",
+        )
     lbs = {lb.name: lb for lb in inv.load_balancers}
     assert (lbs["main"].backend, lbs["secondary"].backend) == (OX_BACKEND, OX_SECONDARY_BACKEND)
     assert lbs["main"].runtime_api == lbs["secondary"].runtime_api == f"unix:{lab.haproxy_socket}"
@@ -185,7 +193,11 @@ def test_ox_site_yaml_describes_the_cluster(lab: LabConfig) -> None:
     assert inv.ox.admin_password.file is not None
     assert Path(inv.ox.admin_password.file) == configdb.master_password_file(lab)
     assert (inv.ox.tools_dir, inv.ox.reload_command, inv.ox.install_command, inv.ox.version_command) == (
-        "bin", "./ctl reload", "./oxpkg install {version}", "./oxpkg version")
+        "bin",
+        "./ctl reload",
+        "./oxpkg install {version}",
+        "./oxpkg version",
+    )
     assert set(inv.approvers) == {"failure", "server-already-registered", "continue"}
     assert manager.ox_site_inventory(lab)["ox"]["server_properties"] == "etc/server.properties"
 
@@ -205,8 +217,13 @@ async def test_node_folders_as_installed(ox: LabConfig) -> None:
         assert (d / "run" / "ox.pid").exists() and (d / "inject").is_dir()
         # The service: what it read at start, and its server's id from the config DB.
         v = (await get(f"{node_url(ox, i)}/version")).body
-        assert v == {"version": OLD, "node": f"ox{i}", "server_name": "oxserver", "server_id": 2,
-                     "migration_redirect_url": None}
+        assert v == {
+            "version": OLD,
+            "node": f"ox{i}",
+            "server_name": "oxserver",
+            "server_id": 2,
+            "migration_redirect_url": None,
+        }
 
 
 async def test_haproxy_ox_backends_and_status(ox: LabConfig) -> None:
@@ -293,8 +310,12 @@ async def test_reload_applies_a_redirect_url_without_a_restart(ox: LabConfig) ->
     assert v["migration_redirect_url"] == ox.ox_secondary_url
     assert pid(ox, 1) == before and v["version"] == OLD
     # system.properties too: another SERVER_NAME (not registered: no server id).
-    r = await run(ox, 1, "sed -i 's/^SERVER_NAME=.*/SERVER_NAME=unregistered/' etc/system.properties"
-                         f" && sed -i '/{REDIRECT_KEY}/d' etc/server.properties && ./ctl reload")
+    r = await run(
+        ox,
+        1,
+        "sed -i 's/^SERVER_NAME=.*/SERVER_NAME=unregistered/' etc/system.properties"
+        f" && sed -i '/{REDIRECT_KEY}/d' etc/server.properties && ./ctl reload",
+    )
     assert r.exit_status == 0, r
     v = (await get(f"{node_url(ox, 1)}/version")).body
     assert (v["server_name"], v["server_id"], v["migration_redirect_url"]) == ("unregistered", None, None)
@@ -371,8 +392,14 @@ async def test_login_outcomes_on_one_node(ox: LabConfig) -> None:
     cid = first_context(ox, "oxdatabase_1")
     a = await get(login(n1, cid, 7))
     assert (a.status, a.h("x-node")) == (200, "ox1")
-    assert a.body == {"context": cid, "user": 7, "schema": "oxdatabase_1", "server": "oxserver",
-                      "node": "ox1", "version": OLD}
+    assert a.body == {
+        "context": cid,
+        "user": 7,
+        "schema": "oxdatabase_1",
+        "server": "oxserver",
+        "node": "ox1",
+        "version": OLD,
+    }
     # a) unknown context
     a = await get(login(n1, 999999))
     assert (a.status, a.h("x-node")) == (404, "ox1")
@@ -391,8 +418,10 @@ async def test_login_outcomes_on_one_node(ox: LabConfig) -> None:
         configdb.change_server(conn, sid, "oxdatabase_1")
         a = await get(login(n1, cid))
         assert (a.status, a.h("location"), a.h("x-node")) == (409, None, "ox1")
-        assert a.body == {"code": "CTX-0012",
-                          "error": f"The context {cid} is located in server with id {sid}"}
+        assert a.body == {
+            "code": "CTX-0012",
+            "error": f"The context {cid} is located in server with id {sid}",
+        }
         # d) with the redirect URL (reloaded, no restart): 302 to the secondary balancer
         assert (await set_redirect_and_reload(ox, 1, ox.ox_secondary_url)).exit_status == 0
         a = await get(login(n1, cid, 7))
@@ -406,8 +435,11 @@ async def test_login_outcomes_on_one_node(ox: LabConfig) -> None:
         configdb.enable_schema(conn, "oxdatabase_2")
         assert (await get(login(n1, off))).status == 302
         # c) this node's server: another SERVER_NAME makes the moved contexts its own.
-        r = await run(ox, 1, f"sed -i 's/^SERVER_NAME=.*/SERVER_NAME={NEW_SERVER}/' etc/system.properties"
-                             " && ./ctl reload")
+        r = await run(
+            ox,
+            1,
+            f"sed -i 's/^SERVER_NAME=.*/SERVER_NAME={NEW_SERVER}/' etc/system.properties && ./ctl reload",
+        )
         assert r.exit_status == 0
         a = await get(login(n1, cid))
         assert (a.status, a.body["server"], a.body["schema"]) == (200, NEW_SERVER, "oxdatabase_1")
@@ -443,8 +475,14 @@ async def test_login_through_both_balancers_reaches_the_upgraded_node(ox: LabCon
         assert location == login(ox.ox_secondary_url, moved, 2)
         b = await get(location)
         assert (b.status, b.h("x-served-by"), b.h("x-node")) == (200, "ox3", "ox3"), b
-        assert b.body == {"context": moved, "user": 2, "schema": "oxdatabase_1", "server": NEW_SERVER,
-                          "node": "ox3", "version": NEW}
+        assert b.body == {
+            "context": moved,
+            "user": 2,
+            "schema": "oxdatabase_1",
+            "server": NEW_SERVER,
+            "node": "ox3",
+            "version": NEW,
+        }
         a = await get(login(ox.ox_main_url, stays))
         assert a.status == 200 and a.body["node"] in ("ox1", "ox2") and a.body["version"] == OLD
     # Q & A: a context still on the old server, asked on the secondary: CTX-0012, no redirect.
@@ -480,8 +518,10 @@ async def test_lab_reset_puts_the_ox_part_back(ox: LabConfig) -> None:
     assert configdb.servers(ox) == [(2, "oxserver")]
     states = configdb.schema_states(ox)
     assert len(states) == ox.ox_schemata
-    assert all(s.enabled and s.context_servers == (2,) and s.version == OLD and s.update_state == "none"
-               for s in states.values())
+    assert all(
+        s.enabled and s.context_servers == (2,) and s.version == OLD and s.update_state == "none"
+        for s in states.values()
+    )
     for i in ox.ox_node_indexes:
         d = ox.ox_node_dir(i)
         assert (d / "installed" / "version").read_text() == f"{OLD}\n"
@@ -491,7 +531,11 @@ async def test_lab_reset_puts_the_ox_part_back(ox: LabConfig) -> None:
         assert not any((d / "inject").iterdir())
         v = (await get(f"{node_url(ox, i)}/version")).body
         assert (v["version"], v["server_name"], v["server_id"], v["migration_redirect_url"]) == (
-            OLD, "oxserver", 2, None)
+            OLD,
+            "oxserver",
+            2,
+            None,
+        )
     assert pid(ox, 1) != untouched_pid
     states_lb = haproxy.server_states(ox)
     assert all(states_lb[(OX_BACKEND, f"ox{i}")] == "UP" for i in ox.ox_node_indexes), states_lb
@@ -545,12 +589,15 @@ async def test_tools_run_in_the_middleware_and_fail_while_it_is_down(ox: LabConf
     assert configdb.servers(ox)[-1][1] == "n\u00e9w\nserver"
     r = await tool("registerserver")
     assert (r.exit_status, r.stderr) == (
-        104, 'server could not be registered: \nError: Option(s) "name" missing\n')
+        104,
+        'server could not be registered: \nError: Option(s) "name" missing\n',
+    )
     assert r.stdout.startswith("Usage: registerserver ")
     r = await run(ox, 2, "bin/listserver -A oxadminmaster -P wrong")
     assert r.exit_status == 101  # the server's message, then (lab-made) stack frames
     assert r.stderr.startswith(
-        "servers could not be listed: \nServer response:\n Authentication failed\n\tat ")
+        "servers could not be listed: \nServer response:\n Authentication failed\n\tat "
+    )
     # The prompt's answer reaches upgradeschemata (the server exists: the WARNING, then abort).
     r = await tool("upgradeschemata -n oxserver", extra="abort\n")
     assert r.exit_status == 0 and r.stdout.endswith("OK, aborting upgrade\n") and r.stderr == ""

@@ -41,7 +41,17 @@ from lab.ox.probe import (
 
 # Behaviours of a fake node per context (default: serve).
 SERVE, DISABLED, REDIRECT, CHAIN, CTX0012, E500, CLOSE, HANG, WRONG, PLAIN302 = (
-    "serve", "disabled", "redirect", "chain", "ctx0012", "500", "close", "hang", "wrong", "plain302")
+    "serve",
+    "disabled",
+    "redirect",
+    "chain",
+    "ctx0012",
+    "500",
+    "close",
+    "hang",
+    "wrong",
+    "plain302",
+)
 
 
 @dataclass
@@ -67,23 +77,41 @@ class FakeOx:
             return web.json_response({"error": f"Context {cid} does not exist"}, status=404, headers=h)
         b = self.behaviour.get(cid, SERVE)
         if b == SERVE:
-            return web.json_response({"context": cid, "user": user, "schema": f"s{cid}", "server": 2,
-                                      "node": self.node, "version": self.version}, headers=h)
+            return web.json_response(
+                {
+                    "context": cid,
+                    "user": user,
+                    "schema": f"s{cid}",
+                    "server": 2,
+                    "node": self.node,
+                    "version": self.version,
+                },
+                headers=h,
+            )
         if b == DISABLED:
-            return web.Response(status=403, text="context disabled",
-                                headers={**h, "X-OX-Refused": "disabled"})
+            return web.Response(
+                status=403, text="context disabled", headers={**h, "X-OX-Refused": "disabled"}
+            )
         if b in (REDIRECT, CHAIN):
             assert self.peer is not None
             hop = int(request.query.get("hop", "0")) + 1
             extra = f"&hop={hop}" if b == CHAIN else ""
-            return web.Response(status=302, headers={
-                **h, "X-OX-Redirect": "migration",
-                "Location": f"{self.peer.url}/ox/login?context={cid}&user={user}{extra}"})
+            return web.Response(
+                status=302,
+                headers={
+                    **h,
+                    "X-OX-Redirect": "migration",
+                    "Location": f"{self.peer.url}/ox/login?context={cid}&user={user}{extra}",
+                },
+            )
         if b == PLAIN302:
             return web.Response(status=302, headers={**h, "Location": f"{self.url}/elsewhere"})
         if b == CTX0012:
-            return web.json_response({"code": "CTX-0012", "error": f"The context {cid} is located in "
-                                      "server with id 8"}, status=409, headers=h)
+            return web.json_response(
+                {"code": "CTX-0012", "error": f"The context {cid} is located in server with id 8"},
+                status=409,
+                headers=h,
+            )
         if b == E500:
             return web.Response(status=500, text="boom", headers=h)
         if b == WRONG:
@@ -125,8 +153,9 @@ async def fake_nodes() -> AsyncIterator[tuple[FakeOx, FakeOx]]:
             await runner.cleanup()
 
 
-async def _probe(url: str, rate: float, targets: list[OxTarget], seconds: float, out: Path,
-                 timeout_s: float = 5.0) -> OxProbeSummary:
+async def _probe(
+    url: str, rate: float, targets: list[OxTarget], seconds: float, out: Path, timeout_s: float = 5.0
+) -> OxProbeSummary:
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(seconds, stop.set)
     return await asyncio.wait_for(run_ox_probe(url, rate, targets, stop, out, timeout_s=timeout_s), 30)
@@ -140,13 +169,41 @@ def _targets(spec: dict[str, list[int]]) -> list[OxTarget]:
 
 
 async def test_every_answer_of_the_contract_is_counted_as_it_should(
-        fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path) -> None:
+    fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path
+) -> None:
     a, b = fake_nodes
     # schema -> its contexts; each context's behaviour on node a (b serves unless told).
-    spec = {"s1": [1, 2], "s2": [3, 4], "s3": [5], "s4": [6], "s5": [7], "s6": [8], "s7": [9], "s8": [10],
-            "s9": [11], "s10": [12], "s11": [13], "s12": [14], "s13": [15]}
-    a.behaviour.update({3: DISABLED, 4: DISABLED, 5: REDIRECT, 6: CTX0012, 7: E500, 8: CLOSE, 9: HANG,
-                        10: REDIRECT, 11: CHAIN, 13: WRONG, 14: REDIRECT, 15: PLAIN302})
+    spec = {
+        "s1": [1, 2],
+        "s2": [3, 4],
+        "s3": [5],
+        "s4": [6],
+        "s5": [7],
+        "s6": [8],
+        "s7": [9],
+        "s8": [10],
+        "s9": [11],
+        "s10": [12],
+        "s11": [13],
+        "s12": [14],
+        "s13": [15],
+    }
+    a.behaviour.update(
+        {
+            3: DISABLED,
+            4: DISABLED,
+            5: REDIRECT,
+            6: CTX0012,
+            7: E500,
+            8: CLOSE,
+            9: HANG,
+            10: REDIRECT,
+            11: CHAIN,
+            13: WRONG,
+            14: REDIRECT,
+            15: PLAIN302,
+        }
+    )
     b.behaviour.update({10: REDIRECT, 11: CHAIN, 14: DISABLED})  # 10: a -> b -> a, a loop
     a.known.discard(12)  # unknown context: 404
     out = tmp_path / "ox.jsonl"
@@ -181,8 +238,9 @@ async def test_every_answer_of_the_contract_is_counted_as_it_should(
     assert s.by_node["ox-a"] >= bs["s1"]["total"] + bs["s2"]["total"]
     assert s.latency_max_ms > 0 and s.latency_p50_ms <= s.latency_max_ms
     assert json.loads(s.to_json())["by_schema"]["s2"]["disabled"] == bs["s2"]["disabled"]
-    assert s.line().startswith(f"requests={s.total} ok={s.ok} failed={s.failed} disabled={s.disabled} "
-                               f"redirected={s.redirected} ")
+    assert s.line().startswith(
+        f"requests={s.total} ok={s.ok} failed={s.failed} disabled={s.disabled} redirected={s.redirected} "
+    )
 
     # One line per non-plain success, none for a plain one.
     events = read_events(out)
@@ -204,8 +262,10 @@ async def test_every_answer_of_the_contract_is_counted_as_it_should(
     only(3, outcome="disabled", status=403, node="ox-a", hops=0, error=None, schema="s2")
     only(5, outcome="redirected", status=200, node="ox-b", hops=1, error=None)
     only(14, outcome="disabled", status=403, node="ox-b", hops=1)
-    assert all("CTX-0012" in str(e["error"]) and "located in server with id 8" in str(e["error"])
-               for e in only(6, outcome="failed", status=409, node="ox-a"))
+    assert all(
+        "CTX-0012" in str(e["error"]) and "located in server with id 8" in str(e["error"])
+        for e in only(6, outcome="failed", status=409, node="ox-a")
+    )
     only(7, outcome="failed", status=500)
     assert all(e["error"] for e in only(8, outcome="failed", status=None))
     assert all("timeout" in str(e["error"]) for e in only(9, outcome="failed", status=None))
@@ -231,7 +291,8 @@ async def test_every_answer_of_the_contract_is_counted_as_it_should(
 
 
 async def test_round_robin_at_a_fixed_rate_over_all_contexts(
-        fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path) -> None:
+    fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path
+) -> None:
     a, _ = fake_nodes
     targets = _targets({f"oxdatabase_{i}": [i] for i in range(1, 6)})
     s = await _probe(a.url, 50, targets, 1.2, tmp_path / "ox.jsonl")
@@ -245,7 +306,8 @@ async def test_round_robin_at_a_fixed_rate_over_all_contexts(
 
 
 async def test_a_schema_is_unavailable_exactly_while_it_is_disabled(
-        fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path) -> None:
+    fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path
+) -> None:
     a, _ = fake_nodes
     spec = {"oxdatabase_1": [1, 2], "oxdatabase_2": [3, 4]}
     out = tmp_path / "ox.jsonl"
@@ -281,7 +343,8 @@ async def test_a_schema_is_unavailable_exactly_while_it_is_disabled(
 
 
 async def test_process_mode_runs_until_sigterm_and_writes_its_summary(
-        fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path) -> None:
+    fake_nodes: tuple[FakeOx, FakeOx], tmp_path: Path
+) -> None:
     a, _ = fake_nodes
     a.behaviour[2] = DISABLED
     targets = _targets({"oxdatabase_1": [1], "oxdatabase_2": [2], "oxdatabase_3": [3]})
@@ -313,16 +376,35 @@ async def test_cli_with_a_duration_prints_its_line(fake_nodes: tuple[FakeOx, Fak
     targets = write_targets(tmp_path / "t.json", _targets({"oxdatabase_1": [1], "oxdatabase_2": [2]}))
     summary = tmp_path / "s.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lab.ox.probe", "--url", a.url, "--rate", "20", "--targets", str(targets),
-        "--duration", "1", "--summary", str(summary), "--out", str(tmp_path / "o.jsonl"),
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "lab.ox.probe",
+        "--url",
+        a.url,
+        "--rate",
+        "20",
+        "--targets",
+        str(targets),
+        "--duration",
+        "1",
+        "--summary",
+        str(summary),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        stdout=asyncio.subprocess.PIPE,
+    )
     stdout, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0
     data = json.loads(summary.read_text())
     assert 18 <= data["total"] <= 22
     assert data["failed"] == a.seen[1] == data["by_schema"]["oxdatabase_1"]["total"] >= 9
-    assert stdout.decode().strip().startswith(
-        f"requests={data['total']} ok={data['ok']} failed={data['failed']} disabled=0 redirected=0 ")
+    assert (
+        stdout.decode()
+        .strip()
+        .startswith(
+            f"requests={data['total']} ok={data['ok']} failed={data['failed']} disabled=0 redirected=0 "
+        )
+    )
     assert len(failures(tmp_path / "o.jsonl")) == data["failed"]
 
 
@@ -347,8 +429,12 @@ def test_lab_targets_spread_over_all_schemata(ox_db: LabConfig, tmp_path: Path) 
     states = configdb.schema_states(ox_db)
     schemata = [name for name, st in states.items() if st.contexts > 0]
     assert len(schemata) >= 5
-    users = {(int(c), int(u)) for c, u in mariadb.query(ox_db, "primary", "SELECT cid, id FROM users",
-                                                        database=configdb.SCHEMATA_DB)}
+    users = {
+        (int(c), int(u))
+        for c, u in mariadb.query(
+            ox_db, "primary", "SELECT cid, id FROM users", database=configdb.SCHEMATA_DB
+        )
+    }
     cids = {sch: [c for c, *_ in configdb.contexts(ox_db, sch)] for sch in schemata}
 
     one = lab_targets(ox_db)

@@ -63,8 +63,9 @@ class Run:
 def ox_site(lab: LabConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ox]:
     site = configdb.create(lab, schemata=SCHEMATA, contexts_per_schema=2, users_per_context=3)
     bin_dir = tmp_path_factory.mktemp("oxbin")
-    tools.install_tools(bin_dir, str(Path(lab.python).absolute()),
-                        configdb.tools_env(lab, OX_RUNUPDATE_SECONDS="0"))
+    tools.install_tools(
+        bin_dir, str(Path(lab.python).absolute()), configdb.tools_env(lab, OX_RUNUPDATE_SECONDS="0")
+    )
     password = configdb.master_password_file(lab).read_text(encoding="utf-8").strip()
     try:
         yield Ox(lab, site, bin_dir, password)
@@ -82,11 +83,19 @@ def ox(ox_site: Ox) -> Ox:
     return ox_site
 
 
-def run(ox: Ox, tool: str, *args: str, stdin: str = "", env: dict[str, str] | None = None,
-        auth: bool = True) -> Run:
+def run(
+    ox: Ox, tool: str, *args: str, stdin: str = "", env: dict[str, str] | None = None, auth: bool = True
+) -> Run:
     argv = [str(ox.bin / tool), *(ox.auth if auth else []), *args]
-    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **(env or {})}, check=False)
+    p = subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     return Run(p.returncode, p.stdout, p.stderr)
 
 
@@ -121,8 +130,10 @@ def summary(ox: Ox) -> dict[str, tuple[str, bool, int, str]]:
 
 def summary_all(ox: Ox) -> dict[str, tuple[str, bool, int, str]]:
     """schema -> (update_state, enabled, server_id, version) of every schema (empty ones too)."""
-    return {n: (st.update_state, st.enabled, st.server_id, st.version)
-            for n, st in configdb.schema_states(ox.cfg).items()}
+    return {
+        n: (st.update_state, st.enabled, st.server_id, st.version)
+        for n, st in configdb.schema_states(ox.cfg).items()
+    }
 
 
 def s(i: int) -> str:
@@ -142,33 +153,46 @@ def failed(server_id: int, enabled: bool) -> tuple[str, bool, int, str]:
 
 
 def done_lines(i: int, server: str = NEW) -> list[str]:
-    return [f"Disabling schema '{s(i)}'...OK", f"Changing server for schema '{s(i)}' to '{server}'...OK",
-            "Running updates...OK", f"Enabling schema '{s(i)}'...OK"]
+    return [
+        f"Disabling schema '{s(i)}'...OK",
+        f"Changing server for schema '{s(i)}' to '{server}'...OK",
+        "Running updates...OK",
+        f"Enabling schema '{s(i)}'...OK",
+    ]
 
 
 def failed_forced_lines(i: int, server: str = NEW) -> list[str]:
     # "Running updates..." stays unterminated on stdout; the error goes to stderr.
-    return [f"Disabling schema '{s(i)}'...OK", f"Changing server for schema '{s(i)}' to '{server}'...OK",
-            f"Running updates...Enabling schema '{s(i)}'...OK"]
+    return [
+        f"Disabling schema '{s(i)}'...OK",
+        f"Changing server for schema '{s(i)}' to '{server}'...OK",
+        f"Running updates...Enabling schema '{s(i)}'...OK",
+    ]
 
 
 def update_error(i: int) -> str:
-    return (f"\nErrors while running updates for schema '{s(i)}': \n"
-            f"The following update task(s) failed: \n {FAILING_TASK} (schema={s(i)})\n")
+    return (
+        f"\nErrors while running updates for schema '{s(i)}': \n"
+        f"The following update task(s) failed: \n {FAILING_TASK} (schema={s(i)})\n"
+    )
 
 
 def warning(server_id: int) -> str:
     # UpgradeSchemata.registerServer without -m (L399-L400 and the prompt).
-    return (f"WARNING: The specified server is already registered with id '{server_id}'.\n"
-            "         If you continue the already existing server will be used to point the updated "
-            "schemata after the update tasks complete.\n"
-            f"         {tools.PROMPT}\n")
+    return (
+        f"WARNING: The specified server is already registered with id '{server_id}'.\n"
+        "         If you continue the already existing server will be used to point the updated "
+        "schemata after the update tasks complete.\n"
+        f"         {tools.PROMPT}\n"
+    )
 
 
 def continue_with(server_id: int, name: str = NEW) -> str:
     # UpgradeSchemata.registerServer with -m (L391 and the prompt).
-    return (f"The server '{name}' with id '{server_id}' will be used to point the updated schemata after "
-            f"the update tasks complete.\n{tools.PROMPT}\n")
+    return (
+        f"The server '{name}' with id '{server_id}' will be used to point the updated schemata after "
+        f"the update tasks complete.\n{tools.PROMPT}\n"
+    )
 
 
 def register(ox: Ox, name: str = NEW) -> int:
@@ -184,8 +208,12 @@ def test_create_and_reset(ox: Ox) -> None:
     assert ox.site.schemata == tuple(s(i) for i in range(1, SCHEMATA + 1))
     assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver")]
     assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
-    counts = mariadb.query(ox.cfg, "primary", "SELECT COUNT(*), COUNT(DISTINCT schema_name) FROM users",
-                           database=configdb.SCHEMATA_DB)[0]
+    counts = mariadb.query(
+        ox.cfg,
+        "primary",
+        "SELECT COUNT(*), COUNT(DISTINCT schema_name) FROM users",
+        database=configdb.SCHEMATA_DB,
+    )[0]
     assert tuple(counts) == (SCHEMATA * 2 * 3, SCHEMATA)
     assert configdb.reset(ox.cfg) == []
 
@@ -198,10 +226,15 @@ def test_create_and_reset(ox: Ox) -> None:
     assert configdb.add_closed_pool(ox.cfg, schemata=2) == ("oxclosed_1", "oxclosed_2")
     configdb.inject_tool_fault(ox.cfg, "listserver", "connect", times=3)
     assert configdb.reset(ox.cfg) == [
-        "removed 3 lab-added schema(s) (4 context(s))", "removed 1 lab-added database pool(s)",
-        "deleted 1 registered server(s)", "re-enabled 2 context(s)",
-        "pointed 2 context(s) back to the initial server", "reset 1 schema state(s)",
-        "cleared 1 injected update failure(s)", "cleared 1 injected tool fault(s)"]
+        "removed 3 lab-added schema(s) (4 context(s))",
+        "removed 1 lab-added database pool(s)",
+        "deleted 1 registered server(s)",
+        "re-enabled 2 context(s)",
+        "pointed 2 context(s) back to the initial server",
+        "reset 1 schema state(s)",
+        "cleared 1 injected update failure(s)",
+        "cleared 1 injected tool fault(s)",
+    ]
     assert run(ox, "listdatabase", "--csv").out.count("\n") == 2  # header + the initial pool
     assert summary(ox) == {s(i): untouched(ox) for i in range(1, SCHEMATA + 1)}
     assert register(ox) == new_id  # the id sequence was reset too
@@ -231,8 +264,9 @@ def test_registerserver_and_listserver(ox: Ox) -> None:
     assert (r.rc, r.out, r.err) == (0, f"server {first + 1} registered\n", "")
     r = run(ox, "registerserver", "-n", NEW)
     assert (r.rc, r.out) == (103, "")
-    assert no_frames(r.err) == (f"server could not be registered: \nServer response:\n Server {NEW} already "
-                                "exists!\n\n")
+    assert no_frames(r.err) == (
+        f"server could not be registered: \nServer response:\n Server {NEW} already exists!\n\n"
+    )
     assert "\tat com.openexchange.admin.rmi.impl.OXUtil.registerServer(OXUtil.java)\n" in r.err
     assert configdb.servers(ox.cfg) == [(first, "oxserver"), (first + 1, NEW)]
 
@@ -240,15 +274,19 @@ def test_registerserver_and_listserver(ox: Ox) -> None:
     assert (r.rc, r.err) == (0, "")
     assert r.out == f"Id Name        \n {first} oxserver    \n {first + 1} oxserver-xyz\n"
     assert run(ox, "listserver", "--csv").out == (
-        f'id,name\n"{first}","oxserver"\n"{first + 1}","oxserver-xyz"\n')
+        f'id,name\n"{first}","oxserver"\n"{first + 1}","oxserver-xyz"\n'
+    )
     # OX's search: "name LIKE ? OR server_id = ?" with * as %.
     assert run(ox, "listserver", "-s", "*-xyz", "--csv").out == f'id,name\n"{first + 1}","oxserver-xyz"\n'
     assert run(ox, "listserver", "-s", str(first), "--csv").out == f'id,name\n"{first}","oxserver"\n'
     assert run(ox, "listserver", "-s", "oxserver_xyz", "--csv").out == (
-        f'id,name\n"{first + 1}","oxserver-xyz"\n')
+        f'id,name\n"{first + 1}","oxserver-xyz"\n'
+    )
     r = run(ox, "listserver", "-s", "")
     assert (r.rc, no_frames(r.err)) == (
-        103, "servers could not be listed: \nServer response:\n Invalid search pattern\n\n")
+        103,
+        "servers could not be listed: \nServer response:\n Invalid search pattern\n\n",
+    )
 
 
 def test_admin_tools_credentials(ox: Ox) -> None:
@@ -273,12 +311,26 @@ def test_admin_tools_credentials(ox: Ox) -> None:
         assert (r.rc, no_frames(r.err)) == (101, fixture("admin-wrong-credentials.err")), creds
         assert "\tat com.openexchange.admin.daemons.BasicAuthenticator.doAuthentication(" in r.err
     # OX takes the password from ADMIN_PASSWORD when -P is not given (the admin tools only).
-    r = run(ox, "registerserver", "-A", "oxadminmaster", "-n", "from-env", auth=False,
-            env={"ADMIN_PASSWORD": ox.password})
+    r = run(
+        ox,
+        "registerserver",
+        "-A",
+        "oxadminmaster",
+        "-n",
+        "from-env",
+        auth=False,
+        env={"ADMIN_PASSWORD": ox.password},
+    )
     assert r.rc == 0 and r.out.endswith(" registered\n")
     assert [n for _, n in configdb.servers(ox.cfg)] == ["oxserver", "from-env"]
-    for tool in ("upgradeschemata", "changeserver", "disableschema", "enableschema", "listdatabaseschema",
-                 "listdatabase"):
+    for tool in (
+        "upgradeschemata",
+        "changeserver",
+        "disableschema",
+        "enableschema",
+        "listdatabaseschema",
+        "listdatabase",
+    ):
         r = run(ox, tool, "--help", auth=False)
         assert (r.rc, r.out.startswith(f"Usage: {tool} ")) == (0, True), tool
 
@@ -287,13 +339,16 @@ def test_listdatabaseschema_leaves_closed_pools_out_and_lists_in_string_order(ox
     r = run(ox, "listdatabaseschema")
     assert (r.rc, r.err) == (0, "")
     assert r.out == "id name       schemaname   hostname  curctx\n" + "".join(
-        f" 1 oxdatabase {s(i)} 127.0.0.1      2\n" for i in range(1, SCHEMATA + 1))
+        f" 1 oxdatabase {s(i)} 127.0.0.1      2\n" for i in range(1, SCHEMATA + 1)
+    )
     assert run(ox, "listdatabaseschema", "-s", "oxdatabase_1").out == (
-        "id name       schemaname   hostname  curctx\n 1 oxdatabase oxdatabase_1 127.0.0.1      2\n")
+        "id name       schemaname   hostname  curctx\n 1 oxdatabase oxdatabase_1 127.0.0.1      2\n"
+    )
     assert run(ox, "listdatabaseschema", "-s", "nothing*").out == "No such database schemas found\n"
     assert run(ox, "listdatabaseschema", "--only-empty-schemas").out == "No such database schemas found\n"
     assert run(ox, "listdatabaseschema", "--only-empty-schemas", "--csv").out == (
-        "id,display_name,schema_name,url,currentunits\n")
+        "id,display_name,schema_name,url,currentunits\n"
+    )
 
     configdb.add_empty_schema(ox.cfg, "oxdatabase_10")
     closed = configdb.add_closed_pool(ox.cfg, schemata=2)
@@ -302,7 +357,8 @@ def test_listdatabaseschema_leaves_closed_pools_out_and_lists_in_string_order(ox
     assert port_3306(ox, run(ox, "listdatabaseschema", "--csv").out) == fixture("listdatabaseschema.csv")
     assert not any(c in r.out for c in closed)  # db_cluster.max_units 0
     assert run(ox, "listdatabaseschema", "--only-empty-schemas", "--csv").out.splitlines()[1:] == [
-        f'"1","oxdatabase","oxdatabase_10","jdbc:mysql://127.0.0.1:{ox.cfg.primary_db_port}","0"']
+        f'"1","oxdatabase","oxdatabase_10","jdbc:mysql://127.0.0.1:{ox.cfg.primary_db_port}","0"'
+    ]
     # The pattern also matches the pool's name (d.name LIKE ?): every schema of the pool.
     assert len(run(ox, "listdatabaseschema", "-s", "oxdatabase", "--csv").out.splitlines()) == SCHEMATA + 2
 
@@ -311,7 +367,8 @@ def test_listdatabaseschema_leaves_closed_pools_out_and_lists_in_string_order(ox
     sid = ox.site.server_id
     assert r.out == (
         "id name       schemaname   hostname  curctx enabled server_id update_state version\n"
-        f" 1 oxdatabase oxdatabase_2 127.0.0.1      2 false           {sid} none         {OLD} \n")
+        f" 1 oxdatabase oxdatabase_2 127.0.0.1      2 false           {sid} none         {OLD} \n"
+    )
 
 
 def test_listdatabase(ox: Ox) -> None:
@@ -320,8 +377,9 @@ def test_listdatabase(ox: Ox) -> None:
     assert (r.rc, r.out, r.err) == (0, fixture("listdatabase.out"), "")
     r = run(ox, "listdatabase", "--csv")
     assert (r.rc, port_3306(ox, r.out)) == (0, fixture("listdatabase.csv"))
-    assert run(ox, "listdatabase", "-s", "oxclosed", "--csv").out.splitlines()[1].startswith(
-        '"1000","oxclosed"')
+    assert (
+        run(ox, "listdatabase", "-s", "oxclosed", "--csv").out.splitlines()[1].startswith('"1000","oxclosed"')
+    )
     header = fixture("listdatabase.csv").splitlines()[0]
     assert run(ox, "listdatabase", "-s", "none", "--csv").out == header + "\n"
     r = run(ox, "listdatabase", "-A", "oxadminmaster", "-P", "wrong", auth=False)
@@ -333,7 +391,8 @@ def test_disableschema_and_enableschema(ox: Ox) -> None:
     r = run(ox, "disableschema", "-m", s(1))
     assert (r.rc, r.out, r.err) == (0, "", "")
     assert [(e, reason) for _, e, reason, _ in configdb.contexts(ox.cfg, s(1))] == [
-        (False, SCHEMA_MOVE_REASON_ID)] * 2
+        (False, SCHEMA_MOVE_REASON_ID)
+    ] * 2
     assert run(ox, "disableschema", "-m", s(1)).rc == 0  # idempotent
     assert summary(ox)[s(1)] == ("none", False, ox.site.server_id, OLD)
     assert summary(ox)[s(2)] == untouched(ox)
@@ -345,12 +404,19 @@ def test_disableschema_and_enableschema(ox: Ox) -> None:
 
     # A context disabled for another reason stays disabled across disable + enable.
     cid = configdb.contexts(ox.cfg, s(3))[0][0]
-    mariadb.query(ox.cfg, "primary", "UPDATE context SET enabled = 0, reason_id = 7 WHERE cid = %s", (cid,),
-                  database=configdb.CONFIGDB)
+    mariadb.query(
+        ox.cfg,
+        "primary",
+        "UPDATE context SET enabled = 0, reason_id = 7 WHERE cid = %s",
+        (cid,),
+        database=configdb.CONFIGDB,
+    )
     assert run(ox, "disableschema", "-m", s(3)).rc == 0
     assert run(ox, "enableschema", "-m", s(3)).rc == 0
     assert [(c, e, reason) for c, e, reason, _ in configdb.contexts(ox.cfg, s(3))] == [
-        (cid, False, 7), (cid + 1, True, None)]
+        (cid, False, 7),
+        (cid + 1, True, None),
+    ]
 
     r = run(ox, "enableschema")
     assert r.rc == 104 and 'Error: Option(s) "target-schema" missing' in r.err
@@ -361,8 +427,9 @@ def test_disableschema_refuses_an_empty_schema_enableschema_does_not(ox: Ox) -> 
     r = run(ox, "disableschema", "-m", "oxdatabase_10")
     # NoSuchObjectException "No such schema <s>": printErrors' final else, exit 1, no prefix.
     assert (r.rc, r.out, no_frames(r.err)) == (1, "", fixture("disableschema-empty-schema.err"))
-    assert ("\tat com.openexchange.admin.storage.mysqlStorage.OXToolMySQLStorage"
-            ".isDistinctWritePoolIDForSchema(") in r.err
+    assert (
+        "\tat com.openexchange.admin.storage.mysqlStorage.OXToolMySQLStorage.isDistinctWritePoolIDForSchema("
+    ) in r.err
     r = run(ox, "disableschema", "-m", "oxdatabase_99")  # unknown: the same
     assert (r.rc, no_frames(r.err)) == (1, "Server response:\n No such schema oxdatabase_99\n\n")
     for schema in ("oxdatabase_10", "oxdatabase_99"):  # SchemaMoveImpl.enableSchema checks nothing
@@ -391,9 +458,11 @@ def test_changeserver(ox: Ox) -> None:
     r = run(ox, "changeserver", "-s", "99", "-m", s(4))  # Server.toString() in the message
     assert (r.rc, no_frames(r.err)) == (103, fixture("changeserver-no-such-server.err"))
     # The client's own checks: BasicCommandlineOptions.printError (no prefix line), exit 1.
-    for args, name in ((["-s", "abc", "-m", s(4)], "changeserver-invalid-server-id.err"),
-                       (["-s", str(new_id), "-m", ""], "changeserver-empty-schema-name.err"),
-                       (["-s", " ", "-m", s(4)], "changeserver-empty-server-id.err")):
+    for args, name in (
+        (["-s", "abc", "-m", s(4)], "changeserver-invalid-server-id.err"),
+        (["-s", str(new_id), "-m", ""], "changeserver-empty-schema-name.err"),
+        (["-s", " ", "-m", s(4)], "changeserver-empty-server-id.err"),
+    ):
         r = run(ox, "changeserver", *args)
         assert (r.rc, r.out, r.err) == (1, "", fixture(name)), args
     r = run(ox, "changeserver", "-m", s(4))
@@ -416,22 +485,37 @@ def test_runupdate(ox: Ox) -> None:
         assert (r.rc, r.out, r.err) == (0, fixture("runupdate-failed.out"), "")
     state = configdb.schema_states(ox.cfg)[s(2)]
     assert (state.update_state, state.version, state.last_error) == (
-        "failed", OLD, f"update task(s) failed: {FAILING_TASK}")
+        "failed",
+        OLD,
+        f"update task(s) failed: {FAILING_TASK}",
+    )
 
     configdb.inject_update_failure(ox.cfg, s(3), times=1)
     assert "failed" in run(ox, "runupdate", "-n", s(3)).out
     assert run(ox, "runupdate", "-n", s(3)).out == ""
     assert run(ox, "runupdate", "-n", s(4), env={"OX_UPDATE_FAULTS": f"{s(4)},{s(6)}"}).out.startswith(
-        "The following update task(s) failed:\n")
+        "The following update task(s) failed:\n"
+    )
     cid = configdb.contexts(ox.cfg, s(5))[1][0]
     assert run(ox, "runupdate", "-c", str(cid)).rc == 0
     assert {n: st[0] for n, st in summary(ox).items()} == {
-        s(1): "done", s(2): "failed", s(3): "done", s(4): "failed", s(5): "done", s(6): "none"}
+        s(1): "done",
+        s(2): "failed",
+        s(3): "done",
+        s(4): "failed",
+        s(5): "done",
+        s(6): "none",
+    }
 
     # A slow update is visibly running while it works; a second one meanwhile: OX's schema lock
     # (ALREADY_LOCKED) is only logged by the server - no output, exit 0 - and nothing runs twice.
-    p = subprocess.Popen([str(ox.bin / "runupdate"), *ox.auth, "-n", s(6)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OX_RUNUPDATE_SECONDS": "3"})
+    p = subprocess.Popen(
+        [str(ox.bin / "runupdate"), *ox.auth, "-n", s(6)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OX_RUNUPDATE_SECONDS": "3"},
+    )
     seen = set()
     conflict: Run | None = None
     while p.poll() is None:
@@ -447,8 +531,14 @@ def test_runupdate(ox: Ox) -> None:
     states = configdb.schema_states(ox.cfg)
     assert states[s(6)].update_state == "done"
     # Every update run that started is counted (s(2): two failed runs; s(3): failed, then done).
-    assert {n: st.update_runs for n, st in states.items()} == {s(1): 1, s(2): 2, s(3): 2, s(4): 1,
-                                                               s(5): 1, s(6): 1}
+    assert {n: st.update_runs for n, st in states.items()} == {
+        s(1): 1,
+        s(2): 2,
+        s(3): 2,
+        s(4): 1,
+        s(5): 1,
+        s(6): 1,
+    }
     assert run(ox, "runupdate", "-n", s(6)).rc == 0  # nothing pending: no new run
     assert configdb.schema_states(ox.cfg)[s(6)].update_runs == 1
 
@@ -467,8 +557,9 @@ def test_runupdate_credentials(ox: Ox) -> None:
     r = run(ox, "runupdate", "-n", s(1), auth=False)
     assert (r.rc, r.err) == (1, fixture("runupdate-missing-credentials.err"))
     assert r.out.startswith("usage: runUpdate")
-    r = run(ox, "runupdate", "-n", s(1), "-A", "oxadminmaster", auth=False,
-            env={"ADMIN_PASSWORD": ox.password})
+    r = run(
+        ox, "runupdate", "-n", s(1), "-A", "oxadminmaster", auth=False, env={"ADMIN_PASSWORD": ox.password}
+    )
     assert (r.rc, r.err) == (1, fixture("runupdate-missing-password.err"))  # no ADMIN_PASSWORD for runupdate
     for creds in (["-A", "oxadminmaster", "-P", ""], ["-A", "", "-P", ox.password]):
         r = run(ox, "runupdate", "-n", s(1), *creds, auth=False)
@@ -514,31 +605,59 @@ def test_upgradeschemata_stops_at_the_first_failure_then_force_continues_after_i
     r = run(ox, "upgradeschemata", "-n", NEW)
     new_id = ox.site.server_id + 1
     assert r.rc == 1
-    assert r.out == "\n".join([f"Registering the server with name '{NEW}'...OK", *done_lines(1),
-                               *done_lines(2), f"Disabling schema '{s(3)}'...OK",
-                               f"Changing server for schema '{s(3)}' to '{NEW}'...OK", "Running updates..."])
+    assert r.out == "\n".join(
+        [
+            f"Registering the server with name '{NEW}'...OK",
+            *done_lines(1),
+            *done_lines(2),
+            f"Disabling schema '{s(3)}'...OK",
+            f"Changing server for schema '{s(3)}' to '{NEW}'...OK",
+            "Running updates...",
+        ]
+    )
     assert r.err == fixture("upgradeschemata-aborted.err")
     assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver"), (new_id, NEW)]
     first_run = configdb.schema_states(ox.cfg)
-    assert summary(ox) == {s(1): upgraded(new_id), s(2): upgraded(new_id),
-                           s(3): failed(new_id, enabled=False),  # stays disabled
-                           s(4): untouched(ox), s(5): untouched(ox), s(6): untouched(ox)}
+    assert summary(ox) == {
+        s(1): upgraded(new_id),
+        s(2): upgraded(new_id),
+        s(3): failed(new_id, enabled=False),  # stays disabled
+        s(4): untouched(ox),
+        s(5): untouched(ox),
+        s(6): untouched(ox),
+    }
 
     # -f -m oxdatabase_3: on from after the failed schema, past another failure.
     configdb.inject_update_failure(ox.cfg, s(5))
     r = run(ox, "upgradeschemata", "-n", NEW, "-f", "-m", s(3), stdin="continue\n")
     assert r.rc == 0
-    assert r.out == continue_with(new_id) + "\n".join([
-        "OK, proceeding with the upgrade", f"Skipping to schema '{s(3)}'", "Filtering out skipped schemata: ",
-        *done_lines(4), *failed_forced_lines(5), *done_lines(6)]) + "\n"
+    assert (
+        r.out
+        == continue_with(new_id)
+        + "\n".join(
+            [
+                "OK, proceeding with the upgrade",
+                f"Skipping to schema '{s(3)}'",
+                "Filtering out skipped schemata: ",
+                *done_lines(4),
+                *failed_forced_lines(5),
+                *done_lines(6),
+            ]
+        )
+        + "\n"
+    )
     assert r.err == update_error(5)
     assert len(configdb.servers(ox.cfg)) == 2
     states = configdb.schema_states(ox.cfg)
     assert [states[s(i)].updated_at for i in (1, 2, 3)] == [first_run[s(i)].updated_at for i in (1, 2, 3)]
-    assert summary(ox) == {s(1): upgraded(new_id), s(2): upgraded(new_id),
-                           s(3): failed(new_id, enabled=False), s(4): upgraded(new_id),
-                           s(5): failed(new_id, enabled=True),  # with -f OX enables it again
-                           s(6): upgraded(new_id)}
+    assert summary(ox) == {
+        s(1): upgraded(new_id),
+        s(2): upgraded(new_id),
+        s(3): failed(new_id, enabled=False),
+        s(4): upgraded(new_id),
+        s(5): failed(new_id, enabled=True),  # with -f OX enables it again
+        s(6): upgraded(new_id),
+    }
 
 
 def test_upgradeschemata_force_goes_past_every_failure(ox: Ox) -> None:
@@ -546,10 +665,19 @@ def test_upgradeschemata_force_goes_past_every_failure(ox: Ox) -> None:
     configdb.inject_update_failure(ox.cfg, s(5))
     r = run(ox, "upgradeschemata", "-n", NEW, "-f")
     new_id = ox.site.server_id + 1
-    assert (r.rc, r.out, r.err) == (0, fixture("upgradeschemata-force.out"),
-                                    fixture("upgradeschemata-force.err"))
-    assert summary(ox) == {s(1): upgraded(new_id), s(2): failed(new_id, enabled=True), s(3): upgraded(new_id),
-                           s(4): upgraded(new_id), s(5): failed(new_id, enabled=True), s(6): upgraded(new_id)}
+    assert (r.rc, r.out, r.err) == (
+        0,
+        fixture("upgradeschemata-force.out"),
+        fixture("upgradeschemata-force.err"),
+    )
+    assert summary(ox) == {
+        s(1): upgraded(new_id),
+        s(2): failed(new_id, enabled=True),
+        s(3): upgraded(new_id),
+        s(4): upgraded(new_id),
+        s(5): failed(new_id, enabled=True),
+        s(6): upgraded(new_id),
+    }
 
 
 def test_upgradeschemata_ignores_k(ox: Ox) -> None:
@@ -558,8 +686,16 @@ def test_upgradeschemata_ignores_k(ox: Ox) -> None:
     r = run(ox, "upgradeschemata", "-n", NEW, "-k", f"{s(2)},{s(4)}")
     new_id = ox.site.server_id + 1
     assert (r.rc, r.err) == (0, "")
-    assert r.out == "\n".join([f"Registering the server with name '{NEW}'...OK",
-                               *(line for i in range(1, SCHEMATA + 1) for line in done_lines(i))]) + "\n"
+    assert (
+        r.out
+        == "\n".join(
+            [
+                f"Registering the server with name '{NEW}'...OK",
+                *(line for i in range(1, SCHEMATA + 1) for line in done_lines(i)),
+            ]
+        )
+        + "\n"
+    )
     assert summary(ox) == {s(i): upgraded(new_id) for i in range(1, SCHEMATA + 1)}
 
 
@@ -581,12 +717,20 @@ def test_upgradeschemata_m_sorts_by_number(ox: Ox) -> None:
     r = run(ox, "upgradeschemata", "-n", NEW, "-m", s(3))  # no such server yet: it registers
     assert (r.rc, r.out, r.err) == (0, fixture("upgradeschemata-skip-to.out"), "")
     assert {n: st[0] for n, st in summary_all(ox).items()} == {
-        s(1): "none", s(2): "none", s(3): "none", s(4): "done", s(5): "done", s(6): "done",
-        "oxdatabase_10": "none"}
+        s(1): "none",
+        s(2): "none",
+        s(3): "none",
+        s(4): "done",
+        s(5): "done",
+        s(6): "done",
+        "oxdatabase_10": "none",
+    }
     # -m whose number no schema has: from the beginning, without a message.
     r = run(ox, "upgradeschemata", "-n", NEW, "-m", "oxdatabase_77", stdin="continue\n")
-    assert r.rc == 0 and r.out.startswith(continue_with(new_id) + "OK, proceeding with the upgrade\n"
-                                          "Filtering out skipped schemata: \n" + "\n".join(done_lines(1)))
+    assert r.rc == 0 and r.out.startswith(
+        continue_with(new_id) + "OK, proceeding with the upgrade\n"
+        "Filtering out skipped schemata: \n" + "\n".join(done_lines(1))
+    )
     assert "Skipping to" not in r.out
     # A suffix that is not a number: NumberFormatException in the comparator.
     r = run(ox, "upgradeschemata", "-n", NEW, "-m", "oxdatabase_x", stdin="continue\n")
@@ -601,17 +745,27 @@ def test_upgradeschemata_without_schemata(ox: Ox) -> None:
     assert (r.rc, r.out) == (1, f"Registering the server with name '{NEW}'...OK\n")
     assert no_frames(r.err) == fixture("upgradeschemata-no-schemata.err")
     r = run(ox, "upgradeschemata", "-n", NEW, "-m", s(1), stdin="continue\n")
-    assert (r.rc, r.err) == (0, "") and r.out.endswith("OK, proceeding with the upgrade\n"
-                                                       "Filtering out skipped schemata: \n")
+    assert (r.rc, r.err) == (0, "") and r.out.endswith(
+        "OK, proceeding with the upgrade\nFiltering out skipped schemata: \n"
+    )
 
 
 def test_upgradeschemata_with_a_registered_server_continue(ox: Ox) -> None:
     new_id = register(ox)
     r = run(ox, "upgradeschemata", "-n", NEW, stdin="maybe\ncontinue\n")
     assert (r.rc, r.err) == (0, "Unrecognized command: 'maybe'\n")
-    assert r.out == warning(new_id) + "\n".join([
-        tools.PROMPT, "OK, proceeding with the upgrade",
-        *(line for i in range(1, SCHEMATA + 1) for line in done_lines(i))]) + "\n"
+    assert (
+        r.out
+        == warning(new_id)
+        + "\n".join(
+            [
+                tools.PROMPT,
+                "OK, proceeding with the upgrade",
+                *(line for i in range(1, SCHEMATA + 1) for line in done_lines(i)),
+            ]
+        )
+        + "\n"
+    )
     assert configdb.servers(ox.cfg) == [(ox.site.server_id, "oxserver"), (new_id, NEW)]
     assert summary(ox) == {s(i): upgraded(new_id) for i in range(1, SCHEMATA + 1)}
 

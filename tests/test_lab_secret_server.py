@@ -1,12 +1,14 @@
-"""The lab application's Secret Server behaviour against the running session lab: maintenance
-mode, the version mismatch page, the encryption key check, the admin interface (settings,
-ManualUpgrade audit) and its activities, the staging system, package 3 and the migration
-fault-injection hook - and the lab's reset putting all of it back.
+"""The lab application's Secret Server behaviour against the running session lab: the site's
+files (the admin interface, staging and scratch database in site.yaml; package 3), maintenance
+mode, the version mismatch page, the encryption key check, the staging system, the lab DB
+user's grants and the migration fault-injection hook - and the lab's reset putting all of it
+back. The product's admin-interface adapter (activities/app_admin.py) against it is tested in
+tests/test_adapter_app_admin.py.
 
 The lab is shared by the whole session: every test starts and ends with the Secret Server
-side at its defaults (`site_defaults`). Tests that need a node in an odd state (another
-release, another key) use a spare node folder next to the lab's (index nodes + 2: its own
-port, not behind HAProxy), never one of the lab's nodes.
+side at its defaults (`site_defaults`, tests/app_admin_support.py). Tests that need a node in
+an odd state (another release, another key) use a spare node folder next to the lab's (index
+nodes + 2: its own port, not behind HAProxy), never one of the lab's nodes.
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import asyncssh
 import pymysql
 import pytest
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
 
 from activities import app_admin, mysql
 from activities.app_admin import (
@@ -40,7 +39,8 @@ from inventory.model import AdminApi, Database, SecretRef
 from lab import haproxy, manager, mariadb, nodes, packages
 from lab.config import DB_NAME, DB_USER, SCRATCH_DB_NAME, STAGING_DB_NAME, STAGING_NAME, LabConfig
 from lab.probe import run_probe
-from tests.e2e_support import ensure_site_defaults, staging_problems, zerodown
+from tests.app_admin_support import admin_api, node_url, request, site_defaults  # noqa: F401  (fixture)
+from tests.e2e_support import staging_problems, zerodown
 
 MISMATCH_HEADER = "version-mismatch"
 
@@ -48,42 +48,48 @@ MISMATCH_HEADER = "version-mismatch"
 # --------------------------------------------------------------------------- helpers
 
 
-def admin_api(lab: LabConfig) -> AdminApi:
-    return AdminApi(token=SecretRef(file=str(lab.admin_token_file)))
-
-
-def node_url(lab: LabConfig, i: int) -> str:
-    return f"http://127.0.0.1:{lab.app_port(i)}"
-
-
-async def request(method: str, url: str, *, token: str | None = None, json_body: Any = None,
-                  headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
-    h = dict(headers or {})
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
-            s.request(method, url, json=json_body, headers=h) as r:
-        return r.status, await r.text(), dict(r.headers)
-
-
-async def set_site(lab: LabConfig, maintenance_mode: bool | None = None,
-                   ignore_version_mismatch: bool | None = None,
-                   enforce_version_match: bool | None = None) -> None:
+async def set_site(
+    lab: LabConfig,
+    maintenance_mode: bool | None = None,
+    ignore_version_mismatch: bool | None = None,
+    enforce_version_match: bool | None = None,
+) -> None:
     """Site settings through node1's admin interface, then wait until every node sees them."""
     api = admin_api(lab)
-    state = await app_admin.set_settings(SettingsRequest(
-        node_url(lab, 1), api, "site", maintenance_mode=maintenance_mode,
-        ignore_version_mismatch=ignore_version_mismatch, enforce_version_match=enforce_version_match))
-    await asyncio.gather(*(app_admin.wait_settings(WaitSettingsRequest(
-        node_url(lab, i), api, state.site.maintenance_mode, state.site.ignore_version_mismatch, 10))
-        for i in lab.node_indexes))
+    state = await app_admin.set_settings(
+        SettingsRequest(
+            node_url(lab, 1),
+            api,
+            "site",
+            maintenance_mode=maintenance_mode,
+            ignore_version_mismatch=ignore_version_mismatch,
+            enforce_version_match=enforce_version_match,
+        )
+    )
+    await asyncio.gather(
+        *(
+            app_admin.wait_settings(
+                WaitSettingsRequest(
+                    node_url(lab, i), api, state.site.maintenance_mode, state.site.ignore_version_mismatch, 10
+                )
+            )
+            for i in lab.node_indexes
+        )
+    )
 
 
 def lab_db(lab: LabConfig, database: str) -> Database:
     """The site's database entry, pointed at another database on the same server."""
     db = load_inventory(lab.site_yaml).databases[0]
-    return Database(name=db.name, kind=db.kind, host=db.host, port=db.port, database=database, user=db.user,
-                    password=db.password)
+    return Database(
+        name=db.name,
+        kind=db.kind,
+        host=db.host,
+        port=db.port,
+        database=database,
+        user=db.user,
+        password=db.password,
+    )
 
 
 def create_v1_database(lab: LabConfig, name: str) -> None:
@@ -94,15 +100,6 @@ def create_v1_database(lab: LabConfig, name: str) -> None:
         for stmt in mariadb.SCHEMA_V1:
             cur.execute(stmt)
         cur.execute("INSERT INTO schema_version (version) VALUES (1)")
-
-
-@pytest.fixture(autouse=True)
-async def site_defaults(lab: LabConfig) -> AsyncIterator[None]:
-    """The Secret Server side at its defaults before the test, and put back after it."""
-    await ensure_site_defaults(lab)
-    yield
-    await ensure_site_defaults(lab)
-    assert await asyncio.to_thread(mariadb.site_state_problems, lab) == []
 
 
 @asynccontextmanager
@@ -126,8 +123,9 @@ async def spare_node(lab: LabConfig, major: int, other_key: bool = False) -> Asy
 
 def test_site_yaml_has_admin_staging_and_scratch(lab: LabConfig) -> None:
     inv = load_inventory(lab.site_yaml)
-    assert inv.application.admin == AdminApi(token=SecretRef(file=str(lab.admin_token_file)),
-                                             path_prefix="/admin")
+    assert inv.application.admin == AdminApi(
+        token=SecretRef(file=str(lab.admin_token_file)), path_prefix="/admin"
+    )
     assert "admin.config" in inv.application.protected_files
     assert inv.databases[0].scratch_database == SCRATCH_DB_NAME
     st = inv.staging
@@ -153,8 +151,14 @@ def test_site_yaml_has_admin_staging_and_scratch(lab: LabConfig) -> None:
 def test_v3_package_requires_v2(lab: LabConfig) -> None:
     r1, r2, r3 = (packages.release_of(lab.package(m)) for m in (1, 2, 3))
     assert r1["requires"] == [] and r2["requires"] == []
-    assert r3 == {"name": "labapp", "version": "3.0.0", "min_upgrade_from": "2.0.0", "requires": ["2.0.0"],
-                  "schema_version": 2, "migrations": []}
+    assert r3 == {
+        "name": "labapp",
+        "version": "3.0.0",
+        "min_upgrade_from": "2.0.0",
+        "requires": ["2.0.0"],
+        "schema_version": 2,
+        "migrations": [],
+    }
     with zipfile.ZipFile(lab.package(2)) as z2, zipfile.ZipFile(lab.package(3)) as z3:
         assert z3.read("app.py") == z2.read("app.py")  # same application code
         names = set(z3.namelist())
@@ -225,8 +229,9 @@ async def test_mismatch_page_with_enforcement_unless_maintenance_and_ignore(lab:
         await app_admin.wait_settings(WaitSettingsRequest(base, api, False, False, 10))
         want = "Version mismatch: this node runs 2.0.0 (schema 2); the database is at schema 1"
         for method, path in (("GET", "/items"), ("POST", "/items"), ("GET", "/"), ("POST", "/login")):
-            status, body, headers = await request(method, base + path,
-                                                  json_body={} if method == "POST" else None)
+            status, body, headers = await request(
+                method, base + path, json_body={} if method == "POST" else None
+            )
             assert (status, headers.get("X-Refused"), body.strip()) == (409, MISMATCH_HEADER, want), path
         status, body, _ = await request("GET", f"{base}/health")
         assert status == 200 and body == f"ok ({want.replace('Version', 'version')})"
@@ -259,8 +264,9 @@ async def test_mismatch_page_with_enforcement_unless_maintenance_and_ignore(lab:
 
 async def test_key_mismatch_is_named(lab: LabConfig) -> None:
     name = f"key-test-{secrets.token_hex(4)}"
-    status, _, _ = await request("POST", f"{node_url(lab, 1)}/secrets",
-                                 json_body={"name": name, "value": "v"})
+    status, _, _ = await request(
+        "POST", f"{node_url(lab, 1)}/secrets", json_body={"name": name, "value": "v"}
+    )
     assert status == 201
     async with spare_node(lab, 1, other_key=True) as base:
         status, body, _ = await request("GET", f"{base}/health")
@@ -270,131 +276,18 @@ async def test_key_mismatch_is_named(lab: LabConfig) -> None:
     assert (await request("GET", f"{node_url(lab, 2)}/secrets/{name}"))[0] == 200
 
 
-# --------------------------------------------------------------------------- admin interface
-
-
-async def test_admin_interface_refuses_without_the_token(lab: LabConfig, tmp_path: Path) -> None:
-    base = node_url(lab, 1)
-    token = lab.admin_token_file.read_text().strip()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
-                    {"Authorization": "Bearer "}):
-        for method, path in (("GET", "/admin/state"), ("POST", "/admin/settings"), ("GET", "/admin/audit"),
-                             ("POST", "/admin/audit")):
-            status, body, h = await request(method, base + path, headers=headers,
-                                            json_body={"scope": "site", "maintenance_mode": True}
-                                            if method == "POST" else None)
-            assert status == 401 and h["WWW-Authenticate"] == "Bearer", (headers, path, body)
-    assert (await request("GET", f"{base}/admin/state", token=token))[0] == 200
-    assert (await app_admin.get_state(base, admin_api(lab))).site.maintenance_mode is False  # nothing set
-
-    wrong = tmp_path / "wrong_token"
-    wrong.write_text("not-the-token\n")
-    with pytest.raises(ApplicationError) as info:
-        await app_admin.get_state(base, AdminApi(token=SecretRef(file=str(wrong))))
-    assert info.value.type == "AdminAuthFailed" and info.value.non_retryable
-    with pytest.raises(ApplicationError) as info:
-        await app_admin.get_state(base, AdminApi(token=SecretRef(env="ZERODOWN_TEST_UNSET_TOKEN")))
-    assert info.value.type == "SecretUnavailable"
-    with pytest.raises(ApplicationError) as info:
-        await app_admin.get_state(base, AdminApi(token=SecretRef(file=str(lab.admin_token_file)),
-                                                 path_prefix="/nope"))
-    assert info.value.type == "AdminUnavailable" and info.value.non_retryable
-    with pytest.raises(ApplicationError) as info:
-        await app_admin.get_state(f"http://127.0.0.1:{lab.port_base + 99}", admin_api(lab))
-    assert info.value.type == "AdminUnavailable" and not info.value.non_retryable
-    assert token not in str(info.value)
-
-
-async def test_settings_validation(lab: LabConfig) -> None:
-    base, token = node_url(lab, 1), lab.admin_token_file.read_text().strip()
-    for body in ({"scope": "everywhere"}, {"scope": "site", "maintenance_mode": None},
-                 {"scope": "site", "maintenance_mode": 1}, {"scope": "node", "enforce_version_match": True},
-                 {"scope": "site", "colour": "blue"}, ["not", "an", "object"]):
-        status, text, _ = await request("POST", f"{base}/admin/settings", token=token, json_body=body)
-        assert status == 400 and "error" in json.loads(text), (body, text)
-    api = admin_api(lab)
-    for bad in (SettingsRequest(base, api, "node", enforce_version_match=True),
-                SettingsRequest(base, api, "site", clear_node_override=True),
-                SettingsRequest(base, api, "cluster")):
-        with pytest.raises(ApplicationError) as info:
-            await app_admin.set_settings(bad)
-        assert info.value.type == "InvalidRequest"
-    # Setting twice is the same as once (set, not toggle); absent keys stay as they are.
-    for _ in range(2):
-        state = await app_admin.set_settings(SettingsRequest(base, api, "site", ignore_version_mismatch=True))
-        assert state.site == app_admin.UpgradeSettings(False, True, False)
-
-
-async def test_wait_settings_heartbeats_and_times_out(lab: LabConfig) -> None:
-    api = admin_api(lab)
-    beats: list[Any] = []
-    env = ActivityEnvironment()
-    env.on_heartbeat = lambda *d: beats.append(d[0] if d else None)
-    await app_admin.set_settings(SettingsRequest(node_url(lab, 3), api, "node", maintenance_mode=True,
-                                                 ignore_version_mismatch=True))
-    state = await env.run(app_admin.app_wait_settings,
-                          WaitSettingsRequest(node_url(lab, 3), api, True, True, 5))
-    assert (state.node, state.maintenance_mode, state.ignore_version_mismatch) == ("node3", True, True)
-    with pytest.raises(ApplicationError) as info:
-        await env.run(app_admin.app_wait_settings,
-                      WaitSettingsRequest(node_url(lab, 4), api, True, True, 1.5, 0.2))
-    assert info.value.type == "SettingsTimeout" and "node4" in str(info.value)
-    assert beats and all(isinstance(b, dict) and "waited_s" in b for b in beats)
-    state = await env.run(app_admin.app_set_settings, SettingsRequest(node_url(lab, 3), api, "node",
-                                                                      clear_node_override=True))
-    assert state.node_override is None and state.maintenance_mode is False
-
-
-async def test_audit_is_idempotent_by_reference_and_ordered(lab: LabConfig) -> None:
-    api = admin_api(lab)
-    env = ActivityEnvironment()
-    first = await env.run(app_admin.app_record_audit, AuditRequest(
-        node_url(lab, 1), api, "STARTED", notes="2.0.0 from 1.0.0", user="alice", reference="run-1/started"))
-    assert first.created
-    assert (first.audit_type, first.action, first.user) == ("ManualUpgrade", "STARTED", "alice")
-    second = await env.run(app_admin.app_record_audit, AuditRequest(
-        node_url(lab, 2), api, "VERIFY DELTAS", reference="run-1/verify"))
-    # A retried record (any node: they share the database) returns the row recorded first.
-    again = await env.run(app_admin.app_record_audit, AuditRequest(
-        node_url(lab, 3), api, "STARTED", notes="retried", reference="run-1/started"))
-    assert again.audit_id == first.audit_id and not again.created and again.notes == "2.0.0 from 1.0.0"
-    # Without a reference every call records a row.
-    cancel = await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, "CANCEL"))
-    cancel2 = await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, "CANCEL"))
-    assert cancel.audit_id != cancel2.audit_id
-    rows = await app_admin.list_audit(node_url(lab, 4), api)
-    assert [(r.audit_id, r.action) for r in rows] == [
-        (first.audit_id, "STARTED"), (second.audit_id, "VERIFY DELTAS"), (cancel.audit_id, "CANCEL"),
-        (cancel2.audit_id, "CANCEL")]
-    assert [r.audit_id for r in rows] == sorted(r.audit_id for r in rows)
-    assert rows[0].date_recorded.endswith("Z") and rows[0].reference == "run-1/started"
-
-    for bad in ("DANCE", "started"):
-        with pytest.raises(ApplicationError) as info:
-            await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, bad))
-        assert info.value.type == "InvalidRequest"
-    token = lab.admin_token_file.read_text().strip()
-    status, _, _ = await request("POST", f"{node_url(lab, 1)}/admin/audit", token=token,
-                                 json_body={"action": "DANCE"})
-    assert status == 400
-    status, _, _ = await request("POST", f"{node_url(lab, 1)}/admin/audit", token=token,
-                                 json_body={"action": "STARTED", "notes": "x" * 1001})
-    assert status == 400
-    # The same reference for another action is a mistake, not a repeat.
-    with pytest.raises(ApplicationError) as info:
-        await app_admin.record_audit(AuditRequest(node_url(lab, 1), api, "COMPLETED",
-                                                  reference="run-1/started"))
-    assert info.value.type == "InvalidRequest" and "already used" in str(info.value)
-    assert len(await app_admin.list_audit(node_url(lab, 1), api)) == 4
-
-
 # --------------------------------------------------------------------------- staging
 
 
 async def _ssh_staging(lab: LabConfig) -> asyncssh.SSHClientConnection:
-    return await asyncssh.connect("127.0.0.1", lab.staging_ssh_port, username="zerodown",
-                                  client_keys=[str(lab.client_key)], known_hosts=str(lab.known_hosts),
-                                  connect_timeout=10)
+    return await asyncssh.connect(
+        "127.0.0.1",
+        lab.staging_ssh_port,
+        username="zerodown",
+        client_keys=[str(lab.client_key)],
+        known_hosts=str(lab.known_hosts),
+        connect_timeout=10,
+    )
 
 
 async def test_staging_receives_files_and_starts(lab: LabConfig, tmp_path: Path) -> None:
@@ -466,8 +359,9 @@ async def test_injected_migration_failure_hits_only_its_database(lab: LabConfig)
         await asyncio.to_thread(create_v1_database, lab, name)
     before = await mysql.table_checksums(production)
 
-    code, out = await zerodown("lab", "inject", "migration-fail", "--database", SCRATCH_DB_NAME,
-                               "--root", str(lab.abs_root))
+    code, out = await zerodown(
+        "lab", "inject", "migration-fail", "--database", SCRATCH_DB_NAME, "--root", str(lab.abs_root)
+    )
     assert code == 0 and "on" in out, out
     assert await asyncio.to_thread(mariadb.injected_faults, lab) == [(SCRATCH_DB_NAME, "migration-2")]
     assert await mysql.table_checksums(production) == before  # the injection touches no labapp table
@@ -477,8 +371,12 @@ async def test_injected_migration_failure_hits_only_its_database(lab: LabConfig)
     assert info.value.type == "DatabaseError"
     assert "1242" in str(info.value) and "statement 1/" in str(info.value)
     assert await mysql.schema_version(scratch) == 1
-    cols = mariadb.query(lab, "primary", "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE "
-                         "TABLE_SCHEMA = %s AND TABLE_NAME = 'items'", (SCRATCH_DB_NAME,))
+    cols = mariadb.query(
+        lab,
+        "primary",
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'items'",
+        (SCRATCH_DB_NAME,),
+    )
     assert "notes" not in {c for (c,) in cols}
     # Another database runs the same script fine: the hook is a no-op there.
     result = await mysql.apply_migration(staging, 2, up, "up")
@@ -486,8 +384,9 @@ async def test_injected_migration_failure_hits_only_its_database(lab: LabConfig)
     hook = next(ln for ln in up.splitlines() if ln.startswith("SET @zerodown_lab_fault"))
     assert await mysql.query(production, hook.rstrip(";")) == []
 
-    code, out = await zerodown("lab", "inject", "migration-fail", "--database", SCRATCH_DB_NAME, "--off",
-                               "--root", str(lab.abs_root))
+    code, out = await zerodown(
+        "lab", "inject", "migration-fail", "--database", SCRATCH_DB_NAME, "--off", "--root", str(lab.abs_root)
+    )
     assert code == 0, out
     assert await asyncio.to_thread(mariadb.injected_faults, lab) == []
     assert (await mysql.apply_migration(scratch, 2, up, "up")).schema_version_after == 2
@@ -524,7 +423,10 @@ async def test_reset_puts_the_secret_server_side_back(lab: LabConfig) -> None:
     assert rows == [("*", 0, 0, 0)]
     for i in lab.node_indexes:
         state = await app_admin.get_state(node_url(lab, i), api)
-        assert (state.maintenance_mode, state.ignore_version_mismatch, state.enforce_version_match) == \
-            (False, False, False)
+        assert (state.maintenance_mode, state.ignore_version_mismatch, state.enforce_version_match) == (
+            False,
+            False,
+            False,
+        )
         status, _, _ = await request("POST", f"{node_url(lab, i)}/items", json_body={"body": "after reset"})
         assert status == 201

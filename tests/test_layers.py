@@ -25,8 +25,17 @@ FORBIDDEN: dict[str, set[str]] = {
 # The mechanisms procedures share; every other module of workflows/ is one procedure, and
 # no procedure imports another's code (what two share goes into site_steps, or ox_steps for
 # the two OX procedures) - only the contract of a child workflow it starts.
-SHARED = {"__init__", "procedure", "saga", "gates", "timeline", "timeouts", "site_steps", "ox_steps",
-          "registry"}
+SHARED = {
+    "__init__",
+    "procedure",
+    "saga",
+    "gates",
+    "timeline",
+    "timeouts",
+    "site_steps",
+    "ox_steps",
+    "registry",
+}
 CHILD_CONTRACT = ("Input", "Result", "Workflow")
 
 
@@ -73,8 +82,12 @@ def test_no_procedure_imports_another() -> None:
 
 
 def test_no_assert_in_workflow_code() -> None:
-    found = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in _modules("workflows")
-             for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if isinstance(n, ast.Assert)]
+    found = [
+        f"{p.relative_to(ROOT)}:{n.lineno}"
+        for p in _modules("workflows")
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(n, ast.Assert)
+    ]
     assert found == []
 
 
@@ -93,8 +106,10 @@ def test_every_package_is_covered() -> None:
 def test_no_test_module_imports_another() -> None:
     # Shared test helpers live in support modules (tests/*_support.py, fake_site.py, ...),
     # never in a test module that other tests import.
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {module}"
-           for p in sorted((ROOT / "tests").glob("*.py"))
-           for line, module in _imports(p)
-           if module.startswith("tests.test_")]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {module}"
+        for p in sorted((ROOT / "tests").glob("*.py"))
+        for line, module in _imports(p)
+        if module.startswith("tests.test_")
+    ]
     assert bad == [], "\n".join(bad)

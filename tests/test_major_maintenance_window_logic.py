@@ -42,8 +42,9 @@ N1, N2 = "n1-v2-0-0", "n2-v2-0-0"
 
 
 def window_input(**changes: Any) -> MajorMaintenanceInput:
-    return MajorMaintenanceInput(inventory=window_site(), package_path="/p.zip", started_by="starter",
-                                 **changes)
+    return MajorMaintenanceInput(
+        inventory=window_site(), package_path="/p.zip", started_by="starter", **changes
+    )
 
 
 def window_fake() -> BlueGreenSite:
@@ -51,8 +52,9 @@ def window_fake() -> BlueGreenSite:
 
 
 async def start(client: Client, task_queue: str, inp: MajorMaintenanceInput) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(MajorMaintenanceWindowWorkflow.run, inp, id=f"wf-{task_queue}",
-                                       task_queue=task_queue)
+    return await client.start_workflow(
+        MajorMaintenanceWindowWorkflow.run, inp, id=f"wf-{task_queue}", task_queue=task_queue
+    )
 
 
 async def failed(handle: WorkflowHandle[Any, Any]) -> ApplicationError:
@@ -77,7 +79,7 @@ def in_groups(calls: list[Call], groups: list[list[Call]]) -> None:
     any order."""
     i = 0
     for group in groups:
-        got = calls[i:i + len(group)]
+        got = calls[i : i + len(group)]
         assert sorted(got, key=str) == sorted(group, key=str), f"at {i}: {got} != {group}"
         i += len(group)
     assert calls[i:] == [], f"unexpected calls after the runbook: {calls[i:]}"
@@ -102,8 +104,9 @@ def assert_old_site_serves(fake: BlueGreenSite, database: str) -> None:
 
 
 # ------------------------------------------------------------------ 1 the happy path
-async def test_happy_path_swaps_the_servers_in_the_runbooks_order(time_skipping_env: WorkflowEnvironment,
-                                                                  task_queue: str) -> None:
+async def test_happy_path_swaps_the_servers_in_the_runbooks_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = window_fake()
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
@@ -119,26 +122,40 @@ async def test_happy_path_swaps_the_servers_in_the_runbooks_order(time_skipping_
         await choose(handle, await pending(handle, "terminate"), "terminate")
         result: MajorMaintenanceResult = await handle.result()
 
-    in_groups(fake.mutations(), [
-        [("db_backup", None)], [("db_restore", "app_scratch")], [("db_drop_database", "app_scratch")],  # 1
-        [("db_init_warm_replica", None)],                                                      # 5-6
-        [("provision_create", N1)], [("provision_start", N1)], [("start_service", N1)],        # 10, 11
-        [("lb_add_server", f"test/{N1}")],                                                     # 11
-        [("stop_service", N1)], [("deploy_package", N1)],                                      # 12
-        [("provision_create", N2)],                                                            # 13
-        [("lb_del_server", f"test/{N1}")],                                                     # 16
-        [("lb_set_maintenance", "main")],                                                      # 18
-        [("stop_service", "n1"), ("stop_service", "n2")],                                      # 19
-        [("db_backup", None), ("db_stop_replication", None)],                                  # 20, 22
-        [("db_apply_migration", "2")],                                                         # 23
-        [("lb_del_server", "main/n1"), ("lb_del_server", "main/n2"),                           # 24
-         ("start_service", N1), ("provision_start", N2), ("start_service", N2)],               # 26-29
-        [("lb_add_server", f"main/{N1}"), ("lb_add_server", f"main/{N2}")],                    # 25
-        [("lb_set_maintenance", "main")],                                                      # 31
-        [("db_backup", None)],                                                                 # 32
-        [("provision_destroy", "n1")], [("provision_destroy", "n2")],                          # 37
-        [("db_release_warm_replica", None)],                                                   # 37
-    ])
+    in_groups(
+        fake.mutations(),
+        [
+            [("db_backup", None)],
+            [("db_restore", "app_scratch")],
+            [("db_drop_database", "app_scratch")],  # 1
+            [("db_init_warm_replica", None)],  # 5-6
+            [("provision_create", N1)],
+            [("provision_start", N1)],
+            [("start_service", N1)],  # 10, 11
+            [("lb_add_server", f"test/{N1}")],  # 11
+            [("stop_service", N1)],
+            [("deploy_package", N1)],  # 12
+            [("provision_create", N2)],  # 13
+            [("lb_del_server", f"test/{N1}")],  # 16
+            [("lb_set_maintenance", "main")],  # 18
+            [("stop_service", "n1"), ("stop_service", "n2")],  # 19
+            [("db_backup", None), ("db_stop_replication", None)],  # 20, 22
+            [("db_apply_migration", "2")],  # 23
+            [
+                ("lb_del_server", "main/n1"),
+                ("lb_del_server", "main/n2"),  # 24
+                ("start_service", N1),
+                ("provision_start", N2),
+                ("start_service", N2),
+            ],  # 26-29
+            [("lb_add_server", f"main/{N1}"), ("lb_add_server", f"main/{N2}")],  # 25
+            [("lb_set_maintenance", "main")],  # 31
+            [("db_backup", None)],  # 32
+            [("provision_destroy", "n1")],
+            [("provision_destroy", "n2")],  # 37
+            [("db_release_warm_replica", None)],  # 37
+        ],
+    )
     m = fake.mutations()
     assert m.index(("provision_start", N2)) < m.index(("start_service", N2))
     # The site ends upgraded: the new servers serve, page off, old servers and replica gone.
@@ -149,15 +166,46 @@ async def test_happy_path_swaps_the_servers_in_the_runbooks_order(time_skipping_
     assert result.terminated == ("n1", "n2") and [n.name for n in result.new_servers] == [N1, N2]
     assert len(result.snapshots) == 2 and [fake.snapshots[p] for p in result.snapshots] == [1, 2]
     assert result.downtime_s >= result.migration_s >= 0.0
-    assert seed_firsts(result.steps) == ["P1", "P2", "P4", "1", "5", "7", "10", "11", "12", "13", "16", "17",
-                                         "18", "19", "20", "21", "22", "23", "24", "26", "27", "25", "30",
-                                         "31", "32", "33", "34", "35", "36", "37", "38"]
+    assert seed_firsts(result.steps) == [
+        "P1",
+        "P2",
+        "P4",
+        "1",
+        "5",
+        "7",
+        "10",
+        "11",
+        "12",
+        "13",
+        "16",
+        "17",
+        "18",
+        "19",
+        "20",
+        "21",
+        "22",
+        "23",
+        "24",
+        "26",
+        "27",
+        "25",
+        "30",
+        "31",
+        "32",
+        "33",
+        "34",
+        "35",
+        "36",
+        "37",
+        "38",
+    ]
     assert all(s.result in ("ok", "skipped") and s.retries == 0 for s in result.steps)
 
 
 # ------------------------------------------------------------------ 2 gates nobody decides
 async def test_go_live_nobody_decides_reverts_by_promoting_the_warm_replica(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = window_fake()
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
@@ -179,7 +227,8 @@ async def test_go_live_nobody_decides_reverts_by_promoting_the_warm_replica(
 
 
 async def test_terminate_nobody_decides_keeps_the_old_servers_and_the_replica(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = window_fake()
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
@@ -204,8 +253,9 @@ def failing_deploy() -> BlueGreenSite:
     return fake
 
 
-async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: WorkflowEnvironment,
-                                                          task_queue: str) -> None:
+async def test_failure_gate_retry_after_the_fix_completes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_deploy()
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
@@ -224,7 +274,8 @@ async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: Wor
 
 @pytest.mark.parametrize("how", ["rollback", "timeout"])
 async def test_failure_gate_rollback_or_nobody_in_time_undoes_the_preparation(
-        time_skipping_env: WorkflowEnvironment, task_queue: str, how: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_deploy()
     inp = window_input(on_failure="ask", failure_gate_timeout_s=3600.0)
@@ -236,19 +287,25 @@ async def test_failure_gate_rollback_or_nobody_in_time_undoes_the_preparation(
         steps = await steps_of(handle)
     assert cause.type == "ProcedureFailed"
     assert "Rolled back: new server n1-v2-0-0, warm replica released." in str(cause)
-    expected = {"rollback": f"gate {FAILURE_GATE}: rollback chosen by ops1",
-                "timeout": f"gate {FAILURE_GATE}: timed out, rollback"}[how]
+    expected = {
+        "rollback": f"gate {FAILURE_GATE}: rollback chosen by ops1",
+        "timeout": f"gate {FAILURE_GATE}: timed out, rollback",
+    }[how]
     assert expected in names(steps)
     # Before the window: no downtime happened, the old servers never stopped.
     assert "lb_set_maintenance" not in [c for c, _ in fake.calls]
     assert_old_site_serves(fake, database="primary")
     assert fake.destroyed == [N1] and fake.warm == "released" and fake.schema == 1
-    assert fake.mutations()[-3:] == [("lb_del_server", f"test/{N1}"), ("provision_destroy", N1),
-                                     ("db_release_warm_replica", None)]
+    assert fake.mutations()[-3:] == [
+        ("lb_del_server", f"test/{N1}"),
+        ("provision_destroy", N1),
+        ("db_release_warm_replica", None),
+    ]
 
 
-async def test_failure_gate_abort_leaves_everything_in_place(time_skipping_env: WorkflowEnvironment,
-                                                             task_queue: str) -> None:
+async def test_failure_gate_abort_leaves_everything_in_place(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_deploy()
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
@@ -265,8 +322,9 @@ async def test_failure_gate_abort_leaves_everything_in_place(time_skipping_env: 
 
 
 # ------------------------------------------------------------------ 4 retries
-async def go_live_with_faults(env: WorkflowEnvironment, task_queue: str, fake: BlueGreenSite,
-                              arm: Callable[[BlueGreenSite], None]) -> MajorMaintenanceResult:
+async def go_live_with_faults(
+    env: WorkflowEnvironment, task_queue: str, fake: BlueGreenSite, arm: Callable[[BlueGreenSite], None]
+) -> MajorMaintenanceResult:
     """A run to the gate go-live, `arm` (faults for steps 31-32), go-live, then the rest under
     time skipping (terminate: nobody, keep). Faults armed only now: a backoff before the gate
     would wait in real time (time skips only while the result is awaited)."""
@@ -279,11 +337,16 @@ async def go_live_with_faults(env: WorkflowEnvironment, task_queue: str, fake: B
     return result
 
 
-async def test_a_transient_error_is_retried_and_counted_in_its_step(time_skipping_env: WorkflowEnvironment,
-                                                                    task_queue: str) -> None:
+async def test_a_transient_error_is_retried_and_counted_in_its_step(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = window_fake()
-    result = await go_live_with_faults(time_skipping_env, task_queue, fake, lambda f: f.fail(
-        "db_backup", None, DATABASE_ERROR, "lost connection", retryable=True, times=1))  # step 32
+    result = await go_live_with_faults(
+        time_skipping_env,
+        task_queue,
+        fake,
+        lambda f: f.fail("db_backup", None, DATABASE_ERROR, "lost connection", retryable=True, times=1),
+    )  # step 32
     retried = [s for s in result.steps if s.retries]
     assert [(s.seed_step, s.result, s.retries) for s in retried] == [("32", "ok", 1)]
     assert "lost connection" in (retried[0].detail or "")
@@ -291,15 +354,22 @@ async def test_a_transient_error_is_retried_and_counted_in_its_step(time_skippin
     assert len(result.snapshots) == 2 and fake.serving("main") == [N1, N2] and fake.problems == []
 
 
-async def test_a_transient_error_of_a_local_activity_is_retried_too(time_skipping_env: WorkflowEnvironment,
-                                                                    task_queue: str) -> None:
+async def test_a_transient_error_of_a_local_activity_is_retried_too(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # Step 31 (the page off) is a local activity: a retryable error there must be retried like
     # any other step's (Procedure.change, ACTION_RETRY), not turn the end of the window into a
     # revert. Fails while Procedure._attempts catches only ActivityError: a failed local
     # activity raises the ApplicationError itself (temporalio 1.35), so it is never retried.
     fake = window_fake()
-    result = await go_live_with_faults(time_skipping_env, task_queue, fake, lambda f: f.fail(
-        "lb_set_maintenance", "main", LB_RUNTIME_API_ERROR, "runtime API busy", retryable=True, times=1))
+    result = await go_live_with_faults(
+        time_skipping_env,
+        task_queue,
+        fake,
+        lambda f: f.fail(
+            "lb_set_maintenance", "main", LB_RUNTIME_API_ERROR, "runtime API busy", retryable=True, times=1
+        ),
+    )
     retried = [s for s in result.steps if s.retries]
     assert [(s.seed_step, s.result, s.retries) for s in retried] == [("31", "ok", 1)]
     assert [c for c in fake.calls if c[0] == "lb_set_maintenance"] == [("lb_set_maintenance", "main")] * 3
@@ -308,7 +378,8 @@ async def test_a_transient_error_of_a_local_activity_is_retried_too(time_skippin
 
 # ------------------------------------------------------------------ 5 compensation order
 async def test_a_failure_past_the_point_of_no_return_reverts_newest_first(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = window_fake()
     fake.fail("check_serving", N2, HEALTH_CHECK_FAILED, "/health answered 500")  # step 30
@@ -316,22 +387,34 @@ async def test_a_failure_past_the_point_of_no_return_reverts_newest_first(
         cause = await failed(await start(client, task_queue, window_input()))
     assert cause.type == "ProcedureFailed"
     assert f"failed at '30 test: healthy, version {NEW}' on {N2}" in str(cause)
-    assert ("Rolled back: revert by promoting the warm replica, old servers started again, maintenance page "
-            "lifted, new server n2-v2-0-0, new server n1-v2-0-0, warm replica released.") in str(cause)
+    assert (
+        "Rolled back: revert by promoting the warm replica, old servers started again, maintenance page "
+        "lifted, new server n2-v2-0-0, new server n1-v2-0-0, warm replica released."
+    ) in str(cause)
     m = fake.mutations()
     attached = max(m.index(("lb_add_server", f"main/{n}")) for n in (N1, N2)) + 1
     expected: list[Call] = [
         # the revert: the new servers out and stopped, the replica promoted, the old servers
         # pointed at it, started and attached again, the page lifted
-        ("lb_del_server", f"main/{N1}"), ("lb_del_server", f"main/{N2}"),
-        ("stop_service", N1), ("stop_service", N2), ("db_promote_warm_replica", None),
-        ("set_config_values", "n1"), ("start_service", "n1"), ("lb_add_server", "main/n1"),
-        ("set_config_values", "n2"), ("start_service", "n2"), ("lb_add_server", "main/n2"),
+        ("lb_del_server", f"main/{N1}"),
+        ("lb_del_server", f"main/{N2}"),
+        ("stop_service", N1),
+        ("stop_service", N2),
+        ("db_promote_warm_replica", None),
+        ("set_config_values", "n1"),
+        ("start_service", "n1"),
+        ("lb_add_server", "main/n1"),
+        ("set_config_values", "n2"),
+        ("start_service", "n2"),
+        ("lb_add_server", "main/n2"),
         ("lb_set_maintenance", "main"),
         # the older compensations: old servers started (again), page lifted (again), the new
         # servers destroyed newest first; the promoted replica is kept
-        ("start_service", "n1"), ("start_service", "n2"), ("lb_set_maintenance", "main"),
-        ("provision_destroy", N2), ("provision_destroy", N1),
+        ("start_service", "n1"),
+        ("start_service", "n2"),
+        ("lb_set_maintenance", "main"),
+        ("provision_destroy", N2),
+        ("provision_destroy", N1),
     ]
     assert m[attached:] == expected
     assert fake.warm == "promoted" and fake.schema == 2
@@ -339,19 +422,27 @@ async def test_a_failure_past_the_point_of_no_return_reverts_newest_first(
 
 
 async def test_a_failure_in_the_window_before_the_migration_restarts_the_old_servers(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = window_fake()
     fake.fail("db_wait_writes_stopped", None, DB_WRITES_CONTINUE, "writes go on")  # step 19
     async with running_worker(client, task_queue, [MajorMaintenanceWindowWorkflow], fake.activities()):
         cause = await failed(await start(client, task_queue, window_input()))
     assert cause.type == "ProcedureFailed" and "writes go on" in str(cause)
-    assert "Rolled back: old servers started again, maintenance page lifted, new server n2-v2-0-0, " \
+    assert (
+        "Rolled back: old servers started again, maintenance page lifted, new server n2-v2-0-0, "
         "new server n1-v2-0-0, warm replica released." in str(cause)
+    )
     m = fake.mutations()
     stopped = max(m.index(("stop_service", n)) for n in ("n1", "n2")) + 1
-    assert m[stopped:] == [("start_service", "n1"), ("start_service", "n2"), ("lb_set_maintenance", "main"),
-                           ("provision_destroy", N2), ("provision_destroy", N1),
-                           ("db_release_warm_replica", None)]
+    assert m[stopped:] == [
+        ("start_service", "n1"),
+        ("start_service", "n2"),
+        ("lb_set_maintenance", "main"),
+        ("provision_destroy", N2),
+        ("provision_destroy", N1),
+        ("db_release_warm_replica", None),
+    ]
     assert fake.schema == 1 and fake.warm == "released" and "db_apply_migration" not in [c for c, _ in m]
     assert_old_site_serves(fake, database="primary")

@@ -34,21 +34,30 @@ ALL_GATES = ("terminate", "drain-deadline", "restore-snapshot")
 
 
 def minor_input(inv: Inventory, **changes: Any) -> MinorBlueGreenInput:
-    return MinorBlueGreenInput(inventory=inv, package_path="/p.zip", settings=SETTINGS,
-                               system_commands=(COMMAND,), started_by="starter", **changes)
+    return MinorBlueGreenInput(
+        inventory=inv,
+        package_path="/p.zip",
+        settings=SETTINGS,
+        system_commands=(COMMAND,),
+        started_by="starter",
+        **changes,
+    )
 
 
 async def start(client: Client, task_queue: str, inp: MinorBlueGreenInput) -> WorkflowHandle[Any, Any]:
-    return await client.start_workflow(MinorBlueGreenWorkflow.run, inp, id=f"wf-{task_queue}",
-                                       task_queue=task_queue)
+    return await client.start_workflow(
+        MinorBlueGreenWorkflow.run, inp, id=f"wf-{task_queue}", task_queue=task_queue
+    )
 
 
-async def run(env: WorkflowEnvironment, task_queue: str, fake: BlueGreenSite,
-              inp: MinorBlueGreenInput) -> MinorBlueGreenResult:
+async def run(
+    env: WorkflowEnvironment, task_queue: str, fake: BlueGreenSite, inp: MinorBlueGreenInput
+) -> MinorBlueGreenResult:
     """The whole run, nobody deciding: every gate times out at once (time skipping)."""
     async with running_worker(env.client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
         result: MinorBlueGreenResult = await env.client.execute_workflow(
-            MinorBlueGreenWorkflow.run, inp, id=f"wf-{task_queue}", task_queue=task_queue)
+            MinorBlueGreenWorkflow.run, inp, id=f"wf-{task_queue}", task_queue=task_queue
+        )
     return result
 
 
@@ -92,7 +101,8 @@ def assert_old_site_intact(fake: BlueGreenSite) -> None:
 
 # ------------------------------------------------------------------ 1 the happy path
 async def test_happy_path_replaces_the_old_servers_in_the_runbooks_order(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = BlueGreenSite(blue_green_site())
     async with running_worker(client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
@@ -105,18 +115,30 @@ async def test_happy_path_replaces_the_old_servers_in_the_runbooks_order(
         result: MinorBlueGreenResult = await handle.result()
 
     assert fake.mutations() == [
-        ("db_backup", None), ("db_apply_migration", "2"),                                 # 1, 2
-        ("provision_create", N1), ("run_node_command", N1), ("save_settings_copy", "n1"),  # 3, 4, 5
-        ("deploy_package", N1), ("set_config_values", N1),                                 # 6
-        ("provision_start", N1), ("start_service", N1),                                    # 7
-        ("provision_create", N2), ("run_node_command", N2), ("set_config_values", N2),     # 8 (4, 6)
-        ("provision_start", N2), ("start_service", N2),                                    # 9
-        ("provision_array_disable", "web-array"),                                          # 10
-        ("lb_add_server", f"main/{N1}"), ("lb_add_server", f"main/{N2}"),                  # 11
-        ("set_health_file", "n1"), ("set_health_file", "n2"),                              # 12
-        ("lb_del_server", "main/n1"), ("lb_del_server", "main/n2"),                        # 14
-        ("provision_array_enable", "web-array"),                                           # 16
-        ("provision_destroy", "n1"), ("provision_destroy", "n2"),                          # 18
+        ("db_backup", None),
+        ("db_apply_migration", "2"),  # 1, 2
+        ("provision_create", N1),
+        ("run_node_command", N1),
+        ("save_settings_copy", "n1"),  # 3, 4, 5
+        ("deploy_package", N1),
+        ("set_config_values", N1),  # 6
+        ("provision_start", N1),
+        ("start_service", N1),  # 7
+        ("provision_create", N2),
+        ("run_node_command", N2),
+        ("set_config_values", N2),  # 8 (4, 6)
+        ("provision_start", N2),
+        ("start_service", N2),  # 9
+        ("provision_array_disable", "web-array"),  # 10
+        ("lb_add_server", f"main/{N1}"),
+        ("lb_add_server", f"main/{N2}"),  # 11
+        ("set_health_file", "n1"),
+        ("set_health_file", "n2"),  # 12
+        ("lb_del_server", "main/n1"),
+        ("lb_del_server", "main/n2"),  # 14
+        ("provision_array_enable", "web-array"),  # 16
+        ("provision_destroy", "n1"),
+        ("provision_destroy", "n2"),  # 18
     ]
     # The site ends upgraded: only the new servers, on the new code and settings, serve.
     assert sorted(fake.servers) == [N1, N2] and fake.destroyed == ["n1", "n2"]
@@ -131,14 +153,37 @@ async def test_happy_path_replaces_the_old_servers_in_the_runbooks_order(
     assert result.db_snapshot in fake.snapshots and fake.snapshots[result.db_snapshot] == 1
     assert len(result.settings_copy) == 1 and result.settings_copy[0].startswith("/backups/")
     assert not result.forced_detach and not result.dry_run
-    assert seed_order(result.steps) == ["P1", "P2", "P4", "1", "2", "3", "4", "5", "6", "7", "8", "4", "6",
-                                        "9", "10", "11", "12", "13", "14", "16", "17", "18"]
+    assert seed_order(result.steps) == [
+        "P1",
+        "P2",
+        "P4",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "8",
+        "4",
+        "6",
+        "9",
+        "10",
+        "11",
+        "12",
+        "13",
+        "14",
+        "16",
+        "17",
+        "18",
+    ]
     assert all(s.result in ("ok", "skipped") and s.retries == 0 for s in result.steps)
 
 
 # ------------------------------------------------------------------ 2 gates nobody decides
 async def test_drain_deadline_nobody_decides_rolls_back_and_keeps_the_snapshot(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = BlueGreenSite(blue_green_site(gates=ALL_GATES))
     fake.servers["n2"].sessions = 2  # a session on n2 that never ends
@@ -149,8 +194,10 @@ async def test_drain_deadline_nobody_decides_rolls_back_and_keeps_the_snapshot(
     assert cause.type == "ProcedureFailed" and "rollback chosen at gate drain-deadline" in str(cause)
     # The fail-safe defaults: drain-deadline -> rollback, then restore-snapshot -> keep.
     timed_out = {s.name: s for s in steps if "timed out" in s.name}
-    assert list(timed_out) == ["gate drain-deadline: timed out, rollback",
-                               "gate restore-snapshot: timed out, keep"]
+    assert list(timed_out) == [
+        "gate drain-deadline: timed out, rollback",
+        "gate restore-snapshot: timed out, keep",
+    ]
     drain_failed = next(s for s in steps if s.seed_step == "13" and s.result == "failed")
     assert drain_failed.node == "n2" and drain_failed.ended is not None
     waited = timed_out["gate drain-deadline: timed out, rollback"].started - drain_failed.ended
@@ -160,8 +207,9 @@ async def test_drain_deadline_nobody_decides_rolls_back_and_keeps_the_snapshot(
     assert fake.destroyed == [N2, N1] and fake.schema == 2 and fake.restored == []
 
 
-async def test_terminate_nobody_decides_keeps_the_old_servers(time_skipping_env: WorkflowEnvironment,
-                                                              task_queue: str) -> None:
+async def test_terminate_nobody_decides_keeps_the_old_servers(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = BlueGreenSite(blue_green_site())
     result = await run(time_skipping_env, task_queue, fake, minor_input(fake.inv, gate_timeout_s=3600.0))
     assert result.terminated == () and fake.destroyed == []
@@ -176,8 +224,9 @@ async def test_terminate_nobody_decides_keeps_the_old_servers(time_skipping_env:
 
 
 @pytest.mark.parametrize("choice", ["wait", "force"])
-async def test_drain_deadline_wait_or_force(time_skipping_env: WorkflowEnvironment, task_queue: str,
-                                            choice: str) -> None:
+async def test_drain_deadline_wait_or_force(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, choice: str
+) -> None:
     client = time_skipping_env.client
     fake = BlueGreenSite(blue_green_site(gates=ALL_GATES))
     fake.servers["n2"].sessions = 1
@@ -199,7 +248,8 @@ async def test_drain_deadline_wait_or_force(time_skipping_env: WorkflowEnvironme
 
 
 async def test_rollback_at_terminate_reattaches_the_old_servers_and_restores_the_snapshot(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = BlueGreenSite(blue_green_site(gates=ALL_GATES))
     async with running_worker(client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
@@ -226,8 +276,9 @@ def failing_test_of_n1() -> BlueGreenSite:
     return fake
 
 
-async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: WorkflowEnvironment,
-                                                          task_queue: str) -> None:
+async def test_failure_gate_retry_after_the_fix_completes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_test_of_n1()
     async with running_worker(client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
@@ -245,7 +296,8 @@ async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: Wor
 
 @pytest.mark.parametrize("how", ["rollback", "timeout"])
 async def test_failure_gate_rollback_or_nobody_in_time_undoes_the_new_server(
-        time_skipping_env: WorkflowEnvironment, task_queue: str, how: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_test_of_n1()
     inp = minor_input(fake.inv, on_failure="ask", failure_gate_timeout_s=3600.0)
@@ -256,19 +308,25 @@ async def test_failure_gate_rollback_or_nobody_in_time_undoes_the_new_server(
         cause = await failed(handle)  # "timeout": the hour passes at once
         steps = await steps_of(handle)
     assert cause.type == "ProcedureFailed" and "Rolled back: new server n1-v2-0-0" in str(cause)
-    expected = {"rollback": f"gate {FAILURE_GATE}: rollback chosen by ops1",
-                "timeout": f"gate {FAILURE_GATE}: timed out, rollback"}[how]
+    expected = {
+        "rollback": f"gate {FAILURE_GATE}: rollback chosen by ops1",
+        "timeout": f"gate {FAILURE_GATE}: timed out, rollback",
+    }[how]
     assert expected in names(steps)
     assert_old_site_intact(fake)
     assert fake.destroyed == [N1] and ("provision_create", N2) not in fake.calls
     # The old servers were never touched; the additive migration stays (nobody may restore).
-    assert not [c for c in fake.mutations() if c[1] in ("n1", "n2", "main/n1", "main/n2")
-                and c[0] != "save_settings_copy"]
+    assert not [
+        c
+        for c in fake.mutations()
+        if c[1] in ("n1", "n2", "main/n1", "main/n2") and c[0] != "save_settings_copy"
+    ]
     assert fake.schema == 2 and "keep the database as migrated" in names(steps)
 
 
-async def test_failure_gate_abort_leaves_everything_in_place(time_skipping_env: WorkflowEnvironment,
-                                                             task_queue: str) -> None:
+async def test_failure_gate_abort_leaves_everything_in_place(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     client = time_skipping_env.client
     fake = failing_test_of_n1()
     async with running_worker(client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
@@ -278,8 +336,10 @@ async def test_failure_gate_abort_leaves_everything_in_place(time_skipping_env: 
     text = str(cause)
     assert cause.type == "ProcedureAborted"
     assert f"aborted by ops1 at 'test: healthy, version {NEW}, log-on on {N1}'" in text
-    assert "changes not undone (newest first): new server n1-v2-0-0, database snapshot (restored only if " \
+    assert (
+        "changes not undone (newest first): new server n1-v2-0-0, database snapshot (restored only if "
         "chosen)" in text
+    )
     assert "kept: database snapshot: /backups/" in text
     assert "kept: settings copy web.config: /backups/" in text
     # Nothing undone: the new server stays, the old ones serve, the schema stays migrated.
@@ -288,8 +348,9 @@ async def test_failure_gate_abort_leaves_everything_in_place(time_skipping_env: 
 
 
 # ------------------------------------------------------------------ 4 retries
-async def test_transient_errors_are_retried_and_counted_per_step(time_skipping_env: WorkflowEnvironment,
-                                                                 task_queue: str) -> None:
+async def test_transient_errors_are_retried_and_counted_per_step(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = BlueGreenSite(blue_green_site())
     fake.fail("db_backup", None, DATABASE_ERROR, "deadlock found", retryable=True, times=1)
     fake.fail("run_node_command", N2, SSH_UNREACHABLE, "connection reset", retryable=True, times=1)
@@ -299,14 +360,19 @@ async def test_transient_errors_are_retried_and_counted_per_step(time_skipping_e
     assert all(s.result == "ok" and s.retries == 1 for s in retried.values())
     assert "deadlock found" in (retried[("1", None)].detail or "")
     assert [c for c in fake.calls if c[0] in ("db_backup", "run_node_command")] == [
-        ("db_backup", None), ("db_backup", None), ("run_node_command", N1), ("run_node_command", N2),
-        ("run_node_command", N2)]
+        ("db_backup", None),
+        ("db_backup", None),
+        ("run_node_command", N1),
+        ("run_node_command", N2),
+        ("run_node_command", N2),
+    ]
     assert fake.serving("main") == [N1, N2] and fake.problems == []
 
 
 # ------------------------------------------------------------------ 5 compensation order
-async def test_a_late_failure_runs_the_compensations_newest_first(time_skipping_env: WorkflowEnvironment,
-                                                                  task_queue: str) -> None:
+async def test_a_late_failure_runs_the_compensations_newest_first(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = BlueGreenSite(blue_green_site())
     fake.fail("check_login", "main", LOGIN_FAILED, "log-on refused")  # step 17, through the balancer
     with pytest.raises(WorkflowFailureError) as info:
@@ -314,17 +380,27 @@ async def test_a_late_failure_runs_the_compensations_newest_first(time_skipping_
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "ProcedureFailed"
     assert "failed at '17 test the site through the load balancer'" in str(cause)
-    assert ("Rolled back: old server n2 back in main, old server n1 back in main, server array web-array "
-            "enabled again, new server n2-v2-0-0, new server n1-v2-0-0, database snapshot (restored only "
-            "if chosen).") in str(cause)
+    assert (
+        "Rolled back: old server n2 back in main, old server n1 back in main, server array web-array "
+        "enabled again, new server n2-v2-0-0, new server n1-v2-0-0, database snapshot (restored only "
+        "if chosen)."
+    ) in str(cause)
     mutations = fake.mutations()
     last_change = mutations.index(("provision_array_enable", "web-array")) + 1
     expected: list[Call] = [
-        ("lb_add_server", "main/n2"), ("set_health_file", "n2"), ("lb_set_state", "main/n2"),
-        ("lb_add_server", "main/n1"), ("set_health_file", "n1"), ("lb_set_state", "main/n1"),
+        ("lb_add_server", "main/n2"),
+        ("set_health_file", "n2"),
+        ("lb_set_state", "main/n2"),
+        ("lb_add_server", "main/n1"),
+        ("set_health_file", "n1"),
+        ("lb_set_state", "main/n1"),
         ("provision_array_enable", "web-array"),
-        ("lb_set_state", f"main/{N2}"), ("lb_del_server", f"main/{N2}"), ("provision_destroy", N2),
-        ("lb_set_state", f"main/{N1}"), ("lb_del_server", f"main/{N1}"), ("provision_destroy", N1),
+        ("lb_set_state", f"main/{N2}"),
+        ("lb_del_server", f"main/{N2}"),
+        ("provision_destroy", N2),
+        ("lb_set_state", f"main/{N1}"),
+        ("lb_del_server", f"main/{N1}"),
+        ("provision_destroy", N1),
     ]
     assert mutations[last_change:] == expected
     assert_old_site_intact(fake)

@@ -68,8 +68,14 @@ Move = tuple[str, str | None, str]
 
 
 def inp(n: int = 2, **kw: Any) -> OxNodeUpgradeInput:
-    fields: dict[str, Any] = {"inventory": ox_site(n), "version": NEW, "server_name": NEW_SERVER,
-                              "started_by": "starter", "failure_gate_timeout_s": HOUR, "gate_timeout_s": HOUR}
+    fields: dict[str, Any] = {
+        "inventory": ox_site(n),
+        "version": NEW,
+        "server_name": NEW_SERVER,
+        "started_by": "starter",
+        "failure_gate_timeout_s": HOUR,
+        "gate_timeout_s": HOUR,
+    }
     fields.update(kw)
     return OxNodeUpgradeInput(**fields)
 
@@ -79,12 +85,15 @@ def fake_site(n: int = 2, **kw: Any) -> FakeOx:
 
 
 @asynccontextmanager
-async def started(env: WorkflowEnvironment, task_queue: str, fake: FakeOx,
-                  arg: OxNodeUpgradeInput) -> AsyncIterator[Handle]:
-    async with running_worker(env.client, task_queue, [OxNodeUpgradeWorkflow, OxUpgradeSchemataWorkflow],
-                              fake.activities()):
-        yield await env.client.start_workflow(OxNodeUpgradeWorkflow.run, arg, id=f"wf-{task_queue}",
-                                              task_queue=task_queue)
+async def started(
+    env: WorkflowEnvironment, task_queue: str, fake: FakeOx, arg: OxNodeUpgradeInput
+) -> AsyncIterator[Handle]:
+    async with running_worker(
+        env.client, task_queue, [OxNodeUpgradeWorkflow, OxUpgradeSchemataWorkflow], fake.activities()
+    ):
+        yield await env.client.start_workflow(
+            OxNodeUpgradeWorkflow.run, arg, id=f"wf-{task_queue}", task_queue=task_queue
+        )
 
 
 async def finish(handle: Handle) -> OxNodeUpgradeResult:
@@ -101,8 +110,9 @@ async def failed(handle: Handle) -> tuple[ApplicationError, list[StepRecord]]:
     return cause, list(progress.steps)
 
 
-async def child_gate(env: WorkflowEnvironment, child_id: str,
-                     gate: str) -> tuple[WorkflowHandle[Any, Any], PendingGate]:
+async def child_gate(
+    env: WorkflowEnvironment, child_id: str, gate: str
+) -> tuple[WorkflowHandle[Any, Any], PendingGate]:
     """A gate of a child workflow, once the child exists."""
     child = env.client.get_workflow_handle(child_id)
     for _ in range(100):
@@ -134,11 +144,17 @@ def into(lb: str, n: str) -> list[Move]:
 def node_turn(n: str, register_on: str | None = None) -> list[Move]:
     """1 out of main; 2 stop, install, its own Hazelcast cluster, SERVER_NAME; 8 no redirect;
     3 (first node) register; 2 start; 9 into the secondary."""
-    return [*out_of(MAIN, n), ("stop_service", n, ""), ("ox_install_version", n, NEW),
-            ("ox_set_property", n, f"hazelcast={NEW_GROUP}"),
-            ("ox_set_property", n, f"SERVER_NAME={NEW_SERVER}"), ("ox_set_property", n, "redirect=None"),
-            *([("ox_register_server", register_on, NEW_SERVER)] if register_on else []),
-            ("start_service", n, ""), *into(SECONDARY, n)]
+    return [
+        *out_of(MAIN, n),
+        ("stop_service", n, ""),
+        ("ox_install_version", n, NEW),
+        ("ox_set_property", n, f"hazelcast={NEW_GROUP}"),
+        ("ox_set_property", n, f"SERVER_NAME={NEW_SERVER}"),
+        ("ox_set_property", n, "redirect=None"),
+        *([("ox_register_server", register_on, NEW_SERVER)] if register_on else []),
+        ("start_service", n, ""),
+        *into(SECONDARY, n),
+    ]
 
 
 def schemata_by(n: str, *schemata: str) -> list[Move]:
@@ -148,9 +164,16 @@ def schemata_by(n: str, *schemata: str) -> list[Move]:
 
 def node_back(n: str) -> list[Move]:
     """A node's rollback: out of the secondary, the old release and properties, into main."""
-    return [*out_of(SECONDARY, n), ("stop_service", n, ""), ("ox_install_version", n, OLD),
-            ("ox_set_property", n, "redirect=None"), ("ox_set_property", n, f"hazelcast={OLD_GROUP}"),
-            ("ox_set_property", n, f"SERVER_NAME={OLD_SERVER}"), ("start_service", n, ""), *into(MAIN, n)]
+    return [
+        *out_of(SECONDARY, n),
+        ("stop_service", n, ""),
+        ("ox_install_version", n, OLD),
+        ("ox_set_property", n, "redirect=None"),
+        ("ox_set_property", n, f"hazelcast={OLD_GROUP}"),
+        ("ox_set_property", n, f"SERVER_NAME={OLD_SERVER}"),
+        ("start_service", n, ""),
+        *into(MAIN, n),
+    ]
 
 
 def redirect_back(n: str) -> list[Move]:
@@ -195,21 +218,31 @@ def seed_order(steps: tuple[StepRecord, ...], n: str) -> list[str | None]:
 
 
 # ---------------------------------------------------------------------------- 1 happy path
-async def test_node_by_node_in_the_runbooks_order(time_skipping_env: WorkflowEnvironment,
-                                                  task_queue: str) -> None:
+async def test_node_by_node_in_the_runbooks_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(3)
     async with started(time_skipping_env, task_queue, fake, inp(3)) as handle:
         res = await finish(handle)
     # Default shares on three nodes: ox1 a pilot schema, ox2 the rest (OX's order), ox3 none.
     assert res.shares == (NodeShare("ox1", (S1,)), NodeShare("ox2", (S2, S10)), NodeShare("ox3", ()))
     assert moves(fake) == [
-        *redirect_on("ox1"), *redirect_on("ox2"), *redirect_on("ox3"),
-        *node_turn("ox1", register_on="ox3"), *schemata_by("ox1", S1),
-        *node_turn("ox2"), *schemata_by("ox2", S2, S10),
+        *redirect_on("ox1"),
+        *redirect_on("ox2"),
+        *redirect_on("ox3"),
+        *node_turn("ox1", register_on="ox3"),
+        *schemata_by("ox1", S1),
+        *node_turn("ox2"),
+        *schemata_by("ox2", S2, S10),
         # Post process pulled forward: the new nodes into main before the last old one leaves.
-        *into(MAIN, "ox1"), *into(MAIN, "ox2"),
+        *into(MAIN, "ox1"),
+        *into(MAIN, "ox2"),
         *node_turn("ox3"),
-        *into(MAIN, "ox3"), *out_of(SECONDARY, "ox1"), *out_of(SECONDARY, "ox2"), *out_of(SECONDARY, "ox3")]
+        *into(MAIN, "ox3"),
+        *out_of(SECONDARY, "ox1"),
+        *out_of(SECONDARY, "ox2"),
+        *out_of(SECONDARY, "ox3"),
+    ]
     assert_upgraded(fake)
     assert fake.main_low >= 1  # no moment without a node serving in the main balancer
     assert fake.servers == {OLD_SERVER_ID: OLD_SERVER, NEW_ID: NEW_SERVER}
@@ -221,13 +254,15 @@ async def test_node_by_node_in_the_runbooks_order(time_skipping_env: WorkflowEnv
     assert all(s.result == "ok" and s.retries == 0 for s in res.steps if s.result != "skipped")
     # The first child used the server step 3 registered, without asking.
     child = await time_skipping_env.client.get_workflow_handle(
-        res.children[0], result_type=OxUpgradeSchemataResult).result()
+        res.children[0], result_type=OxUpgradeSchemataResult
+    ).result()
     assert (child.upgraded, child.server_id, child.server_registered) == ((S1,), NEW_ID, False)
 
 
 # ---------------------------------------------------------------------------- 2 the registered-server gate
 async def test_registered_server_gate_times_out_to_abort_before_anything_changes(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     fake.servers[7] = NEW_SERVER
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
@@ -238,8 +273,9 @@ async def test_registered_server_gate_times_out_to_abort_before_anything_changes
     assert_as_before(fake)
 
 
-async def test_registered_server_continue_uses_it_on_every_node(time_skipping_env: WorkflowEnvironment,
-                                                                task_queue: str) -> None:
+async def test_registered_server_continue_uses_it_on_every_node(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     fake.servers[7] = NEW_SERVER
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
@@ -255,8 +291,9 @@ async def test_registered_server_continue_uses_it_on_every_node(time_skipping_en
 
 # ---------------------------------------------------------------------------- 3 failure gates
 @pytest.mark.parametrize("how", ["retry", "rollback", "abort", "timeout"])
-async def test_failure_gate_on_an_unhealthy_node(time_skipping_env: WorkflowEnvironment, task_queue: str,
-                                                 how: str) -> None:
+async def test_failure_gate_on_an_unhealthy_node(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     fake = fake_site(unhealthy={"ox1"})
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
         if how != "timeout":
@@ -284,8 +321,10 @@ async def test_failure_gate_on_an_unhealthy_node(time_skipping_env: WorkflowEnvi
         assert fake.prop("ox2", REDIRECT_KEY) == SECONDARY_URL
         assert "ox_upgrade_schema" not in [m[0] for m in moves(fake)]
         return
-    expected = {"rollback": "gate failure:2@ox1: rollback chosen by ops1",
-                "timeout": "gate failure:2@ox1: timed out, rollback"}[how]
+    expected = {
+        "rollback": "gate failure:2@ox1: rollback chosen by ops1",
+        "timeout": "gate failure:2@ox1: timed out, rollback",
+    }[how]
     assert expected in [s.name for s in steps]
     assert_as_before(fake)
     assert error.type == "ProcedureFailed" and "HealthCheckFailed: ox1 /health answered 500" in str(error)
@@ -294,8 +333,9 @@ async def test_failure_gate_on_an_unhealthy_node(time_skipping_env: WorkflowEnvi
     assert f"failed at '{HEALTHY}' on ox1" in str(error)
 
 
-async def test_the_childs_failure_gate_retry_completes_the_whole_run(time_skipping_env: WorkflowEnvironment,
-                                                                     task_queue: str) -> None:
+async def test_the_childs_failure_gate_retry_completes_the_whole_run(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(update_fails={S1: 1})
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
         child, gate = await child_gate(time_skipping_env, f"wf-{task_queue}-schemata-ox1", f"failure:6@{S1}")
@@ -308,8 +348,9 @@ async def test_the_childs_failure_gate_retry_completes_the_whole_run(time_skippi
 
 
 # ---------------------------------------------------------------------------- 4 retries
-async def test_retryable_errors_are_retried_and_counted(time_skipping_env: WorkflowEnvironment,
-                                                        task_queue: str) -> None:
+async def test_retryable_errors_are_retried_and_counted(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(flaky={"ox_install_version": [SSH_UNREACHABLE], "lb_set_state": [LB_RUNTIME_API_ERROR]})
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
         res = await finish(handle)
@@ -323,21 +364,28 @@ async def test_retryable_errors_are_retried_and_counted(time_skipping_env: Workf
 
 
 # ---------------------------------------------------------------------------- 5 rollback
-async def test_failed_pilot_schema_compensates_newest_first(time_skipping_env: WorkflowEnvironment,
-                                                            task_queue: str) -> None:
+async def test_failed_pilot_schema_compensates_newest_first(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(update_fails={S1: 1})
     async with started(time_skipping_env, task_queue, fake, inp(on_failure="rollback")) as handle:
         error, steps = await failed(handle)
     assert error.type == "ProcedureFailed"
-    assert (f"Rolled back: ox1: back to {OLD}, ox2: {REDIRECT_KEY} as before, ox1: {REDIRECT_KEY} as before."
-            in str(error))
+    assert (
+        f"Rolled back: ox1: back to {OLD}, ox2: {REDIRECT_KEY} as before, ox1: {REDIRECT_KEY} as before."
+        in str(error)
+    )
     done = moves(fake)
     failure = done.index(("ox_upgrade_schema", S1, "ox1"))
     assert done[:failure] == [*redirect_on("ox1"), *redirect_on("ox2"), *node_turn("ox1", register_on="ox2")]
     # The child reverts the schema; then the compensations, newest first: the node, then the
     # redirect URL of every old node in reverse order.
-    assert done[failure + 1:] == [("ox_revert_schema", S1, f"server {OLD_SERVER_ID}"), *node_back("ox1"),
-                                  *redirect_back("ox2"), *redirect_back("ox1")]
+    assert done[failure + 1 :] == [
+        ("ox_revert_schema", S1, f"server {OLD_SERVER_ID}"),
+        *node_back("ox1"),
+        *redirect_back("ox2"),
+        *redirect_back("ox1"),
+    ]
     assert_as_before(fake)
     assert fake.main_low >= 1
     rollback = [s for s in steps if s.name.startswith("rollback")]
@@ -345,8 +393,9 @@ async def test_failed_pilot_schema_compensates_newest_first(time_skipping_env: W
     assert all(s.result == "ok" for s in rollback)
 
 
-async def test_rollback_after_a_schema_moved_keeps_its_users_served(time_skipping_env: WorkflowEnvironment,
-                                                                    task_queue: str) -> None:
+async def test_rollback_after_a_schema_moved_keeps_its_users_served(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # The pilot schema is on the new server (served by ox1 through the secondary balancer)
     # when ox2 fails its health check. The docstring: the upgraded nodes stay. The seed:
     # an old node redirects a moved context's users only while migrationRedirectURL is set,
@@ -362,4 +411,5 @@ async def test_rollback_after_a_schema_moved_keeps_its_users_served(time_skippin
     assert (fake.running["ox3"], fake.lb[(MAIN, "ox3")]) == (OLD, "ready")
     assert fake.prop("ox3", REDIRECT_KEY) == SECONDARY_URL, (
         f"ox3 lost {REDIRECT_KEY} in the rollback while {S1} lives on the new server: "
-        f"{[m for m in moves(fake) if m[1] == 'ox3'][-2:]}")
+        f"{[m for m in moves(fake) if m[1] == 'ox3'][-2:]}"
+    )

@@ -54,15 +54,17 @@ async def ox(lab: LabConfig) -> LabConfig:
     return lab
 
 
-async def run_ok(client: Client, task_queue: str, wf_id: str, cfg: LabConfig,
-                 **kw: Any) -> OxUpgradeSchemataResult:
+async def run_ok(
+    client: Client, task_queue: str, wf_id: str, cfg: LabConfig, **kw: Any
+) -> OxUpgradeSchemataResult:
     handle = await start_schemata(client, task_queue, schemata_input(cfg, **kw), wf_id)
     result: OxUpgradeSchemataResult = await handle.result()
     return result
 
 
 async def test_plain_stops_at_the_first_failure_and_abort_leaves_it_disabled(
-        ox: LabConfig, client: Client, lab_worker: str) -> None:
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     configdb.inject_update_failure(ox, s(3))
     handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT), "oxs-plain")
     gate = await pending(handle, f"failure:6@{s(3)}")
@@ -78,18 +80,26 @@ async def test_plain_stops_at_the_first_failure_and_abort_leaves_it_disabled(
     assert isinstance(cause, ApplicationError) and cause.type == "ProcedureAborted"
     assert f"aborted at schema {s(3)} by {APPROVER}" in str(cause)
     assert f"resume_from={s(2)} (-m {s(2)})" in str(cause)
-    assert classify(ox) == {"upgraded": names(1, 2), "failed_disabled": names(3),
-                            "untouched": names(*range(4, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1, 2),
+        "failed_disabled": names(3),
+        "untouched": names(*range(4, 21)),
+    }
     # ... and the seed's -m resumes after it: the failed schema is skipped, the rest upgraded.
-    result = await run_ok(client, lab_worker, "oxs-plain-resume", ox, schemata=EIGHT, resume_from=s(3),
-                          expect_registered=True)
+    result = await run_ok(
+        client, lab_worker, "oxs-plain-resume", ox, schemata=EIGHT, resume_from=s(3), expect_registered=True
+    )
     assert set(result.upgraded) == names(*range(4, 9)) and result.passed_over == EIGHT[:3]
-    assert classify(ox) == {"upgraded": names(1, 2, *range(4, 9)), "failed_disabled": names(3),
-                            "untouched": names(*range(9, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1, 2, *range(4, 9)),
+        "failed_disabled": names(3),
+        "untouched": names(*range(9, 21)),
+    }
 
 
-async def test_force_goes_on_and_reports_the_failed_schemata(ox: LabConfig, client: Client,
-                                                              lab_worker: str) -> None:
+async def test_force_goes_on_and_reports_the_failed_schemata(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     for i in (3, 7):
         configdb.inject_update_failure(ox, s(i))
     result = await run_ok(client, lab_worker, "oxs-force", ox, schemata=EIGHT, force=True)
@@ -97,17 +107,24 @@ async def test_force_goes_on_and_reports_the_failed_schemata(ox: LabConfig, clie
     assert all(f.seed_step == "6" and "LabInjectedFailureTask" in f.error for f in result.failed)
     assert set(result.left_disabled) == names(3, 7) and set(result.upgraded) == names(1, 2, 4, 5, 6, 8)
     assert result.server_registered and result.server_id == new_server_id(ox)
-    assert classify(ox) == {"upgraded": names(1, 2, 4, 5, 6, 8), "failed_disabled": names(3, 7),
-                            "untouched": names(*range(9, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1, 2, 4, 5, 6, 8),
+        "failed_disabled": names(3, 7),
+        "untouched": names(*range(9, 21)),
+    }
 
 
 async def test_force_and_resume_from_a_schema(ox: LabConfig, client: Client, lab_worker: str) -> None:
     configdb.inject_update_failure(ox, s(7))
-    result = await run_ok(client, lab_worker, "oxs-force-resume", ox, schemata=EIGHT, force=True,
-                          resume_from=s(4))
+    result = await run_ok(
+        client, lab_worker, "oxs-force-resume", ox, schemata=EIGHT, force=True, resume_from=s(4)
+    )
     assert result.passed_over == EIGHT[:4] and [f.schema for f in result.failed] == [s(7)]
-    assert classify(ox) == {"upgraded": names(5, 6, 8), "failed_disabled": names(7),
-                            "untouched": names(1, 2, 3, 4, *range(9, 21))}
+    assert classify(ox) == {
+        "upgraded": names(5, 6, 8),
+        "failed_disabled": names(7),
+        "untouched": names(1, 2, 3, 4, *range(9, 21)),
+    }
 
 
 async def test_skip_list_is_never_touched(ox: LabConfig, client: Client, lab_worker: str) -> None:
@@ -121,12 +138,16 @@ async def test_skip_list_is_never_touched(ox: LabConfig, client: Client, lab_wor
 async def test_force_resume_and_skip_combined(ox: LabConfig, client: Client, lab_worker: str) -> None:
     for i in (5, 6):
         configdb.inject_update_failure(ox, s(i))
-    result = await run_ok(client, lab_worker, "oxs-fmk", ox, schemata=EIGHT, force=True,
-                          resume_from=s(2), skip=(s(4), s(6)))
+    result = await run_ok(
+        client, lab_worker, "oxs-fmk", ox, schemata=EIGHT, force=True, resume_from=s(2), skip=(s(4), s(6))
+    )
     assert result.passed_over == EIGHT[:2] and result.skipped == (s(4), s(6))
     assert [f.schema for f in result.failed] == [s(5)]
-    assert classify(ox) == {"upgraded": names(3, 7, 8), "failed_disabled": names(5),
-                            "untouched": names(1, 2, 4, 6, *range(9, 21))}
+    assert classify(ox) == {
+        "upgraded": names(3, 7, 8),
+        "failed_disabled": names(5),
+        "untouched": names(1, 2, 4, 6, *range(9, 21)),
+    }
 
 
 async def test_failure_gate_retry_revert_and_skip(ox: LabConfig, client: Client, lab_worker: str) -> None:
@@ -141,15 +162,20 @@ async def test_failure_gate_retry_revert_and_skip(ox: LabConfig, client: Client,
     assert set(result.upgraded) == names(1, 2, 3, 5, 7, 8)
     assert result.reverted == (s(4),) and result.left_disabled == (s(6),)
     assert [f.schema for f in result.failed] == [s(4), s(6)]
-    assert classify(ox) == {"upgraded": names(1, 2, 3, 5, 7, 8), "failed_enabled_old": names(4),
-                            "failed_disabled": names(6), "untouched": names(*range(9, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1, 2, 3, 5, 7, 8),
+        "failed_enabled_old": names(4),
+        "failed_disabled": names(6),
+        "untouched": names(*range(9, 21)),
+    }
     assert states(ox)[s(2)].update_runs == 2  # the failed run and the retry
     retried = [st for st in result.steps if st.name == f"4 disable schema {s(2)}"]
     assert [st.retries for st in retried] == [0, 1]
 
 
-async def test_unguided_failure_reverts_the_schema_and_stops(ox: LabConfig, client: Client,
-                                                             lab_worker: str) -> None:
+async def test_unguided_failure_reverts_the_schema_and_stops(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     configdb.inject_update_failure(ox, s(2))
     inp = schemata_input(ox, schemata=EIGHT, on_failure="rollback")
     handle = await start_schemata(client, lab_worker, inp, "oxs-unguided")
@@ -158,14 +184,19 @@ async def test_unguided_failure_reverts_the_schema_and_stops(ox: LabConfig, clie
     assert isinstance(info.value.cause, ApplicationError)
     assert info.value.cause.type == "SchemaUpgradeStopped"
     assert f"reverted at schema {s(2)}" in str(info.value.cause)
-    assert classify(ox) == {"upgraded": names(1), "failed_enabled_old": names(2),
-                            "untouched": names(*range(3, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1),
+        "failed_enabled_old": names(2),
+        "untouched": names(*range(3, 21)),
+    }
 
 
-async def test_server_already_registered_continue_and_abort(ox: LabConfig, client: Client,
-                                                            lab_worker: str) -> None:
-    with configdb.connect(port=ox.primary_db_port, password=configdb.ox_db_password_file(ox)
-                          .read_text().strip()) as conn:
+async def test_server_already_registered_continue_and_abort(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
+    with configdb.connect(
+        port=ox.primary_db_port, password=configdb.ox_db_password_file(ox).read_text().strip()
+    ) as conn:
         existing = configdb.register_server(conn, NEW_SERVER)
     # abort: nothing is changed.
     handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT[:2]), "oxs-reg-abort")
@@ -186,8 +217,7 @@ async def test_server_already_registered_continue_and_abort(ox: LabConfig, clien
 
 async def test_continues_as_new_with_progress_carried(ox: LabConfig, client: Client, lab_worker: str) -> None:
     configdb.inject_update_failure(ox, s(9))
-    result = await run_ok(client, lab_worker, "oxs-can", ox, force=True, schemata_per_run=6,
-                          concurrency=2)
+    result = await run_ok(client, lab_worker, "oxs-can", ox, force=True, schemata_per_run=6, concurrency=2)
     # 20 schemata, 6 started per run: four runs, one history each.
     assert result.runs == 4 and 0 < result.max_events_per_run < 400
     assert set(result.upgraded) == names(*range(1, 21)) - names(9) and result.left_disabled == (s(9),)
@@ -195,8 +225,9 @@ async def test_continues_as_new_with_progress_carried(ox: LabConfig, client: Cli
     assert all(st.update_runs == 1 for st in states(ox).values())
 
 
-async def test_concurrency_bounds_the_schemata_disabled_at_once(ox: LabConfig, client: Client,
-                                                                lab_worker: str) -> None:
+async def test_concurrency_bounds_the_schemata_disabled_at_once(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     result = await run_ok(client, lab_worker, "oxs-c4", ox, concurrency=4, schemata=EIGHT)
     assert set(result.upgraded) == set(EIGHT)
     # Each schema is disabled from its step 4's start to its step 7's end, and never more
@@ -220,13 +251,17 @@ async def test_drive_the_tool_itself(ox: LabConfig, client: Client, lab_worker: 
     assert classify(ox) == {"upgraded": names(*range(15, 21)), "untouched": names(*range(1, 15))}
 
 
-async def test_bad_input_is_refused_before_anything_is_touched(ox: LabConfig, client: Client,
-                                                               lab_worker: str) -> None:
+async def test_bad_input_is_refused_before_anything_is_touched(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     inv = ox_inventory(ox)
     cases: list[tuple[dict[str, Any], str]] = [
         (dict(skip=("oxdatabase_99",)), "skip (-k): no such schema oxdatabase_99"),
-        (dict(resume_from="nope_1"), "resume_from (-m): no such schema nope_1 (OX's upgradeschemata would "
-                                     "silently start from the first schema; zerodown refuses instead)"),
+        (
+            dict(resume_from="nope_1"),
+            "resume_from (-m): no such schema nope_1 (OX's upgradeschemata would "
+            "silently start from the first schema; zerodown refuses instead)",
+        ),
         # OX's upgradeschemata ignores -k (it splits a literal ','): never report a skip it did not do.
         (dict(drive_tool=True, skip=(s(2),)), "skip (-k) with drive_tool: OX's upgradeschemata ignores -k"),
         (dict(concurrency=0), "concurrency must be 1 to 32, got 0"),
@@ -245,8 +280,8 @@ async def test_bad_input_is_refused_before_anything_is_touched(ox: LabConfig, cl
 
 
 async def test_worker_killed_mid_schema_resumes_without_updating_a_schema_twice(
-        lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str,
-        tmp_path: Path) -> None:
+    lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+) -> None:
     await ox_fresh(lab, runupdate_s=1.5)
     first = start_worker_process(temporal_address(temporal_env), task_queue, tmp_path / "worker.log")
     second = None
@@ -278,8 +313,9 @@ async def test_worker_killed_mid_schema_resumes_without_updating_a_schema_twice(
     await ox_fresh(lab)
 
 
-async def test_a_stopped_run_is_resumed_from_where_it_stopped(ox: LabConfig, client: Client,
-                                                              lab_worker: str) -> None:
+async def test_a_stopped_run_is_resumed_from_where_it_stopped(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     await asyncio.to_thread(ox_nodes.set_runupdate_seconds, ox, 0.5)
     handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT), "oxs-stop")
     for _ in range(300):  # let a few schemata go through
@@ -295,11 +331,12 @@ async def test_a_stopped_run_is_resumed_from_where_it_stopped(ox: LabConfig, cli
     # says where to resume.
     done = classify(ox)["upgraded"]
     assert 2 <= len(done) < 8 and classify(ox).get("other") is None
-    assert set(EIGHT[:len(done)]) == done
+    assert set(EIGHT[: len(done)]) == done
     last = EIGHT[len(done) - 1]
     assert f"resume_from={last} (-m {last})" in text, text
-    result = await run_ok(client, lab_worker, "oxs-resumed", ox, schemata=EIGHT, resume_from=last,
-                          expect_registered=True)
+    result = await run_ok(
+        client, lab_worker, "oxs-resumed", ox, schemata=EIGHT, resume_from=last, expect_registered=True
+    )
     assert set(result.upgraded) == set(EIGHT) - done
     assert classify(ox) == {"upgraded": set(EIGHT), "untouched": names(*range(9, 21))}
     assert all(st.update_runs == 1 for n, st in states(ox).items() if n in EIGHT)
@@ -309,8 +346,9 @@ async def test_a_stopped_run_is_resumed_from_where_it_stopped(ox: LabConfig, cli
 # (issue 14: each of these failed against the tools re-derived from OX's source before the fix)
 
 
-async def test_resume_from_follows_oxs_number_order_not_the_listings(ox: LabConfig, client: Client,
-                                                                     lab_worker: str) -> None:
+async def test_resume_from_follows_oxs_number_order_not_the_listings(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     # listdatabaseschema promises no order (the lab lists oxdatabase_10.._12 before _2); OX's
     # tool sorts by the number after the last '_' and starts after the -m schema.
     twelve = tuple(s(i) for i in range(1, 13))
@@ -320,12 +358,17 @@ async def test_resume_from_follows_oxs_number_order_not_the_listings(ox: LabConf
     assert classify(ox) == {"upgraded": names(10, 11, 12), "untouched": names(*range(1, 10), *range(13, 21))}
 
 
-async def test_schemata_without_contexts_are_skipped_and_recorded(ox: LabConfig, client: Client,
-                                                                  lab_worker: str) -> None:
+async def test_schemata_without_contexts_are_skipped_and_recorded(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     empty = s(21)
     configdb.add_empty_schema(ox, empty)
-    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=(s(1), s(2), s(3), empty)),
-                                  "ox-upgradeschemata-empty-schema-skipped")
+    handle = await start_schemata(
+        client,
+        lab_worker,
+        schemata_input(ox, schemata=(s(1), s(2), s(3), empty)),
+        "ox-upgradeschemata-empty-schema-skipped",
+    )
     result: OxUpgradeSchemataResult = await handle.result()
     await keep_history(handle)
     assert result.skipped_empty == (empty,) and set(result.upgraded) == names(1, 2, 3) and result.failed == ()
@@ -347,13 +390,18 @@ async def test_a_transient_tool_failure_is_retried(ox: LabConfig, client: Client
     assert len(steps) == 1 and steps[0].retries == 1
 
 
-async def test_a_failed_disable_is_reverted_by_the_tools_rules(ox: LabConfig, client: Client,
-                                                               lab_worker: str) -> None:
+async def test_a_failed_disable_is_reverted_by_the_tools_rules(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     # disableschema refuses a schema whose contexts use two write pools (SchemaMoveImpl); the
     # revert must not call changeserver on the still enabled schema (it refuses: 106).
     configdb.split_write_pools(ox, s(2))
-    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT[:3]),
-                                  "ox-upgradeschemata-revert-after-failed-disable")
+    handle = await start_schemata(
+        client,
+        lab_worker,
+        schemata_input(ox, schemata=EIGHT[:3]),
+        "ox-upgradeschemata-revert-after-failed-disable",
+    )
     gate = await pending(handle, f"failure:4@{s(2)}")
     await choose(handle, gate, "revert")
     result: OxUpgradeSchemataResult = await handle.result()
@@ -363,8 +411,9 @@ async def test_a_failed_disable_is_reverted_by_the_tools_rules(ox: LabConfig, cl
     assert st.enabled and st.server_id == old_server_id(ox) and st.update_runs == 0
 
 
-async def test_nobody_to_decide_leaves_the_failed_schema_disabled(ox: LabConfig, client: Client,
-                                                                  lab_worker: str) -> None:
+async def test_nobody_to_decide_leaves_the_failed_schema_disabled(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     # The safe default: OX's tool stops and leaves it disabled; a revert would serve a
     # half-updated schema from old nodes (OX supports no mixed versions).
     configdb.inject_update_failure(ox, s(2))
@@ -374,12 +423,16 @@ async def test_nobody_to_decide_leaves_the_failed_schema_disabled(ox: LabConfig,
         await handle.result()
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "ProcedureAborted"
-    assert classify(ox) == {"upgraded": names(1), "failed_disabled": names(2),
-                            "untouched": names(*range(3, 21))}
+    assert classify(ox) == {
+        "upgraded": names(1),
+        "failed_disabled": names(2),
+        "untouched": names(*range(3, 21)),
+    }
 
 
-async def test_a_runupdate_over_its_budget_is_left_running_not_doubled(ox: LabConfig, client: Client,
-                                                                       lab_worker: str) -> None:
+async def test_a_runupdate_over_its_budget_is_left_running_not_doubled(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     await asyncio.to_thread(ox_nodes.set_runupdate_seconds, ox, 3.0)
     inv = ox_inventory(ox)
     assert inv.ox is not None
@@ -397,21 +450,27 @@ async def test_a_runupdate_over_its_budget_is_left_running_not_doubled(ox: LabCo
     assert not states(ox)[s(1)].enabled
 
 
-async def test_enable_follows_runupdate_on_the_update_node(ox: LabConfig, client: Client,
-                                                           lab_worker: str) -> None:
+async def test_enable_follows_runupdate_on_the_update_node(
+    ox: LabConfig, client: Client, lab_worker: str
+) -> None:
     # Step 7 runs on the update node as runupdate's follow-up (activities/detached `then`): no
     # trip through the worker while the schema is disabled. A follow-up that fails there (a
     # transient 107) is run again from the worker; the schema ends enabled either way.
     configdb.inject_tool_fault(ox, "enableschema", "remote", 1)
     wf_id = "oxs-enable-on-update"
-    handle = await start_schemata(client, lab_worker, schemata_input(ox, schemata=EIGHT[:2],
-                                                                     on_failure="rollback"), wf_id)
+    handle = await start_schemata(
+        client, lab_worker, schemata_input(ox, schemata=EIGHT[:2], on_failure="rollback"), wf_id
+    )
     result: OxUpgradeSchemataResult = await handle.result()
     assert set(result.upgraded) == names(1, 2) and not result.failed
     assert all(states(ox)[x].enabled and states(ox)[x].server_id == new_server_id(ox) for x in EIGHT[:2])
     enables = [st for st in result.steps if st.name.startswith("7 enable schema")]
     assert {st.node for st in enables} == {"ox1"} and len(enables) == 2
     jobs = ox.ox_node_dir(1) / detached.JOBS_DIR
-    follow_ups = {x: (jobs / detached.job_key(f"runupdate-{x}", wf_id, handle.result_run_id or "", x, "0")
-                      / "then.rc").read_text().strip() for x in EIGHT[:2]}
+    follow_ups = {
+        x: (jobs / detached.job_key(f"runupdate-{x}", wf_id, handle.result_run_id or "", x, "0") / "then.rc")
+        .read_text()
+        .strip()
+        for x in EIGHT[:2]
+    }
     assert follow_ups == {s(1): "107", s(2): "0"}

@@ -54,27 +54,36 @@ def fake_site(**kw: Any) -> FakeOx:
 
 
 def inp(**kw: Any) -> OxUpgradeSchemataInput:
-    fields: dict[str, Any] = {"inventory": ox_site(2), "server_name": NEW_SERVER, "update_node": "ox1",
-                              "admin_node": "ox2", "started_by": "starter", "failure_gate_timeout_s": HOUR,
-                              "gate_timeout_s": HOUR}
+    fields: dict[str, Any] = {
+        "inventory": ox_site(2),
+        "server_name": NEW_SERVER,
+        "update_node": "ox1",
+        "admin_node": "ox2",
+        "started_by": "starter",
+        "failure_gate_timeout_s": HOUR,
+        "gate_timeout_s": HOUR,
+    }
     fields.update(kw)
     return OxUpgradeSchemataInput(**fields)
 
 
 @asynccontextmanager
-async def started(env: WorkflowEnvironment, task_queue: str, fake: FakeOx,
-                  arg: OxUpgradeSchemataInput) -> AsyncIterator[Handle]:
+async def started(
+    env: WorkflowEnvironment, task_queue: str, fake: FakeOx, arg: OxUpgradeSchemataInput
+) -> AsyncIterator[Handle]:
     async with running_worker(env.client, task_queue, [OxUpgradeSchemataWorkflow], fake.activities()):
-        yield await env.client.start_workflow(OxUpgradeSchemataWorkflow.run, arg, id=f"wf-{task_queue}",
-                                              task_queue=task_queue)
+        yield await env.client.start_workflow(
+            OxUpgradeSchemataWorkflow.run, arg, id=f"wf-{task_queue}", task_queue=task_queue
+        )
 
 
 async def finish(handle: Handle) -> OxUpgradeSchemataResult:
     return await asyncio.wait_for(handle.result(), 60)
 
 
-async def run(env: WorkflowEnvironment, task_queue: str, fake: FakeOx,
-              arg: OxUpgradeSchemataInput) -> OxUpgradeSchemataResult:
+async def run(
+    env: WorkflowEnvironment, task_queue: str, fake: FakeOx, arg: OxUpgradeSchemataInput
+) -> OxUpgradeSchemataResult:
     async with started(env, task_queue, fake, arg) as handle:
         return await finish(handle)
 
@@ -102,13 +111,18 @@ def runs_of(steps: tuple[StepRecord, ...], name: str) -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------- 1 happy path
-async def test_registers_then_upgrades_each_schema_in_oxs_order(time_skipping_env: WorkflowEnvironment,
-                                                                task_queue: str) -> None:
+async def test_registers_then_upgrades_each_schema_in_oxs_order(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(schemata=schemata((10, 5), (2, 3), (3, 0), (1, 4)))
     res = await run(time_skipping_env, task_queue, fake, inp())
     # 3 once, then 4-7 per schema in OX's number order (not the listing's); the empty one untouched.
-    assert moves(fake) == [("ox_register_server", "ox2"), ("ox_upgrade_schema", S1),
-                           ("ox_upgrade_schema", S2), ("ox_upgrade_schema", S10)]
+    assert moves(fake) == [
+        ("ox_register_server", "ox2"),
+        ("ox_upgrade_schema", S1),
+        ("ox_upgrade_schema", S2),
+        ("ox_upgrade_schema", S10),
+    ]
     assert fake.tools == [(tool, s) for s in (S1, S2, S10) for tool in TOOLS]
     assert fake.servers[NEW_ID] == NEW_SERVER
     assert fake.states() == {S1: UPGRADED, S2: UPGRADED, S10: UPGRADED, S3: UNTOUCHED}
@@ -122,14 +136,19 @@ async def test_registers_then_upgrades_each_schema_in_oxs_order(time_skipping_en
     assert all(s.result == "ok" and s.retries == 0 for s in res.steps if s is not walk[0])
     s1_steps = [s for s in res.steps if S1 in s.name.split() and s.seed_step in ("4", "5", "6", "7")]
     # The admin tools on ox2; runupdate and the enable after it on the update node ox1.
-    assert [(s.seed_step, s.node) for s in s1_steps] == [("4", "ox2"), ("5", "ox2"), ("6", "ox1"),
-                                                         ("7", "ox1")]
+    assert [(s.seed_step, s.node) for s in s1_steps] == [
+        ("4", "ox2"),
+        ("5", "ox2"),
+        ("6", "ox1"),
+        ("7", "ox1"),
+    ]
     listed_on = [c.target for c in fake.calls if c.name in ("ox_list_schemata", "ox_list_servers")]
     assert listed_on == ["ox2", "ox2"]
 
 
-async def test_dry_run_plans_and_changes_nothing(time_skipping_env: WorkflowEnvironment,
-                                                 task_queue: str) -> None:
+async def test_dry_run_plans_and_changes_nothing(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     res = await run(time_skipping_env, task_queue, fake, inp(dry_run=True))
     assert res.dry_run and fake.mutations() == [] and res.upgraded == ()
@@ -138,7 +157,8 @@ async def test_dry_run_plans_and_changes_nothing(time_skipping_env: WorkflowEnvi
 
 # ---------------------------------------------------------------------------- 2 the registered-server gate
 async def test_registered_server_gate_times_out_to_abort_and_changes_nothing(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     fake.servers[7] = NEW_SERVER
     res = await run(time_skipping_env, task_queue, fake, inp())  # nobody decides within the hour
@@ -149,8 +169,9 @@ async def test_registered_server_gate_times_out_to_abort_and_changes_nothing(
     assert set(fake.states().values()) == {UNTOUCHED}
 
 
-async def test_registered_server_continue_uses_the_existing_server(time_skipping_env: WorkflowEnvironment,
-                                                                  task_queue: str) -> None:
+async def test_registered_server_continue_uses_the_existing_server(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     fake.servers[7] = NEW_SERVER
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
@@ -166,16 +187,20 @@ async def test_registered_server_continue_uses_the_existing_server(time_skipping
 
 # ---------------------------------------------------------------------------- 3 the failure gate
 @pytest.mark.parametrize("cause", ["update tasks", "secret"])
-async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: WorkflowEnvironment,
-                                                          task_queue: str, cause: str) -> None:
+async def test_failure_gate_retry_after_the_fix_completes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, cause: str
+) -> None:
     # update tasks: runupdate reports a failed task (a result: gate failure:6@<schema>, the
     # schema disabled and moved); secret: the activity raises a non-retryable error before
     # touching anything (gate failure:4-7@<schema>).
     if cause == "update tasks":
         fake, schema, gate_name = fake_site(update_fails={S2: 1}), S2, f"failure:6@{S2}"
     else:
-        fake, schema, gate_name = fake_site(broken={"ox_upgrade_schema": [SECRET_UNAVAILABLE]}), S1, \
-            f"failure:4-7@{S1}"
+        fake, schema, gate_name = (
+            fake_site(broken={"ox_upgrade_schema": [SECRET_UNAVAILABLE]}),
+            S1,
+            f"failure:4-7@{S1}",
+        )
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
         gate = await pending(handle, gate_name)
         assert gate.choices == ("retry", "skip", "revert", "abort") and gate.on_timeout == "abort"
@@ -198,8 +223,9 @@ async def test_failure_gate_retry_after_the_fix_completes(time_skipping_env: Wor
 
 
 @pytest.mark.parametrize("choice", ["skip", "revert"])
-async def test_failure_gate_skip_or_revert_goes_on_with_the_others(time_skipping_env: WorkflowEnvironment,
-                                                                  task_queue: str, choice: str) -> None:
+async def test_failure_gate_skip_or_revert_goes_on_with_the_others(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, choice: str
+) -> None:
     fake = fake_site(update_fails={S2: 1})
     async with started(time_skipping_env, task_queue, fake, inp()) as handle:
         await choose(handle, await pending(handle, f"failure:6@{S2}"), choice)
@@ -210,23 +236,32 @@ async def test_failure_gate_skip_or_revert_goes_on_with_the_others(time_skipping
         # Left disabled on the new server: its update tasks did not all run.
         assert (res.left_disabled, res.reverted) == ((S2,), ())
         assert fake.states()[S2] == (NEW_ID, False, OLD)
-        assert moves(fake) == [("ox_register_server", "ox2"), ("ox_upgrade_schema", S1),
-                               ("ox_upgrade_schema", S2), ("ox_upgrade_schema", S10)]
+        assert moves(fake) == [
+            ("ox_register_server", "ox2"),
+            ("ox_upgrade_schema", S1),
+            ("ox_upgrade_schema", S2),
+            ("ox_upgrade_schema", S10),
+        ]
     else:
         # Back on the old server and enabled, by the tools' rules (disable, changeserver,
         # enable), before the next schema starts.
         assert (res.left_disabled, res.reverted) == ((), (S2,))
         assert fake.states()[S2] == UNTOUCHED
-        assert moves(fake) == [("ox_register_server", "ox2"), ("ox_upgrade_schema", S1),
-                               ("ox_upgrade_schema", S2), ("ox_revert_schema", S2),
-                               ("ox_upgrade_schema", S10)]
+        assert moves(fake) == [
+            ("ox_register_server", "ox2"),
+            ("ox_upgrade_schema", S1),
+            ("ox_upgrade_schema", S2),
+            ("ox_revert_schema", S2),
+            ("ox_upgrade_schema", S10),
+        ]
         assert [t for t, s in fake.tools if s == S2] == [*TOOLS[:3], *REVERT]
     assert fake.states()[S1] == fake.states()[S10] == UPGRADED
 
 
 @pytest.mark.parametrize("how", ["abort", "timeout", "nobody"])
 async def test_abort_by_choice_by_timeout_or_nobody_stops_and_leaves_it_disabled(
-        time_skipping_env: WorkflowEnvironment, task_queue: str, how: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     fake = fake_site(update_fails={S2: 1})
     arg = inp(inventory=ox_site(2, approvers={})) if how == "nobody" else inp()
     async with started(time_skipping_env, task_queue, fake, arg) as handle:
@@ -238,9 +273,11 @@ async def test_abort_by_choice_by_timeout_or_nobody_stops_and_leaves_it_disabled
     assert f"aborted at schema {S2}" + (" by ops1" if how == "abort" else " (") in text
     assert f"left disabled: {S2}" in text and "not started: 1" in text
     assert f"resume_from={S1} (-m {S1})" in text
-    expected = {"abort": f"gate failure:6@{S2}: abort chosen by ops1",
-                "timeout": f"gate failure:6@{S2}: timed out, abort",
-                "nobody": f"gate failure:6@{S2}: not asked"}[how]
+    expected = {
+        "abort": f"gate failure:6@{S2}: abort chosen by ops1",
+        "timeout": f"gate failure:6@{S2}: timed out, abort",
+        "nobody": f"gate failure:6@{S2}: not asked",
+    }[how]
     assert expected in names(steps)
     # Nothing undone, nothing further: S1 stays upgraded, S2 disabled, S10 never touched.
     assert fake.states() == {S1: UPGRADED, S2: (NEW_ID, False, OLD), S10: UNTOUCHED}
@@ -248,8 +285,9 @@ async def test_abort_by_choice_by_timeout_or_nobody_stops_and_leaves_it_disabled
 
 
 # ---------------------------------------------------------------------------- 4 retries
-async def test_retryable_errors_are_retried_and_counted(time_skipping_env: WorkflowEnvironment,
-                                                        task_queue: str) -> None:
+async def test_retryable_errors_are_retried_and_counted(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # A lost database connection while listing, an unreachable node at the first schema: each
     # once, retryable, before the activity touched anything.
     fake = fake_site(flaky={"ox_list_schemata": [DATABASE_ERROR], "ox_upgrade_schema": [SSH_UNREACHABLE]})
@@ -266,8 +304,9 @@ async def test_retryable_errors_are_retried_and_counted(time_skipping_env: Workf
 
 
 # ---------------------------------------------------------------------------- 5 rollback
-async def test_unguided_failure_reverts_the_schema_and_stops(time_skipping_env: WorkflowEnvironment,
-                                                             task_queue: str) -> None:
+async def test_unguided_failure_reverts_the_schema_and_stops(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site(update_fails={S2: 1})
     async with started(time_skipping_env, task_queue, fake, inp(on_failure="rollback")) as handle:
         error, steps = await failed(handle)
@@ -276,8 +315,12 @@ async def test_unguided_failure_reverts_the_schema_and_stops(time_skipping_env: 
     assert f"reverted at schema {S2}" in text and f"reverted to the old server: {S2}" in text
     assert f"resume_from={S1}" in text and "upgraded: 1 of 3" in text
     # The one compensation (the revert) comes right after the failure, and nothing after it.
-    assert moves(fake) == [("ox_register_server", "ox2"), ("ox_upgrade_schema", S1),
-                           ("ox_upgrade_schema", S2), ("ox_revert_schema", S2)]
+    assert moves(fake) == [
+        ("ox_register_server", "ox2"),
+        ("ox_upgrade_schema", S1),
+        ("ox_upgrade_schema", S2),
+        ("ox_revert_schema", S2),
+    ]
     assert [t for t, s in fake.tools if s == S2] == [*TOOLS[:3], *REVERT]
     # A finished schema is not undone (its users are served by the new server); S10 untouched.
     assert fake.states() == {S1: UPGRADED, S2: UNTOUCHED, S10: UNTOUCHED}
@@ -287,12 +330,12 @@ async def test_unguided_failure_reverts_the_schema_and_stops(time_skipping_env: 
 
 
 # ---------------------------------------------------------------------------- history size
-async def test_continues_as_new_carrying_its_progress(time_skipping_env: WorkflowEnvironment,
-                                                      task_queue: str) -> None:
+async def test_continues_as_new_carrying_its_progress(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = fake_site()
     res = await run(time_skipping_env, task_queue, fake, inp(schemata_per_run=1))
     assert res.runs == 3 and res.upgraded == (S1, S2, S10) and res.server_registered
     assert [c.target for c in fake.calls if c.name == "ox_upgrade_schema"] == [S1, S2, S10]
     assert [name for name, _ in moves(fake)].count("ox_register_server") == 1
     assert set(fake.states().values()) == {UPGRADED}
-

@@ -48,17 +48,25 @@ class SideBySideInput:
 class SideBySideWorkflow(Procedure):
     @workflow.run
     async def run(self, inp: SideBySideInput) -> list[str]:
-        results = await self.all_of(*(
-            self.step(f"work {w.name}", partial(self.change, do_work, w, local=inp.local))
-            for w in inp.works))
+        results = await self.all_of(
+            *(
+                self.step(f"work {w.name}", partial(self.change, do_work, w, local=inp.local))
+                for w in inp.works
+            )
+        )
         return [str(r) for r in results]
 
 
 async def _run(client: Client, inp: SideBySideInput) -> tuple[list[str], list[str]]:
     task_queue = f"sbs-{uuid.uuid4().hex[:8]}"
     async with running_worker(client, task_queue, [SideBySideWorkflow], [do_work]):
-        handle = await client.start_workflow(SideBySideWorkflow.run, inp, id=task_queue,
-                                             task_queue=task_queue, execution_timeout=timedelta(seconds=60))
+        handle = await client.start_workflow(
+            SideBySideWorkflow.run,
+            inp,
+            id=task_queue,
+            task_queue=task_queue,
+            execution_timeout=timedelta(seconds=60),
+        )
         try:
             result: list[str] = await handle.result()
         finally:

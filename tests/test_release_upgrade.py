@@ -57,8 +57,12 @@ def previous_release() -> tuple[str, str]:
     operator makes across a change of that workflow (an upgrade across none proves nothing)."""
     mine = (ROOT / PROCEDURE_FILE).read_text(encoding="utf-8")
     for version, commit in releases():
-        theirs = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{PROCEDURE_FILE}"],
-                                check=True, capture_output=True, text=True).stdout
+        theirs = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{commit}:{PROCEDURE_FILE}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         if theirs != mine:
             return version, commit
     raise AssertionError(f"CHANGELOG.md names no release whose {PROCEDURE_FILE} differs from this tree's")
@@ -68,13 +72,19 @@ def previous_release() -> tuple[str, str]:
 def previous_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     version, commit = previous_release()
     tree = tmp_path_factory.mktemp("release") / version
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), commit],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), commit],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield tree
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                       check=False, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+            check=False,
+            capture_output=True,
+        )
 
 
 def start_worker(tree: Path, address: str, task_queue: str, log: Path) -> subprocess.Popen[bytes]:
@@ -83,7 +93,8 @@ def start_worker(tree: Path, address: str, task_queue: str, log: Path) -> subpro
     site = log.parent / f"site-{tree.name}"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(
-        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n")
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+    )
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{tree}", "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "worker", "--address", address, "--task-queue", task_queue]
     return subprocess.Popen(argv, cwd=tree, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -101,8 +112,13 @@ async def patch_markers(client: Client, workflow_id: str) -> set[str]:
 
 
 async def test_a_run_waiting_at_a_gate_survives_the_upgrade_to_this_tree(
-        lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str,
-        previous_tree: Path, tmp_path: Path) -> None:
+    lab: LabConfig,
+    client: Client,
+    temporal_env: WorkflowEnvironment,
+    task_queue: str,
+    previous_tree: Path,
+    tmp_path: Path,
+) -> None:
     # Worthless unless the two releases differ in this procedure's workflow code.
     old = (previous_tree / PROCEDURE_FILE).read_text(encoding="utf-8")
     assert old != (ROOT / PROCEDURE_FILE).read_text(encoding="utf-8")
@@ -115,9 +131,13 @@ async def test_a_run_waiting_at_a_gate_survives_the_upgrade_to_this_tree(
     new_worker = None
     try:
         handle = await client.start_workflow(
-            "ox-upgradeschemata", schemata_input(lab, schemata=two), id="upgrade-in-flight",
-            task_queue=task_queue, execution_timeout=timedelta(minutes=5),
-            result_type=OxUpgradeSchemataResult)
+            "ox-upgradeschemata",
+            schemata_input(lab, schemata=two),
+            id="upgrade-in-flight",
+            task_queue=task_queue,
+            execution_timeout=timedelta(minutes=5),
+            result_type=OxUpgradeSchemataResult,
+        )
         gate = await pending(handle, f"failure:6@{s(1)}")
 
         # README: stop the old worker, start the new one; the run waits at its gate meanwhile.
@@ -135,8 +155,12 @@ async def test_a_run_waiting_at_a_gate_survives_the_upgrade_to_this_tree(
 
         # A new run goes to the new code.
         fresh = await client.start_workflow(
-            "ox-upgradeschemata", schemata_input(lab, schemata=(s(3),), expect_registered=True),
-            id="upgrade-new-run", task_queue=task_queue, execution_timeout=timedelta(minutes=5))
+            "ox-upgradeschemata",
+            schemata_input(lab, schemata=(s(3),), expect_registered=True),
+            id="upgrade-new-run",
+            task_queue=task_queue,
+            execution_timeout=timedelta(minutes=5),
+        )
         await asyncio.wait_for(fresh.result(), timeout=120)
         assert PATCH_ORDER_AND_EMPTY in await patch_markers(client, "upgrade-new-run")
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 from inventory.model import Rollout
 from tests.fake_site import FakeSite, site
@@ -21,11 +22,21 @@ from tests.temporal_env import running_worker
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 
 
+@pytest.fixture
+def client(time_skipping_env: WorkflowEnvironment) -> Client:
+    """This module's runs on the time-skipping server: their timers and back-offs pass at once."""
+    return time_skipping_env.client
+
+
 async def run(client: Client, task_queue: str, fake: FakeSite, inp: RollingDeployInput) -> Any:
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
-        return await client.execute_workflow(RollingDeployWorkflow.run, inp, id=f"wf-{task_queue}",
-                                             task_queue=task_queue,
-                                             execution_timeout=timedelta(seconds=60))
+        return await client.execute_workflow(
+            RollingDeployWorkflow.run,
+            inp,
+            id=f"wf-{task_queue}",
+            task_queue=task_queue,
+            execution_timeout=timedelta(seconds=60),
+        )
 
 
 def node_calls(fake: FakeSite, node: str) -> list[str]:
@@ -37,18 +48,39 @@ async def test_happy_path_upgrades_one_node_at_a_time(client: Client, task_queue
     res = await run(client, task_queue, fake, RollingDeployInput(inventory=site(), package_path="/p.zip"))
     assert fake.version == {"n1": "2.0.0", "n2": "2.0.0", "n3": "2.0.0"}
     assert fake.lb == {"n1": "ready", "n2": "ready", "n3": "ready"} and fake.schema == 2
-    assert node_calls(fake, "n2") == ["lb_set_state", "lb_set_state", "stop_service", "backup_app_folder",
-                                      "deploy_package", "start_service", "lb_set_state"]
+    assert node_calls(fake, "n2") == [
+        "lb_set_state",
+        "lb_set_state",
+        "stop_service",
+        "backup_app_folder",
+        "deploy_package",
+        "start_service",
+        "lb_set_state",
+    ]
     # The migration comes first, and node k+1 is drained only after node k is UP again.
-    order = [(name, n) for name, n in fake.calls if name in ("db_apply_migration", "lb_set_state",
-                                                             "lb_wait_up")]
+    order = [
+        (name, n) for name, n in fake.calls if name in ("db_apply_migration", "lb_set_state", "lb_wait_up")
+    ]
     assert order[0] == ("db_apply_migration", None)
-    assert order[1:] == [(name, n) for n in ("n1", "n2", "n3") for name in
-                         ("lb_set_state", "lb_set_state", "lb_set_state", "lb_wait_up")]
+    assert order[1:] == [
+        (name, n)
+        for n in ("n1", "n2", "n3")
+        for name in ("lb_set_state", "lb_set_state", "lb_set_state", "lb_wait_up")
+    ]
     assert res.previous_versions == {"n1": "1.0.0", "n2": "1.0.0", "n3": "1.0.0"}
     assert "n1: web.config: kept http.port" in res.merge_report
-    assert [s.seed_step for s in res.steps if s.node == "n3"] == \
-        ["N1", "N2", "N2", "N3", "N4", "N5", "N6", "N7", "N8", "N9"]
+    assert [s.seed_step for s in res.steps if s.node == "n3"] == [
+        "N1",
+        "N2",
+        "N2",
+        "N3",
+        "N4",
+        "N5",
+        "N6",
+        "N7",
+        "N8",
+        "N9",
+    ]
     assert all(s.result == "ok" and s.ended is not None for s in res.steps)
 
 
@@ -69,12 +101,16 @@ async def test_health_failure_on_node2_rolls_everything_back(client: Client, tas
     restores = [n for name, n in fake.calls if name == "restore_app_folder"]
     assert restores == ["n2", "n1"]
     n1 = node_calls(fake, "n1")
-    assert n1[n1.index("restore_app_folder") - 2:] == [
-        "lb_set_state", "stop_service", "restore_app_folder", "start_service", "lb_set_state"]
+    assert n1[n1.index("restore_app_folder") - 2 :] == [
+        "lb_set_state",
+        "stop_service",
+        "restore_app_folder",
+        "start_service",
+        "lb_set_state",
+    ]
 
 
-async def test_version_not_newer_fails_preflight_and_touches_nothing(client: Client,
-                                                                      task_queue: str) -> None:
+async def test_version_not_newer_fails_preflight_and_touches_nothing(client: Client, task_queue: str) -> None:
     fake = FakeSite(["n1", "n2", "n3"])
     fake.version["n3"] = "2.0.0"
     with pytest.raises(WorkflowFailureError) as info:
@@ -89,8 +125,12 @@ async def test_version_not_newer_fails_preflight_and_touches_nothing(client: Cli
 async def test_unknown_node_is_refused_before_anything(client: Client, task_queue: str) -> None:
     fake = FakeSite(["n1", "n2", "n3"])
     with pytest.raises(WorkflowFailureError) as info:
-        await run(client, task_queue, fake, RollingDeployInput(
-            inventory=site(), package_path="/p.zip", only_nodes=("n9",)))
+        await run(
+            client,
+            task_queue,
+            fake,
+            RollingDeployInput(inventory=site(), package_path="/p.zip", only_nodes=("n9",)),
+        )
     assert isinstance(info.value.cause, ApplicationError)
     assert info.value.cause.type == "UnknownNode" and "'n9'" in str(info.value.cause)
     assert fake.calls == []
@@ -98,8 +138,12 @@ async def test_unknown_node_is_refused_before_anything(client: Client, task_queu
 
 async def test_dry_run_plans_and_changes_nothing(client: Client, task_queue: str) -> None:
     fake = FakeSite(["n1", "n2", "n3"])
-    res = await run(client, task_queue, fake, RollingDeployInput(
-        inventory=site(), package_path="/p.zip", only_nodes=("n2",), dry_run=True))
+    res = await run(
+        client,
+        task_queue,
+        fake,
+        RollingDeployInput(inventory=site(), package_path="/p.zip", only_nodes=("n2",), dry_run=True),
+    )
     assert res.dry_run and fake.mutations() == []
     assert any(line.startswith("D2 apply migration 2") for line in res.plan)
     assert [line.split(":")[0] for line in res.plan if line.startswith("batch")] == ["batch 1"]
@@ -110,8 +154,11 @@ async def test_cancel_during_drain_runs_compensations(client: Client, task_queue
     fake = FakeSite(["n1", "n2"], hold_drain=asyncio.Event())
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         handle = await client.start_workflow(
-            RollingDeployWorkflow.run, RollingDeployInput(inventory=site(2), package_path="/p.zip"),
-            id=f"wf-{task_queue}", task_queue=task_queue)
+            RollingDeployWorkflow.run,
+            RollingDeployInput(inventory=site(2), package_path="/p.zip"),
+            id=f"wf-{task_queue}",
+            task_queue=task_queue,
+        )
         await asyncio.wait_for(fake.draining.wait(), 20)
         progress = await handle.query(RollingDeployWorkflow.progress)
         assert progress.phase.startswith("batch 1/2") and progress.node == "n1"
@@ -126,8 +173,12 @@ async def test_cancel_during_drain_runs_compensations(client: Client, task_queue
 async def test_migrations_without_a_database_are_refused(client: Client, task_queue: str) -> None:
     fake = FakeSite(["n1", "n2"])
     with pytest.raises(WorkflowFailureError) as info:
-        await run(client, task_queue, fake, RollingDeployInput(
-            inventory=site(2, with_database=False), package_path="/p.zip"))
+        await run(
+            client,
+            task_queue,
+            fake,
+            RollingDeployInput(inventory=site(2, with_database=False), package_path="/p.zip"),
+        )
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "PreflightFailed"
     assert "carries migrations but the inventory declares no database" in str(cause)
@@ -155,13 +206,17 @@ async def test_schema_is_kept_when_a_node_cannot_be_rolled_back(client: Client, 
     assert [n for name, n in fake.calls if name == "db_apply_migration"] == [None]  # the up only
 
 
-async def test_cancel_during_a_deploy_lets_it_finish_before_restoring(client: Client,
-                                                                      task_queue: str) -> None:
+async def test_cancel_during_a_deploy_lets_it_finish_before_restoring(
+    client: Client, task_queue: str
+) -> None:
     fake = FakeSite(["n1", "n2"], hold_deploy=asyncio.Event())
     async with running_worker(client, task_queue, [RollingDeployWorkflow], fake.activities()):
         handle = await client.start_workflow(
-            RollingDeployWorkflow.run, RollingDeployInput(inventory=site(2), package_path="/p.zip"),
-            id=f"wf-{task_queue}", task_queue=task_queue)
+            RollingDeployWorkflow.run,
+            RollingDeployInput(inventory=site(2), package_path="/p.zip"),
+            id=f"wf-{task_queue}",
+            task_queue=task_queue,
+        )
         await asyncio.wait_for(fake.deploying.wait(), 20)
         await handle.cancel()
         await asyncio.sleep(1.0)  # the workflow must not restore while the copy is under way

@@ -52,54 +52,117 @@ SCRIPT_STEP = "15 run the upgrade script on production (migration 3)"
 RUNBOOK: list[Call] = [
     ("db_backup", PROD),  # 2
     ("db_restore", SCRATCH),  # 3
-    ("db_apply_migration", f"{SCRATCH} 2"), ("db_apply_migration", f"{SCRATCH} 3"),  # 5
+    ("db_apply_migration", f"{SCRATCH} 2"),
+    ("db_apply_migration", f"{SCRATCH} 3"),  # 5
     ("db_drop_database", SCRATCH),  # 6
-    ("lb_set_state", "n1 drain"), ("lb_set_state", "n1 maint"),  # 8, 9: A out first
-    ("stop_service", "n1"), ("backup_app_folder", "n1"), ("deploy_package", "n1"),  # 10, 11
+    ("lb_set_state", "n1 drain"),
+    ("lb_set_state", "n1 maint"),  # 8, 9: A out first
+    ("stop_service", "n1"),
+    ("backup_app_folder", "n1"),
+    ("deploy_package", "n1"),  # 10, 11
     ("app_set_settings", "n2: maintenance on, ignore on"),  # 13
     ("app_set_settings", "n3: maintenance on, ignore on"),
     ("start_service", "n1"),  # 14
-    ("db_backup", PROD), ("db_apply_migration", f"{PROD} 2"), ("db_apply_migration", f"{PROD} 3"),  # 15
+    ("db_backup", PROD),
+    ("db_apply_migration", f"{PROD} 2"),
+    ("db_apply_migration", f"{PROD} 3"),  # 15
     ("lb_set_state", "n1 ready"),  # 17: A in first ...
-    ("lb_set_state", "n2 drain"), ("lb_set_state", "n2 maint"),  # 16: ... then the others out
-    ("lb_set_state", "n3 drain"), ("lb_set_state", "n3 maint"),
-    ("stop_service", "n2"), ("backup_app_folder", "n2"), ("deploy_package", "n2"),  # 20, 21
+    ("lb_set_state", "n2 drain"),
+    ("lb_set_state", "n2 maint"),  # 16: ... then the others out
+    ("lb_set_state", "n3 drain"),
+    ("lb_set_state", "n3 maint"),
+    ("stop_service", "n2"),
+    ("backup_app_folder", "n2"),
+    ("deploy_package", "n2"),  # 20, 21
     ("start_service", "n2"),  # 22
-    ("stop_service", "n3"), ("backup_app_folder", "n3"), ("deploy_package", "n3"), ("start_service", "n3"),
-    ("lb_set_state", "n2 ready"), ("lb_set_state", "n3 ready"),  # 23
-    ("app_set_settings", "n2: cleared"), ("app_set_settings", "n3: cleared"),  # 24
+    ("stop_service", "n3"),
+    ("backup_app_folder", "n3"),
+    ("deploy_package", "n3"),
+    ("start_service", "n3"),
+    ("lb_set_state", "n2 ready"),
+    ("lb_set_state", "n3 ready"),  # 23
+    ("app_set_settings", "n2: cleared"),
+    ("app_set_settings", "n3: cleared"),  # 24
 ]
-SEED_STEPS = ["1", "P2", "P3", "P4", "2", "3", "4", "5", "6", "7", "9", "10", "12", "13", "14", "15", "14",
-              "16", "17", "16", "18", "19", "21", "22", "21", "22", "23", "24"]
+SEED_STEPS = [
+    "1",
+    "P2",
+    "P3",
+    "P4",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "9",
+    "10",
+    "12",
+    "13",
+    "14",
+    "15",
+    "14",
+    "16",
+    "17",
+    "16",
+    "18",
+    "19",
+    "21",
+    "22",
+    "21",
+    "22",
+    "23",
+    "24",
+]
 
 
 def restored_node(n: str) -> list[Call]:
     """What rolling back an upgraded node changes (drained first: it may be serving)."""
-    return [("lb_set_state", f"{n} drain"), ("stop_service", n), ("restore_app_folder", n),
-            ("start_service", n), ("lb_set_state", f"{n} ready")]
+    return [
+        ("lb_set_state", f"{n} drain"),
+        ("stop_service", n),
+        ("restore_app_folder", n),
+        ("start_service", n),
+        ("lb_set_state", f"{n} ready"),
+    ]
 
 
 # Before the swap: the database, the others' maintenance mode, then A.
-UNDO_BEFORE_SWAP: list[Call] = [("db_restore_keeping", PROD), ("app_set_settings", "n2: cleared"),
-                                ("app_set_settings", "n3: cleared"), *restored_node("n1")]
+UNDO_BEFORE_SWAP: list[Call] = [
+    ("db_restore_keeping", PROD),
+    ("app_set_settings", "n2: cleared"),
+    ("app_set_settings", "n3: cleared"),
+    *restored_node("n1"),
+]
 
 
 def runbook_to(last: Call) -> list[Call]:
     """The runbook's changes up to and including `last`."""
-    return RUNBOOK[:RUNBOOK.index(last) + 1]
+    return RUNBOOK[: RUNBOOK.index(last) + 1]
 
 
 def inp(on_failure: OnFailure = "ask") -> SsLoadBalancedInput:
-    return SsLoadBalancedInput(inventory=ss_site(3), package_path="/pkg/ss-2.0.0.zip", started_by=STARTER,
-                               gate_timeout_s=3600.0, failure_gate_timeout_s=3600.0, on_failure=on_failure)
+    return SsLoadBalancedInput(
+        inventory=ss_site(3),
+        package_path="/pkg/ss-2.0.0.zip",
+        started_by=STARTER,
+        gate_timeout_s=3600.0,
+        failure_gate_timeout_s=3600.0,
+        on_failure=on_failure,
+    )
 
 
 @asynccontextmanager
-async def started(env: WorkflowEnvironment, task_queue: str, fake: SsFakeSite, on_failure: OnFailure = "ask",
-                  ) -> AsyncIterator[WorkflowHandle[Any, SsLoadBalancedResult]]:
+async def started(
+    env: WorkflowEnvironment,
+    task_queue: str,
+    fake: SsFakeSite,
+    on_failure: OnFailure = "ask",
+) -> AsyncIterator[WorkflowHandle[Any, SsLoadBalancedResult]]:
     async with running_worker(env.client, task_queue, [SsLoadBalancedWorkflow], fake.activities()):
-        yield await env.client.start_workflow(SsLoadBalancedWorkflow.run, inp(on_failure),
-                                              id=f"wf-{task_queue}", task_queue=task_queue)
+        yield await env.client.start_workflow(
+            SsLoadBalancedWorkflow.run, inp(on_failure), id=f"wf-{task_queue}", task_queue=task_queue
+        )
 
 
 async def steps(handle: WorkflowHandle[Any, Any]) -> tuple[StepRecord, ...]:
@@ -119,8 +182,9 @@ def assert_rolled_back(fake: SsFakeSite) -> None:
 
 
 # ---------------------------------------------------------------------- 1. the happy path
-async def test_happy_path_follows_the_runbook_without_a_gap(time_skipping_env: WorkflowEnvironment,
-                                                            task_queue: str) -> None:
+async def test_happy_path_follows_the_runbook_without_a_gap(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(3))
     async with started(time_skipping_env, task_queue, fake) as handle:
         await pending(handle, "swap")
@@ -133,12 +197,18 @@ async def test_happy_path_follows_the_runbook_without_a_gap(time_skipping_env: W
     assert fake.mutations() == RUNBOOK
     # 18: logged on through the load balancer once A served and before the others stopped.
     calls = fake.calls
-    assert calls.index(("lb_set_state", "n1 ready")) < calls.index(("check_login", LB)) \
+    assert (
+        calls.index(("lb_set_state", "n1 ready"))
+        < calls.index(("check_login", LB))
         < calls.index(("stop_service", "n2"))
+    )
     assert fake.all_on(NEW) and fake.databases[PROD].schema == 3
     assert fake.override == {} and set(fake.databases) == {PROD} and fake.violations == []
     assert (result.node_a, result.others, result.previous_versions) == (
-        "n1", ("n2", "n3"), {"n1": OLD, "n2": OLD, "n3": OLD})
+        "n1",
+        ("n2", "n3"),
+        {"n1": OLD, "n2": OLD, "n3": OLD},
+    )
     assert result.merge_report == tuple(f"{n}: web.config: kept node.name" for n in ("n1", "n2", "n3"))
     assert len(result.db_backups) == 2 and set(result.app_backups) == {"n1", "n2", "n3"}
     assert not result.dry_run and all(s.result == "ok" and s.retries == 0 for s in result.steps)
@@ -146,8 +216,9 @@ async def test_happy_path_follows_the_runbook_without_a_gap(time_skipping_env: W
 
 
 # ---------------------------------------------------------------------- 2. the swap gate's timeout
-async def test_swap_undecided_for_an_hour_rejects_and_undoes_a_alone(time_skipping_env: WorkflowEnvironment,
-                                                                     task_queue: str) -> None:
+async def test_swap_undecided_for_an_hour_rejects_and_undoes_a_alone(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(3))
     async with started(time_skipping_env, task_queue, fake) as handle:
         error = await failed(handle)
@@ -164,8 +235,9 @@ async def test_swap_undecided_for_an_hour_rejects_and_undoes_a_alone(time_skippi
 
 
 # ---------------------------------------------------------------------- 3. the failure gate
-async def test_script_failure_retry_after_the_fix_completes(time_skipping_env: WorkflowEnvironment,
-                                                            task_queue: str) -> None:
+async def test_script_failure_retry_after_the_fix_completes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         gate = await pending(handle, SCRIPT_GATE)
@@ -186,7 +258,8 @@ async def test_script_failure_retry_after_the_fix_completes(time_skipping_env: W
 
 @pytest.mark.parametrize("how", ["rollback", "timeout"])
 async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
-        time_skipping_env: WorkflowEnvironment, task_queue: str, how: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         if how == "rollback":
@@ -195,8 +268,10 @@ async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
         names = [s.name for s in await steps(handle)]
     assert error.type == "ProcedureFailed"
     assert "Rolled back: database, maintenance mode on the other nodes, node n1." in str(error)
-    expected = {"rollback": f"gate {SCRIPT_GATE}: rollback chosen by {FAILURE_APPROVER}",
-                "timeout": f"gate {SCRIPT_GATE}: timed out, rollback"}[how]
+    expected = {
+        "rollback": f"gate {SCRIPT_GATE}: rollback chosen by {FAILURE_APPROVER}",
+        "timeout": f"gate {SCRIPT_GATE}: timed out, rollback",
+    }[how]
     assert expected in names
     assert fake.mutations() == runbook_to(("db_apply_migration", f"{PROD} 3")) + UNDO_BEFORE_SWAP
     assert_rolled_back(fake)
@@ -204,8 +279,9 @@ async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
     assert f"failed at '{SCRIPT_STEP}': DatabaseError: injected" in str(error)
 
 
-async def test_script_failure_abort_leaves_the_site_as_it_is(time_skipping_env: WorkflowEnvironment,
-                                                             task_queue: str) -> None:
+async def test_script_failure_abort_leaves_the_site_as_it_is(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         await choose(handle, await pending(handle, SCRIPT_GATE), "abort")
@@ -219,14 +295,17 @@ async def test_script_failure_abort_leaves_the_site_as_it_is(time_skipping_env: 
     assert fake.mutations()[-1] == ("db_apply_migration", f"{PROD} 3")
     assert fake.databases[PROD].schema == 2
     assert (fake.version["n1"], fake.lb["n1"]) == (NEW, "maint")
-    assert fake.override == {"n2": {"maintenance": True, "ignore": True},
-                             "n3": {"maintenance": True, "ignore": True}}
+    assert fake.override == {
+        "n2": {"maintenance": True, "ignore": True},
+        "n3": {"maintenance": True, "ignore": True},
+    }
     assert fake.version["n2"] == fake.version["n3"] == OLD and fake.violations == []
 
 
 # ---------------------------------------------------------------------- 4. retries
-async def test_a_lost_ssh_connection_is_retried_and_counted(time_skipping_env: WorkflowEnvironment,
-                                                            task_queue: str) -> None:
+async def test_a_lost_ssh_connection_is_retried_and_counted(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(3))
     fake.fail_on("deploy_package", "n2", SSH_UNREACHABLE, retryable=True, times=1)
     async with started(time_skipping_env, task_queue, fake) as handle:
@@ -255,7 +334,8 @@ async def late_failure(env: WorkflowEnvironment, task_queue: str) -> tuple[SsFak
 
 
 async def test_a_late_failure_past_the_swap_leaves_the_site_serving_on_a(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # Past step 17 (A serves alone on the upgraded database) nothing is undone: the failure
     # is reported where it happened, A goes on serving the new release, n3 stays out.
     fake, error, names = await late_failure(time_skipping_env, task_queue)
@@ -269,11 +349,13 @@ async def test_a_late_failure_past_the_swap_leaves_the_site_serving_on_a(
 
 
 async def test_a_rollback_after_the_swap_keeps_what_users_wrote_through_a(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # From step 17 node A serves alone, not in maintenance mode: users change secrets. A
     # failure while the others upgrade (20-23) must not restore the step-15 backup, taken
     # before: production is not restored at all.
     fake, _, _ = await late_failure(time_skipping_env, task_queue)
     assert fake.targets("db_restore_keeping") == []
     assert fake.lost_writes == [], (
-        f"production restored from {fake.lost_writes} after node A had served writes since that backup")
+        f"production restored from {fake.lost_writes} after node A had served writes since that backup"
+    )

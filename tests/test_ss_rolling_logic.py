@@ -50,69 +50,142 @@ SCRIPT_GATE = "failure:7.7"
 SCRIPT_STEP = "7.7 run the SQL script on the production database (migration 3)"
 # The runbook's changes, in its order (seed step numbers), on n1 (group A) and n2 (group B).
 RUNBOOK: list[Call] = [
-    ("backup_app_folder", "n1"), ("backup_app_folder", "n2"),  # 1.4
+    ("backup_app_folder", "n1"),
+    ("backup_app_folder", "n2"),  # 1.4
     ("db_backup", PROD),  # 1.5
-    ("db_restore", SCRATCH), ("db_apply_migration", f"{SCRATCH} 2"),  # 2.2
-    ("db_apply_migration", f"{SCRATCH} 3"), ("db_drop_database", SCRATCH),
+    ("db_restore", SCRATCH),
+    ("db_apply_migration", f"{SCRATCH} 2"),  # 2.2
+    ("db_apply_migration", f"{SCRATCH} 3"),
+    ("db_drop_database", SCRATCH),
     ("app_record_audit", "VERIFY DELTAS"),
-    ("build_upgrade_zip", "n1"), ("app_record_audit", "GENERATE UPGRADE ZIP"),  # 3.2
-    ("generate_sql_script", "from 1"), ("app_record_audit", "GENERATE DB SCRIPT"),  # 4.2
+    ("build_upgrade_zip", "n1"),
+    ("app_record_audit", "GENERATE UPGRADE ZIP"),  # 3.2
+    ("generate_sql_script", "from 1"),
+    ("app_record_audit", "GENERATE DB SCRIPT"),  # 4.2
     ("app_set_settings", "site: maintenance on"),  # 5.1
     ("db_backup", PROD),  # 5.2
     ("app_set_settings", "site: maintenance off"),  # 5.3
-    ("stop_service", "staging"), ("stage_app_backup", "staging"), ("start_service", "staging"),  # 5.4
+    ("stop_service", "staging"),
+    ("stage_app_backup", "staging"),
+    ("start_service", "staging"),  # 5.4
     ("db_restore", STAGING_DB),  # 5.5
-    ("stop_service", "staging"), ("deploy_package", "staging"),  # 5.7
-    ("db_apply_migration", f"{STAGING_DB} 2"), ("db_apply_migration", f"{STAGING_DB} 3"),  # 5.8
+    ("stop_service", "staging"),
+    ("deploy_package", "staging"),  # 5.7
+    ("db_apply_migration", f"{STAGING_DB} 2"),
+    ("db_apply_migration", f"{STAGING_DB} 3"),  # 5.8
     ("start_service", "staging"),  # 5.9
-    ("stop_service", "staging"), ("clear_staging", "staging"), ("db_drop_database", STAGING_DB),  # 5.10
+    ("stop_service", "staging"),
+    ("clear_staging", "staging"),
+    ("db_drop_database", STAGING_DB),  # 5.10
     ("app_record_audit", "STAGING TEST"),  # 5.11
-    ("app_set_settings", "site: maintenance on"), ("app_set_settings", "site: ignore on"),  # 6.2, 6.4
+    ("app_set_settings", "site: maintenance on"),
+    ("app_set_settings", "site: ignore on"),  # 6.2, 6.4
     ("app_record_audit", "STARTED"),
     ("db_backup", PROD),  # 6.6
-    ("lb_set_state", "n2 drain"), ("lb_set_state", "n2 maint"),  # 7.3
-    ("stop_service", "n2"), ("deploy_package", "n2"), ("start_service", "n2"),  # 7.4
+    ("lb_set_state", "n2 drain"),
+    ("lb_set_state", "n2 maint"),  # 7.3
+    ("stop_service", "n2"),
+    ("deploy_package", "n2"),
+    ("start_service", "n2"),  # 7.4
     ("lb_set_state", "n2 ready"),  # 7.5
-    ("lb_set_state", "n1 drain"), ("lb_set_state", "n1 maint"),  # 7.6
-    ("db_apply_migration", f"{PROD} 2"), ("db_apply_migration", f"{PROD} 3"),  # 7.7
-    ("stop_service", "n1"), ("deploy_package", "n1"), ("start_service", "n1"),  # 7.9
+    ("lb_set_state", "n1 drain"),
+    ("lb_set_state", "n1 maint"),  # 7.6
+    ("db_apply_migration", f"{PROD} 2"),
+    ("db_apply_migration", f"{PROD} 3"),  # 7.7
+    ("stop_service", "n1"),
+    ("deploy_package", "n1"),
+    ("start_service", "n1"),  # 7.9
     ("lb_set_state", "n1 ready"),  # 7.10
     ("app_set_settings", "site: maintenance off, ignore off"),  # 8.1
     ("app_record_audit", "COMPLETED"),
 ]
-SEED_STEPS = ["P1", "P2", "P3", "P4", "1.4", "1.5", "2.2", "3.2", "4.2", "5.1", "5.2", "5.3", "5.4", "5.5",
-              "5.6", "5.7", "5.8", "5.9", "5.10", "5.11", "6.2", "6.4", "6.6", "7.1", "7.2", "7.3", "7.4",
-              "7.5", "7.6", "7.7", "7.8", "7.9", "7.10", "7.11", "8.1"]
+SEED_STEPS = [
+    "P1",
+    "P2",
+    "P3",
+    "P4",
+    "1.4",
+    "1.5",
+    "2.2",
+    "3.2",
+    "4.2",
+    "5.1",
+    "5.2",
+    "5.3",
+    "5.4",
+    "5.5",
+    "5.6",
+    "5.7",
+    "5.8",
+    "5.9",
+    "5.10",
+    "5.11",
+    "6.2",
+    "6.4",
+    "6.6",
+    "7.1",
+    "7.2",
+    "7.3",
+    "7.4",
+    "7.5",
+    "7.6",
+    "7.7",
+    "7.8",
+    "7.9",
+    "7.10",
+    "7.11",
+    "8.1",
+]
 
 
 def restored_node(n: str) -> list[Call]:
     """What rolling back an upgraded node changes (drained first: it may be serving)."""
-    return [("lb_set_state", f"{n} drain"), ("stop_service", n), ("restore_app_folder", n),
-            ("start_service", n), ("lb_set_state", f"{n} ready")]
+    return [
+        ("lb_set_state", f"{n} drain"),
+        ("stop_service", n),
+        ("restore_app_folder", n),
+        ("start_service", n),
+        ("lb_set_state", f"{n} ready"),
+    ]
 
 
 # The compensations after staging: the staging copy, the settings, the audit CANCEL.
-UNDO_STAGING: list[Call] = [("stop_service", "staging"), ("clear_staging", "staging"),
-                            ("db_drop_database", STAGING_DB),
-                            ("app_set_settings", "site: maintenance off, ignore off"),
-                            ("app_record_audit", "CANCEL")]
+UNDO_STAGING: list[Call] = [
+    ("stop_service", "staging"),
+    ("clear_staging", "staging"),
+    ("db_drop_database", STAGING_DB),
+    ("app_set_settings", "site: maintenance off, ignore off"),
+    ("app_record_audit", "CANCEL"),
+]
 # Everything undone from task seven on: the database first, then group A, group B, staging.
-UNDO_ALL: list[Call] = [("db_restore_keeping", PROD), *restored_node("n1"), *restored_node("n2"),
-                        *UNDO_STAGING]
+UNDO_ALL: list[Call] = [
+    ("db_restore_keeping", PROD),
+    *restored_node("n1"),
+    *restored_node("n2"),
+    *UNDO_STAGING,
+]
 ROLLED_BACK_ALL = "Rolled back: database, node n1, node n2, staging copy, upgrade settings, audit CANCEL."
 
 
 def inp(on_failure: OnFailure = "ask") -> SsRollingInput:
-    return SsRollingInput(inventory=ss_site(2), package_path="/pkg/ss-2.0.0.zip", started_by=STARTER,
-                          gate_timeout_s=3600.0, failure_gate_timeout_s=3600.0, on_failure=on_failure)
+    return SsRollingInput(
+        inventory=ss_site(2),
+        package_path="/pkg/ss-2.0.0.zip",
+        started_by=STARTER,
+        gate_timeout_s=3600.0,
+        failure_gate_timeout_s=3600.0,
+        on_failure=on_failure,
+    )
 
 
 @asynccontextmanager
-async def started(env: WorkflowEnvironment, task_queue: str, fake: SsFakeSite,
-                  on_failure: OnFailure = "ask") -> AsyncIterator[WorkflowHandle[Any, SsRollingResult]]:
+async def started(
+    env: WorkflowEnvironment, task_queue: str, fake: SsFakeSite, on_failure: OnFailure = "ask"
+) -> AsyncIterator[WorkflowHandle[Any, SsRollingResult]]:
     async with running_worker(env.client, task_queue, [SsRollingWorkflow], fake.activities()):
-        yield await env.client.start_workflow(SsRollingWorkflow.run, inp(on_failure), id=f"wf-{task_queue}",
-                                              task_queue=task_queue)
+        yield await env.client.start_workflow(
+            SsRollingWorkflow.run, inp(on_failure), id=f"wf-{task_queue}", task_queue=task_queue
+        )
 
 
 async def steps(handle: WorkflowHandle[Any, Any]) -> tuple[StepRecord, ...]:
@@ -121,12 +194,12 @@ async def steps(handle: WorkflowHandle[Any, Any]) -> tuple[StepRecord, ...]:
 
 def runbook_to(last: Call) -> list[Call]:
     """The runbook's changes up to and including `last` (its first occurrence)."""
-    return RUNBOOK[:RUNBOOK.index(last) + 1]
+    return RUNBOOK[: RUNBOOK.index(last) + 1]
 
 
 def changes_after_8_1(fake: SsFakeSite) -> list[Call]:
     changes = fake.mutations()
-    return changes[changes.index(("app_set_settings", "site: maintenance off, ignore off")) + 1:]
+    return changes[changes.index(("app_set_settings", "site: maintenance off, ignore off")) + 1 :]
 
 
 def assert_rolled_back(fake: SsFakeSite) -> None:
@@ -138,7 +211,8 @@ def assert_rolled_back(fake: SsFakeSite) -> None:
 
 # ---------------------------------------------------------------------- 1. the happy path
 async def test_happy_path_follows_the_runbook_and_upgrades_every_node(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(2))
     async with started(time_skipping_env, task_queue, fake) as handle:
         staging_test = await approve(handle, "staging-test")
@@ -148,12 +222,21 @@ async def test_happy_path_follows_the_runbook_and_upgrades_every_node(
     assert fake.mutations() == RUNBOOK
     assert fake.all_on(NEW) and fake.databases[PROD].schema == 3 and fake.site_settings() == (False, False)
     assert fake.staging_files is None and set(fake.databases) == {PROD}  # staging and scratch dropped
-    assert fake.audit == ["VERIFY DELTAS", "GENERATE UPGRADE ZIP", "GENERATE DB SCRIPT", "STAGING TEST",
-                          "STARTED", "COMPLETED"]
+    assert fake.audit == [
+        "VERIFY DELTAS",
+        "GENERATE UPGRADE ZIP",
+        "GENERATE DB SCRIPT",
+        "STAGING TEST",
+        "STARTED",
+        "COMPLETED",
+    ]
     assert fake.violations == []
     # Group B first; every upgraded node (and staging) logged on to on the new release.
-    assert (result.group_a, result.group_b, result.previous_versions) == (("n1",), ("n2",),
-                                                                          {"n1": OLD, "n2": OLD})
+    assert (result.group_a, result.group_b, result.previous_versions) == (
+        ("n1",),
+        ("n2",),
+        {"n1": OLD, "n2": OLD},
+    )
     assert result.merge_report == tuple(f"{n}: web.config: kept node.name" for n in ("staging", "n2", "n1"))
     assert len(result.db_backups) == 3 and set(result.app_backups) == {"n1", "n2"}
     assert result.upgrade_zip.endswith("-upgrade.zip") and result.sql_script.endswith("-upgrade.sql")
@@ -163,7 +246,8 @@ async def test_happy_path_follows_the_runbook_and_upgrades_every_node(
 
 # ---------------------------------------------------------------------- 2. the approval gates' timeouts
 async def test_staging_test_undecided_for_an_hour_rejects_and_touches_no_web_node(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(2))
     async with started(time_skipping_env, task_queue, fake) as handle:
         error = await failed(handle)
@@ -179,7 +263,8 @@ async def test_staging_test_undecided_for_an_hour_rejects_and_touches_no_web_nod
 
 
 async def test_upgrade_successful_undecided_for_an_hour_rolls_everything_back(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(2))
     async with started(time_skipping_env, task_queue, fake) as handle:
         await approve(handle, "staging-test")
@@ -202,8 +287,9 @@ def failing_script() -> SsFakeSite:
     return fake
 
 
-async def test_script_failure_retry_after_the_fix_completes(time_skipping_env: WorkflowEnvironment,
-                                                            task_queue: str) -> None:
+async def test_script_failure_retry_after_the_fix_completes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         await approve(handle, "staging-test")
@@ -226,7 +312,8 @@ async def test_script_failure_retry_after_the_fix_completes(time_skipping_env: W
 
 @pytest.mark.parametrize("how", ["rollback", "timeout"])
 async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
-        time_skipping_env: WorkflowEnvironment, task_queue: str, how: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         await approve(handle, "staging-test")
@@ -235,8 +322,10 @@ async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
         error = await failed(handle)  # timeout: the hour passes at once
         names = [s.name for s in await steps(handle)]
     assert error.type == "ProcedureFailed" and ROLLED_BACK_ALL in str(error)
-    expected = {"rollback": f"gate {SCRIPT_GATE}: rollback chosen by {FAILURE_APPROVER}",
-                "timeout": f"gate {SCRIPT_GATE}: timed out, rollback"}[how]
+    expected = {
+        "rollback": f"gate {SCRIPT_GATE}: rollback chosen by {FAILURE_APPROVER}",
+        "timeout": f"gate {SCRIPT_GATE}: timed out, rollback",
+    }[how]
     assert expected in names
     # Group A was only taken out (back in the pool); group B and the database restored.
     undo = [("db_restore_keeping", PROD), ("lb_set_state", "n1 ready"), *restored_node("n2"), *UNDO_STAGING]
@@ -246,8 +335,9 @@ async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
     assert f"failed at '{SCRIPT_STEP}': DatabaseError: injected" in str(error)
 
 
-async def test_script_failure_abort_leaves_the_site_as_it_is(time_skipping_env: WorkflowEnvironment,
-                                                             task_queue: str) -> None:
+async def test_script_failure_abort_leaves_the_site_as_it_is(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = failing_script()
     async with started(time_skipping_env, task_queue, fake) as handle:
         await approve(handle, "staging-test")
@@ -256,8 +346,10 @@ async def test_script_failure_abort_leaves_the_site_as_it_is(time_skipping_env: 
     text = str(error)
     assert error.type == "ProcedureAborted"
     assert f"aborted by {FAILURE_APPROVER} at '{SCRIPT_STEP}'" in text
-    assert ("changes not undone (newest first): database, node n1, node n2, staging copy, upgrade settings, "
-            "audit CANCEL") in text
+    assert (
+        "changes not undone (newest first): database, node n1, node n2, staging copy, upgrade settings, "
+        "audit CANCEL"
+    ) in text
     assert "kept: database backup (upgrade mode): /backups/" in text
     # Nothing undone: the script half-applied, B upgraded, A out of the pool, upgrade mode on.
     assert fake.mutations()[-1] == ("db_apply_migration", f"{PROD} 3")
@@ -268,8 +360,9 @@ async def test_script_failure_abort_leaves_the_site_as_it_is(time_skipping_env: 
 
 
 # ---------------------------------------------------------------------- 4. retries
-async def test_a_transient_admin_error_is_retried_and_counted(time_skipping_env: WorkflowEnvironment,
-                                                              task_queue: str) -> None:
+async def test_a_transient_admin_error_is_retried_and_counted(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(2))
     off = "site: maintenance off, ignore off"
     fake.fail_on("app_set_settings", off, ADMIN_UNAVAILABLE, retryable=True, times=1)
@@ -286,8 +379,9 @@ async def test_a_transient_admin_error_is_retried_and_counted(time_skipping_env:
 
 
 # ---------------------------------------------------------------------- 5. compensation order
-async def test_a_late_failure_undoes_the_changes_newest_first(time_skipping_env: WorkflowEnvironment,
-                                                              task_queue: str) -> None:
+async def test_a_late_failure_undoes_the_changes_newest_first(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     fake = SsFakeSite(ss_site(2))
     fake.fail_on("deploy_package", "n1", DEPLOY_VERIFICATION_FAILED)  # 7.9, group A
     async with started(time_skipping_env, task_queue, fake, on_failure="rollback") as handle:
@@ -303,7 +397,8 @@ async def test_a_late_failure_undoes_the_changes_newest_first(time_skipping_env:
 
 
 async def test_an_audit_failure_after_upgrade_mode_is_off_loses_no_write(
-        time_skipping_env: WorkflowEnvironment, task_queue: str) -> None:
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
     # 8.1 ends upgrade mode: users change secrets again. If the audit COMPLETED that follows
     # fails (the admin interface down), the upgrade-mode backup (6.6) must not be restored
     # over what they wrote since.
@@ -316,4 +411,5 @@ async def test_an_audit_failure_after_upgrade_mode_is_off_loses_no_write(
             await finish(handle)
     assert fake.lost_writes == [], (
         f"production restored from {fake.lost_writes} after upgrade mode was off (8.1); the run's "
-        f"changes after 8.1: {changes_after_8_1(fake)}")
+        f"changes after 8.1: {changes_after_8_1(fake)}"
+    )

@@ -13,8 +13,9 @@ from worker.main import build_worker, connect
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 
 
-async def test_a_run_emits_workflow_and_activity_spans(temporal_env: WorkflowEnvironment,
-                                                       task_queue: str) -> None:
+async def test_a_run_emits_workflow_and_activity_spans(
+    temporal_env: WorkflowEnvironment, task_queue: str
+) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -24,7 +25,9 @@ async def test_a_run_emits_workflow_and_activity_spans(temporal_env: WorkflowEnv
         await client.execute_workflow(
             RollingDeployWorkflow.run,
             RollingDeployInput(inventory=site(2), package_path="/p.zip", dry_run=True),
-            id=f"traced-{task_queue}", task_queue=task_queue)
+            id=f"traced-{task_queue}",
+            task_queue=task_queue,
+        )
     names = {s.name for s in exporter.get_finished_spans()}
     assert "StartWorkflow:rolling-deploy" in names
     assert "RunActivity:inspect_package" in names and "RunActivity:ssh_probe" in names

@@ -7,6 +7,7 @@ reachable from inside that zone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -44,15 +45,22 @@ def _setup_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
-async def connect(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
-                  tracing: bool = True, tracer: Tracer | None = None) -> Client:
+async def connect(
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    tracing: bool = True,
+    tracer: Tracer | None = None,
+) -> Client:
     """A client whose workflows and activities emit OpenTelemetry spans (when `tracing`)."""
     interceptors = [TracingInterceptor(tracer)] if tracing else []
     return await Client.connect(address, namespace=namespace, interceptors=interceptors)
 
 
-def build_worker(client: Client, task_queue: str = DEFAULT_TASK_QUEUE,
-                 activities: Sequence[Callable[..., Any]] | None = None) -> Worker:
+def build_worker(
+    client: Client,
+    task_queue: str = DEFAULT_TASK_QUEUE,
+    activities: Sequence[Callable[..., Any]] | None = None,
+) -> Worker:
     from activities import ALL_ACTIVITIES
     from workflows.registry import ALL_WORKFLOWS
 
@@ -78,8 +86,9 @@ RESUME_OPTIONS: dict[str, Any] = {
 }
 
 
-async def run_worker(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
-                     task_queue: str = DEFAULT_TASK_QUEUE) -> None:
+async def run_worker(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, task_queue: str = DEFAULT_TASK_QUEUE
+) -> None:
     _setup_tracing()
     client = await connect(address, namespace)
     worker = build_worker(client, task_queue)
@@ -102,4 +111,8 @@ def main() -> None:
     parser.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # What is loaded by now (modules, the activities, the workflow definitions) lives as long
+    # as the process: frozen, the collector's full passes skip it, and such a pause - inside
+    # every step in flight, e.g. a schema's disabled window - stays short.
+    gc.freeze()
     asyncio.run(run_worker(args.address, args.namespace, args.task_queue))

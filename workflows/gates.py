@@ -43,6 +43,7 @@ def gate_family(gate: str) -> str:
 # How a gate was decided.
 GateOutcome = Literal["approved", "rejected", "chosen", "timed out"]
 
+
 @dataclass(frozen=True)
 class GateSpec:
     name: str
@@ -125,8 +126,9 @@ class Gates:
     def approvers_of(self, gate: str) -> tuple[str, ...]:
         return self.approvers.get(gate) or self.approvers.get(gate_family(gate), ())
 
-    def configure(self, approvers: dict[str, tuple[str, ...]], started_by: str | None,
-                  plan_hash: str) -> None:
+    def configure(
+        self, approvers: dict[str, tuple[str, ...]], started_by: str | None, plan_hash: str
+    ) -> None:
         self.approvers, self.started_by, self.plan_hash = dict(approvers), started_by, plan_hash
 
     def pending(self) -> list[PendingGate]:
@@ -139,60 +141,92 @@ class Gates:
             raise refused(f"no gate {d.gate!r} is waiting for a decision (waiting: {waiting})")
         choices = self._pending[d.gate].choices
         if choices and not choosing:
-            raise refused(f"gate {d.gate!r} takes a choice ({', '.join(choices)}), not approve / reject: "
-                          f"use `zerodown resolve {d.gate} --choice ...` (update `choose`)")
+            raise refused(
+                f"gate {d.gate!r} takes a choice ({', '.join(choices)}), not approve / reject: "
+                f"use `zerodown resolve {d.gate} --choice ...` (update `choose`)"
+            )
         if choosing and not choices:
             raise refused(f"gate {d.gate!r} is an approve / reject gate: use approve or reject")
         if choosing and d.choice not in choices:
             raise refused(f"{d.choice!r} is not a choice of gate {d.gate!r} (choices: {', '.join(choices)})")
         allowed = self.approvers_of(d.gate)
         if d.by not in allowed:
-            raise refused(f"{d.by!r} may not decide gate {d.gate!r}: the inventory lists "
-                          f"{', '.join(allowed) or 'nobody'}")
+            raise refused(
+                f"{d.by!r} may not decide gate {d.gate!r}: the inventory lists "
+                f"{', '.join(allowed) or 'nobody'}"
+            )
         if self.started_by is not None and d.by == self.started_by:
-            raise refused(f"{d.by!r} started this run and may not decide its gate {d.gate!r} "
-                          "(no self-approval)")
+            raise refused(
+                f"{d.by!r} started this run and may not decide its gate {d.gate!r} (no self-approval)"
+            )
         if d.plan_hash != self.plan_hash:
-            raise refused(f"the decision names plan {d.plan_hash[:12] or '(none)'}, but this run "
-                          f"executes plan {self.plan_hash[:12]}: review it with `zerodown plan` "
-                          "or `zerodown status`, then decide on that plan")
+            raise refused(
+                f"the decision names plan {d.plan_hash[:12] or '(none)'}, but this run "
+                f"executes plan {self.plan_hash[:12]}: review it with `zerodown plan` "
+                "or `zerodown status`, then decide on that plan"
+            )
 
     def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
         outcome: GateOutcome = "chosen" if d.choice else "approved" if approve else "rejected"
-        record = GateRecord(gate=d.gate, outcome=outcome, by=d.by, at=workflow.now(), via=via,
-                            comment=d.comment, plan_hash=d.plan_hash, choice=d.choice)
+        record = GateRecord(
+            gate=d.gate,
+            outcome=outcome,
+            by=d.by,
+            at=workflow.now(),
+            via=via,
+            comment=d.comment,
+            plan_hash=d.plan_hash,
+            choice=d.choice,
+        )
         self._pending.pop(d.gate, None)
         self._decided[d.gate] = record
         self.records.append(record)
         what = f"{d.choice} chosen" if d.choice else outcome
-        self.timeline.record(f"gate {d.gate}: {what} by {d.by}", "ok",
-                             detail=f"via {via}" + (f": {d.comment}" if d.comment else ""))
+        self.timeline.record(
+            f"gate {d.gate}: {what} by {d.by}",
+            "ok",
+            detail=f"via {via}" + (f": {d.comment}" if d.comment else ""),
+        )
         return record
 
     def refuse_signal(self, d: SignalDecision, error: ApplicationError) -> None:
-        self.timeline.record(f"gate {d.gate}: signal from {d.by} refused", "skipped",
-                             detail=str(error.message))
+        self.timeline.record(
+            f"gate {d.gate}: signal from {d.by} refused", "skipped", detail=str(error.message)
+        )
 
     async def wait(self, spec: GateSpec) -> GateRecord:
         """Wait for a decision on `spec`; on timeout apply its fail-safe default."""
         now = workflow.now()
         hold = spec.on_timeout == "hold"
         self._pending[spec.name] = PendingGate(
-            gate=spec.name, since=now, approvers=self.approvers_of(spec.name), guards=spec.guards,
+            gate=spec.name,
+            since=now,
+            approvers=self.approvers_of(spec.name),
+            guards=spec.guards,
             deadline=None if hold else now + timedelta(seconds=spec.timeout_s),
-            on_timeout=spec.on_timeout, plan_hash=self.plan_hash, choices=spec.choices)
+            on_timeout=spec.on_timeout,
+            plan_hash=self.plan_hash,
+            choices=spec.choices,
+        )
         before = (self.timeline.phase, self.timeline.node)
         waiting = f"waiting for a decision on gate {spec.name}"
         self.timeline.set_phase(waiting)
         try:
-            await workflow.wait_condition(lambda: spec.name in self._decided,
-                                          timeout=None if hold else timedelta(seconds=spec.timeout_s))
+            await workflow.wait_condition(
+                lambda: spec.name in self._decided,
+                timeout=None if hold else timedelta(seconds=spec.timeout_s),
+            )
         except TimeoutError:
             self._pending.pop(spec.name, None)
-            record = GateRecord(gate=spec.name, outcome="timed out", by=None, at=workflow.now(),
-                                via="timeout", comment=f"no decision within {spec.timeout_s:g}s: "
-                                                       f"{spec.on_timeout} (fail-safe default)",
-                                choice=spec.on_timeout if spec.choices else "")
+            record = GateRecord(
+                gate=spec.name,
+                outcome="timed out",
+                by=None,
+                at=workflow.now(),
+                via="timeout",
+                comment=f"no decision within {spec.timeout_s:g}s: {spec.on_timeout} (fail-safe default)",
+                choice=spec.on_timeout if spec.choices else "",
+            )
             self.records.append(record)
             applied = spec.on_timeout if spec.choices else "rejected"
             self.timeline.record(f"gate {spec.name}: timed out, {applied}", "failed", detail=record.comment)
@@ -236,8 +270,13 @@ class GatedWorkflow:
 
     @workflow.signal(name="decide")
     def decide(self, decision: SignalDecision) -> None:
-        d = Decision(gate=decision.gate, by=decision.by, plan_hash=decision.plan_hash,
-                     comment=decision.comment, choice=decision.choice)
+        d = Decision(
+            gate=decision.gate,
+            by=decision.by,
+            plan_hash=decision.plan_hash,
+            comment=decision.comment,
+            choice=decision.choice,
+        )
         try:
             self.gates.check(d, choosing=bool(decision.choice))
         except ApplicationError as e:

@@ -279,8 +279,11 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                 self._replica_in_sync_then_stopped(inp, db),
             )
             if not isinstance(snapshot, mysql.DbBackup):
-                raise ApplicationError(f"internal: the snapshot step returned {type(snapshot).__name__}",
-                                       type=UNEXPECTED_STATE, non_retryable=True)
+                raise ApplicationError(
+                    f"internal: the snapshot step returned {type(snapshot).__name__}",
+                    type=UNEXPECTED_STATE,
+                    non_retryable=True,
+                )
             snapshots.append(snapshot.path)
             # 23 the migrations: the point of no return.
             self.saga.register(

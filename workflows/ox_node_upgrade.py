@@ -188,10 +188,15 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         previous = await self._preflight(inp, settings, main, secondary, nodes)
         schemata: tuple[ox.OxSchema, ...] = await self.timeline.step(
             "P3 list the schemata (listdatabaseschema)",
-            self.read(ox.ox_list_schemata, ox.OxNodeRequest(node=nodes[-1], ox=settings)), seed_step="4")
+            self.read(ox.ox_list_schemata, ox.OxNodeRequest(node=nodes[-1], ox=settings)),
+            seed_step="4",
+        )
         if workflow.patched(PATCH_CLOSED_POOLS):
-            closed = await self.timeline.step("P4 every pool's schemata are listed (listdatabase)",
-                                              self._closed_pools(settings, nodes[-1]), seed_step="4")
+            closed = await self.timeline.step(
+                "P4 every pool's schemata are listed (listdatabase)",
+                self._closed_pools(settings, nodes[-1]),
+                seed_step="4",
+            )
             if closed:
                 raise preflight_failed(closed, [])
         listed = list(schemata)
@@ -200,9 +205,12 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             # in OX's order.
             empty = [s.name for s in listed if s.contexts == 0]
             if empty:
-                self.timeline.record(f"P3 {len(empty)} schemata without contexts: not moved", "skipped",
-                                     seed_step="4", detail="listdatabaseschema shows currentunits 0: "
-                                                           + ", ".join(empty[:10]))
+                self.timeline.record(
+                    f"P3 {len(empty)} schemata without contexts: not moved",
+                    "skipped",
+                    seed_step="4",
+                    detail="listdatabaseschema shows currentunits 0: " + ", ".join(empty[:10]),
+                )
             listed = sorted((s for s in listed if s.contexts > 0), key=lambda s: schema_order(s.name))
         shares = _shares(settings, nodes, [s.name for s in listed])
         plan = _plan(inp, previous, nodes, shares)
@@ -214,44 +222,73 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         self.guided = inp.on_failure == "ask"
         await self.run_changes(
             partial(self._upgrade, inp, settings, main, secondary, nodes, shares, previous),
-            f"{PROCEDURE} to {inp.version}")
+            f"{PROCEDURE} to {inp.version}",
+        )
         self.timeline.set_phase("done")
         return self._result(inp, previous, nodes, shares, plan, False)
 
     # ================================================================== preflight
-    async def _preflight(self, inp: OxNodeUpgradeInput, settings: OxSettings, main: LoadBalancer,
-                         secondary: LoadBalancer, nodes: list[Node]) -> str:
+    async def _preflight(
+        self,
+        inp: OxNodeUpgradeInput,
+        settings: OxSettings,
+        main: LoadBalancer,
+        secondary: LoadBalancer,
+        nodes: list[Node],
+    ) -> str:
         inv = inp.inventory
 
         async def check_node(n: Node) -> str:
             probe: ssh.SshProbeResult = await self.read(ssh.ssh_probe, ssh.SshProbeRequest(target=n.ssh))
             if not probe.ok:
-                raise ApplicationError(probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
-                                       type=probe.error_type or SSH_UNREACHABLE, non_retryable=True)
+                raise ApplicationError(
+                    probe.error or f"ssh {n.ssh.host}:{n.ssh.port}: unreachable",
+                    type=probe.error_type or SSH_UNREACHABLE,
+                    non_retryable=True,
+                )
             st: haproxy.MemberState = await self.read(
-                haproxy.lb_check_member, haproxy.MemberRequest(lb=main, node=n.name))
+                haproxy.lb_check_member, haproxy.MemberRequest(lb=main, node=n.name)
+            )
             if not st.is_up:
-                raise ApplicationError(f"not UP in the main balancer {main.name} ({st.status}, {st.admin})",
-                                       type=NOT_IN_POOL, non_retryable=True)
+                raise ApplicationError(
+                    f"not UP in the main balancer {main.name} ({st.status}, {st.admin})",
+                    type=NOT_IN_POOL,
+                    non_retryable=True,
+                )
             sec: haproxy.MemberState = await self.read(
-                haproxy.lb_check_member, haproxy.MemberRequest(lb=secondary, node=n.name))
+                haproxy.lb_check_member, haproxy.MemberRequest(lb=secondary, node=n.name)
+            )
             if sec.admin == "ready" and sec.is_up:
-                raise ApplicationError(f"already serving in the secondary balancer {secondary.name}",
-                                       type=UNEXPECTED_STATE, non_retryable=True)
-            await self.read(http_checks.check_health, http_checks.HttpCheckRequest(
-                base_url=n.url, check=inv.application.health, timeout_s=10.0))
-            running: str = await self.read(http_checks.get_version, http_checks.VersionRequest(
-                base_url=n.url, check=inv.application.version))
+                raise ApplicationError(
+                    f"already serving in the secondary balancer {secondary.name}",
+                    type=UNEXPECTED_STATE,
+                    non_retryable=True,
+                )
+            await self.read(
+                http_checks.check_health,
+                http_checks.HttpCheckRequest(base_url=n.url, check=inv.application.health, timeout_s=10.0),
+            )
+            running: str = await self.read(
+                http_checks.get_version,
+                http_checks.VersionRequest(base_url=n.url, check=inv.application.version),
+            )
             installed: str = await self.read(ox.ox_installed_version, ox.OxNodeRequest(node=n, ox=settings))
             if installed != running:
-                raise ApplicationError(f"runs {running} but {installed} is installed: restart it or finish "
-                                       "its last upgrade first", type=UNEXPECTED_STATE, non_retryable=True)
+                raise ApplicationError(
+                    f"runs {running} but {installed} is installed: restart it or finish "
+                    "its last upgrade first",
+                    type=UNEXPECTED_STATE,
+                    non_retryable=True,
+                )
             return running
 
         async def checks() -> str:
             results = await asyncio.gather(*(check_node(n) for n in nodes), return_exceptions=True)
-            problems = [f"{n.name}: {reason(r)}" for n, r in zip(nodes, results, strict=True)
-                        if isinstance(r, BaseException)]
+            problems = [
+                f"{n.name}: {reason(r)}"
+                for n, r in zip(nodes, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
             versions = {n.name: r for n, r in zip(nodes, results, strict=True) if isinstance(r, str)}
             if not problems:
                 problems += _version_problems(versions, inp.version)
@@ -261,13 +298,22 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
 
         previous: str = await self.timeline.step(
             "P1 nodes reachable, running, healthy, in the main balancer, on one upgradable release",
-            checks(), seed_step="P1")
+            checks(),
+            seed_step="P1",
+        )
         return previous
 
     # ================================================================== the runbook
-    async def _upgrade(self, inp: OxNodeUpgradeInput, settings: OxSettings, main: LoadBalancer,
-                       secondary: LoadBalancer, nodes: list[Node], shares: list[NodeShare],
-                       previous: str) -> None:
+    async def _upgrade(
+        self,
+        inp: OxNodeUpgradeInput,
+        settings: OxSettings,
+        main: LoadBalancer,
+        secondary: LoadBalancer,
+        nodes: list[Node],
+        shares: list[NodeShare],
+        previous: str,
+    ) -> None:
         inv = inp.inventory
         state = {n.name: _NodeState() for n in nodes}
 
@@ -275,15 +321,30 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         self.timeline.set_phase("0 migrationRedirectURL on every old node")
         for n in nodes:
             change: ox.OxPropertyChange = await self.step(
-                f"0 set {REDIRECT_KEY}", partial(self._set_property, settings, n, settings.server_properties,
-                                                 REDIRECT_KEY, settings.secondary_url, "0"),
-                node=n.name, seed_step="0")
+                f"0 set {REDIRECT_KEY}",
+                partial(
+                    self._set_property,
+                    settings,
+                    n,
+                    settings.server_properties,
+                    REDIRECT_KEY,
+                    settings.secondary_url,
+                    "0",
+                ),
+                node=n.name,
+                seed_step="0",
+            )
             state[n.name].properties[(settings.server_properties, REDIRECT_KEY)] = change.previous
-            self.saga.register(f"{n.name}: {REDIRECT_KEY} as before",
-                               partial(self._restore_redirect, settings, n, change.previous, state[n.name]))
-            await self.step("0 reload the configuration", partial(
-                self.change, ox.ox_reload_configuration, ox.OxNodeRequest(node=n, ox=settings)),
-                node=n.name, seed_step="0")
+            self.saga.register(
+                f"{n.name}: {REDIRECT_KEY} as before",
+                partial(self._restore_redirect, settings, n, change.previous, state[n.name]),
+            )
+            await self.step(
+                "0 reload the configuration",
+                partial(self.change, ox.ox_reload_configuration, ox.OxNodeRequest(node=n, ox=settings)),
+                node=n.name,
+                seed_step="0",
+            )
 
         upgraded: list[Node] = []
         admin = nodes[-1]  # old until the very end: the "working 7.10.0 node" of steps 3-7
@@ -293,14 +354,19 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             if last and upgraded:
                 # Post process, pulled forward: every schema is on the new server now, so the
                 # new nodes may take the main balancer's traffic before the last old one leaves.
-                await self.step("post every schema is on the new server",
-                                partial(self._check_all_moved, shares, settings, admin), seed_step="post")
+                await self.step(
+                    "post every schema is on the new server",
+                    partial(self._check_all_moved, shares, settings, admin),
+                    seed_step="post",
+                )
                 self.timeline.set_phase("post process: upgraded nodes into the main balancer")
                 for m in upgraded:
                     await self.put_back(inv, m, "post", lbs=[main])
             self.timeline.set_phase(f"upgrade {n.name}", n.name)
-            self.saga.register(f"{n.name}: back to {previous}",
-                               partial(self._roll_back_node, inp, settings, main, secondary, n, st, previous))
+            self.saga.register(
+                f"{n.name}: back to {previous}",
+                partial(self._roll_back_node, inp, settings, main, secondary, n, st, previous),
+            )
             # 1
             st.drained = True
             await self.take_out(inv, n, "1", lbs=[main])
@@ -309,32 +375,73 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             hazelcast = workflow.patched(PATCH_HAZELCAST)
             old_group: str | None = None
             if hazelcast:
-                old_group = await self.step("2 Hazelcast group of the old release", partial(
-                    self.read, ox.ox_get_property, ox.OxGetPropertyRequest(
-                        node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY)),
-                    node=n.name, seed_step="2")
+                old_group = await self.step(
+                    "2 Hazelcast group of the old release",
+                    partial(
+                        self.read,
+                        ox.ox_get_property,
+                        ox.OxGetPropertyRequest(
+                            node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY
+                        ),
+                    ),
+                    node=n.name,
+                    seed_step="2",
+                )
             await self.step("2 stop the service", partial(self.stop, n), node=n.name, seed_step="2")
             st.installed = True
-            await self.step(f"2 install {inp.version}", partial(
-                self.change, ox.ox_install_version,
-                ox.OxInstallRequest(node=n, ox=settings, version=inp.version)),
-                node=n.name, seed_step="2")
+            await self.step(
+                f"2 install {inp.version}",
+                partial(
+                    self.change,
+                    ox.ox_install_version,
+                    ox.OxInstallRequest(node=n, ox=settings, version=inp.version),
+                ),
+                node=n.name,
+                seed_step="2",
+            )
             if hazelcast:
                 await self._separate_cluster(inp, settings, n, st, old_group)
-            await self._remember(st, settings.system_properties, SERVER_NAME_KEY, await self.step(
-                f"2 {SERVER_NAME_KEY}={inp.server_name}", partial(
-                    self._set_property, settings, n, settings.system_properties, SERVER_NAME_KEY,
-                    inp.server_name, "2"),
-                node=n.name, seed_step="2"))
-            await self._remember(st, settings.server_properties, REDIRECT_KEY, await self.step(
-                f"8 remove {REDIRECT_KEY}", partial(
-                    self._set_property, settings, n, settings.server_properties, REDIRECT_KEY, None, "8"),
-                node=n.name, seed_step="8"))
+            await self._remember(
+                st,
+                settings.system_properties,
+                SERVER_NAME_KEY,
+                await self.step(
+                    f"2 {SERVER_NAME_KEY}={inp.server_name}",
+                    partial(
+                        self._set_property,
+                        settings,
+                        n,
+                        settings.system_properties,
+                        SERVER_NAME_KEY,
+                        inp.server_name,
+                        "2",
+                    ),
+                    node=n.name,
+                    seed_step="2",
+                ),
+            )
+            await self._remember(
+                st,
+                settings.server_properties,
+                REDIRECT_KEY,
+                await self.step(
+                    f"8 remove {REDIRECT_KEY}",
+                    partial(
+                        self._set_property, settings, n, settings.server_properties, REDIRECT_KEY, None, "8"
+                    ),
+                    node=n.name,
+                    seed_step="8",
+                ),
+            )
             if self.register_first and i == 0:
                 await self._register(inp, settings, admin, n)
             await self.step("2 start the service", partial(self.start, n), node=n.name, seed_step="2")
-            await self.step(f"2 healthy on {inp.version}", partial(self.check_running, inv, n, inp.version),
-                            node=n.name, seed_step="2")
+            await self.step(
+                f"2 healthy on {inp.version}",
+                partial(self.check_running, inv, n, inp.version),
+                node=n.name,
+                seed_step="2",
+            )
             # 9
             st.in_secondary = True
             await self.put_back(inv, n, "9", lbs=[secondary])
@@ -353,56 +460,97 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         for n in nodes:
             await self.take_out(inv, n, "post", lbs=[secondary])
 
-    async def _schemata(self, inp: OxNodeUpgradeInput, n: Node, admin: Node, share: tuple[str, ...],
-                        first: bool) -> None:
+    async def _schemata(
+        self, inp: OxNodeUpgradeInput, n: Node, admin: Node, share: tuple[str, ...], first: bool
+    ) -> None:
         child_id = f"{workflow.info().workflow_id}-schemata-{n.name}"
         self.children.append(child_id)
         arg = OxUpgradeSchemataInput(
-            inventory=inp.inventory, server_name=inp.server_name, update_node=n.name, admin_node=admin.name,
-            schemata=share, force=inp.force, concurrency=inp.concurrency,
+            inventory=inp.inventory,
+            server_name=inp.server_name,
+            update_node=n.name,
+            admin_node=admin.name,
+            schemata=share,
+            force=inp.force,
+            concurrency=inp.concurrency,
             expect_registered=not first or self.register_first,
-            started_by=inp.started_by, gate_timeout_s=inp.gate_timeout_s, on_failure=inp.on_failure,
-            failure_gate_timeout_s=inp.failure_gate_timeout_s, schemata_per_run=inp.schemata_per_run)
+            started_by=inp.started_by,
+            gate_timeout_s=inp.gate_timeout_s,
+            on_failure=inp.on_failure,
+            failure_gate_timeout_s=inp.failure_gate_timeout_s,
+            schemata_per_run=inp.schemata_per_run,
+        )
 
         async def child() -> SchemataOutcome:
             # Decoded into the few fields this workflow uses: the child's full result holds
             # its timeline, whose datetimes the sandbox cannot decode (and does not need).
             outcome: SchemataOutcome = await workflow.execute_child_workflow(
-                "ox-upgradeschemata", arg, id=child_id, result_type=SchemataOutcome,
-                task_timeout=timeouts.WORKFLOW_TASK)
+                "ox-upgradeschemata",
+                arg,
+                id=child_id,
+                result_type=SchemataOutcome,
+                task_timeout=timeouts.WORKFLOW_TASK,
+            )
             return outcome
 
         self.timeline.set_phase(f"3-7 {len(share)} schemata to {inp.server_name} (child {child_id})", n.name)
         result: SchemataOutcome = await self.step(
             f"{'3-7' if first and not self.register_first else '4-7'} upgrade {len(share)} schemata "
             f"(child workflow {child_id})",
-            child, node=n.name, seed_step="3" if first and not self.register_first else "4")
+            child,
+            node=n.name,
+            seed_step="3" if first and not self.register_first else "4",
+        )
         self.moved.extend(result.upgraded)
         self.failed.extend(f.schema for f in result.failed)
         if result.aborted_at_registration and workflow.patched(PATCH_CHILD_ABORT):
             raise ApplicationError(
                 f"child {child_id} stopped at its gate server-already-registered (abort): the new server "
-                f"{inp.server_name} is not to be used, so no node goes on", type=REGISTRATION_ABORTED,
-                non_retryable=True)
+                f"{inp.server_name} is not to be used, so no node goes on",
+                type=REGISTRATION_ABORTED,
+                non_retryable=True,
+            )
 
-    async def _separate_cluster(self, inp: OxNodeUpgradeInput, settings: OxSettings, n: Node, st: _NodeState,
-                                old_group: str | None) -> None:
+    async def _separate_cluster(
+        self, inp: OxNodeUpgradeInput, settings: OxSettings, n: Node, st: _NodeState, old_group: str | None
+    ) -> None:
         """2: "make sure that you have configured both versions ... to form different Hazelcast
         clusters". Checked: the installed release's group name already differs from the old
         one; else set: `<old group>-<version>` (every new node gets the same, so the new nodes
         form one cluster of their own). The node's rollback puts the old name back."""
-        group: str | None = await self.read(ox.ox_get_property, ox.OxGetPropertyRequest(
-            node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY))
+        group: str | None = await self.read(
+            ox.ox_get_property,
+            ox.OxGetPropertyRequest(node=n, path=settings.hazelcast_properties, key=HAZELCAST_GROUP_KEY),
+        )
         if group is not None and group != old_group:
-            self.timeline.record(f"2 Hazelcast group {group}: checked", "ok", node=n.name, seed_step="2",
-                                 detail=f"differs from the old release's {old_group!r}: a cluster of its own")
+            self.timeline.record(
+                f"2 Hazelcast group {group}: checked",
+                "ok",
+                node=n.name,
+                seed_step="2",
+                detail=f"differs from the old release's {old_group!r}: a cluster of its own",
+            )
             return
         new_group = f"{old_group or 'open-xchange'}-{inp.version}"
-        await self._remember(st, settings.hazelcast_properties, HAZELCAST_GROUP_KEY, await self.step(
-            f"2 Hazelcast group {new_group}: set", partial(
-                self._set_property, settings, n, settings.hazelcast_properties, HAZELCAST_GROUP_KEY,
-                new_group, "2"),
-            node=n.name, seed_step="2"))
+        await self._remember(
+            st,
+            settings.hazelcast_properties,
+            HAZELCAST_GROUP_KEY,
+            await self.step(
+                f"2 Hazelcast group {new_group}: set",
+                partial(
+                    self._set_property,
+                    settings,
+                    n,
+                    settings.hazelcast_properties,
+                    HAZELCAST_GROUP_KEY,
+                    new_group,
+                    "2",
+                ),
+                node=n.name,
+                seed_step="2",
+            ),
+        )
 
     async def _registration(self, inp: OxNodeUpgradeInput, settings: OxSettings, admin: Node) -> None:
         """Before anything changes: is the new server registered already? Then the gate
@@ -410,41 +558,60 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
         self.register_first = True
         servers: tuple[ox.OxServer, ...] = await self.timeline.step(
             "P4 is the new server registered (listserver)",
-            self.read(ox.ox_list_servers, ox.OxNodeRequest(node=admin, ox=settings)), node=admin.name,
-            seed_step="3")
+            self.read(ox.ox_list_servers, ox.OxNodeRequest(node=admin, ox=settings)),
+            node=admin.name,
+            seed_step="3",
+        )
         existing = next((s.id for s in servers if s.name == inp.server_name), None)
         if existing is None:
             return
         choice = await registered_gate(self, inp.server_name, existing, inp.gate_timeout_s)
         if choice != "continue":
             self.timeline.set_phase("aborted at the registered-server gate: nothing was changed")
-            raise ApplicationError(f"{PROCEDURE}: server {inp.server_name} is already registered "
-                                   f"(id {existing}) and abort was chosen: nothing was changed",
-                                   type=PROCEDURE_ABORTED, non_retryable=True)
+            raise ApplicationError(
+                f"{PROCEDURE}: server {inp.server_name} is already registered "
+                f"(id {existing}) and abort was chosen: nothing was changed",
+                type=PROCEDURE_ABORTED,
+                non_retryable=True,
+            )
         self.server_id = existing
 
     async def _register(self, inp: OxNodeUpgradeInput, settings: OxSettings, admin: Node, n: Node) -> None:
         """3, before the first new node starts under its new SERVER_NAME: real OX resolves a
         node's server by that name, so it must be registered first (the seed's order)."""
         if self.server_id is not None:
-            self.timeline.record(f"3 server {inp.server_name} already registered (id {self.server_id}): used",
-                                 "ok", node=admin.name, seed_step="3", detail="continue chosen at the gate")
+            self.timeline.record(
+                f"3 server {inp.server_name} already registered (id {self.server_id}): used",
+                "ok",
+                node=admin.name,
+                seed_step="3",
+                detail="continue chosen at the gate",
+            )
             return
         self.server_id = await self.step(
-            f"3 register server {inp.server_name}", partial(
-                self.change, ox.ox_register_server,
-                ox.OxServerRequest(node=admin, ox=settings, name=inp.server_name)),
-            node=admin.name, seed_step="3")
+            f"3 register server {inp.server_name}",
+            partial(
+                self.change,
+                ox.ox_register_server,
+                ox.OxServerRequest(node=admin, ox=settings, name=inp.server_name),
+            ),
+            node=admin.name,
+            seed_step="3",
+        )
 
     async def _closed_pools(self, settings: OxSettings, admin: Node) -> list[str]:
         """What listdatabaseschema cannot show: contexts in pools whose maxUnits is 0."""
-        pools: tuple[ox.OxDatabase, ...] = await self.read(ox.ox_list_databases,
-                                                           ox.OxNodeRequest(node=admin, ox=settings))
-        return [f"database pool {p.name} (id {p.id}) has maxUnits 0 and holds {p.current_units} contexts: "
-                "listdatabaseschema leaves closed pools out (OXUtilMySQLStorage: max_units <> 0), so its "
-                "schemata would never move and the last old node could not leave; open it for the upgrade "
-                "(changedatabase --maxunit) or move its contexts first"
-                for p in pools if p.max_units == 0 and p.current_units > 0]
+        pools: tuple[ox.OxDatabase, ...] = await self.read(
+            ox.ox_list_databases, ox.OxNodeRequest(node=admin, ox=settings)
+        )
+        return [
+            f"database pool {p.name} (id {p.id}) has maxUnits 0 and holds {p.current_units} contexts: "
+            "listdatabaseschema leaves closed pools out (OXUtilMySQLStorage: max_units <> 0), so its "
+            "schemata would never move and the last old node could not leave; open it for the upgrade "
+            "(changedatabase --maxunit) or move its contexts first"
+            for p in pools
+            if p.max_units == 0 and p.current_units > 0
+        ]
 
     async def _check_all_moved(self, shares: list[NodeShare], settings: OxSettings, admin: Node) -> None:
         if workflow.patched(PATCH_CLOSED_POOLS):
@@ -458,92 +625,151 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
                 f"{len(left)} schemata are not on the new server ({', '.join(left[:10])}"
                 f"{', ...' if len(left) > 10 else ''}): the last old node cannot leave the main balancer; "
                 "fix them (ox-upgradeschemata with resume_from / the failure gates), then retry",
-                type=SCHEMATA_NOT_MOVED, non_retryable=True)
+                type=SCHEMATA_NOT_MOVED,
+                non_retryable=True,
+            )
 
     # ================================================================== changes
-    async def _set_property(self, settings: OxSettings, n: Node, path: str, key: str,
-                            value: str | None, record: str = "") -> ox.OxPropertyChange:
+    async def _set_property(
+        self, settings: OxSettings, n: Node, path: str, key: str, value: str | None, record: str = ""
+    ) -> ox.OxPropertyChange:
         """`record` names the change (seed step): the node keeps the value it replaced under
         a run-unique id, so a retried change still reports the original for the rollback."""
         record_id = ""
         if record:
             info = workflow.info()
             record_id = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{info.run_id[:12]}-{n.name}-{record}-{key}")[:120]
-        change: ox.OxPropertyChange = await self.change(ox.ox_set_property, ox.OxSetPropertyRequest(
-            node=n, path=path, key=key, value=value, record_id=record_id))
+        change: ox.OxPropertyChange = await self.change(
+            ox.ox_set_property,
+            ox.OxSetPropertyRequest(node=n, path=path, key=key, value=value, record_id=record_id),
+        )
         return change
 
     async def _remember(self, st: _NodeState, path: str, key: str, change: ox.OxPropertyChange) -> None:
         st.properties.setdefault((path, key), change.previous)
 
-    async def _restore_redirect(self, settings: OxSettings, n: Node, previous: str | None,
-                                st: _NodeState) -> None:
+    async def _restore_redirect(
+        self, settings: OxSettings, n: Node, previous: str | None, st: _NodeState
+    ) -> None:
         if st.installed:
             return  # the node's own rollback puts its properties back
         if self.moved and workflow.patched(PATCH_KEEP_REDIRECT_WHILE_MOVED):
             # Schemata live on the new server: an old node must keep sending their users to
             # the secondary balancer (seed: the redirect works only while the property is set).
-            self.timeline.record(f"rollback: {REDIRECT_KEY} kept", "skipped", node=n.name,
-                                 detail=f"{len(self.moved)} schemata live on the new server; their users "
-                                        "reach it only through this redirect")
+            self.timeline.record(
+                f"rollback: {REDIRECT_KEY} kept",
+                "skipped",
+                node=n.name,
+                detail=f"{len(self.moved)} schemata live on the new server; their users "
+                "reach it only through this redirect",
+            )
             return
-        await self.timeline.step(f"rollback: {REDIRECT_KEY} as before", self._set_property(
-            settings, n, settings.server_properties, REDIRECT_KEY, previous), node=n.name)
-        await self.timeline.step("rollback: reload the configuration", self.change(
-            ox.ox_reload_configuration, ox.OxNodeRequest(node=n, ox=settings)), node=n.name)
+        await self.timeline.step(
+            f"rollback: {REDIRECT_KEY} as before",
+            self._set_property(settings, n, settings.server_properties, REDIRECT_KEY, previous),
+            node=n.name,
+        )
+        await self.timeline.step(
+            "rollback: reload the configuration",
+            self.change(ox.ox_reload_configuration, ox.OxNodeRequest(node=n, ox=settings)),
+            node=n.name,
+        )
 
-    async def _roll_back_node(self, inp: OxNodeUpgradeInput, settings: OxSettings, main: LoadBalancer,
-                              secondary: LoadBalancer, n: Node, st: _NodeState, previous: str) -> None:
+    async def _roll_back_node(
+        self,
+        inp: OxNodeUpgradeInput,
+        settings: OxSettings,
+        main: LoadBalancer,
+        secondary: LoadBalancer,
+        n: Node,
+        st: _NodeState,
+        previous: str,
+    ) -> None:
         inv = inp.inventory
         if self.moved and st.installed:
-            self.timeline.record(f"rollback: {n.name} stays on {inp.version}", "skipped", node=n.name,
-                                 detail=f"{len(self.moved)} schemata live on the new server; only this "
-                                        "release can serve their users")
+            self.timeline.record(
+                f"rollback: {n.name} stays on {inp.version}",
+                "skipped",
+                node=n.name,
+                detail=f"{len(self.moved)} schemata live on the new server; only this "
+                "release can serve their users",
+            )
             return
         if st.in_secondary:
             await self.take_out(inv, n, "rollback", lbs=[secondary])
         if st.stopped:
             await self.timeline.step("rollback: stop the service", self.stop(n), node=n.name)
             if st.installed:
-                await self.timeline.step(f"rollback: install {previous}", self.change(
-                    ox.ox_install_version, ox.OxInstallRequest(node=n, ox=settings, version=previous)),
-                    node=n.name)
+                await self.timeline.step(
+                    f"rollback: install {previous}",
+                    self.change(
+                        ox.ox_install_version, ox.OxInstallRequest(node=n, ox=settings, version=previous)
+                    ),
+                    node=n.name,
+                )
             for (path, key), value in st.properties.items():
-                await self.timeline.step(f"rollback: {key} as before", self._set_property(
-                    settings, n, path, key, value), node=n.name)
+                await self.timeline.step(
+                    f"rollback: {key} as before",
+                    self._set_property(settings, n, path, key, value),
+                    node=n.name,
+                )
             await self.timeline.step("rollback: start the service", self.start(n), node=n.name)
-            await self.timeline.step(f"rollback: healthy on {previous}",
-                                     self.check_running(inv, n, previous), node=n.name)
+            await self.timeline.step(
+                f"rollback: healthy on {previous}", self.check_running(inv, n, previous), node=n.name
+            )
         if st.drained:
             await self.put_back(inv, n, "rollback", lbs=[main])
         st.installed = False  # the step-0 compensation may now restore the redirect URL
         st.properties.clear()
 
     # ================================================================== result
-    def _result(self, inp: OxNodeUpgradeInput, previous: str, nodes: list[Node], shares: list[NodeShare],
-                plan: list[str], dry_run: bool) -> OxNodeUpgradeResult:
+    def _result(
+        self,
+        inp: OxNodeUpgradeInput,
+        previous: str,
+        nodes: list[Node],
+        shares: list[NodeShare],
+        plan: list[str],
+        dry_run: bool,
+    ) -> OxNodeUpgradeResult:
         return OxNodeUpgradeResult(
-            site=inp.inventory.site, version=inp.version, previous_version=previous,
-            server_name=inp.server_name, nodes=tuple(n.name for n in nodes), shares=tuple(shares),
-            dry_run=dry_run, plan=tuple(plan), plan_hash=self.plan_hash, steps=tuple(self.timeline.steps),
-            upgraded_schemata=tuple(self.moved), failed_schemata=tuple(self.failed),
-            children=tuple(self.children))
+            site=inp.inventory.site,
+            version=inp.version,
+            previous_version=previous,
+            server_name=inp.server_name,
+            nodes=tuple(n.name for n in nodes),
+            shares=tuple(shares),
+            dry_run=dry_run,
+            plan=tuple(plan),
+            plan_hash=self.plan_hash,
+            steps=tuple(self.timeline.steps),
+            upgraded_schemata=tuple(self.moved),
+            failed_schemata=tuple(self.failed),
+            children=tuple(self.children),
+        )
 
 
 # ====================================================================== helpers
 def _targets(inp: OxNodeUpgradeInput) -> tuple[OxSettings, LoadBalancer, LoadBalancer, list[Node]]:
     inv = inp.inventory
     if inv.ox is None:
-        raise ApplicationError(f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
-                               type=INVALID_INPUT, non_retryable=True)
+        raise ApplicationError(
+            f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
+            type=INVALID_INPUT,
+            non_retryable=True,
+        )
     lbs = {lb.name: lb for lb in inv.load_balancers}
     try:
         nodes = [inv.node(name) for name in inp.nodes] if inp.nodes else list(inv.nodes)
     except UnknownNodeError as e:
         raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     if len(nodes) < 2:
-        raise ApplicationError("ox-node-upgrade needs at least two nodes: one keeps serving the old "
-                               "release while another is upgraded", type=INVALID_INPUT, non_retryable=True)
+        raise ApplicationError(
+            "ox-node-upgrade needs at least two nodes: one keeps serving the old "
+            "release while another is upgraded",
+            type=INVALID_INPUT,
+            non_retryable=True,
+        )
     return inv.ox, lbs[inv.ox.main_lb], lbs[inv.ox.secondary_lb], nodes
 
 
@@ -557,8 +783,10 @@ def _version_problems(versions: dict[str, str], target: str) -> list[str]:
     running = distinct[0]
     try:
         if deploy.compare_versions(running, MIN_FROM) < 0:
-            problems.append(f"the nodes run {running}: only 7.10.0 and later can be upgraded node by node "
-                            "(seed 002, Q & A); upgrade to 7.10.0 first with a maintenance window")
+            problems.append(
+                f"the nodes run {running}: only 7.10.0 and later can be upgraded node by node "
+                "(seed 002, Q & A); upgrade to 7.10.0 first with a maintenance window"
+            )
         elif deploy.compare_versions(target, running) <= 0:
             problems.append(f"{target} is not newer than the running {running}")
     except ValueError as e:
@@ -576,26 +804,38 @@ def _shares(settings: OxSettings, nodes: list[Node], schemata: list[str]) -> lis
     rest = list(schemata)
     for i in range(len(nodes)):
         if i < len(counts):
-            out[i], rest = rest[:counts[i]], rest[counts[i]:]
+            out[i], rest = rest[: counts[i]], rest[counts[i] :]
         elif i == len(counts):
             out[i], rest = rest, []
     if out[-1] or rest:
         left = len(out[-1]) + len(rest)
-        raise preflight_failed([f"{left} schemata would still be on the old server when the last node "
-                                f"({nodes[-1].name}) leaves the main balancer: give them to an earlier "
-                                f"node (ox.schema_shares {list(settings.schema_shares)})"], [])
+        raise preflight_failed(
+            [
+                f"{left} schemata would still be on the old server when the last node "
+                f"({nodes[-1].name}) leaves the main balancer: give them to an earlier "
+                f"node (ox.schema_shares {list(settings.schema_shares)})"
+            ],
+            [],
+        )
     return [NodeShare(node=n.name, schemata=tuple(s)) for n, s in zip(nodes, out, strict=True)]
 
 
 def _plan(inp: OxNodeUpgradeInput, previous: str, nodes: list[Node], shares: list[NodeShare]) -> list[str]:
-    lines = [f"{PROCEDURE} on {inp.inventory.site}: {previous} -> {inp.version}, "
-             f"new server {inp.server_name}",
-             f"0 migrationRedirectURL on {', '.join(n.name for n in nodes)}"]
+    lines = [
+        f"{PROCEDURE} on {inp.inventory.site}: {previous} -> {inp.version}, new server {inp.server_name}",
+        f"0 migrationRedirectURL on {', '.join(n.name for n in nodes)}",
+    ]
     for i, (n, share) in enumerate(zip(nodes, shares, strict=True)):
-        what = (f"{len(share.schemata)} schemata ({share.schemata[0]} .. {share.schemata[-1]})"
-                if share.schemata else "no schema")
-        lines.append(f"{n.name}: 1 out of main, 2 upgrade, 8 no redirect URL, 9 into secondary, "
-                     + ("3 register, " if i == 0 else "") + f"4-7 {what}")
+        what = (
+            f"{len(share.schemata)} schemata ({share.schemata[0]} .. {share.schemata[-1]})"
+            if share.schemata
+            else "no schema"
+        )
+        lines.append(
+            f"{n.name}: 1 out of main, 2 upgrade, 8 no redirect URL, 9 into secondary, "
+            + ("3 register, " if i == 0 else "")
+            + f"4-7 {what}"
+        )
     lines.append("post: every node into main (before the last leaves it), secondary emptied")
     lines.append(f"options: force={inp.force} concurrency={inp.concurrency}")
     return lines

@@ -37,12 +37,18 @@ async def registered_gate(proc: Procedure, server_name: str, existing: int, time
     spec = GateSpec(
         name=REGISTERED_GATE,
         guards=f"The specified server is already registered with id '{existing}'. continue: the "
-               f"existing server {server_name} is used to point the updated schemata to; abort: "
-               "stop, nothing is changed",
-        timeout_s=timeout_s, on_timeout="abort", choices=REGISTERED_CHOICES)
+        f"existing server {server_name} is used to point the updated schemata to; abort: "
+        "stop, nothing is changed",
+        timeout_s=timeout_s,
+        on_timeout="abort",
+        choices=REGISTERED_CHOICES,
+    )
     if not proc.gates.approvers_of(REGISTERED_GATE):
-        proc.timeline.record(f"gate {REGISTERED_GATE}: nobody may decide it", "skipped",
-                             detail="the inventory lists no approvers for it: abort (nothing changed)")
+        proc.timeline.record(
+            f"gate {REGISTERED_GATE}: nobody may decide it",
+            "skipped",
+            detail="the inventory lists no approvers for it: abort (nothing changed)",
+        )
         return "abort"
     record = await proc.gates.wait(spec)
     return record.choice or "abort"

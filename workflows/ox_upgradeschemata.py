@@ -217,11 +217,18 @@ class OxUpgradeSchemataWorkflow(Procedure):
             return None
         c = w.carried
         return OxSchemataProgress(
-            total=c.total, upgraded=c.upgraded_count + len(w.upgraded),
-            failed=len(c.failed) + len(w.failed), left_disabled=len(c.left_disabled) + len(w.left_disabled),
-            reverted=len(c.reverted) + len(w.reverted), skipped=len(c.skipped) + len(c.passed_over),
-            remaining=len(self.pending) + len(w.current), current=tuple(sorted(w.current)),
-            run=c.run, server_id=c.server_id, stopped=w.stopped)
+            total=c.total,
+            upgraded=c.upgraded_count + len(w.upgraded),
+            failed=len(c.failed) + len(w.failed),
+            left_disabled=len(c.left_disabled) + len(w.left_disabled),
+            reverted=len(c.reverted) + len(w.reverted),
+            skipped=len(c.skipped) + len(c.passed_over),
+            remaining=len(self.pending) + len(w.current),
+            current=tuple(sorted(w.current)),
+            run=c.run,
+            server_id=c.server_id,
+            stopped=w.stopped,
+        )
 
     @workflow.run
     async def run(self, inp: OxUpgradeSchemataInput) -> OxUpgradeSchemataResult:
@@ -241,15 +248,28 @@ class OxUpgradeSchemataWorkflow(Procedure):
         if skipped_empty:
             todo = [n for n in todo if n not in empty]
             self.timeline.record(
-                f"4 {len(skipped_empty)} schemata without contexts: skipped", "skipped", node=admin.name,
-                seed_step="4", detail="listdatabaseschema shows currentunits 0 (disableschema refuses them, "
-                                      "OX's upgradeschemata skips them): " + _sample(skipped_empty))
+                f"4 {len(skipped_empty)} schemata without contexts: skipped",
+                "skipped",
+                node=admin.name,
+                seed_step="4",
+                detail="listdatabaseschema shows currentunits 0 (disableschema refuses them, "
+                "OX's upgradeschemata skips them): " + _sample(skipped_empty),
+            )
         plan = _plan(inp, update, admin, existing, todo, skipped, passed_over)
         dry_run = self.planned(inp, inv.approvers, [*plan, *todo])
-        carried = OxCarried(server_id=existing or 0, old_server_id=old_id, registered=False,
-                            total=len(todo), order=tuple(todo), remaining=tuple(todo), plan=tuple(plan),
-                            plan_hash=self.plan_hash, skipped=tuple(skipped), passed_over=tuple(passed_over),
-                            empty=tuple(skipped_empty))
+        carried = OxCarried(
+            server_id=existing or 0,
+            old_server_id=old_id,
+            registered=False,
+            total=len(todo),
+            order=tuple(todo),
+            remaining=tuple(todo),
+            plan=tuple(plan),
+            plan_hash=self.plan_hash,
+            skipped=tuple(skipped),
+            passed_over=tuple(passed_over),
+            empty=tuple(skipped_empty),
+        )
         if dry_run:
             return self._result(inp, carried, dry_run=True)
 
@@ -269,19 +289,30 @@ class OxUpgradeSchemataWorkflow(Procedure):
         if existing is None:
             server_id: int = await self.step(
                 f"3 register server {inp.server_name}",
-                partial(self.change, ox.ox_register_server,
-                        ox.OxServerRequest(node=admin, ox=settings, name=inp.server_name)),
-                node=admin.name, seed_step="3")
+                partial(
+                    self.change,
+                    ox.ox_register_server,
+                    ox.OxServerRequest(node=admin, ox=settings, name=inp.server_name),
+                ),
+                node=admin.name,
+                seed_step="3",
+            )
             carried = dataclasses.replace(carried, server_id=server_id, registered=True)
         else:
             why = "registered by the first node (post process)" if inp.expect_registered else "continue"
-            self.timeline.record(f"3 server {inp.server_name} already registered (id {existing}): used",
-                                 "ok", node=admin.name, seed_step="3", detail=why)
+            self.timeline.record(
+                f"3 server {inp.server_name} already registered (id {existing}): used",
+                "ok",
+                node=admin.name,
+                seed_step="3",
+                detail=why,
+            )
         return await self._walk_schemata(inp, settings, update, admin, carried)
 
     # ================================================================== preflight
-    async def _preflight(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
-                         admin: Node) -> tuple[list[str], int | None, int, set[str]]:
+    async def _preflight(
+        self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node, admin: Node
+    ) -> tuple[list[str], int | None, int, set[str]]:
         problems: list[str] = []
         errors: list[BaseException] = []
         if not 1 <= inp.concurrency <= MAX_CONCURRENCY:
@@ -291,8 +322,10 @@ class OxUpgradeSchemataWorkflow(Procedure):
         if not inp.server_name.strip():
             problems.append("the new server's name (-n) is empty")
         if update.name == admin.name:
-            problems.append(f"the update node and the admin node are both {update.name}: runupdate runs on "
-                            "the upgraded node, the other tools on a working old one")
+            problems.append(
+                f"the update node and the admin node are both {update.name}: runupdate runs on "
+                "the upgraded node, the other tools on a working old one"
+            )
 
         async def version(n: Node) -> str:
             v: str = await self.read(ox.ox_installed_version, ox.OxNodeRequest(node=n, ox=settings))
@@ -302,19 +335,27 @@ class OxUpgradeSchemataWorkflow(Procedure):
             schemata: tuple[ox.OxSchema, ...] = await self.timeline.step(
                 "P1 list the schemata (listdatabaseschema)",
                 self.read(ox.ox_list_schemata, ox.OxNodeRequest(node=admin, ox=settings)),
-                node=admin.name, seed_step="4")
+                node=admin.name,
+                seed_step="4",
+            )
             servers: tuple[ox.OxServer, ...] = await self.timeline.step(
                 "P2 list the registered servers (listserver)",
                 self.read(ox.ox_list_servers, ox.OxNodeRequest(node=admin, ox=settings)),
-                node=admin.name, seed_step="3")
+                node=admin.name,
+                seed_step="3",
+            )
             new_v, old_v = await self.timeline.step(
                 "P3 releases of the update and admin nodes",
-                asyncio.gather(version(update), version(admin)), seed_step="2")
+                asyncio.gather(version(update), version(admin)),
+                seed_step="2",
+            )
         except ActivityError as e:
             raise preflight_failed([*problems, reason(e)], [*errors, e]) from None
         if new_v == old_v:
-            problems.append(f"{update.name} runs {new_v} like {admin.name}: upgrade it first (runupdate must "
-                            "run on the node with the new release)")
+            problems.append(
+                f"{update.name} runs {new_v} like {admin.name}: upgrade it first (runupdate must "
+                "run on the node with the new release)"
+            )
         names = [s.name for s in schemata]
         empty: set[str] = set()
         if workflow.patched(PATCH_ORDER_AND_EMPTY):
@@ -323,21 +364,33 @@ class OxUpgradeSchemataWorkflow(Procedure):
             names.sort(key=schema_order)
             empty = {s.name for s in schemata if s.contexts == 0}
             if inp.drive_tool and inp.skip:
-                problems.append(f"skip (-k) with drive_tool: {ox.SKIP_IGNORED}; leave drive_tool off "
-                                "(zerodown then walks the schemata itself and skips them)")
+                problems.append(
+                    f"skip (-k) with drive_tool: {ox.SKIP_IGNORED}; leave drive_tool off "
+                    "(zerodown then walks the schemata itself and skips them)"
+                )
         known = set(names)
-        for what, given in (("resume_from (-m)", [inp.resume_from] if inp.resume_from else []),
-                            ("skip (-k)", list(inp.skip)), ("schemata", list(inp.schemata))):
+        for what, given in (
+            ("resume_from (-m)", [inp.resume_from] if inp.resume_from else []),
+            ("skip (-k)", list(inp.skip)),
+            ("schemata", list(inp.schemata)),
+        ):
             unknown = [g for g in given if g not in known]
             if unknown:
-                differs = (" (OX's upgradeschemata would silently start from the first schema; zerodown "
-                           "refuses instead)" if what.startswith("resume") else "")
-                problems.append(f"{what}: no such schema {', '.join(unknown)}{differs} "
-                                f"(known: {_sample(names)})")
+                differs = (
+                    " (OX's upgradeschemata would silently start from the first schema; zerodown "
+                    "refuses instead)"
+                    if what.startswith("resume")
+                    else ""
+                )
+                problems.append(
+                    f"{what}: no such schema {', '.join(unknown)}{differs} (known: {_sample(names)})"
+                )
         old = [s.id for s in servers if s.name == settings.server_name]
         if not old:
-            problems.append(f"the old cluster's server {settings.server_name!r} (ox.server_name) is not "
-                            f"registered (listserver: {', '.join(s.name for s in servers) or 'none'})")
+            problems.append(
+                f"the old cluster's server {settings.server_name!r} (ox.server_name) is not "
+                f"registered (listserver: {', '.join(s.name for s in servers) or 'none'})"
+            )
         existing = next((s.id for s in servers if s.name == inp.server_name), None)
         if inp.server_name == settings.server_name:
             problems.append(f"-n {inp.server_name} is the old cluster's own server name")
@@ -349,8 +402,9 @@ class OxUpgradeSchemataWorkflow(Procedure):
         return await registered_gate(self, inp.server_name, existing, inp.gate_timeout_s)
 
     # ================================================================== 4 to 7
-    async def _walk_schemata(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
-                             admin: Node, carried: OxCarried) -> OxUpgradeSchemataResult:
+    async def _walk_schemata(
+        self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node, admin: Node, carried: OxCarried
+    ) -> OxUpgradeSchemataResult:
         w = self.walk = _Walk(carried)
         self.pending = list(carried.remaining)
         started = 0
@@ -359,8 +413,14 @@ class OxUpgradeSchemataWorkflow(Procedure):
         stop: _Stop | None = None
         cancelled = False
         while self.pending or running:
-            while (self.pending and stop is None and not cancelled and w.holds == 0
-                   and len(running) < inp.concurrency and started < inp.schemata_per_run):
+            while (
+                self.pending
+                and stop is None
+                and not cancelled
+                and w.holds == 0
+                and len(running) < inp.concurrency
+                and started < inp.schemata_per_run
+            ):
                 schema = self.pending.pop(0)
                 running[schema] = asyncio.ensure_future(self._schema(inp, settings, update, admin, w, schema))
                 started += 1
@@ -399,8 +459,15 @@ class OxUpgradeSchemataWorkflow(Procedure):
         self.timeline.set_phase("done")
         return self._result(inp, self._merge(w))
 
-    async def _schema(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node, admin: Node,
-                      w: _Walk, schema: str) -> None:
+    async def _schema(
+        self,
+        inp: OxUpgradeSchemataInput,
+        settings: OxSettings,
+        update: Node,
+        admin: Node,
+        w: _Walk,
+        schema: str,
+    ) -> None:
         """Steps 4 to 7 for one schema, and what its failure leads to."""
         c = w.carried
         reruns = 0
@@ -415,8 +482,12 @@ class OxUpgradeSchemataWorkflow(Procedure):
                 w.failed.append(failure)
                 w.left_disabled.append(schema)
                 w.current.pop(schema, None)
-                self.timeline.record(f"{schema}: left disabled (force: going on)", "skipped",
-                                     seed_step=failure.seed_step, detail=failure.error)
+                self.timeline.record(
+                    f"{schema}: left disabled (force: going on)",
+                    "skipped",
+                    seed_step=failure.seed_step,
+                    detail=failure.error,
+                )
                 return
             choice, by = await self._schema_gate(inp, w, schema, failure)
             if choice == "retry":
@@ -425,9 +496,12 @@ class OxUpgradeSchemataWorkflow(Procedure):
             w.failed.append(failure)
             if choice == "skip":
                 w.left_disabled.append(schema)
-                self.timeline.record(f"{schema}: left disabled, going on", "skipped",
-                                     seed_step=failure.seed_step,
-                                     detail=f"skip chosen by {by}: {failure.error}")
+                self.timeline.record(
+                    f"{schema}: left disabled, going on",
+                    "skipped",
+                    seed_step=failure.seed_step,
+                    detail=f"skip chosen by {by}: {failure.error}",
+                )
             elif choice in ("revert", "rollback"):
                 await self._revert(settings, admin, c.old_server_id, schema, failure.seed_step)
                 w.reverted.append(schema)
@@ -439,12 +513,14 @@ class OxUpgradeSchemataWorkflow(Procedure):
                 raise _Stop(schema, "reverted", by, failure.error)
             return
 
-    async def _upgrade_one(self, settings: OxSettings, update: Node, admin: Node, server_id: int,
-                           schema: str, reruns: int) -> SchemaFailure | None:
+    async def _upgrade_one(
+        self, settings: OxSettings, update: Node, admin: Node, server_id: int, schema: str, reruns: int
+    ) -> SchemaFailure | None:
         """Steps 4-7 as one activity (its users are refused only for the tools' own time),
         recorded as the four steps it ran, with their times."""
-        req = ox.OxUpgradeSchemaRequest(admin=admin, update=update, ox=settings, schema=schema,
-                                        server_id=server_id)
+        req = ox.OxUpgradeSchemaRequest(
+            admin=admin, update=update, ox=settings, schema=schema, server_id=server_id
+        )
         timeout = LONG
         if workflow.patched(PATCH_DETACHED_RUNUPDATE):
             # Each operator's retry is a new runupdate; every attempt of one try attaches to it.
@@ -454,103 +530,163 @@ class OxUpgradeSchemataWorkflow(Procedure):
             req = dataclasses.replace(req, enable_on_update=True)
         try:
             result: ox.OxSchemaUpgrade = await self.timeline.step(
-                f"4-7 upgrade schema {schema}", self.change(ox.ox_upgrade_schema, req, timeout=timeout,
-                                                            heartbeat=HEARTBEAT),
-                node=update.name, seed_step="4-7", retries=reruns)
+                f"4-7 upgrade schema {schema}",
+                self.change(ox.ox_upgrade_schema, req, timeout=timeout, heartbeat=HEARTBEAT),
+                node=update.name,
+                seed_step="4-7",
+                retries=reruns,
+            )
         except (ActivityError, ApplicationError) as e:
             return SchemaFailure(schema=schema, seed_step="4-7", error=reason(e))
-        names = {"4": (f"4 disable schema {schema}", admin),
-                 "5": (f"5 point schema {schema} to server {server_id}", admin),
-                 "6": (f"6 run the update tasks of {schema}", update),
-                 "7": (f"7 enable schema {schema}", update if req.enable_on_update else admin)}
+        names = {
+            "4": (f"4 disable schema {schema}", admin),
+            "5": (f"5 point schema {schema} to server {server_id}", admin),
+            "6": (f"6 run the update tasks of {schema}", update),
+            "7": (f"7 enable schema {schema}", update if req.enable_on_update else admin),
+        }
         for st in result.steps:
             name, node = names[st.seed_step]
             self.timeline.record_span(
-                name, _at(st.started), _at(st.ended), "ok" if st.ok else "failed", node=node.name,
-                seed_step=st.seed_step, detail=None if st.ok else result.error, retries=reruns)
+                name,
+                _at(st.started),
+                _at(st.ended),
+                "ok" if st.ok else "failed",
+                node=node.name,
+                seed_step=st.seed_step,
+                detail=None if st.ok else result.error,
+                retries=reruns,
+            )
         if result.failed_step is not None:
             return SchemaFailure(schema=schema, seed_step=result.failed_step, error=result.error or "failed")
         return None
 
-    async def _schema_gate(self, inp: OxUpgradeSchemataInput, w: _Walk, schema: str,
-                           failure: SchemaFailure) -> tuple[str, str | None]:
+    async def _schema_gate(
+        self, inp: OxUpgradeSchemataInput, w: _Walk, schema: str, failure: SchemaFailure
+    ) -> tuple[str, str | None]:
         gate = f"failure:{failure.seed_step}@{schema}"
         safe = workflow.patched(PATCH_SAFE_DEFAULT)
         if not self.guided:
-            self.timeline.record(f"gate {gate}: not asked", "skipped",
-                                 detail="on_failure is rollback: revert it and stop")
+            self.timeline.record(
+                f"gate {gate}: not asked", "skipped", detail="on_failure is rollback: revert it and stop"
+            )
             return "rollback", None
         if not self.gates.approvers_of(gate):
             if safe:
-                self.timeline.record(f"gate {gate}: not asked", "skipped",
-                                     detail="the inventory lists no approvers for failure gates: stop here "
-                                            "and leave it disabled (its update tasks did not all run)")
+                self.timeline.record(
+                    f"gate {gate}: not asked",
+                    "skipped",
+                    detail="the inventory lists no approvers for failure gates: stop here "
+                    "and leave it disabled (its update tasks did not all run)",
+                )
                 return "abort", None
-            self.timeline.record(f"gate {gate}: not asked", "skipped",
-                                 detail="the inventory lists no approvers for failure gates: revert it "
-                                        "and stop")
+            self.timeline.record(
+                f"gate {gate}: not asked",
+                "skipped",
+                detail="the inventory lists no approvers for failure gates: revert it and stop",
+            )
             return "rollback", None
         default = "abort" if safe else "revert"
         w.holds += 1
         w.current[schema] = "at gate"
         try:
-            record = await self.gates.wait(GateSpec(
-                name=gate, guards=f"schema {schema} failed at step {failure.seed_step}: {failure.error}. "
-                                  "retry: run it again; skip: leave it disabled and go on; revert: point it "
-                                  "back to the old server, enable it and go on (old nodes then serve a "
-                                  "schema whose update may have half run; OX does not support mixed "
-                                  "versions); abort: stop here, leave it disabled (what OX's tool does). "
-                                  f"Nobody deciding in time: {default}",
-                timeout_s=self.failure_gate_timeout_s, on_timeout=default, choices=SCHEMA_FAILURE_CHOICES))
+            record = await self.gates.wait(
+                GateSpec(
+                    name=gate,
+                    guards=f"schema {schema} failed at step {failure.seed_step}: {failure.error}. "
+                    "retry: run it again; skip: leave it disabled and go on; revert: point it "
+                    "back to the old server, enable it and go on (old nodes then serve a "
+                    "schema whose update may have half run; OX does not support mixed "
+                    "versions); abort: stop here, leave it disabled (what OX's tool does). "
+                    f"Nobody deciding in time: {default}",
+                    timeout_s=self.failure_gate_timeout_s,
+                    on_timeout=default,
+                    choices=SCHEMA_FAILURE_CHOICES,
+                )
+            )
         finally:
             w.holds -= 1
             w.current[schema] = "upgrading"
         return record.choice or default, record.by
 
-    async def _revert(self, settings: OxSettings, admin: Node, old_server_id: int, schema: str,
-                      failed_step: str = "4-7") -> None:
+    async def _revert(
+        self, settings: OxSettings, admin: Node, old_server_id: int, schema: str, failed_step: str = "4-7"
+    ) -> None:
         """Back to the old server and enabled: its users are served again as before."""
         w_name = f"revert {schema}"
         if workflow.patched(PATCH_REVERT):
             await self.timeline.step(
                 f"{w_name}: 4 disable, 5 point it back to server {old_server_id}, 7 enable it"
-                if failed_step != "4" else f"{w_name}: 7 enable what the failed disable left", self.change(
-                    ox.ox_revert_schema, ox.OxRevertSchemaRequest(
-                        node=admin, ox=settings, schema=schema, old_server_id=old_server_id,
-                        failed_step=failed_step)),
-                node=admin.name, seed_step="5")
+                if failed_step != "4"
+                else f"{w_name}: 7 enable what the failed disable left",
+                self.change(
+                    ox.ox_revert_schema,
+                    ox.OxRevertSchemaRequest(
+                        node=admin,
+                        ox=settings,
+                        schema=schema,
+                        old_server_id=old_server_id,
+                        failed_step=failed_step,
+                    ),
+                ),
+                node=admin.name,
+                seed_step="5",
+            )
             return
         await self.timeline.step(
             f"{w_name}: 5 point it back to server {old_server_id}",
-            self.change(ox.ox_change_server, ox.OxChangeServerRequest(
-                node=admin, ox=settings, schema=schema, server_id=old_server_id)),
-            node=admin.name, seed_step="5")
+            self.change(
+                ox.ox_change_server,
+                ox.OxChangeServerRequest(node=admin, ox=settings, schema=schema, server_id=old_server_id),
+            ),
+            node=admin.name,
+            seed_step="5",
+        )
         await self.timeline.step(
             f"{w_name}: 7 enable it",
             self.change(ox.ox_enable_schema, ox.OxSchemaRequest(node=admin, ox=settings, schema=schema)),
-            node=admin.name, seed_step="7")
+            node=admin.name,
+            seed_step="7",
+        )
 
     # ================================================================== the tool itself
-    async def _drive_tool(self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node,
-                          carried: OxCarried, answer: str) -> OxUpgradeSchemataResult:
+    async def _drive_tool(
+        self, inp: OxUpgradeSchemataInput, settings: OxSettings, update: Node, carried: OxCarried, answer: str
+    ) -> OxUpgradeSchemataResult:
         self.timeline.set_phase("3-7 upgradeschemata (OX's tool) on " + update.name)
         timeout = LONG
         if workflow.patched(PATCH_DETACHED_RUNUPDATE):
             timeout = timeouts.tool(settings.upgradeschemata_timeout_s)
         run: ox.OxToolRun = await self.step(
-            "3-7 run upgradeschemata", partial(
-                self.change, ox.ox_run_upgradeschemata, ox.OxUpgradeToolRequest(
-                    node=update, ox=settings, server_name=inp.server_name, force=inp.force,
-                    resume_from=inp.resume_from or None, skip=tuple(inp.skip), answer=answer or None),
-                timeout=timeout, heartbeat=HEARTBEAT),
-            node=update.name, seed_step="3")
+            "3-7 run upgradeschemata",
+            partial(
+                self.change,
+                ox.ox_run_upgradeschemata,
+                ox.OxUpgradeToolRequest(
+                    node=update,
+                    ox=settings,
+                    server_name=inp.server_name,
+                    force=inp.force,
+                    resume_from=inp.resume_from or None,
+                    skip=tuple(inp.skip),
+                    answer=answer or None,
+                ),
+                timeout=timeout,
+                heartbeat=HEARTBEAT,
+            ),
+            node=update.name,
+            seed_step="3",
+        )
         w = _Walk(carried)
         self.walk = w
         empty = [s.schema for s in run.schemata if s.skipped_empty]
         if empty:
-            self.timeline.record(f"4 {len(empty)} schemata without contexts: skipped by the tool", "skipped",
-                                 node=update.name, seed_step="4",
-                                 detail="upgradeschemata: Schema <s> not found. Skipping: " + _sample(empty))
+            self.timeline.record(
+                f"4 {len(empty)} schemata without contexts: skipped by the tool",
+                "skipped",
+                node=update.name,
+                seed_step="4",
+                detail="upgradeschemata: Schema <s> not found. Skipping: " + _sample(empty),
+            )
         for s in run.schemata:
             if s.skipped_empty:
                 continue
@@ -563,15 +699,24 @@ class OxUpgradeSchemataWorkflow(Procedure):
         server_id = run.registered_id if run.registered_id is not None else carried.server_id
         # What the tool did not reach is still to do (a resume starts after the last one done).
         reached = {s.schema for s in run.schemata}
-        w.carried = dataclasses.replace(carried, server_id=server_id, registered=not bool(answer),
-                                        remaining=tuple(s for s in carried.order if s not in reached))
+        w.carried = dataclasses.replace(
+            carried,
+            server_id=server_id,
+            registered=not bool(answer),
+            remaining=tuple(s for s in carried.order if s not in reached),
+        )
         self.pending = list(w.carried.remaining)
         if run.aborted:
             return self._result(inp, self._merge(w), aborted=True, tool=True)
         if run.exit_status != 0:
             last = w.failed[-1] if w.failed else None
-            raise self._stopped(w, _Stop(last.schema, f"stopped by the tool (exit {run.exit_status})", None,
-                                         last.error) if last else None, inp.resume_from)
+            raise self._stopped(
+                w,
+                _Stop(last.schema, f"stopped by the tool (exit {run.exit_status})", None, last.error)
+                if last
+                else None,
+                inp.resume_from,
+            )
         return self._result(inp, self._merge(w), tool=True)
 
     # ================================================================== results
@@ -579,59 +724,96 @@ class OxUpgradeSchemataWorkflow(Procedure):
         """The carried progress with this run's outcomes added (remaining: what is pending)."""
         c = w.carried
         return dataclasses.replace(
-            c, remaining=c.remaining if self.walk is not w else tuple(self.pending),
-            upgraded_count=c.upgraded_count + len(w.upgraded), failed=(*c.failed, *w.failed),
-            left_disabled=(*c.left_disabled, *w.left_disabled), reverted=(*c.reverted, *w.reverted),
+            c,
+            remaining=c.remaining if self.walk is not w else tuple(self.pending),
+            upgraded_count=c.upgraded_count + len(w.upgraded),
+            failed=(*c.failed, *w.failed),
+            left_disabled=(*c.left_disabled, *w.left_disabled),
+            reverted=(*c.reverted, *w.reverted),
             interrupted=(*c.interrupted, *w.current),
-            max_events_per_run=max(c.max_events_per_run, workflow.info().get_current_history_length()))
+            max_events_per_run=max(c.max_events_per_run, workflow.info().get_current_history_length()),
+        )
 
     def _carry(self, w: _Walk) -> OxCarried:
         merged = self._merge(w)
         return dataclasses.replace(merged, run=merged.run + 1)
 
-    def _result(self, inp: OxUpgradeSchemataInput, c: OxCarried, *, dry_run: bool = False,
-                aborted: bool = False, tool: bool = False) -> OxUpgradeSchemataResult:
+    def _result(
+        self,
+        inp: OxUpgradeSchemataInput,
+        c: OxCarried,
+        *,
+        dry_run: bool = False,
+        aborted: bool = False,
+        tool: bool = False,
+    ) -> OxUpgradeSchemataResult:
         return OxUpgradeSchemataResult(
-            site=inp.inventory.site, server_name=inp.server_name, server_id=c.server_id or None,
-            server_registered=c.registered, aborted_at_registration=aborted, upgraded=_upgraded(c),
-            failed=c.failed, left_disabled=c.left_disabled, reverted=c.reverted, skipped=c.skipped,
-            passed_over=c.passed_over, runs=c.run, max_events_per_run=c.max_events_per_run,
-            dry_run=dry_run, plan=c.plan, plan_hash=c.plan_hash, steps=tuple(self.timeline.steps),
-            drove_tool=tool, skipped_empty=c.empty)
+            site=inp.inventory.site,
+            server_name=inp.server_name,
+            server_id=c.server_id or None,
+            server_registered=c.registered,
+            aborted_at_registration=aborted,
+            upgraded=_upgraded(c),
+            failed=c.failed,
+            left_disabled=c.left_disabled,
+            reverted=c.reverted,
+            skipped=c.skipped,
+            passed_over=c.passed_over,
+            runs=c.run,
+            max_events_per_run=c.max_events_per_run,
+            dry_run=dry_run,
+            plan=c.plan,
+            plan_hash=c.plan_hash,
+            steps=tuple(self.timeline.steps),
+            drove_tool=tool,
+            skipped_empty=c.empty,
+        )
 
     def _stopped(self, w: _Walk, stop: _Stop | None, resume_base: str) -> ApplicationError:
         c = self._merge(w)
         upgraded = set(_upgraded(c))
         open_ = [s for s in c.order if s not in upgraded]
         if stop is not None:
-            head = (f"{PROCEDURE} {stop.how} at schema {stop.schema}"
-                    + (f" by {stop.by}" if stop.by else "") + f" ({stop.error})")
+            head = (
+                f"{PROCEDURE} {stop.how} at schema {stop.schema}"
+                + (f" by {stop.by}" if stop.by else "")
+                + f" ({stop.error})"
+            )
         else:
             head = f"{PROCEDURE} stopped (cancelled)"
-        lines = [head + ". State:",
-                 f"  upgraded: {len(upgraded)} of {c.total}",
-                 f"  failed: {', '.join(f.schema for f in c.failed) or 'none'}",
-                 f"  left disabled: {', '.join(c.left_disabled) or 'none'}",
-                 f"  reverted to the old server: {', '.join(c.reverted) or 'none'}",
-                 f"  interrupted at a gate (as they were): {', '.join(c.interrupted) or 'none'}",
-                 f"  not started: {len(c.remaining)}"]
+        lines = [
+            head + ". State:",
+            f"  upgraded: {len(upgraded)} of {c.total}",
+            f"  failed: {', '.join(f.schema for f in c.failed) or 'none'}",
+            f"  left disabled: {', '.join(c.left_disabled) or 'none'}",
+            f"  reverted to the old server: {', '.join(c.reverted) or 'none'}",
+            f"  interrupted at a gate (as they were): {', '.join(c.interrupted) or 'none'}",
+            f"  not started: {len(c.remaining)}",
+        ]
         if open_:
             i = c.order.index(open_[0])
             prev = c.order[i - 1] if i > 0 else resume_base
-            lines.append("  to resume, start again with the same options and "
-                         + (f"resume_from={prev} (-m {prev})" if prev else "no resume_from"))
+            lines.append(
+                "  to resume, start again with the same options and "
+                + (f"resume_from={prev} (-m {prev})" if prev else "no resume_from")
+            )
         self.timeline.set_phase("stopped: " + head)
         return ApplicationError(
-            "\n".join(lines), non_retryable=True,
-            type=PROCEDURE_ABORTED if stop is not None and stop.how == "aborted" else SCHEMA_UPGRADE_STOPPED)
+            "\n".join(lines),
+            non_retryable=True,
+            type=PROCEDURE_ABORTED if stop is not None and stop.how == "aborted" else SCHEMA_UPGRADE_STOPPED,
+        )
 
 
 # ====================================================================== helpers
 def _targets(inp: OxUpgradeSchemataInput) -> tuple[OxSettings, Node, Node]:
     inv = inp.inventory
     if inv.ox is None:
-        raise ApplicationError(f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
-                               type=INVALID_INPUT, non_retryable=True)
+        raise ApplicationError(
+            f"inventory {inv.site}: no `ox:` section (an Open-Xchange site needs one)",
+            type=INVALID_INPUT,
+            non_retryable=True,
+        )
     try:
         update = inv.node(inp.update_node)
         if inp.admin_node:
@@ -639,8 +821,9 @@ def _targets(inp: OxUpgradeSchemataInput) -> tuple[OxSettings, Node, Node]:
         else:
             others = [n for n in inv.nodes if n.name != update.name]
             if not others:
-                raise ApplicationError("no other node to run the admin tools on", type=INVALID_INPUT,
-                                       non_retryable=True)
+                raise ApplicationError(
+                    "no other node to run the admin tools on", type=INVALID_INPUT, non_retryable=True
+                )
             admin = others[0]
     except UnknownNodeError as e:
         raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
@@ -659,22 +842,39 @@ def _select(inp: OxUpgradeSchemataInput, names: list[str]) -> tuple[list[str], l
     return passed_over, [n for n in names if n in skip], [n for n in names if n not in skip]
 
 
-def _plan(inp: OxUpgradeSchemataInput, update: Node, admin: Node, existing: int | None, todo: list[str],
-          skipped: list[str], passed_over: list[str]) -> list[str]:
+def _plan(
+    inp: OxUpgradeSchemataInput,
+    update: Node,
+    admin: Node,
+    existing: int | None,
+    todo: list[str],
+    skipped: list[str],
+    passed_over: list[str],
+) -> list[str]:
     first = f"{todo[0]} .. {todo[-1]}" if todo else "none"
     lines = [
         f"{PROCEDURE} on {inp.inventory.site}: new server {inp.server_name}",
-        ("3 register it" if existing is None
-         else f"3 already registered (id {existing}): used" if inp.expect_registered
-         else f"3 already registered (id {existing}): gate {REGISTERED_GATE} (continue / abort)"),
+        (
+            "3 register it"
+            if existing is None
+            else f"3 already registered (id {existing}): used"
+            if inp.expect_registered
+            else f"3 already registered (id {existing}): gate {REGISTERED_GATE} (continue / abort)"
+        ),
         f"4-7 per schema: disable, changeserver, runupdate on {update.name}, enable "
         f"(tools on {admin.name}); at most {inp.concurrency} at a time",
         f"schemata to upgrade: {len(todo)} ({first})",
         f"skipped (-k): {', '.join(skipped) or 'none'}",
-        (f"passed over (-m {inp.resume_from}): {len(passed_over)}" if inp.resume_from
-         else "from the first schema"),
-        ("on a failed update: go on, leave it disabled (force, -f)" if inp.force
-         else "on a failed update: gate failure:<step>@<schema> (retry / skip / revert / abort)"),
+        (
+            f"passed over (-m {inp.resume_from}): {len(passed_over)}"
+            if inp.resume_from
+            else "from the first schema"
+        ),
+        (
+            "on a failed update: go on, leave it disabled (force, -f)"
+            if inp.force
+            else "on a failed update: gate failure:<step>@<schema> (retry / skip / revert / abort)"
+        ),
     ]
     if inp.drive_tool:
         # The tool runs the update tasks itself: on the node with the new release.

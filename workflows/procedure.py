@@ -59,19 +59,37 @@ R = TypeVar("R")  # an activity's result
 # started before PATCH_RETRY_BY_FLAG also failed at once on the types of this list, which
 # stays for them to replay as they ran.
 LEGACY_NON_RETRYABLE = [
-    "SecretUnavailable", "SshAuthFailed", "SshHostKeyMismatch", "SshCommandFailed",
-    "LbMemberNotFound", "PackageMissing", "PackageCorrupt", "VersionNotNewer",
-    "VersionMismatch", "LoginFailed", "DrainTimeout", "NotUpTimeout", "HealthCheckFailed",
-    "AdminAuthFailed", "InvalidRequest", "MigrationFailed", "DatabaseError",
+    "SecretUnavailable",
+    "SshAuthFailed",
+    "SshHostKeyMismatch",
+    "SshCommandFailed",
+    "LbMemberNotFound",
+    "PackageMissing",
+    "PackageCorrupt",
+    "VersionNotNewer",
+    "VersionMismatch",
+    "LoginFailed",
+    "DrainTimeout",
+    "NotUpTimeout",
+    "HealthCheckFailed",
+    "AdminAuthFailed",
+    "InvalidRequest",
+    "MigrationFailed",
+    "DatabaseError",
 ]
 PATCH_RETRY_BY_FLAG = "procedure-retry-by-error-flag-v1"
 # A local activity's retryable failure is retried like an activity's (it arrives unwrapped).
 PATCH_RETRY_LOCAL = "procedure-retry-local-activities-v1"
-PREFLIGHT_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1),
-                              non_retryable_error_types=LEGACY_NON_RETRYABLE)
-ACTION_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1),
-                           backoff_coefficient=2.0, maximum_interval=timedelta(seconds=10),
-                           non_retryable_error_types=LEGACY_NON_RETRYABLE)
+PREFLIGHT_RETRY = RetryPolicy(
+    maximum_attempts=3, initial_interval=timedelta(seconds=1), non_retryable_error_types=LEGACY_NON_RETRYABLE
+)
+ACTION_RETRY = RetryPolicy(
+    maximum_attempts=5,
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=LEGACY_NON_RETRYABLE,
+)
 # The timeout model (workflows/timeouts.py): every activity heartbeats, so every one gets
 # the same heartbeat timeout; these names stay for the procedures that import them.
 HEARTBEAT = timeouts.HEARTBEAT
@@ -147,8 +165,9 @@ class Procedure(GatedWorkflow):
         check_on_failure(opts.on_failure)
         self.failure_gate_timeout_s = opts.failure_gate_timeout_s
 
-    def planned(self, opts: ProcedureOptions, approvers: Mapping[str, tuple[str, ...]],
-                plan: Sequence[str]) -> bool:
+    def planned(
+        self, opts: ProcedureOptions, approvers: Mapping[str, tuple[str, ...]], plan: Sequence[str]
+    ) -> bool:
         """Once preflight has made the plan: its hash (what a decider approves; `zerodown
         plan` prints it) and the gates configured. True for a dry run: the caller returns the
         plan, nothing was changed."""
@@ -159,8 +178,14 @@ class Procedure(GatedWorkflow):
         return opts.dry_run
 
     # ------------------------------------------------------------------ steps
-    async def step(self, name: str, make: Callable[[], Awaitable[T]], *, node: str | None = None,
-                   seed_step: str | None = None) -> T:
+    async def step(
+        self,
+        name: str,
+        make: Callable[[], Awaitable[T]],
+        *,
+        node: str | None = None,
+        seed_step: str | None = None,
+    ) -> T:
         """Run one step (a timeline record); on failure, guided as the module docstring says.
         `make` builds the step's awaitable afresh for each run (an operator's `retry`)."""
         result = await self._guided_step(name, make, node, seed_step, skippable=False)
@@ -176,19 +201,30 @@ class Procedure(GatedWorkflow):
                 raise r
         return results  # type: ignore[return-value]  # no exception left: all T
 
-    async def skippable_step(self, name: str, make: Callable[[], Awaitable[T]], *,
-                             node: str | None = None, seed_step: str | None = None) -> T | None:
+    async def skippable_step(
+        self,
+        name: str,
+        make: Callable[[], Awaitable[T]],
+        *,
+        node: str | None = None,
+        seed_step: str | None = None,
+    ) -> T | None:
         """A step the run can do without (a check, a cleanup): `skip` is offered on failure,
         and then None is returned."""
         return await self._guided_step(name, make, node, seed_step, skippable=True)
 
-    async def _guided_step(self, name: str, make: Callable[[], Awaitable[T]], node: str | None,
-                           seed_step: str | None, skippable: bool) -> T | None:
+    async def _guided_step(
+        self,
+        name: str,
+        make: Callable[[], Awaitable[T]],
+        node: str | None,
+        seed_step: str | None,
+        skippable: bool,
+    ) -> T | None:
         reruns = 0
         while True:
             try:
-                return await self.timeline.step(name, make(), node=node, seed_step=seed_step,
-                                                retries=reruns)
+                return await self.timeline.step(name, make(), node=node, seed_step=seed_step, retries=reruns)
             except Exception as e:
                 if not self._guidable(e):
                     raise
@@ -197,8 +233,13 @@ class Procedure(GatedWorkflow):
                     reruns += 1
                     continue
                 if choice == "skip":
-                    self.timeline.record(f"{name}: skipped", "skipped", node=node, seed_step=seed_step,
-                                         detail=f"skipped by {by} after: {reason(e)}")
+                    self.timeline.record(
+                        f"{name}: skipped",
+                        "skipped",
+                        node=node,
+                        seed_step=seed_step,
+                        detail=f"skipped by {by} after: {reason(e)}",
+                    )
                     return None
                 if choice == "abort":
                     raise Aborted(name + (f" on {node}" if node else ""), by, e) from e
@@ -211,17 +252,27 @@ class Procedure(GatedWorkflow):
             return False  # a decision or a refusal, not a failure to recover from
         return True
 
-    async def _failure_gate(self, name: str, node: str | None, seed_step: str | None,
-                            e: BaseException, skippable: bool) -> tuple[str, str | None]:
+    async def _failure_gate(
+        self, name: str, node: str | None, seed_step: str | None, e: BaseException, skippable: bool
+    ) -> tuple[str, str | None]:
         gate = "failure:" + (seed_step or _slug(name)) + (f"@{node}" if node else "")
         choices = tuple(c for c in FAILURE_CHOICES if c != "skip" or skippable)
         if not self.gates.approvers_of(gate):
-            self.timeline.record(f"gate {gate}: nobody may decide it", "skipped",
-                                 detail="the inventory lists no approvers for failure gates: rolling back")
+            self.timeline.record(
+                f"gate {gate}: nobody may decide it",
+                "skipped",
+                detail="the inventory lists no approvers for failure gates: rolling back",
+            )
             return "rollback", None
-        record = await self.gates.wait(GateSpec(
-            name=gate, guards=f"'{name}'" + (f" on {node}" if node else "") + f" failed: {reason(e)}",
-            timeout_s=self.failure_gate_timeout_s, on_timeout="rollback", choices=choices))
+        record = await self.gates.wait(
+            GateSpec(
+                name=gate,
+                guards=f"'{name}'" + (f" on {node}" if node else "") + f" failed: {reason(e)}",
+                timeout_s=self.failure_gate_timeout_s,
+                on_timeout="rollback",
+                choices=choices,
+            )
+        )
         return record.choice or "rollback", record.by
 
     # ------------------------------------------------------------------ the change phase
@@ -239,14 +290,21 @@ class Procedure(GatedWorkflow):
         except Aborted as a:
             self.guided = False
             self.timeline.set_phase("aborted by an operator: everything left in place")
-            raise ApplicationError(self._abort_report(what, a), type=PROCEDURE_ABORTED,
-                                   non_retryable=True) from a.cause
+            raise ApplicationError(
+                self._abort_report(what, a), type=PROCEDURE_ABORTED, non_retryable=True
+            ) from a.cause
         except Exception as e:
             self.guided = False
             # Name the step that failed before the compensations add steps of their own (not a
             # failure gate that timed out after it: that gate only decided to roll back).
-            failed = next((s for s in reversed(self.timeline.steps)
-                           if s.result == "failed" and not s.name.startswith("gate failure:")), None)
+            failed = next(
+                (
+                    s
+                    for s in reversed(self.timeline.steps)
+                    if s.result == "failed" and not s.name.startswith("gate failure:")
+                ),
+                None,
+            )
             where = (f" at '{failed.name}'" + (f" on {failed.node}" if failed.node else "")) if failed else ""
             self.timeline.set_phase("failed: rolling back")
             records = await self.saga.compensate()
@@ -254,29 +312,48 @@ class Procedure(GatedWorkflow):
             self.timeline.set_phase("failed, rolled back")
             raise ApplicationError(
                 f"{what} failed{where}: {reason(e)}. Rolled back: {undone or 'nothing to undo'}.",
-                type=PROCEDURE_FAILED, non_retryable=True) from e
+                type=PROCEDURE_FAILED,
+                non_retryable=True,
+            ) from e
 
     def _abort_report(self, what: str, a: Aborted) -> str:
         done = [s for s in self.timeline.steps if s.result == "ok" and not s.name.startswith("gate ")]
-        last = (f" (last: {done[-1].name}" + (f" on {done[-1].node}" if done[-1].node else "") + ")"
-                if done else "")
-        lines = [f"{what} aborted by {a.by or 'an operator'} at '{a.step}' ({reason(a.cause)}); "
-                 "nothing was undone. State:",
-                 f"  steps completed: {len(done)}{last}",
-                 "  changes not undone (newest first): " + (", ".join(self.saga.pending()) or "none")]
+        last = (
+            f" (last: {done[-1].name}" + (f" on {done[-1].node}" if done[-1].node else "") + ")"
+            if done
+            else ""
+        )
+        lines = [
+            f"{what} aborted by {a.by or 'an operator'} at '{a.step}' ({reason(a.cause)}); "
+            "nothing was undone. State:",
+            f"  steps completed: {len(done)}{last}",
+            "  changes not undone (newest first): " + (", ".join(self.saga.pending()) or "none"),
+        ]
         lines += [f"  kept: {k}: {v}" for k, v in self.kept.items()]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ activity calls
     # Typed like the SDK's execute_activity: the activity's one argument and its result, so a
     # caller's request and result types are checked, not annotated by hand.
-    async def read(self, fn: Callable[[A], Awaitable[R]], arg: A, retry: RetryPolicy = PREFLIGHT_RETRY,
-                   timeout: timedelta = timeouts.READ, local: bool = False) -> R:
+    async def read(
+        self,
+        fn: Callable[[A], Awaitable[R]],
+        arg: A,
+        retry: RetryPolicy = PREFLIGHT_RETRY,
+        timeout: timedelta = timeouts.READ,
+        local: bool = False,
+    ) -> R:
         """A read-only check: safe to cancel at any moment. `local`: see `change`."""
         return await self._attempts(fn, arg, timeout, None, retry, local)
 
-    async def change(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout: timedelta = timeouts.CHANGE,
-                     heartbeat: timedelta | None = None, local: bool = False) -> R:
+    async def change(
+        self,
+        fn: Callable[[A], Awaitable[R]],
+        arg: A,
+        timeout: timedelta = timeouts.CHANGE,
+        heartbeat: timedelta | None = None,
+        local: bool = False,
+    ) -> R:
         """A change to the site: never abandoned half-way. On cancellation the workflow lets
         it finish (see `settle`) before compensating, so a half-copied folder is never
         restored over and a half-applied migration never raced by its down script.
@@ -307,25 +384,41 @@ class Procedure(GatedWorkflow):
                 workflow.logger.info("change under way at cancellation ended with: %s", e)
         self._in_flight.clear()
 
-    async def _attempts(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout: timedelta,
-                        heartbeat: timedelta | None, retry: RetryPolicy, local: bool = False) -> R:
+    async def _attempts(
+        self,
+        fn: Callable[[A], Awaitable[R]],
+        arg: A,
+        timeout: timedelta,
+        heartbeat: timedelta | None,
+        retry: RetryPolicy,
+        local: bool = False,
+    ) -> R:
         """Run an activity with `retry`'s policy, one execution per attempt, counting retries."""
         attempt = 1
         while True:
             try:
                 if local:
                     return await workflow.execute_local_activity(
-                        fn, arg, start_to_close_timeout=timeout, retry_policy=_ONE_ATTEMPT)
+                        fn, arg, start_to_close_timeout=timeout, retry_policy=_ONE_ATTEMPT
+                    )
                 return await workflow.execute_activity(
-                    fn, arg, start_to_close_timeout=timeout, heartbeat_timeout=heartbeat or HEARTBEAT,
-                    retry_policy=_ONE_ATTEMPT)
+                    fn,
+                    arg,
+                    start_to_close_timeout=timeout,
+                    heartbeat_timeout=heartbeat or HEARTBEAT,
+                    retry_policy=_ONE_ATTEMPT,
+                )
             except (ActivityError, ApplicationError) as e:
                 if isinstance(e, ApplicationError):
                     # A local activity's failure arrives as the activity's own error, not
                     # wrapped in ActivityError: retried alike since PATCH_RETRY_LOCAL (before,
                     # it failed the step at once).
-                    if not local or e.non_retryable or attempt >= (retry.maximum_attempts or 1) \
-                            or not workflow.patched(PATCH_RETRY_LOCAL):
+                    if (
+                        not local
+                        or e.non_retryable
+                        or attempt >= (retry.maximum_attempts or 1)
+                        or not workflow.patched(PATCH_RETRY_LOCAL)
+                    ):
                         raise
                     cause: BaseException | None = e
                 else:
@@ -365,8 +458,11 @@ def required(value: T | None, what: str) -> T:
     """`value`, which an earlier check guarantees; otherwise a non-retryable UnexpectedState
     fails the run with `what` (an `assert` would fail the workflow task, retried forever)."""
     if value is None:
-        raise ApplicationError(f"internal: {what} is missing (a check before should have said so)",
-                               type=UNEXPECTED_STATE, non_retryable=True)
+        raise ApplicationError(
+            f"internal: {what} is missing (a check before should have said so)",
+            type=UNEXPECTED_STATE,
+            non_retryable=True,
+        )
     return value
 
 
@@ -376,8 +472,11 @@ def _slug(name: str) -> str:
 
 def check_on_failure(value: str) -> None:
     if value not in ON_FAILURE:
-        raise ApplicationError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {value!r}",
-                               type=INVALID_INPUT, non_retryable=True)
+        raise ApplicationError(
+            f"on_failure must be one of {', '.join(ON_FAILURE)}, got {value!r}",
+            type=INVALID_INPUT,
+            non_retryable=True,
+        )
 
 
 async def require_approval(gates: Gates, spec: GateSpec) -> None:
@@ -385,6 +484,9 @@ async def require_approval(gates: Gates, spec: GateSpec) -> None:
     decision = await gates.wait(spec)
     if not decision.approved:
         by = f" by {decision.by}" if decision.by else ""
-        raise ApplicationError(f"gate {spec.name} {decision.outcome}{by}"
-                               + (f": {decision.comment}" if decision.comment else ""),
-                               type=GATE_REJECTED, non_retryable=True)
+        raise ApplicationError(
+            f"gate {spec.name} {decision.outcome}{by}"
+            + (f": {decision.comment}" if decision.comment else ""),
+            type=GATE_REJECTED,
+            non_retryable=True,
+        )

@@ -108,34 +108,52 @@ class RollingDeployWorkflow(SiteProcedure):
         # ---- Preflight: read-only, every problem reported together --------------------
         self.timeline.set_phase("preflight")
         try:
-            package = await self.timeline.step("P1 inspect package", self.read(
-                deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)), seed_step="P1")
+            package = await self.timeline.step(
+                "P1 inspect package",
+                self.read(deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)),
+                seed_step="P1",
+            )
         except ActivityError as e:
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
-        self.previous = await self.preflight_nodes(inv, nodes, package, extra=partial(
-            self.check_node_storage, inv, package))
+        self.previous = await self.preflight_nodes(
+            inv, nodes, package, extra=partial(self.check_node_storage, inv, package)
+        )
         await self.check_capacity(inv, batches)
         database = inv.databases[0] if inv.databases else None
         schema = None
         if database is None and package.migrations:
-            raise preflight_failed([f"package: {package.name} {package.version} carries migrations "
-                                     "but the inventory declares no database"], [])
+            raise preflight_failed(
+                [
+                    f"package: {package.name} {package.version} carries migrations "
+                    "but the inventory declares no database"
+                ],
+                [],
+            )
         if database is not None:
             try:
-                schema = await self.timeline.step("P4 database reachable", self.read(
-                    mysql.db_schema_version, mysql.DbRequest(db=database)), seed_step="P4")
+                schema = await self.timeline.step(
+                    "P4 database reachable",
+                    self.read(mysql.db_schema_version, mysql.DbRequest(db=database)),
+                    seed_step="P4",
+                )
             except ActivityError as e:
                 raise preflight_failed([f"database: {reason(e)}"], [e]) from None
         gate_after_first = inp.continue_gate and len(batches) > 1
         if gate_after_first and not inv.approvers.get("continue"):
-            raise preflight_failed(["gate continue: the inventory lists no approvers for it "
-                                     "(approvers: {continue: [name, ...]})"], [])
+            raise preflight_failed(
+                [
+                    "gate continue: the inventory lists no approvers for it "
+                    "(approvers: {continue: [name, ...]})"
+                ],
+                [],
+            )
         pending = [m for m in package.migrations if schema is not None and m.version > schema]
         if pending and database is not None:
             # D1 dumps the database before the migrations: there must be room for it.
             room = mysql.BackupSpaceRequest(db=database, directory=database.backup_dir or "")
             space: mysql.BackupSpace = await self.timeline.step(
-                "P4 room for the database backup", self.read(mysql.check_backup_space, room), seed_step="P4")
+                "P4 room for the database backup", self.read(mysql.check_backup_space, room), seed_step="P4"
+            )
             if not space.ok:
                 raise preflight_failed([f"database backups: {space.detail}"], [])
         plan = self._plan(inv, batches, package, pending, gate_after_first)
@@ -151,11 +169,11 @@ class RollingDeployWorkflow(SiteProcedure):
             if pending and database is not None:
                 db_backup = await self._migrate(database, pending)
             for index, batch in enumerate(batches, start=1):
-                self.timeline.set_phase(f"batch {index}/{len(batches)}",
-                                        ", ".join(n.name for n in batch))
+                self.timeline.set_phase(f"batch {index}/{len(batches)}", ", ".join(n.name for n in batch))
                 outcomes = await asyncio.gather(
                     *(self._upgrade_node(inv, n, package, merge_report, app_backups) for n in batch),
-                    return_exceptions=True)
+                    return_exceptions=True,
+                )
                 failures = [o for o in outcomes if isinstance(o, BaseException)]
                 if failures:
                     raise failures[0]
@@ -170,36 +188,60 @@ class RollingDeployWorkflow(SiteProcedure):
 
     async def _continue_gate(self, inp: RollingDeployInput, rest: list[list[Node]]) -> None:
         names = ", ".join(n.name for b in rest for n in b)
-        await require_approval(self.gates, GateSpec(
-            name="continue", guards=f"upgrade the remaining node(s): {names}",
-            timeout_s=inp.gate_timeout_s, on_timeout="reject"))
+        await require_approval(
+            self.gates,
+            GateSpec(
+                name="continue",
+                guards=f"upgrade the remaining node(s): {names}",
+                timeout_s=inp.gate_timeout_s,
+                on_timeout="reject",
+            ),
+        )
 
-    def _plan(self, inv: Inventory, batches: list[list[Node]], package: deploy.PackageInfo,
-              pending: list[deploy.MigrationSpec], gate_after_first: bool) -> tuple[str, ...]:
+    def _plan(
+        self,
+        inv: Inventory,
+        batches: list[list[Node]],
+        package: deploy.PackageInfo,
+        pending: list[deploy.MigrationSpec],
+        gate_after_first: bool,
+    ) -> tuple[str, ...]:
         plan = [f"deploy {package.name} {package.version} ({package.sha256[:12]}) to site {inv.site}"]
         if pending:
             plan.append(f"D1 back up database {inv.databases[0].database}")
-            plan += [f"D2 apply migration {m.version} (expand; down script "
-                     f"{'present' if m.down_sql else 'absent'})" for m in pending]
+            plan += [
+                f"D2 apply migration {m.version} (expand; down script "
+                f"{'present' if m.down_sql else 'absent'})"
+                for m in pending
+            ]
         for i, batch in enumerate(batches, start=1):
             names = ", ".join(n.name for n in batch)
             lbs = sorted({lb.name for n in batch for lb in lbs_of(inv, n)})
-            plan.append(f"batch {i}: {names}: drain on {', '.join(lbs) or 'no load balancer'}, "
-                        "wait for zero sessions, stop, back up app folder, deploy (protected: "
-                        f"{', '.join(inv.application.protected_files) or 'none'}), start, "
-                        "check health and version, set ready, wait UP")
+            plan.append(
+                f"batch {i}: {names}: drain on {', '.join(lbs) or 'no load balancer'}, "
+                "wait for zero sessions, stop, back up app folder, deploy (protected: "
+                f"{', '.join(inv.application.protected_files) or 'none'}), start, "
+                "check health and version, set ready, wait UP"
+            )
             if i == 1 and gate_after_first:
-                plan.append(f"gate continue: wait for one of {', '.join(inv.approvers['continue'])} "
-                            "to approve the remaining batches (else roll back)")
+                plan.append(
+                    f"gate continue: wait for one of {', '.join(inv.approvers['continue'])} "
+                    "to approve the remaining batches (else roll back)"
+                )
         return tuple(plan)
 
     # ------------------------------------------------------------------ database
     async def _migrate(self, db: Database, pending: list[deploy.MigrationSpec]) -> str:
         self.timeline.set_phase("database")
-        backup: mysql.DbBackup = await self.step("D1 back up database", lambda: self.change(
-            mysql.db_backup, mysql.BackupRequest(db=db, backup_id=f"{run_key()}-db",
-                                                 directory=db.backup_dir or ""), timeout=LONG),
-            seed_step="D1")
+        backup: mysql.DbBackup = await self.step(
+            "D1 back up database",
+            lambda: self.change(
+                mysql.db_backup,
+                mysql.BackupRequest(db=db, backup_id=f"{run_key()}-db", directory=db.backup_dir or ""),
+                timeout=LONG,
+            ),
+            seed_step="D1",
+        )
         attempted: list[deploy.MigrationSpec] = []
         completed: set[int] = set()
 
@@ -209,32 +251,62 @@ class RollingDeployWorkflow(SiteProcedure):
             failed_nodes = [r.name for r in self.saga.records if not r.ok]
             for m in reversed(attempted):
                 if failed_nodes:
-                    self.timeline.record(f"keep migration {m.version}", "skipped", detail=(
-                        f"not reverted: {', '.join(failed_nodes)} could not be rolled back and may "
-                        f"run the new code; backup kept at {backup.path}"))
+                    self.timeline.record(
+                        f"keep migration {m.version}",
+                        "skipped",
+                        detail=(
+                            f"not reverted: {', '.join(failed_nodes)} could not be rolled back and may "
+                            f"run the new code; backup kept at {backup.path}"
+                        ),
+                    )
                 elif m.down_sql:
                     # A migration that failed half-way left changes but no record: force its down.
-                    await self.timeline.step(f"revert migration {m.version}", self.change(
-                        mysql.db_apply_migration, mysql.MigrationRequest(
-                            db=db, version=m.version, sql=m.down_sql, direction="down",
-                            force=m.version not in completed), timeout=LONG))
+                    await self.timeline.step(
+                        f"revert migration {m.version}",
+                        self.change(
+                            mysql.db_apply_migration,
+                            mysql.MigrationRequest(
+                                db=db,
+                                version=m.version,
+                                sql=m.down_sql,
+                                direction="down",
+                                force=m.version not in completed,
+                            ),
+                            timeout=LONG,
+                        ),
+                    )
                 else:
-                    self.timeline.record(f"keep migration {m.version}", "skipped",
-                                         detail=f"no down script; backup kept at {backup.path}")
+                    self.timeline.record(
+                        f"keep migration {m.version}",
+                        "skipped",
+                        detail=f"no down script; backup kept at {backup.path}",
+                    )
 
         self.saga.register("database migrations", revert)
         for m in pending:
             attempted.append(m)
-            await self.step(f"D2 apply migration {m.version}", partial(
-                self.change, mysql.db_apply_migration, mysql.MigrationRequest(
-                    db=db, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG),
-                seed_step="D2")
+            await self.step(
+                f"D2 apply migration {m.version}",
+                partial(
+                    self.change,
+                    mysql.db_apply_migration,
+                    mysql.MigrationRequest(db=db, version=m.version, sql=m.up_sql, direction="up"),
+                    timeout=LONG,
+                ),
+                seed_step="D2",
+            )
             completed.add(m.version)
         return backup.path
 
     # ------------------------------------------------------------------ one node
-    async def _upgrade_node(self, inv: Inventory, n: Node, package: deploy.PackageInfo,
-                            merge_report: list[str], app_backups: dict[str, str]) -> None:
+    async def _upgrade_node(
+        self,
+        inv: Inventory,
+        n: Node,
+        package: deploy.PackageInfo,
+        merge_report: list[str],
+        app_backups: dict[str, str],
+    ) -> None:
         app = inv.application
         lbs = lbs_of(inv, n)
         done = NodeProgress()
@@ -242,49 +314,100 @@ class RollingDeployWorkflow(SiteProcedure):
 
         done.drain_attempted = True
         for lb in lbs:
-            await self.step(f"N1 drain on {lb.name}", partial(self.set_state, lb, n, "drain"),
-                            node=n.name, seed_step="N1")
+            await self.step(
+                f"N1 drain on {lb.name}", partial(self.set_state, lb, n, "drain"), node=n.name, seed_step="N1"
+            )
         for lb in lbs:
-            await self.step(f"N2 wait for zero sessions on {lb.name}", partial(
-                self.wait, haproxy.lb_wait_drained, haproxy.WaitRequest(
-                    lb=lb, node=n.name, timeout_s=lb.drain_timeout_s), lb.drain_timeout_s),
-                node=n.name, seed_step="N2")
+            await self.step(
+                f"N2 wait for zero sessions on {lb.name}",
+                partial(
+                    self.wait,
+                    haproxy.lb_wait_drained,
+                    haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=lb.drain_timeout_s),
+                    lb.drain_timeout_s,
+                ),
+                node=n.name,
+                seed_step="N2",
+            )
             # Drain still admits persistent (sticky) sessions: close the door before stopping.
-            await self.step(f"N2 hold in maintenance on {lb.name}", partial(self.set_state, lb, n, "maint"),
-                            node=n.name, seed_step="N2")
+            await self.step(
+                f"N2 hold in maintenance on {lb.name}",
+                partial(self.set_state, lb, n, "maint"),
+                node=n.name,
+                seed_step="N2",
+            )
         done.stop_attempted = True
         await self.step("N3 stop service", partial(self.stop, n), node=n.name, seed_step="N3")
-        backup: deploy.AppBackup = await self.step("N4 back up app folder", lambda: self.change(
-            deploy.backup_app_folder, deploy.AppBackupRequest(
-                node=n, backup_id=f"{run_key()}-{n.name}", protected_files=app.protected_files),
-            timeout=LONG), node=n.name, seed_step="N4")
+        backup: deploy.AppBackup = await self.step(
+            "N4 back up app folder",
+            lambda: self.change(
+                deploy.backup_app_folder,
+                deploy.AppBackupRequest(
+                    node=n, backup_id=f"{run_key()}-{n.name}", protected_files=app.protected_files
+                ),
+                timeout=LONG,
+            ),
+            node=n.name,
+            seed_step="N4",
+        )
         done.backup = backup
         app_backups[n.name] = backup.path
         done.deploy_attempted = True
         result: deploy.DeployResult = await self.step(
-            f"N5 deploy {package.version}", lambda: self.deploy(app, n, package), node=n.name, seed_step="N5")
+            f"N5 deploy {package.version}", lambda: self.deploy(app, n, package), node=n.name, seed_step="N5"
+        )
         for m in result.merged:
             if m.carried:
                 merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
         await self.step("N6 start service", partial(self.start, n), node=n.name, seed_step="N6")
-        await self.step("N7 wait healthy, check version", lambda: self.check_running(
-            inv, n, package.version), node=n.name, seed_step="N7")
+        await self.step(
+            "N7 wait healthy, check version",
+            lambda: self.check_running(inv, n, package.version),
+            node=n.name,
+            seed_step="N7",
+        )
         for lb in lbs:
-            await self.step(f"N8 set ready on {lb.name}", partial(self.set_state, lb, n, "ready"),
-                            node=n.name, seed_step="N8")
+            await self.step(
+                f"N8 set ready on {lb.name}",
+                partial(self.set_state, lb, n, "ready"),
+                node=n.name,
+                seed_step="N8",
+            )
         for lb in lbs:
-            await self.step(f"N9 wait UP on {lb.name}", partial(
-                self.wait, haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0), 60.0),
-                node=n.name, seed_step="N9")
+            await self.step(
+                f"N9 wait UP on {lb.name}",
+                partial(
+                    self.wait,
+                    haproxy.lb_wait_up,
+                    haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=60.0),
+                    60.0,
+                ),
+                node=n.name,
+                seed_step="N9",
+            )
         self.timeline.node_done(n.name)
 
-    def _result(self, inv: Inventory, package: deploy.PackageInfo, nodes: list[Node],
-                plan: tuple[str, ...], dry_run: bool, merge_report: list[str] | None = None,
-                db_backup: str | None = None,
-                app_backups: dict[str, str] | None = None) -> RollingDeployResult:
+    def _result(
+        self,
+        inv: Inventory,
+        package: deploy.PackageInfo,
+        nodes: list[Node],
+        plan: tuple[str, ...],
+        dry_run: bool,
+        merge_report: list[str] | None = None,
+        db_backup: str | None = None,
+        app_backups: dict[str, str] | None = None,
+    ) -> RollingDeployResult:
         return RollingDeployResult(
-            site=inv.site, version=package.version, previous_versions=dict(self.previous),
-            nodes=tuple(n.name for n in nodes), dry_run=dry_run, plan=plan,
-            steps=tuple(self.timeline.steps), plan_hash=self.plan_hash,
+            site=inv.site,
+            version=package.version,
+            previous_versions=dict(self.previous),
+            nodes=tuple(n.name for n in nodes),
+            dry_run=dry_run,
+            plan=plan,
+            steps=tuple(self.timeline.steps),
+            plan_hash=self.plan_hash,
             merge_report=tuple(merge_report or ()),
-            db_backup=db_backup, app_backups=dict(app_backups or {}))
+            db_backup=db_backup,
+            app_backups=dict(app_backups or {}),
+        )

@@ -166,8 +166,12 @@ class SsLoadBalancedWorkflow(SiteProcedure):
         # 2-6: the script is tested on a restored copy before production is touched.
         self.timeline.set_phase("test the upgrade script on a restored copy")
         first = await self.back_up_database(
-            db, f"{key}-db-2", "2 back up the database (copy-only: a logical dump)", "2",
-            kept_as="database backup (step 2)")
+            db,
+            f"{key}-db-2",
+            "2 back up the database (copy-only: a logical dump)",
+            "2",
+            kept_as="database backup (step 2)",
+        )
         self.db_backups.append(first.path)
         test_db = dataclasses.replace(db, database=db.scratch_database or "")
         await self.step(
@@ -228,8 +232,13 @@ class SsLoadBalancedWorkflow(SiteProcedure):
 
         # 15: the production script, after a backup nothing can have outdated.
         self.timeline.set_phase("upgrade the production database")
-        last = await self.back_up_database(db, f"{key}-db-15", "15 back up the database (nothing writes now)",
-                                           "15", kept_as="database backup (step 15)")
+        last = await self.back_up_database(
+            db,
+            f"{key}-db-15",
+            "15 back up the database (nothing writes now)",
+            "15",
+            kept_as="database backup (step 15)",
+        )
         self.db_backups.append(last.path)
         self.saga.register("database", partial(self._restore_database, last))
         await self.run_script(db, pending, "15 run the upgrade script on production", "15")
@@ -265,9 +274,13 @@ class SsLoadBalancedWorkflow(SiteProcedure):
             # Restoring the step-15 backup (or old code on A) would drop what they write, so
             # from here a failure leaves the site serving on A and the others out of the pool.
             kept = self.saga.point_of_no_return()
-            self.timeline.record("17 point of no return: A serves the upgraded database", "ok",
-                                 node=a.name, seed_step="17",
-                                 detail="a failure from here is not undone (kept: " + ", ".join(kept) + ")")
+            self.timeline.record(
+                "17 point of no return: A serves the upgraded database",
+                "ok",
+                node=a.name,
+                seed_step="17",
+                detail="a failure from here is not undone (kept: " + ", ".join(kept) + ")",
+            )
         for n in others:
             if live:
                 progress[n.name].drain_attempted = True  # out of the pool for good: no undo

@@ -135,14 +135,17 @@ class SsRollingWorkflow(SiteProcedure):
         self.timeline.set_phase("preflight")
         try:
             package: deploy.PackageInfo = await self.timeline.step(
-                "P1 inspect package, Version Guard", self.read(
-                    deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)), seed_step="P1")
+                "P1 inspect package, Version Guard",
+                self.read(deploy.inspect_package, deploy.PackageRequest(path=inp.package_path)),
+                seed_step="P1",
+            )
         except ActivityError as e:
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
         self._check_declarations(inv)
         admin, db, stage = _need(inv.application.admin), inv.databases[0], _need(inv.staging)
-        self.previous = await self.preflight_nodes(inv, nodes, package, extra=partial(
-            self._node_extras, inv, admin, package))
+        self.previous = await self.preflight_nodes(
+            inv, nodes, package, extra=partial(self._node_extras, inv, admin, package)
+        )
         await self.check_capacity(inv, [group_b, group_a], label="group")
         schema, site_settings = await self._preflight_site(db, admin, nodes[0])
         pending = [m for m in package.migrations if m.version > schema]
@@ -151,10 +154,21 @@ class SsRollingWorkflow(SiteProcedure):
             return self._result(inv, package, group_a, group_b, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------
-        ctx = _Run(inv=inv, inp=inp, package=package, admin=admin, db=db, stage=stage,
-                   group_a=group_a, group_b=group_b, pending=pending, schema_before=schema,
-                   site_settings=site_settings,
-                   audit_at=nodes[0].url, key=run_key())
+        ctx = _Run(
+            inv=inv,
+            inp=inp,
+            package=package,
+            admin=admin,
+            db=db,
+            stage=stage,
+            group_a=group_a,
+            group_b=group_b,
+            pending=pending,
+            schema_before=schema,
+            site_settings=site_settings,
+            audit_at=nodes[0].url,
+            key=run_key(),
+        )
         self.guided = inp.on_failure == "ask"
         await self.run_changes(partial(self._upgrade, ctx), f"{PROCEDURE} to {package.version}")
         self.timeline.set_phase("done")
@@ -169,46 +183,83 @@ class SsRollingWorkflow(SiteProcedure):
         # Task one: backups (the seed's Important box: encryption.config must be in it).
         self.timeline.set_phase("task one: back up")
         for n in r.nodes:
-            bk: deploy.AppBackup = await self.step("1.4 back up the application folder", partial(
-                self.change, deploy.backup_app_folder, deploy.AppBackupRequest(
-                    node=n, backup_id=f"{r.key}-{n.name}", protected_files=inv.application.protected_files),
-                timeout=LONG), node=n.name, seed_step="1.4")
+            bk: deploy.AppBackup = await self.step(
+                "1.4 back up the application folder",
+                partial(
+                    self.change,
+                    deploy.backup_app_folder,
+                    deploy.AppBackupRequest(
+                        node=n, backup_id=f"{r.key}-{n.name}", protected_files=inv.application.protected_files
+                    ),
+                    timeout=LONG,
+                ),
+                node=n.name,
+                seed_step="1.4",
+            )
             held = ", ".join(sorted(bk.protected)) or "none"
-            self.timeline.record(f"1.4 protected files in the backup: {held}", "ok", node=n.name,
-                                 seed_step="1.4")
+            self.timeline.record(
+                f"1.4 protected files in the backup: {held}", "ok", node=n.name, seed_step="1.4"
+            )
             r.app_backups[n.name] = bk
             self.kept[f"app backup {n.name}"] = bk.path
-        first = await self.back_up_database(db, f"{r.key}-db-1", "1.5 back up the database", "1.5",
-                                            kept_as="database backup (task one)")
+        first = await self.back_up_database(
+            db, f"{r.key}-db-1", "1.5 back up the database", "1.5", kept_as="database backup (task one)"
+        )
         r.db_backups.append(first.path)
 
         # Task two: verify the SQL deltas against a restored copy.
         self.timeline.set_phase("task two: verify SQL deltas")
-        await self.step("2.2 verify SQL deltas on a restored copy", partial(
-            self._verify_deltas, r, first), seed_step="2.2")
+        await self.step(
+            "2.2 verify SQL deltas on a restored copy",
+            partial(self._verify_deltas, r, first),
+            seed_step="2.2",
+        )
         await self._audit(r, "VERIFY DELTAS", f"{len(r.pending)} migration(s) ran on a restored copy")
 
         # Task three: the upgrade zip (only the changed files).
         self.timeline.set_phase("task three: generate the upgrade zip")
         out_dir = f"{db.backup_dir}/{r.key}"
-        upgrade_zip: deploy.UpgradeZip = await self.step("3.2 generate the upgrade zip (changed files only)",
-                                                         partial(
-            self.change, deploy.build_upgrade_zip, deploy.UpgradeZipRequest(
-                node=r.nodes[0], package=package, out_dir=out_dir, zip_id=f"{r.key}-upgrade",
-                protected_files=inv.application.protected_files, merge_files=inv.application.merge_files)),
-            seed_step="3.2")
+        upgrade_zip: deploy.UpgradeZip = await self.step(
+            "3.2 generate the upgrade zip (changed files only)",
+            partial(
+                self.change,
+                deploy.build_upgrade_zip,
+                deploy.UpgradeZipRequest(
+                    node=r.nodes[0],
+                    package=package,
+                    out_dir=out_dir,
+                    zip_id=f"{r.key}-upgrade",
+                    protected_files=inv.application.protected_files,
+                    merge_files=inv.application.merge_files,
+                ),
+            ),
+            seed_step="3.2",
+        )
         r.zip = upgrade_zip
         r.upgrade = await self.read(deploy.inspect_package, deploy.PackageRequest(path=upgrade_zip.path))
         self.kept["upgrade zip"] = upgrade_zip.path
-        await self._audit(r, "GENERATE UPGRADE ZIP", f"{len(upgrade_zip.files)} changed file(s), "
-                                                     f"{upgrade_zip.unchanged} unchanged")
+        await self._audit(
+            r,
+            "GENERATE UPGRADE ZIP",
+            f"{len(upgrade_zip.files)} changed file(s), {upgrade_zip.unchanged} unchanged",
+        )
 
         # Task four: the SQL script.
         self.timeline.set_phase("task four: generate the SQL script")
-        script: deploy.SqlScript = await self.step("4.2 generate the SQL script", partial(
-            self.change, deploy.generate_sql_script, deploy.SqlScriptRequest(
-                package=package, from_schema=r.schema_before, out_dir=out_dir, script_id=f"{r.key}-upgrade")),
-            seed_step="4.2")
+        script: deploy.SqlScript = await self.step(
+            "4.2 generate the SQL script",
+            partial(
+                self.change,
+                deploy.generate_sql_script,
+                deploy.SqlScriptRequest(
+                    package=package,
+                    from_schema=r.schema_before,
+                    out_dir=out_dir,
+                    script_id=f"{r.key}-upgrade",
+                ),
+            ),
+            seed_step="4.2",
+        )
         r.script = script
         self.kept["SQL script"] = script.path
         await self._audit(r, "GENERATE DB SCRIPT", f"migrations {list(script.migrations)}")
@@ -216,38 +267,69 @@ class SsRollingWorkflow(SiteProcedure):
         # Task five: back up in maintenance mode, then test the upgrade on a staging copy.
         self.timeline.set_phase("task five: backup and staging")
         self.saga.register("upgrade settings", partial(self._restore_settings, r))
-        await self.step("5.1 enable maintenance mode", partial(self._site_settings, r, True, None),
-                        seed_step="5.1")
-        staged_db = await self.back_up_database(db, f"{r.key}-db-5", "5.2 back up (in maintenance mode)",
-                                                "5.2", kept_as="database backup (task five)")
+        await self.step(
+            "5.1 enable maintenance mode", partial(self._site_settings, r, True, None), seed_step="5.1"
+        )
+        staged_db = await self.back_up_database(
+            db,
+            f"{r.key}-db-5",
+            "5.2 back up (in maintenance mode)",
+            "5.2",
+            kept_as="database backup (task five)",
+        )
         r.db_backups.append(staged_db.path)
-        await self.step("5.3 disable maintenance mode", partial(self._site_settings, r, False, None),
-                        seed_step="5.3")
+        await self.step(
+            "5.3 disable maintenance mode", partial(self._site_settings, r, False, None), seed_step="5.3"
+        )
         await self._staging_test(r, staged_db)
 
         # Task six: upgrade mode.
         self.timeline.set_phase("task six: upgrade mode")
-        await self.step("6.2 enable maintenance mode", partial(self._site_settings, r, True, None),
-                        seed_step="6.2")
-        await self.step("6.4 enable ignore version mismatch", partial(self._site_settings, r, None, True),
-                        seed_step="6.4")
-        await self._audit(r, "STARTED", f"upgrade to {package.version}; groups A: {_names(r.group_a)}, "
-                                        f"B: {_names(r.group_b)}")
+        await self.step(
+            "6.2 enable maintenance mode", partial(self._site_settings, r, True, None), seed_step="6.2"
+        )
+        await self.step(
+            "6.4 enable ignore version mismatch", partial(self._site_settings, r, None, True), seed_step="6.4"
+        )
+        await self._audit(
+            r,
+            "STARTED",
+            f"upgrade to {package.version}; groups A: {_names(r.group_a)}, B: {_names(r.group_b)}",
+        )
         # Nothing can change the database from here (maintenance mode): restoring this backup
         # on rollback loses no one's work.
-        last = await self.back_up_database(db, f"{r.key}-db-6", "6.6 back up the database (upgrade mode on)",
-                                           "6.6", kept_as="database backup (upgrade mode)")
+        last = await self.back_up_database(
+            db,
+            f"{r.key}-db-6",
+            "6.6 back up the database (upgrade mode on)",
+            "6.6",
+            kept_as="database backup (upgrade mode)",
+        )
         r.db_backups.append(last.path)
 
         # Task seven: upgrade the web nodes, group B first.
         self.timeline.set_phase("task seven: upgrade web nodes")
-        self.timeline.record(f"7.1 groups: A = {_names(r.group_a)}, B = {_names(r.group_b)}", "ok",
-                             seed_step="7.1")
+        self.timeline.record(
+            f"7.1 groups: A = {_names(r.group_a)}, B = {_names(r.group_b)}", "ok", seed_step="7.1"
+        )
         for n in r.nodes:
-            await self.step("7.2 maintenance mode and ignore version mismatch on", partial(
-                self.wait, app_admin.app_wait_settings, app_admin.WaitSettingsRequest(
-                    base_url=n.url, admin=r.admin, maintenance_mode=True, ignore_version_mismatch=True,
-                    timeout_s=60.0), 60.0), node=n.name, seed_step="7.2")
+            await self.step(
+                "7.2 maintenance mode and ignore version mismatch on",
+                partial(
+                    self.wait,
+                    app_admin.app_wait_settings,
+                    app_admin.WaitSettingsRequest(
+                        base_url=n.url,
+                        admin=r.admin,
+                        maintenance_mode=True,
+                        ignore_version_mismatch=True,
+                        timeout_s=60.0,
+                    ),
+                    60.0,
+                ),
+                node=n.name,
+                seed_step="7.2",
+            )
         self.timeline.set_phase("task seven: group B out of the pool", _names(r.group_b))
         for n in r.group_b:
             await self._take_out(r, n, "7.3")
@@ -265,15 +347,27 @@ class SsRollingWorkflow(SiteProcedure):
             await self._upgrade_node(r, n, "7.9")
         for n in r.group_a:
             await self.put_back(inv, n, "7.10")
-        await self.step("7.11 gate upgrade-successful", partial(require_approval, self.gates, GateSpec(
-            name="upgrade-successful", guards=f"finish the upgrade to {package.version} (else roll back: "
-                                              "database, application files, load balancer)",
-            timeout_s=r.inp.gate_timeout_s, on_timeout="reject")), seed_step="7.11")
+        await self.step(
+            "7.11 gate upgrade-successful",
+            partial(
+                require_approval,
+                self.gates,
+                GateSpec(
+                    name="upgrade-successful",
+                    guards=f"finish the upgrade to {package.version} (else roll back: "
+                    "database, application files, load balancer)",
+                    timeout_s=r.inp.gate_timeout_s,
+                    on_timeout="reject",
+                ),
+            ),
+            seed_step="7.11",
+        )
 
         # Task eight: finish.
         self.timeline.set_phase("task eight: finish")
-        await self.step("8.1 disable upgrade mode", partial(self._site_settings, r, False, False),
-                        seed_step="8.1")
+        await self.step(
+            "8.1 disable upgrade mode", partial(self._site_settings, r, False, False), seed_step="8.1"
+        )
         if not workflow.patched(PATCH_LIVE_AFTER_8_1):
             await self._audit(r, "COMPLETED", f"all nodes on {package.version}")
             return
@@ -283,9 +377,13 @@ class SsRollingWorkflow(SiteProcedure):
         try:
             await self._audit(r, "COMPLETED", f"all nodes on {package.version}")
         except ActivityError as e:
-            self.timeline.record("audit ManualUpgrade COMPLETED: not written", "failed", seed_step="8.1",
-                                 detail=f"the upgrade to {package.version} is complete and serving; the "
-                                        f"audit row could not be written ({reason(e)}): record it by hand")
+            self.timeline.record(
+                "audit ManualUpgrade COMPLETED: not written",
+                "failed",
+                seed_step="8.1",
+                detail=f"the upgrade to {package.version} is complete and serving; the "
+                f"audit row could not be written ({reason(e)}): record it by hand",
+            )
 
     # ------------------------------------------------------------------ task two
     async def _verify_deltas(self, r: _Run, backup: mysql.DbBackup) -> None:
@@ -293,11 +391,15 @@ class SsRollingWorkflow(SiteProcedure):
         try:
             await self.change(mysql.db_restore, dataclasses.replace(backup, db=scratch), timeout=LONG)
             for m in r.pending:
-                await self.change(mysql.db_apply_migration, mysql.MigrationRequest(
-                    db=scratch, version=m.version, sql=m.up_sql, direction="up"), timeout=LONG)
+                await self.change(
+                    mysql.db_apply_migration,
+                    mysql.MigrationRequest(db=scratch, version=m.version, sql=m.up_sql, direction="up"),
+                    timeout=LONG,
+                )
         finally:
-            await self.change(mysql.db_drop_database,
-                              mysql.DropDatabaseRequest(db=r.db, database=scratch.database))
+            await self.change(
+                mysql.db_drop_database, mysql.DropDatabaseRequest(db=r.db, database=scratch.database)
+            )
 
     # ------------------------------------------------------------------ task five
     async def _staging_test(self, r: _Run, backup: mysql.DbBackup) -> None:
@@ -306,37 +408,69 @@ class SsRollingWorkflow(SiteProcedure):
         staging_db = dataclasses.replace(r.db, database=st.database)
         source = r.app_backups[r.nodes[0].name]
         self.saga.register("staging copy", partial(self._clear_staging, r))
-        await self.step("5.4 restore the application files to staging",
-                        partial(self._restore_staging_files, sn, st, source), seed_step="5.4")
-        await self.step("5.5 restore the database to the staging database", partial(
-            self.change, mysql.db_restore, dataclasses.replace(backup, db=staging_db), timeout=LONG),
-            seed_step="5.5")
-        await self.step("5.6 staging is in maintenance mode", partial(self._staging_in_maintenance, r, sn),
-                        seed_step="5.6")
-        await self.step("5.7 apply the upgrade zip to staging", partial(self._stop_and_deploy, r, sn),
-                        seed_step="5.7")
+        await self.step(
+            "5.4 restore the application files to staging",
+            partial(self._restore_staging_files, sn, st, source),
+            seed_step="5.4",
+        )
+        await self.step(
+            "5.5 restore the database to the staging database",
+            partial(self.change, mysql.db_restore, dataclasses.replace(backup, db=staging_db), timeout=LONG),
+            seed_step="5.5",
+        )
+        await self.step(
+            "5.6 staging is in maintenance mode",
+            partial(self._staging_in_maintenance, r, sn),
+            seed_step="5.6",
+        )
+        await self.step(
+            "5.7 apply the upgrade zip to staging", partial(self._stop_and_deploy, r, sn), seed_step="5.7"
+        )
         await self.run_script(staging_db, r.pending, "5.8 run the SQL script on staging", "5.8")
         await self.step("5.9 log on to staging", partial(self._start_and_check, r, sn), seed_step="5.9")
         if not r.inp.keep_staging:
-            await self.skippable_step("5.10 delete the staging copy (backups kept)", partial(
-                self._clear_staging, r), seed_step="5.10")
-        await self.step("5.11 gate staging-test", partial(require_approval, self.gates, GateSpec(
-            name="staging-test", guards=f"'Staging Test Successful': {r.package.version} ran on staging "
-                                        "(files, database, log on); go on to upgrade mode",
-            timeout_s=r.inp.gate_timeout_s, on_timeout="reject")), seed_step="5.11")
+            await self.skippable_step(
+                "5.10 delete the staging copy (backups kept)",
+                partial(self._clear_staging, r),
+                seed_step="5.10",
+            )
+        await self.step(
+            "5.11 gate staging-test",
+            partial(
+                require_approval,
+                self.gates,
+                GateSpec(
+                    name="staging-test",
+                    guards=f"'Staging Test Successful': {r.package.version} ran on staging "
+                    "(files, database, log on); go on to upgrade mode",
+                    timeout_s=r.inp.gate_timeout_s,
+                    on_timeout="reject",
+                ),
+            ),
+            seed_step="5.11",
+        )
         decided = self.gates.records[-1]
         await self._audit(r, "STAGING TEST", f"staging test successful, confirmed by {decided.by}")
 
     async def _restore_staging_files(self, sn: Node, st: Staging, source: deploy.AppBackup) -> None:
         await self.stop(sn)
-        await self.change(staging.stage_app_backup, staging.StageRequest(backup=source, staging=st),
-                          timeout=LONG)
+        await self.change(
+            staging.stage_app_backup, staging.StageRequest(backup=source, staging=st), timeout=LONG
+        )
         await self.start(sn)
 
     async def _staging_in_maintenance(self, r: _Run, sn: Node) -> None:
-        await self.wait(app_admin.app_wait_settings, app_admin.WaitSettingsRequest(
-            base_url=sn.url, admin=r.admin, maintenance_mode=True,
-            ignore_version_mismatch=r.site_settings.ignore_version_mismatch, timeout_s=60.0), 60.0)
+        await self.wait(
+            app_admin.app_wait_settings,
+            app_admin.WaitSettingsRequest(
+                base_url=sn.url,
+                admin=r.admin,
+                maintenance_mode=True,
+                ignore_version_mismatch=r.site_settings.ignore_version_mismatch,
+                timeout_s=60.0,
+            ),
+            60.0,
+        )
 
     async def _stop_and_deploy(self, r: _Run, n: Node) -> None:
         await self.stop(n)
@@ -350,37 +484,55 @@ class SsRollingWorkflow(SiteProcedure):
         sn = staging.staging_node(r.stage)
         await self.stop(sn)
         await self.change(staging.clear_staging, staging.ClearStagingRequest(staging=r.stage))
-        await self.change(mysql.db_drop_database,
-                          mysql.DropDatabaseRequest(db=r.db, database=r.stage.database))
+        await self.change(
+            mysql.db_drop_database, mysql.DropDatabaseRequest(db=r.db, database=r.stage.database)
+        )
 
     # ------------------------------------------------------------------ task seven
     async def _take_out(self, r: _Run, n: Node, seed_step: str) -> None:
         done = r.progress.setdefault(n.name, NodeProgress())
         if not done.drain_attempted:
             done.backup = r.app_backups[n.name]
-            self.saga.register(f"node {n.name}", partial(self.roll_back_node, r.inv, n, done,
-                                                         self.previous[n.name]))
+            self.saga.register(
+                f"node {n.name}", partial(self.roll_back_node, r.inv, n, done, self.previous[n.name])
+            )
         done.drain_attempted = True
         await self.take_out(r.inv, n, seed_step)
 
     async def _upgrade_node(self, r: _Run, n: Node, seed_step: str) -> None:
         done = r.progress[n.name]
         done.stop_attempted = True
-        await self.step(f"{seed_step} stop the service", partial(self.stop, n), node=n.name,
-                        seed_step=seed_step)
+        await self.step(
+            f"{seed_step} stop the service", partial(self.stop, n), node=n.name, seed_step=seed_step
+        )
         done.deploy_attempted = True
-        await self.step(f"{seed_step} extract and copy the upgrade zip", partial(self._deploy, r, n),
-                        node=n.name, seed_step=seed_step)
-        await self.step(f"{seed_step} start, log on", partial(self._start_and_check, r, n),
-                        node=n.name, seed_step=seed_step)
+        await self.step(
+            f"{seed_step} extract and copy the upgrade zip",
+            partial(self._deploy, r, n),
+            node=n.name,
+            seed_step=seed_step,
+        )
+        await self.step(
+            f"{seed_step} start, log on",
+            partial(self._start_and_check, r, n),
+            node=n.name,
+            seed_step=seed_step,
+        )
         self.timeline.node_done(n.name)
 
     async def _deploy(self, r: _Run, n: Node) -> None:
         upgrade = required(r.upgrade, "task three's upgrade package (task three comes first)")
-        result: deploy.DeployResult = await self.change(deploy.deploy_package, deploy.DeployRequest(
-            node=n, package=upgrade, protected_files=r.inv.application.protected_files,
-            merge_files=r.inv.application.merge_files,
-            release_id=f"{r.package.name}-{r.package.version}-{r.key}"), timeout=LONG)
+        result: deploy.DeployResult = await self.change(
+            deploy.deploy_package,
+            deploy.DeployRequest(
+                node=n,
+                package=upgrade,
+                protected_files=r.inv.application.protected_files,
+                merge_files=r.inv.application.merge_files,
+                release_id=f"{r.package.name}-{r.package.version}-{r.key}",
+            ),
+            timeout=LONG,
+        )
         for m in result.merged:
             if m.carried:
                 self.merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
@@ -391,50 +543,87 @@ class SsRollingWorkflow(SiteProcedure):
         await self.run_script(r.db, r.pending, "7.7 run the SQL script on the production database", "7.7")
 
     async def _restore_database(self, r: _Run, backup: mysql.DbBackup) -> None:
-        await self.timeline.step("rollback: restore the database (audit trail kept)", self.change(
-            mysql.db_restore_keeping, mysql.RestoreKeepingRequest(backup=backup, keep_tables=AUDIT_TABLES),
-            timeout=LONG))
+        await self.timeline.step(
+            "rollback: restore the database (audit trail kept)",
+            self.change(
+                mysql.db_restore_keeping,
+                mysql.RestoreKeepingRequest(backup=backup, keep_tables=AUDIT_TABLES),
+                timeout=LONG,
+            ),
+        )
 
     # ------------------------------------------------------------------ settings and audit
     async def _site_settings(self, r: _Run, maintenance: bool | None, ignore: bool | None) -> None:
-        await self.change(app_admin.app_set_settings, app_admin.SettingsRequest(
-            base_url=r.audit_at, admin=r.admin, scope="site", maintenance_mode=maintenance,
-            ignore_version_mismatch=ignore))
+        await self.change(
+            app_admin.app_set_settings,
+            app_admin.SettingsRequest(
+                base_url=r.audit_at,
+                admin=r.admin,
+                scope="site",
+                maintenance_mode=maintenance,
+                ignore_version_mismatch=ignore,
+            ),
+        )
 
     async def _restore_settings(self, r: _Run) -> None:
         s = r.site_settings
-        await self.timeline.step("rollback: upgrade settings as before", self.change(
-            app_admin.app_set_settings, app_admin.SettingsRequest(
-                base_url=r.audit_at, admin=r.admin, scope="site", maintenance_mode=s.maintenance_mode,
-                ignore_version_mismatch=s.ignore_version_mismatch)))
+        await self.timeline.step(
+            "rollback: upgrade settings as before",
+            self.change(
+                app_admin.app_set_settings,
+                app_admin.SettingsRequest(
+                    base_url=r.audit_at,
+                    admin=r.admin,
+                    scope="site",
+                    maintenance_mode=s.maintenance_mode,
+                    ignore_version_mismatch=s.ignore_version_mismatch,
+                ),
+            ),
+        )
 
     async def _audit(self, r: _Run, action: str, notes: str) -> None:
         by = r.inp.started_by or "zerodown"
-        await self.timeline.step(f"audit ManualUpgrade {action}", self.change(
-            app_admin.app_record_audit, app_admin.AuditRequest(
-                base_url=r.audit_at, admin=r.admin, action=action, notes=f"{PROCEDURE}: {notes}", user=by,
-                reference=f"{r.key}:{action}")))
+        await self.timeline.step(
+            f"audit ManualUpgrade {action}",
+            self.change(
+                app_admin.app_record_audit,
+                app_admin.AuditRequest(
+                    base_url=r.audit_at,
+                    admin=r.admin,
+                    action=action,
+                    notes=f"{PROCEDURE}: {notes}",
+                    user=by,
+                    reference=f"{r.key}:{action}",
+                ),
+            ),
+        )
 
     # ------------------------------------------------------------------ preflight
     def _check_declarations(self, inv: Inventory) -> None:
         """What this procedure needs the inventory to declare (before touching anything)."""
         problems: list[str] = []
         if inv.application.admin is None:
-            problems.append("application.admin: ss-rolling switches maintenance mode through the "
-                            "application's admin interface; declare it (token: {env|file})")
+            problems.append(
+                "application.admin: ss-rolling switches maintenance mode through the "
+                "application's admin interface; declare it (token: {env|file})"
+            )
         if inv.application.login is None:
-            problems.append("application.login: the runbook logs on to every upgraded node; "
-                            "declare a login check")
+            problems.append(
+                "application.login: the runbook logs on to every upgraded node; declare a login check"
+            )
         if not inv.databases:
             problems.append("databases: ss-rolling backs up and upgrades the database; declare it")
         else:
             db = inv.databases[0]
             if not db.scratch_database:
-                problems.append(f"databases[0].scratch_database: task two verifies the SQL deltas on a "
-                                f"restored copy of {db.database}; name a database for it")
+                problems.append(
+                    f"databases[0].scratch_database: task two verifies the SQL deltas on a "
+                    f"restored copy of {db.database}; name a database for it"
+                )
             if not db.backup_dir:
-                problems.append("databases[0].backup_dir: where the backups, the upgrade zip and the "
-                                "SQL script are kept")
+                problems.append(
+                    "databases[0].backup_dir: where the backups, the upgrade zip and the SQL script are kept"
+                )
         if inv.staging is None:
             problems.append("staging: task five tests the upgrade on a staging copy; declare it")
         for gate in GATES:
@@ -443,21 +632,24 @@ class SsRollingWorkflow(SiteProcedure):
         if problems:
             raise preflight_failed(problems, [])
 
-    async def _node_extras(self, inv: Inventory, admin: AdminApi, package: deploy.PackageInfo,
-                           n: Node) -> None:
+    async def _node_extras(
+        self, inv: Inventory, admin: AdminApi, package: deploy.PackageInfo, n: Node
+    ) -> None:
         await self.check_node_storage(inv, package, n)
         await self.read(app_admin.app_admin_state, app_admin.AdminRequest(base_url=n.url, admin=admin))
 
-    async def _preflight_site(self, db: Database, admin: AdminApi,
-                              first: Node) -> tuple[int, app_admin.UpgradeSettings]:
+    async def _preflight_site(
+        self, db: Database, admin: AdminApi, first: Node
+    ) -> tuple[int, app_admin.UpgradeSettings]:
         async def checks() -> tuple[int, app_admin.UpgradeSettings]:
             problems: list[str] = []
             errors: list[BaseException] = []
             schema = 0
             try:
                 schema = await self.read(mysql.db_schema_version, mysql.DbRequest(db=db))
-                space: mysql.BackupSpace = await self.read(mysql.check_backup_space, mysql.BackupSpaceRequest(
-                    db=db, directory=db.backup_dir or ""))
+                space: mysql.BackupSpace = await self.read(
+                    mysql.check_backup_space, mysql.BackupSpaceRequest(db=db, directory=db.backup_dir or "")
+                )
                 if not space.ok:
                     problems.append(f"database backups: {space.detail}")
             except ActivityError as e:
@@ -465,8 +657,9 @@ class SsRollingWorkflow(SiteProcedure):
                 errors.append(e)
             state: app_admin.AdminState | None = None
             try:
-                state = await self.read(app_admin.app_admin_state, app_admin.AdminRequest(
-                    base_url=first.url, admin=admin))
+                state = await self.read(
+                    app_admin.app_admin_state, app_admin.AdminRequest(base_url=first.url, admin=admin)
+                )
             except ActivityError as e:
                 problems.append(f"admin interface: {reason(e)}")
                 errors.append(e)
@@ -474,11 +667,19 @@ class SsRollingWorkflow(SiteProcedure):
                 raise preflight_failed(problems, errors)
             return schema, state.site
 
-        return await self.timeline.step("P4 database, backup space, upgrade settings", checks(),
-                                        seed_step="P4")
+        return await self.timeline.step(
+            "P4 database, backup space, upgrade settings", checks(), seed_step="P4"
+        )
 
-    def _plan(self, inv: Inventory, package: deploy.PackageInfo, group_a: list[Node], group_b: list[Node],
-              pending: list[deploy.MigrationSpec], keep_staging: bool) -> tuple[str, ...]:
+    def _plan(
+        self,
+        inv: Inventory,
+        package: deploy.PackageInfo,
+        group_a: list[Node],
+        group_b: list[Node],
+        pending: list[deploy.MigrationSpec],
+        keep_staging: bool,
+    ) -> tuple[str, ...]:
         db, st = inv.databases[0], _need(inv.staging)
         migrations = ", ".join(str(m.version) for m in pending) or "none"
         return (
@@ -490,29 +691,47 @@ class SsRollingWorkflow(SiteProcedure):
             "task four: generate the SQL script",
             f"task five: maintenance on, back up, maintenance off; staging at {st.url} with database "
             f"{st.database}: restore, apply zip and script, log on"
-            + ("" if keep_staging else ", delete") + "; gate staging-test ("
-            + ", ".join(inv.approvers.get("staging-test", ())) + ")",
+            + ("" if keep_staging else ", delete")
+            + "; gate staging-test ("
+            + ", ".join(inv.approvers.get("staging-test", ()))
+            + ")",
             "task six: upgrade mode (maintenance mode + ignore version mismatch); back up the database",
             f"task seven: group B ({_names(group_b)}) out, upgrade, back; group A ({_names(group_a)}) out; "
             f"SQL script on {db.database}; log on to B; upgrade A; A back; gate upgrade-successful ("
-            + ", ".join(inv.approvers.get("upgrade-successful", ())) + ")",
+            + ", ".join(inv.approvers.get("upgrade-successful", ()))
+            + ")",
             "task eight: upgrade mode off; audit COMPLETED",
             "rollback: database from the upgrade-mode backup (audit kept), application files of every node, "
             "load balancer and settings as before; audit CANCEL",
         )
 
-    def _result(self, inv: Inventory, package: deploy.PackageInfo, group_a: list[Node], group_b: list[Node],
-                plan: tuple[str, ...], dry_run: bool, r: _Run | None = None) -> SsRollingResult:
+    def _result(
+        self,
+        inv: Inventory,
+        package: deploy.PackageInfo,
+        group_a: list[Node],
+        group_b: list[Node],
+        plan: tuple[str, ...],
+        dry_run: bool,
+        r: _Run | None = None,
+    ) -> SsRollingResult:
         return SsRollingResult(
-            site=inv.site, version=package.version, previous_versions=dict(self.previous),
-            group_a=tuple(n.name for n in group_a), group_b=tuple(n.name for n in group_b), dry_run=dry_run,
-            plan=plan, plan_hash=self.plan_hash, steps=tuple(self.timeline.steps),
+            site=inv.site,
+            version=package.version,
+            previous_versions=dict(self.previous),
+            group_a=tuple(n.name for n in group_a),
+            group_b=tuple(n.name for n in group_b),
+            dry_run=dry_run,
+            plan=plan,
+            plan_hash=self.plan_hash,
+            steps=tuple(self.timeline.steps),
             app_backups={k: v.path for k, v in r.app_backups.items()} if r else {},
             db_backups=tuple(r.db_backups) if r else (),
             upgrade_zip=r.zip.path if r and r.zip else "",
             upgrade_zip_files=r.zip.files if r and r.zip else (),
             sql_script=r.script.path if r and r.script else "",
-            merge_report=tuple(self.merge_report))
+            merge_report=tuple(self.merge_report),
+        )
 
 
 @dataclass
@@ -558,8 +777,11 @@ def _groups(inv: Inventory, inp: SsRollingInput) -> tuple[list[Node], list[Node]
         raise ApplicationError(str(e), type=UNKNOWN_NODE, non_retryable=True) from None
     names = [n.name for n in a + b]
     if not a or not b or len(set(names)) != len(names):
-        raise ApplicationError(f"groups A ({_names(a)}) and B ({_names(b)}) must both be non-empty and "
-                               "must not share a node", type=INVALID_GROUPS, non_retryable=True)
+        raise ApplicationError(
+            f"groups A ({_names(a)}) and B ({_names(b)}) must both be non-empty and must not share a node",
+            type=INVALID_GROUPS,
+            non_retryable=True,
+        )
     return a, b
 
 

@@ -22,6 +22,7 @@ T = TypeVar("T")
 # How a step ended (running: not yet).
 StepResult = Literal["running", "ok", "failed", "skipped", "compensated"]
 
+
 @dataclass(frozen=True)
 class StepRecord:
     name: str
@@ -73,33 +74,74 @@ class Timeline:
         self.nodes_done.append(node)
         self._publish()
 
-    def record(self, name: str, result: StepResult, node: str | None = None, seed_step: str | None = None,
-               detail: str | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        result: StepResult,
+        node: str | None = None,
+        seed_step: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         """A step that took no time of its own (e.g. 'not applicable', a decision)."""
         now = workflow.now()
-        self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=now,
-                                     ended=now, result=result, detail=detail))
+        self.steps.append(
+            StepRecord(
+                name=name,
+                seed_step=seed_step,
+                node=node,
+                started=now,
+                ended=now,
+                result=result,
+                detail=detail,
+            )
+        )
 
-    def record_span(self, name: str, started: datetime, ended: datetime, result: StepResult,
-                    node: str | None = None,
-                    seed_step: str | None = None, detail: str | None = None, retries: int = 0) -> None:
+    def record_span(
+        self,
+        name: str,
+        started: datetime,
+        ended: datetime,
+        result: StepResult,
+        node: str | None = None,
+        seed_step: str | None = None,
+        detail: str | None = None,
+        retries: int = 0,
+    ) -> None:
         """A step that ran inside an activity with others (its times measured there)."""
-        self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node, started=started,
-                                     ended=ended, result=result, detail=detail, retries=retries))
+        self.steps.append(
+            StepRecord(
+                name=name,
+                seed_step=seed_step,
+                node=node,
+                started=started,
+                ended=ended,
+                result=result,
+                detail=detail,
+                retries=retries,
+            )
+        )
 
-    async def step(self, name: str, call: Awaitable[T], node: str | None = None,
-                   seed_step: str | None = None, retries: int = 0) -> T:
+    async def step(
+        self,
+        name: str,
+        call: Awaitable[T],
+        node: str | None = None,
+        seed_step: str | None = None,
+        retries: int = 0,
+    ) -> T:
         """Run one step, recording its start, end, outcome and retries."""
         index = len(self.steps)
-        self.steps.append(StepRecord(name=name, seed_step=seed_step, node=node,
-                                     started=workflow.now(), retries=retries))
+        self.steps.append(
+            StepRecord(name=name, seed_step=seed_step, node=node, started=workflow.now(), retries=retries)
+        )
         self._publish(current=f"{name}" + (f" on {node}" if node else ""))
         token = _CURRENT_STEP.set(index)
         try:
             value = await call
         except BaseException as e:
-            self.steps[index] = replace(self.steps[index], ended=workflow.now(), result="failed",
-                                        detail=reason(e))
+            self.steps[index] = replace(
+                self.steps[index], ended=workflow.now(), result="failed", detail=reason(e)
+            )
             raise
         finally:
             _CURRENT_STEP.reset(token)
@@ -115,16 +157,23 @@ class Timeline:
         self.steps[index] = replace(record, retries=record.retries + 1, detail=f"retrying: {why}")
 
     def snapshot(self) -> Progress:
-        return Progress(procedure=self.procedure, phase=self.phase, node=self.node,
-                        nodes_done=tuple(self.nodes_done), nodes_total=self.nodes_total,
-                        steps=tuple(self.steps))
+        return Progress(
+            procedure=self.procedure,
+            phase=self.phase,
+            node=self.node,
+            nodes_done=tuple(self.nodes_done),
+            nodes_total=self.nodes_total,
+            steps=tuple(self.steps),
+        )
 
     def _publish(self, current: str | None = None) -> None:
         # Markdown shown by the Temporal Web UI on the workflow's page.
         lines = [f"**{self.procedure}**: {self.phase}" + (f" ({self.node})" if self.node else "")]
         if self.nodes_total:
-            lines.append(f"nodes done: {len(self.nodes_done)}/{self.nodes_total}"
-                         + (f" ({', '.join(self.nodes_done)})" if self.nodes_done else ""))
+            lines.append(
+                f"nodes done: {len(self.nodes_done)}/{self.nodes_total}"
+                + (f" ({', '.join(self.nodes_done)})" if self.nodes_done else "")
+            )
         if current:
             lines.append(f"current step: {current}")
         workflow.set_current_details("\n\n".join(lines))

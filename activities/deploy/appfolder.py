@@ -78,8 +78,9 @@ def parse_sha256sum(text: str) -> dict[str, str]:
             line = line[1:]
         digest, name = line[:64], line[66:]
         if escaped:
-            name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}.get(m.group(1),
-                                                                                   m.group(1)), name)
+            name = re.sub(
+                r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}.get(m.group(1), m.group(1)), name
+            )
         if name.startswith("./"):
             name = name[2:]
         out[name] = digest.lower()
@@ -187,11 +188,17 @@ tar -tf "$B.tar"
 """
     res = await ssh.run(node.ssh, script, timeout_s=CMD_TIMEOUT_S, check=False)
     if res.exit_status == 75:
-        fail(BACKUP_INCONSISTENT, f"node {node.name}: {res.stderr.strip()}; retrying the backup",
-             retryable=True)
+        fail(
+            BACKUP_INCONSISTENT,
+            f"node {node.name}: {res.stderr.strip()}; retrying the backup",
+            retryable=True,
+        )
     if res.exit_status != 0:
-        fail(SSH_COMMAND_FAILED, f"node {node.name}: backup of {app} as {b}.tar exited with status "
-                                 f"{res.exit_status}; stderr: {res.stderr.strip()[-1500:] or '(empty)'}")
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name}: backup of {app} as {b}.tar exited with status "
+            f"{res.exit_status}; stderr: {res.stderr.strip()[-1500:] or '(empty)'}",
+        )
     head, _, rest = res.stdout.partition("\n")
     manifest_text, _, rest = rest.partition(_CURRENT + "\n")
     current_text, _, tar_list = rest.partition(_TARLIST + "\n")
@@ -200,25 +207,37 @@ tar -tf "$B.tar"
     if reused:
         differ = _manifest_difference(manifest, parse_sha256sum(current_text))
         if differ:
-            fail(BACKUP_CONFLICT,
-                 f"node {node.name}: backup {backup_id} already exists ({b}.tar) but differs from the "
-                 f"application folder {app} as it is now ({len(differ)} file(s): "
-                 f"{', '.join(differ[:10])}{', ...' if len(differ) > 10 else ''}); refusing to reuse "
-                 "it as this folder's backup. Back up under a new id, or remove the old backup if it "
-                 "is no longer needed")
+            fail(
+                BACKUP_CONFLICT,
+                f"node {node.name}: backup {backup_id} already exists ({b}.tar) but differs from the "
+                f"application folder {app} as it is now ({len(differ)} file(s): "
+                f"{', '.join(differ[:10])}{', ...' if len(differ) > 10 else ''}); refusing to reuse "
+                "it as this folder's backup. Back up under a new id, or remove the old backup if it "
+                "is no longer needed",
+            )
     members = {m[2:] if m.startswith("./") else m for m in tar_list.split("\n") if m}
     protected: dict[str, str] = {}
     for p in protected_files:
         if p not in manifest:
-            fail(PROTECTED_FILE_MISSING,
-                 f"node {node.name}: protected file {p} is not in the application folder {app}; "
-                 "refusing to continue without it")
+            fail(
+                PROTECTED_FILE_MISSING,
+                f"node {node.name}: protected file {p} is not in the application folder {app}; "
+                "refusing to continue without it",
+            )
         if p not in members:
             fail(PROTECTED_FILE_MISSING, f"node {node.name}: protected file {p} is missing from {b}.tar")
         protected[p] = manifest[p]
-    return AppBackup(node=node, node_name=node.name, backup_id=backup_id, path=f"{b}.tar",
-                     files=len(manifest), manifest=manifest, protected=protected,
-                     defaults_path=f"{b}.defaults.tar", reused=reused)
+    return AppBackup(
+        node=node,
+        node_name=node.name,
+        backup_id=backup_id,
+        path=f"{b}.tar",
+        files=len(manifest),
+        manifest=manifest,
+        protected=protected,
+        defaults_path=f"{b}.defaults.tar",
+        reused=reused,
+    )
 
 
 # =========================================================================== deploy
@@ -277,8 +296,9 @@ class _MergePlan:
     report: MergeReport
 
 
-async def _plan_merges(node: Node, package: PackageInfo, merge_files: tuple[str, ...],
-                       release_id: str) -> list[_MergePlan]:
+async def _plan_merges(
+    node: Node, package: PackageInfo, merge_files: tuple[str, ...], release_id: str
+) -> list[_MergePlan]:
     """Read (only read) what each merge needs and merge in memory.
 
     Runs before anything is written to the node, so a file that cannot be merged
@@ -289,9 +309,20 @@ async def _plan_merges(node: Node, package: PackageInfo, merge_files: tuple[str,
     for f in merge_files:
         new_bytes = await asyncio.to_thread(_zip_member, package.path, f)
         if new_bytes is None:
-            plans.append(_MergePlan(f, None, None, MergeReport(
-                file=f, carried=(), diff=(), had_recorded_defaults=False,
-                notes=("not in the package: the node's file is left as it is",))))
+            plans.append(
+                _MergePlan(
+                    f,
+                    None,
+                    None,
+                    MergeReport(
+                        file=f,
+                        carried=(),
+                        diff=(),
+                        had_recorded_defaults=False,
+                        notes=("not in the package: the node's file is left as it is",),
+                    ),
+                )
+            )
             continue
         current = await ssh.get_file(node.ssh, posixpath.join(node.app_dir, f))
         old = await ssh.get_file(node.ssh, f"{DEFAULTS}/{f}") if current is not None else None
@@ -301,26 +332,58 @@ async def _plan_merges(node: Node, package: PackageInfo, merge_files: tuple[str,
                 # Nothing to carry, but a file that could never be merged is refused now
                 # rather than on the next release.
                 merge_config_detailed("", None, _decode(new_bytes), name=label)
-                plans.append(_MergePlan(f, new_bytes, None, MergeReport(
-                    file=f, carried=(), diff=(), had_recorded_defaults=False,
-                    notes=("not on the node: the new defaults are installed",))))
+                plans.append(
+                    _MergePlan(
+                        f,
+                        new_bytes,
+                        None,
+                        MergeReport(
+                            file=f,
+                            carried=(),
+                            diff=(),
+                            had_recorded_defaults=False,
+                            notes=("not on the node: the new defaults are installed",),
+                        ),
+                    )
+                )
                 continue
-            outcome = merge_config_detailed(_decode(current), _decode(old) if old is not None else None,
-                                            _decode(new_bytes), name=label)
+            outcome = merge_config_detailed(
+                _decode(current), _decode(old) if old is not None else None, _decode(new_bytes), name=label
+            )
         except ApplicationError as e:
             if e.type == MERGE_UNSUPPORTED:
-                fail(MERGE_UNSUPPORTED, f"{e.message}. Nothing was changed on the node "
-                                        f"(release {release_id} not deployed)", cause=e)
+                fail(
+                    MERGE_UNSUPPORTED,
+                    f"{e.message}. Nothing was changed on the node (release {release_id} not deployed)",
+                    cause=e,
+                )
             raise
-        plans.append(_MergePlan(f, new_bytes, outcome, MergeReport(
-            file=f, carried=outcome.carried, diff=(), had_recorded_defaults=old is not None,
-            notes=outcome.notes, diff_path=diff_path_for(release_id, f) if outcome.diff else "",
-            changed_defaults=outcome.changed_defaults)))
+        plans.append(
+            _MergePlan(
+                f,
+                new_bytes,
+                outcome,
+                MergeReport(
+                    file=f,
+                    carried=outcome.carried,
+                    diff=(),
+                    had_recorded_defaults=old is not None,
+                    notes=outcome.notes,
+                    diff_path=diff_path_for(release_id, f) if outcome.diff else "",
+                    changed_defaults=outcome.changed_defaults,
+                ),
+            )
+        )
     return plans
 
 
-async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, ...],
-                 merge_files: tuple[str, ...], release_id: str) -> DeployResult:
+async def deploy(
+    node: Node,
+    package: PackageInfo,
+    protected_files: tuple[str, ...],
+    merge_files: tuple[str, ...],
+    release_id: str,
+) -> DeployResult:
     check_id("release id", release_id)
     for p in (*protected_files, *merge_files):
         _check_relpath("file", p)
@@ -339,26 +402,34 @@ async def deploy(node: Node, package: PackageInfo, protected_files: tuple[str, .
     # 3. Upload (skipped when the node already holds the same bytes), then verify there.
     #    zerodown's folder is private (configs with passwords, protected files in backups).
     heartbeat({"node": node.name, "step": "upload"})
-    await _sh(node, f"umask 077 && mkdir -p {_q(RELEASES)} {_q(DEFAULTS)} && chmod 700 {_q(ZD)}",
-              f"creating {ZD}")
+    await _sh(
+        node, f"umask 077 && mkdir -p {_q(RELEASES)} {_q(DEFAULTS)} && chmod 700 {_q(ZD)}", f"creating {ZD}"
+    )
     if await _remote_sha256(node, zip_remote) != package.sha256:
         await ssh.put_file(node.ssh, package.path, zip_remote)
         remote = await _remote_sha256(node, zip_remote)
         if remote != package.sha256:
-            fail(DEPLOY_VERIFICATION_FAILED,
-                 f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
-                 f"{package.sha256}", retryable=True)
+            fail(
+                DEPLOY_VERIFICATION_FAILED,
+                f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
+                f"{package.sha256}",
+                retryable=True,
+            )
 
     # 4. Stage: a fresh extraction every attempt (cheap, and the merge below edits it).
     #    The node's default umask on purpose: the modes land in the app folder.
     heartbeat({"node": node.name, "step": "extract"})
-    await _sh(node, f"""set -e
+    await _sh(
+        node,
+        f"""set -e
 R={_q(rel)}
 rm -rf "$R.tmp"; mkdir -p "$R.tmp"
 if command -v unzip >/dev/null 2>&1; then unzip -q -o "$R.zip" -d "$R.tmp"
 else python3 -m zipfile -e "$R.zip" "$R.tmp"; fi
 rm -rf "$R"; mv "$R.tmp" "$R"
-""", f"extracting {zip_remote}")
+""",
+        f"extracting {zip_remote}",
+    )
 
     # 5. Merged configs into the staged tree; the diff (values!) into a private file next
     #    to it. The pristine defaults are recorded after success (step 9).
@@ -371,16 +442,20 @@ rm -rf "$R"; mv "$R.tmp" "$R"
         await ssh.put_bytes(node.ssh, _encode(plan.outcome.text), f"{rel}/{plan.file}")
         diff_remote = diff_path_for(release_id, plan.file)
         if plan.outcome.diff:
-            await ssh.put_bytes(node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote,
-                                mode=0o600)
+            await ssh.put_bytes(
+                node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote, mode=0o600
+            )
         else:
             await _sh(node, f"rm -f {_q(diff_remote)}", f"removing a stale {diff_remote}")
     reports = [plan.report for plan in plans]
 
     # 6. Protected files never leave the stage: removed from it and excluded from the copy.
     if protected_files:
-        await _sh(node, "rm -f -- " + " ".join(_q(f"{rel}/{p}") for p in protected_files),
-                  "removing protected files from the staged release")
+        await _sh(
+            node,
+            "rm -f -- " + " ".join(_q(f"{rel}/{p}") for p in protected_files),
+            "removing protected files from the staged release",
+        )
     staged = await folder_manifest(node, rel)
     before = await folder_manifest(node, app)
     protected_before = {p: before.get(p) for p in protected_files}
@@ -390,36 +465,62 @@ rm -rf "$R"; mv "$R.tmp" "$R"
     if not already:
         heartbeat({"node": node.name, "step": "copy", "files": len(staged)})
         excludes = " ".join(f"--exclude={_q('./' + p)}" for p in protected_files)
-        await _sh(node, f"""set -e
+        await _sh(
+            node,
+            f"""set -e
 R={_q(rel)}; APP={_q(app)}
 mkdir -p "$APP"
 tar -C "$R" --anchored --no-wildcards {excludes} -cf "$R.copy.tar" .
 tar -C "$APP" --no-same-owner -xf "$R.copy.tar"
 rm -f "$R.copy.tar"
-""", f"copying the staged release into {app}")
+""",
+            f"copying the staged release into {app}",
+        )
 
     # 8. Verify: every staged file landed, no protected file changed.
     after = await folder_manifest(node, app)
     wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
     if wrong:
-        fail(DEPLOY_VERIFICATION_FAILED,
-             f"node {node.name}: after copying, {len(wrong)} file(s) in {app} differ from release "
-             f"{release_id}: {', '.join(wrong[:10])}")
+        fail(
+            DEPLOY_VERIFICATION_FAILED,
+            f"node {node.name}: after copying, {len(wrong)} file(s) in {app} differ from release "
+            f"{release_id}: {', '.join(wrong[:10])}",
+        )
     changed = sorted(p for p, d in protected_before.items() if after.get(p) != d)
     if changed:
-        fail(PROTECTED_FILE_CHANGED,
-             f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}")
+        fail(
+            PROTECTED_FILE_CHANGED,
+            f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}",
+        )
 
     # 9. Record the new pristine defaults (after success only: the next merge compares
     #    against what this node now runs on).
     for f, data in pristine.items():
         await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
-    await ssh.put_bytes(node.ssh, _encode(json.dumps(
-        {"release_id": release_id, "name": package.name, "version": package.version,
-         "sha256": package.sha256}, indent=2) + "\n"), f"{ZD}/installed.json")
-    return DeployResult(node_name=node.name, version=package.version,
-                        files_written=0 if already else len(staged), merged=tuple(reports),
-                        already_deployed=already, release_id=release_id)
+    await ssh.put_bytes(
+        node.ssh,
+        _encode(
+            json.dumps(
+                {
+                    "release_id": release_id,
+                    "name": package.name,
+                    "version": package.version,
+                    "sha256": package.sha256,
+                },
+                indent=2,
+            )
+            + "\n"
+        ),
+        f"{ZD}/installed.json",
+    )
+    return DeployResult(
+        node_name=node.name,
+        version=package.version,
+        files_written=0 if already else len(staged),
+        merged=tuple(reports),
+        already_deployed=already,
+        release_id=release_id,
+    )
 
 
 # =========================================================================== restore
@@ -442,8 +543,9 @@ async def restore_app(bk: AppBackup) -> AppRestoreResult:
     """Make the application folder equal to the backup again (and the recorded defaults)."""
     node, app = bk.node, bk.node.app_dir
     base = bk.path[:-4] if bk.path.endswith(".tar") else bk.path
-    res = await ssh.run(node.ssh, f"test -f {_q(bk.path)} && echo ok || echo missing",
-                        timeout_s=CMD_TIMEOUT_S)
+    res = await ssh.run(
+        node.ssh, f"test -f {_q(bk.path)} && echo ok || echo missing", timeout_s=CMD_TIMEOUT_S
+    )
     if res.stdout.strip() != "ok":
         fail(BACKUP_CORRUPT, f"node {node.name}: backup {bk.path} is gone; cannot restore {app}")
     current = await folder_manifest(node, app)
@@ -452,40 +554,63 @@ async def restore_app(bk: AppBackup) -> AppRestoreResult:
     extract = sorted(p for p, d in bk.manifest.items() if current.get(p) != d)
     if remove:
         await _put_list(node, remove, f"{base}.remove")
-        await _sh(node, f"( cd {_q(app)} && xargs -0 -r rm -f -- ) < {_q(base + '.remove')}",
-                  f"removing {len(remove)} file(s) that are not in backup {bk.backup_id}")
+        await _sh(
+            node,
+            f"( cd {_q(app)} && xargs -0 -r rm -f -- ) < {_q(base + '.remove')}",
+            f"removing {len(remove)} file(s) that are not in backup {bk.backup_id}",
+        )
     if extract:
         await _put_list(node, [f"./{p}" for p in extract], f"{base}.extract")
-        await _sh(node, f"tar -C {_q(app)} --no-same-owner -xf {_q(bk.path)} --null -T "
-                        f"{_q(base + '.extract')}",
-                  f"extracting {len(extract)} file(s) from {bk.path}")
+        await _sh(
+            node,
+            f"tar -C {_q(app)} --no-same-owner -xf {_q(bk.path)} --null -T {_q(base + '.extract')}",
+            f"extracting {len(extract)} file(s) from {bk.path}",
+        )
     # Folders created after the backup (now empty) go too; tar lists the backup's folders.
-    listing = await ssh.run(node.ssh, f"tar -tf {_q(bk.path)}; echo {_TARLIST}; cd {_q(app)} && "
-                                      "find . -mindepth 1 -type d", timeout_s=CMD_TIMEOUT_S)
+    listing = await ssh.run(
+        node.ssh,
+        f"tar -tf {_q(bk.path)}; echo {_TARLIST}; cd {_q(app)} && find . -mindepth 1 -type d",
+        timeout_s=CMD_TIMEOUT_S,
+    )
     in_tar, _, dirs_now = listing.stdout.partition(_TARLIST + "\n")
     tar_dirs = {m.rstrip("/") for m in in_tar.split("\n") if m.endswith("/")}
-    extra_dirs = sorted((d for d in dirs_now.split("\n") if d and d not in tar_dirs),
-                        key=lambda d: d.count("/"), reverse=True)
+    extra_dirs = sorted(
+        (d for d in dirs_now.split("\n") if d and d not in tar_dirs), key=lambda d: d.count("/"), reverse=True
+    )
     if extra_dirs:
         await _put_list(node, extra_dirs, f"{base}.rmdir")
-        await ssh.run(node.ssh, f"( cd {_q(app)} && xargs -0 -r rmdir -- ) < {_q(base + '.rmdir')} "
-                                "2>/dev/null || true", timeout_s=CMD_TIMEOUT_S)
+        await ssh.run(
+            node.ssh,
+            f"( cd {_q(app)} && xargs -0 -r rmdir -- ) < {_q(base + '.rmdir')} 2>/dev/null || true",
+            timeout_s=CMD_TIMEOUT_S,
+        )
     if bk.defaults_path:
-        await _sh(node, f"""set -e
+        await _sh(
+            node,
+            f"""set -e
 if [ -f {_q(bk.defaults_path)} ]; then
   rm -rf {_q(DEFAULTS)} {_q(ZD)}/installed.json; mkdir -p {_q(ZD)}
   tar -C {_q(ZD)} --no-same-owner -xf {_q(bk.defaults_path)}
 fi
-rm -f {_q(base + '.remove')} {_q(base + '.extract')} {_q(base + '.rmdir')}
-""", "restoring the recorded config defaults")
+rm -f {_q(base + ".remove")} {_q(base + ".extract")} {_q(base + ".rmdir")}
+""",
+            "restoring the recorded config defaults",
+        )
     after = await folder_manifest(node, app)
     if after != bk.manifest:
         diff = sorted(set(after) ^ set(bk.manifest) | {p for p in after if bk.manifest.get(p) != after[p]})
-        fail(RESTORE_VERIFICATION_FAILED,
-             f"node {node.name}: {app} differs from backup {bk.backup_id} after restore in "
-             f"{len(diff)} file(s): {', '.join(diff[:10])}")
-    return AppRestoreResult(node_name=node.name, backup_id=bk.backup_id, files=len(after),
-                            rewritten=len(extract), removed=tuple(remove))
+        fail(
+            RESTORE_VERIFICATION_FAILED,
+            f"node {node.name}: {app} differs from backup {bk.backup_id} after restore in "
+            f"{len(diff)} file(s): {', '.join(diff[:10])}",
+        )
+    return AppRestoreResult(
+        node_name=node.name,
+        backup_id=bk.backup_id,
+        files=len(after),
+        rewritten=len(extract),
+        removed=tuple(remove),
+    )
 
 
 # =========================================================================== activities
@@ -525,8 +650,9 @@ async def deploy_package(req: DeployRequest) -> DeployResult:
     files merged); idempotent. MergeUnsupported, before anything is written to the node,
     when a merge file is not a plain `key = value` file. The merge reports name keys only;
     each diff is left on the node at `MergeReport.diff_path` (mode 600)."""
-    return await deploy(req.node, req.package, tuple(req.protected_files), tuple(req.merge_files),
-                        req.release_id)
+    return await deploy(
+        req.node, req.package, tuple(req.protected_files), tuple(req.merge_files), req.release_id
+    )
 
 
 @activity.defn

@@ -69,13 +69,15 @@ def _parse_kv(text: str) -> _Parsed:
         kv = _KV_RE.match(line)
         if not kv:
             hint = " (it looks like XML)" if s.startswith("<") else ""
-            raise NotKeyValueError(f"line {i + 1} is not `key = value` with a plain key (letters, "
-                                   f"digits, _ . - :){hint}")
+            raise NotKeyValueError(
+                f"line {i + 1} is not `key = value` with a plain key (letters, digits, _ . - :){hint}"
+            )
         k = (section, kv.group(1))
         if k in seen_at:
             where = f"section [{section}]" if section else "the top of the file"
-            raise NotKeyValueError(f"key {kv.group(1)!r} appears twice in {where} (lines "
-                                   f"{seen_at[k]} and {i + 1})")
+            raise NotKeyValueError(
+                f"key {kv.group(1)!r} appears twice in {where} (lines {seen_at[k]} and {i + 1})"
+            )
         seen_at[k] = i + 1
         p.order.append(k)
         p.values[k] = (kv.group(2), line)
@@ -100,8 +102,9 @@ def _key_name(k: tuple[str, str]) -> str:
     return f"{k[0]}.{k[1]}" if k[0] else k[1]
 
 
-def merge_config_detailed(node_text: str, old_defaults_text: str | None,
-                          new_defaults_text: str, name: str = "the merge file") -> MergeOutcome:
+def merge_config_detailed(
+    node_text: str, old_defaults_text: str | None, new_defaults_text: str, name: str = "the merge file"
+) -> MergeOutcome:
     """Carry a node's customisations of a `key = value` file onto new defaults.
 
     Customised = keys whose value differs from the recorded old defaults, or that the node
@@ -116,17 +119,22 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
     line, never a value.
     """
     parsed: list[_Parsed] = []
-    for what, text in (("the node's copy", node_text), ("the recorded defaults", old_defaults_text),
-                       ("the new package's defaults", new_defaults_text)):
+    for what, text in (
+        ("the node's copy", node_text),
+        ("the recorded defaults", old_defaults_text),
+        ("the new package's defaults", new_defaults_text),
+    ):
         if text is None:
             continue
         try:
             parsed.append(_parse_kv(text))
         except NotKeyValueError as e:
-            fail(MERGE_UNSUPPORTED,
-                 f"{name} cannot be merged: merge_files must be `key = value` files, and in {what} "
-                 f"{e}. Make it a `key = value` file, or list it under protected_files (kept as "
-                 "it is on the node) instead of merge_files")
+            fail(
+                MERGE_UNSUPPORTED,
+                f"{name} cannot be merged: merge_files must be `key = value` files, and in {what} "
+                f"{e}. Make it a `key = value` file, or list it under protected_files (kept as "
+                "it is on the node) instead of merge_files",
+            )
     node, new = parsed[0], parsed[-1]
     notes: list[str] = []
     changed_defaults: list[tuple[str, str]] = []
@@ -134,22 +142,27 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
         carried = [k for k in node.order if k in new.values]
         for k in node.order:
             if k not in new.values:
-                notes.append(f"{_key_name(k)}: only on the node and no recorded defaults to tell "
-                             "whether it is a customisation; not carried")
+                notes.append(
+                    f"{_key_name(k)}: only on the node and no recorded defaults to tell "
+                    "whether it is a customisation; not carried"
+                )
     else:
         old = parsed[1]
-        carried = [k for k in node.order
-                   if k not in old.values or old.values[k][0] != node.values[k][0]]
+        carried = [k for k in node.order if k not in old.values or old.values[k][0] != node.values[k][0]]
         for k in old.order:
             if k not in node.values and k in new.values:
-                notes.append(f"{_key_name(k)}: removed on the node but present in the new defaults; "
-                             "the new default is used")
+                notes.append(
+                    f"{_key_name(k)}: removed on the node but present in the new defaults; "
+                    "the new default is used"
+                )
         changed_defaults = [k for k in new.order if k in old.values and old.values[k][0] != new.values[k][0]]
         carried_here = set(carried)
         for k in changed_defaults:
             if k in carried_here:
-                notes.append(f"{_key_name(k)}: customised on the node and its default changed in the "
-                             "new release; the node's value is kept")
+                notes.append(
+                    f"{_key_name(k)}: customised on the node and its default changed in the "
+                    "new release; the node's value is kept"
+                )
     carried_set = set(carried)
 
     out: list[str] = []
@@ -201,13 +214,18 @@ def merge_config_detailed(node_text: str, old_defaults_text: str | None,
         text += newline
     diff = tuple(difflib.unified_diff(new.lines, out, "new defaults", "merged", n=0, lineterm=""))
     changed = [k for k in carried if k not in new.values or new.values[k][0] != node.values[k][0]]
-    return MergeOutcome(text=text, diff=diff, carried=tuple(_key_name(k) for k in changed),
-                        notes=tuple(notes),
-                        changed_defaults=tuple(_key_name(k) for k in changed_defaults))
+    return MergeOutcome(
+        text=text,
+        diff=diff,
+        carried=tuple(_key_name(k) for k in changed),
+        notes=tuple(notes),
+        changed_defaults=tuple(_key_name(k) for k in changed_defaults),
+    )
 
 
-def merge_config(node_text: str, old_defaults_text: str | None,
-                 new_defaults_text: str) -> tuple[str, list[str]]:
+def merge_config(
+    node_text: str, old_defaults_text: str | None, new_defaults_text: str
+) -> tuple[str, list[str]]:
     """(merged text, report lines): the report is the line diff new defaults -> merged."""
     m = merge_config_detailed(node_text, old_defaults_text, new_defaults_text)
     return m.text, list(m.diff)

@@ -119,7 +119,7 @@ def inspect_package_file(path: str) -> PackageInfo:
             _corrupt(path, f"release.json: min_upgrade_from {min_from} is newer than version {version}")
         raw_requires = release.get("requires", [])
         if not isinstance(raw_requires, list):
-            _corrupt(path, "release.json: requires must be a list of versions like [\"2.0.0\"]")
+            _corrupt(path, 'release.json: requires must be a list of versions like ["2.0.0"]')
         for i, r in enumerate(raw_requires):
             try:
                 parse_version(r)
@@ -146,18 +146,30 @@ def inspect_package_file(path: str) -> PackageInfo:
             down = m.get("down")
             if down is not None and not isinstance(down, str):
                 _corrupt(path, f"{where}.down must name the down script")
-            migrations.append(MigrationSpec(
-                version=mv, up_sql=text(m["up"], f"{where}.up"),
-                down_sql=text(down, f"{where}.down") if down else "",
-                destructive=bool(m.get("destructive", False))))
+            migrations.append(
+                MigrationSpec(
+                    version=mv,
+                    up_sql=text(m["up"], f"{where}.up"),
+                    down_sql=text(down, f"{where}.down") if down else "",
+                    destructive=bool(m.get("destructive", False)),
+                )
+            )
         versions = [m.version for m in migrations]
         if len(set(versions)) != len(versions):
             _corrupt(path, f"release.json: duplicate migration versions {versions}")
         files = sum(1 for i in infos if not i.is_dir())
-    return PackageInfo(path=os.path.abspath(path), sha256=digest, name=name, version=version,
-                       min_upgrade_from=min_from, schema_version=schema,
-                       migrations=tuple(sorted(migrations, key=lambda m: m.version)), files=files,
-                       size=os.path.getsize(path), requires=_ascending_unique(raw_requires))
+    return PackageInfo(
+        path=os.path.abspath(path),
+        sha256=digest,
+        name=name,
+        version=version,
+        min_upgrade_from=min_from,
+        schema_version=schema,
+        migrations=tuple(sorted(migrations, key=lambda m: m.version)),
+        files=files,
+        size=os.path.getsize(path),
+        requires=_ascending_unique(raw_requires),
+    )
 
 
 async def _verify_package(package: PackageInfo) -> None:
@@ -167,8 +179,11 @@ async def _verify_package(package: PackageInfo) -> None:
     except OSError:
         fail(PACKAGE_MISSING, f"package {package.path} does not exist (or is unreadable)")
     if local_sha != package.sha256:
-        fail(PACKAGE_CORRUPT, f"package {package.path} changed since it was inspected "
-                              f"(sha256 {local_sha}, inspected {package.sha256})")
+        fail(
+            PACKAGE_CORRUPT,
+            f"package {package.path} changed since it was inspected "
+            f"(sha256 {local_sha}, inspected {package.sha256})",
+        )
 
 
 def _zip_member(path: str, member: str) -> bytes | None:

@@ -62,8 +62,10 @@ def _private_out_dir(directory: str) -> None:
         if stat.S_IMODE(os.stat(directory).st_mode) & 0o077:
             os.chmod(directory, 0o700)
     except OSError as e:
-        fail(INVALID_REQUEST, f"output directory {directory} cannot be created or made private "
-                              f"(mode 700): {e.strerror or e}")
+        fail(
+            INVALID_REQUEST,
+            f"output directory {directory} cannot be created or made private (mode 700): {e.strerror or e}",
+        )
 
 
 def _publish(tmp: str, path: str) -> tuple[str, int, bool]:
@@ -111,8 +113,9 @@ def _member_mode(info: zipfile.ZipInfo) -> int:
     return mode or 0o644
 
 
-def _write_upgrade_zip(package_path: str, node_manifest: dict[str, str], protected: set[str],
-                       merge: set[str], out: str) -> tuple[tuple[str, ...], int]:
+def _write_upgrade_zip(
+    package_path: str, node_manifest: dict[str, str], protected: set[str], merge: set[str], out: str
+) -> tuple[tuple[str, ...], int]:
     """Write the upgrade zip into `out`: (members, unchanged count). Deterministic: sorted
     entries, fixed dates, modes from the package, one compression setting."""
     with zipfile.ZipFile(package_path) as src:
@@ -121,8 +124,13 @@ def _write_upgrade_zip(package_path: str, node_manifest: dict[str, str], protect
             if not info.is_dir():
                 members[posixpath.normpath(info.filename)] = info
         release = json.loads(src.read(members[_SYSTEM_MEMBER]).decode("utf-8"))
-        referenced = {posixpath.normpath(m[k]) for m in release.get("migrations", []) or []
-                      if isinstance(m, dict) for k in ("up", "down") if isinstance(m.get(k), str)}
+        referenced = {
+            posixpath.normpath(m[k])
+            for m in release.get("migrations", []) or []
+            if isinstance(m, dict)
+            for k in ("up", "down")
+            if isinstance(m.get(k), str)
+        }
         # Merge files are merged per node at deploy (their node copy never equals the
         # package's), migration scripts are read from the package by inspect_package.
         always = {_SYSTEM_MEMBER, *merge, *referenced}
@@ -149,8 +157,14 @@ def _write_upgrade_zip(package_path: str, node_manifest: dict[str, str], protect
     return tuple(chosen), unchanged
 
 
-async def build_zip(node: Node, package: PackageInfo, out_dir: str, zip_id: str,
-                    protected_files: tuple[str, ...], merge_files: tuple[str, ...]) -> UpgradeZip:
+async def build_zip(
+    node: Node,
+    package: PackageInfo,
+    out_dir: str,
+    zip_id: str,
+    protected_files: tuple[str, ...],
+    merge_files: tuple[str, ...],
+) -> UpgradeZip:
     check_id("zip id", zip_id)
     for p in (*protected_files, *merge_files):
         _check_relpath("file", p)
@@ -163,22 +177,40 @@ async def build_zip(node: Node, package: PackageInfo, out_dir: str, zip_id: str,
     path, tmp = await asyncio.to_thread(_prepare_out, out_dir, f"{zip_id}.zip")
     try:
         files, unchanged = await with_heartbeat(
-            asyncio.to_thread(_write_upgrade_zip, package.path, manifest, protected,
-                              {posixpath.normpath(m) for m in merge_files}, tmp),
-            lambda: {"node": node.name, "step": "zip", "zip_id": zip_id})
+            asyncio.to_thread(
+                _write_upgrade_zip,
+                package.path,
+                manifest,
+                protected,
+                {posixpath.normpath(m) for m in merge_files},
+                tmp,
+            ),
+            lambda: {"node": node.name, "step": "zip", "zip_id": zip_id},
+        )
         # The zip must itself be a valid package (deploy_package inspects nothing, the
         # workflow does): e.g. a migration script that is also a protected file is not.
         try:
             await asyncio.to_thread(inspect_package_file, tmp)
         except ApplicationError as e:
-            fail(PACKAGE_CORRUPT, f"the upgrade zip {zip_id} built from {package.path} against node "
-                                  f"{node.name} would not be a valid package: {e.message}", cause=e)
+            fail(
+                PACKAGE_CORRUPT,
+                f"the upgrade zip {zip_id} built from {package.path} against node "
+                f"{node.name} would not be a valid package: {e.message}",
+                cause=e,
+            )
         digest, size, reused = await asyncio.to_thread(_publish, tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return UpgradeZip(path=path, sha256=digest, size=size, files=files, unchanged=unchanged,
-                      base_node=node.name, reused=reused)
+    return UpgradeZip(
+        path=path,
+        sha256=digest,
+        size=size,
+        files=files,
+        unchanged=unchanged,
+        base_node=node.name,
+        reused=reused,
+    )
 
 
 def _terminated(sql: str) -> str:
@@ -203,16 +235,20 @@ def sql_script_text(package: PackageInfo, from_schema: int) -> tuple[str, tuple[
     """
     todo = [m for m in sorted(package.migrations, key=lambda m: m.version) if m.version > from_schema]
     versions = tuple(m.version for m in todo)
-    out = [f"-- zerodown upgrade script: {package.name} {package.version}, schema {from_schema} -> "
-           f"{versions[-1] if versions else from_schema}",
-           f"-- package {os.path.basename(package.path)} sha256 {package.sha256}",
-           f"-- migrations: {', '.join(map(str, versions)) if versions else 'none'}"]
+    out = [
+        f"-- zerodown upgrade script: {package.name} {package.version}, schema {from_schema} -> "
+        f"{versions[-1] if versions else from_schema}",
+        f"-- package {os.path.basename(package.path)} sha256 {package.sha256}",
+        f"-- migrations: {', '.join(map(str, versions)) if versions else 'none'}",
+    ]
     if not versions:
         out.append(f"-- Nothing to run: the package has no migration above schema {from_schema}.")
     text = "\n".join(out) + "\n"
     for m in todo:
-        text += (f"\n-- ---------------------------------------------------------------- migration "
-                 f"{m.version} (up){' DESTRUCTIVE' if m.destructive else ''}\n")
+        text += (
+            f"\n-- ---------------------------------------------------------------- migration "
+            f"{m.version} (up){' DESTRUCTIVE' if m.destructive else ''}\n"
+        )
         text += _terminated(m.up_sql) or "-- (empty)\n"
     return text, versions
 
@@ -233,8 +269,9 @@ async def generate_script(package: PackageInfo, from_schema: int, out_dir: str, 
     if isinstance(from_schema, bool) or not isinstance(from_schema, int) or from_schema < 0:
         fail(INVALID_REQUEST, f"from_schema must be an integer >= 0, got {from_schema!r}")
     text, versions = sql_script_text(package, from_schema)
-    path, digest, _size, reused = await asyncio.to_thread(_write_text_private, out_dir,
-                                                          f"{script_id}.sql", text)
+    path, digest, _size, reused = await asyncio.to_thread(
+        _write_text_private, out_dir, f"{script_id}.sql", text
+    )
     return SqlScript(path=path, sha256=digest, migrations=versions, reused=reused)
 
 
@@ -266,8 +303,9 @@ async def build_upgrade_zip(req: UpgradeZipRequest) -> UpgradeZip:
     scripts; never a protected file). A valid package for inspect_package / deploy_package.
     Deterministic and idempotent: same package and folder -> same bytes (an identical zip
     already there is reused)."""
-    return await build_zip(req.node, req.package, req.out_dir, req.zip_id, tuple(req.protected_files),
-                           tuple(req.merge_files))
+    return await build_zip(
+        req.node, req.package, req.out_dir, req.zip_id, tuple(req.protected_files), tuple(req.merge_files)
+    )
 
 
 @activity.defn

@@ -62,30 +62,44 @@ def version_guard(running: str, package: PackageInfo) -> VersionGuardVerdict:
     """
     what = f"{package.name} {package.version}"
     try:
-        for v in (running, package.version, *((package.min_upgrade_from,) if package.min_upgrade_from
-                                             else ()), *package.requires):
+        for v in (
+            running,
+            package.version,
+            *((package.min_upgrade_from,) if package.min_upgrade_from else ()),
+            *package.requires,
+        ):
             parse_version(v)
     except (ValueError, AttributeError) as e:
-        return VersionGuardVerdict(ok=False, reason=f"Version Guard: cannot check {what} against "
-                                                    f"{running!r}: {e}", install_first=())
+        return VersionGuardVerdict(
+            ok=False, reason=f"Version Guard: cannot check {what} against {running!r}: {e}", install_first=()
+        )
     if compare_versions(package.version, running) <= 0:
-        return VersionGuardVerdict(ok=False, reason=f"Version Guard: {what} is not newer than the "
-                                                    f"running version {running}", install_first=())
+        return VersionGuardVerdict(
+            ok=False,
+            reason=f"Version Guard: {what} is not newer than the running version {running}",
+            install_first=(),
+        )
     first: list[str] = []
     why: list[str] = []
     if package.min_upgrade_from and compare_versions(running, package.min_upgrade_from) < 0:
         first.append(package.min_upgrade_from)
         why.append(f"it upgrades from {package.min_upgrade_from} or later")
-    needed = [v for v in package.requires
-              if compare_versions(running, v) < 0 and compare_versions(v, package.version) < 0]
+    needed = [
+        v
+        for v in package.requires
+        if compare_versions(running, v) < 0 and compare_versions(v, package.version) < 0
+    ]
     if needed:
         first.extend(needed)
         why.append(f"it requires {', '.join(_ascending_unique(needed))} installed before it")
     if not first:
-        return VersionGuardVerdict(ok=True, reason=f"Version Guard: {what} can upgrade {running}",
-                                   install_first=())
+        return VersionGuardVerdict(
+            ok=True, reason=f"Version Guard: {what} can upgrade {running}", install_first=()
+        )
     steps = _ascending_unique(first)
     order = ", then ".join((f"{steps[0]} first", *steps[1:], package.version))
     return VersionGuardVerdict(
-        ok=False, install_first=steps,
-        reason=f"Version Guard: {what} cannot upgrade {running}; install {order} ({'; '.join(why)})")
+        ok=False,
+        install_first=steps,
+        reason=f"Version Guard: {what} cannot upgrade {running}; install {order} ({'; '.join(why)})",
+    )

@@ -30,8 +30,10 @@ from inventory.model import Database, DatabaseEndpoint
 # MySQL error codes after which a retry can succeed (server restarting, network, load).
 _RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
 POLL_S = 0.5
-_SCHEMA_TABLE_EXISTS = ("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
-                        "DATABASE() AND TABLE_NAME = 'schema_version'")
+_SCHEMA_TABLE_EXISTS = (
+    "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+    "DATABASE() AND TABLE_NAME = 'schema_version'"
+)
 
 
 def _endpoint(db: Database, replica: bool) -> tuple[str, int]:
@@ -46,24 +48,34 @@ def _raise_db(db: Database, host: str, port: int, what: str, e: BaseException) -
     code = e.args[0] if isinstance(e, pymysql.MySQLError) and e.args and isinstance(e.args[0], int) else None
     msg = e.args[1] if isinstance(e, pymysql.MySQLError) and len(e.args) > 1 else str(e) or type(e).__name__
     retryable = code in _RETRYABLE_CODES or isinstance(e, (OSError, asyncio.TimeoutError))
-    fail(DATABASE_ERROR,
-         f"database {db.name} ({db.user}@{host}:{port}/{db.database}): {what}: "
-         f"{f'error {code}: ' if code else ''}{msg}", retryable=retryable, cause=e)
+    fail(
+        DATABASE_ERROR,
+        f"database {db.name} ({db.user}@{host}:{port}/{db.database}): {what}: "
+        f"{f'error {code}: ' if code else ''}{msg}",
+        retryable=retryable,
+        cause=e,
+    )
 
 
 @contextlib.asynccontextmanager
-async def connection(db: Database, replica: bool = False,
-                     use_database: bool = True) -> AsyncIterator[aiomysql.Connection]:
+async def connection(
+    db: Database, replica: bool = False, use_database: bool = True
+) -> AsyncIterator[aiomysql.Connection]:
     if db.kind != "mysql":
         # SQL Server (kind: mssql, aioodbc) comes with the Secret Server procedures.
-        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind} is not supported yet "
-                             "(supported: mysql)")
+        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind} is not supported yet (supported: mysql)")
     host, port = _endpoint(db, replica)
     password = resolve_secret(db.password, needed_by=f"database {db.name}")
     try:
-        conn = await aiomysql.connect(host=host, port=port, user=db.user, password=password,
-                                      db=db.database if use_database else None, autocommit=True,
-                                      connect_timeout=10)
+        conn = await aiomysql.connect(
+            host=host,
+            port=port,
+            user=db.user,
+            password=password,
+            db=db.database if use_database else None,
+            autocommit=True,
+            connect_timeout=10,
+        )
     except (TimeoutError, pymysql.MySQLError, OSError) as e:
         _raise_db(db, host, port, "connect", e)
     try:
@@ -72,8 +84,9 @@ async def connection(db: Database, replica: bool = False,
         conn.close()
 
 
-async def query(db: Database, sql: str, args: Any = None, replica: bool = False,
-                use_database: bool = True) -> list[tuple[Any, ...]]:
+async def query(
+    db: Database, sql: str, args: Any = None, replica: bool = False, use_database: bool = True
+) -> list[tuple[Any, ...]]:
     host, port = _endpoint(db, replica)
     async with connection(db, replica, use_database) as conn:
         try:
@@ -112,8 +125,11 @@ async def schema_version(db: Database) -> int:
 
 
 async def base_tables(db: Database) -> list[str]:
-    rows = await query(db, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
-                           "DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME")
+    rows = await query(
+        db,
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+        "DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+    )
     return [str(r[0]) for r in rows]
 
 
@@ -177,8 +193,9 @@ def admin_at(db: Database, endpoint: DatabaseEndpoint | None = None) -> Database
     host, port, user and password are those, no replica, and the same `database`. Without
     an admin account in the inventory, the application's account."""
     host, port = (endpoint.host, endpoint.port) if endpoint is not None else (db.host, db.port)
-    user, password = ((db.admin_user, db.admin_password) if db.admin_user and db.admin_password
-                      else (db.user, db.password))
+    user, password = (
+        (db.admin_user, db.admin_password) if db.admin_user and db.admin_password else (db.user, db.password)
+    )
     return dataclasses.replace(db, host=host, port=port, user=user, password=password, replica=None)
 
 
@@ -193,22 +210,32 @@ async def replica_status(db: Database, endpoint: DatabaseEndpoint | None = None)
 async def _replica_status_on(db: Database, replica: bool) -> ReplicaStatus:
     host, port = _endpoint(db, replica)
     rows = await query_dicts(db, "SHOW SLAVE STATUS", replica=replica)
-    pos, ro = (await query(db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=replica,
-                           use_database=False))[0]
+    pos, ro = (
+        await query(
+            db, "SELECT @@GLOBAL.gtid_slave_pos, @@GLOBAL.read_only", replica=replica, use_database=False
+        )
+    )[0]
     if not rows:
-        return ReplicaStatus(host=host, port=port, configured=False, gtid_slave_pos=str(pos or ""),
-                             read_only=bool(ro))
+        return ReplicaStatus(
+            host=host, port=port, configured=False, gtid_slave_pos=str(pos or ""), read_only=bool(ro)
+        )
     r = rows[0]
     sbm = r.get("Seconds_Behind_Master")
-    return ReplicaStatus(host=host, port=port, configured=True,
-                         io_running=str(r.get("Slave_IO_Running") or ""),
-                         sql_running=str(r.get("Slave_SQL_Running") or ""),
-                         seconds_behind=int(sbm) if sbm is not None else None,
-                         gtid_io_pos=str(r.get("Gtid_IO_Pos") or ""), gtid_slave_pos=str(pos or ""),
-                         last_io_error=str(r.get("Last_IO_Error") or ""),
-                         last_sql_error=str(r.get("Last_SQL_Error") or ""), read_only=bool(ro),
-                         master_host=str(r.get("Master_Host") or ""),
-                         master_port=int(r.get("Master_Port") or 0))
+    return ReplicaStatus(
+        host=host,
+        port=port,
+        configured=True,
+        io_running=str(r.get("Slave_IO_Running") or ""),
+        sql_running=str(r.get("Slave_SQL_Running") or ""),
+        seconds_behind=int(sbm) if sbm is not None else None,
+        gtid_io_pos=str(r.get("Gtid_IO_Pos") or ""),
+        gtid_slave_pos=str(pos or ""),
+        last_io_error=str(r.get("Last_IO_Error") or ""),
+        last_sql_error=str(r.get("Last_SQL_Error") or ""),
+        read_only=bool(ro),
+        master_host=str(r.get("Master_Host") or ""),
+        master_port=int(r.get("Master_Port") or 0),
+    )
 
 
 # --------------------------------------------------------------------------- activities

@@ -89,12 +89,21 @@ def _private_dir(db: Database, directory: str) -> None:
         if mode & 0o077:
             os.chmod(directory, 0o700)
     except OSError as e:
-        fail(INVALID_REQUEST, f"database {db.name}: backup directory {directory} cannot be created "
-                              f"or made private (mode 700): {e.strerror or e}")
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: backup directory {directory} cannot be created "
+            f"or made private (mode 700): {e.strerror or e}",
+        )
 
 
-async def _run_client(db: Database, argv_tail: list[str], stdin_path: str | None,
-                      stdout_path: str | None, what: str, binary: str) -> None:
+async def _run_client(
+    db: Database,
+    argv_tail: list[str],
+    stdin_path: str | None,
+    stdout_path: str | None,
+    what: str,
+    binary: str,
+) -> None:
     """Run mariadb / mariadb-dump against the primary, heartbeating; fail with its stderr.
 
     `stdout_path` (a dump) is created mode 600 before anything is written into it.
@@ -102,27 +111,41 @@ async def _run_client(db: Database, argv_tail: list[str], stdin_path: str | None
     proc: asyncio.subprocess.Process | None = None
     with _option_file(db) as opt:
         try:
-            argv = [binary, f"--defaults-extra-file={opt}", "--protocol=TCP", f"--host={db.host}",
-                    f"--port={db.port}", f"--user={db.user}", *argv_tail]
+            argv = [
+                binary,
+                f"--defaults-extra-file={opt}",
+                "--protocol=TCP",
+                f"--host={db.host}",
+                f"--port={db.port}",
+                f"--user={db.user}",
+                *argv_tail,
+            ]
             with contextlib.ExitStack() as stack:
                 devnull = asyncio.subprocess.DEVNULL
                 stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else devnull
-                stdout = (stack.enter_context(os.fdopen(_open_private(stdout_path), "wb"))
-                          if stdout_path else devnull)
+                stdout = (
+                    stack.enter_context(os.fdopen(_open_private(stdout_path), "wb"))
+                    if stdout_path
+                    else devnull
+                )
                 try:
-                    proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout,
-                                                                stderr=asyncio.subprocess.PIPE)
+                    proc = await asyncio.create_subprocess_exec(
+                        *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE
+                    )
                 except OSError as e:
                     fail(DATABASE_ERROR, f"database {db.name}: cannot run {binary}: {e.strerror or e}")
-                _, err = await with_heartbeat(proc.communicate(),
-                                              lambda: {"database": db.name, "step": what})
+                _, err = await with_heartbeat(proc.communicate(), lambda: {"database": db.name, "step": what})
             if proc.returncode != 0:
                 text = err.decode("utf-8", errors="replace")
-                retryable = bool(re.search(r"Can't connect|Lost connection|gone away|Too many connections",
-                                           text))
-                fail(DATABASE_ERROR, f"database {db.name} ({db.user}@{db.host}:{db.port}/{db.database}): "
-                                     f"{what} ({binary}) exited with status {proc.returncode}: {tail(text)}",
-                     retryable=retryable)
+                retryable = bool(
+                    re.search(r"Can't connect|Lost connection|gone away|Too many connections", text)
+                )
+                fail(
+                    DATABASE_ERROR,
+                    f"database {db.name} ({db.user}@{db.host}:{db.port}/{db.database}): "
+                    f"{what} ({binary}) exited with status {proc.returncode}: {tail(text)}",
+                    retryable=retryable,
+                )
         finally:
             if proc is not None and proc.returncode is None:
                 # cancelled / timed out: do not leave a half-done dump or load running
@@ -162,9 +185,16 @@ def _load_existing(db: Database, directory: str, backup_id: str) -> DbBackup | N
     with contextlib.suppress(OSError):
         if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
             os.chmod(path, 0o600)
-    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=recorded, size=os.path.getsize(path),
-                    table_checksums=dict(meta.get("table_checksums", {})),
-                    created_at=float(meta.get("created_at", 0.0)), reused=True)
+    return DbBackup(
+        db=db,
+        backup_id=backup_id,
+        path=path,
+        sha256=recorded,
+        size=os.path.getsize(path),
+        table_checksums=dict(meta.get("table_checksums", {})),
+        created_at=float(meta.get("created_at", 0.0)),
+        reused=True,
+    )
 
 
 async def backup(db: Database, backup_id: str, directory: str | None) -> DbBackup:
@@ -191,24 +221,44 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     tables = await base_tables(db)
     # One database named without --databases: the dump holds no CREATE DATABASE / USE, so it
     # loads into whichever database the restore names (a test or staging copy too).
-    dump_args = ["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob",
-                 "--no-tablespaces", "--skip-dump-date", db.database]
+    dump_args = [
+        "--single-transaction",
+        "--routines",
+        "--triggers",
+        "--events",
+        "--hex-blob",
+        "--no-tablespaces",
+        "--skip-dump-date",
+        db.database,
+    ]
     checksums = await _consistent_dump(db, tables, dump_args, tmp, "backup")
     digest, size, created = await asyncio.to_thread(_finish_backup, tmp, backup_id, db, checksums)
-    return DbBackup(db=db, backup_id=backup_id, path=path, sha256=digest, size=size,
-                    table_checksums=checksums, created_at=created)
+    return DbBackup(
+        db=db,
+        backup_id=backup_id,
+        path=path,
+        sha256=digest,
+        size=size,
+        table_checksums=checksums,
+        created_at=created,
+    )
 
 
-async def _consistent_dump(db: Database, tables: list[str], dump_args: list[str], tmp: str,
-                           what: str) -> dict[str, str]:
+async def _consistent_dump(
+    db: Database, tables: list[str], dump_args: list[str], tmp: str, what: str
+) -> dict[str, str]:
     """Run mariadb-dump (`dump_args`, --single-transaction) into `tmp` and return the
     CHECKSUM TABLE of `tables` exactly as the dump holds them (see backup())."""
     host, port = _endpoint(db, False)
     # Session `lk` holds the write lock, session `snap` opens a snapshot under it and takes
     # the checksums after the lock is gone (CHECKSUM TABLE reads InnoDB through the
     # snapshot), so writes only wait for the dump to open its own snapshot.
-    async with connection(db) as lk_conn, connection(db) as snap_conn, \
-            lk_conn.cursor() as lk, snap_conn.cursor() as snap:
+    async with (
+        connection(db) as lk_conn,
+        connection(db) as snap_conn,
+        lk_conn.cursor() as lk,
+        snap_conn.cursor() as snap,
+    ):
         try:
             await lk.execute("SELECT ID FROM information_schema.PROCESSLIST")
             existing_ids = {int(r[0]) for r in await lk.fetchall()}
@@ -230,8 +280,9 @@ async def _consistent_dump(db: Database, tables: list[str], dump_args: list[str]
             with contextlib.suppress(pymysql.MySQLError, OSError):
                 await lk.execute("UNLOCK TABLES")
         try:
-            checksums = await with_heartbeat(_checksums_on(snap, tables),
-                                             lambda: {"step": what, "doing": "checksums"})
+            checksums = await with_heartbeat(
+                _checksums_on(snap, tables), lambda: {"step": what, "doing": "checksums"}
+            )
             await snap.execute("COMMIT")
         except (pymysql.MySQLError, OSError) as e:
             dump.cancel()
@@ -243,8 +294,9 @@ async def _consistent_dump(db: Database, tables: list[str], dump_args: list[str]
     return checksums
 
 
-async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
-                              existing_ids: set[int], what: str = "backup") -> None:
+async def _wait_dump_snapshot(
+    cur: aiomysql.Cursor, dump: asyncio.Future[None], existing_ids: set[int], what: str = "backup"
+) -> None:
     """Return once mariadb-dump reads table data (its consistent snapshot exists) or ended.
 
     A new connection running `SELECT /*!40001 SQL_NO_CACHE */` is the dump: it opens its
@@ -254,8 +306,10 @@ async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
     """
     while not dump.done():
         try:
-            await cur.execute("SELECT ID FROM information_schema.PROCESSLIST "
-                              "WHERE ID <> CONNECTION_ID() AND INFO LIKE '%40001 SQL_NO_CACHE%'")
+            await cur.execute(
+                "SELECT ID FROM information_schema.PROCESSLIST "
+                "WHERE ID <> CONNECTION_ID() AND INFO LIKE '%40001 SQL_NO_CACHE%'"
+            )
             if any(int(r[0]) not in existing_ids for r in await cur.fetchall()):
                 return
         except (pymysql.MySQLError, OSError):
@@ -264,17 +318,30 @@ async def _wait_dump_snapshot(cur: aiomysql.Cursor, dump: asyncio.Future[None],
         await asyncio.wait({dump}, timeout=0.02)
 
 
-def _finish_backup(tmp: str, backup_id: str, db: Database,
-                   checksums: dict[str, str]) -> tuple[str, int, float]:
+def _finish_backup(
+    tmp: str, backup_id: str, db: Database, checksums: dict[str, str]
+) -> tuple[str, int, float]:
     """Move the dump in place, write the metadata, then the sidecar that marks completion."""
     path, sidecar, meta_path = _backup_paths(os.path.dirname(tmp), backup_id)
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     size, created = os.path.getsize(path), time.time()
     with os.fdopen(_open_private(meta_path + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump({"backup_id": backup_id, "database": db.database, "host": db.host, "port": db.port,
-                   "sha256": digest, "size": size, "table_checksums": checksums,
-                   "created_at": created}, f, indent=2, sort_keys=True)
+        json.dump(
+            {
+                "backup_id": backup_id,
+                "database": db.database,
+                "host": db.host,
+                "port": db.port,
+                "sha256": digest,
+                "size": size,
+                "table_checksums": checksums,
+                "created_at": created,
+            },
+            f,
+            indent=2,
+            sort_keys=True,
+        )
     os.replace(meta_path + ".tmp", meta_path)
     # The sidecar is written last: its presence marks the backup complete.
     with os.fdopen(_open_private(sidecar + ".tmp"), "w", encoding="utf-8") as f:
@@ -315,8 +382,11 @@ def _check_database_name(db: Database, what: str, name: str, strict: bool = True
     """InvalidRequest for a system schema, and (strict: names zerodown makes or drops) for a
     name outside the plain alphabet."""
     if not isinstance(name, str) or not name or (strict and not _NAME_RE.fullmatch(name)):
-        fail(INVALID_REQUEST, f"database {db.name}: {what} {name!r}: use letters, digits, '_', '$' or '-' "
-                              "(at most 64, not starting with '-')")
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: {what} {name!r}: use letters, digits, '_', '$' or '-' "
+            "(at most 64, not starting with '-')",
+        )
     if name.casefold() in _SYSTEM_SCHEMAS:
         fail(INVALID_REQUEST, f"database {db.name}: {what} {name!r} is a system schema of the server")
 
@@ -353,13 +423,19 @@ async def _verify_backup_file(bk: DbBackup) -> None:
     except OSError as e:
         fail(BACKUP_CORRUPT, f"database {db.name}: backup file {bk.path} is unreadable: {e.strerror or e}")
     if actual != bk.sha256:
-        fail(BACKUP_CORRUPT, f"database {db.name}: backup {bk.path} has sha256 {actual}, "
-                             f"expected {bk.sha256}: refusing to restore")
+        fail(
+            BACKUP_CORRUPT,
+            f"database {db.name}: backup {bk.path} has sha256 {actual}, "
+            f"expected {bk.sha256}: refusing to restore",
+        )
     others = sorted({n for n in switches if n != db.database})
     if others:
-        fail(INVALID_REQUEST, f"database {db.name}: backup {bk.path} selects database(s) {', '.join(others)} "
-                              f"(USE / CREATE DATABASE): loading it into {db.database} would write there. "
-                              "Refusing; back it up with db_backup (one database, no --databases)")
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: backup {bk.path} selects database(s) {', '.join(others)} "
+            f"(USE / CREATE DATABASE): loading it into {db.database} would write there. "
+            "Refusing; back it up with db_backup (one database, no --databases)",
+        )
 
 
 async def _ensure_database(bk: DbBackup) -> bool:
@@ -368,8 +444,12 @@ async def _ensure_database(bk: DbBackup) -> bool:
     database's when that one is on this server (tables a migration creates on the copy
     then get what they would get in production)."""
     db = bk.db
-    exists = await query(db, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
-                         (db.database,), use_database=False)
+    exists = await query(
+        db,
+        "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+        (db.database,),
+        use_database=False,
+    )
     if exists:
         return False
     spec = ""
@@ -380,9 +460,13 @@ async def _ensure_database(bk: DbBackup) -> bool:
     except (OSError, ValueError, AttributeError):
         source = None
     if isinstance(source, str) and source:
-        rows = await query(db, "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
-                               "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (source,),
-                           use_database=False)
+        rows = await query(
+            db,
+            "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
+            "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+            (source,),
+            use_database=False,
+        )
         if rows and all(re.fullmatch(r"[A-Za-z0-9_]+", str(v)) for v in rows[0]):
             spec = f" CHARACTER SET {rows[0][0]} COLLATE {rows[0][1]}"
     await query(db, f"CREATE DATABASE IF NOT EXISTS {_qi(db.database)}{spec}", use_database=False)
@@ -391,8 +475,9 @@ async def _ensure_database(bk: DbBackup) -> bool:
 
 async def _load_backup(bk: DbBackup) -> DbRestoreResult:
     db = bk.db
-    rows = await query(db, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES "
-                           "WHERE TABLE_SCHEMA = DATABASE()")
+    rows = await query(
+        db, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
+    )
     extra = sorted((str(n), str(t)) for n, t in rows if str(n) not in bk.table_checksums)
     host, port = _endpoint(db, False)
     if extra:
@@ -407,8 +492,13 @@ async def _load_backup(bk: DbBackup) -> DbRestoreResult:
     await _run_client(db, [db.database], bk.path, None, "restore", "mariadb")
     checksums = await table_checksums(db)
     mismatched = tuple(sorted(t for t, c in bk.table_checksums.items() if checksums.get(t) != c))
-    return DbRestoreResult(path=bk.path, tables=len(checksums), dropped=tuple(n for n, _ in extra),
-                           checksums=checksums, mismatched=mismatched)
+    return DbRestoreResult(
+        path=bk.path,
+        tables=len(checksums),
+        dropped=tuple(n for n, _ in extra),
+        checksums=checksums,
+        mismatched=mismatched,
+    )
 
 
 async def restore(bk: DbBackup) -> DbRestoreResult:
@@ -481,15 +571,28 @@ async def _save_kept(db: Database, keep: list[str], sql: str, meta_path: str) ->
     digest = ""
     if present:
         tmp = sql + ".tmp"
-        args = ["--single-transaction", "--triggers", "--hex-blob", "--no-tablespaces",
-                "--skip-dump-date", db.database, *present]
+        args = [
+            "--single-transaction",
+            "--triggers",
+            "--hex-blob",
+            "--no-tablespaces",
+            "--skip-dump-date",
+            db.database,
+            *present,
+        ]
         checksums = await _consistent_dump(db, present, args, tmp, "saving kept tables")
         digest = await asyncio.to_thread(sha256_file, tmp)
         await asyncio.to_thread(os.replace, tmp, sql)
     else:
         await asyncio.to_thread(_remove, sql)
-    meta = {"database": db.database, "tables": keep, "present": present, "sha256": digest,
-            "checksums": checksums, "saved_at": time.time()}
+    meta = {
+        "database": db.database,
+        "tables": keep,
+        "present": present,
+        "sha256": digest,
+        "checksums": checksums,
+        "saved_at": time.time(),
+    }
     await asyncio.to_thread(_write_meta, meta_path, meta)
     return meta
 
@@ -514,8 +617,10 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
     keep = list(dict.fromkeys(keep_tables))
     for t in keep:
         if not isinstance(t, str) or not _NAME_RE.fullmatch(t) or t.startswith("-"):
-            fail(INVALID_REQUEST, f"database {db.name}: table to keep {t!r}: use letters, digits, '_', "
-                                  "'$' or '-' (not first)")
+            fail(
+                INVALID_REQUEST,
+                f"database {db.name}: table to keep {t!r}: use letters, digits, '_', '$' or '-' (not first)",
+            )
     await _verify_backup_file(bk)
     if not keep:
         return await restore(bk)
@@ -524,13 +629,19 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
     restoring = await asyncio.to_thread(os.path.exists, marker)
     if restoring:
         if saved is None:
-            fail(BACKUP_CORRUPT, f"database {db.name}: a restore of {bk.backup_id} keeping {', '.join(keep)} "
-                                 f"began, but the saved rows ({sql}) are gone or damaged; the tables may "
-                                 "now hold the backup's rows. Refusing to continue: an operator must decide")
+            fail(
+                BACKUP_CORRUPT,
+                f"database {db.name}: a restore of {bk.backup_id} keeping {', '.join(keep)} "
+                f"began, but the saved rows ({sql}) are gone or damaged; the tables may "
+                "now hold the backup's rows. Refusing to continue: an operator must decide",
+            )
         if list(saved.get("tables", [])) != keep:
-            fail(INVALID_REQUEST, f"database {db.name}: a restore of {bk.backup_id} keeping "
-                                  f"{', '.join(saved.get('tables', []))} is under way; asked to keep "
-                                  f"{', '.join(keep)}")
+            fail(
+                INVALID_REQUEST,
+                f"database {db.name}: a restore of {bk.backup_id} keeping "
+                f"{', '.join(saved.get('tables', []))} is under way; asked to keep "
+                f"{', '.join(keep)}",
+            )
     else:
         saved = await _save_kept(db, keep, sql, meta_path)
         await asyncio.to_thread(_touch_private, marker)
@@ -546,10 +657,15 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
     mismatched = sorted(t for t, c in expected.items() if checksums.get(t) != c)
     await asyncio.to_thread(_remove, marker)
     await asyncio.to_thread(_remove, sql, meta_path)
-    return DbRestoreResult(path=bk.path, tables=len(checksums),
-                           dropped=tuple(t for t in result.dropped if t not in kept_sums),
-                           checksums=checksums, mismatched=tuple(mismatched), kept=tuple(present),
-                           created_database=created)
+    return DbRestoreResult(
+        path=bk.path,
+        tables=len(checksums),
+        dropped=tuple(t for t in result.dropped if t not in kept_sums),
+        checksums=checksums,
+        mismatched=tuple(mismatched),
+        kept=tuple(present),
+        created_database=created,
+    )
 
 
 # --------------------------------------------------------------------------- copies, space
@@ -557,9 +673,13 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
 
 async def db_size_bytes(db: Database, database: str | None = None) -> int:
     """Data + index bytes of a database (information_schema; InnoDB's are estimates)."""
-    rows = await query(db, "SELECT COALESCE(SUM(DATA_LENGTH + INDEX_LENGTH), 0) FROM "
-                           "information_schema.TABLES WHERE TABLE_SCHEMA = %s",
-                       (database or db.database,), use_database=False)
+    rows = await query(
+        db,
+        "SELECT COALESCE(SUM(DATA_LENGTH + INDEX_LENGTH), 0) FROM "
+        "information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+        (database or db.database,),
+        use_database=False,
+    )
     return int(rows[0][0] or 0)
 
 
@@ -574,10 +694,17 @@ async def drop_database(db: Database, database: str) -> DropDatabaseResult:
     inventory's own database and the server's system schemas."""
     _check_database_name(db, "database to drop", database)
     if database.casefold() == db.database.casefold():
-        fail(INVALID_REQUEST, f"database {db.name}: refusing to drop {database}: it is the database the "
-                              "inventory names (production), not a copy")
-    existed = await query(db, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
-                          (database,), use_database=False)
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: refusing to drop {database}: it is the database the "
+            "inventory names (production), not a copy",
+        )
+    existed = await query(
+        db,
+        "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+        (database,),
+        use_database=False,
+    )
     if existed:
         # IF EXISTS: a concurrent attempt may have dropped it since (no warning is raised
         # for the usual case, where it is simply absent: nothing is sent then).
@@ -621,18 +748,28 @@ async def backup_space(db: Database, directory: str) -> BackupSpace:
     try:
         measured, free = await asyncio.to_thread(_free_space, directory)
     except OSError as e:
-        fail(INVALID_REQUEST, f"database {db.name}: cannot measure free space of {directory}: "
-                              f"{e.strerror or e}")
+        fail(
+            INVALID_REQUEST,
+            f"database {db.name}: cannot measure free space of {directory}: {e.strerror or e}",
+        )
     need = 2 * size + BACKUP_SPACE_SLACK
     ok = free >= need
 
     def mib(n: int) -> str:
         return f"{n / (1 << 20):.1f} MiB"
 
-    detail = (f"database {db.name} ({db.database}): {mib(size)} of data and indexes, dumps need {mib(need)} "
-              f"(2 x + 10 MiB); {mib(free)} free in {measured}")
-    return BackupSpace(db_bytes=size, free_bytes=free, need_bytes=need, ok=ok,
-                       detail=detail if ok else f"not enough space: {detail}", measured=measured)
+    detail = (
+        f"database {db.name} ({db.database}): {mib(size)} of data and indexes, dumps need {mib(need)} "
+        f"(2 x + 10 MiB); {mib(free)} free in {measured}"
+    )
+    return BackupSpace(
+        db_bytes=size,
+        free_bytes=free,
+        need_bytes=need,
+        ok=ok,
+        detail=detail if ok else f"not enough space: {detail}",
+        measured=measured,
+    )
 
 
 # --------------------------------------------------------------------------- activities

@@ -58,8 +58,9 @@ class MigrationResult:
     forced: bool = False
 
 
-async def apply_migration(db: Database, version: int, sql: str, direction: MigrationDirection,
-                          force: bool = False) -> MigrationResult:
+async def apply_migration(
+    db: Database, version: int, sql: str, direction: MigrationDirection, force: bool = False
+) -> MigrationResult:
     """Run one migration up or down and record it in schema_version (one row per version).
 
     Idempotent via schema_version: `up` is skipped when MAX(version) >= version, `down` when
@@ -79,13 +80,21 @@ async def apply_migration(db: Database, version: int, sql: str, direction: Migra
         fail(INVALID_REQUEST, f"migration {version}: force applies to direction down only")
     before = await schema_version(db)
     forced = direction == "down" and before < version and force
-    if (direction == "up" and before >= version) or (direction == "down" and before < version
-                                                      and not force):
-        return MigrationResult(version=version, direction=direction, applied=False, statements=0,
-                               schema_version_before=before, schema_version_after=before)
+    if (direction == "up" and before >= version) or (direction == "down" and before < version and not force):
+        return MigrationResult(
+            version=version,
+            direction=direction,
+            applied=False,
+            statements=0,
+            schema_version_before=before,
+            schema_version_after=before,
+        )
     if direction == "down" and before > version:
-        fail(DATABASE_ERROR, f"database {db.name}: cannot roll back migration {version} while schema "
-                             f"version is {before}: roll back the newer migrations first")
+        fail(
+            DATABASE_ERROR,
+            f"database {db.name}: cannot roll back migration {version} while schema "
+            f"version is {before}: roll back the newer migrations first",
+        )
     stmts = split_sql(sql)
     host, port = _endpoint(db, False)
     async with connection(db) as conn:
@@ -95,9 +104,14 @@ async def apply_migration(db: Database, version: int, sql: str, direction: Migra
                 try:
                     await cur.execute(stmt)
                 except (pymysql.MySQLError, OSError) as e:
-                    _raise_db(db, host, port,
-                              f"migration {version} {direction}{' (forced)' if forced else ''}, "
-                              f"statement {i}/{len(stmts)} {stmt[:200]!r}", e)
+                    _raise_db(
+                        db,
+                        host,
+                        port,
+                        f"migration {version} {direction}{' (forced)' if forced else ''}, "
+                        f"statement {i}/{len(stmts)} {stmt[:200]!r}",
+                        e,
+                    )
             try:
                 await cur.execute(_SCHEMA_TABLE_EXISTS)
                 exists = await cur.fetchone()
@@ -113,16 +127,25 @@ async def apply_migration(db: Database, version: int, sql: str, direction: Migra
                     row = await cur.fetchone()
                     if removed and row and row[0] == 0 and version > 1:
                         # single-row style tables: keep recording the version below
-                        await cur.execute("INSERT INTO schema_version (version) VALUES (%s)",
-                                          (version - 1,))
+                        await cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version - 1,))
             except (pymysql.MySQLError, OSError) as e:
                 _raise_db(db, host, port, f"recording migration {version} {direction}", e)
     after = await schema_version(db)
     if direction == "down" and after >= version:
-        fail(DATABASE_ERROR, f"database {db.name}: schema_version still lists version {after} after "
-                             f"rolling back migration {version}")
-    return MigrationResult(version=version, direction=direction, applied=True, statements=len(stmts),
-                           schema_version_before=before, schema_version_after=after, forced=forced)
+        fail(
+            DATABASE_ERROR,
+            f"database {db.name}: schema_version still lists version {after} after "
+            f"rolling back migration {version}",
+        )
+    return MigrationResult(
+        version=version,
+        direction=direction,
+        applied=True,
+        statements=len(stmts),
+        schema_version_before=before,
+        schema_version_after=after,
+        forced=forced,
+    )
 
 
 # --------------------------------------------------------------------------- activities

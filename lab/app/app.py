@@ -93,12 +93,22 @@ ADMIN = "/admin"
 CHANGES = {("POST", "/items"), ("POST", "/secrets")}
 MAINTENANCE_ERROR = "maintenance mode: changes are refused, reads are served"
 AUDIT_TYPE = "ManualUpgrade"
-AUDIT_ACTIONS = ("STARTED", "VERIFY DELTAS", "GENERATE UPGRADE ZIP", "GENERATE DB SCRIPT", "STAGING TEST",
-                 "COMPLETED", "CANCEL")
+AUDIT_ACTIONS = (
+    "STARTED",
+    "VERIFY DELTAS",
+    "GENERATE UPGRADE ZIP",
+    "GENERATE DB SCRIPT",
+    "STAGING TEST",
+    "COMPLETED",
+    "CANCEL",
+)
 AUDIT_LIMITS = {"notes": 1000, "user": 64, "reference": 190}
 # JSON key -> tbUpgradeSettings column (fixed names: never built from request data).
-SETTING_COLUMNS = {"maintenance_mode": "MaintenanceMode", "ignore_version_mismatch": "IgnoreVersionMismatch",
-                   "enforce_version_match": "EnforceVersionMatch"}
+SETTING_COLUMNS = {
+    "maintenance_mode": "MaintenanceMode",
+    "ignore_version_mismatch": "IgnoreVersionMismatch",
+    "enforce_version_match": "EnforceVersionMatch",
+}
 
 log = logging.getLogger("labapp")
 
@@ -231,10 +241,16 @@ class State:
                 c = self.db_conf
                 size = max(1, min(4, int(self.web.get("db.pool_size", "4"))))
                 self.pool = await aiomysql.create_pool(
-                    host=c.get("host", "127.0.0.1"), port=int(c.get("port", "3306")),
-                    db=c.get("database", "labapp"), user=c.get("user", "zerodown"),
-                    password=c.get("password", ""), minsize=1, maxsize=size, autocommit=True,
-                    connect_timeout=3, pool_recycle=60,
+                    host=c.get("host", "127.0.0.1"),
+                    port=int(c.get("port", "3306")),
+                    db=c.get("database", "labapp"),
+                    user=c.get("user", "zerodown"),
+                    password=c.get("password", ""),
+                    minsize=1,
+                    maxsize=size,
+                    autocommit=True,
+                    connect_timeout=3,
+                    pool_recycle=60,
                 )
             return self.pool
 
@@ -279,13 +295,18 @@ class State:
             if failed is not None and (now - failed <= SETTINGS_RETRY_S or self._settings_lock.locked()):
                 return self._settings or Settings()
         async with self._settings_lock:
-            if not fresh and self._settings is not None and \
-                    time.monotonic() - self._settings_at <= SETTINGS_TTL_S:
+            if (
+                not fresh
+                and self._settings is not None
+                and time.monotonic() - self._settings_at <= SETTINGS_TTL_S
+            ):
                 return self._settings  # refreshed while this request waited for the lock
             try:
                 rows = await self.query(
                     "SELECT Scope, MaintenanceMode, IgnoreVersionMismatch, EnforceVersionMatch "
-                    "FROM tbUpgradeSettings WHERE Scope IN (%s, %s)", (SITE_SCOPE, self.node))
+                    "FROM tbUpgradeSettings WHERE Scope IN (%s, %s)",
+                    (SITE_SCOPE, self.node),
+                )
             except aiomysql.ProgrammingError as e:
                 if e.args[0] != 1146:  # 1146: no such table (a database from before the settings)
                     raise
@@ -294,22 +315,30 @@ class State:
                 if fresh:
                     raise
                 self._settings_failed_at = time.monotonic()
-                log.warning("cannot read tbUpgradeSettings (%s: %s): using the last known settings",
-                            type(e).__name__, e)
+                log.warning(
+                    "cannot read tbUpgradeSettings (%s: %s): using the last known settings",
+                    type(e).__name__,
+                    e,
+                )
                 return self._settings or Settings()
             site = next((r for r in rows if r[0] == SITE_SCOPE), None)
             node = next((r for r in rows if r[0] != SITE_SCOPE), None)
             value = Settings(
-                site_maintenance=bool(site and site[1]), site_ignore=bool(site and site[2]),
+                site_maintenance=bool(site and site[1]),
+                site_ignore=bool(site and site[2]),
                 site_enforce=bool(site and site[3]),
                 node_maintenance=_flag(node[1]) if node else None,
-                node_ignore=_flag(node[2]) if node else None, node_row=node is not None)
+                node_ignore=_flag(node[2]) if node else None,
+                node_row=node is not None,
+            )
             self._settings, self._settings_at, self._settings_failed_at = value, time.monotonic(), None
             return value
 
     def mismatch_text(self, db_schema: int) -> str:
-        return (f"Version mismatch: this node runs {self.version} (schema {self.code_schema}); "
-                f"the database is at schema {db_schema}")
+        return (
+            f"Version mismatch: this node runs {self.version} (schema {self.code_schema}); "
+            f"the database is at schema {db_schema}"
+        )
 
     async def check_key(self) -> str | None:
         """None when the key reads the site's canary secret (written by the first node)."""
@@ -317,11 +346,15 @@ class State:
             return "encryption.config is missing or has no key: secrets cannot be read"
         if self.key_verified:
             return None
-        rows = await self.query("SELECT ciphertext FROM secrets WHERE name = %s ORDER BY id LIMIT 1",
-                                (CANARY,))
+        rows = await self.query(
+            "SELECT ciphertext FROM secrets WHERE name = %s ORDER BY id LIMIT 1", (CANARY,)
+        )
         if not rows:
-            await self.query("INSERT INTO secrets (name, ciphertext) VALUES (%s, %s)",
-                             (CANARY, encrypt(self.key, "canary")), write=True)
+            await self.query(
+                "INSERT INTO secrets (name, ciphertext) VALUES (%s, %s)",
+                (CANARY, encrypt(self.key, "canary")),
+                write=True,
+            )
             self.key_verified = True
             return None
         try:
@@ -385,12 +418,20 @@ async def version(request: web.Request) -> web.Response:
     # "schema" is the schema this release targets (release.json); "db_schema" what the DB holds.
     # "mismatch": the two differ; "mismatch_page": this node serves the mismatch page for it.
     mismatch = db_schema is not None and db_schema != s.code_schema
-    return web.json_response({"version": s.version, "node": s.node, "schema": s.code_schema,
-                              "db_schema": db_schema, "greeting": s.web.get("greeting", ""),
-                              "config": s.web, "mismatch": mismatch,
-                              "mismatch_page": settings.mismatch_page(mismatch) if settings else None,
-                              "maintenance_mode": settings.maintenance if settings else None,
-                              "ignore_version_mismatch": settings.ignore if settings else None})
+    return web.json_response(
+        {
+            "version": s.version,
+            "node": s.node,
+            "schema": s.code_schema,
+            "db_schema": db_schema,
+            "greeting": s.web.get("greeting", ""),
+            "config": s.web,
+            "mismatch": mismatch,
+            "mismatch_page": settings.mismatch_page(mismatch) if settings else None,
+            "maintenance_mode": settings.maintenance if settings else None,
+            "ignore_version_mismatch": settings.ignore if settings else None,
+        }
+    )
 
 
 async def _fields(request: web.Request) -> dict[str, str]:
@@ -417,8 +458,10 @@ async def login(request: web.Request) -> web.Response:
 
 
 def _row(cols: list[str], r: tuple[Any, ...]) -> dict[str, Any]:
-    return {c: (v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else v) for c, v in zip(cols, r,
-                                                                                                 strict=True)}
+    return {
+        c: (v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else v)
+        for c, v in zip(cols, r, strict=True)
+    }
 
 
 async def items_get(request: web.Request) -> web.Response:
@@ -438,16 +481,22 @@ async def items_get(request: web.Request) -> web.Response:
 
 async def items_post(request: web.Request) -> web.Response:
     s = st(request)
-    if request.content_type in ("application/json", "application/x-www-form-urlencoded",
-                                "multipart/form-data"):
+    if request.content_type in (
+        "application/json",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ):
         body = (await _fields(request)).get("body", "")
     else:
         body = await request.text()
     body = body[:255]  # items.body is VARCHAR(255)
     if s.notes_feature and await s.db_schema() >= 2:
         try:
-            rows = await s.query("INSERT INTO items (node, body, notes) VALUES (%s, %s, %s)",
-                                 (s.node, body, f"written by {s.version}"), write=True)
+            rows = await s.query(
+                "INSERT INTO items (node, body, notes) VALUES (%s, %s, %s)",
+                (s.node, body, f"written by {s.version}"),
+                write=True,
+            )
             return web.json_response({"id": rows[0][0], "node": s.node, "notes": True}, status=201)
         except aiomysql.OperationalError as e:
             if e.args[0] != 1054:  # the column went away (down migration): write without it
@@ -474,8 +523,9 @@ async def secrets_put(request: web.Request) -> web.Response:
     if not name or s.key is None:
         return web.json_response({"error": "need a name and an encryption key"}, status=400)
     await s.query("DELETE FROM secrets WHERE name = %s", (name,), write=True)
-    await s.query("INSERT INTO secrets (name, ciphertext) VALUES (%s, %s)",
-                  (name, encrypt(s.key, value)), write=True)
+    await s.query(
+        "INSERT INTO secrets (name, ciphertext) VALUES (%s, %s)", (name, encrypt(s.key, value)), write=True
+    )
     return web.json_response({"name": name}, status=201)
 
 
@@ -532,6 +582,7 @@ def admin_only(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         refusal = _admin_refusal(request)
         return refusal if refusal is not None else await handler(request)
+
     return wrapped
 
 
@@ -539,15 +590,19 @@ async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any
     try:
         data = await request.json()
     except ValueError as e:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "invalid JSON"}),
-                                 content_type="application/json") from e
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "invalid JSON"}), content_type="application/json"
+        ) from e
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "expected a JSON object"}),
-                                 content_type="application/json")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "expected a JSON object"}), content_type="application/json"
+        )
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"unknown keys {unknown} (allowed: "
-                                                  f"{sorted(allowed)})"}), content_type="application/json")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"unknown keys {unknown} (allowed: {sorted(allowed)})"}),
+            content_type="application/json",
+        )
     return data
 
 
@@ -556,15 +611,26 @@ async def admin_state_data(s: State) -> dict[str, Any]:
     db_schema = await s.db_schema(fresh=True)
     mismatch = db_schema != s.code_schema
     return {
-        "node": s.node, "version": s.version, "code_schema": s.code_schema, "db_schema": db_schema,
-        "maintenance_mode": settings.maintenance, "ignore_version_mismatch": settings.ignore,
-        "enforce_version_match": settings.site_enforce, "mismatch": mismatch,
+        "node": s.node,
+        "version": s.version,
+        "code_schema": s.code_schema,
+        "db_schema": db_schema,
+        "maintenance_mode": settings.maintenance,
+        "ignore_version_mismatch": settings.ignore,
+        "enforce_version_match": settings.site_enforce,
+        "mismatch": mismatch,
         "mismatch_page": settings.mismatch_page(mismatch),
-        "site": {"maintenance_mode": settings.site_maintenance,
-                 "ignore_version_mismatch": settings.site_ignore,
-                 "enforce_version_match": settings.site_enforce},
-        "node_override": {"maintenance_mode": settings.node_maintenance,
-                          "ignore_version_mismatch": settings.node_ignore} if settings.node_row else None,
+        "site": {
+            "maintenance_mode": settings.site_maintenance,
+            "ignore_version_mismatch": settings.site_ignore,
+            "enforce_version_match": settings.site_enforce,
+        },
+        "node_override": {
+            "maintenance_mode": settings.node_maintenance,
+            "ignore_version_mismatch": settings.node_ignore,
+        }
+        if settings.node_row
+        else None,
     }
 
 
@@ -592,21 +658,33 @@ async def admin_settings(request: web.Request) -> web.Response:
             return _admin_error(400, f"{key} must be {allowed}, got {v!r}")
         changes[key] = v
     if scope == "site":
-        await s.query("INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
-                      "EnforceVersionMatch) VALUES (%s, 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope",
-                      (SITE_SCOPE,), write=True)
+        await s.query(
+            "INSERT INTO tbUpgradeSettings (Scope, MaintenanceMode, IgnoreVersionMismatch, "
+            "EnforceVersionMatch) VALUES (%s, 0, 0, 0) ON DUPLICATE KEY UPDATE Scope = Scope",
+            (SITE_SCOPE,),
+            write=True,
+        )
         for key, v in changes.items():
-            await s.query(f"UPDATE tbUpgradeSettings SET {SETTING_COLUMNS[key]} = %s WHERE Scope = %s",
-                          (int(bool(v)), SITE_SCOPE), write=True)
+            await s.query(
+                f"UPDATE tbUpgradeSettings SET {SETTING_COLUMNS[key]} = %s WHERE Scope = %s",
+                (int(bool(v)), SITE_SCOPE),
+                write=True,
+            )
     else:
         for key, v in changes.items():
             col = SETTING_COLUMNS[key]
-            await s.query(f"INSERT INTO tbUpgradeSettings (Scope, {col}) VALUES (%s, %s) "
-                          f"ON DUPLICATE KEY UPDATE {col} = VALUES({col})",
-                          (s.node, None if v is None else int(v)), write=True)
-        await s.query("DELETE FROM tbUpgradeSettings WHERE Scope = %s AND MaintenanceMode IS NULL "
-                      "AND IgnoreVersionMismatch IS NULL AND EnforceVersionMatch IS NULL", (s.node,),
-                      write=True)
+            await s.query(
+                f"INSERT INTO tbUpgradeSettings (Scope, {col}) VALUES (%s, %s) "
+                f"ON DUPLICATE KEY UPDATE {col} = VALUES({col})",
+                (s.node, None if v is None else int(v)),
+                write=True,
+            )
+        await s.query(
+            "DELETE FROM tbUpgradeSettings WHERE Scope = %s AND MaintenanceMode IS NULL "
+            "AND IgnoreVersionMismatch IS NULL AND EnforceVersionMatch IS NULL",
+            (s.node,),
+            write=True,
+        )
     if changes:
         log.info("admin: %s settings %s", scope, changes)
     return web.json_response(await admin_state_data(s))
@@ -618,11 +696,17 @@ _AUDIT_COLS = "AuditId, AuditTypeName, Action, Notes, UserName, Reference, DateR
 def _audit_row(r: tuple[Any, ...], created: bool | None = None) -> dict[str, Any]:
     when = r[6]
     out: dict[str, Any] = {
-        "audit_id": int(r[0]), "audit_type": r[1], "action": r[2], "notes": r[3] or "",
-        "user": r[4] or "", "reference": r[5] or "",
+        "audit_id": int(r[0]),
+        "audit_type": r[1],
+        "action": r[2],
+        "notes": r[3] or "",
+        "user": r[4] or "",
+        "reference": r[5] or "",
         # Stored as UTC (UTC_TIMESTAMP), so say so.
-        "date_recorded": when.isoformat(timespec="milliseconds") + "Z" if isinstance(when, dt.datetime)
-        else str(when)}
+        "date_recorded": when.isoformat(timespec="milliseconds") + "Z"
+        if isinstance(when, dt.datetime)
+        else str(when),
+    }
     if created is not None:
         out["created"] = created
     return out
@@ -635,8 +719,10 @@ async def _audit_by_reference(s: State, reference: str) -> tuple[Any, ...] | Non
 
 def _existing_audit(row: tuple[Any, ...], action: str) -> web.Response:
     if row[2] != action:
-        return _admin_error(409, f"reference {row[5]!r} is already used by audit {row[0]} with action "
-                                 f"{row[2]!r}, not {action!r}")
+        return _admin_error(
+            409,
+            f"reference {row[5]!r} is already used by audit {row[0]} with action {row[2]!r}, not {action!r}",
+        )
     return web.json_response(_audit_row(row, created=False), status=200)
 
 
@@ -660,10 +746,12 @@ async def admin_audit_post(request: web.Request) -> web.Response:
         if row is not None:
             return _existing_audit(row, action)
     try:
-        rows = await s.query("INSERT INTO tbAudit (AuditTypeName, Action, Notes, UserName, Reference, "
-                             "DateRecorded) VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(3))",
-                             (AUDIT_TYPE, action, fields["notes"] or None, fields["user"] or None,
-                              ref or None), write=True)
+        rows = await s.query(
+            "INSERT INTO tbAudit (AuditTypeName, Action, Notes, UserName, Reference, "
+            "DateRecorded) VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(3))",
+            (AUDIT_TYPE, action, fields["notes"] or None, fields["user"] or None, ref or None),
+            write=True,
+        )
     except aiomysql.IntegrityError as e:
         # 1062: the same reference was recorded concurrently (another node, a retry).
         if e.args[0] != 1062 or not ref:
@@ -718,11 +806,13 @@ async def upgrade_gate(request: web.Request, handler: Handler) -> web.StreamResp
         except Exception:
             db_schema = None  # unknown: the handler meets the DB error itself
         if db_schema is not None and settings.mismatch_page(db_schema != s.code_schema):
-            return web.Response(status=409, text=s.mismatch_text(db_schema) + "\n",
-                                headers={"X-Refused": "version-mismatch"})
+            return web.Response(
+                status=409, text=s.mismatch_text(db_schema) + "\n", headers={"X-Refused": "version-mismatch"}
+            )
     if (request.method, request.path) in CHANGES and settings.maintenance:
-        return web.json_response({"error": MAINTENANCE_ERROR}, status=423,
-                                 headers={"X-Refused": "maintenance"})
+        return web.json_response(
+            {"error": MAINTENANCE_ERROR}, status=423, headers={"X-Refused": "maintenance"}
+        )
     return await handler(request)
 
 
@@ -743,40 +833,55 @@ def make_app(state: State | None = None) -> web.Application:
     app[STATE] = state or State()
     app.on_response_prepare.append(_set_node_header)
     app.on_cleanup.append(_close_pool)
-    app.add_routes([
-        web.get("/", index),
-        web.get("/health", health),
-        web.get("/version", version),
-        web.post("/login", login),
-        web.get("/items", items_get),
-        web.post("/items", items_post),
-        web.get("/slow", slow),
-        web.get("/secrets", secrets_list),
-        web.post("/secrets", secrets_put),
-        web.get("/secrets/{name}", secrets_get),
-        web.get(f"{ADMIN}/state", admin_only(admin_state)),
-        web.post(f"{ADMIN}/settings", admin_only(admin_settings)),
-        web.get(f"{ADMIN}/audit", admin_only(admin_audit_get)),
-        web.post(f"{ADMIN}/audit", admin_only(admin_audit_post)),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health", health),
+            web.get("/version", version),
+            web.post("/login", login),
+            web.get("/items", items_get),
+            web.post("/items", items_post),
+            web.get("/slow", slow),
+            web.get("/secrets", secrets_list),
+            web.post("/secrets", secrets_put),
+            web.get("/secrets/{name}", secrets_get),
+            web.get(f"{ADMIN}/state", admin_only(admin_state)),
+            web.post(f"{ADMIN}/settings", admin_only(admin_settings)),
+            web.get(f"{ADMIN}/audit", admin_only(admin_audit_get)),
+            web.post(f"{ADMIN}/audit", admin_only(admin_audit_post)),
+        ]
+    )
     if (HERE / "static").is_dir():
         app.router.add_static("/static/", HERE / "static")
     return app
 
 
 def main() -> None:
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     state = State()
     port = int(state.web.get("http.port", "8080"))
     host = state.web.get("http.host", "127.0.0.1")
-    log.info("labapp %s (schema %s) node=%s pid=%s listening on %s:%s", state.version,
-             state.code_schema, state.node, os.getpid(), host, port)
+    log.info(
+        "labapp %s (schema %s) node=%s pid=%s listening on %s:%s",
+        state.version,
+        state.code_schema,
+        state.node,
+        os.getpid(),
+        host,
+        port,
+    )
     access = state.web.get("log.access", "on").lower() in ("on", "true", "1")
-    web.run_app(make_app(state), host=host, port=port, print=None,
-                shutdown_timeout=float(state.web.get("shutdown.timeout_s", "30")),
-                access_log=logging.getLogger("aiohttp.access") if access else None,
-                access_log_format='%a "%r" %s %b %Tfs')
+    web.run_app(
+        make_app(state),
+        host=host,
+        port=port,
+        print=None,
+        shutdown_timeout=float(state.web.get("shutdown.timeout_s", "30")),
+        access_log=logging.getLogger("aiohttp.access") if access else None,
+        access_log_format='%a "%r" %s %b %Tfs',
+    )
     log.info("labapp %s node=%s stopped", state.version, state.node)
 
 

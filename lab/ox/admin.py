@@ -111,8 +111,9 @@ class _Stream(io.StringIO):
     """A tool's stdout / stderr: every write becomes a frame for the client, queued on the
     event loop from the tool's thread (so the order of stdout and stderr is kept)."""
 
-    def __init__(self, kind: bytes, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[tuple[bytes, bytes] | None]) -> None:
+    def __init__(
+        self, kind: bytes, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[bytes, bytes] | None]
+    ) -> None:
         super().__init__()
         self._kind, self._loop, self._queue = kind, loop, queue
 
@@ -126,8 +127,9 @@ def run_tool(node_dir: Path, req: Request, stdout: io.StringIO, stderr: io.Strin
     """The tool in this thread, with the node's settings (its env file) and the client's keys."""
     environ: Mapping[str, str] = {"OX_TOOLS_ENV": str(node_dir / "bin" / tools.ENV_FILE_NAME), **req.env}
     try:
-        return tools.main(req.argv, stdin=io.StringIO(req.stdin), stdout=stdout, stderr=stderr,
-                          environ=environ)
+        return tools.main(
+            req.argv, stdin=io.StringIO(req.stdin), stdout=stdout, stderr=stderr, environ=environ
+        )
     except Exception:  # a bug of the stand-in: say so, as a JVM prints its stack trace
         stderr.write(traceback.format_exc())
         return 1
@@ -144,8 +146,9 @@ class AdminServer:
 
     async def start(self) -> None:
         # 127.0.0.1 only, like OX's RMI registry on localhost (never behind a load balancer).
-        self._server = await asyncio.start_server(self._handle, host="127.0.0.1", port=self.port,
-                                                  reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._handle, host="127.0.0.1", port=self.port, reuse_address=True
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -255,6 +258,10 @@ def bash_path() -> str:
 
 
 def client_script(tool: str, port: int, env_name: str = tools.ENV_FILE_NAME) -> str:
-    return (CLIENT_TEMPLATE.replace("@BASH@", bash_path()).replace("@TOOL@", tool)
-            .replace("@PORT@", str(port)).replace("@ENV_NAME@", env_name)
-            .replace("@EXIT@", str(tools.EXIT_COMMUNICATION_ERROR)))
+    return (
+        CLIENT_TEMPLATE.replace("@BASH@", bash_path())
+        .replace("@TOOL@", tool)
+        .replace("@PORT@", str(port))
+        .replace("@ENV_NAME@", env_name)
+        .replace("@EXIT@", str(tools.EXIT_COMMUNICATION_ERROR))
+    )

@@ -99,16 +99,22 @@ _OX_COUNT_TABLES = [
     "count INT UNSIGNED NOT NULL, PRIMARY KEY (db_pool_id)) ENGINE=InnoDB",
 ]
 # Lab only: see the module doc and inject_tool_fault.
-_TOOL_FAULTS_TABLE = ("CREATE TABLE IF NOT EXISTS tool_faults (tool VARCHAR(64) NOT NULL PRIMARY KEY, "
-                      "kind VARCHAR(16) NOT NULL, remaining INT UNSIGNED NOT NULL) ENGINE=InnoDB")
+_TOOL_FAULTS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS tool_faults (tool VARCHAR(64) NOT NULL PRIMARY KEY, "
+    "kind VARCHAR(16) NOT NULL, remaining INT UNSIGNED NOT NULL) ENGINE=InnoDB"
+)
 TOOL_FAULT_KINDS = ("connect", "remote")
 # registerdatabase's default max units (documentation/command_line_tools/database/registerdatabase.md:
 # "-x ... If this option is omitted then the default of 1000 is applied").
 DEFAULT_MAX_UNITS = 1000
-_INSERT_CLUSTER = ("INSERT INTO db_cluster (cluster_id, read_db_pool_id, write_db_pool_id, weight, "
-                   "max_units) VALUES (%s, 0, %s, 100, %s)")
-_INSERT_STATE = ("INSERT INTO schema_state (schema_name, enabled, server_id, update_state, schema_version) "
-                 "VALUES (%s, 1, %s, 'none', %s)")
+_INSERT_CLUSTER = (
+    "INSERT INTO db_cluster (cluster_id, read_db_pool_id, write_db_pool_id, weight, "
+    "max_units) VALUES (%s, 0, %s, 100, %s)"
+)
+_INSERT_STATE = (
+    "INSERT INTO schema_state (schema_name, enabled, server_id, update_state, schema_version) "
+    "VALUES (%s, 1, %s, 'none', %s)"
+)
 CLOSED_POOL_NAME = "oxclosed"  # add_closed_pool's pool (lab only)
 _LAB_POOL_ID_BASE = 1000  # pools the lab helpers add get ids from here (not from the id sequence)
 
@@ -285,18 +291,39 @@ def tools_env(cfg: LabConfig, **overrides: str) -> dict[str, str]:
     return env
 
 
-def connect(*, host: str = "127.0.0.1", port: int = 3306, user: str = OX_DB_USER, password: str = "",
-            unix_socket: str | None = None) -> pymysql.connections.Connection[Any]:
+def connect(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 3306,
+    user: str = OX_DB_USER,
+    password: str = "",
+    unix_socket: str | None = None,
+) -> pymysql.connections.Connection[Any]:
     """A connection for the operations below (autocommit on, default database oxconfigdb).
 
     No TLS: the config DB is on the lab's own host, and pymysql otherwise builds a default
     SSL context (loading the system's CA certificates) per connection - ~20 ms of CPU, more
     than the tool's work; every tool call connects once."""
     if unix_socket:
-        return pymysql.connect(unix_socket=unix_socket, user=user, password=password, database=CONFIGDB,
-                               autocommit=True, connect_timeout=5, ssl_disabled=True)
-    return pymysql.connect(host=host, port=port, user=user, password=password, database=CONFIGDB,
-                           autocommit=True, connect_timeout=5, ssl_disabled=True)
+        return pymysql.connect(
+            unix_socket=unix_socket,
+            user=user,
+            password=password,
+            database=CONFIGDB,
+            autocommit=True,
+            connect_timeout=5,
+            ssl_disabled=True,
+        )
+    return pymysql.connect(
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        database=CONFIGDB,
+        autocommit=True,
+        connect_timeout=5,
+        ssl_disabled=True,
+    )
 
 
 def _root(cfg: LabConfig) -> pymysql.connections.Connection[Any]:
@@ -308,11 +335,17 @@ def _root(cfg: LabConfig) -> pymysql.connections.Connection[Any]:
 
 def _insert_many(cur: Any, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
     for i in range(0, len(rows), _BATCH):
-        cur.executemany(sql, rows[i:i + _BATCH])
+        cur.executemany(sql, rows[i : i + _BATCH])
 
 
-def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, server_name: str = "oxserver",
-           users_per_context: int = 3, version: str = DEFAULT_VERSION) -> OxSite:
+def create(
+    cfg: LabConfig,
+    schemata: int = 20,
+    contexts_per_schema: int = 2,
+    server_name: str = "oxserver",
+    users_per_context: int = 3,
+    version: str = DEFAULT_VERSION,
+) -> OxSite:
     """(Re)create both databases from scratch: one pool, one server `server_name` that every
     context points to, `schemata` schemata with `contexts_per_schema` contexts of
     `users_per_context` users each, all enabled at `version`; and the `openexchange` user."""
@@ -336,14 +369,18 @@ def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, ser
         cur.execute(f"USE `{CONFIGDB}`")
         pool_id, server_id = 1, 2  # from OX's shared id sequence, in creation order
         cur.execute("INSERT INTO configdb_sequence (id) VALUES (%s)", (server_id,))
-        cur.execute("INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
-                    "name) VALUES (%s, %s, 'com.mysql.jdbc.Driver', %s, '', 1, 100, 0, %s)",
-                    (pool_id, f"jdbc:mysql://127.0.0.1:{cfg.primary_db_port}", OX_DB_USER, POOL_NAME))
+        cur.execute(
+            "INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
+            "name) VALUES (%s, %s, 'com.mysql.jdbc.Driver', %s, '', 1, 100, 0, %s)",
+            (pool_id, f"jdbc:mysql://127.0.0.1:{cfg.primary_db_port}", OX_DB_USER, POOL_NAME),
+        )
         # One cluster for the pool (no read pool: read_db_pool_id 0, as registerdatabase leaves a
         # master without slave), open for new contexts (max_units > 0).
         cur.execute(_INSERT_CLUSTER, (1, pool_id, DEFAULT_MAX_UNITS))
-        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
-                    (pool_id, schemata * contexts_per_schema))
+        cur.execute(
+            "INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
+            (pool_id, schemata * contexts_per_schema),
+        )
         cur.execute("INSERT INTO server (server_id, name) VALUES (%s, %s)", (server_id, server_name))
         contexts: list[tuple[int, str, str]] = []
         for n, schema in enumerate(names):
@@ -351,33 +388,70 @@ def create(cfg: LabConfig, schemata: int = 20, contexts_per_schema: int = 2, ser
                 cid = n * contexts_per_schema + j
                 contexts.append((cid, schema, f"context{cid}"))
         # Every value a parameter: pymysql batches executemany into multi-row INSERTs only then.
-        _insert_many(cur, "INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, %s, %s)",
-                     [(cid, name, 1, None) for cid, _, name in contexts])
-        _insert_many(cur, "INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
-                     "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
-                     [(server_id, cid, pool_id, pool_id, schema) for cid, schema, _ in contexts])
-        _insert_many(cur, "INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) "
-                     "VALUES (%s, %s, %s)", [(pool_id, s, contexts_per_schema) for s in names])
-        _insert_many(cur, "INSERT INTO schema_state (schema_name, enabled, server_id, update_state, "
-                     "schema_version) VALUES (%s, %s, %s, %s, %s)",
-                     [(s, 1, server_id, "none", version) for s in names])
-        cur.executemany("INSERT INTO lab_meta (k, v) VALUES (%s, %s)",
-                        [("initial_server_id", str(server_id)), ("initial_version", version),
-                         ("pool_id", str(pool_id)), ("schemata", str(schemata))])
-        _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) "
-                     "VALUES (%s, %s, %s)", contexts)
-        _insert_many(cur, f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
-                     "VALUES (%s, %s, %s, %s, %s)",
-                     [(cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab")
-                      for cid, schema, _ in contexts for u in range(1, users_per_context + 1)])
-    return OxSite(server_id=server_id, server_name=server_name, pool_id=pool_id, schemata=names,
-                  contexts_per_schema=contexts_per_schema, users_per_context=users_per_context,
-                  version=version)
+        _insert_many(
+            cur,
+            "INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, %s, %s)",
+            [(cid, name, 1, None) for cid, _, name in contexts],
+        )
+        _insert_many(
+            cur,
+            "INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
+            "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
+            [(server_id, cid, pool_id, pool_id, schema) for cid, schema, _ in contexts],
+        )
+        _insert_many(
+            cur,
+            "INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) VALUES (%s, %s, %s)",
+            [(pool_id, s, contexts_per_schema) for s in names],
+        )
+        _insert_many(
+            cur,
+            "INSERT INTO schema_state (schema_name, enabled, server_id, update_state, "
+            "schema_version) VALUES (%s, %s, %s, %s, %s)",
+            [(s, 1, server_id, "none", version) for s in names],
+        )
+        cur.executemany(
+            "INSERT INTO lab_meta (k, v) VALUES (%s, %s)",
+            [
+                ("initial_server_id", str(server_id)),
+                ("initial_version", version),
+                ("pool_id", str(pool_id)),
+                ("schemata", str(schemata)),
+            ],
+        )
+        _insert_many(
+            cur,
+            f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) VALUES (%s, %s, %s)",
+            contexts,
+        )
+        _insert_many(
+            cur,
+            f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            [
+                (cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab")
+                for cid, schema, _ in contexts
+                for u in range(1, users_per_context + 1)
+            ],
+        )
+    return OxSite(
+        server_id=server_id,
+        server_name=server_name,
+        pool_id=pool_id,
+        schemata=names,
+        contexts_per_schema=contexts_per_schema,
+        users_per_context=users_per_context,
+        version=version,
+    )
 
 
 def exists(cfg: LabConfig) -> bool:
-    rows = mariadb.query(cfg, "primary", "SELECT COUNT(*) FROM information_schema.SCHEMATA "
-                         "WHERE SCHEMA_NAME IN (%s, %s)", (CONFIGDB, SCHEMATA_DB))
+    rows = mariadb.query(
+        cfg,
+        "primary",
+        "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME IN (%s, %s)",
+        (CONFIGDB, SCHEMATA_DB),
+    )
     return int(rows[0][0]) == 2
 
 
@@ -410,16 +484,28 @@ def reset(cfg: LabConfig) -> list[str]:
         initial = int(meta["schemata"])
         # What add_empty_schema / add_closed_pool added: schemata other than oxdatabase_1..K
         # (with their contexts and users) and pools other than the initial one.
-        lab_added = ("({col} NOT REGEXP '^" + POOL_NAME + "_[0-9]+$' OR CAST(SUBSTRING({col}, "
-                     + str(len(POOL_NAME) + 2) + ") AS UNSIGNED) NOT BETWEEN 1 AND %s)")
-        cur.execute(f"DELETE c FROM context c JOIN context_server2db_pool m ON m.cid = c.cid "
-                    f"WHERE {lab_added.format(col='m.db_schema')}", (initial,))
+        lab_added = (
+            "({col} NOT REGEXP '^"
+            + POOL_NAME
+            + "_[0-9]+$' OR CAST(SUBSTRING({col}, "
+            + str(len(POOL_NAME) + 2)
+            + ") AS UNSIGNED) NOT BETWEEN 1 AND %s)"
+        )
+        cur.execute(
+            f"DELETE c FROM context c JOIN context_server2db_pool m ON m.cid = c.cid "
+            f"WHERE {lab_added.format(col='m.db_schema')}",
+            (initial,),
+        )
         removed_contexts = int(cur.rowcount)
         for table in ("users", "contexts"):
-            cur.execute(f"DELETE FROM `{SCHEMATA_DB}`.{table} WHERE {lab_added.format(col='schema_name')}",
-                        (initial,))
-        cur.execute(f"DELETE FROM contexts_per_dbschema WHERE db_pool_id <> %s OR "
-                    f"{lab_added.format(col='schemaname')}", (pool_id, initial))
+            cur.execute(
+                f"DELETE FROM `{SCHEMATA_DB}`.{table} WHERE {lab_added.format(col='schema_name')}", (initial,)
+            )
+        cur.execute(
+            f"DELETE FROM contexts_per_dbschema WHERE db_pool_id <> %s OR "
+            f"{lab_added.format(col='schemaname')}",
+            (pool_id, initial),
+        )
         cur.execute(f"DELETE FROM schema_state WHERE {lab_added.format(col='schema_name')}", (initial,))
         if cur.rowcount:
             done.append(f"removed {cur.rowcount} lab-added schema(s) ({removed_contexts} context(s))")
@@ -428,16 +514,24 @@ def reset(cfg: LabConfig) -> list[str]:
         cur.execute("DELETE FROM db_pool WHERE db_pool_id <> %s", (pool_id,))
         if cur.rowcount:
             done.append(f"removed {cur.rowcount} lab-added database pool(s)")
-        cur.execute("UPDATE db_cluster SET max_units = %s WHERE write_db_pool_id = %s "
-                    "AND NOT max_units <=> %s", (DEFAULT_MAX_UNITS, pool_id, DEFAULT_MAX_UNITS))
+        cur.execute(
+            "UPDATE db_cluster SET max_units = %s WHERE write_db_pool_id = %s AND NOT max_units <=> %s",
+            (DEFAULT_MAX_UNITS, pool_id, DEFAULT_MAX_UNITS),
+        )
         # Quiet: the initial pool's context count, as create() set it.
-        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) SELECT %s, COUNT(*) FROM "
-                    "context_server2db_pool WHERE write_db_pool_id = %s ON DUPLICATE KEY UPDATE "
-                    "count = VALUES(count)", (pool_id, pool_id))
+        cur.execute(
+            "INSERT INTO contexts_per_dbpool (db_pool_id, count) SELECT %s, COUNT(*) FROM "
+            "context_server2db_pool WHERE write_db_pool_id = %s ON DUPLICATE KEY UPDATE "
+            "count = VALUES(count)",
+            (pool_id, pool_id),
+        )
         # A config DB created before schema_state had its times (a lab kept from earlier):
         # add them, so the tools of this checkout work on it after a reset.
-        cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
-                    "AND TABLE_NAME = 'schema_state'", (CONFIGDB,))
+        cur.execute(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+            "AND TABLE_NAME = 'schema_state'",
+            (CONFIGDB,),
+        )
         have = {str(r[0]) for r in cur.fetchall()}
         for column in _TIME_COLUMNS:
             if column not in have:
@@ -447,17 +541,32 @@ def reset(cfg: LabConfig) -> list[str]:
         times_cleared = ", ".join(f"{c} = NULL" for c in _TIME_COLUMNS)
         steps = [
             ("DELETE FROM server WHERE server_id <> %s", (server_id,), "deleted {} registered server(s)"),
-            ("UPDATE context SET enabled = 1, reason_id = NULL "
-             "WHERE NOT (enabled <=> 1 AND reason_id IS NULL)", (), "re-enabled {} context(s)"),
-            ("UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s", (server_id, server_id),
-             "pointed {} context(s) back to the initial server"),
-            ("UPDATE context_server2db_pool SET write_db_pool_id = read_db_pool_id "
-             "WHERE write_db_pool_id <> read_db_pool_id", (), "joined {} split write pool(s) again"),
-            ("UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
-             f"schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0, {times_cleared} "
-             "WHERE NOT (enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s "
-             f"AND updated_at IS NULL AND last_error IS NULL AND update_runs = 0 AND {times_null})",
-             (server_id, version, server_id, version), "reset {} schema state(s)"),
+            (
+                "UPDATE context SET enabled = 1, reason_id = NULL "
+                "WHERE NOT (enabled <=> 1 AND reason_id IS NULL)",
+                (),
+                "re-enabled {} context(s)",
+            ),
+            (
+                "UPDATE context_server2db_pool SET server_id = %s WHERE server_id <> %s",
+                (server_id, server_id),
+                "pointed {} context(s) back to the initial server",
+            ),
+            (
+                "UPDATE context_server2db_pool SET write_db_pool_id = read_db_pool_id "
+                "WHERE write_db_pool_id <> read_db_pool_id",
+                (),
+                "joined {} split write pool(s) again",
+            ),
+            (
+                "UPDATE schema_state SET enabled = 1, server_id = %s, update_state = 'none', "
+                "schema_version = %s, updated_at = NULL, last_error = NULL, update_runs = 0, "
+                f"{times_cleared} "
+                "WHERE NOT (enabled = 1 AND server_id = %s AND update_state = 'none' AND schema_version = %s "
+                f"AND updated_at IS NULL AND last_error IS NULL AND update_runs = 0 AND {times_null})",
+                (server_id, version, server_id, version),
+                "reset {} schema state(s)",
+            ),
             ("DELETE FROM update_faults", (), "cleared {} injected update failure(s)"),
             ("DELETE FROM tool_faults", (), "cleared {} injected tool fault(s)"),
         ]
@@ -493,46 +602,73 @@ def drop(cfg: LabConfig) -> list[str]:
 def schema_states(cfg: LabConfig) -> dict[str, SchemaState]:
     """Every schema's state, in natural order."""
     rows = mariadb.query(
-        cfg, "primary",
+        cfg,
+        "primary",
         "SELECT s.schema_name, s.enabled, s.server_id, s.update_state, s.schema_version, s.updated_at, "
         "s.last_error, COUNT(m.cid), COALESCE(SUM(c.enabled = 1), 0), "
         "COALESCE(GROUP_CONCAT(DISTINCT m.server_id ORDER BY m.server_id), ''), s.update_runs, "
         f"{', '.join('s.' + c for c in _TIME_COLUMNS)} "
         "FROM schema_state s LEFT JOIN context_server2db_pool m ON m.db_schema = s.schema_name "
-        "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name, s.update_runs", database=CONFIGDB)
-    states = [SchemaState(name=str(r[0]), enabled=bool(r[1]), server_id=int(r[2]), update_state=str(r[3]),
-                          version=str(r[4]), updated_at=r[5], last_error=r[6], contexts=int(r[7]),
-                          contexts_enabled=int(r[8]),
-                          context_servers=tuple(int(x) for x in str(r[9]).split(",") if x),
-                          update_runs=int(r[10]), disabled_at=r[11], enabled_at=r[12],
-                          update_started_at=r[13], update_ended_at=r[14])
-              for r in rows]
+        "LEFT JOIN context c ON c.cid = m.cid GROUP BY s.schema_name, s.update_runs",
+        database=CONFIGDB,
+    )
+    states = [
+        SchemaState(
+            name=str(r[0]),
+            enabled=bool(r[1]),
+            server_id=int(r[2]),
+            update_state=str(r[3]),
+            version=str(r[4]),
+            updated_at=r[5],
+            last_error=r[6],
+            contexts=int(r[7]),
+            contexts_enabled=int(r[8]),
+            context_servers=tuple(int(x) for x in str(r[9]).split(",") if x),
+            update_runs=int(r[10]),
+            disabled_at=r[11],
+            enabled_at=r[12],
+            update_started_at=r[13],
+            update_ended_at=r[14],
+        )
+        for r in rows
+    ]
     return {s.name: s for s in sorted(states, key=lambda s: natural_key(s.name))}
 
 
 def servers(cfg: LabConfig) -> list[tuple[int, str]]:
-    rows = mariadb.query(cfg, "primary", "SELECT server_id, name FROM server ORDER BY server_id",
-                         database=CONFIGDB)
+    rows = mariadb.query(
+        cfg, "primary", "SELECT server_id, name FROM server ORDER BY server_id", database=CONFIGDB
+    )
     return [(int(i), str(n)) for i, n in rows]
 
 
 def contexts(cfg: LabConfig, schema: str) -> list[tuple[int, bool, int | None, int]]:
     """(cid, enabled, reason_id, server_id) of every context in `schema`."""
-    rows = mariadb.query(cfg, "primary", "SELECT c.cid, c.enabled, c.reason_id, m.server_id FROM context c "
-                         "JOIN context_server2db_pool m ON m.cid = c.cid WHERE m.db_schema = %s "
-                         "ORDER BY c.cid", (schema,), database=CONFIGDB)
+    rows = mariadb.query(
+        cfg,
+        "primary",
+        "SELECT c.cid, c.enabled, c.reason_id, m.server_id FROM context c "
+        "JOIN context_server2db_pool m ON m.cid = c.cid WHERE m.db_schema = %s "
+        "ORDER BY c.cid",
+        (schema,),
+        database=CONFIGDB,
+    )
     return [(int(c), bool(e), None if r is None else int(r), int(s)) for c, e, r, s in rows]
 
 
-def inject_update_failure(cfg: LabConfig, schema: str, on: bool = True, times: int | None = None,
-                          task: str = FAILING_TASK) -> bool:
+def inject_update_failure(
+    cfg: LabConfig, schema: str, on: bool = True, times: int | None = None, task: str = FAILING_TASK
+) -> bool:
     """Make runupdate fail on `schema` (always, or the next `times` runs), or stop that.
     Returns True when something changed."""
     with _root(cfg) as conn, conn.cursor() as cur:
         if on:
-            cur.execute(f"INSERT INTO `{CONFIGDB}`.update_faults (schema_name, task_name, remaining) "
-                        "VALUES (%s, %s, %s) ON DUPLICATE KEY UPDATE task_name = VALUES(task_name), "
-                        "remaining = VALUES(remaining)", (schema, task, times))
+            cur.execute(
+                f"INSERT INTO `{CONFIGDB}`.update_faults (schema_name, task_name, remaining) "
+                "VALUES (%s, %s, %s) ON DUPLICATE KEY UPDATE task_name = VALUES(task_name), "
+                "remaining = VALUES(remaining)",
+                (schema, task, times),
+            )
         else:
             cur.execute(f"DELETE FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s", (schema,))
         return bool(cur.rowcount)
@@ -543,8 +679,11 @@ def split_write_pools(cfg: LabConfig, schema: str) -> None:
     before), the state OX's disableschema refuses with "Multiple write pool IDs are in use"
     (a permanent failure, exit 1). reset() joins them again."""
     with _root(cfg) as conn, conn.cursor() as cur:
-        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET write_db_pool_id = 999 "
-                    "WHERE db_schema = %s ORDER BY cid LIMIT 1", (schema,))
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.context_server2db_pool SET write_db_pool_id = 999 "
+            "WHERE db_schema = %s ORDER BY cid LIMIT 1",
+            (schema,),
+        )
         if cur.rowcount != 1:
             raise ValueError(f"schema {schema} has no context")
 
@@ -560,13 +699,16 @@ def add_empty_schema(cfg: LabConfig, name: str) -> None:
         cur.execute("SELECT COUNT(*) FROM contexts_per_dbschema WHERE schemaname = %s", (name,))
         if cur.fetchone()[0]:
             raise ValueError(f"schema {name} exists")
-        cur.execute("INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) VALUES (%s, %s, 0)",
-                    (int(meta.get("pool_id", "1")), name))
+        cur.execute(
+            "INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) VALUES (%s, %s, 0)",
+            (int(meta.get("pool_id", "1")), name),
+        )
         cur.execute(_INSERT_STATE, (name, int(meta["initial_server_id"]), meta["initial_version"]))
 
 
-def add_closed_pool(cfg: LabConfig, schemata: int = 1, contexts_per_schema: int = 2,
-                    users_per_context: int = 1) -> tuple[str, ...]:
+def add_closed_pool(
+    cfg: LabConfig, schemata: int = 1, contexts_per_schema: int = 2, users_per_context: int = 1
+) -> tuple[str, ...]:
     """Lab only: a second database pool (`oxclosed`, id 1000+) whose db_cluster max_units is 0 -
     OX's way of closing a pool for new contexts - holding `schemata` schemata
     (oxclosed_1..N) of `contexts_per_schema` enabled contexts each on the initial server.
@@ -579,42 +721,61 @@ def add_closed_pool(cfg: LabConfig, schemata: int = 1, contexts_per_schema: int 
         cur.execute("SELECT k, v FROM lab_meta")
         meta = {str(k): str(v) for k, v in cur.fetchall()}
         server_id, version = int(meta["initial_server_id"]), meta["initial_version"]
-        cur.execute("SELECT COALESCE(MAX(db_pool_id), 0) FROM db_pool WHERE db_pool_id >= %s",
-                    (_LAB_POOL_ID_BASE,))
+        cur.execute(
+            "SELECT COALESCE(MAX(db_pool_id), 0) FROM db_pool WHERE db_pool_id >= %s", (_LAB_POOL_ID_BASE,)
+        )
         pool_id = max(_LAB_POOL_ID_BASE, int(cur.fetchone()[0]) + 1)
-        cur.execute("SELECT url, driver, login, password FROM db_pool WHERE db_pool_id = %s",
-                    (int(meta.get("pool_id", "1")),))
+        cur.execute(
+            "SELECT url, driver, login, password FROM db_pool WHERE db_pool_id = %s",
+            (int(meta.get("pool_id", "1")),),
+        )
         url, driver, login, password = cur.fetchone()
         pool_name = f"{CLOSED_POOL_NAME}{pool_id - _LAB_POOL_ID_BASE or ''}"
-        cur.execute("INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
-                    "name) VALUES (%s, %s, %s, %s, %s, 1, 100, 0, %s)",
-                    (pool_id, url, driver, login, password, pool_name))
+        cur.execute(
+            "INSERT INTO db_pool (db_pool_id, url, driver, login, password, hardlimit, max, initial, "
+            "name) VALUES (%s, %s, %s, %s, %s, 1, 100, 0, %s)",
+            (pool_id, url, driver, login, password, pool_name),
+        )
         cur.execute(_INSERT_CLUSTER, (pool_id, pool_id, 0))
         cur.execute("SELECT COALESCE(MAX(cid), 0) FROM context")
         cid = int(cur.fetchone()[0])
-        cur.execute("SELECT COUNT(*) FROM contexts_per_dbschema WHERE schemaname LIKE %s",
-                    (CLOSED_POOL_NAME + "\\_%",))
+        cur.execute(
+            "SELECT COUNT(*) FROM contexts_per_dbschema WHERE schemaname LIKE %s",
+            (CLOSED_POOL_NAME + "\\_%",),
+        )
         first = int(cur.fetchone()[0]) + 1
         names = tuple(f"{CLOSED_POOL_NAME}_{n}" for n in range(first, first + schemata))
         for schema in names:
             for _ in range(contexts_per_schema):
                 cid += 1
-                cur.execute("INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, 1, NULL)",
-                            (cid, f"context{cid}"))
-                cur.execute("INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
-                            "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
-                            (server_id, cid, pool_id, pool_id, schema))
-                cur.execute(f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) "
-                            "VALUES (%s, %s, %s)", (cid, schema, f"context{cid}"))
+                cur.execute(
+                    "INSERT INTO context (cid, name, enabled, reason_id) VALUES (%s, %s, 1, NULL)",
+                    (cid, f"context{cid}"),
+                )
+                cur.execute(
+                    "INSERT INTO context_server2db_pool (server_id, cid, read_db_pool_id, "
+                    "write_db_pool_id, db_schema) VALUES (%s, %s, %s, %s, %s)",
+                    (server_id, cid, pool_id, pool_id, schema),
+                )
+                cur.execute(
+                    f"INSERT INTO `{SCHEMATA_DB}`.contexts (cid, schema_name, name) VALUES (%s, %s, %s)",
+                    (cid, schema, f"context{cid}"),
+                )
                 for u in range(1, users_per_context + 1):
-                    cur.execute(f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
-                                "VALUES (%s, %s, %s, %s, %s)",
-                                (cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab"))
-            cur.execute("INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) "
-                        "VALUES (%s, %s, %s)", (pool_id, schema, contexts_per_schema))
+                    cur.execute(
+                        f"INSERT INTO `{SCHEMATA_DB}`.users (cid, id, schema_name, name, mail) "
+                        "VALUES (%s, %s, %s, %s, %s)",
+                        (cid, u, schema, f"user{u}", f"user{u}@context{cid}.lab"),
+                    )
+            cur.execute(
+                "INSERT INTO contexts_per_dbschema (db_pool_id, schemaname, count) VALUES (%s, %s, %s)",
+                (pool_id, schema, contexts_per_schema),
+            )
             cur.execute(_INSERT_STATE, (schema, server_id, version))
-        cur.execute("INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
-                    (pool_id, schemata * contexts_per_schema))
+        cur.execute(
+            "INSERT INTO contexts_per_dbpool (db_pool_id, count) VALUES (%s, %s)",
+            (pool_id, schemata * contexts_per_schema),
+        )
     return names
 
 
@@ -629,26 +790,32 @@ def inject_tool_fault(cfg: LabConfig, tool: str, kind: str, times: int = 1) -> N
         if times <= 0:
             cur.execute(f"DELETE FROM `{CONFIGDB}`.tool_faults WHERE tool = %s", (tool,))
         else:
-            cur.execute(f"INSERT INTO `{CONFIGDB}`.tool_faults (tool, kind, remaining) VALUES (%s, %s, %s) "
-                        "ON DUPLICATE KEY UPDATE kind = VALUES(kind), remaining = VALUES(remaining)",
-                        (tool, kind, times))
+            cur.execute(
+                f"INSERT INTO `{CONFIGDB}`.tool_faults (tool, kind, remaining) VALUES (%s, %s, %s) "
+                "ON DUPLICATE KEY UPDATE kind = VALUES(kind), remaining = VALUES(remaining)",
+                (tool, kind, times),
+            )
 
 
 def take_tool_fault(conn: Any, tool: str) -> str | None:
     """The tools' side of inject_tool_fault: the kind of fault this call of `tool` suffers (one
     of the remaining calls used up), or None."""
+
     def body(cur: Any) -> str | None:
-        cur.execute(f"SELECT kind, remaining FROM `{CONFIGDB}`.tool_faults WHERE tool = %s FOR UPDATE",
-                    (tool,))
+        cur.execute(
+            f"SELECT kind, remaining FROM `{CONFIGDB}`.tool_faults WHERE tool = %s FOR UPDATE", (tool,)
+        )
         row = cur.fetchone()
         if row is None:
             return None
         if int(row[1]) <= 1:
             cur.execute(f"DELETE FROM `{CONFIGDB}`.tool_faults WHERE tool = %s", (tool,))
         else:
-            cur.execute(f"UPDATE `{CONFIGDB}`.tool_faults SET remaining = remaining - 1 WHERE tool = %s",
-                        (tool,))
+            cur.execute(
+                f"UPDATE `{CONFIGDB}`.tool_faults SET remaining = remaining - 1 WHERE tool = %s", (tool,)
+            )
         return str(row[0])
+
     try:
         result: str | None = _in_transaction(conn, body)
     except pymysql.err.ProgrammingError:  # no tool_faults table (a config DB older than it)
@@ -671,8 +838,11 @@ def list_servers(conn: Any, pattern: str = "*") -> list[tuple[int, str]]:
     MariaDB compares the id with the pattern cast to a number, as MySQL does for OX). OX's SQL
     has no ORDER BY; the lab orders by id."""
     with conn.cursor() as cur:
-        cur.execute(f"SELECT server_id, name FROM `{CONFIGDB}`.server WHERE name LIKE %s OR server_id = %s "
-                    "ORDER BY server_id", (_like(pattern), pattern))
+        cur.execute(
+            f"SELECT server_id, name FROM `{CONFIGDB}`.server WHERE name LIKE %s OR server_id = %s "
+            "ORDER BY server_id",
+            (_like(pattern), pattern),
+        )
         return [(int(i), str(n)) for i, n in cur.fetchall()]
 
 
@@ -690,8 +860,9 @@ def register_server(conn: Any, name: str) -> int:
             if cur.fetchone()[0]:
                 raise OxError("invalid_data", f"Server {name} already exists!")
             cur.execute(f"UPDATE `{CONFIGDB}`.configdb_sequence SET id = %s", (current + 1,))
-            cur.execute(f"INSERT INTO `{CONFIGDB}`.server (server_id, name) VALUES (%s, %s)",
-                        (current + 1, name))
+            cur.execute(
+                f"INSERT INTO `{CONFIGDB}`.server (server_id, name) VALUES (%s, %s)", (current + 1, name)
+            )
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -711,20 +882,36 @@ def list_schemata(conn: Any, pattern: str = "*", only_empty: bool = False) -> li
     oxdatabase_2), deliberately not numerically, so that nothing downstream can come to rely on
     an order OX does not give (upgradeschemata without -m processes them in this order)."""
     like = _like(pattern)
-    where = "" if like == "%" else (" AND (p.name LIKE %s OR d.schemaname LIKE %s OR p.db_pool_id LIKE %s "
-                                    "OR p.url LIKE %s)")
+    where = (
+        ""
+        if like == "%"
+        else (" AND (p.name LIKE %s OR d.schemaname LIKE %s OR p.db_pool_id LIKE %s OR p.url LIKE %s)")
+    )
     with conn.cursor() as cur:
-        cur.execute(f"SELECT p.db_pool_id, p.name, d.schemaname, p.url, d.count, s.enabled, s.server_id, "
-                    f"s.update_state, s.schema_version FROM `{CONFIGDB}`.db_pool p "
-                    f"JOIN `{CONFIGDB}`.db_cluster c ON c.write_db_pool_id = p.db_pool_id "
-                    f"JOIN `{CONFIGDB}`.contexts_per_dbschema d ON d.db_pool_id = p.db_pool_id "
-                    f"LEFT JOIN `{CONFIGDB}`.schema_state s ON s.schema_name = d.schemaname "
-                    f"WHERE (c.max_units <> 0){where}{' AND d.count = 0' if only_empty else ''} "
-                    "ORDER BY d.schemaname", () if like == "%" else (like,) * 4)
-        return [SchemaRow(pool_id=int(r[0]), pool_name=str(r[1]), schema=str(r[2]), url=str(r[3]),
-                          contexts=int(r[4]), enabled=bool(r[5]) if r[5] is not None else True,
-                          server_id=int(r[6] or 0), update_state=str(r[7] or "none"), version=str(r[8] or ""))
-                for r in cur.fetchall()]
+        cur.execute(
+            f"SELECT p.db_pool_id, p.name, d.schemaname, p.url, d.count, s.enabled, s.server_id, "
+            f"s.update_state, s.schema_version FROM `{CONFIGDB}`.db_pool p "
+            f"JOIN `{CONFIGDB}`.db_cluster c ON c.write_db_pool_id = p.db_pool_id "
+            f"JOIN `{CONFIGDB}`.contexts_per_dbschema d ON d.db_pool_id = p.db_pool_id "
+            f"LEFT JOIN `{CONFIGDB}`.schema_state s ON s.schema_name = d.schemaname "
+            f"WHERE (c.max_units <> 0){where}{' AND d.count = 0' if only_empty else ''} "
+            "ORDER BY d.schemaname",
+            () if like == "%" else (like,) * 4,
+        )
+        return [
+            SchemaRow(
+                pool_id=int(r[0]),
+                pool_name=str(r[1]),
+                schema=str(r[2]),
+                url=str(r[3]),
+                contexts=int(r[4]),
+                enabled=bool(r[5]) if r[5] is not None else True,
+                server_id=int(r[6] or 0),
+                update_state=str(r[7] or "none"),
+                version=str(r[8] or ""),
+            )
+            for r in cur.fetchall()
+        ]
 
 
 @dataclass(frozen=True)
@@ -754,25 +941,43 @@ def list_databases(conn: Any, pattern: str = "*") -> list[DatabaseRow]:
     like = _like(pattern)
     where = "" if like == "%" else " WHERE (p.name LIKE %s OR p.db_pool_id LIKE %s OR p.url LIKE %s)"
     with conn.cursor() as cur:
-        cur.execute(f"SELECT p.db_pool_id, p.url, p.driver, p.login, p.password, p.hardlimit, p.max, "
-                    f"p.initial, p.name, c.max_units, c.read_db_pool_id, c.write_db_pool_id, n.count "
-                    f"FROM `{CONFIGDB}`.db_pool p JOIN `{CONFIGDB}`.db_cluster c "
-                    f"ON (c.write_db_pool_id = p.db_pool_id OR c.read_db_pool_id = p.db_pool_id) "
-                    f"LEFT JOIN `{CONFIGDB}`.contexts_per_dbpool n ON n.db_pool_id = p.db_pool_id{where} "
-                    "ORDER BY p.db_pool_id", () if like == "%" else (like,) * 3)
+        cur.execute(
+            f"SELECT p.db_pool_id, p.url, p.driver, p.login, p.password, p.hardlimit, p.max, "
+            f"p.initial, p.name, c.max_units, c.read_db_pool_id, c.write_db_pool_id, n.count "
+            f"FROM `{CONFIGDB}`.db_pool p JOIN `{CONFIGDB}`.db_cluster c "
+            f"ON (c.write_db_pool_id = p.db_pool_id OR c.read_db_pool_id = p.db_pool_id) "
+            f"LEFT JOIN `{CONFIGDB}`.contexts_per_dbpool n ON n.db_pool_id = p.db_pool_id{where} "
+            "ORDER BY p.db_pool_id",
+            () if like == "%" else (like,) * 3,
+        )
         rows = cur.fetchall()
     out = []
     for r in rows:
         pool_id, read_id, write_id, max_units = int(r[0]), int(r[10]), int(r[11]), int(r[9] or 0)
         master = read_id != pool_id
         if master and max_units != 0 and r[12] is None:
-            raise OxError("storage", "Unable to count contexts. Consider running 'checkcountsconsistency' "
-                          "command-line tool to correct it.")
-        out.append(DatabaseRow(pool_id=pool_id, name=str(r[8]), url=str(r[1]), master=master,
-                               master_id=0 if master else write_id, max_units=max_units,
-                               current_units=int(r[12] or 0) if master else 0, hardlimit=int(r[5] or 0),
-                               pool_max=int(r[6] or 0), pool_initial=int(r[7] or 0), login=str(r[3]),
-                               password=str(r[4]), driver=str(r[2])))
+            raise OxError(
+                "storage",
+                "Unable to count contexts. Consider running 'checkcountsconsistency' "
+                "command-line tool to correct it.",
+            )
+        out.append(
+            DatabaseRow(
+                pool_id=pool_id,
+                name=str(r[8]),
+                url=str(r[1]),
+                master=master,
+                master_id=0 if master else write_id,
+                max_units=max_units,
+                current_units=int(r[12] or 0) if master else 0,
+                hardlimit=int(r[5] or 0),
+                pool_max=int(r[6] or 0),
+                pool_initial=int(r[7] or 0),
+                login=str(r[3]),
+                password=str(r[4]),
+                driver=str(r[2]),
+            )
+        )
     return out
 
 
@@ -795,25 +1000,36 @@ def disable_schema(conn: Any, schema: str) -> int:
     context_server2db_pool WHERE db_schema = ?"): no row (an empty or unknown schema) ->
     NoSuchObjectException "No such schema <s>"; more than one write pool ->
     TargetDatabaseException."""
+
     def body(cur: Any) -> int:
-        cur.execute(f"SELECT DISTINCT write_db_pool_id FROM `{CONFIGDB}`.context_server2db_pool "
-                    "WHERE db_schema = %s", (schema,))
+        cur.execute(
+            f"SELECT DISTINCT write_db_pool_id FROM `{CONFIGDB}`.context_server2db_pool WHERE db_schema = %s",
+            (schema,),
+        )
         pools = cur.fetchall()
         if not pools:
             raise OxError("no_such_object", f"No such schema {schema}")
         if len(pools) > 1:
-            raise OxError("target_database", "Cannot proceed with schema move: Multiple write pool IDs are "
-                          f"in use for schema {schema}")
-        cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
-                    "ON m.cid = c.cid SET c.enabled = 0, c.reason_id = %s "
-                    "WHERE m.db_schema = %s AND c.enabled = 1", (SCHEMA_MOVE_REASON_ID, schema))
+            raise OxError(
+                "target_database",
+                f"Cannot proceed with schema move: Multiple write pool IDs are in use for schema {schema}",
+            )
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
+            "ON m.cid = c.cid SET c.enabled = 0, c.reason_id = %s "
+            "WHERE m.db_schema = %s AND c.enabled = 1",
+            (SCHEMA_MOVE_REASON_ID, schema),
+        )
         n = int(cur.rowcount)
         # disabled_at first: MariaDB assigns left to right, so it still sees the old `enabled`
         # (a repeated disable keeps the time the schema became unavailable).
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET "
-                    "disabled_at = IF(enabled = 1, NOW(6), disabled_at), enabled = 0 WHERE schema_name = %s",
-                    (schema,))
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.schema_state SET "
+            "disabled_at = IF(enabled = 1, NOW(6), disabled_at), enabled = 0 WHERE schema_name = %s",
+            (schema,),
+        )
         return n
+
     return int(_in_transaction(conn, body))
 
 
@@ -822,15 +1038,22 @@ def enable_schema(conn: Any, schema: str) -> int:
     are; idempotent); returns how many contexts it enabled. OX checks nothing here
     (SchemaMoveImpl.enableSchema: contextStorage.enable(schema, reason)), so an empty or unknown
     schema is no error: nothing changes."""
+
     def body(cur: Any) -> int:
-        cur.execute(f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
-                    "ON m.cid = c.cid SET c.enabled = 1, c.reason_id = NULL WHERE m.db_schema = %s "
-                    "AND c.enabled = 0 AND c.reason_id = %s", (schema, SCHEMA_MOVE_REASON_ID))
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.context c JOIN `{CONFIGDB}`.context_server2db_pool m "
+            "ON m.cid = c.cid SET c.enabled = 1, c.reason_id = NULL WHERE m.db_schema = %s "
+            "AND c.enabled = 0 AND c.reason_id = %s",
+            (schema, SCHEMA_MOVE_REASON_ID),
+        )
         n = int(cur.rowcount)
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET "
-                    "enabled_at = IF(enabled = 0, NOW(6), enabled_at), enabled = 1 WHERE schema_name = %s",
-                    (schema,))
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.schema_state SET "
+            "enabled_at = IF(enabled = 0, NOW(6), enabled_at), enabled = 1 WHERE schema_name = %s",
+            (schema,),
+        )
         return n
+
     return int(_in_transaction(conn, body))
 
 
@@ -854,26 +1077,40 @@ def change_server(conn: Any, server_id: int, schema: str, *, refuse_enabled: boo
         Connector/J, which reports found (matched) rows, not changed ones (useAffectedRows is
         off by default), so re-pointing a schema already on that server succeeds; the lab counts
         the matched rows to the same effect."""
+
     def body(cur: Any) -> int:
         cur.execute(f"SELECT COUNT(*) FROM `{CONFIGDB}`.server WHERE server_id = %s", (server_id,))
         if not cur.fetchone()[0]:
             raise OxError("invalid_data", f"No such server {server_object_text(server_id)}")
-        cur.execute(f"SELECT m.cid, c.enabled FROM `{CONFIGDB}`.context_server2db_pool m "
-                    f"JOIN `{CONFIGDB}`.context c ON c.cid = m.cid WHERE m.db_schema = %s ORDER BY m.cid "
-                    "FOR UPDATE", (schema,))
+        cur.execute(
+            f"SELECT m.cid, c.enabled FROM `{CONFIGDB}`.context_server2db_pool m "
+            f"JOIN `{CONFIGDB}`.context c ON c.cid = m.cid WHERE m.db_schema = %s ORDER BY m.cid "
+            "FOR UPDATE",
+            (schema,),
+        )
         rows = cur.fetchall()
         enabled = [int(cid) for cid, on in rows if on]
         if refuse_enabled and enabled:
-            raise OxError("storage", f"The schema '{schema}' is not disabled. The following contexts are "
-                          f"still enabled: [{', '.join(str(c) for c in enabled)}]")
+            raise OxError(
+                "storage",
+                f"The schema '{schema}' is not disabled. The following contexts are "
+                f"still enabled: [{', '.join(str(c) for c in enabled)}]",
+            )
         if not rows:
-            raise OxError("storage", f"Unable to change to server '{server_id}' for the specified schema "
-                          f"'{schema}'. The schema is empty.")
-        cur.execute(f"UPDATE `{CONFIGDB}`.context_server2db_pool SET server_id = %s WHERE db_schema = %s",
-                    (server_id, schema))
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET server_id = %s WHERE schema_name = %s",
-                    (server_id, schema))
+            raise OxError(
+                "storage",
+                f"Unable to change to server '{server_id}' for the specified schema "
+                f"'{schema}'. The schema is empty.",
+            )
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.context_server2db_pool SET server_id = %s WHERE db_schema = %s",
+            (server_id, schema),
+        )
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.schema_state SET server_id = %s WHERE schema_name = %s", (server_id, schema)
+        )
         return len(rows)
+
     return int(_in_transaction(conn, body))
 
 
@@ -897,17 +1134,22 @@ UPDATE_CONFLICT = "Update conflict detected. Another process is currently updati
 UNKNOWN_SCHEMA = "Unknown schema name: {}."
 
 
-def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
-               fail_schemata: Collection[str] = ()) -> list[str]:
+def run_update(
+    conn: Any, schema: str, *, seconds: float, target_version: str, fail_schemata: Collection[str] = ()
+) -> list[str]:
     """runupdate: the schema's update tasks. A schema already updated to `target_version`
     has none pending (returns at once). One update at a time per schema: while another runs,
     OxError("update_running"). Otherwise: update_state `running` (update_runs + 1), `seconds`
     of work, then `done` at target_version - or `failed` when a failure is injected for it
     (update_faults, or `fail_schemata`). Returns the names of the failed tasks."""
+
     def claim(cur: Any) -> bool:
-        cur.execute(f"SELECT update_state, schema_version, "
-                    f"TIMESTAMPDIFF(MICROSECOND, updated_at, NOW(3)) / 1e6 FROM `{CONFIGDB}`.schema_state "
-                    "WHERE schema_name = %s FOR UPDATE", (schema,))
+        cur.execute(
+            f"SELECT update_state, schema_version, "
+            f"TIMESTAMPDIFF(MICROSECOND, updated_at, NOW(3)) / 1e6 FROM `{CONFIGDB}`.schema_state "
+            "WHERE schema_name = %s FOR UPDATE",
+            (schema,),
+        )
         row = cur.fetchone()
         if row is None:
             raise OxError("no_such_object", UNKNOWN_SCHEMA.format(schema))
@@ -915,18 +1157,24 @@ def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
             return False
         if str(row[0]) == "running" and row[2] is not None and float(row[2]) < STALE_UPDATE_S + seconds:
             raise OxError("update_running", UPDATE_CONFLICT.format(schema))
-        cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'running', updated_at = NOW(3), "
-                    "last_error = NULL, update_runs = update_runs + 1, update_started_at = NOW(6), "
-                    "update_ended_at = NULL WHERE schema_name = %s", (schema,))
+        cur.execute(
+            f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'running', updated_at = NOW(3), "
+            "last_error = NULL, update_runs = update_runs + 1, update_started_at = NOW(6), "
+            "update_ended_at = NULL WHERE schema_name = %s",
+            (schema,),
+        )
         return True
+
     if not _in_transaction(conn, claim):
         return []
     if seconds > 0:
         time.sleep(seconds)
 
     def finish(cur: Any) -> list[str]:
-        cur.execute(f"SELECT task_name, remaining FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s "
-                    "FOR UPDATE", (schema,))
+        cur.execute(
+            f"SELECT task_name, remaining FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s FOR UPDATE",
+            (schema,),
+        )
         fault = cur.fetchone()
         failed: list[str] = []
         if fault is not None:
@@ -935,19 +1183,26 @@ def run_update(conn: Any, schema: str, *, seconds: float, target_version: str,
                 if int(fault[1]) <= 1:
                     cur.execute(f"DELETE FROM `{CONFIGDB}`.update_faults WHERE schema_name = %s", (schema,))
                 else:
-                    cur.execute(f"UPDATE `{CONFIGDB}`.update_faults SET remaining = remaining - 1 "
-                                "WHERE schema_name = %s", (schema,))
+                    cur.execute(
+                        f"UPDATE `{CONFIGDB}`.update_faults SET remaining = remaining - 1 "
+                        "WHERE schema_name = %s",
+                        (schema,),
+                    )
         elif schema in fail_schemata:
             failed = [FAILING_TASK]
         if failed:
             error = f"update task(s) failed: {', '.join(failed)}"
-            cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'failed', updated_at = NOW(3), "
-                        "update_ended_at = NOW(6), last_error = %s WHERE schema_name = %s",
-                        (error[:255], schema))
+            cur.execute(
+                f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'failed', updated_at = NOW(3), "
+                "update_ended_at = NOW(6), last_error = %s WHERE schema_name = %s",
+                (error[:255], schema),
+            )
         else:
-            cur.execute(f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'done', schema_version = %s, "
-                        "updated_at = NOW(3), update_ended_at = NOW(6) WHERE schema_name = %s",
-                        (target_version, schema))
+            cur.execute(
+                f"UPDATE `{CONFIGDB}`.schema_state SET update_state = 'done', schema_version = %s, "
+                "updated_at = NOW(3), update_ended_at = NOW(6) WHERE schema_name = %s",
+                (target_version, schema),
+            )
         return failed
-    return list(_in_transaction(conn, finish))
 
+    return list(_in_transaction(conn, finish))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ def read_properties(path: Path) -> dict[str, str]:
         if not line or line[0] in "#!":
             continue
         cut = min((p for p in (line.find("="), line.find(":")) if p >= 0), default=-1)
-        key, value = (line, "") if cut < 0 else (line[:cut], line[cut + 1:])
+        key, value = (line, "") if cut < 0 else (line[:cut], line[cut + 1 :])
         props[key.strip()] = value.strip()
     return props
 
@@ -87,8 +88,9 @@ class Settings:
 def load_settings(node_dir: Path) -> Settings:
     server = read_properties(node_dir / "etc" / "server.properties")
     system = read_properties(node_dir / "etc" / "system.properties")
-    return Settings(server_name=system.get(SERVER_NAME_KEY, ""),
-                    redirect_url=server.get(REDIRECT_KEY) or None)
+    return Settings(
+        server_name=system.get(SERVER_NAME_KEY, ""), redirect_url=server.get(REDIRECT_KEY) or None
+    )
 
 
 class Node:
@@ -133,17 +135,25 @@ class Node:
     def _password(self) -> str:
         password_file = self._env.get("OX_CONFIGDB_PASSWORD_FILE")
         return self._env.get("OX_CONFIGDB_PASSWORD") or (
-            Path(password_file).read_text(encoding="utf-8").strip() if password_file else "")
+            Path(password_file).read_text(encoding="utf-8").strip() if password_file else ""
+        )
 
     async def start(self) -> None:
         env = self._env
         # minsize 0: the node starts (and answers /health with 503) while the DB is down; a
         # few connections are plenty for a lab node behind a probe.
         self._pool = await aiomysql.create_pool(
-            minsize=0, maxsize=4, host=env.get("OX_CONFIGDB_HOST", "127.0.0.1"),
+            minsize=0,
+            maxsize=4,
+            host=env.get("OX_CONFIGDB_HOST", "127.0.0.1"),
             port=int(env.get("OX_CONFIGDB_PORT", "3306")),
-            user=env.get("OX_CONFIGDB_USER", configdb.OX_DB_USER), password=self._password(),
-            db=configdb.CONFIGDB, autocommit=True, connect_timeout=3, pool_recycle=60)
+            user=env.get("OX_CONFIGDB_USER", configdb.OX_DB_USER),
+            password=self._password(),
+            db=configdb.CONFIGDB,
+            autocommit=True,
+            connect_timeout=3,
+            pool_recycle=60,
+        )
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -184,8 +194,9 @@ DB_ERRORS = (pymysql.MySQLError, OSError, TimeoutError)
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -204,13 +215,22 @@ async def version(request: web.Request) -> web.Response:
         sid = await node.server_id()
     except DB_ERRORS:
         sid = None  # still say what runs here: /version is what an operator checks first
-    return _json(200, {"version": node.version, "node": node.name, "server_name": node.settings.server_name,
-                       "server_id": sid, "migration_redirect_url": node.settings.redirect_url})
+    return _json(
+        200,
+        {
+            "version": node.version,
+            "node": node.name,
+            "server_name": node.settings.server_name,
+            "server_id": sid,
+            "migration_redirect_url": node.settings.redirect_url,
+        },
+    )
 
 
 def _bad_request(code: str, error: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"code": code, "error": error}),
-                              content_type="application/json")
+    return web.HTTPBadRequest(
+        text=json.dumps({"code": code, "error": error}), content_type="application/json"
+    )
 
 
 def _int_param(request: web.Request, key: str, required: bool) -> int | None:
@@ -235,7 +255,8 @@ async def login(request: web.Request) -> web.Response:
             "SELECT c.enabled, m.server_id, m.db_schema, "
             "(SELECT s.server_id FROM server s WHERE s.name = %s) FROM context c "
             "JOIN context_server2db_pool m ON m.cid = c.cid WHERE c.cid = %s LIMIT 1",
-            (settings.server_name, cid))
+            (settings.server_name, cid),
+        )
     except DB_ERRORS as e:
         return _json(503, {"code": "DBP-0001", "error": f"Cannot get a connection to the config DB: {e}"})
     if not rows:
@@ -244,19 +265,37 @@ async def login(request: web.Request) -> web.Response:
     # Disabled first: during a schema's upgrade its contexts are refused everywhere, on the
     # old and the new server alike (expected unavailability, counted apart by the probe).
     if not enabled:
-        return _json(403, {"code": "LGI-0016", "error": f"Context {cid} is disabled"},
-                     headers={"X-OX-Refused": "disabled"})
+        return _json(
+            403,
+            {"code": "LGI-0016", "error": f"Context {cid} is disabled"},
+            headers={"X-OX-Refused": "disabled"},
+        )
     if own_server is not None and int(context_server) == int(own_server):
-        return _json(200, {"context": cid, "user": uid, "schema": schema, "server": settings.server_name,
-                           "node": node.name, "version": node.version})
+        return _json(
+            200,
+            {
+                "context": cid,
+                "user": uid,
+                "schema": schema,
+                "server": settings.server_name,
+                "node": node.name,
+                "version": node.version,
+            },
+        )
     if settings.redirect_url:
         query = {"context": cid, **({"user": uid} if uid is not None else {})}
         location = f"{settings.redirect_url.rstrip('/')}/ox/login?{urlencode(query)}"
-        return _json(302, {"redirect": location},
-                     headers={"Location": location, "X-OX-Redirect": "migration"})
+        return _json(
+            302, {"redirect": location}, headers={"Location": location, "X-OX-Redirect": "migration"}
+        )
     # No redirect without the property: on the upgraded cluster it would loop (seed, Q & A).
-    return _json(409, {"code": "CTX-0012",
-                       "error": f"The context {cid} is located in server with id {int(context_server)}"})
+    return _json(
+        409,
+        {
+            "code": "CTX-0012",
+            "error": f"The context {cid} is located in server with id {int(context_server)}",
+        },
+    )
 
 
 def make_app(node: Node) -> web.Application:
@@ -286,7 +325,10 @@ def make_app(node: Node) -> web.Application:
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     handlers: list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
-        ("/health", health), ("/version", version), ("/ox/login", login)]
+        ("/health", health),
+        ("/version", version),
+        ("/ox/login", login),
+    ]
     for path, handler in handlers:
         app.router.add_get(path, handler)
     return app
@@ -299,15 +341,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--admin-port", type=int, default=None, help="the tools' endpoint (127.0.0.1)")
     a = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     node = Node(a.node_dir.resolve(), a.name, a.admin_port)
-    log.info("open-xchange %s node=%s server_name=%s starting on port %d", node.version, node.name,
-             node.settings.server_name, a.port)
+    log.info(
+        "open-xchange %s node=%s server_name=%s starting on port %d",
+        node.version,
+        node.name,
+        node.settings.server_name,
+        a.port,
+    )
+    gc.freeze()  # what is loaded now lives as long as the process: out of the collector's passes
     # No access log: a probe at 100 requests/s would fill run/ox.log. Requests are short, so
     # a short graceful shutdown lets the in-flight ones finish.
-    web.run_app(make_app(node), host="127.0.0.1", port=a.port, print=None, access_log=None,
-                shutdown_timeout=10)
+    web.run_app(
+        make_app(node), host="127.0.0.1", port=a.port, print=None, access_log=None, shutdown_timeout=10
+    )
     log.info("open-xchange %s node=%s stopped", node.version, node.name)
 
 

@@ -48,18 +48,22 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 def server_properties_text(cfg: LabConfig, i: int) -> str:
     # A few real OX keys for realism; the service only reads migrationRedirectURL.
-    return (f"# server.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in, written by\n"
-            "# lab/ox/nodes.py). key=value; `./ctl reload` applies changes without a restart.\n"
-            "com.openexchange.server.considerXForwards=true\n"
-            "com.openexchange.server.forHeader=X-Forwarded-For\n"
-            "com.openexchange.IPCheck=true\n")
+    return (
+        f"# server.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in, written by\n"
+        "# lab/ox/nodes.py). key=value; `./ctl reload` applies changes without a restart.\n"
+        "com.openexchange.server.considerXForwards=true\n"
+        "com.openexchange.server.forHeader=X-Forwarded-For\n"
+        "com.openexchange.IPCheck=true\n"
+    )
 
 
 def system_properties_text(cfg: LabConfig, i: int, server_name: str = SERVER_NAME) -> str:
-    return (f"# system.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in).\n"
-            "# The name this node's server is registered under in the config DB (table server):\n"
-            "# it serves the contexts pointed at that server.\n"
-            f"SERVER_NAME={server_name}\n")
+    return (
+        f"# system.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in).\n"
+        "# The name this node's server is registered under in the config DB (table server):\n"
+        "# it serves the contexts pointed at that server.\n"
+        f"SERVER_NAME={server_name}\n"
+    )
 
 
 HAZELCAST_GROUP = "oxcluster"
@@ -67,10 +71,12 @@ HAZELCAST_GROUP = "oxcluster"
 
 def hazelcast_properties_text(cfg: LabConfig, i: int) -> str:
     # Key names from OX's documentation/administration/running_a_cluster.md.
-    return (f"# hazelcast.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in).\n"
-            "# Only nodes using the same group name join each other and form the cluster.\n"
-            f"com.openexchange.hazelcast.group.name={HAZELCAST_GROUP}\n"
-            "com.openexchange.hazelcast.network.join=static\n")
+    return (
+        f"# hazelcast.properties of Open-Xchange node {cfg.ox_node_name(i)} (lab stand-in).\n"
+        "# Only nodes using the same group name join each other and form the cluster.\n"
+        f"com.openexchange.hazelcast.group.name={HAZELCAST_GROUP}\n"
+        "com.openexchange.hazelcast.network.join=static\n"
+    )
 
 
 # Launch snippet for nodes.render_ctl: the service runs from the node folder; PYTHONPATH
@@ -164,15 +170,24 @@ esac
 def ctl_script(cfg: LabConfig, i: int) -> str:
     reload_s = RELOAD_TIMEOUT_TENTHS // 10
     return nodes.render_ctl(
-        cfg, cfg.ox_node_name(i), cfg.ox_app_port(i), generator="lab/ox/nodes.py", what="open-xchange",
-        proc="ox", match=PROCESS_MATCH,
-        launch=_LAUNCH.replace("@ROOT@", shlex.quote(str(PROJECT_ROOT)))
-        .replace("@ADMIN_PORT@", str(cfg.ox_admin_port(i))),
+        cfg,
+        cfg.ox_node_name(i),
+        cfg.ox_app_port(i),
+        generator="lab/ox/nodes.py",
+        what="open-xchange",
+        proc="ox",
+        match=PROCESS_MATCH,
+        launch=_LAUNCH.replace("@ROOT@", shlex.quote(str(PROJECT_ROOT))).replace(
+            "@ADMIN_PORT@", str(cfg.ox_admin_port(i))
+        ),
         stop_timeout_s=STOP_TIMEOUT_S,
         help_lines="#   ./ctl reload   re-read etc/*.properties without a restart; exit 0 once confirmed\n",
-        funcs=_RELOAD.replace("@RELOAD_TENTHS@", str(RELOAD_TIMEOUT_TENTHS))
-        .replace("@RELOAD_S@", str(reload_s)),
-        cases="  reload) reload ;;\n", verbs="|reload")
+        funcs=_RELOAD.replace("@RELOAD_TENTHS@", str(RELOAD_TIMEOUT_TENTHS)).replace(
+            "@RELOAD_S@", str(reload_s)
+        ),
+        cases="  reload) reload ;;\n",
+        verbs="|reload",
+    )
 
 
 def oxpkg_script(cfg: LabConfig, i: int) -> str:
@@ -192,8 +207,12 @@ def install_tools(cfg: LabConfig, i: int, runupdate_seconds: float | None = None
     bin_dir = cfg.ox_node_dir(i) / "bin"
     # Thin clients of the node's middleware (lab/ox/admin.py), as OX's tools are of its RMI
     # interface: they work while the node's service runs.
-    tools.install_tools(bin_dir, str(Path(cfg.python).absolute()), configdb.tools_env(cfg, **overrides),
-                        admin_port=cfg.ox_admin_port(i))
+    tools.install_tools(
+        bin_dir,
+        str(Path(cfg.python).absolute()),
+        configdb.tools_env(cfg, **overrides),
+        admin_port=cfg.ox_admin_port(i),
+    )
     return bin_dir
 
 
@@ -230,10 +249,12 @@ def install_ox_node(cfg: LabConfig, i: int, version: str = INITIAL_VERSION) -> b
         d.mkdir(parents=True, exist_ok=True)
     _write(node / "ctl", ctl_script(cfg, i), 0o755)
     _write(node / "oxpkg", oxpkg_script(cfg, i), 0o755)
-    changed = [_write(node / "etc" / "server.properties", server_properties_text(cfg, i)),
-               _write(node / "etc" / "system.properties", system_properties_text(cfg, i)),
-               _write(node / "etc" / "hazelcast.properties", hazelcast_properties_text(cfg, i)),
-               _write(version_file(cfg, i), version + "\n")]
+    changed = [
+        _write(node / "etc" / "server.properties", server_properties_text(cfg, i)),
+        _write(node / "etc" / "system.properties", system_properties_text(cfg, i)),
+        _write(node / "etc" / "hazelcast.properties", hazelcast_properties_text(cfg, i)),
+        _write(version_file(cfg, i), version + "\n"),
+    ]
     install_tools(cfg, i)
     for p in (node / "inject").iterdir():
         p.unlink(missing_ok=True)
@@ -250,9 +271,15 @@ def installed(cfg: LabConfig, i: int) -> bool:
 
 def ctl(cfg: LabConfig, i: int, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `./ctl <action>` in OX node i's folder (as the SSH endpoint would)."""
-    return subprocess.run(["sh", "-c", f"./ctl {shlex.quote(action)}"], cwd=cfg.ox_node_dir(i),
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          check=False)
+    return subprocess.run(
+        ["sh", "-c", f"./ctl {shlex.quote(action)}"],
+        cwd=cfg.ox_node_dir(i),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def _checked(cfg: LabConfig, i: int, action: str) -> None:
@@ -284,11 +311,19 @@ def ox_node_running(cfg: LabConfig, i: int) -> bool:
 
 def oxpkg(cfg: LabConfig, i: int, *args: str) -> str:
     """Run `./oxpkg <args>` in OX node i's folder; its stdout, RuntimeError when it fails."""
-    r = subprocess.run(["./oxpkg", *args], cwd=cfg.ox_node_dir(i), capture_output=True, text=True,
-                       timeout=30, stdin=subprocess.DEVNULL, check=False)
+    r = subprocess.run(
+        ["./oxpkg", *args],
+        cwd=cfg.ox_node_dir(i),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"{cfg.ox_node_name(i)}: oxpkg {' '.join(args)} exited {r.returncode}: "
-                           f"{r.stderr.strip()}")
+        raise RuntimeError(
+            f"{cfg.ox_node_name(i)}: oxpkg {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}"
+        )
     return r.stdout
 
 

@@ -117,9 +117,11 @@ class OxProbeSummary:
 
     def line(self) -> str:
         nodes = ",".join(f"{k}:{v}" for k, v in sorted(self.by_node.items()))
-        return (f"requests={self.total} ok={self.ok} failed={self.failed} disabled={self.disabled} "
-                f"redirected={self.redirected} p50_ms={self.latency_p50_ms:.1f} "
-                f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}")
+        return (
+            f"requests={self.total} ok={self.ok} failed={self.failed} disabled={self.disabled} "
+            f"redirected={self.redirected} p50_ms={self.latency_p50_ms:.1f} "
+            f"max_ms={self.latency_max_ms:.1f} nodes={nodes or '-'}"
+        )
 
 
 class _OxRecorder:
@@ -134,8 +136,20 @@ class _OxRecorder:
         self.latencies: list[float] = []
         self._log = JsonlLog(out)
 
-    def record(self, target: OxTarget, outcome: str, *, t: str, mono: float, status: int | None,
-               error: str | None, node: str | None, hops: int, ms: float, version: str | None = None) -> None:
+    def record(
+        self,
+        target: OxTarget,
+        outcome: str,
+        *,
+        t: str,
+        mono: float,
+        status: int | None,
+        error: str | None,
+        node: str | None,
+        hops: int,
+        ms: float,
+        version: str | None = None,
+    ) -> None:
         """outcome: ok | failed | disabled (a redirected 200 is `ok` with hops >= 1)."""
         self.total += 1
         sch = self.by_schema[target.schema]
@@ -173,9 +187,20 @@ class _OxRecorder:
             sch["failed"] += 1
             line_outcome = "failed"
         if line_outcome is not None:
-            self._log.write({"t": t, "mono": round(mono, 6), "cid": target.cid, "schema": target.schema,
-                             "outcome": line_outcome, "status": status, "error": error, "node": node,
-                             "hops": hops, "ms": round(ms, 1)})
+            self._log.write(
+                {
+                    "t": t,
+                    "mono": round(mono, 6),
+                    "cid": target.cid,
+                    "schema": target.schema,
+                    "outcome": line_outcome,
+                    "status": status,
+                    "error": error,
+                    "node": node,
+                    "hops": hops,
+                    "ms": round(ms, 1),
+                }
+            )
 
     def close(self) -> None:
         self._log.close()
@@ -196,8 +221,9 @@ def _ctx0012(body: bytes) -> str | None:
     return None
 
 
-async def _login(session: aiohttp.ClientSession, base: str, target: OxTarget, rec: _OxRecorder,
-                 timeout_s: float) -> None:
+async def _login(
+    session: aiohttp.ClientSession, base: str, target: OxTarget, rec: _OxRecorder, timeout_s: float
+) -> None:
     t, mono, t0 = now_iso(), time.monotonic(), time.perf_counter()
     url = URL(login_url(base, target))
     seen = {str(url)}
@@ -206,8 +232,18 @@ async def _login(session: aiohttp.ClientSession, base: str, target: OxTarget, re
     status: int | None = None
 
     def done(outcome: str, error: str | None, version: str | None = None) -> None:
-        rec.record(target, outcome, t=t, mono=mono, status=status, error=error, node=node, hops=hops,
-                   ms=(time.perf_counter() - t0) * 1000, version=version)
+        rec.record(
+            target,
+            outcome,
+            t=t,
+            mono=mono,
+            status=status,
+            error=error,
+            node=node,
+            hops=hops,
+            ms=(time.perf_counter() - t0) * 1000,
+            version=version,
+        )
 
     try:
         async with asyncio.timeout(timeout_s):  # the whole chain of hops
@@ -243,8 +279,11 @@ async def _login(session: aiohttp.ClientSession, base: str, target: OxTarget, re
             data = json.loads(body)
         except ValueError:
             data = None
-        if (not isinstance(data, dict) or str(data.get("context")) != str(target.cid)
-                or str(data.get("user")) != str(target.user)):
+        if (
+            not isinstance(data, dict)
+            or str(data.get("context")) != str(target.cid)
+            or str(data.get("user")) != str(target.user)
+        ):
             return done("failed", f"200 that is not context {target.cid}'s login: {body[:200]!r}")
         node = node or (str(data["node"]) if data.get("node") else None)
         return done("ok", None, str(data["version"]) if data.get("version") is not None else None)
@@ -256,8 +295,15 @@ async def _login(session: aiohttp.ClientSession, base: str, target: OxTarget, re
     return done("failed", f"unexpected status {status}: {body[:200]!r}")
 
 
-async def run_ox_probe(url: str, rate: float, contexts: Sequence[OxTarget], stop: asyncio.Event,
-                       out: Path | None, *, timeout_s: float = TIMEOUT_S) -> OxProbeSummary:
+async def run_ox_probe(
+    url: str,
+    rate: float,
+    contexts: Sequence[OxTarget],
+    stop: asyncio.Event,
+    out: Path | None,
+    *,
+    timeout_s: float = TIMEOUT_S,
+) -> OxProbeSummary:
     """Log in to `contexts` round-robin through `url` at `rate` per second until `stop` is
     set, then wait for the requests in flight and return the summary. Non-plain-success
     events go to `out` (JSONL) as they happen."""
@@ -280,14 +326,27 @@ async def run_ox_probe(url: str, rate: float, contexts: Sequence[OxTarget], stop
         rec.close()
     p50, pmax = latency_stats(rec.latencies)
     return OxProbeSummary(
-        total=rec.total, ok=rec.ok, failed=rec.failed, disabled=rec.disabled, redirected=rec.redirected,
-        by_status=dict(sorted(rec.by_status.items())), by_node=dict(sorted(rec.by_node.items())),
+        total=rec.total,
+        ok=rec.ok,
+        failed=rec.failed,
+        disabled=rec.disabled,
+        redirected=rec.redirected,
+        by_status=dict(sorted(rec.by_status.items())),
+        by_node=dict(sorted(rec.by_node.items())),
         by_version=dict(sorted(rec.by_version.items())),
-        by_schema={s: {k: c[k] for k in _SCHEMA_KEYS} for s, c in sorted(rec.by_schema.items(),
-                                                                           key=lambda kv: _natural(kv[0]))},
+        by_schema={
+            s: {k: c[k] for k in _SCHEMA_KEYS}
+            for s, c in sorted(rec.by_schema.items(), key=lambda kv: _natural(kv[0]))
+        },
         disabled_windows={str(cid): [w[1], w[3], w[4]] for cid, w in sorted(rec.windows.items())},
-        started=started, ended=now_iso(), latency_p50_ms=p50, latency_max_ms=pmax, rate=rate, url=base,
-        contexts=len(targets))
+        started=started,
+        ended=now_iso(),
+        latency_p50_ms=p50,
+        latency_max_ms=pmax,
+        rate=rate,
+        url=base,
+        contexts=len(targets),
+    )
 
 
 # --------------------------------------------------------------------------- targets
@@ -295,7 +354,7 @@ async def run_ox_probe(url: str, rate: float, contexts: Sequence[OxTarget], stop
 
 def _natural(name: str) -> tuple[str, int, str]:
     head = name.rstrip("0123456789")
-    tail = name[len(head):]
+    tail = name[len(head) :]
     return (head, int(tail) if tail else -1, name)
 
 
@@ -310,17 +369,23 @@ def lab_targets(cfg: LabConfig, per_schema: int = 1) -> list[OxTarget]:
     from lab.ox import configdb
 
     rows = mariadb.query(
-        cfg, "primary",
+        cfg,
+        "primary",
         f"SELECT m.db_schema, m.cid, MIN(u.id) FROM `{configdb.CONFIGDB}`.context_server2db_pool m "
         f"JOIN `{configdb.SCHEMATA_DB}`.users u ON u.cid = m.cid GROUP BY m.db_schema, m.cid",
-        database=configdb.CONFIGDB)
+        database=configdb.CONFIGDB,
+    )
     by_schema: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for schema, cid, user in rows:
         by_schema[str(schema)].append((int(cid), int(user)))
     chosen = {s: sorted(v)[:per_schema] for s, v in by_schema.items()}
     order = sorted(chosen, key=configdb.natural_key)
-    return [OxTarget(cid=chosen[s][i][0], schema=s, user=chosen[s][i][1])
-            for i in range(per_schema) for s in order if i < len(chosen[s])]
+    return [
+        OxTarget(cid=chosen[s][i][0], schema=s, user=chosen[s][i][1])
+        for i in range(per_schema)
+        for s in order
+        if i < len(chosen[s])
+    ]
 
 
 def write_targets(path: Path, targets: Sequence[OxTarget]) -> Path:
@@ -364,8 +429,9 @@ def failures(events_jsonl: Path) -> list[dict[str, Any]]:
     return [e for e in read_events(events_jsonl) if e["outcome"] == "failed"]
 
 
-def disabled_outside(events_jsonl: Path, windows: Mapping[str, tuple[float, float]],
-                     slack_s: float = 0.0) -> list[dict[str, Any]]:
+def disabled_outside(
+    events_jsonl: Path, windows: Mapping[str, tuple[float, float]], slack_s: float = 0.0
+) -> list[dict[str, Any]]:
     """The `disabled` events outside their own schema's window (time.monotonic() of its
     disableschema and enableschema). A disabled event's `mono` is the request's start, which
     may precede the disable by up to one request latency: `slack_s` widens the window's
@@ -383,14 +449,24 @@ def disabled_outside(events_jsonl: Path, windows: Mapping[str, tuple[float, floa
 # --------------------------------------------------------------------------- process mode
 
 
-def start_ox_probe_process(url: str, rate: float, targets: Sequence[OxTarget] | Path, out: Path,
-                           summary: Path, timeout_s: float = TIMEOUT_S) -> subprocess.Popen[bytes]:
+def start_ox_probe_process(
+    url: str,
+    rate: float,
+    targets: Sequence[OxTarget] | Path,
+    out: Path,
+    summary: Path,
+    timeout_s: float = TIMEOUT_S,
+) -> subprocess.Popen[bytes]:
     """The OX probe in its own process (fresh output files). `targets`: a targets JSON file,
     or targets, written next to `summary` as <summary stem>.targets.json."""
     if not isinstance(targets, Path):
         targets = write_targets(summary.with_name(summary.stem + ".targets.json"), targets)
-    return spawn_probe("lab.ox.probe", ["--url", url, "--rate", str(rate), "--targets", str(targets),
-                                        "--timeout", str(timeout_s)], out, summary)
+    return spawn_probe(
+        "lab.ox.probe",
+        ["--url", url, "--rate", str(rate), "--targets", str(targets), "--timeout", str(timeout_s)],
+        out,
+        summary,
+    )
 
 
 def stop_ox_probe_process(proc: subprocess.Popen[bytes], summary: Path) -> dict[str, Any]:
@@ -410,8 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per request (all hops)")
     a = p.parse_args(argv)
     targets = read_targets(a.targets)
-    run_cli(lambda stop: run_ox_probe(a.url, a.rate, targets, stop, a.out, timeout_s=a.timeout),
-            a.duration, a.summary)
+    run_cli(
+        lambda stop: run_ox_probe(a.url, a.rate, targets, stop, a.out, timeout_s=a.timeout),
+        a.duration,
+        a.summary,
+    )
     return 0
 
 

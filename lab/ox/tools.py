@@ -101,8 +101,17 @@ import pymysql
 from lab.ox import configdb
 from lab.ox.configdb import OxError
 
-TOOLS = ("registerserver", "listserver", "listdatabase", "listdatabaseschema", "disableschema",
-         "enableschema", "changeserver", "runupdate", "upgradeschemata")
+TOOLS = (
+    "registerserver",
+    "listserver",
+    "listdatabase",
+    "listdatabaseschema",
+    "disableschema",
+    "enableschema",
+    "changeserver",
+    "runupdate",
+    "upgradeschemata",
+)
 ENV_FILE_NAME = "ox-tools.env"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("lab.ox.tools")
@@ -123,8 +132,12 @@ EXIT_UNKNOWN_OPTION = 111
 # ObjectNamingAbstraction.printErrors (…/console/ObjectNamingAbstraction.java L183-L292): which
 # server exception gives which exit code (NoSuchObjectException and TargetDatabaseException
 # fall through to the final else: 1).
-_KIND_EXIT = {"invalid_data": EXIT_INVALID_DATA, "storage": EXIT_SERVERSTORAGE_ERROR, "no_such_object": 1,
-              "target_database": 1}
+_KIND_EXIT = {
+    "invalid_data": EXIT_INVALID_DATA,
+    "storage": EXIT_SERVERSTORAGE_ERROR,
+    "no_such_object": 1,
+    "target_database": 1,
+}
 # runupdate (AbstractRmiCLI.getAuthFailedExitCode: -1, i.e. 255 for the shell).
 EXIT_AUTH_FAILED_CLI = 255
 
@@ -132,12 +145,16 @@ EXIT_AUTH_FAILED_CLI = 255
 # line (L154), the prompt (PROMPT, L100) and the texts around it (registerServer, L391-L400).
 UPGRADE_FAILED = "An error occurred during schema upgrade. Manual intervention is advised.\n"
 PROMPT = "Type 'abort' to abort the upgrade process, or 'continue' to proceed ['abort'/'continue']:"
-ALREADY_REGISTERED = ("WARNING: The specified server is already registered with id '{id}'.\n"
-                      "         If you continue the already existing server will be used to point the "
-                      "updated schemata after the update tasks complete.\n"
-                      "         " + PROMPT + "\n")
-CONTINUE_WITH_SERVER = ("The server '{name}' with id '{id}' will be used to point the updated schemata after "
-                        "the update tasks complete.\n" + PROMPT + "\n")
+ALREADY_REGISTERED = (
+    "WARNING: The specified server is already registered with id '{id}'.\n"
+    "         If you continue the already existing server will be used to point the "
+    "updated schemata after the update tasks complete.\n"
+    "         " + PROMPT + "\n"
+)
+CONTINUE_WITH_SERVER = (
+    "The server '{name}' with id '{id}' will be used to point the updated schemata after "
+    "the update tasks complete.\n" + PROMPT + "\n"
+)
 # AbstractAdministrativeCLI.optAuthenticate (runupdate, 7.10.1+): -A or -P empty.
 NO_CREDENTIALS = "You must provide administrative credentials to proceed.\n"
 # BasicAuthenticator.doAuthentication(Credentials) (com.openexchange.admin .../daemons/
@@ -146,16 +163,20 @@ AUTH_FAILED = "Authentication failed"
 # What a java.rmi.ConnectException (RMI registry not answering) and a broken remote call
 # (java.rmi.UnmarshalException around an EOFException) say; RemoteException.getMessage() is
 # "<message>; nested exception is: \n\t<cause>". Used by the injected tool faults.
-RMI_CONNECT_REFUSED = ("Connection refused to host: localhost; nested exception is: \n"
-                       "\tjava.net.ConnectException: Connection refused (Connection refused)")
+RMI_CONNECT_REFUSED = (
+    "Connection refused to host: localhost; nested exception is: \n"
+    "\tjava.net.ConnectException: Connection refused (Connection refused)"
+)
 RMI_CALL_BROKEN = "Error unmarshaling return header; nested exception is: \n\tjava.io.EOFException"
 # Stack frames after a server exception's message (BasicCommandlineOptions.printServerException
 # prints one "\tat <frame>" line per frame). Which frames a real server sends depends on its
 # build; the lab's are made up from OX's class and method names, without line numbers (Java
 # prints "(File.java)" then), followed by the RMI client frames every remote call has.
-_RMI_CLIENT_FRAMES = ("sun.rmi.transport.StreamRemoteCall.exceptionReceivedFromServer(StreamRemoteCall.java)",
-                      "sun.rmi.transport.StreamRemoteCall.executeCall(StreamRemoteCall.java)",
-                      "sun.rmi.server.UnicastRef.invoke(UnicastRef.java)")
+_RMI_CLIENT_FRAMES = (
+    "sun.rmi.transport.StreamRemoteCall.exceptionReceivedFromServer(StreamRemoteCall.java)",
+    "sun.rmi.transport.StreamRemoteCall.executeCall(StreamRemoteCall.java)",
+    "sun.rmi.server.UnicastRef.invoke(UnicastRef.java)",
+)
 
 
 def frames(*methods: str) -> tuple[str, ...]:
@@ -249,16 +270,16 @@ def _secret(env: Mapping[str, str], value_key: str, file_key: str) -> str | None
 def _connect(ctx: Ctx) -> Any:
     env = ctx.env
     try:
-        return configdb.connect(host=env.get("OX_CONFIGDB_HOST", "127.0.0.1"),
-                                port=int(env.get("OX_CONFIGDB_PORT", "3306")),
-                                user=env.get("OX_CONFIGDB_USER", configdb.OX_DB_USER),
-                                password=_secret(env, "OX_CONFIGDB_PASSWORD",
-                                                 "OX_CONFIGDB_PASSWORD_FILE") or "",
-                                unix_socket=env.get("OX_CONFIGDB_SOCKET") or None)
+        return configdb.connect(
+            host=env.get("OX_CONFIGDB_HOST", "127.0.0.1"),
+            port=int(env.get("OX_CONFIGDB_PORT", "3306")),
+            user=env.get("OX_CONFIGDB_USER", configdb.OX_DB_USER),
+            password=_secret(env, "OX_CONFIGDB_PASSWORD", "OX_CONFIGDB_PASSWORD_FILE") or "",
+            unix_socket=env.get("OX_CONFIGDB_SOCKET") or None,
+        )
     except (pymysql.MySQLError, OSError, ValueError) as e:
         _print_error(ctx, f"cannot reach the configuration database: {e}")
         raise Exit(EXIT_COMMUNICATION_ERROR) from e
-
 
 
 # --------------------------------------------------------------------------- AdminParser
@@ -268,8 +289,12 @@ _COMMON = [
     Opt("help", "h", None, "Prints a help text"),
     Opt("environment", None, None, "Show info about commandline environment"),
     Opt("nonl", None, None, "Remove all newlines (\\n) from output"),
-    Opt("responsetimeout", None, "responsetimeout",
-        "response timeout in seconds for reading response from the backend (default 0s; infinite)"),
+    Opt(
+        "responsetimeout",
+        None,
+        "responsetimeout",
+        "response timeout in seconds for reading response from the backend (default 0s; infinite)",
+    ),
 ]
 _CREDENTIALS = [
     Opt("adminuser", "A", "adminuser", "Admin username", "?"),
@@ -318,11 +343,16 @@ def _usage(spec: Spec) -> str:
             lines.append(" {},{:<45}{:<2}{:<28}".format(f"-{o.short}", long, o.need, o.desc))
         else:
             lines.append(" {} {:<45}{:<2}{:<28}".format("  ", long, o.need, o.desc))
-    lines += ["", "Entries marked with an asterisk (*) are mandatory.",
-              "Entries marked with an question mark (?) are mandatory depending on your",
-              "configuration.",
-              "Entries marked with a pipe (|) are mandatory for one another which means that",
-              "at least one of them must be set.", "", ""]
+    lines += [
+        "",
+        "Entries marked with an asterisk (*) are mandatory.",
+        "Entries marked with an question mark (?) are mandatory depending on your",
+        "configuration.",
+        "Entries marked with a pipe (|) are mandatory for one another which means that",
+        "at least one of them must be set.",
+        "",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -348,8 +378,9 @@ def server_response(msg: str | None, stack: Sequence[str] = (), exception: str =
     return head + "".join(f"\tat {f}\n" for f in stack) + "\n"
 
 
-def _server_exception(ctx: Ctx, msg: str | None, spec: Spec | None = None, stack: Sequence[str] = (),
-                      exception: str = "") -> None:
+def _server_exception(
+    ctx: Ctx, msg: str | None, spec: Spec | None = None, stack: Sequence[str] = (), exception: str = ""
+) -> None:
     _first_part(ctx, spec)
     ctx.err(server_response(msg, stack, exception))
 
@@ -380,8 +411,10 @@ def admin_parse(ctx: Ctx, spec: Spec, args: Sequence[str], banner: str = "") -> 
         ctx.out(_usage(spec))
         raise Exit(EXIT_ILLEGAL_OPTION_VALUE)
     if values.get("environment"):
-        ctx.out("\nThe following environment variables and their current value are known\n"
-                "and can be modified to change behaviour:\n\n")
+        ctx.out(
+            "\nThe following environment variables and their current value are known\n"
+            "and can be modified to change behaviour:\n\n"
+        )
         for key in sorted(k for k in ctx.env if k.startswith("OX_")):
             ctx.out(f"\t{key}={ctx.env[key]}\n")
         raise Exit(0)
@@ -441,8 +474,13 @@ def tool_fault(ctx: Ctx, conn: Any, spec: Spec | None, banner: str = "") -> None
     raise Exit(EXIT_REMOTE_ERROR)
 
 
-def _run_admin(ctx: Ctx, spec: Spec, args: Sequence[str], body: Callable[[Any, dict[str, Any]], int],
-               check: Callable[[dict[str, Any]], int | None] | None = None) -> int:
+def _run_admin(
+    ctx: Ctx,
+    spec: Spec,
+    args: Sequence[str],
+    body: Callable[[Any, dict[str, Any]], int],
+    check: Callable[[dict[str, Any]], int | None] | None = None,
+) -> int:
     """An admin tool: parse, the tool's own checks (`check`: an exit code stops it), then the
     "remote" part: connection (fault injection), credentials, the operation."""
     values = admin_parse(ctx, spec, args)
@@ -513,56 +551,93 @@ def csv(header: Sequence[str], rows: Sequence[Sequence[str | None]]) -> str:
 
 def registerserver(ctx: Ctx, args: Sequence[str]) -> int:
     """RegisterServer (…/console/util/server/RegisterServer.java): "server <id> registered"."""
-    spec = Spec("registerserver", [*_COMMON, *_CREDENTIALS,
-                                   Opt("name", "n", "name", "The name of the server", "*")],
-                error_prefix="server could not be registered: ", remote=_OXUTIL + ".registerServer")
+    spec = Spec(
+        "registerserver",
+        [*_COMMON, *_CREDENTIALS, Opt("name", "n", "name", "The name of the server", "*")],
+        error_prefix="server could not be registered: ",
+        remote=_OXUTIL + ".registerServer",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         server_id = configdb.register_server(conn, str(v["name"]))
         ctx.out(f"server {server_id} registered\n")
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
 # The listing tools' own options (UtilAbstraction / DatabaseAbstraction): a search pattern, CSV.
-_LISTING = [Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
-            Opt("csv", None, None, "Format output to csv")]
+_LISTING = [
+    Opt("searchpattern", "s", "searchpattern", "Search/List pattern!"),
+    Opt("csv", None, None, "Format output to csv"),
+]
 
 
 def listserver(ctx: Ctx, args: Sequence[str]) -> int:
     """ListServer (…/console/util/server/ListServer.java): table Id Name; --csv id,name."""
-    spec = Spec("listserver", [*_COMMON, *_CREDENTIALS,
-                               *_LISTING],
-                error_prefix="servers could not be listed: ", remote=_OXUTIL + ".listServer")
+    spec = Spec(
+        "listserver",
+        [*_COMMON, *_CREDENTIALS, *_LISTING],
+        error_prefix="servers could not be listed: ",
+        remote=_OXUTIL + ".listServer",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         pattern = _search_pattern(ctx, spec, v)
         rows = [[str(i), n] for i, n in configdb.list_servers(conn, pattern)]
         ctx.out(csv(["id", "name"], rows) if v.get("csv") else table("rl", ["Id", "Name"], rows))
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
 # ListDatabase (…/console/util/database/ListDatabase.java @15c7a165, the 7.10 layout without
 # the cluster weight): sysoutOutput's doOutput and precsvinfos' columns.
 LISTDATABASE_ALIGNS = "rlllrrrlrr"
-LISTDATABASE_HEADER = ["id", "name", "hostname", "master", "mid", "maxctx", "curctx", "hlimit", "max",
-                       "inital"]
-LISTDATABASE_CSV_HEADER = ["id", "display_name", "url", "master", "masterid", "maxUnits", "currentunits",
-                           "poolHardLimit", "poolMax", "poolInitial", "login", "password", "driver",
-                           "read_id", "scheme"]
+LISTDATABASE_HEADER = [
+    "id",
+    "name",
+    "hostname",
+    "master",
+    "mid",
+    "maxctx",
+    "curctx",
+    "hlimit",
+    "max",
+    "inital",
+]
+LISTDATABASE_CSV_HEADER = [
+    "id",
+    "display_name",
+    "url",
+    "master",
+    "masterid",
+    "maxUnits",
+    "currentunits",
+    "poolHardLimit",
+    "poolMax",
+    "poolInitial",
+    "login",
+    "password",
+    "driver",
+    "read_id",
+    "scheme",
+]
 
 
 def _jdbc_host(url: str) -> str:
     """new URI(url.substring("jdbc:".length())).getHost()."""
-    return (urlparse(url[len("jdbc:"):]).hostname or "") if url.startswith("jdbc:") else url
+    return (urlparse(url[len("jdbc:") :]).hostname or "") if url.startswith("jdbc:") else url
 
 
 def listdatabase(ctx: Ctx, args: Sequence[str]) -> int:
     """ListDatabase: every registered database pool (also those whose max_units is 0)."""
-    spec = Spec("listdatabase", [*_COMMON, *_CREDENTIALS,
-                                 *_LISTING],
-                error_prefix="databases could not be listed: ", remote=_OXUTIL + ".listDatabase")
+    spec = Spec(
+        "listdatabase",
+        [*_COMMON, *_CREDENTIALS, *_LISTING],
+        error_prefix="databases could not be listed: ",
+        remote=_OXUTIL + ".listDatabase",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         found = configdb.list_databases(conn, _search_pattern(ctx, spec, v))
@@ -570,37 +645,80 @@ def listdatabase(ctx: Ctx, args: Sequence[str]) -> int:
             # makeCSVData: the full URL, the hard limit as a number, then login, password,
             # driver; read_id and scheme are never set by searchForDatabase (null: empty cell).
             crows: list[list[str | None]] = [
-                [str(d.pool_id), d.name, d.url, "true" if d.master else "false", str(d.master_id),
-                 str(d.max_units), str(d.current_units), str(d.hardlimit), str(d.pool_max),
-                 str(d.pool_initial), d.login, d.password, d.driver, None, None] for d in found]
+                [
+                    str(d.pool_id),
+                    d.name,
+                    d.url,
+                    "true" if d.master else "false",
+                    str(d.master_id),
+                    str(d.max_units),
+                    str(d.current_units),
+                    str(d.hardlimit),
+                    str(d.pool_max),
+                    str(d.pool_initial),
+                    d.login,
+                    d.password,
+                    d.driver,
+                    None,
+                    None,
+                ]
+                for d in found
+            ]
             ctx.out(csv(LISTDATABASE_CSV_HEADER, crows))
         else:
-            rows = [[str(d.pool_id), d.name, _jdbc_host(d.url), "true" if d.master else "false",
-                     str(d.master_id), str(d.max_units), str(d.current_units),
-                     "true" if d.hardlimit > 0 else "false", str(d.pool_max), str(d.pool_initial)]
-                    for d in found]
+            rows = [
+                [
+                    str(d.pool_id),
+                    d.name,
+                    _jdbc_host(d.url),
+                    "true" if d.master else "false",
+                    str(d.master_id),
+                    str(d.max_units),
+                    str(d.current_units),
+                    "true" if d.hardlimit > 0 else "false",
+                    str(d.pool_max),
+                    str(d.pool_initial),
+                ]
+                for d in found
+            ]
             ctx.out(table(LISTDATABASE_ALIGNS, LISTDATABASE_HEADER, rows))
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
 def listdatabaseschema(ctx: Ctx, args: Sequence[str]) -> int:
     """ListDatabaseSchema (…/console/util/database/ListDatabaseSchema.java @adf77ad7 L88-L125)."""
-    spec = Spec("listdatabaseschema", [
-        *_COMMON, *_CREDENTIALS,
-        *_LISTING,
-        Opt("only-empty-schemas", None, None, "(Optionally) Specifies to list only empty schemas"),
-        Opt("lab-state", None, None,
-            "Lab only (not in OX): append enabled, server_id, update_state, version")],
-        error_prefix="database schemas could not be listed: ", remote=_OXUTIL + ".listDatabaseSchema")
+    spec = Spec(
+        "listdatabaseschema",
+        [
+            *_COMMON,
+            *_CREDENTIALS,
+            *_LISTING,
+            Opt("only-empty-schemas", None, None, "(Optionally) Specifies to list only empty schemas"),
+            Opt(
+                "lab-state",
+                None,
+                None,
+                "Lab only (not in OX): append enabled, server_id, update_state, version",
+            ),
+        ],
+        error_prefix="database schemas could not be listed: ",
+        remote=_OXUTIL + ".listDatabaseSchema",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         found = configdb.list_schemata(conn, _search_pattern(ctx, spec, v), bool(v.get("only-empty-schemas")))
         lab_state = bool(v.get("lab-state"))
         rows: list[list[str]] = []
         for r in found:
-            row = [str(r.pool_id), r.pool_name, r.schema, r.url if v.get("csv") else _jdbc_host(r.url),
-                   str(r.contexts)]
+            row = [
+                str(r.pool_id),
+                r.pool_name,
+                r.schema,
+                r.url if v.get("csv") else _jdbc_host(r.url),
+                str(r.contexts),
+            ]
             if lab_state:
                 row += ["true" if r.enabled else "false", str(r.server_id), r.update_state, r.version]
             rows.append(row)
@@ -611,40 +729,61 @@ def listdatabaseschema(ctx: Ctx, args: Sequence[str]) -> int:
             ctx.out("No such database schemas found\n")
         else:
             header = ["id", "name", "schemaname", "hostname", "curctx", *extra]
-            ctx.out(table("rlllr" + "lrll"[:len(extra)], header, rows))
+            ctx.out(table("rlllr" + "lrll"[: len(extra)], header, rows))
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
-_RMI_HOSTS = Opt("rmi-hosts", "r", "rmi_hosts", "A list of RMI hosts e.g. 192.168.1.25:1099,192.168.1.26. "
-                 "If no port is given the default RMI port 1099 is taken.")
+_RMI_HOSTS = Opt(
+    "rmi-hosts",
+    "r",
+    "rmi_hosts",
+    "A list of RMI hosts e.g. 192.168.1.25:1099,192.168.1.26. "
+    "If no port is given the default RMI port 1099 is taken.",
+)
 
 
 def disableschema(ctx: Ctx, args: Sequence[str]) -> int:
     """DisableSchema (…/console/schemamove/DisableSchema.java @970610ca): -m/--schema; nothing
     printed on success; an empty or unknown schema: NoSuchObjectException "No such schema <s>"
     from OXToolMySQLStorage.isDistinctWritePoolIDForSchema -> printErrors' else branch: 1."""
-    spec = Spec("disableschema", [*_COMMON, *_CREDENTIALS,
-                                  Opt("schema", "m", "schema_name", "The name of the schema to disable", "*"),
-                                  _RMI_HOSTS], remote=_SCHEMA_MOVE + ".SchemaMoveRemoteImpl.disableSchema")
+    spec = Spec(
+        "disableschema",
+        [
+            *_COMMON,
+            *_CREDENTIALS,
+            Opt("schema", "m", "schema_name", "The name of the schema to disable", "*"),
+            _RMI_HOSTS,
+        ],
+        remote=_SCHEMA_MOVE + ".SchemaMoveRemoteImpl.disableSchema",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         configdb.disable_schema(conn, str(v["schema"]))
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
 def enableschema(ctx: Ctx, args: Sequence[str]) -> int:
     """EnableSchema (…/console/schemamove/EnableSchema.java @970610ca): -m/--target-schema;
     nothing printed; SchemaMoveImpl.enableSchema checks nothing, so an empty schema is no error."""
-    spec = Spec("enableschema", [*_COMMON, *_CREDENTIALS,
-                                 Opt("target-schema", "m", "schema_name", "The name of the schema to enable.",
-                                     "*"),
-                                 _RMI_HOSTS], remote=_SCHEMA_MOVE + ".SchemaMoveRemoteImpl.enableSchema")
+    spec = Spec(
+        "enableschema",
+        [
+            *_COMMON,
+            *_CREDENTIALS,
+            Opt("target-schema", "m", "schema_name", "The name of the schema to enable.", "*"),
+            _RMI_HOSTS,
+        ],
+        remote=_SCHEMA_MOVE + ".SchemaMoveRemoteImpl.enableSchema",
+    )
 
     def body(conn: Any, v: dict[str, Any]) -> int:
         configdb.enable_schema(conn, str(v["target-schema"]))
         return 0
+
     return _run_admin(ctx, spec, args, body)
 
 
@@ -658,7 +797,7 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 
 def java_int(text: str) -> int:
     """Integer.valueOf / Integer.parseInt: an optional sign and decimal digits, within int."""
-    if not _INT_RE.fullmatch(text) or not -2**31 <= int(text) < 2**31:
+    if not _INT_RE.fullmatch(text) or not -(2**31) <= int(text) < 2**31:
         raise ValueError(text)
     return int(text)
 
@@ -668,12 +807,23 @@ def changeserver(ctx: Ctx, args: Sequence[str]) -> int:
     -m and -s go through BasicCommandlineOptions.printError (no prefix line) and exit 1; the
     server (OXUtil.changeServer, OXUtilMySQLStorage.changeServer) refuses an unknown server id
     (103), a schema with enabled contexts and an empty or unknown schema (106)."""
-    spec = Spec("changeserver", [
-        *_COMMON,
-        Opt("schema-name", "m", "schema_name", "The name of the schema for which to change the server id",
-            "*"),
-        Opt("server-id", "s", "server_id", "The identifier of the new server", "*"),
-        *_CREDENTIALS], error_prefix="server could not be changed: ", remote=_OXUTIL + ".changeServer")
+    spec = Spec(
+        "changeserver",
+        [
+            *_COMMON,
+            Opt(
+                "schema-name",
+                "m",
+                "schema_name",
+                "The name of the schema for which to change the server id",
+                "*",
+            ),
+            Opt("server-id", "s", "server_id", "The identifier of the new server", "*"),
+            *_CREDENTIALS,
+        ],
+        error_prefix="server could not be changed: ",
+        remote=_OXUTIL + ".changeServer",
+    )
 
     def check(v: dict[str, Any]) -> int | None:
         if _is_empty(v["schema-name"]):
@@ -695,6 +845,7 @@ def changeserver(ctx: Ctx, args: Sequence[str]) -> int:
         configdb.change_server(conn, sid, schema, refuse_enabled=True)
         ctx.out(f"Successfully changed to server '{sid}' for schema '{schema}'.\n")
         return 0
+
     return _run_admin(ctx, spec, args, body, check)
 
 
@@ -707,13 +858,22 @@ _RUNUPDATE_OPTS = [
     Opt("help", "h", None, "Prints this help text"),
     Opt("server", "s", "rmiHost", "The optional RMI server (default: localhost)"),
     Opt("port", "p", "rmiPort", "The optional RMI port (default:1099)"),
-    Opt("responsetimeout", None, "timeout", "The optional response timeout in seconds when reading data from "
-        "server (default: 0s; infinite)"),
+    Opt(
+        "responsetimeout",
+        None,
+        "timeout",
+        "The optional response timeout in seconds when reading data from server (default: 0s; infinite)",
+    ),
     Opt("adminuser", "A", "adminUser", "Admin username"),
     Opt("adminpass", "P", "adminPassword", "Admin password"),
     Opt("context", "c", "arg", "A valid context identifier contained in target schema"),
-    Opt("name", "n", "arg", "A valid schema name. This option is a substitute for '-c/--context' option. "
-        "If both are present '-c/--context' is preferred."),
+    Opt(
+        "name",
+        "n",
+        "arg",
+        "A valid schema name. This option is a substitute for '-c/--context' option. "
+        "If both are present '-c/--context' is preferred.",
+    ),
 ]
 
 
@@ -825,8 +985,9 @@ def runupdate(ctx: Ctx, args: Sequence[str]) -> int:
                 return 0
         else:
             schema = str(v["name"])
-        failed = configdb.run_update(conn, schema, seconds=seconds, target_version=target,
-                                     fail_schemata=faults)
+        failed = configdb.run_update(
+            conn, schema, seconds=seconds, target_version=target, fail_schemata=faults
+        )
     except OxError as e:
         if e.kind == "update_running":
             # Real OX: the schema lock's ALREADY_LOCKED (UPD-0003, the text of e) is thrown in
@@ -860,10 +1021,15 @@ def _prompt(ctx: Ctx) -> bool:
     while True:
         line = ctx.inp.readline()
         if not line:
-            raise _JavaException("java.util.NoSuchElementException", None,
-                                 ("java.util.Scanner.throwFor(Scanner.java)",
-                                  "java.util.Scanner.next(Scanner.java)",
-                                  _UPGRADE + ".prompt(UpgradeSchemata.java)"))
+            raise _JavaException(
+                "java.util.NoSuchElementException",
+                None,
+                (
+                    "java.util.Scanner.throwFor(Scanner.java)",
+                    "java.util.Scanner.next(Scanner.java)",
+                    _UPGRADE + ".prompt(UpgradeSchemata.java)",
+                ),
+            )
         for word in line.split():
             if word == "abort":
                 ctx.out("OK, aborting upgrade\n")
@@ -889,20 +1055,41 @@ class _JavaException(Exception):
 
 def upgradeschemata(ctx: Ctx, args: Sequence[str]) -> int:
     """UpgradeSchemata (…/console/util/database/UpgradeSchemata.java @377c4e4a1fae, 7.10.0)."""
-    spec = Spec("upgradeschemata", [
-        *_COMMON,
-        Opt("server-name", "n", "server-name", "The name of the server to register and point all upgraded "
-            "schemata to", "*"),
-        Opt("host", "H", "host", "The optional JMX host (default:localhost)", "?"),
-        Opt("port", "p", "port", "The optional JMX port (default:9999)", "?"),
-        Opt("login", "l", "login", "The optional JMX login (if JMX has authentication enabled)", "?"),
-        Opt("password", "s", "password", "The optional JMX password (if JMX has authentication enabled)",
-            "?"),
-        Opt("schema-name", "m", "schema-name", "The optional schema name to continue from", "?"),
-        Opt("force", "f", None, "Forces the upgrade even if the updates fail in some schemata"),
-        Opt("skip-schemata", "k", "skip-schemata", "Defines the names of the schemata as a comma separated "
-            "list that should be skipped during the upgrade phase", "?"),
-        *_CREDENTIALS], remote=_OXUTIL + ".listServer")
+    spec = Spec(
+        "upgradeschemata",
+        [
+            *_COMMON,
+            Opt(
+                "server-name",
+                "n",
+                "server-name",
+                "The name of the server to register and point all upgraded schemata to",
+                "*",
+            ),
+            Opt("host", "H", "host", "The optional JMX host (default:localhost)", "?"),
+            Opt("port", "p", "port", "The optional JMX port (default:9999)", "?"),
+            Opt("login", "l", "login", "The optional JMX login (if JMX has authentication enabled)", "?"),
+            Opt(
+                "password",
+                "s",
+                "password",
+                "The optional JMX password (if JMX has authentication enabled)",
+                "?",
+            ),
+            Opt("schema-name", "m", "schema-name", "The optional schema name to continue from", "?"),
+            Opt("force", "f", None, "Forces the upgrade even if the updates fail in some schemata"),
+            Opt(
+                "skip-schemata",
+                "k",
+                "skip-schemata",
+                "Defines the names of the schemata as a comma separated "
+                "list that should be skipped during the upgrade phase",
+                "?",
+            ),
+            *_CREDENTIALS,
+        ],
+        remote=_OXUTIL + ".listServer",
+    )
     values = admin_parse(ctx, spec, args, banner=UPGRADE_FAILED)
     server_name = str(values["server-name"])
     start = values.get("schema-name")
@@ -941,10 +1128,13 @@ def upgradeschemata(ctx: Ctx, args: Sequence[str]) -> int:
 def _schema_number(name: str) -> int:
     """UpgradeSchemata's comparator: Integer.parseInt of what follows the last '_'."""
     try:
-        return java_int(name[name.rfind("_") + 1:])
+        return java_int(name[name.rfind("_") + 1 :])
     except ValueError:
-        raise _JavaException("java.lang.NumberFormatException", f'For input string: "{name}"',
-                             (_UPGRADE + ".listSchemata(UpgradeSchemata.java)",)) from None
+        raise _JavaException(
+            "java.lang.NumberFormatException",
+            f'For input string: "{name}"',
+            (_UPGRADE + ".listSchemata(UpgradeSchemata.java)",),
+        ) from None
 
 
 def _java_binary_search(keys: Sequence[int], key: int) -> int:
@@ -966,9 +1156,14 @@ def _list_for_upgrade(ctx: Ctx, conn: Any, start: str | None) -> list[str]:
     names = [r.schema for r in configdb.list_schemata(conn)]  # listDatabaseSchema("*", false)
     if start is None or len(names) == 1:
         if not names:  # databases[0] on an empty array
-            raise _JavaException("java.lang.ArrayIndexOutOfBoundsException", "0",
-                                 (_UPGRADE + ".listSchemata(UpgradeSchemata.java)",
-                                  _UPGRADE + ".execute(UpgradeSchemata.java)"))
+            raise _JavaException(
+                "java.lang.ArrayIndexOutOfBoundsException",
+                "0",
+                (
+                    _UPGRADE + ".listSchemata(UpgradeSchemata.java)",
+                    _UPGRADE + ".execute(UpgradeSchemata.java)",
+                ),
+            )
         return [] if names[0] == start else names  # as the server lists them: no sorting
     # With -m: sorted by the number after the last '_' (Arrays.sort: stable), then a binary
     # search for -m's number - any schema with that number matches.
@@ -976,7 +1171,7 @@ def _list_for_upgrade(ctx: Ctx, conn: Any, start: str | None) -> list[str]:
     position = _java_binary_search([_schema_number(n) for n in names], _schema_number(start))
     if position >= 0:
         ctx.out(f"Skipping to schema '{start}'\n")
-        names = names[position + 1:]
+        names = names[position + 1 :]
     # filterSchemata: print("Filtering out skipped schemata: ") then the (always empty) list.
     ctx.out("Filtering out skipped schemata: \n")
     return names
@@ -1011,8 +1206,9 @@ def _upgrade(ctx: Ctx, conn: Any, server_name: str, start: str | None, force: bo
             ctx.out("OK\n")
             ctx.out("Running updates...")
             try:
-                failed = configdb.run_update(conn, schema, seconds=seconds, target_version=target,
-                                             fail_schemata=faults)
+                failed = configdb.run_update(
+                    conn, schema, seconds=seconds, target_version=target, fail_schemata=faults
+                )
             except OxError as e:
                 if e.kind != "update_running":
                     raise
@@ -1024,11 +1220,16 @@ def _upgrade(ctx: Ctx, conn: Any, server_name: str, start: str | None, force: bo
                 ctx.out("OK\n")
             else:
                 ctx.err(f"\nErrors while running updates for schema '{schema}': \n")
-                ctx.err("The following update task(s) failed: \n"
-                        + "\n".join(f" {t} (schema={schema})" for t in failed) + "\n")
+                ctx.err(
+                    "The following update task(s) failed: \n"
+                    + "\n".join(f" {t} (schema={schema})" for t in failed)
+                    + "\n"
+                )
                 if not force:
-                    ctx.err(f"Schema upgrade for schema '{schema}' was aborted. Manual intervention might be "
-                            "required.\n")
+                    ctx.err(
+                        f"Schema upgrade for schema '{schema}' was aborted. Manual intervention might be "
+                        "required.\n"
+                    )
                     return 1
             ctx.out(f"Enabling schema '{schema}'...")
             configdb.enable_schema(conn, schema)
@@ -1053,14 +1254,26 @@ def _upgrade(ctx: Ctx, conn: Any, server_name: str, start: str | None, force: bo
 
 
 _TOOL_FUNCS: dict[str, Callable[[Ctx, Sequence[str]], int]] = {
-    "registerserver": registerserver, "listserver": listserver, "listdatabase": listdatabase,
-    "listdatabaseschema": listdatabaseschema, "disableschema": disableschema, "enableschema": enableschema,
-    "changeserver": changeserver, "runupdate": runupdate, "upgradeschemata": upgradeschemata,
+    "registerserver": registerserver,
+    "listserver": listserver,
+    "listdatabase": listdatabase,
+    "listdatabaseschema": listdatabaseschema,
+    "disableschema": disableschema,
+    "enableschema": enableschema,
+    "changeserver": changeserver,
+    "runupdate": runupdate,
+    "upgradeschemata": upgradeschemata,
 }
 
 
-def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
-         stderr: TextIO | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
     """Run the tool named by argv[0]'s basename, else by argv[1]; returns the exit code."""
     argv = list(sys.argv if argv is None else argv)
     prog = os.path.basename(argv[0]) if argv else ""
@@ -1069,11 +1282,17 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
     elif len(argv) > 1 and argv[1] in _TOOL_FUNCS:
         tool, args = argv[1], argv[2:]
     else:
-        (stderr or sys.stderr).write("usage: python -m lab.ox.tools <tool> [options]\n"
-                                     f"tools: {', '.join(TOOLS)}\n")
+        (stderr or sys.stderr).write(
+            f"usage: python -m lab.ox.tools <tool> [options]\ntools: {', '.join(TOOLS)}\n"
+        )
         return 2
-    ctx = Ctx(tool=tool, env=load_env(os.environ if environ is None else environ), inp=stdin or sys.stdin,
-              stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)
+    ctx = Ctx(
+        tool=tool,
+        env=load_env(os.environ if environ is None else environ),
+        inp=stdin or sys.stdin,
+        stdout=stdout or sys.stdout,
+        stderr=stderr or sys.stderr,
+    )
     try:
         return _TOOL_FUNCS[tool](ctx, args)
     except Exit as e:
@@ -1091,8 +1310,9 @@ exec {python} -m lab.ox.tools {tool} "$@"
 """
 
 
-def install_tools(bin_dir: Path, python: str, env: Mapping[str, str],
-                  admin_port: int | None = None) -> list[Path]:
+def install_tools(
+    bin_dir: Path, python: str, env: Mapping[str, str], admin_port: int | None = None
+) -> list[Path]:
     """Write `bin_dir/ox-tools.env` (mode 0600; paths of secret files, never their values)
     and one executable wrapper per tool; returns the wrappers' paths.
 
@@ -1120,8 +1340,13 @@ def install_tools(bin_dir: Path, python: str, env: Mapping[str, str],
 
             text = admin.client_script(tool, admin_port)
         else:
-            text = _WRAPPER.format(tool=tool, env_name=ENV_FILE_NAME, env_file=shlex.quote(str(env_file)),
-                                   root=shlex.quote(str(PROJECT_ROOT)), python=shlex.quote(python))
+            text = _WRAPPER.format(
+                tool=tool,
+                env_name=ENV_FILE_NAME,
+                env_file=shlex.quote(str(env_file)),
+                root=shlex.quote(str(PROJECT_ROOT)),
+                python=shlex.quote(python),
+            )
         path.write_text(text, encoding="utf-8")
         path.chmod(0o755)
         paths.append(path)
