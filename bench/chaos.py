@@ -410,9 +410,13 @@ async def chaos(
     verdict = Verdict(boundaries=len(chosen), survived=0, duplicated_effects=0, max_resume_s=0.0)
     plans = [chosen[start : start + per_run] for start in range(0, len(chosen), per_run)]
     missed: list[Boundary] = []
+    runs = 0
     while plans:
         plan = plans.pop(0)
-        outcome, _ = await one_run(cfg, client, workers, site, procedure, plan, timeout_s, f"b{plan[0]}")
+        runs += 1
+        # The label names the workflow id, and that backup ids: letters, digits and '-' only.
+        label = f"r{runs}-{plan[0].index}{'d' if plan[0].during else 'a'}"
+        outcome, _ = await one_run(cfg, client, workers, site, procedure, plan, timeout_s, label)
         dups = duplicated(reference.effects, outcome.effects)
         diff = differences(reference.world, outcome.world)
         verdict.max_resume_s = max([verdict.max_resume_s, *outcome.resume_s])

@@ -15,7 +15,6 @@ import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import WorkflowEnvironment
 
 from tests.fake_site import FakeSite, site
 from tests.gate_support import choose, pending
@@ -25,12 +24,6 @@ from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
 from workflows.timeline import Progress
 
 GATE = "failure:N7@n2"
-
-
-@pytest.fixture
-def client(time_skipping_env: WorkflowEnvironment) -> Client:
-    """This module's runs on the time-skipping server: their timers and back-offs pass at once."""
-    return time_skipping_env.client
 
 
 def guided_input(timeout_s: float = 60.0, approvers: tuple[str, ...] = ("ops1",)) -> RollingDeployInput:

@@ -14,18 +14,11 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import WorkflowEnvironment
 
 from inventory.model import Rollout
 from tests.fake_site import FakeSite, site
 from tests.temporal_env import running_worker
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployWorkflow
-
-
-@pytest.fixture
-def client(time_skipping_env: WorkflowEnvironment) -> Client:
-    """This module's runs on the time-skipping server: their timers and back-offs pass at once."""
-    return time_skipping_env.client
 
 
 async def run(client: Client, task_queue: str, fake: FakeSite, inp: RollingDeployInput) -> Any:
