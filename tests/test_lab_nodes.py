@@ -312,8 +312,9 @@ async def test_ssh_survives_abrupt_disconnect(lab: LabConfig) -> None:
     await asyncio.sleep(0.1)
     conn.abort()  # no channel close, no disconnect message
     # The command still runs to completion (as with OpenSSH without a PTY)...
-    deadline = time.monotonic() + 10
-    while not marker.exists() and time.monotonic() < deadline:
+    # (The shell creates the file before it writes to it: wait for the text, not the file.)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (marker.exists() and marker.read_text()):
         await asyncio.sleep(0.1)
     assert marker.read_text() == "finished\n"
     marker.unlink()
