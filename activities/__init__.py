@@ -28,6 +28,7 @@ from activities.haproxy import (
     lb_add_server,
     lb_check_member,
     lb_del_server,
+    lb_guard,
     lb_member_state,
     lb_preview_check,
     lb_set_maintenance,
@@ -82,6 +83,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     lb_del_server,
     lb_set_maintenance,
     lb_preview_check,
+    lb_guard,
     # database
     db_schema_version,
     db_apply_migration,

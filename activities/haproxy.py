@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, cast
 from urllib.parse import urlsplit
 
 from temporalio import activity
@@ -158,7 +158,10 @@ def parse_show_stat(csv_text: str) -> list[ServerStat]:
 _ADMF_FMAINT, _ADMF_IMAINT, _ADMF_CMAINT = 0x01, 0x02, 0x04
 _ADMF_FDRAIN, _ADMF_IDRAIN = 0x08, 0x10
 _ADMF_RMAINT, _ADMF_HMAINT = 0x20, 0x40
-_MAINT_BITS = _ADMF_FMAINT | _ADMF_IMAINT | _ADMF_CMAINT | _ADMF_RMAINT | _ADMF_HMAINT
+# SRV_ADMF_MAINT (0x23): what keeps a server in maintenance. CMAINT only remembers that the
+# configuration said `disabled` (cleared by FMAINT's `set server ... state ready`, the flag
+# stays), HMAINT that the FQDN was set from the CLI: neither is maintenance by itself.
+_MAINT_BITS = _ADMF_FMAINT | _ADMF_IMAINT | _ADMF_RMAINT
 _DRAIN_BITS = _ADMF_FDRAIN | _ADMF_IDRAIN
 _OP_STATES = {0: "stopped", 1: "starting", 2: "running", 3: "stopping"}
 # srv_check_state bits (haproxy include/haproxy/check-t.h)
@@ -319,7 +322,32 @@ async def set_member_state(lb: LoadBalancer, node_name: str, state: LbState) -> 
             LB_RUNTIME_API_ERROR,
             f"load balancer {lb.name} ({api}): set {backend}/{server} state {state}: {answer}",
         )
-    return await member_state(lb, node_name)
+    # Read back: HAProxy answers nothing also when the state cannot take (a server disabled
+    # in its configuration, or in maintenance through a tracked server, stays in maint).
+    after = await member_state(lb, node_name)
+    if after.admin != state:
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name} ({api}): {backend}/{server} is {after.admin} "
+            f"(status {after.status}) after `set server ... state {state}`",
+            retryable=True,
+        )
+    return after
+
+
+async def require_admin_level(lb: LoadBalancer, api: str) -> None:
+    """The runtime API must take admin commands (`set server`, `add server`, `set map`): an
+    operator- or user-level socket would first fail mid-procedure, after the migrations."""
+    level = (await runtime_command(api, "show cli level")).strip().lower()
+    if level in ("operator", "user"):
+        fail(
+            LB_RUNTIME_API_ERROR,
+            f"load balancer {lb.name}: the runtime API {api} is at level {level}; zerodown "
+            "sets server states and map entries, which need level admin (`stats socket ... "
+            "level admin`, or `level admin` on the stats socket's bind line)",
+        )
+    # An HAProxy older than 2.0 knows no `show cli level`: its socket's level shows at the
+    # first change, as before.
 
 
 def _carried_waited() -> float:
@@ -436,7 +464,9 @@ async def lb_member_state(req: MemberRequest) -> MemberState:
 
 @activity.defn
 async def lb_check_member(req: MemberRequest) -> MemberState:
-    """Preflight: the runtime API answers, the backend and the server exist."""
+    """Preflight: the runtime API answers at admin level, the backend and the server exist."""
+    api, _, _ = _member(req.lb, req.node)
+    await require_admin_level(req.lb, api)
     return await member_state(req.lb, req.node)
 
 
@@ -662,28 +692,34 @@ async def maintenance_state(lb: LoadBalancer) -> bool:
             f"load balancer {lb.name} ({api}): no map {sw.map!r} in the running "
             f"HAProxy ({text.strip()}); its frontend's maintenance rule must use it",
         )
-    return _map_value(text, sw.key) == "on"
+    return _map_value(text, sw.key) == sw.on_value
 
 
 async def set_maintenance(lb: LoadBalancer, on: bool) -> bool:
-    """Set the maintenance page on or off (`set map`; `add map` when the entry is missing);
-    a set, so re-running it is harmless. Returns the state read back."""
+    """Set the maintenance page on or off: the entry gets the inventory's `on_value` or
+    `off_value` (`set map`; `add map` when it is missing), or, with an empty `off_value`, is
+    deleted (`del map`). A set, so re-running it is harmless. Returns the state read back."""
     api, sw = _switch(lb)
-    value = "on" if on else "off"
-    answer = (await runtime_command(api, f"set map {sw.map} {sw.key} {value}")).strip()
-    if answer and "entry not found" in answer.lower():
-        answer = (await runtime_command(api, f"add map {sw.map} {sw.key} {value}")).strip()
+    value = sw.on_value if on else sw.off_value
+    if value:
+        command = f"set map {sw.map} {sw.key} {value}"
+        answer = (await runtime_command(api, command)).strip()
+        if answer and "entry not found" in answer.lower():
+            command = f"add map {sw.map} {sw.key} {value}"
+            answer = (await runtime_command(api, command)).strip()
+    else:
+        command = f"del map {sw.map} {sw.key}"
+        answer = (await runtime_command(api, command)).strip()
+        if answer and answer.lower().rstrip(".") in ("key not found", "entry not found"):
+            answer = ""  # deleted already (HAProxy 2.6 answers "Key not found.")
     if answer:
-        fail(
-            LB_RUNTIME_API_ERROR,
-            f"load balancer {lb.name} ({api}): set map {sw.map} {sw.key} {value}: {answer}",
-        )
+        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): {command}: {answer}")
     state = await maintenance_state(lb)
     if state != on:
         fail(
             LB_RUNTIME_API_ERROR,
-            f"load balancer {lb.name} ({api}): the maintenance entry reads "
-            f"{'on' if state else 'off'} after setting it {value}",
+            f"load balancer {lb.name} ({api}): the maintenance page is "
+            f"{'on' if state else 'off'} after `{command}`",
             retryable=True,
         )
     return state
@@ -991,3 +1027,92 @@ async def lb_preview_check(req: PreviewCheckRequest) -> PreviewCheckResult:
     """Seed 004 step 30: the servers behind the balancer tested through its frontend while
     the maintenance page is up, with a one-time preview key (added, used, deleted)."""
     return await preview_check(req)
+
+
+# --------------------------------------------------------------------------- reloads
+
+# HAProxy keeps server states, servers added at run time and map entries in the running
+# process only. A reload (a new process, unless `server-state-file` carries the states over)
+# puts a node a run took out back in rotation and lifts the maintenance page. The workflow
+# calls lb_guard before each change to a balancer and each wait on one (workflows/balancers.py).
+
+
+@dataclass(frozen=True)
+class LbProcess:
+    """Which HAProxy process answers (`show info`): a reload makes a new one."""
+
+    pid: int
+    started: int  # Start_time_sec (Unix time)
+
+
+@dataclass(frozen=True)
+class LbRunState:
+    """What a run has set on one balancer, to set again after a reload."""
+
+    members: tuple[tuple[str, str], ...] = ()  # (node, ready|drain|maint), last set
+    maintenance: bool | None = None  # the maintenance page, when the run switched it
+    added: tuple[tuple[str, str], ...] = ()  # (node, address) of servers it attached
+    removed: tuple[str, ...] = ()  # nodes whose servers it detached
+
+
+@dataclass(frozen=True)
+class GuardRequest:
+    lb: LoadBalancer
+    # The process the run saw last (None: the first look).
+    expected: LbProcess | None
+    state: LbRunState
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    process: LbProcess
+    reloaded: bool
+    # What was set again, in the operator's words ("node3 maint", "maintenance page on").
+    reapplied: tuple[str, ...] = ()
+
+
+def _info_fields(text: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+
+
+async def process_of(lb: LoadBalancer) -> LbProcess:
+    api, _ = _backend_of(lb)
+    fields = _info_fields(await runtime_command(api, "show info"))
+    try:
+        return LbProcess(pid=int(fields["Pid"]), started=int(fields["Start_time_sec"]))
+    except (KeyError, ValueError):
+        fail(LB_RUNTIME_API_ERROR, f"load balancer {lb.name} ({api}): no Pid / Start_time_sec in `show info`")
+
+
+async def guard(req: GuardRequest) -> GuardResult:
+    """Compare the process with the one the run saw; after a reload set the run's state again:
+    servers it attached (and their states), the states it set, servers it detached, the
+    maintenance page. Every part is a set, so a retry repeats it harmlessly."""
+    lb, state = req.lb, req.state
+    process = await process_of(lb)
+    if req.expected is None or process == req.expected:
+        return GuardResult(process=process, reloaded=False)
+    done: list[str] = []
+    added = dict(state.added)
+    for node, address in state.added:
+        await add_server(lb, node, address)
+        done.append(f"{node} attached at {address}")
+    for node, wanted in state.members:
+        member_lb = dataclasses.replace(lb, members={**lb.members, node: server_name(lb, node)})
+        if node in added and wanted == "ready":
+            continue  # attached ready above
+        await set_member_state(member_lb, node, cast(LbState, wanted))
+        done.append(f"{node} {wanted}")
+    for node in state.removed:
+        await del_server(lb, node, force=True)
+        done.append(f"{node} detached")
+    if state.maintenance is not None:
+        await set_maintenance(lb, state.maintenance)
+        done.append(f"maintenance page {'on' if state.maintenance else 'off'}")
+    return GuardResult(process=await process_of(lb), reloaded=True, reapplied=tuple(done))
+
+
+@activity.defn
+async def lb_guard(req: GuardRequest) -> GuardResult:
+    """Notice a reload of the balancer since the run last looked, and set its state again."""
+    return await guard(req)

@@ -358,18 +358,34 @@ def _parse_lb(r: _Reader, raw: Any, path: str) -> LoadBalancer:
 
 
 def _parse_maintenance(r: _Reader, raw: Any, path: str) -> MaintenanceSwitch:
-    m = r.mapping(raw, path, ("map", "key", "preview_header"))
+    m = r.mapping(raw, path, ("map", "key", "preview_header", "on_value", "off_value"))
     mp = r.string(m, "map", path) or ""
     key = r.string(m, "key", path) or ""
     if key and any(c.isspace() for c in key):
         r.problem(_join(path, "key"), f"expected a map key without spaces, got {_show(key)}")
+    on_value = r.string(m, "on_value", path, default="on") or "on"
+    # "" (allowed here, unlike other strings): switching off deletes the entry.
+    off_value = "" if m.get("off_value") == "" else r.string(m, "off_value", path, default="off") or "off"
+    for field_name, value in (("on_value", on_value), ("off_value", off_value)):
+        if any(c.isspace() for c in value):
+            r.problem(_join(path, field_name), f"expected a map value without spaces, got {_show(value)}")
+    if on_value == off_value:
+        r.problem(_join(path, "off_value"), f"must differ from on_value ({on_value!r})")
+    if on_value == "preview" or off_value == "preview":
+        r.problem(path, "'preview' is the value of the preview keys, not of the maintenance switch")
     header = r.string(m, "preview_header", path, required=False) or ""
     if header and not _HEADER_TOKEN_RE.fullmatch(header):
         r.problem(
             _join(path, "preview_header"),
             f"expected an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got {_show(header)}",
         )
-    return MaintenanceSwitch(map=r.path_value(mp) if mp else "", key=key, preview_header=header)
+    return MaintenanceSwitch(
+        map=r.path_value(mp) if mp else "",
+        key=key,
+        preview_header=header,
+        on_value=on_value,
+        off_value=off_value,
+    )
 
 
 def _parse_endpoint(r: _Reader, raw: Any, path: str, default_port: int) -> DatabaseEndpoint:
@@ -399,6 +415,7 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
             "replication_user",
             "replication_password",
             "warm_replica",
+            "lock_wait_timeout_s",
         ),
     )
     kind = r.choice(m, "kind", path, DB_KINDS)
@@ -447,6 +464,7 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
         replication_user=repl_user,
         replication_password=r.secret(m, "replication_password", path, required=False),
         warm_replica=warm,
+        lock_wait_timeout_s=r.integer(m, "lock_wait_timeout_s", path, 10, 1, 3600),
     )
 
 

@@ -123,6 +123,11 @@ class MaintenanceSwitch:
     map: str
     key: str
     preview_header: str = ""
+    # The entry's value while the page is up, as the frontend's rule tests it (`-m str on`).
+    on_value: str = "on"
+    # Its value while the page is down; empty: the entry is deleted (`del map`), for a rule
+    # that tests whether the key is there at all.
+    off_value: str = "off"
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,10 @@ class Database:
     # steps 5 and 6, the "warm" backup), stops replicating before the migrations and
     # promotes if the upgrade is reverted.
     warm_replica: DatabaseEndpoint | None = None
+    # How long a migration's statement, or a backup's LOCK TABLES, may wait for a table lock
+    # (MariaDB's lock_wait_timeout, whole seconds). Its default is a day: an ALTER queued
+    # behind one open transaction would hold every later query on that table for that long.
+    lock_wait_timeout_s: int = 10
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,8 @@ def _secret(path: Path) -> str:
 def write_cnf(cfg: LabConfig, role: Role) -> Path:
     d = instance_dir(cfg, role)
     d.mkdir(parents=True, exist_ok=True)
+    tmp = d.parent / f"{role}.tmp"  # beside the datadir: inside, it would show as a database
+    tmp.mkdir(exist_ok=True)
     sock = socket_path(cfg, role)
     if len(str(sock)) > 107:  # sun_path limit; mariadbd's own error is obscure
         raise MariaDBError(f"socket path {sock} is longer than 107 bytes; use a shorter lab root")
@@ -204,6 +206,10 @@ def write_cnf(cfg: LabConfig, role: Role) -> Path:
         f"socket = {sock}",
         f"pid-file = {pid_file(cfg, role)}",
         f"log-error = {error_log(cfg, role)}",
+        # Its own temporary directory: instances started side by side (two test sessions)
+        # would otherwise share /tmp's `#sql-temptable-*` names, and one bootstrap removed
+        # the other's ("Could not remove temporary table", mariadb-install-db failed).
+        f"tmpdir = {tmp}",
         # Small footprint: the lab shares two cores and little RAM with everything else.
         "innodb_buffer_pool_size = 16M",
         "innodb_log_file_size = 16M",
@@ -754,8 +760,14 @@ def reset_schema(cfg: LabConfig, package_v2: Path | None = None) -> list[str]:
             cur.execute("INSERT INTO schema_version (version) VALUES (1)")
             done.append(f"schema_version {current} -> 1")
     # Tables added after a lab was bootstrapped are created here rather than counted as a
-    # mismatch (which would recreate every table and lose the rows).
+    # mismatch (which would recreate every table and lose the rows); zerodown's migration
+    # log is zerodown's, not the application's: a site as installed has none.
     ensure_lab_extras(cfg)
+    with connect(cfg, "primary", database=DB_NAME) as conn, conn.cursor() as cur:
+        cur.execute("SHOW TABLES LIKE 'zerodown_migration_log'")
+        if cur.fetchone():
+            cur.execute("DROP TABLE zerodown_migration_log")
+            done.append("dropped zerodown_migration_log")
     cols = _columns(cfg)
     wanted = SCHEMA_V1_COLUMNS
     if {t: cols.get(t) for t in wanted} != wanted or set(cols) - set(wanted):

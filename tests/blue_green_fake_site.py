@@ -48,6 +48,7 @@ from errors import (
 )
 from inventory.load import parse_inventory
 from inventory.model import Database, DatabaseEndpoint, Inventory, Node
+from tests.fake_balancer import STEADY
 
 OLD, NEW = "1.0.0", "2.0.0"
 NEW_SCHEMA = 2
@@ -763,6 +764,10 @@ class BlueGreenSite:
                 )
             s.sessions = 0  # cut
         self.lbs[lb].members.pop(name, None)
+
+    @activity.defn(name="lb_guard")
+    async def lb_guard(self, arg: dict[str, Any]) -> haproxy.GuardResult:
+        return haproxy.GuardResult(process=STEADY, reloaded=False)  # never reloaded here
 
     @activity.defn(name="lb_set_state")
     async def lb_set_state(self, arg: dict[str, Any]) -> haproxy.MemberState:

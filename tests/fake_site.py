@@ -103,6 +103,10 @@ class FakeSite:
     hold_deploy: asyncio.Event | None = None
     deploying: asyncio.Event = field(default_factory=asyncio.Event)
     fail_restore_on: str | None = None
+    # Reload the balancer (a new process: every member back to ready, as HAProxy without
+    # a server-state-file) right after this call on this node, e.g. ("lb_wait_drained", "n2").
+    reload_after: tuple[str, str] | None = None
+    lb_pid: int = 100
 
     def __post_init__(self) -> None:
         for n in self.nodes:
@@ -231,7 +235,24 @@ class FakeSite:
             log("lb_wait_drained", arg)
             if s.hold_drain is not None:
                 await s.hold_drain.wait()
+            if s.reload_after == ("lb_wait_drained", _node(arg)):
+                s.reload_after = None
+                s.lb_pid += 1
+                s.lb = {n: "ready" for n in s.lb}
             return 0
+
+        @activity.defn(name="lb_guard")
+        async def lb_guard(arg: dict[str, Any]) -> haproxy.GuardResult:
+            process = haproxy.LbProcess(pid=s.lb_pid, started=s.lb_pid)
+            expected = arg["expected"]
+            if expected is None or expected["pid"] == s.lb_pid:
+                return haproxy.GuardResult(process=process, reloaded=False)
+            log("lb_guard", None)
+            done = []
+            for n, state in arg["state"]["members"]:
+                s.lb[n] = state
+                done.append(f"{n} {state}")
+            return haproxy.GuardResult(process=process, reloaded=True, reapplied=tuple(done))
 
         @activity.defn(name="lb_wait_up")
         async def lb_wait_up(arg: dict[str, Any]) -> haproxy.MemberState:
@@ -357,6 +378,7 @@ class FakeSite:
             db_apply_migration,
             lb_set_state,
             lb_wait_drained,
+            lb_guard,
             lb_wait_up,
             stop_service,
             start_service,

@@ -39,6 +39,7 @@ from errors import (
 )
 from inventory.load import parse_inventory
 from inventory.model import Inventory
+from tests.fake_balancer import steady_lb_guard
 from workflows.ox_node_upgrade import HAZELCAST_GROUP_KEY, REDIRECT_KEY, SERVER_NAME_KEY
 
 OLD = "7.10.0"
@@ -513,4 +514,5 @@ class FakeOx:
             ox_revert_schema,
             ox_change_server,
             ox_enable_schema,
+            steady_lb_guard(),
         ]

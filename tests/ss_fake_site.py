@@ -39,6 +39,7 @@ import activities.staging as staging
 from errors import HEALTH_CHECK_FAILED, LOGIN_FAILED, SETTINGS_TIMEOUT, UNEXPECTED_STATE, VERSION_MISMATCH
 from inventory.load import parse_inventory
 from inventory.model import Database, Inventory
+from tests.fake_balancer import steady_lb_guard
 from workflows.gates import Decision, GateRecord, PendingGate
 
 PROD, SCRATCH, STAGING_DB = "ss", "ss_scratch", "ss_staging"
@@ -345,7 +346,13 @@ class SsFakeSite:
 
     # ------------------------------------------------------------------ the stand-ins
     def activities(self) -> list[Callable[..., Any]]:
-        return [*self._reads(), *self._database_changes(), *self._node_changes(), *self._admin_changes()]
+        return [
+            *self._reads(),
+            *self._database_changes(),
+            *self._node_changes(),
+            *self._admin_changes(),
+            steady_lb_guard(),
+        ]
 
     def _call(self, name: str, target: str) -> None:
         # The site as the previous calls left it: may users change secrets now?

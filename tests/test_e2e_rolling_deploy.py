@@ -3,6 +3,7 @@ Temporal dev server, with the traffic probe running as a separate client process
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import uuid
@@ -21,8 +22,10 @@ from inventory.load import load_inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
+from lab.packages import package_files, zip_bytes
 from tests.e2e_support import (
     app_manifests,
+    keep_history,
     kill_worker_during,
     probe,
     served_versions,
@@ -33,6 +36,7 @@ from tests.e2e_support import (
 from tests.temporal_env import temporal_address
 from workflows.registry import ALL_WORKFLOWS
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
+from workflows.timeline import Progress
 
 PROTECTED = ("encryption.config", "database.config")
 
@@ -230,3 +234,110 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
     assert timed_out in ([], ["lb_wait_drained"]), f"killed during {killed_during}; timed out: {timed_out}"
     assert names.count("lb_wait_drained") == lab.nodes + len(timed_out)
     assert sum(s.retries for s in result.steps) == len(timed_out)
+
+
+async def test_worker_killed_during_a_slow_migration_sends_its_statement_once(
+    fresh_lab: LabConfig, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+) -> None:
+    """Issue 17.1: a statement that outlives the heartbeat timeout, its worker SIGKILLed while
+    it runs. Sent again, the CREATE TABLE would fail ("already exists") and roll the upgrade
+    back; the retry instead waits for it (or reads its effect back) and goes on."""
+    lab = fresh_lab
+    client = temporal_env.client
+    files = package_files(2)
+    slow = "CREATE TABLE zd_slow_migration AS SELECT SLEEP(8) AS slept, NOW(6) AS at;\n"
+    files["migrations/002_up.sql"] += slow.encode()
+    files["migrations/002_down.sql"] += b"DROP TABLE IF EXISTS zd_slow_migration;\n"
+    package = tmp_path / "labapp-2.0.0-slow.zip"
+    package.write_bytes(zip_bytes(files))
+    worker_log = tmp_path / "worker.log"
+    first = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        with probe(lab, tmp_path) as run:
+            handle = await client.start_workflow(
+                RollingDeployWorkflow.run,
+                RollingDeployInput(inventory=load_inventory(lab.site_yaml), package_path=str(package)),
+                id=wf_id("slow-migration"),
+                task_queue=task_queue,
+                execution_timeout=timedelta(minutes=5),
+            )
+            await kill_worker_during(handle, first, "D2 apply migration", timeout_s=60)
+            await asyncio.sleep(1)  # the statement is well under way on the server
+            second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
+            result: RollingDeployResult = await handle.result()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    assert await served_versions(lab) == {lab.node_name(i): "2.0.0" for i in lab.node_indexes}
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    assert lab_mariadb.query(
+        lab, "primary", "SELECT COUNT(*) FROM zd_slow_migration", database=lab_mariadb.DB_NAME
+    ) == [(1,)]
+    await keep_history(handle)
+    history = await handle.fetch_history()
+    migrations = [
+        e
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "db_apply_migration"
+    ]
+    assert len(migrations) == 2  # the lost attempt (timed out), then the one that went on
+    migrate = next(s for s in result.steps if s.seed_step == "D2")
+    assert migrate.result == "ok" and migrate.retries == 1, migrate
+    # The migration's log: each of its three statements done once, the slow one included.
+    log = lab_mariadb.query(
+        lab,
+        "primary",
+        "SELECT statement, state FROM zerodown_migration_log WHERE run_key LIKE %s ORDER BY statement",
+        (f"{handle.id}/%",),
+        database=lab_mariadb.DB_NAME,
+    )
+    assert log == [(1, "done"), (2, "done"), (3, "done")], log
+
+
+async def test_a_migration_behind_an_open_transaction_fails_in_time_and_the_site_keeps_answering(
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
+    """Issue 17.2: a transaction holds `items` open; the ALTER of migration 2 waits for its
+    lock at most the inventory's lock_wait_timeout_s (2 s here), then the upgrade rolls back,
+    while the site's queries, queued behind the ALTER meanwhile, all get answered."""
+    lab = fresh_lab
+    inv = load_inventory(lab.site_yaml)
+    db = dataclasses.replace(inv.databases[0], lock_wait_timeout_s=2)
+    inv = dataclasses.replace(inv, databases=(db, *inv.databases[1:]))
+    holder = lab_mariadb.connect(lab, "primary", database=lab_mariadb.DB_NAME)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute("SELECT COUNT(*) FROM items")  # a shared metadata lock until COMMIT
+        with probe(lab, tmp_path) as run:
+            handle = await client.start_workflow(
+                RollingDeployWorkflow.run,
+                RollingDeployInput(inventory=inv, package_path=str(lab.package(2))),
+                id=wf_id("lock-wait"),
+                task_queue=lab_worker,
+                execution_timeout=timedelta(minutes=5),
+            )
+            with pytest.raises(WorkflowFailureError) as info:
+                await handle.result()
+    finally:
+        holder.commit()
+        holder.close()
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ProcedureFailed"
+    assert "failed at 'D2 apply migration 2'" in str(cause)
+    assert "could not get its table lock within 2 s" in str(cause)
+    assert "open transactions: connection" in str(cause)
+    await keep_history(handle)
+    progress = await handle.query("progress", result_type=Progress)
+    migrate = next(s for s in progress.steps if s.name == "D2 apply migration 2")
+    assert migrate.result == "failed" and migrate.retries == 0
+    assert migrate.ended is not None and (migrate.ended - migrate.started).total_seconds() < 6
+    # Nothing changed: v1 everywhere, schema 1; and nobody noticed.
+    assert await served_versions(lab) == {lab.node_name(i): "1.0.0" for i in lab.node_indexes}
+    assert lab_mariadb.schema_version(lab) == 1
+    assert run.summary["failed"] == 0, run.failures()[:5]

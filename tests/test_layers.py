@@ -32,6 +32,7 @@ SHARED = {
     "gates",
     "timeline",
     "timeouts",
+    "balancers",
     "site_steps",
     "ox_steps",
     "registry",

@@ -221,3 +221,21 @@ async def test_cancel_during_a_deploy_lets_it_finish_before_restoring(
     assert names.index("deploy_package finished") < names.index("restore_app_folder")
     assert fake.version == {"n1": "1.0.0", "n2": "1.0.0"} and fake.lb == {"n1": "ready", "n2": "ready"}
     assert fake.schema == 1
+
+
+async def test_a_balancer_reload_between_drain_and_stop_is_noticed_and_the_drain_set_again(
+    client: Client, task_queue: str
+) -> None:
+    """Issue 17.3: HAProxy reloaded right after node n2 drained puts every member back to
+    ready. Before the next step (the stop) the run looks, sees a new process and sets its
+    states again: n2 is stopped drained (the fake's stop_service refuses otherwise)."""
+    fake = FakeSite(["n1", "n2", "n3"], reload_after=("lb_wait_drained", "n2"))
+    res = await run(client, task_queue, fake, RollingDeployInput(inventory=site(), package_path="/p.zip"))
+    assert fake.version == {"n1": "2.0.0", "n2": "2.0.0", "n3": "2.0.0"}
+    reloaded = [s for s in res.steps if s.name == "balancer main reloaded"]
+    assert len(reloaded) == 1 and reloaded[0].detail is not None
+    assert "pid 100 -> 101" in reloaded[0].detail and "n2 drain" in reloaded[0].detail
+    assert "n1 ready" in reloaded[0].detail  # n1, upgraded and back, stays in rotation
+    guard = fake.calls.index(("lb_guard", None))
+    assert fake.calls[guard - 1] == ("lb_wait_drained", "n2")  # looked at before the next change
+    assert guard < fake.calls.index(("stop_service", "n2"))

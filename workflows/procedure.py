@@ -46,6 +46,7 @@ from errors import (
     UNEXPECTED_STATE,
 )
 from workflows import timeouts
+from workflows.balancers import PATCH_LB_GUARD, Balancers, lb_guard
 from workflows.gates import GatedWorkflow, Gates, GateSpec
 from workflows.saga import Saga, reason
 from workflows.timeline import Progress, Timeline
@@ -153,6 +154,8 @@ class Procedure(GatedWorkflow):
         self.kept: dict[str, str] = {}
         # Changes under way: on cancellation they finish before anything is compensated.
         self._in_flight: set[asyncio.Future[Any]] = set()
+        # What the run set on its balancers, set again after a reload (workflows/balancers.py).
+        self.balancers = Balancers()
 
     @workflow.query
     def progress(self) -> Progress:
@@ -363,17 +366,41 @@ class Procedure(GatedWorkflow):
         the workflow, without the server's round trips: for steps where every millisecond is
         downtime (a maintenance window). A worker lost during it runs it again (it must be
         idempotent, as every activity is)."""
+        await self._guard_balancers(arg)
         task = asyncio.ensure_future(self._attempts(fn, arg, timeout, heartbeat, ACTION_RETRY, local))
         self._in_flight.add(task)
         try:
-            return await asyncio.shield(task)
+            result = await asyncio.shield(task)
         finally:
             if task.done():
                 self._in_flight.discard(task)
+        self.balancers.record(fn, arg)
+        return result
 
     async def wait(self, fn: Callable[[A], Awaitable[R]], arg: A, timeout_s: float) -> R:
         """A long wait: heartbeating, so a lost worker is detected within HEARTBEAT."""
+        await self._guard_balancers(arg)
         return await self._attempts(fn, arg, timeouts.wait(timeout_s), HEARTBEAT, ACTION_RETRY)
+
+    async def _guard_balancers(self, arg: Any) -> None:
+        """Before a change: has a balancer this run changed been reloaded meanwhile? Then set
+        what the run set on it again (workflows/balancers.py)."""
+        lbs = self.balancers.to_guard(arg)
+        if not lbs or not workflow.patched(PATCH_LB_GUARD):
+            return
+        for lb in lbs:
+            request = self.balancers.request(lb)
+            result = await self._attempts(lb_guard, request, timeouts.READ, None, ACTION_RETRY, local=True)
+            self.balancers.saw(lb, result)
+            if result.reloaded and request.expected is not None:
+                self.timeline.record(
+                    f"balancer {lb.name} reloaded",
+                    "ok",
+                    detail=(
+                        f"HAProxy pid {request.expected.pid} -> {result.process.pid}: the run's "
+                        f"state set again: {', '.join(result.reapplied) or 'nothing to set'}"
+                    ),
+                )
 
     async def settle(self) -> None:
         """Wait for every change under way to finish (its outcome is the saga's to undo)."""

@@ -29,6 +29,8 @@ from inventory.model import Database, DatabaseEndpoint
 
 # MySQL error codes after which a retry can succeed (server restarting, network, load).
 _RETRYABLE_CODES = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2014, 2055}
+# ER_LOCK_WAIT_TIMEOUT: lock_wait_timeout (metadata locks) or innodb_lock_wait_timeout (rows).
+LOCK_WAIT_TIMEOUT = 1205
 POLL_S = 0.5
 _SCHEMA_TABLE_EXISTS = (
     "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
@@ -124,13 +126,19 @@ async def schema_version(db: Database) -> int:
 # --------------------------------------------------------------------------- checksums
 
 
+# zerodown's own bookkeeping in a migrated database (statements.py): not the application's
+# data, so never part of a backup's checksums or a comparison.
+MIGRATION_LOG_TABLE = "zerodown_migration_log"
+
+
 async def base_tables(db: Database) -> list[str]:
+    """The application's base tables (zerodown's migration log left out)."""
     rows = await query(
         db,
         "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
         "DATABASE() AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
     )
-    return [str(r[0]) for r in rows]
+    return [str(r[0]) for r in rows if str(r[0]) != MIGRATION_LOG_TABLE]
 
 
 def _qi(name: str) -> str:

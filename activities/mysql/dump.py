@@ -33,6 +33,7 @@ from temporalio import activity
 
 from activities.common import check_id, fail, heartbeat, sha256_file, tail, with_heartbeat
 from activities.mysql.connect import (
+    MIGRATION_LOG_TABLE,
     _checksums_on,
     _endpoint,
     _qi,
@@ -263,7 +264,8 @@ async def _consistent_dump(
             await lk.execute("SELECT ID FROM information_schema.PROCESSLIST")
             existing_ids = {int(r[0]) for r in await lk.fetchall()}
             # Do not queue behind a long transaction forever (app writes queue behind us).
-            await lk.execute("SET SESSION lock_wait_timeout = 10")
+            await lk.execute("SET SESSION lock_wait_timeout = %s", (db.lock_wait_timeout_s,))
+            asked = asyncio.get_running_loop().time()
             if tables:
                 await lk.execute("LOCK TABLES " + ", ".join(f"{_qi(t)} READ" for t in tables))
             await snap.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -272,7 +274,10 @@ async def _consistent_dump(
             _raise_db(db, host, port, "locking tables for a consistent backup", e)
         dump = asyncio.ensure_future(_run_client(db, dump_args, None, tmp, what, "mariadb-dump"))
         try:
-            await _wait_dump_snapshot(lk, dump, existing_ids, what)
+            # Writes wait from the moment the lock was asked for: waiting and holding together
+            # stay within the inventory's lock_wait_timeout_s (at least a second to hold).
+            waited = asyncio.get_running_loop().time() - asked
+            await _wait_dump_snapshot(lk, dump, existing_ids, what, max(1.0, db.lock_wait_timeout_s - waited))
         except BaseException:
             dump.cancel()  # cancelled activity: the dump process is killed, not orphaned
             raise
@@ -295,15 +300,23 @@ async def _consistent_dump(
 
 
 async def _wait_dump_snapshot(
-    cur: aiomysql.Cursor, dump: asyncio.Future[None], existing_ids: set[int], what: str = "backup"
+    cur: aiomysql.Cursor,
+    dump: asyncio.Future[None],
+    existing_ids: set[int],
+    what: str = "backup",
+    budget_s: float = 10.0,
 ) -> None:
     """Return once mariadb-dump reads table data (its consistent snapshot exists) or ended.
 
     A new connection running `SELECT /*!40001 SQL_NO_CACHE */` is the dump: it opens its
     snapshot (START TRANSACTION WITH CONSISTENT SNAPSHOT) before its first data SELECT.
     Small tables are read too fast to be seen; then the lock simply lasts until the dump
-    ends, which for such a database is short anyway.
+    ends, which for such a database is short anyway. Writes wait while the lock is held, so
+    it is held at most `budget_s` (the inventory's lock_wait_timeout_s): then released, and
+    the backup fails to be tried again.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
     while not dump.done():
         try:
             await cur.execute(
@@ -313,7 +326,15 @@ async def _wait_dump_snapshot(
             if any(int(r[0]) not in existing_ids for r in await cur.fetchall()):
                 return
         except (pymysql.MySQLError, OSError):
-            pass  # keep the lock until the dump ends: slower, still consistent
+            pass  # keep the lock until the dump ends or the budget is spent
+        if loop.time() > deadline:
+            # Writes wait while the lock is held: never longer than the lock wait allows.
+            fail(
+                DATABASE_ERROR,
+                f"{what}: the dump did not open its snapshot within {budget_s:g} s of taking the "
+                "write lock (lock_wait_timeout_s in the inventory); lock released, writes go on",
+                retryable=True,
+            )
         heartbeat({"step": what, "waiting_for": "dump snapshot"})
         await asyncio.wait({dump}, timeout=0.02)
 
@@ -478,7 +499,11 @@ async def _load_backup(bk: DbBackup) -> DbRestoreResult:
     rows = await query(
         db, "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
     )
-    extra = sorted((str(n), str(t)) for n, t in rows if str(n) not in bk.table_checksums)
+    extra = sorted(
+        (str(n), str(t))
+        for n, t in rows
+        if str(n) not in bk.table_checksums and str(n) != MIGRATION_LOG_TABLE
+    )
     host, port = _endpoint(db, False)
     if extra:
         async with connection(db) as conn, conn.cursor() as cur:

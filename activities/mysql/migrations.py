@@ -6,14 +6,25 @@ script are split by split_sql. Errors follow connect.py's policy.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
 import pymysql
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.common import fail, heartbeat
-from activities.mysql.connect import _SCHEMA_TABLE_EXISTS, _endpoint, _raise_db, connection, schema_version
+from activities.mysql import statements
+from activities.mysql.connect import (
+    _SCHEMA_TABLE_EXISTS,
+    LOCK_WAIT_TIMEOUT,
+    _endpoint,
+    _raise_db,
+    connection,
+    query,
+    schema_version,
+)
 from errors import DATABASE_ERROR, INVALID_REQUEST
 from inventory.model import Database
 
@@ -42,6 +53,47 @@ def split_sql(sql: str) -> list[str]:
     return stmts
 
 
+def _run_key() -> str:
+    """The run the migration belongs to: each attempt of the step is its own activity
+    execution (the workflow retries, workflows/procedure.py), so the key is the workflow run;
+    with the version and direction it names one migration of that run. Outside an activity,
+    one call (nothing to resume)."""
+    if activity.in_activity():
+        info = activity.info()
+        return f"{info.workflow_id}/{info.workflow_run_id}"[:255]
+    return f"local/{uuid.uuid4().hex}"
+
+
+def _is_lock_wait_timeout(e: BaseException) -> bool:
+    return isinstance(e, pymysql.MySQLError) and bool(e.args) and e.args[0] == LOCK_WAIT_TIMEOUT
+
+
+async def _fail_lock_wait(db: Database, host: str, port: int, where: str, e: BaseException) -> None:
+    """A statement that could not get its lock in time: not retried (each try would hold the
+    table's queries as long again); the error names who holds a transaction open."""
+    try:
+        holders = await query(
+            db,
+            "SELECT p.ID, p.USER, p.HOST, p.TIME, LEFT(COALESCE(p.INFO, ''), 80) FROM "
+            "information_schema.PROCESSLIST p JOIN information_schema.INNODB_TRX t ON "
+            "t.trx_mysql_thread_id = p.ID ORDER BY t.trx_started LIMIT 5",
+        )
+        who = (
+            "; ".join(f"connection {r[0]} {r[1]}@{r[2]}, open {r[3]} s {r[4]!r}" for r in holders)
+            or "none left"
+        )
+    except ApplicationError:
+        who = "(could not be read)"
+    fail(
+        DATABASE_ERROR,
+        f"database {db.name} ({db.user}@{host}:{port}/{db.database}): {where}: could not get "
+        f"its table lock within {db.lock_wait_timeout_s} s (lock_wait_timeout_s in the inventory); "
+        f"open transactions: {who}. The site kept answering; nothing of this statement was "
+        "applied. End those transactions, then retry",
+        cause=e,
+    )
+
+
 # Which script of a migration runs.
 MigrationDirection = Literal["up", "down"]
 
@@ -56,6 +108,10 @@ class MigrationResult:
     schema_version_after: int
     # True: a forced `down` ran although schema_version did not list the migration.
     forced: bool = False
+    # A retry: the statement it went on from (0: from the first), and the lost attempt's
+    # connection it waited for while that one's statement still ran (0: none).
+    resumed_at_statement: int = 0
+    waited_for_connection: int = 0
 
 
 async def apply_migration(
@@ -97,21 +153,40 @@ async def apply_migration(
         )
     stmts = split_sql(sql)
     host, port = _endpoint(db, False)
+    what = f"database {db.name}: migration {version} {direction}"
+    run_key = _run_key()
     async with connection(db) as conn:
         async with conn.cursor() as cur:
+            try:
+                # A statement queued behind a lock holds every later query on its table: it
+                # queues at most a second at a time (statements.LOCK_TRY_S), for at most the
+                # inventory's lock_wait_timeout_s in all, then fails.
+                await cur.execute(
+                    "SET SESSION lock_wait_timeout = %s, innodb_lock_wait_timeout = %s",
+                    (statements.LOCK_TRY_S, statements.LOCK_TRY_S),
+                )
+                # A retry goes on where the lost attempt's statements ended (statements.py).
+                resumed = await statements.resume(cur, run_key, version, direction, stmts, what)
+            except (pymysql.MySQLError, OSError) as e:
+                _raise_db(db, host, port, f"migration {version} {direction}: reading its log", e)
             for i, stmt in enumerate(stmts, 1):
+                if i < resumed.next_statement:
+                    if statements.effect_of(stmt).kind == "session":
+                        await cur.execute(stmt)  # session state is this connection's: set it again
+                    continue
                 heartbeat({"migration": version, "direction": direction, "statement": i})
                 try:
-                    await cur.execute(stmt)
-                except (pymysql.MySQLError, OSError) as e:
-                    _raise_db(
-                        db,
-                        host,
-                        port,
-                        f"migration {version} {direction}{' (forced)' if forced else ''}, "
-                        f"statement {i}/{len(stmts)} {stmt[:200]!r}",
-                        e,
+                    await statements.send_once(
+                        cur, run_key, version, direction, i, stmt, float(db.lock_wait_timeout_s)
                     )
+                except (pymysql.MySQLError, OSError) as e:
+                    where = (
+                        f"migration {version} {direction}{' (forced)' if forced else ''}, "
+                        f"statement {i}/{len(stmts)} {stmt[:200]!r}"
+                    )
+                    if _is_lock_wait_timeout(e):
+                        await _fail_lock_wait(db, host, port, where, e)
+                    _raise_db(db, host, port, where, e)
             try:
                 await cur.execute(_SCHEMA_TABLE_EXISTS)
                 exists = await cur.fetchone()
@@ -145,6 +220,8 @@ async def apply_migration(
         schema_version_before=before,
         schema_version_after=after,
         forced=forced,
+        resumed_at_statement=resumed.next_statement if resumed.next_statement > 1 else 0,
+        waited_for_connection=resumed.waited_for_connection,
     )
 
 
