@@ -8,12 +8,14 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+import pytest
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import TimeoutError, TimeoutType
 from temporalio.worker import Worker
 
+from worker.chaos import HOLD_ENV, HoldInterceptor, hold_from_env
 from worker.main import RESUME_OPTIONS
 
 
@@ -83,3 +85,28 @@ async def test_an_activity_that_never_beats_outlives_a_short_heartbeat_timeout(c
 
 async def test_the_activitys_own_details_survive_the_beats(client: Client) -> None:
     assert await run_probe(client, "details", with_interceptor=True) == "resumed from 7"
+
+
+def test_the_chaos_hold_is_only_there_when_the_bench_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(HOLD_ENV, raising=False)
+    assert hold_from_env() == []
+    monkeypatch.setenv(HOLD_ENV, "check_login,lb_wait_up:1.5")
+    (hold,) = hold_from_env()
+    assert isinstance(hold, HoldInterceptor)
+    assert hold.names == {"check_login", "lb_wait_up"} and hold.seconds == 1.5
+
+
+async def test_a_held_activity_runs_late_and_whole(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HOLD_ENV, "reports_then_fails:1")
+    queue = f"hb-{uuid.uuid4().hex[:8]}"
+    started = asyncio.get_running_loop().time()
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[HeartbeatProbe],
+        activities=[silent_for, reports_then_fails],
+        **{**RESUME_OPTIONS, "interceptors": [*RESUME_OPTIONS["interceptors"], *hold_from_env()]},
+    ):
+        result = await client.execute_workflow(HeartbeatProbe.run, "details", id=queue, task_queue=queue)
+    assert result == "resumed from 7"  # the activity itself ran as without the hold
+    assert asyncio.get_running_loop().time() - started > 2 + 2.5  # both attempts held 1 s

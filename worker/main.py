@@ -20,6 +20,7 @@ from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
 
+from worker.chaos import hold_from_env
 from worker.heartbeat import HeartbeatInterceptor
 
 # The defaults everywhere (CLI, demo, worker); the environment variables override them.
@@ -70,7 +71,7 @@ def build_worker(
         workflows=ALL_WORKFLOWS,
         activities=list(activities if activities is not None else ALL_ACTIVITIES),
         max_concurrent_activities=32,
-        **RESUME_OPTIONS,
+        **{**RESUME_OPTIONS, "interceptors": [*RESUME_OPTIONS["interceptors"], *hold_from_env()]},
     )
 
 
