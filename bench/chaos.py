@@ -440,11 +440,14 @@ async def chaos(
         hold = len(plan) == 1 and plan[0] in held
         if hold:
             os.environ[HOLD_ENV] = f"{plan[0].activity}:{HOLD_S}"  # the workers it starts inherit it
+            await asyncio.to_thread(workers.kill)  # the idle worker of the last run has no hold
             label += "h"
         try:
             outcome, _ = await one_run(cfg, client, workers, site, procedure, plan, timeout_s, label)
         finally:
-            os.environ.pop(HOLD_ENV, None)
+            if hold:
+                os.environ.pop(HOLD_ENV, None)
+                await asyncio.to_thread(workers.kill)  # the next run's worker holds nothing
         dups = duplicated(reference.effects, outcome.effects)
         diff = differences(reference.world, outcome.world)
         verdict.max_resume_s = max([verdict.max_resume_s, *outcome.resume_s])
