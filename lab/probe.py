@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -70,6 +71,10 @@ class ProbeSummary:
     maintenance: int = 0
     maintenance_first: str = ""
     maintenance_last: str = ""
+    # The writes the site acknowledged (201): their bodies start "probe <write_token> ", and
+    # the ids of the rows created. Not in `line()`: a test compares them with the table.
+    write_token: str = ""
+    acked_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -209,6 +214,10 @@ class _Recorder:
         self.by_status: Counter[str] = Counter()
         self.by_node: Counter[str] = Counter()
         self.latencies: list[float] = []
+        # Ids of the rows the site acknowledged creating (201): every one must still be
+        # there after an upgrade or a rollback.
+        self.acked_ids: list[int] = []
+        self.token = ""
         self._log = JsonlLog(out)
 
     def ok(self, status: int, node: str | None, latency_ms: float) -> None:
@@ -266,13 +275,15 @@ async def _one(
     try:
         kwargs: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
         if method == "POST":
-            kwargs["json"] = {"body": f"probe {n}"}
+            kwargs["json"] = {"body": f"probe {rec.token} {n}"}
         async with session.request(method, base + path, **kwargs) as resp:
-            await resp.read()
+            body = await resp.read()
             node = resp.headers.get("X-Node") or resp.headers.get("X-Served-By")
             ms = (time.perf_counter() - t0) * 1000
             if resp.status in EXPECTED[method]:
                 rec.ok(resp.status, node, ms)
+                if method == "POST":
+                    rec.acked_ids.append(int(json.loads(body)["id"]))
             elif resp.status == REFUSED_STATUS and resp.headers.get("X-Refused") == REFUSED_BY:
                 rec.refuse(resp.status, node, ms)
             elif resp.status == MAINTENANCE_STATUS and "Retry-After" in resp.headers:
@@ -294,6 +305,7 @@ async def run_probe(
         raise ValueError("rate must be > 0")
     base = url.rstrip("/")
     rec = _Recorder(out)
+    rec.token = secrets.token_hex(4)  # marks this probe's rows: body "probe <token> <n>"
     started = now_iso()
     try:
         async with aiohttp.ClientSession(connector=client_connector()) as session:
@@ -326,6 +338,8 @@ async def run_probe(
         maintenance=rec.maintenance,
         maintenance_first=rec.maintenance_first,
         maintenance_last=rec.maintenance_last,
+        write_token=rec.token,
+        acked_ids=sorted(rec.acked_ids),
     )
 
 

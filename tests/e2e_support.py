@@ -351,3 +351,25 @@ async def keep_history(handle: WorkflowHandle[Any, Any]) -> Path | None:
     history = await handle.fetch_history()
     path.write_text(history.to_json(), encoding="utf-8")
     return path
+
+
+def assert_no_write_lost(lab: LabConfig, run: ProbeRun, role: str = "primary") -> int:
+    """Every write the site acknowledged during the probe (201, its row id) is in `items`
+    on the database the site uses now (`role`), and the table holds no other row of this
+    probe: the rows of its window equal its acknowledged writes. Returns their number."""
+    from lab import mariadb as lab_mariadb
+
+    acked = set(run.summary["acked_ids"])
+    assert acked, "the probe acknowledged no write: nothing was proven"
+    rows = lab_mariadb.query(
+        lab,
+        role,  # type: ignore[arg-type]
+        "SELECT id FROM items WHERE body LIKE %s",
+        (f"probe {run.summary['write_token']} %",),
+        database=lab_mariadb.DB_NAME,
+    )
+    present = {int(r[0]) for r in rows}
+    lost = sorted(acked - present)
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost: ids {lost[:20]}"
+    assert present == acked, f"rows of the probe not acknowledged: {sorted(present - acked)[:20]}"
+    return len(acked)

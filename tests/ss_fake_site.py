@@ -191,6 +191,10 @@ class SsFakeSite:
     # Production restored from a backup after users could write to it (a node serving, not
     # in maintenance mode): their changes are lost.
     lost_writes: list[str] = field(default_factory=list)
+    # Nodes cache the settings (the real product does; the lab app for 0.5 s): a node keeps
+    # enforcing what it had until something confirms the new values on it (app_wait_settings
+    # on that node), so writes still land meanwhile.
+    settings_cache: bool = False
 
     def __post_init__(self) -> None:
         for n in self.inventory.nodes:
@@ -201,6 +205,7 @@ class SsFakeSite:
         self._audit_refs: set[str] = set()
         self._prod_backups: set[str] = set()
         self._outdated: set[str] = set()  # production backups that writes have overtaken
+        self._cached: dict[str, tuple[bool, bool]] = {}  # node -> settings it still enforces
 
     # ------------------------------------------------------------------ for the tests
     def fail_on(
@@ -264,6 +269,11 @@ class SsFakeSite:
         return self.databases[name]
 
     def _effective(self, target: str) -> tuple[bool, bool]:
+        if target in self._cached:
+            return self._cached[target]
+        return self._live(target)
+
+    def _live(self, target: str) -> tuple[bool, bool]:
         if target == STAGING:
             db = self.databases.get(STAGING_DB, Db(schema=0))
             return db.maintenance, db.ignore
@@ -459,6 +469,7 @@ class SsFakeSite:
         async def app_wait_settings(arg: dict[str, Any]) -> app_admin.AdminState:
             target = s._target(arg["base_url"])
             s._call("app_wait_settings", target)
+            s._cached.pop(target, None)  # waited until the node enforces the new values
             want = (arg["maintenance_mode"], arg["ignore_version_mismatch"])
             if s._effective(target) != want:
                 raise ApplicationError(
@@ -720,6 +731,9 @@ class SsFakeSite:
                 "app_set_settings",
                 f"{target}: " + ", ".join(said + (["cleared"] if arg.get("clear_node_override") else [])),
             )
+            if s.settings_cache:
+                for n in s.node_names():
+                    s._cached.setdefault(n, s._effective(n))
             if target == "site":
                 site = s.databases[PROD]
                 if values["maintenance"] is not None:

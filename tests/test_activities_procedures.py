@@ -9,6 +9,7 @@ schema 1 with its rows, no scratch database, no file left in the worker's folder
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -439,3 +440,44 @@ async def test_restore_keeping_the_audit_trail(inv: Inventory, tmp_path: Path, c
                 Path(p).unlink(missing_ok=True)
     assert await mysql.table_checksums(db) == src.table_checksums
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+async def test_a_restore_through_the_scratch_database_never_shows_a_missing_table(
+    inv: Inventory, tmp_path: Path
+) -> None:
+    """Issue 17.7: a reader running all through the restore of the site's own database never
+    gets an error: the backup is loaded into the scratch database and swapped in by one
+    RENAME TABLE (a query waits for it, none finds a table missing or half loaded)."""
+    db, env = inv.databases[0], _env()
+    assert db.scratch_database
+    bk = await env.run(mysql.db_backup, BackupRequest(db, f"swap-{uuid.uuid4().hex[:6]}", str(tmp_path)))
+    await mysql.query(db, "INSERT INTO items (node, body) VALUES ('test', 'after the backup')")
+    stop, errors, reads = asyncio.Event(), [], 0
+
+    async def reader() -> None:
+        nonlocal reads
+        async with mysql.connection(db) as conn, conn.cursor() as cur:
+            while not stop.is_set():
+                try:
+                    await cur.execute("SELECT COUNT(*) FROM items")
+                    await cur.fetchall()
+                    reads += 1
+                except Exception as e:  # what a site's request would have failed with
+                    errors.append(repr(e))
+                await asyncio.sleep(0.001)
+
+    task = asyncio.ensure_future(reader())
+    try:
+        res = await env.run(mysql.db_restore_keeping, RestoreKeepingRequest(bk, ("tbAudit",)))
+    finally:
+        stop.set()
+        await task
+        _remove_backup(bk)
+    assert res.swapped and res.mismatched == ()
+    assert errors == [] and reads > 10
+    assert await mysql.query(db, "SELECT COUNT(*) FROM items WHERE body = 'after the backup'") == [(0,)]
+    scratch = await mysql.query(
+        db, "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (db.scratch_database,)
+    )
+    assert scratch == [(0,)]  # the replaced tables left with it
+    await replica_caught_up(db)

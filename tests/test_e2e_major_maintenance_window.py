@@ -22,7 +22,7 @@ from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
 from tests.blue_green_support import choose, main_servers, pending, provisioned, two_old, wait_step
-from tests.e2e_support import kill_worker_during, probe, start_worker_process
+from tests.e2e_support import assert_no_write_lost, kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
 from workflows.major_maintenance_window import (
     MajorMaintenanceInput,
@@ -182,6 +182,7 @@ async def test_revert_after_the_point_of_no_return_promotes_the_warm_replica(
         await asyncio.sleep(1.0)
         after = rows_before(lab, "warm")
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run, "warm")  # the promoted warm server serves the site now
     assert run.summary["maintenance"] > 0
     assert len(started_in_window) == 2 and "node1" not in started_in_window
     # The old servers are back, on v1, pointed at the promoted warm server, which is writable.

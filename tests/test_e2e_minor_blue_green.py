@@ -20,7 +20,7 @@ from inventory.load import load_inventory
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
 from tests.blue_green_support import choose, main_servers, provisioned, two_old, wait_step
-from tests.e2e_support import kill_worker_during, probe, start_worker_process
+from tests.e2e_support import assert_no_write_lost, kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
 from workflows.gates import PendingGate
 from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
@@ -95,6 +95,8 @@ async def test_minor_upgrade_with_zero_failed_requests_and_sessions_outliving_th
         long = await sessions
 
     assert run.summary["failed"] == 0, run.failures()[:5]
+
+    assert_no_write_lost(lab, run)
     assert run.summary["total"] >= 500
     # The long requests: all finished untouched, some of them on old servers being drained.
     assert all(status == 200 for status, _ in long), long

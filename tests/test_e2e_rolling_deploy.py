@@ -25,6 +25,7 @@ from lab.config import LabConfig
 from lab.packages import package_files, zip_bytes
 from tests.e2e_support import (
     app_manifests,
+    assert_no_write_lost,
     keep_history,
     kill_worker_during,
     probe,
@@ -73,6 +74,7 @@ async def test_rolling_deploy_v1_to_v2_with_zero_failed_requests(
 
     # Zero downtime, measured: every request of the probe succeeded, over the whole run.
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     assert run.summary["total"] >= 300
     assert set(run.summary["by_node"]) == {lab.node_name(i) for i in lab.node_indexes}
     # Every node serves v2; the schema was migrated before the first node.
@@ -164,6 +166,7 @@ async def test_failed_health_check_on_node2_rolls_back_to_v1(
     node3_commands = ssh_commands(lab, 3)[node3_commands_before:]
     assert not [c for c in node3_commands if "ctl stop" in c or "ctl start" in c], node3_commands
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
 
 
 async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
@@ -197,6 +200,7 @@ async def test_worker_killed_during_drain_wait_resumes_on_a_new_worker(
 
     assert await served_versions(lab) == {lab.node_name(i): "2.0.0" for i in lab.node_indexes}
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     # No step done twice: each node was stopped, deployed and started exactly once ...
     for i in lab.node_indexes:
         new_commands = ssh_commands(lab, i)[commands_before[i] :]
@@ -274,6 +278,7 @@ async def test_worker_killed_during_a_slow_migration_sends_its_statement_once(
 
     assert await served_versions(lab) == {lab.node_name(i): "2.0.0" for i in lab.node_indexes}
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     assert lab_mariadb.query(
         lab, "primary", "SELECT COUNT(*) FROM zd_slow_migration", database=lab_mariadb.DB_NAME
     ) == [(1,)]
@@ -341,3 +346,4 @@ async def test_a_migration_behind_an_open_transaction_fails_in_time_and_the_site
     assert await served_versions(lab) == {lab.node_name(i): "1.0.0" for i in lab.node_indexes}
     assert lab_mariadb.schema_version(lab) == 1
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)

@@ -23,7 +23,14 @@ from inventory.load import load_inventory
 from lab.config import LabConfig
 from lab.devserver import start_dev_server, stop_dev_server
 from lab.procs import read_pid
-from tests.e2e_support import probe, served_versions, ssh_commands, start_worker_process, stop_process
+from tests.e2e_support import (
+    assert_no_write_lost,
+    probe,
+    served_versions,
+    ssh_commands,
+    start_worker_process,
+    stop_process,
+)
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 from workflows.timeline import Progress
 
@@ -105,6 +112,7 @@ async def test_the_server_killed_mid_procedure_and_restarted_loses_nothing(
     finally:
         stop_process(worker)
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     assert await served_versions(lab) == {lab.node_name(i): "2.0.0" for i in lab.node_indexes}
     assert set(result.previous_versions.values()) == {"1.0.0"}
     # Nothing was done twice across the outage: each node stopped and started once.

@@ -19,7 +19,14 @@ from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
-from tests.e2e_support import app_manifests, probe, run_command, served_versions, snapshot
+from tests.e2e_support import (
+    app_manifests,
+    assert_no_write_lost,
+    probe,
+    run_command,
+    served_versions,
+    snapshot,
+)
 from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
@@ -89,6 +96,8 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
         await enforce_version_match(inv, False)
 
     assert run.summary["failed"] == 0, run.failures()[:5]
+
+    assert_no_write_lost(lab, run)
     assert run.summary["total"] >= 300 and run.summary["refused"] > 0
     versions = await served_versions(lab)
     assert {n: versions[n] for n in THREE} == dict.fromkeys(THREE, "2.0.0")

@@ -28,6 +28,7 @@ from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
 from tests.e2e_support import (
     app_manifests,
+    assert_no_write_lost,
     assert_untouched,
     kill_worker_during,
     probe,
@@ -137,6 +138,7 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
 
     # Zero downtime: no failed request; changes refused in maintenance mode counted apart.
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     assert run.summary["refused"] > 0 and run.summary["total"] >= 500
     assert await served_versions(lab) == {f"node{i}": "2.0.0" for i in lab.node_indexes}
     assert lab_mariadb.schema_version(lab) == 2
@@ -319,6 +321,7 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
 
     assert await served_versions(lab) == {f"node{i}": "2.0.0" for i in lab.node_indexes}
     assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
     # No node upgraded twice: each stopped and deployed exactly once.
     for i in lab.node_indexes:
         new = ssh_commands(lab, i)[commands_before[i] :]
@@ -334,3 +337,46 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
         (s.name, s.detail) for s in result.steps
     ]
     await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
+
+
+async def test_a_rollback_under_writes_keeps_every_acknowledged_write_and_fails_no_request(
+    ss_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
+    """Issue 17.7: the production script fails at 7.7 and is rolled back while the probe
+    writes. Every write the site answered 201 is still there after the restore (6.6 waited
+    until every node enforced maintenance mode), and no request failed: the new code left the
+    pool before the database went back, and the backup was swapped in (loaded into the
+    scratch database, one RENAME TABLE), so no reader saw a table missing."""
+    lab = ss_lab
+    inv = ss_inventory(lab)
+    assert inv.databases[0].scratch_database  # the restore goes through it
+    with probe(lab, tmp_path) as run:
+        handle = await client.start_workflow(
+            SsRollingWorkflow.run,
+            SsRollingInput(
+                inventory=inv, package_path=str(lab.package(2)), started_by="carol", on_failure="rollback"
+            ),
+            id=wf_id("sqlfail-writes"),
+            task_queue=lab_worker,
+            execution_timeout=timedelta(minutes=8),
+        )
+        try:
+            gate = await wait_gate(handle, "staging-test")
+            lab_mariadb.inject_migration_failure(lab, "labapp", True)
+            await handle.execute_update(
+                "approve",
+                Decision(gate="staging-test", by="bob", plan_hash=gate.plan_hash),
+                result_type=GateRecord,
+            )
+            with pytest.raises(WorkflowFailureError):
+                await handle.result()
+        finally:
+            lab_mariadb.inject_migration_failure(lab, "labapp", False)
+    assert await served_versions(lab) == {f"node{i}": "1.0.0" for i in lab.node_indexes}
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
+    progress = await handle.query("progress", result_type=Progress)
+    names = [s.name for s in progress.steps]
+    restore = names.index("rollback: restore the database (audit trail kept)")
+    out = [i for i, s in enumerate(progress.steps) if s.name.startswith("rollback: new code out of the pool")]
+    assert out and max(out) < restore

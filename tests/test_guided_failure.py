@@ -15,6 +15,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 from tests.fake_site import FakeSite, site
 from tests.gate_support import choose, pending
@@ -98,8 +99,9 @@ async def test_abort_leaves_everything_in_place_and_reports_the_state(
 
 @pytest.mark.parametrize("how", ["rollback", "timeout", "nobody"])
 async def test_rollback_by_choice_by_timeout_or_when_nobody_may_decide(
-    client: Client, task_queue: str, how: str
+    time_skipping_env: WorkflowEnvironment, task_queue: str, how: str
 ) -> None:
+    client = time_skipping_env.client  # the retries' backoff and the gate's timeout pass at once
     fake = FakeSite(["n1", "n2", "n3"], fail_health_on=("n2", "2.0.0"))
     inp = guided_input(
         timeout_s=1.0 if how == "timeout" else 60.0, approvers=() if how == "nobody" else ("ops1",)
@@ -122,7 +124,10 @@ async def test_rollback_by_choice_by_timeout_or_when_nobody_may_decide(
     assert expected in names
 
 
-async def test_transient_activity_failures_are_retried_and_counted(client: Client, task_queue: str) -> None:
+async def test_transient_activity_failures_are_retried_and_counted(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    client = time_skipping_env.client  # the retries' backoff timers pass at once
     fake = FakeSite(["n1", "n2"])
     failures = {"left": 2}
 

@@ -122,6 +122,7 @@ SEED_STEPS = [
     "5.11",
     "6.2",
     "6.4",
+    "6.3",
     "6.6",
     "7.1",
     "7.2",
@@ -157,7 +158,15 @@ UNDO_STAGING: list[Call] = [
     ("app_set_settings", "site: maintenance off, ignore off"),
     ("app_record_audit", "CANCEL"),
 ]
-# Everything undone from task seven on: the database first, then group A, group B, staging.
+
+
+def new_code_out(*nodes: str) -> list[Call]:
+    """The rollback's first move once every node may run the new code: out of the pool."""
+    return [c for n in nodes for c in (("lb_set_state", f"{n} drain"), ("lb_set_state", f"{n} maint"))]
+
+
+# Everything undone from task seven on, once every node may run the new code (7.9 on): the
+# database first (nothing else could serve), then group A, group B, staging.
 UNDO_ALL: list[Call] = [
     ("db_restore_keeping", PROD),
     *restored_node("n1"),
@@ -327,8 +336,16 @@ async def test_script_failure_rollback_by_choice_or_timeout_restores_everything(
         "timeout": f"gate {SCRIPT_GATE}: timed out, rollback",
     }[how]
     assert expected in names
-    # Group A was only taken out (back in the pool); group B and the database restored.
-    undo = [("db_restore_keeping", PROD), ("lb_set_state", "n1 ready"), *restored_node("n2"), *UNDO_STAGING]
+    # Group A (only taken out, still on the old code) back in the pool and group B (the new
+    # code) out of it before the database is restored; then group B restored.
+    undo = [
+        ("lb_set_state", "n1 ready"),
+        *new_code_out("n2"),
+        ("db_restore_keeping", PROD),
+        ("lb_set_state", "n1 ready"),
+        *restored_node("n2"),
+        *UNDO_STAGING,
+    ]
     assert fake.mutations() == runbook_to(("db_apply_migration", f"{PROD} 3")) + undo
     assert_rolled_back(fake)
     # The report names the step that failed, however the gate ended.
@@ -413,3 +430,23 @@ async def test_an_audit_failure_after_upgrade_mode_is_off_loses_no_write(
         f"production restored from {fake.lost_writes} after upgrade mode was off (8.1); the run's "
         f"changes after 8.1: {changes_after_8_1(fake)}"
     )
+
+
+async def test_the_backup_a_rollback_restores_waits_until_every_node_refuses_changes(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Issue 17.7: nodes cache their settings, so right after 6.2 they still take writes.
+    The 6.6 backup - the one the rollback restores - comes only once each node confirmed
+    maintenance mode (6.3): the rollback loses no write (the fake records any it would)."""
+    fake = failing_script()
+    fake.settings_cache = True
+    async with started(time_skipping_env, task_queue, fake) as handle:
+        await approve(handle, "staging-test")
+        await choose(handle, await pending(handle, SCRIPT_GATE), "rollback")
+        await failed(handle)
+        records = await steps(handle)
+    assert_rolled_back(fake)  # lost_writes == [] among the rest
+    confirmed = [s.node for s in records if s.seed_step == "6.3"]
+    backup = next(i for i, s in enumerate(records) if s.seed_step == "6.6")
+    assert confirmed == ["n1", "n2"]
+    assert all(i < backup for i, s in enumerate(records) if s.seed_step == "6.3")

@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.deploy.appfolder
     import activities.deploy.package
     import activities.deploy.secretserver
+    import activities.haproxy as haproxy
     import activities.mysql as mysql
     import activities.mysql.connect
     import activities.mysql.dump
@@ -66,13 +67,20 @@ from errors import INVALID_GROUPS, PREFLIGHT_FAILED, UNKNOWN_NODE
 from workflows.gates import GateSpec
 from workflows.procedure import LONG, ProcedureOptions, require_approval, required
 from workflows.saga import reason
-from workflows.site_steps import NodeProgress, SiteProcedure, preflight_failed, run_key
+from workflows.site_steps import UP_TIMEOUT_S, NodeProgress, SiteProcedure, lbs_of, preflight_failed, run_key
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ss-rolling"
 # Versioned change (workflow.patched): past 8.1 (upgrade mode off, users writing again) a
 # failed COMPLETED audit is reported, not rolled back.
 PATCH_LIVE_AFTER_8_1 = "ss-rolling-live-after-8-1-v1"
+# Versioned change: the 6.6 backup waits until every node enforces maintenance mode (6.3), so
+# no write a node still took lands after it (a node caches its settings: the seed's "can take
+# several minutes to start").
+PATCH_CONFIRMED_BEFORE_BACKUP = "ss-rolling-maintenance-confirmed-before-backup-v1"
+# Versioned change: the rollback's database restore comes after the nodes running the new code
+# left the pool (and group A, still on the old code, came back to serve), never under them.
+PATCH_NEW_CODE_OUT_BEFORE_RESTORE = "ss-rolling-new-code-out-before-restore-v1"
 GATES = ("staging-test", "upgrade-successful")
 # The audit trail survives a rollback's database restore.
 AUDIT_TABLES = ("tbAudit",)
@@ -296,6 +304,16 @@ class SsRollingWorkflow(SiteProcedure):
             "STARTED",
             f"upgrade to {package.version}; groups A: {_names(r.group_a)}, B: {_names(r.group_b)}",
         )
+        if workflow.patched(PATCH_CONFIRMED_BEFORE_BACKUP):
+            # 6.3: the mode has started on every node (each caches its settings): from here
+            # no node takes a change, so the backup below holds every acknowledged write.
+            for n in r.nodes:
+                await self.step(
+                    "6.3 maintenance mode confirmed on the node",
+                    partial(self._settings_in_force, r, n),
+                    node=n.name,
+                    seed_step="6.3",
+                )
         # Nothing can change the database from here (maintenance mode): restoring this backup
         # on rollback loses no one's work.
         last = await self.back_up_database(
@@ -315,18 +333,7 @@ class SsRollingWorkflow(SiteProcedure):
         for n in r.nodes:
             await self.step(
                 "7.2 maintenance mode and ignore version mismatch on",
-                partial(
-                    self.wait,
-                    app_admin.app_wait_settings,
-                    app_admin.WaitSettingsRequest(
-                        base_url=n.url,
-                        admin=r.admin,
-                        maintenance_mode=True,
-                        ignore_version_mismatch=True,
-                        timeout_s=60.0,
-                    ),
-                    60.0,
-                ),
+                partial(self._settings_in_force, r, n),
                 node=n.name,
                 seed_step="7.2",
             )
@@ -537,10 +544,88 @@ class SsRollingWorkflow(SiteProcedure):
             if m.carried:
                 self.merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
 
+    async def _settings_in_force(self, r: _Run, n: Node) -> Any:
+        """Until the node itself enforces maintenance mode and ignores the version mismatch."""
+        return await self.wait(
+            app_admin.app_wait_settings,
+            app_admin.WaitSettingsRequest(
+                base_url=n.url,
+                admin=r.admin,
+                maintenance_mode=True,
+                ignore_version_mismatch=True,
+                timeout_s=60.0,
+            ),
+            60.0,
+        )
+
     async def _run_script(self, r: _Run, backup: mysql.DbBackup) -> None:
         # Registered before the first statement runs: a half-applied script is undone too.
-        self.saga.register("database", partial(self._restore_database, r, backup))
+        if workflow.patched(PATCH_NEW_CODE_OUT_BEFORE_RESTORE):
+            self.saga.register("database", partial(self._restore_database_under_old_code, r, backup))
+        else:
+            self.saga.register("database", partial(self._restore_database, r, backup))
         await self.run_script(r.db, r.pending, "7.7 run the SQL script on the production database", "7.7")
+
+    async def _restore_database_under_old_code(self, r: _Run, backup: mysql.DbBackup) -> None:
+        """The database goes back only under the old code: first the nodes still on it and
+        out of the pool (group A, taken out at 7.6, not yet stopped) serve again, then every
+        node that ran the new code leaves the pool (its own compensation later restores its
+        files and puts it back), then the restore. New code never answers on the old schema,
+        and the pool is never empty while old-code nodes are there to serve. When every node
+        may run the new code (a failure from 7.9 on), none leaves: an empty pool would fail
+        every request; their own compensations roll them back after the restore, as before."""
+        old_code = [
+            n
+            for n in r.nodes
+            if (done := r.progress.get(n.name)) is not None
+            and done.drain_attempted
+            and not done.stop_attempted
+        ]
+        if not old_code:
+            await self._restore_database(r, backup)
+            return
+        for n in r.nodes:
+            done = r.progress.get(n.name)
+            if done is not None and done.drain_attempted and not done.stop_attempted:
+                for lb in lbs_of(r.inv, n):
+                    await self.timeline.step(
+                        f"rollback: old code back in the pool on {lb.name}",
+                        self.set_state(lb, n, "ready"),
+                        node=n.name,
+                    )
+                    await self.timeline.step(
+                        f"rollback: wait UP on {lb.name}",
+                        self.wait(
+                            haproxy.lb_wait_up,
+                            haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
+                            UP_TIMEOUT_S,
+                        ),
+                        node=n.name,
+                    )
+        for n in r.nodes:
+            done = r.progress.get(n.name)
+            if done is not None and done.stop_attempted:
+                for lb in lbs_of(r.inv, n):
+                    await self.timeline.step(
+                        f"rollback: new code out of the pool on {lb.name}",
+                        self.set_state(lb, n, "drain"),
+                        node=n.name,
+                    )
+                    await self.timeline.step(
+                        f"rollback: wait for zero sessions on {lb.name}",
+                        self.wait(
+                            haproxy.lb_wait_drained,
+                            haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=lb.drain_timeout_s),
+                            lb.drain_timeout_s,
+                        ),
+                        node=n.name,
+                    )
+                    await self.timeline.step(
+                        f"rollback: hold in maintenance on {lb.name}",
+                        self.set_state(lb, n, "maint"),
+                        node=n.name,
+                    )
+        await self._restore_database(r, backup)
 
     async def _restore_database(self, r: _Run, backup: mysql.DbBackup) -> None:
         await self.timeline.step(

@@ -384,6 +384,9 @@ class DbRestoreResult:
     kept: tuple[str, ...] = ()
     # The target database did not exist and was created (a restore into a copy).
     created_database: bool = False
+    # Loaded beside the live tables (the scratch database) and swapped in by one RENAME
+    # TABLE: readers never saw a table missing or half loaded.
+    swapped: bool = False
 
 
 # Schemas of the server itself: never a restore target, never dropped.
@@ -526,6 +529,97 @@ async def _load_backup(bk: DbBackup) -> DbRestoreResult:
     )
 
 
+async def _can_swap(bk: DbBackup) -> bool:
+    """A restore into the database a site serves from goes through the scratch database
+    when the inventory names one (other than the target) and the target holds no view."""
+    db = bk.db
+    scratch = db.scratch_database
+    if not scratch or scratch == db.database or scratch in _SYSTEM_SCHEMAS:
+        return False
+    rows = await query(
+        db,
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'VIEW'",
+        (db.database,),
+        use_database=False,
+    )
+    return not rows[0][0]
+
+
+async def _swap_in(bk: DbBackup, keep: list[str]) -> DbRestoreResult:
+    """Restore `bk` without the site ever seeing a table missing: the dump is loaded into the
+    scratch database and checked there, then one RENAME TABLE (atomic: a query waits for it
+    a moment instead of failing) puts each of the backup's tables in place of the live one,
+    and moves out the tables made after the backup; `keep` tables are never touched (their
+    live rows are the current ones). The old tables leave with the scratch database.
+    Re-running it after a crash starts again from an empty scratch database."""
+    db = bk.db
+    scratch = required_scratch(db)
+    host, port = _endpoint(db, False)
+    shadow = dataclasses.replace(db, database=scratch)
+    await query(db, f"DROP DATABASE IF EXISTS {_qi(scratch)}", use_database=False)
+    await query(db, f"CREATE DATABASE {_qi(scratch)}", use_database=False)
+    await _run_client(shadow, [scratch], bk.path, None, "restore (loaded beside the live tables)", "mariadb")
+    loaded = await table_checksums(shadow)
+    wrong = sorted(t for t, c in bk.table_checksums.items() if t not in keep and loaded.get(t) != c)
+    if wrong:
+        fail(
+            BACKUP_CORRUPT,
+            f"database {db.name}: backup {bk.backup_id} loaded into {scratch} does not match "
+            f"its checksums ({', '.join(wrong)}); nothing was swapped, the live tables are as they were",
+        )
+    live = {
+        str(r[0])
+        for r in await query(
+            db,
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+            (db.database,),
+            use_database=False,
+        )
+    }
+    restored = sorted(t for t in loaded if t not in keep)
+    extra = sorted(t for t in live - set(loaded) if t not in keep and t != MIGRATION_LOG_TABLE)
+    renames: list[str] = []
+    for i, t in enumerate([*restored, *extra]):
+        if t in live:  # the live table leaves for the scratch database, under a free name
+            renames.append(f"{_qi(db.database)}.{_qi(t)} TO {_qi(scratch)}.{_qi(f'zd_replaced_{i}')}")
+        if t in restored:
+            renames.append(f"{_qi(scratch)}.{_qi(t)} TO {_qi(db.database)}.{_qi(t)}")
+    # The RENAME waits for every table's lock, and the site's queries queue behind it: a
+    # second at a time, then they go through, within the inventory's lock_wait_timeout_s.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + db.lock_wait_timeout_s
+    while renames:
+        try:
+            async with connection(db, use_database=False) as conn, conn.cursor() as cur:
+                await cur.execute("SET SESSION lock_wait_timeout = 1")
+                await cur.execute("RENAME TABLE " + ", ".join(renames))
+            break
+        except (pymysql.MySQLError, OSError) as e:
+            waited_out = isinstance(e, pymysql.MySQLError) and bool(e.args) and e.args[0] == 1205
+            if not waited_out or loop.time() + 0.5 >= deadline:
+                _raise_db(db, host, port, "swapping the restored tables in (RENAME TABLE)", e)
+        heartbeat({"step": "restore", "waiting_for": "table locks to swap"})
+        await asyncio.sleep(0.5)
+    await query(db, f"DROP DATABASE IF EXISTS {_qi(scratch)}", use_database=False)
+    checksums = await table_checksums(db)
+    mismatched = tuple(sorted(t for t in restored if checksums.get(t) != bk.table_checksums.get(t)))
+    return DbRestoreResult(
+        path=bk.path,
+        tables=len(checksums),
+        dropped=tuple(extra),
+        checksums=checksums,
+        mismatched=mismatched,
+        kept=tuple(t for t in keep if t in live),
+        swapped=True,
+    )
+
+
+def required_scratch(db: Database) -> str:
+    if not db.scratch_database:
+        fail(INVALID_REQUEST, f"database {db.name}: no scratch_database to restore through")
+    return db.scratch_database
+
+
 async def restore(bk: DbBackup) -> DbRestoreResult:
     """Load a backup into `bk.db.database` on the primary (replicas follow through the binlog).
 
@@ -538,6 +632,8 @@ async def restore(bk: DbBackup) -> DbRestoreResult:
     """
     await _verify_backup_file(bk)
     created = await _ensure_database(bk)
+    if not created and await _can_swap(bk):
+        return await _swap_in(bk, [])
     result = await _load_backup(bk)
     return dataclasses.replace(result, created_database=created)
 
@@ -668,6 +764,9 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
                 f"{', '.join(keep)}",
             )
     else:
+        if await _can_swap(bk):
+            # The kept tables stay where they are, untouched: nothing to save or reload.
+            return await _swap_in(bk, keep)
         saved = await _save_kept(db, keep, sql, meta_path)
         await asyncio.to_thread(_touch_private, marker)
     created = await _ensure_database(bk)
