@@ -127,11 +127,15 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
 
 
 async def test_failed_production_script_rolls_node_a_and_the_database_back(
-    fresh_lab: LabConfig, client: Client, lab_worker: str
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
 ) -> None:
     # The fault only hits `labapp`: the script passes on the test copy (steps 3-6), then
-    # fails on production (step 15); on_failure=rollback undoes everything at once.
+    # fails on production (step 15); on_failure=rollback undoes everything at once - under
+    # the probe with writes (issue 17.7): every write the site answered 201 is still there
+    # after the database went back (swapped in through the scratch database), no request
+    # failed, and every other table is as before.
     lab = fresh_lab
+    assert three_node_site(lab).databases[0].scratch_database
     inv = three_node_site(lab)
     extra = [lab.node_name(i) for i in lab.node_indexes if lab.node_name(i) not in THREE]
     for name in extra:
@@ -143,7 +147,7 @@ async def test_failed_production_script_rolls_node_a_and_the_database_back(
         folders_before = app_manifests(lab)
         lab_mariadb.inject_migration_failure(lab, "labapp", True)
         try:
-            with pytest.raises(WorkflowFailureError) as info:
+            with probe(lab, tmp_path) as run, pytest.raises(WorkflowFailureError) as info:
                 await client.execute_workflow(
                     SsLoadBalancedWorkflow.run,
                     SsLoadBalancedInput(
@@ -164,7 +168,12 @@ async def test_failed_production_script_rolls_node_a_and_the_database_back(
         assert "Rolled back: database, maintenance mode on the other nodes, node node1" in str(cause)
         # Everything as before: LB states, every table (the settings too), every app file.
         assert (await snapshot(lab)).servers == lb_before
-        assert await checksums(inv) == db_before
+        after = await checksums(inv)
+        assert {t: c for t, c in after.items() if t != "items"} == {
+            t: c for t, c in db_before.items() if t != "items"
+        }
+        assert run.summary["failed"] == 0, run.failures()[:5]
+        assert_no_write_lost(lab, run)  # items: as before plus every acknowledged write
         assert app_manifests(lab) == folders_before
         versions = await served_versions(lab)
         assert {n: versions[n] for n in THREE} == dict.fromkeys(THREE, "1.0.0")
