@@ -293,6 +293,18 @@ def start_worker_process(address: str, task_queue: str, log: Path) -> subprocess
     )
 
 
+@contextmanager
+def worker_processes(address: str, task_queue: str, log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes for a kill test: one started now; the test appends the ones it
+    starts after a kill; every one still running is stopped at the end."""
+    workers = [start_worker_process(address, task_queue, log)]
+    try:
+        yield workers
+    finally:
+        for proc in workers:
+            stop_process(proc)
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
     """SIGTERM, then SIGKILL after `timeout_s`; nothing when it is gone already."""
     if proc is None or proc.poll() is not None:

@@ -32,6 +32,7 @@ from tests.e2e_support import (
     served_versions,
     ssh_commands,
     start_worker_process,
+    worker_processes,
     zerodown,
 )
 from tests.temporal_env import temporal_address
@@ -254,27 +255,22 @@ async def test_worker_killed_during_a_slow_migration_sends_its_statement_once(
     files["migrations/002_down.sql"] += b"DROP TABLE IF EXISTS zd_slow_migration;\n"
     package = tmp_path / "labapp-2.0.0-slow.zip"
     package.write_bytes(zip_bytes(files))
-    worker_log = tmp_path / "worker.log"
-    first = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
-    second: subprocess.Popen[bytes] | None = None
-    try:
-        with probe(lab, tmp_path) as run:
-            handle = await client.start_workflow(
-                RollingDeployWorkflow.run,
-                RollingDeployInput(inventory=load_inventory(lab.site_yaml), package_path=str(package)),
-                id=wf_id("slow-migration"),
-                task_queue=task_queue,
-                execution_timeout=timedelta(minutes=5),
-            )
-            await kill_worker_during(handle, first, "D2 apply migration", timeout_s=60)
-            await asyncio.sleep(1)  # the statement is well under way on the server
-            second = start_worker_process(temporal_address(temporal_env), task_queue, worker_log)
-            result: RollingDeployResult = await handle.result()
-    finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
+    address = temporal_address(temporal_env)
+    with (
+        worker_processes(address, task_queue, tmp_path / "worker.log") as workers,
+        probe(lab, tmp_path) as run,
+    ):
+        handle = await client.start_workflow(
+            RollingDeployWorkflow.run,
+            RollingDeployInput(inventory=load_inventory(lab.site_yaml), package_path=str(package)),
+            id=wf_id("slow-migration"),
+            task_queue=task_queue,
+            execution_timeout=timedelta(minutes=5),
+        )
+        await kill_worker_during(handle, workers[0], "D2 apply migration", timeout_s=60)
+        await asyncio.sleep(1)  # the statement is well under way on the server
+        workers.append(start_worker_process(address, task_queue, tmp_path / "worker.log"))
+        result: RollingDeployResult = await handle.result()
 
     assert await served_versions(lab) == {lab.node_name(i): "2.0.0" for i in lab.node_indexes}
     assert run.summary["failed"] == 0, run.failures()[:5]

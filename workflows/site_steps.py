@@ -357,18 +357,7 @@ class SiteProcedure(Procedure):
         if done.stop_attempted:
             # The node may be serving (it finished, then a later node failed): drain it first.
             for lb in lbs:
-                await self.timeline.step(
-                    f"rollback: drain on {lb.name}", self.set_state(lb, n, "drain"), node=n.name
-                )
-                await self.timeline.step(
-                    f"rollback: wait for zero sessions on {lb.name}",
-                    self.wait(
-                        haproxy.lb_wait_drained,
-                        haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=lb.drain_timeout_s),
-                        lb.drain_timeout_s,
-                    ),
-                    node=n.name,
-                )
+                await self.rollback_drain(lb, n)
             await self.timeline.step("rollback: stop service", self.stop(n), node=n.name)
             if done.deploy_attempted and done.backup is not None:
                 await self.timeline.step(
@@ -383,18 +372,33 @@ class SiteProcedure(Procedure):
                 node=n.name,
             )
         for lb in lbs:
-            await self.timeline.step(
-                f"rollback: set ready on {lb.name}", self.set_state(lb, n, "ready"), node=n.name
-            )
-            await self.timeline.step(
-                f"rollback: wait UP on {lb.name}",
-                self.wait(
-                    haproxy.lb_wait_up,
-                    haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                    UP_TIMEOUT_S,
-                ),
-                node=n.name,
-            )
+            await self.rollback_ready(lb, n)
+
+    async def rollback_drain(self, lb: LoadBalancer, n: Node, what: str = "rollback: drain") -> None:
+        """In a rollback: `n` drained on `lb`, then its sessions waited out."""
+        await self.timeline.step(f"{what} on {lb.name}", self.set_state(lb, n, "drain"), node=n.name)
+        await self.timeline.step(
+            f"rollback: wait for zero sessions on {lb.name}",
+            self.wait(
+                haproxy.lb_wait_drained,
+                haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=lb.drain_timeout_s),
+                lb.drain_timeout_s,
+            ),
+            node=n.name,
+        )
+
+    async def rollback_ready(self, lb: LoadBalancer, n: Node, what: str = "rollback: set ready") -> None:
+        """In a rollback: `n` ready on `lb`, then UP there."""
+        await self.timeline.step(f"{what} on {lb.name}", self.set_state(lb, n, "ready"), node=n.name)
+        await self.timeline.step(
+            f"rollback: wait UP on {lb.name}",
+            self.wait(
+                haproxy.lb_wait_up,
+                haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
+                UP_TIMEOUT_S,
+            ),
+            node=n.name,
+        )
 
     def deploy(self, app: Application, n: Node, package: deploy.PackageInfo) -> Any:
         """The package onto the node: its protected files kept, its customisations merged."""

@@ -55,7 +55,6 @@ with workflow.unsafe.imports_passed_through():
     import activities.deploy.appfolder
     import activities.deploy.package
     import activities.deploy.secretserver
-    import activities.haproxy as haproxy
     import activities.mysql as mysql
     import activities.mysql.connect
     import activities.mysql.dump
@@ -67,7 +66,7 @@ from errors import INVALID_GROUPS, PREFLIGHT_FAILED, UNKNOWN_NODE
 from workflows.gates import GateSpec
 from workflows.procedure import LONG, ProcedureOptions, require_approval, required
 from workflows.saga import reason
-from workflows.site_steps import UP_TIMEOUT_S, NodeProgress, SiteProcedure, lbs_of, preflight_failed, run_key
+from workflows.site_steps import NodeProgress, SiteProcedure, lbs_of, preflight_failed, run_key
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ss-rolling"
@@ -584,42 +583,14 @@ class SsRollingWorkflow(SiteProcedure):
         if not old_code:
             await self._restore_database(r, backup)
             return
-        for n in r.nodes:
-            done = r.progress.get(n.name)
-            if done is not None and done.drain_attempted and not done.stop_attempted:
-                for lb in lbs_of(r.inv, n):
-                    await self.timeline.step(
-                        f"rollback: old code back in the pool on {lb.name}",
-                        self.set_state(lb, n, "ready"),
-                        node=n.name,
-                    )
-                    await self.timeline.step(
-                        f"rollback: wait UP on {lb.name}",
-                        self.wait(
-                            haproxy.lb_wait_up,
-                            haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                            UP_TIMEOUT_S,
-                        ),
-                        node=n.name,
-                    )
+        for n in old_code:
+            for lb in lbs_of(r.inv, n):
+                await self.rollback_ready(lb, n, "rollback: old code back in the pool")
         for n in r.nodes:
             done = r.progress.get(n.name)
             if done is not None and done.stop_attempted:
                 for lb in lbs_of(r.inv, n):
-                    await self.timeline.step(
-                        f"rollback: new code out of the pool on {lb.name}",
-                        self.set_state(lb, n, "drain"),
-                        node=n.name,
-                    )
-                    await self.timeline.step(
-                        f"rollback: wait for zero sessions on {lb.name}",
-                        self.wait(
-                            haproxy.lb_wait_drained,
-                            haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=lb.drain_timeout_s),
-                            lb.drain_timeout_s,
-                        ),
-                        node=n.name,
-                    )
+                    await self.rollback_drain(lb, n, "rollback: new code out of the pool")
                     await self.timeline.step(
                         f"rollback: hold in maintenance on {lb.name}",
                         self.set_state(lb, n, "maint"),
