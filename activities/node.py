@@ -35,9 +35,17 @@ class ServiceCommands:
     status: str
 
 
+# What PowerShell's tokenizer takes for a single quote (CharExtensions.IsSingleQuote in the
+# PowerShell source; the language specification's "single-quote-character"): the ASCII
+# apostrophe and U+2018-U+201B. Any of them ends a single-quoted string unless doubled.
+_PS_SINGLE_QUOTES = ("'", "\u2018", "\u2019", "\u201a", "\u201b")
+
+
 def _ps_quote(name: str) -> str:
-    """A PowerShell single-quoted string literal (a quote inside is doubled)."""
-    return "'" + name.replace("'", "''") + "'"
+    """A PowerShell single-quoted string literal: every kind of single quote inside doubled."""
+    for q in _PS_SINGLE_QUOTES:
+        name = name.replace(q, q + q)
+    return "'" + name + "'"
 
 
 def _fmt_seconds(s: float) -> str:

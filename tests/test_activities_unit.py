@@ -181,6 +181,14 @@ def test_iis_scripts_exact() -> None:
     )
 
 
+@pytest.mark.parametrize("quote", ["'", "\u2018", "\u2019", "\u201a", "\u201b"])
+def test_every_quote_powershell_honours_is_doubled(quote: str) -> None:
+    # PowerShell ends a single-quoted string at any of these (issue 17.4): a typographic
+    # quote in a site name must not close the literal and let the rest run as code.
+    s = iis_scripts(f"site{quote}; Remove-Item C:\\ -Recurse; {quote}", "p", 60)
+    assert f"Stop-Website -Name 'site{quote}{quote}; Remove-Item C:\\ -Recurse; {quote}{quote}';" in s.stop
+
+
 def test_iis_names_are_quoted_safely() -> None:
     s = iis_scripts("Bob's site", "pool'; Remove-Item C:\\ -Recurse; '", 60)
     assert "Stop-Website -Name 'Bob''s site';" in s.stop
