@@ -278,7 +278,10 @@ class LabWorkers:
     def kill(self) -> None:
         pid = read_pid(self.cfg.worker_pidfile)
         if pid is not None:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return  # gone already (a held run's worker killed twice)
             for _ in range(200):
                 if not pid_alive(self.cfg.worker_pidfile):
                     break
