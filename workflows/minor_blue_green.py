@@ -737,20 +737,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
             ),
             node=n.name,
         )
-        await self.timeline.step(
-            f"rollback: set ready on {lb.name}",
-            self.change(haproxy.lb_set_state, haproxy.SetStateRequest(lb=lb, node=n.name, state="ready")),
-            node=n.name,
-        )
-        await self.timeline.step(
-            f"rollback: wait UP on {lb.name}",
-            self.wait(
-                haproxy.lb_wait_up,
-                haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                UP_TIMEOUT_S,
-            ),
-            node=n.name,
-        )
+        await self.rollback_ready(lb, n)
 
     async def _maybe_restore_snapshot(
         self, inp: MinorBlueGreenInput, db: Database, snapshot: mysql.DbBackup
