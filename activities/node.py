@@ -18,14 +18,14 @@ import posixpath
 import re
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from temporalio import activity
 
 from activities import ssh
 from activities.common import fail, heartbeat
 from errors import INVALID_REQUEST, SERVICE_TIMEOUT, SSH_COMMAND_FAILED
-from inventory.model import Node, ServiceControl
+from inventory.model import Node, SecretRef, ServiceControl
 
 
 @dataclass(frozen=True)
@@ -373,22 +373,31 @@ class ConfigValuesRequest:
     # A key = value file relative to the node's app folder.
     file: str
     values: dict[str, str]
+    # Keys whose values are secrets: the reference travels, the value is resolved here.
+    secret_values: dict[str, SecretRef] = field(default_factory=dict)
 
 
 @activity.defn
 async def set_config_values(req: ConfigValuesRequest) -> tuple[str, ...]:
     """Set keys of a key = value file in the node's app folder (a set: running it twice
     writes the same file). Returns the keys set, never their values (they may be secrets)."""
+    from activities.secrets import resolve_secret
     from activities.staging import apply_overrides
 
     _check_rel("config file", req.file)
+    both = set(req.values) & set(req.secret_values)
+    if both:
+        fail(INVALID_REQUEST, f"{req.file}: {', '.join(sorted(both))} given both as a value and as a secret")
+    values = dict(req.values)
+    for key, ref in req.secret_values.items():
+        values[key] = resolve_secret(ref, needed_by=f"{req.file}:{key} on {req.node.name}")
     path = f"{req.node.app_dir.rstrip('/')}/{req.file}"
     current = await ssh.get_file(req.node.ssh, path)
     text = current.decode("utf-8") if current is not None else ""
-    new = apply_overrides(text, req.values)
+    new = apply_overrides(text, values)
     if new != text:
         await ssh.put_bytes(req.node.ssh, new.encode("utf-8"), path)
-    return tuple(sorted(req.values))
+    return tuple(sorted(values))
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,9 @@ class SaveSettingsRequest:
     keys: tuple[str, ...]  # the settings about to change ("section.key" inside sections)
     backup_dir: str  # on the worker
     backup_id: str  # the copy is <backup_dir>/<backup_id>-inputs.csv
+    # Keys whose values are secrets (application.secret_keys, --secret-setting): masked
+    # wherever this worker might show them (activities/secrets.py).
+    secret_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,7 @@ async def save_settings_copy(req: SaveSettingsRequest) -> SavedSettings:
     on a retry). The values may be secrets: only keys, a count and the path come back."""
     from activities.deploy.merge import NotKeyValueError, _key_name, _parse_kv
     from activities.deploy.secretserver import _write_text_private
+    from activities.secrets import register_secret
 
     check_id("backup id", req.backup_id)
     rel = req.file
@@ -345,6 +349,9 @@ async def save_settings_copy(req: SaveSettingsRequest) -> SavedSettings:
         fail(MERGE_UNSUPPORTED, f"node {req.node.name}: {path}: {e}", cause=e)
     current = {_key_name(k): v for k, (v, _) in parsed.values.items()}
     values: dict[str, str | None] = {k: current.get(k) for k in req.keys}
+    for k in req.secret_keys:
+        if values.get(k):
+            register_secret(values[k] or "")
     out, *_ = await asyncio.to_thread(
         _write_text_private, req.backup_dir, f"{req.backup_id}-inputs.csv", settings_csv(values, req.keys)
     )

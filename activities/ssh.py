@@ -21,7 +21,7 @@ import asyncssh
 from temporalio import activity
 
 from activities.common import fail, tail, with_heartbeat
-from activities.secrets import resolve_secret
+from activities.secrets import redact, register_secret, resolve_secret
 from errors import (
     SECRET_UNAVAILABLE,
     SSH_AUTH_FAILED,
@@ -113,6 +113,9 @@ async def connect(target: SshTarget) -> asyncssh.SSHClientConnection:
         options["known_hosts"] = target.known_hosts
     if target.key is not None:
         key_text = resolve_secret(target.key, needed_by=f"ssh {where(target)}")
+        for line in key_text.splitlines():
+            if len(line) >= 16 and not line.startswith("-----"):
+                register_secret(line)  # a line of the key's body, should one ever be quoted
         try:
             options["client_keys"] = [asyncssh.import_private_key(key_text)]
         except (asyncssh.KeyImportError, ValueError) as e:
@@ -250,21 +253,24 @@ async def _finish(
     timeout_s: float,
     check: bool,
 ) -> CommandResult:
+    # The command line as heartbeats and errors show it: masked first (a tool given its
+    # password as an argument), cut after, so a cut never leaves half a secret in the clear.
+    shown = redact(command)
     try:
         started = time.monotonic()
         done = await with_heartbeat(
             proc.wait(check=False, timeout=timeout_s),
             lambda: {
                 "host": where(target),
-                "command": command[:200],
+                "command": shown[:200],
                 "running_s": round(time.monotonic() - started, 1),
             },
         )
     except asyncssh.TimeoutError as e:
         fail(
             SSH_COMMAND_TIMEOUT,
-            f"ssh {where(target)}: command {command!r} did not finish within {timeout_s:g}s; "
-            f"stderr: {tail(str(e.stderr or ''))}",
+            f"ssh {where(target)}: command {shown!r} did not finish within {timeout_s:g}s; "
+            f"stderr: {tail(redact(str(e.stderr or '')))}",
             retryable=True,
             cause=e,
         )
@@ -272,7 +278,7 @@ async def _finish(
         POOL.discard(target, conn)
         fail(
             SSH_UNREACHABLE,
-            f"ssh {where(target)}: connection lost while running {command!r}: {e}",
+            f"ssh {where(target)}: connection lost while running {shown!r}: {redact(str(e))}",
             retryable=True,
             cause=e,
         )
@@ -280,9 +286,7 @@ async def _finish(
         proc.close()
     if done.exit_status is None and done.exit_signal is None and conn.is_closed():
         POOL.discard(target, conn)
-        fail(
-            SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {command!r}", retryable=True
-        )
+        fail(SSH_UNREACHABLE, f"ssh {where(target)}: connection lost while running {shown!r}", retryable=True)
     exit_status = done.exit_status if done.exit_status is not None else 255
     result = CommandResult(
         exit_status=exit_status, stdout=str(done.stdout or ""), stderr=str(done.stderr or "")
@@ -291,8 +295,8 @@ async def _finish(
         signal = f" (signal {done.exit_signal[0]})" if done.exit_signal else ""
         fail(
             SSH_COMMAND_FAILED,
-            f"ssh {where(target)}: command {command!r} exited with status {result.exit_status}"
-            f"{signal}; stderr: {tail(result.stderr) or '(empty)'}",
+            f"ssh {where(target)}: command {shown!r} exited with status {result.exit_status}"
+            f"{signal}; stderr: {tail(redact(result.stderr)) or '(empty)'}",
         )
     return result
 

@@ -500,6 +500,7 @@ def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
             "name",
             "protected_files",
             "merge_files",
+            "secret_keys",
             "health",
             "version",
             "login",
@@ -520,10 +521,20 @@ def _parse_app(r: _Reader, raw: Any, path: str) -> Application:
             r.problem(path, f"file {f!r} must be relative to the application folder")
     for f in set(protected) & set(merge):
         r.problem(_join(path, "merge_files"), f"{f!r} is protected and cannot also be merged")
+    secret_keys = r.str_list(m, "secret_keys", path)
+    for entry in secret_keys:
+        file, colon, key = entry.partition(":")
+        if not (colon and file.strip() and key.strip()) or file.startswith("/") or ".." in Path(file).parts:
+            r.problem(
+                _join(path, "secret_keys"),
+                f"{entry!r}: expected FILE:KEY with FILE relative to the application folder "
+                "(e.g. database.config:password)",
+            )
     return Application(
         name=r.string(m, "name", path) or "app",
         protected_files=protected,
         merge_files=merge,
+        secret_keys=secret_keys,
         health=_parse_check(r, m["health"], _join(path, "health"))
         if m.get("health") is not None
         else HttpCheck(path="/health"),

@@ -204,6 +204,10 @@ class Application:
     protected_files: tuple[str, ...] = ()
     # key=value config files whose per-node customisations are carried onto new defaults.
     merge_files: tuple[str, ...] = ()
+    # Config values that are secrets, as FILE:KEY (e.g. database.config:password): a
+    # procedure sets them only from a secret reference (--secret-setting), never from a value
+    # in its input, and masks any value of theirs it reads (a settings copy, a merge).
+    secret_keys: tuple[str, ...] = ()
     health: HttpCheck = field(default_factory=lambda: HttpCheck(path="/health"))
     version: HttpCheck = field(default_factory=lambda: HttpCheck(path="/version"))
     login: HttpCheck | None = None
@@ -220,6 +224,11 @@ class Application:
     # with the new code before the migration serves it afterwards without a restart (and
     # major-maintenance-window checks that it does).
     restart_after_migration: bool = True
+
+
+def secret_keys_of(app: Application, file: str) -> tuple[str, ...]:
+    """The keys of `file` the inventory marks secret (`application.secret_keys`)."""
+    return tuple(k for f, _, k in (e.partition(":") for e in app.secret_keys) if f == file)
 
 
 @dataclass(frozen=True)

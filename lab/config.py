@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+# Every secret the lab generates starts with this, so a test can search any text zerodown
+# produced (histories, logs, reports) for a leaked secret without knowing the values.
+SECRET_MARKER = "zdsecret"
+
+
+def new_secret(nbytes: int = 24) -> str:
+    """A random secret value, marked (SECRET_MARKER + URL-safe characters)."""
+    return SECRET_MARKER + secrets.token_urlsafe(nbytes)
+
 
 DB_NAME = "labapp"
 DB_USER = "zerodown"

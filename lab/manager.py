@@ -335,6 +335,9 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
             "health_file": HEALTH_FILE,
             "protected_files": ["encryption.config", "database.config", "admin.config"],
             "merge_files": ["web.config"],
+            # The database password every node's database.config holds (written from
+            # secrets/db_password at install).
+            "secret_keys": ["database.config:password"],
             "health": {"path": "/health"},
             "version": {"path": "/version"},
             "login": {

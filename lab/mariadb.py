@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -43,7 +42,15 @@ from typing import Any, Literal
 import pymysql
 import pymysql.cursors
 
-from lab.config import DB_NAME, DB_USER, FAULTS_DB_NAME, SCRATCH_DB_NAME, STAGING_DB_NAME, LabConfig
+from lab.config import (
+    DB_NAME,
+    DB_USER,
+    FAULTS_DB_NAME,
+    SCRATCH_DB_NAME,
+    STAGING_DB_NAME,
+    LabConfig,
+    new_secret,
+)
 from lab.procs import log_tail, pid_alive, port_open, read_pid, start_background, stop_pidfile, wait_port
 
 Role = Literal["primary", "replica", "warm"]
@@ -160,7 +167,7 @@ def _ensure_secret(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+            f.write(new_secret(24) + "\n")
     os.chmod(path, 0o600)
     return path.read_text(encoding="utf-8").strip()
 

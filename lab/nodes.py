@@ -34,7 +34,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from lab.config import DB_NAME, DB_USER, STAGING_NAME, LabConfig
+from lab.config import DB_NAME, DB_USER, STAGING_NAME, LabConfig, new_secret
 
 MERGED_CONFIG = "web.config"
 # In the node folder (the app's ../health_check.html), outside app/: a deploy never ships
@@ -244,7 +244,7 @@ def admin_token(cfg: LabConfig) -> str:
     path = cfg.admin_token_file
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(path, secrets.token_urlsafe(32) + "\n")
+        _write_private(path, new_secret(32) + "\n")
     os.chmod(path, 0o600)
     return path.read_text(encoding="utf-8").strip()
 

@@ -28,7 +28,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from inventory.load import load_inventory
-from inventory.model import Inventory, InventoryError
+from inventory.model import Inventory, InventoryError, SecretRef, secret_keys_of
 from starter import client as zc
 from starter.report import (
     blue_green_summary,
@@ -185,7 +185,19 @@ SettingOpt = Annotated[
         help=(
             "minor-blue-green: a setting of the new servers (repeatable); FILE is a key = value file in the "
             "app folder; the template's current values are saved first. Values enter the workflow input: "
-            "no secrets"
+            "no secrets (see --secret-setting)"
+        ),
+    ),
+]
+SecretSettingOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secret-setting",
+        metavar="FILE:KEY=env:NAME|file:PATH",
+        help=(
+            "minor-blue-green: a secret setting of the new servers (repeatable), given as a reference the "
+            "worker resolves: the value never enters the workflow's input or history. Required for a key "
+            "the inventory lists in application.secret_keys"
         ),
     ),
 ]
@@ -284,6 +296,14 @@ def _procedure_input(procedure: str, inv: Inventory, package: Path | None, nodes
             f"(known: {', '.join(b.name for b in inv.load_balancers) or 'none'}), given as --lb"
         )
         raise typer.Exit(2)
+    for file, values in sorted((getattr(arg, "settings", None) or {}).items()):
+        for key in sorted(set(values) & set(secret_keys_of(inv.application, file))):
+            # The value is not printed: it is a secret.
+            err.print(
+                f"[bold red]{escape(file)}:{escape(key)} is a secret[/] (application.secret_keys): give it "
+                f"as --secret-setting {escape(file)}:{escape(key)}=env:NAME or =file:PATH, never as a value"
+            )
+            raise typer.Exit(2)
     return arg
 
 
@@ -316,7 +336,25 @@ def _ox_fields(
     }
 
 
-def _settings(options: list[str] | None) -> dict[str, dict[str, str]]:
+def _secret_settings(options: list[str] | None) -> dict[str, dict[str, SecretRef]]:
+    """`--secret-setting FILE:KEY=env:NAME` (or `=file:PATH`) options as file -> {key:
+    reference}: the worker resolves the reference, the value never enters the input."""
+    out: dict[str, dict[str, SecretRef]] = {}
+    for file, values in _settings(options, "--secret-setting").items():
+        for key, ref in values.items():
+            kind, colon, name = ref.partition(":")
+            if not (colon and name.strip() and kind in ("env", "file")):
+                err.print(
+                    f"[bold red]bad --secret-setting {escape(file)}:{escape(key)}[/]: expected "
+                    "FILE:KEY=env:NAME or FILE:KEY=file:PATH (a reference, not the value)"
+                )
+                raise typer.Exit(2)
+            name = name.strip()
+            out.setdefault(file, {})[key] = SecretRef(env=name) if kind == "env" else SecretRef(file=name)
+    return out
+
+
+def _settings(options: list[str] | None, option: str = "--setting") -> dict[str, dict[str, str]]:
     """`--setting FILE:KEY=VALUE` options as file -> {key: value}; a bad one stops the CLI
     (exit 2). The first `:` ends the file, the first `=` the key: a value may hold both."""
     out: dict[str, dict[str, str]] = {}
@@ -333,7 +371,8 @@ def _settings(options: list[str] | None) -> dict[str, dict[str, str]]:
         else:
             out.setdefault(file, {})[key] = value.strip()
             continue
-        err.print(f"[bold red]bad --setting {escape(repr(raw))}[/]: {escape(problem)}")
+        shown = repr(raw) if option == "--setting" else repr(raw.partition("=")[0] + "=...")
+        err.print(f"[bold red]bad {option} {escape(shown)}[/]: {escape(problem)}")
         raise typer.Exit(2)
     return out
 
@@ -345,6 +384,7 @@ def _blue_green_fields(
     setting: list[str] | None,
     system_command: list[str] | None,
     drain_deadline: float | None,
+    secret_setting: list[str] | None = None,
 ) -> dict[str, Any]:
     """The minor upgrade's options as input fields; None / empty means not given."""
     return {
@@ -352,6 +392,7 @@ def _blue_green_fields(
         "template": template,
         "new_names": _names(new_names),
         "settings": _settings(setting),
+        "secret_settings": _secret_settings(secret_setting),
         "system_commands": tuple(system_command or ()),
         "drain_deadline_s": drain_deadline,
     }
@@ -555,6 +596,7 @@ def plan(
     template: TemplateOpt = None,
     new_names: NewNamesOpt = "",
     setting: SettingOpt = None,
+    secret_setting: SecretSettingOpt = None,
     system_command: SystemCommandOpt = None,
     drain_deadline: DrainDeadlineOpt = None,
     address: Address = DEFAULT_ADDRESS,
@@ -585,7 +627,9 @@ def plan(
             drive_tool,
             schemata_per_run,
         ),
-        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+        **_blue_green_fields(
+            lb, template, new_names, setting, system_command, drain_deadline, secret_setting
+        ),
     )
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, True, None)))
 
@@ -615,6 +659,7 @@ def start(
     template: TemplateOpt = None,
     new_names: NewNamesOpt = "",
     setting: SettingOpt = None,
+    secret_setting: SecretSettingOpt = None,
     system_command: SystemCommandOpt = None,
     drain_deadline: DrainDeadlineOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
@@ -648,7 +693,9 @@ def start(
             drive_tool,
             schemata_per_run,
         ),
-        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+        **_blue_green_fields(
+            lb, template, new_names, setting, system_command, drain_deadline, secret_setting
+        ),
     )
     raise typer.Exit(_run(_start(procedure, inv, arg, address, namespace, task_queue, wait, workflow_id)))
 
@@ -681,6 +728,7 @@ def input_json(
     template: TemplateOpt = None,
     new_names: NewNamesOpt = "",
     setting: SettingOpt = None,
+    secret_setting: SecretSettingOpt = None,
     system_command: SystemCommandOpt = None,
     drain_deadline: DrainDeadlineOpt = None,
 ) -> None:
@@ -712,7 +760,9 @@ def input_json(
             drive_tool,
             schemata_per_run,
         ),
-        **_blue_green_fields(lb, template, new_names, setting, system_command, drain_deadline),
+        **_blue_green_fields(
+            lb, template, new_names, setting, system_command, drain_deadline, secret_setting
+        ),
     )
     print(json.dumps(dataclasses.asdict(arg)))
 

@@ -49,6 +49,7 @@ _CLI_OPTION = {
     "gate_timeout_s": "--gate-timeout",
     "failure_gate_timeout_s": "--failure-gate-timeout",
     "settings": "--setting",
+    "secret_settings": "--secret-setting",
     "system_commands": "--system-command",
     "drain_deadline_s": "--drain-deadline",
 }

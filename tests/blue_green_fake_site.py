@@ -696,10 +696,13 @@ class BlueGreenSite:
         self._enter("set_config_values", name)
         s = self._server(name)
         s.settings.setdefault(arg["file"], {}).update(arg["values"])
+        # A secret arrives as its reference (the real activity resolves it on the worker).
+        for key, ref in (arg.get("secret_values") or {}).items():
+            s.settings[arg["file"]][key] = f"<secret {ref.get('env') or ref.get('file')}>"
         cfg = self.inv.application.database_config
         if cfg is not None and arg["file"] == cfg.file:
             s.database = "warm" if arg["values"].get(cfg.host_key) == WARM.host else "primary"
-        return tuple(sorted(arg["values"]))
+        return tuple(sorted({*arg["values"], *(arg.get("secret_values") or {})}))
 
     @activity.defn(name="deploy_package")
     async def deploy_package(self, arg: dict[str, Any]) -> deploy.DeployResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from lab.config import LabConfig
+from tests import secret_leaks
 
 # --------------------------------------------------------------------------- Temporal
 from tests.temporal_env import (  # noqa: F401
@@ -51,6 +53,47 @@ def layer_of(fixtures: set[str]) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in LAYERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        # Where the lab_worker fixtures of every xdist worker record the procedures whose
+        # runs they searched for leaked secrets (tests/secret_leaks.py); workers inherit it.
+        os.environ[secret_leaks.CHECKS_ENV] = tempfile.mkdtemp(prefix="zerodown-secret-checks-")
+
+
+def _whole_suite(config: pytest.Config) -> bool:
+    """`make test`: every test of testpaths, no -k / -m / --lf selection."""
+    o = config.option
+    return (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not o.keyword
+        and not o.markexpr
+        and not getattr(o, "lf", False)
+        and not getattr(o, "deselect", None)
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A whole-suite run fails when some procedure never ran under the secret-leak check
+    (issue 17.5: every procedure, run on the lab with marked secrets, leaks none)."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        return
+    directory = Path(os.environ.get(secret_leaks.CHECKS_ENV, ""))
+    checked = secret_leaks.checked_procedures(directory) if directory.is_dir() else set()
+    shutil.rmtree(directory, ignore_errors=True)
+    if exitstatus != 0 or not _whole_suite(config):
+        return
+    from workflows.registry import PROCEDURES
+
+    missing = sorted(set(PROCEDURES) - checked)
+    if missing:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                "secret-leak check: no e2e test ran " + ", ".join(missing) + " on the lab with a lab_worker "
+                "(tests/secret_leaks.py): every procedure must",
+                red=True,
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -186,6 +186,48 @@ def test_a_setting_given_twice_is_refused(site: tuple[Path, Path], no_temporal: 
     assert code == 2 and "bad --setting 'web.config:a=2': web.config:a is given twice" in err
 
 
+def test_a_secret_setting_enters_the_input_as_its_reference(
+    site: tuple[Path, Path], no_temporal: list[Any]
+) -> None:
+    inventory, package = site
+    code, out, err = zd(
+        "input",
+        "minor-blue-green",
+        "-i",
+        str(inventory),
+        "-p",
+        str(package),
+        "--secret-setting",
+        "settings.ini:smtp.password=env:SMTP_PASSWORD",
+        "--secret-setting",
+        "settings.ini:api.key=file:/etc/zerodown/api.key",
+    )
+    assert code == 0, err
+    secret = json.loads(out)["secret_settings"]["settings.ini"]
+    assert secret["smtp.password"]["env"] == "SMTP_PASSWORD"
+    assert secret["api.key"]["file"] == "/etc/zerodown/api.key"
+
+
+@pytest.mark.parametrize("command", ["input", "plan", "start"])
+def test_a_secret_given_as_a_value_is_refused_without_repeating_it(
+    site: tuple[Path, Path], no_temporal: list[Any], command: str
+) -> None:
+    """Issue 17.5: a key the inventory marks secret only from a reference, and a
+    --secret-setting that holds a value instead of a reference: exit 2, value not shown."""
+    inventory, package = site
+    raw = yaml.safe_load(inventory.read_text())
+    raw["application"]["secret_keys"] = ["settings.ini:db.password"]
+    inventory.write_text(yaml.safe_dump(raw))
+    address = ("--address", f"127.0.0.1:{closed_port()}") if command != "input" else ()
+    base = (command, "minor-blue-green", "-i", str(inventory), "-p", str(package), *address)
+    code, out, err = zd(*base, "--setting", "settings.ini:db.password=hunter2-in-the-clear")
+    assert code == 2 and out == "" and no_temporal == []
+    assert "settings.ini:db.password is a secret" in err and "--secret-setting" in err
+    assert "hunter2" not in err
+    code, out, err = zd(*base, "--secret-setting", "settings.ini:smtp.password=hunter2-in-the-clear")
+    assert code == 2 and "bad --secret-setting settings.ini:smtp.password" in err and "hunter2" not in err
+
+
 @pytest.mark.parametrize("command", ["input", "plan", "start"])
 def test_unknown_template_and_balancer_are_refused(
     site: tuple[Path, Path], no_temporal: list[Any], command: str

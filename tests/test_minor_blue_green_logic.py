@@ -12,6 +12,7 @@ transient errors counted per step; the compensations' order after a late failure
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from errors import DATABASE_ERROR, HEALTH_CHECK_FAILED, LOGIN_FAILED, SSH_UNREACHABLE
-from inventory.model import Inventory
+from inventory.model import Inventory, SecretRef
 from tests.blue_green_fake_site import NEW, BlueGreenSite, Call, blue_green_site
 from tests.gate_support import choose, pending
 from tests.temporal_env import running_worker
@@ -34,14 +35,13 @@ ALL_GATES = ("terminate", "drain-deadline", "restore-snapshot")
 
 
 def minor_input(inv: Inventory, **changes: Any) -> MinorBlueGreenInput:
-    return MinorBlueGreenInput(
-        inventory=inv,
-        package_path="/p.zip",
-        settings=SETTINGS,
-        system_commands=(COMMAND,),
-        started_by="starter",
+    fields: dict[str, Any] = {
+        "settings": SETTINGS,
+        "system_commands": (COMMAND,),
+        "started_by": "starter",
         **changes,
-    )
+    }
+    return MinorBlueGreenInput(inventory=inv, package_path="/p.zip", **fields)
 
 
 async def start(client: Client, task_queue: str, inp: MinorBlueGreenInput) -> WorkflowHandle[Any, Any]:
@@ -178,6 +178,35 @@ async def test_happy_path_replaces_the_old_servers_in_the_runbooks_order(
         "18",
     ]
     assert all(s.result in ("ok", "skipped") and s.retries == 0 for s in result.steps)
+
+
+async def test_secret_settings_travel_as_references_and_a_secret_key_given_as_a_value_is_refused(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Issue 17.5: a key the inventory marks secret is set only from a reference; given as a
+    value it is refused in preflight (the value not repeated), before anything changes."""
+    client = time_skipping_env.client
+    site = blue_green_site()
+    inv = dataclasses.replace(
+        site, application=dataclasses.replace(site.application, secret_keys=("web.config:smtp.password",))
+    )
+    fake = BlueGreenSite(inv)
+    plain = {"web.config": {"feature.x": "on", "smtp.password": "hunter2-in-the-clear"}}
+    async with running_worker(client, task_queue, [MinorBlueGreenWorkflow], fake.activities()):
+        handle = await start(client, task_queue, minor_input(inv, settings=plain))
+        cause = await failed(handle)
+    assert cause.type == "PreflightFailed" and "web.config:smtp.password is a secret" in cause.message
+    assert "hunter2" not in cause.message and fake.mutations() == []
+
+    fake = BlueGreenSite(inv)
+    secret = {"web.config": {"smtp.password": SecretRef(env="SMTP_PASSWORD")}}
+    result = await run(time_skipping_env, f"{task_queue}-2", fake, minor_input(inv, secret_settings=secret))
+    for n in (N1, N2):
+        assert fake.servers[n].settings["web.config"] == {
+            "feature.x": "on",
+            "smtp.password": "<secret SMTP_PASSWORD>",
+        }
+    assert "6 set web.config: feature.x, smtp.password" in names(result.steps)
 
 
 # ------------------------------------------------------------------ 2 gates nobody decides

@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from worker.chaos import hold_from_env
 from worker.heartbeat import HeartbeatInterceptor
+from worker.redaction import RedactionInterceptor, install_log_redaction
 
 # The defaults everywhere (CLI, demo, worker); the environment variables override them.
 ADDRESS = "127.0.0.1:7233"
@@ -65,6 +66,8 @@ def build_worker(
     from activities import ALL_ACTIVITIES
     from workflows.registry import ALL_WORKFLOWS
 
+    install_log_redaction()
+
     return Worker(
         client,
         task_queue=task_queue,
@@ -80,7 +83,8 @@ def build_worker(
 # to 80% of the heartbeat timeout), and a workflow task left on the lost worker's sticky
 # queue moves to the shared queue after 1 s instead of 10.
 RESUME_OPTIONS: dict[str, Any] = {
-    "interceptors": [HeartbeatInterceptor()],
+    # Redaction innermost: it sees the activity's own errors, results and heartbeats.
+    "interceptors": [HeartbeatInterceptor(), RedactionInterceptor()],
     "max_heartbeat_throttle_interval": timedelta(seconds=1),
     "default_heartbeat_throttle_interval": timedelta(seconds=1),
     "sticky_queue_schedule_to_start_timeout": timedelta(seconds=1),

@@ -58,7 +58,7 @@ with workflow.unsafe.imports_passed_through():
     import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
     import activities.node as node
     import activities.provision as provision
-    from inventory.model import Database, Inventory, LoadBalancer, Node
+    from inventory.model import Database, Inventory, LoadBalancer, Node, SecretRef, secret_keys_of
 
 from errors import DRAIN_TIMEOUT, GATE_REJECTED, INVALID_INPUT, SESSIONS_OPEN
 from workflows.gates import GateSpec
@@ -97,6 +97,10 @@ class MinorBlueGreenInput(ProcedureOptions):
     # Seed step 6's inputs: file (key = value, in the app folder) -> key -> value, set on the
     # new servers only; step 5 saves the template's current values first.
     settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Step 6's secret inputs: file -> key -> a reference (env / file) resolved on the worker,
+    # so the value never enters the history; a key the inventory marks secret
+    # (application.secret_keys) is set only this way.
+    secret_settings: dict[str, dict[str, SecretRef]] = field(default_factory=dict)
     # Seed step 4: commands run on each new server before it is launched.
     system_commands: tuple[str, ...] = ()
     # Step 13: how long the old servers' sessions may take before the gate asks.
@@ -121,6 +125,14 @@ class MinorBlueGreenResult:
     settings_copy: tuple[str, ...] = ()
     drain_s: float = 0.0
     forced_detach: bool = False
+
+
+def settings_keys(inp: MinorBlueGreenInput) -> dict[str, tuple[str, ...]]:
+    """Step 6's files (sorted) -> the keys set in each (sorted), values and secrets alike."""
+    files = sorted(set(inp.settings) | set(inp.secret_settings))
+    return {
+        f: tuple(sorted(set(inp.settings.get(f, {})) | set(inp.secret_settings.get(f, {})))) for f in files
+    }
 
 
 @dataclass
@@ -340,7 +352,16 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         if len(set(names)) != len(names):
             problems.append("new_names: a name appears twice")
         db = inv.databases[0] if inv.databases else None
-        if inp.settings and (db is None or not db.backup_dir):
+        for file, values in sorted(inp.settings.items()):
+            for key in sorted(set(values) & set(secret_keys_of(inv.application, file))):
+                # The value is not repeated: it is a secret.
+                problems.append(
+                    f"settings: {file}:{key} is a secret (application.secret_keys); give it as "
+                    f"--secret-setting {file}:{key}=env:NAME (or file:PATH), never as a value"
+                )
+            for key in sorted(set(values) & set(inp.secret_settings.get(file, {}))):
+                problems.append(f"settings: {file}:{key} is given both as a value and as a secret")
+        if (inp.settings or inp.secret_settings) and (db is None or not db.backup_dir):
             problems.append(
                 "settings: step 5 saves a copy of them into the database's backup_dir, "
                 "which the inventory does not declare"
@@ -419,7 +440,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         plan.append(
             "4 " + ("; ".join(inp.system_commands) if inp.system_commands else "no systems-level change")
         )
-        keys = [f"{f}: {', '.join(sorted(kv))}" for f, kv in sorted(inp.settings.items())]
+        keys = [f"{f}: {', '.join(kv)}" for f, kv in settings_keys(inp).items()]
         plan.append("5 save the template's " + ("; ".join(keys) if keys else "(no settings change)"))
         plan.append(f"6 deploy {package.version} and the settings on {names[0]}")
         plan.append(f"7 launch {names[0]}, test health, version {package.version}, log-on")
@@ -490,7 +511,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         if first:
             # 5 a copy of the settings about to change, taken from the server cloned.
             db = inv.databases[0] if inv.databases else None
-            for i, (file, values) in enumerate(sorted(inp.settings.items())):
+            for i, (file, keys) in enumerate(settings_keys(inp).items()):
                 copy: provision.SavedSettings = await self.step(
                     f"5 save {file}'s settings",
                     partial(
@@ -499,9 +520,15 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                         provision.SaveSettingsRequest(
                             node=template,
                             file=file,
-                            keys=tuple(sorted(values)),
+                            keys=keys,
                             backup_dir=db.backup_dir if db is not None and db.backup_dir else "",
                             backup_id=f"{run_key()}-{i}",
+                            secret_keys=tuple(
+                                sorted(
+                                    set(inp.secret_settings.get(file, {}))
+                                    | set(secret_keys_of(inv.application, file))
+                                )
+                            ),
                         ),
                     ),
                     node=template.name,
@@ -517,13 +544,18 @@ class MinorBlueGreenWorkflow(SiteProcedure):
             )
         # 6 the new settings, on every new server (a clone's own keys are rewritten by its
         # provisioning: setting them again is what keeps them).
-        for file, values in sorted(inp.settings.items()):
+        for file, keys in settings_keys(inp).items():
             await self.step(
-                f"6 set {file}: {', '.join(sorted(values))}",
+                f"6 set {file}: {', '.join(keys)}",
                 partial(
                     self.change,
                     node.set_config_values,
-                    node.ConfigValuesRequest(node=n, file=file, values=dict(values)),
+                    node.ConfigValuesRequest(
+                        node=n,
+                        file=file,
+                        values=dict(inp.settings.get(file, {})),
+                        secret_values=dict(inp.secret_settings.get(file, {})),
+                    ),
                 ),
                 node=name,
                 seed_step="6",

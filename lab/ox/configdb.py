@@ -60,7 +60,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import secrets
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ from typing import Any
 import pymysql
 
 from lab import mariadb
-from lab.config import LabConfig
+from lab.config import LabConfig, new_secret
 
 CONFIGDB = "oxconfigdb"
 SCHEMATA_DB = "oxschemata"
@@ -266,7 +265,7 @@ def _ensure_secret(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(18) + "\n")
+            f.write(new_secret(18) + "\n")
     os.chmod(path, 0o600)
     return path.read_text(encoding="utf-8").strip()
 
