@@ -52,32 +52,70 @@ def _fmt_seconds(s: float) -> str:
     return str(int(s)) if float(s).is_integer() else f"{s:g}"
 
 
-def iis_scripts(site: str, pool: str, timeout_s: float) -> ServiceCommands:
-    """The plain PowerShell scripts (before encoding) for an IIS site and its app pool."""
+# The IIS status script's exit statuses: the app pool's state (Get-WebAppPoolState, an
+# ObjectState: Starting, Started, Stopping, Stopped, Unknown) mapped so that only Stopped
+# is "stopped": Starting, Stopping and Unknown are in between (IIS_UNSETTLED), and a stop or
+# start waits them out. 5: the pool serves other sites too (IIS_SHARED_POOL).
+IIS_STOPPED = 3
+IIS_UNSETTLED = 4
+IIS_SHARED_POOL = 5
+
+
+def iis_scripts(site: str, pool: str, timeout_s: float, shared_pool: bool = False) -> ServiceCommands:
+    """The plain PowerShell scripts (before encoding) for an IIS site and its app pool.
+
+    Every script runs with `$ErrorActionPreference = 'Stop'`, so a failing cmdlet (no such
+    site or pool, access denied) ends it with exit 1 and its message, instead of printing
+    the error and going on to report success. A stop waits until the pool is Stopped *and*
+    its worker processes (w3wp) have exited, within the budget: until then they hold the
+    app folder's files. Stopping a pool that other sites or applications use stops them too:
+    refused unless the inventory says so (`service.shared_pool: true`)."""
     q_site, q_pool = _ps_quote(site), _ps_quote(pool)
+    head = "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
     state = f"(Get-WebAppPoolState -Name {q_pool}).Value"
     deadline = f"$deadline = (Get-Date).AddSeconds({_fmt_seconds(timeout_s)}); "
+    workers = (
+        f"@(Get-ChildItem ('IIS:\\AppPools\\' + {q_pool} + '\\WorkerProcesses') "
+        "-ErrorAction SilentlyContinue).Count"
+    )
 
-    def wait_for(wanted: str) -> str:
+    def wait_for(wanted: str, extra: str = "") -> str:
+        condition = f"({state} -ne '{wanted}')" + (f" -or ({extra})" if extra else "")
         return (
             deadline
-            + f"while ({state} -ne '{wanted}') {{ "
+            + f"while ({condition}) {{ "
             + "if ((Get-Date) -gt $deadline) { "
-            + f"Write-Output ('app pool ' + {q_pool} + ' did not reach {wanted}, state: ' + {state}); "
-            + "exit 1 }; Start-Sleep -Milliseconds 500 }; exit 0"
+            + f"Write-Output ('app pool ' + {q_pool} + ' did not reach {wanted}, state: ' + {state}"
+            + (f" + ', worker processes: ' + {workers}" if extra else "")
+            + "); exit 1 }; Start-Sleep -Milliseconds 500 }; exit 0"
         )
 
+    sharing = (
+        ""
+        if shared_pool
+        else (
+            f"$others = @(Get-WebApplication | Where-Object {{ $_.applicationPool -eq {q_pool} }}) + "
+            f"@(Get-Website | Where-Object {{ $_.applicationPool -eq {q_pool} -and $_.name -ne {q_site} }}); "
+            "if ($others.Count -gt 0) { "
+            f"Write-Output ('app pool ' + {q_pool} + ' also serves ' + (($others | ForEach-Object "
+            "{ if ($_.name) { $_.name } else { $_.path } }) -join ', ') + "
+            "': stopping it stops them too (service.shared_pool: true if intended)'); "
+            f"exit {IIS_SHARED_POOL} }}; "
+        )
+    )
     stop = (
-        f"Import-Module WebAdministration; Stop-Website -Name {q_site}; "
-        f"Stop-WebAppPool -Name {q_pool}; " + wait_for("Stopped")
+        head + sharing + f"Stop-Website -Name {q_site}; "
+        f"if ({state} -ne 'Stopped') {{ Stop-WebAppPool -Name {q_pool} }}; "
+        + wait_for("Stopped", f"{workers} -gt 0")
     )
     start = (
-        f"Import-Module WebAdministration; Start-WebAppPool -Name {q_pool}; "
+        head + f"if ({state} -ne 'Started') {{ Start-WebAppPool -Name {q_pool} }}; "
         f"Start-Website -Name {q_site}; " + wait_for("Started")
     )
     status = (
-        f"Import-Module WebAdministration; $s = {state}; Write-Output $s; "
-        "if ($s -eq 'Started') { exit 0 } else { exit 3 }"
+        head + f"$s = {state}; Write-Output $s; "
+        f"if ($s -eq 'Started') {{ exit 0 }} elseif ($s -eq 'Stopped') {{ exit {IIS_STOPPED} }} "
+        f"else {{ exit {IIS_UNSETTLED} }}"
     )
     return ServiceCommands(stop=stop, start=start, status=status)
 
@@ -105,7 +143,7 @@ def service_commands(svc: ServiceControl) -> ServiceCommands:
     if svc.kind == "iis":
         if not (svc.site and svc.app_pool):
             fail(INVALID_REQUEST, "service kind 'iis' needs site and app_pool")
-        scripts = iis_scripts(svc.site, svc.app_pool, svc.timeout_s)
+        scripts = iis_scripts(svc.site, svc.app_pool, svc.timeout_s, svc.shared_pool)
         return ServiceCommands(
             stop=powershell_encoded(scripts.stop),
             start=powershell_encoded(scripts.start),
@@ -134,6 +172,9 @@ class ServiceState:
     detail: str
     # True when this call changed something (False: it already was in the wanted state).
     changed: bool = False
+    # False while the service is between states (an IIS app pool Starting, Stopping or
+    # Unknown): neither running nor stopped.
+    settled: bool = True
 
 
 async def status_of(node: Node) -> ServiceState:
@@ -146,13 +187,14 @@ async def status_of(node: Node) -> ServiceState:
             f"with status {res.exit_status}; stderr: {res.stderr.strip()[-500:] or '(empty)'}",
         )
     detail = (res.stdout.strip() or res.stderr.strip())[-500:]
-    return ServiceState(node_name=node.name, running=res.exit_status == 0, detail=detail)
+    settled = not (node.service.kind == "iis" and res.exit_status == IIS_UNSETTLED)
+    return ServiceState(node_name=node.name, running=res.exit_status == 0, detail=detail, settled=settled)
 
 
 async def _wait_state(node: Node, running: bool, deadline: float, verb: str) -> ServiceState:
     while True:
         st = await status_of(node)
-        if st.running == running:
+        if st.running == running and st.settled:
             return st
         left = deadline - time.monotonic()
         if left <= 0:
@@ -168,7 +210,7 @@ async def _wait_state(node: Node, running: bool, deadline: float, verb: str) -> 
 async def set_running(node: Node, running: bool) -> ServiceState:
     """Bring the service into the wanted state; a no-op when it already is."""
     current = await status_of(node)
-    if current.running == running:
+    if current.running == running and current.settled:
         return current
     cmds = service_commands(node.service)
     deadline = time.monotonic() + node.service.timeout_s

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import time
@@ -45,6 +46,7 @@ from lab.config import LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 from starter import client as zc
 from starter.demo import TASK_QUEUE, node_versions, start_worker
+from starter.signing import KEY_ENV
 from worker.main import connect
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult
 
@@ -402,6 +404,8 @@ async def bench_lab(cfg: LabConfig, keep: bool) -> AsyncIterator[tuple[Path, Cli
     try:
         t0 = time.monotonic()
         site = await manager.lab_up(cfg, with_temporal=True)
+        # The benches decide their gates as alice, signed with her lab key (issue 17.6).
+        os.environ.setdefault(KEY_ENV, str(cfg.approver_key("alice")))
         left = await left_by_earlier_run(cfg)
         if left:
             say(f"{left} (left by an earlier run): resetting the lab to v1")

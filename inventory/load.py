@@ -239,7 +239,9 @@ def _parse_ssh(r: _Reader, raw: Any, path: str) -> SshTarget:
 
 
 def _parse_service(r: _Reader, raw: Any, path: str) -> ServiceControl:
-    m = r.mapping(raw, path, ("kind", "stop", "start", "status", "unit", "site", "app_pool", "timeout_s"))
+    m = r.mapping(
+        raw, path, ("kind", "stop", "start", "status", "unit", "site", "app_pool", "timeout_s", "shared_pool")
+    )
     kind = r.choice(m, "kind", path, SERVICE_KINDS)
     needs = {"command": ("stop", "start", "status"), "systemd": ("unit",), "iis": ("site", "app_pool")}.get(
         kind, ()
@@ -255,6 +257,7 @@ def _parse_service(r: _Reader, raw: Any, path: str) -> ServiceControl:
         site=r.string(m, "site", path, required=False),
         app_pool=r.string(m, "app_pool", path, required=False),
         timeout_s=r.number(m, "timeout_s", path, 60.0),
+        shared_pool=r.boolean(m, "shared_pool", path, default=False),
     )
 
 
@@ -749,6 +752,7 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
             "databases",
             "application",
             "approvers",
+            "approver_keys",
             "rollout",
             "staging",
             "ox",
@@ -787,6 +791,8 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
                 r.problem(f"approvers.{gate}", f"expected a non-empty list of names, got {_show(names)}")
             else:
                 approvers[str(gate)] = tuple(names)
+
+    approver_keys = _parse_approver_keys(r, top.get("approver_keys"), approvers)
 
     # Cross-references: names are unique and every reference points at something real.
     _unique(r, [(f"nodes[{i}].name", n.name) for i, n in enumerate(nodes)], "node name")
@@ -858,12 +864,87 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
         databases=tuple(dbs),
         application=app,
         approvers=approvers,
+        approver_keys=approver_keys,
         rollout=rollout,
         source=source,
         staging=staging,
         ox=ox,
         provisioning=provisioning,
     )
+
+
+# The key types SSHSIG signatures are verified for (workflows/signatures.py).
+APPROVER_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+)
+
+
+def _public_key_fingerprint(line: str) -> tuple[str, str]:
+    """(SHA256 fingerprint as ssh-keygen -l shows it, "") for an OpenSSH public key line, or
+    ("", the problem)."""
+    import base64
+    import binascii
+    import hashlib
+    import struct
+
+    parts = line.split()
+    if len(parts) < 2 or parts[0] not in APPROVER_KEY_TYPES:
+        return "", (
+            f"expected an OpenSSH public key line ({', '.join(APPROVER_KEY_TYPES)}), "
+            f"e.g. the content of ~/.ssh/id_ed25519.pub; got {_show(line[:40])}"
+        )
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        (n,) = struct.unpack(">I", blob[:4])
+        kind = blob[4 : 4 + n].decode("ascii")
+    except (binascii.Error, struct.error, UnicodeDecodeError, ValueError):
+        return "", f"{parts[0]} key: its base64 part is not a public key"
+    if kind != parts[0]:
+        return "", f"{parts[0]} key: its base64 part is a {kind} key"
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}", ""
+
+
+def _parse_approver_keys(
+    r: _Reader, raw: Any, approvers: dict[str, tuple[str, ...]]
+) -> dict[str, tuple[str, ...]]:
+    """approver name -> OpenSSH public key lines; once given, every approver needs one (a
+    decision is signed by the decider's key: workflows/signatures.py verifies)."""
+    if raw is None:
+        return {}
+    names = [str(k) for k in raw] if isinstance(raw, dict) else []
+    m = r.mapping(raw, "approver_keys", names)
+    keys: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for name, lines in m.items():
+        path = f"approver_keys.{name}"
+        if isinstance(lines, str):
+            lines = [lines]
+        if not isinstance(lines, list) or not lines or not all(isinstance(x, str) for x in lines):
+            r.problem(path, f"expected an OpenSSH public key line or a list of them, got {_show(lines)}")
+            continue
+        for line in lines:
+            fp, problem = _public_key_fingerprint(line.strip())
+            if problem:
+                r.problem(path, problem)
+                continue
+            if fp in seen and seen[fp] != name:
+                r.problem(path, f"key {fp} is also {seen[fp]}'s: one key, one person")
+            seen[fp] = str(name)
+        keys[str(name)] = tuple(x.strip() for x in lines)
+    if keys:
+        for gate, people in approvers.items():
+            for person in people:
+                if person not in keys:
+                    r.problem(
+                        f"approvers.{gate}",
+                        f"{person} has no key in approver_keys: every approver signs decisions with one",
+                    )
+    return keys
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:

@@ -61,6 +61,9 @@ class ServiceControl:
     site: str | None = None
     app_pool: str | None = None
     timeout_s: float = 60.0
+    # kind=iis: the app pool also serves other sites or applications, and stopping it for
+    # this one is intended (otherwise a stop is refused).
+    shared_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,10 @@ class Inventory:
     databases: tuple[Database, ...] = ()
     application: Application = field(default_factory=lambda: Application(name="app"))
     approvers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Approver name -> their SSH public keys (OpenSSH lines, `ssh-ed25519 AAAA... comment`):
+    # when given, every approver has one and every gate decision must be signed by one of
+    # the decider's keys (workflows/signatures.py). Public keys are not secrets.
+    approver_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     rollout: Rollout = field(default_factory=Rollout)
     # Where the inventory was loaded from (informational).
     source: str | None = None

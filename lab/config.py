@@ -7,6 +7,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# The lab's approvers: each has an SSH key (secrets/approvers/<name>) that the inventories
+# list (approver_keys), so every gate decision on the lab is signed (issue 17.6).
+LAB_APPROVERS = ("alice", "bob", "carol", "ops1")
+
 # Every secret the lab generates starts with this, so a test can search any text zerodown
 # produced (histories, logs, reports) for a leaked secret without knowing the values.
 SECRET_MARKER = "zdsecret"
@@ -189,6 +193,10 @@ class LabConfig:
     @property
     def client_key(self) -> Path:
         return self.secrets_dir / "id_ed25519"
+
+    def approver_key(self, name: str) -> Path:
+        """The private key the lab's approver `name` signs gate decisions with (+ .pub)."""
+        return self.secrets_dir / "approvers" / name
 
     @property
     def host_key(self) -> Path:

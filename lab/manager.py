@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from lab import haproxy, mariadb, provision
+from lab import haproxy, mariadb, provision, sshd
 from lab.config import (
     BACKEND,
     DB_NAME,
@@ -372,6 +372,8 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
                 "revert",
             )
         },
+        # Every decision on the lab is signed with the approver's key (issue 17.6).
+        "approver_keys": sshd.approver_public_keys(cfg),
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         # Laid out like a node, not behind the load balancer; a procedure restores a node's
         # backup into its (empty) app folder, then these overrides point the copy at its
@@ -432,6 +434,7 @@ def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
         "approvers": {
             gate: ["alice", "bob"] for gate in ("failure", "server-already-registered", "continue")
         },
+        "approver_keys": sshd.approver_public_keys(cfg),
         "rollout": {"batch_size": 1, "health_timeout_s": 30},
         "ox": {
             "server_name": "oxserver",

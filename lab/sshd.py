@@ -91,6 +91,23 @@ def _write_key(path: Path, key: asyncssh.SSHKey) -> None:
     path.chmod(0o600)
 
 
+def approver_public_keys(cfg: LabConfig) -> dict[str, list[str]]:
+    """Each lab approver's public key line, its key pair generated the first time."""
+    from lab.config import LAB_APPROVERS
+
+    keys: dict[str, list[str]] = {}
+    for name in LAB_APPROVERS:
+        path = cfg.approver_key(name)
+        if not path.exists():
+            _write_key(path, asyncssh.generate_private_key("ssh-ed25519", comment=f"{name}@zerodown-lab"))
+            path.with_name(name + ".pub").unlink(missing_ok=True)
+        pub = path.with_name(name + ".pub")
+        if not pub.exists():
+            asyncssh.read_private_key(str(path)).write_public_key(str(pub))
+        keys[name] = [pub.read_text(encoding="utf-8").strip()]
+    return keys
+
+
 def ensure_keys(cfg: LabConfig) -> None:
     """Create the client key (+ .pub), the host key and known_hosts entries where missing.
 

@@ -858,21 +858,37 @@ async def _decide(
     address: str,
     namespace: str,
     choice: str = "",
+    key: str | None = None,
 ) -> int:
+    from starter.signing import KEY_ENV, SigningFailed, approval_key
     from worker.main import connect
     from workflows.gates import Decision
 
     client = await connect(address, namespace, tracing=False)
     handle = client.get_workflow_handle(workflow_id)
     try:
+        # A gate of a site whose inventory lists approver keys takes signed decisions only.
+        waiting = {g.gate: g for g in await zc.pending_gates(handle)}
+        needs_key = gate in waiting and waiting[gate].signed
+        key_path = approval_key(key) if needs_key or key or os.environ.get(KEY_ENV) else None
         record = await zc.decide(
-            handle, approve, Decision(gate=gate, by=by, plan_hash=plan_hash, comment=comment, choice=choice)
+            handle,
+            approve,
+            Decision(gate=gate, by=by, plan_hash=plan_hash, comment=comment, choice=choice),
+            key=key_path,
         )
+    except SigningFailed as e:
+        err.print(f"[bold red]cannot sign:[/] {escape(str(e))}")
+        return 2
+    except RPCError as e:
+        err.print(f"[bold red]cannot reach workflow {escape(workflow_id)}:[/] {escape(e.message)}")
+        return 2
     except zc.DecisionRefused as e:
         err.print(f"[bold red]refused:[/] {e}")
         return 2
     what = f"{record.choice} chosen" if record.choice else record.outcome
-    console.print(f"gate {record.gate}: {what} by {record.by} at {record.at:%H:%M:%S}")
+    signed = f", signed by key {record.key}" if record.key else ""
+    console.print(f"gate {record.gate}: {what} by {record.by} at {record.at:%H:%M:%S}{signed}")
     return 0
 
 
@@ -880,6 +896,14 @@ GateOpt = Annotated[str, typer.Option("--gate", help="the gate's name (see `zero
 ByOpt = Annotated[str, typer.Option("--by", help="who decides (must be listed for the gate)")]
 PlanHashOpt = Annotated[str, typer.Option("--plan-hash", help="the plan you reviewed (`zerodown plan`)")]
 CommentOpt = Annotated[str, typer.Option("--comment")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="your SSH key that signs the decision: a private key file, or the .pub of a key in "
+        "ssh-agent (default: $ZERODOWN_APPROVAL_KEY); the inventory's approver_keys must list it",
+    ),
+]
 
 
 @app.command()
@@ -889,11 +913,14 @@ def approve(
     by: ByOpt,
     plan_hash: PlanHashOpt,
     comment: CommentOpt = "",
+    key: KeyOpt = None,
     address: Address = DEFAULT_ADDRESS,
     namespace: Namespace = "default",
 ) -> None:
-    """Approve a gate a procedure waits at (refused at once if you may not)."""
-    raise typer.Exit(_run(_decide(workflow_id, True, gate, by, plan_hash, comment, address, namespace)))
+    """Approve a gate a procedure waits at, signed with your key (refused at once if you may not)."""
+    raise typer.Exit(
+        _run(_decide(workflow_id, True, gate, by, plan_hash, comment, address, namespace, "", key))
+    )
 
 
 @app.command()
@@ -903,11 +930,14 @@ def reject(
     by: ByOpt,
     plan_hash: PlanHashOpt,
     comment: CommentOpt = "",
+    key: KeyOpt = None,
     address: Address = DEFAULT_ADDRESS,
     namespace: Namespace = "default",
 ) -> None:
-    """Reject a gate (the procedure rolls back)."""
-    raise typer.Exit(_run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace)))
+    """Reject a gate, signed with your key (the procedure rolls back)."""
+    raise typer.Exit(
+        _run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace, "", key))
+    )
 
 
 ChoiceOpt = Annotated[
@@ -928,12 +958,13 @@ def resolve(
     by: ByOpt,
     plan_hash: PlanHashOpt,
     comment: CommentOpt = "",
+    key: KeyOpt = None,
     address: Address = DEFAULT_ADDRESS,
     namespace: Namespace = "default",
 ) -> None:
-    """Decide a choice gate, e.g. `failure:N5@node2` (retry / skip / rollback / abort)."""
+    """Decide a choice gate, e.g. `failure:N5@node2` (retry / skip / rollback / abort), signed."""
     raise typer.Exit(
-        _run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace, choice=choice))
+        _run(_decide(workflow_id, False, gate, by, plan_hash, comment, address, namespace, choice, key))
     )
 
 

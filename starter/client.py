@@ -8,6 +8,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from temporalio.client import (
@@ -308,14 +309,38 @@ class DecisionRefused(RuntimeError):
     """The workflow's validator refused a gate decision (the message says why)."""
 
 
-async def decide(handle: WorkflowHandle[Any, Any], approve: bool, decision: Any) -> Any:
+async def decide(
+    handle: WorkflowHandle[Any, Any], approve: bool, decision: Any, key: Path | None = None
+) -> Any:
+    """Send a gate decision (the update that fits it); with `key` (or $ZERODOWN_APPROVAL_KEY),
+    signed first for the gate's current opening (starter/signing.py)."""
+    from starter.signing import env_key
     from workflows.gates import GateRecord
 
     name = "choose" if getattr(decision, "choice", "") else "approve" if approve else "reject"
+    key = key or env_key()
+    if key is not None and not decision.signature:
+        decision = await signed(handle, approve, decision, key)
     try:
         return await handle.execute_update(name, decision, result_type=GateRecord)
     except WorkflowUpdateFailedError as e:
         raise DecisionRefused(failure_message(e.cause or e)) from None
+
+
+async def signed(handle: WorkflowHandle[Any, Any], approve: bool, decision: Any, key: Path) -> Any:
+    """`decision` with its signature over the pending gate's opening (left unsigned when the
+    gate is not waiting: the workflow then says why it cannot be decided)."""
+    from starter.signing import sign_decision
+
+    waiting = {g.gate: g for g in await pending_gates(handle)}
+    gate = waiting.get(decision.gate)
+    if gate is None:
+        return decision
+    choice = decision.choice or ("approve" if approve else "reject")
+    signature = await asyncio.to_thread(
+        sign_decision, key, handle.id, decision.gate, gate.occurrence, choice, decision.plan_hash
+    )
+    return dataclasses.replace(decision, signature=signature)
 
 
 async def pending_gates(handle: WorkflowHandle[Any, Any]) -> list[PendingGate]:
@@ -343,11 +368,13 @@ async def auto_approve(
     comment: str,
     interval_s: float = 0.3,
     on_decision: Callable[[Any], None] | None = None,
+    key_of: Callable[[str], Path | None] | None = None,
 ) -> list[Any]:
     """Approve every approve / reject gate the run waits at, until it ends (the demo and the
     bench: a person does this in production). Choice gates (`failure:*`) are left alone, so a
     failure still rolls back by its default. `approver(pending_gate)` names who approves
-    (None: leave that gate alone). Returns the gate records."""
+    (None: leave that gate alone); `key_of(name)` is the key that person signs with (the
+    lab's approver keys). Returns the gate records."""
     from temporalio.client import WorkflowExecutionStatus as Status
 
     from workflows.gates import Decision
@@ -367,7 +394,10 @@ async def auto_approve(
                 continue
             try:
                 record = await decide(
-                    handle, True, Decision(gate=g.gate, by=by, plan_hash=g.plan_hash, comment=comment)
+                    handle,
+                    True,
+                    Decision(gate=g.gate, by=by, plan_hash=g.plan_hash, comment=comment),
+                    key=key_of(by) if key_of is not None else None,
                 )
             except DecisionRefused:
                 continue  # decided meanwhile (or no longer waiting): look again

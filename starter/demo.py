@@ -112,7 +112,9 @@ async def run_demo(cfg: LabConfig, rate: float, console: Console) -> int:
             decisions.append(line)
             console.print(line)
 
-        approvals = asyncio.ensure_future(zc.auto_approve(handle, approver, AUTO_COMMENT, on_decision=said))
+        approvals = asyncio.ensure_future(
+            zc.auto_approve(handle, approver, AUTO_COMMENT, on_decision=said, key_of=cfg.approver_key)
+        )
         with Live(console=console, refresh_per_second=4, transient=True) as live:
             outcome = await zc.wait_with_progress(
                 client, handle, SsRollingResult, lambda p: live.update(progress_view(p))

@@ -555,6 +555,12 @@ class BlueGreenSite:
         self.snapshots[path] = self.schema
         return mysql.DbBackup(db=self.db, backup_id=arg["backup_id"], path=path, sha256="cd" * 32, size=10)
 
+    @activity.defn(name="db_changed_since")
+    async def db_changed_since(self, arg: dict[str, Any]) -> tuple[str, ...]:
+        self._enter("db_changed_since", arg["db"]["database"])
+        # The migration changed the schema table; the new servers' users wrote items.
+        return ("items", "schema_version") if self.schema != self.snapshots[arg["path"]] else ()
+
     @activity.defn(name="db_restore")
     async def db_restore(self, arg: dict[str, Any]) -> mysql.DbRestoreResult:
         database = arg["db"]["database"]

@@ -14,6 +14,7 @@ from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import provision as lab_provision
 from lab.config import BACKEND, LabConfig
+from tests.signing_support import signed
 from workflows.gates import Decision, GateRecord, PendingGate
 
 
@@ -45,11 +46,8 @@ async def pending(handle: WorkflowHandle[Any, Any], gate: str, timeout_s: float 
 
 async def choose(handle: WorkflowHandle[Any, Any], gate: str, choice: str) -> None:
     g = await pending(handle, gate)
-    await handle.execute_update(
-        "choose",
-        Decision(gate=g.gate, by="alice", plan_hash=g.plan_hash, choice=choice, comment="e2e"),
-        result_type=GateRecord,
-    )
+    decision = Decision(gate=g.gate, by="alice", plan_hash=g.plan_hash, choice=choice, comment="e2e")
+    await handle.execute_update("choose", signed(handle.id, g, decision), result_type=GateRecord)
 
 
 async def wait_step(handle: WorkflowHandle[Any, Any], prefix: str, timeout_s: float = 180) -> None:

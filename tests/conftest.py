@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from lab.config import LabConfig
-from tests import secret_leaks
+from tests import secret_leaks, signing_support
 
 # --------------------------------------------------------------------------- Temporal
 from tests.temporal_env import (  # noqa: F401
@@ -165,6 +165,7 @@ def _claim_port_base(root: Path) -> tuple[LabConfig, int]:
 def lab_cfg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
     """A 4-node lab config (3 OX nodes) on free ports, rooted in a session temp dir (not started)."""
     cfg, lock_fd = _claim_port_base(tmp_path_factory.mktemp("lab"))
+    signing_support.LAB = cfg
     try:
         yield cfg
     finally:

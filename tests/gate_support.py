@@ -8,6 +8,7 @@ from typing import Any
 
 from temporalio.client import WorkflowHandle
 
+from tests.signing_support import signed
 from workflows.gates import Decision, GateRecord, PendingGate
 
 
@@ -24,9 +25,8 @@ async def pending(handle: WorkflowHandle[Any, Any], gate: str) -> PendingGate:
 async def choose(
     handle: WorkflowHandle[Any, Any], gate: PendingGate, choice: str, by: str = "ops1"
 ) -> GateRecord:
+    decision = Decision(gate=gate.gate, by=by, plan_hash=gate.plan_hash, choice=choice, comment="t")
     record: GateRecord = await handle.execute_update(
-        "choose",
-        Decision(gate=gate.gate, by=by, plan_hash=gate.plan_hash, choice=choice, comment="t"),
-        result_type=GateRecord,
+        "choose", signed(handle.id, gate, decision), result_type=GateRecord
     )
     return record

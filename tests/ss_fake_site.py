@@ -40,6 +40,7 @@ from errors import HEALTH_CHECK_FAILED, LOGIN_FAILED, SETTINGS_TIMEOUT, UNEXPECT
 from inventory.load import parse_inventory
 from inventory.model import Database, Inventory
 from tests.fake_balancer import steady_lb_guard
+from tests.signing_support import signed
 from workflows.gates import Decision, GateRecord, PendingGate
 
 PROD, SCRATCH, STAGING_DB = "ss", "ss_scratch", "ss_staging"
@@ -805,10 +806,9 @@ async def pending(handle: WorkflowHandle[Any, Any], gate: str) -> PendingGate:
 async def approve(handle: WorkflowHandle[Any, Any], gate: str, by: str = APPROVER) -> GateRecord:
     """Approve `gate` once it waits (the `approve` update, as `zerodown approve` sends it)."""
     waiting = await pending(handle, gate)
+    decision = Decision(gate=gate, by=by, plan_hash=waiting.plan_hash, comment="t")
     record: GateRecord = await handle.execute_update(
-        "approve",
-        Decision(gate=gate, by=by, plan_hash=waiting.plan_hash, comment="t"),
-        result_type=GateRecord,
+        "approve", signed(handle.id, waiting, decision), result_type=GateRecord
     )
     return record
 

@@ -157,28 +157,85 @@ def test_iis_scripts_exact() -> None:
     c = service_commands(
         ServiceControl(kind="iis", site="Default Web Site", app_pool="LabPool", timeout_s=90)
     )
-    poll_stop = (
-        "$deadline = (Get-Date).AddSeconds(90); "
-        "while ((Get-WebAppPoolState -Name 'LabPool').Value -ne 'Stopped') { "
-        "if ((Get-Date) -gt $deadline) { "
-        "Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + "
-        "(Get-WebAppPoolState -Name 'LabPool').Value); exit 1 }; "
-        "Start-Sleep -Milliseconds 500 }; exit 0"
+    head = "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
+    state = "(Get-WebAppPoolState -Name 'LabPool').Value"
+    workers = (
+        "@(Get-ChildItem ('IIS:\\AppPools\\' + 'LabPool' + '\\WorkerProcesses') "
+        "-ErrorAction SilentlyContinue).Count"
+    )
+    sharing = (
+        "$others = @(Get-WebApplication | Where-Object { $_.applicationPool -eq 'LabPool' }) + "
+        "@(Get-Website | Where-Object { $_.applicationPool -eq 'LabPool' "
+        "-and $_.name -ne 'Default Web Site' }); "
+        "if ($others.Count -gt 0) { Write-Output ('app pool ' + 'LabPool' + ' also serves ' + "
+        "(($others | ForEach-Object { if ($_.name) { $_.name } else { $_.path } }) -join ', ') + "
+        "': stopping it stops them too (service.shared_pool: true if intended)'); exit 5 }; "
     )
     assert _decode_ps(c.stop) == (
-        "Import-Module WebAdministration; Stop-Website -Name 'Default Web Site'; "
-        "Stop-WebAppPool -Name 'LabPool'; " + poll_stop
+        head
+        + sharing
+        + "Stop-Website -Name 'Default Web Site'; "
+        + f"if ({state} -ne 'Stopped') {{ Stop-WebAppPool -Name 'LabPool' }}; "
+        + "$deadline = (Get-Date).AddSeconds(90); "
+        + f"while (({state} -ne 'Stopped') -or ({workers} -gt 0)) {{ "
+        + "if ((Get-Date) -gt $deadline) { "
+        + f"Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + {state} + "
+        + f"', worker processes: ' + {workers}); exit 1 }}; "
+        + "Start-Sleep -Milliseconds 500 }; exit 0"
     )
     assert _decode_ps(c.start) == (
-        "Import-Module WebAdministration; Start-WebAppPool -Name 'LabPool'; "
-        "Start-Website -Name 'Default Web Site'; "
-        + poll_stop.replace("'Stopped'", "'Started'").replace("reach Stopped", "reach Started")
+        head
+        + f"if ({state} -ne 'Started') {{ Start-WebAppPool -Name 'LabPool' }}; "
+        + "Start-Website -Name 'Default Web Site'; "
+        + "$deadline = (Get-Date).AddSeconds(90); "
+        + f"while (({state} -ne 'Started')) {{ "
+        + "if ((Get-Date) -gt $deadline) { "
+        + f"Write-Output ('app pool ' + 'LabPool' + ' did not reach Started, state: ' + {state}); exit 1 }}; "
+        + "Start-Sleep -Milliseconds 500 }; exit 0"
     )
     assert _decode_ps(c.status) == (
-        "Import-Module WebAdministration; "
-        "$s = (Get-WebAppPoolState -Name 'LabPool').Value; Write-Output $s; "
-        "if ($s -eq 'Started') { exit 0 } else { exit 3 }"
+        head + f"$s = {state}; Write-Output $s; "
+        "if ($s -eq 'Started') { exit 0 } elseif ($s -eq 'Stopped') { exit 3 } else { exit 4 }"
     )
+    # A pool the inventory says is shared on purpose: no refusal.
+    shared = service_commands(
+        ServiceControl(
+            kind="iis", site="Default Web Site", app_pool="LabPool", timeout_s=90, shared_pool=True
+        )
+    )
+    assert "$others" not in _decode_ps(shared.stop) and "Stop-WebAppPool" in _decode_ps(shared.stop)
+
+
+@pytest.mark.parametrize("going", ["Stopping", "Unknown"])
+async def test_an_iis_pool_between_states_is_not_stopped(monkeypatch: pytest.MonkeyPatch, going: str) -> None:
+    """Issue 17.4: Stopping / Unknown (exit 4) is neither running nor stopped: a stop runs
+    its script and waits for Stopped instead of reporting a pool still stopping as done."""
+    from activities import node as node_mod
+    from activities import ssh
+
+    states = iter([going, going, "Stopped"])
+    sent: list[str] = []
+
+    async def run(target: Any, command: str, timeout_s: float = 60.0, check: bool = True, **_: Any) -> Any:
+        script = _decode_ps(command)
+        if "exit 4" in script:  # the status script
+            st = next(states)
+            code = {"Started": 0, "Stopped": 3}.get(st, 4)
+            return ssh.CommandResult(exit_status=code, stdout=st, stderr="")
+        sent.append(script)
+        return ssh.CommandResult(exit_status=0, stdout="", stderr="")
+
+    monkeypatch.setattr(ssh, "run", run)
+    n = Node(
+        name="win1",
+        ssh=SshTarget(host="h"),
+        app_dir="C:/app",
+        service=ServiceControl(kind="iis", site="S", app_pool="P", timeout_s=5),
+        url="http://win1",
+    )
+    st = await node_mod.set_running(n, False)
+    assert (st.running, st.settled, st.detail, st.changed) == (False, True, "Stopped", True)
+    assert len(sent) == 1 and "Stop-WebAppPool" in sent[0]
 
 
 @pytest.mark.parametrize("quote", ["'", "\u2018", "\u2019", "\u201a", "\u201b"])
@@ -192,7 +249,7 @@ def test_every_quote_powershell_honours_is_doubled(quote: str) -> None:
 def test_iis_names_are_quoted_safely() -> None:
     s = iis_scripts("Bob's site", "pool'; Remove-Item C:\\ -Recurse; '", 60)
     assert "Stop-Website -Name 'Bob''s site';" in s.stop
-    assert "Stop-WebAppPool -Name 'pool''; Remove-Item C:\\ -Recurse; ''';" in s.stop
+    assert "Stop-WebAppPool -Name 'pool''; Remove-Item C:\\ -Recurse; ''' }" in s.stop
     c = service_commands(ServiceControl(kind="iis", site="Bob's site", app_pool="p", timeout_s=60))
     assert _decode_ps(c.stop) == iis_scripts("Bob's site", "p", 60).stop
     # -EncodedCommand carries only base64: nothing for an outer shell to interpret

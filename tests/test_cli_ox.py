@@ -25,6 +25,7 @@ from starter.report import ox_nodes_summary, status_notes
 from tests.e2e_support import closed_port, zerodown
 from tests.gate_support import pending
 from tests.ox_support import NEW_SERVER, NEW_VERSION, classify, new_server_id, ox_fresh, s, states
+from tests.signing_support import key_args
 from tests.temporal_env import temporal_address
 from workflows.ox_node_upgrade import NodeShare, OxNodeUpgradeResult
 from workflows.ox_upgradeschemata import OxSchemataProgress
@@ -252,11 +253,33 @@ async def test_failure_gate_listed_by_status_and_resolved_with_revert(
     h = plan_hash(out)
     # A choice the gate does not offer, or the run's own starter: refused, the gate still waits.
     code, out = await zerodown(
-        "resolve", wf_id, "--gate", gate, "--choice", "rollback", "--by", "bob", "--plan-hash", h, *address
+        "resolve",
+        wf_id,
+        "--gate",
+        gate,
+        "--choice",
+        "rollback",
+        "--by",
+        "bob",
+        "--plan-hash",
+        h,
+        *key_args("bob"),
+        *address,
     )
     assert code == 2 and f"'rollback' is not a choice of gate '{gate}'" in out, out
     code, out = await zerodown(
-        "resolve", wf_id, "--gate", gate, "--choice", "revert", "--by", "bob", "--plan-hash", h, *address
+        "resolve",
+        wf_id,
+        "--gate",
+        gate,
+        "--choice",
+        "revert",
+        "--by",
+        "bob",
+        "--plan-hash",
+        h,
+        *key_args("bob"),
+        *address,
     )
     assert code == 0 and f"gate {gate}: revert chosen by bob" in out, out
 
@@ -311,6 +334,7 @@ async def test_server_already_registered_gate_continue_from_the_cli(
         "alice",
         "--plan-hash",
         plan_hash(out),
+        *key_args("alice"),
         *address,
     )
     assert code == 0 and f"gate {gate}: continue chosen by alice" in out, out

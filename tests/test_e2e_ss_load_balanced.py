@@ -27,6 +27,7 @@ from tests.e2e_support import (
     served_versions,
     snapshot,
 )
+from tests.signing_support import signal_input
 from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
@@ -81,13 +82,15 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
                 "decide",
                 "--input",
                 json.dumps(
-                    {
-                        "gate": "swap",
-                        "by": "alice",
-                        "plan_hash": gate.plan_hash,
-                        "approve": True,
-                        "comment": "A looks good",
-                    }
+                    signal_input(
+                        handle.id,
+                        gate,
+                        gate="swap",
+                        by="alice",
+                        plan_hash=gate.plan_hash,
+                        approve=True,
+                        comment="A looks good",
+                    )
                 ),
             )
             assert code == 0, out

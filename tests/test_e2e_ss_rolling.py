@@ -39,6 +39,7 @@ from tests.e2e_support import (
     start_worker_process,
     zerodown,
 )
+from tests.signing_support import key_args, signal_input, signature, signed
 from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
 from workflows.gates import Decision, GateRecord
@@ -112,6 +113,7 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
             gate.plan_hash,
             "--comment",
             "staging ok",
+            *key_args("alice"),
             "--address",
             address,
         )
@@ -131,7 +133,15 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
             "--name",
             "approve",
             "--input",
-            json.dumps({"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash}),
+            # Signed by hand, as README shows (ssh-keygen -Y sign over the decision message).
+            json.dumps(
+                {
+                    "gate": "upgrade-successful",
+                    "by": "bob",
+                    "plan_hash": gate.plan_hash,
+                    "signature": signature(handle.id, gate, "bob", "approve"),
+                }
+            ),
         )
         assert code == 0, out
         result: SsRollingResult = await handle.result()
@@ -204,6 +214,7 @@ async def test_failed_production_script_rolls_back_to_the_snapshot(
             "bob",
             "--plan-hash",
             gate.plan_hash,
+            *key_args("bob"),
             "--address",
             temporal_address(temporal_env),
         )
@@ -221,6 +232,7 @@ async def test_failed_production_script_rolls_back_to_the_snapshot(
             "bob",
             "--plan-hash",
             failure.plan_hash,
+            *key_args("bob"),
             "--address",
             temporal_address(temporal_env),
         )
@@ -288,7 +300,7 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
             gate = await wait_gate(handle, "staging-test")
             await handle.execute_update(
                 "approve",
-                Decision(gate="staging-test", by="alice", plan_hash=gate.plan_hash),
+                signed(handle.id, gate, Decision(gate="staging-test", by="alice", plan_hash=gate.plan_hash)),
                 result_type=GateRecord,
             )
             # Group A drains while group B (upgraded) serves: a heartbeating wait.
@@ -308,7 +320,14 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
                 "decide",
                 "--input",
                 json.dumps(
-                    {"gate": "upgrade-successful", "by": "bob", "plan_hash": gate.plan_hash, "approve": True}
+                    signal_input(
+                        handle.id,
+                        gate,
+                        gate="upgrade-successful",
+                        by="bob",
+                        plan_hash=gate.plan_hash,
+                        approve=True,
+                    )
                 ),
             )
             assert code == 0, out
@@ -365,7 +384,7 @@ async def test_a_rollback_under_writes_keeps_every_acknowledged_write_and_fails_
             lab_mariadb.inject_migration_failure(lab, "labapp", True)
             await handle.execute_update(
                 "approve",
-                Decision(gate="staging-test", by="bob", plan_hash=gate.plan_hash),
+                signed(handle.id, gate, Decision(gate="staging-test", by="bob", plan_hash=gate.plan_hash)),
                 result_type=GateRecord,
             )
             with pytest.raises(WorkflowFailureError):

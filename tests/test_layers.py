@@ -30,6 +30,7 @@ SHARED = {
     "procedure",
     "saga",
     "gates",
+    "signatures",
     "timeline",
     "timeouts",
     "balancers",

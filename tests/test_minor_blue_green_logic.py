@@ -286,6 +286,8 @@ async def test_rollback_at_terminate_reattaches_the_old_servers_and_restores_the
         await choose(handle, await pending(handle, "terminate"), "rollback")
         gate = await pending(handle, "restore-snapshot")
         assert gate.choices == ("keep", "restore") and gate.on_timeout == "keep"
+        # The gate says what a restore would undo (issue 17.7).
+        assert "a restore undoes every write since the snapshot to: items, schema_version" in gate.guards
         await choose(handle, gate, "restore")
         cause = await failed(handle)
     assert cause.type == "ProcedureFailed" and "rollback chosen at gate terminate by ops1" in str(cause)

@@ -17,6 +17,11 @@ Every gate has a timeout with a fail-safe default: `reject` (the procedure rolls
 (who, when, how, comment, plan hash).
 Approvers are looked up by the gate's full name, then by its family (`failure` for
 `failure:N5@node2`), so an inventory lists the people for every failure gate once.
+Signed decisions (workflows/signatures.py): when the inventory lists approvers' SSH keys
+(`approver_keys`; the loader requires one for every approver), a decision carries an SSHSIG
+signature over (workflow id, gate, the gate's occurrence in the run, choice, plan hash) by
+one of the decider's keys, and is refused without it: the name typed into `by` is bound to
+a key. The record keeps the key's fingerprint.
 Deterministic: only workflow APIs inside.
 """
 
@@ -30,6 +35,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from errors import GATE_REFUSED
+from workflows import signatures
 from workflows.timeline import Timeline
 
 ON_TIMEOUT = ("reject", "hold")
@@ -66,6 +72,9 @@ class Decision:
     comment: str = ""
     # For a choice gate (`choose` update): one of the gate's choices.
     choice: str = ""
+    # The decider's SSHSIG signature (armored) over the decision message
+    # (workflows/signatures.py); required when the inventory lists approver keys.
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class SignalDecision:
     approve: bool = False
     comment: str = ""
     choice: str = ""
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class GateRecord:
     plan_hash: str = ""
     # A choice gate: what was chosen (on timeout: the fail-safe default applied).
     choice: str = ""
+    # The fingerprint of the SSH key whose signature verified (empty: unsigned decision).
+    key: str = ""
+    # Which opening of the gate in the run this decided (1 first).
+    occurrence: int = 0
 
     @property
     def approved(self) -> bool:
@@ -107,6 +121,11 @@ class PendingGate:
     on_timeout: str
     plan_hash: str
     choices: tuple[str, ...] = ()
+    # How many times this gate has opened in the run (1 first): part of what a signature
+    # signs, so one given for an earlier opening cannot decide this one.
+    occurrence: int = 1
+    # True when a decision must be signed (the inventory lists approver keys).
+    signed: bool = False
 
 
 def refused(message: str) -> ApplicationError:
@@ -120,6 +139,9 @@ class Gates:
         self.started_by: str | None = None
         self.plan_hash = ""
         self.records: list[GateRecord] = []
+        self.approver_keys: dict[str, tuple[str, ...]] = {}
+        # Openings per gate name (a continued run starts from its predecessor's).
+        self.opened: dict[str, int] = {}
         self._pending: dict[str, PendingGate] = {}
         self._decided: dict[str, GateRecord] = {}
 
@@ -127,14 +149,25 @@ class Gates:
         return self.approvers.get(gate) or self.approvers.get(gate_family(gate), ())
 
     def configure(
-        self, approvers: dict[str, tuple[str, ...]], started_by: str | None, plan_hash: str
+        self,
+        approvers: dict[str, tuple[str, ...]],
+        started_by: str | None,
+        plan_hash: str,
+        approver_keys: dict[str, tuple[str, ...]] | None = None,
+        opened: dict[str, int] | None = None,
     ) -> None:
         self.approvers, self.started_by, self.plan_hash = dict(approvers), started_by, plan_hash
+        self.approver_keys = dict(approver_keys or {})
+        self.opened = dict(opened or {})
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.approver_keys)
 
     def pending(self) -> list[PendingGate]:
         return list(self._pending.values())
 
-    def check(self, d: Decision, choosing: bool = False) -> None:
+    def check(self, d: Decision, choosing: bool = False, approve: bool = False) -> None:
         """Raise GateRefused (to the caller of an update) unless `d` may decide its gate."""
         if d.gate not in self._pending:
             waiting = ", ".join(self._pending) or "none"
@@ -165,9 +198,45 @@ class Gates:
                 f"executes plan {self.plan_hash[:12]}: review it with `zerodown plan` "
                 "or `zerodown status`, then decide on that plan"
             )
+        self.signer(d, approve)
+
+    def choice_of(self, d: Decision, approve: bool) -> str:
+        """What the decision chooses, as the signed message names it."""
+        return d.choice or ("approve" if approve else "reject")
+
+    def signer(self, d: Decision, approve: bool) -> str:
+        """The fingerprint of the decider's key that signed `d` ("" when decisions are not
+        signed); GateRefused when the signature is missing or does not bind this decision."""
+        if not self.signed:
+            return ""
+        keys = self.approver_keys.get(d.by, ())
+        if not keys:
+            raise refused(f"the inventory lists no key for {d.by!r} (approver_keys): decisions are signed")
+        if not d.signature.strip():
+            raise refused(
+                f"gate {d.gate!r} takes signed decisions only: sign with the key the inventory lists for "
+                f"{d.by!r} (zerodown approve / reject / resolve --key, or ssh-keygen -Y sign -n "
+                f"{signatures.NAMESPACE}: README 'Signed decisions')"
+            )
+        occurrence = self._pending[d.gate].occurrence
+        message = signatures.decision_message(
+            workflow.info().workflow_id, d.gate, occurrence, self.choice_of(d, approve), d.plan_hash
+        )
+        try:
+            return signatures.verify(d.signature, message, keys)
+        except signatures.SignatureRefused as e:
+            others = [n for n in self.approvers_of(d.gate) if n != d.by]
+            raise refused(
+                f"signature refused for {d.by!r} at gate {d.gate!r}: {e}. It must be made with one of "
+                f"{d.by}'s keys over workflow {workflow.info().workflow_id}, gate {d.gate}, occurrence "
+                f"{occurrence}, choice {self.choice_of(d, approve)}, plan {d.plan_hash[:12]}"
+                + (f" (other approvers of this gate: {', '.join(others)})" if others else "")
+            ) from None
 
     def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
         outcome: GateOutcome = "chosen" if d.choice else "approved" if approve else "rejected"
+        pending = self._pending.get(d.gate)
+        key = self.signer(d, approve) if pending is not None else ""
         record = GateRecord(
             gate=d.gate,
             outcome=outcome,
@@ -177,6 +246,8 @@ class Gates:
             comment=d.comment,
             plan_hash=d.plan_hash,
             choice=d.choice,
+            key=key,
+            occurrence=pending.occurrence if pending is not None else 0,
         )
         self._pending.pop(d.gate, None)
         self._decided[d.gate] = record
@@ -185,7 +256,9 @@ class Gates:
         self.timeline.record(
             f"gate {d.gate}: {what} by {d.by}",
             "ok",
-            detail=f"via {via}" + (f": {d.comment}" if d.comment else ""),
+            detail=f"via {via}"
+            + (f", signed by key {key}" if key else "")
+            + (f": {d.comment}" if d.comment else ""),
         )
         return record
 
@@ -198,6 +271,7 @@ class Gates:
         """Wait for a decision on `spec`; on timeout apply its fail-safe default."""
         now = workflow.now()
         hold = spec.on_timeout == "hold"
+        self.opened[spec.name] = self.opened.get(spec.name, 0) + 1
         self._pending[spec.name] = PendingGate(
             gate=spec.name,
             since=now,
@@ -207,6 +281,8 @@ class Gates:
             on_timeout=spec.on_timeout,
             plan_hash=self.plan_hash,
             choices=spec.choices,
+            occurrence=self.opened[spec.name],
+            signed=self.signed,
         )
         before = (self.timeline.phase, self.timeline.node)
         waiting = f"waiting for a decision on gate {spec.name}"
@@ -250,7 +326,7 @@ class GatedWorkflow:
 
     @approve.validator
     def _check_approve(self, decision: Decision) -> None:
-        self.gates.check(decision)
+        self.gates.check(decision, approve=True)
 
     @workflow.update(name="reject")
     def reject(self, decision: Decision) -> GateRecord:
@@ -276,9 +352,10 @@ class GatedWorkflow:
             plan_hash=decision.plan_hash,
             comment=decision.comment,
             choice=decision.choice,
+            signature=decision.signature,
         )
         try:
-            self.gates.check(d, choosing=bool(decision.choice))
+            self.gates.check(d, choosing=bool(decision.choice), approve=decision.approve)
         except ApplicationError as e:
             self.gates.refuse_signal(decision, e)
             return

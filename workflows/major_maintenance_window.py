@@ -161,7 +161,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         self.main_lb = lb.name
         self.timeline.nodes_total = len(old)
         plan = self._plan(inp, lb, test_lb, old, package, db, pending, names)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inp, package, old, plan, True, ())
         snapshots: list[str] = []
         key = run_key()

@@ -80,6 +80,9 @@ PROCEDURE = "minor-blue-green"
 DRAIN_CHOICES = ("wait", "force", "rollback")
 TERMINATE_CHOICES = ("terminate", "keep", "rollback")
 SNAPSHOT_CHOICES = ("keep", "restore")
+# The gate restore-snapshot names the tables written since the snapshot: a restore undoes
+# those writes, acknowledged by the new servers while they served (issue 17.7).
+PATCH_SNAPSHOT_LOSS = "minor-blue-green-snapshot-loss-named-v1"
 UP_TIMEOUT_S = 60.0
 
 
@@ -165,7 +168,7 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         lb, old, package, db, pending, names = await self._preflight(inp)
         self.timeline.nodes_total = len(old)
         plan = self._plan(inp, lb, old, package, db, pending, names)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inp, package, old, plan, True, None, ())
 
         snapshot: list[mysql.DbBackup] = []
@@ -784,11 +787,21 @@ class MinorBlueGreenWorkflow(SiteProcedure):
                 ),
             )
             return
+        loss = ""
+        if workflow.patched(PATCH_SNAPSHOT_LOSS):
+            changed: tuple[str, ...] = await self.timeline.step(
+                "tables written since the snapshot", self.read(mysql.db_changed_since, snapshot)
+            )
+            loss = (
+                f"; a restore undoes every write since the snapshot to: {', '.join(changed)}"
+                if changed
+                else "; nothing was written since the snapshot"
+            )
         record = await self.gates.wait(
             GateSpec(
                 name="restore-snapshot",
                 guards=f"restore database {db.database} from the snapshot "
-                f"{snapshot.path} (the migrations were additive: keep is safe)",
+                f"{snapshot.path} (the migrations were additive: keep is safe){loss}",
                 timeout_s=inp.gate_timeout_s,
                 on_timeout="keep",
                 choices=SNAPSHOT_CHOICES,

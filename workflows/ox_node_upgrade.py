@@ -214,7 +214,7 @@ class OxNodeUpgradeWorkflow(SiteProcedure):
             listed = sorted((s for s in listed if s.contexts > 0), key=lambda s: schema_order(s.name))
         shares = _shares(settings, nodes, [s.name for s in listed])
         plan = _plan(inp, previous, nodes, shares)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inp, previous, nodes, shares, plan, True)
 
         if workflow.patched(PATCH_REGISTER_FIRST):

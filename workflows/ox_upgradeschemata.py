@@ -84,6 +84,10 @@ PATCH_DETACHED_RUNUPDATE = "ox-detached-runupdate-v1"
 # Step 7 on the update node, as runupdate's follow-up there (no trip through the worker while
 # the schema is disabled); runs started before enable on the admin node.
 PATCH_ENABLE_ON_UPDATE = "ox-enable-after-runupdate-on-update-node-v1"
+# A continued run counts its gates' openings on from its predecessor's (OxCarried.
+# gate_openings): a signed decision names the opening it decides (workflows/signatures.py),
+# and the workflow id stays the same across continue-as-new.
+PATCH_CARRY_GATE_OPENINGS = "ox-carry-gate-openings-v1"
 SCHEMA_FAILURE_CHOICES = ("retry", "skip", "revert", "abort")
 MAX_CONCURRENCY = 32
 
@@ -102,6 +106,8 @@ class OxCarried:
     plan: tuple[str, ...]
     plan_hash: str
     upgraded_count: int = 0
+    # Gate name -> how many times it opened in the runs before (PATCH_CARRY_GATE_OPENINGS).
+    gate_openings: dict[str, int] = field(default_factory=dict)
     failed: tuple[SchemaFailure, ...] = ()
     left_disabled: tuple[str, ...] = ()
     reverted: tuple[str, ...] = ()
@@ -236,7 +242,13 @@ class OxUpgradeSchemataWorkflow(Procedure):
         self.begin(inp)
         settings, update, admin = _targets(inp)
         if inp.carried is not None:  # a continued run: preflight and step 3 are done
-            self.gates.configure(inv.approvers, inp.started_by, inp.carried.plan_hash)
+            self.gates.configure(
+                inv.approvers,
+                inp.started_by,
+                inp.carried.plan_hash,
+                inv.approver_keys,
+                inp.carried.gate_openings,
+            )
             self.guided = inp.on_failure == "ask"
             return await self._walk_schemata(inp, settings, update, admin, inp.carried)
 
@@ -256,7 +268,7 @@ class OxUpgradeSchemataWorkflow(Procedure):
                 "OX's upgradeschemata skips them): " + _sample(skipped_empty),
             )
         plan = _plan(inp, update, admin, existing, todo, skipped, passed_over)
-        dry_run = self.planned(inp, inv.approvers, [*plan, *todo])
+        dry_run = self.planned(inp, inv.approvers, [*plan, *todo], inv.approver_keys)
         carried = OxCarried(
             server_id=existing or 0,
             old_server_id=old_id,
@@ -736,6 +748,8 @@ class OxUpgradeSchemataWorkflow(Procedure):
 
     def _carry(self, w: _Walk) -> OxCarried:
         merged = self._merge(w)
+        if workflow.patched(PATCH_CARRY_GATE_OPENINGS):
+            return dataclasses.replace(merged, run=merged.run + 1, gate_openings=dict(self.gates.opened))
         return dataclasses.replace(merged, run=merged.run + 1)
 
     def _result(

@@ -169,13 +169,17 @@ class Procedure(GatedWorkflow):
         self.failure_gate_timeout_s = opts.failure_gate_timeout_s
 
     def planned(
-        self, opts: ProcedureOptions, approvers: Mapping[str, tuple[str, ...]], plan: Sequence[str]
+        self,
+        opts: ProcedureOptions,
+        approvers: Mapping[str, tuple[str, ...]],
+        plan: Sequence[str],
+        approver_keys: Mapping[str, tuple[str, ...]] | None = None,
     ) -> bool:
         """Once preflight has made the plan: its hash (what a decider approves; `zerodown
         plan` prints it) and the gates configured. True for a dry run: the caller returns the
         plan, nothing was changed."""
         self.plan_hash = hashlib.sha256("\n".join(plan).encode()).hexdigest()
-        self.gates.configure(dict(approvers), opts.started_by, self.plan_hash)
+        self.gates.configure(dict(approvers), opts.started_by, self.plan_hash, dict(approver_keys or {}))
         if opts.dry_run:
             self.timeline.set_phase("planned (dry run): nothing was changed")
         return opts.dry_run

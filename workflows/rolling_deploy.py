@@ -157,7 +157,7 @@ class RollingDeployWorkflow(SiteProcedure):
             if not space.ok:
                 raise preflight_failed([f"database backups: {space.detail}"], [])
         plan = self._plan(inv, batches, package, pending, gate_after_first)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inv, package, nodes, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------

@@ -138,7 +138,7 @@ class SsLoadBalancedWorkflow(SiteProcedure):
         schema = await self._preflight_database(db)
         pending = [m for m in package.migrations if m.version > schema]
         plan = self._plan(inv, package, a, others, pending, inp)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inv, package, a, others, plan, True)
 
         self.guided = inp.on_failure == "ask"

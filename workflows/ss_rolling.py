@@ -157,7 +157,7 @@ class SsRollingWorkflow(SiteProcedure):
         schema, site_settings = await self._preflight_site(db, admin, nodes[0])
         pending = [m for m in package.migrations if m.version > schema]
         plan = self._plan(inv, package, group_a, group_b, pending, inp.keep_staging)
-        if self.planned(inp, inv.approvers, plan):
+        if self.planned(inp, inv.approvers, plan, inv.approver_keys):
             return self._result(inv, package, group_a, group_b, plan, True)
 
         # ---- The change itself, undone by the saga on failure or cancellation ----------

@@ -917,6 +917,18 @@ async def db_restore(req: DbBackup) -> DbRestoreResult:
     return await restore(req)
 
 
+@activity.defn
+async def db_changed_since(req: DbBackup) -> tuple[str, ...]:
+    """Read-only: the tables whose content differs now from the backup's (CHECKSUM TABLE
+    against the checksums taken with it; tables made or dropped since included), sorted.
+    Restoring the backup undoes every write to them since: a gate says so before it asks."""
+    from activities.mysql.connect import table_checksums
+
+    now = await table_checksums(req.db)
+    then = req.table_checksums
+    return tuple(sorted(t for t in set(now) | set(then) if now.get(t) != then.get(t)))
+
+
 @dataclass(frozen=True)
 class DropDatabaseRequest:
     db: Database  # the production database (its `database` is never dropped)
