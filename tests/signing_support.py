@@ -12,6 +12,7 @@ from typing import Any
 from lab.config import LabConfig
 from starter.signing import sign_decision
 from workflows.gates import Decision, PendingGate
+from workflows.signatures import fingerprint, key_blob
 
 # The session's lab (set by conftest's lab_cfg fixture): where its approvers' keys are.
 LAB: LabConfig | None = None
@@ -21,6 +22,14 @@ def key_of(by: str) -> Path | None:
     """The lab approver's private key, if the lab has one for `by`."""
     key = LAB.approver_key(by) if LAB is not None else None
     return key if key is not None and key.exists() else None
+
+
+def fingerprint_of(by: str) -> str:
+    """The SHA256 fingerprint of the lab approver's key, as a GateRecord / the timeline names it."""
+    key = key_of(by)
+    assert key is not None, f"the lab has no key for approver {by!r}"
+    public = key.with_name(key.name + ".pub").read_text(encoding="utf-8")
+    return fingerprint(key_blob(public))
 
 
 def key_args(by: str) -> list[str]:

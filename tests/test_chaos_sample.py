@@ -11,11 +11,13 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from bench.chaos import chaos
 from lab.config import LabConfig
+from starter.signing import KEY_ENV
 from tests.e2e_support import start_worker_process, stop_process
 from tests.temporal_env import temporal_address
 
@@ -38,8 +40,15 @@ class ProcessWorkers:
 
 
 async def test_ss_rolling_survives_the_worker_killed_at_sampled_boundaries(
-    fresh_lab: LabConfig, client: Client, temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
+    fresh_lab: LabConfig,
+    client: Client,
+    temporal_env: WorkflowEnvironment,
+    task_queue: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The bench approves as alice, with her lab key (as bench_lab sets it up).
+    monkeypatch.setenv(KEY_ENV, str(fresh_lab.approver_key("alice")))
     workers = ProcessWorkers(temporal_address(temporal_env), task_queue, tmp_path / "workers.log")
     try:
         verdict = await chaos(

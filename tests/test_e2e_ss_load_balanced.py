@@ -27,7 +27,7 @@ from tests.e2e_support import (
     served_versions,
     snapshot,
 )
-from tests.signing_support import signal_input
+from tests.signing_support import fingerprint_of, signal_input
 from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
@@ -126,7 +126,8 @@ async def test_ss_load_balanced_on_three_nodes_swaps_without_a_gap(
     states = lab_haproxy.server_states(lab)
     assert all(states[("app", n)] == "UP" for n in THREE)
     decided = [(s.name, s.detail) for s in result.steps]
-    assert ("gate swap: approved by alice", "via signal: A looks good") in decided
+    signed = f"via signal, signed by key {fingerprint_of('alice')}: A looks good"
+    assert ("gate swap: approved by alice", signed) in decided
 
 
 async def test_failed_production_script_rolls_node_a_and_the_database_back(

@@ -39,7 +39,7 @@ from tests.e2e_support import (
     start_worker_process,
     zerodown,
 )
-from tests.signing_support import key_args, signal_input, signature, signed
+from tests.signing_support import fingerprint_of, key_args, signal_input, signature, signed
 from tests.ss_support import TEMPORAL, checksums, enforce_version_match, wait_gate, wf_id
 from tests.temporal_env import temporal_address
 from workflows.gates import Decision, GateRecord
@@ -181,8 +181,12 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
     assert all(states[("app", f"node{i}")] == "UP" for i in lab.node_indexes)
     # Gate decisions recorded, the history replays.
     decided = [(s.name, s.detail) for s in result.steps if s.name.startswith("gate ")]
-    assert ("gate staging-test: approved by alice", "via update: staging ok") in decided
-    assert ("gate upgrade-successful: approved by bob", "via update") in decided
+    alice, bob = fingerprint_of("alice"), fingerprint_of("bob")
+    assert (
+        "gate staging-test: approved by alice",
+        f"via update, signed by key {alice}: staging ok",
+    ) in decided
+    assert ("gate upgrade-successful: approved by bob", f"via update, signed by key {bob}") in decided
     await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(await handle.fetch_history())
 
 
@@ -352,9 +356,10 @@ async def test_worker_killed_during_task_seven_completes_without_upgrading_a_nod
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
     assert scheduled.count("deploy_package") == lab.nodes + 1  # + staging
-    assert ("gate upgrade-successful: approved by bob", "via signal") in [
-        (s.name, s.detail) for s in result.steps
-    ]
+    assert (
+        "gate upgrade-successful: approved by bob",
+        f"via signal, signed by key {fingerprint_of('bob')}",
+    ) in [(s.name, s.detail) for s in result.steps]
     await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(history)
 
 

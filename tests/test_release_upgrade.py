@@ -143,6 +143,9 @@ async def test_a_run_waiting_at_a_gate_survives_the_upgrade_to_this_tree(
         # README: stop the old worker, start the new one; the run waits at its gate meanwhile.
         stop_process(old_worker)
         new_worker = start_worker(ROOT, address, task_queue, log)
+        # Asked again, as `zerodown resolve` does: this tree's code answers (and, the lab's
+        # inventory listing approver keys, takes a signed decision only).
+        gate = await pending(handle, gate.gate)
         await choose(handle, gate, "retry")
         result: OxUpgradeSchemataResult = await handle.result()
         assert set(result.upgraded) == set(two) and result.failed == ()
