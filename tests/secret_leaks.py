@@ -7,7 +7,8 @@ secret config value every node's `database.config` holds (`application.secret_ke
 lab's SSH private key):
 
 * every history on the test's task queue, each payload decoded from its base64;
-* each run's timeline and status as `zerodown status` renders them (the progress query);
+* each run's timeline: a closed run's is its result (or failure) in the history; a run still
+  going is asked (the progress query) and rendered as `zerodown status` shows it;
 * every log record the process emitted during the test.
 
 It records the procedures it checked in a file of the session (`ZERODOWN_SECRET_CHECKS`);
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from lab.config import SECRET_MARKER
 
@@ -51,13 +52,19 @@ def captured_logs() -> Iterator[list[str]]:
     handler = _Records()
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     level = root.level
+    # asyncssh logs every connection and channel at INFO (no command text): warnings only,
+    # or formatting its lines costs the suite more than the check is worth.
+    chatty = logging.getLogger("asyncssh")
+    chatty_level = chatty.level
     root.addHandler(handler)
     root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    chatty.setLevel(logging.WARNING)
     try:
         yield handler.lines
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        chatty.setLevel(chatty_level)
 
 
 def decoded(value: Any) -> Iterator[str]:
@@ -120,6 +127,10 @@ async def leaks(
         history = await handle.fetch_history()
         text = "\n".join(decoded(json.loads(history.to_json())))
         found += _hits(f"history of {wf.id}", text, needles)
+        if wf.status != WorkflowExecutionStatus.RUNNING:
+            # A closed run's timeline is its result's `steps` (or its failure), in the
+            # history just searched; querying it would replay the whole run once more.
+            continue
         try:
             st = await run_status(client, handle, wf.workflow_type)
         except Exception:  # a run without the progress query (none today); its history was read

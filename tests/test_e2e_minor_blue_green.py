@@ -23,7 +23,6 @@ from lab.config import LabConfig, new_secret
 from tests.blue_green_support import choose, main_servers, provisioned, two_old, wait_step
 from tests.e2e_support import assert_no_write_lost, kill_worker_during, probe, start_worker_process
 from tests.temporal_env import temporal_address
-from workflows.gates import PendingGate
 from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
 
 
@@ -41,17 +40,6 @@ async def start(
         task_queue=task_queue,
         execution_timeout=timedelta(minutes=6),
     )
-
-
-async def next_gate(handle: WorkflowHandle[Any, Any], gates: tuple[str, ...], timeout_s: float = 180) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        for g in await handle.query("pending_gates", result_type=list[PendingGate]):
-            if g.gate in gates:
-                return g.gate
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"none of the gates {gates} opened")
 
 
 async def long_requests(lab: LabConfig, n: int, ms: int) -> list[tuple[int, str]]:
@@ -134,7 +122,10 @@ async def test_minor_upgrade_with_zero_failed_requests_and_sessions_outliving_th
     assert any(st == "13" for st, _ in names) and any(st == "18" for st, _ in names)
 
 
-@pytest.mark.parametrize("choice", ["wait", "force", "rollback"])
+# "wait" (the gate opens again each deadline until the sessions end) is the logic tests'
+# (test_minor_blue_green_logic.test_drain_deadline_wait_or_force): here, what the real
+# balancer and sessions do when they are cut or the old servers come back.
+@pytest.mark.parametrize("choice", ["force", "rollback"])
 async def test_drain_deadline_gate(
     fresh_lab: LabConfig, client: Client, lab_worker: str, choice: str
 ) -> None:
@@ -163,25 +154,16 @@ async def test_drain_deadline_gate(
         assert all((lab.node_dir(i) / "health_check.html").is_file() for i in (1, 2))
         assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
         return
-    # Waiting longer: each deadline passed opens the gate again, until the sessions ended.
-    while choice == "wait":
-        if await next_gate(handle, ("drain-deadline", "terminate")) == "terminate":
-            break
-        await choose(handle, "drain-deadline", "wait")
     await choose(handle, "terminate", "keep")
     result: MinorBlueGreenResult = await handle.result()
     long = await sessions
-    assert result.forced_detach == (choice == "force")
+    assert result.forced_detach
     assert result.terminated == ()  # kept at the gate
-    if choice == "wait":
-        # Waiting longer let every session finish untouched, on its old server.
-        assert len(long) == 4 and all(r[0] == 200 and r[1] in ("node1", "node2") for r in long), long
-    else:
-        # Forcing cut the sessions the old servers still held (none finished there) without
-        # waiting for them; HAProxy's l7 retry (`retry-on empty-response`, GET only) may
-        # replay a cut request on a new server.
-        assert not {srv for _, srv in long} & {"node1", "node2"}, long
-        assert result.drain_s < 20, result.drain_s
+    # Forcing cut the sessions the old servers still held (none finished there) without
+    # waiting for them; HAProxy's l7 retry (`retry-on empty-response`, GET only) may
+    # replay a cut request on a new server.
+    assert not {srv for _, srv in long} & {"node1", "node2"}, long
+    assert result.drain_s < 20, result.drain_s
     servers = main_servers(lab)
     assert "node1" not in servers and "node2" not in servers
     assert {n.name for n in result.new_servers} <= set(servers)
