@@ -21,7 +21,13 @@ from inventory.model import SecretRef
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig, new_secret
 from tests.blue_green_support import choose, main_servers, provisioned, two_old, wait_step
-from tests.e2e_support import assert_no_write_lost, kill_worker_during, probe, start_worker_process
+from tests.e2e_support import (
+    assert_no_write_lost,
+    keep_history,
+    kill_worker_during,
+    probe,
+    start_worker_process,
+)
 from tests.temporal_env import temporal_address
 from workflows.minor_blue_green import MinorBlueGreenInput, MinorBlueGreenResult, MinorBlueGreenWorkflow
 
@@ -145,6 +151,7 @@ async def test_drain_deadline_gate(
         await choose(handle, "restore-snapshot", "keep")
         with pytest.raises(WorkflowFailureError):
             await handle.result()
+        await keep_history(handle)  # the snapshot gate naming what a restore would undo
         long = await sessions
         # Back as before: node1 and node2 in the pool with their health files, no new server left.
         assert provisioned(lab) == set()

@@ -30,6 +30,7 @@ from tests.e2e_support import (
     app_manifests,
     assert_no_write_lost,
     assert_untouched,
+    keep_history,
     kill_worker_during,
     probe,
     run_command,
@@ -145,6 +146,7 @@ async def test_ss_rolling_on_four_nodes_with_zero_failed_requests(
         )
         assert code == 0, out
         result: SsRollingResult = await handle.result()
+        await keep_history(handle)  # signed decisions (update by the CLI and by hand) replay
 
     # Zero downtime: no failed request; changes refused in maintenance mode counted apart.
     assert run.summary["failed"] == 0, run.failures()[:5]
