@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from inventory.keys import PublicKeyError, fingerprint, key_blob
 from inventory.model import (
     DB_KINDS,
     LB_KINDS,
@@ -873,42 +874,6 @@ def parse_inventory(raw: Any, source: str | None = None, base_dir: Path | None =
     )
 
 
-# The key types SSHSIG signatures are verified for (workflows/signatures.py).
-APPROVER_KEY_TYPES = (
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-)
-
-
-def _public_key_fingerprint(line: str) -> tuple[str, str]:
-    """(SHA256 fingerprint as ssh-keygen -l shows it, "") for an OpenSSH public key line, or
-    ("", the problem)."""
-    import base64
-    import binascii
-    import hashlib
-    import struct
-
-    parts = line.split()
-    if len(parts) < 2 or parts[0] not in APPROVER_KEY_TYPES:
-        return "", (
-            f"expected an OpenSSH public key line ({', '.join(APPROVER_KEY_TYPES)}), "
-            f"e.g. the content of ~/.ssh/id_ed25519.pub; got {_show(line[:40])}"
-        )
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-        (n,) = struct.unpack(">I", blob[:4])
-        kind = blob[4 : 4 + n].decode("ascii")
-    except (binascii.Error, struct.error, UnicodeDecodeError, ValueError):
-        return "", f"{parts[0]} key: its base64 part is not a public key"
-    if kind != parts[0]:
-        return "", f"{parts[0]} key: its base64 part is a {kind} key"
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-    return f"SHA256:{digest}", ""
-
-
 def _parse_approver_keys(
     r: _Reader, raw: Any, approvers: dict[str, tuple[str, ...]]
 ) -> dict[str, tuple[str, ...]]:
@@ -928,9 +893,10 @@ def _parse_approver_keys(
             r.problem(path, f"expected an OpenSSH public key line or a list of them, got {_show(lines)}")
             continue
         for line in lines:
-            fp, problem = _public_key_fingerprint(line.strip())
-            if problem:
-                r.problem(path, problem)
+            try:
+                fp = fingerprint(key_blob(line.strip()))
+            except PublicKeyError as e:
+                r.problem(path, str(e))
                 continue
             if fp in seen and seen[fp] != name:
                 r.problem(path, f"key {fp} is also {seen[fp]}'s: one key, one person")

@@ -860,7 +860,7 @@ async def _decide(
     choice: str = "",
     key: str | None = None,
 ) -> int:
-    from starter.signing import KEY_ENV, SigningFailed, approval_key
+    from starter.signing import SigningFailed, approval_key, env_key
     from worker.main import connect
     from workflows.gates import Decision
 
@@ -868,14 +868,15 @@ async def _decide(
     handle = client.get_workflow_handle(workflow_id)
     try:
         # A gate of a site whose inventory lists approver keys takes signed decisions only.
-        waiting = {g.gate: g for g in await zc.pending_gates(handle)}
-        needs_key = gate in waiting and waiting[gate].signed
-        key_path = approval_key(key) if needs_key or key or os.environ.get(KEY_ENV) else None
+        waiting = next((g for g in await zc.pending_gates(handle) if g.gate == gate), None)
+        needs_key = waiting is not None and waiting.signed
+        key_path = approval_key(key) if needs_key or key or env_key() else None
         record = await zc.decide(
             handle,
             approve,
             Decision(gate=gate, by=by, plan_hash=plan_hash, comment=comment, choice=choice),
             key=key_path,
+            waiting=waiting,
         )
     except SigningFailed as e:
         err.print(f"[bold red]cannot sign:[/] {escape(str(e))}")

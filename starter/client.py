@@ -310,30 +310,41 @@ class DecisionRefused(RuntimeError):
 
 
 async def decide(
-    handle: WorkflowHandle[Any, Any], approve: bool, decision: Any, key: Path | None = None
+    handle: WorkflowHandle[Any, Any],
+    approve: bool,
+    decision: Any,
+    key: Path | None = None,
+    waiting: PendingGate | None = None,
 ) -> Any:
     """Send a gate decision (the update that fits it); with `key` (or $ZERODOWN_APPROVAL_KEY),
-    signed first for the gate's current opening (starter/signing.py)."""
+    signed first for the gate's current opening (starter/signing.py): `waiting`, when the
+    caller has just asked for it, else asked here."""
     from starter.signing import env_key
     from workflows.gates import GateRecord
 
     name = "choose" if getattr(decision, "choice", "") else "approve" if approve else "reject"
     key = key or env_key()
     if key is not None and not decision.signature:
-        decision = await signed(handle, approve, decision, key)
+        decision = await signed(handle, approve, decision, key, waiting)
     try:
         return await handle.execute_update(name, decision, result_type=GateRecord)
     except WorkflowUpdateFailedError as e:
         raise DecisionRefused(failure_message(e.cause or e)) from None
 
 
-async def signed(handle: WorkflowHandle[Any, Any], approve: bool, decision: Any, key: Path) -> Any:
+async def signed(
+    handle: WorkflowHandle[Any, Any],
+    approve: bool,
+    decision: Any,
+    key: Path,
+    gate: PendingGate | None = None,
+) -> Any:
     """`decision` with its signature over the pending gate's opening (left unsigned when the
     gate is not waiting: the workflow then says why it cannot be decided)."""
     from starter.signing import sign_decision
 
-    waiting = {g.gate: g for g in await pending_gates(handle)}
-    gate = waiting.get(decision.gate)
+    if gate is None or gate.gate != decision.gate:
+        gate = next((g for g in await pending_gates(handle) if g.gate == decision.gate), None)
     if gate is None:
         return decision
     choice = decision.choice or ("approve" if approve else "reject")

@@ -32,13 +32,12 @@ def env_key() -> Path | None:
 
 def approval_key(given: str | None) -> Path:
     """The key to sign with: --key, else $ZERODOWN_APPROVAL_KEY; SigningFailed when neither."""
-    key = given or os.environ.get(KEY_ENV, "")
-    if not key:
+    path = Path(given).expanduser() if given else env_key()
+    if path is None:
         raise SigningFailed(
             f"decisions are signed: give --key (your private key, or the .pub of a key in ssh-agent) "
             f"or set {KEY_ENV}"
         )
-    path = Path(key).expanduser()
     if not path.exists():
         raise SigningFailed(f"signing key {path} does not exist")
     return path

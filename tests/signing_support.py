@@ -9,10 +9,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from inventory.keys import fingerprint, key_blob
 from lab.config import LabConfig
 from starter.signing import sign_decision
 from workflows.gates import Decision, PendingGate
-from workflows.signatures import fingerprint, key_blob
 
 # The session's lab (set by conftest's lab_cfg fixture): where its approvers' keys are.
 LAB: LabConfig | None = None

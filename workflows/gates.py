@@ -167,8 +167,9 @@ class Gates:
     def pending(self) -> list[PendingGate]:
         return list(self._pending.values())
 
-    def check(self, d: Decision, choosing: bool = False, approve: bool = False) -> None:
-        """Raise GateRefused (to the caller of an update) unless `d` may decide its gate."""
+    def check(self, d: Decision, choosing: bool = False, approve: bool = False) -> str:
+        """Raise GateRefused (to the caller of an update) unless `d` may decide its gate;
+        the fingerprint of the key that signed it ("" when decisions are not signed)."""
         if d.gate not in self._pending:
             waiting = ", ".join(self._pending) or "none"
             raise refused(f"no gate {d.gate!r} is waiting for a decision (waiting: {waiting})")
@@ -198,7 +199,7 @@ class Gates:
                 f"executes plan {self.plan_hash[:12]}: review it with `zerodown plan` "
                 "or `zerodown status`, then decide on that plan"
             )
-        self.signer(d, approve)
+        return self.signer(d, approve)
 
     def choice_of(self, d: Decision, approve: bool) -> str:
         """What the decision chooses, as the signed message names it."""
@@ -233,10 +234,14 @@ class Gates:
                 + (f" (other approvers of this gate: {', '.join(others)})" if others else "")
             ) from None
 
-    def decide(self, d: Decision, approve: bool, via: str) -> GateRecord:
+    def decide(self, d: Decision, approve: bool, via: str, key: str | None = None) -> GateRecord:
+        """Record `d` (checked already: by the update's validator, or `key` from the signal
+        handler's check; an update handler, its validator not run on replay, finds the key
+        again)."""
         outcome: GateOutcome = "chosen" if d.choice else "approved" if approve else "rejected"
         pending = self._pending.get(d.gate)
-        key = self.signer(d, approve) if pending is not None else ""
+        if key is None:
+            key = self.signer(d, approve) if pending is not None else ""
         record = GateRecord(
             gate=d.gate,
             outcome=outcome,
@@ -355,11 +360,11 @@ class GatedWorkflow:
             signature=decision.signature,
         )
         try:
-            self.gates.check(d, choosing=bool(decision.choice), approve=decision.approve)
+            key = self.gates.check(d, choosing=bool(decision.choice), approve=decision.approve)
         except ApplicationError as e:
             self.gates.refuse_signal(decision, e)
             return
-        self.gates.decide(d, decision.approve, "signal")
+        self.gates.decide(d, decision.approve, "signal", key)
 
     @workflow.query(name="pending_gates")
     def pending_gates(self) -> list[PendingGate]:

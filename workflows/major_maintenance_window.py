@@ -90,7 +90,6 @@ from workflows.timeline import StepRecord
 PROCEDURE = "major-maintenance-window"
 GO_LIVE_CHOICES = ("go-live", "revert")
 TERMINATE_CHOICES = ("terminate", "keep")
-UP_TIMEOUT_S = 60.0
 # Inside the window every poll is downtime: the new servers' health is asked this often.
 WINDOW_POLL_S = 0.05
 
@@ -807,15 +806,7 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
                     ),
                     node=n.name,
                 )
-            await self.timeline.step(
-                f"revert: wait UP on {lb.name}",
-                self.wait(
-                    haproxy.lb_wait_up,
-                    haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                    UP_TIMEOUT_S,
-                ),
-                node=n.name,
-            )
+            await self.timeline.step(f"revert: wait UP on {lb.name}", self.wait_up(lb, n), node=n.name)
         await self.timeline.step("revert: maintenance page off", self._page(lb, False))
         self.timeline.record(
             "revert: the site runs the old code on the promoted warm replica",

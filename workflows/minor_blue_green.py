@@ -83,7 +83,6 @@ SNAPSHOT_CHOICES = ("keep", "restore")
 # The gate restore-snapshot names the tables written since the snapshot: a restore undoes
 # those writes, acknowledged by the new servers while they served (issue 17.7).
 PATCH_SNAPSHOT_LOSS = "minor-blue-green-snapshot-loss-named-v1"
-UP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)

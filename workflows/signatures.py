@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 from temporalio import workflow
 
+from inventory.keys import PublicKeyError, fingerprint, key_blob
+
 with workflow.unsafe.imports_passed_through():
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
@@ -67,26 +69,6 @@ def decision_message(workflow_id: str, gate: str, occurrence: int, choice: str, 
         f"plan: {plan_hash}",
     )
     return "".join(line + "\n" for line in lines).encode("utf-8")
-
-
-def key_blob(public_key: str) -> bytes:
-    """The wire blob of an OpenSSH public key line (`ssh-ed25519 AAAA... comment`)."""
-    parts = public_key.split()
-    if len(parts) < 2:
-        raise SignatureRefused(f"not an OpenSSH public key: {public_key[:40]!r}")
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except ValueError:
-        raise SignatureRefused(f"not an OpenSSH public key: {public_key[:40]!r}") from None
-    algorithm, _ = _string(blob, 0)
-    if algorithm.decode("ascii", errors="replace") != parts[0]:
-        raise SignatureRefused(f"public key {parts[0]}: its blob says {algorithm!r}")
-    return blob
-
-
-def fingerprint(blob: bytes) -> str:
-    """As `ssh-keygen -l` shows it: SHA256:<base64, no padding>."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def _string(data: bytes, at: int) -> tuple[bytes, int]:
@@ -134,7 +116,10 @@ def verify(armored: str, message: bytes, public_keys: Sequence[str]) -> str:
     hash_fn = _HASHES.get(hash_name.decode(errors="replace"))
     if hash_fn is None:
         raise SignatureRefused(f"hash algorithm {hash_name.decode(errors='replace')!r} (sha256 or sha512)")
-    listed = {key_blob(k): k for k in public_keys}
+    try:
+        listed = {key_blob(k): k for k in public_keys}
+    except PublicKeyError as e:
+        raise SignatureRefused(f"a listed key is unusable: {e}") from None
     if signer not in listed:
         raise SignatureRefused(f"signed with key {fingerprint(signer)}, which is not listed")
     signed = (

@@ -260,12 +260,7 @@ class SiteProcedure(Procedure):
         )
         await self.step(
             f"{seed_step} wait UP on {lb.name}",
-            partial(
-                self.wait,
-                haproxy.lb_wait_up,
-                haproxy.WaitRequest(lb=member, node=n.name, timeout_s=UP_TIMEOUT_S),
-                UP_TIMEOUT_S,
-            ),
+            partial(self.wait_up, member, n),
             node=n.name,
             seed_step=seed_step,
         )
@@ -314,12 +309,7 @@ class SiteProcedure(Procedure):
             )
             await self.step(
                 f"{seed_step} wait UP on {lb.name}",
-                partial(
-                    self.wait,
-                    haproxy.lb_wait_up,
-                    haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                    UP_TIMEOUT_S,
-                ),
+                partial(self.wait_up, lb, n),
                 node=n.name,
                 seed_step=seed_step,
             )
@@ -390,14 +380,12 @@ class SiteProcedure(Procedure):
     async def rollback_ready(self, lb: LoadBalancer, n: Node, what: str = "rollback: set ready") -> None:
         """In a rollback: `n` ready on `lb`, then UP there."""
         await self.timeline.step(f"{what} on {lb.name}", self.set_state(lb, n, "ready"), node=n.name)
-        await self.timeline.step(
-            f"rollback: wait UP on {lb.name}",
-            self.wait(
-                haproxy.lb_wait_up,
-                haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S),
-                UP_TIMEOUT_S,
-            ),
-            node=n.name,
+        await self.timeline.step(f"rollback: wait UP on {lb.name}", self.wait_up(lb, n), node=n.name)
+
+    async def wait_up(self, lb: LoadBalancer, n: Node) -> None:
+        """Until `n` is UP on `lb` (its health checks pass), within UP_TIMEOUT_S."""
+        await self.wait(
+            haproxy.lb_wait_up, haproxy.WaitRequest(lb=lb, node=n.name, timeout_s=UP_TIMEOUT_S), UP_TIMEOUT_S
         )
 
     def deploy(self, app: Application, n: Node, package: deploy.PackageInfo) -> Any:

@@ -306,13 +306,7 @@ class SsRollingWorkflow(SiteProcedure):
         if workflow.patched(PATCH_CONFIRMED_BEFORE_BACKUP):
             # 6.3: the mode has started on every node (each caches its settings): from here
             # no node takes a change, so the backup below holds every acknowledged write.
-            for n in r.nodes:
-                await self.step(
-                    "6.3 maintenance mode confirmed on the node",
-                    partial(self._settings_in_force, r, n),
-                    node=n.name,
-                    seed_step="6.3",
-                )
+            await self._settings_in_force_everywhere(r, "6.3 maintenance mode confirmed on the node", "6.3")
         # Nothing can change the database from here (maintenance mode): restoring this backup
         # on rollback loses no one's work.
         last = await self.back_up_database(
@@ -329,13 +323,9 @@ class SsRollingWorkflow(SiteProcedure):
         self.timeline.record(
             f"7.1 groups: A = {_names(r.group_a)}, B = {_names(r.group_b)}", "ok", seed_step="7.1"
         )
-        for n in r.nodes:
-            await self.step(
-                "7.2 maintenance mode and ignore version mismatch on",
-                partial(self._settings_in_force, r, n),
-                node=n.name,
-                seed_step="7.2",
-            )
+        await self._settings_in_force_everywhere(
+            r, "7.2 maintenance mode and ignore version mismatch on", "7.2"
+        )
         self.timeline.set_phase("task seven: group B out of the pool", _names(r.group_b))
         for n in r.group_b:
             await self._take_out(r, n, "7.3")
@@ -542,6 +532,11 @@ class SsRollingWorkflow(SiteProcedure):
         for m in result.merged:
             if m.carried:
                 self.merge_report.append(f"{n.name}: {m.file}: kept {', '.join(m.carried)}")
+
+    async def _settings_in_force_everywhere(self, r: _Run, name: str, seed_step: str) -> None:
+        """One step per node, in order: until each enforces the upgrade settings."""
+        for n in r.nodes:
+            await self.step(name, partial(self._settings_in_force, r, n), node=n.name, seed_step=seed_step)
 
     async def _settings_in_force(self, r: _Run, n: Node) -> Any:
         """Until the node itself enforces maintenance mode and ignores the version mismatch."""
