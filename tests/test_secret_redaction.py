@@ -84,6 +84,22 @@ def test_log_records_are_masked_whatever_the_handler(caplog: pytest.LogCaptureFi
     assert secret not in caplog.text and MASK in caplog.text
 
 
+def test_a_record_made_where_the_secrets_module_cannot_be_imported_is_still_masked(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inside the workflow sandbox (the SDK's warning about a failed workflow task) importing
+    # activities.secrets fails: its threading.Lock is restricted. The factory must not import.
+    install_log_redaction()
+    secret = new_secret()
+    register_secret(secret)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "activities.secrets", None)  # any import of it raises
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("temporalio.workflow").warning("workflow task failed near %s", secret)
+    assert secret not in caplog.text and f"workflow task failed near {MASK}" in caplog.text
+
+
 @activity.defn
 async def heartbeats_then_hangs() -> None:
     secret = resolve_secret(SecretRef(env=SECRET_ENV))

@@ -12,6 +12,7 @@ so retries, error types and non-retryable flags are exactly what the activity ra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from temporalio.exceptions import ApplicationError
@@ -89,9 +90,7 @@ class RedactionInterceptor(Interceptor):
         return _Inbound(next)
 
 
-def _redact_record(record: logging.LogRecord) -> None:
-    from activities.secrets import redact
-
+def _redact_record(record: logging.LogRecord, redact: Callable[[str], str]) -> None:
     message = record.getMessage()
     masked = redact(message)
     if masked != message:
@@ -113,10 +112,14 @@ def install_log_redaction() -> None:
         return
     _installed = True
     make = logging.getLogRecordFactory()
+    # Bound now, outside any workflow: a record made inside the workflow sandbox (the SDK's
+    # warning about a failed workflow task) must not import the module there, where its
+    # threading.Lock is restricted (the warning about that would recurse into this factory).
+    from activities.secrets import redact
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        _redact_record(record)
+        _redact_record(record, redact)
         return record
 
     logging.setLogRecordFactory(factory)
