@@ -4,7 +4,7 @@
 VENV        := .venv
 BIN         := $(VENV)/bin
 PYTHON      ?= python3
-APT_PACKAGES := haproxy mariadb-server libodbc2
+APT_PACKAGES := haproxy mariadb-server libodbc2 unixodbc tdsodbc
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages demo test test-fast lint lab-up lab-down bench clean

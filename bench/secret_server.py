@@ -1,7 +1,7 @@
 """Benchmark: the Secret Server procedures v1 -> v2 on a private lab, under probe traffic.
 
     python -m bench.secret_server [--rate 100] [--runs 1] [--root .lab-bench-ss]
-                                  [--port-base 19100] [--keep] [--timeout 600]
+                                  [--port-base 19100] [--db mariadb|mssql] [--keep] [--timeout 600]
 
 The lab, its Temporal dev server (port_base+50, UI +51) and the worker are those of
 `bench.rolling_deploy` (`bench_lab`), on a 4-node lab of their own. Each run is one of:
@@ -14,7 +14,9 @@ with the probe at --rate through the main frontend, the site setting EnforceVers
 (the lab app shows Secret Server's version mismatch page only then; off again after the run),
 the run started by "bench" and its gates approved by "alice" (`starter.client.auto_approve`,
 which leaves failure gates alone: a failed step rolls back by its default). The lab goes back
-to v1 (`lab_reset`) before every run but the first. One line per run on stdout:
+to v1 (`lab_reset`) before every run but the first. `--db mssql`: the site's database is the
+lab's SQL Server (the TDS stand-in in front of the same MariaDB, reached through aioodbc and
+FreeTDS) and the package's migration is T-SQL. One line per run on stdout:
 
     procedure=<name> nodes=<n> requests=<n> failed=<n> refused=<n> procedure_s=<s> steps=<n>
     activities=<n> probe_p50_ms=<ms> probe_max_ms=<ms>
@@ -47,7 +49,7 @@ from inventory.load import load_inventory
 from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
-from lab.config import BACKEND, LabConfig
+from lab.config import BACKEND, DB_PROFILES, LabConfig
 from starter import client as zc
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult
 from workflows.ss_rolling import SsRollingInput, SsRollingResult
@@ -264,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--port-base", type=int, default=19100, help="lab ports from here; Temporal on +50, its UI on +51"
     )
+    p.add_argument(
+        "--db",
+        choices=DB_PROFILES,
+        default="mariadb",
+        help="the site's database: MariaDB, or SQL Server (the lab's TDS stand-in, T-SQL packages)",
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
     p.add_argument(
         "--timeout",
@@ -281,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         port_base=a.port_base,
         temporal_port=a.port_base + 50,
         temporal_ui_port=a.port_base + 51,
+        db=a.db,
     )
+    say(f"database profile: {a.db}")
     return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 

@@ -30,6 +30,7 @@ from inventory.model import (
     LoadBalancer,
     MaintenanceSwitch,
     Node,
+    OdbcSettings,
     OxSettings,
     Provisioning,
     Rollout,
@@ -399,6 +400,65 @@ def _parse_endpoint(r: _Reader, raw: Any, path: str, default_port: int) -> Datab
     )
 
 
+# Replication settings a SQL Server entry cannot use.
+_MYSQL_ONLY = (
+    "replica",
+    "warm_replica",
+    "replication_user",
+    "replication_password",
+    "admin_user",
+    "admin_password",
+)
+# FreeTDS's `Encryption` values and Microsoft's driver's `Encrypt` values (README "SQL Server").
+_FREETDS_ENCRYPTION = ("off", "request", "require", "strict")
+_MS_ENCRYPT = ("yes", "no", "strict", "mandatory", "optional")
+_SECRET_KEYWORDS = frozenset({"pwd", "password", "uid", "user", "server", "port", "database", "driver"})
+
+
+def _parse_odbc(r: _Reader, raw: Any, path: str, kind: str) -> OdbcSettings:
+    m = r.mapping(
+        raw, path, ("driver", "encrypt", "trust_server_certificate", "host_name_in_certificate", "options")
+    )
+    if kind == "mysql":  # (an unknown kind is reported once, as such)
+        r.problem(path, "only for kind mssql (SQL Server through ODBC)")
+    driver = r.string(m, "driver", path, default="FreeTDS", required=False) or "FreeTDS"
+    encrypt = r.string(m, "encrypt", path, default="", required=False) or ""
+    allowed = _FREETDS_ENCRYPTION if driver == "FreeTDS" else _MS_ENCRYPT
+    if encrypt and encrypt not in allowed:
+        r.problem(
+            _join(path, "encrypt"),
+            f"for driver {driver} expected one of {', '.join(allowed)}, got {_show(encrypt)}",
+        )
+    options_raw = m.get("options") or {}
+    options: dict[str, str] = {}
+    if not isinstance(options_raw, dict):
+        r.problem(
+            _join(path, "options"),
+            f"expected a mapping of connection-string keywords, got {_show(options_raw)}",
+        )
+    else:
+        for key, value in options_raw.items():
+            if str(key).lower() in _SECRET_KEYWORDS:
+                r.problem(
+                    _join(_join(path, "options"), str(key)),
+                    "set by zerodown from the database entry (the password only ever as a reference)",
+                )
+            elif not isinstance(value, str | int | bool):
+                r.problem(
+                    _join(_join(path, "options"), str(key)), f"expected a plain value, got {_show(value)}"
+                )
+            else:
+                options[str(key)] = str(value)
+    return OdbcSettings(
+        driver=driver,
+        encrypt=encrypt,
+        trust_server_certificate=r.boolean(m, "trust_server_certificate", path, False),
+        host_name_in_certificate=r.string(m, "host_name_in_certificate", path, default="", required=False)
+        or "",
+        options=options,
+    )
+
+
 def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
     m = r.mapping(
         raw,
@@ -420,10 +480,19 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
             "replication_password",
             "warm_replica",
             "lock_wait_timeout_s",
+            "odbc",
         ),
     )
     kind = r.choice(m, "kind", path, DB_KINDS)
     default_port = 1433 if kind == "mssql" else 3306
+    if kind == "mssql":
+        for key in _MYSQL_ONLY:
+            if m.get(key) is not None:
+                r.problem(
+                    _join(path, key),
+                    "MariaDB / MySQL replication only; for SQL Server zerodown finds the writable "
+                    "primary itself (availability group or mirroring)",
+                )
     replica = (
         _parse_endpoint(r, m["replica"], _join(path, "replica"), default_port)
         if m.get("replica") is not None
@@ -469,6 +538,7 @@ def _parse_db(r: _Reader, raw: Any, path: str) -> Database:
         replication_password=r.secret(m, "replication_password", path, required=False),
         warm_replica=warm,
         lock_wait_timeout_s=r.integer(m, "lock_wait_timeout_s", path, 10, 1, 3600),
+        odbc=_parse_odbc(r, m["odbc"], _join(path, "odbc"), kind) if m.get("odbc") is not None else None,
     )
 
 

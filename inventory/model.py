@@ -140,6 +140,23 @@ class DatabaseEndpoint:
 
 
 @dataclass(frozen=True)
+class OdbcSettings:
+    """How zerodown reaches a SQL Server (`kind: mssql`): the ODBC driver unixODBC knows by
+    this name, and its TLS keywords (README "SQL Server")."""
+
+    # "FreeTDS" (Debian tdsodbc, installed by the Makefile) or "ODBC Driver 18 for SQL Server".
+    driver: str = "FreeTDS"
+    # FreeTDS `Encryption`: off | request | require | strict (default request); Microsoft's
+    # driver `Encrypt`: yes | no | strict (default yes).
+    encrypt: str = ""
+    trust_server_certificate: bool = False
+    host_name_in_certificate: str = ""
+    # Further connection-string keywords, passed as given (no secrets: the password is
+    # `password`, a reference).
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Database:
     name: str
     kind: str
@@ -169,6 +186,8 @@ class Database:
     # (MariaDB's lock_wait_timeout, whole seconds). Its default is a day: an ALTER queued
     # behind one open transaction would hold every later query on that table for that long.
     lock_wait_timeout_s: int = 10
+    # kind mssql: the ODBC driver and TLS settings (None: FreeTDS, encryption if offered).
+    odbc: OdbcSettings | None = None
 
 
 @dataclass(frozen=True)

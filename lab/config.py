@@ -41,6 +41,8 @@ FAULTS_DB_NAME = "zdlab"
 OX_BACKEND = "ox"
 OX_SECONDARY_BACKEND = "ox_secondary"
 OX_MAX_NODES = 9
+# The lab site's database profiles (LabConfig.db).
+DB_PROFILES = ("mariadb", "mssql")
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,18 @@ class LabConfig:
     # The Open-Xchange cluster next to the site (0: none) and its config DB's schema count.
     ox_nodes: int = 0
     ox_schemata: int = 20
+    # The site's database as its inventory describes it: MariaDB itself ("mariadb") or the
+    # SQL Server stand-in in front of it ("mssql", lab/mssql). Both run in every lab; this
+    # picks `site_yaml` (site.yaml / site-mssql.yaml, both written by lab up).
+    db: str = "mariadb"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ox_nodes <= OX_MAX_NODES:
             raise ValueError(f"ox_nodes must be between 0 and {OX_MAX_NODES}, got {self.ox_nodes}")
         if self.ox_schemata < 1:
             raise ValueError(f"ox_schemata must be at least 1, got {self.ox_schemata}")
+        if self.db not in DB_PROFILES:
+            raise ValueError(f"db must be one of {', '.join(DB_PROFILES)}, got {self.db!r}")
 
     # ---------------------------------------------------------------- ports
     @property
@@ -184,7 +192,7 @@ class LabConfig:
 
     @property
     def site_yaml(self) -> Path:
-        return self.abs_root / "site.yaml"
+        return self.abs_root / ("site.yaml" if self.db == "mariadb" else f"site-{self.db}.yaml")
 
     @property
     def secrets_dir(self) -> Path:
@@ -269,8 +277,10 @@ class LabConfig:
     def packages_dir(self) -> Path:
         return self.abs_root / "packages"
 
-    def package(self, major: int) -> Path:
-        return self.packages_dir / f"app-{major}.zip"
+    def package(self, major: int, db: str | None = None) -> Path:
+        """Release `major`'s zip for a site on `db` (default: this lab's profile)."""
+        db = db or self.db
+        return self.packages_dir / (f"app-{major}.zip" if db == "mariadb" else f"app-{major}-{db}.zip")
 
     @property
     def backups_dir(self) -> Path:

@@ -17,6 +17,7 @@ other labs stay untouched). `lab_reset` puts the site back to the state just aft
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,6 +33,7 @@ from lab import haproxy, mariadb, provision, sshd
 from lab.config import (
     BACKEND,
     DB_NAME,
+    DB_PROFILES,
     DB_USER,
     OX_BACKEND,
     OX_SECONDARY_BACKEND,
@@ -41,6 +43,7 @@ from lab.config import (
     TEST_BACKEND,
     LabConfig,
 )
+from lab.mssql import lab as mssql_lab
 from lab.nodes import HEALTH_FILE
 from lab.procs import pid_alive, stop_pidfile
 
@@ -93,6 +96,8 @@ def config_from_state(root: Path) -> LabConfig | None:
         for k in ("nodes", "port_base", "temporal_port", "temporal_ui_port", "ox_nodes", "ox_schemata")
         if isinstance(state.get(k), int)
     }
+    if state.get("db") in DB_PROFILES:
+        fields["db"] = state["db"]
     if "nodes" not in fields or "port_base" not in fields:
         return None
     try:
@@ -262,6 +267,44 @@ def _ssh_entry(port: int) -> dict[str, Any]:
 CTL_SERVICE = {"kind": "command", "stop": "./ctl stop", "start": "./ctl start", "status": "./ctl status"}
 
 
+def _database_entry(cfg: LabConfig) -> dict[str, Any]:
+    """The site's database: the primary MariaDB (replica, warm replica for seed 004) or, for
+    cfg.db == "mssql", the SQL Server stand-in in front of it (lab/mssql): same data, T-SQL
+    over TDS, backups written "on the SQL Server host" (.lab/mssql/backups)."""
+    if cfg.db == "mssql":
+        return {
+            "name": "main",
+            "kind": "mssql",
+            "host": "127.0.0.1",
+            "port": mssql_lab.port(cfg),
+            "database": DB_NAME,
+            "user": mssql_lab.LOGIN,
+            "password": {"file": f"secrets/{mssql_lab.password_file(cfg).name}"},
+            "backup_dir": str(mssql_lab.backups_dir(cfg).relative_to(cfg.abs_root)),
+            "scratch_database": SCRATCH_DB_NAME,
+            # The lab's stand-in has no TLS (its pre-login says so): FreeTDS must not insist.
+            "odbc": {"driver": "FreeTDS", "encrypt": "off"},
+        }
+    return {
+        "name": "main",
+        "kind": "mysql",
+        "host": "127.0.0.1",
+        "port": cfg.primary_db_port,
+        "database": DB_NAME,
+        "user": DB_USER,
+        "password": {"file": "secrets/db_password"},
+        "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
+        "backup_dir": "backups",
+        "scratch_database": SCRATCH_DB_NAME,
+        # Seed 004's "warm" backup: an empty server zerodown initialises as a replica.
+        "admin_user": mariadb.ADMIN_USER,
+        "admin_password": {"file": f"secrets/{mariadb.admin_password_file(cfg).name}"},
+        "replication_user": mariadb.REPL_USER,
+        "replication_password": {"file": f"secrets/{mariadb.repl_password_file(cfg).name}"},
+        "warm_replica": {"host": "127.0.0.1", "port": cfg.warm_db_port},
+    }
+
+
 def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     """The lab's inventory as plain data (paths relative to the site.yaml folder)."""
     node_entries = [
@@ -310,26 +353,7 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
                 "add_server_options": LAB_ADD_SERVER_OPTIONS,
             },
         ],
-        "databases": [
-            {
-                "name": "main",
-                "kind": "mysql",
-                "host": "127.0.0.1",
-                "port": cfg.primary_db_port,
-                "database": DB_NAME,
-                "user": DB_USER,
-                "password": {"file": "secrets/db_password"},
-                "replica": {"host": "127.0.0.1", "port": cfg.replica_db_port},
-                "backup_dir": "backups",
-                "scratch_database": SCRATCH_DB_NAME,
-                # Seed 004's "warm" backup: an empty server zerodown initialises as a replica.
-                "admin_user": mariadb.ADMIN_USER,
-                "admin_password": {"file": f"secrets/{mariadb.admin_password_file(cfg).name}"},
-                "replication_user": mariadb.REPL_USER,
-                "replication_password": {"file": f"secrets/{mariadb.repl_password_file(cfg).name}"},
-                "warm_replica": {"host": "127.0.0.1", "port": cfg.warm_db_port},
-            }
-        ],
+        "databases": [_database_entry(cfg)],
         "application": {
             "name": "labapp",
             "health_file": HEALTH_FILE,
@@ -492,10 +516,15 @@ def write_site_yaml(cfg: LabConfig) -> Path:
         f"{cfg.primary_db_port} / replica {cfg.replica_db_port}, apps {cfg.app_port(1)}+, SSH "
         f"{cfg.ssh_port(1)}+, staging app {cfg.staging_app_port} / SSH {cfg.staging_ssh_port}.\n"
     )
-    path = cfg.site_yaml
-    _write_yaml(path, header, site_inventory(cfg))
-    load_inventory(path)
-    return path
+    for db in DB_PROFILES:  # both: the stand-in runs in every lab
+        other = dataclasses.replace(cfg, db=db)
+        _write_yaml(
+            other.site_yaml,
+            header + f"# Database profile: {db} (`zerodown lab up --db {db}`).\n",
+            site_inventory(other),
+        )
+        load_inventory(other.site_yaml)
+    return cfg.site_yaml
 
 
 # --------------------------------------------------------------------------- up / down
@@ -521,6 +550,8 @@ async def lab_up(cfg: LabConfig, with_temporal: bool = True) -> Path:
             start_dev_server, root, cfg.temporal_port, cfg.temporal_ui_port
         )
     await _gather_all(steps)
+    # The SQL Server stand-in speaks TDS in front of the primary MariaDB (lab/mssql).
+    await asyncio.to_thread(mssql_lab.start, cfg)
     if cfg.ox_nodes:
         await asyncio.to_thread(_ensure_configdb, cfg, False)
     # Apps (and OX nodes) after the database: their /health needs it, and HAProxy must see
@@ -606,6 +637,7 @@ def lab_down(cfg: LabConfig) -> None:
             for node, fut in [(n, ex.submit(_stop_node_dir, cfg, n)) for n in node_dirs]:
                 attempt(node.name, fut.result)
     attempt("sshd", lambda: sshd.stop_sshd(cfg))
+    attempt("SQL Server stand-in", lambda: mssql_lab.stop(cfg))
     attempt("MariaDB", lambda: mariadb.stop_mariadb(cfg))
     attempt("Temporal dev server", lambda: stop_dev_server(cfg.abs_root))
     left = [part for part, up, _ in lab_status(cfg, with_temporal=True, shallow=True) if up]
@@ -682,6 +714,7 @@ def lab_status(
         else:
             detail += f" gtid {st.get('gtid')}"
         rows.append((f"mariadb {role}", up, detail))
+    rows.append(("mssql", *mssql_lab.status(cfg)))
     ssh_ports = f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}, staging {cfg.staging_ssh_port}"
     if cfg.ox_nodes:
         ssh_ports += f", OX {cfg.ox_ssh_port(1)}-{cfg.ox_ssh_port(cfg.ox_nodes)}"
@@ -808,6 +841,7 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
             **{cfg.node_name(i): reinstall(i) for i in cfg.node_indexes},
         }
     )
+    db_done.extend(await asyncio.to_thread(mssql_lab.reset, cfg))
     back = await asyncio.to_thread(provision.forget_destroyed, cfg)  # their SSH endpoints again
     await asyncio.to_thread(sshd.start_sshd, cfg)
     ox_done: list[str] = []

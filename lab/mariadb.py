@@ -750,7 +750,7 @@ def reset_schema(cfg: LabConfig, package_v2: Path | None = None) -> list[str]:
     done: list[str] = []
     version = schema_version(cfg)
     if version > 1:
-        pkg = package_v2 or cfg.package(2)
+        pkg = package_v2 or cfg.package(2, "mariadb")  # the lab resets in MariaDB's own SQL
         for v, sql in _down_migrations(pkg, 1):
             if v > version:
                 continue

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from lab.config import LabConfig
+from lab.config import DB_PROFILES, LabConfig
 
 APP_SRC = Path(__file__).resolve().parent / "app"
 # 1980-01-01 is the earliest date a zip entry can carry.
@@ -66,8 +66,21 @@ def _skip(p: Path) -> bool:
     return "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo") or p.name.startswith(".")
 
 
-def package_files(major: int) -> dict[str, bytes]:
-    """Archive name -> content of release `major` (a key of RELEASES)."""
+def release(major: int, db: str = "mariadb") -> dict[str, Any]:
+    """release.json of `major` for a site on `db`: the SQL Server profile's packages carry
+    the T-SQL scripts (migrations/mssql/) and say so (`"database": "mssql"`)."""
+    data = json.loads(json.dumps(RELEASES[major]))
+    if db == "mssql":
+        data["database"] = "mssql"
+        for m in data["migrations"]:
+            for key in ("up", "down"):
+                if m.get(key):
+                    m[key] = m[key].replace("migrations/", "migrations/mssql/", 1)
+    return data
+
+
+def package_files(major: int, db: str = "mariadb") -> dict[str, bytes]:
+    """Archive name -> content of release `major` (a key of RELEASES) for a site on `db`."""
     if major not in RELEASES:
         raise ValueError(f"no lab release {major} (known: {sorted(RELEASES)})")
     files: dict[str, bytes] = {}
@@ -76,8 +89,10 @@ def package_files(major: int) -> dict[str, bytes]:
         for p in sorted(base.rglob("*")):
             rel = p.relative_to(base)
             if p.is_file() and not _skip(rel) and (base != APP_SRC or rel.parts[0] != "releases"):
+                if rel.parts[0] == "migrations" and (rel.parts[1] == "mssql") != (db == "mssql"):
+                    continue  # each package carries its own database's scripts only
                 files[rel.as_posix()] = p.read_bytes()
-    files["release.json"] = (json.dumps(RELEASES[major], indent=2) + "\n").encode()
+    files["release.json"] = (json.dumps(release(major, db), indent=2) + "\n").encode()
     return files
 
 
@@ -95,19 +110,23 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 
 def build_packages(cfg: LabConfig) -> dict[int, Path]:
-    """Write cfg.package(major) for every release; files already holding the same bytes are
-    left untouched (their mtime too). Returns {major: path}."""
+    """Write cfg.package(major, db) for every release and database profile; files already
+    holding the same bytes are left untouched (their mtime too). Returns {major: path} of the
+    MariaDB profile's (what nodes are installed from: the app files are the same)."""
     cfg.packages_dir.mkdir(parents=True, exist_ok=True)
     out: dict[int, Path] = {}
     for major in sorted(RELEASES):
-        path = cfg.package(major)
-        data = zip_bytes(package_files(major))
-        if not path.exists() or path.read_bytes() != data:
-            tmp = path.with_suffix(".zip.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)  # atomic: a reader never sees half a zip
-        out[major] = path
+        for db in DB_PROFILES:
+            _write_if_changed(cfg.package(major, db), zip_bytes(package_files(major, db)))
+        out[major] = cfg.package(major, "mariadb")
     return out
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not path.exists() or path.read_bytes() != data:
+        tmp = path.with_suffix(".zip.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a reader never sees half a zip
 
 
 def release_of(package: Path) -> dict[str, Any]:

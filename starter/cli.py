@@ -1007,7 +1007,11 @@ def worker(
 
 # ---------------------------------------------------------------- the lab
 def _lab_cfg(
-    root: Path, nodes: int | None = None, ox_nodes: int | None = None, ox_schemata: int | None = None
+    root: Path,
+    nodes: int | None = None,
+    ox_nodes: int | None = None,
+    ox_schemata: int | None = None,
+    db: str | None = None,
 ) -> Any:
     """The lab's config; for an existing lab, the node counts and ports it was built with."""
     import json
@@ -1026,6 +1030,7 @@ def _lab_cfg(
         temporal_ui_port=int(state.get("temporal_ui_port", 8233)),
         ox_nodes=int(state.get("ox_nodes", 0)) if ox_nodes is None else ox_nodes,
         ox_schemata=ox_schemata or int(state.get("ox_schemata", 20)),
+        db=db or str(state.get("db", "mariadb")),
     )
 
 
@@ -1045,12 +1050,25 @@ def lab_up(
     ox_schemata: Annotated[
         int | None, typer.Option("--ox-schemata", min=1, help="schemata of a new OX config DB (default 20)")
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="the site's database: mariadb, or mssql (the SQL Server stand-in in front of it; "
+            "inventory ROOT/site-mssql.yaml). Default: as last started",
+        ),
+    ] = None,
 ) -> None:
-    """Build and start the lab; writes ROOT/site.yaml (and ROOT/ox-site.yaml with --ox)."""
+    """Build and start the lab; writes ROOT/site.yaml and ROOT/site-mssql.yaml (and
+    ROOT/ox-site.yaml with --ox), and prints the one the chosen --db profile uses."""
     from lab import manager
+    from lab.config import DB_PROFILES
 
+    if db is not None and db not in DB_PROFILES:
+        err.print(f"[bold red]--db {db}[/]: expected one of {', '.join(DB_PROFILES)}")
+        raise typer.Exit(2)
     count = 0 if ox is False else ox_nodes or (3 if ox else None)
-    cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata)
+    cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata, db=db)
     site = asyncio.run(manager.lab_up(cfg, with_temporal=temporal))
     console.print(
         f"[green]lab up[/]: inventory {site}"

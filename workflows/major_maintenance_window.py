@@ -463,6 +463,11 @@ class MajorMaintenanceWindowWorkflow(SiteProcedure):
         db = inv.databases[0] if inv.databases else None
         if db is None:
             problems.append("databases: the procedure needs the site's database")
+        elif db.kind != "mysql":
+            problems.append(
+                f"databases[0] {db.name} is {db.kind}: the warm replica (steps 5-6, 20-22, 30) is "
+                "MariaDB / MySQL replication, which this database cannot do"
+            )
         else:
             for what, ok in (
                 ("warm_replica", db.warm_replica is not None),

@@ -354,6 +354,9 @@ class MinorBlueGreenWorkflow(SiteProcedure):
         if len(set(names)) != len(names):
             problems.append("new_names: a name appears twice")
         db = inv.databases[0] if inv.databases else None
+        if db is not None and (problem := deploy.database_problem(package, db.kind)):
+            # Migrations in another database's dialect: refused before anything is touched.
+            problems.append(problem)
         for file, values in sorted(inp.settings.items()):
             for key in sorted(set(values) & set(secret_keys_of(inv.application, file))):
                 # The value is not repeated: it is a secret.

@@ -120,6 +120,9 @@ class RollingDeployWorkflow(SiteProcedure):
         )
         await self.check_capacity(inv, batches)
         database = inv.databases[0] if inv.databases else None
+        if database is not None and (problem := deploy.database_problem(package, database.kind)):
+            # Migrations in another database's dialect: refused before anything is touched.
+            raise preflight_failed([problem], [])
         schema = None
         if database is None and package.migrations:
             raise preflight_failed(

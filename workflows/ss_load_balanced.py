@@ -129,6 +129,9 @@ class SsLoadBalancedWorkflow(SiteProcedure):
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
         self._check_declarations(inv, inp)
         db = inv.databases[0]
+        if problem := deploy.database_problem(package, db.kind):
+            # Migrations in another database's dialect: refused before anything is touched.
+            raise preflight_failed([problem], [])
         admin = required(inv.application.admin, "the inventory's application.admin")
         self.previous = await self.preflight_nodes(
             inv, [a, *others], package, extra=partial(self._node_extras, inv, admin, package)

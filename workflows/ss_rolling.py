@@ -150,6 +150,9 @@ class SsRollingWorkflow(SiteProcedure):
             raise preflight_failed([f"package: {reason(e)}"], [e]) from None
         self._check_declarations(inv)
         admin, db, stage = _need(inv.application.admin), inv.databases[0], _need(inv.staging)
+        if problem := deploy.database_problem(package, db.kind):
+            # Migrations in another database's dialect: refused before anything is touched.
+            raise preflight_failed([problem], [])
         self.previous = await self.preflight_nodes(
             inv, nodes, package, extra=partial(self._node_extras, inv, admin, package)
         )

@@ -55,6 +55,7 @@ from activities.deploy.package import (
     MigrationSpec,
     PackageInfo,
     PackageRequest,
+    database_problem,
     inspect_package,
     inspect_package_file,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "build_upgrade_zip",
     "build_zip",
     "compare_versions",
+    "database_problem",
     "deploy",
     "deploy_package",
     "diff_path_for",

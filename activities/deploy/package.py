@@ -47,6 +47,9 @@ class PackageInfo:
     size: int = 0
     # Versions that must be installed before this one (release.json `requires`), ascending.
     requires: tuple[str, ...] = ()
+    # The database its migrations are written for (release.json `database`): "mysql"
+    # (MariaDB / MySQL SQL, the default) or "mssql" (T-SQL scripts with GO batches).
+    database: str = "mysql"
 
 
 def _corrupt(path: str, why: str) -> None:
@@ -154,6 +157,19 @@ def inspect_package_file(path: str) -> PackageInfo:
                     destructive=bool(m.get("destructive", False)),
                 )
             )
+        database = release.get("database", "mysql")
+        if database not in ("mysql", "mssql"):
+            _corrupt(path, f'release.json: database must be "mysql" or "mssql", got {database!r}')
+        if database == "mssql":
+            # Split now as sqlcmd would, so a bad GO line stops the preflight, not the upgrade.
+            from activities.mssql.scripts import ScriptError, split_batches
+
+            for m in migrations:
+                for direction, script in (("up", m.up_sql), ("down", m.down_sql)):
+                    try:
+                        split_batches(script)
+                    except ScriptError as e:
+                        _corrupt(path, f"migration {m.version} {direction}: {e}")
         versions = [m.version for m in migrations]
         if len(set(versions)) != len(versions):
             _corrupt(path, f"release.json: duplicate migration versions {versions}")
@@ -169,6 +185,7 @@ def inspect_package_file(path: str) -> PackageInfo:
         files=files,
         size=os.path.getsize(path),
         requires=_ascending_unique(raw_requires),
+        database=database,
     )
 
 
@@ -211,3 +228,18 @@ class PackageRequest:
 @activity.defn
 async def inspect_package(req: PackageRequest) -> PackageInfo:
     return await asyncio.to_thread(inspect_package_file, req.path)
+
+
+def database_problem(package: PackageInfo, db_kind: str) -> str | None:
+    """Why the package's migrations cannot run on a database of `db_kind` (None: they can).
+    Pure: the workflows' preflights call it."""
+    if package.migrations and package.database != db_kind:
+        return (
+            f"package {package.name} {package.version}: its migrations are written for "
+            f"{_DIALECTS.get(package.database, package.database)}, the inventory's database is "
+            f"{_DIALECTS.get(db_kind, db_kind)} (use the release built for it)"
+        )
+    return None
+
+
+_DIALECTS = {"mysql": "MariaDB / MySQL", "mssql": "SQL Server"}

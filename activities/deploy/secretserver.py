@@ -249,8 +249,23 @@ def sql_script_text(package: PackageInfo, from_schema: int) -> tuple[str, tuple[
             f"\n-- ---------------------------------------------------------------- migration "
             f"{m.version} (up){' DESTRUCTIVE' if m.destructive else ''}\n"
         )
-        text += _terminated(m.up_sql) or "-- (empty)\n"
+        text += (
+            _batch_ended(m.up_sql) if package.database == "mssql" else _terminated(m.up_sql)
+        ) or "-- (empty)\n"
     return text, versions
+
+
+def _batch_ended(sql: str) -> str:
+    """A T-SQL script whose last batch ends with a GO line, so the next migration's batches
+    never join it (sqlcmd runs up to each GO; activities/mssql/scripts.py)."""
+    from activities.mssql.scripts import split_batches
+
+    text = sql.rstrip()
+    if not text:
+        return ""
+    # Ended by GO exactly when a statement after it would start a batch of its own.
+    ends_with_go = len(split_batches(text + "\nSELECT 1")) > len(split_batches(text))
+    return text + ("\n" if ends_with_go else "\nGO\n")
 
 
 def _write_text_private(directory: str, name: str, text: str) -> tuple[str, str, int, bool]:

@@ -64,8 +64,9 @@ async def connection(
     db: Database, replica: bool = False, use_database: bool = True
 ) -> AsyncIterator[aiomysql.Connection]:
     if db.kind != "mysql":
-        # SQL Server (kind: mssql, aioodbc) comes with the Secret Server procedures.
-        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind} is not supported yet (supported: mysql)")
+        # SQL Server's verbs dispatch to activities/mssql before they connect; what reaches
+        # here is MariaDB-only (the warm replica, CHECKSUM TABLE, the process list).
+        fail(DB_UNSUPPORTED, f"database {db.name}: kind {db.kind}: this step needs MariaDB / MySQL")
     host, port = _endpoint(db, replica)
     password = resolve_secret(db.password, needed_by=f"database {db.name}")
     try:
@@ -117,6 +118,10 @@ async def query_dicts(db: Database, sql: str, replica: bool = False) -> list[dic
 
 async def schema_version(db: Database) -> int:
     """MAX(version) of table schema_version; 0 when the table does not exist yet."""
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.schema_version(db)
     rows = await query(db, _SCHEMA_TABLE_EXISTS)
     if not rows[0][0]:
         return 0
@@ -157,6 +162,10 @@ async def _checksums_on(cur: aiomysql.Cursor, tables: list[str]) -> dict[str, st
 
 async def table_checksums(db: Database) -> dict[str, str]:
     """CHECKSUM TABLE of every base table: table name -> checksum (as text)."""
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.table_checksums(db)
     tables = await base_tables(db)
     host, port = _endpoint(db, False)
     async with connection(db) as conn, conn.cursor() as cur:

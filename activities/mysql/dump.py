@@ -209,6 +209,10 @@ async def backup(db: Database, backup_id: str, directory: str | None) -> DbBacku
     for minutes. Idempotent: a complete backup with this id (sha256 matching its sidecar) is
     reused.
     """
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.backup(db, backup_id, directory)
     check_id("backup id", backup_id)
     directory = directory or db.backup_dir
     if not directory:
@@ -630,6 +634,10 @@ async def restore(bk: DbBackup) -> DbRestoreResult:
     recreates every table it holds. Re-running it is harmless. The result compares the
     checksums afterwards with the ones recorded at backup time.
     """
+    if bk.db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.restore(bk)
     await _verify_backup_file(bk)
     created = await _ensure_database(bk)
     if not created and await _can_swap(bk):
@@ -734,6 +742,10 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
     in that moment. Rows written to a kept table while the restore runs are lost as well:
     run it with the application stopped or in maintenance mode.
     """
+    if bk.db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.restore_keeping(bk, keep_tables)
     db = bk.db
     keep = list(dict.fromkeys(keep_tables))
     for t in keep:
@@ -797,6 +809,10 @@ async def restore_keeping(bk: DbBackup, keep_tables: tuple[str, ...]) -> DbResto
 
 async def db_size_bytes(db: Database, database: str | None = None) -> int:
     """Data + index bytes of a database (information_schema; InnoDB's are estimates)."""
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.db_size_bytes(db)
     rows = await query(
         db,
         "SELECT COALESCE(SUM(DATA_LENGTH + INDEX_LENGTH), 0) FROM "
@@ -816,6 +832,10 @@ class DropDatabaseResult:
 async def drop_database(db: Database, database: str) -> DropDatabaseResult:
     """DROP DATABASE IF EXISTS `database` (a test / staging copy); idempotent. Refuses the
     inventory's own database and the server's system schemas."""
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.drop_database(db, database)
     _check_database_name(db, "database to drop", database)
     if database.casefold() == db.database.casefold():
         fail(
@@ -865,6 +885,10 @@ def _free_space(directory: str) -> tuple[str, int]:
 async def backup_space(db: Database, directory: str) -> BackupSpace:
     """Worker-side preflight, read-only: room in `directory` (default db.backup_dir) for a
     dump of the database? need = 2 x (data + index) + 10 MiB."""
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import backup as _mssql
+
+        return await _mssql.backup_space(db, directory)
     directory = directory or db.backup_dir or ""
     if not directory:
         fail(INVALID_REQUEST, f"database {db.name}: no backup directory (request or inventory backup_dir)")
@@ -924,7 +948,7 @@ async def db_changed_since(req: DbBackup) -> tuple[str, ...]:
     Restoring the backup undoes every write to them since: a gate says so before it asks."""
     from activities.mysql.connect import table_checksums
 
-    now = await table_checksums(req.db)
+    now = await table_checksums(req.db)  # SQL Server's too (table_checksums dispatches on kind)
     then = req.table_checksums
     return tuple(sorted(t for t in set(now) | set(then) if now.get(t) != then.get(t)))
 

@@ -130,6 +130,10 @@ async def apply_migration(
     scripts must therefore be re-runnable (DROP ... IF EXISTS). A newer migration still
     recorded is refused as without force.
     """
+    if db.kind == "mssql":  # SQL Server: activities/mssql (imported here: it builds on this module)
+        from activities.mssql import migrations as _mssql
+
+        return await _mssql.apply_migration(db, version, sql, direction, force)
     if direction not in ("up", "down"):
         fail(INVALID_REQUEST, f"migration direction {direction!r}: expected up or down")
     if force and direction != "down":
