@@ -33,9 +33,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/zerodown demo
 
-# Two pytest workers, each with its own lab and dev server (tests/conftest.py claims free
-# ports per session); worksteal keeps the long end-to-end tests from piling up on one.
-PYTEST_PARALLEL := -n 2 --dist worksteal
+# Three pytest workers, each with its own lab and dev server (tests/conftest.py claims free
+# ports per session); worksteal keeps the long end-to-end tests from piling up on one. Three
+# on two cores: the tests mostly wait (servers, timers, probes, drains), so a third keeps the
+# cores busy - measured 2026-12-07, the whole suite 438 s with three, 524 s with two (same
+# results); the unit and workflow layers 48 s against 60 s.
+PYTEST_PARALLEL := -n 3 --dist worksteal
 
 test: install lint
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
