@@ -38,11 +38,11 @@ from activities.mssql.connect import (
     run_batch,
 )
 from activities.mysql.dump import (
-    BACKUP_SPACE_SLACK,
     BackupSpace,
     DbBackup,
     DbRestoreResult,
     DropDatabaseResult,
+    space_verdict,
 )
 from errors import BACKUP_CORRUPT, DATABASE_ERROR, INVALID_REQUEST
 from inventory.model import Database
@@ -154,23 +154,7 @@ async def backup_space(db: Database, directory: str) -> BackupSpace:
         ).first_rows()
     free = int(rows[0][0]) if rows else 0
     measured = f"{db.host}:{rows[0][1] if rows else '?'}"
-    need = 2 * size + BACKUP_SPACE_SLACK
-
-    def mib(n: int) -> str:
-        return f"{n / (1 << 20):.1f} MiB"
-
-    detail = (
-        f"database {db.name} ({db.database}): {mib(size)} of data, backups need {mib(need)} "
-        f"(2 x + 10 MiB); {mib(free)} free on the server's volume {measured}"
-    )
-    return BackupSpace(
-        db_bytes=size,
-        free_bytes=free,
-        need_bytes=need,
-        ok=free >= need,
-        detail=detail if free >= need else f"not enough space: {detail}",
-        measured=measured,
-    )
+    return space_verdict(db, size, free, measured, "of data, backups", f"on the server's volume {measured}")
 
 
 # --------------------------------------------------------------------------- backup

@@ -900,16 +900,22 @@ async def backup_space(db: Database, directory: str) -> BackupSpace:
             INVALID_REQUEST,
             f"database {db.name}: cannot measure free space of {directory}: {e.strerror or e}",
         )
+    return space_verdict(db, size, free, measured, "of data and indexes, dumps", f"in {measured}")
+
+
+def space_verdict(db: Database, size: int, free: int, measured: str, holds: str, where: str) -> BackupSpace:
+    """Room for two backups of `size` bytes and some slack (BACKUP_SPACE_SLACK) in `free`,
+    described for a person: `holds` what is measured and copied, `where` the room is."""
     need = 2 * size + BACKUP_SPACE_SLACK
-    ok = free >= need
 
     def mib(n: int) -> str:
         return f"{n / (1 << 20):.1f} MiB"
 
     detail = (
-        f"database {db.name} ({db.database}): {mib(size)} of data and indexes, dumps need {mib(need)} "
-        f"(2 x + 10 MiB); {mib(free)} free in {measured}"
+        f"database {db.name} ({db.database}): {mib(size)} {holds} need {mib(need)} "
+        f"(2 x + 10 MiB); {mib(free)} free {where}"
     )
+    ok = free >= need
     return BackupSpace(
         db_bytes=size,
         free_bytes=free,

@@ -510,94 +510,84 @@ class LabSession:
 
     async def _statement(self, st: Statement) -> AsyncIterator[Item]:
         verb = st.verb
-        words = st.words(3)
         self.running = Running(_command_of(st), dt.datetime.now(), self.database)
         try:
             if verb in _IMPLICIT and self.implicit and not self.trancount and not _is_database_statement(st):
                 async for item in self._begin():
                     yield item
-            if verb in ("SELECT", "INSERT", "UPDATE", "DELETE"):
-                async for item in self._dml(st):
-                    yield item
-            elif verb in ("CREATE", "ALTER", "DROP", "TRUNCATE"):
-                if len(words) > 1 and words[1] == "DATABASE":
-                    async for item in self._database_ddl(st):
-                        yield item
-                else:
-                    async for item in self._ddl(st):
-                        yield item
-            elif verb == "BEGIN":
-                async for item in self._begin(explicit=True):
-                    yield item
-                yield Done()
-            elif verb == "COMMIT":
-                async for item in self._commit():
-                    yield item
-                yield Done()
-            elif verb == "ROLLBACK":
-                if not self.trancount:
-                    raise TsqlError(
-                        msg.Template(
-                            3903,
-                            16,
-                            "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION.",
-                        )(line=st.line)
-                    )
-                async for item in self._rollback():
-                    yield item
-                yield Done()
-            elif verb == "SET":
-                await self._set(st)
-                yield Done()
-            elif verb == "USE":
-                async for item in self._use(st):
-                    yield item
-            elif verb == "PRINT":
-                yield Message(
-                    0,
-                    0,
-                    str(await self._scalar("SELECT " + self._mariadb_text(st.tokens[1:]), st.line)),
-                    line=st.line,
-                )
-                yield Done()
-            elif verb in ("RAISERROR", "THROW"):
-                raise TsqlError(self._user_error(st), raiserror=verb == "RAISERROR")
-            elif verb in ("EXEC", "EXECUTE"):
-                async for item in self._exec(st):
-                    yield item
-            elif verb == "KILL":
-                await self._kill(st)
-                yield Done()
-            elif verb == "BACKUP":
-                async for item in self._backup(st):
-                    yield item
-            elif verb == "RESTORE":
-                async for item in self._restore(st):
-                    yield item
-            elif verb == "WAITFOR":
-                await self._waitfor(st)
-                yield Done()
-            elif verb in (
-                "DECLARE",
-                "WHILE",
-                "MERGE",
-                "GRANT",
-                "REVOKE",
-                "DENY",
-                "SAVE",
-                "DBCC",
-                "CHECKPOINT",
-                "GOTO",
-                "RETURN",
-                "WITH",
-            ):
+            if verb in _NOT_SUPPORTED:
                 # Valid T-SQL outside the stand-in's subset (lab/mssql/README.md): refused
                 # with SQL Server's "not supported" message, never run halfway.
                 raise TsqlError(msg.NOT_SUPPORTED(line=st.line, keyword=verb))
-            else:
+            handler = self._handlers().get(verb)
+            if handler is None:
                 raise TsqlError(msg.SYNTAX_NEAR(line=st.line, near=st.tokens[0].text))
+            async for item in handler(st):
+                yield item
         finally:
             self.running = None
+
+    def _handlers(self) -> dict[str, Callable[[Statement], AsyncIterator[Item]]]:
+        """The statement each first word begins, and what runs it."""
+        return {
+            "SELECT": self._dml,
+            "INSERT": self._dml,
+            "UPDATE": self._dml,
+            "DELETE": self._dml,
+            "CREATE": self._any_ddl,
+            "ALTER": self._any_ddl,
+            "DROP": self._any_ddl,
+            "TRUNCATE": self._any_ddl,
+            "BEGIN": self._begin_statement,
+            "COMMIT": self._commit_statement,
+            "ROLLBACK": self._rollback_statement,
+            "SET": self._set,
+            "USE": self._use,
+            "PRINT": self._print,
+            "RAISERROR": self._raise,
+            "THROW": self._raise,
+            "EXEC": self._exec,
+            "EXECUTE": self._exec,
+            "KILL": self._kill,
+            "BACKUP": self._backup,
+            "RESTORE": self._restore,
+            "WAITFOR": self._waitfor,
+        }
+
+    async def _any_ddl(self, st: Statement) -> AsyncIterator[Item]:
+        inner = self._database_ddl(st) if _is_database_statement(st) else self._ddl(st)
+        async for item in inner:
+            yield item
+
+    async def _begin_statement(self, st: Statement) -> AsyncIterator[Item]:
+        async for item in self._begin(explicit=True):
+            yield item
+        yield Done()
+
+    async def _commit_statement(self, st: Statement) -> AsyncIterator[Item]:
+        async for item in self._commit():
+            yield item
+        yield Done()
+
+    async def _rollback_statement(self, st: Statement) -> AsyncIterator[Item]:
+        if not self.trancount:
+            raise TsqlError(
+                msg.Template(
+                    3903, 16, "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION."
+                )(line=st.line)
+            )
+        async for item in self._rollback():
+            yield item
+        yield Done()
+
+    async def _print(self, st: Statement) -> AsyncIterator[Item]:
+        text = await self._scalar("SELECT " + self._mariadb_text(st.tokens[1:]), st.line)
+        yield Message(0, 0, str(text), line=st.line)
+        yield Done()
+
+    async def _raise(self, st: Statement) -> AsyncIterator[Item]:
+        raise TsqlError(self._user_error(st), raiserror=st.verb == "RAISERROR")
+        yield Done()  # pragma: no cover (an async generator needs a yield)
 
     # ------------------------------------------------------------------ SQL to MariaDB
     def _catalog(self) -> Catalog:
@@ -841,7 +831,7 @@ class LabSession:
             yield EnvChange("rollback", old=tx.descriptor)
 
     # ------------------------------------------------------------------ SET / USE / EXEC / KILL
-    async def _set(self, st: Statement) -> None:
+    async def _set(self, st: Statement) -> AsyncIterator[Item]:
         words = [t.upper or t.text.upper() for t in st.tokens[1:]]
         option = words[0] if words else ""
         value = words[1] if len(words) > 1 else ""
@@ -869,6 +859,7 @@ class LabSession:
             raise TsqlError(
                 msg.Template(195, 15, "'{name}' is not a recognized SET option.")(line=st.line, name=option)
             )
+        yield Done()
 
     async def _use(self, st: Statement) -> AsyncIterator[Item]:
         parts, _ = object_name(st.tokens, 1)
@@ -920,7 +911,7 @@ class LabSession:
             return
         raise TsqlError(msg.NO_SUCH_PROCEDURE(line=st.line, name=".".join(p for p in parts if p)))
 
-    async def _kill(self, st: Statement) -> None:
+    async def _kill(self, st: Statement) -> AsyncIterator[Item]:
         if len(st.tokens) < 2 or st.tokens[1].kind != "number":
             raise TsqlError(msg.SYNTAX_NEAR(line=st.line, near=st.tokens[-1].text))
         spid = int(st.tokens[1].text)
@@ -940,12 +931,14 @@ class LabSession:
         if target is None:
             raise TsqlError(msg.KILL_NOT_ACTIVE(line=st.line, spid=spid))
         await target.terminate()
+        yield Done()
 
-    async def _waitfor(self, st: Statement) -> None:
+    async def _waitfor(self, st: Statement) -> AsyncIterator[Item]:
         if len(st.tokens) < 3 or not st.tokens[1].is_("DELAY") or st.tokens[2].kind != "string":
             raise TsqlError(msg.NOT_SUPPORTED(line=st.line, keyword="WAITFOR"))
         h, m, s = [*st.tokens[2].text.split(":"), "0", "0"][:3]
         await asyncio.sleep(int(h) * 3600 + int(m) * 60 + float(s))
+        yield Done()
 
     def _user_error(self, st: Statement) -> Message:
         strings = [t for t in st.tokens if t.kind == "string"]
@@ -1148,6 +1141,23 @@ class LabSession:
 
 # ====================================================================== helpers
 
+# Valid T-SQL the stand-in does not run (lab/mssql/README.md): SQL Server's "not supported".
+_NOT_SUPPORTED = frozenset(
+    {
+        "DECLARE",
+        "WHILE",
+        "MERGE",
+        "GRANT",
+        "REVOKE",
+        "DENY",
+        "SAVE",
+        "DBCC",
+        "CHECKPOINT",
+        "GOTO",
+        "RETURN",
+        "WITH",
+    }
+)
 _ACCEPTED_SET_OPTIONS = frozenset(
     {
         "NOCOUNT",
