@@ -238,12 +238,8 @@ class MemberState:
 
 def _member(lb: LoadBalancer, node_name: str) -> tuple[str, str, str]:
     """(runtime_api, backend, server) for a haproxy member; typed errors otherwise."""
-    if lb.kind == "f5":
-        fail(
-            LB_UNSUPPORTED,
-            f"load balancer {lb.name}: kind f5 is not supported yet "
-            "(only haproxy); drain the member by hand or use an haproxy site",
-        )
+    if lb.kind == "f5":  # what reaches here is HAProxy's alone (runtime servers, maps)
+        fail(LB_UNSUPPORTED, f"load balancer {lb.name}: kind f5: this step needs HAProxy's runtime API")
     if lb.kind != "haproxy":
         fail(LB_UNSUPPORTED, f"load balancer {lb.name}: unknown kind {lb.kind!r}")
     if not lb.runtime_api or not lb.backend:
@@ -269,6 +265,10 @@ async def member_state(
     `timeout_s` bounds each of the two runtime API calls; `between` is called with the
     `show stat` row between them (the wait loops heartbeat there).
     """
+    if lb.kind == "f5":  # iControl REST (activities/f5.py; imported here: it builds on this module)
+        from activities import f5
+
+        return await f5.member_state(lb, node_name)
     api, backend, server = _member(lb, node_name)
     stat_text = await runtime_command(api, "show stat", timeout_s)
     try:
@@ -310,6 +310,10 @@ async def set_member_state(lb: LoadBalancer, node_name: str, state: LbState) -> 
     """`set server <backend>/<server> state <state>` - a set, so re-running it is harmless."""
     if state not in STATES:
         fail(INVALID_REQUEST, f"member state {state!r}: expected one of {', '.join(STATES)}")
+    if lb.kind == "f5":
+        from activities import f5
+
+        return await f5.set_member_state(lb, node_name, state)
     api, backend, server = _member(lb, node_name)
     answer = (await runtime_command(api, f"set server {backend}/{server} state {state}")).strip()
     if answer:
@@ -392,6 +396,10 @@ async def _poll_member(
 
 async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> int:
     """Poll until the member has no sessions; returns the seconds waited (all attempts)."""
+    if lb.kind == "f5":
+        from activities import f5
+
+        return await f5.wait_drained(lb, node_name, timeout_s)
     limit = timeout_s if timeout_s is not None else lb.drain_timeout_s
 
     def timed_out(st: MemberState) -> NoReturn:
@@ -413,6 +421,10 @@ async def wait_drained(lb: LoadBalancer, node_name: str, timeout_s: float | None
 
 
 async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> MemberState:
+    if lb.kind == "f5":
+        from activities import f5
+
+        return await f5.wait_up(lb, node_name, timeout_s)
     limit = timeout_s if timeout_s is not None else 60.0
 
     def timed_out(st: MemberState) -> NoReturn:

@@ -97,6 +97,9 @@ class LoadBalancer:
     pool: str | None = None
     user: str | None = None
     credential: SecretRef | None = None
+    # F5: the CA bundle (PEM) its iControl REST certificate is verified against (None: the
+    # system's CAs).
+    ca_bundle: str | None = None
     # How long a drain may take before the step fails (sessions still open).
     drain_timeout_s: float = 120.0
     # This balancer's own public URL (its frontend), where a procedure tests the servers

@@ -164,6 +164,8 @@ class LabConfig:
             self.test_port,
             self.staging_app_port,
             self.staging_ssh_port,
+            self.port_base + 10,  # the SQL Server stand-in (lab/mssql)
+            self.port_base + 52,  # the F5 stand-in (lab/f5)
             *(self.app_port(i) for i in self.node_indexes),
             *(self.ssh_port(i) for i in self.node_indexes),
             *ox,

@@ -43,6 +43,7 @@ from lab.config import (
     TEST_BACKEND,
     LabConfig,
 )
+from lab.f5 import lab as f5_lab
 from lab.mssql import lab as mssql_lab
 from lab.nodes import HEALTH_FILE
 from lab.procs import pid_alive, stop_pidfile
@@ -558,6 +559,8 @@ async def lab_up(cfg: LabConfig, with_temporal: bool = True) -> Path:
     # them healthy.
     await _gather_all({"apps": _start_apps(cfg), **({"OX nodes": _start_ox(cfg)} if cfg.ox_nodes else {})})
     await asyncio.to_thread(haproxy.start, cfg)
+    # The F5 stand-in (iControl REST) drives the real HAProxy (lab/f5).
+    await asyncio.to_thread(f5_lab.start, cfg)
     await asyncio.to_thread(_wait_all_up, cfg)
     _write_state(cfg, with_temporal)
     site = write_site_yaml(cfg)
@@ -638,6 +641,7 @@ def lab_down(cfg: LabConfig) -> None:
                 attempt(node.name, fut.result)
     attempt("sshd", lambda: sshd.stop_sshd(cfg))
     attempt("SQL Server stand-in", lambda: mssql_lab.stop(cfg))
+    attempt("F5 stand-in", lambda: f5_lab.stop(cfg))
     attempt("MariaDB", lambda: mariadb.stop_mariadb(cfg))
     attempt("Temporal dev server", lambda: stop_dev_server(cfg.abs_root))
     left = [part for part, up, _ in lab_status(cfg, with_temporal=True, shallow=True) if up]
@@ -715,6 +719,7 @@ def lab_status(
             detail += f" gtid {st.get('gtid')}"
         rows.append((f"mariadb {role}", up, detail))
     rows.append(("mssql", *mssql_lab.status(cfg)))
+    rows.append(("f5", *f5_lab.status(cfg)))
     ssh_ports = f"ports {cfg.ssh_port(1)}-{cfg.ssh_port(cfg.nodes)}, staging {cfg.staging_ssh_port}"
     if cfg.ox_nodes:
         ssh_ports += f", OX {cfg.ox_ssh_port(1)}-{cfg.ox_ssh_port(cfg.ox_nodes)}"
@@ -853,6 +858,9 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     await _gather_all({"apps": _start_apps(cfg), **({"OX": ox()} if cfg.ox_nodes else {})})
     await asyncio.to_thread(haproxy.start, cfg)
     await asyncio.to_thread(haproxy.reset_servers, cfg)
+    if not f5_lab.running(cfg):
+        await asyncio.to_thread(f5_lab.start, cfg)
+    await asyncio.to_thread(f5_lab.reset, cfg)
     await asyncio.to_thread(_wait_all_up, cfg)
     write_site_yaml(cfg)
     if cfg.ox_nodes:

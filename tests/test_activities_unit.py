@@ -38,6 +38,7 @@ from activities.deploy import (
     parse_sha256sum,
 )
 from activities.haproxy import (
+    AddServerRequest,
     MemberRequest,
     SetStateRequest,
     WaitRequest,
@@ -462,7 +463,7 @@ async def test_unknown_member_backend_and_state(fake_haproxy: tuple[FakeHaproxy,
     assert e.value.type == "LbMemberNotFound"
 
 
-async def test_f5_is_not_supported_yet() -> None:
+async def test_f5_takes_the_member_verbs_but_not_haproxys_runtime_servers() -> None:
     f5 = LoadBalancer(
         name="big",
         kind="f5",
@@ -472,9 +473,15 @@ async def test_f5_is_not_supported_yet() -> None:
         user="u",
         credential=SecretRef(env="F5"),
     )
+    # Attaching servers at run time is HAProxy's runtime API alone (seeds 003 / 004).
     with pytest.raises(ApplicationError) as e:
-        await ActivityEnvironment().run(haproxy.lb_set_state, SetStateRequest(f5, "n1", "drain"))
-    assert e.value.type == "LbUnsupported" and e.value.non_retryable and "f5" in e.value.message
+        await ActivityEnvironment().run(haproxy.lb_add_server, AddServerRequest(f5, "n1", "10.0.0.1:80"))
+    assert e.value.type == "LbUnsupported" and e.value.non_retryable and "kind haproxy" in e.value.message
+    # The member verbs go to iControl REST (activities/f5.py): a member it does not know is
+    # refused before any request.
+    with pytest.raises(ApplicationError) as e:
+        await ActivityEnvironment().run(haproxy.lb_set_state, SetStateRequest(f5, "n9", "drain"))
+    assert e.value.type == "LbMemberNotFound" and "'n9' is not a member" in e.value.message
 
 
 async def test_runtime_api_unreachable(tmp_path: Path) -> None:
