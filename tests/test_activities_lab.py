@@ -636,13 +636,13 @@ def _with_member(src: Path, dst: Path, name: str, data: str) -> Path:
     return dst
 
 
-async def test_deploy_refuses_an_xml_merge_file_and_leaves_the_node_untouched(
+async def test_deploy_refuses_an_xml_merge_file_that_does_not_parse_and_leaves_the_node_untouched(
     inv: Inventory, lab: LabConfig, tmp_path: Path
 ) -> None:
     n = inv.node("node3")
     xml = (
         '<?xml version="1.0"?>\n<configuration><appSettings>\n'
-        '  <add key="A" value="1" />\n  <add key="B" value="2" />\n</appSettings></configuration>\n'
+        '  <add key="A" value="1" />\n  <add key="B" value="2" />\n</appSetings></configuration>\n'
     )
     pkg = deploy.inspect_package_file(
         str(_with_member(lab.package(2), tmp_path / "app-2x.zip", "settings.xml", xml))

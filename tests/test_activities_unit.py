@@ -717,18 +717,21 @@ WEB_CONFIG_XML = """<?xml version="1.0" encoding="utf-8"?>
 
 
 @pytest.mark.parametrize("which", ["node", "old", "new"])
-def test_merge_refuses_an_xml_web_config(which: str) -> None:
-    """Every `<add key` line parsed as the same key `<add key` once corrupted the file."""
+def test_merge_refuses_to_mix_xml_and_key_value_files(which: str) -> None:
+    """An XML web.config merges by appSettings / connectionStrings key (test_xml_merge.py);
+    one text XML and another `key = value` cannot be merged either way. (Every `<add key`
+    line parsed as the same key `<add key` once corrupted the file.)"""
     texts = {"node": "a = 1\n", "old": "a = 1\n", "new": "a = 1\n", which: WEB_CONFIG_XML}
     with pytest.raises(ApplicationError) as e:
         merge_config_detailed(texts["node"], texts["old"], texts["new"], name="node n1: web.config")
     err = e.value
     assert err.type == "MergeUnsupported" and err.non_retryable
-    assert "node n1: web.config" in err.message and "key = value" in err.message
-    assert "line 1" in err.message and "XML" in err.message
-    assert {"node": "node's copy", "old": "recorded defaults", "new": "new package's defaults"}[
-        which
-    ] in err.message
+    assert "node n1: web.config" in err.message and "XML" in err.message
+    if which == "new":  # the release's file is XML: the node's `key = value` copy does not parse
+        assert "the node's copy does not parse as XML" in err.message
+    else:
+        assert "key = value" in err.message and "line 1" in err.message
+        assert {"node": "node's copy", "old": "recorded defaults"}[which] in err.message
     # the message goes into Temporal's history: never a value from the file
     assert "s3cret" not in err.message and "sql01" not in err.message
 
@@ -849,10 +852,10 @@ async def test_deploy_refuses_an_xml_merge_file_before_touching_the_node(
     assert fake.writes == [] and "app/web.config" in fake.reads  # read, then refused: no upload, no write
 
 
-async def test_deploy_refuses_an_xml_file_in_the_package(
+async def test_deploy_refuses_an_xml_file_in_the_package_that_does_not_parse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = {**_good_files(), "web.config": WEB_CONFIG_XML}
+    files = {**_good_files(), "web.config": WEB_CONFIG_XML.replace("</appSettings>", "</appSetings>")}
     pkg = inspect_package_file(str(_zip(tmp_path / "app-2.zip", files)))
     fake = _RecordingNode({})  # not on the node yet: the new defaults alone are refused
     fake.install(monkeypatch)

@@ -3,8 +3,10 @@
 Pure text in, text out (no I/O): `_parse_kv` parses a settings file (optional `[section]`
 lines, `#` / `;` comments), `merge_config_detailed` merges the node's copy, the recorded
 old defaults and the new defaults into the text to write, with the line diff and the
-names of the carried keys. A file that is not plain `key = value` (XML, duplicate keys)
-is refused (MergeUnsupported), never merged line by line. The deploy (appfolder.py) keeps
+names of the carried keys. An XML file (.NET's web.config: its appSettings and
+connectionStrings) goes to xmlmerge.py; any other file that is not plain `key = value`
+(duplicate keys, XML that does not parse) is refused (MergeUnsupported), never merged line
+by line. The deploy (appfolder.py) keeps
 config values on the node: its reports name keys only.
 """
 
@@ -15,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from activities.common import fail
+from activities.deploy.xmlmerge import looks_like_xml, merge_xml
 from errors import MERGE_UNSUPPORTED
 
 _SECTION_RE = re.compile(r"^\s*\[([^\]]*)\]\s*$")
@@ -118,6 +121,12 @@ def merge_config_detailed(
     `key = value` file (see `_parse_kv`); the message names `name`, which text and the
     line, never a value.
     """
+    if looks_like_xml(new_defaults_text):
+        # .NET's web.config and friends: appSettings / connectionStrings by key (xmlmerge.py).
+        x = merge_xml(node_text, old_defaults_text, new_defaults_text, name)
+        return MergeOutcome(
+            text=x.text, diff=x.diff, carried=x.carried, notes=x.notes, changed_defaults=x.changed_defaults
+        )
     parsed: list[_Parsed] = []
     for what, text in (
         ("the node's copy", node_text),
