@@ -24,6 +24,7 @@ from activities.deploy import (
     inspect_package,
     restore_app_folder,
 )
+from activities.f5 import lb_service_down_action
 from activities.haproxy import (
     lb_add_server,
     lb_check_member,
@@ -80,6 +81,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     lb_set_state,
     lb_wait_drained,
     lb_wait_up,
+    lb_service_down_action,
     lb_add_server,
     lb_del_server,
     lb_set_maintenance,

@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 import aiohttp
+from temporalio import activity
 
 from activities.common import fail, heartbeat
 from activities.haproxy import MemberState, _carried_waited
@@ -351,3 +352,57 @@ async def wait_up(lb: LoadBalancer, node_name: str, timeout_s: float | None) -> 
         timed_out,
     )
     return _as_member_state(lb, node_name, m)
+
+
+# --------------------------------------------------------------------------- the pool's service-down action
+
+
+@dataclass(frozen=True)
+class ServiceDownRequest:
+    lb: LoadBalancer
+    # BIG-IP's serviceDownAction: none | reset (the UI's "Reject") | drop | reselect; "" reads only.
+    action: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceDownAction:
+    pool: str
+    before: str
+    now: str
+
+
+SERVICE_DOWN_ACTIONS = ("none", "reset", "drop", "reselect")
+
+
+async def service_down_action(lb: LoadBalancer, action: str) -> ServiceDownAction:
+    """The pool's Action on Service Down (`serviceDownAction`, read, then set when `action` is
+    given: a set, so re-running it is harmless). Seed 000 step 9.5 wants Reject (`reset`):
+    a client still sent to a member that went down is refused at once instead of hanging."""
+    if action and action not in SERVICE_DOWN_ACTIONS:
+        fail(
+            INVALID_REQUEST,
+            f"serviceDownAction {action!r}: expected one of {', '.join(SERVICE_DOWN_ACTIONS)}",
+        )
+    if not lb.pool:
+        fail(INVALID_REQUEST, f"load balancer {lb.name}: kind f5 needs `pool`")
+    path = f"/mgmt/tm/ltm/pool/{_ref(lb.pool)}"
+    async with session(lb) as s:
+        before = str((await s.call("GET", path)).get("serviceDownAction", "none"))
+        now = before
+        if action and action != before:
+            now = str(
+                (await s.call("PATCH", path, {"serviceDownAction": action})).get("serviceDownAction", "")
+            )
+            if now != action:
+                fail(
+                    LB_RUNTIME_API_ERROR,
+                    f"load balancer {lb.name}: pool {lb.pool} reads serviceDownAction {now!r} after it "
+                    f"was set {action!r}",
+                    retryable=True,
+                )
+    return ServiceDownAction(pool=lb.pool, before=before, now=now)
+
+
+@activity.defn
+async def lb_service_down_action(req: ServiceDownRequest) -> ServiceDownAction:
+    return await service_down_action(req.lb, req.action)

@@ -15,11 +15,13 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 import activities.app_admin as app_admin
+from activities import f5
 from inventory.load import load_inventory
-from inventory.model import Inventory
+from inventory.model import Inventory, LoadBalancer, SecretRef
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
+from lab.f5 import lab as lab_f5
 from tests.e2e_support import app_manifests, assert_no_write_lost, probe, served_versions, snapshot
 from tests.signing_support import signed
 from tests.ss_support import checksums, enforce_version_match, wait_gate, wf_id
@@ -252,3 +254,54 @@ async def test_major_maintenance_window_refuses_sql_server_in_preflight(
     assert "databases[0] main is mssql: the warm replica (steps 5-6, 20-22, 30) is MariaDB / MySQL" in str(
         cause
     )
+
+
+async def test_ss_load_balanced_through_the_lab_f5_on_sql_server(
+    fresh_lab: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
+    """Secret Server's stack so far: the F5 (iControl REST, lab/f5, driving the real HAProxy)
+    and SQL Server; seed 000 step 9.5 sets the pool's Action on Service Down to Reject."""
+    lab = fresh_lab
+    three = ("node1", "node2", "node3")
+    inv = mssql_inventory(lab, three)
+    big_ip = LoadBalancer(
+        name="main",
+        kind="f5",
+        members={n: lab_f5.member_name(lab, int(n[4:])) for n in three},
+        url=lab_f5.base_url(lab),
+        pool=f"/Common/{lab_f5.POOL}",
+        user="zerodown",
+        credential=SecretRef(file=str(lab_f5.password_file(lab))),
+        ca_bundle=str(lab_f5.ca_bundle(lab)),
+    )
+    inv = dataclasses.replace(inv, load_balancers=(big_ip,))
+    lab_haproxy.runtime_command(lab, "set server app/node4 state maint")  # outside this site
+    await enforce_version_match(inv, True)
+    try:
+        assert (await f5.service_down_action(big_ip, "")).now == "none"
+        with probe(lab, tmp_path) as run:
+            handle = await client.start_workflow(
+                SsLoadBalancedWorkflow.run,
+                SsLoadBalancedInput(
+                    inventory=inv, package_path=str(lab.package(2, "mssql")), started_by="carol"
+                ),
+                id=wf_id("f5-lb"),
+                task_queue=lab_worker,
+                execution_timeout=timedelta(minutes=6),
+            )
+            await approve(handle, "swap", "alice")
+            result: SsLoadBalancedResult = await handle.result()
+        assert (await f5.service_down_action(big_ip, "")).now == "reset"
+    finally:
+        await enforce_version_match(inv, False)
+        lab_f5.reset(lab)
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(lab, run)
+    versions = await served_versions(lab)
+    assert {n: versions[n] for n in three} == dict.fromkeys(three, "2.0.0")
+    assert ("9.5", "ok") in [(s.seed_step, s.result) for s in result.steps]
+    # Each node left the pool and came back through the F5: drained, then enabled.
+    drains = [s.node for s in result.steps if s.name.startswith(("9 drain", "16 drain"))]
+    assert sorted(set(drains)) == list(three), [s.name for s in result.steps]
+    states = lab_haproxy.server_states(lab)
+    assert all(states[("app", n)] == "UP" for n in three)

@@ -49,24 +49,28 @@ with workflow.unsafe.imports_passed_through():
     import activities.deploy.appfolder
     import activities.deploy.package
     import activities.deploy.secretserver
+    import activities.f5 as f5
     import activities.http_checks as http_checks
     import activities.mysql as mysql
     import activities.mysql.connect
     import activities.mysql.dump
     import activities.mysql.migrations  # noqa: F401 (for the sandbox, see above)
-    from inventory.model import AdminApi, Database, Inventory, Node, UnknownNodeError
+    from inventory.model import AdminApi, Database, Inventory, LoadBalancer, Node, UnknownNodeError
 
 from errors import UNKNOWN_NODE
 from workflows.gates import GateSpec
 from workflows.procedure import LONG, ProcedureOptions, require_approval, required
 from workflows.saga import reason
-from workflows.site_steps import NodeProgress, SiteProcedure, preflight_failed, run_key
+from workflows.site_steps import NodeProgress, SiteProcedure, lbs_of, preflight_failed, run_key
 from workflows.timeline import StepRecord
 
 PROCEDURE = "ss-load-balanced"
 # Versioned change (workflow.patched): once A serves alone (step 17) nothing is rolled
 # back: the step-15 database backup would drop what users wrote through A.
 PATCH_NO_RESTORE_AFTER_SWAP = "ss-load-balanced-no-restore-after-swap-v1"
+# Versioned change: step 9.5, an F5 pool's Action on Service Down set to Reject before node A
+# leaves it (put back by the saga).
+PATCH_REJECT_ON_SERVICE_DOWN = "ss-load-balanced-reject-on-service-down-v1"
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,8 @@ class SsLoadBalancedWorkflow(SiteProcedure):
             f"7 node A = {a.name}; then {', '.join(n.name for n in others)}", "ok", seed_step="7"
         )
         self.timeline.set_phase("upgrade node A out of the pool", a.name)
+        if workflow.patched(PATCH_REJECT_ON_SERVICE_DOWN):
+            await self._reject_on_service_down(inv, a)
         await self._take_out(inv, a, progress[a.name], "9")
         await self._upgrade_node(inv, package, a, progress[a.name], key, "10", check=False)
         self.timeline.record(
@@ -315,6 +321,29 @@ class SsLoadBalancedWorkflow(SiteProcedure):
                 )
 
     # ------------------------------------------------------------------ nodes
+    async def _reject_on_service_down(self, inv: Inventory, a: Node) -> None:
+        """9.5: "Ensure Reject is selected for Action on Service Down" on each F5 pool node A is
+        in (serviceDownAction `reset`); the pool's own setting comes back on rollback. An
+        HAProxy has no runtime equivalent (its `on-marked-down` is configuration)."""
+        for lb in lbs_of(inv, a):
+            if lb.kind != "f5":
+                continue
+            set_: f5.ServiceDownAction = await self.step(
+                f"9.5 Action on Service Down: Reject on {lb.name}",
+                partial(self.change, f5.lb_service_down_action, f5.ServiceDownRequest(lb=lb, action="reset")),
+                seed_step="9.5",
+            )
+            if set_.before != "reset":
+                self.saga.register(
+                    f"Action on Service Down of {lb.name}", partial(self._service_down_back, lb, set_.before)
+                )
+
+    async def _service_down_back(self, lb: LoadBalancer, action: str) -> None:
+        await self.timeline.step(
+            f"rollback: Action on Service Down of {lb.name} back to {action}",
+            self.change(f5.lb_service_down_action, f5.ServiceDownRequest(lb=lb, action=action)),
+        )
+
     async def _take_out(self, inv: Inventory, n: Node, done: NodeProgress, seed_step: str) -> None:
         if not done.drain_attempted:
             self.saga.register(
