@@ -213,8 +213,9 @@ async def _header(conn: aioodbc.Connection, db: Database, path: str) -> dict[str
     return dict(rows[-1])
 
 
-async def _verify_set(conn: aioodbc.Connection, bk: DbBackup) -> None:
-    """BackupCorrupt unless the file still holds the set this backup wrote, intact."""
+async def _verify_set(conn: aioodbc.Connection, bk: DbBackup) -> dict[str, Any]:
+    """BackupCorrupt unless the file still holds the set this backup wrote, intact; its
+    RESTORE HEADERONLY row."""
     db = bk.db
     try:
         out = await beating(
@@ -227,6 +228,7 @@ async def _verify_set(conn: aioodbc.Connection, bk: DbBackup) -> None:
         fail(BACKUP_CORRUPT, f"database {db.name}: backup {bk.path}: RESTORE VERIFYONLY did not report 3262")
     if bk.sha256.startswith("backupset:") and f"backupset:{header['BackupSetGUID']}" != bk.sha256:
         fail(BACKUP_CORRUPT, f"database {db.name}: {bk.path} now holds another backup set than this run's")
+    return header
 
 
 # --------------------------------------------------------------------------- restore
@@ -278,8 +280,7 @@ async def restore(bk: DbBackup) -> DbRestoreResult:
     await require_primary(db)
     created = False
     async with connection(db, "master") as conn:
-        await _verify_set(conn, bk)
-        header = await _header(conn, db, bk.path)
+        header = await _verify_set(conn, bk)
         over_source = str(header.get("DatabaseName", "")).lower() == target.lower()
         what = f"RESTORE DATABASE {target} from {bk.path}"
         if over_source:

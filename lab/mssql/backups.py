@@ -121,21 +121,18 @@ def write_set(path: str, header: SetHeader, content: bytes, init: bool) -> SetHe
     if not init and os.path.exists(path) and os.path.getsize(path) > 0:
         position = len(read_sets(path)) + 1
     header = SetHeader(**{**asdict(header), "files": header.files, "position": position})
-    if init or position == 1:
-        tmp = path + ".zdtmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encode(header))
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with open(path, "ab") as f:
-            f.write(_encode(header))
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+    fresh = init or position == 1
+    # A fresh media is written beside and renamed in (a reader never sees half of it); a set
+    # is appended in place, as NOINIT does.
+    target = path + ".zdtmp" if fresh else path
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else os.O_APPEND)
+    with os.fdopen(os.open(target, flags, 0o600), "wb") as f:
+        f.write(_encode(header))
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    if fresh:
+        os.replace(target, path)
     return header
 
 

@@ -38,7 +38,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -996,20 +996,13 @@ class LabSession:
                 backups.write_set, opts.disk, header, content, opts.init or opts.format
             )
         except OSError as e:
-            raise pair(
-                msg.CANNOT_OPEN_DEVICE(line=st.line, path=opts.disk, error=f"{e.errno}({e.strerror})")
-            ) from e
+            raise pair(_device_error(e, opts.disk, st.line)) from e
         except backups.MediaError as e:
             raise pair(_media_message(e, opts.disk, st.line)) from e
-        if opts.stats:
-            yield Message(3211, 0, "100 percent processed.", line=st.line)
-        yield msg.PROCESSED(
-            line=st.line, pages=header.pages, name=found, logical=st_db.files[0].logical, file=header.position
-        )
-        yield msg.PROCESSED(
-            line=st.line, pages=2, name=found, logical=st_db.files[-1].logical, file=header.position
-        )
-        yield _done_message(verb, header.pages + 2, time.monotonic() - started, len(content), st.line)
+        for item in _succeeded(
+            verb, opts.stats, header, found, st_db.files, header.position, time.monotonic() - started, st.line
+        ):
+            yield item
         yield Done()
 
     async def _restore(self, st: Statement) -> AsyncIterator[Item]:
@@ -1037,9 +1030,7 @@ class LabSession:
                 )
             ) from e
         except OSError as e:
-            raise pair(
-                msg.CANNOT_OPEN_DEVICE(line=st.line, path=opts.disk, error=f"{e.errno}({e.strerror})")
-            ) from e
+            raise pair(_device_error(e, opts.disk, st.line)) from e
         except backups.MediaError as e:
             raise pair(_media_message(e, opts.disk, st.line)) from e
         if kind == "HEADERONLY":
@@ -1127,15 +1118,17 @@ class LabSession:
         self.engine.set_files(target, planned)
         self.engine.db_state(target).user_access = "MULTI_USER"  # the backup's setting comes back
         self.engine.save_state()
-        if opts.stats:
-            yield Message(3211, 0, "100 percent processed.", line=st.line)
-        yield msg.PROCESSED(
-            line=st.line, pages=header.pages, name=target, logical=planned[0].logical, file=opts.file
-        )
-        yield msg.PROCESSED(line=st.line, pages=2, name=target, logical=planned[-1].logical, file=opts.file)
-        yield _done_message(
-            "RESTORE DATABASE", header.pages + 2, time.monotonic() - started, len(content), st.line
-        )
+        for item in _succeeded(
+            "RESTORE DATABASE",
+            opts.stats,
+            header,
+            target,
+            planned,
+            opts.file,
+            time.monotonic() - started,
+            st.line,
+        ):
+            yield item
         yield Done()
 
 
@@ -1249,6 +1242,31 @@ def _media_message(e: backups.MediaError, path: str, line: int) -> Message:
         "The media family on device '{path}' is incorrectly formed. "
         "SQL Server cannot process this media family.",
     )(line=line, path=path)
+
+
+def _device_error(e: OSError, path: str, line: int) -> Message:
+    """3201 with the operating system's error, as SQL Server words it."""
+    return msg.CANNOT_OPEN_DEVICE(line=line, path=path, error=f"{e.errno}({e.strerror})")
+
+
+def _succeeded(
+    verb: str,
+    stats: bool,
+    header: backups.SetHeader,
+    database: str,
+    files: Sequence[backups.DbFile],
+    file: int,
+    seconds: float,
+    line: int,
+) -> list[Item]:
+    """A BACKUP's or RESTORE's messages when it worked: [3211,] 4035 per file, 3014."""
+    items: list[Item] = [Message(3211, 0, "100 percent processed.", line=line)] if stats else []
+    items.append(
+        msg.PROCESSED(line=line, pages=header.pages, name=database, logical=files[0].logical, file=file)
+    )
+    items.append(msg.PROCESSED(line=line, pages=2, name=database, logical=files[-1].logical, file=file))
+    items.append(_done_message(verb, header.pages + 2, seconds, header.size, line))
+    return items
 
 
 def _done_message(verb: str, pages: int, seconds: float, size: int, line: int) -> Message:
