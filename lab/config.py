@@ -43,6 +43,11 @@ OX_SECONDARY_BACKEND = "ox_secondary"
 OX_MAX_NODES = 9
 # The lab site's database profiles (LabConfig.db).
 DB_PROFILES = ("mariadb", "mssql")
+# The sites the lab's inventory can describe (LabConfig.profile): "default", Linux nodes
+# behind HAProxy on the database `db` names; "secret-server", Secret Server's own stack: the
+# same node processes seen as Windows/IIS nodes (lab/windows) behind the BIG-IP stand-in
+# (lab/f5) on the SQL Server stand-in (lab/mssql), with XML configs.
+PROFILES = ("default", "secret-server")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class LabConfig:
     # SQL Server stand-in in front of it ("mssql", lab/mssql). Both run in every lab; this
     # picks `site_yaml` (site.yaml / site-mssql.yaml, both written by lab up).
     db: str = "mariadb"
+    # PROFILES: which site `site_yaml` describes and which packages the nodes get at reset
+    # (secret-server: XML web.config, T-SQL migrations).
+    profile: str = "default"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ox_nodes <= OX_MAX_NODES:
@@ -67,6 +75,8 @@ class LabConfig:
             raise ValueError(f"ox_schemata must be at least 1, got {self.ox_schemata}")
         if self.db not in DB_PROFILES:
             raise ValueError(f"db must be one of {', '.join(DB_PROFILES)}, got {self.db!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
 
     # ---------------------------------------------------------------- ports
     @property
@@ -143,6 +153,22 @@ class LabConfig:
         (lab/ox/admin.py; OX's tools talk to the middleware's RMI port on localhost)."""
         return self.port_base + 80 + i
 
+    # The Windows stand-ins (lab/windows): Win32-OpenSSH-like endpoints for nodes 1..9 at
+    # +91..+99 (above the OX admin ports +81..+89) and one for the staging system at +59.
+    def win_ssh_port(self, i: int) -> int:
+        """SSH port of node i's Windows endpoint (1 <= i <= 9)."""
+        if not 1 <= i <= 9:
+            raise ValueError(f"Windows endpoints exist for nodes 1..9, not {i}")
+        return self.port_base + 90 + i
+
+    @property
+    def win_staging_ssh_port(self) -> int:
+        return self.port_base + 59
+
+    @property
+    def win_node_indexes(self) -> range:
+        return range(1, min(self.nodes, 9) + 1)
+
     def all_ports(self) -> list[int]:
         ox = (
             [
@@ -168,6 +194,8 @@ class LabConfig:
             self.port_base + 52,  # the F5 stand-in (lab/f5)
             *(self.app_port(i) for i in self.node_indexes),
             *(self.ssh_port(i) for i in self.node_indexes),
+            self.win_staging_ssh_port,
+            *(self.win_ssh_port(i) for i in self.win_node_indexes),
             *ox,
         ]
 
@@ -194,6 +222,8 @@ class LabConfig:
 
     @property
     def site_yaml(self) -> Path:
+        if self.profile != "default":
+            return self.abs_root / f"site-{self.profile}.yaml"
         return self.abs_root / ("site.yaml" if self.db == "mariadb" else f"site-{self.db}.yaml")
 
     @property
@@ -280,8 +310,9 @@ class LabConfig:
         return self.abs_root / "packages"
 
     def package(self, major: int, db: str | None = None) -> Path:
-        """Release `major`'s zip for a site on `db` (default: this lab's profile)."""
-        db = db or self.db
+        """Release `major`'s zip for a site on `db` (default: this lab's database), or on the
+        secret-server profile (db "secret-server": XML configs, T-SQL)."""
+        db = db or (self.profile if self.profile != "default" else self.db)
         return self.packages_dir / (f"app-{major}.zip" if db == "mariadb" else f"app-{major}-{db}.zip")
 
     @property

@@ -20,6 +20,11 @@ registry `provisioned.json`) get one, original nodes it destroyed lose theirs. O
 process re-reads the registry, listens on the new endpoints and closes the ones that went
 (their open sessions too); `reload_sshd(cfg, opened=, closed=)` sends it and waits.
 
+Windows endpoints (lab/windows): every node i <= 9 also gets one on cfg.win_ssh_port(i), the
+staging system one on cfg.win_staging_ssh_port, named "win:<node>" in `endpoints(cfg)`: same
+user, keys and host key, but Win32-OpenSSH's personality (cmd.exe, drive-letter SFTP; see
+lab/windows/README.md).
+
 Control: `start_sshd(cfg)`, `stop_sshd(cfg)`, `sshd_running(cfg)`, `reload_sshd(cfg)`; keys:
 `ensure_keys(cfg)`.
 Process: ``python -m lab.sshd --root ROOT --nodes N --port-base P --ox-nodes K``.
@@ -66,8 +71,10 @@ _tasks: set[asyncio.Task[None]] = set()  # running commands (strong refs for the
 
 def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
     """(name, SSH port, folder) of every endpoint: the nodes (but those the lab destroyed),
-    the staging system, the OX nodes, then the nodes the lab provisioned."""
+    the staging system, the OX nodes, the nodes the lab provisioned, then the Windows
+    endpoints ("win:<node>", lab/windows) of nodes 1..9 (but destroyed ones) and staging."""
     from lab.provision import endpoint_changes  # lab.provision uses this module
+    from lab.windows.endpoint import endpoint_name
 
     extra, destroyed = endpoint_changes(cfg)
     return [
@@ -79,6 +86,12 @@ def endpoints(cfg: LabConfig) -> list[tuple[str, int, Path]]:
         (STAGING_NAME, cfg.staging_ssh_port, cfg.staging_dir),
         *((cfg.ox_node_name(i), cfg.ox_ssh_port(i), cfg.ox_node_dir(i)) for i in cfg.ox_node_indexes),
         *extra,
+        *(
+            (endpoint_name(cfg.node_name(i)), cfg.win_ssh_port(i), cfg.node_dir(i))
+            for i in cfg.win_node_indexes
+            if cfg.node_name(i) not in destroyed
+        ),
+        (endpoint_name(STAGING_NAME), cfg.win_staging_ssh_port, cfg.staging_dir),
     ]
 
 
@@ -299,9 +312,14 @@ class _Endpoints:
         ] = {}
 
     async def _listen(self, name: str, port: int, node_dir: Path) -> None:
+        from lab.windows import endpoint as win_endpoint
+        from lab.windows.sftp import WinSFTPServer
+
         os.makedirs(node_dir, exist_ok=True)
         conns: set[asyncssh.SSHServerConnection] = set()
         authorized = self._authorized
+        # A Windows endpoint (lab/windows): its fake drive and IIS config exist before it listens.
+        win_node = win_endpoint.prepare_endpoint(self._cfg, name) if win_endpoint.is_windows(name) else None
 
         def make_server() -> _NodeServer:
             return _NodeServer(name, authorized, conns)
@@ -309,12 +327,17 @@ class _Endpoints:
         async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
             # Shielded: if asyncssh cancels the handler when the client vanishes, the command
             # still runs to completion and gets reaped and logged.
-            task = asyncio.create_task(_run_command(process, node_dir, name))
+            if win_node is not None:
+                task = asyncio.create_task(win_endpoint.run_command(process, win_node, name))
+            else:
+                task = asyncio.create_task(_run_command(process, node_dir, name))
             _tasks.add(task)
             task.add_done_callback(_tasks.discard)
             await asyncio.shield(task)
 
         def make_sftp(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
+            if win_node is not None:
+                return WinSFTPServer(chan, win_node)
             return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_dir))
 
         acceptor = await asyncssh.listen(
