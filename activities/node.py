@@ -13,7 +13,6 @@ then wait (heartbeating) until the status confirms the wanted state.
 from __future__ import annotations
 
 import asyncio
-import base64
 import posixpath
 import re
 import shlex
@@ -22,8 +21,8 @@ from dataclasses import dataclass, field
 
 from temporalio import activity
 
-from activities import ssh
-from activities.common import fail, heartbeat
+from activities import powershell, ssh
+from activities.common import fail, heartbeat, tail
 from errors import INVALID_REQUEST, SERVICE_TIMEOUT, SSH_COMMAND_FAILED
 from inventory.model import Node, SecretRef, ServiceControl
 
@@ -35,27 +34,15 @@ class ServiceCommands:
     status: str
 
 
-# What PowerShell's tokenizer takes for a single quote (CharExtensions.IsSingleQuote in the
-# PowerShell source; the language specification's "single-quote-character"): the ASCII
-# apostrophe and U+2018-U+201B. Any of them ends a single-quoted string unless doubled.
-_PS_SINGLE_QUOTES = ("'", "\u2018", "\u2019", "\u201a", "\u201b")
-
-
-def _ps_quote(name: str) -> str:
-    """A PowerShell single-quoted string literal: every kind of single quote inside doubled."""
-    for q in _PS_SINGLE_QUOTES:
-        name = name.replace(q, q + q)
-    return "'" + name + "'"
-
-
 def _fmt_seconds(s: float) -> str:
     return str(int(s)) if float(s).is_integer() else f"{s:g}"
 
 
 # The IIS status script's exit statuses: the app pool's state (Get-WebAppPoolState, an
 # ObjectState: Starting, Started, Stopping, Stopped, Unknown) mapped so that only Stopped
-# is "stopped": Starting, Stopping and Unknown are in between (IIS_UNSETTLED), and a stop or
-# start waits them out. 5: the pool serves other sites too (IIS_SHARED_POOL).
+# with no worker process left is "stopped": Starting, Stopping, Unknown and a Stopped pool
+# whose w3wp still finishes requests are in between (IIS_UNSETTLED), and a stop or start
+# waits them out. 5: the pool serves other sites too (IIS_SHARED_POOL).
 IIS_STOPPED = 3
 IIS_UNSETTLED = 4
 IIS_SHARED_POOL = 5
@@ -66,12 +53,20 @@ def iis_scripts(site: str, pool: str, timeout_s: float, shared_pool: bool = Fals
 
     Every script runs with `$ErrorActionPreference = 'Stop'`, so a failing cmdlet (no such
     site or pool, access denied) ends it with exit 1 and its message, instead of printing
-    the error and going on to report success. A stop waits until the pool is Stopped *and*
-    its worker processes (w3wp) have exited, within the budget: until then they hold the
-    app folder's files. Stopping a pool that other sites or applications use stops them too:
-    refused unless the inventory says so (`service.shared_pool: true`)."""
-    q_site, q_pool = _ps_quote(site), _ps_quote(pool)
-    head = "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
+    the error and going on to report success; the site and the pool are looked up first
+    (Get-Item on the IIS: drive), so a wrong name fails with the provider's "Cannot find
+    path" before anything is touched. Stop-WebAppPool on a pool that is not Started, and
+    Start-WebAppPool on one that is not Stopped, fail with HRESULT 0x800710D8: a script
+    first waits out Starting / Stopping, then acts only from the settled state. A stop
+    waits until the pool is Stopped *and* its worker processes (w3wp) have exited, within
+    the budget: until then they hold the app folder's files. Stopping a pool that other
+    sites or applications use stops them too: refused unless the inventory says so
+    (`service.shared_pool: true`)."""
+    q_site, q_pool = powershell.quote(site), powershell.quote(pool)
+    head = (
+        "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
+        f"$null = Get-Item ('IIS:\\Sites\\' + {q_site}); $null = Get-Item ('IIS:\\AppPools\\' + {q_pool}); "
+    )
     state = f"(Get-WebAppPoolState -Name {q_pool}).Value"
     deadline = f"$deadline = (Get-Date).AddSeconds({_fmt_seconds(timeout_s)}); "
     workers = (
@@ -79,17 +74,16 @@ def iis_scripts(site: str, pool: str, timeout_s: float, shared_pool: bool = Fals
         "-ErrorAction SilentlyContinue).Count"
     )
 
-    def wait_for(wanted: str, extra: str = "") -> str:
-        condition = f"({state} -ne '{wanted}')" + (f" -or ({extra})" if extra else "")
+    def wait_while(condition: str, wanted: str, with_workers: bool = False) -> str:
         return (
-            deadline
-            + f"while ({condition}) {{ "
+            f"while ({condition}) {{ "
             + "if ((Get-Date) -gt $deadline) { "
             + f"Write-Output ('app pool ' + {q_pool} + ' did not reach {wanted}, state: ' + {state}"
-            + (f" + ', worker processes: ' + {workers}" if extra else "")
-            + "); exit 1 }; Start-Sleep -Milliseconds 500 }; exit 0"
+            + (f" + ', worker processes: ' + {workers}" if with_workers else "")
+            + "); exit 1 }; Start-Sleep -Milliseconds 250 }; "
         )
 
+    settle = wait_while(f"@('Starting', 'Stopping') -contains {state}", "a settled state")
     sharing = (
         ""
         if shared_pool
@@ -104,25 +98,32 @@ def iis_scripts(site: str, pool: str, timeout_s: float, shared_pool: bool = Fals
         )
     )
     stop = (
-        head + sharing + f"Stop-Website -Name {q_site}; "
-        f"if ({state} -ne 'Stopped') {{ Stop-WebAppPool -Name {q_pool} }}; "
-        + wait_for("Stopped", f"{workers} -gt 0")
+        head
+        + sharing
+        + deadline
+        + f"Stop-Website -Name {q_site}; "
+        + settle
+        + f"if ({state} -eq 'Started') {{ Stop-WebAppPool -Name {q_pool} }}; "
+        + wait_while(f"({state} -ne 'Stopped') -or ({workers} -gt 0)", "Stopped", with_workers=True)
+        + "exit 0"
     )
     start = (
-        head + f"if ({state} -ne 'Started') {{ Start-WebAppPool -Name {q_pool} }}; "
-        f"Start-Website -Name {q_site}; " + wait_for("Started")
+        head
+        + deadline
+        + settle
+        + f"if ({state} -eq 'Stopped') {{ Start-WebAppPool -Name {q_pool} }}; "
+        + wait_while(f"{state} -ne 'Started'", "Started")
+        + f"Start-Website -Name {q_site}; exit 0"
     )
     status = (
-        head + f"$s = {state}; Write-Output $s; "
-        f"if ($s -eq 'Started') {{ exit 0 }} elseif ($s -eq 'Stopped') {{ exit {IIS_STOPPED} }} "
-        f"else {{ exit {IIS_UNSETTLED} }}"
+        head + f"$s = {state}; $w = {workers}; "
+        f"if ($s -eq 'Started') {{ Write-Output $s; exit 0 }} "
+        f"elseif ($s -eq 'Stopped' -and $w -eq 0) {{ Write-Output $s; exit {IIS_STOPPED} }} "
+        f"elseif ($s -eq 'Stopped') {{ Write-Output ('Stopped, worker processes still running: ' + $w); "
+        f"exit {IIS_UNSETTLED} }} "
+        f"else {{ Write-Output $s; exit {IIS_UNSETTLED} }}"
     )
     return ServiceCommands(stop=stop, start=start, status=status)
-
-
-def powershell_encoded(script: str) -> str:
-    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
-    return f"powershell -NoProfile -NonInteractive -EncodedCommand {encoded}"
 
 
 def service_commands(svc: ServiceControl) -> ServiceCommands:
@@ -145,9 +146,9 @@ def service_commands(svc: ServiceControl) -> ServiceCommands:
             fail(INVALID_REQUEST, "service kind 'iis' needs site and app_pool")
         scripts = iis_scripts(svc.site, svc.app_pool, svc.timeout_s, svc.shared_pool)
         return ServiceCommands(
-            stop=powershell_encoded(scripts.stop),
-            start=powershell_encoded(scripts.start),
-            status=powershell_encoded(scripts.status),
+            stop=powershell.encoded(scripts.stop),
+            start=powershell.encoded(scripts.start),
+            status=powershell.encoded(scripts.status),
         )
     fail(INVALID_REQUEST, f"unknown service kind {svc.kind!r}")
 
@@ -186,6 +187,15 @@ async def status_of(node: Node) -> ServiceState:
             f"node {node.name} ({ssh.where(node.ssh)}): status command {cmds.status!r} exited "
             f"with status {res.exit_status}; stderr: {res.stderr.strip()[-500:] or '(empty)'}",
         )
+    if node.service.kind == "iis" and res.exit_status not in (0, IIS_STOPPED, IIS_UNSETTLED):
+        # The status script itself failed (no such site or pool, WebAdministration missing):
+        # never take that for "stopped".
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name} ({ssh.where(node.ssh)}): the IIS status script exited with status "
+            f"{res.exit_status}: "
+            f"{tail(powershell.readable_stderr(res.stderr) or res.stdout, 1200) or '(no output)'}",
+        )
     detail = (res.stdout.strip() or res.stderr.strip())[-500:]
     settled = not (node.service.kind == "iis" and res.exit_status == IIS_UNSETTLED)
     return ServiceState(node_name=node.name, running=res.exit_status == 0, detail=detail, settled=settled)
@@ -215,7 +225,19 @@ async def set_running(node: Node, running: bool) -> ServiceState:
     cmds = service_commands(node.service)
     deadline = time.monotonic() + node.service.timeout_s
     command = cmds.start if running else cmds.stop
-    await ssh.run(node.ssh, command, timeout_s=node.service.timeout_s, check=True)
+    res = await ssh.run(node.ssh, command, timeout_s=node.service.timeout_s, check=False)
+    if res.exit_status != 0:
+        # The script's own words (IIS: on stdout, PowerShell's errors on stderr, maybe as
+        # CLIXML), never the encoded command line they came from.
+        said = "; ".join(
+            t for t in (tail(res.stdout, 700), tail(powershell.readable_stderr(res.stderr), 1200)) if t
+        )
+        shown = command if node.service.kind != "iis" else f"the IIS {'start' if running else 'stop'} script"
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name} ({ssh.where(node.ssh)}): {shown} exited with status {res.exit_status}: "
+            f"{said or '(no output)'}",
+        )
     st = await _wait_state(node, running, deadline, "start" if running else "stop")
     return ServiceState(node_name=st.node_name, running=st.running, detail=st.detail, changed=True)
 
@@ -264,6 +286,38 @@ async def inspect_storage(node: Node, protected_files: tuple[str, ...], package_
     for p in protected_files:
         if not p or p.startswith("/") or ".." in p.split("/"):
             fail(INVALID_REQUEST, f"protected file {p!r} must be a path relative to the application folder")
+    if node.os == "windows":
+        app_present, app_bytes, free_bytes, missing = await _measure_windows(node, protected_files)
+    else:
+        app_present, app_bytes, free_bytes, missing = await _measure_posix(node, protected_files)
+    return storage_verdict(node, package_size, app_present, app_bytes, free_bytes, missing)
+
+
+async def _measure_windows(node: Node, protected_files: tuple[str, ...]) -> tuple[bool, int, int, list[str]]:
+    """The folder's size and protected files over SFTP; the free space of the login
+    directory's drive from PowerShell (Get-PSDrive's Free)."""
+    from activities.nodefs import SftpFiles, split_drive
+
+    fs = SftpFiles(node)
+    async with fs.session() as sftp:
+        app_present = bool(await sftp.isdir(node.app_dir))
+        home = await sftp.realpath(".")
+    listing = await fs.listing(node.app_dir)
+    drive, _ = split_drive(str(home).lstrip("/"))
+    if not drive:
+        fail(SSH_COMMAND_FAILED, f"node {node.name}: the login directory {home!r} is on no drive")
+    res = await powershell.run(
+        node.ssh, f"(Get-PSDrive -Name {powershell.quote(drive[0])}).Free", what="reading free disk space"
+    )
+    try:
+        free_bytes = int(res.stdout.strip())
+    except ValueError:
+        fail(SSH_COMMAND_FAILED, f"node {node.name}: unexpected free space {res.stdout.strip()[:100]!r}")
+    missing = [p for p in protected_files if p not in listing.files]
+    return app_present, sum(listing.files.values()), free_bytes, missing
+
+
+async def _measure_posix(node: Node, protected_files: tuple[str, ...]) -> tuple[bool, int, int, list[str]]:
     app = shlex.quote(node.app_dir)
     checks = "\n".join(
         f"[ -f {shlex.quote(posixpath.join(node.app_dir, p))} ] || echo missing {i}"
@@ -299,6 +353,12 @@ df -Pk . | awk 'NR>1 {{print "free", $(NF-2)}}'
             f"{res.exit_status}); stdout: {res.stdout.strip()[-300:] or '(empty)'}; stderr: "
             f"{res.stderr.strip()[-500:] or '(empty)'}",
         )
+    return app_present, app_bytes, free_bytes, missing
+
+
+def storage_verdict(
+    node: Node, package_size: int, app_present: bool, app_bytes: int, free_bytes: int, missing: list[str]
+) -> NodeStorage:
     need = storage_need(app_bytes, package_size)
     problems = []
     if free_bytes < need:
@@ -403,10 +463,39 @@ async def set_health_file(req: HealthFileRequest) -> HealthFileState:
     with 404 and, with `http-check disable-on-404`, the server takes no new sessions while
     its open ones finish) or put it back."""
     _check_rel("health file", req.path)
+    if req.node.os == "windows":
+        changed = await _health_file_sftp(req.node, req.path, req.present)
+        return HealthFileState(node_name=req.node.name, present=req.present, changed=changed)
     r = await ssh.run(req.node.ssh, health_file_script(req.path, req.present), timeout_s=30)
     return HealthFileState(
         node_name=req.node.name, present=req.present, changed=r.stdout.strip().endswith("changed")
     )
+
+
+async def _health_file_sftp(node: Node, path: str, present: bool) -> bool:
+    """health_file_script's steps over SFTP alone (any OS): the file moved aside to
+    .zerodown/held/ and back, or written when it never existed. True when something changed."""
+    from activities.nodefs import SftpFiles
+
+    held = f"{HELD_DIR}/{posixpath.basename(path)}"
+    fs = SftpFiles(node)
+    if present:
+        if await fs.is_file(path):
+            return False
+        if await fs.is_file(held):
+            await fs.rename(held, path)
+            return True
+        parent = posixpath.dirname(path)
+        if parent:
+            await fs.makedirs(parent)
+        await ssh.put_bytes(node.ssh, b"OK\n", path)
+        return True
+    if not await fs.is_file(path):
+        return False
+    await fs.makedirs(HELD_DIR)
+    await fs.remove_files("", [held])  # an older copy held there: the current file wins
+    await fs.rename(path, held)
+    return True
 
 
 @dataclass(frozen=True)
@@ -483,7 +572,17 @@ async def count_open_sessions(req: ServiceRequest) -> OpenSessions:
     """Seed 003 step 18: the sessions a server still holds, counted on the server itself
     (after it left the balancer, the balancer no longer sees them)."""
     port = port_of_url(req.node.url)
-    r = await ssh.run(req.node.ssh, sessions_command(port), timeout_s=30)
+    if req.node.os == "windows":
+        # Get-NetTCPConnection errors when nothing matches: SilentlyContinue makes that 0.
+        r = await powershell.run(
+            req.node.ssh,
+            f"@(Get-NetTCPConnection -LocalPort {port} -State Established "
+            "-ErrorAction SilentlyContinue).Count",
+            what="counting open sessions",
+            timeout_s=30,
+        )
+    else:
+        r = await ssh.run(req.node.ssh, sessions_command(port), timeout_s=30)
     try:
         n = int(r.stdout.strip() or "0")
     except ValueError:

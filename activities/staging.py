@@ -23,6 +23,8 @@ from temporalio import activity
 import activities.ssh as ssh
 from activities.common import check_id, fail, heartbeat
 from activities.deploy import ZD, AppBackup, folder_manifest
+from activities.deploy.xmlmerge import looks_like_xml, set_app_settings
+from activities.nodefs import SftpFiles, split_drive
 from errors import INVALID_REQUEST, SSH_COMMAND_FAILED
 from inventory.model import Node, Staging
 
@@ -33,7 +35,7 @@ _KEY_RE = re.compile(r"^\s*([A-Za-z0-9_.:-]+)\s*=")
 
 def staging_node(st: Staging) -> Node:
     """The staging instance seen as a node (service control, checks, deploys)."""
-    return Node(name="staging", ssh=st.ssh, app_dir=st.app_dir, service=st.service, url=st.url)
+    return Node(name="staging", ssh=st.ssh, app_dir=st.app_dir, service=st.service, url=st.url, os=st.os)
 
 
 def apply_overrides(text: str, overrides: dict[str, str]) -> str:
@@ -88,9 +90,14 @@ async def _staging_sh(st: Staging, script: str, what: str) -> ssh.CommandResult:
 def _check_app_dir(app_dir: str) -> None:
     # The staging folder is emptied and rebuilt: never let a bad inventory point it at "."
     # (the login directory) or outside it.
-    parts = app_dir.strip("/").split("/")
-    if app_dir.startswith("/") or not app_dir.strip("/") or ".." in parts or parts == ["."]:
-        fail(INVALID_REQUEST, f"staging app_dir {app_dir!r} must be a folder below the login directory")
+    drive, rest = split_drive(app_dir)
+    parts = rest.strip("/").split("/")
+    if drive == "/" or not rest.strip("/") or ".." in parts or parts == ["."]:
+        fail(
+            INVALID_REQUEST,
+            f"staging app_dir {app_dir!r} must be a folder below the login directory (on Windows: "
+            "a folder below a drive's root)",
+        )
 
 
 @activity.defn
@@ -101,6 +108,57 @@ async def stage_app_backup(req: StageRequest) -> StagedApp:
     for f in st.config:
         if f.startswith("/") or ".." in f.split("/"):
             fail(INVALID_REQUEST, f"staging config file {f!r} must be relative to the app folder")
+    if (bk.node.os == "windows") != (st.os == "windows"):
+        fail(
+            INVALID_REQUEST,
+            f"the staging system is {st.os} but node {bk.node_name} is {bk.node.os}: a backup is "
+            "restored into staging on the same OS only",
+        )
+    if st.os == "windows":
+        await _stage_windows(bk, st)
+    else:
+        await _stage_posix(bk, st)
+    overridden: list[str] = []
+    for rel, values in sorted(st.config.items()):
+        path = f"{st.app_dir}/{rel}"
+        current = await ssh.get_file(st.ssh, path)
+        text = current.decode("utf-8") if current is not None else ""
+        new = (
+            set_app_settings(text, values, name=f"staging {rel}")
+            if looks_like_xml(text)
+            else apply_overrides(text, values)
+        )
+        await ssh.put_bytes(st.ssh, new.encode("utf-8"), path)
+        overridden += [f"{rel}: {k}" for k in values]
+    files = len(await folder_manifest(staging_node(st), st.app_dir))
+    return StagedApp(
+        source_node=bk.node_name,
+        backup_id=bk.backup_id,
+        app_dir=st.app_dir,
+        files=files,
+        overridden=tuple(overridden),
+    )
+
+
+async def _stage_windows(bk: AppBackup, st: Staging) -> None:
+    """The backup's folder copy, read from the node and written to staging over SFTP."""
+    source, target = SftpFiles(bk.node), SftpFiles(staging_node(st))
+    heartbeat({"step": "fetch backup", "node": bk.node_name})
+    if not await source.exists(bk.path):
+        fail(INVALID_REQUEST, f"backup {bk.path} is missing on {bk.node_name}")
+    files = await source.download_tree(bk.path)
+    defaults = await source.download_tree(bk.defaults_path) if bk.defaults_path else {}
+    heartbeat({"step": "upload backup"})
+    await target.remove_tree(f"{st.app_dir}.tmp")
+    await target.upload_tree(files, f"{st.app_dir}.tmp")
+    await target.remove_tree(st.app_dir)
+    await target.rename(f"{st.app_dir}.tmp", st.app_dir)
+    if defaults:
+        await target.remove_tree(f"{ZD}/defaults")
+        await target.upload_tree(defaults, ZD)
+
+
+async def _stage_posix(bk: AppBackup, st: Staging) -> None:
     heartbeat({"step": "fetch backup", "node": bk.node_name})
     tar = await ssh.get_file(bk.node.ssh, bk.path)
     if tar is None:
@@ -133,27 +191,18 @@ rm -rf "$APP"; mv "$APP.tmp" "$APP"
         ),
         "restoring the backup into the staging folder",
     )
-    overridden: list[str] = []
-    for rel, values in sorted(st.config.items()):
-        path = f"{st.app_dir}/{rel}"
-        current = await ssh.get_file(st.ssh, path)
-        text = current.decode("utf-8") if current is not None else ""
-        await ssh.put_bytes(st.ssh, apply_overrides(text, values).encode("utf-8"), path)
-        overridden += [f"{rel}: {k}" for k in values]
-    files = len(await folder_manifest(staging_node(st), st.app_dir))
-    return StagedApp(
-        source_node=bk.node_name,
-        backup_id=bk.backup_id,
-        app_dir=st.app_dir,
-        files=files,
-        overridden=tuple(overridden),
-    )
 
 
 @activity.defn
 async def clear_staging(req: ClearStagingRequest) -> None:
     st = req.staging
     _check_app_dir(st.app_dir)
+    if st.os == "windows":
+        fs = SftpFiles(staging_node(st))
+        await fs.remove_tree(st.app_dir)
+        await fs.remove_tree(STAGING)
+        await fs.makedirs(st.app_dir)
+        return
     await _staging_sh(
         st,
         f"rm -rf {_q(st.app_dir)} {_q(STAGING)} && mkdir -p {_q(st.app_dir)}",

@@ -17,6 +17,7 @@ from inventory.keys import PublicKeyError, fingerprint, key_blob
 from inventory.model import (
     DB_KINDS,
     LB_KINDS,
+    OS_KINDS,
     PROVISIONING_KINDS,
     SERVICE_KINDS,
     AdminApi,
@@ -270,20 +271,53 @@ def _parse_url(r: _Reader, m: dict[str, Any], key: str, path: str, required: boo
     return s.rstrip("/") if s else s
 
 
+_DRIVE_PATH = re.compile(r"^[A-Za-z]:[/\\]")
+
+
+def _parse_os(r: _Reader, m: dict[str, Any], path: str, service: ServiceControl) -> tuple[str, str]:
+    """(os, app_dir): `os` defaults to windows for an IIS service, linux otherwise. A Windows
+    app_dir is a drive path; its backslashes become slashes (SFTP and PowerShell take both)."""
+    os_kind = r.string(m, "os", path, default="windows" if service.kind == "iis" else "linux") or ""
+    app_dir = r.string(m, "app_dir", path) or ""
+    if os_kind not in OS_KINDS:
+        r.problem(_join(path, "os"), f"expected one of {', '.join(OS_KINDS)}, got {_show(os_kind)}")
+        return os_kind, app_dir
+    if os_kind == "windows":
+        if app_dir and not _DRIVE_PATH.match(app_dir):
+            r.problem(
+                _join(path, "app_dir"),
+                "a Windows node's app_dir is a drive path such as C:/inetpub/wwwroot/App, got "
+                + _show(app_dir),
+            )
+        app_dir = app_dir.replace("\\", "/")
+        if service.kind == "systemd":
+            r.problem(_join(path, "service.kind"), "systemd does not run on a Windows node (os: windows)")
+    elif service.kind == "iis":
+        r.problem(
+            _join(path, "os"), "an IIS service (service.kind: iis) runs on a Windows node: os must be windows"
+        )
+    return os_kind, app_dir
+
+
 def _parse_node(r: _Reader, raw: Any, path: str) -> Node:
-    m = r.mapping(raw, path, ("name", "ssh", "app_dir", "service", "url", "zone", "group"))
+    m = r.mapping(raw, path, ("name", "ssh", "app_dir", "service", "url", "zone", "group", "os"))
+    service = (
+        _parse_service(r, m.get("service"), _join(path, "service"))
+        if m.get("service") is not None
+        else _missing(r, path, "service", ServiceControl(kind=""))
+    )
+    os_kind, app_dir = _parse_os(r, m, path, service)
     return Node(
         name=r.name(m, "name", path),
         ssh=_parse_ssh(r, m.get("ssh"), _join(path, "ssh"))
         if m.get("ssh") is not None
         else _missing(r, path, "ssh", SshTarget(host="")),
-        app_dir=r.string(m, "app_dir", path) or "",
-        service=_parse_service(r, m.get("service"), _join(path, "service"))
-        if m.get("service") is not None
-        else _missing(r, path, "service", ServiceControl(kind="")),
+        app_dir=app_dir,
+        service=service,
         url=_parse_url(r, m, "url", path, required=True) or "",
         zone=r.string(m, "zone", path, default="default") or "default",
         group=r.string(m, "group", path, required=False),
+        os=os_kind,
     )
 
 
@@ -709,18 +743,23 @@ def _parse_staging_config(r: _Reader, raw: Any, path: str) -> dict[str, dict[str
 
 
 def _parse_staging(r: _Reader, raw: Any, path: str) -> Staging:
-    m = r.mapping(raw, path, ("ssh", "app_dir", "service", "url", "database", "config"))
+    m = r.mapping(raw, path, ("ssh", "app_dir", "service", "url", "database", "config", "os"))
+    service = (
+        _parse_service(r, m.get("service"), _join(path, "service"))
+        if m.get("service") is not None
+        else _missing(r, path, "service", ServiceControl(kind=""))
+    )
+    os_kind, app_dir = _parse_os(r, m, path, service)
     return Staging(
         ssh=_parse_ssh(r, m.get("ssh"), _join(path, "ssh"))
         if m.get("ssh") is not None
         else _missing(r, path, "ssh", SshTarget(host="")),
-        app_dir=r.string(m, "app_dir", path) or "",
-        service=_parse_service(r, m.get("service"), _join(path, "service"))
-        if m.get("service") is not None
-        else _missing(r, path, "service", ServiceControl(kind="")),
+        app_dir=app_dir,
+        service=service,
         url=_parse_url(r, m, "url", path, required=True) or "",
         database=r.string(m, "database", path) or "",
         config=_parse_staging_config(r, m.get("config"), _join(path, "config")),
+        os=os_kind,
     )
 
 

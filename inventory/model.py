@@ -16,6 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SERVICE_KINDS = ("command", "systemd", "iis")
+# A node's operating system: how zerodown touches its files and services (POSIX shell and
+# SFTP on linux; SFTP and PowerShell over Win32-OpenSSH on windows).
+OS_KINDS = ("linux", "windows")
 LB_KINDS = ("haproxy", "f5")
 DB_KINDS = ("mysql", "mssql")
 PROVISIONING_KINDS = ("command",)
@@ -76,6 +79,9 @@ class Node:
     url: str
     zone: str = "default"
     group: str | None = None
+    # OS_KINDS. windows: app_dir is a drive path (`C:/inetpub/wwwroot/SecretServer`), file
+    # steps go over SFTP with PowerShell where it is faster, the shell is Win32-OpenSSH's.
+    os: str = "linux"
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,7 @@ class Staging:
     url: str
     database: str
     config: dict[str, dict[str, str]] = field(default_factory=dict)
+    os: str = "linux"
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,33 @@ def customise(defaults: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def customise_xml(defaults: str, values: dict[str, str], connection_strings: dict[str, str]) -> str:
+    """An XML web.config (lab/packages.py web_config_xml) with each appSettings key of `values`
+    and each connection string of `connection_strings` set: the entry's value replaced where
+    it exists, an <add> appended to its section otherwise; the rest of the text as it was."""
+    out = defaults
+    for section, attr, value_attr, todo in (
+        ("appSettings", "key", "value", values),
+        ("connectionStrings", "name", "connectionString", connection_strings),
+    ):
+        for k, v in todo.items():
+            v = v.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+            entry = re.compile(rf'(<add {attr}="{re.escape(k)}" {value_attr}=")[^"]*(")')
+            if entry.search(out):
+                m = entry.search(out)
+                assert m is not None
+                out = out[: m.end(1)] + v + out[m.start(2) :]
+            else:
+                close = out.index(f"  </{section}>")
+                out = out[:close] + f'    <add {attr}="{k}" {value_attr}="{v}" />\r\n' + out[close:]
+    return out
+
+
+def node_connection_strings(cfg: LabConfig, i: int) -> dict[str, str]:
+    """The node's own connection strings (XML profile): its audit log on its own path."""
+    return {"AuditLog": f"Data Source=logs\\{cfg.node_name(i)}-audit.log;Mode=Append"}
+
+
 def node_customisations(cfg: LabConfig, i: int) -> dict[str, str]:
     name = cfg.node_name(i)
     return {"http.port": str(cfg.app_port(i)), "node.name": name, "custom.banner": f"Welcome to {name}"}
@@ -325,9 +352,13 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
             if member.startswith("/") or ".." in Path(member).parts:
                 raise ValueError(f"{package}: unsafe path {member!r} in package")
         z.extractall(staging)
-    defaults = (staging / MERGED_CONFIG).read_text(encoding="utf-8")
-    (node / ".zerodown" / "defaults" / MERGED_CONFIG).write_text(defaults, encoding="utf-8")
-    (staging / MERGED_CONFIG).write_text(customise(defaults, node_customisations(cfg, i)), encoding="utf-8")
+    defaults = (staging / MERGED_CONFIG).read_bytes().decode("utf-8")
+    (node / ".zerodown" / "defaults" / MERGED_CONFIG).write_bytes(defaults.encode("utf-8"))
+    if defaults.lstrip("\ufeff \t\r\n").startswith("<"):
+        own = customise_xml(defaults, node_customisations(cfg, i), node_connection_strings(cfg, i))
+    else:
+        own = customise(defaults, node_customisations(cfg, i))
+    (staging / MERGED_CONFIG).write_bytes(own.encode("utf-8"))
     password = cfg.db_password_file.read_text(encoding="utf-8").strip()
     _write_private(
         staging / "database.config",
@@ -348,6 +379,15 @@ def install_node(cfg: LabConfig, i: int, package: Path) -> Path:
     ctl.write_text(ctl_script(cfg, i), encoding="utf-8")
     ctl.chmod(0o755)
     return node
+
+
+def installed_profile(cfg: LabConfig, i: int) -> str:
+    """The profile node i was installed for: secret-server when its web.config is XML."""
+    try:
+        head = (cfg.node_dir(i) / "app" / MERGED_CONFIG).read_text(encoding="utf-8")[:200]
+    except OSError:
+        return ""
+    return "secret-server" if head.lstrip("\ufeff \t\r\n").startswith("<") else "default"
 
 
 def ctl(cfg: LabConfig, i: int, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -66,11 +66,16 @@ def _skip(p: Path) -> bool:
     return "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo") or p.name.startswith(".")
 
 
+# The package variants: one per database profile, and Secret Server's stack (SQL Server, and
+# the .NET-style XML web.config: `web_config_xml`).
+VARIANTS = (*DB_PROFILES, "secret-server")
+
+
 def release(major: int, db: str = "mariadb") -> dict[str, Any]:
     """release.json of `major` for a site on `db`: the SQL Server profile's packages carry
     the T-SQL scripts (migrations/mssql/) and say so (`"database": "mssql"`)."""
     data = json.loads(json.dumps(RELEASES[major]))
-    if db == "mssql":
+    if db in ("mssql", "secret-server"):
         data["database"] = "mssql"
         for m in data["migrations"]:
             for key in ("up", "down"):
@@ -89,11 +94,65 @@ def package_files(major: int, db: str = "mariadb") -> dict[str, bytes]:
         for p in sorted(base.rglob("*")):
             rel = p.relative_to(base)
             if p.is_file() and not _skip(rel) and (base != APP_SRC or rel.parts[0] != "releases"):
-                if rel.parts[0] == "migrations" and (rel.parts[1] == "mssql") != (db == "mssql"):
+                if rel.parts[0] == "migrations" and (rel.parts[1] == "mssql") != (db != "mariadb"):
                     continue  # each package carries its own database's scripts only
                 files[rel.as_posix()] = p.read_bytes()
+    if db == "secret-server":
+        files["web.config"] = web_config_xml(files["web.config"].decode("utf-8")).encode("utf-8")
     files["release.json"] = (json.dumps(release(major, db), indent=2) + "\n").encode()
     return files
+
+
+def _xml_attr(v: str) -> str:
+    return v.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# The package's connection strings (a .NET config's <connectionStrings>): nodes point the
+# audit log elsewhere (lab/nodes.py), a customisation the XML merge must carry by name.
+DEFAULT_CONNECTION_STRINGS = {"AuditLog": "Data Source=logs\\audit.log;Mode=Append"}
+
+
+def web_config_xml(kv_text: str, connection_strings: dict[str, str] | None = None) -> str:
+    """A `key = value` web.config as the XML a .NET application keeps (Microsoft Learn,
+    "appSettings element", "connectionStrings element"): every key an <add key= value= /> of
+    <appSettings>, comments kept as an XML comment, the connection strings after them, and a
+    <system.webServer> section the merge must leave exactly as the package has it."""
+    comments = [ln.lstrip("# ").rstrip() for ln in kv_text.splitlines() if ln.startswith("#")]
+    settings = [
+        (k.strip(), v.strip())
+        for k, _, v in (ln.partition("=") for ln in kv_text.splitlines())
+        if _ and k.strip() and not k.lstrip().startswith("#")
+    ]
+    conns = DEFAULT_CONNECTION_STRINGS if connection_strings is None else connection_strings
+    lines = ['<?xml version="1.0" encoding="utf-8"?>', "<!--", *(f"  {c}" for c in comments), "-->"]
+    lines += ["<configuration>", "  <appSettings>"]
+    lines += [f'    <add key="{_xml_attr(k)}" value="{_xml_attr(v)}" />' for k, v in settings]
+    lines += ["  </appSettings>", "  <connectionStrings>"]
+    lines += [
+        f'    <add name="{_xml_attr(n)}" connectionString="{_xml_attr(c)}" providerName="labapp.FileLog" />'
+        for n, c in conns.items()
+    ]
+    lines += [
+        "  </connectionStrings>",
+        "  <system.webServer>",
+        '    <handlers><add name="labapp" path="*" verb="*" modules="httpPlatformHandler" /></handlers>',
+        '    <httpPlatform processPath="python" arguments="app.py" stdoutLogEnabled="false" />',
+        "  </system.webServer>",
+        "</configuration>",
+    ]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def read_web_config_xml(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(appSettings key -> value, connectionStrings name -> connectionString) of an XML config."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(text.lstrip("\ufeff"))
+    settings = {e.get("key", ""): e.get("value", "") for e in root.findall("./appSettings/add")}
+    conns = {
+        e.get("name", ""): e.get("connectionString", "") for e in root.findall("./connectionStrings/add")
+    }
+    return settings, conns
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:
@@ -116,7 +175,7 @@ def build_packages(cfg: LabConfig) -> dict[int, Path]:
     cfg.packages_dir.mkdir(parents=True, exist_ok=True)
     out: dict[int, Path] = {}
     for major in sorted(RELEASES):
-        for db in DB_PROFILES:
+        for db in VARIANTS:
             _write_if_changed(cfg.package(major, db), zip_bytes(package_files(major, db)))
         out[major] = cfg.package(major, "mariadb")
     return out

@@ -158,7 +158,11 @@ def test_iis_scripts_exact() -> None:
     c = service_commands(
         ServiceControl(kind="iis", site="Default Web Site", app_pool="LabPool", timeout_s=90)
     )
-    head = "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
+    head = (
+        "$ErrorActionPreference = 'Stop'; Import-Module WebAdministration; "
+        "$null = Get-Item ('IIS:\\Sites\\' + 'Default Web Site'); "
+        "$null = Get-Item ('IIS:\\AppPools\\' + 'LabPool'); "
+    )
     state = "(Get-WebAppPoolState -Name 'LabPool').Value"
     workers = (
         "@(Get-ChildItem ('IIS:\\AppPools\\' + 'LabPool' + '\\WorkerProcesses') "
@@ -172,31 +176,47 @@ def test_iis_scripts_exact() -> None:
         "(($others | ForEach-Object { if ($_.name) { $_.name } else { $_.path } }) -join ', ') + "
         "': stopping it stops them too (service.shared_pool: true if intended)'); exit 5 }; "
     )
+    deadline = "$deadline = (Get-Date).AddSeconds(90); "
+
+    def wait(condition: str, wanted: str, extra: str = "") -> str:
+        return (
+            f"while ({condition}) {{ if ((Get-Date) -gt $deadline) {{ "
+            f"Write-Output ('app pool ' + 'LabPool' + ' did not reach {wanted}, state: ' + {state}{extra}); "
+            "exit 1 }; Start-Sleep -Milliseconds 250 }; "
+        )
+
+    # Starting / Stopping waited out first: Stop-WebAppPool only from Started (0x800710D8 else).
+    settle = wait(f"@('Starting', 'Stopping') -contains {state}", "a settled state")
     assert _decode_ps(c.stop) == (
         head
         + sharing
+        + deadline
         + "Stop-Website -Name 'Default Web Site'; "
-        + f"if ({state} -ne 'Stopped') {{ Stop-WebAppPool -Name 'LabPool' }}; "
-        + "$deadline = (Get-Date).AddSeconds(90); "
-        + f"while (({state} -ne 'Stopped') -or ({workers} -gt 0)) {{ "
-        + "if ((Get-Date) -gt $deadline) { "
-        + f"Write-Output ('app pool ' + 'LabPool' + ' did not reach Stopped, state: ' + {state} + "
-        + f"', worker processes: ' + {workers}); exit 1 }}; "
-        + "Start-Sleep -Milliseconds 500 }; exit 0"
+        + settle
+        + f"if ({state} -eq 'Started') {{ Stop-WebAppPool -Name 'LabPool' }}; "
+        + wait(
+            f"({state} -ne 'Stopped') -or ({workers} -gt 0)",
+            "Stopped",
+            f" + ', worker processes: ' + {workers}",
+        )
+        + "exit 0"
     )
     assert _decode_ps(c.start) == (
         head
-        + f"if ({state} -ne 'Started') {{ Start-WebAppPool -Name 'LabPool' }}; "
-        + "Start-Website -Name 'Default Web Site'; "
-        + "$deadline = (Get-Date).AddSeconds(90); "
-        + f"while (({state} -ne 'Started')) {{ "
-        + "if ((Get-Date) -gt $deadline) { "
-        + f"Write-Output ('app pool ' + 'LabPool' + ' did not reach Started, state: ' + {state}); exit 1 }}; "
-        + "Start-Sleep -Milliseconds 500 }; exit 0"
+        + deadline
+        + settle
+        + f"if ({state} -eq 'Stopped') {{ Start-WebAppPool -Name 'LabPool' }}; "
+        + wait(f"{state} -ne 'Started'", "Started")
+        + "Start-Website -Name 'Default Web Site'; exit 0"
     )
+    # Stopped with a worker process still finishing requests is not stopped yet (exit 4).
     assert _decode_ps(c.status) == (
-        head + f"$s = {state}; Write-Output $s; "
-        "if ($s -eq 'Started') { exit 0 } elseif ($s -eq 'Stopped') { exit 3 } else { exit 4 }"
+        head + f"$s = {state}; $w = {workers}; "
+        "if ($s -eq 'Started') { Write-Output $s; exit 0 } "
+        "elseif ($s -eq 'Stopped' -and $w -eq 0) { Write-Output $s; exit 3 } "
+        "elseif ($s -eq 'Stopped') { "
+        "Write-Output ('Stopped, worker processes still running: ' + $w); exit 4 } "
+        "else { Write-Output $s; exit 4 }"
     )
     # A pool the inventory says is shared on purpose: no refusal.
     shared = service_commands(

@@ -97,6 +97,10 @@ def _check_relpath(kind: str, rel: str) -> None:
 
 
 async def folder_manifest(node: Node, folder: str) -> dict[str, str]:
+    if node.os == "windows":
+        from activities.nodefs import files_of
+
+        return await files_of(node).manifest(folder)
     res = await ssh.run(node.ssh, _manifest_cmd(folder), timeout_s=CMD_TIMEOUT_S)
     return parse_sha256sum(res.stdout)
 
@@ -144,6 +148,10 @@ async def backup_app(node: Node, backup_id: str, protected_files: tuple[str, ...
     An existing complete backup with this id is reused only when its manifest equals the
     folder as it is now (BackupConflict otherwise: the id stands for another state).
     """
+    if node.os == "windows":
+        from activities.deploy import winfolder
+
+        return await winfolder.backup_app(node, backup_id, protected_files)
     check_id("backup id", backup_id)
     for p in protected_files:
         _check_relpath("protected file", p)
@@ -384,6 +392,10 @@ async def deploy(
     merge_files: tuple[str, ...],
     release_id: str,
 ) -> DeployResult:
+    if node.os == "windows":
+        from activities.deploy import winfolder
+
+        return await winfolder.deploy(node, package, protected_files, merge_files, release_id)
     check_id("release id", release_id)
     for p in (*protected_files, *merge_files):
         _check_relpath("file", p)
@@ -541,6 +553,10 @@ async def _put_list(node: Node, names: list[str], remote: str) -> None:
 
 async def restore_app(bk: AppBackup) -> AppRestoreResult:
     """Make the application folder equal to the backup again (and the recorded defaults)."""
+    if bk.node.os == "windows":
+        from activities.deploy import winfolder
+
+        return await winfolder.restore_app(bk)
     node, app = bk.node, bk.node.app_dir
     base = bk.path[:-4] if bk.path.endswith(".tar") else bk.path
     res = await ssh.run(

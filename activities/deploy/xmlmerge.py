@@ -170,3 +170,35 @@ def _insertion(text: str, close: int, elements: list[str]) -> tuple[int, int, st
         return close, close, "".join(f" {e}" for e in elements) + " "
     newline = "\r\n" if "\r\n" in text else "\n"
     return line_start, line_start, "".join(f"{before}  {e}{newline}" for e in elements)
+
+
+def _escape(v: str) -> str:
+    return v.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def set_app_settings(text: str, values: dict[str, str], name: str = "the config file") -> str:
+    """`text` with each appSettings entry of `values` set (its `value` attribute replaced
+    where the key exists, an `<add key= value= />` appended otherwise); the rest as it was.
+    What a staging copy's overrides do to an XML config (key = value files: apply_overrides)."""
+    _parse_check(text, "it", name)
+    if _section_span(text, "appSettings") is None:
+        fail(MERGE_UNSUPPORTED, f"{name} has no <appSettings> section to set {', '.join(sorted(values))} in")
+    out = text
+    for key, value in values.items():
+        entry = _entries(out, "appSettings", "key").get(key)
+        if entry is None:
+            span = _section_span(out, "appSettings")
+            assert span is not None
+            start, end, added = _insertion(
+                out, span[1], [f'<add key="{_escape(key)}" value="{_escape(value)}" />']
+            )
+        else:
+            start, end = entry.start, entry.end
+            m = re.search(r"""\bvalue\s*=\s*("[^"]*"|'[^']*')""", entry.text)
+            added = (
+                entry.text[: m.start(1)] + f'"{_escape(value)}"' + entry.text[m.end(1) :]
+                if m
+                else entry.text.replace("<add", f'<add value="{_escape(value)}"', 1)
+            )
+        out = out[:start] + added + out[end:]
+    return out

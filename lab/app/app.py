@@ -117,9 +117,16 @@ log = logging.getLogger("labapp")
 
 
 def read_kv(path: Path) -> dict[str, str]:
-    """Parse a ``key = value`` file (``#`` comments, blank lines ignored)."""
+    """Parse a ``key = value`` file (``#`` comments, blank lines ignored), or a .NET-style XML
+    config (the Secret Server profile's web.config): its ``<appSettings>`` entries."""
     out: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip("\ufeff \t\r\n").startswith("<"):
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(text.lstrip("\ufeff"))
+        return {e.get("key", ""): e.get("value", "") for e in root.findall("./appSettings/add")}
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
