@@ -49,7 +49,7 @@ from inventory.load import load_inventory
 from inventory.model import Inventory
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
-from lab.config import BACKEND, DB_PROFILES, LabConfig
+from lab.config import BACKEND, DB_PROFILES, PROFILES, LabConfig
 from starter import client as zc
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult
 from workflows.ss_rolling import SsRollingInput, SsRollingResult
@@ -272,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         default="mariadb",
         help="the site's database: MariaDB, or SQL Server (the lab's TDS stand-in, T-SQL packages)",
     )
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="default",
+        help="the site: default (Linux nodes, HAProxy, --db), or secret-server (Windows/IIS nodes "
+        "through their Win32-OpenSSH stand-ins, behind the lab's F5, on SQL Server)",
+    )
     p.add_argument("--keep", action="store_true", help="leave the lab and worker running")
     p.add_argument(
         "--timeout",
@@ -289,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         port_base=a.port_base,
         temporal_port=a.port_base + 50,
         temporal_ui_port=a.port_base + 51,
-        db=a.db,
+        db="mssql" if a.profile == "secret-server" else a.db,
+        profile=a.profile,
     )
-    say(f"database profile: {a.db}")
+    say(f"profile: {cfg.profile}, database: {cfg.db}")
     return launch(run_bench(cfg, a.rate, a.runs, a.keep, a.timeout))
 
 

@@ -37,6 +37,7 @@ from lab.config import (
     DB_USER,
     OX_BACKEND,
     OX_SECONDARY_BACKEND,
+    PROFILES,
     SCRATCH_DB_NAME,
     STAGING_DB_NAME,
     STAGING_NAME,
@@ -47,6 +48,7 @@ from lab.f5 import lab as f5_lab
 from lab.mssql import lab as mssql_lab
 from lab.nodes import HEALTH_FILE
 from lab.procs import pid_alive, stop_pidfile
+from lab.windows import state as windows_state
 
 log = logging.getLogger("lab.manager")
 
@@ -99,6 +101,8 @@ def config_from_state(root: Path) -> LabConfig | None:
     }
     if state.get("db") in DB_PROFILES:
         fields["db"] = state["db"]
+    if state.get("profile") in PROFILES:
+        fields["profile"] = state["profile"]
     if "nodes" not in fields or "port_base" not in fields:
         return None
     try:
@@ -135,10 +139,12 @@ def _nodes_up(cfg: LabConfig) -> None:
     """Packages, node folders (first time only), SSH endpoints, then every app."""
     from lab import nodes, packages, sshd
 
-    pkgs = packages.build_packages(cfg)
+    packages.build_packages(cfg)
     for i in cfg.node_indexes:
-        if not _installed(cfg, i):
-            nodes.install_node(cfg, i, pkgs[1])
+        if not _installed(cfg, i) or nodes.installed_profile(cfg, i) != cfg.profile:
+            # First time, or the lab now stands for the other profile (XML configs or not).
+            nodes.stop_node(cfg, i)
+            nodes.install_node(cfg, i, cfg.package(1))
         else:
             # A node installed before the admin interface existed gets its admin.config
             # (a protected file: deploys refuse a node without it).
@@ -308,6 +314,8 @@ def _database_entry(cfg: LabConfig) -> dict[str, Any]:
 
 def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     """The lab's inventory as plain data (paths relative to the site.yaml folder)."""
+    if cfg.profile == "secret-server":
+        return secret_server_site_inventory(cfg)
     node_entries = [
         {
             "name": cfg.node_name(i),
@@ -421,6 +429,56 @@ def site_inventory(cfg: LabConfig) -> dict[str, Any]:
     }
 
 
+def secret_server_site_inventory(cfg: LabConfig) -> dict[str, Any]:
+    """The secret-server profile's inventory: the lab's nodes seen as Windows/IIS nodes
+    through their Win32-OpenSSH stand-ins (lab/windows: drive paths, PowerShell, IIS app
+    pools over ./ctl), behind the BIG-IP stand-in (lab/f5, over the real HAProxy), on the SQL
+    Server stand-in (lab/mssql). The same node processes as the default profile's."""
+    from lab import windows
+
+    base = site_inventory(dataclasses.replace(cfg, profile="default", db="mssql"))
+
+    def iis_node(i: int) -> dict[str, Any]:
+        return {
+            "name": cfg.node_name(i),
+            "os": "windows",
+            "ssh": _ssh_entry(cfg.win_ssh_port(i)),
+            "app_dir": windows.APP_DIR,
+            "service": {"kind": "iis", "site": windows.SITE, "app_pool": windows.APP_POOL, "timeout_s": 60},
+            "url": f"http://127.0.0.1:{cfg.app_port(i)}",
+            "group": "A" if i <= (cfg.nodes + 1) // 2 else "B",
+        }
+
+    indexes = [i for i in cfg.node_indexes if i <= windows.MAX_NODES]
+    base["site"] = "lab-secret-server"
+    base["nodes"] = [iis_node(i) for i in indexes]
+    base["load_balancers"] = [
+        {
+            "name": "main",
+            "kind": "f5",
+            "url": f5_lab.base_url(cfg),
+            "pool": f"/Common/{f5_lab.POOL}",
+            "members": {cfg.node_name(i): f5_lab.member_name(cfg, i) for i in indexes},
+            "user": "zerodown",
+            "credential": {"file": f"secrets/{f5_lab.password_file(cfg).name}"},
+            "ca_bundle": str(f5_lab.ca_bundle(cfg).relative_to(cfg.abs_root)),
+            "drain_timeout_s": 60,
+            "frontend_url": cfg.main_url,
+        }
+    ]
+    base.pop("provisioning", None)  # the lab clones Linux nodes only
+    staging = base["staging"]
+    staging.update(
+        {
+            "os": "windows",
+            "ssh": _ssh_entry(cfg.win_staging_ssh_port),
+            "app_dir": windows.APP_DIR,
+            "service": {"kind": "iis", "site": windows.SITE, "app_pool": windows.APP_POOL, "timeout_s": 60},
+        }
+    )
+    return base
+
+
 def ox_site_inventory(cfg: LabConfig) -> dict[str, Any]:
     """The OX cluster's inventory (site `lab-ox`) as plain data: the OX nodes behind the
     `ox` (main) and `ox_secondary` load balancers, and the seed's OX settings."""
@@ -518,13 +576,23 @@ def write_site_yaml(cfg: LabConfig) -> Path:
         f"{cfg.ssh_port(1)}+, staging app {cfg.staging_app_port} / SSH {cfg.staging_ssh_port}.\n"
     )
     for db in DB_PROFILES:  # both: the stand-in runs in every lab
-        other = dataclasses.replace(cfg, db=db)
+        other = dataclasses.replace(cfg, db=db, profile="default")
         _write_yaml(
             other.site_yaml,
             header + f"# Database profile: {db} (`zerodown lab up --db {db}`).\n",
             site_inventory(other),
         )
         load_inventory(other.site_yaml)
+    ss = dataclasses.replace(cfg, profile="secret-server")
+    _write_yaml(
+        ss.site_yaml,
+        header
+        + "# Profile secret-server (`zerodown lab up --profile secret-server`): Windows/IIS nodes\n"
+        + f"# (Win32-OpenSSH stand-ins on SSH {cfg.win_ssh_port(1)}+), the BIG-IP stand-in at "
+        + f"{f5_lab.base_url(cfg)}, SQL Server.\n",
+        site_inventory(ss),
+    )
+    load_inventory(ss.site_yaml)
     return cfg.site_yaml
 
 
@@ -826,12 +894,13 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
     # before the warm server is emptied (no restart: every node left is reinstalled and
     # restarted, or wiped, below).
     moved = await asyncio.to_thread(mariadb.point_nodes_at_primary, cfg, False)
-    pkgs = await asyncio.to_thread(packages.build_packages, cfg)
+    await asyncio.to_thread(packages.build_packages, cfg)
 
     async def reinstall(i: int) -> None:
         await asyncio.to_thread(nodes.stop_node, cfg, i)
         await asyncio.to_thread(_wipe_node_state, cfg, i)
-        await asyncio.to_thread(nodes.install_node, cfg, i, pkgs[1])
+        # The profile's v1: the secret-server profile's nodes run on XML configs.
+        await asyncio.to_thread(nodes.install_node, cfg, i, cfg.package(1))
 
     db_done: list[str] = []
 
@@ -847,6 +916,7 @@ async def lab_reset(cfg: LabConfig) -> list[str]:
         }
     )
     db_done.extend(await asyncio.to_thread(mssql_lab.reset, cfg))
+    db_done.extend(await asyncio.to_thread(windows_state.reset, cfg))  # IIS configs as installed
     back = await asyncio.to_thread(provision.forget_destroyed, cfg)  # their SSH endpoints again
     await asyncio.to_thread(sshd.start_sshd, cfg)
     ox_done: list[str] = []

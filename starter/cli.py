@@ -1012,6 +1012,7 @@ def _lab_cfg(
     ox_nodes: int | None = None,
     ox_schemata: int | None = None,
     db: str | None = None,
+    profile: str | None = None,
 ) -> Any:
     """The lab's config; for an existing lab, the node counts and ports it was built with."""
     import json
@@ -1031,6 +1032,7 @@ def _lab_cfg(
         ox_nodes=int(state.get("ox_nodes", 0)) if ox_nodes is None else ox_nodes,
         ox_schemata=ox_schemata or int(state.get("ox_schemata", 20)),
         db=db or str(state.get("db", "mariadb")),
+        profile=profile or str(state.get("profile", "default")),
     )
 
 
@@ -1058,17 +1060,28 @@ def lab_up(
             "inventory ROOT/site-mssql.yaml). Default: as last started",
         ),
     ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="the site the lab stands for: default, or secret-server (Windows/IIS nodes behind "
+            "the lab's F5, SQL Server; inventory ROOT/site-secret-server.yaml). Default: as last started",
+        ),
+    ] = None,
 ) -> None:
     """Build and start the lab; writes ROOT/site.yaml and ROOT/site-mssql.yaml (and
     ROOT/ox-site.yaml with --ox), and prints the one the chosen --db profile uses."""
     from lab import manager
-    from lab.config import DB_PROFILES
+    from lab.config import DB_PROFILES, PROFILES
 
     if db is not None and db not in DB_PROFILES:
         err.print(f"[bold red]--db {db}[/]: expected one of {', '.join(DB_PROFILES)}")
         raise typer.Exit(2)
+    if profile is not None and profile not in PROFILES:
+        err.print(f"[bold red]--profile {profile}[/]: expected one of {', '.join(PROFILES)}")
+        raise typer.Exit(2)
     count = 0 if ox is False else ox_nodes or (3 if ox else None)
-    cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata, db=db)
+    cfg = _lab_cfg(root, nodes, ox_nodes=count, ox_schemata=ox_schemata, db=db, profile=profile)
     site = asyncio.run(manager.lab_up(cfg, with_temporal=temporal))
     console.print(
         f"[green]lab up[/]: inventory {site}"

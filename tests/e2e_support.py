@@ -27,6 +27,7 @@ from temporalio.client import Client, WorkflowHandle
 from activities.haproxy import parse_servers_state
 from lab import haproxy as lab_haproxy
 from lab import mariadb as lab_mariadb
+from lab import nodes as lab_nodes
 from lab.config import BACKEND, LabConfig
 from lab.probe import start_probe_process, stop_probe_process
 
@@ -244,6 +245,8 @@ async def ensure_v1(lab: LabConfig) -> None:
             and not lab_haproxy.maintenance_on(lab)
             and not lab_haproxy.preview_keys(lab)
             and all((lab.node_dir(i) / "health_check.html").is_file() for i in lab.node_indexes)
+            # Installed for this profile (the secret-server profile's nodes have XML configs).
+            and all(lab_nodes.installed_profile(lab, i) == lab.profile for i in lab.node_indexes)
             # The warm server empty, no node pointed at it (seed 004's revert).
             and not lab_mariadb.warm_problems(lab)
             and not lab_mariadb.nodes_on_warm(lab)
