@@ -51,6 +51,7 @@ from activities.mysql import (
 from activities.node import (
     count_open_sessions,
     inspect_node_storage,
+    recycle_service,
     run_node_command,
     service_status,
     set_config_values,
@@ -70,6 +71,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     stop_service,
     start_service,
     service_status,
+    recycle_service,
     inspect_node_storage,
     set_health_file,
     set_config_values,

@@ -32,6 +32,9 @@ class ServiceCommands:
     stop: str
     start: str
     status: str
+    # Recycling in place (IIS: Restart-WebAppPool); "" where the service has no such verb and
+    # a recycle is a stop then a start.
+    recycle: str = ""
 
 
 def _fmt_seconds(s: float) -> str:
@@ -123,7 +126,28 @@ def iis_scripts(site: str, pool: str, timeout_s: float, shared_pool: bool = Fals
         f"exit {IIS_UNSETTLED} }} "
         f"else {{ Write-Output $s; exit {IIS_UNSETTLED} }}"
     )
-    return ServiceCommands(stop=stop, start=start, status=status)
+    # A recycle (Restart-WebAppPool: a new worker process; the seed's "recycle the app pool")
+    # from Started; a Stopped pool is started instead.
+    # The worker processes that served before the recycle must be gone at its end (IIS starts
+    # the new one first, then the old one finishes its requests and exits).
+    old_workers = (
+        f"@(Get-ChildItem ('IIS:\\AppPools\\' + {q_pool} + '\\WorkerProcesses') "
+        "-ErrorAction SilentlyContinue | Where-Object { $old -contains $_.processId }).Count"
+    )
+    recycle = (
+        head
+        + deadline
+        + settle
+        + f"$old = @(Get-ChildItem ('IIS:\\AppPools\\' + {q_pool} + '\\WorkerProcesses') "
+        + "-ErrorAction SilentlyContinue | ForEach-Object { $_.processId }); "
+        + f"if ({state} -eq 'Started') {{ Restart-WebAppPool -Name {q_pool} }} "
+        + f"else {{ Start-WebAppPool -Name {q_pool} }}; "
+        + wait_while(
+            f"({state} -ne 'Started') -or ({old_workers} -gt 0)", "Started with new worker processes"
+        )
+        + "exit 0"
+    )
+    return ServiceCommands(stop=stop, start=start, status=status, recycle=recycle)
 
 
 def service_commands(svc: ServiceControl) -> ServiceCommands:
@@ -149,6 +173,7 @@ def service_commands(svc: ServiceControl) -> ServiceCommands:
             stop=powershell.encoded(scripts.stop),
             start=powershell.encoded(scripts.start),
             status=powershell.encoded(scripts.status),
+            recycle=powershell.encoded(scripts.recycle),
         )
     fail(INVALID_REQUEST, f"unknown service kind {svc.kind!r}")
 
@@ -399,6 +424,34 @@ async def start_service(req: ServiceRequest) -> ServiceState:
     """Start the node's service (idempotent) and wait until its status says running.
     Application health is a separate check (http_checks.wait_healthy)."""
     return await set_running(req.node, running=True)
+
+
+async def recycle(node: Node) -> ServiceState:
+    """Recycle the service: IIS's Restart-WebAppPool (a stopped pool is started), waited
+    until Started; a service without a recycle verb is stopped, then started."""
+    cmds = service_commands(node.service)
+    if not cmds.recycle:
+        await set_running(node, running=False)
+        st = await set_running(node, running=True)
+        return ServiceState(node_name=st.node_name, running=st.running, detail=st.detail, changed=True)
+    deadline = time.monotonic() + node.service.timeout_s
+    res = await ssh.run(node.ssh, cmds.recycle, timeout_s=node.service.timeout_s, check=False)
+    if res.exit_status != 0:
+        said = tail(res.stdout, 700) or tail(powershell.readable_stderr(res.stderr), 1200)
+        fail(
+            SSH_COMMAND_FAILED,
+            f"node {node.name} ({ssh.where(node.ssh)}): the IIS recycle script exited with status "
+            f"{res.exit_status}: {said or '(no output)'}",
+        )
+    st = await _wait_state(node, True, deadline, "recycle")
+    return ServiceState(node_name=st.node_name, running=st.running, detail=st.detail, changed=True)
+
+
+@activity.defn
+async def recycle_service(req: ServiceRequest) -> ServiceState:
+    """Recycle the node's service (seed 001's "recycle the app pool" at a DR site); its
+    health is a separate check (http_checks.wait_healthy)."""
+    return await recycle(req.node)
 
 
 @activity.defn

@@ -150,3 +150,25 @@ async def test_storage_sessions_and_health_file_on_the_windows_path(iis_node: No
     finally:
         if not health.exists():
             health.write_bytes(original)
+
+
+async def test_a_recycle_gives_the_pool_a_new_worker_process(iis_node: Node, lab: LabConfig) -> None:
+    before = _app_pid(lab)
+    assert before is not None
+    state = await node_acts.recycle(iis_node)
+    assert state.running and state.changed and state.detail == "Started"
+    deadline = asyncio.get_running_loop().time() + 30
+    async with aiohttp.ClientSession() as s:
+        while True:  # the recycled worker comes back on the node's port
+            try:
+                async with s.get(f"{iis_node.url}/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+    after = _app_pid(lab)
+    assert after is not None and after != before and not _alive(before)
+    script = node_acts.iis_scripts("SecretServer", "SecretServer", 60).recycle
+    assert "Restart-WebAppPool -Name 'SecretServer'" in script

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 import activities.app_admin as app_admin
 from activities import f5
@@ -26,9 +27,17 @@ from lab import mariadb as lab_mariadb
 from lab.config import LabConfig
 from lab.nodes import node_connection_strings, node_customisations
 from lab.packages import read_web_config_xml
-from tests.e2e_support import app_manifests, assert_no_write_lost, ensure_v1, probe, served_versions
+from tests.e2e_support import (
+    app_manifests,
+    assert_no_write_lost,
+    ensure_v1,
+    probe,
+    served_versions,
+    zerodown,
+)
 from tests.signing_support import signed
 from tests.ss_support import checksums, enforce_version_match, wait_gate, wf_id
+from tests.temporal_env import temporal_address
 from workflows.gates import Decision, GateRecord
 from workflows.rolling_deploy import RollingDeployInput, RollingDeployResult, RollingDeployWorkflow
 from workflows.ss_load_balanced import SsLoadBalancedInput, SsLoadBalancedResult, SsLoadBalancedWorkflow
@@ -266,3 +275,30 @@ async def test_rolling_deploy_on_windows_nodes_behind_the_f5(
     assert encryption_configs(site) == keys
     assert_xml_customisations_carried(site)
     assert result.db_backup is not None and result.db_backup.endswith(".bak")
+
+
+async def test_zerodown_plan_accepts_the_profiles_inventory_and_changes_nothing(
+    ss_site: LabConfig, temporal_env: WorkflowEnvironment, lab_worker: str
+) -> None:
+    """README's F5 + IIS + SQL Server inventory: `zerodown plan` runs every procedure's
+    preflight on it (SSH through cmd.exe, PowerShell storage, the F5's members over iControl
+    REST, SQL Server over TDS) and prints the plan."""
+    site = ss_site
+    before = app_manifests(site)
+    states = lab_haproxy.server_states(site)
+    for procedure in ("ss-rolling", "ss-load-balanced", "rolling-deploy"):
+        code, out = await zerodown(
+            "plan",
+            procedure,
+            "-i",
+            str(site.site_yaml),
+            "-p",
+            str(site.package(2)),
+            "--address",
+            temporal_address(temporal_env),
+            "--task-queue",
+            lab_worker,
+        )
+        assert code == 0, out
+        assert "plan (dry run, nothing was changed)" in out and "plan hash: " in out, out
+    assert app_manifests(site) == before and lab_haproxy.server_states(site) == states
