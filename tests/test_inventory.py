@@ -10,19 +10,7 @@ import yaml
 
 from inventory.load import load_inventory, parse_inventory
 from inventory.model import AdminApi, InventoryError, MaintenanceSwitch, SecretRef, UnknownNodeError
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
-
-
-def example() -> dict[str, Any]:
-    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    return raw
-
-
-def problems_of(raw: Any) -> list[str]:
-    with pytest.raises(InventoryError) as info:
-        parse_inventory(raw, base_dir=EXAMPLE.parent)
-    return info.value.problems
+from tests.inventory_support import EXAMPLE, example, problems_of
 
 
 def test_full_example_loads_into_frozen_dataclasses() -> None:

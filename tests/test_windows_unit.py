@@ -5,34 +5,18 @@ override treat them."""
 from __future__ import annotations
 
 import base64
-from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from temporalio.exceptions import ApplicationError
 
 from activities import powershell
 from activities.deploy.xmlmerge import merge_xml, set_app_settings
 from activities.nodefs import split_drive
 from inventory.load import parse_inventory
-from inventory.model import InventoryError
 from lab.config import LabConfig
 from lab.nodes import customise_xml, node_connection_strings, node_customisations
 from lab.packages import package_files, read_web_config_xml, web_config_xml
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.example.yaml"
-
-
-def example() -> dict[str, Any]:
-    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    return raw
-
-
-def _problems(raw: Any) -> list[str]:
-    with pytest.raises(InventoryError) as info:
-        parse_inventory(raw, base_dir=EXAMPLE.parent)
-    return info.value.problems
+from tests.inventory_support import EXAMPLE, example, problems_of
 
 
 def test_an_iis_node_is_a_windows_node_with_a_drive_path() -> None:
@@ -51,7 +35,7 @@ def test_os_and_app_dir_that_do_not_fit_are_refused_with_their_paths() -> None:
     raw["nodes"][1]["os"] = "linux"  # but its service is IIS
     raw["nodes"][2]["os"] = "windows"  # but systemd, and a POSIX path
     raw["staging"]["os"] = "solaris"
-    problems = _problems(raw)
+    problems = problems_of(raw)
     assert any(p.startswith("nodes[0].app_dir: a Windows node's app_dir is a drive path") for p in problems)
     iis_on_linux = "nodes[1].os: an IIS service (service.kind: iis) runs on a Windows node: os must be "
     iis_on_linux += "windows"

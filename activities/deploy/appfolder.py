@@ -28,6 +28,7 @@ import json
 import posixpath
 import re
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from temporalio import activity
@@ -445,20 +446,10 @@ rm -rf "$R"; mv "$R.tmp" "$R"
 
     # 5. Merged configs into the staged tree; the diff (values!) into a private file next
     #    to it. The pristine defaults are recorded after success (step 9).
-    pristine: dict[str, bytes] = {}
-    for plan in plans:
-        if plan.new_defaults is not None:
-            pristine[plan.file] = plan.new_defaults
-        if plan.outcome is None:
-            continue
-        await ssh.put_bytes(node.ssh, _encode(plan.outcome.text), f"{rel}/{plan.file}")
-        diff_remote = diff_path_for(release_id, plan.file)
-        if plan.outcome.diff:
-            await ssh.put_bytes(
-                node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote, mode=0o600
-            )
-        else:
-            await _sh(node, f"rm -f {_q(diff_remote)}", f"removing a stale {diff_remote}")
+    async def remove_stale(path: str) -> None:
+        await _sh(node, f"rm -f {_q(path)}", f"removing a stale {path}")
+
+    pristine = await write_merged(node, plans, rel, release_id, remove_stale)
     reports = [plan.report for plan in plans]
 
     # 6. Protected files never leave the stage: removed from it and excluded from the copy.
@@ -490,41 +481,11 @@ rm -f "$R.copy.tar"
         )
 
     # 8. Verify: every staged file landed, no protected file changed.
-    after = await folder_manifest(node, app)
-    wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
-    if wrong:
-        fail(
-            DEPLOY_VERIFICATION_FAILED,
-            f"node {node.name}: after copying, {len(wrong)} file(s) in {app} differ from release "
-            f"{release_id}: {', '.join(wrong[:10])}",
-        )
-    changed = sorted(p for p, d in protected_before.items() if after.get(p) != d)
-    if changed:
-        fail(
-            PROTECTED_FILE_CHANGED,
-            f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}",
-        )
+    check_deployed(node, release_id, staged, await folder_manifest(node, app), protected_before)
 
     # 9. Record the new pristine defaults (after success only: the next merge compares
     #    against what this node now runs on).
-    for f, data in pristine.items():
-        await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
-    await ssh.put_bytes(
-        node.ssh,
-        _encode(
-            json.dumps(
-                {
-                    "release_id": release_id,
-                    "name": package.name,
-                    "version": package.version,
-                    "sha256": package.sha256,
-                },
-                indent=2,
-            )
-            + "\n"
-        ),
-        f"{ZD}/installed.json",
-    )
+    await record_installed(node, package, release_id, pristine)
     return DeployResult(
         node_name=node.name,
         version=package.version,
@@ -533,6 +494,74 @@ rm -f "$R.copy.tar"
         already_deployed=already,
         release_id=release_id,
     )
+
+
+# ----------------------------------------------------------------- steps both OS paths share
+
+
+async def write_merged(
+    node: Node,
+    plans: list[_MergePlan],
+    rel: str,
+    release_id: str,
+    remove_stale: Callable[[str], Awaitable[None]],
+) -> dict[str, bytes]:
+    """Step 5: the merged configs into the staged release `rel`, each diff (values!) into a
+    private file next to it (a stale one removed); returns the pristine new defaults, which
+    are recorded once the deploy succeeded (record_installed)."""
+    pristine: dict[str, bytes] = {}
+    for plan in plans:
+        if plan.new_defaults is not None:
+            pristine[plan.file] = plan.new_defaults
+        if plan.outcome is None:
+            continue
+        await ssh.put_bytes(node.ssh, _encode(plan.outcome.text), f"{rel}/{plan.file}")
+        diff_remote = diff_path_for(release_id, plan.file)
+        if plan.outcome.diff:
+            await ssh.put_bytes(
+                node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote, mode=0o600
+            )
+        else:
+            await remove_stale(diff_remote)
+    return pristine
+
+
+def check_deployed(
+    node: Node,
+    release_id: str,
+    staged: dict[str, str],
+    after: dict[str, str],
+    protected_before: dict[str, str | None],
+) -> None:
+    """Step 8: every staged file landed in the app folder, no protected file changed."""
+    wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
+    if wrong:
+        fail(
+            DEPLOY_VERIFICATION_FAILED,
+            f"node {node.name}: after copying, {len(wrong)} file(s) in {node.app_dir} differ from "
+            f"release {release_id}: {', '.join(wrong[:10])}",
+        )
+    changed = sorted(p for p, d in protected_before.items() if after.get(p) != d)
+    if changed:
+        fail(
+            PROTECTED_FILE_CHANGED,
+            f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}",
+        )
+
+
+async def record_installed(
+    node: Node, package: PackageInfo, release_id: str, pristine: dict[str, bytes]
+) -> None:
+    """Step 9: the new pristine defaults and installed.json, after success only."""
+    for f, data in pristine.items():
+        await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
+    installed = {
+        "release_id": release_id,
+        "name": package.name,
+        "version": package.version,
+        "sha256": package.sha256,
+    }
+    await ssh.put_bytes(node.ssh, _encode(json.dumps(installed, indent=2) + "\n"), f"{ZD}/installed.json")
 
 
 # =========================================================================== restore

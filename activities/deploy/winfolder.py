@@ -17,8 +17,6 @@ that user, the administrators and SYSTEM in: the backups hold the protected file
 
 from __future__ import annotations
 
-import json
-
 from activities.common import check_id, fail, heartbeat
 from activities.deploy.appfolder import (
     BACKUPS,
@@ -29,11 +27,12 @@ from activities.deploy.appfolder import (
     AppRestoreResult,
     DeployResult,
     _check_relpath,
-    _encode,
     _manifest_difference,
     _plan_merges,
-    diff_path_for,
+    check_deployed,
     parse_sha256sum,
+    record_installed,
+    write_merged,
 )
 from activities.deploy.package import PackageInfo, _verify_package
 from activities.nodefs import SftpFiles, files_of
@@ -42,7 +41,6 @@ from errors import (
     BACKUP_CORRUPT,
     BACKUP_INCONSISTENT,
     DEPLOY_VERIFICATION_FAILED,
-    PROTECTED_FILE_CHANGED,
     PROTECTED_FILE_MISSING,
     RESTORE_VERIFICATION_FAILED,
 )
@@ -192,20 +190,10 @@ async def deploy(
     await fs.rename(f"{rel}.tmp", rel)
 
     # 5. Merged configs into the stage; the diff (values!) next to it, never in the history.
-    pristine: dict[str, bytes] = {}
-    for plan in plans:
-        if plan.new_defaults is not None:
-            pristine[plan.file] = plan.new_defaults
-        if plan.outcome is None:
-            continue
-        await ssh.put_bytes(node.ssh, _encode(plan.outcome.text), f"{rel}/{plan.file}")
-        diff_remote = diff_path_for(release_id, plan.file)
-        if plan.outcome.diff:
-            await ssh.put_bytes(
-                node.ssh, _encode("\n".join(plan.outcome.diff) + "\n"), diff_remote, mode=0o600
-            )
-        else:
-            await fs.remove_files("", [diff_remote])
+    async def remove_stale(path: str) -> None:
+        await fs.remove_files("", [path])
+
+    pristine = await write_merged(node, plans, rel, release_id, remove_stale)
     reports = [plan.report for plan in plans]
 
     # 6. Protected files never leave the stage.
@@ -221,32 +209,9 @@ async def deploy(
         listing = await fs.listing(rel)
         await fs.copy_files(rel, app, [p for p in listing.files if p not in protected_files], listing.dirs)
 
-    # 8. Verify: every staged file landed, no protected file changed.
-    after = await fs.manifest(app)
-    wrong = sorted(p for p, d in staged.items() if after.get(p) != d)
-    if wrong:
-        fail(
-            DEPLOY_VERIFICATION_FAILED,
-            f"node {node.name}: after copying, {len(wrong)} file(s) in {app} differ from release "
-            f"{release_id}: {', '.join(wrong[:10])}",
-        )
-    changed = sorted(p for p, d in protected_before.items() if after.get(p) != d)
-    if changed:
-        fail(
-            PROTECTED_FILE_CHANGED,
-            f"node {node.name}: protected file(s) changed by the deploy: {', '.join(changed)}",
-        )
-
-    # 9. Record the new pristine defaults (after success only).
-    for f, data in pristine.items():
-        await ssh.put_bytes(node.ssh, data, f"{DEFAULTS}/{f}")
-    installed = {
-        "release_id": release_id,
-        "name": package.name,
-        "version": package.version,
-        "sha256": package.sha256,
-    }
-    await ssh.put_bytes(node.ssh, _encode(json.dumps(installed, indent=2) + "\n"), f"{ZD}/installed.json")
+    # 8. Verify: every staged file landed, no protected file changed; 9. record the defaults.
+    check_deployed(node, release_id, staged, await fs.manifest(app), protected_before)
+    await record_installed(node, package, release_id, pristine)
     return DeployResult(
         node_name=node.name,
         version=package.version,
