@@ -96,9 +96,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# The order tests start in: the long ones (procedures on the lab) first, so that on a
+# 2-core machine the workers share them from the start instead of the last worker running
+# the longest tests alone at the end; unit tests fill the gaps.
+_START_ORDER = {"e2e": 0, "lab": 1, "workflow": 2, "unit": 3}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    layers = {}
     for item in items:
-        item.add_marker(getattr(pytest.mark, layer_of(set(getattr(item, "fixturenames", ())))))
+        layer = layer_of(set(getattr(item, "fixturenames", ())))
+        item.add_marker(getattr(pytest.mark, layer))
+        layers[item.nodeid] = layer
+    items.sort(key=lambda item: _START_ORDER[layers[item.nodeid]])  # stable: file order kept within
 
 
 # --------------------------------------------------------------------------- the lab
