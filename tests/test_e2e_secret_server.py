@@ -302,3 +302,49 @@ async def test_zerodown_plan_accepts_the_profiles_inventory_and_changes_nothing(
         assert code == 0, out
         assert "plan (dry run, nothing was changed)" in out and "plan hash: " in out, out
     assert app_manifests(site) == before and lab_haproxy.server_states(site) == states
+
+
+async def test_failed_production_sql_in_ss_load_balanced_rolls_node_a_the_f5_and_the_database_back(
+    ss_site: LabConfig, client: Client, lab_worker: str, tmp_path: Path
+) -> None:
+    """Seed 000 step 15 fails on production (the script passed on the restored copy): the
+    rollback puts node A's folder, the F5 (its members and the pool's Action on Service Down,
+    set to Reject at 9.5) and the database back, under the probe with writes."""
+    site = ss_site
+    inv = site_inventory(site)
+    big_ip = inv.load_balancers[0]
+    members_before = await member_states(inv)
+    service_down_before = (await f5.service_down_action(big_ip, "")).now
+    db_before = await checksums(inv)
+    folders_before = app_manifests(site)
+    lab_mariadb.inject_migration_failure(site, "labapp", True)
+    try:
+        with probe(site, tmp_path) as run, pytest.raises(WorkflowFailureError) as info:
+            await client.execute_workflow(
+                SsLoadBalancedWorkflow.run,
+                SsLoadBalancedInput(
+                    inventory=inv,
+                    package_path=str(site.package(2)),
+                    started_by="carol",
+                    on_failure="rollback",
+                ),
+                id=wf_id("windows-lb-fail"),
+                task_queue=lab_worker,
+                execution_timeout=timedelta(minutes=6),
+            )
+    finally:
+        lab_mariadb.inject_migration_failure(site, "labapp", False)
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ProcedureFailed"
+    assert "15 run the upgrade script on production (migration 2)" in str(cause)
+    assert "Action on Service Down of main" in str(cause)  # rolled back with the rest
+    assert await member_states(inv) == members_before
+    assert (await f5.service_down_action(big_ip, "")).now == service_down_before
+    after = await checksums(inv)
+    assert {t: c for t, c in after.items() if t != "items"} == {
+        t: c for t, c in db_before.items() if t != "items"
+    }
+    assert run.summary["failed"] == 0, run.failures()[:5]
+    assert_no_write_lost(site, run)
+    assert app_manifests(site) == folders_before
+    assert await served_versions(site) == {site.node_name(i): "1.0.0" for i in site.node_indexes}
