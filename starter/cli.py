@@ -1069,8 +1069,9 @@ def lab_up(
         ),
     ] = None,
 ) -> None:
-    """Build and start the lab; writes ROOT/site.yaml and ROOT/site-mssql.yaml (and
-    ROOT/ox-site.yaml with --ox), and prints the one the chosen --db profile uses."""
+    """Build and start the lab; writes ROOT/site.yaml, ROOT/site-mssql.yaml and
+    ROOT/site-secret-server.yaml (and ROOT/ox-site.yaml with --ox), and prints the one the
+    chosen --db / --profile uses."""
     from lab import manager
     from lab.config import DB_PROFILES, PROFILES
 
