@@ -25,6 +25,7 @@ from activities.deploy import (
     restore_app_folder,
 )
 from activities.f5 import lb_service_down_action
+from activities.facts import read_database_version, read_node_facts
 from activities.haproxy import (
     lb_add_server,
     lb_check_member,
@@ -77,6 +78,9 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     set_config_values,
     run_node_command,
     count_open_sessions,
+    # prerequisite facts (Version Guard rules)
+    read_node_facts,
+    read_database_version,
     # load balancer
     lb_member_state,
     lb_check_member,

@@ -172,3 +172,38 @@ async def test_a_recycle_gives_the_pool_a_new_worker_process(iis_node: Node, lab
     assert after is not None and after != before and not _alive(before)
     script = node_acts.iis_scripts("SecretServer", "SecretServer", 60).recycle
     assert "Restart-WebAppPool -Name 'SecretServer'" in script
+
+
+async def test_the_prerequisite_facts_come_from_the_node_and_the_database(
+    iis_node: Node, site: Inventory, lab: LabConfig
+) -> None:
+    from activities import facts
+
+    got = await facts.read_node_facts(facts.NodeFactsRequest(iis_node))
+    system = win_state.iis_config(lab, INDEX)["system"]
+    assert (got.os, got.os_version, got.dotnet_release, got.pipeline_mode) == (
+        "windows",
+        system["version"],
+        system["net_release"],
+        "Integrated",
+    )
+    assert "Windows Server" in got.os_caption
+    # Changed on the node (an old server, Classic mode): the facts say so.
+    config = win_state.iis_config(lab, INDEX)
+    config["system"] = {**config["system"], "version": "6.0.6002", "net_release": 378389}
+    config["pools"] = [{**p, "managedPipelineMode": "Classic"} for p in config["pools"]]
+    win_state.set_iis_config(lab, INDEX, config)
+    changed = await facts.read_node_facts(facts.NodeFactsRequest(iis_node))
+    assert (changed.os_version, changed.dotnet_release, changed.pipeline_mode) == (
+        "6.0.6002",
+        378389,
+        "Classic",
+    )
+    linux = dataclasses.replace(iis_node, os="linux")
+    assert await facts.read_node_facts(facts.NodeFactsRequest(linux)) == facts.NodeFacts(
+        node_name="node3", os="linux"
+    )
+    sql = await facts.read_database_version(facts.DatabaseFactsRequest(site.databases[0]))
+    assert sql.kind == "mssql" and sql.version.startswith("16.")
+    maria = load_inventory(lab.site_yaml).databases[0]
+    assert "MariaDB" in (await facts.read_database_version(facts.DatabaseFactsRequest(maria))).version
