@@ -641,16 +641,20 @@ rm -f {_q(base + ".remove")} {_q(base + ".extract")} {_q(base + ".rmdir")}
 """,
             "restoring the recorded config defaults",
         )
-    after = await folder_manifest(node, app)
+    return restored(bk, await folder_manifest(node, app), extract, remove)
+
+
+def restored(bk: AppBackup, after: dict[str, str], extract: list[str], remove: list[str]) -> AppRestoreResult:
+    """A restore's last step on either OS path: the folder must now equal the backup."""
     if after != bk.manifest:
-        diff = sorted(set(after) ^ set(bk.manifest) | {p for p in after if bk.manifest.get(p) != after[p]})
+        diff = _manifest_difference(after, bk.manifest)
         fail(
             RESTORE_VERIFICATION_FAILED,
-            f"node {node.name}: {app} differs from backup {bk.backup_id} after restore in "
+            f"node {bk.node.name}: {bk.node.app_dir} differs from backup {bk.backup_id} after restore in "
             f"{len(diff)} file(s): {', '.join(diff[:10])}",
         )
     return AppRestoreResult(
-        node_name=node.name,
+        node_name=bk.node.name,
         backup_id=bk.backup_id,
         files=len(after),
         rewritten=len(extract),

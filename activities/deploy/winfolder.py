@@ -32,6 +32,7 @@ from activities.deploy.appfolder import (
     check_deployed,
     parse_sha256sum,
     record_installed,
+    restored,
     write_merged,
 )
 from activities.deploy.package import PackageInfo, _verify_package
@@ -42,7 +43,6 @@ from errors import (
     BACKUP_INCONSISTENT,
     DEPLOY_VERIFICATION_FAILED,
     PROTECTED_FILE_MISSING,
-    RESTORE_VERIFICATION_FAILED,
 )
 from inventory.model import Node
 
@@ -242,18 +242,4 @@ async def restore_app(bk: AppBackup, fast: bool = True) -> AppRestoreResult:
         await fs.remove_files(ZD, ["installed.json"])
         kept = await fs.listing(bk.defaults_path)
         await fs.copy_files(bk.defaults_path, ZD, kept.files, kept.dirs)
-    after = await fs.manifest(app)
-    if after != bk.manifest:
-        diff = _manifest_difference(after, bk.manifest)
-        fail(
-            RESTORE_VERIFICATION_FAILED,
-            f"node {node.name}: {app} differs from backup {bk.backup_id} after restore in "
-            f"{len(diff)} file(s): {', '.join(diff[:10])}",
-        )
-    return AppRestoreResult(
-        node_name=node.name,
-        backup_id=bk.backup_id,
-        files=len(after),
-        rewritten=len(extract),
-        removed=tuple(remove),
-    )
+    return restored(bk, await fs.manifest(app), extract, remove)
