@@ -21,7 +21,9 @@ from inventory.load import load_inventory
 from inventory.model import Inventory, Node
 from lab import nodes as lab_nodes
 from lab.config import LabConfig
+from lab.mssql import lab as mssql_lab
 from lab.windows import state as win_state
+from workflows import prerequisites
 
 INDEX = 3
 
@@ -205,5 +207,28 @@ async def test_the_prerequisite_facts_come_from_the_node_and_the_database(
     )
     sql = await facts.read_database_version(facts.DatabaseFactsRequest(site.databases[0]))
     assert sql.kind == "mssql" and sql.version.startswith("16.")
+    # The rules on what was read: the old server, Classic mode and .NET 4.5 fail, each naming it.
+    mssql_lab.set_product_version(lab, "10.50.6000.34")  # SQL Server 2008 R2
+    try:
+        old_sql = await facts.read_database_version(facts.DatabaseFactsRequest(site.databases[0]))
+    finally:
+        mssql_lab.set_product_version(lab, None)
+    assert old_sql.version == "10.50.6000.34"
+    fact = prerequisites.NodeFact(
+        node=changed.node_name,
+        os=changed.os,
+        os_version=changed.os_version,
+        dotnet_release=changed.dotnet_release,
+        pipeline_mode=changed.pipeline_mode,
+        installed_version="10.6.000000",
+    )
+    failed = prerequisites.failures(prerequisites.check("11.0.000000", "mssql", old_sql.version, [fact]))
+    assert [f.split(":")[0] for f in failed] == [
+        "10.7 and later need SQL Server 2012 or later",
+        "10.0 and later need the integrated pipeline mode",
+        "8.9 and later need Windows Server 2008 R2 or later",
+        "8.5 and later need .NET Framework 4.5.1",
+    ]
+    assert "SQL Server 10.50.6000.34" in failed[0] and "Classic" in failed[1] and "6.0.6002" in failed[2]
     maria = load_inventory(lab.site_yaml).databases[0]
     assert "MariaDB" in (await facts.read_database_version(facts.DatabaseFactsRequest(maria))).version

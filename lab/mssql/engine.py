@@ -243,6 +243,15 @@ class LabSqlServer:
                 return name
         return None
 
+    def product_version(self) -> str:
+        """SERVERPROPERTY('ProductVersion'): SQL Server 2022's unless a test made the server
+        another version (lab/mssql/lab.py set_product_version: `server.json` next to ha.json)."""
+        try:
+            data = json.loads(Path(self.cfg.ha_file).with_name("server.json").read_text())
+            return str(data["product_version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "16.0.1000.6"
+
     def ha(self) -> dict[str, Any]:
         try:
             data = json.loads(Path(self.cfg.ha_file).read_text())
@@ -1802,8 +1811,8 @@ def _functions(s: LabSession) -> dict[str, Callable[[list[Any]], Any]]:
     def server_property(args: list[Any]) -> Any:
         prop = str(args[0]).lower() if args else ""
         return {
-            "productversion": "16.0.1000.6",
-            "productmajorversion": "16",
+            "productversion": eng.product_version(),
+            "productmajorversion": eng.product_version().split(".")[0],
             "productlevel": "RTM",
             "edition": "Developer Edition (64-bit)",
             "engineedition": 3,

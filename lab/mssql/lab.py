@@ -112,6 +112,18 @@ def set_availability(cfg: LabConfig, state: dict[str, object] | None) -> None:
     tmp.replace(path)
 
 
+def set_product_version(cfg: LabConfig, version: str | None) -> None:
+    """Make the stand-in report another SERVERPROPERTY('ProductVersion') (e.g. "10.50.6000.34",
+    SQL Server 2008 R2) for a prerequisite test; None: SQL Server 2022's again."""
+    path = ha_file(cfg).with_name("server.json")
+    if version is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"product_version": version}))
+    tmp.replace(path)
+
+
 def status(cfg: LabConfig) -> tuple[bool, str]:
     up = running(cfg)
     return up, f"127.0.0.1:{port(cfg)}" + ("" if up else f" not running: {log_tail(_logfile(cfg), 3)}")
@@ -124,6 +136,9 @@ def reset(cfg: LabConfig) -> list[str]:
     if ha_file(cfg).exists():
         set_availability(cfg, None)
         done.append("SQL Server stand-in: standalone again")
+    if ha_file(cfg).with_name("server.json").exists():
+        set_product_version(cfg, None)
+        done.append("SQL Server stand-in: its own version again")
     if not running(cfg):
         start(cfg)
         done.append("started the SQL Server stand-in")
