@@ -30,6 +30,7 @@ import re
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -418,16 +419,7 @@ async def deploy(
     await _sh(
         node, f"umask 077 && mkdir -p {_q(RELEASES)} {_q(DEFAULTS)} && chmod 700 {_q(ZD)}", f"creating {ZD}"
     )
-    if await _remote_sha256(node, zip_remote) != package.sha256:
-        await ssh.put_file(node.ssh, package.path, zip_remote)
-        remote = await _remote_sha256(node, zip_remote)
-        if remote != package.sha256:
-            fail(
-                DEPLOY_VERIFICATION_FAILED,
-                f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
-                f"{package.sha256}",
-                retryable=True,
-            )
+    await upload_verified(node, package, zip_remote, partial(_remote_sha256, node))
 
     # 4. Stage: a fresh extraction every attempt (cheap, and the merge below edits it).
     #    The node's default umask on purpose: the modes land in the app folder.
@@ -497,6 +489,24 @@ rm -f "$R.copy.tar"
 
 
 # ----------------------------------------------------------------- steps both OS paths share
+
+
+async def upload_verified(
+    node: Node, package: PackageInfo, zip_remote: str, remote_sha256: Callable[[str], Awaitable[str]]
+) -> None:
+    """Step 3: upload the package unless the node already holds the same bytes, then check the
+    node's copy (`remote_sha256`: the OS path's way to hash a file there, "" when missing)."""
+    if await remote_sha256(zip_remote) == package.sha256:
+        return
+    await ssh.put_file(node.ssh, package.path, zip_remote)
+    remote = await remote_sha256(zip_remote)
+    if remote != package.sha256:
+        fail(
+            DEPLOY_VERIFICATION_FAILED,
+            f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
+            f"{package.sha256}",
+            retryable=True,
+        )
 
 
 async def write_merged(

@@ -33,6 +33,7 @@ from activities.deploy.appfolder import (
     parse_sha256sum,
     record_installed,
     restored,
+    upload_verified,
     write_merged,
 )
 from activities.deploy.package import PackageInfo, _verify_package
@@ -41,7 +42,6 @@ from errors import (
     BACKUP_CONFLICT,
     BACKUP_CORRUPT,
     BACKUP_INCONSISTENT,
-    DEPLOY_VERIFICATION_FAILED,
     PROTECTED_FILE_MISSING,
 )
 from inventory.model import Node
@@ -152,7 +152,6 @@ async def deploy(
     release_id: str,
     fast: bool = True,
 ) -> DeployResult:
-    from activities import ssh
 
     check_id("release id", release_id)
     for p in (*protected_files, *merge_files):
@@ -170,16 +169,7 @@ async def deploy(
     heartbeat({"node": node.name, "step": "upload"})
     await fs.makedirs(RELEASES)
     await fs.makedirs(DEFAULTS)
-    if await fs.sha256(zip_remote) != package.sha256:
-        await ssh.put_file(node.ssh, package.path, zip_remote)
-        remote = await fs.sha256(zip_remote)
-        if remote != package.sha256:
-            fail(
-                DEPLOY_VERIFICATION_FAILED,
-                f"node {node.name}: uploaded {zip_remote} has sha256 {remote or '(none)'}, expected "
-                f"{package.sha256}",
-                retryable=True,
-            )
+    await upload_verified(node, package, zip_remote, fs.sha256)
 
     # 4. Stage: a fresh extraction every attempt.
     heartbeat({"node": node.name, "step": "extract"})

@@ -1609,18 +1609,22 @@ def _write_content(rt: Interp, c: Call, append: bool) -> Iterable[Any]:
     return []
 
 
+# Set-Content's and Add-Content's parameters (the same on both Microsoft Learn pages).
+_CONTENT_PARAMS = [
+    Param("Path", position=0, type_text="System.String[]"),
+    Param("LiteralPath", aliases=("PSPath", "LP"), type_text="System.String[]"),
+    Param("Value", position=1, type_text="System.Object[]"),
+    Param("Encoding"),
+    Param("NoNewline", switch=True),
+    Param("Force", switch=True),
+]
+
+
 # https://learn.microsoft.com/en-us/powershell/module/microsoft.powershell.management/set-content?view=powershell-5.1
 # 5.1's default encoding is "Default" (ANSI); -Encoding UTF8 writes a BOM.
 @cmdlet(
     "Set-Content",
-    [
-        Param("Path", position=0, type_text="System.String[]"),
-        Param("LiteralPath", aliases=("PSPath", "LP"), type_text="System.String[]"),
-        Param("Value", position=1, type_text="System.Object[]"),
-        Param("Encoding"),
-        Param("NoNewline", switch=True),
-        Param("Force", switch=True),
-    ],
+    _CONTENT_PARAMS,
     pipeline=True,
     aliases=("sc",),
 )
@@ -1631,14 +1635,7 @@ def set_content(rt: Interp, c: Call) -> Iterable[Any]:
 # https://learn.microsoft.com/en-us/powershell/module/microsoft.powershell.management/add-content?view=powershell-5.1
 @cmdlet(
     "Add-Content",
-    [
-        Param("Path", position=0, type_text="System.String[]"),
-        Param("LiteralPath", aliases=("PSPath", "LP"), type_text="System.String[]"),
-        Param("Value", position=1, type_text="System.Object[]"),
-        Param("Encoding"),
-        Param("NoNewline", switch=True),
-        Param("Force", switch=True),
-    ],
+    _CONTENT_PARAMS,
     pipeline=True,
     aliases=("ac",),
 )

@@ -157,6 +157,22 @@ def _record(
     return rec
 
 
+def _item_not_found(c: Call, path: str, item_cmd: str, cls: str) -> ErrorRecord:
+    """The provider's "Cannot find path" as the *-WebItem command behind a cmdlet reports it."""
+    return _record(
+        c,
+        f"Cannot find path '{path}' because it does not exist.",
+        "PathNotFound",
+        "ObjectNotFound",
+        "ItemNotFoundException",
+        item_cmd,
+        cls,
+        target_name=path,
+        target_type="String",
+        exception_type="System.Management.Automation.ItemNotFoundException",
+    )
+
+
 def _names(c: Call) -> list[str]:
     return [to_str(n) for n in as_list(c.get("Name"))]
 
@@ -174,20 +190,7 @@ def _pool_call(rt: Interp, c: Call, kind: str) -> Iterable[Any]:
         pool = _find(cfg["pools"], name)
         path = f"IIS:\\AppPools\\{name}"
         if pool is None:
-            c.write_error(
-                _record(
-                    c,
-                    f"Cannot find path '{path}' because it does not exist.",
-                    "PathNotFound",
-                    "ObjectNotFound",
-                    "ItemNotFoundException",
-                    item_cmd,
-                    cls,
-                    target_name=path,
-                    target_type="String",
-                    exception_type="System.Management.Automation.ItemNotFoundException",
-                )
-            )
+            c.write_error(_item_not_found(c, path, item_cmd, cls))
             continue
         state = pool_state(node, pool)
         invalid = (
@@ -319,20 +322,7 @@ def _site_call(rt: Interp, c: Call, state: str) -> Iterable[Any]:
         site = _find(cfg["sites"], name)
         if site is None:
             path = f"IIS:\\Sites\\{name}"
-            c.write_error(
-                _record(
-                    c,
-                    f"Cannot find path '{path}' because it does not exist.",
-                    "PathNotFound",
-                    "ObjectNotFound",
-                    "ItemNotFoundException",
-                    item_cmd,
-                    cls,
-                    target_name=path,
-                    target_type="String",
-                    exception_type="System.Management.Automation.ItemNotFoundException",
-                )
-            )
+            c.write_error(_item_not_found(c, path, item_cmd, cls))
             continue
         site["state"] = state
     write_config(node, cfg)
